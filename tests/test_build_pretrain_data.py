@@ -1,0 +1,66 @@
+"""The corpus builder turns the source layouts into one document per line."""
+import importlib.util
+
+from conftest import ROOT, TRAIN_TXT, VAL_TXT
+
+spec = importlib.util.spec_from_file_location("build_pretrain_data", ROOT / "data" / "build_pretrain_data.py")
+build = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(build)
+
+PLAY = """THE TRAGEDY OF KING LEAR
+
+Persons Represented.
+
+Lear, King of Britain.
+Earl of Kent.
+Edmund, Bastard Son to Gloster.
+
+ACT I.
+
+Scene I. A Room of State in King Lear's Palace.
+
+[Enter Kent, Gloster, and Edmund.]
+
+Kent.
+I thought the King had more affected the Duke of Albany than
+Cornwall.
+
+Edm.
+No, my lord. [Aside.] Not yet.
+"""
+
+POEMS = """《感遇・其一》
+作者：张九龄
+兰叶春葳蕤，桂华秋皎洁。
+欣欣此生意，自尔为佳节。
+
+题目:《塞上》
+作者:柳开（９４６－９９９）
+鸣骹直上一千尺，天静无风声更干。
+"""
+
+
+def test_play_speeches_become_one_line_each_with_expanded_speaker():
+    docs = build.play_documents(PLAY)
+    assert docs == [
+        "EARL OF KENT: I thought the King had more affected the Duke of Albany than Cornwall.",
+        "EDMUND: No, my lord. Not yet.",
+    ]
+
+
+def test_chinese_poems_keep_title_author_and_lines():
+    assert build.chinese_poems(POEMS) == [
+        "《感遇・其一》 张九龄：兰叶春葳蕤，桂华秋皎洁。欣欣此生意，自尔为佳节。",
+        "《塞上》 柳开：鸣骹直上一千尺，天静无风声更干。",
+    ]
+
+
+def test_embedded_corpus_has_expected_shape():
+    train = TRAIN_TXT.read_text(encoding="utf-8").splitlines()
+    val = VAL_TXT.read_text(encoding="utf-8").splitlines()
+    assert 2_000_000 < TRAIN_TXT.stat().st_size + VAL_TXT.stat().st_size < 6_000_000
+    assert 0.04 < len(val) / (len(train) + len(val)) < 0.06
+    assert all(line.strip() for line in train + val)
+    assert any(line.startswith("LEAR: Attend the lords of France and Burgundy") for line in train + val)
+    assert sum("》" in line for line in val) > 10  # held-out poems too, not only plays
+    assert len(set(train) & set(val)) < 50  # only short stock lines ("Ay, my lord.") repeat
