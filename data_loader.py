@@ -1,0 +1,472 @@
+"""Data pipeline: read documents, tokenize once into a packed memmap stream, and build batches.
+
+Pretraining uses a flat token stream ``<s> doc1 </s> <s> doc2 </s> ...`` cached as a numpy memmap
+beside the data, sampled as random windows (training) or walked sequentially (validation, with the
+exact text bytes covered so bits per byte is exact). Finetuning uses per-sample datasets
+(``GPTSFTDataset``, ``GPTPPODataset``) padded per batch by ``collate_batch``.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+DATA_SUFFIXES = (".txt", ".jsonl")
+SFT_TEMPLATE = "### 指令:{instruction}\n### 响应:{response}"
+IGNORE_INDEX = -100
+CACHE_VERSION = 1
+WRITE_CHUNK_TOKENS = 1 << 20  # tokens buffered in memory before each write to the cache file
+
+
+class DataError(ValueError):
+    """Bad or missing training data; the message says what is wrong and how to fix it."""
+
+
+# ----------------------------------------------------------------------------- reading files
+
+def data_files(path: str | os.PathLike) -> list[Path]:
+    """The .txt / .jsonl files behind ``path`` (the file itself, or a directory's files, sorted)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data path {path} does not exist: pass a .txt/.jsonl file or a directory of them")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES and not p.name.startswith("."))
+        if not files:
+            raise DataError(f"directory {path} holds no .txt or .jsonl files: add data files or point at another directory")
+        return files
+    if path.suffix not in DATA_SUFFIXES:
+        raise DataError(f"{path} is not a .txt or .jsonl file: use one document per line (.txt) or {{\"text\": ...}} per line (.jsonl)")
+    return [path]
+
+
+def _json_line(file: Path, line_no: int, line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{file}:{line_no}: invalid JSON ({err.msg}): fix or remove that line") from None
+
+
+def _read_file_documents(file: Path) -> Iterator[str]:
+    count = 0
+    with open(file, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if file.suffix == ".jsonl":
+                record = _json_line(file, line_no, line)
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise DataError(f"{file}:{line_no}: expected an object with a string \"text\" field, e.g. {{\"text\": \"...\"}}")
+                text = record["text"]
+            else:
+                text = line.rstrip("\r\n")
+            count += 1
+            yield text
+    if count == 0:
+        raise DataError(f"{file} holds no documents (empty or only blank lines): add text or remove the file")
+
+
+def read_documents(path: str | os.PathLike) -> Iterator[str]:
+    """Documents from a .txt (one per line, blank lines skipped), a .jsonl ({"text": ...}) or a directory of them."""
+    for file in data_files(path):
+        yield from _read_file_documents(file)
+
+
+def _load_records(path: str | os.PathLike, required: Sequence[str], optional: Sequence[str] = ()) -> list[dict]:
+    """Records from a .json list or a .jsonl file, checking that ``required`` fields are strings."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist: pass a .json list or a .jsonl file of records")
+    if path.suffix == ".json":
+        try:
+            records = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg}): fix the file") from None
+        if not isinstance(records, list):
+            raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+        located = [(f"{path}[{i}]", r) for i, r in enumerate(records)]
+    elif path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            located = [(f"{path}:{n}", _json_line(path, n, line)) for n, line in enumerate(f, 1) if line.strip()]
+    else:
+        raise DataError(f"{path} is not a .json or .jsonl file: records must be JSON objects")
+    if not located:
+        raise DataError(f"{path} holds no records: add at least one {{{', '.join(repr(k) for k in required)}}} object")
+    out = []
+    for where, record in located:
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object with fields {list(required)}, got {type(record).__name__}")
+        for key in required:
+            if not isinstance(record.get(key), str):
+                raise DataError(f"{where}: missing or non-string field {key!r} (required: {list(required)})")
+        for key in optional:
+            if key in record and not isinstance(record[key], str):
+                raise DataError(f"{where}: field {key!r} must be a string")
+        out.append(record)
+    return out
+
+
+def load_sft_records(path: str | os.PathLike) -> list[dict]:
+    """Instruction records from a .json list or .jsonl: {"instruction", "response"} plus optional "input"."""
+    return _load_records(path, required=("instruction", "response"), optional=("input",))
+
+
+def load_preference_records(path: str | os.PathLike) -> list[dict]:
+    """Preference records from a .json list or .jsonl: {"instruction", "chosen", "rejected"} plus optional "input"."""
+    return _load_records(path, required=("instruction", "chosen", "rejected"), optional=("input",))
+
+
+def record_instruction(record: dict) -> str:
+    """The instruction text of a record; an optional "input" is appended on its own line."""
+    extra = record.get("input") or ""
+    return f"{record['instruction']}\n{extra}" if extra else record["instruction"]
+
+
+def build_sft_prompt(instruction: str, template: str = SFT_TEMPLATE) -> str:
+    """The template up to and including the response marker, e.g. "### 指令:...\\n### 响应:"."""
+    if "{response}" not in template or "{instruction}" not in template:
+        raise DataError("an SFT template needs both {instruction} and {response} placeholders")
+    return template.split("{response}")[0].replace("{instruction}", instruction)
+
+
+# ----------------------------------------------------------------------------- packed token stream
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
+
+
+def _source_signature(files: Sequence[Path]) -> list[list]:
+    """What identifies the source data: each file's name, size and modification time."""
+    return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def cache_paths(source: str | os.PathLike, fingerprint: str, cache_dir: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """``<data dir>/.cache/<stem>.<fingerprint[:16]>.bin`` and its ``.json`` meta."""
+    source = Path(source)
+    folder = Path(cache_dir) if cache_dir else (source if source.is_dir() else source.parent) / ".cache"
+    stem = f"{source.stem if source.is_file() else source.name}.{fingerprint[:16]}"
+    return folder / f"{stem}.bin", folder / f"{stem}.json"
+
+
+@dataclass
+class TokenStream:
+    """A cached flat token stream ``<s> doc </s> <s> doc </s> ...`` on disk."""
+
+    tokens: np.ndarray  # read-only memmap
+    n_documents: int
+    n_bytes: int  # text bytes per the convention: UTF-8 length + 1 (newline) per document
+    path: Path
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def _write_atomic_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _load_cached(bin_path: Path, meta_path: Path, expected: dict) -> TokenStream | None:
+    if not (bin_path.exists() and meta_path.exists()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if any(meta.get(k) != v for k, v in expected.items()):
+        return None
+    dtype = np.dtype(meta["dtype"])
+    if bin_path.stat().st_size != meta["n_tokens"] * dtype.itemsize or meta["n_tokens"] == 0:
+        return None
+    tokens = np.memmap(bin_path, dtype=dtype, mode="r", shape=(meta["n_tokens"],))
+    return TokenStream(tokens, meta["n_documents"], meta["n_bytes"], bin_path)
+
+
+def build_token_stream(source: str | os.PathLike, tokenizer, num_workers: int | None = None,
+                       cache_dir: str | os.PathLike | None = None, show_progress: bool = True) -> TokenStream:
+    """Tokenize ``source`` once into a cached memmap (reused while tokenizer and files are unchanged)."""
+    files = data_files(source)
+    bin_path, meta_path = cache_paths(source, tokenizer.fingerprint, cache_dir)
+    dtype = token_dtype(len(tokenizer))
+    expected = {"version": CACHE_VERSION, "fingerprint": tokenizer.fingerprint, "dtype": dtype.name,
+                "source": _source_signature(files)}
+    cached = _load_cached(bin_path, meta_path, expected)
+    if cached is not None:
+        return cached
+
+    bin_path.parent.mkdir(parents=True, exist_ok=True)
+    total_bytes = sum(f.stat().st_size for f in files)
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenizing {Path(source).name}", disable=not show_progress)
+    stats = {"n_documents": 0, "n_bytes": 0}
+
+    def counted_documents() -> Iterator[str]:
+        for doc in read_documents(source):
+            n = len(doc.encode("utf-8")) + 1
+            stats["n_documents"] += 1
+            stats["n_bytes"] += n
+            bar.update(n)
+            yield doc
+
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    tmp_path = bin_path.with_name(bin_path.name + f".tmp{os.getpid()}")
+    n_tokens, buffer = 0, []
+    try:
+        with open(tmp_path, "wb") as out:
+            for ids in tokenizer.encode_many(counted_documents(), num_workers=num_workers):
+                buffer.append(bos)
+                buffer.extend(ids)
+                buffer.append(eos)
+                if len(buffer) >= WRITE_CHUNK_TOKENS:
+                    np.asarray(buffer, dtype=dtype).tofile(out)
+                    n_tokens, buffer = n_tokens + len(buffer), []
+            np.asarray(buffer, dtype=dtype).tofile(out)
+            n_tokens += len(buffer)
+        os.replace(tmp_path, bin_path)
+    finally:
+        bar.close()
+        tmp_path.unlink(missing_ok=True)
+    _write_atomic_json(meta_path, {**expected, "n_tokens": n_tokens, **stats})
+    return TokenStream(np.memmap(bin_path, dtype=dtype, mode="r", shape=(n_tokens,)), stats["n_documents"], stats["n_bytes"], bin_path)
+
+
+def token_byte_lengths(tokenizer) -> np.ndarray:
+    """UTF-8 bytes each token id stands for: its raw bytes; ``</s>`` = 1 (the newline), other specials 0."""
+    lengths = np.zeros(len(tokenizer), dtype=np.int64)
+    special_ids = {tokenizer.vocab[s] for s in tokenizer.special_tokens}
+    for i in range(len(tokenizer)):
+        if i not in special_ids:
+            lengths[i] = len(tokenizer.decode_bytes([i], skip_special_tokens=False))
+    lengths[tokenizer.eos_token_id] = 1
+    return lengths
+
+
+class RandomWindowBatches:
+    """Endless training batches of random ``seq_len`` windows of a token stream (labels = input_ids).
+
+    The torch.Generator state is the whole sampling state (``state_dict``), so resuming is exact;
+    give each DDP rank its own ``rank`` for an independent stream.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int = 0, rank: int = 0):
+        if len(tokens) < seq_len:
+            raise DataError(f"the token stream has {len(tokens)} tokens, fewer than max_seq_len={seq_len}: use more data or a shorter --max_seq_len")
+        self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
+        self.generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)
+        self.offsets = np.arange(seq_len)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        starts = torch.randint(0, len(self.tokens) - self.seq_len + 1, (self.batch_size,), generator=self.generator)
+        windows = self.tokens[starts.numpy()[:, None] + self.offsets]
+        input_ids = torch.from_numpy(windows.astype(np.int64))
+        return {"input_ids": input_ids, "labels": input_ids}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"generator_state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator_state"])
+
+
+def sequential_windows(n_tokens: int, seq_len: int) -> list[tuple[int, int]]:
+    """(start, end) windows with stride seq_len-1 so every token after the first is predicted exactly once."""
+    if seq_len < 2:
+        raise DataError("max_seq_len must be at least 2 to predict anything")
+    stride = seq_len - 1
+    return [(start, min(start + seq_len, n_tokens)) for start in range(0, n_tokens - 1, stride)]
+
+
+def sequential_batches(tokens: np.ndarray, seq_len: int, batch_size: int, byte_lengths: np.ndarray | None = None,
+                       max_batches: int | None = None) -> Iterator[dict[str, Any]]:
+    """Deterministic validation pass over the whole stream; each batch carries ``n_bytes`` of its predicted tokens.
+
+    Full windows come ``batch_size`` at a time; the shorter final window (if any) comes alone, so no padding.
+    """
+    windows = sequential_windows(len(tokens), seq_len)
+    full = [w for w in windows if w[1] - w[0] == seq_len]
+    groups = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
+    groups += [[w] for w in windows if w[1] - w[0] != seq_len]
+    for group in groups[:max_batches]:
+        input_ids = torch.from_numpy(np.stack([tokens[a:b] for a, b in group]).astype(np.int64))
+        batch: dict[str, Any] = {"input_ids": input_ids, "labels": input_ids}
+        if byte_lengths is not None:
+            batch["n_bytes"] = int(byte_lengths[input_ids[:, 1:].numpy()].sum())
+        yield batch
+
+
+def token_counts(tokens: np.ndarray, vocab_size: int, chunk: int = 1 << 22) -> np.ndarray:
+    """How often each token id occurs in a stream (chunked, so memory stays flat)."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for i in range(0, len(tokens), chunk):
+        counts += np.bincount(tokens[i:i + chunk], minlength=vocab_size)[:vocab_size]
+    return counts
+
+
+def unigram_bits_per_byte(train_tokens: np.ndarray, val: TokenStream, vocab_size: int) -> float:
+    """Baseline: val bits per byte of an add-one-smoothed unigram model of the train token frequencies."""
+    counts = token_counts(train_tokens, vocab_size).astype(np.float64) + 1.0
+    log_probs = np.log(counts / counts.sum())
+    val_counts = token_counts(val.tokens[1:], vocab_size)  # the first token is never predicted
+    total_nll = float(-(val_counts * log_probs).sum())
+    return total_nll / (math.log(2) * val.n_bytes)
+
+
+# ----------------------------------------------------------------------------- per-sample datasets
+
+def _as_documents(source: str | os.PathLike | Iterable[str]) -> Iterable[str]:
+    return read_documents(source) if isinstance(source, (str, os.PathLike)) else source
+
+
+def _sample(input_ids: list[int], labels: list[int]) -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.tensor(input_ids, dtype=torch.long),
+            "attention_mask": torch.ones(len(input_ids), dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long)}
+
+
+class GPTPretrainDataset(Dataset):
+    """One document per sample, ``<s> doc </s>``, truncated to ``max_seq_len`` (``num_truncated`` counts them)."""
+
+    def __init__(self, source: str | os.PathLike | Iterable[str], tokenizer, max_seq_len: int, num_workers: int | None = 1):
+        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        self.samples: list[list[int]] = []
+        self.num_truncated = 0
+        for ids in tokenizer.encode_many(_as_documents(source), num_workers=num_workers):
+            ids = [bos, *ids, eos]
+            if len(ids) > max_seq_len:
+                ids = ids[:max_seq_len]
+                self.num_truncated += 1
+            self.samples.append(ids)
+        if not self.samples:
+            raise DataError("the pretraining source holds no documents: pass a non-empty file, directory or list")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return _sample(self.samples[index], self.samples[index])
+
+
+def encode_prompt_response(tokenizer, prompt: str, response: str, max_seq_len: int) -> tuple[list[int], list[int], bool]:
+    """``<s> prompt response </s>`` ids and labels (-100 on the prompt), truncated; also whether it was truncated.
+
+    Prompt and response are encoded separately so the prompt tokens are exactly what generation sees.
+    """
+    prompt_ids = [tokenizer.bos_token_id, *tokenizer.encode_ordinary(prompt)]
+    response_ids = [*tokenizer.encode_ordinary(response), tokenizer.eos_token_id]
+    input_ids = (prompt_ids + response_ids)[:max_seq_len]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_seq_len]
+    return input_ids, labels, len(prompt_ids) + len(response_ids) > max_seq_len
+
+
+class GPTSFTDataset(Dataset):
+    """Instruction tuning samples ``<s> prompt response </s>`` with labels -100 on the prompt.
+
+    ``source`` is a .json/.jsonl path or a list of records. Samples whose prompt fills the whole context
+    have nothing to learn and are dropped (``num_dropped``); longer ones are truncated (``num_truncated``).
+    """
+
+    def __init__(self, source: str | os.PathLike | list[dict], tokenizer, max_seq_len: int, template: str = SFT_TEMPLATE):
+        records = load_sft_records(source) if isinstance(source, (str, os.PathLike)) else source
+        self.samples: list[tuple[list[int], list[int]]] = []
+        self.num_truncated = self.num_dropped = 0
+        for record in records:
+            prompt = build_sft_prompt(record_instruction(record), template)
+            input_ids, labels, truncated = encode_prompt_response(tokenizer, prompt, record["response"], max_seq_len)
+            if all(label == IGNORE_INDEX for label in labels):
+                self.num_dropped += 1
+                continue
+            self.num_truncated += truncated
+            self.samples.append((input_ids, labels))
+        if not self.samples:
+            raise DataError(f"no usable SFT samples ({self.num_dropped} dropped: prompt longer than max_seq_len={max_seq_len}): "
+                            "raise max_seq_len or shorten the instructions")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return _sample(*self.samples[index])
+
+
+class GPTPPODataset(Dataset):
+    """Preference pairs: each item holds ``prompt_input_ids`` and ``chosen_*`` / ``rejected_*`` sequences.
+
+    Both sequences are ``<s> prompt answer </s>`` with labels -100 on the prompt (as in ``GPTSFTDataset``).
+    """
+
+    def __init__(self, source: str | os.PathLike | list[dict], tokenizer, max_seq_len: int, template: str = SFT_TEMPLATE):
+        records = load_preference_records(source) if isinstance(source, (str, os.PathLike)) else source
+        self.items: list[dict[str, torch.Tensor]] = []
+        self.num_truncated = 0
+        for record in records:
+            prompt = build_sft_prompt(record_instruction(record), template)
+            item = {"prompt_input_ids": torch.tensor([tokenizer.bos_token_id, *tokenizer.encode_ordinary(prompt)], dtype=torch.long)}
+            for side in ("chosen", "rejected"):
+                input_ids, labels, truncated = encode_prompt_response(tokenizer, prompt, record[side], max_seq_len)
+                self.num_truncated += truncated
+                item.update({f"{side}_{k}": v for k, v in _sample(input_ids, labels).items()})
+            self.items.append(item)
+        if not self.items:
+            raise DataError("the preference source holds no records")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.items[index]
+
+
+def _pad_value(key: str, pad_token_id: int) -> int:
+    if key.endswith("labels"):
+        return IGNORE_INDEX
+    if key.endswith("attention_mask"):
+        return 0
+    return pad_token_id
+
+
+def collate_batch(items: Sequence[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad each 1-D field to the longest item in the batch (labels with -100, attention_mask with 0)."""
+    if not items:
+        raise DataError("cannot collate an empty batch")
+    batch = {}
+    for key in items[0]:
+        values = [item[key] for item in items]
+        if not (isinstance(values[0], torch.Tensor) and values[0].dim() == 1):
+            batch[key] = values
+            continue
+        longest = max(len(v) for v in values)
+        padded = torch.full((len(values), longest), _pad_value(key, pad_token_id), dtype=values[0].dtype)
+        for row, value in zip(padded, values):
+            row[: len(value)] = value
+        batch[key] = padded
+    return batch
+
+
+def _dataloader(dataset: Dataset, tokenizer, batch_size: int, shuffle: bool, seed: int, num_workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                      generator=torch.Generator().manual_seed(seed),
+                      collate_fn=functools.partial(collate_batch, pad_token_id=tokenizer.pad_token_id))
+
+
+def create_pretrain_dataloader(source: str | os.PathLike | Iterable[str], tokenizer, max_seq_len: int, batch_size: int = 8,
+                               shuffle: bool = True, seed: int = 0, num_workers: int = 0) -> DataLoader:
+    """Per-document batches (padded to the longest); the trainer itself uses the packed stream instead."""
+    return _dataloader(GPTPretrainDataset(source, tokenizer, max_seq_len), tokenizer, batch_size, shuffle, seed, num_workers)
+
+
+def create_sft_dataloader(source: str | os.PathLike | list[dict], tokenizer, max_seq_len: int, batch_size: int = 8,
+                          shuffle: bool = True, seed: int = 0, num_workers: int = 0, template: str = SFT_TEMPLATE) -> DataLoader:
+    """Shuffled SFT batches padded to the longest sample, labels -100 on prompts and padding."""
+    return _dataloader(GPTSFTDataset(source, tokenizer, max_seq_len, template), tokenizer, batch_size, shuffle, seed, num_workers)
