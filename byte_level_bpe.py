@@ -1,0 +1,648 @@
+"""Byte-level BPE tokenizer (GPT-2 style), pure Python + `regex`.
+
+Text is split into pre-tokens with GPT-2's regex, each pre-token is turned into UTF-8 bytes, and
+learned merges are applied inside each pre-token by rank. Ids: special tokens first (default
+``<s> <pad> </s> <unk>`` = 0..3), then the 256 byte tokens, then one id per merge. Files are saved
+in the GPT-2 / Hugging Face format (``vocab.json`` + ``merges.txt``) plus ``tokenizer_config.json``.
+
+CLI: ``python byte_level_bpe.py --input data/pretrain/train.txt --vocab_size 8000 --output models/bpe_tokenizer``
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import heapq
+import json
+import multiprocessing
+import os
+import sys
+import time
+import warnings
+from collections import Counter, deque
+from pathlib import Path
+from typing import Iterable, Iterator, Literal, Sequence
+
+import regex
+from tqdm import tqdm
+
+GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+DEFAULT_SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]
+ROLES = ("bos", "pad", "eos", "unk")  # roles of the first four special tokens, in this order
+GPT2_ENDOFTEXT = "<|endoftext|>"
+MAX_CACHE_ENTRIES = 500_000
+CHUNK_CHARS = 1 << 16  # text per worker task in encode_many
+
+
+class TokenizerError(ValueError):
+    """Bad tokenizer input, files or arguments; the message says what is wrong and how to fix it."""
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable unicode character table (so vocab files hold no raw bytes)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+BYTE_ENCODER = bytes_to_unicode()
+BYTE_DECODER = {c: b for b, c in BYTE_ENCODER.items()}
+
+
+def token_to_str(token: bytes) -> str:
+    return "".join(BYTE_ENCODER[b] for b in token)
+
+
+def str_to_token(text: str) -> bytes | None:
+    """Inverse of token_to_str; None when `text` is not in byte-unicode form."""
+    try:
+        return bytes(BYTE_DECODER[c] for c in text)
+    except KeyError:
+        return None
+
+
+class ByteLevelBPETokenizer:
+    """GPT-2 style byte-level BPE: train, encode, decode, save and load."""
+
+    def __init__(self, vocab_size: int = 50000, special_tokens: list[str] | None = None):
+        specials = list(DEFAULT_SPECIAL_TOKENS if special_tokens is None else special_tokens)
+        if len(specials) < len(ROLES) or len(set(specials)) != len(specials) or not all(isinstance(s, str) and s for s in specials):
+            raise TokenizerError(f"special_tokens must be >= 4 distinct non-empty strings (bos, pad, eos, unk first), got {specials!r}")
+        if vocab_size < 256 + len(specials):
+            raise TokenizerError(f"vocab_size={vocab_size} is too small: it must be at least 256 byte tokens + {len(specials)} special tokens = {256 + len(specials)}")
+        self.target_vocab_size = vocab_size
+        id_to_bytes = [s.encode("utf-8") for s in specials] + [bytes([b]) for b in range(256)]
+        special_ids = {s: i for i, s in enumerate(specials)}
+        self._set_state(id_to_bytes, special_ids, dict(zip(ROLES, range(len(ROLES)))), [])
+
+    # ----- state -------------------------------------------------------------------------------
+    def _set_state(self, id_to_bytes: list[bytes], special_ids: dict[str, int], role_ids: dict[str, int], merges: list[tuple[int, int]]) -> None:
+        """Install vocab (id -> bytes; specials hold their UTF-8 text), specials, roles and merges in rank order."""
+        self._id_to_bytes = id_to_bytes
+        self._special_ids = dict(special_ids)
+        self._special_id_set = frozenset(special_ids.values())
+        self._role_ids = dict(role_ids)
+        self._merge_list = list(merges)
+        self._bytes_to_id = {b: i for i, b in enumerate(id_to_bytes) if i not in self._special_id_set}
+        self._byte_ids = [self._bytes_to_id[bytes([b])] for b in range(256)]
+        self._merges: dict[tuple[int, int], tuple[int, int]] = {}
+        for rank, (a, b) in enumerate(merges):
+            # a repeated pair keeps its first rank (Hugging Face keeps the last, so training never writes one)
+            self._merges.setdefault((a, b), (rank, self._bytes_to_id[id_to_bytes[a] + id_to_bytes[b]]))
+        self._decode_table = [b"" if i in self._special_id_set else t for i, t in enumerate(id_to_bytes)]
+        self._pattern = regex.compile(GPT2_SPLIT_PATTERN)
+        self._special_pattern_cache: dict[frozenset[str], regex.Pattern] = {}
+        self._cache: dict[str, list[int]] = {}
+        self.__dict__.pop("_fingerprint", None)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_cache"] = {}
+        state["_special_pattern_cache"] = {}
+        return state
+
+    # ----- properties --------------------------------------------------------------------------
+    @property
+    def bos_token_id(self) -> int:
+        return self._role_ids["bos"]
+
+    @property
+    def pad_token_id(self) -> int:
+        return self._role_ids["pad"]
+
+    @property
+    def eos_token_id(self) -> int:
+        return self._role_ids["eos"]
+
+    @property
+    def unk_token_id(self) -> int:
+        return self._role_ids["unk"]
+
+    @property
+    def special_tokens(self) -> list[str]:
+        return sorted(self._special_ids, key=self._special_ids.get)
+
+    @property
+    def merges(self) -> list[tuple[str, str]]:
+        """Merges in rank order, as pairs of byte-unicode token strings (the merges.txt lines)."""
+        return [(self._token_str(a), self._token_str(b)) for a, b in self._merge_list]
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        """token string -> id; specials as written, other tokens in GPT-2's byte-unicode form."""
+        return {self._token_str(i): i for i in range(len(self._id_to_bytes))}
+
+    def __len__(self) -> int:
+        return len(self._id_to_bytes)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of vocab, merges and specials: the cache key of tokenized data."""
+        if "_fingerprint" not in self.__dict__:
+            payload = {
+                "vocab": [self._token_str(i) for i in range(len(self))],
+                "merges": [list(m) for m in self._merge_list],
+                "special_tokens": self._special_ids,
+                "roles": self._role_ids,
+                "pre_tokenizer": "gpt2",
+            }
+            blob = json.dumps(payload, ensure_ascii=False, sort_keys=True).encode("utf-8")
+            self._fingerprint = hashlib.sha256(blob).hexdigest()
+        return self._fingerprint
+
+    def _token_str(self, token_id: int) -> str:
+        token = self._id_to_bytes[token_id]
+        return token.decode("utf-8") if token_id in self._special_id_set else token_to_str(token)
+
+    # ----- training ----------------------------------------------------------------------------
+    def train(self, texts: Iterable[str], min_frequency: int = 2, show_progress: bool = True) -> None:
+        """Learn merges from `texts` (any iterable, e.g. a file streamed line by line) until vocab_size."""
+        if min_frequency < 1:
+            raise TokenizerError(f"min_frequency must be >= 1, got {min_frequency}")
+        if isinstance(texts, str):
+            texts = [texts]
+        word_counts = self._count_pretokens(texts)
+        if not word_counts:
+            raise TokenizerError("no training text: the input is empty; pass a non-empty iterable of strings")
+        specials = {s: i for i, s in enumerate(self.special_tokens)}
+        id_to_bytes = [s.encode("utf-8") for s in specials] + [bytes([b]) for b in range(256)]
+        self._set_state(id_to_bytes, specials, {r: specials[s] for r, s in zip(ROLES, self.special_tokens)}, [])
+        merges = _learn_merges(word_counts, id_to_bytes, self._byte_ids, self.target_vocab_size, min_frequency, set(specials), show_progress)
+        self._set_state(id_to_bytes, self._special_ids, self._role_ids, merges)
+
+    def _count_pretokens(self, texts: Iterable[str]) -> Counter:
+        counts: Counter = Counter()
+        buffer, size = [], 0
+        for text in texts:
+            if not isinstance(text, str):
+                raise TokenizerError(f"train() needs strings, got {type(text).__name__}; decode bytes to str first")
+            buffer.append(text)
+            size += len(text)
+            if size > 1 << 20:  # one findall over ~1 MB is faster than one per line
+                counts.update(self._pattern.findall("\n".join(buffer)))
+                buffer, size = [], 0
+        if buffer:
+            counts.update(self._pattern.findall("\n".join(buffer)))
+        return counts
+
+    # ----- encoding ----------------------------------------------------------------------------
+    def _bpe(self, piece: str) -> list[int]:
+        """Apply merges to one pre-token: repeatedly merge the leftmost lowest-rank adjacent pair."""
+        byte_ids = self._byte_ids
+        ids = [byte_ids[b] for b in piece.encode("utf-8")]
+        merges = self._merges
+        while len(ids) > 1:
+            best_rank, best_i, best_id = 1 << 62, -1, -1
+            for i in range(len(ids) - 1):
+                m = merges.get((ids[i], ids[i + 1]))
+                if m is not None and m[0] < best_rank:
+                    best_rank, best_i, best_id = m[0], i, m[1]
+            if best_i < 0:
+                break
+            ids[best_i : best_i + 2] = (best_id,)
+        return ids
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        """Token ids of `text` with no special tokens and no truncation (the fast path)."""
+        cache = self._cache
+        if len(cache) > MAX_CACHE_ENTRIES:
+            cache.clear()
+        out: list[int] = []
+        extend = out.extend
+        for piece in self._pattern.findall(text):
+            ids = cache.get(piece)
+            if ids is None:
+                ids = cache[piece] = self._bpe(piece)
+            extend(ids)
+        return out
+
+    def _encode_with_specials(self, text: str, allowed_special: set[str] | frozenset[str] | str) -> list[int]:
+        if allowed_special == "all":
+            allowed = frozenset(self._special_ids)
+        elif isinstance(allowed_special, str):
+            raise TokenizerError(f"allowed_special must be a set of special tokens or 'all', got {allowed_special!r}")
+        else:
+            allowed = frozenset(allowed_special)
+            unknown = allowed - self._special_ids.keys()
+            if unknown:
+                raise TokenizerError(f"allowed_special has tokens that are not special tokens: {sorted(unknown)}; known: {self.special_tokens}")
+        if not allowed:
+            return self.encode_ordinary(text)
+        pattern = self._special_pattern_cache.get(allowed)
+        if pattern is None:
+            alternation = "|".join(regex.escape(s) for s in sorted(allowed, key=len, reverse=True))
+            pattern = self._special_pattern_cache[allowed] = regex.compile(f"({alternation})")
+        ids: list[int] = []
+        for i, part in enumerate(pattern.split(text)):
+            if i % 2:
+                ids.append(self._special_ids[part])
+            elif part:
+                ids.extend(self.encode_ordinary(part))
+        return ids
+
+    def encode(
+        self,
+        text: str,
+        max_seq_len: int | None = None,
+        add_special_tokens: bool = True,
+        padding: bool = False,
+        truncation: bool = True,
+        allowed_special: set[str] | Literal["all"] = frozenset(),
+    ) -> dict[str, list[int]]:
+        """Encode one text to ``{"input_ids", "attention_mask"}`` (plain lists).
+
+        add_special_tokens wraps in ``<s> ... </s>``; truncation keeps the first max_seq_len ids (``</s>``
+        stays last); padding=True pads with pad id up to max_seq_len. Special tokens written in `text`
+        are plain bytes unless listed in allowed_special (so user text cannot inject control tokens).
+        """
+        if not isinstance(text, str):
+            raise TokenizerError(f"encode() needs a str, got {type(text).__name__}")
+        if max_seq_len is not None and max_seq_len < 1:
+            raise TokenizerError(f"max_seq_len must be a positive int or None, got {max_seq_len}")
+        if padding and max_seq_len is None:
+            raise TokenizerError("padding=True needs max_seq_len (the length to pad to)")
+        ids = self._encode_with_specials(text, allowed_special)
+        if add_special_tokens:
+            ids = [self.bos_token_id, *ids, self.eos_token_id]
+        if truncation and max_seq_len is not None and len(ids) > max_seq_len:
+            ids = ids[: max_seq_len - 1] + [self.eos_token_id] if add_special_tokens else ids[:max_seq_len]
+        mask = [1] * len(ids)
+        if padding and len(ids) < max_seq_len:
+            n_pad = max_seq_len - len(ids)
+            ids = ids + [self.pad_token_id] * n_pad
+            mask = mask + [0] * n_pad
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def encode_batch(self, texts: list[str], **encode_kwargs) -> list[dict[str, list[int]]]:
+        return [self.encode(text, **encode_kwargs) for text in texts]
+
+    def encode_many(self, texts: Iterable[str], num_workers: int | None = None, show_progress: bool = False) -> Iterator[list[int]]:
+        """encode_ordinary over many texts, in order, across `num_workers` processes (None = all cores)."""
+        num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
+        if num_workers < 1:
+            raise TokenizerError(f"num_workers must be >= 1 or None, got {num_workers}")
+        bar = tqdm(desc="encoding", unit="text", disable=not show_progress)
+        if num_workers == 1:
+            for text in texts:
+                yield self.encode_ordinary(text)
+                bar.update(1)
+        else:
+            yield from self._encode_parallel(texts, num_workers, bar)
+        bar.close()
+
+    def _encode_parallel(self, texts: Iterable[str], num_workers: int, bar: tqdm) -> Iterator[list[int]]:
+        # forkserver/spawn: forking a process that may hold torch/tqdm threads can deadlock
+        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        ctx = multiprocessing.get_context(method)
+        pending: deque = deque()
+        with ctx.Pool(num_workers, initializer=_init_worker, initargs=(self,)) as pool:
+            for chunk in _chunk_texts(texts, CHUNK_CHARS):
+                pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+                while len(pending) >= 4 * num_workers:  # bounded: a huge file never sits in memory
+                    yield from self._drain(pending.popleft(), bar)
+            while pending:
+                yield from self._drain(pending.popleft(), bar)
+
+    @staticmethod
+    def _drain(result, bar: tqdm) -> Iterator[list[int]]:
+        ids_list = result.get()
+        bar.update(len(ids_list))
+        yield from ids_list
+
+    def encode_file(self, path: str | os.PathLike, num_workers: int | None = None, show_progress: bool = True) -> Iterator[list[int]]:
+        """One id list per line of a UTF-8 text file (the line without its newline)."""
+        yield from self.encode_many(read_lines(path), num_workers=num_workers, show_progress=show_progress)
+
+    # ----- decoding ----------------------------------------------------------------------------
+    def decode_bytes(self, ids: Sequence[int], skip_special_tokens: bool = True) -> bytes:
+        """Raw bytes of `ids` (exact byte accounting; may be invalid UTF-8 for arbitrary ids)."""
+        if hasattr(ids, "tolist"):  # torch.Tensor / numpy array, without importing torch here
+            ids = ids.tolist()
+        table = self._decode_table if skip_special_tokens else self._id_to_bytes
+        try:
+            return b"".join([table[i] for i in ids])
+        except (IndexError, TypeError):
+            bad = next((i for i in ids if not isinstance(i, int) or not 0 <= i < len(table)), ids)
+            raise TokenizerError(f"cannot decode id {bad!r}: ids must be ints in [0, {len(table)})") from None
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of `ids`; invalid UTF-8 (possible for arbitrary ids) becomes U+FFFD."""
+        return self.decode_bytes(ids, skip_special_tokens).decode("utf-8", errors="replace")
+
+    # ----- files -------------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write vocab.json + merges.txt (GPT-2 / Hugging Face format) and tokenizer_config.json."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        vocab_json = json.dumps(self.vocab, ensure_ascii=False, indent=0)
+        merges_txt = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges)
+        config = {
+            "tokenizer_class": "ByteLevelBPETokenizer",
+            "pre_tokenizer": "gpt2",
+            "vocab_size": len(self),
+            "special_tokens": self._special_ids,
+            **{f"{role}_token": self._token_str(i) for role, i in self._role_ids.items()},
+        }
+        for name, content in (("vocab.json", vocab_json), ("merges.txt", merges_txt), ("tokenizer_config.json", json.dumps(config, ensure_ascii=False, indent=2))):
+            tmp = directory / f".{name}.tmp"
+            tmp.write_text(content + ("" if content.endswith("\n") else "\n"), encoding="utf-8")
+            os.replace(tmp, directory / name)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "ByteLevelBPETokenizer":
+        """Load a directory written by save(), or any GPT-2-format vocab.json + merges.txt pair.
+
+        Without tokenizer_config.json the special tokens are the vocab entries that are neither byte
+        tokens nor merge results; OpenAI GPT-2's only one, ``<|endoftext|>``, serves as bos, eos, pad and unk.
+        """
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise TokenizerError(f"tokenizer directory {str(directory)!r} does not exist; train one with `python byte_level_bpe.py --input ... --output {directory}`")
+        vocab = _read_json(directory / "vocab.json")
+        if not isinstance(vocab, dict) or not all(isinstance(k, str) and isinstance(v, int) for k, v in vocab.items()):
+            raise TokenizerError(f"{directory / 'vocab.json'} must be a JSON object of token string -> int id")
+        merge_strs = _read_merges(directory / "merges.txt")
+        config_path = directory / "tokenizer_config.json"
+        config = _read_json(config_path) if config_path.exists() else None
+
+        n = len(vocab)
+        id_to_str: list[str | None] = [None] * n
+        for token, i in vocab.items():
+            if not 0 <= i < n or id_to_str[i] is not None:
+                raise TokenizerError(f"{directory / 'vocab.json'}: ids must be unique and cover 0..{n - 1}; id {i} ({token!r}) breaks that")
+            id_to_str[i] = token
+        merged_strs = {a + b for a, b in merge_strs}
+        if config is not None:
+            special_ids = config.get("special_tokens")
+            if not isinstance(special_ids, dict):
+                raise TokenizerError(f"{config_path}: missing 'special_tokens' mapping; re-save the tokenizer")
+            for token, i in special_ids.items():
+                if vocab.get(token) != i:
+                    raise TokenizerError(f"{config_path}: special token {token!r} has id {i} but vocab.json says {vocab.get(token)}; the files are inconsistent")
+            role_ids = {}
+            for role in ROLES:
+                token = config.get(f"{role}_token")
+                if token not in special_ids:
+                    raise TokenizerError(f"{config_path}: {role}_token {token!r} is not one of the special tokens {list(special_ids)}")
+                role_ids[role] = special_ids[token]
+        else:
+            special_ids = {t: vocab[t] for t in vocab if str_to_token(t) is None or (len(t) > 1 and t not in merged_strs)}
+            role_ids = _guess_roles(special_ids, directory)
+
+        id_to_bytes: list[bytes] = []
+        for i, token in enumerate(id_to_str):
+            if token in special_ids:
+                id_to_bytes.append(token.encode("utf-8"))
+                continue
+            raw = str_to_token(token)
+            if raw is None:
+                raise TokenizerError(f"{directory / 'vocab.json'}: token {token!r} (id {i}) is not in GPT-2 byte-unicode form and not a special token")
+            id_to_bytes.append(raw)
+        plain = {b: i for i, b in enumerate(id_to_bytes) if i not in special_ids.values()}
+        missing = [b for b in range(256) if bytes([b]) not in plain]
+        if missing:
+            raise TokenizerError(f"{directory / 'vocab.json'} lacks {len(missing)} of the 256 byte tokens (e.g. byte {missing[0]}); it is not a byte-level BPE vocab")
+        merges = []
+        for line_no, (a, b) in enumerate(merge_strs, start=2):
+            ids = vocab.get(a), vocab.get(b), vocab.get(a + b)
+            if None in ids or ids[0] in special_ids.values() or ids[1] in special_ids.values():
+                raise TokenizerError(f"{directory / 'merges.txt'}:{line_no}: merge '{a} {b}' uses a token missing from vocab.json (or a special token); the files do not belong together")
+            merges.append((ids[0], ids[1]))
+        tokenizer = cls.__new__(cls)
+        tokenizer.target_vocab_size = n
+        tokenizer._set_state(id_to_bytes, special_ids, role_ids, merges)
+        return tokenizer
+
+
+# ----- training core (module level so it is easy to profile) -----------------------------------
+def _learn_merges(
+    word_counts: Counter,
+    id_to_bytes: list[bytes],
+    byte_ids: list[int],
+    vocab_size: int,
+    min_frequency: int,
+    special_strs: set[str],
+    show_progress: bool,
+) -> list[tuple[int, int]]:
+    """Incremental BPE: pair counts + pair -> words index + lazy max-heap; ties -> smallest byte strings.
+
+    Mutates id_to_bytes (appends new tokens) and returns merges in rank order.
+    """
+    words = [[byte_ids[b] for b in w.encode("utf-8")] for w in word_counts]
+    freqs = list(word_counts.values())
+    pair_counts: dict[tuple[int, int], int] = {}
+    where: dict[tuple[int, int], set[int]] = {}
+    for w, (word, f) in enumerate(zip(words, freqs)):
+        for pair in zip(word, word[1:]):
+            pair_counts[pair] = pair_counts.get(pair, 0) + f
+            s = where.get(pair)
+            if s is None:
+                where[pair] = {w}
+            else:
+                s.add(w)
+    heap = [(-c, id_to_bytes[a], id_to_bytes[b], (a, b)) for (a, b), c in pair_counts.items()]
+    heapq.heapify(heap)
+    # a merge must never create a token whose vocab.json key equals a special token's (no collision, no injection)
+    banned = {raw for raw in map(str_to_token, special_strs) if raw is not None}
+    bytes_to_id = {t: i for i, t in enumerate(id_to_bytes) if i >= len(special_strs)}
+    merges: list[tuple[int, int]] = []
+    done: set[tuple[int, int]] = set()
+    bar = tqdm(total=vocab_size - len(id_to_bytes), desc="bpe merges", unit="merge", disable=not show_progress)
+    while len(id_to_bytes) < vocab_size and heap:
+        neg_count, bytes_a, bytes_b, pair = heapq.heappop(heap)
+        count = pair_counts.get(pair, 0)
+        if count != -neg_count:  # stale entry: re-queue with its current count
+            if count > 0:
+                heapq.heappush(heap, (-count, bytes_a, bytes_b, pair))
+            continue
+        if count < min_frequency:
+            break
+        new_bytes = bytes_a + bytes_b
+        if new_bytes in banned or pair in done:
+            continue
+        new_id = bytes_to_id.get(new_bytes)
+        if new_id is None:  # the same string can arise from two different splits: reuse its id
+            new_id = bytes_to_id[new_bytes] = len(id_to_bytes)
+            id_to_bytes.append(new_bytes)
+            bar.update(1)
+        merges.append(pair)
+        done.add(pair)
+        increased = _apply_merge(pair, new_id, words, freqs, pair_counts, where)
+        for p in increased:
+            heapq.heappush(heap, (-pair_counts[p], id_to_bytes[p[0]], id_to_bytes[p[1]], p))
+    bar.close()
+    return merges
+
+
+def _apply_merge(pair, new_id, words, freqs, pair_counts, where) -> set[tuple[int, int]]:
+    """Merge `pair` in every word containing it, updating counts and index; returns pairs that gained count."""
+    a, b = pair
+    increased = set()
+    for w in where.pop(pair):
+        word = words[w]
+        f = freqs[w]
+        merged = []
+        i, n = 0, len(word)
+        while i < n:
+            if i < n - 1 and word[i] == a and word[i + 1] == b:
+                merged.append(new_id)
+                i += 2
+            else:
+                merged.append(word[i])
+                i += 1
+        old_pairs = list(zip(word, word[1:]))
+        new_pairs = list(zip(merged, merged[1:]))
+        for p in old_pairs:
+            pair_counts[p] -= f
+        for p in new_pairs:
+            pair_counts[p] = pair_counts.get(p, 0) + f
+        old_set, new_set = set(old_pairs), set(new_pairs)
+        for p in old_set - new_set:
+            if p != pair:
+                where[p].discard(w)
+        for p in new_set - old_set:
+            increased.add(p)
+            s = where.get(p)
+            if s is None:
+                where[p] = {w}
+            else:
+                s.add(w)
+        words[w] = merged
+    pair_counts.pop(pair, None)
+    return {p for p in increased if pair_counts.get(p, 0) > 0}
+
+
+# ----- helpers -----------------------------------------------------------------------------------
+def _chunk_texts(texts: Iterable[str], chunk_chars: int) -> Iterator[list[str]]:
+    chunk, size = [], 0
+    for text in texts:
+        chunk.append(text)
+        size += len(text) + 1
+        if size >= chunk_chars:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+_WORKER_TOKENIZER: ByteLevelBPETokenizer | None = None
+
+
+def _init_worker(tokenizer: ByteLevelBPETokenizer) -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = tokenizer
+
+
+def _encode_chunk(texts: list[str]) -> list[list[int]]:
+    return [_WORKER_TOKENIZER.encode_ordinary(t) for t in texts]
+
+
+def _guess_roles(special_ids: dict[str, int], directory: Path) -> dict[str, int]:
+    if all(s in special_ids for s in DEFAULT_SPECIAL_TOKENS):
+        return {role: special_ids[s] for role, s in zip(ROLES, DEFAULT_SPECIAL_TOKENS)}
+    if GPT2_ENDOFTEXT in special_ids or len(special_ids) == 1:
+        token = GPT2_ENDOFTEXT if GPT2_ENDOFTEXT in special_ids else next(iter(special_ids))
+        return {role: special_ids[token] for role in ROLES}
+    raise TokenizerError(
+        f"{directory}: no tokenizer_config.json and the special tokens {sorted(special_ids)} do not say which is bos/pad/eos/unk; "
+        "add a tokenizer_config.json (see save())"
+    )
+
+
+def _read_json(path: Path):
+    if not path.is_file():
+        raise TokenizerError(f"{path} is missing; a tokenizer directory needs vocab.json and merges.txt (written by save())")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{path} is not valid UTF-8 JSON ({e}); re-save the tokenizer") from None
+
+
+def _read_merges(path: Path) -> list[tuple[str, str]]:
+    if not path.is_file():
+        raise TokenizerError(f"{path} is missing; a tokenizer directory needs vocab.json and merges.txt (written by save())")
+    merges = []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+        if not line or (line_no == 1 and line.startswith("#version")):
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2 or not all(parts):
+            raise TokenizerError(f"{path}:{line_no}: expected 'token_a token_b', got {line!r}")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def text_files(path: str | os.PathLike) -> list[Path]:
+    """The input file itself, or the sorted .txt files of a directory."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise TokenizerError(f"directory {str(path)!r} has no .txt files; pass a text file or a folder of .txt files")
+        return files
+    if not path.is_file():
+        raise TokenizerError(f"input {str(path)!r} does not exist; pass a UTF-8 text file or a folder of .txt files")
+    return [path]
+
+
+def read_lines(path: str | os.PathLike) -> Iterator[str]:
+    """Stream the lines (without newline) of a text file or folder; non-UTF-8 bytes become U+FFFD with a warning."""
+    bad_lines = bad_bytes = 0
+    for file in text_files(path):
+        with open(file, "rb") as f:
+            for raw in f:
+                raw = raw[:-1] if raw.endswith(b"\n") else raw
+                text = raw.decode("utf-8", errors="surrogateescape")
+                n_bad = sum(1 for c in text if "\udc80" <= c <= "\udcff") if not text.isascii() else 0
+                if n_bad:
+                    bad_lines += 1
+                    bad_bytes += n_bad
+                    text = raw.decode("utf-8", errors="replace")
+                yield text
+    if bad_lines:
+        warnings.warn(f"{path}: {bad_lines} line(s) had {bad_bytes} non-UTF-8 byte(s), replaced with U+FFFD; convert the input to UTF-8 to keep them", stacklevel=2)
+
+
+def train_from_path(path: str | os.PathLike, vocab_size: int, min_frequency: int = 2, show_progress: bool = True) -> ByteLevelBPETokenizer:
+    """Train on a text file or folder of .txt files, streamed line by line."""
+    files = text_files(path)
+    if all(f.stat().st_size == 0 for f in files):
+        raise TokenizerError(f"input {str(path)!r} is empty; nothing to train on")
+    tokenizer = ByteLevelBPETokenizer(vocab_size=vocab_size)
+    tokenizer.train(read_lines(path), min_frequency=min_frequency, show_progress=show_progress)
+    return tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer and save it in GPT-2 / Hugging Face format.")
+    parser.add_argument("--input", default="data/pretrain/train.txt", help="UTF-8 text file (one document per line) or folder of .txt files")
+    parser.add_argument("--vocab_size", type=int, default=8000, help="target vocabulary size incl. 4 special + 256 byte tokens")
+    parser.add_argument("--output", default="models/bpe_tokenizer", help="directory to write vocab.json, merges.txt, tokenizer_config.json")
+    parser.add_argument("--min_frequency", type=int, default=2, help="stop merging when the best pair occurs fewer times than this")
+    parser.add_argument("--num_workers", type=int, default=None, help="processes for the bytes-per-token pass (default: all cores)")
+    args = parser.parse_args(argv)
+    try:
+        start = time.perf_counter()
+        tokenizer = train_from_path(args.input, args.vocab_size, args.min_frequency)
+        train_s = time.perf_counter() - start
+        tokenizer.save(args.output)
+        n_bytes = n_tokens = 0
+        lines = list(read_lines(args.input))
+        for text, ids in zip(lines, tokenizer.encode_many(lines, num_workers=args.num_workers)):
+            n_bytes += len(text.encode("utf-8"))
+            n_tokens += len(ids)
+    except TokenizerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"trained in {train_s:.1f}s: vocab {len(tokenizer)} ({len(tokenizer.merges)} merges), "
+          f"{n_bytes / max(n_tokens, 1):.2f} bytes/token on {args.input}, saved to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
