@@ -1,12 +1,35 @@
-"""Evaluation: perplexity, bits per byte, BLEU and ROUGE for GPTModel checkpoints."""
+"""Evaluation: perplexity, bits per byte, BLEU and ROUGE for GPTModel checkpoints.
+
+    python evaluator.py --model_path models/pretrain/pretrain_best.pth --test_data_path data/pretrain/val.txt
+    python evaluator.py --model_type sft --model_path models/sft/sft_best.pth --test_data_path data/sft/test.jsonl
+    python evaluator.py --model_type sft --compare pretrain.pth sft.pth ppo.pth --test_data_path test.jsonl --plot compare.png
+
+Perplexity is token-weighted (exp of total NLL / predicted tokens, never a mean of batch means).
+BLEU and ROUGE are computed on `score_tokens`: one token per CJK character, otherwise lower-cased
+words and single punctuation marks, so Chinese text is not scored as one "word" per sentence.
+"""
 from __future__ import annotations
 
+import argparse
+import json
 import math
-from typing import Iterable, Mapping
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
 
+import regex
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
+
+class EvaluationError(ValueError):
+    """Bad evaluation input (wrong data format for the model type, empty test set, ...)."""
+
+
+# ----------------------------------------------------------------------------- NLL, perplexity, bits per byte
 
 @torch.no_grad()
 def sum_nll(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], device: torch.device | str | None = None) -> tuple[float, int]:
@@ -48,3 +71,396 @@ def bits_per_byte(total_nll: float, n_bytes: int) -> float:
     if n_bytes <= 0:
         raise ValueError("bits per byte needs a positive number of text bytes")
     return total_nll / (math.log(2) * n_bytes)
+
+
+# ----------------------------------------------------------------------------- BLEU and ROUGE
+
+_CJK = r"\p{Han}\p{Hiragana}\p{Katakana}"
+_SCORE_TOKEN = regex.compile(rf"[{_CJK}]|[^\W{_CJK}]+|[^\w\s]")
+ROUGE_METRICS = ("rouge-1", "rouge-2", "rouge-l")
+
+
+def score_tokens(text: str) -> list[str]:
+    """Tokens for BLEU and ROUGE: one per CJK character, else lower-cased words and single punctuation marks."""
+    return _SCORE_TOKEN.findall(text.lower())
+
+
+def _check_pairs(predictions: Sequence, references: Sequence) -> None:
+    if len(predictions) != len(references):
+        raise EvaluationError(f"got {len(predictions)} predictions but {len(references)} references: pass one reference entry per prediction")
+    if not predictions:
+        raise EvaluationError("no predictions to score: pass at least one prediction/reference pair")
+
+
+def _bleu_inputs(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[list[list[list[str]]], list[list[str]]]:
+    _check_pairs(predictions, references)
+    if any(isinstance(refs, str) for refs in references):
+        raise EvaluationError("BLEU references must be a list of reference lists, one list per prediction, e.g. [[ref_a], [ref_b1, ref_b2]]")
+    return [[score_tokens(ref) for ref in refs] for refs in references], [score_tokens(pred) for pred in predictions]
+
+
+def compute_bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Corpus BLEU-4 (nltk, uniform weights, smoothing method1: 0.1 added to zero n-gram matches)."""
+    from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
+
+    refs, hyps = _bleu_inputs(predictions, references)
+    return float(corpus_bleu(refs, hyps, smoothing_function=SmoothingFunction().method1))
+
+
+def mean_sentence_bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Mean of per-sample BLEU-4 (nltk sentence_bleu, smoothing method1)."""
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+    refs, hyps = _bleu_inputs(predictions, references)
+    smoothing = SmoothingFunction().method1
+    return sum(float(sentence_bleu(r, h, smoothing_function=smoothing)) for r, h in zip(refs, hyps)) / len(hyps)
+
+
+def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Longest common subsequence length, O(len(a) * len(b)) time and O(len(b)) memory."""
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def _precision_recall_f1(overlap: int, n_pred: int, n_ref: int) -> dict[str, float]:
+    precision, recall = overlap / n_pred, overlap / n_ref
+    f1 = 2 * precision * recall / (precision + recall) if overlap else 0.0
+    return {"p": precision, "r": recall, "f": f1}
+
+
+def _rouge_pair(prediction: list[str], reference: list[str]) -> dict[str, dict[str, float]]:
+    """ROUGE-1/2 from the `rouge` package with n-gram multiplicity, ROUGE-L from the token LCS."""
+    from rouge import Rouge
+
+    if not prediction or not reference:  # the package raises on empty text; nothing overlaps, so 0
+        return {metric: {"p": 0.0, "r": 0.0, "f": 0.0} for metric in ROUGE_METRICS}
+    # exclusive=False counts repeated n-grams with clipping (as ROUGE-1.5.5 does; the default counts a set).
+    # The package splits sentences on ".", so a "." token is renamed (tokens never contain "<" with letters).
+    # Its ROUGE-L is the summary-level union LCS with a recursive backtrack that overflows the stack on long
+    # texts; for our single-"sentence" token sequences that equals plain LCS, computed here iteratively.
+    as_text = lambda tokens: " ".join("<period>" if t == "." else t for t in tokens)  # noqa: E731
+    scores = Rouge(metrics=["rouge-1", "rouge-2"], exclusive=False).get_scores(as_text(prediction), as_text(reference))[0]
+    scores["rouge-l"] = _precision_recall_f1(_lcs_length(prediction, reference), len(prediction), len(reference))
+    return scores
+
+
+def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Mean ROUGE-1/2/L precision ("p"), recall ("r") and F1 ("f") over prediction/reference pairs."""
+    _check_pairs(predictions, references)
+    pairs = [_rouge_pair(score_tokens(p), score_tokens(r)) for p, r in zip(predictions, references)]
+    return {m: {s: sum(pair[m][s] for pair in pairs) / len(pairs) for s in ("p", "r", "f")} for m in ROUGE_METRICS}
+
+
+def compute_rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F1 over prediction/reference pairs; empty predictions score 0."""
+    return {metric: scores["f"] for metric, scores in rouge_scores(predictions, references).items()}
+
+
+# ----------------------------------------------------------------------------- batching helpers
+
+def split_into_windows(ids: list[int], max_len: int) -> list[list[int]]:
+    """Windows of at most max_len tokens overlapping by one, so each token after the first is predicted once."""
+    if len(ids) <= max_len:
+        return [ids]
+    step = max_len - 1
+    return [ids[start:start + max_len] for start in range(0, len(ids) - 1, step)]
+
+
+def _right_padded_batches(sequences: list[list[int]], batch_size: int, pad_id: int) -> Iterable[dict[str, torch.Tensor]]:
+    """Batches of similar-length sequences (sorted, so little padding); labels -100 on padding."""
+    ordered = sorted(sequences, key=len, reverse=True)  # the longest batch first: out-of-memory shows at once
+    for start in range(0, len(ordered), batch_size):
+        chunk = ordered[start:start + batch_size]
+        width = len(chunk[0])
+        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, ids in enumerate(chunk):
+            input_ids[row, :len(ids)] = torch.tensor(ids)
+            attention_mask[row, :len(ids)] = 1
+        yield {"input_ids": input_ids, "attention_mask": attention_mask, "labels": input_ids.masked_fill(attention_mask == 0, -100)}
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        attention_mask[row, width - len(ids):] = 1
+    return input_ids, attention_mask
+
+
+def _until_eos(ids: list[int], eos_id: int) -> list[int]:
+    return ids[:ids.index(eos_id)] if eos_id in ids else ids
+
+
+def _check_data_format(path: str | os.PathLike, model_type: str) -> Path:
+    """Fail early, with a hint, when the test file does not fit the model type."""
+    path = Path(path)
+    if not path.exists():
+        raise EvaluationError(f"test data not found: {path} (check --test_data_path)")
+    suffix = path.suffix.lower()
+    if model_type == "sft" and (path.is_dir() or suffix not in (".json", ".jsonl")):
+        raise EvaluationError(f"SFT evaluation needs a .json or .jsonl file of {{\"instruction\", \"response\"}} records, got {path} (use --model_type pretrain for plain text)")
+    if model_type == "pretrain" and suffix == ".json":
+        raise EvaluationError(f"pretrain evaluation reads .txt (one document per line) or .jsonl ({{\"text\": ...}}) files, got {path} (SFT records? use --model_type sft)")
+    if model_type == "pretrain" and suffix == ".jsonl" and _first_jsonl_record_is_sft(path):
+        raise EvaluationError(f"{path} holds instruction/response records, not {{\"text\": ...}} documents: use --model_type sft")
+    return path
+
+
+def _first_jsonl_record_is_sft(path: Path) -> bool:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    return False  # data_loader reports the bad line with its number
+                return isinstance(record, dict) and "text" not in record and "instruction" in record
+    return False
+
+
+# ----------------------------------------------------------------------------- evaluator
+
+class GPTEvaluator:
+    """Scores a GPTModel (perplexity, bits per byte, generated-text BLEU/ROUGE) with its tokenizer.
+
+    device=None keeps the model where it is; otherwise it is moved to `gpt_model.resolve_device(device)`.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, device: str | torch.device | None = None, show_progress: bool = True):
+        if device is not None:
+            from gpt_model import resolve_device
+
+            model = model.to(resolve_device(str(device)))
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.show_progress = show_progress
+
+    def _progress(self, iterable: Iterable, desc: str, total: int | None = None) -> Iterable:
+        return tqdm(iterable, desc=desc, total=total, disable=not self.show_progress, leave=False)
+
+    def _nll(self, batches: Iterable[Mapping[str, torch.Tensor]], desc: str, total: int | None = None) -> tuple[float, int]:
+        total_nll, n_tokens = sum_nll(self.model, self._progress(batches, desc, total), self.device)
+        if n_tokens == 0:
+            raise EvaluationError("no tokens to score: the test set is empty or every label is masked (-100)")
+        return total_nll, n_tokens
+
+    def compute_perplexity(self, dataloader: Iterable[Mapping[str, torch.Tensor]]) -> float:
+        """Token-weighted perplexity over batches of input_ids / attention_mask / labels."""
+        return perplexity(*self._nll(dataloader, "perplexity"))
+
+    # -- generation
+
+    def _encode_prompt(self, text: str, max_gen_len: int) -> list[int]:
+        """`<s> text`, keeping only the prompt's tail when it would leave no room to generate."""
+        ids = [self.tokenizer.bos_token_id] + self.tokenizer.encode_ordinary(text)
+        max_seq_len = self.model.config.max_seq_len
+        limit = max_seq_len - max(1, min(max_gen_len, max_seq_len // 2))
+        if len(ids) > limit:
+            warnings.warn(f"a prompt of {len(ids)} tokens was cut to its last {limit} to leave room to generate in the {max_seq_len}-token context")
+            ids = [self.tokenizer.bos_token_id] + ids[len(ids) - limit + 1:]
+        return ids
+
+    def generate_predictions(self, prompts: Sequence[str], max_gen_len: int = 100, top_k: int = 50, temperature: float = 0.8,
+                             top_p: float = 1.0, do_sample: bool = True, batch_size: int = 16, seed: int | None = None) -> list[str]:
+        """Continuations of `<s> prompt` (prompt tokens stripped, stopped at `</s>`), in batches through model.generate."""
+        if batch_size < 1:
+            raise EvaluationError(f"batch_size must be at least 1, got {batch_size}")
+        encoded = [self._encode_prompt(prompt, max_gen_len) for prompt in prompts]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths: little left padding
+        generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+        eos_id, pad_id = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        predictions: list[str] = [""] * len(encoded)
+        starts = range(0, len(order), batch_size)
+        for start in self._progress(starts, "generate", len(starts)):
+            rows = order[start:start + batch_size]
+            input_ids, attention_mask = _left_pad([encoded[i] for i in rows], pad_id)
+            output = self.model.generate(input_ids.to(self.device), attention_mask=attention_mask.to(self.device), max_gen_len=max_gen_len,
+                                         temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample,
+                                         eos_token_id=eos_id, generator=generator)
+            for i, new_ids in zip(rows, output[:, input_ids.shape[1]:].tolist()):
+                predictions[i] = self.tokenizer.decode(_until_eos(new_ids, eos_id), skip_special_tokens=True)
+        return predictions
+
+    # -- metrics on text
+
+    @staticmethod
+    def compute_bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+        """Corpus BLEU-4 with smoothing method1; references holds a list of references per prediction."""
+        return compute_bleu(predictions, references)
+
+    @staticmethod
+    def compute_rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+        """Mean ROUGE-1/2/L F1 with n-gram multiplicity; keys "rouge-1", "rouge-2", "rouge-l"."""
+        return compute_rouge(predictions, references)
+
+    # -- whole test sets
+
+    def evaluate_pretrained(self, test_data_path: str | os.PathLike, batch_size: int = 8, max_samples: int | None = None) -> dict:
+        """Perplexity, loss and bits per byte of `<s> doc </s>` documents; long ones are scored in context-sized windows."""
+        from data_loader import read_documents
+
+        documents = _take(read_documents(_check_data_format(test_data_path, "pretrain")), max_samples)
+        if not documents:
+            raise EvaluationError(f"no documents in {test_data_path}: the test set is empty")
+        tok = self.tokenizer
+        num_workers = None if sum(map(len, documents)) > 1_000_000 else 1  # processes only pay off on large sets
+        token_lists = [[tok.bos_token_id, *ids, tok.eos_token_id] for ids in tok.encode_many(documents, num_workers=num_workers)]
+        windows = [w for ids in token_lists for w in split_into_windows(ids, self.model.config.max_seq_len)]
+        n_batches = math.ceil(len(windows) / batch_size)
+        total_nll, n_tokens = self._nll(_right_padded_batches(windows, batch_size, tok.pad_token_id), "pretrain eval", n_batches)
+        n_bytes = sum(len(doc.encode("utf-8")) + 1 for doc in documents)  # +1: the newline that </s> stands for
+        return {"loss": total_nll / n_tokens, "perplexity": perplexity(total_nll, n_tokens), "bits_per_byte": bits_per_byte(total_nll, n_bytes),
+                "n_tokens": n_tokens, "n_bytes": n_bytes, "n_documents": len(documents)}
+
+    def evaluate_sft(self, test_data_path: str | os.PathLike, batch_size: int = 8, max_samples: int | None = None, max_gen_len: int = 100,
+                     do_sample: bool = False, temperature: float = 0.8, top_k: int = 50, top_p: float = 1.0, seed: int | None = None,
+                     n_examples: int = 3) -> dict:
+        """Perplexity on response tokens only, plus BLEU/ROUGE of responses generated from the instructions (greedy by default)."""
+        from data_loader import GPTSFTDataset, build_sft_prompt, collate_batch, load_sft_records, record_instruction
+
+        records = _take(load_sft_records(_check_data_format(test_data_path, "sft")), max_samples)
+        if not records:
+            raise EvaluationError(f"no records in {test_data_path}: the test set is empty")
+        dataset = GPTSFTDataset(records, self.tokenizer, self.model.config.max_seq_len)
+        items = sorted((dataset[i] for i in range(len(dataset))), key=lambda item: len(item["input_ids"]), reverse=True)
+        batches = (collate_batch(items[i:i + batch_size], self.tokenizer.pad_token_id) for i in range(0, len(items), batch_size))
+        total_nll, n_tokens = self._nll(batches, "response nll", math.ceil(len(items) / batch_size))
+
+        prompts = [build_sft_prompt(record_instruction(record)) for record in records]
+        references = [record["response"] for record in records]
+        predictions = self.generate_predictions(prompts, max_gen_len=max_gen_len, top_k=top_k, temperature=temperature, top_p=top_p,
+                                                do_sample=do_sample, batch_size=batch_size, seed=seed)
+        rouge = rouge_scores(predictions, references)
+        return {"loss": total_nll / n_tokens, "perplexity": perplexity(total_nll, n_tokens), "n_tokens": n_tokens, "n_samples": len(records),
+                "bleu": compute_bleu(predictions, [[ref] for ref in references]),
+                "sentence_bleu": mean_sentence_bleu(predictions, [[ref] for ref in references]),
+                **{metric: rouge[metric]["f"] for metric in ROUGE_METRICS},
+                "rouge": rouge,
+                "examples": [{"prompt": p, "reference": r, "prediction": g} for p, r, g in list(zip(prompts, references, predictions))[:n_examples]]}
+
+
+def _take(items: Iterable, limit: int | None) -> list:
+    if limit is not None and limit < 1:
+        raise EvaluationError(f"max_samples must be at least 1, got {limit}")
+    items = iter(items)
+    return [item for _, item in zip(range(limit), items)] if limit is not None else list(items)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Evaluate GPTModel checkpoints: perplexity and bits per byte (pretrain), "
+                                                 "response perplexity plus BLEU/ROUGE of generated responses (sft).")
+    parser.add_argument("--model_path", help="checkpoint (.pth) to evaluate; its config sets the model size")
+    parser.add_argument("--compare", nargs="+", metavar="CKPT", help="several checkpoints evaluated on the same data and shown side by side")
+    parser.add_argument("--test_data_path", required=True, help="pretrain: .txt (one document per line), .jsonl ({\"text\"}) or a folder; sft: .json/.jsonl of {\"instruction\", \"response\"}")
+    parser.add_argument("--model_type", choices=("pretrain", "sft"), default="pretrain", help="what to measure (default: pretrain)")
+    parser.add_argument("--tokenizer_dir", help="tokenizer folder (default: <checkpoint folder>/tokenizer)")
+    parser.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass / generation batch (default: 8)")
+    parser.add_argument("--max_gen_len", type=int, default=100, help="sft: most new tokens per generated response (default: 100)")
+    parser.add_argument("--max_samples", type=int, help="evaluate only the first N documents / records")
+    parser.add_argument("--do_sample", action="store_true", help="sft: sample responses instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=0.8, help="sft with --do_sample: sampling temperature (default: 0.8)")
+    parser.add_argument("--top_k", type=int, default=50, help="sft with --do_sample: keep the k most likely tokens (default: 50)")
+    parser.add_argument("--top_p", type=float, default=1.0, help="sft with --do_sample: nucleus probability mass (default: 1.0 = off)")
+    parser.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps (default: auto)")
+    parser.add_argument("--output", default="eval_report.json", help="where to write the JSON report (default: eval_report.json)")
+    parser.add_argument("--plot", help="write a bar chart of the metrics of every checkpoint to this .png")
+    parser.add_argument("--no_progress", action="store_true", help="hide the progress bars")
+    args = parser.parse_args(argv)
+    if not args.model_path and not args.compare:
+        parser.error("give --model_path CKPT or --compare CKPT [CKPT ...]")
+    if args.batch_size < 1 or args.max_gen_len < 1:
+        parser.error("--batch_size and --max_gen_len must be at least 1")
+    return args
+
+
+def evaluate_checkpoint(checkpoint_path: str, args: argparse.Namespace) -> dict:
+    """Load one checkpoint with its tokenizer and evaluate it as args say."""
+    from gpt_model import load_model_and_tokenizer
+
+    _check_data_format(args.test_data_path, args.model_type)  # before the (possibly slow) model load
+    model, tokenizer = load_model_and_tokenizer(checkpoint_path, tokenizer_dir=args.tokenizer_dir, device=args.device)
+    evaluator = GPTEvaluator(model, tokenizer, show_progress=not args.no_progress)
+    if args.model_type == "pretrain":
+        metrics = evaluator.evaluate_pretrained(args.test_data_path, batch_size=args.batch_size, max_samples=args.max_samples)
+    else:
+        metrics = evaluator.evaluate_sft(args.test_data_path, batch_size=args.batch_size, max_samples=args.max_samples, max_gen_len=args.max_gen_len,
+                                         do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    return {"model_path": str(checkpoint_path), "n_parameters": sum(p.numel() for p in model.parameters()), **metrics}
+
+
+TABLE_METRICS = {"pretrain": ("loss", "perplexity", "bits_per_byte", "n_tokens"),
+                 "sft": ("loss", "perplexity", "bleu", "sentence_bleu", "rouge-1", "rouge-2", "rouge-l", "n_tokens")}
+
+
+def _model_names(reports: list[dict]) -> list[str]:
+    names = [Path(r["model_path"]).stem for r in reports]
+    return names if len(set(names)) == len(names) else [str(Path(r["model_path"]).with_suffix("")) for r in reports]
+
+
+def format_table(reports: list[dict], model_type: str) -> str:
+    names = _model_names(reports)
+    width = max(12, *(len(n) for n in names))
+    lines = [f"{'metric':<14}" + "".join(f"{n:>{width + 2}}" for n in names)]
+    for metric in TABLE_METRICS[model_type]:
+        cells = (f"{r[metric]:,}" if isinstance(r[metric], int) else f"{r[metric]:.4f}" for r in reports)
+        lines.append(f"{metric:<14}" + "".join(f"{c:>{width + 2}}" for c in cells))
+    return "\n".join(lines)
+
+
+def plot_comparison(reports: list[dict], model_type: str, path: str) -> None:
+    """One bar chart per metric, one bar per checkpoint."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in TABLE_METRICS[model_type] if m != "n_tokens"]
+    names = _model_names(reports)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        ax.bar(names, [r[metric] for r in reports], color=[f"C{i}" for i in range(len(reports))])
+        ax.set_title(metric)
+        ax.tick_params(axis="x", labelrotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from byte_level_bpe import TokenizerError
+    from data_loader import DataError
+    from gpt_model import CheckpointError
+
+    args = parse_args(argv)
+    paths = ([args.model_path] if args.model_path else []) + list(args.compare or [])
+    try:
+        reports = [evaluate_checkpoint(path, args) for path in paths]
+        report = {"model_type": args.model_type, "test_data_path": str(args.test_data_path), "results": reports}
+        Path(args.output).write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        if args.plot:
+            plot_comparison(reports, args.model_type, args.plot)
+    except (EvaluationError, DataError, CheckpointError, TokenizerError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(reports, args.model_type))
+    if args.model_type == "sft":
+        for example in reports[-1]["examples"]:
+            print(f"\nprompt:     {example['prompt']!r}\nreference:  {example['reference']!r}\nprediction: {example['prediction']!r}")
+    print(f"\nreport: {args.output}" + (f"  plot: {args.plot}" if args.plot else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""Tests for evaluator.py: NLL/perplexity/bits-per-byte against hand computations, generation batching, BLEU/ROUGE, CLI."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from rouge import Rouge
+
+import evaluator
+from evaluator import (EvaluationError, GPTEvaluator, compute_bleu, compute_rouge, mean_sentence_bleu, rouge_scores,
+                       score_tokens, split_into_windows, sum_nll)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class BigramModel(torch.nn.Module):
+    """logits[t] = table[input_ids[t]]: a model whose predictions we can compute by hand."""
+
+    def __init__(self, table: torch.Tensor, max_seq_len: int = 64):
+        super().__init__()
+        self.table = torch.nn.Parameter(table)
+        self.config = SimpleNamespace(max_seq_len=max_seq_len)
+
+    def forward(self, input_ids, attention_mask=None, **_):
+        return {"logits": self.table[input_ids]}
+
+
+def bigram_nll(table: torch.Tensor, prev: int, nxt: int) -> float:
+    """-log softmax(table[prev])[nxt], written out with math (independent of F.cross_entropy)."""
+    row = table[prev].tolist()
+    return math.log(sum(math.exp(x) for x in row)) - row[nxt]
+
+
+# ----------------------------------------------------------------------------- perplexity
+
+def test_perplexity_is_token_weighted_and_skips_padding_and_ignored_labels():
+    table = torch.tensor([[0.0, 1.0, 2.0], [1.5, -1.0, 0.5], [0.3, 0.2, -0.7]])
+    model = BigramModel(table)
+    # batch 1: row 0 = [0 1 2 1] all real; row 1 = [2 0] + 2 padding; label of position 2 in row 0 is -100.
+    batch1 = {"input_ids": torch.tensor([[0, 1, 2, 1], [2, 0, 0, 0]]),
+              "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]),
+              "labels": torch.tensor([[0, 1, -100, 1], [2, 0, 5, 5]])}  # 5s sit on padding: never read
+    # batch 2: one long row, no mask.
+    batch2 = {"input_ids": torch.tensor([[1, 1, 0, 2, 2, 0]]), "labels": torch.tensor([[1, 1, 0, 2, 2, 0]])}
+    # Predicted (prev -> next) pairs: row0: 0->1, (1->2 ignored), 2->1; row1: 2->0; batch2: 1->1, 1->0, 0->2, 2->2, 2->0.
+    pairs1 = [(0, 1), (2, 1), (2, 0)]
+    pairs2 = [(1, 1), (1, 0), (0, 2), (2, 2), (2, 0)]
+    nll1 = sum(bigram_nll(table, p, n) for p, n in pairs1)
+    nll2 = sum(bigram_nll(table, p, n) for p, n in pairs2)
+
+    total, n_tokens = sum_nll(model, [batch1, batch2])
+    assert n_tokens == 8
+    assert total == pytest.approx(nll1 + nll2, rel=1e-6)
+
+    ppl = GPTEvaluator(model, tokenizer=None, show_progress=False).compute_perplexity([batch1, batch2])
+    assert ppl == pytest.approx(math.exp((nll1 + nll2) / 8), rel=1e-6)
+    mean_of_batch_means = math.exp((nll1 / 3 + nll2 / 5) / 2)
+    assert abs(ppl - mean_of_batch_means) > 1e-3  # batches of 3 and 5 tokens: the two averages really differ
+
+
+def test_perplexity_of_fully_masked_set_is_a_clear_error():
+    model = BigramModel(torch.zeros(3, 3))
+    batch = {"input_ids": torch.tensor([[0, 1, 2]]), "labels": torch.full((1, 3), -100)}
+    with pytest.raises(EvaluationError, match="no tokens to score"):
+        GPTEvaluator(model, None, show_progress=False).compute_perplexity([batch])
+
+
+def test_windows_predict_every_token_once():
+    ids = list(range(23))
+    for max_len in (2, 5, 8, 23, 40):
+        windows = split_into_windows(ids, max_len)
+        assert all(len(w) <= max_len for w in windows)
+        predicted = [t for w in windows for t in w[1:]]  # the model predicts all but each window's first token
+        assert predicted == ids[1:]
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+DOCS = ["ROMEO: But soft, what light through yonder window breaks?", "床前明月光，疑是地上霜。", "A",
+        "HAMLET: To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer."]
+
+
+def test_evaluate_pretrained_matches_token_by_token_reference(tiny_tokenizer, tmp_path):
+    """A bigram model only looks one token back, so scoring in 8-token windows must equal the full-document sum."""
+    tok = tiny_tokenizer
+    table = torch.randn(len(tok), len(tok), generator=torch.Generator().manual_seed(0))
+    path = write_lines(tmp_path / "test.txt", [DOCS[0], "", *DOCS[1:]])  # the blank line is no document
+    result = GPTEvaluator(BigramModel(table, max_seq_len=8), tok, show_progress=False).evaluate_pretrained(path, batch_size=3)
+
+    expected_nll, expected_tokens = 0.0, 0
+    for doc in DOCS:
+        ids = tok.encode(doc)["input_ids"]  # <s> doc </s>
+        expected_nll += sum(bigram_nll(table, p, n) for p, n in zip(ids, ids[1:]))
+        expected_tokens += len(ids) - 1
+    n_bytes = sum(len(doc.encode("utf-8")) + 1 for doc in DOCS)
+    assert result["n_documents"] == 4 and result["n_tokens"] == expected_tokens and result["n_bytes"] == n_bytes
+    assert result["loss"] == pytest.approx(expected_nll / expected_tokens, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(expected_nll / expected_tokens), rel=1e-5)
+    assert result["bits_per_byte"] == pytest.approx(expected_nll / (math.log(2) * n_bytes), rel=1e-5)
+
+
+def test_evaluate_pretrained_with_gpt_model_equals_unbatched_losses(tiny_tokenizer, tiny_config, tmp_path):
+    from gpt_model import GPTModel
+
+    torch.manual_seed(0)
+    model = GPTModel(tiny_config).eval()
+    docs = DOCS[:3]
+    path = write_lines(tmp_path / "test.txt", docs)
+    result = GPTEvaluator(model, tiny_tokenizer, show_progress=False).evaluate_pretrained(path, batch_size=2)
+    total = 0.0
+    with torch.no_grad():
+        for doc in docs:  # one document per forward pass: no padding at all
+            ids = torch.tensor([tiny_tokenizer.encode(doc)["input_ids"]])
+            total += model(ids, labels=ids)["loss"].item() * (ids.shape[1] - 1)
+    assert result["loss"] * result["n_tokens"] == pytest.approx(total, rel=1e-5)
+
+
+def test_evaluate_sft_scores_response_tokens_only(tiny_tokenizer, tiny_config, tmp_path):
+    from gpt_model import GPTModel
+
+    torch.manual_seed(1)
+    model = GPTModel(tiny_config).eval()
+    tok = tiny_tokenizer
+    records = [{"instruction": "写一句诗", "response": "床前明月光"}, {"instruction": "Who speaks?", "input": "ROMEO", "response": "ROMEO: soft!"}]
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    result = GPTEvaluator(model, tok, show_progress=False).evaluate_sft(path, batch_size=2, max_gen_len=12)
+
+    total, n_tokens = 0.0, 0
+    with torch.no_grad():
+        for prompt, response in [("### 指令:写一句诗\n### 响应:", "床前明月光"), ("### 指令:Who speaks?\nROMEO\n### 响应:", "ROMEO: soft!")]:
+            prompt_ids = [tok.bos_token_id] + tok.encode_ordinary(prompt)
+            response_ids = tok.encode_ordinary(response) + [tok.eos_token_id]
+            ids = torch.tensor([prompt_ids + response_ids])
+            labels = torch.tensor([[-100] * len(prompt_ids) + response_ids])
+            total += model(ids, labels=labels)["loss"].item() * len(response_ids)
+            n_tokens += len(response_ids)
+    assert result["n_tokens"] == n_tokens
+    assert result["loss"] == pytest.approx(total / n_tokens, rel=1e-5)
+    for key in ("bleu", "sentence_bleu", "rouge-1", "rouge-2", "rouge-l"):
+        assert 0.0 <= result[key] <= 1.0
+    assert result["examples"][0]["prompt"] == "### 指令:写一句诗\n### 响应:"
+
+
+# ----------------------------------------------------------------------------- generation
+
+def test_batched_generation_equals_one_prompt_at_a_time(tiny_tokenizer, tiny_config):
+    from gpt_model import GPTModel
+
+    torch.manual_seed(2)
+    model = GPTModel(tiny_config).eval()
+    tok = tiny_tokenizer
+    prompts = ["HAMLET:", "《静夜思》 李白：", "ROMEO: But soft, what light", "A"]
+    ev = GPTEvaluator(model, tok, show_progress=False)
+    got = ev.generate_predictions(prompts, max_gen_len=10, do_sample=False, batch_size=3)
+    for prompt, prediction in zip(prompts, got):
+        ids = torch.tensor([[tok.bos_token_id] + tok.encode_ordinary(prompt)])  # unpadded, alone
+        new = model.generate(ids, max_gen_len=10, do_sample=False, eos_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
+        new = new[:new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
+        assert prediction == tok.decode(new)
+
+    first = ev.generate_predictions(prompts, max_gen_len=8, seed=123, batch_size=2)
+    assert ev.generate_predictions(prompts, max_gen_len=8, seed=123, batch_size=2) == first
+
+
+class ScriptedGenerator(torch.nn.Module):
+    """Its generate appends a fixed continuation (then padding), and records what it was given."""
+
+    def __init__(self, continuation: list[int], pad_id: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.config = SimpleNamespace(max_seq_len=64)
+        self.continuation, self.pad_id, self.calls = continuation, pad_id, []
+
+    def generate(self, input_ids, attention_mask=None, max_gen_len=100, eos_token_id=None, **_):
+        self.calls.append((input_ids.clone(), attention_mask.clone()))
+        tail = torch.tensor(self.continuation + [self.pad_id] * 3).expand(input_ids.shape[0], -1)
+        return torch.cat([input_ids, tail], dim=1)
+
+
+def test_predictions_strip_prompt_tokens_stop_at_eos_and_keep_order(tiny_tokenizer):
+    tok = tiny_tokenizer
+    continuation = tok.encode_ordinary("明月 light") + [tok.eos_token_id] + tok.encode_ordinary("after eos")
+    model = ScriptedGenerator(continuation, tok.pad_token_id)
+    prompts = ["a much longer prompt than the others", "x", "床前"]
+    predictions = GPTEvaluator(model, tok, show_progress=False).generate_predictions(prompts, batch_size=2)
+    assert predictions == ["明月 light"] * 3
+    assert len(model.calls) == 2  # batches, never one prompt at a time
+    for input_ids, mask in model.calls:  # left padded: each row ends with its `<s> prompt`
+        for row, row_mask in zip(input_ids.tolist(), mask.tolist()):
+            real = [t for t, m in zip(row, row_mask) if m]
+            assert row_mask == sorted(row_mask)  # zeros (padding) first
+            assert real[0] == tok.bos_token_id and tok.decode(real) in prompts
+
+
+# ----------------------------------------------------------------------------- BLEU / ROUGE
+
+def test_score_tokens_split_cjk_characters_words_and_punctuation():
+    assert score_tokens("Hello, World! 你好。abc中文 3.14") == ["hello", ",", "world", "!", "你", "好", "。", "abc", "中", "文", "3", ".", "14"]
+
+
+def test_bleu_known_answer_and_identity():
+    # the cat sat on the mat / the cat is on the mat: clipped 1-grams 5/6, 2-grams 3/5 (the cat, on the, the mat),
+    # 3-grams 1/4 (on the mat), 4-grams 0/3 -> method1 smoothing makes it 0.1/3; equal lengths so BP = 1.
+    expected = (5 / 6 * 3 / 5 * 1 / 4 * (0.1 / 3)) ** 0.25
+    assert compute_bleu(["The cat sat on the mat"], [["the cat is on the mat"]]) == pytest.approx(expected)
+    assert mean_sentence_bleu(["The cat sat on the mat"], [["the cat is on the mat"]]) == pytest.approx(expected)
+    assert compute_bleu(["床前明月光，疑是地上霜。"], [["床前明月光，疑是地上霜。"]]) == pytest.approx(1.0)
+    # Chinese scored per character: one wrong character out of five still scores high (whitespace splitting: ~0).
+    assert 0.4 < compute_bleu(["床前明月光"], [["床前明日光", "窗前明月光"]]) < 1.0
+    assert compute_bleu([""], [["any reference text here"]]) == 0.0
+    with pytest.raises(EvaluationError, match="list of reference lists"):
+        compute_bleu(["a b c d"], ["a b c d"])
+
+
+def test_corpus_bleu_pools_counts_unlike_mean_sentence_bleu():
+    predictions, references = ["a b c d e f", "x y"], [["a b c d e f"], ["x z"]]
+    assert compute_bleu(predictions, references) != pytest.approx(mean_sentence_bleu(predictions, references))
+
+
+def test_rouge_counts_repeated_ngrams_with_clipping():
+    # pred 我 我 我 爱, ref 我 爱 爱 你 (4 tokens each).
+    # ROUGE-1: clipped overlap min(3,1) for 我 + min(1,2) for 爱 = 2 -> P = R = F = 2/4 (unique sets would give P 1, R 2/3).
+    # ROUGE-2: pred bigrams 我我, 我我, 我爱; ref 我爱, 爱爱, 爱你; overlap 我爱 = 1 -> P = R = F = 1/3.
+    # ROUGE-L: LCS = 我爱 = 2 -> P = R = F = 2/4.
+    scores = rouge_scores(["我我我爱"], ["我爱爱你"])
+    assert scores["rouge-1"]["p"] == pytest.approx(0.5) and scores["rouge-1"]["r"] == pytest.approx(0.5)
+    assert scores["rouge-1"]["f"] == pytest.approx(0.5, abs=1e-6)
+    assert scores["rouge-2"]["f"] == pytest.approx(1 / 3, abs=1e-6)
+    assert scores["rouge-l"]["f"] == pytest.approx(0.5, abs=1e-6)
+
+
+def test_rouge_identity_periods_and_empty_predictions():
+    assert compute_rouge(["Hello. World. 床前明月光。"], ["hello. world. 床前明月光。"]) == pytest.approx({"rouge-1": 1.0, "rouge-2": 1.0, "rouge-l": 1.0}, abs=1e-6)
+    # "a.b" is [a, ., b] against [a, b]: the "." counts as a token (P 2/3, R 1, F 0.8), it does not split sentences.
+    assert compute_rouge(["a.b"], ["a b"])["rouge-1"] == pytest.approx(0.8, abs=1e-6)
+    assert compute_rouge([""], ["some reference"]) == {"rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0}
+    assert compute_rouge(["", "same text"], ["x", "same text"])["rouge-1"] == pytest.approx(0.5, abs=1e-6)  # mean of 0 and 1
+    long_text = " ".join(f"w{i % 50}" for i in range(3000))  # the package's recursive ROUGE-L would overflow here
+    assert compute_rouge([long_text], [long_text])["rouge-l"] == pytest.approx(1.0)
+
+
+def test_rouge_matches_the_rouge_package_on_texts_without_periods():
+    reference_scorer = Rouge(exclusive=False)
+    pairs = [("the cat sat on the mat", "the cat is on the mat"), ("a b a b c", "b a b c a a"), ("x y z", "z y x w")]
+    for prediction, reference in pairs:
+        ours = rouge_scores([prediction], [reference])
+        theirs = reference_scorer.get_scores(prediction, reference)[0]
+        for metric in ("rouge-1", "rouge-2", "rouge-l"):
+            for stat in ("p", "r", "f"):
+                assert ours[metric][stat] == pytest.approx(theirs[metric][stat], abs=1e-6), (prediction, metric, stat)
+
+
+# ----------------------------------------------------------------------------- bad input and CLI
+
+def test_data_that_does_not_fit_the_model_type_is_rejected(tiny_tokenizer, tmp_path):
+    ev = GPTEvaluator(BigramModel(torch.zeros(len(tiny_tokenizer), len(tiny_tokenizer))), tiny_tokenizer, show_progress=False)
+    txt = write_lines(tmp_path / "docs.txt", DOCS)
+    sft_json = tmp_path / "sft.json"
+    sft_json.write_text(json.dumps([{"instruction": "i", "response": "r"}]), encoding="utf-8")
+    sft_jsonl = write_lines(tmp_path / "sft.jsonl", [json.dumps({"instruction": "i", "response": "r"})])
+    with pytest.raises(EvaluationError, match="--model_type pretrain"):
+        ev.evaluate_sft(txt)
+    with pytest.raises(EvaluationError, match="--model_type sft"):
+        ev.evaluate_pretrained(sft_json)
+    with pytest.raises(EvaluationError, match="--model_type sft"):
+        ev.evaluate_pretrained(sft_jsonl)
+    with pytest.raises(EvaluationError, match="not found"):
+        ev.evaluate_pretrained(tmp_path / "missing.txt")
+    from data_loader import DataError
+
+    with pytest.raises(DataError):
+        ev.evaluate_pretrained(write_lines(tmp_path / "empty.txt", ["", "  "]))
+
+
+@pytest.fixture()
+def checkpoint_dir(tiny_tokenizer, tiny_tokenizer_dir, tiny_config, tmp_path) -> Path:
+    """Two tiny checkpoints (different seeds) with a copy of their tokenizer, as the trainer lays them out."""
+    from gpt_model import GPTModel, save_checkpoint
+
+    folder = tmp_path / "run"
+    shutil.copytree(tiny_tokenizer_dir, folder / "tokenizer")
+    for seed, name in ((0, "a.pth"), (1, "b.pth")):
+        torch.manual_seed(seed)
+        save_checkpoint(folder / name, GPTModel(tiny_config), tokenizer_fingerprint=tiny_tokenizer.fingerprint)
+    save_checkpoint(folder / "foreign.pth", GPTModel(tiny_config), tokenizer_fingerprint="0" * 64)
+    return folder
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "evaluator.py"), "--no_progress", *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_cli_pretrain_sft_and_compare(checkpoint_dir, tmp_path):
+    txt = write_lines(tmp_path / "test.txt", DOCS)
+    sft = write_lines(tmp_path / "test.jsonl", [json.dumps({"instruction": "写诗", "response": "床前明月光"}, ensure_ascii=False),
+                                                json.dumps({"instruction": "Who?", "response": "ROMEO"})])
+    report = tmp_path / "pretrain.json"
+    done = run_cli("--model_path", str(checkpoint_dir / "a.pth"), "--test_data_path", str(txt), "--output", str(report))
+    assert done.returncode == 0, done.stderr
+    result = json.loads(report.read_text(encoding="utf-8"))["results"][0]
+    assert "bits_per_byte" in done.stdout and result["n_documents"] == 4
+    assert result["bits_per_byte"] == pytest.approx(result["loss"] * result["n_tokens"] / (math.log(2) * result["n_bytes"]))
+
+    report = tmp_path / "compare.json"
+    plot = tmp_path / "compare.png"
+    done = run_cli("--model_type", "sft", "--compare", str(checkpoint_dir / "a.pth"), str(checkpoint_dir / "b.pth"), "--test_data_path", str(sft),
+                   "--max_gen_len", "8", "--output", str(report), "--plot", str(plot))
+    assert done.returncode == 0, done.stderr
+    results = json.loads(report.read_text(encoding="utf-8"))["results"]
+    assert [Path(r["model_path"]).name for r in results] == ["a.pth", "b.pth"]
+    assert results[0]["loss"] != results[1]["loss"] and "rouge-l" in done.stdout
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    done = run_cli("--model_type", "sft", "--model_path", str(checkpoint_dir / "a.pth"), "--test_data_path", str(txt))
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr
+
+
+def test_cli_errors_are_one_line(checkpoint_dir, tmp_path, capsys):
+    txt = write_lines(tmp_path / "test.txt", DOCS)
+    cases = [(["--model_path", str(checkpoint_dir / "foreign.pth"), "--test_data_path", str(txt)], "fingerprint"),
+             (["--model_path", str(checkpoint_dir / "missing.pth"), "--test_data_path", str(txt)], "missing.pth"),
+             (["--model_path", str(checkpoint_dir / "a.pth"), "--test_data_path", str(write_lines(tmp_path / "e.txt", [""]))], "no documents"),
+             (["--model_path", str(checkpoint_dir / "a.pth"), "--test_data_path", str(txt), "--tokenizer_dir", str(tmp_path / "nope")], "nope")]
+    for argv, fragment in cases:
+        assert evaluator.main(["--no_progress", "--output", str(tmp_path / "r.json"), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and fragment in err and err.count("\n") == 1, err
