@@ -1,0 +1,317 @@
+"""Tests for byte_level_bpe: known answers, round trips, Hugging Face `tokenizers` parity, files, errors."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import byte_level_bpe
+from byte_level_bpe import ByteLevelBPETokenizer, TokenizerError
+from conftest import SAMPLE_ZH, TRAIN_TXT, corpus_lines
+
+tokenizers = pytest.importorskip("tokenizers")
+
+TRICKY_TEXTS = [
+    "",
+    "hello world",
+    "  leading and trailing spaces   ",
+    "tabs\tand\nnewlines\r\n\n\n   \n",
+    "人工智能是指机器模拟人类智能的技术，涵盖机器学习。",
+    "emoji 👩‍👩‍👧‍👦 🎉🎉 flags 🇨🇳🇺🇸",
+    "control \x00\x01\x1b[0m\x7f bytes",
+    "mixed: it's they're we've I'm you'll he'd 12345 ３４５",
+    "</s> <s> <pad> <unk> written literally",
+    "ĠĊ byte-unicode look-alikes Ā ÿ",
+]
+
+# Random text that stresses the byte level: any code point (no lone surrogates), plus CJK, emoji and whitespace runs.
+unicode_text = st.lists(
+    st.one_of(
+        st.characters(exclude_categories=("Cs",)),
+        st.characters(min_codepoint=0x4E00, max_codepoint=0x9FFF),
+        st.characters(min_codepoint=0x1F300, max_codepoint=0x1FAFF),
+        st.sampled_from([" ", "  ", "\t", "\n", "\r\n", "\x0b", "\x0c", "\u3000", "\xa0", "'s", "'ll", " the", "</s>"]),
+    ),
+    max_size=40,
+).map("".join)
+
+
+def hf_tokenizer(directory):
+    return tokenizers.ByteLevelBPETokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"))
+
+
+@pytest.fixture(scope="module")
+def hf_tiny(tiny_tokenizer_dir):
+    return hf_tokenizer(tiny_tokenizer_dir)
+
+
+# ----- known answer -----------------------------------------------------------------------------
+# Corpus "aaab aaab ab": pre-tokens "aaab", " aaab", " ab" (once each; Ġ = space).
+#   pairs: (a,a)=4, (a,b)=3, (Ġ,a)=2           -> merge 1: "a a"   -> id 260; words [aa,a,b] [Ġ,aa,a,b] [Ġ,a,b]
+#   pairs: (a,b)=3, (aa,a)=2, (Ġ,aa)=1, (Ġ,a)=1 -> merge 2: "a b"   -> id 261; words [aa,ab] [Ġ,aa,ab] [Ġ,ab]
+#   pairs: (aa,ab)=2, (Ġ,aa)=1, (Ġ,ab)=1       -> merge 3: "aa ab" -> id 262; words [aaab] [Ġ,aaab] [Ġ,ab]
+#   pairs: (Ġ,aaab)=1, (Ġ,ab)=1: tie, b"aaab" < b"ab" -> merge 4: "Ġ aaab" -> 263, then merge 5: "Ġ ab" -> 264
+KNOWN_MERGES = [("a", "a"), ("a", "b"), ("aa", "ab"), ("Ġ", "aaab"), ("Ġ", "ab")]
+
+
+def test_known_answer_merges_and_ids():
+    tok = ByteLevelBPETokenizer(vocab_size=265)
+    tok.train(["aaab aaab ab"], min_frequency=1, show_progress=False)
+    assert tok.merges == KNOWN_MERGES
+    assert len(tok) == 265
+    assert [tok.vocab[t] for t in ("<s>", "<pad>", "</s>", "<unk>", "a", "Ġ", "aa", "ab", "aaab", "Ġaaab", "Ġab")] == [0, 1, 2, 3, 4 + 97, 4 + 32, 260, 261, 262, 263, 264]
+    assert tok.encode("aaab aaab ab")["input_ids"] == [0, 262, 263, 264, 2]
+    # "aaaa": (a,a) has the lowest rank, leftmost first: [a,a,a,a] -> [aa,a,a] -> [aa,aa]
+    assert tok.encode_ordinary("aaaa") == [260, 260]
+    assert tok.encode_ordinary("ba") == [4 + 98, 4 + 97]
+
+
+def test_min_frequency_stops_training():
+    tok = ByteLevelBPETokenizer(vocab_size=1000)
+    tok.train(["aaab aaab ab"], min_frequency=2, show_progress=False)
+    assert tok.merges == KNOWN_MERGES[:3]  # the next best pair occurs once
+    assert len(tok) == 263
+
+
+# ----- round trip ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("text", TRICKY_TEXTS)
+def test_round_trip_tricky(tiny_tokenizer, text):
+    ids = tiny_tokenizer.encode(text, add_special_tokens=False)["input_ids"]
+    assert tiny_tokenizer.decode(ids) == text
+    assert tiny_tokenizer.decode_bytes(ids) == text.encode("utf-8")
+
+
+@settings(max_examples=150, deadline=None)
+@given(unicode_text)
+def test_round_trip_random(tiny_tokenizer, text):
+    assert tiny_tokenizer.decode(tiny_tokenizer.encode(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_corpus_round_trip_and_compression(tiny_tokenizer):
+    lines = corpus_lines(limit=300)
+    for line in lines:
+        assert tiny_tokenizer.decode(tiny_tokenizer.encode_ordinary(line)) == line
+    n_bytes = sum(len(line.encode()) for line in lines)
+    n_tokens = sum(len(tiny_tokenizer.encode_ordinary(line)) for line in lines)
+    assert n_bytes / n_tokens > 1.5  # 250 merges must compress English well beyond raw bytes
+
+
+def test_decode_tensor_specials_and_invalid_utf8(tiny_tokenizer):
+    ids = tiny_tokenizer.encode("hi there")["input_ids"]
+    assert tiny_tokenizer.decode(torch.tensor(ids)) == "hi there"
+    assert tiny_tokenizer.decode(ids, skip_special_tokens=False) == "<s>hi there</s>"
+    lone_byte = tiny_tokenizer.vocab[byte_level_bpe.BYTE_ENCODER[0xE4]]  # first byte of a 3-byte CJK char
+    assert tiny_tokenizer.decode([lone_byte]) == "\ufffd"
+    assert tiny_tokenizer.decode_bytes([lone_byte]) == b"\xe4"
+    with pytest.raises(TokenizerError, match="cannot decode id"):
+        tiny_tokenizer.decode([len(tiny_tokenizer)])
+
+
+# ----- Hugging Face parity -----------------------------------------------------------------------
+def test_hf_parity_corpus_and_chinese(tiny_tokenizer, hf_tiny):
+    lines = corpus_lines(limit=3000)[-1000:] + SAMPLE_ZH.read_text(encoding="utf-8").splitlines() + TRICKY_TEXTS
+    theirs = [e.ids for e in hf_tiny.encode_batch(lines)]
+    assert [tiny_tokenizer.encode_ordinary(line) for line in lines] == theirs
+    assert [hf_tiny.decode(ids) for ids in theirs] == [tiny_tokenizer.decode(ids) for ids in theirs]
+
+
+@settings(max_examples=150, deadline=None)
+@given(unicode_text)
+def test_hf_parity_random(tiny_tokenizer, hf_tiny, text):
+    assert tiny_tokenizer.encode_ordinary(text) == hf_tiny.encode(text).ids
+
+
+def test_gpt2_format_pair_without_config_loads(tmp_path):
+    # A GPT-2-style vocab.json + merges.txt written by HF tokenizers, whose only special is <|endoftext|>.
+    hf = tokenizers.ByteLevelBPETokenizer()
+    hf.train_from_iterator(corpus_lines(limit=500), vocab_size=400, min_frequency=2, special_tokens=["<|endoftext|>"], show_progress=False)
+    hf.save_model(str(tmp_path))
+    tok = ByteLevelBPETokenizer.from_pretrained(tmp_path)
+    eot = hf.token_to_id("<|endoftext|>")
+    assert tok.special_tokens == ["<|endoftext|>"]
+    assert tok.bos_token_id == tok.eos_token_id == tok.pad_token_id == tok.unk_token_id == eot
+    assert len(tok) == hf.get_vocab_size()
+    for text in corpus_lines(limit=600)[500:] + TRICKY_TEXTS:
+        assert tok.encode_ordinary(text) == hf.encode(text).ids
+    assert tok.encode("hi")["input_ids"] == [eot, *hf.encode("hi").ids, eot]
+
+
+# ----- special tokens, padding, truncation ------------------------------------------------------
+def test_allowed_special(tiny_tokenizer):
+    tok = tiny_tokenizer
+    text = "a</s>b"
+    plain = tok.encode(text, add_special_tokens=False)["input_ids"]
+    assert tok.eos_token_id not in plain and tok.decode(plain) == text  # literal text cannot inject </s>
+    assert tok.encode_ordinary(text) == plain
+    allowed = tok.encode(text, add_special_tokens=False, allowed_special={"</s>"})["input_ids"]
+    assert allowed == tok.encode_ordinary("a") + [tok.eos_token_id] + tok.encode_ordinary("b")
+    everything = tok.encode("<s>x<pad>", add_special_tokens=False, allowed_special="all")["input_ids"]
+    assert everything == [tok.bos_token_id, *tok.encode_ordinary("x"), tok.pad_token_id]
+    only_bos = tok.encode("<s></s>", add_special_tokens=False, allowed_special={"<s>"})["input_ids"]
+    assert only_bos == [tok.bos_token_id, *tok.encode_ordinary("</s>")]
+    with pytest.raises(TokenizerError, match="not special tokens"):
+        tok.encode(text, allowed_special={"<mask>"})
+    with pytest.raises(TokenizerError, match="allowed_special"):
+        tok.encode(text, allowed_special="none")
+
+
+def test_trained_vocab_never_holds_a_merge_equal_to_a_special():
+    tok = ByteLevelBPETokenizer(vocab_size=400)
+    tok.train(["<s> </s> <pad> <unk>"] * 50, min_frequency=2, show_progress=False)
+    assert len(tok.vocab) == len(tok)  # no two ids share a vocab.json key
+    assert tok.encode_ordinary("</s>") != [tok.eos_token_id]
+
+
+def test_padding_and_truncation(tiny_tokenizer):
+    tok = tiny_tokenizer
+    text = "To be, or not to be, that is the question"
+    full = tok.encode(text)
+    assert full["input_ids"][0] == tok.bos_token_id and full["input_ids"][-1] == tok.eos_token_id
+    assert full["attention_mask"] == [1] * len(full["input_ids"])
+    n = len(full["input_ids"])
+    assert tok.encode(text, max_seq_len=n + 100) == full  # no padding unless asked
+    padded = tok.encode(text, max_seq_len=n + 3, padding=True)
+    assert padded["input_ids"] == full["input_ids"] + [tok.pad_token_id] * 3
+    assert padded["attention_mask"] == [1] * n + [0] * 3
+    cut = tok.encode(text, max_seq_len=5)
+    assert cut["input_ids"] == full["input_ids"][:4] + [tok.eos_token_id]
+    assert tok.encode(text, max_seq_len=5, add_special_tokens=False)["input_ids"] == full["input_ids"][1:6]
+    assert tok.encode(text, max_seq_len=5, truncation=False) == full
+    assert tok.encode_batch([text, "x"], max_seq_len=8, padding=True) == [tok.encode(text, max_seq_len=8, padding=True), tok.encode("x", max_seq_len=8, padding=True)]
+    with pytest.raises(TokenizerError, match="padding=True needs max_seq_len"):
+        tok.encode(text, padding=True)
+    with pytest.raises(TokenizerError, match="max_seq_len"):
+        tok.encode(text, max_seq_len=0)
+
+
+# ----- parallel encoding ----------------------------------------------------------------------------
+def test_encode_many_and_encode_file(tiny_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(byte_level_bpe, "CHUNK_CHARS", 2000)  # many small tasks, to exercise ordering
+    lines = corpus_lines(limit=1500)
+    expected = [tiny_tokenizer.encode_ordinary(line) for line in lines]
+    assert list(tiny_tokenizer.encode_many(lines, num_workers=2)) == expected
+    assert list(tiny_tokenizer.encode_many(iter(lines), num_workers=1)) == expected
+    path = tmp_path / "lines.txt"
+    path.write_text("\n".join(lines[:200]) + "\n", encoding="utf-8")
+    assert list(tiny_tokenizer.encode_file(path, num_workers=2, show_progress=False)) == expected[:200]
+
+
+# ----- files ------------------------------------------------------------------------------------
+def test_save_load_identity(tiny_tokenizer, tiny_tokenizer_dir):
+    loaded = ByteLevelBPETokenizer.from_pretrained(tiny_tokenizer_dir)
+    assert loaded.fingerprint == tiny_tokenizer.fingerprint
+    assert loaded.vocab == tiny_tokenizer.vocab and loaded.merges == tiny_tokenizer.merges
+    assert (loaded.bos_token_id, loaded.pad_token_id, loaded.eos_token_id, loaded.unk_token_id) == (0, 1, 2, 3)
+    for text in corpus_lines(limit=200) + TRICKY_TEXTS:
+        assert loaded.encode(text) == tiny_tokenizer.encode(text)
+    merges_txt = (tiny_tokenizer_dir / "merges.txt").read_text(encoding="utf-8").splitlines()
+    assert merges_txt[0] == "#version: 0.2" and len(merges_txt) == 1 + len(tiny_tokenizer.merges)
+    config = json.loads((tiny_tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert config["special_tokens"] == {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    assert config["pre_tokenizer"] == "gpt2" and config["vocab_size"] == len(tiny_tokenizer)
+
+
+def test_training_is_deterministic(tmp_path):
+    texts = corpus_lines(limit=800)
+    for name in ("a", "b"):
+        tok = ByteLevelBPETokenizer(vocab_size=600)
+        tok.train(iter(texts), show_progress=False)
+        tok.save(tmp_path / name)
+    for file in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
+    other = ByteLevelBPETokenizer(vocab_size=601)
+    other.train(texts, show_progress=False)
+    assert other.fingerprint != ByteLevelBPETokenizer.from_pretrained(tmp_path / "a").fingerprint
+
+
+def test_cli_trains_and_saves(tmp_path, capsys):
+    source = tmp_path / "corpus"
+    source.mkdir()
+    (source / "a.txt").write_text("\n".join(corpus_lines(limit=300)), encoding="utf-8")
+    (source / "b.txt").write_text(SAMPLE_ZH.read_text(encoding="utf-8"), encoding="utf-8")
+    assert byte_level_bpe.main(["--input", str(source), "--vocab_size", "500", "--output", str(tmp_path / "tok"), "--num_workers", "1"]) == 0
+    assert "bytes/token" in capsys.readouterr().out
+    tok = ByteLevelBPETokenizer.from_pretrained(tmp_path / "tok")
+    assert len(tok) == 500
+
+
+# ----- errors -----------------------------------------------------------------------------------
+def test_cli_errors_exit_2(tmp_path, capsys):
+    assert byte_level_bpe.main(["--input", str(tmp_path / "nope.txt"), "--output", str(tmp_path / "t")]) == 2
+    assert capsys.readouterr().err.startswith("error: input")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert byte_level_bpe.main(["--input", str(empty), "--output", str(tmp_path / "t")]) == 2
+    assert "empty" in capsys.readouterr().err
+    assert byte_level_bpe.main(["--input", str(TRAIN_TXT), "--vocab_size", "100", "--output", str(tmp_path / "t")]) == 2
+    assert "vocab_size=100 is too small" in capsys.readouterr().err
+
+
+def test_non_utf8_input_warns_and_continues(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(b"good line\ncaf\xe9 au lait\n\xff\xfe bad\nok\n")
+    with pytest.warns(UserWarning, match=r"2 line\(s\) had 3 non-UTF-8 byte"):
+        lines = list(byte_level_bpe.read_lines(path))
+    assert lines == ["good line", "caf\ufffd au lait", "\ufffd\ufffd bad", "ok"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tok = byte_level_bpe.train_from_path(path, vocab_size=270, min_frequency=1, show_progress=False)
+    assert len(tok) > 260
+
+
+def test_constructor_and_train_errors():
+    with pytest.raises(TokenizerError, match="too small"):
+        ByteLevelBPETokenizer(vocab_size=259)
+    with pytest.raises(TokenizerError, match="special_tokens"):
+        ByteLevelBPETokenizer(special_tokens=["<s>", "<s>", "</s>", "<unk>"])
+    with pytest.raises(TokenizerError, match="no training text"):
+        ByteLevelBPETokenizer(vocab_size=300).train([], show_progress=False)
+    with pytest.raises(TokenizerError, match="needs strings"):
+        ByteLevelBPETokenizer(vocab_size=300).train([b"bytes"], show_progress=False)
+
+
+def _copy_dir(src, dst):
+    dst.mkdir()
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        (dst / name).write_bytes((src / name).read_bytes())
+    return dst
+
+
+def test_load_errors(tiny_tokenizer_dir, tmp_path):
+    with pytest.raises(TokenizerError, match="does not exist"):
+        ByteLevelBPETokenizer.from_pretrained(tmp_path / "missing")
+
+    no_merges = _copy_dir(tiny_tokenizer_dir, tmp_path / "no_merges")
+    (no_merges / "merges.txt").unlink()
+    with pytest.raises(TokenizerError, match="merges.txt is missing"):
+        ByteLevelBPETokenizer.from_pretrained(no_merges)
+
+    bad_merge = _copy_dir(tiny_tokenizer_dir, tmp_path / "bad_merge")
+    with open(bad_merge / "merges.txt", "a", encoding="utf-8") as f:
+        f.write("zzzunknown q\n")
+    with pytest.raises(TokenizerError, match="missing from vocab.json"):
+        ByteLevelBPETokenizer.from_pretrained(bad_merge)
+
+    no_bytes = _copy_dir(tiny_tokenizer_dir, tmp_path / "no_bytes")
+    vocab = json.loads((no_bytes / "vocab.json").read_text(encoding="utf-8"))
+    vocab = {t: i for t, i in vocab.items() if i < 4} | {byte_level_bpe.BYTE_ENCODER[b]: 4 + b for b in range(200)}
+    (no_bytes / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (no_bytes / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    with pytest.raises(TokenizerError, match="lacks 56 of the 256 byte tokens"):
+        ByteLevelBPETokenizer.from_pretrained(no_bytes)
+
+    bad_config = _copy_dir(tiny_tokenizer_dir, tmp_path / "bad_config")
+    config = json.loads((bad_config / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["special_tokens"]["</s>"] = 7
+    (bad_config / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    with pytest.raises(TokenizerError, match="inconsistent"):
+        ByteLevelBPETokenizer.from_pretrained(bad_config)
+
+    corrupt = _copy_dir(tiny_tokenizer_dir, tmp_path / "corrupt")
+    (corrupt / "vocab.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(TokenizerError, match="not valid UTF-8 JSON"):
+        ByteLevelBPETokenizer.from_pretrained(corrupt)
