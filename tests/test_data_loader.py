@@ -1,0 +1,291 @@
+"""data_loader: readers and their errors, the cached packed stream, window sampling, SFT/PPO datasets, collation."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import data_loader as dl
+from data_loader import DataError, SFT_TEMPLATE
+from conftest import corpus_lines
+
+DOCS = ["HAMLET: To be, or not to be.", "《静夜思》 李白：床前明月光，疑是地上霜。", "ROMEO: But, soft! what light?"]
+
+
+def write(path, text: str):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def test_read_documents_txt_skips_blank_lines_and_keeps_text(tmp_path):
+    path = write(tmp_path / "a.txt", "first doc\n\n  \nsecond doc  \r\nthird\n")
+    assert list(dl.read_documents(path)) == ["first doc", "second doc  ", "third"]
+
+
+def test_read_documents_jsonl_and_directory_in_sorted_order(tmp_path):
+    write(tmp_path / "b.jsonl", json.dumps({"text": "from jsonl"}) + "\n\n" + json.dumps({"text": "二", "id": 3}) + "\n")
+    write(tmp_path / "a.txt", "from txt\n")
+    write(tmp_path / "notes.md", "ignored\n")
+    assert list(dl.read_documents(tmp_path)) == ["from txt", "from jsonl", "二"]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("missing.txt", None, "does not exist"),
+    ("empty.txt", "", "holds no documents"),
+    ("blank.txt", "\n \n", "holds no documents"),
+    ("bad.jsonl", '{"text": "ok"}\n{"text": oops}\n', "bad.jsonl:2: invalid JSON"),
+    ("nofield.jsonl", '{"body": "x"}\n', "nofield.jsonl:1: expected an object with a string \"text\""),
+    ("data.csv", "a,b\n", "not a .txt or .jsonl"),
+])
+def test_read_documents_errors(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is not None:
+        write(path, content)
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        list(dl.read_documents(path))
+
+
+def test_read_documents_directory_without_data_files(tmp_path):
+    write(tmp_path / "readme.md", "x")
+    with pytest.raises(DataError, match="holds no .txt or .jsonl files"):
+        list(dl.read_documents(tmp_path))
+
+
+def test_load_sft_records_json_and_jsonl(tmp_path):
+    records = [{"instruction": "写诗", "response": "床前明月光"}, {"instruction": "Say hi", "input": "to Bob", "response": "Hi Bob"}]
+    write(tmp_path / "a.json", json.dumps(records, ensure_ascii=False))
+    write(tmp_path / "a.jsonl", "\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n")
+    assert dl.load_sft_records(tmp_path / "a.json") == records
+    assert dl.load_sft_records(tmp_path / "a.jsonl") == records
+    assert dl.record_instruction(records[1]) == "Say hi\nto Bob"
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("missing.json", None, "does not exist"),
+    ("empty.jsonl", "\n", "holds no records"),
+    ("empty.json", "[]", "holds no records"),
+    ("bad.jsonl", '{"instruction": "a", "response": "b"}\n{bad\n', r"bad\.jsonl:2: invalid JSON"),
+    ("bad.json", '[{"instruction": "a",\n "response": }]', r"bad\.json:2: invalid JSON"),
+    ("dict.json", '{"instruction": "a", "response": "b"}', "expected a JSON list"),
+    ("nofield.jsonl", '{"instruction": "a"}\n', r"nofield\.jsonl:1: missing or non-string field 'response'"),
+    ("nofield.json", '[{"instruction": "a", "response": "b"}, {"response": "c"}]', r"nofield\.json\[1\]: missing or non-string field 'instruction'"),
+    ("badinput.jsonl", '{"instruction": "a", "response": "b", "input": 3}\n', "field 'input' must be a string"),
+    ("list.jsonl", '["a", "b"]\n', "expected a JSON object"),
+    ("data.txt", "x\n", "not a .json or .jsonl"),
+])
+def test_load_sft_records_errors(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is not None:
+        write(path, content)
+    with pytest.raises(DataError, match=message):
+        dl.load_sft_records(path)
+
+
+def test_build_sft_prompt_is_the_template_prefix():
+    prompt = dl.build_sft_prompt("写一首诗 {x}")
+    assert prompt == "### 指令:写一首诗 {x}\n### 响应:"
+    assert SFT_TEMPLATE.format(instruction="写一首诗 {x}", response="好").startswith(prompt)
+    with pytest.raises(DataError, match="placeholders"):
+        dl.build_sft_prompt("x", template="no placeholders")
+
+
+# ----------------------------------------------------------------------------- packed stream
+
+
+def test_token_stream_follows_the_document_convention(tiny_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(dl, "WRITE_CHUNK_TOKENS", 7)  # exercise the chunked writer
+    source = write(tmp_path / "docs.txt", "\n".join(DOCS) + "\n")
+    stream = dl.build_token_stream(source, tiny_tokenizer, num_workers=2, show_progress=False)
+    expected = [i for doc in DOCS for i in tiny_tokenizer.encode(doc)["input_ids"]]
+    assert stream.tokens.dtype == np.uint16
+    assert stream.tokens.tolist() == expected
+    assert stream.n_documents == 3
+    assert stream.n_bytes == sum(len(d.encode("utf-8")) + 1 for d in DOCS)
+    assert stream.path.parent == tmp_path / ".cache"
+    assert stream.path.name == f"docs.{tiny_tokenizer.fingerprint[:16]}.bin"
+    meta = json.loads(stream.path.with_suffix(".json").read_text())
+    assert meta["n_tokens"] == len(expected) and meta["dtype"] == "uint16"
+
+
+def test_token_byte_lengths_account_for_every_text_byte(tiny_tokenizer, tmp_path):
+    source = write(tmp_path / "docs.txt", "\n".join(DOCS) + "\n")
+    stream = dl.build_token_stream(source, tiny_tokenizer, num_workers=1, show_progress=False)
+    lengths = dl.token_byte_lengths(tiny_tokenizer)
+    assert lengths[tiny_tokenizer.eos_token_id] == 1 and lengths[tiny_tokenizer.bos_token_id] == 0
+    assert lengths[300] == len(tiny_tokenizer.decode_bytes([300]))
+    assert int(lengths[np.asarray(stream.tokens)].sum()) == stream.n_bytes
+
+
+def test_token_dtype_widens_for_big_vocabularies():
+    assert dl.token_dtype(65535) == np.uint16
+    assert dl.token_dtype(65536) == np.uint32
+
+
+class CountingTokenizer:
+    """Delegates to a real tokenizer, counting how often encode_many runs."""
+
+    def __init__(self, tokenizer, fingerprint=None):
+        self.tokenizer, self.calls = tokenizer, 0
+        self.fingerprint = fingerprint or tokenizer.fingerprint
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def __len__(self):
+        return len(self.tokenizer)
+
+    def encode_many(self, texts, num_workers=None, show_progress=False):
+        self.calls += 1
+        return self.tokenizer.encode_many(texts, num_workers=1)
+
+
+def test_cache_reused_then_invalidated_by_tokenizer_or_source_change(tiny_tokenizer, tmp_path):
+    source = write(tmp_path / "docs.txt", "\n".join(DOCS) + "\n")
+    tok = CountingTokenizer(tiny_tokenizer)
+    first = dl.build_token_stream(source, tok, show_progress=False)
+    second = dl.build_token_stream(source, tok, show_progress=False)
+    assert tok.calls == 1 and second.path == first.path and second.tokens.tolist() == first.tokens.tolist()
+
+    other = CountingTokenizer(tiny_tokenizer, fingerprint="f" * 64)  # a changed tokenizer has another fingerprint
+    third = dl.build_token_stream(source, other, show_progress=False)
+    assert other.calls == 1 and third.path != first.path
+
+    write(source, DOCS[0] + "\n")
+    os.utime(source, ns=(1, 1))  # a different mtime even on coarse clocks
+    fourth = dl.build_token_stream(source, tok, show_progress=False)
+    assert tok.calls == 2 and fourth.n_documents == 1
+
+    first.path.write_bytes(b"\x00")  # a damaged cache file is rebuilt, not trusted
+    fifth = dl.build_token_stream(source, tok, show_progress=False)
+    assert tok.calls == 3 and fifth.tokens.tolist() == tiny_tokenizer.encode(DOCS[0])["input_ids"]
+
+
+# ----------------------------------------------------------------------------- window sampling
+
+
+@pytest.mark.parametrize("n_tokens, seq_len", [(100, 8), (9, 8), (8, 8), (57, 2), (1000, 64)])
+def test_sequential_windows_predict_every_token_once(n_tokens, seq_len):
+    tokens = np.arange(n_tokens, dtype=np.uint16)
+    lengths = np.arange(n_tokens, dtype=np.int64) % 3
+    batches = list(dl.sequential_batches(tokens, seq_len, batch_size=3, byte_lengths=lengths))
+    predicted = torch.cat([b["labels"][:, 1:].flatten() for b in batches])
+    assert sorted(predicted.tolist()) == list(range(1, n_tokens))
+    for b in batches:
+        assert b["input_ids"].shape[1] <= seq_len
+        assert torch.equal(b["input_ids"][:, 1:] - b["input_ids"][:, :-1], torch.ones_like(b["input_ids"][:, 1:]))
+    assert sum(b["n_bytes"] for b in batches) == int(lengths[1:].sum())
+
+
+def test_random_windows_are_contiguous_resumable_and_per_rank():
+    tokens = np.arange(5000, dtype=np.uint16)
+    batches = dl.RandomWindowBatches(tokens, seq_len=16, batch_size=4, seed=3)
+    for _ in range(20):
+        batch = next(batches)
+        x = batch["input_ids"]
+        assert x.shape == (4, 16) and x.dtype == torch.long and batch["labels"] is x
+        assert torch.equal(x - x[:, :1], torch.arange(16).expand(4, 16))  # one contiguous slice each
+    state = batches.state_dict()
+    expected = [next(batches)["input_ids"] for _ in range(3)]
+    resumed = dl.RandomWindowBatches(tokens, seq_len=16, batch_size=4, seed=99)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(next(resumed)["input_ids"], e) for e in expected)
+    rank0 = next(dl.RandomWindowBatches(tokens, 16, 4, seed=3, rank=0))["input_ids"]
+    rank1 = next(dl.RandomWindowBatches(tokens, 16, 4, seed=3, rank=1))["input_ids"]
+    assert not torch.equal(rank0, rank1)
+    with pytest.raises(DataError, match="fewer than max_seq_len"):
+        dl.RandomWindowBatches(tokens[:10], seq_len=16, batch_size=2)
+
+
+def test_unigram_bits_per_byte_hand_computed():
+    train = np.array([0, 5, 5, 6, 2], dtype=np.uint16)
+    val = dl.TokenStream(np.array([0, 5, 6, 2], dtype=np.uint16), n_documents=1, n_bytes=3, path=None)
+    counts = np.bincount(train, minlength=8) + 1.0  # add-one smoothing over vocab 8
+    p = counts / counts.sum()
+    expected = -(math.log(p[5]) + math.log(p[6]) + math.log(p[2])) / (math.log(2) * 3)
+    assert dl.unigram_bits_per_byte(train, val, vocab_size=8) == pytest.approx(expected, rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- per-sample datasets
+
+
+def test_pretrain_dataset_wraps_and_counts_truncations(tiny_tokenizer, tmp_path):
+    long_doc = " ".join(corpus_lines(limit=20))
+    ds = dl.GPTPretrainDataset(DOCS + [long_doc], tiny_tokenizer, max_seq_len=32)
+    too_long = sum(len(tiny_tokenizer.encode(d, truncation=False)["input_ids"]) > 32 for d in DOCS + [long_doc])
+    assert len(ds) == 4 and ds.num_truncated == too_long >= 1
+    assert ds[0]["input_ids"].tolist() == tiny_tokenizer.encode(DOCS[0])["input_ids"]
+    assert len(ds[3]["input_ids"]) == 32 and torch.equal(ds[0]["labels"], ds[0]["input_ids"])
+    batch = dl.collate_batch([ds[0], ds[3]], tiny_tokenizer.pad_token_id)
+    n = len(ds[0]["input_ids"])
+    assert batch["labels"][0, n:].eq(-100).all() and batch["attention_mask"][0].sum() == n
+    with pytest.raises(DataError, match="no documents"):
+        dl.GPTPretrainDataset([], tiny_tokenizer, 32)
+    assert len(dl.GPTPretrainDataset(write(tmp_path / "d.txt", "\n".join(DOCS)), tiny_tokenizer, 32)) == 3
+
+
+def test_sft_labels_mask_exactly_prompt_and_padding(tiny_tokenizer):
+    records = [{"instruction": "写诗", "response": "床前明月光"}, {"instruction": "Greet", "input": "Bob", "response": "Hello Bob, how are you today?"}]
+    ds = dl.GPTSFTDataset(records, tiny_tokenizer, max_seq_len=64)
+    batch = dl.collate_batch([ds[0], ds[1]], tiny_tokenizer.pad_token_id)
+    for row, record in enumerate(records):
+        prompt_ids = [tiny_tokenizer.bos_token_id, *tiny_tokenizer.encode_ordinary(dl.build_sft_prompt(dl.record_instruction(record)))]
+        response_ids = [*tiny_tokenizer.encode_ordinary(record["response"]), tiny_tokenizer.eos_token_id]
+        n = len(prompt_ids) + len(response_ids)
+        assert batch["input_ids"][row, :n].tolist() == prompt_ids + response_ids
+        expected_labels = [-100] * len(prompt_ids) + response_ids + [-100] * (batch["labels"].shape[1] - n)
+        assert batch["labels"][row].tolist() == expected_labels
+        assert batch["input_ids"][row, n:].eq(tiny_tokenizer.pad_token_id).all()
+        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (batch["labels"].shape[1] - n)
+        assert tiny_tokenizer.decode(batch["labels"][row][batch["labels"][row] != -100].tolist()) == record["response"]
+
+
+def test_sft_truncates_long_and_drops_hopeless_samples(tiny_tokenizer):
+    records = [{"instruction": "hi", "response": "word " * 50}, {"instruction": "long " * 40, "response": "x"}]
+    ds = dl.GPTSFTDataset(records, tiny_tokenizer, max_seq_len=48)
+    assert len(ds) == 1 and ds.num_truncated == 1 and ds.num_dropped == 1
+    assert len(ds[0]["input_ids"]) == 48 and ds[0]["labels"][-1] != -100
+    with pytest.raises(DataError, match="no usable SFT samples"):
+        dl.GPTSFTDataset(records[1:], tiny_tokenizer, max_seq_len=48)
+
+
+def test_sft_dataset_custom_template_and_dataloader(tiny_tokenizer, tmp_path):
+    path = write(tmp_path / "sft.jsonl", "\n".join(json.dumps({"instruction": f"q{i}", "response": "a" * (i + 1)}) for i in range(5)))
+    ds = dl.GPTSFTDataset(path, tiny_tokenizer, 64, template="Q: {instruction}\nA: {response}")
+    prompt = [tiny_tokenizer.bos_token_id, *tiny_tokenizer.encode_ordinary("Q: q0\nA: ")]
+    assert ds[0]["input_ids"][: len(prompt)].tolist() == prompt
+    loader = dl.create_sft_dataloader(path, tiny_tokenizer, 64, batch_size=2, shuffle=True, seed=0)
+    batches = list(loader)
+    assert [b["input_ids"].shape[0] for b in batches] == [2, 2, 1]
+    assert sum(int((b["labels"] != -100).sum()) for b in batches) == sum(int((ds[i]["labels"] != -100).sum()) for i in range(5))
+
+
+def test_ppo_dataset_gives_prompt_masked_chosen_and_rejected(tiny_tokenizer):
+    records = [{"instruction": "Greet", "chosen": "Good morrow, friend.", "rejected": "Go away."}]
+    item = dl.GPTPPODataset(records, tiny_tokenizer, max_seq_len=64)[0]
+    prompt = [tiny_tokenizer.bos_token_id, *tiny_tokenizer.encode_ordinary(dl.build_sft_prompt("Greet"))]
+    assert item["prompt_input_ids"].tolist() == prompt
+    for side in ("chosen", "rejected"):
+        answer = [*tiny_tokenizer.encode_ordinary(records[0][side]), tiny_tokenizer.eos_token_id]
+        assert item[f"{side}_input_ids"].tolist() == prompt + answer
+        assert item[f"{side}_labels"].tolist() == [-100] * len(prompt) + answer
+    batch = dl.collate_batch([item, item], tiny_tokenizer.pad_token_id)
+    assert batch["chosen_input_ids"].shape == (2, len(item["chosen_input_ids"]))
+    assert batch["rejected_labels"].shape == (2, len(item["rejected_input_ids"]))
+
+
+def test_collate_pads_to_longest_item_not_context():
+    items = [{"input_ids": torch.tensor([5, 6, 7]), "attention_mask": torch.ones(3, dtype=torch.long), "labels": torch.tensor([-100, 6, 7])},
+             {"input_ids": torch.tensor([8]), "attention_mask": torch.ones(1, dtype=torch.long), "labels": torch.tensor([8])}]
+    batch = dl.collate_batch(items, pad_token_id=1)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 1, 1]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    with pytest.raises(DataError, match="empty batch"):
+        dl.collate_batch([], pad_token_id=1)
