@@ -31,6 +31,7 @@ ROLES = ("bos", "pad", "eos", "unk")  # roles of the first four special tokens, 
 GPT2_ENDOFTEXT = "<|endoftext|>"
 MAX_CACHE_ENTRIES = 500_000
 CHUNK_CHARS = 1 << 16  # text per worker task in encode_many
+NO_MERGE = 1 << 62  # rank of a pair that has no merge
 
 
 class TokenizerError(ValueError):
@@ -90,10 +91,13 @@ class ByteLevelBPETokenizer:
         self._merge_list = list(merges)
         self._bytes_to_id = {b: i for i, b in enumerate(id_to_bytes) if i not in self._special_id_set}
         self._byte_ids = [self._bytes_to_id[bytes([b])] for b in range(256)]
-        self._merges: dict[tuple[int, int], tuple[int, int]] = {}
+        self._ranks: dict[tuple[int, int], int] = {}
+        self._merge_ids: dict[tuple[int, int], int] = {}
         for rank, (a, b) in enumerate(merges):
             # a repeated pair keeps its first rank (Hugging Face keeps the last, so training never writes one)
-            self._merges.setdefault((a, b), (rank, self._bytes_to_id[id_to_bytes[a] + id_to_bytes[b]]))
+            if (a, b) not in self._ranks:
+                self._ranks[(a, b)] = rank
+                self._merge_ids[(a, b)] = self._bytes_to_id[id_to_bytes[a] + id_to_bytes[b]]
         self._decode_table = [b"" if i in self._special_id_set else t for i, t in enumerate(id_to_bytes)]
         self._pattern = regex.compile(GPT2_SPLIT_PATTERN)
         self._special_pattern_cache: dict[frozenset[str], regex.Pattern] = {}
@@ -195,17 +199,25 @@ class ByteLevelBPETokenizer:
         """Apply merges to one pre-token: repeatedly merge the leftmost lowest-rank adjacent pair."""
         byte_ids = self._byte_ids
         ids = [byte_ids[b] for b in piece.encode("utf-8")]
-        merges = self._merges
-        while len(ids) > 1:
-            best_rank, best_i, best_id = 1 << 62, -1, -1
-            for i in range(len(ids) - 1):
-                m = merges.get((ids[i], ids[i + 1]))
-                if m is not None and m[0] < best_rank:
-                    best_rank, best_i, best_id = m[0], i, m[1]
-            if best_i < 0:
-                break
-            ids[best_i : best_i + 2] = (best_id,)
-        return ids
+        if len(ids) < 2:
+            return ids
+        rank_of = self._ranks.get
+        no_merge = NO_MERGE
+        # ranks[k] = rank of (ids[k], ids[k + 1]); min/index run in C, only neighbours are recomputed
+        ranks = [rank_of(p, no_merge) for p in zip(ids, ids[1:])]
+        while True:
+            best = min(ranks)
+            if best == no_merge:
+                return ids
+            i = ranks.index(best)
+            ids[i : i + 2] = (self._merge_ids[(ids[i], ids[i + 1])],)
+            if len(ids) == 1:
+                return ids
+            del ranks[i]
+            if i > 0:
+                ranks[i - 1] = rank_of((ids[i - 1], ids[i]), no_merge)
+            if i < len(ids) - 1:
+                ranks[i] = rank_of((ids[i], ids[i + 1]), no_merge)
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Token ids of `text` with no special tokens and no truncation (the fast path)."""
@@ -213,9 +225,9 @@ class ByteLevelBPETokenizer:
         if len(cache) > MAX_CACHE_ENTRIES:
             cache.clear()
         out: list[int] = []
-        extend = out.extend
+        extend, cached = out.extend, cache.get
         for piece in self._pattern.findall(text):
-            ids = cache.get(piece)
+            ids = cached(piece)
             if ids is None:
                 ids = cache[piece] = self._bpe(piece)
             extend(ids)
@@ -479,42 +491,57 @@ def _learn_merges(
     return merges
 
 
-def _apply_merge(pair, new_id, words, freqs, pair_counts, where) -> set[tuple[int, int]]:
-    """Merge `pair` in every word containing it, updating counts and index; returns pairs that gained count."""
+def _apply_merge(pair, new_id, words, freqs, pair_counts, where) -> list[tuple[int, int]]:
+    """Merge `pair` in every word listed for it, updating only the pairs next to each merge.
+
+    Returns the pairs that gained count (to push on the heap). `where` may list words that no
+    longer hold a pair (entries are never removed, only added): those are skipped here.
+    """
     a, b = pair
-    increased = set()
+    touched = set()
     for w in where.pop(pair):
         word = words[w]
-        f = freqs[w]
-        merged = []
-        i, n = 0, len(word)
-        while i < n:
-            if i < n - 1 and word[i] == a and word[i + 1] == b:
+        n = len(word)
+        merged: list[int] = []
+        old_left: set[int] = set()  # left indices of old pairs that disappear
+        new_left: set[int] = set()  # left indices (in merged) of pairs that appear
+        i = 0
+        while True:
+            try:
+                j = word.index(a, i)
+            except ValueError:
+                break
+            if j + 1 < n and word[j + 1] == b:
+                merged.extend(word[i:j])
+                k = len(merged)
                 merged.append(new_id)
-                i += 2
+                old_left.update((j - 1, j, j + 1))
+                new_left.update((k - 1, k))
+                i = j + 2
             else:
-                merged.append(word[i])
-                i += 1
-        old_pairs = list(zip(word, word[1:]))
-        new_pairs = list(zip(merged, merged[1:]))
-        for p in old_pairs:
-            pair_counts[p] -= f
-        for p in new_pairs:
-            pair_counts[p] = pair_counts.get(p, 0) + f
-        old_set, new_set = set(old_pairs), set(new_pairs)
-        for p in old_set - new_set:
-            if p != pair:
-                where[p].discard(w)
-        for p in new_set - old_set:
-            increased.add(p)
-            s = where.get(p)
-            if s is None:
-                where[p] = {w}
-            else:
-                s.add(w)
+                merged.extend(word[i : j + 1])
+                i = j + 1
+        if not old_left:
+            continue
+        merged.extend(word[i:])
+        f = freqs[w]
+        for k in old_left:
+            if 0 <= k < n - 1:
+                pair_counts[(word[k], word[k + 1])] -= f
+        m = len(merged)
+        for k in new_left:
+            if 0 <= k < m - 1:
+                p = (merged[k], merged[k + 1])
+                pair_counts[p] = pair_counts.get(p, 0) + f
+                touched.add(p)
+                s = where.get(p)
+                if s is None:
+                    where[p] = {w}
+                else:
+                    s.add(w)
         words[w] = merged
     pair_counts.pop(pair, None)
-    return {p for p in increased if pair_counts.get(p, 0) > 0}
+    return [p for p in touched if pair_counts.get(p, 0) > 0]
 
 
 # ----- helpers -----------------------------------------------------------------------------------
