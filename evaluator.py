@@ -430,7 +430,9 @@ def plot_comparison(reports: list[dict], model_type: str, path: str) -> None:
     names = _model_names(reports)
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        ax.bar(names, [r[metric] for r in reports], color=[f"C{i}" for i in range(len(reports))])
+        bars = ax.bar(names, [r[metric] for r in reports], color=[f"C{i}" for i in range(len(reports))])
+        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+        ax.set_ylim(bottom=0)
         ax.set_title(metric)
         ax.tick_params(axis="x", labelrotation=30)
     fig.tight_layout()
@@ -456,8 +458,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(format_table(reports, args.model_type))
     if args.model_type == "sft":
-        for example in reports[-1]["examples"]:
-            print(f"\nprompt:     {example['prompt']!r}\nreference:  {example['reference']!r}\nprediction: {example['prediction']!r}")
+        for name, report in zip(_model_names(reports), reports):
+            for example in report["examples"]:
+                print(f"\n[{name}] prompt: {example['prompt']!r}\n  reference:  {example['reference']!r}\n  prediction: {example['prediction']!r}")
     print(f"\nreport: {args.output}" + (f"  plot: {args.plot}" if args.plot else ""))
     return 0
 
