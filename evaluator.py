@@ -171,18 +171,13 @@ def split_into_windows(ids: list[int], max_len: int) -> list[list[int]]:
     return [ids[start:start + max_len] for start in range(0, len(ids) - 1, step)]
 
 
-def _right_padded_batches(sequences: list[list[int]], batch_size: int, pad_id: int) -> Iterable[dict[str, torch.Tensor]]:
-    """Batches of similar-length sequences (sorted, so little padding); labels -100 on padding."""
-    ordered = sorted(sequences, key=len, reverse=True)  # the longest batch first: out-of-memory shows at once
+def _length_sorted_batches(items: list[dict[str, torch.Tensor]], batch_size: int, pad_id: int) -> Iterable[dict[str, torch.Tensor]]:
+    """Right-padded batches of similar-length items (sorted, so little padding; results do not depend on order)."""
+    from data_loader import collate_batch
+
+    ordered = sorted(items, key=lambda item: len(item["input_ids"]), reverse=True)  # longest first: out-of-memory shows at once
     for start in range(0, len(ordered), batch_size):
-        chunk = ordered[start:start + batch_size]
-        width = len(chunk[0])
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, ids in enumerate(chunk):
-            input_ids[row, :len(ids)] = torch.tensor(ids)
-            attention_mask[row, :len(ids)] = 1
-        yield {"input_ids": input_ids, "attention_mask": attention_mask, "labels": input_ids.masked_fill(attention_mask == 0, -100)}
+        yield collate_batch(ordered[start:start + batch_size], pad_id)
 
 
 def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,9 +309,10 @@ class GPTEvaluator:
         tok = self.tokenizer
         num_workers = None if sum(map(len, documents)) > 1_000_000 else 1  # processes only pay off on large sets
         token_lists = [[tok.bos_token_id, *ids, tok.eos_token_id] for ids in tok.encode_many(documents, num_workers=num_workers)]
-        windows = [w for ids in token_lists for w in split_into_windows(ids, self.model.config.max_seq_len)]
-        n_batches = math.ceil(len(windows) / batch_size)
-        total_nll, n_tokens = self._nll(_right_padded_batches(windows, batch_size, tok.pad_token_id), "pretrain eval", n_batches)
+        windows = [torch.tensor(w) for ids in token_lists for w in split_into_windows(ids, self.model.config.max_seq_len)]
+        items = [{"input_ids": w, "attention_mask": torch.ones_like(w), "labels": w} for w in windows]
+        batches = _length_sorted_batches(items, batch_size, tok.pad_token_id)
+        total_nll, n_tokens = self._nll(batches, "pretrain eval", math.ceil(len(items) / batch_size))
         n_bytes = sum(len(doc.encode("utf-8")) + 1 for doc in documents)  # +1: the newline that </s> stands for
         return {"loss": total_nll / n_tokens, "perplexity": perplexity(total_nll, n_tokens), "bits_per_byte": bits_per_byte(total_nll, n_bytes),
                 "n_tokens": n_tokens, "n_bytes": n_bytes, "n_documents": len(documents)}
@@ -325,15 +321,14 @@ class GPTEvaluator:
                      do_sample: bool = False, temperature: float = 0.8, top_k: int = 50, top_p: float = 1.0, seed: int | None = None,
                      n_examples: int = 3) -> dict:
         """Perplexity on response tokens only, plus BLEU/ROUGE of responses generated from the instructions (greedy by default)."""
-        from data_loader import GPTSFTDataset, build_sft_prompt, collate_batch, load_sft_records, record_instruction
+        from data_loader import GPTSFTDataset, build_sft_prompt, load_sft_records, record_instruction
 
         records = _take(load_sft_records(_check_data_format(test_data_path, "sft")), max_samples)
         if not records:
             raise EvaluationError(f"no records in {test_data_path}: the test set is empty")
         dataset = GPTSFTDataset(records, self.tokenizer, self.model.config.max_seq_len)
-        items = sorted((dataset[i] for i in range(len(dataset))), key=lambda item: len(item["input_ids"]), reverse=True)
-        batches = (collate_batch(items[i:i + batch_size], self.tokenizer.pad_token_id) for i in range(0, len(items), batch_size))
-        total_nll, n_tokens = self._nll(batches, "response nll", math.ceil(len(items) / batch_size))
+        batches = _length_sorted_batches([dataset[i] for i in range(len(dataset))], batch_size, self.tokenizer.pad_token_id)
+        total_nll, n_tokens = self._nll(batches, "response nll", math.ceil(len(dataset) / batch_size))
 
         prompts = [build_sft_prompt(record_instruction(record)) for record in records]
         references = [record["response"] for record in records]
