@@ -103,6 +103,7 @@ class ByteLevelBPETokenizer:
         self._special_pattern_cache: dict[frozenset[str], regex.Pattern] = {}
         self._cache: dict[str, list[int]] = {}
         self.__dict__.pop("_fingerprint", None)
+        self.__dict__.pop("_vocab", None)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -138,8 +139,10 @@ class ByteLevelBPETokenizer:
 
     @property
     def vocab(self) -> dict[str, int]:
-        """token string -> id; specials as written, other tokens in GPT-2's byte-unicode form."""
-        return {self._token_str(i): i for i in range(len(self._id_to_bytes))}
+        """token string -> id (a copy); specials as written, other tokens in GPT-2's byte-unicode form."""
+        if "_vocab" not in self.__dict__:
+            self._vocab = {self._token_str(i): i for i in range(len(self._id_to_bytes))}
+        return dict(self._vocab)
 
     def __len__(self) -> int:
         return len(self._id_to_bytes)
@@ -299,7 +302,7 @@ class ByteLevelBPETokenizer:
         if num_workers < 1:
             raise TokenizerError(f"num_workers must be >= 1 or None, got {num_workers}")
         bar = tqdm(desc="encoding", unit="text", disable=not show_progress)
-        if num_workers == 1:
+        if num_workers == 1 or multiprocessing.current_process().daemon:  # daemon processes cannot have children
             for text in texts:
                 yield self.encode_ordinary(text)
                 bar.update(1)
@@ -308,9 +311,9 @@ class ByteLevelBPETokenizer:
         bar.close()
 
     def _encode_parallel(self, texts: Iterable[str], num_workers: int, bar: tqdm) -> Iterator[list[int]]:
-        # forkserver/spawn: forking a process that may hold torch/tqdm threads can deadlock
-        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-        ctx = multiprocessing.get_context(method)
+        # fork: workers start instantly and also work from scripts without a file (stdin, -c); the
+        # workers only run Python + regex, never torch, so inherited threads are not touched there
+        ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
         pending: deque = deque()
         with ctx.Pool(num_workers, initializer=_init_worker, initargs=(self,)) as pool:
             for chunk in _chunk_texts(texts, CHUNK_CHARS):
