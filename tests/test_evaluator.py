@@ -203,6 +203,17 @@ def test_predictions_strip_prompt_tokens_stop_at_eos_and_keep_order(tiny_tokeniz
             assert real[0] == tok.bos_token_id and tok.decode(real) in prompts
 
 
+def test_too_long_prompt_keeps_its_tail_and_room_to_generate(tiny_tokenizer):
+    tok = tiny_tokenizer
+    model = ScriptedGenerator([tok.eos_token_id], tok.pad_token_id)  # context of 64 tokens
+    prompt = " ".join(str(i) for i in range(200))
+    with pytest.warns(UserWarning, match="was cut"):
+        assert GPTEvaluator(model, tok, show_progress=False).generate_predictions([prompt], max_gen_len=10) == [""]
+    sent = model.calls[0][0][0].tolist()
+    assert len(sent) == 64 - 10 and sent[0] == tok.bos_token_id  # `<s>` + the prompt's last tokens
+    assert sent[1:] == tok.encode_ordinary(prompt)[-(len(sent) - 1):]
+
+
 # ----------------------------------------------------------------------------- BLEU / ROUGE
 
 def test_score_tokens_split_cjk_characters_words_and_punctuation():
