@@ -32,7 +32,8 @@ class EvaluationError(ValueError):
 # ----------------------------------------------------------------------------- NLL, perplexity, bits per byte
 
 @torch.no_grad()
-def sum_nll(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], device: torch.device | str | None = None) -> tuple[float, int]:
+def sum_nll(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]],
+            device: torch.device | str | None = None) -> tuple[float, int]:
     """Total next-token negative log-likelihood (nats) and the number of predicted tokens.
 
     Each batch holds ``input_ids`` and optionally ``attention_mask`` and ``labels`` (aligned with
@@ -87,7 +88,8 @@ def score_tokens(text: str) -> list[str]:
 
 def _check_pairs(predictions: Sequence, references: Sequence) -> None:
     if len(predictions) != len(references):
-        raise EvaluationError(f"got {len(predictions)} predictions but {len(references)} references: pass one reference entry per prediction")
+        raise EvaluationError(f"got {len(predictions)} predictions but {len(references)} references: "
+                              "pass one reference entry per prediction")
     if not predictions:
         raise EvaluationError("no predictions to score: pass at least one prediction/reference pair")
 
@@ -95,7 +97,8 @@ def _check_pairs(predictions: Sequence, references: Sequence) -> None:
 def _bleu_inputs(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[list[list[list[str]]], list[list[str]]]:
     _check_pairs(predictions, references)
     if any(isinstance(refs, str) for refs in references):
-        raise EvaluationError("BLEU references must be a list of reference lists, one list per prediction, e.g. [[ref_a], [ref_b1, ref_b2]]")
+        raise EvaluationError("BLEU references must be a list of reference lists, one list per prediction, "
+                              "e.g. [[ref_a], [ref_b1, ref_b2]]")
     return [[score_tokens(ref) for ref in refs] for refs in references], [score_tokens(pred) for pred in predictions]
 
 
@@ -201,9 +204,11 @@ def _check_data_format(path: str | os.PathLike, model_type: str) -> Path:
         raise EvaluationError(f"test data not found: {path} (check --test_data_path)")
     suffix = path.suffix.lower()
     if model_type == "sft" and (path.is_dir() or suffix not in (".json", ".jsonl")):
-        raise EvaluationError(f"SFT evaluation needs a .json or .jsonl file of {{\"instruction\", \"response\"}} records, got {path} (use --model_type pretrain for plain text)")
+        raise EvaluationError(f"SFT evaluation needs a .json or .jsonl file of {{\"instruction\", \"response\"}} records, "
+                              f"got {path} (use --model_type pretrain for plain text)")
     if model_type == "pretrain" and suffix == ".json":
-        raise EvaluationError(f"pretrain evaluation reads .txt (one document per line) or .jsonl ({{\"text\": ...}}) files, got {path} (SFT records? use --model_type sft)")
+        raise EvaluationError(f"pretrain evaluation reads .txt (one document per line) or .jsonl ({{\"text\": ...}}) files, "
+                              f"got {path} (SFT records? use --model_type sft)")
     if model_type == "pretrain" and suffix == ".jsonl" and _first_jsonl_record_is_sft(path):
         raise EvaluationError(f"{path} holds instruction/response records, not {{\"text\": ...}} documents: use --model_type sft")
     return path
@@ -260,7 +265,8 @@ class GPTEvaluator:
         max_seq_len = self.model.config.max_seq_len
         limit = max_seq_len - max(1, min(max_gen_len, max_seq_len // 2))
         if len(ids) > limit:
-            warnings.warn(f"a prompt of {len(ids)} tokens was cut to its last {limit} to leave room to generate in the {max_seq_len}-token context")
+            warnings.warn(f"a prompt of {len(ids)} tokens was cut to its last {limit} "
+                          f"to leave room to generate in the {max_seq_len}-token context")
             ids = [self.tokenizer.bos_token_id] + ids[len(ids) - limit + 1:]
         return ids
 
@@ -314,7 +320,8 @@ class GPTEvaluator:
         batches = _length_sorted_batches(items, batch_size, tok.pad_token_id)
         total_nll, n_tokens = self._nll(batches, "pretrain eval", math.ceil(len(items) / batch_size))
         n_bytes = sum(len(doc.encode("utf-8")) + 1 for doc in documents)  # +1: the newline that </s> stands for
-        return {"loss": total_nll / n_tokens, "perplexity": perplexity(total_nll, n_tokens), "bits_per_byte": bits_per_byte(total_nll, n_bytes),
+        return {"loss": total_nll / n_tokens, "perplexity": perplexity(total_nll, n_tokens),
+                "bits_per_byte": bits_per_byte(total_nll, n_bytes),
                 "n_tokens": n_tokens, "n_bytes": n_bytes, "n_documents": len(documents)}
 
     def evaluate_sft(self, test_data_path: str | os.PathLike, batch_size: int = 8, max_samples: int | None = None, max_gen_len: int = 100,
@@ -340,7 +347,8 @@ class GPTEvaluator:
                 "sentence_bleu": mean_sentence_bleu(predictions, [[ref] for ref in references]),
                 **{metric: rouge[metric]["f"] for metric in ROUGE_METRICS},
                 "rouge": rouge,
-                "examples": [{"prompt": p, "reference": r, "prediction": g} for p, r, g in list(zip(prompts, references, predictions))[:n_examples]]}
+                "examples": [{"prompt": p, "reference": r, "prediction": g}
+                             for p, r, g in list(zip(prompts, references, predictions))[:n_examples]]}
 
 
 def _take(items: Iterable, limit: int | None) -> list:
@@ -356,8 +364,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Evaluate GPTModel checkpoints: perplexity and bits per byte (pretrain), "
                                                  "response perplexity plus BLEU/ROUGE of generated responses (sft).")
     parser.add_argument("--model_path", help="checkpoint (.pth) to evaluate; its config sets the model size")
-    parser.add_argument("--compare", nargs="+", metavar="CKPT", help="several checkpoints evaluated on the same data and shown side by side")
-    parser.add_argument("--test_data_path", required=True, help="pretrain: .txt (one document per line), .jsonl ({\"text\"}) or a folder; sft: .json/.jsonl of {\"instruction\", \"response\"}")
+    parser.add_argument("--compare", nargs="+", metavar="CKPT",
+                        help="several checkpoints evaluated on the same data and shown side by side")
+    parser.add_argument("--test_data_path", required=True,
+                        help="pretrain: .txt (one document per line), .jsonl ({\"text\": ...}) or a folder of them; "
+                             "sft: .json/.jsonl of {\"instruction\", \"response\"} records")
     parser.add_argument("--model_type", choices=("pretrain", "sft"), default="pretrain", help="what to measure (default: pretrain)")
     parser.add_argument("--tokenizer_dir", help="tokenizer folder (default: <checkpoint folder>/tokenizer)")
     parser.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass / generation batch (default: 8)")
@@ -390,8 +401,9 @@ def evaluate_checkpoint(checkpoint_path: str, args: argparse.Namespace) -> dict:
     if args.model_type == "pretrain":
         metrics = evaluator.evaluate_pretrained(args.test_data_path, batch_size=args.batch_size, max_samples=args.max_samples)
     else:
-        metrics = evaluator.evaluate_sft(args.test_data_path, batch_size=args.batch_size, max_samples=args.max_samples, max_gen_len=args.max_gen_len,
-                                         do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        metrics = evaluator.evaluate_sft(args.test_data_path, batch_size=args.batch_size, max_samples=args.max_samples,
+                                         max_gen_len=args.max_gen_len, do_sample=args.do_sample, temperature=args.temperature,
+                                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     return {"model_path": str(checkpoint_path), "n_parameters": sum(p.numel() for p in model.parameters()), **metrics}
 
 
@@ -455,7 +467,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.model_type == "sft":
         for name, report in zip(_model_names(reports), reports):
             for example in report["examples"]:
-                print(f"\n[{name}] prompt: {example['prompt']!r}\n  reference:  {example['reference']!r}\n  prediction: {example['prediction']!r}")
+                print(f"\n[{name}] prompt: {example['prompt']!r}\n"
+                      f"  reference:  {example['reference']!r}\n  prediction: {example['prediction']!r}")
     print(f"\nreport: {args.output}" + (f"  plot: {args.plot}" if args.plot else ""))
     return 0
 

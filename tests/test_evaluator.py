@@ -131,14 +131,16 @@ def test_evaluate_sft_scores_response_tokens_only(tiny_tokenizer, tiny_config, t
     torch.manual_seed(1)
     model = GPTModel(tiny_config).eval()
     tok = tiny_tokenizer
-    records = [{"instruction": "写一句诗", "response": "床前明月光"}, {"instruction": "Who speaks?", "input": "ROMEO", "response": "ROMEO: soft!"}]
+    records = [{"instruction": "写一句诗", "response": "床前明月光"},
+               {"instruction": "Who speaks?", "input": "ROMEO", "response": "ROMEO: soft!"}]
     path = tmp_path / "sft.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     result = GPTEvaluator(model, tok, show_progress=False).evaluate_sft(path, batch_size=2, max_gen_len=12)
 
     total, n_tokens = 0.0, 0
     with torch.no_grad():
-        for prompt, response in [("### 指令:写一句诗\n### 响应:", "床前明月光"), ("### 指令:Who speaks?\nROMEO\n### 响应:", "ROMEO: soft!")]:
+        expected = [("### 指令:写一句诗\n### 响应:", "床前明月光"), ("### 指令:Who speaks?\nROMEO\n### 响应:", "ROMEO: soft!")]
+        for prompt, response in expected:
             prompt_ids = [tok.bos_token_id] + tok.encode_ordinary(prompt)
             response_ids = tok.encode_ordinary(response) + [tok.eos_token_id]
             ids = torch.tensor([prompt_ids + response_ids])
@@ -217,7 +219,8 @@ def test_too_long_prompt_keeps_its_tail_and_room_to_generate(tiny_tokenizer):
 # ----------------------------------------------------------------------------- BLEU / ROUGE
 
 def test_score_tokens_split_cjk_characters_words_and_punctuation():
-    assert score_tokens("Hello, World! 你好。abc中文 3.14") == ["hello", ",", "world", "!", "你", "好", "。", "abc", "中", "文", "3", ".", "14"]
+    assert score_tokens("Hello, World! 你好。abc中文 3.14") == [
+        "hello", ",", "world", "!", "你", "好", "。", "abc", "中", "文", "3", ".", "14"]
 
 
 def test_bleu_known_answer_and_identity():
@@ -252,7 +255,8 @@ def test_rouge_counts_repeated_ngrams_with_clipping():
 
 
 def test_rouge_identity_periods_and_empty_predictions():
-    assert compute_rouge(["Hello. World. 床前明月光。"], ["hello. world. 床前明月光。"]) == pytest.approx({"rouge-1": 1.0, "rouge-2": 1.0, "rouge-l": 1.0}, abs=1e-6)
+    identical = compute_rouge(["Hello. World. 床前明月光。"], ["hello. world. 床前明月光。"])
+    assert identical == pytest.approx({"rouge-1": 1.0, "rouge-2": 1.0, "rouge-l": 1.0}, abs=1e-6)
     # "a.b" is [a, ., b] against [a, b]: the "." counts as a token (P 2/3, R 1, F 0.8), it does not split sentences.
     assert compute_rouge(["a.b"], ["a b"])["rouge-1"] == pytest.approx(0.8, abs=1e-6)
     assert compute_rouge([""], ["some reference"]) == {"rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0}
@@ -309,7 +313,8 @@ def checkpoint_dir(tiny_tokenizer, tiny_tokenizer_dir, tiny_config, tmp_path) ->
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "evaluator.py"), "--no_progress", *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    command = [sys.executable, str(ROOT / "evaluator.py"), "--no_progress", *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=120)
 
 
 def test_cli_pretrain_sft_and_compare(checkpoint_dir, tmp_path):
@@ -325,7 +330,8 @@ def test_cli_pretrain_sft_and_compare(checkpoint_dir, tmp_path):
 
     report = tmp_path / "compare.json"
     plot = tmp_path / "compare.png"
-    done = run_cli("--model_type", "sft", "--compare", str(checkpoint_dir / "a.pth"), str(checkpoint_dir / "b.pth"), "--test_data_path", str(sft),
+    done = run_cli("--model_type", "sft", "--compare", str(checkpoint_dir / "a.pth"), str(checkpoint_dir / "b.pth"),
+                   "--test_data_path", str(sft),
                    "--max_gen_len", "8", "--output", str(report), "--plot", str(plot))
     assert done.returncode == 0, done.stderr
     results = json.loads(report.read_text(encoding="utf-8"))["results"]
@@ -336,11 +342,13 @@ def test_cli_pretrain_sft_and_compare(checkpoint_dir, tmp_path):
 
 def test_cli_errors_are_one_line(checkpoint_dir, tmp_path, capsys):
     txt = write_lines(tmp_path / "test.txt", DOCS)
+    empty = write_lines(tmp_path / "e.txt", [""])
+    good = str(checkpoint_dir / "a.pth")
     cases = [(["--model_path", str(checkpoint_dir / "foreign.pth"), "--test_data_path", str(txt)], "fingerprint"),
              (["--model_path", str(checkpoint_dir / "missing.pth"), "--test_data_path", str(txt)], "missing.pth"),
-             (["--model_path", str(checkpoint_dir / "a.pth"), "--test_data_path", str(write_lines(tmp_path / "e.txt", [""]))], "no documents"),
-             (["--model_path", str(checkpoint_dir / "a.pth"), "--test_data_path", str(txt), "--tokenizer_dir", str(tmp_path / "nope")], "nope"),
-             (["--model_type", "sft", "--model_path", str(checkpoint_dir / "a.pth"), "--test_data_path", str(txt)], "--model_type pretrain")]
+             (["--model_path", good, "--test_data_path", str(empty)], "no documents"),
+             (["--model_path", good, "--test_data_path", str(txt), "--tokenizer_dir", str(tmp_path / "nope")], "nope"),
+             (["--model_type", "sft", "--model_path", good, "--test_data_path", str(txt)], "--model_type pretrain")]
     for argv, fragment in cases:
         assert evaluator.main(["--no_progress", "--output", str(tmp_path / "r.json"), *argv]) == 2
         err = capsys.readouterr().err
