@@ -498,50 +498,57 @@ def _apply_merge(pair, new_id, words, freqs, pair_counts, where) -> list[tuple[i
     """Merge `pair` in every word listed for it, updating only the pairs next to each merge.
 
     Returns the pairs that gained count (to push on the heap). `where` may list words that no
-    longer hold a pair (entries are never removed, only added): those are skipped here.
+    longer hold a pair (entries are only ever added, never removed): those are skipped here.
     """
     a, b = pair
     touched = set()
     for w in where.pop(pair):
         word = words[w]
-        n = len(word)
-        merged: list[int] = []
-        old_left: set[int] = set()  # left indices of old pairs that disappear
-        new_left: set[int] = set()  # left indices (in merged) of pairs that appear
-        i = 0
-        while True:
-            try:
-                j = word.index(a, i)
-            except ValueError:
-                break
-            if j + 1 < n and word[j + 1] == b:
-                merged.extend(word[i:j])
-                k = len(merged)
-                merged.append(new_id)
-                old_left.update((j - 1, j, j + 1))
-                new_left.update((k - 1, k))
-                i = j + 2
-            else:
-                merged.extend(word[i : j + 1])
-                i = j + 1
-        if not old_left:
+        n_a = word.count(a)
+        if not n_a:
             continue
-        merged.extend(word[i:])
+        n = len(word)
+        starts = []  # left-to-right, non-overlapping occurrences of (a, b)
+        j = 0
+        try:
+            for _ in range(n_a):
+                j = word.index(a, j)
+                if j + 1 < n and word[j + 1] == b:
+                    starts.append(j)
+                    j += 2
+                else:
+                    j += 1
+        except ValueError:  # only when a == b: a merge consumed one of the counted a's
+            pass
+        if not starts:
+            continue
         f = freqs[w]
-        for k in old_left:
-            if 0 <= k < n - 1:
-                pair_counts[(word[k], word[k + 1])] -= f
-        m = len(merged)
-        for k in new_left:
-            if 0 <= k < m - 1:
-                p = (merged[k], merged[k + 1])
+        merged, done, last = [], 0, -2
+        for j in starts:
+            merged += word[done:j]
+            merged.append(new_id)
+            if j > 0 and j != last + 2:  # (prev, a); when j == last + 2 it was counted as (b, a) below
+                p = (word[j - 1], a)
+                pair_counts[p] -= f
+            if j + 2 < n:  # (b, next)
+                p = (b, word[j + 2])
+                pair_counts[p] -= f
+            done, last = j + 2, j
+        merged += word[done:]
+        m, last = len(merged), -2
+        for i, j in enumerate(starts):
+            k = j - i  # position of this new token in merged
+            if k > 0 and k != last + 1:  # (prev, new); when k == last + 1 it was added as (new, new) below
+                p = (merged[k - 1], new_id)
                 pair_counts[p] = pair_counts.get(p, 0) + f
                 touched.add(p)
-                s = where.get(p)
-                if s is None:
-                    where[p] = {w}
-                else:
-                    s.add(w)
+                where.setdefault(p, set()).add(w)
+            if k + 1 < m:  # (new, next)
+                p = (new_id, merged[k + 1])
+                pair_counts[p] = pair_counts.get(p, 0) + f
+                touched.add(p)
+                where.setdefault(p, set()).add(w)
+            last = k
         words[w] = merged
     pair_counts.pop(pair, None)
     return [p for p in touched if pair_counts.get(p, 0) > 0]
@@ -648,6 +655,22 @@ def train_from_path(path: str | os.PathLike, vocab_size: int, min_frequency: int
     return tokenizer
 
 
+def bytes_per_token_counts(tokenizer: ByteLevelBPETokenizer, path: str | os.PathLike, num_workers: int | None = None) -> tuple[int, int]:
+    """(UTF-8 bytes, tokens) of the lines of `path` encoded without specials, streamed."""
+    n_bytes = 0
+
+    def counted_lines() -> Iterator[str]:
+        nonlocal n_bytes
+        for line in read_lines(path):
+            n_bytes += len(line.encode("utf-8"))
+            yield line
+
+    with warnings.catch_warnings():  # training already warned about non-UTF-8 lines
+        warnings.simplefilter("ignore")
+        n_tokens = sum(len(ids) for ids in tokenizer.encode_many(counted_lines(), num_workers=num_workers, show_progress=True))
+    return n_bytes, n_tokens
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer and save it in GPT-2 / Hugging Face format.")
     parser.add_argument("--input", default="data/pretrain/train.txt", help="UTF-8 text file (one document per line) or folder of .txt files")
@@ -661,11 +684,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = train_from_path(args.input, args.vocab_size, args.min_frequency)
         train_s = time.perf_counter() - start
         tokenizer.save(args.output)
-        n_bytes = n_tokens = 0
-        lines = list(read_lines(args.input))
-        for text, ids in zip(lines, tokenizer.encode_many(lines, num_workers=args.num_workers)):
-            n_bytes += len(text.encode("utf-8"))
-            n_tokens += len(ids)
+        n_bytes, n_tokens = bytes_per_token_counts(tokenizer, args.input, args.num_workers)
     except TokenizerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
