@@ -22,7 +22,13 @@ from typing import Iterable, Mapping, Sequence
 import regex
 import torch
 import torch.nn.functional as F
+from rouge import Rouge
 from tqdm import tqdm
+
+from byte_level_bpe import TokenizerError
+from data_loader import (DataError, GPTSFTDataset, build_sft_prompt, collate_batch, load_sft_records, read_documents,
+                         record_instruction)
+from gpt_model import CheckpointError, autocast_context, load_model_and_tokenizer, resolve_device, resolve_dtype
 
 
 class EvaluationError(ValueError):
@@ -104,7 +110,7 @@ def _bleu_inputs(predictions: Sequence[str], references: Sequence[Sequence[str]]
 
 def compute_bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
     """Corpus BLEU-4 (nltk, uniform weights, smoothing method1: 0.1 added to zero n-gram matches)."""
-    from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
+    from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu  # lazy: nltk takes seconds to import
 
     refs, hyps = _bleu_inputs(predictions, references)
     return float(corpus_bleu(refs, hyps, smoothing_function=SmoothingFunction().method1))
@@ -112,7 +118,7 @@ def compute_bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]
 
 def mean_sentence_bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
     """Mean of per-sample BLEU-4 (nltk sentence_bleu, smoothing method1)."""
-    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu  # lazy: nltk takes seconds to import
 
     refs, hyps = _bleu_inputs(predictions, references)
     smoothing = SmoothingFunction().method1
@@ -138,8 +144,6 @@ def _precision_recall_f1(overlap: int, n_pred: int, n_ref: int) -> dict[str, flo
 
 def _rouge_pair(prediction: list[str], reference: list[str]) -> dict[str, dict[str, float]]:
     """ROUGE-1/2 from the `rouge` package with n-gram multiplicity, ROUGE-L from the token LCS."""
-    from rouge import Rouge
-
     if not prediction or not reference:  # the package raises on empty text; nothing overlaps, so 0
         return {metric: {"p": 0.0, "r": 0.0, "f": 0.0} for metric in ROUGE_METRICS}
     # exclusive=False counts repeated n-grams with clipping (as ROUGE-1.5.5 does; the default counts a set).
@@ -176,8 +180,6 @@ def split_into_windows(ids: list[int], max_len: int) -> list[list[int]]:
 
 def _length_sorted_batches(items: list[dict[str, torch.Tensor]], batch_size: int, pad_id: int) -> Iterable[dict[str, torch.Tensor]]:
     """Right-padded batches of similar-length items (sorted, so little padding; results do not depend on order)."""
-    from data_loader import collate_batch
-
     ordered = sorted(items, key=lambda item: len(item["input_ids"]), reverse=True)  # longest first: out-of-memory shows at once
     for start in range(0, len(ordered), batch_size):
         yield collate_batch(ordered[start:start + batch_size], pad_id)
@@ -232,23 +234,25 @@ class GPTEvaluator:
     """Scores a GPTModel (perplexity, bits per byte, generated-text BLEU/ROUGE) with its tokenizer.
 
     device=None keeps the model where it is; otherwise it is moved to `gpt_model.resolve_device(device)`.
+    dtype: "float32" (default, exact), or "auto"/"bf16"/"fp16" to run forward passes under autocast.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer, device: str | torch.device | None = None, show_progress: bool = True):
+    def __init__(self, model: torch.nn.Module, tokenizer, device: str | torch.device | None = None,
+                 dtype: str | torch.dtype | None = "float32", show_progress: bool = True):
         if device is not None:
-            from gpt_model import resolve_device
-
-            model = model.to(resolve_device(str(device)))
+            model = model.to(resolve_device(device))
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
+        self.dtype = resolve_dtype(dtype, self.device)
         self.show_progress = show_progress
 
     def _progress(self, iterable: Iterable, desc: str, total: int | None = None) -> Iterable:
         return tqdm(iterable, desc=desc, total=total, disable=not self.show_progress, leave=False)
 
     def _nll(self, batches: Iterable[Mapping[str, torch.Tensor]], desc: str, total: int | None = None) -> tuple[float, int]:
-        total_nll, n_tokens = sum_nll(self.model, self._progress(batches, desc, total), self.device)
+        with autocast_context(self.device, self.dtype):
+            total_nll, n_tokens = sum_nll(self.model, self._progress(batches, desc, total), self.device)
         if n_tokens == 0:
             raise EvaluationError("no tokens to score: the test set is empty or every label is masked (-100)")
         return total_nll, n_tokens
@@ -284,9 +288,10 @@ class GPTEvaluator:
         for start in self._progress(starts, "generate", len(starts)):
             rows = order[start:start + batch_size]
             input_ids, attention_mask = _left_pad([encoded[i] for i in rows], pad_id)
-            output = self.model.generate(input_ids.to(self.device), attention_mask=attention_mask.to(self.device), max_gen_len=max_gen_len,
-                                         temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample,
-                                         eos_token_id=eos_id, generator=generator)
+            with autocast_context(self.device, self.dtype):
+                output = self.model.generate(input_ids.to(self.device), attention_mask=attention_mask.to(self.device), max_gen_len=max_gen_len,
+                                             temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample,
+                                             eos_token_id=eos_id, generator=generator)
             for i, new_ids in zip(rows, output[:, input_ids.shape[1]:].tolist()):
                 predictions[i] = self.tokenizer.decode(_until_eos(new_ids, eos_id), skip_special_tokens=True)
         return predictions
@@ -307,8 +312,6 @@ class GPTEvaluator:
 
     def evaluate_pretrained(self, test_data_path: str | os.PathLike, batch_size: int = 8, max_samples: int | None = None) -> dict:
         """Perplexity, loss and bits per byte of `<s> doc </s>` documents; long ones are scored in context-sized windows."""
-        from data_loader import read_documents
-
         documents = _take(read_documents(_check_data_format(test_data_path, "pretrain")), max_samples)
         if not documents:
             raise EvaluationError(f"no documents in {test_data_path}: the test set is empty")
@@ -328,8 +331,6 @@ class GPTEvaluator:
                      do_sample: bool = False, temperature: float = 0.8, top_k: int = 50, top_p: float = 1.0, seed: int | None = None,
                      n_examples: int = 3) -> dict:
         """Perplexity on response tokens only, plus BLEU/ROUGE of responses generated from the instructions (greedy by default)."""
-        from data_loader import GPTSFTDataset, build_sft_prompt, load_sft_records, record_instruction
-
         records = _take(load_sft_records(_check_data_format(test_data_path, "sft")), max_samples)
         if not records:
             raise EvaluationError(f"no records in {test_data_path}: the test set is empty")
@@ -380,6 +381,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top_p", type=float, default=1.0, help="sft with --do_sample: nucleus probability mass (default: 1.0 = off)")
     parser.add_argument("--seed", type=int, help="seed for reproducible sampling")
     parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps (default: auto)")
+    parser.add_argument("--dtype", default="float32",
+                        help="float32 (default, exact), or auto/bf16/fp16 for autocast forward passes (faster on GPUs)")
     parser.add_argument("--output", default="eval_report.json", help="where to write the JSON report (default: eval_report.json)")
     parser.add_argument("--plot", help="write a bar chart of the metrics of every checkpoint to this .png")
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bars")
@@ -393,11 +396,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def evaluate_checkpoint(checkpoint_path: str, args: argparse.Namespace) -> dict:
     """Load one checkpoint with its tokenizer and evaluate it as args say."""
-    from gpt_model import load_model_and_tokenizer
-
     _check_data_format(args.test_data_path, args.model_type)  # before the (possibly slow) model load
     model, tokenizer = load_model_and_tokenizer(checkpoint_path, tokenizer_dir=args.tokenizer_dir, device=args.device)
-    evaluator = GPTEvaluator(model, tokenizer, show_progress=not args.no_progress)
+    evaluator = GPTEvaluator(model, tokenizer, dtype=args.dtype, show_progress=not args.no_progress)
     if args.model_type == "pretrain":
         metrics = evaluator.evaluate_pretrained(args.test_data_path, batch_size=args.batch_size, max_samples=args.max_samples)
     else:
@@ -447,16 +448,20 @@ def plot_comparison(reports: list[dict], model_type: str, path: str) -> None:
     plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from byte_level_bpe import TokenizerError
-    from data_loader import DataError
-    from gpt_model import CheckpointError
+def _check_device_and_dtype(args: argparse.Namespace) -> None:
+    try:
+        resolve_dtype(args.dtype, resolve_device(args.device))
+    except ValueError as exc:  # gpt_model reports these as plain ValueError
+        raise EvaluationError(str(exc)) from None
 
+
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     paths = ([args.model_path] if args.model_path else []) + list(args.compare or [])
     try:
+        _check_device_and_dtype(args)
         reports = [evaluate_checkpoint(path, args) for path in paths]
-        report = {"model_type": args.model_type, "test_data_path": str(args.test_data_path), "results": reports}
+        report = {"model_type": args.model_type, "test_data_path": str(args.test_data_path), "settings": vars(args), "results": reports}
         Path(args.output).write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
         if args.plot:
             plot_comparison(reports, args.model_type, args.plot)

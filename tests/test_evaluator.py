@@ -348,7 +348,8 @@ def test_cli_errors_are_one_line(checkpoint_dir, tmp_path, capsys):
              (["--model_path", str(checkpoint_dir / "missing.pth"), "--test_data_path", str(txt)], "missing.pth"),
              (["--model_path", good, "--test_data_path", str(empty)], "no documents"),
              (["--model_path", good, "--test_data_path", str(txt), "--tokenizer_dir", str(tmp_path / "nope")], "nope"),
-             (["--model_type", "sft", "--model_path", good, "--test_data_path", str(txt)], "--model_type pretrain")]
+             (["--model_type", "sft", "--model_path", good, "--test_data_path", str(txt)], "--model_type pretrain"),
+             (["--model_path", good, "--test_data_path", str(txt), "--dtype", "int3"], "int3")]
     for argv, fragment in cases:
         assert evaluator.main(["--no_progress", "--output", str(tmp_path / "r.json"), *argv]) == 2
         err = capsys.readouterr().err
