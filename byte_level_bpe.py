@@ -425,8 +425,8 @@ class ByteLevelBPETokenizer:
         merges = []
         for line_no, (a, b) in enumerate(merge_strs, start=2):
             ids = vocab.get(a), vocab.get(b), vocab.get(a + b)
-            if None in ids or ids[0] in special_ids.values() or ids[1] in special_ids.values():
-                raise TokenizerError(f"{directory / 'merges.txt'}:{line_no}: merge '{a} {b}' uses a token missing from vocab.json (or a special token); the files do not belong together")
+            if None in ids or any(i in special_ids.values() for i in ids):
+                raise TokenizerError(f"{directory / 'merges.txt'}:{line_no}: merge '{a} {b}' uses or makes a token missing from vocab.json (or a special token); the files do not belong together")
             merges.append((ids[0], ids[1]))
         tokenizer = cls.__new__(cls)
         tokenizer.target_vocab_size = n

@@ -311,6 +311,13 @@ def test_load_errors(tiny_tokenizer_dir, tmp_path):
     with pytest.raises(TokenizerError, match="inconsistent"):
         ByteLevelBPETokenizer.from_pretrained(bad_config)
 
+    makes_special = _copy_dir(tiny_tokenizer_dir, tmp_path / "makes_special")  # a merge that would build "<s>"
+    vocab = {t: i for t, i in json.loads((makes_special / "vocab.json").read_text(encoding="utf-8")).items() if i < 260}
+    (makes_special / "vocab.json").write_text(json.dumps(vocab | {"<s": 260}), encoding="utf-8")
+    (makes_special / "merges.txt").write_text("#version: 0.2\n< s\n<s >\n", encoding="utf-8")
+    with pytest.raises(TokenizerError, match=r"merges.txt:3: merge '<s >' uses or makes"):
+        ByteLevelBPETokenizer.from_pretrained(makes_special)
+
     corrupt = _copy_dir(tiny_tokenizer_dir, tmp_path / "corrupt")
     (corrupt / "vocab.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(TokenizerError, match="not valid UTF-8 JSON"):
