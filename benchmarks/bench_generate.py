@@ -1,0 +1,135 @@
+"""Greedy generation throughput of GPTModel (KV cache on / off) against transformers' GPT-2 with the same weights.
+
+Prints ONE JSON line. Keys are <device>_<shape>_b<batch>_<figure>; tok_s counts new tokens only
+(batch * new_tokens / seconds), best of --repeats runs, ours and transformers' runs interleaved.
+Uncached 124M decoding on CPU is too slow to run in full (minutes): its time is estimated by timing
+single uncached steps at --uncached-samples sequence lengths between the prompt and the full length and
+integrating over all steps (trapezoid); those keys end in _est. Everything else is measured end to end.
+
+    python -m benchmarks.bench_generate                 # tiny + gpt2 shapes, batch 1 and 8, CPU (+ CUDA)
+    python -m benchmarks.bench_generate --shapes tiny   # seconds
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from gpt_model import GPTConfig, GPTModel, config_from_hf_gpt2, convert_hf_gpt2_state_dict
+
+
+def build_pair(shape: str, device: torch.device) -> tuple[GPTModel, GPT2LMHeadModel]:
+    """transformers GPT-2 with random weights (vocab 50257) and our model holding the very same weights."""
+    preset = GPTConfig.from_preset(shape)
+    hf_config = GPT2Config(vocab_size=50257, n_positions=preset.max_seq_len, n_embd=preset.d_model,
+                           n_layer=preset.n_layers, n_head=preset.n_heads, n_inner=preset.d_ff,
+                           bos_token_id=50256, eos_token_id=None, pad_token_id=0)
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(hf_config).eval().to(device)
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    ours = GPTModel(config_from_hf_gpt2(hf_config.to_dict()))
+    ours.load_state_dict(convert_hf_gpt2_state_dict({k: v.cpu() for k, v in hf.state_dict().items()}))
+    return ours.eval().to(device), hf
+
+
+def timed(fn, device: torch.device) -> tuple[float, torch.Tensor]:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+def estimate_uncached_seconds(model: GPTModel, prompt: torch.Tensor, new_tokens: int, samples: int,
+                              device: torch.device) -> float:
+    """Sum over all steps of one uncached step's time, interpolated from `samples` timed sequence lengths."""
+    prompt_len = prompt.size(1)
+    lengths = np.linspace(prompt_len, prompt_len + new_tokens - 1, samples).round().astype(int)
+    step_seconds = []
+    for length in lengths:
+        ids = torch.randint(0, model.config.vocab_size, (prompt.size(0), int(length)), device=device)
+        model.generate(ids, max_gen_len=1, do_sample=False, use_cache=False)  # warm this shape
+        step_seconds.append(min(timed(lambda: model.generate(ids, max_gen_len=1, do_sample=False, use_cache=False),
+                                      device)[0] for _ in range(2)))
+    every_length = np.arange(prompt_len, prompt_len + new_tokens)
+    return float(np.interp(every_length, lengths, step_seconds).sum())
+
+
+def bench_shape(shape: str, device: torch.device, args: argparse.Namespace, results: dict) -> None:
+    ours, hf = build_pair(shape, device)
+    repeats = args.repeats if shape == "tiny" or device.type == "cuda" else args.big_cpu_repeats
+    full_uncached = shape == "tiny" or device.type == "cuda"
+    for batch in args.batch_sizes:
+        prefix = f"{device.type}_{shape}_b{batch}"
+        gen = torch.Generator(device="cpu").manual_seed(batch)
+        prompt = torch.randint(0, 50257, (batch, args.prompt_len), generator=gen).to(device)
+        mask = torch.ones_like(prompt)
+        run_ours = lambda cache=True: ours.generate(prompt, max_gen_len=args.new_tokens, do_sample=False,  # noqa: E731
+                                                    use_cache=cache)
+        run_hf = lambda: hf.generate(prompt, attention_mask=mask, max_new_tokens=args.new_tokens,  # noqa: E731
+                                     min_new_tokens=args.new_tokens, do_sample=False)
+        ours.generate(prompt, max_gen_len=4, do_sample=False)  # warm-up: allocator, kernels
+        hf.generate(prompt, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        ours_s, hf_s, same = [], [], True
+        for _ in range(repeats):
+            seconds, ours_out = timed(run_ours, device)
+            ours_s.append(seconds)
+            seconds, hf_out = timed(run_hf, device)
+            hf_s.append(seconds)
+            same = same and torch.equal(ours_out, hf_out)
+        if full_uncached:
+            uncached_s = min(timed(lambda: run_ours(cache=False), device)[0] for _ in range(max(1, repeats - 1)))
+            uncached_key = "uncached_tok_s"
+        else:
+            uncached_s = estimate_uncached_seconds(ours, prompt, args.new_tokens, args.uncached_samples, device)
+            uncached_key = "uncached_tok_s_est"
+        new = batch * args.new_tokens
+        results[f"{prefix}_cached_tok_s"] = round(new / min(ours_s), 1)
+        results[f"{prefix}_{uncached_key}"] = round(new / uncached_s, 1)
+        results[f"{prefix}_hf_cached_tok_s"] = round(new / min(hf_s), 1)
+        results[f"{prefix}_ours_over_hf"] = round(min(hf_s) / min(ours_s), 2)
+        results[f"{prefix}_cache_speedup"] = round(uncached_s / min(ours_s), 1)
+        results[f"{prefix}_same_tokens_as_hf"] = same
+    del ours, hf
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="tiny,gpt2", help="comma-separated GPTConfig presets to measure")
+    parser.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes")
+    parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per row")
+    parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row (greedy)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (best kept)")
+    parser.add_argument("--big-cpu-repeats", type=int, default=1,
+                        help="timed runs per figure for non-tiny shapes on CPU (each takes tens of seconds)")
+    parser.add_argument("--uncached-samples", type=int, default=5,
+                        help="sequence lengths timed to estimate uncached decoding of non-tiny shapes on CPU")
+    parser.add_argument("--devices", default="auto", help="auto (cpu, plus cuda when available) or a list: cpu,cuda")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    args = parser.parse_args()
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.devices == "auto" \
+        else args.devices.split(",")
+    results: dict = {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "greedy": True,
+                     "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": "float32"}
+    if torch.cuda.is_available():
+        results["cuda_device"] = torch.cuda.get_device_name()
+    started = time.perf_counter()
+    for device in devices:
+        for shape in args.shapes.split(","):
+            bench_shape(shape, torch.device(device), args, results)
+    results["bench_seconds"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
