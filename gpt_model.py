@@ -238,10 +238,8 @@ class GPTModel(nn.Module):
 
         if kv_cache is not None:
             key_valid = kv_cache.extend_padding(attention_mask, T, device)
-        elif attention_mask is not None and not bool(attention_mask.all()):
-            key_valid = attention_mask.bool()
         else:
-            key_valid = None
+            key_valid = self._padding_to_mask(attention_mask)
 
         if position_ids is None:
             if key_valid is None:
@@ -256,6 +254,20 @@ class GPTModel(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.transformer.ln_f(x)
+
+    @staticmethod
+    def _padding_to_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The key validity to enforce, or None when plain causal attention is already exact for real tokens.
+
+        That is the case without padding and with right padding (real tokens first): causal attention
+        never lets a real token see the padding after it, and SDPA keeps its fast is_causal kernel.
+        """
+        if attention_mask is None:
+            return None
+        valid = attention_mask.bool()
+        if bool(valid[:, 0].all() & ~(valid[:, 1:] & ~valid[:, :-1]).any()):
+            return None
+        return valid
 
     @staticmethod
     def _attention_mask(key_valid: torch.Tensor | None, past_len: int, T: int, device: torch.device) -> torch.Tensor | None:

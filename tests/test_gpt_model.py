@@ -137,6 +137,18 @@ def test_padding_tokens_are_invisible(model):
     assert torch.isfinite(a).all()
 
 
+def test_right_padded_batch_matches_each_row_alone(model):
+    """Training batches are right-padded (collate_batch): real positions must equal the unpadded rows."""
+    rows = [[3, 4, 5, 6, 7, 8], [9, 10, 11]]
+    ids = torch.tensor([rows[0], rows[1] + [1, 1, 1]])
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3])
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask)["logits"]
+        for i, row in enumerate(rows):
+            alone = model(torch.tensor([row]))["logits"][0]
+            torch.testing.assert_close(batch[i, :len(row)], alone, atol=1e-5, rtol=1e-5)
+
+
 def test_chunked_prefill_with_cache_matches_full_forward(model):
     from transformer_components import KVCache
 
