@@ -77,6 +77,8 @@ def autocast_context(device: str | torch.device, dtype: torch.dtype):
 
 @dataclass
 class GPTConfig:
+    """Model shape; the defaults are GPT-2 small (124M). pad_token_id fills finished rows in generate."""
+
     vocab_size: int = 50257
     d_model: int = 768
     n_layers: int = 12
@@ -424,7 +426,7 @@ class GPTModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "GPTModel":
         """Build the model described by a checkpoint written with save_checkpoint and load its weights."""
-        return _model_from_checkpoint(load_checkpoint(path, map_location), path)
+        return _model_from_checkpoint(load_checkpoint(path, map_location), path).to(map_location)
 
     @classmethod
     def from_hf_gpt2(cls, path: str | os.PathLike) -> "GPTModel":
@@ -509,9 +511,13 @@ def _check_extra(value: Any, where: str) -> None:
 
 def _unwrap(model: nn.Module) -> nn.Module:
     """The plain module behind torch.compile (_orig_mod) and DDP (module) wrappers."""
-    while hasattr(model, "_orig_mod") or (hasattr(model, "module") and isinstance(model.module, nn.Module)):
-        model = getattr(model, "_orig_mod", None) or model.module
-    return model
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+        else:
+            return model
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> None:

@@ -383,6 +383,12 @@ def test_compile_and_ddp_prefixes_are_stripped(model, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
 
 
+def test_saving_a_wrapped_model_writes_plain_names(model, tmp_path):
+    for wrapped in (torch.compile(model), torch.nn.DataParallel(model)):
+        save_checkpoint(tmp_path / "w.pt", wrapped)
+        assert set(load_checkpoint(tmp_path / "w.pt")["model_state_dict"]) == set(model.state_dict())
+
+
 def test_checkpoint_error_paths(model, tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "missing.pt")
