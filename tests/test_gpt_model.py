@@ -383,8 +383,16 @@ def test_compile_and_ddp_prefixes_are_stripped(model, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
 
 
+class CompiledLike(torch.nn.Module):
+    """What torch.compile returns: the real module under `_orig_mod` (without paying dynamo's import)."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self._orig_mod = module
+
+
 def test_saving_a_wrapped_model_writes_plain_names(model, tmp_path):
-    for wrapped in (torch.compile(model), torch.nn.DataParallel(model)):
+    for wrapped in (CompiledLike(model), torch.nn.DataParallel(model), CompiledLike(torch.nn.DataParallel(model))):
         save_checkpoint(tmp_path / "w.pt", wrapped)
         assert set(load_checkpoint(tmp_path / "w.pt")["model_state_dict"]) == set(model.state_dict())
 
