@@ -26,9 +26,8 @@ from tqdm.auto import tqdm
 import data_loader
 import evaluator
 import gpt_model
-from byte_level_bpe import ByteLevelBPETokenizer, TokenizerError
-from data_loader import DataError
-from gpt_model import CheckpointError, GPTConfig, GPTModel
+from byte_level_bpe import ByteLevelBPETokenizer
+from gpt_model import GPTConfig, GPTModel
 
 PROCESS_START = time.time()
 DEFAULT_TOKENIZER_DIR = "models/bpe_tokenizer"
@@ -390,10 +389,11 @@ class GPTTrainer:
                          scheduler={"train_seconds": self.train_seconds, "max_steps": self.max_steps}, rank_states=rank_states)
         if self.dist.is_main:
             gpt_model.save_checkpoint(path, self.model, **extra)
-            if training_state:
-                for old in step_checkpoints(self.output_dir)[:-self.config.keep_last or None]:
+            if training_state and self.config.keep_last > 0:
+                for old in step_checkpoints(self.output_dir)[:-self.config.keep_last]:
                     old.unlink(missing_ok=True)
-        barrier(self.dist)
+        if training_state:  # a collective save (all ranks are here); the best-model save is rank 0's alone
+            barrier(self.dist)
 
     def _log(self, row: dict[str, Any]) -> None:
         with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
@@ -531,7 +531,10 @@ def print_samples(model: GPTModel, tokenizer: ByteLevelBPETokenizer, device: tor
     generator = torch.Generator(device=device).manual_seed(seed)
     for prompt in SAMPLE_PROMPTS:
         input_ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer.encode_ordinary(prompt)]], device=device)
-        out = model.generate(input_ids, max_gen_len=max_new, temperature=0.8, top_k=50, eos_token_id=tokenizer.eos_token_id, generator=generator)
+        room = min(max_new, model.config.max_seq_len - input_ids.shape[1])  # stay inside the context window
+        if room <= 0:
+            continue
+        out = model.generate(input_ids, max_gen_len=room, temperature=0.8, top_k=50, eos_token_id=tokenizer.eos_token_id, generator=generator)
         print(f"--- {tokenizer.decode(out[0].tolist())}")
 
 
@@ -551,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         result = trainer.train()
         if info.is_main:
             report(trainer, result, args)
-    except (DataError, TrainError, TokenizerError, CheckpointError) as err:
+    except ValueError as err:  # DataError, TrainError, TokenizerError, CheckpointError and GPTConfig's checks
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

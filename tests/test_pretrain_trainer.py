@@ -1,0 +1,216 @@
+"""pretrain_trainer: learning, exact resume, DDP gradient averaging, exact bits per byte, checkpoints and CLI errors."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import socket
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import data_loader as dl
+import gpt_model
+import pretrain_trainer as pt
+from byte_level_bpe import ByteLevelBPETokenizer
+from conftest import VAL_TXT, corpus_lines
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and spinning threads crawl on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("corpus")
+    train, val = folder / "train.txt", folder / "val.txt"
+    train.write_text("\n".join(corpus_lines(limit=600)) + "\n", encoding="utf-8")
+    val.write_text("\n".join(corpus_lines(VAL_TXT, limit=40)) + "\n", encoding="utf-8")
+    return train, val
+
+
+def small_config(corpus, output_dir, **overrides) -> pt.TrainConfig:
+    train, val = corpus
+    values = dict(train_data=str(train), val_data=str(val), output_dir=str(output_dir), preset="tiny", n_layers=2, d_model=64,
+                  n_heads=4, max_seq_len=32, batch_size=4, lr=3e-3, warmup_steps=5, max_steps=10, eval_interval=5,
+                  log_interval=1, keep_last=2, device="cpu", dtype="float32", num_workers=1, seed=0)
+    return pt.TrainConfig(**{**values, **overrides})
+
+
+def test_loss_decreases_and_run_outputs(corpus, tiny_tokenizer, tmp_path):
+    config = small_config(corpus, tmp_path, max_steps=100, eval_interval=25, keep_last=1, batch_size=8)
+    trainer = pt.GPTTrainer(config, tiny_tokenizer, show_progress=False)
+    trainer.train()
+    rows = trainer.metrics()
+    train_losses = [r["train_loss"] for r in rows if "train_loss" in r]
+    val_losses = [r["val_loss"] for r in rows if "val_loss" in r]
+    assert [r["step"] for r in rows if "train_loss" in r] == list(range(1, 101))
+    assert train_losses[0] == pytest.approx(math.log(len(tiny_tokenizer)), rel=0.1)  # starts near uniform
+    assert np.mean(train_losses[-10:]) < train_losses[0] - 1.0
+    assert len(val_losses) == 4 and val_losses == sorted(val_losses, reverse=True)
+    unigram = dl.unigram_bits_per_byte(trainer.train_stream.tokens, trainer.val_stream, len(tiny_tokenizer))
+    assert rows[-1]["val_bpb"] < unigram - 0.2  # learned more than token frequencies
+    assert all({"lr", "tokens_per_sec"} <= set(r) for r in rows if "train_loss" in r)
+    assert all({"val_ppl", "val_bpb"} <= set(r) for r in rows if "val_loss" in r)
+
+    out = Path(tmp_path)
+    assert sorted(p.name for p in out.glob("*.pth")) == ["pretrain_best.pth", "pretrain_step_100.pth"]  # keep_last=1
+    assert (out / "loss_curve.png").stat().st_size > 0
+    model, tokenizer = gpt_model.load_model_and_tokenizer(out / "pretrain_best.pth")
+    assert tokenizer.fingerprint == tiny_tokenizer.fingerprint
+    best = gpt_model.load_checkpoint(out / "pretrain_best.pth")
+    assert best["tokenizer_fingerprint"] == tiny_tokenizer.fingerprint and best["step"] == 100
+    for key, value in pt.evaluate_stream(model, trainer.val_stream, trainer.byte_lengths, 4, torch.device("cpu"), torch.float32).items():
+        assert value == pytest.approx([r for r in rows if "val_loss" in r][-1][key], rel=1e-6)
+
+
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(corpus, tiny_tokenizer, tmp_path):
+    config = dict(max_steps=8, save_interval=3, eval_interval=4, dropout=0.1)
+    straight = pt.GPTTrainer(small_config(corpus, tmp_path / "straight", **config), tiny_tokenizer, show_progress=False)
+    straight.train()
+
+    killed = pt.GPTTrainer(small_config(corpus, tmp_path / "resumed", **config), tiny_tokenizer, show_progress=False)
+    killed.train(stop_after=5)  # as if killed right after step 5's checkpoint; the metrics of steps 4-5 get rewritten
+    random.random(), np.random.rand(), torch.rand(3)  # a new process would have different RNG states
+    resumed = pt.GPTTrainer(small_config(corpus, tmp_path / "resumed", **config), tiny_tokenizer, resume="auto", show_progress=False)
+    assert resumed.step == 5
+    resumed.train()
+
+    without_speed = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in rows]
+    assert without_speed(resumed.metrics()) == without_speed(straight.metrics())  # same losses, lrs and evals, bit for bit
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert sorted(p.name for p in (tmp_path / "resumed").glob("pretrain_step_*.pth")) == ["pretrain_step_6.pth", "pretrain_step_8.pth"]
+
+
+def test_evaluation_bits_per_byte_of_a_uniform_model(tiny_tokenizer, tmp_path):
+    """Zeroed final LayerNorm → all logits 0 → every prediction costs exactly ln(V) nats."""
+    source = tmp_path / "val.txt"
+    source.write_text("\n".join(corpus_lines(VAL_TXT, limit=12)) + "\n", encoding="utf-8")
+    stream = dl.build_token_stream(source, tiny_tokenizer, num_workers=1, show_progress=False)
+    model = gpt_model.GPTModel(gpt_model.GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=16, n_layers=1))
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.zero_()
+    result = pt.evaluate_stream(model, stream, dl.token_byte_lengths(tiny_tokenizer), 3, torch.device("cpu"), torch.float32)
+    n_predicted = len(stream) - 1
+    assert result["val_loss"] == pytest.approx(math.log(len(tiny_tokenizer)), rel=1e-6)
+    assert result["val_ppl"] == pytest.approx(len(tiny_tokenizer), rel=1e-5)
+    assert result["val_bpb"] == pytest.approx(n_predicted * math.log(len(tiny_tokenizer)) / (math.log(2) * stream.n_bytes), rel=1e-6)
+
+
+def test_lr_schedule_warms_up_then_follows_the_cosine():
+    config = pt.TrainConfig(lr=1e-3, min_lr_ratio=0.1, warmup_steps=10)
+    assert pt.lr_at(0.0, 0, config) == pytest.approx(1e-4)
+    assert pt.lr_at(0.05, 9, config) == pytest.approx(1e-3)
+    assert pt.lr_at(0.0, 10, config) == pytest.approx(1e-3)
+    assert pt.lr_at(0.5, 50, config) == pytest.approx(1e-4 + 0.5 * 9e-4)
+    assert pt.lr_at(1.0, 100, config) == pytest.approx(1e-4)
+
+
+def test_rng_state_survives_a_weights_only_round_trip(tmp_path):
+    state = pt.rng_state()
+    expected = (random.random(), np.random.rand(), torch.rand(2))
+    torch.save({"rng": state}, tmp_path / "rng.pt")
+    pt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
+    again = (random.random(), np.random.rand(), torch.rand(2))
+    assert expected[:2] == again[:2] and torch.equal(expected[2], again[2])
+
+
+def test_failed_save_keeps_the_previous_checkpoint(corpus, tiny_tokenizer, tmp_path, monkeypatch):
+    trainer = pt.GPTTrainer(small_config(corpus, tmp_path, max_steps=2, eval_interval=100), tiny_tokenizer, show_progress=False)
+    trainer.save(tmp_path / "pretrain_step_1.pth")
+
+    def crash(obj, path, *args, **kwargs):
+        Path(path).write_bytes(b"partial")
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save(tmp_path / "pretrain_step_1.pth")
+    assert gpt_model.load_checkpoint(tmp_path / "pretrain_step_1.pth")["step"] == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, tokenizer_dir: str, config: dict, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    trainer = pt.GPTTrainer(pt.TrainConfig(**config), ByteLevelBPETokenizer.from_pretrained(tokenizer_dir), show_progress=False)
+    first_batch = next(dl.RandomWindowBatches(trainer.train_stream.tokens, 32, 4, seed=config["seed"], rank=rank))["input_ids"]
+    trainer.train()
+    torch.save({"params": trainer.model.state_dict(), "first_batch": first_batch}, Path(out_dir) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_cpu_processes_average_gradients(corpus, tiny_tokenizer_dir, tiny_tokenizer, tmp_path):
+    config = asdict(small_config(corpus, tmp_path / "run", max_steps=4, eval_interval=4))
+    dl.build_token_stream(config["train_data"], tiny_tokenizer, num_workers=1, show_progress=False)  # warm cache
+    context = mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tiny_tokenizer_dir), config, str(tmp_path)), nprocs=2,
+                                 join=False, start_method="spawn")
+    deadline = time.time() + 180
+    while not context.join(timeout=5):  # a hang (mismatched collectives) fails the test instead of the suite
+        if time.time() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("DDP workers did not finish within 180 s")
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert not torch.equal(rank0["first_batch"], rank1["first_batch"])  # each rank saw its own data
+    for name, value in rank0["params"].items():
+        assert torch.equal(value, rank1["params"][name]), name  # ...yet the averaged gradients kept them in step
+    checkpoint = gpt_model.load_checkpoint(tmp_path / "run" / "pretrain_step_4.pth")
+    assert len(checkpoint["rank_states"]) == 2
+    assert all(torch.equal(checkpoint["model_state_dict"][k], v) for k, v in rank0["params"].items())
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train_loss" in r] == [1, 2, 3, 4]  # rank 0 logs alone
+
+
+def test_cli_trains_tokenizer_when_missing_and_reports(corpus, tmp_path, capsys):
+    train, val = corpus
+    code = pt.main(["--train_data_dir", str(train), "--val_data_dir", str(val), "--tokenizer_dir", str(tmp_path / "tok"),
+                    "--vocab_size", "300", "--output_dir", str(tmp_path / "out"), "--n_layers", "1", "--d_model", "32",
+                    "--n_heads", "2", "--max_seq_len", "48", "--batch_size", "2", "--max_steps", "3", "--eval_interval", "3",
+                    "--num_workers", "1", "--device", "cpu", "--samples", "4"])
+    out = capsys.readouterr().out
+    assert code == 0
+    summary = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
+    assert summary["steps"] == 3 and summary["val_bpb"] > 0 and summary["unigram_val_bpb"] > 0
+    assert out.count("--- ") == len(pt.SAMPLE_PROMPTS)
+    tokenizer = ByteLevelBPETokenizer.from_pretrained(tmp_path / "tok")
+    assert len(tokenizer) == 300
+    assert ByteLevelBPETokenizer.from_pretrained(tmp_path / "out" / "tokenizer").fingerprint == tokenizer.fingerprint
+
+
+def test_cli_errors_are_one_line(corpus, tiny_tokenizer_dir, tmp_path, capsys):
+    base = ["--tokenizer_dir", str(tiny_tokenizer_dir), "--output_dir", str(tmp_path / "out"), "--device", "cpu", "--num_workers", "1"]
+    assert pt.main(base + ["--train_data_dir", str(tmp_path / "nope.txt"), "--max_steps", "1"]) == 2
+    assert capsys.readouterr().err.startswith("error: data path")
+
+    assert pt.main(base + ["--train_data_dir", str(corpus[0]), "--max_steps", "1", "--n_heads", "3", "--d_model", "64"]) == 2
+    assert "divisible by n_heads" in capsys.readouterr().err
+
+    other = ByteLevelBPETokenizer(vocab_size=300)
+    other.train(corpus_lines(limit=50), show_progress=False)
+    other.save(tmp_path / "other_tok")
+    trainer = pt.GPTTrainer(small_config(corpus, tmp_path / "a", max_steps=1), other, show_progress=False)
+    trainer.save(tmp_path / "a" / "pretrain_step_1.pth")
+    assert pt.main(base + ["--train_data_dir", str(corpus[0]), "--max_steps", "2", "--resume", str(tmp_path / "a" / "pretrain_step_1.pth")]) == 2
+    assert "different tokenizer" in capsys.readouterr().err
+
+    with pytest.raises(pt.TrainError, match="no stopping rule"):
+        pt.GPTTrainer(small_config(corpus, tmp_path / "b", max_steps=None), other, show_progress=False)
