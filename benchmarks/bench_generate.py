@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per row")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row (greedy)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (best kept)")
-    parser.add_argument("--big-cpu-repeats", type=int, default=1,
+    parser.add_argument("--big-cpu-repeats", type=int, default=2,
                         help="timed runs per figure for non-tiny shapes on CPU (each takes tens of seconds)")
     parser.add_argument("--uncached-samples", type=int, default=5,
                         help="sequence lengths timed to estimate uncached decoding of non-tiny shapes on CPU")
