@@ -8,6 +8,8 @@ integrating over all steps (trapezoid); those keys end in _est. Everything else 
 
     python -m benchmarks.bench_generate                 # tiny + gpt2 shapes, batch 1 and 8, CPU (+ CUDA)
     python -m benchmarks.bench_generate --shapes tiny   # seconds
+    python -m benchmarks.bench_generate --threads 1     # on a busy/shared box: 2 threads on oversubscribed
+                                                        # cores make small matmuls swing 5-10x run to run
 """
 from __future__ import annotations
 
