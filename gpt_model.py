@@ -598,7 +598,7 @@ def load_model_and_tokenizer(checkpoint_path: str | os.PathLike, tokenizer_dir: 
     model = _model_from_checkpoint(ckpt, checkpoint_path)
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else Path(checkpoint_path).parent / "tokenizer"
     if not tokenizer_dir.is_dir():
-        raise CheckpointError(f"tokenizer folder {tokenizer_dir} not found; pass tokenizer_dir= (--tokenizer-dir) "
+        raise CheckpointError(f"tokenizer folder {tokenizer_dir} not found; pass tokenizer_dir= (--tokenizer_dir) "
                               "pointing to the tokenizer the checkpoint was trained with")
     tokenizer = ByteLevelBPETokenizer.from_pretrained(tokenizer_dir)
     if len(tokenizer) > model.config.vocab_size:
