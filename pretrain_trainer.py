@@ -275,8 +275,8 @@ class GPTTrainer:
             done.append(self.train_seconds / self.time_budget)
         return max(done)
 
-    def _train_step(self) -> float:
-        """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss."""
+    def _train_step(self) -> torch.Tensor:
+        """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss (a tensor: no sync per step)."""
         lr = lr_at(self._progress(), self.step, self.config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
