@@ -3,7 +3,7 @@
 Prints ONE JSON line. Keys are <device>_<shape>_b<batch>_<figure>; tok_s counts new tokens only
 (batch * new_tokens / seconds), best of --repeats runs, ours and transformers' runs interleaved.
 Uncached 124M decoding on CPU is too slow to run in full (minutes): its time is estimated by timing
-single uncached steps at --uncached-samples sequence lengths between the prompt and the full length and
+single uncached steps at --uncached_samples sequence lengths between the prompt and the full length and
 integrating over all steps (trapezoid); those keys end in _est. Everything else is measured end to end.
 
     python -m benchmarks.bench_generate                 # tiny + gpt2 shapes, batch 1 and 8, CPU (+ CUDA)
@@ -105,13 +105,13 @@ def bench_shape(shape: str, device: torch.device, args: argparse.Namespace, resu
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="tiny,gpt2", help="comma-separated GPTConfig presets to measure")
-    parser.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes")
-    parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per row")
-    parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row (greedy)")
+    parser.add_argument("--batch_sizes", default="1,8", help="comma-separated batch sizes")
+    parser.add_argument("--prompt_len", type=int, default=32, help="prompt tokens per row")
+    parser.add_argument("--new_tokens", type=int, default=128, help="tokens generated per row (greedy)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (best kept)")
-    parser.add_argument("--big-cpu-repeats", type=int, default=2,
+    parser.add_argument("--big_cpu_repeats", type=int, default=2,
                         help="timed runs per figure for non-tiny shapes on CPU (each takes tens of seconds)")
-    parser.add_argument("--uncached-samples", type=int, default=5,
+    parser.add_argument("--uncached_samples", type=int, default=5,
                         help="sequence lengths timed to estimate uncached decoding of non-tiny shapes on CPU")
     parser.add_argument("--devices", default="auto", help="auto (cpu, plus cuda when available) or a list: cpu,cuda")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
