@@ -25,6 +25,8 @@ from typing import Iterable, Iterator, Literal, Sequence
 import regex
 from tqdm import tqdm
 
+from atomic_file import atomic_path
+
 GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 DEFAULT_SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]
 ROLES = ("bos", "pad", "eos", "unk")  # roles of the first four special tokens, in this order
@@ -364,9 +366,8 @@ class ByteLevelBPETokenizer:
             **{f"{role}_token": self._token_str(i) for role, i in self._role_ids.items()},
         }
         for name, content in (("vocab.json", vocab_json), ("merges.txt", merges_txt), ("tokenizer_config.json", json.dumps(config, ensure_ascii=False, indent=2))):
-            tmp = directory / f".{name}.tmp"
-            tmp.write_text(content + ("" if content.endswith("\n") else "\n"), encoding="utf-8")
-            os.replace(tmp, directory / name)
+            with atomic_path(directory / name) as tmp:
+                tmp.write_text(content + ("" if content.endswith("\n") else "\n"), encoding="utf-8")
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "ByteLevelBPETokenizer":

@@ -21,6 +21,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from atomic_file import atomic_path
+
 DATA_SUFFIXES = (".txt", ".jsonl")
 SFT_TEMPLATE = "### 指令:{instruction}\n### 响应:{response}"
 IGNORE_INDEX = -100
@@ -171,9 +173,8 @@ class TokenStream:
 
 
 def _write_atomic_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
 
 
 def _load_cached(bin_path: Path, meta_path: Path, expected: dict) -> TokenStream | None:
@@ -218,10 +219,9 @@ def build_token_stream(source: str | os.PathLike, tokenizer, num_workers: int | 
             yield doc
 
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    tmp_path = bin_path.with_name(bin_path.name + f".tmp{os.getpid()}")
     n_tokens, buffer = 0, []
     try:
-        with open(tmp_path, "wb") as out:
+        with atomic_path(bin_path) as tmp_path, open(tmp_path, "wb") as out:
             for ids in tokenizer.encode_many(counted_documents(), num_workers=num_workers):
                 buffer.append(bos)
                 buffer.extend(ids)
@@ -231,10 +231,8 @@ def build_token_stream(source: str | os.PathLike, tokenizer, num_workers: int | 
                     n_tokens, buffer = n_tokens + len(buffer), []
             np.asarray(buffer, dtype=dtype).tofile(out)
             n_tokens += len(buffer)
-        os.replace(tmp_path, bin_path)
     finally:
         bar.close()
-        tmp_path.unlink(missing_ok=True)
     _write_atomic_json(meta_path, {**expected, "n_tokens": n_tokens, **stats})
     return TokenStream(np.memmap(bin_path, dtype=dtype, mode="r", shape=(n_tokens,)), stats["n_documents"], stats["n_bytes"], bin_path)
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from atomic_file import atomic_path
 from transformer_components import KVCache, TransformerDecoderLayer
 
 # ----------------------------------------------------------------------------- device / precision
@@ -521,7 +522,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> None:
-    """Atomically write {"model_state_dict", "config", **extra} (tmp file + os.replace)."""
+    """Atomically write {"model_state_dict", "config", **extra} (synced temp file, then rename)."""
     clash = {"model_state_dict", "config"} & set(extra)
     if clash:
         raise CheckpointError(f"checkpoint extra key(s) {', '.join(sorted(clash))} are reserved; rename them")
@@ -531,9 +532,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"model_state_dict": model.state_dict(), "config": model.config.to_dict(), **extra}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
