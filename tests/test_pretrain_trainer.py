@@ -197,7 +197,7 @@ def test_cli_trains_tokenizer_when_missing_and_reports(corpus, tmp_path, capsys)
 
 
 def test_cli_errors_are_one_line(corpus, tiny_tokenizer_dir, tmp_path, capsys):
-    base = ["--tokenizer_dir", str(tiny_tokenizer_dir), "--output_dir", str(tmp_path / "out"), "--device", "cpu", "--num_workers", "1"]
+    base = ["--tokenizer_dir", str(tiny_tokenizer_dir), "--val_data_dir", str(corpus[1]), "--output_dir", str(tmp_path / "out"), "--device", "cpu", "--num_workers", "1"]
     assert pt.main(base + ["--train_data_dir", str(tmp_path / "nope.txt"), "--max_steps", "1"]) == 2
     assert capsys.readouterr().err.startswith("error: data path")
 
