@@ -1,4 +1,4 @@
-"""Crash-safe file writes, shared by checkpoints, tokenizer files and token caches.
+"""Crash-safe file writes, shared by checkpoints, tokenizer files, data files and token caches.
 
 Its own module because the tokenizer (no torch), the model and the data pipeline all write files
 that must never be left half-written, and none of them should import the others for it.
@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Iterator
+
+# temporary names: ".<name>.<pid>.tmp" (files) and ".<name>.<pid>.tmpdir" / ".<name>.<pid>.old" (folders)
+_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.(tmp|tmpdir|old)$")
 
 
 @contextlib.contextmanager
@@ -16,7 +21,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is synced and renamed over ``path``.
 
     If the block raises (or the process dies) the previous ``path`` is untouched and, on an
-    exception, the temporary file is removed.
+    exception, the temporary file is removed (a killed process's is removed by ``remove_stale_temps``).
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -28,6 +33,68 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_directory(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces ``path`` as a whole (files that belong together).
+
+    The old folder is renamed aside and removed only after the new one is in place, so a crash leaves either
+    the old or the new set of files at ``path`` (or, between the two renames, the old set under its temp name,
+    which ``remove_stale_temps`` puts back).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmpdir")
+    old = path.with_name(f".{path.name}.{os.getpid()}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        for file in tmp.iterdir():
+            with open(file, "rb+") as f:
+                os.fsync(f.fileno())
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    _fsync_directory(path.parent)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files/folders of writes whose process died (killed mid-save); returns them.
+
+    A folder left renamed aside (``.<name>.<pid>.old``) with nothing at ``<name>`` is put back instead.
+    """
+    directory = Path(directory)
+    removed: list[Path] = []
+    if not directory.is_dir():
+        return removed
+    for entry in directory.iterdir():
+        match = _TEMP_NAME.match(entry.name)
+        if not match or _process_alive(int(match.group(1))):
+            continue
+        original = entry.with_name(entry.name[1:].rsplit(".", 2)[0])
+        if match.group(2) == "old" and not original.exists():
+            os.replace(entry, original)
+            continue
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
 
 
 def _fsync_directory(directory: Path) -> None:

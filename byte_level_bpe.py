@@ -15,17 +15,20 @@ import heapq
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 import warnings
 from collections import Counter, deque
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Iterator, Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 import regex
 from tqdm import tqdm
 
-from atomic_file import atomic_path
+import cli
+from atomic_file import atomic_directory, remove_stale_temps
 
 GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 DEFAULT_SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]
@@ -34,6 +37,7 @@ GPT2_ENDOFTEXT = "<|endoftext|>"
 MAX_CACHE_ENTRIES = 500_000
 CHUNK_CHARS = 1 << 16  # text per worker task in encode_many
 NO_MERGE = 1 << 62  # rank of a pair that has no merge
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
 
 
 class TokenizerError(ValueError):
@@ -69,10 +73,18 @@ def str_to_token(text: str) -> bytes | None:
         return None
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class ByteLevelBPETokenizer:
     """GPT-2 style byte-level BPE: train, encode, decode, save and load."""
 
     def __init__(self, vocab_size: int = 50000, special_tokens: list[str] | None = None):
+        if not _is_int(vocab_size):
+            raise TokenizerError(f"vocab_size must be an int, got {vocab_size!r}")
+        if special_tokens is not None and (isinstance(special_tokens, str) or not isinstance(special_tokens, (list, tuple))):
+            raise TokenizerError(f"special_tokens must be a list of strings, got {special_tokens!r}")
         specials = list(DEFAULT_SPECIAL_TOKENS if special_tokens is None else special_tokens)
         if len(specials) < len(ROLES) or len(set(specials)) != len(specials) or not all(isinstance(s, str) and s for s in specials):
             raise TokenizerError(f"special_tokens must be >= 4 distinct non-empty strings (bos, pad, eos, unk first), got {specials!r}")
@@ -171,10 +183,12 @@ class ByteLevelBPETokenizer:
     # ----- training ----------------------------------------------------------------------------
     def train(self, texts: Iterable[str], min_frequency: int = 2, show_progress: bool = True) -> None:
         """Learn merges from `texts` (any iterable, e.g. a file streamed line by line) until vocab_size."""
-        if min_frequency < 1:
-            raise TokenizerError(f"min_frequency must be >= 1, got {min_frequency}")
+        if not _is_int(min_frequency) or min_frequency < 1:
+            raise TokenizerError(f"min_frequency must be an int >= 1, got {min_frequency!r}")
         if isinstance(texts, str):
             texts = [texts]
+        if not isinstance(texts, Iterable):
+            raise TokenizerError(f"train() needs an iterable of strings, got {type(texts).__name__}")
         word_counts = self._count_pretokens(texts)
         if not word_counts:
             raise TokenizerError("no training text: the input is empty; pass a non-empty iterable of strings")
@@ -226,6 +240,8 @@ class ByteLevelBPETokenizer:
 
     def encode_ordinary(self, text: str) -> list[int]:
         """Token ids of `text` with no special tokens and no truncation (the fast path)."""
+        if not isinstance(text, str):
+            raise TokenizerError(f"encode_ordinary() needs a str, got {type(text).__name__}")
         cache = self._cache
         if len(cache) > MAX_CACHE_ENTRIES:
             cache.clear()
@@ -279,7 +295,7 @@ class ByteLevelBPETokenizer:
         """
         if not isinstance(text, str):
             raise TokenizerError(f"encode() needs a str, got {type(text).__name__}")
-        if max_seq_len is not None and max_seq_len < 1:
+        if max_seq_len is not None and (not _is_int(max_seq_len) or max_seq_len < 1):
             raise TokenizerError(f"max_seq_len must be a positive int or None, got {max_seq_len}")
         if padding and max_seq_len is None:
             raise TokenizerError("padding=True needs max_seq_len (the length to pad to)")
@@ -301,7 +317,7 @@ class ByteLevelBPETokenizer:
     def encode_many(self, texts: Iterable[str], num_workers: int | None = None, show_progress: bool = False) -> Iterator[list[int]]:
         """encode_ordinary over many texts, in order, across `num_workers` processes (None = all cores)."""
         num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
-        if num_workers < 1:
+        if not _is_int(num_workers) or num_workers < 1:
             raise TokenizerError(f"num_workers must be >= 1 or None, got {num_workers}")
         bar = tqdm(desc="encoding", unit="text", disable=not show_progress)
         if num_workers == 1 or multiprocessing.current_process().daemon:  # daemon processes cannot have children
@@ -340,11 +356,18 @@ class ByteLevelBPETokenizer:
         """Raw bytes of `ids` (exact byte accounting; may be invalid UTF-8 for arbitrary ids)."""
         if hasattr(ids, "tolist"):  # torch.Tensor / numpy array, without importing torch here
             ids = ids.tolist()
+        if isinstance(ids, int) and not isinstance(ids, bool):
+            ids = [ids]
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+            raise TokenizerError(f"decode() needs a sequence of int ids, got {type(ids).__name__}")
         table = self._decode_table if skip_special_tokens else self._id_to_bytes
         try:
-            return b"".join([table[i] for i in ids])
+            out = b"".join([table[i] for i in ids])
+            if ids and min(ids) < 0:  # a negative index would silently pick a token from the end
+                raise IndexError
+            return out
         except (IndexError, TypeError):
-            bad = next((i for i in ids if not isinstance(i, int) or not 0 <= i < len(table)), ids)
+            bad = next((i for i in ids if not _is_int(i) or not 0 <= i < len(table)), ids)
             raise TokenizerError(f"cannot decode id {bad!r}: ids must be ints in [0, {len(table)})") from None
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -353,9 +376,18 @@ class ByteLevelBPETokenizer:
 
     # ----- files -------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> None:
-        """Write vocab.json + merges.txt (GPT-2 / Hugging Face format) and tokenizer_config.json."""
+        """Write vocab.json + merges.txt (GPT-2 / Hugging Face format) and tokenizer_config.json, all or none.
+
+        The files are written to a temporary folder that then replaces ``directory`` as a whole, so a crash never
+        leaves a vocab.json and a merges.txt that do not belong together. Other files already in the folder are kept.
+        """
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        if directory.exists() and not directory.is_dir():
+            raise TokenizerError(f"{directory} is a file: pass a folder to save the tokenizer into")
+        others = [p for p in directory.iterdir() if p.name not in TOKENIZER_FILES] if directory.is_dir() else []
+        if any(p.is_dir() for p in others):
+            raise TokenizerError(f"{directory} holds folders besides the tokenizer files: save the tokenizer into a "
+                                 f"folder of its own (e.g. {directory / 'tokenizer'})")
         vocab_json = json.dumps(self.vocab, ensure_ascii=False, indent=0)
         merges_txt = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges)
         config = {
@@ -365,9 +397,16 @@ class ByteLevelBPETokenizer:
             "special_tokens": self._special_ids,
             **{f"{role}_token": self._token_str(i) for role, i in self._role_ids.items()},
         }
-        for name, content in (("vocab.json", vocab_json), ("merges.txt", merges_txt), ("tokenizer_config.json", json.dumps(config, ensure_ascii=False, indent=2))):
-            with atomic_path(directory / name) as tmp:
-                tmp.write_text(content + ("" if content.endswith("\n") else "\n"), encoding="utf-8")
+        contents = (vocab_json, merges_txt, json.dumps(config, ensure_ascii=False, indent=2))
+        remove_stale_temps(directory.parent)
+        with atomic_directory(directory) as tmp:
+            for name, content in zip(TOKENIZER_FILES, contents):
+                (tmp / name).write_text(content + ("" if content.endswith("\n") else "\n"), encoding="utf-8")
+            for other in others:  # keep the user's other files: hard links cost nothing
+                try:
+                    os.link(other, tmp / other.name)
+                except OSError:
+                    shutil.copy2(other, tmp / other.name)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "ByteLevelBPETokenizer":
@@ -672,23 +711,36 @@ def bytes_per_token_counts(tokenizer: ByteLevelBPETokenizer, path: str | os.Path
     return n_bytes, n_tokens
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer and save it in GPT-2 / Hugging Face format.")
-    parser.add_argument("--input", default="data/pretrain/train.txt", help="UTF-8 text file (one document per line) or folder of .txt files")
-    parser.add_argument("--vocab_size", type=int, default=8000, help="target vocabulary size incl. 4 special + 256 byte tokens")
-    parser.add_argument("--output", default="models/bpe_tokenizer", help="directory to write vocab.json, merges.txt, tokenizer_config.json")
-    parser.add_argument("--min_frequency", type=int, default=2, help="stop merging when the best pair occurs fewer times than this")
-    parser.add_argument("--num_workers", type=int, default=None, help="processes for the bytes-per-token pass (default: all cores)")
-    args = parser.parse_args(argv)
-    try:
-        start = time.perf_counter()
-        tokenizer = train_from_path(args.input, args.vocab_size, args.min_frequency)
-        train_s = time.perf_counter() - start
-        tokenizer.save(args.output)
-        n_bytes, n_tokens = bytes_per_token_counts(tokenizer, args.input, args.num_workers)
-    except TokenizerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer and save it in GPT-2 / Hugging Face "
+                                     "format.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--input", default="data/pretrain/train.txt",
+                        help="UTF-8 text file (one document per line) or folder of .txt files")
+    parser.add_argument("--vocab_size", type=cli.int_at_least(256 + len(DEFAULT_SPECIAL_TOKENS)), default=8000,
+                        help="target vocabulary size incl. 4 special + 256 byte tokens")
+    parser.add_argument("--output", default="models/bpe_tokenizer",
+                        help="folder to write vocab.json, merges.txt, tokenizer_config.json (replaced as a whole)")
+    parser.add_argument("--min_frequency", type=cli.positive_int, default=2,
+                        help="stop merging when the best pair occurs fewer times than this")
+    parser.add_argument("--num_workers", type=cli.positive_int, default=None,
+                        help="processes for the bytes-per-token pass (default: all cores)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI; bad input gives one `error:` line and exit 2 (cli.run_cli)."""
+    return cli.run_cli(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    cli.check_output_folder(args.output, "--output")  # before minutes of training, not after
+    text_files(args.input)
+    start = time.perf_counter()
+    tokenizer = train_from_path(args.input, args.vocab_size, args.min_frequency)
+    train_s = time.perf_counter() - start
+    tokenizer.save(args.output)
+    n_bytes, n_tokens = bytes_per_token_counts(tokenizer, args.input, args.num_workers)
     print(f"trained in {train_s:.1f}s: vocab {len(tokenizer)} ({len(tokenizer.merges)} merges), "
           f"{n_bytes / max(n_tokens, 1):.2f} bytes/token on {args.input}, saved to {args.output}")
     return 0

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from atomic_file import atomic_path
+from atomic_file import atomic_path, remove_stale_temps
 
 DATA_SUFFIXES = (".txt", ".jsonl")
 SFT_TEMPLATE = "### 指令:{instruction}\n### 响应:{response}"
@@ -58,21 +58,31 @@ def _json_line(file: Path, line_no: int, line: str) -> Any:
         raise DataError(f"{file}:{line_no}: invalid JSON ({err.msg}): fix or remove that line") from None
 
 
+def _utf8_lines(file: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file; a bad byte is a DataError naming the file and line."""
+    with open(file, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                yield line_no, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{file}:{line_no}: not UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1}): "
+                                "convert the file to UTF-8") from None
+
+
 def _read_file_documents(file: Path) -> Iterator[str]:
     count = 0
-    with open(file, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if file.suffix == ".jsonl":
-                record = _json_line(file, line_no, line)
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise DataError(f"{file}:{line_no}: expected an object with a string \"text\" field, e.g. {{\"text\": \"...\"}}")
-                text = record["text"]
-            else:
-                text = line.rstrip("\r\n")
-            count += 1
-            yield text
+    for line_no, line in _utf8_lines(file):
+        if not line.strip():
+            continue
+        if file.suffix == ".jsonl":
+            record = _json_line(file, line_no, line)
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise DataError(f"{file}:{line_no}: expected an object with a string \"text\" field, e.g. {{\"text\": \"...\"}}")
+            text = record["text"]
+        else:
+            text = line.rstrip("\r\n")
+        count += 1
+        yield text
     if count == 0:
         raise DataError(f"{file} holds no documents (empty or only blank lines): add text or remove the file")
 
@@ -89,16 +99,16 @@ def _load_records(path: str | os.PathLike, required: Sequence[str], optional: Se
     if not path.is_file():
         raise DataError(f"data file {path} does not exist: pass a .json list or a .jsonl file of records")
     if path.suffix == ".json":
+        text = "".join(line for _, line in _utf8_lines(path))
         try:
-            records = json.loads(path.read_text(encoding="utf-8"))
+            records = json.loads(text)
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg}): fix the file") from None
         if not isinstance(records, list):
             raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
         located = [(f"{path}[{i}]", r) for i, r in enumerate(records)]
     elif path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            located = [(f"{path}:{n}", _json_line(path, n, line)) for n, line in enumerate(f, 1) if line.strip()]
+        located = [(f"{path}:{n}", _json_line(path, n, line)) for n, line in _utf8_lines(path) if line.strip()]
     else:
         raise DataError(f"{path} is not a .json or .jsonl file: records must be JSON objects")
     if not located:
@@ -205,7 +215,14 @@ def build_token_stream(source: str | os.PathLike, tokenizer, num_workers: int | 
     if cached is not None:
         return cached
 
-    bin_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        bin_path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(bin_path.parent)
+        if not os.access(bin_path.parent, os.W_OK):
+            raise PermissionError(13, "permission denied", str(bin_path.parent))
+    except OSError as err:
+        raise DataError(f"cannot write the token cache to {bin_path.parent} ({err.strerror}): pass a writable "
+                        "--cache_dir (or copy the data to a writable folder)") from None
     total_bytes = sum(f.stat().st_size for f in files)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenizing {Path(source).name}", disable=not show_progress)
     stats = {"n_documents": 0, "n_bytes": 0}

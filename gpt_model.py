@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from atomic_file import atomic_path
+from metrics import shifted_cross_entropy
 from transformer_components import KVCache, TransformerDecoderLayer
 
 # ----------------------------------------------------------------------------- device / precision
@@ -74,6 +74,16 @@ def autocast_context(device: str | torch.device, dtype: torch.dtype):
 
 
 # ----------------------------------------------------------------------------- config
+
+
+def configure_optimizer(module: nn.Module, weight_decay: float, lr: float, betas: tuple[float, float] = (0.9, 0.95),
+                        device_type: str = "cpu") -> torch.optim.AdamW:
+    """AdamW over the trainable parameters: decay on 2-D weights (matmuls, embeddings), none on biases and norms."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
 
 
 @dataclass
@@ -295,7 +305,7 @@ class GPTModel(nn.Module):
         if labels is not None:
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            loss = shifted_cross_entropy(logits, labels)
         out = {"logits": logits, "loss": loss}
         if output_hidden_states:
             out["hidden_states"] = hidden
@@ -415,12 +425,7 @@ class GPTModel(nn.Module):
 
     def configure_optimizer(self, weight_decay: float, lr: float, betas: tuple[float, float] = (0.9, 0.95),
                             device_type: str = "cpu") -> torch.optim.AdamW:
-        """AdamW with weight decay on 2-D weights (matmuls and embedding tables), none on biases and LayerNorms."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+        return configure_optimizer(self, weight_decay, lr, betas, device_type)
 
     # ------------------------------------------------------------------ loading
 

@@ -274,8 +274,9 @@ def test_cli_errors_exit_2(tmp_path, capsys):
     empty.write_text("")
     assert byte_level_bpe.main(["--input", str(empty), "--output", str(tmp_path / "t")]) == 2
     assert "empty" in capsys.readouterr().err
-    assert byte_level_bpe.main(["--input", str(TRAIN_TXT), "--vocab_size", "100", "--output", str(tmp_path / "t")]) == 2
-    assert "vocab_size=100 is too small" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # rejected by argparse, before any training
+        byte_level_bpe.main(["--input", str(TRAIN_TXT), "--vocab_size", "100", "--output", str(tmp_path / "t")])
+    assert exit_info.value.code == 2 and "--vocab_size: must be >= 260" in capsys.readouterr().err
 
 
 def test_non_utf8_input_warns_and_continues(tmp_path):

@@ -1,0 +1,167 @@
+"""The one error policy of every command-line tool: argument types that reject bad values at parse time,
+and ``run_cli``, which turns a user's mistake into one ``error: ...`` line and exit status 2.
+
+Its own module because the tokenizer CLI (which must not import torch), the trainers, the evaluator, the data
+builders and the inference tools all share it, and none of them should import another for it.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Callable, Sequence
+
+EXIT_USER_ERROR = 2
+EXIT_SIGINT = 130  # 128 + SIGINT, what shells report for Ctrl-C
+EXIT_SIGTERM = 143  # 128 + SIGTERM (docker stop, Slurm, Kubernetes)
+
+
+class Interrupted(Exception):
+    """A SIGINT/SIGTERM ended the program; ``message`` says what was saved."""
+
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message or f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_SIGTERM if self.signum == signal.SIGTERM else EXIT_SIGINT
+
+
+class UsageError(ValueError):
+    """A command-line value that cannot work; the message names the flag and says how to fix it."""
+
+
+def check_output_folder(path: str | os.PathLike, flag: str) -> Path:
+    """Fail before any work if ``path`` cannot become a writable folder (it is a file, or its parent is read-only)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path} is an existing file: pass a folder")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {path}: {existing} is a file, not a folder: pass another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: cannot write in {existing} (permission denied): pass a writable folder")
+    return path
+
+
+# ----------------------------------------------------------------------------- argument types
+
+def _number(kind: type, text: str) -> int | float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """argparse type: an int >= low."""
+    def parse(text: str) -> int:
+        value = _number(int, text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+positive_int = int_at_least(1)
+nonnegative_int = int_at_least(0)
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    value = _number(float, text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """argparse type: a finite float >= 0."""
+    value = _number(float, text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def probability(text: str) -> float:
+    """argparse type: a float in (0, 1] (top-p, a fraction that cannot be zero)."""
+    value = _number(float, text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a float in [0, 1) (dropout, label smoothing)."""
+    value = _number(float, text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def explicit_flags(build_parser: Callable[[], argparse.ArgumentParser], argv: Sequence[str] | None) -> set[str]:
+    """The destinations the user actually typed (not defaults): a second parse with every default suppressed."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+        action.required = False
+    known, _ = parser.parse_known_args(argv)
+    return set(vars(known))
+
+
+# ----------------------------------------------------------------------------- running a CLI
+
+def describe_os_error(err: OSError) -> str:
+    """'<what went wrong>: <path>' plus a hint, without errno noise."""
+    what = err.strerror or str(err)
+    where = f": {err.filename}" if err.filename else ""
+    hint = ""
+    if isinstance(err, PermissionError):
+        hint = " (no permission: pick a folder you can write to)"
+    elif isinstance(err, (IsADirectoryError, NotADirectoryError, FileExistsError)):
+        hint = " (a file and a folder have the same name: pass another path)"
+    elif isinstance(err, FileNotFoundError):
+        hint = " (check the path)"
+    return f"{what}{where}{hint}"
+
+
+def _raise_interrupted(signum: int, frame) -> None:
+    raise Interrupted(signum)
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Run ``main(argv)``; user errors (ValueError subclasses, OSError) become one line on stderr and exit 2.
+
+    SIGTERM is turned into ``Interrupted`` so it unwinds like Ctrl-C (finally blocks run); a tool that can save
+    (the trainers) catches the signals itself and raises ``Interrupted`` with what it saved. Other exceptions are
+    bugs and keep their traceback.
+    """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        return main(argv)
+    except Interrupted as err:
+        print(f"\n{err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("\ninterrupted (Ctrl-C)", file=sys.stderr)
+        return EXIT_SIGINT
+    except OSError as err:
+        print(f"error: {describe_os_error(err)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except UnicodeDecodeError as err:  # readers name file and line themselves; this is the safety net
+        print(f"error: input is not UTF-8 text ({err.reason} at byte {err.start}): convert it to UTF-8", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except ValueError as err:  # every project error class (TokenizerError, DataError, ...) is a ValueError
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR

@@ -1,0 +1,100 @@
+"""Log-probabilities and scores shared by the model, the trainers, the evaluator, PPO and DPO: the one place where
+shifted next-token cross-entropy, per-token log-probs, NLL / perplexity / bits per byte, exact match and pairwise
+accuracy are computed.
+
+Its own module (torch only, no project imports) because the model's loss, every training stage and the evaluator
+use the same functions, and none of them should import another for it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # labels that are not scored (prompt tokens, padding), as in Hugging Face
+
+
+def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of ``logits[:, t]`` against ``labels[:, t + 1]`` (labels aligned with the inputs), -100 ignored."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(labels[:, t+1] | prefix), mask), both (B, T-1); masked positions (label -100) hold 0.
+
+    Computed as logit - logsumexp in float32, so it equals -cross_entropy token by token without a (B, T, V)
+    log-softmax copy.
+    """
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    logits = logits[:, :-1].float()
+    picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    logprobs = (picked - torch.logsumexp(logits, dim=-1)) * mask
+    return logprobs, mask
+
+
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """(B,) sum (or mean, ``average=True``) of each row's scored token log-probs."""
+    logprobs, mask = token_logprobs(logits, labels)
+    total = logprobs.sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if average else total
+
+
+@torch.no_grad()
+def sum_nll(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]],
+            device: torch.device | str | None = None) -> tuple[float, int]:
+    """Total next-token negative log-likelihood (nats) and the number of predicted tokens.
+
+    Each batch holds ``input_ids`` and optionally ``attention_mask`` and ``labels`` (aligned with
+    input_ids, shifted here as in causal LM; -100 and padding are not predicted).
+    """
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    for batch in batches:
+        input_ids = batch["input_ids"].to(device)
+        attention_mask = batch.get("attention_mask")
+        attention_mask = attention_mask.to(device) if attention_mask is not None else None
+        labels = batch.get("labels")
+        labels = labels.to(device) if labels is not None else input_ids.clone()
+        if attention_mask is not None:
+            labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        logits = model(input_ids, attention_mask=attention_mask)["logits"]
+        total_nll += shifted_cross_entropy(logits, labels, reduction="sum").item()
+        total_tokens += int((labels[:, 1:] != IGNORE_INDEX).sum())
+    model.train(was_training)
+    return total_nll, total_tokens
+
+
+def perplexity(total_nll: float, n_tokens: int) -> float:
+    """exp of the token-weighted mean NLL (never a mean of batch means)."""
+    if n_tokens == 0:
+        raise ValueError("no tokens were predicted: the evaluation set is empty or fully masked")
+    return math.exp(total_nll / n_tokens)
+
+
+def bits_per_byte(total_nll: float, n_bytes: int) -> float:
+    """Tokenizer-independent loss: total NLL in bits divided by the UTF-8 bytes of the text it covers."""
+    if n_bytes <= 0:
+        raise ValueError("bits per byte needs a positive number of text bytes")
+    return total_nll / (math.log(2) * n_bytes)
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Fraction of predictions equal to their reference after stripping surrounding whitespace."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not predictions:
+        raise ValueError("exact_match needs at least one prediction")
+    return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(predictions)
+
+
+def pairwise_accuracy(chosen_scores: Sequence[float], rejected_scores: Sequence[float]) -> float:
+    """Fraction of pairs whose chosen answer scores strictly above the rejected one."""
+    if len(chosen_scores) != len(rejected_scores) or not chosen_scores:
+        raise ValueError("pairwise_accuracy needs equally many (>= 1) chosen and rejected scores")
+    return sum(c > r for c, r in zip(chosen_scores, rejected_scores)) / len(chosen_scores)

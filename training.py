@@ -1,0 +1,593 @@
+"""The one training loop. ``Trainer`` runs any stage that is "a model, a batch source and a loss": pretraining,
+SFT, reward modelling, DPO and classification. PPO/GRPO have their own rollout loop and reuse its pieces
+(``configure_optimizer``, ``RunFolder``, ``StopSignals``, the checkpoint and RNG helpers).
+
+Its own module because every stage shares it and none should import another stage for it. What it guarantees
+for all of them: AdamW with warmup + cosine, mixed precision, gradient accumulation and clipping, DDP, a time
+budget, exact resume, atomic checkpoints, metrics.jsonl + loss_curve.png, Ctrl-C/SIGTERM saving, a non-finite
+loss stopping the run, and a run never making an output folder worse than it found it (``RunFolder``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+import gpt_model
+from atomic_file import atomic_path, remove_stale_temps
+from cli import Interrupted
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12,
+              "3090": 71e12, "V100": 125e12, "T4": 65e12}
+LossFn = Callable[[nn.Module, Mapping[str, torch.Tensor]], "torch.Tensor | dict[str, torch.Tensor]"]
+
+
+class TrainError(ValueError):
+    """A training setup that cannot run; the message says how to fix it."""
+
+
+@dataclass
+class TrainConfig:
+    """The loop's settings (each stage adds its data and model fields); stored in checkpoints as ``train_args``."""
+
+    output_dir: str = "models/pretrain"
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    max_steps: int | None = None
+    epochs: float | None = None
+    max_minutes: float | None = None
+    eval_interval: int = 500
+    eval_batches: int | None = None
+    log_interval: int = 10
+    save_interval: int | None = None
+    keep_last: int = 2
+    dtype: str = "auto"
+    compile: bool = False
+    device: str | None = None
+    seed: int = 1337
+
+
+# ----------------------------------------------------------------------------- state helpers
+
+def rng_state() -> dict[str, Any]:
+    """All RNG states as weights_only-loadable types (tensors, lists, ints, floats)."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": [version, list(mt), gauss],
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def lr_at(progress: float, step: int, config: TrainConfig) -> float:
+    """Linear warmup over ``warmup_steps``, then cosine from ``lr`` to ``lr * min_lr_ratio`` as progress goes 0 → 1."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    min_lr = config.lr * config.min_lr_ratio
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (config.lr - min_lr)
+
+
+def step_checkpoints(output_dir: Path, prefix: str) -> list[Path]:
+    """``{prefix}_step_{N}.pth`` files in ``output_dir``, oldest step first."""
+    found = []
+    for path in Path(output_dir).glob(f"{prefix}_step_*.pth"):
+        number = path.stem.rsplit("_", 1)[1]
+        if number.isdigit():
+            found.append((int(number), path))
+    return [p for _, p in sorted(found)]
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak FLOP/s of known GPUs (for MFU), None elsewhere."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Rows of a metrics.jsonl; a damaged line (a kill mid-write) is skipped, not fatal."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
+def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token cross-entropy; ``labels`` (-100 = not scored, e.g. SFT prompts) default to the input ids."""
+    labels = batch.get("labels", batch["input_ids"])
+    return model(batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels)["loss"]
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- distributed
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str | None) -> tuple[DistInfo, torch.device]:
+    """Join the torchrun process group when launched by torchrun (NCCL on GPU, gloo on CPU)."""
+    env = os.environ
+    info = DistInfo(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)))
+    resolved = gpt_model.resolve_device(device)
+    if not info.enabled:
+        return info, resolved
+    if resolved.type == "cuda":
+        resolved = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(resolved)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if resolved.type == "cuda" else "gloo")
+    return info, resolved
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- signals
+
+class StopSignals:
+    """While active, the first SIGINT/SIGTERM only records a stop request (the loop saves, then stops);
+    a second one stops at once (the checkpoint being written is atomic, so nothing is corrupted)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            raise Interrupted(signum, f"interrupted again by {signal.Signals(signum).name}: stopped without saving")
+        self.signum = signum
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+# ----------------------------------------------------------------------------- the output folder
+
+class RunFolder:
+    """An output folder that a run may never leave worse than it found it.
+
+    Nothing in it changes until the run has its first checkpoint to write. Then the files of an earlier, different
+    run with the same prefix (checkpoints, metrics.jsonl, loss_curve.png, a tokenizer/ that differs) move to
+    ``previous/<time>/`` instead of being deleted, and metrics.jsonl starts again: empty for a fresh run, the rows up
+    to the checkpoint's step when resuming (from this folder, or copied from the folder resumed from).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, prefix: str, tokenizer, resumed_from: str | None, step: int,
+                 is_main: bool = True):
+        self.path, self.prefix, self.tokenizer, self.is_main = Path(output_dir), prefix, tokenizer, is_main
+        self.committed = False
+        self.pending: list[dict[str, Any]] = []
+        source = Path(resumed_from).resolve().parent if resumed_from else None
+        self.same_run = source is not None and self.path.exists() and source == self.path.resolve()
+        self.history = [r for r in read_metrics((source or self.path) / "metrics.jsonl") if r["step"] <= step] \
+            if source else []
+        if is_main:
+            remove_stale_temps(self.path)
+            if source is not None and not self.same_run and self.earlier_files():
+                print(f"resuming {resumed_from} into {self.path}: the earlier run there moves to "
+                      f"{self.path / 'previous'}/ at the first checkpoint")
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def earlier_files(self) -> list[Path]:
+        names = [*step_checkpoints(self.path, self.prefix), self.path / f"{self.prefix}_best.pth",
+                 self.metrics_path, self.path / "loss_curve.png"]
+        return [p for p in names if p.exists()]
+
+    def _tokenizer_differs(self) -> bool:
+        config = self.path / "tokenizer" / "vocab.json"
+        if not config.exists():
+            return False
+        from byte_level_bpe import ByteLevelBPETokenizer, TokenizerError  # lazy: only when a folder exists
+
+        try:
+            return ByteLevelBPETokenizer.from_pretrained(config.parent).fingerprint != self.tokenizer.fingerprint
+        except TokenizerError:
+            return True
+
+    def commit(self) -> None:
+        """Called just before the first checkpoint: move the earlier run aside, then take the folder over."""
+        if self.committed or not self.is_main:
+            self.committed = True
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        moved = [] if self.same_run else self.earlier_files()
+        if not self.same_run and self._tokenizer_differs():
+            moved.append(self.path / "tokenizer")
+        if moved:
+            archive = self.path / "previous" / time.strftime("%Y%m%d-%H%M%S")
+            archive.mkdir(parents=True, exist_ok=True)
+            for path in moved:
+                shutil.move(str(path), str(archive / path.name))
+            print(f"the earlier run's {len(moved)} file(s) in {self.path} moved to {archive}")
+        if not (self.path / "tokenizer" / "vocab.json").exists():
+            self.tokenizer.save(self.path / "tokenizer")
+        rows = self.history + self.pending
+        with atomic_path(self.metrics_path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        self.pending, self.committed = [], True
+
+    def log(self, row: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        if not self.committed:
+            self.pending.append(row)
+            return
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return (read_metrics(self.metrics_path) if self.committed else self.history) + self.pending
+
+    def plot(self) -> None:
+        """loss_curve.png: train and val loss by step."""
+        if not (self.is_main and self.committed):
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = self.metrics()
+        train = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for points, label, style in ((train, "train", "-"), (val, "val", "o-")):
+            if points:
+                ax.plot(*zip(*points), style, label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"{self.prefix} loss")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        with atomic_path(self.path / "loss_curve.png") as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+        plt.close(fig)
+
+
+def find_resume_checkpoint(resume: str | None, output_dir: str | os.PathLike, prefix: str,
+                           tokenizer) -> tuple[dict | None, str | None]:
+    """(checkpoint, its path) for ``--resume PATH|auto``; (None, None) for a fresh run."""
+    if not resume:
+        return None, None
+    if resume == "auto":
+        found = step_checkpoints(Path(output_dir), prefix)
+        if not found:
+            print(f"--resume auto: no {prefix}_step_N.pth in {output_dir}, starting a fresh run")
+            return None, None
+        resume = str(found[-1])
+    checkpoint = gpt_model.load_checkpoint(resume)
+    if checkpoint.get("tokenizer_fingerprint") != tokenizer.fingerprint:
+        raise TrainError(f"{resume} was trained with a different tokenizer: pass the --tokenizer_dir it was trained "
+                         f"with ({Path(resume).parent / 'tokenizer'})")
+    missing = [k for k in ("step", "optimizer", "scaler", "scheduler", "rank_states", "best_val_loss")
+               if k not in checkpoint]
+    if missing:
+        raise TrainError(f"{resume} holds weights but no training state (no {', '.join(missing)}): resume from a "
+                         f"{prefix}_step_N.pth checkpoint")
+    return checkpoint, resume
+
+
+# ----------------------------------------------------------------------------- the loop
+
+class Trainer:
+    """Trains ``model`` on ``batches`` with ``loss_fn``; rank 0 evaluates, logs and saves ``{prefix}_*.pth``.
+
+    batches: an endless iterator of dict batches (tensors are moved to the device), ideally with
+      ``state_dict()`` / ``load_state_dict()`` so that a resumed run sees exactly the batches it would have.
+    loss_fn(model, batch): the mean loss, or a dict with "loss" and other scalars to log.
+    evaluate_fn(model): held-out metrics with a "val_loss" (lower is better: it picks ``{prefix}_best.pth``).
+    """
+
+    def __init__(self, config: TrainConfig, model: nn.Module, tokenizer, batches: Iterator[dict], loss_fn: LossFn, *,
+                 prefix: str, evaluate_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+                 steps_per_epoch: int | None = None, checkpoint: dict | None = None, resumed_from: str | None = None,
+                 checkpoint_extra: dict[str, Any] | None = None, start_time: float | None = None,
+                 show_progress: bool = True):
+        self.config, self.tokenizer, self.prefix, self.show_progress = config, tokenizer, prefix, show_progress
+        self.batches, self.loss_fn, self.evaluate_fn = batches, loss_fn, evaluate_fn
+        self.checkpoint_extra = dict(checkpoint_extra or {})
+        self.start_time = start_time or time.time()
+        self.dist, self.device = init_distributed(config.device)
+        self.dtype = gpt_model.resolve_dtype(config.dtype, self.device)
+        self.output_dir = Path(config.output_dir)
+        if self.device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+
+
+        self.model = model.to(self.device)
+        self.optimizer = gpt_model.configure_optimizer(self.model, config.weight_decay, config.lr,
+                                                       (config.beta1, config.beta2), self.device.type)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        torch.manual_seed(config.seed + self.dist.rank)  # per-rank dropout streams
+        self.step, self.train_seconds, self.best_val_loss = 0, 0.0, math.inf
+        self.lr, self.last_saved = 0.0, resumed_from
+        self._all_finite = torch.ones((), dtype=torch.bool, device=self.device)
+        if checkpoint:
+            self._restore(checkpoint, resumed_from or "the checkpoint")
+        self.train_model = torch.compile(self.model) if config.compile else self.model
+        if self.dist.enabled:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.train_model, device_ids=device_ids)
+        self.max_steps = self._max_steps(steps_per_epoch)
+        self.run = RunFolder(self.output_dir, prefix, tokenizer, resumed_from, self.step, self.dist.is_main)
+
+    # -- setup
+    def _restore(self, checkpoint: dict, source: str) -> None:
+        from gpt_model import CheckpointError, _load_state_dict_checked
+
+        _load_state_dict_checked(self.model, checkpoint["model_state_dict"], source)
+        try:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.scaler.load_state_dict(checkpoint["scaler"])
+            self.step = int(checkpoint["step"])
+            self.train_seconds = float(checkpoint["scheduler"]["train_seconds"])
+            self.best_val_loss = float(checkpoint["best_val_loss"])
+            rank_states = checkpoint["rank_states"]
+        except (KeyError, ValueError, TypeError, RuntimeError) as err:
+            raise CheckpointError(f"{source}: its training state does not fit this run ({type(err).__name__}: "
+                                  f"{str(err).splitlines()[0][:160]}); resume with the settings it was written with "
+                                  "or start a fresh run") from None
+        if len(rank_states) != self.dist.world_size:
+            raise TrainError(f"the checkpoint was written by {len(rank_states)} processes, this run has "
+                             f"{self.dist.world_size}: resume with the same --nproc_per_node")
+        own = rank_states[self.dist.rank]
+        if hasattr(self.batches, "load_state_dict") and "data" in own:
+            self.batches.load_state_dict(own["data"])
+        set_rng_state(own["rng"])
+
+    def _max_steps(self, steps_per_epoch: int | None) -> int | None:
+        c = self.config
+        if not (c.max_steps or c.epochs or c.max_minutes):
+            raise TrainError("no stopping rule: set --max_steps, --epochs or --max_minutes")
+        limits = [c.max_steps] if c.max_steps else []
+        if c.epochs:
+            if not steps_per_epoch:
+                raise TrainError("--epochs needs a data set of known size; use --max_steps instead")
+            limits.append(max(1, math.ceil(c.epochs * steps_per_epoch)))
+        return min(limits) if limits else None
+
+    # -- training
+    def _progress(self) -> float:
+        """Fraction of the run done: by steps, by the time budget, whichever is further."""
+        done = [self.step / self.max_steps] if self.max_steps else []
+        if self.config.max_minutes:
+            done.append(self.train_seconds / self.time_budget)
+        return max(done)
+
+    def _train_step(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        """One optimizer step over ``grad_accum`` micro-batches: (mean loss, extra scalars, tokens); no host sync."""
+        lr = lr_at(self._progress(), self.step, self.config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total_loss = torch.zeros((), device=self.device)
+        extras: dict[str, torch.Tensor] = {}
+        tokens = 0
+        for micro in range(self.config.grad_accum):
+            batch = to_device(next(self.batches), self.device)
+            tokens += batch["input_ids"].numel() if "input_ids" in batch else 0
+            sync = not self.dist.enabled or micro == self.config.grad_accum - 1
+            with (nullcontext() if sync else self.train_model.no_sync()), \
+                    gpt_model.autocast_context(self.device, self.dtype):
+                out = self.loss_fn(self.train_model, batch)
+            loss = (out["loss"] if isinstance(out, dict) else out) / self.config.grad_accum
+            if isinstance(out, dict):
+                extras = {k: v.detach() for k, v in out.items() if k != "loss"}
+            self.scaler.scale(loss).backward()
+            total_loss += loss.detach()
+        if self.config.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr = lr
+        self._all_finite &= torch.isfinite(total_loss)
+        return total_loss, extras, tokens * self.dist.world_size
+
+    def train(self, stop_after: int | None = None) -> dict[str, float]:
+        """Train until the step/epoch/time limit (or ``stop_after`` steps, as if killed there); returns the last eval.
+
+        SIGINT/SIGTERM save a resumable checkpoint and raise ``cli.Interrupted``.
+        """
+        c = self.config
+        # the time budget covers everything after process start (tokenizer training, tokenization, evals, saves)
+        self.time_budget = (c.max_minutes or 0) * 60 - (time.time() - self.start_time)
+        if c.max_minutes and self.time_budget <= self.train_seconds:
+            raise TrainError(f"--max_minutes {c.max_minutes} is used up before training starts: raise it")
+        with StopSignals() as stop:
+            return self._loop(stop, stop_after)
+
+    def _loop(self, stop: StopSignals, stop_after: int | None) -> dict[str, float]:
+        c = self.config
+        save_interval = c.save_interval or c.eval_interval
+        bar = tqdm(total=self.max_steps, initial=self.step, desc=self.prefix,
+                   disable=not (self.show_progress and self.dist.is_main))
+        last_eval: dict[str, float] = {}
+        prior_seconds, loop_start = self.train_seconds, time.time()
+        window_start, window_tokens = time.time(), 0
+        self.train_model.train()
+        finished, stopping = self._synced_flags(stop)
+        while not finished and not stopping and (stop_after is None or self.step < stop_after):
+            loss, extras, tokens = self._train_step()
+            self.step += 1
+            window_tokens += tokens
+            self.train_seconds = prior_seconds + time.time() - loop_start
+            finished, stopping = self._synced_flags(stop)
+            if self.step % c.log_interval == 0 or finished:
+                self._log_step(loss, extras, window_tokens / (time.time() - window_start), bar)
+                window_start, window_tokens = time.time(), 0
+            bar.update(1)
+            evaluating = self.evaluate_fn is not None and (self.step % c.eval_interval == 0 or finished)
+            if evaluating:
+                last_eval = self.evaluate()
+            if self.step % save_interval == 0 or finished or stopping or self.step == stop_after:
+                self.save(self.output_dir / f"{self.prefix}_step_{self.step}.pth")
+            if evaluating or self.step % save_interval == 0:  # keep evaluation and saving out of tokens/s
+                window_start, window_tokens = time.time(), 0
+            self.train_seconds = prior_seconds + time.time() - loop_start
+        bar.close()
+        self.run.plot()
+        if stopping:
+            name = signal.Signals(stop.signum).name if stop.signum else "a signal"
+            raise Interrupted(stop.signum or signal.SIGINT, f"stopped by {name} at step {self.step}: saved "
+                              f"{self.last_saved}; continue with --resume auto")
+        return last_eval
+
+    def _synced_flags(self, stop: StopSignals) -> tuple[bool, bool]:
+        """(finished, stop requested), agreed by all ranks (time budgets and signals reach ranks at other steps)."""
+        progress, stopping = self._progress(), float(stop.signum is not None)
+        if self.dist.enabled:
+            value = torch.tensor([progress, stopping], dtype=torch.float64, device=self.device)
+            dist.all_reduce(value, op=dist.ReduceOp.MAX)
+            progress, stopping = float(value[0]), float(value[1])
+        return progress >= 1.0, stopping > 0
+
+    def _log_step(self, loss: torch.Tensor, extras: dict[str, torch.Tensor], tokens_per_sec: float, bar) -> None:
+        loss_value = self._mean_across_ranks(loss)
+        self.check_finite(loss_value)
+        row = {"step": self.step, "train_loss": loss_value, "lr": self.lr, "tokens_per_sec": tokens_per_sec}
+        row.update({k: self._mean_across_ranks(v.float()) for k, v in extras.items()})
+        peak = peak_flops(self.device)
+        if peak and hasattr(self.model, "estimate_mfu"):
+            row["mfu"] = self.model.estimate_mfu(tokens_per_sec, peak)
+        self.run.log(row)
+        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{self.lr:.2e}", tok_s=f"{tokens_per_sec:,.0f}")
+
+    def check_finite(self, loss_value: float | None = None) -> None:
+        """A non-finite loss ends the run with the step and the usual fixes; the last good checkpoint stays."""
+        if loss_value is not None and math.isfinite(loss_value) and bool(self._all_finite):
+            return
+        if loss_value is None and bool(self._all_finite):
+            return
+        kept = f"the last good checkpoint is {self.last_saved}" if self.last_saved else "no checkpoint was written"
+        raise TrainError(f"the training loss became non-finite (NaN/inf) by step {self.step}: lower --lr (now "
+                         f"{self.config.lr:g}), keep --grad_clip on, or check the data for broken records; {kept}")
+
+    def _mean_across_ranks(self, value: torch.Tensor) -> float:
+        if self.dist.enabled:
+            value = value.clone()
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+            value /= self.dist.world_size
+        return float(value)
+
+    # -- evaluation
+    def evaluate(self) -> dict[str, float]:
+        """Held-out metrics on rank 0; a better val_loss writes ``{prefix}_best.pth``."""
+        result: dict[str, float] = {}
+        if self.dist.is_main:
+            self.check_finite()
+            was_training = self.model.training
+            self.model.eval()
+            with gpt_model.autocast_context(self.device, self.dtype):
+                result = {"step": self.step, **self.evaluate_fn(self.model)}
+            self.model.train(was_training)
+            self.run.log(result)
+            if result["val_loss"] < self.best_val_loss:
+                self.best_val_loss = result["val_loss"]
+                self.save(self.output_dir / f"{self.prefix}_best.pth", training_state=False)
+            self.run.plot()
+        barrier(self.dist)
+        return result
+
+    # -- checkpoints
+    def _gather(self, obj: Any) -> list[Any]:
+        if not self.dist.enabled:
+            return [obj]
+        out = [None] * self.dist.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def save(self, path: Path, training_state: bool = True) -> None:
+        """Atomic checkpoint: weights + config + tokenizer fingerprint (+ everything needed to resume exactly)."""
+        extra: dict[str, Any] = {"tokenizer_fingerprint": self.tokenizer.fingerprint, "step": self.step,
+                                 "best_val_loss": self.best_val_loss, "train_args": asdict(self.config),
+                                 "stage": self.prefix, **self.checkpoint_extra}
+        if training_state:
+            data_state = self.batches.state_dict() if hasattr(self.batches, "state_dict") else {}
+            rank_states = self._gather({"data": data_state, "rng": rng_state()})
+            extra.update(optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
+                         scheduler={"train_seconds": self.train_seconds, "max_steps": self.max_steps},
+                         rank_states=rank_states)
+        if self.dist.is_main:
+            self.check_finite()
+            self.run.commit()
+            gpt_model.save_checkpoint(path, self.model, **extra)
+            if training_state:
+                self.last_saved = str(path)
+                if self.config.keep_last > 0:
+                    for old in step_checkpoints(self.output_dir, self.prefix)[:-self.config.keep_last]:
+                        old.unlink(missing_ok=True)
+        if training_state:  # a collective save (all ranks are here); the best-model save is rank 0's alone
+            barrier(self.dist)
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return self.run.metrics()
