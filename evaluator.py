@@ -24,10 +24,11 @@ import torch
 from rouge import Rouge
 from tqdm import tqdm
 
-from byte_level_bpe import TokenizerError
-from data_loader import (DataError, GPTSFTDataset, build_sft_prompt, collate_batch, load_sft_records, read_documents,
+import cli
+from atomic_file import atomic_path
+from data_loader import (GPTSFTDataset, build_sft_prompt, collate_batch, load_sft_records, read_documents,
                          record_instruction)
-from gpt_model import CheckpointError, autocast_context, load_model_and_tokenizer, resolve_device, resolve_dtype
+from gpt_model import autocast_context, load_model_and_tokenizer, resolve_device, resolve_dtype
 from metrics import bits_per_byte, perplexity, sum_nll
 
 
@@ -327,13 +328,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "sft: .json/.jsonl of {\"instruction\", \"response\"} records")
     parser.add_argument("--model_type", choices=("pretrain", "sft"), default="pretrain", help="what to measure (default: pretrain)")
     parser.add_argument("--tokenizer_dir", help="tokenizer folder (default: <checkpoint folder>/tokenizer)")
-    parser.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass / generation batch (default: 8)")
-    parser.add_argument("--max_gen_len", type=int, default=100, help="sft: most new tokens per generated response (default: 100)")
-    parser.add_argument("--max_samples", type=int, help="evaluate only the first N documents / records")
+    parser.add_argument("--batch_size", type=cli.positive_int, default=8, help="sequences per forward pass / generation batch (default: 8)")
+    parser.add_argument("--max_gen_len", type=cli.positive_int, default=100, help="sft: most new tokens per generated response (default: 100)")
+    parser.add_argument("--max_samples", type=cli.positive_int, help="evaluate only the first N documents / records")
     parser.add_argument("--do_sample", action="store_true", help="sft: sample responses instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=0.8, help="sft with --do_sample: sampling temperature (default: 0.8)")
-    parser.add_argument("--top_k", type=int, default=50, help="sft with --do_sample: keep the k most likely tokens (default: 50)")
-    parser.add_argument("--top_p", type=float, default=1.0, help="sft with --do_sample: nucleus probability mass (default: 1.0 = off)")
+    parser.add_argument("--temperature", type=cli.positive_float, default=0.8, help="sft with --do_sample: sampling temperature (default: 0.8)")
+    parser.add_argument("--top_k", type=cli.nonnegative_int, default=50,
+                        help="sft with --do_sample: keep the k most likely tokens, 0 = all (default: 50)")
+    parser.add_argument("--top_p", type=cli.probability, default=1.0, help="sft with --do_sample: nucleus probability mass (default: 1.0 = off)")
     parser.add_argument("--seed", type=int, help="seed for reproducible sampling")
     parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps (default: auto)")
     parser.add_argument("--dtype", default="float32",
@@ -344,8 +346,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.model_path and not args.compare:
         parser.error("give --model_path CKPT or --compare CKPT [CKPT ...]")
-    if args.batch_size < 1 or args.max_gen_len < 1:
-        parser.error("--batch_size and --max_gen_len must be at least 1")
     return args
 
 
@@ -411,18 +411,32 @@ def _check_device_and_dtype(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI; bad input gives one `error:` line and exit 2 (cli.run_cli)."""
+    return cli.run_cli(_main, argv)
+
+
+def _check_output_file(path: str, flag: str) -> None:
+    """Before minutes of evaluation: the report must be writable."""
+    target = Path(path)
+    if target.is_dir():
+        raise EvaluationError(f"{flag} {target} is a folder: pass a file name such as {target / 'eval_report.json'}")
+    cli.check_output_folder(target.parent if str(target.parent) else Path("."), f"{flag} {target}: folder")
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
     paths = ([args.model_path] if args.model_path else []) + list(args.compare or [])
-    try:
-        _check_device_and_dtype(args)
-        reports = [evaluate_checkpoint(path, args) for path in paths]
-        report = {"model_type": args.model_type, "test_data_path": str(args.test_data_path), "settings": vars(args), "results": reports}
-        Path(args.output).write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        if args.plot:
-            plot_comparison(reports, args.model_type, args.plot)
-    except (EvaluationError, DataError, CheckpointError, TokenizerError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    _check_device_and_dtype(args)
+    _check_output_file(args.output, "--output")
+    if args.plot:
+        _check_output_file(args.plot, "--plot")
+    reports = [evaluate_checkpoint(path, args) for path in paths]
+    report = {"model_type": args.model_type, "test_data_path": str(args.test_data_path), "settings": vars(args),
+              "results": reports}
+    with atomic_path(args.output) as tmp:
+        tmp.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    if args.plot:
+        plot_comparison(reports, args.model_type, args.plot)
     print(format_table(reports, args.model_type))
     if args.model_type == "sft":
         for name, report in zip(_model_names(reports), reports):

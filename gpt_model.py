@@ -325,7 +325,7 @@ class GPTModel(nn.Module):
         whole sequence each step (slow; for verification and benchmarks).
         """
         self._check_inputs(input_ids, attention_mask, 0)
-        self._check_generation_args(input_ids, max_gen_len, temperature, top_p, repetition_penalty, do_sample)
+        self._check_generation_args(input_ids, max_gen_len, temperature, top_k, top_p, repetition_penalty, do_sample)
         batch_size, prompt_len = input_ids.shape
         n_new = min(max_gen_len, self.config.max_seq_len - prompt_len)
         was_training = self.training
@@ -338,8 +338,16 @@ class GPTModel(nn.Module):
             self.train(was_training)
         return tokens.clone()  # a normal tensor, usable in autograd (inference tensors are not)
 
-    def _check_generation_args(self, input_ids: torch.Tensor, max_gen_len: int, temperature: float, top_p: float,
-                               repetition_penalty: float, do_sample: bool) -> None:
+    def _check_generation_args(self, input_ids: torch.Tensor, max_gen_len: int, temperature: float,
+                               top_k: int | None, top_p: float, repetition_penalty: float, do_sample: bool) -> None:
+        for name, value in (("max_gen_len", max_gen_len), ("top_k", top_k)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ValueError(f"{name} must be an int, got {value!r}")
+        for name, value in (("temperature", temperature), ("top_p", top_p), ("repetition_penalty", repetition_penalty)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if top_k is not None and top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 or None = no top-k filter), got {top_k}")
         if input_ids.size(1) == 0:
             raise ValueError("generate needs a non-empty prompt; start it with the <s> token (tokenizer.bos_token_id)")
         if input_ids.size(1) >= self.config.max_seq_len:

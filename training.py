@@ -306,7 +306,8 @@ class RunFolder:
                 ax.plot(*zip(*points), style, label=label)
         ax.set_xlabel("step")
         ax.set_ylabel(f"{self.prefix} loss")
-        ax.legend()
+        if train or val:
+            ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
         with atomic_path(self.path / "loss_curve.png") as tmp:

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
+from typing import Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere: the project root
+import cli  # noqa: E402
+from atomic_file import atomic_path  # noqa: E402
 
 VAL_EVERY = 20  # one document in VAL_EVERY is held out
 SPEAKER_LINE = re.compile(r"^([A-Z][A-Za-z'\- ]{0,40}?)\.$")
@@ -94,31 +100,56 @@ def chinese_poems(text: str) -> list[str]:
     return docs
 
 
+class CorpusError(ValueError):
+    """The source corpus is missing or yields no documents."""
+
+
 def build(corpus: Path, output: Path) -> tuple[int, int]:
-    works = []
-    for path in sorted((corpus / "shakespeare").glob("*.txt")):
-        text = path.read_text(encoding="utf-8")
-        works.append(poem_documents(text) if path.stem in POEMS else play_documents(text))
-    for path in sorted((corpus / "poetry_zh").glob("*.txt")):
-        works.append(chinese_poems(path.read_text(encoding="utf-8")))
+    """Write train.txt and val.txt (each atomically); refuses before writing anything if the corpus is unusable."""
+    plays = sorted((corpus / "shakespeare").glob("*.txt"))
+    poems = sorted((corpus / "poetry_zh").glob("*.txt"))
+    if not corpus.is_dir() or not (plays or poems):
+        raise CorpusError(f"no corpus in {corpus} (expected shakespeare/*.txt and poetry_zh/*.txt): pass --corpus; "
+                          f"{output} was left as it was")
+    works = [poem_documents(read_text(p)) if p.stem in POEMS else play_documents(read_text(p)) for p in plays]
+    works += [chinese_poems(read_text(p)) for p in poems]
     train, val = [], []
     for docs in works:
         for i, doc in enumerate(docs):
             (val if i % VAL_EVERY == VAL_EVERY // 2 else train).append(doc)
+    if not train or not val:
+        raise CorpusError(f"{corpus} yields {len(train)} train and {len(val)} val documents: it is not the expected "
+                          f"corpus layout; {output} was left as it was")
     output.mkdir(parents=True, exist_ok=True)
-    (output / "train.txt").write_text("\n".join(train) + "\n", encoding="utf-8")
-    (output / "val.txt").write_text("\n".join(val) + "\n", encoding="utf-8")
+    for name, docs in (("train.txt", train), ("val.txt", val)):
+        with atomic_path(output / name) as tmp:
+            tmp.write_text("\n".join(docs) + "\n", encoding="utf-8")
     return len(train), len(val)
 
 
-def main() -> None:
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CorpusError(f"{path} is not UTF-8 ({err.reason} at byte {err.start}): convert it to UTF-8") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.run_cli(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", type=Path, default=Path("../shared/corpus"), help="folder with shakespeare/ and poetry_zh/")
-    parser.add_argument("--output", type=Path, default=Path("data/pretrain"), help="where train.txt and val.txt are written")
-    args = parser.parse_args()
+    parser.add_argument("--corpus", type=Path, default=Path("../shared/corpus"),
+                        help="folder with shakespeare/ and poetry_zh/")
+    parser.add_argument("--output", type=Path, default=Path("data/pretrain"),
+                        help="where train.txt and val.txt are written (each replaced atomically)")
+    args = parser.parse_args(argv)
+    cli.check_output_folder(args.output, "--output")
     n_train, n_val = build(args.corpus, args.output)
     print(f"wrote {n_train} train and {n_val} val documents to {args.output}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,447 @@
+"""Bad input as a user gives it, across every CLI: exit 2, one `error:` line, no traceback, earlier outputs intact.
+
+Also the Python API's type/range checks, and what interruption does: Ctrl-C / SIGTERM save and resume, kill -9
+during training and during a save leaves no stale temp files and resumes exactly.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import byte_level_bpe
+import evaluator
+import gpt_model
+import pretrain_trainer as pt
+import training
+from byte_level_bpe import ByteLevelBPETokenizer, TokenizerError
+from conftest import ROOT, VAL_TXT, corpus_lines
+
+BUILD_DATA = ROOT / "data" / "build_pretrain_data.py"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("corpus")
+    train, val = folder / "train.txt", folder / "val.txt"
+    train.write_text("\n".join(corpus_lines(limit=400)) + "\n", encoding="utf-8")
+    val.write_text("\n".join(corpus_lines(VAL_TXT, limit=30)) + "\n", encoding="utf-8")
+    return train, val
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """relative path -> sha256 of every file under folder (what 'left as it was' means)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_one_line_error(code: int, err: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") or ": error: " in last, err  # ours, or argparse's "prog: error: ..."
+
+
+def run_main(main, argv: list[str], capsys) -> tuple[int, str]:
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse rejects bad values before anything runs
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture()
+def earlier_run(tiny_tokenizer, tmp_path) -> Path:
+    """An output folder holding a finished earlier run: best + step checkpoints, metrics, curve, tokenizer."""
+    folder = tmp_path / "earlier"
+    model = gpt_model.GPTModel(gpt_model.GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=32,
+                                                               n_layers=1, d_model=32, n_heads=2))
+    gpt_model.save_checkpoint(folder / "pretrain_best.pth", model, tokenizer_fingerprint=tiny_tokenizer.fingerprint)
+    (folder / "metrics.jsonl").write_text('{"step": 1, "train_loss": 5.0}\n{"step": 2, "val_loss": 4.0}\n')
+    (folder / "loss_curve.png").write_bytes(b"\x89PNG earlier")
+    tiny_tokenizer.save(folder / "tokenizer")
+    return folder
+
+
+# ----------------------------------------------------------------------------- pretrain_trainer
+
+def pretrain_args(corpus, tokenizer_dir, output_dir, *extra: str) -> list[str]:
+    train, val = corpus
+    return ["--train_data_dir", str(train), "--val_data_dir", str(val), "--tokenizer_dir", str(tokenizer_dir),
+            "--output_dir", str(output_dir), "--device", "cpu", "--num_workers", "1", "--n_layers", "1",
+            "--d_model", "32", "--n_heads", "2", "--max_seq_len", "32", "--batch_size", "2", "--samples", "0", *extra]
+
+
+BAD_PRETRAIN_FLAGS = [
+    ["--batch_size", "0"], ["--grad_accum", "0"], ["--max_seq_len", "1"], ["--eval_interval", "0"],
+    ["--log_interval", "0"], ["--max_steps", "-1"], ["--max_steps", "0"], ["--epochs", "-1"], ["--epochs", "0"],
+    ["--lr", "0"], ["--lr", "nan"], ["--lr", "abc"], ["--max_minutes", "0"], ["--dropout", "1.5"],
+    ["--preset", "huge"], ["--dtype", "int3"], ["--keep_last", "-1"], ["--warmup_steps", "-5"],
+    ["--num_workers", "0"], ["--save_interval", "0"], ["--vocab_size", "10"], ["--min_lr_ratio", "2"],
+    ["--n_heads", "3"], ["--max_minutes", "0.001"],
+]
+
+
+@pytest.mark.parametrize("flags", BAD_PRETRAIN_FLAGS, ids=lambda f: " ".join(f))
+def test_pretrain_bad_flags_are_one_line_and_leave_the_folder_as_it_was(flags, corpus, tiny_tokenizer_dir,
+                                                                        earlier_run, capsys):
+    before = snapshot(earlier_run)
+    code, err = run_main(pt.main, pretrain_args(corpus, tiny_tokenizer_dir, earlier_run, "--max_steps", "3", *flags),
+                         capsys)
+    assert_one_line_error(code, err)
+    assert snapshot(earlier_run) == before
+
+
+def test_pretrain_bad_data_and_paths(corpus, tiny_tokenizer_dir, earlier_run, tmp_path, capsys):
+    before = snapshot(earlier_run)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(b"good line\ncaf\xe9 au lait\n")
+    cases = {
+        "data path": ["--train_data_dir", str(tmp_path / "missing.txt")],
+        f"{latin1}:2: not UTF-8": ["--train_data_dir", str(latin1)],
+        "is an existing file": ["--output_dir", str(earlier_run / "metrics.jsonl")],
+        "not found": ["--resume", str(tmp_path / "missing.pth")],
+        "no training state": ["--resume", str(earlier_run / "pretrain_best.pth")],
+    }
+    for expected, extra in cases.items():
+        args = pretrain_args(corpus, tiny_tokenizer_dir, earlier_run, "--max_steps", "3")
+        code, err = run_main(pt.main, args + extra, capsys)
+        assert_one_line_error(code, err)
+        assert expected in err, (expected, err)
+    assert snapshot(earlier_run) == before
+
+
+def test_read_only_token_cache_names_the_flag(corpus, tiny_tokenizer_dir, tmp_path, capsys, monkeypatch):
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path).endswith(".cache") else real_access(path, mode))
+    fresh = tmp_path / "fresh_corpus"
+    fresh.mkdir()
+    (fresh / "train.txt").write_text(corpus[0].read_text(encoding="utf-8"), encoding="utf-8")
+    args = pretrain_args(corpus, tiny_tokenizer_dir, tmp_path / "out", "--max_steps", "2")
+    code, err = run_main(pt.main, args + ["--train_data_dir", str(fresh / "train.txt")], capsys)
+    assert_one_line_error(code, err)
+    assert "token cache" in err and "--cache_dir" in err
+
+
+def test_resume_checkpoint_that_does_not_fit(corpus, tiny_tokenizer_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert pt.main(pretrain_args(corpus, tiny_tokenizer_dir, out, "--max_steps", "2", "--eval_interval", "2")) == 0
+    capsys.readouterr()
+    step = out / "pretrain_step_2.pth"
+    code, err = run_main(pt.main, pretrain_args(corpus, tiny_tokenizer_dir, out, "--max_steps", "4", "--d_model", "64",
+                                                "--resume", str(step)), capsys)
+    assert_one_line_error(code, err)
+    assert "--d_model 64 differs from the checkpoint's 32" in err
+
+    checkpoint = torch.load(step, weights_only=True)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    bad_tensors = dict(checkpoint, model_state_dict={k: v[:1] if v.dim() else v
+                                                     for k, v in checkpoint["model_state_dict"].items()})
+    torch.save(bad_tensors, broken / "pretrain_step_2.pth")
+    no_state = {k: v for k, v in checkpoint.items() if k != "rank_states"}
+    torch.save(no_state, broken / "no_state.pth")
+    bad_optimizer = dict(checkpoint, optimizer={"state": {}, "param_groups": []})
+    torch.save(bad_optimizer, broken / "bad_optimizer.pth")
+    (broken / "corrupt.pth").write_bytes(b"not a checkpoint")
+    for name, expected in (("pretrain_step_2.pth", "has shape"), ("no_state.pth", "no training state"),
+                           ("bad_optimizer.pth", "training state does not fit"), ("corrupt.pth", "corrupt")):
+        args = pretrain_args(corpus, tiny_tokenizer_dir, out, "--max_steps", "4", "--resume", str(broken / name))
+        code, err = run_main(pt.main, args, capsys)
+        assert_one_line_error(code, err)
+        assert expected in err, (name, err)
+
+
+def test_fresh_run_keeps_the_earlier_run_until_its_first_checkpoint_then_moves_it_aside(
+        corpus, tiny_tokenizer, tiny_tokenizer_dir, earlier_run, capsys):
+    before = snapshot(earlier_run)
+    config = pt.TrainConfig(train_data=str(corpus[0]), val_data=str(corpus[1]), output_dir=str(earlier_run),
+                            n_layers=1, d_model=32, n_heads=2, max_seq_len=32, batch_size=2, max_steps=4,
+                            eval_interval=2, log_interval=1, device="cpu", dtype="float32", num_workers=1)
+    trainer = pt.GPTTrainer(config, tiny_tokenizer, show_progress=False)
+    assert snapshot(earlier_run) == before  # constructing a run changes nothing
+    trainer.train(stop_after=1)  # a checkpoint at step 1: now the earlier run moves aside
+    archives = list((earlier_run / "previous").iterdir())
+    assert len(archives) == 1
+    assert snapshot(archives[0]) == {k: v for k, v in before.items() if not k.startswith("tokenizer/")}
+    rows = [json.loads(line) for line in (earlier_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1]  # the new run's log alone
+
+
+def test_resume_auto_with_only_a_best_model_starts_fresh_and_keeps_it(corpus, tiny_tokenizer, earlier_run, capsys):
+    before = snapshot(earlier_run)
+    config = pt.TrainConfig(train_data=str(corpus[0]), val_data=None, output_dir=str(earlier_run), n_layers=1,
+                            d_model=32, n_heads=2, max_seq_len=32, batch_size=2, max_steps=2, eval_interval=2,
+                            device="cpu", dtype="float32", num_workers=1)
+    trainer = pt.GPTTrainer(config, tiny_tokenizer, resume="auto", show_progress=False)
+    assert "no pretrain_step_N.pth" in capsys.readouterr().out
+    trainer.train()
+    (archive,) = (earlier_run / "previous").iterdir()
+    assert snapshot(archive)["pretrain_best.pth"] == before["pretrain_best.pth"]
+
+
+def test_resume_from_another_folder_moves_its_run_aside_and_continues_the_source_log(
+        corpus, tiny_tokenizer, earlier_run, tmp_path):
+    source = tmp_path / "source"
+    config = pt.TrainConfig(train_data=str(corpus[0]), val_data=str(corpus[1]), output_dir=str(source), n_layers=1,
+                            d_model=32, n_heads=2, max_seq_len=32, batch_size=2, max_steps=4, eval_interval=2,
+                            log_interval=1, device="cpu", dtype="float32", num_workers=1)
+    pt.GPTTrainer(config, tiny_tokenizer, show_progress=False).train(stop_after=2)
+    before = snapshot(earlier_run)
+    config.output_dir = str(earlier_run)
+    resumed = pt.GPTTrainer(config, tiny_tokenizer, resume=str(source / "pretrain_step_2.pth"), show_progress=False)
+    resumed.train()
+    (archive,) = (earlier_run / "previous").iterdir()
+    assert snapshot(archive)["pretrain_best.pth"] == before["pretrain_best.pth"]
+    steps = [r["step"] for r in resumed.metrics() if "train_loss" in r]
+    assert steps == [1, 2, 3, 4]  # the source's rows up to its checkpoint, then this run's
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(corpus, tiny_tokenizer, tmp_path):
+    config = pt.TrainConfig(train_data=str(corpus[0]), val_data=None, output_dir=str(tmp_path), n_layers=1,
+                            d_model=32, n_heads=2, max_seq_len=32, batch_size=2, max_steps=20, save_interval=2,
+                            eval_interval=100, log_interval=5, device="cpu", dtype="float32", num_workers=1)
+    trainer = pt.GPTTrainer(config, tiny_tokenizer, show_progress=False)
+    normal = trainer.loss_fn
+    trainer.loss_fn = lambda model, batch: normal(model, batch) * (float("nan") if trainer.step >= 3 else 1.0)
+    with pytest.raises(training.TrainError, match=r"non-finite .* by step 4: lower --lr"):
+        trainer.train()
+    good = gpt_model.load_checkpoint(tmp_path / "pretrain_step_2.pth")
+    assert good["step"] == 2 and all(torch.isfinite(v).all() for v in good["model_state_dict"].values())
+    assert not (tmp_path / "pretrain_step_4.pth").exists()
+
+
+# ----------------------------------------------------------------------------- byte_level_bpe
+
+def test_tokenizer_cli_errors_leave_the_existing_tokenizer_as_it_was(tiny_tokenizer_dir, tmp_path, capsys):
+    out = tmp_path / "tok"
+    ByteLevelBPETokenizer.from_pretrained(tiny_tokenizer_dir).save(out)
+    before = snapshot(out)
+    a_file = tmp_path / "a_file.txt"
+    a_file.write_text("x")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(corpus_lines(limit=50)), encoding="utf-8")
+    cases = [["--input", str(text), "--num_workers", "0"], ["--input", str(text), "--vocab_size", "abc"],
+             ["--input", str(text), "--vocab_size", "100"], ["--input", str(text), "--min_frequency", "0"],
+             ["--input", str(tmp_path / "missing.txt")], ["--input", str(empty)]]
+    for extra in cases:
+        code, err = run_main(byte_level_bpe.main, ["--output", str(out), *extra], capsys)
+        assert_one_line_error(code, err)
+    assert snapshot(out) == before
+    for target in (a_file, a_file / "sub"):
+        code, err = run_main(byte_level_bpe.main, ["--input", str(text), "--output", str(target)], capsys)
+        assert_one_line_error(code, err)
+    assert a_file.read_text() == "x"
+
+
+def test_tokenizer_save_is_all_or_nothing(tiny_tokenizer, tmp_path, monkeypatch):
+    out = tmp_path / "tok"
+    tiny_tokenizer.save(out)
+    (out / "README.md").write_text("mine")
+    before = snapshot(out)
+    other = ByteLevelBPETokenizer(vocab_size=300)
+    other.train(corpus_lines(limit=50), show_progress=False)
+    real_write = Path.write_text
+
+    def crash_on_merges(self, *args, **kwargs):
+        if self.name == "merges.txt":
+            raise OSError(28, "No space left on device", str(self))
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", crash_on_merges)
+    with pytest.raises(OSError):
+        other.save(out)
+    monkeypatch.undo()
+    assert snapshot(out) == before  # vocab.json was written, but only inside the temporary folder
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    other.save(out)
+    assert ByteLevelBPETokenizer.from_pretrained(out).fingerprint == other.fingerprint
+    assert (out / "README.md").read_text() == "mine"  # the user's other files are kept
+
+
+# ----------------------------------------------------------------------------- evaluator
+
+@pytest.fixture()
+def checkpoint(tiny_tokenizer, tiny_tokenizer_dir, tmp_path) -> Path:
+    import shutil
+
+    model = gpt_model.GPTModel(gpt_model.GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer),
+                                                               max_seq_len=32, n_layers=1, d_model=32, n_heads=2))
+    path = tmp_path / "ckpt" / "model.pth"
+    gpt_model.save_checkpoint(path, model, tokenizer_fingerprint=tiny_tokenizer.fingerprint)
+    shutil.copytree(tiny_tokenizer_dir, path.parent / "tokenizer")
+    return path
+
+
+@pytest.mark.parametrize("flags", [["--top_p", "0"], ["--top_p", "2"], ["--top_k", "-1"], ["--temperature", "0"],
+                                   ["--batch_size", "0"], ["--max_gen_len", "0"], ["--max_samples", "0"],
+                                   ["--temperature", "inf"], ["--model_type", "ppo"], ["--device", "tpu"],
+                                   ["--dtype", "int4"]], ids=lambda f: " ".join(f))
+def test_evaluator_bad_flags(flags, checkpoint, tmp_path, capsys):
+    data = tmp_path / "sft.json"
+    data.write_text(json.dumps([{"instruction": "a", "response": "b"}]), encoding="utf-8")
+    args = ["--model_path", str(checkpoint), "--model_type", "sft", "--test_data_path", str(data),
+            "--output", str(tmp_path / "report.json"), "--do_sample", "--no_progress", *flags]
+    code, err = run_main(evaluator.main, args, capsys)
+    assert_one_line_error(code, err)
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_evaluator_bad_files(checkpoint, tmp_path, capsys):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(b"fine\n\xff\xfe\n")
+    good = tmp_path / "val.txt"
+    good.write_text("\n".join(corpus_lines(VAL_TXT, limit=3)), encoding="utf-8")
+    cases = {f"{latin1}:2": ["--model_path", str(checkpoint), "--test_data_path", str(latin1)],
+             "is a folder": ["--model_path", str(checkpoint), "--test_data_path", str(good), "--output", str(tmp_path)],
+             "not found": ["--model_path", str(tmp_path / "missing.pth"), "--test_data_path", str(good)]}
+    for expected, args in cases.items():
+        code, err = run_main(evaluator.main, args + ["--no_progress"], capsys)
+        assert_one_line_error(code, err)
+        assert expected in err, (expected, err)
+
+
+# ----------------------------------------------------------------------------- data/build_pretrain_data.py
+
+def test_build_pretrain_data_refuses_a_missing_or_empty_corpus(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train.txt").write_text("earlier train\n")
+    (out / "val.txt").write_text("earlier val\n")
+    before = snapshot(out)
+    empty_corpus = tmp_path / "corpus"
+    (empty_corpus / "shakespeare").mkdir(parents=True)
+    (empty_corpus / "shakespeare" / "empty.txt").write_text("")
+    for corpus in (tmp_path / "missing", empty_corpus):
+        result = subprocess.run([sys.executable, str(BUILD_DATA), "--corpus", str(corpus), "--output", str(out)],
+                                capture_output=True, text=True, timeout=60)
+        assert_one_line_error(result.returncode, result.stderr)
+        assert snapshot(out) == before
+
+
+# ----------------------------------------------------------------------------- the Python API
+
+@pytest.mark.parametrize("call", [
+    lambda tok: tok.decode([-1]), lambda tok: tok.decode(None), lambda tok: tok.decode(["a"]),
+    lambda tok: tok.encode_ordinary(None), lambda tok: tok.encode(None), lambda tok: tok.train(None),
+    lambda tok: tok.train([b"bytes"]), lambda tok: ByteLevelBPETokenizer(vocab_size="abc"),
+    lambda tok: ByteLevelBPETokenizer(vocab_size=100), lambda tok: tok.encode("x", max_seq_len="9"),
+    lambda tok: list(tok.encode_many(["x"], num_workers=0)), lambda tok: tok.train(["x"], min_frequency=0),
+], ids=["decode-1", "decodeNone", "decodeStr", "encodeOrdNone", "encodeNone", "trainNone", "trainBytes",
+        "vocabStr", "vocabSmall", "maxLenStr", "workers0", "minFreq0"])
+def test_tokenizer_api_rejects_bad_input_with_a_value_error(call, tiny_tokenizer):
+    with pytest.raises(TokenizerError):
+        call(tiny_tokenizer)
+
+
+@pytest.mark.parametrize("kwargs", [dict(top_k=-1), dict(top_p=0.0), dict(top_p=2.0), dict(temperature=0.0),
+                                    dict(max_gen_len=-1), dict(top_k="5"), dict(temperature=float("nan")),
+                                    dict(repetition_penalty=0.0)], ids=str)
+def test_generate_rejects_bad_settings_with_a_value_error(kwargs):
+    model = gpt_model.GPTModel(gpt_model.GPTConfig.from_preset("tiny", vocab_size=300, max_seq_len=16, n_layers=1))
+    with pytest.raises(ValueError):
+        model.generate(torch.tensor([[0, 5]]), max_gen_len=kwargs.pop("max_gen_len", 3), **kwargs)
+    with pytest.raises(ValueError):
+        model.generate(None)
+
+
+# ----------------------------------------------------------------------------- interruption (real processes)
+
+SLOW_RUN = """
+import sys, time, torch, training, pretrain_trainer as pt
+delay, hang_at = float(sys.argv[1]), int(sys.argv[2])
+step = training.Trainer._train_step
+def slow_step(self):
+    time.sleep(delay)
+    return step(self)
+training.Trainer._train_step = slow_step
+save = torch.save
+def hanging_save(obj, path, *a, **k):
+    if hang_at and obj.get("step") == hang_at and obj.get("optimizer") is not None:
+        open(path, "wb").write(b"half a checkpoint")
+        time.sleep(600)
+    return save(obj, path, *a, **k)
+torch.save = hanging_save
+sys.exit(pt.main(sys.argv[3:]))
+"""
+
+
+def launch(args: list[str], delay: float = 0.0, hang_at: int = 0) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-c", SLOW_RUN, str(delay), str(hang_at), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path_glob: Path, process: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while not list(path_glob.parent.glob(path_glob.name)):
+        if process.poll() is not None or time.time() > deadline:
+            process.kill()
+            pytest.fail(f"{path_glob} never appeared: {process.communicate()[1][-2000:]}")
+        time.sleep(0.02)
+
+
+def train_losses(folder: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["train_loss"]) for r in training.read_metrics(folder / "metrics.jsonl") if "train_loss" in r]
+
+
+def interruption_args(corpus, tokenizer_dir, out: Path, *extra: str) -> list[str]:
+    return pretrain_args(corpus, tokenizer_dir, out, "--max_steps", "12", "--save_interval", "4",
+                         "--eval_interval", "100", "--log_interval", "1", "--num_threads", "1", "--dropout", "0.1",
+                         *extra)
+
+
+@pytest.fixture(scope="module")
+def straight_run(corpus, tiny_tokenizer_dir, tmp_path_factory) -> list[tuple[int, float]]:
+    out = tmp_path_factory.mktemp("straight")
+    process = launch(interruption_args(corpus, tiny_tokenizer_dir, out))
+    assert process.wait(timeout=120) == 0, process.communicate()[1]
+    return train_losses(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_saves_a_checkpoint_and_the_run_resumes_exactly(signum, corpus, tiny_tokenizer_dir, straight_run,
+                                                               tmp_path):
+    out = tmp_path / "run"
+    process = launch(interruption_args(corpus, tiny_tokenizer_dir, out), delay=0.1)
+    wait_for(out / "pretrain_step_4.pth", process)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == (130 if signum == signal.SIGINT else 143), err
+    assert "Traceback" not in err and "continue with --resume auto" in err
+    saved = int(err.split("at step ")[1].split(":")[0])
+    assert (out / f"pretrain_step_{saved}.pth").exists() and saved >= 4
+    resumed = launch(interruption_args(corpus, tiny_tokenizer_dir, out, "--resume", "auto"))
+    assert resumed.wait(timeout=120) == 0, resumed.communicate()[1]
+    assert train_losses(out) == straight_run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("during", ["training", "save"])
+def test_kill_9_then_resume_auto_continues_exactly_without_stale_files(during, corpus, tiny_tokenizer_dir,
+                                                                        straight_run, tmp_path):
+    out = tmp_path / "run"
+    if during == "training":
+        process = launch(interruption_args(corpus, tiny_tokenizer_dir, out), delay=0.1)
+        wait_for(out / "pretrain_step_4.pth", process)
+    else:  # hangs half way through writing step 8's checkpoint
+        process = launch(interruption_args(corpus, tiny_tokenizer_dir, out), hang_at=8)
+        wait_for(out / ".pretrain_step_8.pth.*.tmp", process)
+    process.kill()
+    process.communicate(timeout=30)
+    assert not (out / "pretrain_step_8.pth").exists() or during == "training"
+    resumed = launch(interruption_args(corpus, tiny_tokenizer_dir, out, "--resume", "auto"))
+    assert resumed.wait(timeout=120) == 0, resumed.communicate()[1]
+    assert not [p.name for p in out.rglob(".*") if p.name.endswith((".tmp", ".tmpdir", ".old"))]
+    assert train_losses(out) == straight_run
