@@ -415,7 +415,7 @@ class GPTSFTDataset(Dataset):
         return _sample(*self.samples[index])
 
 
-class GPTPPODataset(Dataset):
+class PreferencePairDataset(Dataset):
     """Preference pairs: each item holds ``prompt_input_ids`` and ``chosen_*`` / ``rejected_*`` sequences.
 
     Both sequences are ``<s> prompt answer </s>`` with labels -100 on the prompt (as in ``GPTSFTDataset``).
@@ -441,6 +441,60 @@ class GPTPPODataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return self.items[index]
+
+
+GPTPPODataset = PreferencePairDataset  # the seed's name for it
+
+
+class ShuffledBatches:
+    """Endless batches from a map-style dataset, reshuffled every epoch; resumable exactly (``state_dict``).
+
+    Each epoch's order is a permutation drawn from (seed, epoch), so the state is just (epoch, position). Under
+    DDP each rank takes every ``world_size``-th batch of the same order.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, collate, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if len(dataset) == 0:
+            raise DataError("cannot draw batches from an empty dataset")
+        self.dataset, self.batch_size, self.collate = dataset, batch_size, collate
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.dataset), generator=generator).tolist()
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Optimizer-visible batches per epoch on this rank."""
+        return max(1, math.ceil(len(self.dataset) / self.batch_size) // self.world_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.position >= self.batches_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._order = self._permutation(self.epoch)
+        start = (self.position * self.world_size + self.rank) * self.batch_size
+        indices = self._order[start:start + self.batch_size] or self._order[:self.batch_size]
+        self.position += 1
+        return self.collate([self.dataset[i] for i in indices])
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._permutation(self.epoch)
+
+
+def collate_pairs(items: Sequence[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Chosen and rejected sequences of preference pairs in ONE right-padded batch: rows [chosen..., rejected...]."""
+    sides = [{k.removeprefix(f"{side}_"): v for k, v in item.items() if k.startswith(f"{side}_")}
+             for side in ("chosen", "rejected") for item in items]
+    return collate_batch(sides, pad_token_id)
 
 
 def _pad_value(key: str, pad_token_id: int) -> int:

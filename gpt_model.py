@@ -295,6 +295,10 @@ class GPTModel(nn.Module):
             mask = (mask & key_valid[:, None, None, :]) | (key_pos == query_pos)
         return mask if mask.dim() == 4 else mask[None, None]
 
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final (post-ln_f) hidden states (B, T, d_model), without computing the (B, T, V) logits."""
+        return self._hidden_states(input_ids, attention_mask)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None, output_hidden_states: bool = False) -> dict[str, torch.Tensor | None]:
@@ -468,6 +472,42 @@ class GPTModel(nn.Module):
 _CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
+class GPTRewardModel(nn.Module):
+    """A GPT backbone with a scalar head: a value for every position (PPO's critic) and a score per sequence, the
+    value at its last real token (the reward model). Works with left or right padding."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = GPTModel(config)
+        self.head = nn.Linear(config.d_model, 1)
+        nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(config.d_model + 1))
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_language_model(cls, model: GPTModel) -> "GPTRewardModel":
+        """A reward/value model whose backbone starts as a copy of ``model`` (e.g. the SFT model)."""
+        reward = cls(model.config)
+        reward.backbone.load_state_dict(model.state_dict())
+        return reward.to(next(model.parameters()).device)
+
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) scalar per position."""
+        return self.head(self.backbone.hidden_states(input_ids, attention_mask)).squeeze(-1).float()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) score of each sequence: the value at its last real token."""
+        values = self.values(input_ids, attention_mask)
+        if attention_mask is None:
+            return values[:, -1]
+        positions = torch.arange(input_ids.size(1), device=input_ids.device)
+        last = (attention_mask.bool() * positions).argmax(dim=1)
+        return values.gather(1, last.unsqueeze(1)).squeeze(1)
+
+
+MODEL_CLASSES = {"lm": GPTModel, "reward": GPTRewardModel}
+
+
 def config_from_hf_gpt2(hf: dict[str, Any]) -> GPTConfig:
     """GPTConfig equivalent to a Hugging Face GPT2Config dict (config.json)."""
     activation = hf.get("activation_function", "gelu_new")
@@ -593,11 +633,19 @@ def _load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], s
 
 
 def _model_from_checkpoint(ckpt: dict[str, Any], source: str | os.PathLike) -> GPTModel:
+    """The model a checkpoint describes: its class ("lm" or "reward"), config, LoRA adapters, then its weights."""
     try:
         config = GPTConfig.from_dict(ckpt["config"])
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{source}: bad config in checkpoint: {exc}") from exc
-    model = GPTModel(config)
+    model_class = ckpt.get("model_class", "lm")
+    if model_class not in MODEL_CLASSES:
+        raise CheckpointError(f"{source}: unknown model_class {model_class!r}; expected one of {sorted(MODEL_CLASSES)}")
+    model = MODEL_CLASSES[model_class](config)
+    if ckpt.get("lora"):
+        import lora  # lazy: only LoRA checkpoints need it; the adapters are part of the saved state
+
+        lora.apply_lora(model, **ckpt["lora"])
     _load_state_dict_checked(model, ckpt["model_state_dict"], str(source))
     return model
 

@@ -17,9 +17,14 @@ IGNORE_INDEX = -100  # labels that are not scored (prompt tokens, padding), as i
 
 
 def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of ``logits[:, t]`` against ``labels[:, t + 1]`` (labels aligned with the inputs), -100 ignored."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                           ignore_index=IGNORE_INDEX, reduction=reduction)
+    """Cross-entropy of ``logits[:, t]`` against ``labels[:, t + 1]`` (labels aligned with the inputs), -100 ignored.
+
+    The labels are shifted, not the logits: slicing (B, T, V) logits would copy them (and their gradient) once more
+    per step; the last position gets label -100 instead.
+    """
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction=reduction)
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

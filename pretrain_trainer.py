@@ -153,47 +153,6 @@ def evaluate_stream(model: GPTModel, stream: data_loader.TokenStream, byte_lengt
 
 # ----------------------------------------------------------------------------- CLI
 
-def add_loop_arguments(p: argparse.ArgumentParser, d: training.TrainConfig) -> None:
-    """The flags of the shared training loop (every stage has them), each validated at parse time."""
-    pos_int, nonneg_int, pos_float, nonneg_float = cli.positive_int, cli.nonnegative_int, cli.positive_float, \
-        cli.nonnegative_float
-    p.add_argument("--output_dir", default=d.output_dir,
-                   help="where checkpoints, metrics.jsonl, loss_curve.png and tokenizer/ go (an earlier run there is "
-                        "moved to previous/ at this run's first checkpoint, never deleted)")
-    p.add_argument("--batch_size", type=pos_int, default=d.batch_size, help="sequences per micro-batch per process")
-    p.add_argument("--grad_accum", type=pos_int, default=d.grad_accum, help="micro-batches accumulated per optimizer step")
-    p.add_argument("--lr", type=pos_float, default=d.lr, help="peak learning rate (after warmup)")
-    p.add_argument("--min_lr_ratio", type=cli.fraction, default=d.min_lr_ratio,
-                   help="the cosine decays the lr to lr * min_lr_ratio")
-    p.add_argument("--warmup_steps", type=nonneg_int, default=d.warmup_steps, help="linear warmup steps")
-    p.add_argument("--weight_decay", type=nonneg_float, default=d.weight_decay, help="AdamW weight decay (2-D weights only)")
-    p.add_argument("--grad_clip", type=nonneg_float, default=d.grad_clip,
-                   help="clip the global gradient norm to this (0 = off)")
-    p.add_argument("--max_steps", type=pos_int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--epochs", type=pos_float, default=None, help="stop after this many passes over the training data")
-    p.add_argument("--max_minutes", type=pos_float, default=None,
-                   help="wall-clock budget from process start; the cosine schedule follows it")
-    p.add_argument("--eval_interval", type=pos_int, default=d.eval_interval,
-                   help="evaluate on the held-out data every N steps (and at the end)")
-    p.add_argument("--eval_batches", type=pos_int, default=None,
-                   help="batches per periodic evaluation (default: the whole held-out set)")
-    p.add_argument("--log_interval", type=pos_int, default=d.log_interval,
-                   help="log train loss / lr / tokens per second every N steps")
-    p.add_argument("--save_interval", type=pos_int, default=None,
-                   help="write <stage>_step_N.pth every N steps (default: --eval_interval)")
-    p.add_argument("--keep_last", type=nonneg_int, default=d.keep_last,
-                   help="keep only the last K <stage>_step_N.pth checkpoints (0 = keep all)")
-    p.add_argument("--dtype", default=d.dtype, choices=("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
-                   help="auto (bf16 on capable GPUs, fp16 on other GPUs, fp32 on CPU) or an explicit precision")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps or auto (default: auto)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of weights, data order and dropout")
-    p.add_argument("--resume", default=None,
-                   help="checkpoint to resume from, or 'auto' for the latest <stage>_step_N.pth in --output_dir "
-                        "(a fresh run when there is none)")
-    p.add_argument("--num_threads", type=pos_int, default=None, help="torch CPU threads (default: torch's choice)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(description="Pretrain a GPT on text files. With no arguments: train a BPE tokenizer "
@@ -225,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes for tokenizing the data (default: all cores)")
     p.add_argument("--samples", type=cli.nonnegative_int, default=100,
                    help="new tokens per sample generation printed at the end (0 = none)")
-    add_loop_arguments(p, d)
+    training.add_loop_arguments(p, d)
     p.set_defaults(output_dir="models/pretrain")
     return p
 
