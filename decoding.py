@@ -31,6 +31,11 @@ class DecodingError(ValueError):
 # ----------------------------------------------------------------------------- prompt helpers
 
 
+def max_prompt_len(max_seq_len: int, max_new_tokens: int) -> int:
+    """The longest prompt that leaves room for min(max_new_tokens, max_seq_len // 2) new tokens (at least one)."""
+    return max_seq_len - max(1, min(max_new_tokens, max_seq_len // 2))
+
+
 def encode_prompt(tokenizer, text: str, max_prompt_len: int) -> list[int]:
     """`<s> text` as ids; a longer prompt keeps `<s>` and its last tokens (with a warning)."""
     if max_prompt_len < 1:
