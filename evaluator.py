@@ -15,7 +15,6 @@ import json
 import math
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -28,6 +27,7 @@ import cli
 from atomic_file import atomic_path
 from data_loader import (GPTSFTDataset, build_sft_prompt, collate_batch, load_sft_records, read_documents,
                          record_instruction)
+from decoding import cut_at_eos, encode_prompt, left_pad, max_prompt_len
 from gpt_model import autocast_context, load_model_and_tokenizer, resolve_device, resolve_dtype
 from metrics import bits_per_byte, perplexity, sum_nll
 
@@ -141,20 +141,6 @@ def _length_sorted_batches(items: list[dict[str, torch.Tensor]], batch_size: int
         yield collate_batch(ordered[start:start + batch_size], pad_id)
 
 
-def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(ids) for ids in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, ids in enumerate(prompts):
-        input_ids[row, width - len(ids):] = torch.tensor(ids)
-        attention_mask[row, width - len(ids):] = 1
-    return input_ids, attention_mask
-
-
-def _until_eos(ids: list[int], eos_id: int) -> list[int]:
-    return ids[:ids.index(eos_id)] if eos_id in ids else ids
-
-
 def _check_data_format(path: str | os.PathLike, model_type: str) -> Path:
     """Fail early, with a hint, when the test file does not fit the model type."""
     path = Path(path)
@@ -219,23 +205,13 @@ class GPTEvaluator:
 
     # -- generation
 
-    def _encode_prompt(self, text: str, max_gen_len: int) -> list[int]:
-        """`<s> text`, keeping only the prompt's tail when it would leave no room to generate."""
-        ids = [self.tokenizer.bos_token_id] + self.tokenizer.encode_ordinary(text)
-        max_seq_len = self.model.config.max_seq_len
-        limit = max_seq_len - max(1, min(max_gen_len, max_seq_len // 2))
-        if len(ids) > limit:
-            warnings.warn(f"a prompt of {len(ids)} tokens was cut to its last {limit} "
-                          f"to leave room to generate in the {max_seq_len}-token context")
-            ids = [self.tokenizer.bos_token_id] + ids[len(ids) - limit + 1:]
-        return ids
-
     def generate_predictions(self, prompts: Sequence[str], max_gen_len: int = 100, top_k: int = 50, temperature: float = 0.8,
                              top_p: float = 1.0, do_sample: bool = True, batch_size: int = 16, seed: int | None = None) -> list[str]:
         """Continuations of `<s> prompt` (prompt tokens stripped, stopped at `</s>`), in batches through model.generate."""
         if batch_size < 1:
             raise EvaluationError(f"batch_size must be at least 1, got {batch_size}")
-        encoded = [self._encode_prompt(prompt, max_gen_len) for prompt in prompts]
+        limit = max_prompt_len(self.model.config.max_seq_len, max_gen_len)  # always leave room to generate
+        encoded = [encode_prompt(self.tokenizer, prompt, limit) for prompt in prompts]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths: little left padding
         generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         eos_id, pad_id = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
@@ -243,13 +219,13 @@ class GPTEvaluator:
         starts = range(0, len(order), batch_size)
         for start in self._progress(starts, "generate", len(starts)):
             rows = order[start:start + batch_size]
-            input_ids, attention_mask = _left_pad([encoded[i] for i in rows], pad_id)
+            input_ids, attention_mask = left_pad([encoded[i] for i in rows], pad_id)
             with autocast_context(self.device, self.dtype):
                 output = self.model.generate(input_ids.to(self.device), attention_mask=attention_mask.to(self.device), max_gen_len=max_gen_len,
                                              temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample,
                                              eos_token_id=eos_id, generator=generator)
             for i, new_ids in zip(rows, output[:, input_ids.shape[1]:].tolist()):
-                predictions[i] = self.tokenizer.decode(_until_eos(new_ids, eos_id), skip_special_tokens=True)
+                predictions[i] = self.tokenizer.decode(cut_at_eos(new_ids, eos_id), skip_special_tokens=True)
         return predictions
 
     # -- metrics on text

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from atomic_file import atomic_path
 from metrics import shifted_cross_entropy
-from transformer_components import KVCache, TransformerDecoderLayer
+from transformer_components import KVCacheView, TransformerDecoderLayer
 
 # ----------------------------------------------------------------------------- device / precision
 
@@ -142,42 +142,6 @@ PRESETS: dict[str, dict[str, int]] = {
     "gpt2-xl": dict(d_model=1600, n_layers=48, n_heads=25, d_ff=6400, max_seq_len=1024),
 }
 
-# ----------------------------------------------------------------------------- sampling processors
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL-style penalty on tokens already present: positive logits divided, negative multiplied."""
-    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalized, logits)
-
-
-def apply_top_k(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
-    """Keep the top_k largest logits per row (ties at the k-th value kept); None/0 keeps all."""
-    if not top_k or top_k >= logits.size(-1):
-        return logits
-    kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-    return logits.masked_fill(logits < kth_largest, float("-inf"))
-
-
-def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Nucleus filtering: keep the smallest set of tokens whose probability mass reaches top_p."""
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
-    probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # the most likely token always survives
-    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
-
-
-def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float,
-                      generator: torch.Generator | None) -> torch.Tensor:
-    """Temperature, top-k, top-p, then one multinomial draw per row -> (B,) token ids."""
-    logits = apply_top_p(apply_top_k(logits / temperature, top_k), top_p)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-
-
 # ----------------------------------------------------------------------------- model
 
 
@@ -221,51 +185,52 @@ class GPTModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def _check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, past_len: int) -> None:
+    def _check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, key_len: int) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point \
                 or input_ids.dtype == torch.bool or input_ids.is_complex():
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             dtype = input_ids.dtype if isinstance(input_ids, torch.Tensor) else None
             raise ValueError(f"input_ids must be a 2-D integer tensor (batch, seq_len), got {shape} {dtype}; "
                              "add a batch dimension with input_ids.unsqueeze(0)")
-        total = past_len + input_ids.size(1)
+        total = max(key_len, input_ids.size(1))
         if total > self.config.max_seq_len:
             raise ValueError(f"sequence length {total} exceeds max_seq_len {self.config.max_seq_len}; "
                              "truncate the input (tokenizer max_seq_len) or use a model with a longer context")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape "
-                             f"{tuple(input_ids.shape)} (with a kv_cache: the new tokens only)")
-        if not input_ids.is_cuda and input_ids.numel() > 0:  # on CUDA this check would force a sync per call
+                             f"{tuple(input_ids.shape)}")
+        # On CUDA this check would force a sync per call; a compiled decode step feeds back the model's own tokens.
+        if not input_ids.is_cuda and input_ids.numel() > 0 and not torch.compiler.is_compiling():
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= self.config.vocab_size:
                 raise ValueError(f"token id {high if high >= self.config.vocab_size else low} is outside the vocabulary "
                                  f"[0, {self.config.vocab_size}); the tokenizer does not match this model")
 
-    def _hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                       position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
-        """Final (post-ln_f) hidden states (B, T, d_model); the cache, if any, advances by T."""
-        past_len = kv_cache.length if kv_cache is not None else 0
-        self._check_inputs(input_ids, attention_mask, past_len)
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None, kv_cache: KVCacheView | None = None) -> torch.Tensor:
+        """Final (post-ln_f) hidden states (B, T, d_model).
+
+        With a kv_cache (a KVCacheView, see decoding.py) each row's keys go to its own cache slot and the
+        view's positions are the position ids; rows are never padded on the left there, so no attention_mask.
+        """
+        self._check_inputs(input_ids, attention_mask, kv_cache.key_len if kv_cache is not None else 0)
         B, T = input_ids.shape
         device = input_ids.device
-
         if kv_cache is not None:
-            key_valid = kv_cache.extend_padding(attention_mask, T, device)
+            if attention_mask is not None:
+                raise ValueError("with a kv_cache the view's per-row positions replace the attention_mask; pass none")
+            position_ids, attn_mask = kv_cache.positions, kv_cache.attention_mask()
         else:
             key_valid = self._padding_to_mask(attention_mask)
-
-        if position_ids is None:
-            if key_valid is None:
-                position_ids = torch.arange(past_len, past_len + T, device=device).unsqueeze(0)
-            else:  # left padding: each row counts its own real tokens
-                position_ids = (key_valid.long().cumsum(dim=1) - 1).clamp(min=0)[:, past_len:]
-
-        attn_mask = self._attention_mask(key_valid, past_len, T, device)
+            if position_ids is None:
+                if key_valid is None:
+                    position_ids = torch.arange(T, device=device).unsqueeze(0)
+                else:  # left padding: each row counts its own real tokens
+                    position_ids = (key_valid.long().cumsum(dim=1) - 1).clamp(min=0)
+            attn_mask = self._attention_mask(key_valid, T, device)
         x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(position_ids))
         for layer_idx, layer in enumerate(self.transformer.h):
             x = layer(x, attn_mask, kv_cache, layer_idx)
-        if kv_cache is not None:
-            kv_cache.advance(T)
         return self.transformer.ln_f(x)
 
     @staticmethod
@@ -283,27 +248,20 @@ class GPTModel(nn.Module):
         return valid
 
     @staticmethod
-    def _attention_mask(key_valid: torch.Tensor | None, past_len: int, T: int, device: torch.device) -> torch.Tensor | None:
-        """Boolean (B|1, 1, T, past_len + T) mask, or None when SDPA's own causal path is exact."""
-        if key_valid is None and (past_len == 0 or T == 1):
+    def _attention_mask(key_valid: torch.Tensor | None, T: int, device: torch.device) -> torch.Tensor | None:
+        """Boolean (B, 1, T, T) causal mask that also hides padding keys, or None when SDPA's causal path is exact."""
+        if key_valid is None:
             return None
-        query_pos = torch.arange(past_len, past_len + T, device=device).unsqueeze(1)
-        key_pos = torch.arange(past_len + T, device=device).unsqueeze(0)
-        mask = key_pos <= query_pos
-        if key_valid is not None:
-            # Every query may see itself, so padding rows never get an all-masked row (NaN in softmax).
-            mask = (mask & key_valid[:, None, None, :]) | (key_pos == query_pos)
-        return mask if mask.dim() == 4 else mask[None, None]
-
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Final (post-ln_f) hidden states (B, T, d_model), without computing the (B, T, V) logits."""
-        return self._hidden_states(input_ids, attention_mask)
+        pos = torch.arange(T, device=device)
+        # Every query may see itself, so padding rows never get an all-masked row (NaN in softmax).
+        mask = (pos[None, :] <= pos[:, None]) & key_valid[:, None, :] | (pos[None, :] == pos[:, None])
+        return mask[:, None]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, output_hidden_states: bool = False) -> dict[str, torch.Tensor | None]:
+                kv_cache: KVCacheView | None = None, output_hidden_states: bool = False) -> dict[str, torch.Tensor | None]:
         """logits (B, T, V); loss = mean CE of logits[:, t] vs labels[:, t + 1] over labels != -100 (None without labels)."""
-        hidden = self._hidden_states(input_ids, attention_mask, position_ids, kv_cache)
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache)
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
@@ -326,21 +284,21 @@ class GPTModel(nn.Module):
         At most max_seq_len - prompt_len new tokens are produced (the context window is never exceeded).
         Rows that emitted eos_token_id are filled with pad_token_id; generation stops once all rows did.
         do_sample=False is greedy (temperature/top_k/top_p ignored). use_cache=False recomputes the
-        whole sequence each step (slow; for verification and benchmarks).
+        whole sequence each step (slow; for verification and benchmarks). A thin wrapper over
+        decoding.DecodeEngine, the project's one decode loop.
         """
+        import decoding  # lazy: decoding imports this module
+
         self._check_inputs(input_ids, attention_mask, 0)
         self._check_generation_args(input_ids, max_gen_len, temperature, top_k, top_p, repetition_penalty, do_sample)
-        batch_size, prompt_len = input_ids.shape
-        n_new = min(max_gen_len, self.config.max_seq_len - prompt_len)
+        n_new = min(max_gen_len, self.config.max_seq_len - input_ids.size(1))
         was_training = self.training
-        self.eval()
         try:
-            with torch.inference_mode():
-                tokens = self._decode_loop(input_ids, attention_mask, n_new, temperature, top_k, top_p,
-                                           repetition_penalty, do_sample, eos_token_id, use_cache, generator)
+            return decoding.generate_padded(self, input_ids, attention_mask, n_new, temperature=temperature, top_k=top_k,
+                                            top_p=top_p, repetition_penalty=repetition_penalty, do_sample=do_sample,
+                                            eos_token_id=eos_token_id, use_cache=use_cache, generator=generator)
         finally:
             self.train(was_training)
-        return tokens.clone()  # a normal tensor, usable in autograd (inference tensors are not)
 
     def _check_generation_args(self, input_ids: torch.Tensor, max_gen_len: int, temperature: float,
                                top_k: int | None, top_p: float, repetition_penalty: float, do_sample: bool) -> None:
@@ -365,52 +323,6 @@ class GPTModel(nn.Module):
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if not repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0 (1.0 = off), got {repetition_penalty}")
-
-    def _decode_loop(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, n_new: int,
-                     temperature: float, top_k: int | None, top_p: float, repetition_penalty: float,
-                     do_sample: bool, eos_token_id: int | None, use_cache: bool,
-                     generator: torch.Generator | None) -> torch.Tensor:
-        batch_size, prompt_len = input_ids.shape
-        device = input_ids.device
-        tokens = torch.full((batch_size, prompt_len + n_new), self.config.pad_token_id, dtype=torch.long, device=device)
-        tokens[:, :prompt_len] = input_ids
-        prompt_mask = attention_mask.bool() if attention_mask is not None else None
-        full_mask = None
-        if prompt_mask is not None:
-            full_mask = torch.ones(batch_size, prompt_len + n_new, dtype=torch.bool, device=device)
-            full_mask[:, :prompt_len] = prompt_mask
-        seen = None
-        if repetition_penalty != 1.0:
-            valid = prompt_mask if prompt_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-            seen = torch.zeros(batch_size, self.config.vocab_size, device=device)
-            seen = seen.scatter_add_(1, input_ids.long(), valid.float()) > 0
-        finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
-        cache = KVCache(self.config.n_layers, batch_size, prompt_len + n_new) if use_cache else None
-
-        for cur in range(prompt_len, prompt_len + n_new):
-            if cache is not None:
-                new_tokens = tokens[:, cache.length:cur]
-                new_mask = prompt_mask if cache.length == 0 else None  # generated tokens are always real
-                hidden = self._hidden_states(new_tokens, new_mask, kv_cache=cache)
-            else:
-                mask = full_mask[:, :cur] if full_mask is not None else None
-                hidden = self._hidden_states(tokens[:, :cur], mask)
-            logits = self.lm_head(hidden[:, -1]).float()
-            if seen is not None:
-                logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-            if do_sample:
-                next_token = sample_next_token(logits, temperature, top_k, top_p, generator)
-            else:
-                next_token = logits.argmax(dim=-1)
-            if eos_token_id is not None:
-                next_token = next_token.masked_fill(finished, self.config.pad_token_id)
-                finished |= next_token == eos_token_id
-            tokens[:, cur] = next_token
-            if seen is not None:
-                seen[torch.arange(batch_size, device=device), next_token] = True
-            if eos_token_id is not None and bool(finished.all()):
-                return tokens[:, :cur + 1]
-        return tokens
 
     # ------------------------------------------------------------------ accounting and optimizer
 
@@ -638,6 +550,16 @@ def _model_from_checkpoint(ckpt: dict[str, Any], source: str | os.PathLike) -> G
         config = GPTConfig.from_dict(ckpt["config"])
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{source}: bad config in checkpoint: {exc}") from exc
+    quantization = ckpt.get("quantization")
+    if quantization == "int8":
+        # Lazy import, the one place the model layer reaches into inference/: the INT8 layers live there, and
+        # one loading entry point serves both checkpoint formats (evaluator, CLIs and server load either).
+        from inference.quantizer import model_from_int8_state
+
+        return model_from_int8_state(config, _strip_wrapper_prefixes(ckpt["model_state_dict"]),
+                                     ckpt.get("quantization_config", {}), str(source))
+    if quantization is not None:
+        raise CheckpointError(f"{source}: unknown quantization {quantization!r} (this version reads 'int8')")
     model_class = ckpt.get("model_class", "lm")
     if model_class not in MODEL_CLASSES:
         raise CheckpointError(f"{source}: unknown model_class {model_class!r}; expected one of {sorted(MODEL_CLASSES)}")

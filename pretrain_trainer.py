@@ -26,6 +26,7 @@ import data_loader
 import gpt_model
 import metrics
 from byte_level_bpe import ByteLevelBPETokenizer
+from decoding import encode_prompt
 from gpt_model import GPTConfig, GPTModel
 from training import (DistInfo, TrainError, Trainer, barrier, causal_lm_loss, find_resume_checkpoint,
                       init_distributed, lr_at, rng_state, set_rng_state)
@@ -220,10 +221,9 @@ def load_or_train_tokenizer(args: argparse.Namespace, info: DistInfo) -> ByteLev
 def print_samples(model: GPTModel, tokenizer: ByteLevelBPETokenizer, device: torch.device, max_new: int, seed: int) -> None:
     generator = torch.Generator(device=device).manual_seed(seed)
     for prompt in SAMPLE_PROMPTS:
-        input_ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer.encode_ordinary(prompt)]], device=device)
+        ids = encode_prompt(tokenizer, prompt, max(1, model.config.max_seq_len // 2))  # always leaves room to generate
+        input_ids = torch.tensor([ids], device=device)
         room = min(max_new, model.config.max_seq_len - input_ids.shape[1])  # stay inside the context window
-        if room <= 0:
-            continue
         out = model.generate(input_ids, max_gen_len=room, temperature=0.8, top_k=50, eos_token_id=tokenizer.eos_token_id, generator=generator)
         print(f"--- {tokenizer.decode(out[0].tolist())}")
 

@@ -6,68 +6,74 @@ replacements can be swapped in module by module.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
 class KVCache:
-    """Preallocated per-layer keys/values of shape (batch, n_heads, max_len, head_dim) plus a write position.
+    """Preallocated keys/values for n_slots independent sequences, per layer (n_slots, n_heads, max_len, head_dim).
 
-    One forward call on a chunk of T tokens goes: ``extend_padding(mask)`` (model), ``update(i, k, v)``
-    for every layer i (attention), then ``advance(T)`` (model). Buffers are allocated on the first
-    ``update`` of each layer, with the dtype and device of the keys written (so autocast just works).
+    Slots share no length: every forward pass says, through a KVCacheView, which slot each row uses and at
+    which positions its new tokens go; keys are written there in place (no torch.cat). Buffers are allocated
+    on the first write of each layer with the dtype and device of the keys (so autocast just works) and
+    zero-filled: masked-out positions still enter the attention product with weight 0, and 0 * NaN is NaN.
     """
 
-    def __init__(self, n_layers: int, batch_size: int, max_len: int):
-        self.n_layers, self.batch_size, self.max_len = n_layers, batch_size, max_len
+    def __init__(self, n_layers: int, n_slots: int, max_len: int):
+        self.n_layers, self.n_slots, self.max_len = n_layers, n_slots, max_len
         self.keys: list[torch.Tensor | None] = [None] * n_layers
         self.values: list[torch.Tensor | None] = [None] * n_layers
-        self.key_valid: torch.Tensor | None = None  # (batch, max_len) bool: False = padding key
-        self.has_padding = False
-        self.length = 0
+
+    def buffers(self, layer_idx: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's (keys, values) buffers, allocated like `like` (batch, n_heads, T, head_dim) on first use."""
+        if self.keys[layer_idx] is None:
+            shape = (self.n_slots, like.size(1), self.max_len, like.size(3))
+            self.keys[layer_idx] = like.new_zeros(shape)
+            self.values[layer_idx] = like.new_zeros(shape)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+@dataclass
+class KVCacheView:
+    """Where one forward pass of B rows x T new tokens writes and reads in a KVCache.
+
+    slots: (B,) slot of each row. positions: (B, T) position of each new token in its slot (also its
+    position embedding). key_len: cached positions attention reads, a host int (largest position + 1);
+    0 means every row starts a new sequence at position 0, so attention runs causally over the chunk itself
+    (right padding is then harmless: real tokens never see the padding after them). slot_range=(lo, hi)
+    says the rows are slots lo..hi-1 in order, so the cache is read through a view instead of a gather.
+    causal_only: all rows are at the same length with one new token, so no mask is needed.
+    """
+
+    cache: KVCache
+    slots: torch.Tensor
+    positions: torch.Tensor
+    key_len: int
+    slot_range: tuple[int, int] | None = None
+    causal_only: bool = False
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write (batch, n_heads, T, head_dim) keys/values at the current position; return views of all so far."""
-        start, end = self.length, self.length + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"KV cache overflow: {end} positions needed but the cache holds {self.max_len}; "
-                             "create the KVCache with a larger max_len")
-        if self.keys[layer_idx] is None:
-            shape = (k.size(0), k.size(1), self.max_len, k.size(3))
-            self.keys[layer_idx] = k.new_empty(shape)
-            self.values[layer_idx] = v.new_empty(shape)
-        cache_k, cache_v = self.keys[layer_idx], self.values[layer_idx]
-        cache_k[:, :, start:end] = k
-        cache_v[:, :, start:end] = v
-        return cache_k[:, :, :end], cache_v[:, :, :end]
+        """Write (B, n_heads, T, head_dim) keys/values at each row's positions; return the keys/values to attend to."""
+        cache_k, cache_v = self.cache.buffers(layer_idx, k)
+        rows = self.slots[:, None]
+        cache_k[rows, :, self.positions] = k.transpose(1, 2).to(cache_k.dtype)
+        cache_v[rows, :, self.positions] = v.transpose(1, 2).to(cache_v.dtype)
+        if self.key_len == 0:
+            return k, v
+        if self.slot_range is not None:
+            lo, hi = self.slot_range
+            return cache_k[lo:hi, :, :self.key_len], cache_v[lo:hi, :, :self.key_len]
+        return cache_k[self.slots, :, :self.key_len], cache_v[self.slots, :, :self.key_len]
 
-    def extend_padding(self, attention_mask: torch.Tensor | None, n_tokens: int, device: torch.device) -> torch.Tensor | None:
-        """Record which of the next n_tokens keys are real; return (batch, length + n_tokens) validity, or None if no padding."""
-        end = self.length + n_tokens
-        if end > self.max_len:
-            raise ValueError(f"KV cache overflow: {end} positions needed but the cache holds {self.max_len}; "
-                             "create the KVCache with a larger max_len")
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None
-        if attention_mask is None and not self.has_padding:
+    def attention_mask(self) -> torch.Tensor | None:
+        """Boolean (B, 1, T, key_len): a query sees the keys of its slot up to its own position; None if causal is exact."""
+        if self.key_len == 0 or self.causal_only:
             return None
-        if self.key_valid is None:
-            self.key_valid = torch.ones(self.batch_size, self.max_len, dtype=torch.bool, device=device)
-        if not self.has_padding:  # keys written before the first padded chunk were all real
-            self.key_valid[:, :self.length] = True
-            self.has_padding = True
-        self.key_valid[:, self.length:end] = True if attention_mask is None else attention_mask.bool()
-        return self.key_valid[:, :end]
-
-    def advance(self, n_tokens: int) -> None:
-        """Move the write position past the chunk every layer has just written."""
-        self.length += n_tokens
-
-    def reset(self) -> None:
-        """Forget the contents (buffers are kept and reused)."""
-        self.length = 0
-        self.has_padding = False
+        key_pos = torch.arange(self.key_len, device=self.positions.device)
+        return (key_pos <= self.positions[:, :, None])[:, None]
 
 
 class MultiHeadAttention(nn.Module):
@@ -83,11 +89,11 @@ class MultiHeadAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
+                kv_cache: KVCacheView | None = None, layer_idx: int = 0) -> torch.Tensor:
         """x: (B, T, C). attn_mask: boolean (B or 1, 1, T, keys), True = attend; None = plain causal.
 
-        None is only valid when queries and keys start at the same position (no cache, or an empty one)
-        or when there is a single query (one decode step), which attends to every cached key.
+        None is only valid when queries and keys start at the same position (no cache, or a new sequence in
+        the cache) or when there is a single query that attends to every key the cache returns.
         """
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
@@ -129,6 +135,6 @@ class TransformerDecoderLayer(nn.Module):
         self.mlp = FeedForwardNetwork(d_model, d_ff, dropout, bias)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, layer_idx: int = 0) -> torch.Tensor:
+                kv_cache: KVCacheView | None = None, layer_idx: int = 0) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), attn_mask, kv_cache, layer_idx)
         return x + self.mlp(self.ln_2(x))

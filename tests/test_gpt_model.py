@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from gpt_model import (
-    CheckpointError, GPTConfig, GPTModel, apply_repetition_penalty, apply_top_k, apply_top_p, autocast_context,
-    load_checkpoint, load_model_and_tokenizer, resolve_device, resolve_dtype, save_checkpoint,
+    CheckpointError, GPTConfig, GPTModel, autocast_context, load_checkpoint, load_model_and_tokenizer, resolve_device,
+    resolve_dtype, save_checkpoint,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -97,23 +97,6 @@ def test_hf_loading_errors(tmp_path, hf_pair):
         GPTModel.from_hf_gpt2(tmp_path)
 
 
-def test_sampling_processors_match_transformers():
-    from transformers.generation.logits_process import (
-        RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper,
-    )
-    torch.manual_seed(0)
-    logits = torch.randn(4, 50) * 3
-    history = torch.randint(0, 50, (4, 12))
-    assert torch.equal(apply_top_k(logits, 7), TopKLogitsWarper(7)(history, logits.clone()))
-    assert torch.equal(apply_top_p(logits, 0.8), TopPLogitsWarper(0.8)(history, logits.clone()))
-    seen = torch.zeros(4, 50, dtype=torch.bool).scatter_(1, history, True)
-    expected = RepetitionPenaltyLogitsProcessor(1.3)(history, logits.clone())
-    torch.testing.assert_close(apply_repetition_penalty(logits, seen, 1.3), expected)
-
-
-# ----------------------------------------------------------------------------- forward behaviour
-
-
 def test_causal_mask_future_tokens_never_change_past_logits(model):
     ids = torch.randint(0, 97, (2, 20))
     changed = ids.clone()
@@ -149,18 +132,31 @@ def test_right_padded_batch_matches_each_row_alone(model):
             torch.testing.assert_close(batch[i, :len(row)], alone, atol=1e-5, rtol=1e-5)
 
 
-def test_chunked_prefill_with_cache_matches_full_forward(model):
-    from transformer_components import KVCache
+def test_cache_slots_prefill_then_steps_match_full_forward(model):
+    """Two sequences of different lengths in cache slots 2 and 0, decoded token by token: same logits as no cache."""
+    from transformer_components import KVCache, KVCacheView
 
-    ids, mask = left_pad([[3, 4, 5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17]], pad_id=1)
+    seqs = [[3, 4, 5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17]]
+    prompt_lens, slots = [4, 2], torch.tensor([2, 0])
+    cache = KVCache(SMALL["n_layers"], n_slots=3, max_len=12)
     with torch.no_grad():
-        full = model(ids, attention_mask=mask)["logits"]
-        cache = KVCache(SMALL["n_layers"], 2, ids.size(1))
-        chunks = [model(ids[:, a:b], attention_mask=mask[:, a:b], kv_cache=cache)["logits"]
-                  for a, b in ((0, 4), (4, 8), (8, 9))]
-    real = mask.bool()
-    torch.testing.assert_close(torch.cat(chunks, dim=1)[real], full[real], atol=1e-5, rtol=1e-5)
-    assert cache.length == ids.size(1)
+        width = max(prompt_lens)
+        ids = torch.tensor([s[:width] for s in seqs])  # right-padded prompts: row 1's extra tokens are overwritten
+        view = KVCacheView(cache, slots, torch.arange(width).expand(2, width), key_len=0)
+        got = [[row] for row in model(ids, kv_cache=view)["logits"][[0, 1], [3, 1]]]
+        lengths = list(prompt_lens)
+        for _ in range(4):
+            step_ids = torch.tensor([[s[n]] for s, n in zip(seqs, lengths)])
+            positions = torch.tensor([[n] for n in lengths])
+            view = KVCacheView(cache, slots, positions, key_len=max(lengths) + 1)
+            for row, logits in enumerate(model(step_ids, kv_cache=view)["logits"][:, 0]):
+                got[row].append(logits)
+            lengths = [n + 1 for n in lengths]
+        for row, seq in enumerate(seqs):
+            full = model(torch.tensor([seq]))["logits"][0, prompt_lens[row] - 1:prompt_lens[row] + 4]
+            torch.testing.assert_close(torch.stack(got[row]), full, atol=1e-5, rtol=1e-5)
+    assert cache.keys[0].shape == (3, SMALL["n_heads"], 12, SMALL["d_model"] // SMALL["n_heads"])
+    assert cache.keys[0][1].abs().sum() == 0  # the unused slot was never written
 
 
 def test_loss_ignores_minus_100_labels(model):

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from transformer_components import FeedForwardNetwork, KVCache, MultiHeadAttention, TransformerDecoderLayer
+from transformer_components import FeedForwardNetwork, KVCache, KVCacheView, MultiHeadAttention, TransformerDecoderLayer
 
 D_MODEL, N_HEADS = 32, 4
 
@@ -94,58 +94,43 @@ def test_dropout_only_in_training():
 # ----------------------------------------------------------------------------- KV cache
 
 
-def test_kv_cache_update_returns_views_of_everything_written():
-    cache = KVCache(n_layers=2, batch_size=2, max_len=8)
-    k1, v1 = torch.randn(2, N_HEADS, 3, 5), torch.randn(2, N_HEADS, 3, 5)
-    k_all, v_all = cache.update(0, k1, v1)
-    assert k_all.shape == (2, N_HEADS, 3, 5) and torch.equal(k_all, k1) and torch.equal(v_all, v1)
-    assert cache.length == 0  # only advance() moves the position, after every layer wrote
-    cache.update(1, k1, v1)
-    cache.advance(3)
-    k2, v2 = torch.randn(2, N_HEADS, 1, 5), torch.randn(2, N_HEADS, 1, 5)
-    k_all, v_all = cache.update(0, k2, v2)
-    assert torch.equal(k_all, torch.cat([k1, k2], dim=2)) and torch.equal(v_all, torch.cat([v1, v2], dim=2))
-    assert k_all.data_ptr() == cache.keys[0].data_ptr()  # a view into the preallocated buffer, no copy
-    assert cache.keys[0].shape == (2, N_HEADS, 8, 5)
+def test_kv_cache_writes_each_row_at_its_own_slot_and_positions():
+    cache = KVCache(n_layers=2, n_slots=3, max_len=8)
+    k, v = torch.randn(2, N_HEADS, 1, 5), torch.randn(2, N_HEADS, 1, 5)
+    view = KVCacheView(cache, slots=torch.tensor([2, 0]), positions=torch.tensor([[5], [1]]), key_len=6)
+    k_all, v_all = view.update(0, k, v)
+    assert cache.keys[0].shape == (3, N_HEADS, 8, 5) and cache.keys[1] is None  # allocated per layer on first write
+    assert torch.equal(cache.keys[0][2, :, 5], k[0, :, 0]) and torch.equal(cache.values[0][0, :, 1], v[1, :, 0])
+    written = torch.zeros(3, 8, dtype=torch.bool)
+    written[2, 5] = written[0, 1] = True
+    assert (cache.keys[0].abs().sum(dim=(1, 3)) > 0).equal(written)  # nothing else touched (buffers start at zero)
+    assert k_all.shape == (2, N_HEADS, 6, 5) and torch.equal(k_all[0], cache.keys[0][2, :, :6])  # rows in view order
+    assert view.attention_mask()[:, 0, 0].tolist() == [[True] * 6, [True, True] + [False] * 4]
+
+
+def test_kv_cache_slot_range_reads_a_view_without_copying():
+    cache = KVCache(n_layers=1, n_slots=2, max_len=4)
+    view = KVCacheView(cache, torch.arange(2), torch.tensor([[0], [0]]), key_len=1, slot_range=(0, 2), causal_only=True)
+    k_all, _ = view.update(0, torch.randn(2, N_HEADS, 1, 3), torch.randn(2, N_HEADS, 1, 3))
+    assert k_all.data_ptr() == cache.keys[0].data_ptr() and view.attention_mask() is None
 
 
 def test_kv_cache_takes_dtype_of_keys():
-    cache = KVCache(n_layers=1, batch_size=1, max_len=4)
+    cache = KVCache(n_layers=1, n_slots=1, max_len=4)
     k = torch.randn(1, 2, 1, 3, dtype=torch.bfloat16)
-    cache.update(0, k, k)
+    KVCacheView(cache, torch.tensor([0]), torch.tensor([[0]]), key_len=1).update(0, k, k)
     assert cache.keys[0].dtype == torch.bfloat16
-
-
-def test_kv_cache_overflow_is_a_clear_error():
-    cache = KVCache(n_layers=1, batch_size=1, max_len=4)
-    with pytest.raises(ValueError, match="KV cache overflow"):
-        cache.update(0, torch.randn(1, 2, 5, 3), torch.randn(1, 2, 5, 3))
-    with pytest.raises(ValueError, match="KV cache overflow"):
-        cache.extend_padding(None, 5, torch.device("cpu"))
-
-
-def test_kv_cache_padding_tracking():
-    cache = KVCache(n_layers=1, batch_size=2, max_len=6)
-    cpu = torch.device("cpu")
-    assert cache.extend_padding(torch.ones(2, 2), 2, cpu) is None  # no padding anywhere: SDPA's causal path
-    cache.advance(2)
-    mask = torch.tensor([[0, 1], [1, 1]])
-    valid = cache.extend_padding(mask, 2, cpu)
-    assert valid.tolist() == [[True, True, False, True], [True, True, True, True]]
-    cache.advance(2)
-    assert cache.extend_padding(None, 1, cpu).tolist() == [[True, True, False, True, True], [True] * 5]
-    cache.reset()
-    assert cache.length == 0 and cache.extend_padding(None, 1, cpu) is None
 
 
 def test_incremental_attention_with_cache_matches_full(attention):
     x = torch.randn(2, 6, D_MODEL)
     full = attention(x)
-    cache = KVCache(n_layers=1, batch_size=2, max_len=6)
-    prefill = attention(x[:, :4], kv_cache=cache)  # empty cache + no mask: SDPA's causal path
-    cache.advance(4)
+    cache = KVCache(n_layers=1, n_slots=2, max_len=6)
+    slots = torch.tensor([1, 0])
+    fresh = KVCacheView(cache, slots, torch.arange(4).expand(2, 4), key_len=0)  # new sequences: causal over the chunk
+    prefill = attention(x[:, :4], fresh.attention_mask(), kv_cache=fresh)
     steps = []
     for t in (4, 5):
-        steps.append(attention(x[:, t:t + 1], kv_cache=cache))  # single query sees all cached keys
-        cache.advance(1)
+        view = KVCacheView(cache, slots, torch.tensor([[t], [t]]), key_len=t + 1)
+        steps.append(attention(x[:, t:t + 1], view.attention_mask(), kv_cache=view))
     torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), full, atol=1e-5, rtol=1e-5)

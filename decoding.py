@@ -1,0 +1,486 @@
+"""The project's one decode loop: a KV-cache engine that sequences join and leave, per-sequence sampling,
+stop strings and UTF-8-safe streaming, plus the generation prompt helpers.
+
+    engine = DecodeEngine(model, tokenizer, n_slots=8)
+    engine.add(encode_prompt(tokenizer, "ROMEO:", 200), SamplingParams(max_new_tokens=50, seed=0))
+    while engine.has_work:
+        for out in engine.step():           # one batched forward pass for every active sequence
+            print(out.text, end="")          # whole characters only
+
+Iteration-level scheduling as in Orca / vLLM / TGI: the cache has fixed slots, each with its own length and
+positions; `add` prefills new prompts into free slots (one forward pass for several), `step` decodes one token
+for every active slot, and a finished sequence frees its slot at once. `GPTModel.generate`, the evaluator,
+the trainer's samples and `inference/` all run through `DecodeEngine`.
+"""
+from __future__ import annotations
+
+import codecs
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, NamedTuple, Sequence
+
+import torch
+
+from transformer_components import KVCache, KVCacheView
+
+
+class DecodingError(ValueError):
+    """Bad generation input: sampling settings, prompts, or more sequences than free slots."""
+
+
+# ----------------------------------------------------------------------------- prompt helpers
+
+
+def max_prompt_len(max_seq_len: int, max_new_tokens: int) -> int:
+    """The longest prompt that leaves room for min(max_new_tokens, max_seq_len // 2) new tokens (at least one)."""
+    return max_seq_len - max(1, min(max_new_tokens, max_seq_len // 2))
+
+
+def encode_prompt(tokenizer, text: str, max_prompt_len: int) -> list[int]:
+    """`<s> text` as ids; a longer prompt keeps `<s>` and its last tokens (with a warning)."""
+    if max_prompt_len < 1:
+        raise DecodingError(f"max_prompt_len must be at least 1 (room for <s>), got {max_prompt_len}")
+    ids = [tokenizer.bos_token_id] + tokenizer.encode_ordinary(text)
+    if len(ids) > max_prompt_len:
+        warnings.warn(f"a prompt of {len(ids)} tokens was cut to its last {max_prompt_len} "
+                      "to leave room to generate in the model's context", stacklevel=2)
+        ids = [tokenizer.bos_token_id] + ids[len(ids) - max_prompt_len + 1:]
+    return ids
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of prompts padded on the left to the longest, as GPTModel.generate takes them."""
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids):] = 1
+    return input_ids, attention_mask
+
+
+def cut_at_eos(ids: Sequence[int], eos_id: int | None) -> list[int]:
+    """The ids before the first eos_id (all of them when there is none)."""
+    ids = list(ids)
+    return ids[:ids.index(eos_id)] if eos_id is not None and eos_id in ids else ids
+
+
+# ----------------------------------------------------------------------------- sampling processors
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float | torch.Tensor) -> torch.Tensor:
+    """CTRL-style penalty on tokens already present: positive logits divided, negative multiplied (per row if a tensor)."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def apply_top_k(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
+    """Keep the top_k largest logits per row (ties at the k-th value kept); None/0 keeps all."""
+    if not top_k or top_k >= logits.size(-1):
+        return logits
+    kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+    return logits.masked_fill(logits < kth_largest, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering: keep the smallest set of tokens whose probability mass reaches top_p."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # the most likely token always survives
+    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-sequence settings. do_sample=False is greedy (temperature/top_k/top_p ignored); seed makes one
+    sequence reproducible whatever else shares the batch; stop strings end it (and are not part of its text)."""
+
+    max_new_tokens: int = 100
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_k: int | None = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    eos_token_id: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
+        if self.max_new_tokens < 1:
+            raise DecodingError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.do_sample and not self.temperature > 0:
+            raise DecodingError(f"temperature must be > 0 when sampling, got {self.temperature}; use greedy decoding")
+        if self.top_k is not None and self.top_k < 0:
+            raise DecodingError(f"top_k must be >= 0 (0 or None = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise DecodingError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise DecodingError(f"repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty}")
+
+
+# ----------------------------------------------------------------------------- streaming text
+
+
+class IncrementalDetokenizer:
+    """Token ids in, text out in whole UTF-8 characters: the bytes of a character split across tokens are held
+    back until it is complete, so pieces never contain a U+FFFD the full decode lacks and join to the full decode."""
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+        self._tokenizer, self._skip = tokenizer, skip_special_tokens
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        return self._decoder.decode(self._tokenizer.decode_bytes([token_id], self._skip))
+
+    def flush(self) -> str:
+        """Whatever is still held (invalid UTF-8 at the very end becomes U+FFFD, as in tokenizer.decode)."""
+        return self._decoder.decode(b"", final=True)
+
+
+class StopStringMatcher:
+    """Finds stop strings in streamed text; text that may be the start of a stop string is held back."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self._held = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """(text safe to emit now, whether a stop string was reached: the text before it is then all that is left)."""
+        held = self._held + text
+        hits = [i for i in (held.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self._held = ""
+            return held[:min(hits)], True
+        keep = max((k for s in self.stops for k in range(1, len(s)) if held.endswith(s[:k])), default=0)
+        self._held = held[len(held) - keep:]
+        return held[:len(held) - keep], False
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
+
+# ----------------------------------------------------------------------------- the engine
+
+
+@dataclass(eq=False)
+class Request:
+    """One sequence in the engine: its prompt, settings, generated ids and the text emitted so far."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    slot: int
+    generator: torch.Generator | None = None
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None  # "eos", "stop", "length" or "aborted"
+    detokenizer: IncrementalDetokenizer | None = None
+    stop_matcher: StopStringMatcher | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class StepOutput(NamedTuple):
+    """One new token of one request: its id, the text it completed (may be empty) and whether the request ended."""
+
+    request: Request
+    token_id: int
+    text: str
+    finished: bool
+
+
+class DecodeEngine:
+    """Fixed-slot KV-cache decoding with iteration-level scheduling; puts the model in eval mode.
+
+    n_slots sequences at most run together; max_len (default: the model's context) bounds prompt + output.
+    use_cache=False recomputes every sequence in full each step (slow; for verification and benchmarks).
+    compile=True compiles the decode step with torch.compile over static shapes (every slot, the whole
+    cache length), as gpt-fast does. A tokenizer is needed for text, streaming and stop strings.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer=None, n_slots: int = 8, max_len: int | None = None,
+                 use_cache: bool = True, compile: bool = False):
+        if n_slots < 1:
+            raise DecodingError(f"n_slots must be at least 1, got {n_slots}")
+        config = model.config
+        if max_len is not None and not 1 < max_len:
+            raise DecodingError(f"max_len must be at least 2 (a prompt token and a new one), got {max_len}")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.n_slots, self.max_len = n_slots, min(max_len or config.max_seq_len, config.max_seq_len)
+        self.device = next(model.parameters()).device
+        self.cache = KVCache(config.n_layers, n_slots, self.max_len) if use_cache else None
+        if compile and not use_cache:
+            raise DecodingError("compile=True needs the KV cache (use_cache=True)")
+        self.compiled = compile
+        self.slots: list[Request | None] = [None] * n_slots
+        self.lengths = [0] * n_slots  # tokens of each slot already in the cache
+        self._slot_ids = torch.arange(n_slots, device=self.device)
+        self._last_tokens = torch.zeros(n_slots, dtype=torch.long, device=self.device)  # what each slot feeds next
+        self._seen: torch.Tensor | None = None  # (n_slots, vocab) bool, for repetition penalties
+        self._pending: list[StepOutput] = []  # first tokens sampled at prefill, returned by the next step()
+        self._decode = torch.compile(self._decode_logits, dynamic=False) if compile else self._decode_logits
+
+    # -- state
+
+    @property
+    def active(self) -> list[Request]:
+        return [r for r in self.slots if r is not None]
+
+    @property
+    def free_slots(self) -> list[int]:
+        return [slot for slot, r in enumerate(self.slots) if r is None]
+
+    @property
+    def has_work(self) -> bool:
+        """Sequences still decoding, or outputs not yet returned by step()."""
+        return bool(self._pending) or any(r is not None for r in self.slots)
+
+    def abort(self, request: Request) -> None:
+        """Stop a request now (e.g. its client left) and free its slot."""
+        if not request.finished:
+            request.finish_reason = "aborted"
+            self._free(request)
+
+    def _free(self, request: Request) -> None:
+        self.slots[request.slot] = None
+        self.lengths[request.slot] = 0
+
+    # -- joining
+
+    def add(self, prompt_ids: Sequence[int], params: SamplingParams = SamplingParams(),
+            generator: torch.Generator | None = None) -> Request:
+        """Prefill one prompt into a free slot and sample its first token (returned by the next step())."""
+        return self.add_many([prompt_ids], params, generator)[0]
+
+    @torch.inference_mode()
+    def add_many(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+                 generator: torch.Generator | None = None) -> list[Request]:
+        """Prefill several prompts in one forward pass into the lowest free slots.
+
+        A request with a seed gets its own generator; the others draw from `generator` (or torch's global RNG).
+        """
+        params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(params) != len(prompts):
+            raise DecodingError(f"got {len(prompts)} prompts but {len(params)} SamplingParams")
+        free = self.free_slots
+        if len(prompts) > len(free):
+            raise DecodingError(f"{len(prompts)} new sequences but only {len(free)} free slots; "
+                                "wait for running ones to finish or create the engine with more n_slots")
+        for ids in prompts:
+            self._check_prompt(ids)
+        if any(p.stop for p in params) and self.tokenizer is None:
+            raise DecodingError("stop strings need the engine's tokenizer: DecodeEngine(model, tokenizer)")
+        requests = [self._new_request(ids, p, slot, generator) for ids, p, slot in zip(prompts, params, free)]
+        if not requests:
+            return []
+        logits = self.prefill([r.slot for r in requests], [r.prompt_ids for r in requests])
+        self._pending.extend(self._emit(requests, logits))
+        return requests
+
+    def _check_prompt(self, ids: Sequence[int]) -> None:
+        if len(ids) == 0:
+            raise DecodingError("a prompt needs at least one token; start it with <s> (tokenizer.bos_token_id)")
+        if len(ids) >= self.max_len:
+            raise DecodingError(f"a prompt of {len(ids)} tokens leaves no room to generate within {self.max_len} "
+                                "positions; shorten it (encode_prompt keeps its tail)")
+        vocab = self.model.config.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+            raise DecodingError(f"prompt token ids must be ints in [0, {vocab}); the tokenizer does not match the model")
+
+    def _new_request(self, ids: Sequence[int], params: SamplingParams, slot: int,
+                     generator: torch.Generator | None) -> Request:
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        request = Request(list(ids), params, slot, generator)
+        if self.tokenizer is not None:
+            request.detokenizer = IncrementalDetokenizer(self.tokenizer)
+            request.stop_matcher = StopStringMatcher(params.stop)
+        self.slots[slot] = request
+        if params.repetition_penalty != 1.0 and self._seen is None:
+            self._seen = torch.zeros(self.n_slots, self.model.config.vocab_size, dtype=torch.bool, device=self.device)
+        if self._seen is not None:
+            self._seen[slot] = False
+            self._seen[slot, torch.tensor(request.prompt_ids, device=self.device)] = True
+        return request
+
+    def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Write the prompts' keys/values into the given slots (from position 0); float logits (B, V) of their last tokens.
+
+        Prompts are right-padded to one chunk: attention is causal within it, so padding after a prompt
+        never reaches its real tokens, and decoding later overwrites those positions.
+        """
+        lengths = [len(ids) for ids in prompts]
+        width = max(lengths)
+        ids = torch.tensor([list(p) + [0] * (width - len(p)) for p in prompts], dtype=torch.long, device=self.device)
+        view = None
+        if self.cache is not None:
+            positions = torch.arange(width, device=self.device).expand(len(prompts), width)
+            view = KVCacheView(self.cache, torch.tensor(list(slots), device=self.device), positions, key_len=0)
+        hidden = self.model.hidden_states(ids, kv_cache=view)
+        last = torch.tensor(lengths, device=self.device) - 1
+        for slot, n in zip(slots, lengths):
+            self.lengths[slot] = n
+        return self.model.lm_head(hidden[torch.arange(len(prompts), device=self.device), last]).float()
+
+    # -- decoding
+
+    def _decode_logits(self, tokens: torch.Tensor, view: KVCacheView) -> torch.Tensor:
+        """One cached forward step: (B, 1) tokens -> float logits (B, V). No host sync: compilable."""
+        return self.model.lm_head(self.model.hidden_states(tokens, kv_cache=view)[:, -1]).float()
+
+    def _cached_step_logits(self, active: list[int]) -> torch.Tensor:
+        # Rows are the slot range 0..hi-1, so the cache is read through views; free slots inside the range
+        # compute a throw-away row at position 0 (cheaper than gathering the cache of the active ones).
+        hi = self.n_slots if self.compiled else active[-1] + 1
+        positions = [self.lengths[s] if self.slots[s] is not None else 0 for s in range(hi)]
+        key_len = self.max_len if self.compiled else max(positions) + 1
+        causal_only = not self.compiled and len(active) == hi and min(positions) == key_len - 1
+        view = KVCacheView(self.cache, self._slot_ids[:hi], torch.tensor(positions, device=self.device)[:, None],
+                           key_len, slot_range=(0, hi), causal_only=causal_only)
+        logits = self._decode(self._last_tokens[:hi, None], view)
+        return logits if len(active) == hi else logits[torch.tensor(active, device=self.device)]
+
+    def _recomputed_logits(self, requests: list[Request]) -> torch.Tensor:
+        sequences = [r.prompt_ids + r.output_ids for r in requests]
+        width = max(map(len, sequences))
+        ids = torch.tensor([s + [0] * (width - len(s)) for s in sequences], dtype=torch.long, device=self.device)
+        hidden = self.model.hidden_states(ids)  # right padding: causal attention is exact for real tokens
+        last = torch.tensor([len(s) - 1 for s in sequences], device=self.device)
+        return self.model.lm_head(hidden[torch.arange(len(sequences), device=self.device), last]).float()
+
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        """Decode one token for every active sequence in one batched forward pass; finished ones free their slot."""
+        outputs, self._pending = self._pending, []
+        active = [slot for slot, r in enumerate(self.slots) if r is not None]
+        if not active:
+            return outputs
+        requests = [self.slots[s] for s in active]
+        if self.cache is None:
+            logits = self._recomputed_logits(requests)
+        else:
+            logits = self._cached_step_logits(active)
+            for slot in active:
+                self.lengths[slot] += 1
+        return outputs + self._emit(requests, logits)
+
+    def _sample(self, requests: list[Request], logits: torch.Tensor) -> torch.Tensor:
+        """One token per row with each request's own settings; rows drawing from the same generator share one draw."""
+        penalties = [r.params.repetition_penalty for r in requests]
+        if any(p != 1.0 for p in penalties):
+            seen = self._seen[torch.tensor([r.slot for r in requests], device=self.device)]
+            logits = apply_repetition_penalty(logits, seen, torch.tensor(penalties, device=self.device)[:, None])
+        tokens = logits.argmax(dim=-1)
+        groups: dict[tuple, list[int]] = {}
+        for row, r in enumerate(requests):
+            if r.params.do_sample:
+                p = r.params
+                groups.setdefault((p.temperature, p.top_k, p.top_p, id(r.generator)), []).append(row)
+        for (temperature, top_k, top_p, _), rows in groups.items():
+            index = torch.tensor(rows, device=self.device)
+            filtered = apply_top_p(apply_top_k(logits[index] / temperature, top_k), top_p)
+            generator = requests[rows[0]].generator
+            tokens[index] = torch.multinomial(filtered.softmax(dim=-1), 1, generator=generator).squeeze(1)
+        return tokens
+
+    def _emit(self, requests: list[Request], logits: torch.Tensor) -> list[StepOutput]:
+        tokens = self._sample(requests, logits)
+        slots = torch.tensor([r.slot for r in requests], device=self.device)
+        self._last_tokens[slots] = tokens
+        if self._seen is not None:
+            self._seen[slots, tokens] = True
+        # The one host sync per step: EOS, stop strings and streaming need the ids on the host.
+        return [self._record(r, token) for r, token in zip(requests, tokens.tolist())]
+
+    def _record(self, request: Request, token: int) -> StepOutput:
+        params = request.params
+        request.output_ids.append(token)
+        text, reason = "", None
+        if request.detokenizer is not None:
+            text, stopped = request.stop_matcher.push(request.detokenizer.push(token))
+            reason = "stop" if stopped else None
+        if reason is None:
+            if params.eos_token_id is not None and token == params.eos_token_id:
+                reason = "eos"
+            elif len(request.output_ids) >= params.max_new_tokens \
+                    or len(request.prompt_ids) + len(request.output_ids) >= self.max_len:
+                reason = "length"
+            if reason is not None and request.detokenizer is not None:
+                tail, stopped = request.stop_matcher.push(request.detokenizer.flush())
+                text += tail if stopped else tail + request.stop_matcher.flush()
+                reason = "stop" if stopped else reason
+        request.text += text
+        if reason is not None:
+            request.finish_reason = reason
+            self._free(request)
+        return StepOutput(request, token, text, reason is not None)
+
+    # -- drivers
+
+    def run(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+            generator: torch.Generator | None = None,
+            on_output: Callable[[StepOutput], None] | None = None) -> list[Request]:
+        """Decode every prompt, admitting waiting ones as slots free up (continuous batching); in input order."""
+        params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        waiting = list(zip(prompts, params))
+        done: list[Request] = []
+        while waiting or self.has_work:
+            admit = min(len(waiting), len(self.free_slots))
+            if admit:
+                batch, waiting = waiting[:admit], waiting[admit:]
+                done += self.add_many([ids for ids, _ in batch], [p for _, p in batch], generator)
+            for out in self.step():
+                if on_output is not None:
+                    on_output(out)
+        return done
+
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams = SamplingParams(),
+               generator: torch.Generator | None = None) -> Iterator[str]:
+        """Text of one new sequence as it is generated (whole characters; the pieces join to the full text)."""
+        if self.tokenizer is None:
+            raise DecodingError("streaming text needs the engine's tokenizer: DecodeEngine(model, tokenizer)")
+        request = self.add(prompt_ids, params, generator)
+        while not request.finished or self._pending:
+            for out in self.step():
+                if out.request is request and out.text:
+                    yield out.text
+
+
+# ----------------------------------------------------------------------------- GPTModel.generate
+
+
+def generate_padded(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, n_new: int,
+                    temperature: float = 1.0, top_k: int | None = 50, top_p: float = 1.0,
+                    repetition_penalty: float = 1.0, do_sample: bool = True, eos_token_id: int | None = None,
+                    use_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    """GPTModel.generate's batch form over the engine: left-padded prompts in, (B, width + steps) ids out.
+
+    Rows that ended early are filled with pad_token_id after their EOS; the width grows by the steps run.
+    """
+    batch, width = input_ids.shape
+    if n_new == 0:
+        return input_ids.clone()
+    rows = input_ids.tolist()
+    masks = attention_mask.tolist() if attention_mask is not None else [[1] * width] * batch
+    prompts = [[t for t, m in zip(row, mask) if m] for row, mask in zip(rows, masks)]
+    empty = [i for i, p in enumerate(prompts) if not p]
+    if empty:
+        raise DecodingError(f"row {empty[0]} of attention_mask has no real token; every prompt needs at least <s>")
+    params = SamplingParams(max_new_tokens=n_new, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                            top_p=top_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id)
+    engine = DecodeEngine(model, n_slots=batch, max_len=max(map(len, prompts)) + n_new, use_cache=use_cache)
+    requests = engine.run(prompts, params, generator)
+    steps = max(len(r.output_ids) for r in requests)
+    out = torch.full((batch, width + steps), model.config.pad_token_id, dtype=torch.long)
+    out[:, :width] = input_ids.cpu()
+    for row, request in enumerate(requests):
+        out[row, width:width + len(request.output_ids)] = torch.tensor(request.output_ids, dtype=torch.long)
+    return out.to(input_ids.device)

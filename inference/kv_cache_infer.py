@@ -1,0 +1,190 @@
+"""Text generation with the KV-cache engine (decoding.DecodeEngine): one prompt, a batch, a stream, or a chat.
+
+    python -m inference.kv_cache_infer --model_path models/pretrain/pretrain_best.pth --prompt "ROMEO:" --stream
+    python -m inference.kv_cache_infer --model_path models/sft/sft_best.pth --interactive   # /reset, /quit
+
+Prompts are `<s> text` (too long: the tail is kept, leaving room to generate); generation stops at `</s>`, at a
+stop string or after max_gen_len tokens. INT8 checkpoints (python -m inference.quantizer) load the same way.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from data_loader import SFT_TEMPLATE, build_sft_prompt
+from decoding import DecodeEngine, SamplingParams, encode_prompt, max_prompt_len
+from gpt_model import resolve_device
+
+
+def _prepare(model: torch.nn.Module, device: str | torch.device | None) -> torch.nn.Module:
+    return model.to(resolve_device(device)) if device is not None else model
+
+
+def _params(tokenizer, max_gen_len: int, top_k: int | None, temperature: float, top_p: float,
+            repetition_penalty: float, do_sample: bool, seed: int | None, stop: Sequence[str]) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_gen_len, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                          top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
+                          eos_token_id=tokenizer.eos_token_id, stop=tuple(stop))
+
+
+def generate_with_kv_cache(model, tokenizer, prompt: str, max_gen_len: int = 100, top_k: int | None = 50,
+                           temperature: float = 0.8, device: str | torch.device | None = None, top_p: float = 1.0,
+                           repetition_penalty: float = 1.0, do_sample: bool = True, seed: int | None = None,
+                           stop: Sequence[str] = ()) -> str:
+    """The continuation of `<s> prompt` (prompt not included), decoded with the KV cache."""
+    return generate_batch_with_kv_cache(model, tokenizer, [prompt], max_gen_len, top_k, temperature, device, top_p,
+                                        repetition_penalty, do_sample, seed, stop)[0]
+
+
+def generate_batch_with_kv_cache(model, tokenizer, prompts: Sequence[str], max_gen_len: int = 100,
+                                 top_k: int | None = 50, temperature: float = 0.8,
+                                 device: str | torch.device | None = None, top_p: float = 1.0,
+                                 repetition_penalty: float = 1.0, do_sample: bool = True, seed: int | None = None,
+                                 stop: Sequence[str] = (), n_slots: int = 8) -> list[str]:
+    """Continuations of several prompts, n_slots at a time (a finished one hands its slot to the next).
+
+    With a seed, prompt i is sampled with seed + i: each result is reproducible on its own.
+    """
+    model = _prepare(model, device)
+    engine = DecodeEngine(model, tokenizer, n_slots=min(n_slots, max(1, len(prompts))))
+    limit = max_prompt_len(engine.max_len, max_gen_len)
+    params = [_params(tokenizer, max_gen_len, top_k, temperature, top_p, repetition_penalty, do_sample,
+                      None if seed is None else seed + i, stop) for i in range(len(prompts))]
+    requests = engine.run([encode_prompt(tokenizer, p, limit) for p in prompts], params)
+    return [r.text for r in requests]
+
+
+def stream_with_kv_cache(model, tokenizer, prompt: str, max_gen_len: int = 100, top_k: int | None = 50,
+                         temperature: float = 0.8, device: str | torch.device | None = None, top_p: float = 1.0,
+                         repetition_penalty: float = 1.0, do_sample: bool = True, seed: int | None = None,
+                         stop: Sequence[str] = ()) -> Iterator[str]:
+    """Pieces of the continuation as tokens arrive: whole UTF-8 characters, joining to generate_with_kv_cache's text."""
+    model = _prepare(model, device)
+    engine = DecodeEngine(model, tokenizer, n_slots=1)
+    ids = encode_prompt(tokenizer, prompt, max_prompt_len(engine.max_len, max_gen_len))
+    yield from engine.stream(ids, _params(tokenizer, max_gen_len, top_k, temperature, top_p, repetition_penalty,
+                                          do_sample, seed, stop))
+
+
+# ----------------------------------------------------------------------------- chat
+
+
+def chat_prompt_ids(tokenizer, history: Sequence[tuple[str, str]], message: str, template: str, limit: int) -> list[int]:
+    """`<s> turn </s>` for every past turn (as SFT samples are written), then `<s>` + the new instruction.
+
+    The oldest turns are dropped to fit `limit` tokens; a single message too long keeps its tail.
+    """
+    current = encode_prompt(tokenizer, build_sft_prompt(message, template), limit)
+    turns = [[tokenizer.bos_token_id, *tokenizer.encode_ordinary(build_sft_prompt(user, template) + reply),
+              tokenizer.eos_token_id] for user, reply in history]
+    while turns and sum(map(len, turns)) + len(current) > limit:
+        turns.pop(0)
+    return [t for turn in turns for t in turn] + current
+
+
+def chat(model, tokenizer, template: str = SFT_TEMPLATE, params: SamplingParams | None = None,
+         read: Callable[[str], str] = input, write: Callable[[str], None] | None = None) -> None:
+    """Terminal chat: replies stream as they are generated; /reset forgets the conversation, /quit (or Ctrl-C/D) ends."""
+    write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    params = params or SamplingParams(max_new_tokens=200, temperature=0.8, top_k=50, eos_token_id=tokenizer.eos_token_id)
+    engine = DecodeEngine(model, tokenizer, n_slots=1)
+    limit = max_prompt_len(engine.max_len, params.max_new_tokens)
+    history: list[tuple[str, str]] = []
+    write("chat: type a message; /reset starts over, /quit (or Ctrl-D) leaves\n")
+    try:
+        while True:
+            message = read(">>> ").strip()
+            if message == "/quit":
+                break
+            if message == "/reset":
+                history.clear()
+                write("(conversation reset)\n")
+                continue
+            if not message:
+                continue
+            pieces = []
+            for piece in engine.stream(chat_prompt_ids(tokenizer, history, message, template, limit), params):
+                pieces.append(piece)
+                write(piece)
+            write("\n")
+            history.append((message, "".join(pieces)))
+    except (EOFError, KeyboardInterrupt):
+        write("\n")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: Sequence[str] | None = None):
+    from inference import OneLineErrorParser
+
+    parser = OneLineErrorParser(description="Generate text from a GPTModel checkpoint (float or INT8) with the KV-cache "
+                                            "engine, or chat with an SFT model in the terminal.")
+    parser.add_argument("--model_path", required=True, help="checkpoint (.pth), float or INT8")
+    parser.add_argument("--tokenizer_dir", help="tokenizer folder (default: <checkpoint folder>/tokenizer)")
+    parser.add_argument("--prompt", action="append",
+                        help="text to continue (the model sees `<s> prompt`); repeat for a batch")
+    parser.add_argument("--interactive", action="store_true",
+                        help="chat in the terminal with the checkpoint's SFT template, streaming; /reset, /quit")
+    parser.add_argument("--stream", action="store_true", help="print text as it is generated (one --prompt)")
+    parser.add_argument("--max_gen_len", type=int, default=100, help="most new tokens per reply (default: 100)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default: 0.8)")
+    parser.add_argument("--top_k", type=int, default=50, help="keep the k most likely tokens, 0 = all (default: 50)")
+    parser.add_argument("--top_p", type=float, default=1.0, help="nucleus probability mass (default: 1.0 = off)")
+    parser.add_argument("--repetition_penalty", type=float, default=1.0, help="CTRL penalty, 1.0 = off (default)")
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding (sampling flags ignored)")
+    parser.add_argument("--seed", type=int, help="seed for reproducible sampling (prompt i uses seed + i)")
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not part of the output")
+    parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    args = parser.parse_args(argv)
+    if not args.prompt and not args.interactive:
+        parser.error("give --prompt TEXT (repeatable) or --interactive")
+    if args.prompt and args.interactive:
+        parser.error("--prompt and --interactive do not combine; pick one")
+    if args.stream and args.prompt and len(args.prompt) > 1:
+        parser.error("--stream takes a single --prompt")
+    if args.max_gen_len < 1:
+        parser.error("--max_gen_len must be at least 1")
+    if args.threads < 0:
+        parser.error("--threads must be >= 0")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from byte_level_bpe import TokenizerError
+    from decoding import DecodingError
+    from gpt_model import CheckpointError, load_model_and_tokenizer, load_checkpoint
+
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model, tokenizer = load_model_and_tokenizer(args.model_path, args.tokenizer_dir, device=args.device)
+        sampling = dict(max_gen_len=args.max_gen_len, top_k=args.top_k, temperature=args.temperature, top_p=args.top_p,
+                        repetition_penalty=args.repetition_penalty, do_sample=not args.greedy, seed=args.seed,
+                        stop=args.stop)
+        params = _params(tokenizer, **sampling)  # validates the sampling flags before any generation
+        if args.interactive:
+            template = load_checkpoint(args.model_path).get("sft_template", SFT_TEMPLATE)
+            chat(model, tokenizer, template, params)
+        elif args.stream:
+            for piece in stream_with_kv_cache(model, tokenizer, args.prompt[0], **sampling):
+                print(piece, end="", flush=True)
+            print()
+        else:
+            for prompt, text in zip(args.prompt, generate_batch_with_kv_cache(model, tokenizer, args.prompt, **sampling)):
+                print(f"--- {prompt}{text}")
+    except (CheckpointError, TokenizerError, DecodingError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print()
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
