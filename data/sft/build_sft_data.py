@@ -213,8 +213,10 @@ def pairwise_records(examples: Sequence[Example], rng: random.Random) -> list[di
 
 
 def write_json(path: Path, records: list[dict[str, str]]) -> None:
+    """A JSON list with one record per line (readable, small diffs), written atomically."""
+    lines = ",\n".join(json.dumps(record, ensure_ascii=False) for record in records)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(records, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        tmp.write_text(f"[\n{lines}\n]\n", encoding="utf-8")
 
 
 def build(corpus: Path, output_dir: Path, seed: int, sizes: Sizes = Sizes()) -> dict[str, Counter]:
