@@ -15,6 +15,7 @@ spec.loader.exec_module(build_sft)
 
 FILES = ("sft_data.json", "sft_test.json", "rlhf_pairwise.json", "rlhf_pairwise_test.json")
 CORPUS = TRAIN_TXT.read_text(encoding="utf-8").splitlines()
+PUNCT = "[，。？！；：、]"  # what separates the lines of a poem (and "：" its body from the title)
 POEM_DOCS = [line for line in CORPUS if line.startswith("《")]
 SPEECHES_BY_FIRST_WORDS = {}  # (first 3 words of the speech) -> corpus lines, to find a speech without a full scan
 for _line in CORPUS:
@@ -52,7 +53,7 @@ def next_line_answer(instruction):
     found = set()
     for doc in POEM_DOCS:
         body = doc.split("：", 1)[1]
-        found |= set(re.findall(rf"(?:^|[，。？！；：、]){re.escape(line)}[，。？！；：、]([^，。？！；：、]+)", body))
+        found |= set(re.findall(rf"(?:^|{PUNCT}){re.escape(line)}{PUNCT}([^，。？！；：、]+)", body))
     return found
 
 
@@ -75,7 +76,7 @@ def source_documents(record):
     ins = record["instruction"]
     if record["task"] == "poem_next_line":
         line = ins.removeprefix("下一句：")
-        return {doc for doc in POEM_DOCS if re.search(rf"(?:：|[，。？！；、]){re.escape(line)}[，。？！；：、]", doc)}
+        return {doc for doc in POEM_DOCS if re.search(rf"{PUNCT}{re.escape(line)}{PUNCT}", doc)}
     if record["task"] == "poem_author":
         return {doc for doc in POEM_DOCS if doc.startswith(ins.removesuffix("的作者是？") + " ")}
     excerpt = re.fullmatch(r'Who says: "(.*)"', ins).group(1)

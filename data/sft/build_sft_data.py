@@ -24,7 +24,7 @@ import random
 import re
 import sys
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -234,7 +234,7 @@ def build(corpus: Path, output_dir: Path, seed: int, sizes: Sizes = Sizes()) -> 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/test split, the sampling and the wrong answers")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, the sampling and the wrong answers")
     p.add_argument("--output_dir", type=Path, default=DEFAULT_OUTPUT, help="folder the four .json files are written to")
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS,
                    help="the pretraining corpus (one document per line) the poem and speaker families come from")
@@ -258,7 +258,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     for name, per_task in counts.items():
-        print(f"{args.output_dir / name}: {sum(per_task.values())} records ({', '.join(f'{k} {v}' for k, v in sorted(per_task.items()))})")
+        families = ", ".join(f"{task} {n}" for task, n in sorted(per_task.items()))
+        print(f"{args.output_dir / name}: {sum(per_task.values())} records ({families})")
 
 
 if __name__ == "__main__":
