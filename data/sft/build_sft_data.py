@@ -1,0 +1,266 @@
+"""Build the finetuning demo data in data/sft/ from the embedded corpus, deterministically for a seed.
+
+Four task families, each with one exact answer that a checker can verify:
+
+- ``arithmetic``: ``计算 {a} + {b} = ?`` -> ``{a + b}`` with 0 <= a, b <= 99 (the fixed format results compare on);
+- ``poem_next_line``: ``下一句：{line}`` -> the line that follows it in a Tang/Song poem;
+- ``poem_author``: ``{《title》}的作者是？`` -> the poet;
+- ``speaker``: ``Who says: "{first words of a speech}"`` -> the Shakespeare character who speaks it.
+
+The corpus families only use documents of ``data/pretrain/train.txt`` (what the pretrained model has read), so SFT
+teaches the format and the model must recall the answer. One split of prompts serves every file: train files
+(``sft_data.json``, ``rlhf_pairwise.json``) draw from the train prompts, test files (``sft_test.json``,
+``rlhf_pairwise_test.json``) from the rest, and corpus test prompts come from documents (poems, speeches) that
+give no train prompt. Preference pairs reject a plausible wrong answer: a near-miss sum (+-1, +-10), a truncated
+answer, another poem's line, another poet, or the speaker of a nearby speech (usually the same scene).
+
+    python data/sft/build_sft_data.py [--seed 0] [--output_dir data/sft]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: make atomic_file importable
+from atomic_file import atomic_path  # noqa: E402
+
+DEFAULT_OUTPUT = Path("data/sft")
+DEFAULT_CORPUS = Path("data/pretrain/train.txt")
+ARITHMETIC_PROMPT = "计算 {a} + {b} = ?"
+NEXT_LINE_PROMPT = "下一句：{line}"
+AUTHOR_PROMPT = "{title}的作者是？"
+SPEAKER_PROMPT = 'Who says: "{excerpt}"'
+POEM = re.compile(r"^(《[^》]+》\S*) (\S+?)：(.+)$")  # 《title》[其二] author：lines
+SPEECH = re.compile(r"^([A-Z][A-Z'\- ]*[A-Z]): (.+)$")  # SPEAKER: speech
+CLAUSE_END = re.compile(r"[，。？！；：、]")
+LINE_CHARS = (4, 9)  # poem lines used as prompts or answers (5 and 7 characters in regular verse)
+MAX_TITLE_CHARS = 16
+EXCERPT_WORDS = 8
+OUTPUT_FILES = ("sft_data.json", "sft_test.json", "rlhf_pairwise.json", "rlhf_pairwise_test.json")
+
+
+class BuildError(ValueError):
+    """The corpus is missing or cannot give the requested data."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt with its exact answer and the plausible wrong answers a preference pair may reject."""
+
+    task: str
+    instruction: str
+    response: str
+    wrong: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How many prompts each family contributes to the train and test splits."""
+
+    arithmetic_train: int = 2000
+    arithmetic_test: int = 500
+    speaker_train: int = 1000
+    speaker_test: int = 300
+    poem_test_fraction: float = 0.15
+    lines_per_poem: int = 4
+
+
+# ----------------------------------------------------------------------------- corpus
+
+def read_corpus(path: Path) -> tuple[list[tuple[str, str, str]], list[tuple[str, str]]]:
+    """(poems as (title, author, body), speeches as (speaker, speech)) in corpus order."""
+    if not path.is_file():
+        raise BuildError(f"corpus file {path} not found: pass --corpus data/pretrain/train.txt "
+                         "(rebuild it with data/build_pretrain_data.py)")
+    poems, speeches = [], []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if match := POEM.match(line):
+            poems.append((match.group(1), match.group(2), match.group(3)))
+        elif match := SPEECH.match(line):
+            speeches.append((match.group(1), match.group(2)))
+    if not poems or not speeches:
+        raise BuildError(f"{path} holds {len(poems)} poems and {len(speeches)} speeches; both are needed "
+                         "(expected lines like '《title》 author：...' and 'SPEAKER: speech')")
+    return poems, speeches
+
+
+def poem_lines(body: str) -> list[str]:
+    """The lines (clauses between punctuation marks) of a poem body."""
+    return [clause for clause in CLAUSE_END.split(body) if clause]
+
+
+# ----------------------------------------------------------------------------- families
+
+def arithmetic_examples(rng: random.Random, sizes: Sizes) -> tuple[list[Example], list[Example]]:
+    """Distinct (a, b) pairs: test pairs first, train pairs from the rest, so no sum prompt is in both."""
+    pairs = [(a, b) for a in range(100) for b in range(100)]
+    if sizes.arithmetic_train + sizes.arithmetic_test > len(pairs):
+        raise BuildError(f"only {len(pairs)} distinct sums exist; ask for fewer arithmetic examples")
+    rng.shuffle(pairs)
+    test = pairs[:sizes.arithmetic_test]
+    train = pairs[sizes.arithmetic_test:sizes.arithmetic_test + sizes.arithmetic_train]
+    return [_arithmetic(a, b) for a, b in train], [_arithmetic(a, b) for a, b in test]
+
+
+def _arithmetic(a: int, b: int) -> Example:
+    total = a + b
+    wrong = {str(total + d) for d in (-10, -1, 1, 10) if total + d >= 0}
+    if total >= 10:
+        wrong.add(str(total)[:-1])  # truncated answer
+    return Example("arithmetic", ARITHMETIC_PROMPT.format(a=a, b=b), str(total), tuple(sorted(wrong)))
+
+
+def split_poems(rng: random.Random, poems: Sequence[tuple[str, str, str]], sizes: Sizes) -> tuple[list, list]:
+    """A seeded split of the poems (documents) into train and test."""
+    order = list(range(len(poems)))
+    rng.shuffle(order)
+    n_test = max(1, round(len(poems) * sizes.poem_test_fraction))
+    return [poems[i] for i in sorted(order[n_test:])], [poems[i] for i in sorted(order[:n_test])]
+
+
+def next_line_examples(rng: random.Random, poems: Sequence[tuple[str, str, str]], line_counts: Counter,
+                       sizes: Sizes) -> list[Example]:
+    """Up to ``lines_per_poem`` (line, next line) pairs per poem; the prompt line occurs once in the corpus."""
+    pool = [line for _, _, body in poems for line in poem_lines(body) if _line_ok(line)]
+    out = []
+    for _, _, body in poems:
+        lines = poem_lines(body)
+        pairs = [(a, b) for a, b in zip(lines, lines[1:]) if _line_ok(a) and _line_ok(b) and line_counts[a] == 1]
+        for line, following in rng.sample(pairs, min(len(pairs), sizes.lines_per_poem)):
+            others = [x for x in pool if len(x) == len(following) and x != following and x not in lines]
+            wrong = {following[:-1], following[:len(following) // 2], *rng.sample(others, min(3, len(others)))}
+            out.append(Example("poem_next_line", NEXT_LINE_PROMPT.format(line=line), following, tuple(sorted(wrong))))
+    return out
+
+
+def _line_ok(line: str) -> bool:
+    return LINE_CHARS[0] <= len(line) <= LINE_CHARS[1]
+
+
+def author_examples(rng: random.Random, poems: Sequence[tuple[str, str, str]], title_counts: Counter) -> list[Example]:
+    """One example per poem whose title is unique in the corpus (``《无题》`` has several poets) and short."""
+    authors = sorted({author for _, author, _ in poems})
+    out = []
+    for title, author, _ in poems:
+        if title_counts[title] != 1 or len(title) > MAX_TITLE_CHARS:
+            continue
+        others = [a for a in authors if a != author]
+        wrong = {*rng.sample(others, min(3, len(others)))}
+        if len(author) >= 3:
+            wrong.add(author[:-1])
+        out.append(Example("poem_author", AUTHOR_PROMPT.format(title=title), author, tuple(sorted(wrong))))
+    return out
+
+
+def speaker_examples(rng: random.Random, speeches: Sequence[tuple[str, str]], sizes: Sizes) -> tuple[list, list]:
+    """Speeches whose opening words are unique in the corpus; test and train speeches are disjoint."""
+    excerpts = [" ".join(speech.split()[:EXCERPT_WORDS]) for _, speech in speeches]
+    counts = Counter(excerpts)
+    usable = [i for i, (_, speech) in enumerate(speeches)
+              if len(speech.split()) >= EXCERPT_WORDS and counts[excerpts[i]] == 1]
+    if len(usable) < sizes.speaker_train + sizes.speaker_test:
+        raise BuildError(f"only {len(usable)} usable speeches for {sizes.speaker_train} train + "
+                         f"{sizes.speaker_test} test speaker examples; ask for fewer")
+    chosen = rng.sample(usable, sizes.speaker_train + sizes.speaker_test)
+    examples = [_speaker(speeches, excerpts, i) for i in chosen]
+    return examples[sizes.speaker_test:], examples[:sizes.speaker_test]
+
+
+def _speaker(speeches: Sequence[tuple[str, str]], excerpts: Sequence[str], index: int) -> Example:
+    speaker = speeches[index][0]
+    nearby = speeches[max(0, index - 6):index + 7]  # a few speeches either side: usually the same scene
+    wrong = {name for name, _ in nearby if name != speaker}
+    if not wrong:
+        wrong = {name for name, _ in speeches[max(0, index - 60):index + 61] if name != speaker}
+    return Example("speaker", SPEAKER_PROMPT.format(excerpt=excerpts[index]), speaker, tuple(sorted(wrong)))
+
+
+# ----------------------------------------------------------------------------- assembly
+
+def build_examples(corpus: Path, seed: int, sizes: Sizes = Sizes()) -> tuple[list[Example], list[Example]]:
+    """(train examples, test examples) of every family, each list shuffled with the seed."""
+    rng = random.Random(seed)
+    poems, speeches = read_corpus(corpus)
+    line_counts = Counter(line for _, _, body in poems for line in poem_lines(body))
+    title_counts = Counter(title for title, _, _ in poems)
+    arith_train, arith_test = arithmetic_examples(rng, sizes)
+    poems_train, poems_test = split_poems(rng, poems, sizes)
+    speaker_train, speaker_test = speaker_examples(rng, speeches, sizes)
+    train = [*arith_train, *next_line_examples(rng, poems_train, line_counts, sizes),
+             *author_examples(rng, poems_train, title_counts), *speaker_train]
+    test = [*arith_test, *next_line_examples(rng, poems_test, line_counts, sizes),
+            *author_examples(rng, poems_test, title_counts), *speaker_test]
+    rng.shuffle(train)
+    rng.shuffle(test)
+    return train, test
+
+
+def sft_records(examples: Sequence[Example]) -> list[dict[str, str]]:
+    return [{"instruction": e.instruction, "response": e.response, "task": e.task} for e in examples]
+
+
+def pairwise_records(examples: Sequence[Example], rng: random.Random) -> list[dict[str, str]]:
+    """One preference pair per example: the exact answer chosen, one of its plausible wrong answers rejected."""
+    return [{"instruction": e.instruction, "chosen": e.response, "rejected": rng.choice(e.wrong), "task": e.task}
+            for e in examples]
+
+
+def write_json(path: Path, records: list[dict[str, str]]) -> None:
+    """A JSON list with one record per line (readable, small diffs), written atomically."""
+    lines = ",\n".join(json.dumps(record, ensure_ascii=False) for record in records)
+    with atomic_path(path) as tmp:
+        tmp.write_text(f"[\n{lines}\n]\n", encoding="utf-8")
+
+
+def build(corpus: Path, output_dir: Path, seed: int, sizes: Sizes = Sizes()) -> dict[str, Counter]:
+    """Write the four files; returns the number of records per task family in each."""
+    train, test = build_examples(corpus, seed, sizes)
+    rng = random.Random(seed + 1)
+    files = {"sft_data.json": sft_records(train), "sft_test.json": sft_records(test),
+             "rlhf_pairwise.json": pairwise_records(train, rng), "rlhf_pairwise_test.json": pairwise_records(test, rng)}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name, records in files.items():
+        write_json(output_dir / name, records)
+    return {name: Counter(r["task"] for r in records) for name, records in files.items()}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, the sampling and the wrong answers")
+    p.add_argument("--output_dir", type=Path, default=DEFAULT_OUTPUT, help="folder the four .json files are written to")
+    p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS,
+                   help="the pretraining corpus (one document per line) the poem and speaker families come from")
+    p.add_argument("--arithmetic_train", type=int, default=Sizes.arithmetic_train,
+                   help="distinct sums (of the 10,000) in the train split")
+    p.add_argument("--arithmetic_test", type=int, default=Sizes.arithmetic_test, help="distinct held-out sums")
+    p.add_argument("--speaker_train", type=int, default=Sizes.speaker_train, help="speaker examples in the train split")
+    p.add_argument("--speaker_test", type=int, default=Sizes.speaker_test, help="speaker examples in the test split")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    sizes = Sizes(args.arithmetic_train, args.arithmetic_test, args.speaker_train, args.speaker_test)
+    if min(args.arithmetic_train, args.arithmetic_test, args.speaker_train, args.speaker_test) < 0:
+        print("error: example counts must be >= 0", file=sys.stderr)
+        sys.exit(2)
+    try:
+        counts = build(args.corpus, args.output_dir, args.seed, sizes)
+    except (BuildError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    for name, per_task in counts.items():
+        families = ", ".join(f"{task} {n}" for task, n in sorted(per_task.items()))
+        print(f"{args.output_dir / name}: {sum(per_task.values())} records ({families})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""The SFT / preference demo data: reproducible, split without leaks, every answer checked against the corpus."""
+import importlib.util
+import json
+import re
+import sys
+
+import pytest
+
+from conftest import ROOT, TRAIN_TXT
+
+spec = importlib.util.spec_from_file_location("build_sft_data", ROOT / "data" / "sft" / "build_sft_data.py")
+build_sft = importlib.util.module_from_spec(spec)
+sys.modules["build_sft_data"] = build_sft  # dataclasses look their module up while the file executes
+spec.loader.exec_module(build_sft)
+
+FILES = ("sft_data.json", "sft_test.json", "rlhf_pairwise.json", "rlhf_pairwise_test.json")
+CORPUS = TRAIN_TXT.read_text(encoding="utf-8").splitlines()
+PUNCT = "[，。？！；：、]"  # what separates the lines of a poem (and "：" its body from the title)
+POEM_DOCS = [line for line in CORPUS if line.startswith("《")]
+SPEECHES_BY_FIRST_WORDS = {}  # (first 3 words of the speech) -> corpus lines, to find a speech without a full scan
+for _line in CORPUS:
+    if ": " in _line:
+        SPEECHES_BY_FIRST_WORDS.setdefault(tuple(_line.split(": ", 1)[1].split()[:3]), []).append(_line)
+
+
+def load(folder, name):
+    return json.loads((folder / name).read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sft")
+    build_sft.main(["--seed", "0", "--output_dir", str(folder), "--corpus", str(TRAIN_TXT)])
+    return folder
+
+
+# Independent checkers: each re-derives the answer from the instruction and the raw corpus lines.
+
+def speeches_starting_with(excerpt):
+    candidates = SPEECHES_BY_FIRST_WORDS.get(tuple(excerpt.split()[:3]), [])
+    return {doc for doc in candidates if (doc.split(": ", 1)[1] + " ").startswith(excerpt + " ")}
+
+
+def arithmetic_answer(instruction):
+    match = re.fullmatch(r"计算 (\d+) \+ (\d+) = \?", instruction)
+    a, b = int(match.group(1)), int(match.group(2))
+    assert 0 <= a <= 99 and 0 <= b <= 99
+    return {str(a + b)}
+
+
+def next_line_answer(instruction):
+    line = instruction.removeprefix("下一句：")
+    found = set()
+    for doc in POEM_DOCS:
+        body = doc.split("：", 1)[1]
+        found |= set(re.findall(rf"(?:^|{PUNCT}){re.escape(line)}{PUNCT}([^，。？！；：、]+)", body))
+    return found
+
+
+def author_answer(instruction):
+    title = instruction.removesuffix("的作者是？")
+    return {doc[len(title) + 1:].split("：", 1)[0] for doc in POEM_DOCS if doc.startswith(title + " ")}
+
+
+def speaker_answer(instruction):
+    excerpt = re.fullmatch(r'Who says: "(.*)"', instruction).group(1)
+    return {doc.split(": ", 1)[0] for doc in speeches_starting_with(excerpt)}
+
+
+CHECKERS = {"arithmetic": arithmetic_answer, "poem_next_line": next_line_answer, "poem_author": author_answer,
+            "speaker": speaker_answer}
+
+
+def source_documents(record):
+    """The corpus lines a corpus-family prompt was built from."""
+    ins = record["instruction"]
+    if record["task"] == "poem_next_line":
+        line = ins.removeprefix("下一句：")
+        return {doc for doc in POEM_DOCS if re.search(rf"{PUNCT}{re.escape(line)}{PUNCT}", doc)}
+    if record["task"] == "poem_author":
+        return {doc for doc in POEM_DOCS if doc.startswith(ins.removesuffix("的作者是？") + " ")}
+    excerpt = re.fullmatch(r'Who says: "(.*)"', ins).group(1)
+    return speeches_starting_with(excerpt)
+
+
+def test_same_seed_gives_identical_files_and_matches_the_committed_data(built, tmp_path):
+    build_sft.main(["--seed", "0", "--output_dir", str(tmp_path), "--corpus", str(TRAIN_TXT)])
+    for name in FILES:
+        assert (tmp_path / name).read_bytes() == (built / name).read_bytes()
+        assert (ROOT / "data" / "sft" / name).read_bytes() == (built / name).read_bytes(), f"rebuild data/sft/{name}"
+    other = tmp_path / "seed1"
+    build_sft.main(["--seed", "1", "--output_dir", str(other), "--corpus", str(TRAIN_TXT)])
+    assert load(other, "sft_data.json") != load(built, "sft_data.json")
+
+
+def test_no_prompt_or_source_document_in_both_train_and_test(built):
+    train = load(built, "sft_data.json") + load(built, "rlhf_pairwise.json")
+    test = load(built, "sft_test.json") + load(built, "rlhf_pairwise_test.json")
+    assert not {r["instruction"] for r in train} & {r["instruction"] for r in test}
+    train_docs = set().union(*(source_documents(r) for r in train if r["task"] != "arithmetic"))
+    test_docs = set().union(*(source_documents(r) for r in test if r["task"] != "arithmetic"))
+    assert train_docs and test_docs and not train_docs & test_docs
+
+
+def test_sft_answers_are_the_unique_correct_answer(built):
+    for name in ("sft_data.json", "sft_test.json"):
+        records = load(built, name)
+        assert {r["task"] for r in records} == set(CHECKERS)
+        assert len({r["instruction"] for r in records}) == len(records)
+        for r in records:
+            assert set(r) == {"instruction", "response", "task"}
+            assert CHECKERS[r["task"]](r["instruction"]) == {r["response"]}, r
+
+
+def test_preference_pairs_choose_the_right_answer_and_reject_a_wrong_one(built):
+    for name, sft_name in (("rlhf_pairwise.json", "sft_data.json"), ("rlhf_pairwise_test.json", "sft_test.json")):
+        pairs = load(built, name)
+        assert [r["instruction"] for r in pairs] == [r["instruction"] for r in load(built, sft_name)]
+        for r in pairs:
+            assert set(r) == {"instruction", "chosen", "rejected", "task"}
+            answers = CHECKERS[r["task"]](r["instruction"])
+            assert r["chosen"] in answers and r["rejected"] not in answers and r["rejected"], r
+
+
+def test_near_miss_sums_are_plus_minus_one_or_ten_or_truncated(built):
+    for r in load(built, "rlhf_pairwise.json"):
+        if r["task"] == "arithmetic":
+            chosen, rejected = int(r["chosen"]), int(r["rejected"])
+            assert abs(chosen - rejected) in (1, 10) or r["chosen"][:-1] == r["rejected"]
+
+
+def test_counts_per_family(built):
+    counts = {}
+    for r in load(built, "sft_data.json"):
+        counts[r["task"]] = counts.get(r["task"], 0) + 1
+    assert counts["arithmetic"] == 2000 and counts["speaker"] == 1000
+    assert counts["poem_next_line"] > 500 and counts["poem_author"] > 200
+    assert sum(1 for r in load(built, "sft_test.json") if r["task"] == "arithmetic") == 500
+
+
+@pytest.mark.slow
+def test_every_example_fits_the_default_64_token_context(built):
+    from byte_level_bpe import ByteLevelBPETokenizer
+    from data_loader import SFT_TEMPLATE, read_documents
+
+    tokenizer = ByteLevelBPETokenizer(vocab_size=8192)  # what pretrain_trainer.py trains by default
+    tokenizer.train(read_documents(TRAIN_TXT), show_progress=False)
+    for name in FILES:
+        for r in load(built, name):
+            for answer in {r.get("response"), r.get("chosen"), r.get("rejected")} - {None}:
+                text = SFT_TEMPLATE.format(instruction=r["instruction"], response=answer)
+                assert len(tokenizer.encode_ordinary(text)) + 2 <= 64, text  # + <s> and </s>
+
+
+def test_missing_corpus_is_a_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_sft.main(["--corpus", str(tmp_path / "missing.txt"), "--output_dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: corpus file") and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_too_many_sums_is_a_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_sft.main(["--arithmetic_train", "9800", "--output_dir", str(tmp_path), "--corpus", str(TRAIN_TXT)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: only 10000 distinct sums")
