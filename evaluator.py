@@ -25,11 +25,13 @@ from tqdm import tqdm
 
 import cli
 from atomic_file import atomic_path
-from data_loader import (GPTSFTDataset, build_sft_prompt, collate_batch, load_sft_records, read_documents,
-                         record_instruction)
+from data_loader import (SFT_TEMPLATE, GPTSFTDataset, PreferencePairDataset, build_sft_prompt, collate_batch,
+                         collate_pairs, encode_prompt_response, load_preference_records, load_sft_records,
+                         read_documents, record_instruction)
 from decoding import cut_at_eos, encode_prompt, left_pad, max_prompt_len
-from gpt_model import autocast_context, load_model_and_tokenizer, resolve_device, resolve_dtype
-from metrics import bits_per_byte, perplexity, sum_nll
+from gpt_model import (GPTRewardModel, autocast_context, checkpoint_metadata, load_model_and_tokenizer, resolve_device,
+                       resolve_dtype)
+from metrics import bits_per_byte, exact_match, pairwise_accuracy, perplexity, sum_nll
 
 
 class EvaluationError(ValueError):
@@ -150,6 +152,9 @@ def _check_data_format(path: str | os.PathLike, model_type: str) -> Path:
     if model_type == "sft" and (path.is_dir() or suffix not in (".json", ".jsonl")):
         raise EvaluationError(f"SFT evaluation needs a .json or .jsonl file of {{\"instruction\", \"response\"}} records, "
                               f"got {path} (use --model_type pretrain for plain text)")
+    if model_type == "reward" and (path.is_dir() or suffix not in (".json", ".jsonl")):
+        raise EvaluationError(f"reward evaluation needs a .json or .jsonl file of {{\"instruction\", \"chosen\", "
+                              f"\"rejected\"}} records, got {path}")
     if model_type == "pretrain" and suffix == ".json":
         raise EvaluationError(f"pretrain evaluation reads .txt (one document per line) or .jsonl ({{\"text\": ...}}) files, "
                               f"got {path} (SFT records? use --model_type sft)")
@@ -180,7 +185,8 @@ class GPTEvaluator:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, device: str | torch.device | None = None,
-                 dtype: str | torch.dtype | None = "float32", show_progress: bool = True):
+                 dtype: str | torch.dtype | None = "float32", show_progress: bool = True,
+                 template: str = SFT_TEMPLATE):
         if device is not None:
             model = model.to(resolve_device(device))
         self.model = model
@@ -188,6 +194,7 @@ class GPTEvaluator:
         self.device = next(model.parameters()).device
         self.dtype = resolve_dtype(dtype, self.device)
         self.show_progress = show_progress
+        self.template = template  # the SFT template the model was trained with (stored in its checkpoint)
 
     def _progress(self, iterable: Iterable, desc: str, total: int | None = None) -> Iterable:
         return tqdm(iterable, desc=desc, total=total, disable=not self.show_progress, leave=False)
@@ -261,27 +268,89 @@ class GPTEvaluator:
 
     def evaluate_sft(self, test_data_path: str | os.PathLike, batch_size: int = 8, max_samples: int | None = None, max_gen_len: int = 100,
                      do_sample: bool = False, temperature: float = 0.8, top_k: int = 50, top_p: float = 1.0, seed: int | None = None,
-                     n_examples: int = 3) -> dict:
+                     n_examples: int = 3, reward_model: torch.nn.Module | None = None) -> dict:
         """Perplexity on response tokens only, plus BLEU/ROUGE of responses generated from the instructions (greedy by default)."""
         records = _take(load_sft_records(_check_data_format(test_data_path, "sft")), max_samples)
         if not records:
             raise EvaluationError(f"no records in {test_data_path}: the test set is empty")
-        dataset = GPTSFTDataset(records, self.tokenizer, self.model.config.max_seq_len)
+        dataset = GPTSFTDataset(records, self.tokenizer, self.model.config.max_seq_len, self.template)
         batches = _length_sorted_batches([dataset[i] for i in range(len(dataset))], batch_size, self.tokenizer.pad_token_id)
         total_nll, n_tokens = self._nll(batches, "response nll", math.ceil(len(dataset) / batch_size))
 
-        prompts = [build_sft_prompt(record_instruction(record)) for record in records]
+        prompts = [build_sft_prompt(record_instruction(record), self.template) for record in records]
         references = [record["response"] for record in records]
         predictions = self.generate_predictions(prompts, max_gen_len=max_gen_len, top_k=top_k, temperature=temperature, top_p=top_p,
                                                 do_sample=do_sample, batch_size=batch_size, seed=seed)
         rouge = rouge_scores(predictions, references)
+        scores = {}
+        if reward_model is not None:
+            scores["reward_score"] = mean_reward_score(reward_model, self.tokenizer, prompts, predictions, self.device)
         return {"loss": total_nll / n_tokens, "perplexity": perplexity(total_nll, n_tokens), "n_tokens": n_tokens, "n_samples": len(records),
+                **exact_match_by_task(predictions, records), **scores,
                 "bleu": compute_bleu(predictions, [[ref] for ref in references]),
                 "sentence_bleu": mean_sentence_bleu(predictions, [[ref] for ref in references]),
                 **{metric: rouge[metric]["f"] for metric in ROUGE_METRICS},
                 "rouge": rouge,
                 "examples": [{"prompt": p, "reference": r, "prediction": g}
                              for p, r, g in list(zip(prompts, references, predictions))[:n_examples]]}
+
+
+    def exact_match_by_task(self, test_data_path: str | os.PathLike, max_gen_len: int = 16, batch_size: int = 64,
+                            max_samples: int | None = None) -> dict[str, float]:
+        """Greedy exact match on held-out SFT records, overall and per "task" (without the BLEU/ROUGE pass)."""
+        records = _take(load_sft_records(_check_data_format(test_data_path, "sft")), max_samples)
+        prompts = [build_sft_prompt(record_instruction(record), self.template) for record in records]
+        predictions = self.generate_predictions(prompts, max_gen_len=max_gen_len, do_sample=False,
+                                                batch_size=batch_size)
+        return exact_match_by_task(predictions, records)
+
+    def evaluate_reward(self, test_data_path: str | os.PathLike, batch_size: int = 32,
+                        max_samples: int | None = None) -> dict:
+        """A reward model on held-out preference pairs: pairwise accuracy (chosen scored higher) and mean margin."""
+        records = _take(load_preference_records(_check_data_format(test_data_path, "reward")), max_samples)
+        if not records:
+            raise EvaluationError(f"no records in {test_data_path}: the test set is empty")
+        dataset = PreferencePairDataset(records, self.tokenizer, self.model.config.max_seq_len, self.template)
+        chosen, rejected = [], []
+        for start in self._progress(range(0, len(dataset), batch_size), "reward", math.ceil(len(dataset) / batch_size)):
+            batch = collate_pairs([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))],
+                                  self.tokenizer.pad_token_id)
+            with torch.no_grad(), autocast_context(self.device, self.dtype):
+                scores = self.model(batch["input_ids"].to(self.device),
+                                    attention_mask=batch["attention_mask"].to(self.device)).float()
+            c, r = scores.chunk(2)
+            chosen += c.tolist()
+            rejected += r.tolist()
+        margins = [c - r for c, r in zip(chosen, rejected)]
+        return {"pairwise_accuracy": pairwise_accuracy(chosen, rejected), "mean_margin": sum(margins) / len(margins),
+                "n_samples": len(records)}
+
+
+def exact_match_by_task(predictions: Sequence[str], records: Sequence[dict]) -> dict[str, float]:
+    """{"exact_match": overall, "exact_match/<task>": per task family} (records may carry a "task" field)."""
+    references = [r["response"] for r in records]
+    out = {"exact_match": exact_match(predictions, references)}
+    tasks = sorted({r["task"] for r in records if isinstance(r.get("task"), str)})
+    for task in tasks:
+        rows = [i for i, r in enumerate(records) if r.get("task") == task]
+        out[f"exact_match/{task}"] = exact_match([predictions[i] for i in rows], [references[i] for i in rows])
+    return out
+
+
+@torch.no_grad()
+def mean_reward_score(reward_model: torch.nn.Module, tokenizer, prompts: Sequence[str], responses: Sequence[str],
+                      device: torch.device, batch_size: int = 32) -> float:
+    """Mean reward-model score of ``<s> prompt response </s>`` sequences (as the reward model was trained)."""
+    reward_model.eval()
+    items = []
+    for prompt, response in zip(prompts, responses):
+        ids, _, _ = encode_prompt_response(tokenizer, prompt, response, reward_model.config.max_seq_len)
+        items.append({"input_ids": torch.tensor(ids), "attention_mask": torch.ones(len(ids), dtype=torch.long)})
+    scores = []
+    for start in range(0, len(items), batch_size):
+        batch = collate_batch(items[start:start + batch_size], tokenizer.pad_token_id)
+        scores += reward_model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).tolist()
+    return sum(scores) / len(scores)
 
 
 def _take(items: Iterable, limit: int | None) -> list:
@@ -302,7 +371,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--test_data_path", required=True,
                         help="pretrain: .txt (one document per line), .jsonl ({\"text\": ...}) or a folder of them; "
                              "sft: .json/.jsonl of {\"instruction\", \"response\"} records")
-    parser.add_argument("--model_type", choices=("pretrain", "sft"), default="pretrain", help="what to measure (default: pretrain)")
+    parser.add_argument("--model_type", choices=("pretrain", "sft", "reward"), default="pretrain",
+                        help="what to measure: pretrain (perplexity, bits/byte), sft (response perplexity, BLEU, "
+                             "ROUGE, exact match) or reward (pairwise accuracy, margin) (default: pretrain)")
+    parser.add_argument("--reward_model", help="sft: also report the mean score this reward model gives the responses")
     parser.add_argument("--tokenizer_dir", help="tokenizer folder (default: <checkpoint folder>/tokenizer)")
     parser.add_argument("--batch_size", type=cli.positive_int, default=8, help="sequences per forward pass / generation batch (default: 8)")
     parser.add_argument("--max_gen_len", type=cli.positive_int, default=100, help="sft: most new tokens per generated response (default: 100)")
@@ -329,18 +401,33 @@ def evaluate_checkpoint(checkpoint_path: str, args: argparse.Namespace) -> dict:
     """Load one checkpoint with its tokenizer and evaluate it as args say."""
     _check_data_format(args.test_data_path, args.model_type)  # before the (possibly slow) model load
     model, tokenizer = load_model_and_tokenizer(checkpoint_path, tokenizer_dir=args.tokenizer_dir, device=args.device)
-    evaluator = GPTEvaluator(model, tokenizer, dtype=args.dtype, show_progress=not args.no_progress)
+    is_reward = isinstance(model, GPTRewardModel)
+    if is_reward != (args.model_type == "reward"):
+        raise EvaluationError(f"{checkpoint_path} is a {'reward' if is_reward else 'language'} model: use "
+                              f"--model_type {'reward' if is_reward else 'pretrain or sft'}")
+    template = checkpoint_metadata(checkpoint_path).get("sft_template") or SFT_TEMPLATE
+    evaluator = GPTEvaluator(model, tokenizer, dtype=args.dtype, show_progress=not args.no_progress, template=template)
     if args.model_type == "pretrain":
         metrics = evaluator.evaluate_pretrained(args.test_data_path, batch_size=args.batch_size, max_samples=args.max_samples)
+    elif args.model_type == "reward":
+        metrics = evaluator.evaluate_reward(args.test_data_path, batch_size=args.batch_size, max_samples=args.max_samples)
     else:
+        reward_model = None
+        if args.reward_model:
+            reward_model, _ = load_model_and_tokenizer(args.reward_model, tokenizer_dir=args.tokenizer_dir,
+                                                       device=args.device)
+            if not isinstance(reward_model, GPTRewardModel):
+                raise EvaluationError(f"--reward_model {args.reward_model} is not a reward model")
         metrics = evaluator.evaluate_sft(args.test_data_path, batch_size=args.batch_size, max_samples=args.max_samples,
                                          max_gen_len=args.max_gen_len, do_sample=args.do_sample, temperature=args.temperature,
-                                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, reward_model=reward_model)
     return {"model_path": str(checkpoint_path), "n_parameters": sum(p.numel() for p in model.parameters()), **metrics}
 
 
 TABLE_METRICS = {"pretrain": ("loss", "perplexity", "bits_per_byte", "n_tokens"),
-                 "sft": ("loss", "perplexity", "bleu", "sentence_bleu", "rouge-1", "rouge-2", "rouge-l", "n_tokens")}
+                 "sft": ("loss", "perplexity", "bleu", "sentence_bleu", "rouge-1", "rouge-2", "rouge-l", "exact_match",
+                         "n_tokens"),
+                 "reward": ("pairwise_accuracy", "mean_margin", "n_samples")}
 
 
 def _model_names(reports: list[dict]) -> list[str]:
@@ -352,8 +439,10 @@ def format_table(reports: list[dict], model_type: str) -> str:
     names = _model_names(reports)
     width = max(12, *(len(n) for n in names))
     lines = [f"{'metric':<14}" + "".join(f"{n:>{width + 2}}" for n in names)]
-    for metric in TABLE_METRICS[model_type]:
-        cells = (f"{r[metric]:,}" if isinstance(r[metric], int) else f"{r[metric]:.4f}" for r in reports)
+    extra = sorted({k for r in reports for k in r if k.startswith("exact_match/") or k == "reward_score"})
+    for metric in [*TABLE_METRICS[model_type], *extra]:
+        cells = ("-" if metric not in r else f"{r[metric]:,}" if isinstance(r[metric], int) else f"{r[metric]:.4f}"
+                 for r in reports)
         lines.append(f"{metric:<14}" + "".join(f"{c:>{width + 2}}" for c in cells))
     return "\n".join(lines)
 

@@ -513,10 +513,21 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     except Exception as exc:  # torch raises many types for truncated / foreign files
         raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file ({type(exc).__name__}); "
                               "re-save it or pick another checkpoint") from exc
+    if isinstance(ckpt, dict) and "lora_state_dict" in ckpt and "base_model" in ckpt:
+        return ckpt  # LoRA adapters alone: _model_from_checkpoint loads the base model they name, then them
     if not isinstance(ckpt, dict) or "model_state_dict" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path} is not a GPTModel checkpoint (needs 'model_state_dict' and 'config' keys); "
                               "write checkpoints with gpt_model.save_checkpoint")
     return ckpt
+
+
+def checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's non-tensor entries (template, stage, step, ...) without reading its weights (memory-mapped)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # torch raises many types for truncated / foreign files
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file ({type(exc).__name__})") from exc
+    return {k: v for k, v in ckpt.items() if k not in ("model_state_dict", "optimizer", "critic", "critic_optimizer")}
 
 
 def _strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -546,6 +557,15 @@ def _load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], s
 
 def _model_from_checkpoint(ckpt: dict[str, Any], source: str | os.PathLike) -> GPTModel:
     """The model a checkpoint describes: its class ("lm" or "reward"), config, LoRA adapters, then its weights."""
+    if "lora_state_dict" in ckpt:  # an adapter file: the base checkpoint it was trained on, plus the adapters
+        import lora  # lazy: only LoRA checkpoints need it
+
+        base_path = ckpt["base_model"]
+        model = _model_from_checkpoint(load_checkpoint(base_path), base_path)
+        try:
+            return lora.load_lora_state_dict(model, ckpt)
+        except lora.LoRAError as err:
+            raise CheckpointError(f"{source}: {err}") from None
     try:
         config = GPTConfig.from_dict(ckpt["config"])
     except (ValueError, TypeError) as exc:

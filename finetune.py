@@ -1,0 +1,751 @@
+"""Finetuning on the shared training loop: SFT (full or LoRA), a reward model, and RLHF with PPO.
+
+    python finetune.py --mode sft                  # models/pretrain/pretrain_best.pth -> models/sft/sft_best.pth
+    python finetune.py --mode sft --lora_r 8 --merge_lora
+    python finetune.py --mode reward               # models/sft/sft_best.pth -> models/reward/reward_best.pth
+    python finetune.py --mode rlhf                 # the reward model first (unless --reward_model), then PPO
+
+SFT and the reward model are ``training.Trainer`` with a batch source and a loss. PPO has its own rollout loop
+(generate with the decode engine, score, GAE, clipped updates) built from the same pieces: the optimizer, the
+checkpoint format, ``RunFolder`` (metrics.jsonl, curve, safe output folder), signals and the time budget.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as in pretrain_trainer: sleeping threads on a shared CPU
+
+import argparse
+import copy
+import functools
+import json
+import math
+import signal
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+import cli
+import data_loader
+import gpt_model
+import lora
+import metrics
+import training
+from cli import Interrupted
+from decoding import cut_at_eos, left_pad
+from gpt_model import CheckpointError, GPTModel, GPTRewardModel
+from training import TrainError
+
+PROCESS_START = time.time()
+MODES = ("sft", "reward", "rlhf")
+STAGE_DEFAULTS = {
+    "sft": dict(output_dir="models/sft", lr=3e-3, batch_size=32, warmup_steps=50, max_minutes=4.75,
+                eval_interval=200, weight_decay=0.0, min_lr_ratio=0.05),
+    "reward": dict(output_dir="models/reward", lr=1e-3, batch_size=32, warmup_steps=30, max_minutes=4.5,
+                   eval_interval=100, weight_decay=0.0, min_lr_ratio=0.1),
+    "rlhf": dict(output_dir="models/rlhf", lr=1e-5, batch_size=32, warmup_steps=0, max_minutes=4.5,
+                 eval_interval=20, weight_decay=0.0, min_lr_ratio=1.0, log_interval=1),
+}
+
+
+@dataclass
+class FinetuneConfig(training.TrainConfig):
+    """Every finetuning setting: the loop's, the data and models', LoRA's and PPO's; stored as ``train_args``."""
+
+    mode: str = "sft"
+    data_path: str = "data/sft/sft_data.json"
+    test_data_path: str = "data/sft/sft_test.json"
+    pairwise_data: str = "data/sft/rlhf_pairwise.json"
+    pairwise_test_data: str = "data/sft/rlhf_pairwise_test.json"
+    pretrained_model: str = "models/pretrain/pretrain_best.pth"
+    sft_model: str = "models/sft/sft_best.pth"
+    reward_model: str | None = None
+    tokenizer_dir: str | None = None
+    dropout: float = 0.0
+    lora_r: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "c_attn,c_proj,c_fc"
+    merge_lora: bool = False
+    eval_samples: int = 300
+    # PPO
+    ppo_epochs: int = 4
+    rollout_batch_size: int = 32
+    ppo_minibatch_size: int = 16
+    max_new_tokens: int = 16
+    rollout_temperature: float = 1.0
+    kl_coef: float = 0.05
+    target_kl: float | None = None
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_range: float = 0.2
+    value_clip_range: float = 0.2
+    vf_coef: float = 0.5
+    critic_lr: float = 1e-4
+
+
+# ----------------------------------------------------------------------------- losses (pure functions, tested)
+
+def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
+    """-log σ(r_chosen − r_rejected), averaged: the reward model's pairwise loss."""
+    return -F.logsigmoid(chosen_scores - rejected_scores).mean()
+
+
+def kl_penalized_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch.Tensor,
+                         mask: torch.Tensor, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards −β·(log π − log π_ref), plus the sequence's score at its last response token; and the KL.
+
+    All (B, N) over response positions; ``mask`` marks real response tokens (left-aligned, at least one per row).
+    """
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = -kl_coef * kl
+    last = mask.long().sum(1).clamp(min=1) - 1
+    rewards = rewards.scatter_add(1, last.unsqueeze(1), scores.unsqueeze(1).to(rewards.dtype))
+    return rewards * mask, kl
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over (B, N) response steps: (advantages, returns = advantages + values).
+
+    δ_t = r_t + γ V_{t+1} − V_t with V = 0 after the last real token; A_t = δ_t + γλ A_{t+1}.
+    """
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.size(1))):
+        valid = mask[:, t].to(rewards.dtype)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = (delta + gamma * lam * next_advantage) * valid
+        advantages[:, t] = next_advantage
+        next_value = values[:, t] * valid
+    return advantages, advantages + values * mask
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x − mean) / std over the masked entries (advantage normalisation)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                    clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clipped surrogate, −min(ρA, clip(ρ, 1±ε)A), masked mean; and the fraction of tokens clipped."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clip_fraction = masked_mean((clipped > unclipped).float(), mask)
+    return loss, clip_fraction
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                   clip_range: float) -> torch.Tensor:
+    """½·max((V − R)², (clip(V, V_old ± ε) − R)²), masked mean: the critic may not move far per update."""
+    clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
+    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+class AdaptiveKLController:
+    """Ziegler et al. (2019): move β so the measured KL tracks a target (proportional control, clipped ±20%)."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = min(max(current_kl / self.target - 1, -0.2), 0.2)
+        self.value *= 1 + error * n_steps / self.horizon
+
+
+# ----------------------------------------------------------------------------- shared setup
+
+def load_base(path: str, tokenizer_dir: str | None, flag: str):
+    """(model on CPU in train mode, tokenizer, checkpoint dict) of a language-model checkpoint."""
+    if not Path(path).exists():
+        hint = {"--pretrained_model": "run `python pretrain_trainer.py` first",
+                "--sft_model": "run `python finetune.py --mode sft` first"}.get(flag, "pass an existing checkpoint")
+        raise TrainError(f"{flag} {path} does not exist: {hint}, or pass {flag} PATH")
+    model, tokenizer = gpt_model.load_model_and_tokenizer(path, tokenizer_dir=tokenizer_dir, device="cpu")
+    checkpoint = gpt_model.load_checkpoint(path)
+    if not isinstance(model, GPTModel):
+        raise CheckpointError(f"{flag} {path} is a {checkpoint.get('model_class')} model, not a language model")
+    return model.train(), tokenizer, checkpoint
+
+
+def template_of(checkpoint: dict) -> str:
+    return checkpoint.get("sft_template") or data_loader.SFT_TEMPLATE
+
+
+def check_records_fit(dataset, name: str, max_seq_len: int) -> None:
+    if getattr(dataset, "num_truncated", 0):
+        print(f"note: {dataset.num_truncated} example(s) of {name} exceed the model's context ({max_seq_len} tokens) "
+              "and were truncated")
+
+
+def language_model_eval(dataset, tokenizer, batch_size: int, device: torch.device):
+    """evaluate_fn: held-out response NLL (prompt tokens are not scored), as val_loss and val_ppl."""
+    collate = functools.partial(data_loader.collate_batch, pad_token_id=tokenizer.pad_token_id)
+    order = sorted(range(len(dataset)), key=lambda i: len(dataset[i]["input_ids"]))
+    batches = [collate([dataset[i] for i in order[k:k + batch_size]]) for k in range(0, len(order), batch_size)]
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        total, n_tokens = metrics.sum_nll(model, batches, device)
+        return {"val_loss": total / n_tokens, "val_ppl": metrics.perplexity(total, n_tokens)}
+
+    return evaluate
+
+
+def resume_or(config: FinetuneConfig, resume: str | None, prefix: str, tokenizer, build) -> tuple[nn.Module, dict | None, str | None]:
+    """(model, checkpoint, its path): the checkpoint's model when resuming, else ``build()``."""
+    checkpoint, resumed_from = training.find_resume_checkpoint(resume, config.output_dir, prefix, tokenizer)
+    if checkpoint is None:
+        return build(), None, None
+    return gpt_model._model_from_checkpoint(checkpoint, resumed_from).train(), checkpoint, resumed_from
+
+
+# ----------------------------------------------------------------------------- SFT
+
+def run_sft(config: FinetuneConfig, resume: str | None, show_progress: bool = True) -> dict[str, Any]:
+    """Supervised finetuning (prompt tokens masked); best held-out response loss -> <output_dir>/sft_best.pth."""
+    base, tokenizer, base_checkpoint = load_base(config.pretrained_model, config.tokenizer_dir, "--pretrained_model")
+    template = template_of(base_checkpoint)
+    max_len = base.config.max_seq_len
+    train_set = data_loader.GPTSFTDataset(config.data_path, tokenizer, max_len, template)
+    test_set = data_loader.GPTSFTDataset(config.test_data_path, tokenizer, max_len, template)
+    check_records_fit(train_set, config.data_path, max_len)
+
+    def build() -> nn.Module:
+        base.config.dropout = config.dropout
+        model = GPTModel(base.config)
+        model.load_state_dict(base.state_dict())
+        if config.lora_r:
+            lora.apply_lora(model, config.lora_targets.split(","), config.lora_r, config.lora_alpha,
+                            config.lora_dropout)
+        return model
+
+    model, checkpoint, resumed_from = resume_or(config, resume, "sft", tokenizer, build)
+    if lora.lora_layers(model):
+        lora.mark_only_lora_trainable(model)
+    trainable, total = lora.count_parameters(model)
+    print(f"sft: {len(train_set)} train / {len(test_set)} held-out examples, context {max_len}; "
+          f"trainable parameters {trainable:,} of {total:,}" + (" (LoRA)" if lora.lora_layers(model) else ""))
+    info, device = training.init_distributed(config.device)
+    collate = functools.partial(data_loader.collate_batch, pad_token_id=tokenizer.pad_token_id)
+    batches = data_loader.ShuffledBatches(train_set, config.batch_size, collate, config.seed, info.rank,
+                                          info.world_size)
+    extra = {"sft_template": template, "base_model": str(config.pretrained_model),
+             "lora": lora.lora_config(model) if lora.lora_layers(model) else None}
+    trainer = training.Trainer(config, model, tokenizer, batches, training.causal_lm_loss, prefix="sft",
+                               evaluate_fn=language_model_eval(test_set, tokenizer, config.batch_size, device),
+                               steps_per_epoch=batches.batches_per_epoch / config.grad_accum, checkpoint=checkpoint,
+                               resumed_from=resumed_from, checkpoint_extra=extra, start_time=PROCESS_START,
+                               show_progress=show_progress)
+    trainer.train()
+    best = Path(config.output_dir) / "sft_best.pth"
+    if info.is_main and extra["lora"]:
+        finish_lora(best, config)
+    return {"stage": "sft", "steps": trainer.step, "best_val_loss": trainer.best_val_loss, "checkpoint": str(best)}
+
+
+def finish_lora(best: Path, config: FinetuneConfig) -> None:
+    """Write the adapters alone (small, loadable on the base model); with --merge_lora make sft_best.pth plain."""
+    model, _ = gpt_model.load_model_and_tokenizer(best, device="cpu")
+    checkpoint = gpt_model.load_checkpoint(best)
+    adapter = best.with_name("sft_lora_adapter.pth")
+    lora.save_lora(adapter, model, base_model=str(Path(config.pretrained_model).resolve()),
+                   config=model.config.to_dict(), tokenizer_fingerprint=checkpoint["tokenizer_fingerprint"],
+                   sft_template=checkpoint["sft_template"])
+    print(f"LoRA adapters: {adapter} ({adapter.stat().st_size / 1e6:.2f} MB)")
+    if config.merge_lora:
+        lora.merge_lora(model)
+        keep = {k: v for k, v in checkpoint.items() if k not in ("model_state_dict", "config", "lora")}
+        gpt_model.save_checkpoint(best, model, **keep, lora=None)
+        print(f"merged the adapters into {best} (a plain checkpoint)")
+
+
+# ----------------------------------------------------------------------------- reward model
+
+def reward_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Bradley-Terry on one padded batch whose first half is the chosen answers and second half the rejected."""
+    scores = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    chosen, rejected = scores.chunk(2)
+    return {"loss": bradley_terry_loss(chosen, rejected), "accuracy": (chosen > rejected).float().mean()}
+
+
+@torch.no_grad()
+def score_pairs(model: nn.Module, dataset, pad_id: int, batch_size: int,
+                device: torch.device) -> tuple[list[float], list[float]]:
+    """(chosen scores, rejected scores) of every pair in a preference dataset."""
+    was_training = model.training
+    model.eval()
+    chosen, rejected = [], []
+    for start in range(0, len(dataset), batch_size):
+        batch = data_loader.collate_pairs([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))],
+                                          pad_id)
+        scores = model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).float()
+        c, r = scores.chunk(2)
+        chosen += c.tolist()
+        rejected += r.tolist()
+    model.train(was_training)
+    return chosen, rejected
+
+
+def reward_eval(dataset, pad_id: int, batch_size: int, device: torch.device):
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        chosen, rejected = score_pairs(model, dataset, pad_id, batch_size, device)
+        c, r = torch.tensor(chosen), torch.tensor(rejected)
+        return {"val_loss": float(bradley_terry_loss(c, r)),
+                "val_accuracy": metrics.pairwise_accuracy(chosen, rejected), "val_margin": float((c - r).mean())}
+
+    return evaluate
+
+
+def run_reward(config: FinetuneConfig, resume: str | None, show_progress: bool = True) -> dict[str, Any]:
+    """Reward model on preference pairs -> <output_dir>/reward_best.pth (best held-out Bradley-Terry loss)."""
+    sft, tokenizer, sft_checkpoint = load_base(config.sft_model, config.tokenizer_dir, "--sft_model")
+    template = template_of(sft_checkpoint)
+    max_len = sft.config.max_seq_len
+    train_set = data_loader.PreferencePairDataset(config.pairwise_data, tokenizer, max_len, template)
+    test_set = data_loader.PreferencePairDataset(config.pairwise_test_data, tokenizer, max_len, template)
+    check_records_fit(train_set, config.pairwise_data, max_len)
+    model, checkpoint, resumed_from = resume_or(config, resume, "reward", tokenizer,
+                                                lambda: GPTRewardModel.from_language_model(sft))
+    print(f"reward: {len(train_set)} train / {len(test_set)} held-out pairs, from {config.sft_model}")
+    info, device = training.init_distributed(config.device)
+    collate = functools.partial(data_loader.collate_pairs, pad_token_id=tokenizer.pad_token_id)
+    batches = data_loader.ShuffledBatches(train_set, config.batch_size, collate, config.seed, info.rank,
+                                          info.world_size)
+    trainer = training.Trainer(config, model, tokenizer, batches, reward_loss, prefix="reward",
+                               evaluate_fn=reward_eval(test_set, tokenizer.pad_token_id, 64, device),
+                               steps_per_epoch=batches.batches_per_epoch / config.grad_accum, checkpoint=checkpoint,
+                               resumed_from=resumed_from, start_time=PROCESS_START, show_progress=show_progress,
+                               checkpoint_extra={"model_class": "reward", "sft_template": template,
+                                                 "base_model": str(config.sft_model)})
+    last = trainer.train()
+    best = Path(config.output_dir) / "reward_best.pth"
+    return {"stage": "reward", "steps": trainer.step, "best_val_loss": trainer.best_val_loss,
+            "val_accuracy": last.get("val_accuracy"), "checkpoint": str(best)}
+
+
+# ----------------------------------------------------------------------------- PPO
+
+@dataclass
+class Rollout:
+    """One batch of sampled responses and everything PPO needs about them; response tensors are (B, N)."""
+
+    sequences: torch.Tensor  # (B, P + N) left-padded prompt + response
+    attention_mask: torch.Tensor
+    prompt_len: int
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+
+def response_logprobs(model: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                      prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log π(response token | prefix), entropy of π there), both (B, N), through metrics.token_logprobs."""
+    logits = model(sequences, attention_mask=attention_mask)["logits"]
+    labels = sequences.masked_fill(attention_mask == 0, metrics.IGNORE_INDEX)
+    logprobs, _ = metrics.token_logprobs(logits, labels)
+    window = logits[:, prompt_len - 1:-1].float()
+    entropy = -(window.softmax(-1) * window.log_softmax(-1)).sum(-1)
+    return logprobs[:, prompt_len - 1:], entropy
+
+
+def response_kl(policy: nn.Module, reference: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                prompt_len: int, response_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) exact KL(π ‖ π_ref) summed over each response's tokens (full distributions, not a sampled estimate)."""
+    log_p = policy(sequences, attention_mask=attention_mask)["logits"][:, prompt_len - 1:-1].float().log_softmax(-1)
+    log_q = reference(sequences, attention_mask=attention_mask)["logits"][:, prompt_len - 1:-1].float().log_softmax(-1)
+    return ((log_p.exp() * (log_p - log_q)).sum(-1) * response_mask).sum(1)
+
+
+def response_mask_of(responses: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
+    """Real response tokens: everything up to and including the first EOS (generate pads after it)."""
+    is_eos = responses == eos_id
+    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+    return ~after_eos & ((responses != pad_id) | is_eos)
+
+
+class PPOTrainer:
+    """RLHF with PPO as TRL and DeepSpeed-Chat do it: a policy and a critic (initialised from the reward model),
+    frozen reference and reward models, KL-penalised per-token rewards, GAE, clipped policy and value losses.
+
+    Resumable (``ppo_step_N.pth`` holds both models, both optimizers, β, the prompt order and the RNG) and it
+    reuses the training core's optimizer, checkpoint format, ``RunFolder`` and signal handling.
+    """
+
+    def __init__(self, config: FinetuneConfig, policy: GPTModel, reward_model: GPTRewardModel, tokenizer,
+                 prompts: list[list[int]], eval_records: list[dict], template: str, checkpoint: dict | None = None,
+                 resumed_from: str | None = None, show_progress: bool = True):
+        self.config, self.tokenizer, self.template, self.show_progress = config, tokenizer, template, show_progress
+        self.info, self.device = training.init_distributed(config.device)
+        if self.info.enabled:
+            raise TrainError("PPO runs in one process: launch it without torchrun")
+        torch.manual_seed(config.seed)
+        self.policy = policy.to(self.device).train()
+        self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
+        self.reward_model = reward_model.to(self.device).eval().requires_grad_(False)
+        self.critic = copy.deepcopy(reward_model).train().requires_grad_(True)
+        self.policy_optimizer = gpt_model.configure_optimizer(self.policy, config.weight_decay, config.lr,
+                                                              (config.beta1, config.beta2), self.device.type)
+        self.critic_optimizer = gpt_model.configure_optimizer(self.critic, config.weight_decay, config.critic_lr,
+                                                              (config.beta1, config.beta2), self.device.type)
+        self.kl = AdaptiveKLController(config.kl_coef, config.target_kl or 1.0, config.kl_horizon)
+        self.prompts = data_loader.ShuffledBatches(prompts, config.rollout_batch_size, list, config.seed)
+        self.eval_records = eval_records
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.step, self.train_seconds, self.best_val_loss, self.last_saved = 0, 0.0, math.inf, resumed_from
+        if checkpoint:
+            self._restore(checkpoint, resumed_from)
+        self.output_dir = Path(config.output_dir)
+        self.run = training.RunFolder(self.output_dir, "ppo", tokenizer, resumed_from, self.step)
+
+    # -- rollouts
+    @torch.no_grad()
+    def rollout(self, prompts: list[list[int]]) -> Rollout:
+        c, tok = self.config, self.tokenizer
+        input_ids, attention_mask = (t.to(self.device) for t in left_pad(prompts, tok.pad_token_id))
+        room = self.policy.config.max_seq_len - input_ids.size(1)
+        self.policy.eval()
+        sequences = self.policy.generate(input_ids, attention_mask, max_gen_len=min(c.max_new_tokens, room),
+                                         temperature=c.rollout_temperature, top_k=0, do_sample=True,
+                                         eos_token_id=tok.eos_token_id, generator=self.generator)
+        self.policy.train()
+        prompt_len = input_ids.size(1)
+        response_mask = response_mask_of(sequences[:, prompt_len:], tok.eos_token_id, tok.pad_token_id)
+        full_mask = torch.cat([attention_mask, response_mask.long()], dim=1)
+        logprobs, _ = response_logprobs(self.policy, sequences, full_mask, prompt_len)
+        ref_logprobs, _ = response_logprobs(self.reference, sequences, full_mask, prompt_len)
+        values = self.critic.values(sequences, full_mask)[:, prompt_len - 1:-1]
+        scores = self.reward_model(sequences, full_mask)
+        mask = response_mask.float()
+        rewards, _ = kl_penalized_rewards(logprobs, ref_logprobs, scores, mask, self.kl.value)
+        advantages, returns = gae(rewards, values * mask, mask, c.gamma, c.lam)
+        return Rollout(sequences, full_mask, prompt_len, mask, logprobs * mask, ref_logprobs * mask, values * mask,
+                       scores, whiten(advantages, mask), returns)
+
+    # -- updates
+    def update(self, batch: Rollout) -> dict[str, float]:
+        """ppo_epochs passes of clipped policy and value updates over shuffled minibatches."""
+        c = self.config
+        stats: dict[str, list[float]] = defaultdict(list)
+        n = batch.sequences.size(0)
+        for _ in range(c.ppo_epochs):
+            order = torch.randperm(n, device=self.device)
+            for start in range(0, n, c.ppo_minibatch_size):
+                idx = order[start:start + c.ppo_minibatch_size]
+                seqs, attn, mask = batch.sequences[idx], batch.attention_mask[idx], batch.response_mask[idx]
+                with gpt_model.autocast_context(self.device, gpt_model.resolve_dtype(c.dtype, self.device)):
+                    logprobs, entropy = response_logprobs(self.policy, seqs, attn, batch.prompt_len)
+                    values = self.critic.values(seqs, attn)[:, batch.prompt_len - 1:-1]
+                policy_loss, clip_fraction = ppo_policy_loss(logprobs, batch.logprobs[idx], batch.advantages[idx],
+                                                             mask, c.clip_range)
+                value_loss = ppo_value_loss(values, batch.values[idx], batch.returns[idx], mask, c.value_clip_range)
+                self._optimize(policy_loss, self.policy, self.policy_optimizer)
+                self._optimize(c.vf_coef * value_loss, self.critic, self.critic_optimizer)
+                stats["policy_loss"].append(policy_loss.item())
+                stats["value_loss"].append(value_loss.item())
+                stats["clip_fraction"].append(clip_fraction.item())
+                stats["entropy"].append(masked_mean(entropy.detach(), mask).item())
+        return {k: sum(v) / len(v) for k, v in stats.items()}
+
+    def _optimize(self, loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if not torch.isfinite(loss):
+            raise TrainError(f"the PPO loss became non-finite at step {self.step + 1}: lower --lr / --critic_lr "
+                             f"or raise --kl_coef; the last good checkpoint is {self.last_saved or 'none'}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.config.grad_clip)
+        optimizer.step()
+
+    # -- the loop
+    def train(self) -> dict[str, float]:
+        c = self.config
+        self.time_budget = (c.max_minutes or 0) * 60 - (time.time() - PROCESS_START)
+        if c.max_minutes and self.time_budget <= self.train_seconds:
+            raise TrainError(f"--max_minutes {c.max_minutes} is used up before PPO starts: raise it")
+        last_eval: dict[str, float] = {}
+        if self.step == 0:
+            last_eval = self.evaluate()  # the SFT policy's own held-out figures, for comparison
+        bar = tqdm(total=c.max_steps, initial=self.step, desc="ppo", disable=not self.show_progress)
+        prior, start = self.train_seconds, time.time()
+        with training.StopSignals() as stop:
+            while not self._finished() and stop.signum is None:
+                batch = self.rollout(next(self.prompts))
+                stats = self.update(batch)
+                self.step += 1
+                kl_per_sequence = float((batch.logprobs - batch.ref_logprobs).sum(1).mean())
+                if c.target_kl:
+                    self.kl.update(kl_per_sequence, batch.sequences.size(0))
+                row = {"step": self.step, "reward": float(batch.scores.mean()), "kl": kl_per_sequence,
+                       "kl_coef": self.kl.value, "response_length": float(batch.response_mask.sum(1).mean()), **stats}
+                self.run.log(row)
+                bar.update(1)
+                bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.3f}")
+                self.train_seconds = prior + time.time() - start
+                finished = self._finished()
+                if self.step % c.eval_interval == 0 or finished:
+                    last_eval = self.evaluate()
+                if self.step % (c.save_interval or c.eval_interval) == 0 or finished or stop.signum is not None:
+                    self.save(self.output_dir / f"ppo_step_{self.step}.pth")
+        bar.close()
+        self.run.plot()
+        if stop.signum is not None:
+            raise Interrupted(stop.signum, f"stopped by {signal.Signals(stop.signum).name} at step {self.step}: "
+                                           f"saved {self.last_saved}; continue with --resume auto")
+        return last_eval
+
+    def _finished(self) -> bool:
+        c = self.config
+        return bool((c.max_steps and self.step >= c.max_steps) or
+                    (c.max_minutes and self.train_seconds >= self.time_budget))
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Greedy responses to held-out prompts: mean reward-model score, KL to the reference, exact match.
+
+        ``val_loss`` = −(score − β·KL), the PPO objective on held-out prompts, picks ppo_best.pth.
+        """
+        result = evaluate_policy(self.policy, self.reference, self.reward_model, self.tokenizer, self.eval_records,
+                                 self.template, self.config.max_new_tokens, self.device)
+        result = {"step": self.step, **result, "val_loss": -(result["val_reward"] - self.kl.value * result["val_kl"])}
+        self.run.log(result)
+        if result["val_loss"] < self.best_val_loss:
+            self.best_val_loss = result["val_loss"]
+            self.run.commit()
+            gpt_model.save_checkpoint(self.output_dir / "ppo_best.pth", self.policy, **self._extra())
+        return result
+
+    def _extra(self) -> dict[str, Any]:
+        return {"tokenizer_fingerprint": self.tokenizer.fingerprint, "step": self.step, "stage": "ppo",
+                "best_val_loss": self.best_val_loss, "sft_template": self.template,
+                "train_args": asdict(self.config)}
+
+    def save(self, path: Path) -> None:
+        """A resumable checkpoint: the policy as the model, plus the critic, both optimizers, β and the RNG."""
+        self.run.commit()
+        gpt_model.save_checkpoint(path, self.policy, **self._extra(), critic=self.critic.state_dict(),
+                                  optimizer=self.policy_optimizer.state_dict(),
+                                  critic_optimizer=self.critic_optimizer.state_dict(), scaler={},
+                                  scheduler={"train_seconds": self.train_seconds, "kl_coef": self.kl.value},
+                                  rank_states=[{"data": self.prompts.state_dict(), "rng": training.rng_state(),
+                                                "generator": self.generator.get_state()}])
+        self.last_saved = str(path)
+        for old in training.step_checkpoints(self.output_dir, "ppo")[:-self.config.keep_last or None]:
+            old.unlink(missing_ok=True)
+
+    def _restore(self, checkpoint: dict, source: str) -> None:
+        try:
+            gpt_model._load_state_dict_checked(self.policy, checkpoint["model_state_dict"], source)
+            self.critic.load_state_dict(checkpoint["critic"])
+            self.policy_optimizer.load_state_dict(checkpoint["optimizer"])
+            self.critic_optimizer.load_state_dict(checkpoint["critic_optimizer"])
+            self.step, self.best_val_loss = int(checkpoint["step"]), float(checkpoint["best_val_loss"])
+            self.train_seconds = float(checkpoint["scheduler"]["train_seconds"])
+            self.kl.value = float(checkpoint["scheduler"]["kl_coef"])
+            state = checkpoint["rank_states"][0]
+        except (KeyError, ValueError, TypeError, RuntimeError) as err:
+            raise CheckpointError(f"{source}: not a PPO checkpoint of this setup ({type(err).__name__}); "
+                                  "resume from a ppo_step_N.pth") from None
+        self.prompts.load_state_dict(state["data"])
+        training.set_rng_state(state["rng"])
+        self.generator.set_state(state["generator"])
+
+
+@torch.no_grad()
+def evaluate_policy(policy: GPTModel, reference: GPTModel, reward_model: GPTRewardModel, tokenizer,
+                    records: list[dict], template: str, max_new_tokens: int, device: torch.device,
+                    batch_size: int = 64) -> dict[str, float]:
+    """Greedy held-out responses scored by the reward model, their KL to the reference, and exact match."""
+    was_training = policy.training
+    policy.eval()
+    scores, kls, predictions = [], [], []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        prompts = [prompt_ids(tokenizer, r, template) for r in chunk]
+        input_ids, attention_mask = (t.to(device) for t in left_pad(prompts, tokenizer.pad_token_id))
+        room = policy.config.max_seq_len - input_ids.size(1)
+        sequences = policy.generate(input_ids, attention_mask, max_gen_len=min(max_new_tokens, room), do_sample=False,
+                                    eos_token_id=tokenizer.eos_token_id)
+        prompt_len = input_ids.size(1)
+        response_mask = response_mask_of(sequences[:, prompt_len:], tokenizer.eos_token_id, tokenizer.pad_token_id)
+        full_mask = torch.cat([attention_mask, response_mask.long()], dim=1)
+        kls += response_kl(policy, reference, sequences, full_mask, prompt_len, response_mask).tolist()
+        scores += reward_model(sequences, full_mask).tolist()
+        predictions += [tokenizer.decode(cut_at_eos(row[prompt_len:].tolist(), tokenizer.eos_token_id))
+                        for row in sequences]
+    policy.train(was_training)
+    return {"val_reward": sum(scores) / len(scores), "val_kl": sum(kls) / len(kls),
+            "val_exact_match": metrics.exact_match(predictions, [r["response"] for r in records])}
+
+
+def prompt_ids(tokenizer, record: dict, template: str) -> list[int]:
+    """``<s>`` + the SFT prompt of a record, exactly as the model saw prompts in training."""
+    return [tokenizer.bos_token_id,
+            *tokenizer.encode_ordinary(data_loader.build_sft_prompt(data_loader.record_instruction(record), template))]
+
+
+def run_rlhf(config: FinetuneConfig, resume: str | None, show_progress: bool = True) -> dict[str, Any]:
+    """PPO against a reward model (trained first into <output_dir>/reward/ when --reward_model is not given)."""
+    if not config.reward_model:
+        reward_config = copy.deepcopy(config)
+        for key, value in STAGE_DEFAULTS["reward"].items():
+            setattr(reward_config, key, value)
+        reward_config.output_dir = str(Path(config.output_dir) / "reward")
+        print(f"no --reward_model: training one first into {reward_config.output_dir}")
+        config.reward_model = run_reward(reward_config, None, show_progress)["checkpoint"]
+    policy, tokenizer, sft_checkpoint = load_base(config.sft_model, config.tokenizer_dir, "--sft_model")
+    template = template_of(sft_checkpoint)
+    reward_model, _ = gpt_model.load_model_and_tokenizer(config.reward_model, tokenizer_dir=config.tokenizer_dir)
+    if not isinstance(reward_model, GPTRewardModel):
+        raise CheckpointError(f"--reward_model {config.reward_model} is not a reward model (train one with --mode reward)")
+    records = data_loader.load_preference_records(config.pairwise_data)
+    prompts = list({tuple(prompt_ids(tokenizer, r, template)): None for r in records})
+    prompts = [list(p) for p in prompts if len(p) < policy.config.max_seq_len - 1]
+    eval_records = data_loader.load_sft_records(config.test_data_path)[:config.eval_samples]
+    checkpoint, resumed_from = training.find_resume_checkpoint(resume, config.output_dir, "ppo", tokenizer)
+    print(f"ppo: {len(prompts)} training prompts, {len(eval_records)} held-out prompts; policy {config.sft_model}, "
+          f"reward model {config.reward_model}")
+    trainer = PPOTrainer(config, policy, reward_model, tokenizer, prompts, eval_records, template, checkpoint,
+                         resumed_from, show_progress)
+    last = trainer.train()
+    return {"stage": "ppo", "steps": trainer.step, "checkpoint": str(Path(config.output_dir) / "ppo_best.pth"),
+            **{k: v for k, v in last.items() if k.startswith("val_")}}
+
+
+# ----------------------------------------------------------------------------- exact match report
+
+def exact_match_report(checkpoint_path: str | Path, test_data_path: str, max_new_tokens: int = 16,
+                       device: str = "cpu", limit: int | None = None) -> dict[str, float]:
+    """Greedy exact match of a language-model checkpoint on held-out SFT records, overall and per "task"."""
+    import evaluator  # lazy: only the report needs the evaluator
+
+    model, tokenizer = gpt_model.load_model_and_tokenizer(checkpoint_path, device=device)
+    template = gpt_model.checkpoint_metadata(checkpoint_path).get("sft_template") or data_loader.SFT_TEMPLATE
+    ev = evaluator.GPTEvaluator(model, tokenizer, show_progress=False, template=template)
+    return ev.exact_match_by_task(test_data_path, max_gen_len=max_new_tokens, max_samples=limit)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    d = FinetuneConfig()
+    p = argparse.ArgumentParser(description="Finetune a pretrained GPT: SFT (optionally LoRA), a reward model, or RLHF "
+                                "with PPO. Each stage's defaults work right after the previous one (pretrain -> sft "
+                                "-> reward -> rlhf). Ctrl-C or SIGTERM saves a resumable checkpoint.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--mode", choices=MODES, default="sft", help="which stage to train")
+    p.add_argument("--data_path", default=d.data_path, help="sft: training records .json/.jsonl "
+                   "[{\"instruction\", \"response\"}] (optional \"input\", \"task\")")
+    p.add_argument("--test_data_path", default=d.test_data_path,
+                   help="sft: held-out records (picks sft_best.pth); rlhf: held-out prompts for the reward/KL/exact-"
+                        "match evaluation")
+    p.add_argument("--pairwise_data", default=d.pairwise_data,
+                   help="reward/rlhf: preference pairs [{\"instruction\", \"chosen\", \"rejected\"}]; rlhf takes its "
+                        "rollout prompts from their instructions")
+    p.add_argument("--pairwise_test_data", default=d.pairwise_test_data, help="reward: held-out preference pairs")
+    p.add_argument("--pretrained_model", default=d.pretrained_model, help="sft: the model to start from")
+    p.add_argument("--sft_model", default=d.sft_model, help="reward/rlhf: the SFT model (policy and reward backbone)")
+    p.add_argument("--reward_model", default=None, help="rlhf: a trained reward model (default: train one first)")
+    p.add_argument("--tokenizer_dir", default=None, help="tokenizer folder (default: <model folder>/tokenizer)")
+    p.add_argument("--dropout", type=cli.fraction, default=d.dropout, help="dropout while finetuning")
+    p.add_argument("--lora_r", type=cli.nonnegative_int, default=0, help="sft: LoRA rank (0 = full finetuning)")
+    p.add_argument("--lora_alpha", type=cli.positive_float, default=d.lora_alpha, help="LoRA scaling alpha (scale = "
+                   "alpha / r)")
+    p.add_argument("--lora_dropout", type=cli.fraction, default=d.lora_dropout, help="dropout on the LoRA input")
+    p.add_argument("--lora_targets", default=d.lora_targets,
+                   help="comma-separated nn.Linear names to adapt (c_attn is the fused q/k/v projection)")
+    p.add_argument("--merge_lora", action="store_true", help="sft with LoRA: write sft_best.pth with the adapters "
+                   "merged (a plain checkpoint every tool loads); the adapters are saved on their own either way")
+    p.add_argument("--eval_samples", type=cli.positive_int, default=d.eval_samples,
+                   help="rlhf: held-out prompts per evaluation")
+    p.add_argument("--ppo_epochs", type=cli.positive_int, default=d.ppo_epochs, help="rlhf: passes over each rollout "
+                   "batch")
+    p.add_argument("--rollout_batch_size", type=cli.positive_int, default=d.rollout_batch_size,
+                   help="rlhf: prompts sampled per PPO step")
+    p.add_argument("--ppo_minibatch_size", type=cli.positive_int, default=d.ppo_minibatch_size,
+                   help="rlhf: sequences per gradient update")
+    p.add_argument("--max_new_tokens", type=cli.positive_int, default=d.max_new_tokens,
+                   help="rlhf: longest sampled response")
+    p.add_argument("--rollout_temperature", type=cli.positive_float, default=d.rollout_temperature,
+                   help="rlhf: sampling temperature of rollouts")
+    p.add_argument("--kl_coef", type=cli.nonnegative_float, default=d.kl_coef,
+                   help="rlhf: β of the per-token KL penalty to the reference (SFT) model")
+    p.add_argument("--target_kl", type=cli.positive_float, default=None,
+                   help="rlhf: adapt β so the per-sequence KL tracks this (Ziegler et al.); default: fixed β")
+    p.add_argument("--gamma", type=cli.probability, default=d.gamma, help="rlhf: discount")
+    p.add_argument("--lam", type=cli.probability, default=d.lam, help="rlhf: GAE λ")
+    p.add_argument("--clip_range", type=cli.positive_float, default=d.clip_range, help="rlhf: policy ratio clip ε")
+    p.add_argument("--value_clip_range", type=cli.positive_float, default=d.value_clip_range,
+                   help="rlhf: value clip around the rollout's values")
+    p.add_argument("--vf_coef", type=cli.positive_float, default=d.vf_coef, help="rlhf: weight of the value loss")
+    p.add_argument("--critic_lr", type=cli.positive_float, default=d.critic_lr, help="rlhf: critic learning rate")
+    training.add_loop_arguments(p, d)
+    for action in p._actions:  # stage-dependent defaults are filled in after parsing
+        if action.dest in STAGE_DEFAULTS["sft"] or action.dest == "log_interval":
+            action.default = None
+            action.help = (action.help or "") + " (default: per --mode, see the README)"
+    p.set_defaults(log_interval=None)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    names = {f.name for f in fields(FinetuneConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    stage = STAGE_DEFAULTS[args.mode]
+    for key, value in stage.items():
+        values.setdefault(key, value)
+    if any(values.get(k) is not None for k in ("max_steps", "epochs")) and args.max_minutes is None:
+        values["max_minutes"] = None  # an explicit step/epoch limit replaces the default time budget
+    return FinetuneConfig(**values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI; bad input gives one `error:` line and exit 2, Ctrl-C/SIGTERM save and exit 130/143."""
+    return cli.run_cli(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    config = config_from_args(args)
+    cli.check_output_folder(config.output_dir, "--output_dir")
+    if config.lora_r and config.mode != "sft":
+        raise cli.UsageError("--lora_r applies to --mode sft only")
+    run = {"sft": run_sft, "reward": run_reward, "rlhf": run_rlhf}[config.mode]
+    try:
+        summary = run(config, args.resume)
+        if config.mode in ("sft", "rlhf") and training.DistInfo().is_main:
+            report = exact_match_report(summary["checkpoint"], config.test_data_path, config.max_new_tokens,
+                                        limit=config.eval_samples if config.mode == "rlhf" else None)
+            summary["exact_match"] = report
+        print(json.dumps(summary, ensure_ascii=False))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
