@@ -219,8 +219,11 @@ def resume_or(config: FinetuneConfig, resume: str | None, prefix: str, tokenizer
 
 # ----------------------------------------------------------------------------- SFT
 
-def run_sft(config: FinetuneConfig, resume: str | None, show_progress: bool = True) -> dict[str, Any]:
-    """Supervised finetuning (prompt tokens masked); best held-out response loss -> <output_dir>/sft_best.pth."""
+def run_sft(config: FinetuneConfig, resume: str | None, show_progress: bool = True,
+            stop_after: int | None = None) -> dict[str, Any]:
+    """Supervised finetuning (prompt tokens masked); best held-out response loss -> <output_dir>/sft_best.pth.
+
+    ``stop_after`` ends the run after that step's checkpoint, as if it were killed there (for tests)."""
     base, tokenizer, base_checkpoint = load_base(config.pretrained_model, config.tokenizer_dir, "--pretrained_model")
     template = template_of(base_checkpoint)
     max_len = base.config.max_seq_len
@@ -254,7 +257,7 @@ def run_sft(config: FinetuneConfig, resume: str | None, show_progress: bool = Tr
                                steps_per_epoch=batches.batches_per_epoch / config.grad_accum, checkpoint=checkpoint,
                                resumed_from=resumed_from, checkpoint_extra=extra, start_time=PROCESS_START,
                                show_progress=show_progress)
-    trainer.train()
+    trainer.train(stop_after)
     best = Path(config.output_dir) / "sft_best.pth"
     if info.is_main and extra["lora"]:
         finish_lora(best, config)

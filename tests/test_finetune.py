@@ -1,0 +1,275 @@
+"""finetune: the losses against hand-worked values, SFT masking, LoRA through the CLI, a PPO iteration, resume, errors."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import data_loader
+import finetune as ft
+import gpt_model
+import lora
+import metrics
+import training
+from conftest import ROOT
+from evaluator import exact_match_by_task
+
+SFT_DATA = ROOT / "data" / "sft"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def files(tiny_tokenizer, tiny_tokenizer_dir, tmp_path) -> dict[str, Path]:
+    """A tiny 'pretrained' checkpoint laid out as the trainer writes it, and small slices of the demo data."""
+    model = gpt_model.GPTModel(gpt_model.GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=64,
+                                                               n_layers=1, d_model=32, n_heads=2))
+    pretrained = tmp_path / "pre" / "pretrain_best.pth"
+    gpt_model.save_checkpoint(pretrained, model, tokenizer_fingerprint=tiny_tokenizer.fingerprint)
+    shutil.copytree(tiny_tokenizer_dir, pretrained.parent / "tokenizer")
+    out = {"pretrained": pretrained}
+    for name, count in (("sft_data", 48), ("sft_test", 16), ("rlhf_pairwise", 48), ("rlhf_pairwise_test", 16)):
+        records = json.loads((SFT_DATA / f"{name}.json").read_text(encoding="utf-8"))[:count]
+        out[name] = tmp_path / f"{name}.json"
+        out[name].write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    return out
+
+
+def config(files, tmp_path, mode: str, **overrides) -> ft.FinetuneConfig:
+    values = dict(mode=mode, data_path=str(files["sft_data"]), test_data_path=str(files["sft_test"]),
+                  pairwise_data=str(files["rlhf_pairwise"]), pairwise_test_data=str(files["rlhf_pairwise_test"]),
+                  pretrained_model=str(files["pretrained"]), output_dir=str(tmp_path / mode), device="cpu",
+                  dtype="float32", batch_size=8, max_steps=4, eval_interval=2, log_interval=1, warmup_steps=1,
+                  lr=1e-3, seed=0, eval_samples=8, max_new_tokens=4)
+    return ft.FinetuneConfig(**{**values, **overrides})
+
+
+# ----------------------------------------------------------------------------- the losses, by hand
+
+def test_bradley_terry_loss_against_hand_computed_values():
+    chosen, rejected = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
+    expected = (math.log(1 + math.exp(-1.0)) + math.log(1 + math.exp(2.0))) / 2  # -log σ(1), -log σ(-2)
+    assert ft.bradley_terry_loss(chosen, rejected).item() == pytest.approx(expected, rel=1e-6)
+    assert ft.bradley_terry_loss(torch.tensor([0.0]), torch.tensor([0.0])).item() == pytest.approx(math.log(2))
+
+
+def test_gae_against_a_hand_worked_example():
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7, 9.9]])  # the 4th step is padding: its value must not leak in
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    advantages, returns = ft.gae(rewards, values * mask, mask, gamma=1.0, lam=0.9)
+    # δ2 = 1 - 0.7 = 0.3; δ1 = 0.7 - 0.6 = 0.1, A1 = 0.1 + 0.9·0.3 = 0.37; δ0 = 0.1, A0 = 0.1 + 0.9·0.37 = 0.433
+    assert advantages.tolist()[0] == pytest.approx([0.433, 0.37, 0.3, 0.0])
+    assert returns.tolist()[0] == pytest.approx([0.933, 0.97, 1.0, 0.0])
+    advantages, _ = ft.gae(rewards, values * mask, mask, gamma=0.5, lam=1.0)
+    # λ = 1: A_t = Σ γ^k r_{t+k} − V_t = discounted return minus value
+    assert advantages.tolist()[0] == pytest.approx([0.25 - 0.5, 0.5 - 0.6, 1.0 - 0.7, 0.0])
+
+
+def test_kl_penalised_per_token_rewards():
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, -1.0]])
+    ref_logprobs = torch.tensor([[-1.5, -2.0, -9.0], [-1.0, -0.5, -1.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    rewards, kl = ft.kl_penalized_rewards(logprobs, ref_logprobs, torch.tensor([3.0, -1.0]), mask, kl_coef=0.1)
+    torch.testing.assert_close(kl, torch.tensor([[0.5, 0.0, 0.0], [0.0, -0.5, 0.0]]))
+    # −β·kl everywhere, the score added at each row's last real token, nothing on padding
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, 3.0, 0.0], [0.0, 0.05, -1.0]]))
+
+
+def test_clipped_losses_at_the_clip_boundary():
+    old = torch.zeros(1, 4)
+    ratios = torch.tensor([[1.3, 0.7, 0.7, 1.1]])
+    advantages = torch.tensor([[1.0, 1.0, -1.0, -2.0]])
+    mask = torch.ones(1, 4)
+    loss, clip_fraction = ft.ppo_policy_loss(ratios.log(), old, advantages, mask, clip_range=0.2)
+    # per token −min(ρA, clip(ρ)A): −1.2 (clipped), −0.7, +0.8 (clipped), +2.2
+    assert loss.item() == pytest.approx((-1.2 - 0.7 + 0.8 + 2.2) / 4, rel=1e-5)
+    assert clip_fraction.item() == pytest.approx(0.5)
+    values, old_values, returns = torch.tensor([[1.5, 1.1]]), torch.tensor([[1.0, 1.0]]), torch.tensor([[2.0, 2.0]])
+    value_loss = ft.ppo_value_loss(values, old_values, returns, torch.ones(1, 2), clip_range=0.2)
+    # token 1: max((1.5−2)², (1.2−2)²) = 0.64; token 2: inside the clip, (1.1−2)² = 0.81
+    assert value_loss.item() == pytest.approx(0.5 * (0.64 + 0.81) / 2, rel=1e-5)
+
+
+def test_whiten_and_adaptive_kl_controller():
+    x, mask = torch.tensor([[1.0, 2.0, 3.0, 100.0]]), torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    white = ft.whiten(x, mask)
+    assert ft.masked_mean(white, mask).item() == pytest.approx(0.0, abs=1e-6) and white[0, 3] == 0
+    assert ft.masked_mean(white ** 2, mask).item() == pytest.approx(1.0, rel=1e-4)
+    controller = ft.AdaptiveKLController(0.1, target=6.0, horizon=100)
+    controller.update(current_kl=12.0, n_steps=10)  # error clipped to +0.2
+    assert controller.value == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))
+
+
+def test_token_logprobs_against_a_naive_loop():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))
+    labels[0, 2] = -100
+    logprobs, mask = metrics.token_logprobs(logits, labels)
+    for b in range(2):
+        for t in range(4):
+            expected = 0.0 if labels[b, t + 1] == -100 else logits[b, t].log_softmax(-1)[labels[b, t + 1]].item()
+            assert logprobs[b, t].item() == pytest.approx(expected, abs=1e-5)
+    assert metrics.sequence_logprobs(logits, labels).tolist() == pytest.approx(logprobs.sum(1).tolist())
+    loss = metrics.shifted_cross_entropy(logits, labels)
+    assert loss.item() == pytest.approx(-(logprobs.sum() / mask.sum()).item(), rel=1e-5)
+
+
+def test_exact_match_and_pairwise_accuracy_on_hand_made_records():
+    records = [{"response": "42", "task": "arithmetic"}, {"response": "7", "task": "arithmetic"},
+               {"response": "ROMEO", "task": "speaker"}]
+    report = exact_match_by_task([" 42\n", "8", "ROMEO"], records)
+    assert report == {"exact_match": pytest.approx(2 / 3), "exact_match/arithmetic": 0.5, "exact_match/speaker": 1.0}
+    assert metrics.pairwise_accuracy([1.0, 0.5, 2.0], [0.0, 0.5, 3.0]) == pytest.approx(1 / 3)  # a tie is not a win
+    with pytest.raises(ValueError):
+        metrics.exact_match(["a"], [])
+
+
+# ----------------------------------------------------------------------------- SFT
+
+def test_sft_loss_scores_response_tokens_only(tiny_tokenizer):
+    record = {"instruction": "计算 1 + 2 = ?", "response": "3"}
+    dataset = data_loader.GPTSFTDataset([record], tiny_tokenizer, 64)
+    item = dataset[0]
+    prompt = data_loader.build_sft_prompt(record["instruction"])
+    n_prompt = 1 + len(tiny_tokenizer.encode_ordinary(prompt))
+    assert (item["labels"][:n_prompt] == -100).all() and (item["labels"][n_prompt:] != -100).all()
+    model = gpt_model.GPTModel(gpt_model.GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=64,
+                                                               n_layers=1, d_model=32, n_heads=2))
+    batch = data_loader.collate_batch([item], tiny_tokenizer.pad_token_id)
+    loss = training.causal_lm_loss(model, batch)
+    log_probs = model(batch["input_ids"])["logits"][0].log_softmax(-1)
+    ids = item["input_ids"]
+    manual = -sum(log_probs[t, ids[t + 1]] for t in range(n_prompt - 1, len(ids) - 1)) / (len(ids) - n_prompt)
+    assert loss.item() == pytest.approx(manual.item(), rel=1e-5)
+
+
+def test_sft_run_writes_best_with_template_and_resumes_exactly(files, tmp_path):
+    straight = config(files, tmp_path / "a", "sft", max_steps=6, save_interval=3, eval_interval=3)
+    ft.run_sft(straight, None, show_progress=False)
+    best = gpt_model.load_checkpoint(Path(straight.output_dir) / "sft_best.pth")
+    assert best["sft_template"] == data_loader.SFT_TEMPLATE and best["stage"] == "sft"
+
+    killed = config(files, tmp_path / "b", "sft", max_steps=6, save_interval=3, eval_interval=3)
+    ft.run_sft(killed, None, show_progress=False, stop_after=3)  # as if killed after step 3's checkpoint
+    ft.run_sft(killed, "auto", show_progress=False)
+    losses = lambda cfg: [r["train_loss"] for r in training.read_metrics(Path(cfg.output_dir) / "metrics.jsonl")
+                          if "train_loss" in r]
+    assert len(losses(straight)) == 6
+    assert losses(killed)[3:] == losses(straight)[3:]  # the resumed steps see exactly the same batches
+
+
+def test_lora_sft_saves_small_adapters_that_load_through_the_one_entry_point(files, tmp_path):
+    cfg = config(files, tmp_path, "sft", lora_r=4, lora_alpha=8.0, lr=1e-2)
+    ft.run_sft(cfg, None, show_progress=False)
+    out = Path(cfg.output_dir)
+    wrapped, tokenizer = gpt_model.load_model_and_tokenizer(out / "sft_best.pth")
+    adapted, _ = gpt_model.load_model_and_tokenizer(out / "sft_lora_adapter.pth", tokenizer_dir=out / "tokenizer")
+    base, _ = gpt_model.load_model_and_tokenizer(files["pretrained"])
+    ids = torch.tensor([[0, *tokenizer.encode_ordinary("计算 1 + 2 = ?")]])
+    assert torch.allclose(wrapped(ids)["logits"], adapted(ids)["logits"], atol=1e-6)
+    assert not torch.allclose(base(ids)["logits"], adapted(ids)["logits"], atol=1e-4)  # the adapters learned
+    assert (out / "sft_lora_adapter.pth").stat().st_size < 0.5 * (out / "sft_best.pth").stat().st_size
+    frozen = {k: v for k, v in base.state_dict().items()}
+    for name, value in wrapped.state_dict().items():  # every base weight untouched, only adapters trained
+        plain = name.replace(".base_layer.", ".")
+        if plain in frozen and "lora_" not in name:
+            assert torch.equal(value, frozen[plain]), name
+
+    merged_cfg = config(files, tmp_path / "m", "sft", lora_r=4, lora_alpha=8.0, lr=1e-2, merge_lora=True)
+    ft.run_sft(merged_cfg, None, show_progress=False)
+    merged = gpt_model.load_checkpoint(Path(merged_cfg.output_dir) / "sft_best.pth")
+    assert not merged.get("lora") and not any("lora_" in k for k in merged["model_state_dict"])
+    plain, _ = gpt_model.load_model_and_tokenizer(Path(merged_cfg.output_dir) / "sft_best.pth")
+    adapter, _ = gpt_model.load_model_and_tokenizer(Path(merged_cfg.output_dir) / "sft_lora_adapter.pth",
+                                                    tokenizer_dir=Path(merged_cfg.output_dir) / "tokenizer")
+    assert torch.allclose(plain(ids)["logits"], adapter(ids)["logits"], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- reward model and PPO
+
+def test_reward_stage_trains_and_its_checkpoint_is_a_reward_model(files, tmp_path):
+    sft = config(files, tmp_path, "sft")
+    ft.run_sft(sft, None, show_progress=False)
+    cfg = config(files, tmp_path, "reward", sft_model=str(Path(sft.output_dir) / "sft_best.pth"), max_steps=6,
+                 eval_interval=3)
+    summary = ft.run_reward(cfg, None, show_progress=False)
+    model, _ = gpt_model.load_model_and_tokenizer(summary["checkpoint"])
+    assert isinstance(model, gpt_model.GPTRewardModel)
+    rows = training.read_metrics(Path(cfg.output_dir) / "metrics.jsonl")
+    assert {"accuracy", "train_loss"} <= set(rows[0]) and any("val_accuracy" in r for r in rows)
+
+
+def test_a_ppo_iteration_moves_the_policy_and_critic_but_not_the_reference_or_reward_model(files, tiny_tokenizer,
+                                                                                            tmp_path):
+    policy, tokenizer, _ = ft.load_base(str(files["pretrained"]), None, "--pretrained_model")
+    reward = gpt_model.GPTRewardModel.from_language_model(policy)
+    cfg = config(files, tmp_path, "rlhf", lr=1e-3, critic_lr=1e-3, rollout_batch_size=4, ppo_minibatch_size=2,
+                 ppo_epochs=2, max_steps=1)
+    records = data_loader.load_sft_records(files["sft_test"])
+    prompts = [ft.prompt_ids(tokenizer, r, data_loader.SFT_TEMPLATE) for r in records]
+    trainer = ft.PPOTrainer(cfg, policy, reward, tokenizer, prompts, records[:4], data_loader.SFT_TEMPLATE,
+                            show_progress=False)
+    before = {name: {k: v.clone() for k, v in m.state_dict().items()}
+              for name, m in (("policy", trainer.policy), ("reference", trainer.reference),
+                              ("reward", trainer.reward_model), ("critic", trainer.critic))}
+    batch = trainer.rollout(next(trainer.prompts))
+    assert batch.response_mask.sum(1).min() >= 1 and batch.logprobs.shape == batch.values.shape
+    stats = trainer.update(batch)
+    assert {"policy_loss", "value_loss", "clip_fraction", "entropy"} <= set(stats)
+    changed = {name: any(not torch.equal(v, getattr(trainer, attr).state_dict()[k]) for k, v in state.items())
+               for (name, state), attr in zip(before.items(), ("policy", "reference", "reward_model", "critic"))}
+    assert changed == {"policy": True, "reference": False, "reward": False, "critic": True}
+
+
+def test_response_mask_keeps_tokens_up_to_the_first_eos():
+    responses = torch.tensor([[5, 6, 2, 1, 1], [5, 2, 6, 2, 1], [7, 7, 7, 7, 7]])  # eos 2, pad 1
+    mask = ft.response_mask_of(responses, eos_id=2, pad_id=1)
+    assert mask.tolist() == [[True, True, True, False, False], [True, True, False, False, False], [True] * 5]
+
+
+# ----------------------------------------------------------------------------- CLI errors
+
+def test_cli_errors_are_one_line(files, tmp_path, capsys):
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    no_field = tmp_path / "no_field.json"
+    no_field.write_text(json.dumps([{"instruction": "x"}]))
+    cases = {
+        "run `python pretrain_trainer.py` first": ["--pretrained_model", str(tmp_path / "missing.pth")],
+        "holds no records": ["--data_path", str(empty)],
+        "missing or non-string field 'response'": ["--data_path", str(no_field)],
+        "match no nn.Linear": ["--lora_r", "4", "--lora_targets", "q_proj"],
+        "--lora_r applies to --mode sft only": ["--mode", "reward", "--lora_r", "4"],
+        "run `python finetune.py --mode sft` first": ["--mode", "reward", "--sft_model", str(tmp_path / "none.pth")],
+    }
+    base = ["--pretrained_model", str(files["pretrained"]), "--data_path", str(files["sft_data"]),
+            "--test_data_path", str(files["sft_test"]), "--output_dir", str(tmp_path / "out"), "--max_steps", "1",
+            "--device", "cpu"]
+    for expected, extra in cases.items():
+        code = ft.main(base + extra)
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err and expected in err, (expected, err)
+    for flags in (["--mode", "dpo"], ["--lora_r", "-1"], ["--kl_coef", "-1"], ["--lam", "0"], ["--batch_size", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            ft.main(base + flags)
+        assert exit_info.value.code == 2
+    assert not (tmp_path / "out").exists()  # nothing was written by any rejected run
+
+    other = gpt_model.GPTModel(gpt_model.GPTConfig.from_preset("tiny", vocab_size=300, max_seq_len=64, n_layers=1,
+                                                               d_model=32, n_heads=2))
+    gpt_model.save_checkpoint(tmp_path / "other" / "m.pth", other, tokenizer_fingerprint="another tokenizer")
+    shutil.copytree(files["pretrained"].parent / "tokenizer", tmp_path / "other" / "tokenizer")
+    code = ft.main(base + ["--pretrained_model", str(tmp_path / "other" / "m.pth")])
+    err = capsys.readouterr().err
+    assert code == 2 and "has 512 tokens but the model only 300" in err.splitlines()[-1]
