@@ -354,3 +354,44 @@ def test_cli_errors_are_one_line(checkpoint_dir, tmp_path, capsys):
         assert evaluator.main(["--no_progress", "--output", str(tmp_path / "r.json"), *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and fragment in err and err.count("\n") == 1, err
+
+
+def test_reward_model_type_and_reward_scores_of_responses(checkpoint_dir, tiny_config, tiny_tokenizer, tmp_path, capsys):
+    """A reward model whose head reads one hidden unit: pairwise accuracy and margins checked against a direct call."""
+    from data_loader import PreferencePairDataset, collate_pairs
+    from gpt_model import GPTModel, GPTRewardModel, save_checkpoint
+    import evaluator
+
+    torch.manual_seed(0)
+    reward = GPTRewardModel.from_language_model(GPTModel(tiny_config))
+    save_checkpoint(checkpoint_dir / "reward.pth", reward, tokenizer_fingerprint=tiny_tokenizer.fingerprint,
+                    model_class="reward")
+    pairs = [{"instruction": "计算 1 + 2 = ?", "chosen": "3", "rejected": "4", "task": "arithmetic"},
+             {"instruction": "Who?", "chosen": "ROMEO", "rejected": "JULIET", "task": "speaker"},
+             {"instruction": "下一句：床前明月光", "chosen": "疑是地上霜", "rejected": "低头思故乡"}]
+    data = tmp_path / "pairs.json"
+    data.write_text(json.dumps(pairs, ensure_ascii=False), encoding="utf-8")
+    batch = collate_pairs([PreferencePairDataset(pairs, tiny_tokenizer, 64)[i] for i in range(3)], tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        chosen, rejected = reward(batch["input_ids"], attention_mask=batch["attention_mask"]).chunk(2)
+    report = tmp_path / "reward.json"
+    assert evaluator.main(["--model_type", "reward", "--model_path", str(checkpoint_dir / "reward.pth"),
+                           "--test_data_path", str(data), "--output", str(report), "--no_progress"]) == 0
+    result = json.loads(report.read_text(encoding="utf-8"))["results"][0]
+    assert result["pairwise_accuracy"] == pytest.approx(float((chosen > rejected).float().mean()))
+    assert result["mean_margin"] == pytest.approx(float((chosen - rejected).mean()), rel=1e-4)
+    assert "pairwise_accuracy" in capsys.readouterr().out
+
+    sft = tmp_path / "sft.json"
+    sft.write_text(json.dumps([{"instruction": p["instruction"], "response": p["chosen"], "task": p.get("task", "x")}
+                               for p in pairs], ensure_ascii=False), encoding="utf-8")
+    assert evaluator.main(["--model_type", "sft", "--model_path", str(checkpoint_dir / "a.pth"), "--reward_model",
+                           str(checkpoint_dir / "reward.pth"), "--test_data_path", str(sft), "--max_gen_len", "4",
+                           "--output", str(report), "--no_progress"]) == 0
+    result = json.loads(report.read_text(encoding="utf-8"))["results"][0]
+    assert {"exact_match", "exact_match/arithmetic", "exact_match/speaker", "reward_score"} <= set(result)
+    assert math.isfinite(result["reward_score"])
+    capsys.readouterr()
+    code = evaluator.main(["--model_type", "sft", "--model_path", str(checkpoint_dir / "reward.pth"),
+                           "--test_data_path", str(sft), "--no_progress"])
+    assert code == 2 and "use --model_type reward" in capsys.readouterr().err
