@@ -114,8 +114,10 @@ def test_sft_answers_are_the_unique_correct_answer(built):
 
 def test_preference_pairs_choose_the_right_answer_and_reject_a_wrong_one(built):
     for name, sft_name in (("rlhf_pairwise.json", "sft_data.json"), ("rlhf_pairwise_test.json", "sft_test.json")):
-        pairs = load(built, name)
-        assert [r["instruction"] for r in pairs] == [r["instruction"] for r in load(built, sft_name)]
+        pairs, sft = load(built, name), load(built, sft_name)
+        assert {r["instruction"] for r in pairs} <= {r["instruction"] for r in sft}
+        assert {r["instruction"] for r in pairs if r["task"] != "arithmetic"} == {
+            r["instruction"] for r in sft if r["task"] != "arithmetic"}
         for r in pairs:
             assert set(r) == {"instruction", "chosen", "rejected", "task"}
             answers = CHECKERS[r["task"]](r["instruction"])
@@ -133,9 +135,11 @@ def test_counts_per_family(built):
     counts = {}
     for r in load(built, "sft_data.json"):
         counts[r["task"]] = counts.get(r["task"], 0) + 1
-    assert counts["arithmetic"] == 2000 and counts["speaker"] == 1000
+    assert counts["arithmetic"] == 9500 and counts["speaker"] == 1000
     assert counts["poem_next_line"] > 500 and counts["poem_author"] > 200
     assert sum(1 for r in load(built, "sft_test.json") if r["task"] == "arithmetic") == 500
+    assert sum(1 for r in load(built, "rlhf_pairwise.json") if r["task"] == "arithmetic") == 2000
+    assert sum(1 for r in load(built, "rlhf_pairwise_test.json") if r["task"] == "arithmetic") == 500
 
 
 @pytest.mark.slow
