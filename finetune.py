@@ -46,13 +46,13 @@ from training import TrainError
 
 PROCESS_START = time.time()
 MODES = ("sft", "reward", "rlhf")
-STAGE_DEFAULTS = {
-    "sft": dict(output_dir="models/sft", lr=3e-3, batch_size=32, warmup_steps=50, max_minutes=4.75,
-                eval_interval=200, weight_decay=0.0, min_lr_ratio=0.05),
-    "reward": dict(output_dir="models/reward", lr=1e-3, batch_size=32, warmup_steps=30, max_minutes=4.5,
-                   eval_interval=100, weight_decay=0.0, min_lr_ratio=0.1),
-    "rlhf": dict(output_dir="models/rlhf", lr=1e-5, batch_size=32, warmup_steps=0, max_minutes=4.5,
-                 eval_interval=20, weight_decay=0.0, min_lr_ratio=1.0, log_interval=1),
+STAGE_DEFAULTS = {  # step budgets, so results do not depend on machine load; ~4-5 minutes each on 2 CPU cores
+    "sft": dict(output_dir="models/sft", lr=3e-3, batch_size=32, warmup_steps=50, max_steps=2500,
+                eval_interval=250, weight_decay=0.1, min_lr_ratio=0.1),
+    "reward": dict(output_dir="models/reward", lr=1e-3, batch_size=32, warmup_steps=30, max_steps=800,
+                   eval_interval=100, weight_decay=0.1, min_lr_ratio=0.1),
+    "rlhf": dict(output_dir="models/rlhf", lr=1e-5, batch_size=32, warmup_steps=0, max_steps=150,
+                 eval_interval=25, weight_decay=0.0, min_lr_ratio=1.0, log_interval=1),
 }
 
 
@@ -718,8 +718,8 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     stage = STAGE_DEFAULTS[args.mode]
     for key, value in stage.items():
         values.setdefault(key, value)
-    if any(values.get(k) is not None for k in ("max_steps", "epochs")) and args.max_minutes is None:
-        values["max_minutes"] = None  # an explicit step/epoch limit replaces the default time budget
+    if args.max_minutes is not None or args.epochs is not None:
+        values["max_steps"] = args.max_steps  # an explicit time or epoch budget replaces the default step count
     return FinetuneConfig(**values)
 
 
