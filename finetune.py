@@ -4,6 +4,8 @@
     python finetune.py --mode sft --lora_r 8 --merge_lora
     python finetune.py --mode reward               # models/sft/sft_best.pth -> models/reward/reward_best.pth
     python finetune.py --mode rlhf                 # the reward model first (unless --reward_model), then PPO
+    python finetune.py --mode dpo                  # DPO on the preference pairs against the frozen SFT model
+    python finetune.py --mode rlvf                 # GRPO with automatic verifiers instead of a reward model
 
 SFT and the reward model are ``training.Trainer`` with a batch source and a loss. PPO has its own rollout loop
 (generate with the decode engine, score, GAE, clipped updates) built from the same pieces: the optimizer, the
@@ -20,13 +22,15 @@ import copy
 import functools
 import json
 import math
+import re
 import signal
 import sys
 import time
+import unicodedata
 from collections import defaultdict
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,12 +44,13 @@ import lora
 import metrics
 import training
 from cli import Interrupted
+from data_loader import DataError
 from decoding import cut_at_eos, left_pad
 from gpt_model import CheckpointError, GPTModel, GPTRewardModel
 from training import TrainError
 
 PROCESS_START = time.time()
-MODES = ("sft", "reward", "rlhf")
+MODES = ("sft", "reward", "rlhf", "dpo", "rlvf")
 STAGE_DEFAULTS = {  # step budgets, so results do not depend on machine load; ~4-5 minutes each on 2 CPU cores
     "sft": dict(output_dir="models/sft", lr=3e-3, batch_size=32, warmup_steps=50, max_steps=2500,
                 eval_interval=250, weight_decay=0.1, min_lr_ratio=0.1),
@@ -53,6 +58,10 @@ STAGE_DEFAULTS = {  # step budgets, so results do not depend on machine load; ~4
                    eval_interval=100, weight_decay=0.1, min_lr_ratio=0.1),
     "rlhf": dict(output_dir="models/rlhf", lr=1e-5, batch_size=32, warmup_steps=0, max_steps=150,
                  eval_interval=25, weight_decay=0.0, min_lr_ratio=1.0, log_interval=1),
+    "dpo": dict(output_dir="models/dpo", lr=3e-4, batch_size=32, warmup_steps=20, max_steps=600,
+                eval_interval=100, weight_decay=0.0, min_lr_ratio=0.1),
+    "rlvf": dict(output_dir="models/rlvf", lr=2e-5, batch_size=32, warmup_steps=0, max_steps=100,
+                 eval_interval=20, weight_decay=0.0, min_lr_ratio=1.0, log_interval=1),
 }
 
 
@@ -91,6 +100,13 @@ class FinetuneConfig(training.TrainConfig):
     value_clip_range: float = 0.2
     vf_coef: float = 0.5
     critic_lr: float = 1e-4
+    # DPO
+    dpo_beta: float = 0.1
+    dpo_loss: str = "sigmoid"
+    label_smoothing: float = 0.0
+    # GRPO
+    group_size: int = 8
+    format_weight: float = 0.1
 
 
 # ----------------------------------------------------------------------------- losses (pure functions, tested)
@@ -158,6 +174,33 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     """½·max((V − R)², (clip(V, V_old ± ε) − R)²), masked mean: the critic may not move far per update."""
     clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
     return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0,
+             ipo: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPO (Rafailov et al.) on sequence log-probs: (mean loss, implicit reward of chosen, of rejected).
+
+    h = (log π(y_w) − log π(y_l)) − (log π_ref(y_w) − log π_ref(y_l)); DPO: −log σ(βh), with label smoothing ε
+    (conservative DPO) −(1−ε)·log σ(βh) − ε·log σ(−βh); IPO (Azar et al.): (h − 1/(2β))².
+    The implicit rewards are β·(log π − log π_ref) of each answer.
+    """
+    h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    if ipo:
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    return losses.mean(), beta * (policy_chosen - ref_chosen).detach(), beta * (policy_rejected - ref_rejected).detach()
+
+
+def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO: each reward normalised within its group, (r − mean) / (std + ε); rewards (n_groups, group_size).
+
+    A group whose rewards are all equal teaches nothing and gets zero advantages.
+    """
+    std = rewards.std(1, keepdim=True)
+    centred = rewards - rewards.mean(1, keepdim=True)
+    return torch.where(std > eps, centred / (std + eps), torch.zeros_like(centred))  # exact zeros, not rounding noise
 
 
 class AdaptiveKLController:
@@ -388,129 +431,100 @@ def response_mask_of(responses: torch.Tensor, eos_id: int, pad_id: int) -> torch
     return ~after_eos & ((responses != pad_id) | is_eos)
 
 
-class PPOTrainer:
-    """RLHF with PPO as TRL and DeepSpeed-Chat do it: a policy and a critic (initialised from the reward model),
-    frozen reference and reward models, KL-penalised per-token rewards, GAE, clipped policy and value losses.
+class RLTrainer:
+    """What PPO and GRPO share: a trainable policy and a frozen reference, the prompt stream, the step/time budget,
+    signals, ``RunFolder`` logging, best/step checkpoints and exact resume. Subclasses add their models and
+    implement ``train_step`` (rollouts + updates -> a log row) and ``held_out`` (metrics with a val_loss)."""
 
-    Resumable (``ppo_step_N.pth`` holds both models, both optimizers, β, the prompt order and the RNG) and it
-    reuses the training core's optimizer, checkpoint format, ``RunFolder`` and signal handling.
-    """
+    prefix = "rl"
 
-    def __init__(self, config: FinetuneConfig, policy: GPTModel, reward_model: GPTRewardModel, tokenizer,
-                 prompts: list[list[int]], eval_records: list[dict], template: str, checkpoint: dict | None = None,
-                 resumed_from: str | None = None, show_progress: bool = True):
+    def __init__(self, config: FinetuneConfig, policy: GPTModel, tokenizer, prompts: list, eval_records: list[dict],
+                 template: str, show_progress: bool = True):
         self.config, self.tokenizer, self.template, self.show_progress = config, tokenizer, template, show_progress
         self.info, self.device = training.init_distributed(config.device)
         if self.info.enabled:
-            raise TrainError("PPO runs in one process: launch it without torchrun")
+            raise TrainError(f"{self.prefix} runs in one process: launch it without torchrun")
         torch.manual_seed(config.seed)
         self.policy = policy.to(self.device).train()
         self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
-        self.reward_model = reward_model.to(self.device).eval().requires_grad_(False)
-        self.critic = copy.deepcopy(reward_model).train().requires_grad_(True)
         self.policy_optimizer = gpt_model.configure_optimizer(self.policy, config.weight_decay, config.lr,
                                                               (config.beta1, config.beta2), self.device.type)
-        self.critic_optimizer = gpt_model.configure_optimizer(self.critic, config.weight_decay, config.critic_lr,
-                                                              (config.beta1, config.beta2), self.device.type)
-        self.kl = AdaptiveKLController(config.kl_coef, config.target_kl or 1.0, config.kl_horizon)
         self.prompts = data_loader.ShuffledBatches(prompts, config.rollout_batch_size, list, config.seed)
         self.eval_records = eval_records
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        self.step, self.train_seconds, self.best_val_loss, self.last_saved = 0, 0.0, math.inf, resumed_from
+        self.step, self.train_seconds, self.best_val_loss, self.last_saved = 0, 0.0, math.inf, None
+        self.output_dir = Path(config.output_dir)
+
+    def start(self, checkpoint: dict | None, resumed_from: str | None) -> None:
+        """Restore a checkpoint (after the subclass built its models) and open the output folder."""
+        self.last_saved = resumed_from
         if checkpoint:
             self._restore(checkpoint, resumed_from)
-        self.output_dir = Path(config.output_dir)
-        self.run = training.RunFolder(self.output_dir, "ppo", tokenizer, resumed_from, self.step)
+        self.run = training.RunFolder(self.output_dir, self.prefix, self.tokenizer, resumed_from, self.step)
 
-    # -- rollouts
-    @torch.no_grad()
-    def rollout(self, prompts: list[list[int]]) -> Rollout:
-        c, tok = self.config, self.tokenizer
+    # -- what a subclass provides
+    def train_step(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def held_out(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def extra_state(self) -> dict[str, Any]:
+        """Tensors/state besides the policy and its optimizer that a resumable checkpoint needs."""
+        return {}
+
+    def load_extra_state(self, checkpoint: dict) -> None:
+        pass
+
+    # -- shared pieces
+    def sample(self, prompts: list[list[int]], max_new_tokens: int, temperature: float) -> tuple[torch.Tensor, ...]:
+        """Sampled responses through the decode engine: (sequences, full attention mask, prompt_len, response mask)."""
+        tok = self.tokenizer
         input_ids, attention_mask = (t.to(self.device) for t in left_pad(prompts, tok.pad_token_id))
         room = self.policy.config.max_seq_len - input_ids.size(1)
         self.policy.eval()
-        sequences = self.policy.generate(input_ids, attention_mask, max_gen_len=min(c.max_new_tokens, room),
-                                         temperature=c.rollout_temperature, top_k=0, do_sample=True,
+        sequences = self.policy.generate(input_ids, attention_mask, max_gen_len=min(max_new_tokens, room),
+                                         temperature=temperature, top_k=0, do_sample=True,
                                          eos_token_id=tok.eos_token_id, generator=self.generator)
         self.policy.train()
         prompt_len = input_ids.size(1)
         response_mask = response_mask_of(sequences[:, prompt_len:], tok.eos_token_id, tok.pad_token_id)
         full_mask = torch.cat([attention_mask, response_mask.long()], dim=1)
-        logprobs, _ = response_logprobs(self.policy, sequences, full_mask, prompt_len)
-        ref_logprobs, _ = response_logprobs(self.reference, sequences, full_mask, prompt_len)
-        values = self.critic.values(sequences, full_mask)[:, prompt_len - 1:-1]
-        scores = self.reward_model(sequences, full_mask)
-        mask = response_mask.float()
-        rewards, _ = kl_penalized_rewards(logprobs, ref_logprobs, scores, mask, self.kl.value)
-        advantages, returns = gae(rewards, values * mask, mask, c.gamma, c.lam)
-        return Rollout(sequences, full_mask, prompt_len, mask, logprobs * mask, ref_logprobs * mask, values * mask,
-                       scores, whiten(advantages, mask), returns)
+        return sequences, full_mask, prompt_len, response_mask.float()
 
-    # -- updates
-    def update(self, batch: Rollout) -> dict[str, float]:
-        """ppo_epochs passes of clipped policy and value updates over shuffled minibatches."""
-        c = self.config
-        stats: dict[str, list[float]] = defaultdict(list)
-        n = batch.sequences.size(0)
-        for _ in range(c.ppo_epochs):
-            order = torch.randperm(n, device=self.device)
-            for start in range(0, n, c.ppo_minibatch_size):
-                idx = order[start:start + c.ppo_minibatch_size]
-                seqs, attn, mask = batch.sequences[idx], batch.attention_mask[idx], batch.response_mask[idx]
-                with gpt_model.autocast_context(self.device, gpt_model.resolve_dtype(c.dtype, self.device)):
-                    logprobs, entropy = response_logprobs(self.policy, seqs, attn, batch.prompt_len)
-                    values = self.critic.values(seqs, attn)[:, batch.prompt_len - 1:-1]
-                policy_loss, clip_fraction = ppo_policy_loss(logprobs, batch.logprobs[idx], batch.advantages[idx],
-                                                             mask, c.clip_range)
-                value_loss = ppo_value_loss(values, batch.values[idx], batch.returns[idx], mask, c.value_clip_range)
-                self._optimize(policy_loss, self.policy, self.policy_optimizer)
-                self._optimize(c.vf_coef * value_loss, self.critic, self.critic_optimizer)
-                stats["policy_loss"].append(policy_loss.item())
-                stats["value_loss"].append(value_loss.item())
-                stats["clip_fraction"].append(clip_fraction.item())
-                stats["entropy"].append(masked_mean(entropy.detach(), mask).item())
-        return {k: sum(v) / len(v) for k, v in stats.items()}
-
-    def _optimize(self, loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def optimize(self, loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         if not torch.isfinite(loss):
-            raise TrainError(f"the PPO loss became non-finite at step {self.step + 1}: lower --lr / --critic_lr "
-                             f"or raise --kl_coef; the last good checkpoint is {self.last_saved or 'none'}")
+            raise TrainError(f"the {self.prefix} loss became non-finite at step {self.step + 1}: lower --lr or "
+                             f"raise --kl_coef; the last good checkpoint is {self.last_saved or 'none'}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), self.config.grad_clip)
         optimizer.step()
 
-    # -- the loop
     def train(self) -> dict[str, float]:
         c = self.config
         self.time_budget = (c.max_minutes or 0) * 60 - (time.time() - PROCESS_START)
         if c.max_minutes and self.time_budget <= self.train_seconds:
-            raise TrainError(f"--max_minutes {c.max_minutes} is used up before PPO starts: raise it")
+            raise TrainError(f"--max_minutes {c.max_minutes} is used up before {self.prefix} starts: raise it")
         last_eval: dict[str, float] = {}
         if self.step == 0:
-            last_eval = self.evaluate()  # the SFT policy's own held-out figures, for comparison
-        bar = tqdm(total=c.max_steps, initial=self.step, desc="ppo", disable=not self.show_progress)
+            last_eval = self.evaluate()  # the starting (SFT) policy's own held-out figures, for comparison
+        bar = tqdm(total=c.max_steps, initial=self.step, desc=self.prefix, disable=not self.show_progress)
         prior, start = self.train_seconds, time.time()
         with training.StopSignals() as stop:
             while not self._finished() and stop.signum is None:
-                batch = self.rollout(next(self.prompts))
-                stats = self.update(batch)
+                row = {"step": self.step + 1, **self.train_step()}
                 self.step += 1
-                kl_per_sequence = float((batch.logprobs - batch.ref_logprobs).sum(1).mean())
-                if c.target_kl:
-                    self.kl.update(kl_per_sequence, batch.sequences.size(0))
-                row = {"step": self.step, "reward": float(batch.scores.mean()), "kl": kl_per_sequence,
-                       "kl_coef": self.kl.value, "response_length": float(batch.response_mask.sum(1).mean()), **stats}
                 self.run.log(row)
                 bar.update(1)
-                bar.set_postfix(reward=f"{row['reward']:.3f}", kl=f"{row['kl']:.3f}")
+                bar.set_postfix(reward=f"{row.get('reward', 0):.3f}")
                 self.train_seconds = prior + time.time() - start
                 finished = self._finished()
                 if self.step % c.eval_interval == 0 or finished:
                     last_eval = self.evaluate()
                 if self.step % (c.save_interval or c.eval_interval) == 0 or finished or stop.signum is not None:
-                    self.save(self.output_dir / f"ppo_step_{self.step}.pth")
+                    self.save(self.output_dir / f"{self.prefix}_step_{self.step}.pth")
         bar.close()
         self.run.plot()
         if stop.signum is not None:
@@ -523,56 +537,127 @@ class PPOTrainer:
         return bool((c.max_steps and self.step >= c.max_steps) or
                     (c.max_minutes and self.train_seconds >= self.time_budget))
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Greedy responses to held-out prompts: mean reward-model score, KL to the reference, exact match.
-
-        ``val_loss`` = −(score − β·KL), the PPO objective on held-out prompts, picks ppo_best.pth.
-        """
-        result = evaluate_policy(self.policy, self.reference, self.reward_model, self.tokenizer, self.eval_records,
-                                 self.template, self.config.max_new_tokens, self.device)
-        result = {"step": self.step, **result, "val_loss": -(result["val_reward"] - self.kl.value * result["val_kl"])}
+        """Held-out metrics; the lowest val_loss writes ``<prefix>_best.pth`` (the policy, a plain LM checkpoint)."""
+        result = {"step": self.step, **self.held_out()}
         self.run.log(result)
         if result["val_loss"] < self.best_val_loss:
             self.best_val_loss = result["val_loss"]
             self.run.commit()
-            gpt_model.save_checkpoint(self.output_dir / "ppo_best.pth", self.policy, **self._extra())
+            gpt_model.save_checkpoint(self.output_dir / f"{self.prefix}_best.pth", self.policy, **self._extra())
         return result
 
     def _extra(self) -> dict[str, Any]:
-        return {"tokenizer_fingerprint": self.tokenizer.fingerprint, "step": self.step, "stage": "ppo",
+        return {"tokenizer_fingerprint": self.tokenizer.fingerprint, "step": self.step, "stage": self.prefix,
                 "best_val_loss": self.best_val_loss, "sft_template": self.template,
                 "train_args": asdict(self.config)}
 
     def save(self, path: Path) -> None:
-        """A resumable checkpoint: the policy as the model, plus the critic, both optimizers, β and the RNG."""
+        """A resumable checkpoint: the policy as the model, plus its optimizer, the subclass's state and the RNG."""
         self.run.commit()
-        gpt_model.save_checkpoint(path, self.policy, **self._extra(), critic=self.critic.state_dict(),
-                                  optimizer=self.policy_optimizer.state_dict(),
-                                  critic_optimizer=self.critic_optimizer.state_dict(), scaler={},
-                                  scheduler={"train_seconds": self.train_seconds, "kl_coef": self.kl.value},
+        gpt_model.save_checkpoint(path, self.policy, **self._extra(), **self.extra_state(),
+                                  optimizer=self.policy_optimizer.state_dict(), scaler={},
+                                  scheduler={"train_seconds": self.train_seconds},
                                   rank_states=[{"data": self.prompts.state_dict(), "rng": training.rng_state(),
                                                 "generator": self.generator.get_state()}])
         self.last_saved = str(path)
-        for old in training.step_checkpoints(self.output_dir, "ppo")[:-self.config.keep_last or None]:
+        for old in training.step_checkpoints(self.output_dir, self.prefix)[:-self.config.keep_last or None]:
             old.unlink(missing_ok=True)
 
     def _restore(self, checkpoint: dict, source: str) -> None:
         try:
             gpt_model._load_state_dict_checked(self.policy, checkpoint["model_state_dict"], source)
-            self.critic.load_state_dict(checkpoint["critic"])
             self.policy_optimizer.load_state_dict(checkpoint["optimizer"])
-            self.critic_optimizer.load_state_dict(checkpoint["critic_optimizer"])
             self.step, self.best_val_loss = int(checkpoint["step"]), float(checkpoint["best_val_loss"])
             self.train_seconds = float(checkpoint["scheduler"]["train_seconds"])
-            self.kl.value = float(checkpoint["scheduler"]["kl_coef"])
+            self.load_extra_state(checkpoint)
             state = checkpoint["rank_states"][0]
         except (KeyError, ValueError, TypeError, RuntimeError) as err:
-            raise CheckpointError(f"{source}: not a PPO checkpoint of this setup ({type(err).__name__}); "
-                                  "resume from a ppo_step_N.pth") from None
+            raise CheckpointError(f"{source}: not a {self.prefix} checkpoint of this setup ({type(err).__name__}); "
+                                  f"resume from a {self.prefix}_step_N.pth") from None
         self.prompts.load_state_dict(state["data"])
         training.set_rng_state(state["rng"])
         self.generator.set_state(state["generator"])
+
+
+class PPOTrainer(RLTrainer):
+    """RLHF with PPO as TRL and DeepSpeed-Chat do it: a policy and a critic (initialised from the reward model),
+    frozen reference and reward models, KL-penalised per-token rewards, GAE, clipped policy and value losses."""
+
+    prefix = "ppo"
+
+    def __init__(self, config: FinetuneConfig, policy: GPTModel, reward_model: GPTRewardModel, tokenizer,
+                 prompts: list[list[int]], eval_records: list[dict], template: str, checkpoint: dict | None = None,
+                 resumed_from: str | None = None, show_progress: bool = True):
+        super().__init__(config, policy, tokenizer, prompts, eval_records, template, show_progress)
+        self.reward_model = reward_model.to(self.device).eval().requires_grad_(False)
+        self.critic = copy.deepcopy(self.reward_model).train().requires_grad_(True)
+        self.critic_optimizer = gpt_model.configure_optimizer(self.critic, config.weight_decay, config.critic_lr,
+                                                              (config.beta1, config.beta2), self.device.type)
+        self.kl = AdaptiveKLController(config.kl_coef, config.target_kl or 1.0, config.kl_horizon)
+        self.start(checkpoint, resumed_from)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"critic": self.critic.state_dict(), "critic_optimizer": self.critic_optimizer.state_dict(),
+                "kl_coef": self.kl.value}
+
+    def load_extra_state(self, checkpoint: dict) -> None:
+        self.critic.load_state_dict(checkpoint["critic"])
+        self.critic_optimizer.load_state_dict(checkpoint["critic_optimizer"])
+        self.kl.value = float(checkpoint["kl_coef"])
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[list[int]]) -> Rollout:
+        c = self.config
+        sequences, full_mask, prompt_len, mask = self.sample(prompts, c.max_new_tokens, c.rollout_temperature)
+        logprobs, _ = response_logprobs(self.policy, sequences, full_mask, prompt_len)
+        ref_logprobs, _ = response_logprobs(self.reference, sequences, full_mask, prompt_len)
+        values = self.critic.values(sequences, full_mask)[:, prompt_len - 1:-1]
+        scores = self.reward_model(sequences, full_mask)
+        rewards, _ = kl_penalized_rewards(logprobs, ref_logprobs, scores, mask, self.kl.value)
+        advantages, returns = gae(rewards, values * mask, mask, c.gamma, c.lam)
+        return Rollout(sequences, full_mask, prompt_len, mask, logprobs * mask, ref_logprobs * mask, values * mask,
+                       scores, whiten(advantages, mask), returns)
+
+    def update(self, batch: Rollout) -> dict[str, float]:
+        """ppo_epochs passes of clipped policy and value updates over shuffled minibatches."""
+        c = self.config
+        stats: dict[str, list[float]] = defaultdict(list)
+        n = batch.sequences.size(0)
+        for _ in range(c.ppo_epochs):
+            order = torch.randperm(n, device=self.device)
+            for start in range(0, n, c.ppo_minibatch_size):
+                idx = order[start:start + c.ppo_minibatch_size]
+                seqs, attn, mask = batch.sequences[idx], batch.attention_mask[idx], batch.response_mask[idx]
+                logprobs, entropy = response_logprobs(self.policy, seqs, attn, batch.prompt_len)
+                values = self.critic.values(seqs, attn)[:, batch.prompt_len - 1:-1]
+                policy_loss, clip_fraction = ppo_policy_loss(logprobs, batch.logprobs[idx], batch.advantages[idx],
+                                                             mask, c.clip_range)
+                value_loss = ppo_value_loss(values, batch.values[idx], batch.returns[idx], mask, c.value_clip_range)
+                self.optimize(policy_loss, self.policy, self.policy_optimizer)
+                self.optimize(c.vf_coef * value_loss, self.critic, self.critic_optimizer)
+                stats["policy_loss"].append(policy_loss.item())
+                stats["value_loss"].append(value_loss.item())
+                stats["clip_fraction"].append(clip_fraction.item())
+                stats["entropy"].append(masked_mean(entropy.detach(), mask).item())
+        return {k: sum(v) / len(v) for k, v in stats.items()}
+
+    def train_step(self) -> dict[str, float]:
+        batch = self.rollout(next(self.prompts))
+        stats = self.update(batch)
+        kl_per_sequence = float((batch.logprobs - batch.ref_logprobs).sum(1).mean())
+        if self.config.target_kl:
+            self.kl.update(kl_per_sequence, batch.sequences.size(0))
+        return {"reward": float(batch.scores.mean()), "kl": kl_per_sequence, "kl_coef": self.kl.value,
+                "response_length": float(batch.response_mask.sum(1).mean()), **stats}
+
+    @torch.no_grad()
+    def held_out(self) -> dict[str, float]:
+        """Greedy held-out responses: reward-model score, KL to the reference, exact match; val_loss = −(score − β·KL),
+        the PPO objective on held-out prompts, picks ppo_best.pth."""
+        result = evaluate_policy(self.policy, self.reference, self.reward_model, self.tokenizer, self.eval_records,
+                                 self.template, self.config.max_new_tokens, self.device)
+        return {**result, "val_loss": -(result["val_reward"] - self.kl.value * result["val_kl"])}
 
 
 @torch.no_grad()
@@ -633,6 +718,188 @@ def run_rlhf(config: FinetuneConfig, resume: str | None, show_progress: bool = T
                          resumed_from, show_progress)
     last = trainer.train()
     return {"stage": "ppo", "steps": trainer.step, "checkpoint": str(Path(config.output_dir) / "ppo_best.pth"),
+            **{k: v for k, v in last.items() if k.startswith("val_")}}
+
+
+# ----------------------------------------------------------------------------- DPO
+
+def run_dpo(config: FinetuneConfig, resume: str | None, show_progress: bool = True) -> dict[str, Any]:
+    """Direct Preference Optimization against the frozen SFT model -> <output_dir>/dpo_best.pth."""
+    sft, tokenizer, sft_checkpoint = load_base(config.sft_model, config.tokenizer_dir, "--sft_model")
+    template = template_of(sft_checkpoint)
+    max_len = sft.config.max_seq_len
+    train_set = data_loader.PreferencePairDataset(config.pairwise_data, tokenizer, max_len, template)
+    test_set = data_loader.PreferencePairDataset(config.pairwise_test_data, tokenizer, max_len, template)
+    model, checkpoint, resumed_from = resume_or(config, resume, "dpo", tokenizer, lambda: copy.deepcopy(sft))
+    info, device = training.init_distributed(config.device)
+    reference = copy.deepcopy(sft).to(device).eval().requires_grad_(False)
+    ipo = config.dpo_loss == "ipo"
+
+    def logps(net: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = net(batch["input_ids"], attention_mask=batch["attention_mask"])["logits"]
+        return metrics.sequence_logprobs(logits, batch["labels"], average=ipo)  # IPO uses per-token means
+
+    def loss_fn(net: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with torch.no_grad():  # the reference's log-probs: once per batch, no graph
+            ref_chosen, ref_rejected = logps(reference, batch).chunk(2)
+        chosen, rejected = logps(net, batch).chunk(2)
+        loss, chosen_reward, rejected_reward = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, config.dpo_beta,
+                                                        config.label_smoothing, ipo)
+        return {"loss": loss, "accuracy": (chosen_reward > rejected_reward).float().mean(),
+                "margin": (chosen_reward - rejected_reward).mean()}
+
+    collate = functools.partial(data_loader.collate_pairs, pad_token_id=tokenizer.pad_token_id)
+    test_batches = [collate([test_set[i] for i in range(k, min(k + 64, len(test_set)))])
+                    for k in range(0, len(test_set), 64)]
+
+    @torch.no_grad()
+    def evaluate(net: nn.Module) -> dict[str, float]:
+        rows = [loss_fn(net, training.to_device(b, device)) for b in test_batches]
+        weights = [b["input_ids"].size(0) / 2 for b in test_batches]
+        mean = lambda key: sum(float(r[key]) * w for r, w in zip(rows, weights)) / sum(weights)
+        return {"val_loss": mean("loss"), "val_accuracy": mean("accuracy"), "val_margin": mean("margin")}
+
+    print(f"dpo: {len(train_set)} train / {len(test_set)} held-out pairs, β={config.dpo_beta}, "
+          f"{'IPO' if ipo else 'sigmoid'} loss, label smoothing {config.label_smoothing}")
+    batches = data_loader.ShuffledBatches(train_set, config.batch_size, collate, config.seed, info.rank,
+                                          info.world_size)
+    trainer = training.Trainer(config, model, tokenizer, batches, loss_fn, prefix="dpo", evaluate_fn=evaluate,
+                               steps_per_epoch=batches.batches_per_epoch / config.grad_accum, checkpoint=checkpoint,
+                               resumed_from=resumed_from, start_time=PROCESS_START, show_progress=show_progress,
+                               checkpoint_extra={"sft_template": template, "base_model": str(config.sft_model)})
+    last = trainer.train()
+    return {"stage": "dpo", "steps": trainer.step, "best_val_loss": trainer.best_val_loss,
+            "val_accuracy": last.get("val_accuracy"), "checkpoint": str(Path(config.output_dir) / "dpo_best.pth")}
+
+
+# ----------------------------------------------------------------------------- verifiers and GRPO
+
+Verifier = Callable[[str, dict], float]
+VERIFIERS: dict[str, Verifier] = {}
+TASK_VERIFIERS = {"arithmetic": "math"}  # a record's "task" -> verifier; others use "exact" (or the record's "verifier")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def register_verifier(name: str) -> Callable[[Verifier], Verifier]:
+    """Decorator: ``@register_verifier("mine")`` makes ``def mine(response, record) -> float`` a verifier."""
+    def add(function: Verifier) -> Verifier:
+        VERIFIERS[name] = function
+        return function
+    return add
+
+
+def last_number(text: str) -> float | None:
+    """The last number in a text: full-width digits and the Unicode minus are read as ASCII (NFKC)."""
+    found = _NUMBER.findall(unicodedata.normalize("NFKC", text).replace("\u2212", "-"))
+    return float(found[-1]) if found else None
+
+
+@register_verifier("math")
+def math_verifier(response: str, record: dict) -> float:
+    """1 when the response's last number equals the reference's (surrounding text such as 答案是 42。 is fine)."""
+    got, expected = last_number(response), last_number(record["response"])
+    return float(got is not None and expected is not None and abs(got - expected) < 1e-9)
+
+
+@register_verifier("exact")
+def exact_verifier(response: str, record: dict) -> float:
+    return float(response.strip() == record["response"].strip())
+
+
+@register_verifier("format")
+def format_verifier(response: str, record: dict) -> float:
+    """1 for a well-formed answer: non-empty, one line, no leaked template marker."""
+    text = response.strip()
+    return float(bool(text) and "\n" not in text and "###" not in text)
+
+
+def verifiable_reward(response: str, record: dict, format_weight: float = 0.1) -> float:
+    """The task's verifier (record["verifier"], else by record["task"], else exact) plus a small format bonus."""
+    name = record.get("verifier") or TASK_VERIFIERS.get(record.get("task"), "exact")
+    if name not in VERIFIERS:
+        raise DataError(f"unknown verifier {name!r}; registered: {sorted(VERIFIERS)} (add one with register_verifier)")
+    return VERIFIERS[name](response, record) + format_weight * VERIFIERS["format"](response, record)
+
+
+class GRPOTrainer(RLTrainer):
+    """RL from verifiable rewards, GRPO-style (Shao et al., 2024): a group of sampled answers per prompt, rewards from
+    verifiers, group-normalised advantages on every token, the clipped surrogate, and an optional KL to the
+    reference (the k3 estimator). No reward model and no critic."""
+
+    prefix = "rlvf"
+
+    def __init__(self, config: FinetuneConfig, policy: GPTModel, tokenizer, records: list[dict],
+                 eval_records: list[dict], template: str, checkpoint: dict | None = None,
+                 resumed_from: str | None = None, show_progress: bool = True):
+        items = [(prompt_ids(tokenizer, r, template), r) for r in records]
+        items = [item for item in items if len(item[0]) < policy.config.max_seq_len - 1]
+        super().__init__(config, policy, tokenizer, items, eval_records, template, show_progress)
+        self.start(checkpoint, resumed_from)
+
+    def train_step(self) -> dict[str, float]:
+        c, tok = self.config, self.tokenizer
+        items = next(self.prompts)
+        prompts = [ids for ids, _ in items for _ in range(c.group_size)]
+        with torch.no_grad():
+            sequences, attn, prompt_len, mask = self.sample(prompts, c.max_new_tokens, c.rollout_temperature)
+            texts = [tok.decode(cut_at_eos(row[prompt_len:].tolist(), tok.eos_token_id)) for row in sequences]
+            records = [record for _, record in items for _ in range(c.group_size)]
+            rewards = torch.tensor([verifiable_reward(t, r, c.format_weight) for t, r in zip(texts, records)],
+                                   device=self.device)
+            advantages = grpo_advantages(rewards.view(len(items), c.group_size)).flatten()
+            old_logprobs, _ = response_logprobs(self.policy, sequences, attn, prompt_len)
+            ref_logprobs, _ = response_logprobs(self.reference, sequences, attn, prompt_len)
+        stats: dict[str, list[float]] = defaultdict(list)
+        for _ in range(c.ppo_epochs):
+            order = torch.randperm(len(prompts), device=self.device)
+            for start in range(0, len(prompts), c.ppo_minibatch_size):
+                idx = order[start:start + c.ppo_minibatch_size]
+                logprobs, entropy = response_logprobs(self.policy, sequences[idx], attn[idx], prompt_len)
+                token_advantages = advantages[idx].unsqueeze(1).expand_as(logprobs)
+                policy_loss, clip_fraction = ppo_policy_loss(logprobs, old_logprobs[idx], token_advantages, mask[idx],
+                                                             c.clip_range)
+                log_ratio = ref_logprobs[idx] - logprobs
+                kl = masked_mean(torch.exp(log_ratio) - log_ratio - 1, mask[idx])  # k3: unbiased, always >= 0
+                self.optimize(policy_loss + c.kl_coef * kl, self.policy, self.policy_optimizer)
+                stats["policy_loss"].append(policy_loss.item())
+                stats["kl"].append(kl.item())
+                stats["clip_fraction"].append(clip_fraction.item())
+                stats["entropy"].append(masked_mean(entropy.detach(), mask[idx]).item())
+        groups = rewards.view(len(items), c.group_size)
+        return {"reward": float(rewards.mean()), "solved_groups": float((groups.max(1).values >= 1).float().mean()),
+                "zero_advantage_groups": float((groups.std(1) == 0).float().mean()),
+                "response_length": float(mask.sum(1).mean()), **{k: sum(v) / len(v) for k, v in stats.items()}}
+
+    @torch.no_grad()
+    def held_out(self) -> dict[str, float]:
+        """Greedy held-out answers: mean verifier reward (val_loss = −reward), exact match overall and per task."""
+        import evaluator  # lazy: only the held-out report needs it
+
+        ev = evaluator.GPTEvaluator(self.policy, self.tokenizer, show_progress=False, template=self.template)
+        prompts = [data_loader.build_sft_prompt(data_loader.record_instruction(r), self.template)
+                   for r in self.eval_records]
+        predictions = ev.generate_predictions(prompts, max_gen_len=self.config.max_new_tokens, do_sample=False,
+                                              batch_size=64)
+        self.policy.train()
+        reward = sum(verifiable_reward(p, r, self.config.format_weight)
+                     for p, r in zip(predictions, self.eval_records)) / len(predictions)
+        matches = evaluator.exact_match_by_task(predictions, self.eval_records)
+        return {"val_loss": -reward, "val_reward": reward, **{f"val_{k}": v for k, v in matches.items()}}
+
+
+def run_rlvf(config: FinetuneConfig, resume: str | None, show_progress: bool = True) -> dict[str, Any]:
+    """GRPO from the SFT model with verifier rewards on the SFT training prompts -> <output_dir>/rlvf_best.pth."""
+    policy, tokenizer, sft_checkpoint = load_base(config.sft_model, config.tokenizer_dir, "--sft_model")
+    template = template_of(sft_checkpoint)
+    records = data_loader.load_sft_records(config.data_path)
+    eval_records = data_loader.load_sft_records(config.test_data_path)[:config.eval_samples]
+    checkpoint, resumed_from = training.find_resume_checkpoint(resume, config.output_dir, "rlvf", tokenizer)
+    print(f"rlvf: {len(records)} training prompts x {config.group_size} samples per group, {len(eval_records)} "
+          f"held-out prompts; verifiers {sorted(VERIFIERS)}")
+    trainer = GRPOTrainer(config, policy, tokenizer, records, eval_records, template, checkpoint, resumed_from,
+                          show_progress)
+    last = trainer.train()
+    return {"stage": "rlvf", "steps": trainer.step, "checkpoint": str(Path(config.output_dir) / "rlvf_best.pth"),
             **{k: v for k, v in last.items() if k.startswith("val_")}}
 
 
@@ -703,6 +970,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rlhf: value clip around the rollout's values")
     p.add_argument("--vf_coef", type=cli.positive_float, default=d.vf_coef, help="rlhf: weight of the value loss")
     p.add_argument("--critic_lr", type=cli.positive_float, default=d.critic_lr, help="rlhf: critic learning rate")
+    p.add_argument("--dpo_beta", type=cli.positive_float, default=d.dpo_beta,
+                   help="dpo: β, how far the policy may move from the reference")
+    p.add_argument("--dpo_loss", choices=("sigmoid", "ipo"), default=d.dpo_loss,
+                   help="dpo: the DPO loss (sigmoid) or IPO's squared loss")
+    p.add_argument("--label_smoothing", type=cli.fraction, default=d.label_smoothing,
+                   help="dpo: assumed fraction of flipped preference labels (conservative DPO; 0 = plain DPO)")
+    p.add_argument("--group_size", type=cli.int_at_least(2), default=d.group_size,
+                   help="rlvf: answers sampled per prompt (GRPO's group)")
+    p.add_argument("--format_weight", type=cli.nonnegative_float, default=d.format_weight,
+                   help="rlvf: weight of the format verifier's bonus added to the task verifier's reward")
     training.add_loop_arguments(p, d)
     for action in p._actions:  # stage-dependent defaults are filled in after parsing
         if action.dest in STAGE_DEFAULTS["sft"] or action.dest == "log_interval":
@@ -736,12 +1013,12 @@ def _main(argv: Sequence[str] | None) -> int:
     cli.check_output_folder(config.output_dir, "--output_dir")
     if config.lora_r and config.mode != "sft":
         raise cli.UsageError("--lora_r applies to --mode sft only")
-    run = {"sft": run_sft, "reward": run_reward, "rlhf": run_rlhf}[config.mode]
+    run = {"sft": run_sft, "reward": run_reward, "rlhf": run_rlhf, "dpo": run_dpo, "rlvf": run_rlvf}[config.mode]
     try:
         summary = run(config, args.resume)
-        if config.mode in ("sft", "rlhf") and training.DistInfo().is_main:
+        if config.mode in ("sft", "rlhf", "dpo", "rlvf") and training.DistInfo().is_main:
             report = exact_match_report(summary["checkpoint"], config.test_data_path, config.max_new_tokens,
-                                        limit=config.eval_samples if config.mode == "rlhf" else None)
+                                        limit=None)
             summary["exact_match"] = report
         print(json.dumps(summary, ensure_ascii=False))
     finally:

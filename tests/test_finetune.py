@@ -260,7 +260,7 @@ def test_cli_errors_are_one_line(files, tmp_path, capsys):
         code = ft.main(base + extra)
         err = capsys.readouterr().err
         assert code == 2 and "Traceback" not in err and expected in err, (expected, err)
-    for flags in (["--mode", "dpo"], ["--lora_r", "-1"], ["--kl_coef", "-1"], ["--lam", "0"], ["--batch_size", "0"]):
+    for flags in (["--mode", "grpo"], ["--dpo_loss", "hinge"], ["--group_size", "1"], ["--lora_r", "-1"], ["--kl_coef", "-1"], ["--lam", "0"], ["--batch_size", "0"]):
         with pytest.raises(SystemExit) as exit_info:
             ft.main(base + flags)
         assert exit_info.value.code == 2
@@ -273,3 +273,77 @@ def test_cli_errors_are_one_line(files, tmp_path, capsys):
     code = ft.main(base + ["--pretrained_model", str(tmp_path / "other" / "m.pth")])
     err = capsys.readouterr().err
     assert code == 2 and "has 512 tokens but the model only 300" in err.splitlines()[-1]
+
+
+# ----------------------------------------------------------------------------- DPO, GRPO and the verifiers
+
+def test_dpo_and_ipo_losses_against_hand_computed_values():
+    t = lambda x: torch.tensor([x])
+    loss, chosen_reward, rejected_reward = ft.dpo_loss(t(-1.0), t(-3.0), t(-2.0), t(-2.0), beta=0.5)
+    # h = (−1 − −3) − (−2 − −2) = 2; −log σ(0.5·2) = log(1 + e^−1)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-1)), rel=1e-6)
+    assert (chosen_reward.item(), rejected_reward.item()) == pytest.approx((0.5, -0.5))
+    smoothed, _, _ = ft.dpo_loss(t(-1.0), t(-3.0), t(-2.0), t(-2.0), beta=0.5, label_smoothing=0.1)
+    assert smoothed.item() == pytest.approx(0.9 * math.log(1 + math.exp(-1)) + 0.1 * math.log(1 + math.exp(1)), rel=1e-6)
+    ipo, _, _ = ft.dpo_loss(t(-1.0), t(-3.0), t(-2.0), t(-2.0), beta=0.5, ipo=True)
+    assert ipo.item() == pytest.approx((2 - 1 / (2 * 0.5)) ** 2)
+    zero, _, _ = ft.dpo_loss(t(-4.0), t(-4.0), t(-1.0), t(-1.0), beta=0.3)  # zero margin
+    assert zero.item() == pytest.approx(math.log(2), rel=1e-6)
+    assert ft.dpo_loss(t(-4.0), t(-4.0), t(-1.0), t(-1.0), beta=0.25, ipo=True)[0].item() == pytest.approx(4.0)
+
+
+def test_grpo_advantages_are_normalised_within_each_group():
+    rewards = torch.tensor([[0.0, 1.0, 0.0, 1.0], [0.3, 0.3, 0.3, 0.3], [1.0, 0.0, 0.0, 0.0]])
+    advantages = ft.grpo_advantages(rewards)
+    std = math.sqrt(1 / 3)  # sample std of (0, 1, 0, 1)
+    assert advantages[0].tolist() == pytest.approx([-0.5 / std, 0.5 / std, -0.5 / std, 0.5 / std], rel=1e-4)
+    assert advantages[1].tolist() == [0.0, 0.0, 0.0, 0.0]  # identical rewards teach nothing
+    assert advantages[2].sum().item() == pytest.approx(0.0, abs=1e-5) and advantages[2, 0] > 0
+
+
+@pytest.mark.parametrize("response, expected", [
+    ("42", 1.0), ("答案是 42。", 1.0), ("４２", 1.0), ("the sum is 42", 1.0), ("41", 0.0), ("", 0.0),
+    ("no number here", 0.0), ("4 2", 0.0), ("142", 0.0)])
+def test_math_verifier(response, expected):
+    assert ft.math_verifier(response, {"response": "42"}) == expected
+
+
+def test_math_verifier_reads_negative_numbers_and_the_other_verifiers():
+    assert ft.math_verifier("结果：−7", {"response": "-7"}) == 1.0 and ft.math_verifier("7", {"response": "-7"}) == 0.0
+    assert ft.exact_verifier(" ROMEO \n", {"response": "ROMEO"}) == 1.0
+    assert ft.exact_verifier("ROMEO!", {"response": "ROMEO"}) == 0.0
+    assert ft.format_verifier("疑是地上霜", {}) == 1.0
+    assert ft.format_verifier("a\nb", {}) == 0.0 and ft.format_verifier("", {}) == 0.0
+    assert ft.format_verifier("### 响应:x", {}) == 0.0
+    arithmetic = {"response": "137", "task": "arithmetic"}
+    assert ft.verifiable_reward("答案是 137。", arithmetic, format_weight=0.1) == pytest.approx(1.1)
+    assert ft.verifiable_reward("答案是 137。", {"response": "137", "task": "speaker"}) == pytest.approx(0.1)
+
+
+def test_a_registered_verifier_is_used_by_name():
+    @ft.register_verifier("shouting")
+    def shouting(response: str, record: dict) -> float:
+        return float(response.isupper())
+
+    try:
+        assert ft.verifiable_reward("ROMEO", {"response": "x", "verifier": "shouting"}, format_weight=0) == 1.0
+        with pytest.raises(ValueError, match="unknown verifier"):
+            ft.verifiable_reward("x", {"response": "x", "verifier": "missing"})
+    finally:
+        del ft.VERIFIERS["shouting"]
+
+
+def test_dpo_and_rlvf_runs_write_their_best_checkpoints(files, tmp_path):
+    sft = config(files, tmp_path, "sft")
+    ft.run_sft(sft, None, show_progress=False)
+    sft_model = str(Path(sft.output_dir) / "sft_best.pth")
+    dpo = config(files, tmp_path, "dpo", sft_model=sft_model, max_steps=3, eval_interval=3)
+    summary = ft.run_dpo(dpo, None, show_progress=False)
+    rows = training.read_metrics(Path(dpo.output_dir) / "metrics.jsonl")
+    assert {"accuracy", "margin"} <= set(rows[0]) and "val_accuracy" in rows[-1]
+    assert isinstance(gpt_model.load_model_and_tokenizer(summary["checkpoint"])[0], gpt_model.GPTModel)
+    rlvf = config(files, tmp_path, "rlvf", sft_model=sft_model, max_steps=2, eval_interval=2, rollout_batch_size=2,
+                  group_size=3, ppo_minibatch_size=3, ppo_epochs=1)
+    summary = ft.run_rlvf(rlvf, None, show_progress=False)
+    rows = training.read_metrics(Path(rlvf.output_dir) / "metrics.jsonl")
+    assert [r["step"] for r in rows if "reward" in r] == [1, 2] and Path(summary["checkpoint"]).exists()
