@@ -235,6 +235,19 @@ class GPTEvaluator:
                 predictions[i] = self.tokenizer.decode(cut_at_eos(new_ids, eos_id), skip_special_tokens=True)
         return predictions
 
+    def best_of_n_predictions(self, prompts: Sequence[str], n: int, reward_model: torch.nn.Module, max_gen_len: int = 16,
+                              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, batch_size: int = 64,
+                              seed: int | None = None) -> list[str]:
+        """For each prompt, n sampled responses; the one the reward model scores highest is kept."""
+        if n < 1:
+            raise EvaluationError(f"best_of must be at least 1, got {n}")
+        repeated = [prompt for prompt in prompts for _ in range(n)]
+        samples = self.generate_predictions(repeated, max_gen_len=max_gen_len, top_k=top_k, temperature=temperature,
+                                            top_p=top_p, do_sample=True, batch_size=batch_size, seed=seed)
+        scores = reward_scores(reward_model, self.tokenizer, repeated, samples, self.device)
+        best = [max(range(i * n, (i + 1) * n), key=scores.__getitem__) for i in range(len(prompts))]
+        return [samples[i] for i in best]
+
     # -- metrics on text
 
     @staticmethod
@@ -268,7 +281,7 @@ class GPTEvaluator:
 
     def evaluate_sft(self, test_data_path: str | os.PathLike, batch_size: int = 8, max_samples: int | None = None, max_gen_len: int = 100,
                      do_sample: bool = False, temperature: float = 0.8, top_k: int = 50, top_p: float = 1.0, seed: int | None = None,
-                     n_examples: int = 3, reward_model: torch.nn.Module | None = None) -> dict:
+                     n_examples: int = 3, reward_model: torch.nn.Module | None = None, best_of: int = 1) -> dict:
         """Perplexity on response tokens only, plus BLEU/ROUGE of responses generated from the instructions (greedy by default)."""
         records = _take(load_sft_records(_check_data_format(test_data_path, "sft")), max_samples)
         if not records:
@@ -279,8 +292,15 @@ class GPTEvaluator:
 
         prompts = [build_sft_prompt(record_instruction(record), self.template) for record in records]
         references = [record["response"] for record in records]
-        predictions = self.generate_predictions(prompts, max_gen_len=max_gen_len, top_k=top_k, temperature=temperature, top_p=top_p,
-                                                do_sample=do_sample, batch_size=batch_size, seed=seed)
+        if best_of > 1:
+            if reward_model is None:
+                raise EvaluationError("best-of-N needs a reward model to pick with: pass --reward_model")
+            predictions = self.best_of_n_predictions(prompts, best_of, reward_model, max_gen_len, temperature, top_k,
+                                                     top_p, batch_size, seed)
+        else:
+            predictions = self.generate_predictions(prompts, max_gen_len=max_gen_len, top_k=top_k,
+                                                    temperature=temperature, top_p=top_p, do_sample=do_sample,
+                                                    batch_size=batch_size, seed=seed)
         rouge = rouge_scores(predictions, references)
         scores = {}
         if reward_model is not None:
@@ -337,10 +357,17 @@ def exact_match_by_task(predictions: Sequence[str], records: Sequence[dict]) -> 
     return out
 
 
-@torch.no_grad()
 def mean_reward_score(reward_model: torch.nn.Module, tokenizer, prompts: Sequence[str], responses: Sequence[str],
                       device: torch.device, batch_size: int = 32) -> float:
     """Mean reward-model score of ``<s> prompt response </s>`` sequences (as the reward model was trained)."""
+    scores = reward_scores(reward_model, tokenizer, prompts, responses, device, batch_size)
+    return sum(scores) / len(scores)
+
+
+@torch.no_grad()
+def reward_scores(reward_model: torch.nn.Module, tokenizer, prompts: Sequence[str], responses: Sequence[str],
+                  device: torch.device, batch_size: int = 32) -> list[float]:
+    """The reward model's score of each ``<s> prompt response </s>``."""
     reward_model.eval()
     items = []
     for prompt, response in zip(prompts, responses):
@@ -350,7 +377,7 @@ def mean_reward_score(reward_model: torch.nn.Module, tokenizer, prompts: Sequenc
     for start in range(0, len(items), batch_size):
         batch = collate_batch(items[start:start + batch_size], tokenizer.pad_token_id)
         scores += reward_model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).tolist()
-    return sum(scores) / len(scores)
+    return scores
 
 
 def _take(items: Iterable, limit: int | None) -> list:
@@ -375,6 +402,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="what to measure: pretrain (perplexity, bits/byte), sft (response perplexity, BLEU, "
                              "ROUGE, exact match) or reward (pairwise accuracy, margin) (default: pretrain)")
     parser.add_argument("--reward_model", help="sft: also report the mean score this reward model gives the responses")
+    parser.add_argument("--best_of", type=cli.positive_int, default=1,
+                        help="sft with --reward_model: sample N responses per prompt (--temperature, --top_k, --top_p) "
+                             "and keep the one the reward model scores highest (default: 1 = off)")
     parser.add_argument("--tokenizer_dir", help="tokenizer folder (default: <checkpoint folder>/tokenizer)")
     parser.add_argument("--batch_size", type=cli.positive_int, default=8, help="sequences per forward pass / generation batch (default: 8)")
     parser.add_argument("--max_gen_len", type=cli.positive_int, default=100, help="sft: most new tokens per generated response (default: 100)")
@@ -420,7 +450,8 @@ def evaluate_checkpoint(checkpoint_path: str, args: argparse.Namespace) -> dict:
                 raise EvaluationError(f"--reward_model {args.reward_model} is not a reward model")
         metrics = evaluator.evaluate_sft(args.test_data_path, batch_size=args.batch_size, max_samples=args.max_samples,
                                          max_gen_len=args.max_gen_len, do_sample=args.do_sample, temperature=args.temperature,
-                                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, reward_model=reward_model)
+                                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, reward_model=reward_model,
+                                         best_of=args.best_of)
     return {"model_path": str(checkpoint_path), "n_parameters": sum(p.numel() for p in model.parameters()), **metrics}
 
 

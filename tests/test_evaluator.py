@@ -395,3 +395,16 @@ def test_reward_model_type_and_reward_scores_of_responses(checkpoint_dir, tiny_c
     code = evaluator.main(["--model_type", "sft", "--model_path", str(checkpoint_dir / "reward.pth"),
                            "--test_data_path", str(sft), "--no_progress"])
     assert code == 2 and "use --model_type reward" in capsys.readouterr().err
+
+
+def test_best_of_n_keeps_the_sample_the_reward_model_scores_highest(tiny_config, tiny_tokenizer, monkeypatch):
+    import evaluator
+    from gpt_model import GPTModel
+
+    ev = evaluator.GPTEvaluator(GPTModel(tiny_config), tiny_tokenizer, show_progress=False)
+    samples = ["a", "bbb", "cc", "dddd", "e", "ff"]  # 2 prompts x 3 samples, in generation order
+    monkeypatch.setattr(ev, "generate_predictions", lambda prompts, **kw: samples[:len(prompts)])
+    monkeypatch.setattr(evaluator, "reward_scores", lambda rm, tok, prompts, responses, device: [len(r) for r in responses])
+    assert ev.best_of_n_predictions(["p", "q"], 3, reward_model=object()) == ["bbb", "dddd"]
+    with pytest.raises(evaluator.EvaluationError):
+        ev.best_of_n_predictions(["p"], 0, reward_model=object())
