@@ -5,11 +5,15 @@
       -> python finetune.py --mode reward   pairwise accuracy on data/sft/rlhf_pairwise_test.json
       -> python finetune.py --mode rlhf     per seed: mean reward-model score of greedy held-out responses, exact KL to
                                             the SFT model, exact match; the SFT model measured the same way
+      -> python finetune.py --mode dpo      held-out implicit-reward preference accuracy, exact match
+      -> python finetune.py --mode rlvf     per seed: arithmetic exact match (GRPO with verifiers)
+      -> best-of-8 with the reward model    arithmetic exact match, against greedy SFT
 
-Prints ONE JSON line. Each stage runs in its own process exactly as a user would start it (default settings, about
-5 minutes each on 2 CPU cores), so the whole benchmark takes ~25 minutes with 3 PPO seeds.
+Prints ONE JSON line. Each stage runs in its own process exactly as a user would start it (default settings, a few
+minutes each on 2 CPU cores). ``--reuse`` keeps a stage's existing output in --workdir instead of training it again
+(for finishing an interrupted benchmark; the figures are still measured).
 
-    python -m benchmarks.bench_finetune [--workdir models/bench_finetune] [--seeds 0 1 2]
+    python -m benchmarks.bench_finetune [--workdir models/bench_finetune] [--seeds 0 1 2] [--stages sft reward ...]
 """
 from __future__ import annotations
 
@@ -54,12 +58,22 @@ def policy_figures(policy_path: Path, sft_path: Path, reward_path: Path) -> dict
     return {k.removeprefix("val_"): round(v, 4) for k, v in figures.items()}
 
 
+def train(args: argparse.Namespace, output: Path, command: list[str]) -> float | None:
+    """Run a stage unless --reuse and its output exists; its wall seconds (None when reused)."""
+    if args.reuse and output.exists():
+        return None
+    return run(command)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pretrained", default="models/pretrain/pretrain_best.pth",
                         help="the pretrained model (trained with the default `python pretrain_trainer.py` if missing)")
     parser.add_argument("--workdir", default="models/bench_finetune", help="where each stage writes its outputs")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="PPO seeds")
+    parser.add_argument("--stages", nargs="+", default=["sft", "reward", "ppo", "dpo", "rlvf", "best_of"],
+                        help="which stages to run (sft and reward are needed by the others)")
+    parser.add_argument("--reuse", action="store_true", help="keep stage outputs already in --workdir")
     args = parser.parse_args()
     work = ROOT / args.workdir
     pretrained = ROOT / args.pretrained
@@ -69,13 +83,13 @@ def main() -> None:
     out["pretrained_exact_match"] = exact_match(pretrained)
 
     sft = work / "sft" / "sft_best.pth"
-    out["sft_seconds"] = run(["finetune.py", "--mode", "sft", "--pretrained_model", str(pretrained),
-                              "--output_dir", str(sft.parent)])
+    out["sft_seconds"] = train(args, sft, ["finetune.py", "--mode", "sft", "--pretrained_model", str(pretrained),
+                                           "--output_dir", str(sft.parent)])
     out["sft_exact_match"] = exact_match(sft)
 
     reward = work / "reward" / "reward_best.pth"
-    out["reward_seconds"] = run(["finetune.py", "--mode", "reward", "--sft_model", str(sft),
-                                 "--output_dir", str(reward.parent)])
+    out["reward_seconds"] = train(args, reward, ["finetune.py", "--mode", "reward", "--sft_model", str(sft),
+                                                 "--output_dir", str(reward.parent)])
     model, tokenizer = gpt_model.load_model_and_tokenizer(reward)
     import evaluator
 
@@ -83,18 +97,73 @@ def main() -> None:
     report = evaluator.GPTEvaluator(model, tokenizer, show_progress=False, template=template).evaluate_reward(PAIRS_TEST)
     out["reward_pairwise_accuracy"] = round(report["pairwise_accuracy"], 4)
     out["reward_mean_margin"] = round(report["mean_margin"], 4)
-
     out["sft_policy"] = policy_figures(sft, sft, reward)
-    for seed in args.seeds:
-        ppo = work / f"rlhf_seed{seed}" / "ppo_best.pth"
-        seconds = run(["finetune.py", "--mode", "rlhf", "--sft_model", str(sft), "--reward_model", str(reward),
-                       "--output_dir", str(ppo.parent), "--seed", str(seed)])
-        out[f"ppo_seed{seed}"] = {"seconds": seconds, **policy_figures(ppo, sft, reward)}
-    seeds = [out[f"ppo_seed{s}"] for s in args.seeds]
-    for key in ("reward", "kl", "exact_match"):
-        values = [s[key] for s in seeds]
-        out[f"ppo_{key}_min_max"] = [min(values), max(values)]
+
+    if "ppo" in args.stages:
+        for seed in args.seeds:
+            ppo = work / f"rlhf_seed{seed}" / "ppo_best.pth"
+            seconds = train(args, ppo, ["finetune.py", "--mode", "rlhf", "--sft_model", str(sft), "--reward_model",
+                                        str(reward), "--output_dir", str(ppo.parent), "--seed", str(seed)])
+            out[f"ppo_seed{seed}"] = {"seconds": seconds, **policy_figures(ppo, sft, reward)}
+        spread(out, "ppo", args.seeds, ("reward", "kl", "exact_match"))
+    if "dpo" in args.stages:
+        dpo = work / "dpo" / "dpo_best.pth"
+        out["dpo_seconds"] = train(args, dpo, ["finetune.py", "--mode", "dpo", "--sft_model", str(sft),
+                                               "--output_dir", str(dpo.parent)])
+        out["dpo_preference_accuracy"] = round(dpo_accuracy(dpo, sft), 4)
+        out["dpo_exact_match"] = exact_match(dpo)
+    if "rlvf" in args.stages:
+        for seed in args.seeds:
+            rlvf = work / f"rlvf_seed{seed}" / "rlvf_best.pth"
+            seconds = train(args, rlvf, ["finetune.py", "--mode", "rlvf", "--sft_model", str(sft), "--output_dir",
+                                         str(rlvf.parent), "--seed", str(seed)])
+            out[f"rlvf_seed{seed}"] = {"seconds": seconds, **exact_match(rlvf)}
+        spread(out, "rlvf", args.seeds, ("exact_match/arithmetic", "exact_match"))
+    if "best_of" in args.stages:
+        out["best_of_8"] = best_of_n(sft, reward, 8)
     print(json.dumps(out, ensure_ascii=False))
+
+
+def spread(out: dict, stage: str, seeds: list[int], keys: tuple[str, ...]) -> None:
+    """[min, max] over seeds of each key: the spread a claimed improvement must exceed."""
+    for key in keys:
+        values = [out[f"{stage}_seed{s}"][key] for s in seeds]
+        out[f"{stage}_{key}_min_max"] = [min(values), max(values)]
+
+
+def dpo_accuracy(dpo: Path, sft: Path) -> float:
+    """Held-out implicit-reward accuracy: β·(log π − log π_ref) of the chosen answer above the rejected one's."""
+    import data_loader
+    import metrics
+
+    policy, tokenizer = gpt_model.load_model_and_tokenizer(dpo)
+    reference, _ = gpt_model.load_model_and_tokenizer(sft)
+    template = gpt_model.checkpoint_metadata(dpo).get("sft_template")
+    pairs = data_loader.PreferencePairDataset(str(PAIRS_TEST), tokenizer, policy.config.max_seq_len, template)
+    wins = 0
+    with torch.no_grad():
+        for start in range(0, len(pairs), 64):
+            batch = data_loader.collate_pairs([pairs[i] for i in range(start, min(start + 64, len(pairs)))],
+                                              tokenizer.pad_token_id)
+            margin = [metrics.sequence_logprobs(m(batch["input_ids"], attention_mask=batch["attention_mask"])["logits"],
+                                                batch["labels"]) for m in (policy, reference)]
+            chosen, rejected = (margin[0] - margin[1]).chunk(2)
+            wins += int((chosen > rejected).sum())
+    return wins / len(pairs)
+
+
+def best_of_n(sft: Path, reward: Path, n: int) -> dict[str, float]:
+    """Exact match of the reward model's pick among n samples (temperature 0.8, top-k 50) per held-out prompt."""
+    import evaluator
+
+    model, tokenizer = gpt_model.load_model_and_tokenizer(sft)
+    reward_model, _ = gpt_model.load_model_and_tokenizer(reward)
+    template = gpt_model.checkpoint_metadata(sft).get("sft_template")
+    ev = evaluator.GPTEvaluator(model, tokenizer, show_progress=False, template=template)
+    records = json.loads(TEST.read_text(encoding="utf-8"))
+    prompts = [evaluator.build_sft_prompt(evaluator.record_instruction(r), template) for r in records]
+    picks = ev.best_of_n_predictions(prompts, n, reward_model, max_gen_len=16, temperature=0.8, top_k=50, seed=0)
+    return {k: round(v, 4) for k, v in evaluator.exact_match_by_task(picks, records).items()}
 
 
 if __name__ == "__main__":
