@@ -39,3 +39,22 @@ def tiny_config(tiny_tokenizer):
     from gpt_model import GPTConfig
 
     return GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=64, dropout=0.0)
+
+
+@pytest.fixture()
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and spinning threads crawl on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_corpus(folder: Path, n_train: int, n_val: int) -> tuple[Path, Path]:
+    """train.txt / val.txt slices of the embedded corpus in folder."""
+    train, val = folder / "train.txt", folder / "val.txt"
+    train.write_text("\n".join(corpus_lines(limit=n_train)) + "\n", encoding="utf-8")
+    val.write_text("\n".join(corpus_lines(VAL_TXT, limit=n_val)) + "\n", encoding="utf-8")
+    return train, val

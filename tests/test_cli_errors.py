@@ -23,18 +23,14 @@ import gpt_model
 import pretrain_trainer as pt
 import training
 from byte_level_bpe import ByteLevelBPETokenizer, TokenizerError
-from conftest import ROOT, VAL_TXT, corpus_lines
+from conftest import ROOT, VAL_TXT, corpus_lines, write_corpus
 
 BUILD_DATA = ROOT / "data" / "build_pretrain_data.py"
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("corpus")
-    train, val = folder / "train.txt", folder / "val.txt"
-    train.write_text("\n".join(corpus_lines(limit=400)) + "\n", encoding="utf-8")
-    val.write_text("\n".join(corpus_lines(VAL_TXT, limit=30)) + "\n", encoding="utf-8")
-    return train, val
+    return write_corpus(tmp_path_factory.mktemp("corpus"), 400, 30)
 
 
 def snapshot(folder: Path) -> dict[str, str]:

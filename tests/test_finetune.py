@@ -12,7 +12,6 @@ import torch
 import data_loader
 import finetune as ft
 import gpt_model
-import lora
 import metrics
 import training
 from conftest import ROOT
@@ -21,12 +20,7 @@ from evaluator import exact_match_by_task
 SFT_DATA = ROOT / "data" / "sft"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture()

@@ -19,25 +19,15 @@ import data_loader as dl
 import gpt_model
 import pretrain_trainer as pt
 from byte_level_bpe import ByteLevelBPETokenizer
-from conftest import VAL_TXT, corpus_lines
+from conftest import VAL_TXT, corpus_lines, write_corpus
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and spinning threads crawl on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("corpus")
-    train, val = folder / "train.txt", folder / "val.txt"
-    train.write_text("\n".join(corpus_lines(limit=600)) + "\n", encoding="utf-8")
-    val.write_text("\n".join(corpus_lines(VAL_TXT, limit=40)) + "\n", encoding="utf-8")
-    return train, val
+    return write_corpus(tmp_path_factory.mktemp("corpus"), 600, 40)
 
 
 def small_config(corpus, output_dir, **overrides) -> pt.TrainConfig:
