@@ -713,7 +713,7 @@ def bytes_per_token_counts(tokenizer: ByteLevelBPETokenizer, path: str | os.Path
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer and save it in GPT-2 / Hugging Face "
-                                     "format.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     "format.", formatter_class=cli.HelpFormatter)
     parser.add_argument("--input", default="data/pretrain/train.txt",
                         help="UTF-8 text file (one document per line) or folder of .txt files")
     parser.add_argument("--vocab_size", type=cli.int_at_least(256 + len(DEFAULT_SPECIAL_TOKENS)), default=8000,

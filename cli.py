@@ -108,6 +108,15 @@ def fraction(text: str) -> float:
     return value
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to a flag's help unless the help already says its default or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if "default" in (action.help or "") or any(action.default is v for v in (None, argparse.SUPPRESS, False)):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def explicit_flags(build_parser: Callable[[], argparse.ArgumentParser], argv: Sequence[str] | None) -> set[str]:
     """The destinations the user actually typed (not defaults): a second parse with every default suppressed."""
     parser = build_parser()

@@ -923,7 +923,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Finetune a pretrained GPT: SFT (optionally LoRA), a reward model, or RLHF "
                                 "with PPO. Each stage's defaults work right after the previous one (pretrain -> sft "
                                 "-> reward -> rlhf). Ctrl-C or SIGTERM saves a resumable checkpoint.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     p.add_argument("--mode", choices=MODES, default="sft", help="which stage to train")
     p.add_argument("--data_path", default=d.data_path, help="sft: training records .json/.jsonl "
                    "[{\"instruction\", \"response\"}] (optional \"input\", \"task\")")

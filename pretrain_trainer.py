@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Pretrain a GPT on text files. With no arguments: train a BPE tokenizer "
                                 "if models/bpe_tokenizer is missing, then a small model for ~5 minutes on data/pretrain. "
                                 "Ctrl-C or SIGTERM saves a resumable checkpoint (continue with --resume auto).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.HelpFormatter)
     p.add_argument("--train_data_dir", default=d.train_data,
                    help="training text: a .txt (one document per line), .jsonl ({\"text\": ...}) file, or a folder of them")
     p.add_argument("--val_data_dir", default=d.val_data, help="validation text (same formats); 'none' to skip evaluation")
