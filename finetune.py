@@ -57,11 +57,11 @@ STAGE_DEFAULTS = {  # step budgets, so results do not depend on machine load; ~4
     "reward": dict(output_dir="models/reward", lr=1e-3, batch_size=32, warmup_steps=30, max_steps=800,
                    eval_interval=100, weight_decay=0.1, min_lr_ratio=0.1),
     "rlhf": dict(output_dir="models/rlhf", lr=1e-5, batch_size=32, warmup_steps=0, max_steps=150,
-                 eval_interval=25, weight_decay=0.0, min_lr_ratio=1.0, log_interval=1),
+                 eval_interval=25, weight_decay=0.0, min_lr_ratio=1.0, log_interval=1, rollout_batch_size=32),
     "dpo": dict(output_dir="models/dpo", lr=3e-4, batch_size=32, warmup_steps=20, max_steps=600,
                 eval_interval=100, weight_decay=0.0, min_lr_ratio=0.1),
     "rlvf": dict(output_dir="models/rlvf", lr=2e-5, batch_size=32, warmup_steps=0, max_steps=100,
-                 eval_interval=20, weight_decay=0.0, min_lr_ratio=1.0, log_interval=1),
+                 eval_interval=20, weight_decay=0.0, min_lr_ratio=1.0, log_interval=1, rollout_batch_size=8),
 }
 
 
@@ -981,19 +981,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format_weight", type=cli.nonnegative_float, default=d.format_weight,
                    help="rlvf: weight of the format verifier's bonus added to the task verifier's reward")
     training.add_loop_arguments(p, d)
+    per_stage = {key for defaults in STAGE_DEFAULTS.values() for key in defaults}
     for action in p._actions:  # stage-dependent defaults are filled in after parsing
-        if action.dest in STAGE_DEFAULTS["sft"] or action.dest == "log_interval":
+        if action.dest in per_stage:
             action.default = None
             action.help = (action.help or "") + " (default: per --mode, see the README)"
-    p.set_defaults(log_interval=None)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     names = {f.name for f in fields(FinetuneConfig)}
     values = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    stage = STAGE_DEFAULTS[args.mode]
-    for key, value in stage.items():
+    for key, value in STAGE_DEFAULTS[args.mode].items():
         values.setdefault(key, value)
     if args.max_minutes is not None or args.epochs is not None:
         values["max_steps"] = args.max_steps  # an explicit time or epoch budget replaces the default step count
