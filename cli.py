@@ -168,7 +168,8 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
         print(f"error: {describe_os_error(err)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except UnicodeDecodeError as err:  # readers name file and line themselves; this is the safety net
-        print(f"error: input is not UTF-8 text ({err.reason} at byte {err.start}): convert it to UTF-8", file=sys.stderr)
+        print(f"error: input is not UTF-8 text ({err.reason} at byte {err.start}): convert it to UTF-8",
+              file=sys.stderr)
         return EXIT_USER_ERROR
     except ValueError as err:  # every project error class (TokenizerError, DataError, ...) is a ValueError
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -118,7 +118,7 @@ def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tenso
 
 def kl_penalized_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch.Tensor,
                          mask: torch.Tensor, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token rewards −β·(log π − log π_ref), plus the sequence's score at its last response token; and the KL.
+    """Per-token rewards −β·(log π − log π_ref), plus the sequence's score at its last response token; the KL.
 
     All (B, N) over response positions; ``mask`` marks real response tokens (left-aligned, at least one per row).
     """
@@ -181,7 +181,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
              ipo: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DPO (Rafailov et al.) on sequence log-probs: (mean loss, implicit reward of chosen, of rejected).
 
-    h = (log π(y_w) − log π(y_l)) − (log π_ref(y_w) − log π_ref(y_l)); DPO: −log σ(βh), with label smoothing ε
+    h = (log π(y_w) − log π(y_l)) − (log π_ref(y_w) − log π_ref(y_l)); DPO: −log σ(βh); label smoothing ε:
     (conservative DPO) −(1−ε)·log σ(βh) − ε·log σ(−βh); IPO (Azar et al.): (h − 1/(2β))².
     The implicit rewards are β·(log π − log π_ref) of each answer.
     """
@@ -252,7 +252,8 @@ def language_model_eval(dataset, tokenizer, batch_size: int, device: torch.devic
     return evaluate
 
 
-def resume_or(config: FinetuneConfig, resume: str | None, prefix: str, tokenizer, build) -> tuple[nn.Module, dict | None, str | None]:
+def resume_or(config: FinetuneConfig, resume: str | None, prefix: str, tokenizer,
+              build) -> tuple[nn.Module, dict | None, str | None]:
     """(model, checkpoint, its path): the checkpoint's model when resuming, else ``build()``."""
     checkpoint, resumed_from = training.find_resume_checkpoint(resume, config.output_dir, prefix, tokenizer)
     if checkpoint is None:
@@ -653,8 +654,9 @@ class PPOTrainer(RLTrainer):
 
     @torch.no_grad()
     def held_out(self) -> dict[str, float]:
-        """Greedy held-out responses: reward-model score, KL to the reference, exact match; val_loss = −(score − β·KL),
-        the PPO objective on held-out prompts, picks ppo_best.pth."""
+        """Greedy held-out responses: reward-model score, KL to the reference, exact match.
+
+        val_loss = −(score − β·KL), the PPO objective on held-out prompts, picks ppo_best.pth."""
         result = evaluate_policy(self.policy, self.reference, self.reward_model, self.tokenizer, self.eval_records,
                                  self.template, self.config.max_new_tokens, self.device)
         return {**result, "val_loss": -(result["val_reward"] - self.kl.value * result["val_kl"])}
@@ -706,7 +708,8 @@ def run_rlhf(config: FinetuneConfig, resume: str | None, show_progress: bool = T
     template = template_of(sft_checkpoint)
     reward_model, _ = gpt_model.load_model_and_tokenizer(config.reward_model, tokenizer_dir=config.tokenizer_dir)
     if not isinstance(reward_model, GPTRewardModel):
-        raise CheckpointError(f"--reward_model {config.reward_model} is not a reward model (train one with --mode reward)")
+        raise CheckpointError(f"--reward_model {config.reward_model} is not a reward model "
+                              "(train one with --mode reward)")
     records = data_loader.load_preference_records(config.pairwise_data)
     prompts = list({tuple(prompt_ids(tokenizer, r, template)): None for r in records})
     prompts = [list(p) for p in prompts if len(p) < policy.config.max_seq_len - 1]
@@ -776,7 +779,7 @@ def run_dpo(config: FinetuneConfig, resume: str | None, show_progress: bool = Tr
 
 Verifier = Callable[[str, dict], float]
 VERIFIERS: dict[str, Verifier] = {}
-TASK_VERIFIERS = {"arithmetic": "math"}  # a record's "task" -> verifier; others use "exact" (or the record's "verifier")
+TASK_VERIFIERS = {"arithmetic": "math"}  # a record's "task" -> its verifier; others: "exact" or record["verifier"]
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 

@@ -157,12 +157,15 @@ def evaluate_stream(model: GPTModel, stream: data_loader.TokenStream, byte_lengt
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(description="Pretrain a GPT on text files. With no arguments: train a BPE tokenizer "
-                                "if models/bpe_tokenizer is missing, then a small model for ~5 minutes on data/pretrain. "
-                                "Ctrl-C or SIGTERM saves a resumable checkpoint (continue with --resume auto).",
+                                "if models/bpe_tokenizer is missing, then a small model for ~5 minutes on "
+                                "data/pretrain. Ctrl-C or SIGTERM saves a resumable checkpoint (continue with "
+                                "--resume auto).",
                                 formatter_class=cli.HelpFormatter)
     p.add_argument("--train_data_dir", default=d.train_data,
-                   help="training text: a .txt (one document per line), .jsonl ({\"text\": ...}) file, or a folder of them")
-    p.add_argument("--val_data_dir", default=d.val_data, help="validation text (same formats); 'none' to skip evaluation")
+                   help="training text: a .txt (one document per line), .jsonl ({\"text\": ...}) file, or a "
+                        "folder of them")
+    p.add_argument("--val_data_dir", default=d.val_data,
+                   help="validation text (same formats); 'none' to skip evaluation")
     p.add_argument("--cache_dir", default=None,
                    help="where tokenized data is cached (default: <data folder>/.cache; set it when that is read-only)")
     p.add_argument("--tokenizer_dir", default=DEFAULT_TOKENIZER_DIR,
@@ -176,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "tiny preset, best in the 5-minute CPU run; the preset's own otherwise)")
     p.add_argument("--d_model", type=cli.positive_int, default=None,
                    help="override the preset's hidden size (d_ff follows as 4x unless --d_ff)")
-    p.add_argument("--n_heads", type=cli.positive_int, default=None, help="override the preset's number of attention heads")
+    p.add_argument("--n_heads", type=cli.positive_int, default=None,
+                   help="override the preset's number of attention heads")
     p.add_argument("--d_ff", type=cli.positive_int, default=None, help="override the feed-forward hidden size")
     p.add_argument("--dropout", type=cli.fraction, default=d.dropout, help="dropout probability during training")
     p.add_argument("--max_seq_len", type=cli.int_at_least(2), default=d.max_seq_len,
@@ -218,13 +222,15 @@ def load_or_train_tokenizer(args: argparse.Namespace, info: DistInfo) -> ByteLev
     return ByteLevelBPETokenizer.from_pretrained(directory)
 
 
-def print_samples(model: GPTModel, tokenizer: ByteLevelBPETokenizer, device: torch.device, max_new: int, seed: int) -> None:
+def print_samples(model: GPTModel, tokenizer: ByteLevelBPETokenizer, device: torch.device, max_new: int,
+                  seed: int) -> None:
     generator = torch.Generator(device=device).manual_seed(seed)
     for prompt in SAMPLE_PROMPTS:
         ids = encode_prompt(tokenizer, prompt, max(1, model.config.max_seq_len // 2))  # always leaves room to generate
         input_ids = torch.tensor([ids], device=device)
         room = min(max_new, model.config.max_seq_len - input_ids.shape[1])  # stay inside the context window
-        out = model.generate(input_ids, max_gen_len=room, temperature=0.8, top_k=50, eos_token_id=tokenizer.eos_token_id, generator=generator)
+        out = model.generate(input_ids, max_gen_len=room, temperature=0.8, top_k=50,
+                             eos_token_id=tokenizer.eos_token_id, generator=generator)
         print(f"--- {tokenizer.decode(out[0].tolist())}")
 
 
@@ -263,9 +269,12 @@ def report(trainer: GPTTrainer, result: dict[str, float], args: argparse.Namespa
     rows = trainer.metrics()
     speeds = [r["tokens_per_sec"] for r in rows if "tokens_per_sec" in r]
     summary = {"steps": trainer.step, "wall_seconds": round(time.time() - PROCESS_START, 1),
-               "tokens_per_sec": round(float(np.median(speeds)), 1) if speeds else None, **{k: round(v, 4) for k, v in result.items() if k != "step"}}
+               "tokens_per_sec": round(float(np.median(speeds)), 1) if speeds else None,
+               **{k: round(v, 4) for k, v in result.items() if k != "step"}}
     if trainer.val_stream is not None:
-        summary["unigram_val_bpb"] = round(data_loader.unigram_bits_per_byte(trainer.train_stream.tokens, trainer.val_stream, len(trainer.tokenizer)), 4)
+        unigram = data_loader.unigram_bits_per_byte(trainer.train_stream.tokens, trainer.val_stream,
+                                                    len(trainer.tokenizer))
+        summary["unigram_val_bpb"] = round(unigram, 4)
     mfus = [r["mfu"] for r in rows if "mfu" in r]
     if mfus:
         summary["mfu"] = round(float(np.median(mfus)), 4)
@@ -273,7 +282,7 @@ def report(trainer: GPTTrainer, result: dict[str, float], args: argparse.Namespa
     print(f"checkpoints in {trainer.output_dir} (best: pretrain_best.pth)")
     if args.samples > 0:
         best = trainer.output_dir / "pretrain_best.pth"
-        model = GPTModel.from_pretrained(best, map_location=trainer.device).to(trainer.device) if best.exists() else trainer.model
+        model = GPTModel.from_pretrained(best, map_location=trainer.device) if best.exists() else trainer.model
         print_samples(model.eval(), trainer.tokenizer, trainer.device, args.samples, trainer.config.seed)
 
 

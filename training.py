@@ -80,12 +80,14 @@ def add_loop_arguments(p: argparse.ArgumentParser, d: TrainConfig) -> None:
                    help="where checkpoints, metrics.jsonl, loss_curve.png and tokenizer/ go (an earlier run there is "
                         "moved to previous/ at this run's first checkpoint, never deleted)")
     p.add_argument("--batch_size", type=pos_int, default=d.batch_size, help="sequences per micro-batch per process")
-    p.add_argument("--grad_accum", type=pos_int, default=d.grad_accum, help="micro-batches accumulated per optimizer step")
+    p.add_argument("--grad_accum", type=pos_int, default=d.grad_accum,
+                   help="micro-batches accumulated per optimizer step")
     p.add_argument("--lr", type=pos_float, default=d.lr, help="peak learning rate (after warmup)")
     p.add_argument("--min_lr_ratio", type=cli.fraction, default=d.min_lr_ratio,
                    help="the cosine decays the lr to lr * min_lr_ratio")
     p.add_argument("--warmup_steps", type=nonneg_int, default=d.warmup_steps, help="linear warmup steps")
-    p.add_argument("--weight_decay", type=nonneg_float, default=d.weight_decay, help="AdamW weight decay (2-D weights only)")
+    p.add_argument("--weight_decay", type=nonneg_float, default=d.weight_decay,
+                   help="AdamW weight decay (2-D weights only)")
     p.add_argument("--grad_clip", type=nonneg_float, default=d.grad_clip,
                    help="clip the global gradient norm to this (0 = off)")
     p.add_argument("--max_steps", type=pos_int, default=None, help="stop after this many optimizer steps")
@@ -102,7 +104,8 @@ def add_loop_arguments(p: argparse.ArgumentParser, d: TrainConfig) -> None:
                    help="write <stage>_step_N.pth every N steps (default: --eval_interval)")
     p.add_argument("--keep_last", type=nonneg_int, default=d.keep_last,
                    help="keep only the last K <stage>_step_N.pth checkpoints (0 = keep all)")
-    p.add_argument("--dtype", default=d.dtype, choices=("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
+    p.add_argument("--dtype", default=d.dtype,
+                   choices=("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
                    help="auto (bf16 on capable GPUs, fp16 on other GPUs, fp32 on CPU) or an explicit precision")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps or auto (default: auto)")
@@ -137,7 +140,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def lr_at(progress: float, step: int, config: TrainConfig) -> float:
-    """Linear warmup over ``warmup_steps``, then cosine from ``lr`` to ``lr * min_lr_ratio`` as progress goes 0 → 1."""
+    """Linear warmup over ``warmup_steps``, then cosine from ``lr`` to ``lr * min_lr_ratio`` as progress goes 0 → 1.
+    """
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     min_lr = config.lr * config.min_lr_ratio

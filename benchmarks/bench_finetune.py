@@ -94,7 +94,8 @@ def main() -> None:
     import evaluator
 
     template = gpt_model.checkpoint_metadata(reward).get("sft_template")
-    report = evaluator.GPTEvaluator(model, tokenizer, show_progress=False, template=template).evaluate_reward(PAIRS_TEST)
+    scorer = evaluator.GPTEvaluator(model, tokenizer, show_progress=False, template=template)
+    report = scorer.evaluate_reward(PAIRS_TEST)
     out["reward_pairwise_accuracy"] = round(report["pairwise_accuracy"], 4)
     out["reward_mean_margin"] = round(report["mean_margin"], 4)
     out["sft_policy"] = policy_figures(sft, sft, reward)

@@ -117,7 +117,8 @@ def test_pretrain_bad_data_and_paths(corpus, tiny_tokenizer_dir, earlier_run, tm
 
 def test_read_only_token_cache_names_the_flag(corpus, tiny_tokenizer_dir, tmp_path, capsys, monkeypatch):
     real_access = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path).endswith(".cache") else real_access(path, mode))
+    monkeypatch.setattr(os, "access",
+                        lambda path, mode: False if str(path).endswith(".cache") else real_access(path, mode))
     fresh = tmp_path / "fresh_corpus"
     fresh.mkdir()
     (fresh / "train.txt").write_text(corpus[0].read_text(encoding="utf-8"), encoding="utf-8")

@@ -1,4 +1,4 @@
-"""finetune: the losses against hand-worked values, SFT masking, LoRA through the CLI, a PPO iteration, resume, errors."""
+"""finetune: losses against hand-worked values, SFT masking, LoRA through the CLI, a PPO iteration, resume, errors."""
 from __future__ import annotations
 
 import json
@@ -254,7 +254,9 @@ def test_cli_errors_are_one_line(files, tmp_path, capsys):
         code = ft.main(base + extra)
         err = capsys.readouterr().err
         assert code == 2 and "Traceback" not in err and expected in err, (expected, err)
-    for flags in (["--mode", "grpo"], ["--dpo_loss", "hinge"], ["--group_size", "1"], ["--lora_r", "-1"], ["--kl_coef", "-1"], ["--lam", "0"], ["--batch_size", "0"]):
+    bad_flags = (["--mode", "grpo"], ["--dpo_loss", "hinge"], ["--group_size", "1"], ["--lora_r", "-1"],
+                 ["--kl_coef", "-1"], ["--lam", "0"], ["--batch_size", "0"])
+    for flags in bad_flags:
         with pytest.raises(SystemExit) as exit_info:
             ft.main(base + flags)
         assert exit_info.value.code == 2
@@ -278,7 +280,8 @@ def test_dpo_and_ipo_losses_against_hand_computed_values():
     assert loss.item() == pytest.approx(math.log(1 + math.exp(-1)), rel=1e-6)
     assert (chosen_reward.item(), rejected_reward.item()) == pytest.approx((0.5, -0.5))
     smoothed, _, _ = ft.dpo_loss(t(-1.0), t(-3.0), t(-2.0), t(-2.0), beta=0.5, label_smoothing=0.1)
-    assert smoothed.item() == pytest.approx(0.9 * math.log(1 + math.exp(-1)) + 0.1 * math.log(1 + math.exp(1)), rel=1e-6)
+    expected = 0.9 * math.log(1 + math.exp(-1)) + 0.1 * math.log(1 + math.exp(1))
+    assert smoothed.item() == pytest.approx(expected, rel=1e-6)
     ipo, _, _ = ft.dpo_loss(t(-1.0), t(-3.0), t(-2.0), t(-2.0), beta=0.5, ipo=True)
     assert ipo.item() == pytest.approx((2 - 1 / (2 * 0.5)) ** 2)
     zero, _, _ = ft.dpo_loss(t(-4.0), t(-4.0), t(-1.0), t(-1.0), beta=0.3)  # zero margin
@@ -303,7 +306,8 @@ def test_math_verifier(response, expected):
 
 
 def test_math_verifier_reads_negative_numbers_and_the_other_verifiers():
-    assert ft.math_verifier("结果：−7", {"response": "-7"}) == 1.0 and ft.math_verifier("7", {"response": "-7"}) == 0.0
+    assert ft.math_verifier("结果：−7", {"response": "-7"}) == 1.0
+    assert ft.math_verifier("7", {"response": "-7"}) == 0.0
     assert ft.exact_verifier(" ROMEO \n", {"response": "ROMEO"}) == 1.0
     assert ft.exact_verifier("ROMEO!", {"response": "ROMEO"}) == 0.0
     assert ft.format_verifier("疑是地上霜", {}) == 1.0
