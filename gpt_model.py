@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from atomic_file import atomic_path
-from metrics import shifted_cross_entropy
+from metrics import IGNORE_INDEX, shifted_cross_entropy, shifted_targets
 from transformer_components import KVCacheView, TransformerDecoderLayer
 
 # ----------------------------------------------------------------------------- device / precision
@@ -259,16 +260,24 @@ class GPTModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                kv_cache: KVCacheView | None = None, output_hidden_states: bool = False) -> dict[str, torch.Tensor | None]:
-        """logits (B, T, V); loss = mean CE of logits[:, t] vs labels[:, t + 1] over labels != -100 (None without labels)."""
+                kv_cache: KVCacheView | None = None, output_hidden_states: bool = False,
+                loss_only: bool = False) -> dict[str, torch.Tensor | None]:
+        """logits (B, T, V); loss = mean CE of logits[:, t] vs labels[:, t + 1] over labels != -100 (None without labels).
+
+        ``loss_only=True`` (with labels) applies the LM head only at the scored positions and returns no logits: the
+        same loss, but SFT-style batches, where a few answer tokens are scored, skip most of the (B, T, V) work.
+        """
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache)
-        logits = self.lm_head(hidden)
-        loss = None
-        if labels is not None:
-            if labels.shape != input_ids.shape:
-                raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
-            loss = shifted_cross_entropy(logits, labels)
-        out = {"logits": logits, "loss": loss}
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
+        if loss_only and labels is not None:
+            targets = shifted_targets(labels)
+            scored = targets != IGNORE_INDEX
+            loss = F.cross_entropy(self.lm_head(hidden[scored]).float(), targets[scored])
+            out = {"logits": None, "loss": loss}
+        else:
+            logits = self.lm_head(hidden)
+            out = {"logits": logits, "loss": shifted_cross_entropy(logits, labels) if labels is not None else None}
         if output_hidden_states:
             out["hidden_states"] = hidden
         return out

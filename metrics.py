@@ -16,14 +16,18 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100  # labels that are not scored (prompt tokens, padding), as in Hugging Face
 
 
+def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
+    """The label each position predicts: ``labels[:, t + 1]``, and -100 at the last position."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
 def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of ``logits[:, t]`` against ``labels[:, t + 1]`` (labels aligned with the inputs), -100 ignored.
 
     The labels are shifted, not the logits: slicing (B, T, V) logits would copy them (and their gradient) once more
     per step; the last position gets label -100 instead.
     """
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+    return F.cross_entropy(logits.flatten(0, 1).float(), shifted_targets(labels).flatten(), ignore_index=IGNORE_INDEX,
                            reduction=reduction)
 
 

@@ -184,7 +184,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Next-token cross-entropy; ``labels`` (-100 = not scored, e.g. SFT prompts) default to the input ids."""
     labels = batch.get("labels", batch["input_ids"])
-    return model(batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels)["loss"]
+    sparse = "labels" in batch  # SFT-style labels score a few positions: apply the LM head only there
+    return model(batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels,
+                 loss_only=sparse)["loss"]
 
 
 def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
