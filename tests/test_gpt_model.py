@@ -446,3 +446,22 @@ def test_load_model_and_tokenizer(tiny_tokenizer, tiny_config, tmp_path):
     save_checkpoint(tmp_path / "run" / "small.pt", small)
     with pytest.raises(CheckpointError, match="has 512 tokens but the model only 300"):
         load_model_and_tokenizer(tmp_path / "run" / "small.pt")
+
+
+def test_loss_only_gives_the_same_loss_and_gradients_without_full_logits(tiny_config):
+    torch.manual_seed(0)
+    model = GPTModel(tiny_config)
+    ids = torch.randint(0, tiny_config.vocab_size, (3, 12))
+    labels = ids.clone()
+    labels[:, :7] = -100  # an SFT-style batch: only the answer is scored
+    labels[2, 9:] = -100
+    full = model(ids, labels=labels)
+    full["loss"].backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    sparse = model(ids, labels=labels, loss_only=True)
+    sparse["loss"].backward()
+    assert sparse["logits"] is None
+    torch.testing.assert_close(sparse["loss"], full["loss"])
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
