@@ -8,6 +8,7 @@ stop string or after max_gen_len tokens. INT8 checkpoints (python -m inference.q
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Callable, Iterator, Sequence
 
@@ -85,8 +86,9 @@ def chat_prompt_ids(tokenizer, history: Sequence[tuple[str, str]], message: str,
 
 
 def chat(model, tokenizer, template: str = SFT_TEMPLATE, params: SamplingParams | None = None,
-         read: Callable[[str], str] = input, write: Callable[[str], None] | None = None) -> None:
+         read: Callable[[str], str] | None = None, write: Callable[[str], None] | None = None) -> None:
     """Terminal chat: replies stream as they are generated; /reset forgets the conversation, /quit (or Ctrl-C/D) ends."""
+    read = read or input
     write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
     params = params or SamplingParams(max_new_tokens=200, temperature=0.8, top_k=50, eos_token_id=tokenizer.eos_token_id)
     engine = DecodeEngine(model, tokenizer, n_slots=1)
@@ -105,7 +107,8 @@ def chat(model, tokenizer, template: str = SFT_TEMPLATE, params: SamplingParams 
             if not message:
                 continue
             pieces = []
-            for piece in engine.stream(chat_prompt_ids(tokenizer, history, message, template, limit), params):
+            turn = params if params.seed is None else dataclasses.replace(params, seed=params.seed + len(history))
+            for piece in engine.stream(chat_prompt_ids(tokenizer, history, message, template, limit), turn):
                 pieces.append(piece)
                 write(piece)
             write("\n")
@@ -171,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             template = load_checkpoint(args.model_path).get("sft_template", SFT_TEMPLATE)
             chat(model, tokenizer, template, params)
         elif args.stream:
+            print(args.prompt[0], end="", flush=True)
             for piece in stream_with_kv_cache(model, tokenizer, args.prompt[0], **sampling):
                 print(piece, end="", flush=True)
             print()
