@@ -175,8 +175,8 @@ def _decoder_linears(model: GPTModel) -> list[tuple[nn.Module, str, nn.Module]]:
 
 def _swap_in_int8(model: GPTModel, lm_head: bool, kernel: str, quantize: bool) -> GPTModel:
     """Replace the decoder's nn.Linear (and the tied head + embedding) by INT8 modules, quantized or empty."""
-    if any(isinstance(m, (Int8Linear, Int8Embedding)) for m in model.modules()):
-        raise QuantizationError("the model is already quantized")
+    if any(isinstance(m, (Int8Linear, Int8Embedding, TransposedLinear)) for m in model.modules()):
+        raise QuantizationError("the model is already quantized (or its linear layers were transposed)")
     for parent, name, linear in _decoder_linears(model):
         int8 = Int8Linear.from_linear(linear, kernel) if quantize else \
             Int8Linear(linear.in_features, linear.out_features, linear.bias is not None, kernel)

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from gpt_model import GPTModel, load_checkpoint, load_model_and_tokenizer, save_checkpoint
 from inference.quantizer import (
-    Int8Embedding, Int8Linear, QuantizationError, _fbgemm_available, load_quantized_model, main, quantize_model_int8,
-    quantize_per_channel, save_quantized_model,
+    Int8Embedding, Int8Linear, QuantizationError, TransposedLinear, _fbgemm_available, load_quantized_model, main,
+    quantize_model_int8, quantize_per_channel, save_quantized_model, transpose_linears_for_cpu,
 )
 
 KERNELS = ["dequant", pytest.param("fbgemm", marks=pytest.mark.skipif(not _fbgemm_available(), reason="no FBGEMM")),
@@ -127,3 +127,18 @@ def test_cli_errors_are_one_line(run_dir, tmp_path, capsys):
         main(["--model_path", "m.pth", "--output", "o.pth", "--batch_size", "0"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_transposed_fp32_layout_gives_the_same_logits(model):
+    ids = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(3))
+    prompt = ids[:1, :5]
+    with torch.no_grad():
+        expected, greedy = model(ids)["logits"], model.generate(prompt, max_gen_len=10, do_sample=False)
+        transpose_linears_for_cpu(model)
+        torch.testing.assert_close(model(ids)["logits"], expected, atol=1e-5, rtol=1e-5)
+    assert isinstance(model.lm_head, TransposedLinear) and model.lm_head.weight_t.shape == (model.config.d_model,
+                                                                                             model.config.vocab_size)
+    assert model.transformer.wte.weight_t is model.lm_head.weight_t  # tied: one table
+    assert torch.equal(model.generate(prompt, max_gen_len=10, do_sample=False), greedy)
+    with pytest.raises(QuantizationError, match="already"):
+        quantize_model_int8(model)
