@@ -3,8 +3,9 @@ CTranslate2 (float32, int8), all holding the same random GPT-2 124M weights; plu
 
 Prints ONE JSON line (CPU). tok_s = batch * new_tokens / seconds, new tokens only, best of --repeats; in each
 repeat every system runs once, back to back, so they see the same machine load. Also reported:
-  - kernel_ms_*: the 49 matmuls of one 124M batch-1 token with each kernel (fp32 nn.Linear layout, (in, out)
-    layout, FBGEMM int8, torch._weight_int8pack_mm, int8 dequantize + matmul): how quantizer.pick_kernel chose;
+  - kernel_ms_*_t1: the 49 matmuls of one 124M batch-1 token with each kernel (fp32 nn.Linear layout, (in, out)
+    layout, FBGEMM int8, torch._weight_int8pack_mm, int8 dequantize + matmul), on --kernel_threads threads:
+    how quantizer.pick_kernel chose;
   - read bandwidth and the bandwidth floor (weight bytes read per token / bandwidth) at batch 1;
   - KV cache vs recompute at batch 1 (recompute estimated from timed single steps, as bench_generate does);
   - the engine with 1, 8 and 32 sequences joining at staggered times (one every --stagger steps);
@@ -130,6 +131,8 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=int, default=128, help="greedy tokens generated per row (default: 128)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per figure, best kept (default: 2)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for every system (default: 2)")
+    parser.add_argument("--kernel_threads", type=int, default=1,
+                        help="CPU threads for the kernel_ms figures (default: 1)")
     parser.add_argument("--stagger", type=int, default=4, help="steps between joining sequences (default: 4)")
     parser.add_argument("--joining", default="1,8,32", help="sequence counts for the staggered figure ('' = skip)")
     parser.add_argument("--no_ct2", action="store_true", help="skip CTranslate2")
@@ -142,7 +145,9 @@ def main() -> None:
     ours, hf = build_pair(args.shape, device)
     results: dict = {"shape": args.shape, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "greedy": True,
                      "cpu_threads": torch.get_num_threads(), "torch": torch.__version__}
-    results.update(kernel_ms(ours))
+    torch.set_num_threads(args.kernel_threads)  # 1: a multi-threaded call on a busy box can stall for milliseconds
+    results.update({f"{k}_t{args.kernel_threads}": v for k, v in kernel_ms(ours).items()})
+    torch.set_num_threads(args.threads)
     systems = {"ours_fp32": ours,
                "ours_fp32_in_out": transpose_linears_for_cpu(copy.deepcopy(ours)),
                "ours_int8": quantize_model_int8(copy.deepcopy(ours))}
@@ -161,8 +166,10 @@ def main() -> None:
                                                                     min_new_tokens=n, do_sample=False)[:, -n:]
             start_tokens = [[f"t{i}" for i in row] for row in prompt.tolist()]
             for name, generator in ct2.items():
-                runs[f"ct2_{name}"] = lambda g=generator, n=args.new_tokens: torch.tensor([r.sequences_ids[0] for r in g.generate_batch(
-                    start_tokens, max_length=n, min_length=n, sampling_topk=1, beam_size=1, include_prompt_in_result=False)])
+                runs[f"ct2_{name}"] = lambda g=generator, n=args.new_tokens: torch.tensor([
+                    r.sequences_ids[0] for r in g.generate_batch(start_tokens, max_length=n, min_length=n,
+                                                                 sampling_topk=1, beam_size=1,
+                                                                 include_prompt_in_result=False)])
             for run in runs.values():  # warm-up: allocators, kernels, FBGEMM packing
                 run(n=4)
             best, outputs = {name: float("inf") for name in runs}, {}

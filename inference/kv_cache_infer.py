@@ -72,7 +72,8 @@ def stream_with_kv_cache(model, tokenizer, prompt: str, max_gen_len: int = 100, 
 # ----------------------------------------------------------------------------- chat
 
 
-def chat_prompt_ids(tokenizer, history: Sequence[tuple[str, str]], message: str, template: str, limit: int) -> list[int]:
+def chat_prompt_ids(tokenizer, history: Sequence[tuple[str, str]], message: str, template: str,
+                    limit: int) -> list[int]:
     """`<s> turn </s>` for every past turn (as SFT samples are written), then `<s>` + the new instruction.
 
     The oldest turns are dropped to fit `limit` tokens; a single message too long keeps its tail.
@@ -87,10 +88,11 @@ def chat_prompt_ids(tokenizer, history: Sequence[tuple[str, str]], message: str,
 
 def chat(model, tokenizer, template: str = SFT_TEMPLATE, params: SamplingParams | None = None,
          read: Callable[[str], str] | None = None, write: Callable[[str], None] | None = None) -> None:
-    """Terminal chat: replies stream as they are generated; /reset forgets the conversation, /quit (or Ctrl-C/D) ends."""
+    """Terminal chat: replies stream as they are generated; /reset forgets the conversation, /quit or Ctrl-C/D end."""
     read = read or input
     write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
-    params = params or SamplingParams(max_new_tokens=200, temperature=0.8, top_k=50, eos_token_id=tokenizer.eos_token_id)
+    params = params or SamplingParams(max_new_tokens=200, temperature=0.8, top_k=50,
+                                      eos_token_id=tokenizer.eos_token_id)
     engine = DecodeEngine(model, tokenizer, n_slots=1)
     limit = max_prompt_len(engine.max_len, params.max_new_tokens)
     history: list[tuple[str, str]] = []
@@ -123,8 +125,8 @@ def chat(model, tokenizer, template: str = SFT_TEMPLATE, params: SamplingParams 
 def parse_args(argv: Sequence[str] | None = None):
     from inference import OneLineErrorParser
 
-    parser = OneLineErrorParser(description="Generate text from a GPTModel checkpoint (float or INT8) with the KV-cache "
-                                            "engine, or chat with an SFT model in the terminal.")
+    parser = OneLineErrorParser(description="Generate text from a GPTModel checkpoint (float or INT8) with the "
+                                            "KV-cache engine, or chat with an SFT model in the terminal.")
     parser.add_argument("--model_path", required=True, help="checkpoint (.pth), float or INT8")
     parser.add_argument("--tokenizer_dir", help="tokenizer folder (default: <checkpoint folder>/tokenizer)")
     parser.add_argument("--prompt", action="append",
@@ -179,7 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(piece, end="", flush=True)
             print()
         else:
-            for prompt, text in zip(args.prompt, generate_batch_with_kv_cache(model, tokenizer, args.prompt, **sampling)):
+            texts = generate_batch_with_kv_cache(model, tokenizer, args.prompt, **sampling)
+            for prompt, text in zip(args.prompt, texts):
                 print(f"--- {prompt}{text}")
     except (CheckpointError, TokenizerError, DecodingError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

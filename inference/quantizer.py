@@ -248,7 +248,8 @@ def _quality(model: GPTModel, tokenizer, data: str, batch_size: int, max_samples
 
     ev = evaluator.GPTEvaluator(model, tokenizer, show_progress=True)
     path = Path(data)
-    sft = path.suffix.lower() == ".json" or (path.suffix.lower() == ".jsonl" and evaluator._first_jsonl_record_is_sft(path))
+    suffix = path.suffix.lower()
+    sft = suffix == ".json" or (suffix == ".jsonl" and evaluator._first_jsonl_record_is_sft(path))
     if sft:
         from data_loader import GPTSFTDataset, load_sft_records
 
@@ -257,7 +258,8 @@ def _quality(model: GPTModel, tokenizer, data: str, batch_size: int, max_samples
         items = [dataset[i] for i in range(len(dataset))]
         return "response_perplexity", ev.compute_perplexity(
             evaluator._length_sorted_batches(items, batch_size, tokenizer.pad_token_id))
-    return "bits_per_byte", ev.evaluate_pretrained(path, batch_size=batch_size, max_samples=max_samples)["bits_per_byte"]
+    metrics = ev.evaluate_pretrained(path, batch_size=batch_size, max_samples=max_samples)
+    return "bits_per_byte", metrics["bits_per_byte"]
 
 
 def _checkpoint_bytes(model: GPTModel) -> int:
@@ -316,14 +318,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra = {k: ckpt[k] for k in ("tokenizer_fingerprint", "sft_template") if k in ckpt}
         del ckpt
         fp32_bytes = _checkpoint_bytes(model)  # weights only: the trainer's file also holds optimizer state
-        before = _quality(model, tokenizer, args.eval_data, args.batch_size, args.max_samples) if not args.no_eval else None
+        quality = (lambda: None) if args.no_eval else \
+            (lambda: _quality(model, tokenizer, args.eval_data, args.batch_size, args.max_samples))
+        before = quality()
         quantize_model_int8(model, lm_head=not args.keep_lm_head)
         save_quantized_model(model, args.output, **extra)
         tokenizer_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else Path(args.model_path).parent / "tokenizer"
         target = Path(args.output).parent / "tokenizer"
         if not target.exists():
             shutil.copytree(tokenizer_dir, target)
-        after = _quality(model, tokenizer, args.eval_data, args.batch_size, args.max_samples) if not args.no_eval else None
+        after = quality()
     except (QuantizationError, CheckpointError, TokenizerError, DataError, EvaluationError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

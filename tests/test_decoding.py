@@ -97,7 +97,7 @@ def test_sequences_joining_a_busy_batch_mid_way_match_running_alone(model):
         if step == 2:
             requests.append(engine.add(PROMPTS[1], SamplingParams(max_new_tokens=3, do_sample=False)))
         if step == 4:
-            requests += engine.add_many(PROMPTS[2:], GREEDY)  # one batched prefill, into slot 1 and 2 (slot 1 was freed)
+            requests += engine.add_many(PROMPTS[2:], GREEDY)  # one batched prefill into slots 1 (freed) and 2
         engine.step()
     assert not engine.has_work and all(r.finish_reason == "length" for r in requests)
     for request in requests:
@@ -137,7 +137,8 @@ def test_per_sequence_seeds_reproduce_whatever_shares_the_batch(model):
 def test_eos_and_context_end_finish_a_sequence(model):
     free = alone(model, PROMPTS[0], GREEDY)
     eos = free[3]
-    stopped = DecodeEngine(model).run([PROMPTS[0]], SamplingParams(max_new_tokens=12, do_sample=False, eos_token_id=eos))[0]
+    params = SamplingParams(max_new_tokens=12, do_sample=False, eos_token_id=eos)
+    stopped = DecodeEngine(model).run([PROMPTS[0]], params)[0]
     assert stopped.output_ids == free[:free.index(eos) + 1] and stopped.finish_reason == "eos"
     engine = DecodeEngine(model, n_slots=1, max_len=10)
     full = engine.run([PROMPTS[0]], GREEDY)[0]
@@ -199,7 +200,8 @@ def test_stop_strings_cut_the_text(text_model, tiny_tokenizer):
     assert free.text == tiny_tokenizer.decode(free.output_ids)
     stop = free.text[len(free.text) // 2:len(free.text) // 2 + 2]
     assert len(stop) == 2
-    cut = DecodeEngine(text_model, tiny_tokenizer).run([prompt], SamplingParams(max_new_tokens=30, seed=3, stop=(stop,)))[0]
+    params = SamplingParams(max_new_tokens=30, seed=3, stop=(stop,))
+    cut = DecodeEngine(text_model, tiny_tokenizer).run([prompt], params)[0]
     assert cut.finish_reason == "stop" and cut.text == free.text[:free.text.index(stop)]
     assert cut.output_ids == free.output_ids[:len(cut.output_ids)]
 

@@ -24,21 +24,24 @@ def model(tiny_config) -> GPTModel:
 def checkpoint(model, tiny_tokenizer, tmp_path) -> Path:
     tiny_tokenizer.save(tmp_path / "run" / "tokenizer")
     path = tmp_path / "run" / "sft.pth"
-    save_checkpoint(path, model, tokenizer_fingerprint=tiny_tokenizer.fingerprint, sft_template="Q: {instruction}\nA: {response}")
+    save_checkpoint(path, model, tokenizer_fingerprint=tiny_tokenizer.fingerprint,
+                    sft_template="Q: {instruction}\nA: {response}")
     return path
 
 
 def test_greedy_text_equals_generate(model, tiny_tokenizer):
     prompt = [tiny_tokenizer.bos_token_id] + tiny_tokenizer.encode_ordinary("ROMEO:")
-    out = model.generate(torch.tensor([prompt]), max_gen_len=20, do_sample=False, eos_token_id=tiny_tokenizer.eos_token_id)
-    expected = tiny_tokenizer.decode(cut_at_eos(out[0, len(prompt):].tolist(), tiny_tokenizer.eos_token_id))
+    eos = tiny_tokenizer.eos_token_id
+    out = model.generate(torch.tensor([prompt]), max_gen_len=20, do_sample=False, eos_token_id=eos)
+    expected = tiny_tokenizer.decode(cut_at_eos(out[0, len(prompt):].tolist(), eos))
     assert generate_with_kv_cache(model, tiny_tokenizer, "ROMEO:", max_gen_len=20, do_sample=False) == expected
 
 
 def test_batch_and_stream_agree_with_single_prompts(model, tiny_tokenizer):
     prompts = ["ROMEO:", "床前明月光", "LEAR: Attend the lords"]
     batch = generate_batch_with_kv_cache(model, tiny_tokenizer, prompts, max_gen_len=15, seed=10, n_slots=2)
-    singles = [generate_with_kv_cache(model, tiny_tokenizer, p, max_gen_len=15, seed=10 + i) for i, p in enumerate(prompts)]
+    singles = [generate_with_kv_cache(model, tiny_tokenizer, p, max_gen_len=15, seed=10 + i)
+               for i, p in enumerate(prompts)]
     assert batch == singles
     pieces = list(stream_with_kv_cache(model, tiny_tokenizer, prompts[1], max_gen_len=15, seed=11))
     assert "".join(pieces) == singles[1]
@@ -66,7 +69,8 @@ def test_chat_loop_streams_resets_and_exits_cleanly(model, tiny_tokenizer):
     params = SamplingParams(max_new_tokens=8, do_sample=False, eos_token_id=tiny_tokenizer.eos_token_id)
     for ending in ("/quit", EOFError(), KeyboardInterrupt()):
         written: list[str] = []
-        chat(model, tiny_tokenizer, SFT_TEMPLATE, params, read=scripted(["hi", "/reset", "hi", ending]), write=written.append)
+        chat(model, tiny_tokenizer, SFT_TEMPLATE, params, read=scripted(["hi", "/reset", "hi", ending]),
+             write=written.append)
         before, after = "".join(written).split("(conversation reset)\n")
         if ending != "/quit":
             assert after.endswith("\n\n")  # Ctrl-C / Ctrl-D end the line they interrupted

@@ -15,7 +15,7 @@ from inference.quantizer import (
 )
 
 KERNELS = ["dequant", pytest.param("fbgemm", marks=pytest.mark.skipif(not _fbgemm_available(), reason="no FBGEMM")),
-           pytest.param("int8pack", marks=pytest.mark.skipif(not hasattr(torch, "_weight_int8pack_mm"), reason="no op"))]
+           pytest.param("int8pack", marks=pytest.mark.skipif(not hasattr(torch, "_weight_int8pack_mm"), reason="no"))]
 
 
 @pytest.fixture()
