@@ -313,6 +313,7 @@ class DecodeEngine:
             self._seen[slot, torch.tensor(request.prompt_ids, device=self.device)] = True
         return request
 
+    @torch.inference_mode()
     def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Write the prompts' keys/values into the given slots from position 0; logits (B, V) of their last tokens.
 
