@@ -194,4 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the CLI from the imported module, not from __main__: a checkpoint loaded through gpt_model builds its
+    # layers from inference.kv_cache_infer, and two copies of the module would mean two Int8Linear classes.
+    from inference.kv_cache_infer import main as _main
+
+    sys.exit(_main())

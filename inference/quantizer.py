@@ -341,4 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the CLI from the imported module, not from __main__: a checkpoint loaded through gpt_model builds its
+    # layers from inference.quantizer, and two copies of the module would mean two Int8Linear classes.
+    from inference.quantizer import main as _main
+
+    sys.exit(_main())

@@ -114,8 +114,10 @@ def test_cli_quantizes_and_reports(run_dir, tmp_path, capsys):
     load_model_and_tokenizer(out)
 
 
-def test_cli_errors_are_one_line(run_dir, tmp_path, capsys):
-    cases = [(["--model_path", str(tmp_path / "missing.pth"), "--output", str(tmp_path / "o.pth")], "missing.pth"),
+def test_cli_errors_are_one_line(model, run_dir, tmp_path, capsys):
+    save_quantized_model(quantize_model_int8(model), run_dir / "int8.pth")
+    cases = [(["--model_path", str(run_dir / "int8.pth"), "--output", str(tmp_path / "o.pth")], "already an INT8"),
+             (["--model_path", str(tmp_path / "missing.pth"), "--output", str(tmp_path / "o.pth")], "missing.pth"),
              (["--model_path", str(run_dir / "fp32.pth"), "--output", str(run_dir / "fp32.pth")], "must differ"),
              (["--model_path", str(run_dir / "fp32.pth"), "--output", str(tmp_path / "o.pth"),
                "--eval_data", str(tmp_path / "nope.txt")], "nope.txt")]
