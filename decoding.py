@@ -69,7 +69,7 @@ def cut_at_eos(ids: Sequence[int], eos_id: int | None) -> list[int]:
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float | torch.Tensor) -> torch.Tensor:
-    """CTRL-style penalty on tokens already present: positive logits divided, negative multiplied (per row if a tensor)."""
+    """CTRL-style penalty on tokens seen: positive logits divided, negative multiplied (per row if a tensor)."""
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalized, logits)
 
@@ -261,7 +261,8 @@ class DecodeEngine:
         return self.add_many([prompt_ids], params, generator)[0]
 
     @torch.inference_mode()
-    def add_many(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+    def add_many(self, prompts: Sequence[Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
                  generator: torch.Generator | None = None) -> list[Request]:
         """Prefill several prompts in one forward pass into the lowest free slots.
 
@@ -293,7 +294,8 @@ class DecodeEngine:
                                 "positions; shorten it (encode_prompt keeps its tail)")
         vocab = self.model.config.vocab_size
         if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
-            raise DecodingError(f"prompt token ids must be ints in [0, {vocab}); the tokenizer does not match the model")
+            raise DecodingError(f"prompt token ids must be ints in [0, {vocab}); "
+                                "the tokenizer does not match the model")
 
     def _new_request(self, ids: Sequence[int], params: SamplingParams, slot: int,
                      generator: torch.Generator | None) -> Request:
@@ -311,8 +313,9 @@ class DecodeEngine:
             self._seen[slot, torch.tensor(request.prompt_ids, device=self.device)] = True
         return request
 
+    @torch.inference_mode()
     def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Write the prompts' keys/values into the given slots (from position 0); float logits (B, V) of their last tokens.
+        """Write the prompts' keys/values into the given slots from position 0; logits (B, V) of their last tokens.
 
         Prompts are right-padded to one chunk: attention is causal within it, so padding after a prompt
         never reaches its real tokens, and decoding later overwrites those positions.
@@ -425,7 +428,8 @@ class DecodeEngine:
 
     # -- drivers
 
-    def run(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+    def run(self, prompts: Sequence[Sequence[int]],
+            params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
             generator: torch.Generator | None = None,
             on_output: Callable[[StepOutput], None] | None = None) -> list[Request]:
         """Decode every prompt, admitting waiting ones as slots free up (continuous batching); in input order."""

@@ -226,7 +226,7 @@ def print_samples(model: GPTModel, tokenizer: ByteLevelBPETokenizer, device: tor
                   seed: int) -> None:
     generator = torch.Generator(device=device).manual_seed(seed)
     for prompt in SAMPLE_PROMPTS:
-        ids = encode_prompt(tokenizer, prompt, max(1, model.config.max_seq_len // 2))  # always leaves room to generate
+        ids = encode_prompt(tokenizer, prompt, max(1, model.config.max_seq_len - 1))  # leaves room for a token
         input_ids = torch.tensor([ids], device=device)
         room = min(max_new, model.config.max_seq_len - input_ids.shape[1])  # stay inside the context window
         out = model.generate(input_ids, max_gen_len=room, temperature=0.8, top_k=50,

@@ -69,7 +69,7 @@ class KVCacheView:
         return cache_k[self.slots, :, :self.key_len], cache_v[self.slots, :, :self.key_len]
 
     def attention_mask(self) -> torch.Tensor | None:
-        """Boolean (B, 1, T, key_len): a query sees the keys of its slot up to its own position; None if causal is exact."""
+        """Boolean (B, 1, T, key_len): a query sees its slot's keys up to its own position; None if causal is exact."""
         if self.key_len == 0 or self.causal_only:
             return None
         key_pos = torch.arange(self.key_len, device=self.positions.device)

@@ -8,6 +8,7 @@ stop string or after max_gen_len tokens. INT8 checkpoints (python -m inference.q
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Callable, Iterator, Sequence
 
@@ -71,7 +72,8 @@ def stream_with_kv_cache(model, tokenizer, prompt: str, max_gen_len: int = 100, 
 # ----------------------------------------------------------------------------- chat
 
 
-def chat_prompt_ids(tokenizer, history: Sequence[tuple[str, str]], message: str, template: str, limit: int) -> list[int]:
+def chat_prompt_ids(tokenizer, history: Sequence[tuple[str, str]], message: str, template: str,
+                    limit: int) -> list[int]:
     """`<s> turn </s>` for every past turn (as SFT samples are written), then `<s>` + the new instruction.
 
     The oldest turns are dropped to fit `limit` tokens; a single message too long keeps its tail.
@@ -85,10 +87,12 @@ def chat_prompt_ids(tokenizer, history: Sequence[tuple[str, str]], message: str,
 
 
 def chat(model, tokenizer, template: str = SFT_TEMPLATE, params: SamplingParams | None = None,
-         read: Callable[[str], str] = input, write: Callable[[str], None] | None = None) -> None:
-    """Terminal chat: replies stream as they are generated; /reset forgets the conversation, /quit (or Ctrl-C/D) ends."""
+         read: Callable[[str], str] | None = None, write: Callable[[str], None] | None = None) -> None:
+    """Terminal chat: replies stream as they are generated; /reset forgets the conversation, /quit or Ctrl-C/D end."""
+    read = read or input
     write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
-    params = params or SamplingParams(max_new_tokens=200, temperature=0.8, top_k=50, eos_token_id=tokenizer.eos_token_id)
+    params = params or SamplingParams(max_new_tokens=200, temperature=0.8, top_k=50,
+                                      eos_token_id=tokenizer.eos_token_id)
     engine = DecodeEngine(model, tokenizer, n_slots=1)
     limit = max_prompt_len(engine.max_len, params.max_new_tokens)
     history: list[tuple[str, str]] = []
@@ -105,7 +109,8 @@ def chat(model, tokenizer, template: str = SFT_TEMPLATE, params: SamplingParams 
             if not message:
                 continue
             pieces = []
-            for piece in engine.stream(chat_prompt_ids(tokenizer, history, message, template, limit), params):
+            turn = params if params.seed is None else dataclasses.replace(params, seed=params.seed + len(history))
+            for piece in engine.stream(chat_prompt_ids(tokenizer, history, message, template, limit), turn):
                 pieces.append(piece)
                 write(piece)
             write("\n")
@@ -120,8 +125,8 @@ def chat(model, tokenizer, template: str = SFT_TEMPLATE, params: SamplingParams 
 def parse_args(argv: Sequence[str] | None = None):
     from inference import OneLineErrorParser
 
-    parser = OneLineErrorParser(description="Generate text from a GPTModel checkpoint (float or INT8) with the KV-cache "
-                                            "engine, or chat with an SFT model in the terminal.")
+    parser = OneLineErrorParser(description="Generate text from a GPTModel checkpoint (float or INT8) with the "
+                                            "KV-cache engine, or chat with an SFT model in the terminal.")
     parser.add_argument("--model_path", required=True, help="checkpoint (.pth), float or INT8")
     parser.add_argument("--tokenizer_dir", help="tokenizer folder (default: <checkpoint folder>/tokenizer)")
     parser.add_argument("--prompt", action="append",
@@ -171,11 +176,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             template = load_checkpoint(args.model_path).get("sft_template", SFT_TEMPLATE)
             chat(model, tokenizer, template, params)
         elif args.stream:
+            print(args.prompt[0], end="", flush=True)
             for piece in stream_with_kv_cache(model, tokenizer, args.prompt[0], **sampling):
                 print(piece, end="", flush=True)
             print()
         else:
-            for prompt, text in zip(args.prompt, generate_batch_with_kv_cache(model, tokenizer, args.prompt, **sampling)):
+            texts = generate_batch_with_kv_cache(model, tokenizer, args.prompt, **sampling)
+            for prompt, text in zip(args.prompt, texts):
                 print(f"--- {prompt}{text}")
     except (CheckpointError, TokenizerError, DecodingError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -187,4 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the CLI from the imported module, not from __main__: a checkpoint loaded through gpt_model builds its
+    # layers from inference.kv_cache_infer, and two copies of the module would mean two Int8Linear classes.
+    from inference.kv_cache_infer import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,217 @@
+"""Greedy decoding throughput of our engine (fp32, fp32 with (in, out) weights, INT8) against transformers and
+CTranslate2 (float32, int8), all holding the same random GPT-2 124M weights; plus the pieces behind the numbers.
+
+Prints ONE JSON line (CPU). tok_s = batch * new_tokens / seconds, new tokens only, best of --repeats; in each
+repeat every system runs once, back to back, so they see the same machine load. Also reported:
+  - kernel_ms_*_t1: the 49 matmuls of one 124M batch-1 token with each kernel (fp32 nn.Linear layout, (in, out)
+    layout, FBGEMM int8, torch._weight_int8pack_mm, int8 dequantize + matmul), on --kernel_threads threads:
+    how quantizer.pick_kernel chose;
+  - read bandwidth and the bandwidth floor (weight bytes read per token / bandwidth) at batch 1;
+  - KV cache vs recompute at batch 1 (recompute estimated from timed single steps, as bench_generate does);
+  - the engine with 1, 8 and 32 sequences joining at staggered times (one every --stagger steps);
+  - torch.compile of the decode step (DecodeEngine(compile=True)) against eager, with its compile time.
+
+    python -m benchmarks.bench_inference --threads 2            # ~5-8 minutes on 2 cores
+    python -m benchmarks.bench_inference --threads 2 --batch_sizes 1 --repeats 1 --compile_shapes ''   # quicker
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.bench_generate import build_pair, estimate_uncached_seconds
+from decoding import DecodeEngine, SamplingParams
+from inference.quantizer import (_fbgemm_available, quantize_model_int8, quantize_per_channel,
+                                 transpose_linears_for_cpu)
+
+
+def ct2_generators(hf, threads: int, folder: Path) -> dict:
+    """CTranslate2 float32 and int8 generators converted from the transformers model (TransformersConverter)."""
+    import ctranslate2
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(hf.config.vocab_size)}  # the converter needs a tokenizer for the vocabulary
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
+                                        bos_token="t0", eos_token="t0", unk_token="t0")
+    hf.save_pretrained(folder / "hf")
+    tokenizer.save_pretrained(folder / "hf")
+    ctranslate2.converters.TransformersConverter(str(folder / "hf")).convert(str(folder / "ct2"), force=True)
+    return {name: ctranslate2.Generator(str(folder / "ct2"), device="cpu", compute_type=name, intra_threads=threads,
+                                        inter_threads=1) for name in ("float32", "int8")}
+
+
+def timed(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def kernel_ms(model) -> dict:
+    """Milliseconds for the 49 matmuls of one batch-1 token of this shape, per kernel."""
+    linears = [m for m in model.transformer.h.modules() if isinstance(m, torch.nn.Linear)] + [model.lm_head]
+    weights = [m.weight.detach() for m in linears]
+    xs = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
+    transposed = [w.t().contiguous() for w in weights]
+    int8 = [quantize_per_channel(w) for w in weights]
+    runs = {"fp32_linear": [lambda w=w: F.linear(xs[w.shape[1]], w) for w in weights],
+            "fp32_in_out": [lambda w=w: xs[w.shape[0]] @ w for w in transposed],
+            "int8_dequant": [lambda q=q, s=s: F.linear(xs[q.shape[1]], q.float()) * s for q, s in int8]}
+    if hasattr(torch, "_weight_int8pack_mm"):
+        runs["int8_int8pack"] = [lambda q=q, s=s: torch._weight_int8pack_mm(xs[q.shape[1]], q, s) for q, s in int8]
+    if _fbgemm_available():
+        from inference.quantizer import Int8Linear
+
+        layers = [Int8Linear.from_linear(m, kernel="fbgemm") for m in linears]
+        runs["int8_fbgemm"] = [lambda layer=layer: layer(xs[layer.in_features]) for layer in layers]
+    # Best of 5 per matmul, then summed: on a shared box a multi-threaded call that waits for a descheduled
+    # thread takes milliseconds, and one such stall would swamp a whole-token figure.
+    return {f"kernel_ms_{name}": round(1e3 * sum(min(timed(call)[0] for _ in range(5)) for call in calls), 1)
+            for name, calls in runs.items()}
+
+
+def read_bandwidth() -> float:
+    """Bytes per second of a streaming read (sum over 256 MB, best of 5)."""
+    data = torch.ones(64 * 1024 * 1024)
+    return data.numel() * 4 / min(timed(data.sum)[0] for _ in range(5))
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of matmul weights read once per decode step (embedding rows and LayerNorms are negligible)."""
+    total = 0
+    for module in [*model.transformer.h.modules(), model.lm_head]:
+        for name in ("weight", "weight_t", "scale", "bias"):
+            tensor = getattr(module, name, None) if not isinstance(module, torch.nn.LayerNorm) else None
+            if isinstance(tensor, torch.Tensor) and module is not model.transformer.h:
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def staggered_tok_s(model, n_seqs: int, prompt_len: int, new_tokens: int, stagger: int) -> float:
+    """Engine tokens/s while n_seqs sequences join one every `stagger` steps (continuous batching)."""
+    generator = torch.Generator().manual_seed(n_seqs)
+    prompts = torch.randint(0, model.config.vocab_size, (n_seqs, prompt_len), generator=generator).tolist()
+    params = SamplingParams(max_new_tokens=new_tokens, do_sample=False)
+    engine = DecodeEngine(model, n_slots=n_seqs, max_len=prompt_len + new_tokens)
+    start, step = time.perf_counter(), 0
+    while prompts or engine.has_work:
+        if prompts and step % stagger == 0:
+            engine.add(prompts.pop(0), params)
+        engine.step()
+        step += 1
+    return n_seqs * new_tokens / (time.perf_counter() - start)
+
+
+def compile_figures(model, prompt: list[int], new_tokens: int) -> dict:
+    """Eager vs torch.compile'd decode step (static shapes over the whole cache, as gpt-fast), batch 1."""
+    params = SamplingParams(max_new_tokens=new_tokens, do_sample=False)
+    out = {}
+    for name, compile in (("eager", False), ("compiled", True)):
+        engine = DecodeEngine(model, n_slots=1, max_len=len(prompt) + new_tokens, compile=compile)
+        first, _ = timed(lambda: engine.run([prompt], params))
+        best = min(timed(lambda: engine.run([prompt], params))[0] for _ in range(2))
+        out[f"compile_{name}_tok_s"] = round(new_tokens / best, 1)
+        if compile:
+            out["compile_seconds"] = round(first - best, 1)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="gpt2", help="GPTConfig preset (default: gpt2, the 124M shape)")
+    parser.add_argument("--batch_sizes", default="1,8", help="comma-separated batch sizes (default: 1,8)")
+    parser.add_argument("--prompt_len", type=int, default=32, help="prompt tokens per row (default: 32)")
+    parser.add_argument("--new_tokens", type=int, default=128, help="greedy tokens generated per row (default: 128)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per figure, best kept (default: 2)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for every system (default: 2)")
+    parser.add_argument("--kernel_threads", type=int, default=1,
+                        help="CPU threads for the kernel_ms figures (default: 1)")
+    parser.add_argument("--stagger", type=int, default=4, help="steps between joining sequences (default: 4)")
+    parser.add_argument("--joining", default="1,8,32", help="sequence counts for the staggered figure ('' = skip)")
+    parser.add_argument("--no_ct2", action="store_true", help="skip CTranslate2")
+    parser.add_argument("--compile_shapes", default="tiny,gpt2",
+                        help="presets for the torch.compile figure, '' = skip (default: tiny,gpt2)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    device = torch.device("cpu")
+    ours, hf = build_pair(args.shape, device)
+    results: dict = {"shape": args.shape, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "greedy": True,
+                     "cpu_threads": torch.get_num_threads(), "torch": torch.__version__}
+    torch.set_num_threads(args.kernel_threads)  # 1: a multi-threaded call on a busy box can stall for milliseconds
+    results.update({f"{k}_t{args.kernel_threads}": v for k, v in kernel_ms(ours).items()})
+    torch.set_num_threads(args.threads)
+    systems = {"ours_fp32": ours,
+               "ours_fp32_in_out": transpose_linears_for_cpu(copy.deepcopy(ours)),
+               "ours_int8": quantize_model_int8(copy.deepcopy(ours))}
+    results["ours_int8_kernel"] = systems["ours_int8"].lm_head.active_kernel(torch.zeros(1, 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        ct2 = {} if args.no_ct2 else ct2_generators(hf, args.threads, Path(tmp))
+        if ct2:
+            import ctranslate2
+            results["ctranslate2"] = ctranslate2.__version__
+        for batch in [int(b) for b in args.batch_sizes.split(",")]:
+            prompt = torch.randint(0, 50257, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch))
+            mask = torch.ones_like(prompt)
+            runs = {name: (lambda m=m, n=args.new_tokens: m.generate(prompt, max_gen_len=n, do_sample=False)[:, -n:])
+                    for name, m in systems.items()}
+            runs["hf_fp32"] = lambda n=args.new_tokens: hf.generate(prompt, attention_mask=mask, max_new_tokens=n,
+                                                                    min_new_tokens=n, do_sample=False)[:, -n:]
+            start_tokens = [[f"t{i}" for i in row] for row in prompt.tolist()]
+            for name, generator in ct2.items():
+                runs[f"ct2_{name}"] = lambda g=generator, n=args.new_tokens: torch.tensor([
+                    r.sequences_ids[0] for r in g.generate_batch(start_tokens, max_length=n, min_length=n,
+                                                                 sampling_topk=1, beam_size=1,
+                                                                 include_prompt_in_result=False)])
+            for run in runs.values():  # warm-up: allocators, kernels, FBGEMM packing
+                run(n=4)
+            best, outputs = {name: float("inf") for name in runs}, {}
+            for _ in range(args.repeats):
+                for name, run in runs.items():
+                    seconds, outputs[name] = timed(run)
+                    best[name] = min(best[name], seconds)
+            prefix = f"cpu_b{batch}"
+            for name, seconds in best.items():
+                results[f"{prefix}_{name}_tok_s"] = round(batch * args.new_tokens / seconds, 1)
+                if name != "hf_fp32":  # share of new tokens equal to transformers' (int8 rounding may change a few)
+                    agree = (outputs[name] == outputs["hf_fp32"]).float().mean().item()
+                    results[f"{prefix}_{name}_tokens_equal_hf"] = round(agree, 3)
+            for name in systems:
+                results[f"{prefix}_{name}_over_hf"] = round(best["hf_fp32"] / best[name], 2)
+            for ours_name, ref in (("ours_fp32", "ct2_float32"), ("ours_fp32_in_out", "ct2_float32"),
+                                   ("ours_int8", "ct2_int8")):
+                if ref in best:
+                    results[f"{prefix}_{ours_name}_over_{ref}"] = round(best[ref] / best[ours_name], 2)
+            if batch == 1:
+                uncached = estimate_uncached_seconds(ours, prompt, args.new_tokens, 4, device)
+                results["cpu_b1_ours_fp32_cache_speedup_est"] = round(uncached / best["ours_fp32"], 1)
+    bandwidth = read_bandwidth()
+    results["read_bandwidth_gb_s"] = round(bandwidth / 1e9, 1)
+    for name in ("ours_fp32", "ours_int8"):
+        weight_bytes = weight_bytes_per_token(systems[name])
+        results[f"{name}_weight_mb_per_token"] = round(weight_bytes / 1e6, 1)
+        results[f"{name}_b1_floor_tok_s"] = round(bandwidth / weight_bytes, 1)
+    for n in [int(n) for n in args.joining.split(",") if n]:
+        for name in ("ours_fp32_in_out", "ours_int8"):
+            results[f"joining_{n}_{name}_tok_s"] = round(
+                staggered_tok_s(systems[name], n, args.prompt_len, args.new_tokens, args.stagger), 1)
+    for shape in [s for s in args.compile_shapes.split(",") if s]:
+        from gpt_model import GPTConfig, GPTModel
+
+        torch.manual_seed(0)
+        model = GPTModel(GPTConfig.from_preset(shape, vocab_size=50257)).eval()
+        prompt = torch.randint(0, 50257, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+        results.update({f"{shape}_{k}": v for k, v in compile_figures(model, prompt, args.new_tokens).items()})
+    results["bench_seconds"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""The decode engine (slots joining and leaving, per-sequence sampling, stop strings, streaming) and prompt helpers."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from decoding import (
+    DecodeEngine, DecodingError, IncrementalDetokenizer, SamplingParams, StopStringMatcher, apply_repetition_penalty,
+    apply_top_k, apply_top_p, cut_at_eos, encode_prompt, left_pad, max_prompt_len,
+)
+from gpt_model import GPTModel
+
+SMALL = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, d_ff=128, max_seq_len=48)
+GREEDY = SamplingParams(max_new_tokens=12, do_sample=False)
+PROMPTS = [[0, 3, 4, 5, 6, 7], [0, 8], [0, 9, 10, 11], [0, 12, 13, 14, 15, 16, 17, 18]]
+
+
+@pytest.fixture()
+def model() -> GPTModel:
+    torch.manual_seed(0)
+    return GPTModel(**SMALL).eval()
+
+
+@pytest.fixture()
+def text_model(tiny_tokenizer) -> GPTModel:
+    torch.manual_seed(0)
+    return GPTModel(vocab_size=len(tiny_tokenizer), d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=64).eval()
+
+
+def alone(model: GPTModel, prompt: list[int], params: SamplingParams, tokenizer=None) -> list[int]:
+    engine = DecodeEngine(model, tokenizer, n_slots=1)
+    return engine.run([prompt], params)[0].output_ids
+
+
+def reference_greedy(model: GPTModel, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens by full recomputation, and the top-1 minus top-2 logit gap at each step."""
+    ids, gaps = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            top = model(torch.tensor([ids]))["logits"][0, -1].topk(2)
+            ids.append(int(top.indices[0]))
+            gaps.append(float(top.values[0] - top.values[1]))
+    return ids[len(prompt):], gaps
+
+
+def assert_same_greedy(got: list[int], expected: list[int], gaps: list[float]) -> None:
+    """Equal tokens; a difference is only allowed where the reference had a near-tie (batched rounding)."""
+    for step, (a, b) in enumerate(zip(got, expected)):
+        if a != b:
+            assert gaps[step] < 1e-4, f"step {step}: {a} != {b} with a top-2 gap of {gaps[step]}"
+            return
+    assert len(got) == len(expected)
+
+
+# ----------------------------------------------------------------------------- sampling processors
+
+
+def test_sampling_processors_match_transformers():
+    pytest.importorskip("transformers")
+    from transformers.generation.logits_process import (
+        RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper,
+    )
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50) * 3
+    history = torch.randint(0, 50, (4, 12))
+    assert torch.equal(apply_top_k(logits, 7), TopKLogitsWarper(7)(history, logits.clone()))
+    assert torch.equal(apply_top_p(logits, 0.8), TopPLogitsWarper(0.8)(history, logits.clone()))
+    seen = torch.zeros(4, 50, dtype=torch.bool).scatter_(1, history, True)
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(history, logits.clone())
+    torch.testing.assert_close(apply_repetition_penalty(logits, seen, 1.3), expected)
+    per_row = torch.tensor([[1.3], [1.0], [2.0], [1.3]])  # one penalty per sequence
+    torch.testing.assert_close(apply_repetition_penalty(logits, seen, per_row)[1], logits[1])
+    torch.testing.assert_close(apply_repetition_penalty(logits, seen, per_row)[3], expected[3])
+
+
+def test_sampling_params_validation():
+    for bad in (dict(max_new_tokens=0), dict(temperature=0.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5),
+                dict(repetition_penalty=0.0)):
+        with pytest.raises(DecodingError):
+            SamplingParams(**bad)
+    assert SamplingParams(temperature=0.0, do_sample=False).stop == ()
+    assert SamplingParams(stop="\n").stop == ("\n",)
+
+
+# ----------------------------------------------------------------------------- engine
+
+
+def test_greedy_matches_full_recomputation(model):
+    expected, gaps = reference_greedy(model, PROMPTS[0], 12)
+    assert_same_greedy(alone(model, PROMPTS[0], GREEDY), expected, gaps)
+
+
+def test_sequences_joining_a_busy_batch_mid_way_match_running_alone(model):
+    engine = DecodeEngine(model, n_slots=3)
+    requests = [engine.add(PROMPTS[0], GREEDY)]
+    for step in range(30):
+        if step == 2:
+            requests.append(engine.add(PROMPTS[1], SamplingParams(max_new_tokens=3, do_sample=False)))
+        if step == 4:
+            requests += engine.add_many(PROMPTS[2:], GREEDY)  # one batched prefill into slots 1 (freed) and 2
+        engine.step()
+    assert not engine.has_work and all(r.finish_reason == "length" for r in requests)
+    for request in requests:
+        expected, gaps = reference_greedy(model, request.prompt_ids, request.params.max_new_tokens)
+        assert_same_greedy(request.output_ids, expected, gaps)
+
+
+def test_a_freed_slot_is_reused_at_once(model):
+    engine = DecodeEngine(model, n_slots=2)
+    short = engine.add(PROMPTS[0], SamplingParams(max_new_tokens=2, do_sample=False))
+    long = engine.add(PROMPTS[1], GREEDY)
+    engine.step()  # returns both first tokens, decodes the second ones: short is done
+    assert short.finished and engine.free_slots == [short.slot]
+    late = engine.add(PROMPTS[3], GREEDY)
+    assert late.slot == short.slot
+    while engine.has_work:
+        engine.step()
+    assert late.output_ids == alone(model, PROMPTS[3], GREEDY) and long.output_ids == alone(model, PROMPTS[1], GREEDY)
+    with pytest.raises(DecodingError, match="free slots"):
+        DecodeEngine(model, n_slots=1).add_many(PROMPTS[:2], GREEDY)
+
+
+def test_per_sequence_seeds_reproduce_whatever_shares_the_batch(model):
+    params = SamplingParams(max_new_tokens=15, temperature=1.5, top_k=20, top_p=0.9, repetition_penalty=1.2, seed=7)
+    solo = alone(model, PROMPTS[2], params)
+    engine = DecodeEngine(model, n_slots=4)
+    engine.add_many(PROMPTS[:2], [SamplingParams(seed=1), SamplingParams(temperature=0.7, seed=2)])
+    engine.step()
+    busy = engine.add(PROMPTS[2], params)
+    engine.add(PROMPTS[3], GREEDY)
+    while engine.has_work:
+        engine.step()
+    assert busy.output_ids == solo
+    assert alone(model, PROMPTS[2], SamplingParams(max_new_tokens=15, temperature=1.5, seed=8)) != solo
+
+
+def test_eos_and_context_end_finish_a_sequence(model):
+    free = alone(model, PROMPTS[0], GREEDY)
+    eos = free[3]
+    params = SamplingParams(max_new_tokens=12, do_sample=False, eos_token_id=eos)
+    stopped = DecodeEngine(model).run([PROMPTS[0]], params)[0]
+    assert stopped.output_ids == free[:free.index(eos) + 1] and stopped.finish_reason == "eos"
+    engine = DecodeEngine(model, n_slots=1, max_len=10)
+    full = engine.run([PROMPTS[0]], GREEDY)[0]
+    assert len(full.prompt_ids) + len(full.output_ids) == 10 and full.finish_reason == "length"
+    with pytest.raises(DecodingError, match="no room"):
+        engine.add(list(range(10)), GREEDY)
+    with pytest.raises(DecodingError, match="at least one token"):
+        engine.add([], GREEDY)
+
+
+def test_uncached_engine_matches_cached(model):
+    cached = DecodeEngine(model, n_slots=4).run(PROMPTS, GREEDY)
+    uncached = DecodeEngine(model, n_slots=4, use_cache=False).run(PROMPTS, GREEDY)
+    assert [r.output_ids for r in cached] == [r.output_ids for r in uncached]
+
+
+def test_run_queues_more_prompts_than_slots(model):
+    queued = DecodeEngine(model, n_slots=2).run(PROMPTS, GREEDY)
+    assert [r.output_ids for r in queued] == [alone(model, p, GREEDY) for p in PROMPTS]
+
+
+# ----------------------------------------------------------------------------- text: stop strings and streaming
+
+
+def test_stop_string_matcher_holds_back_possible_starts():
+    matcher = StopStringMatcher(["</end>", "\n\n"])
+    assert matcher.push("Hello </") == ("Hello ", False)  # "</" may start "</end>"
+    assert matcher.push("b>") == ("</b>", False)
+    assert matcher.push(" bye\n") == (" bye", False)
+    assert matcher.push("\nrest") == ("", True)  # "\n\n" spans two pieces; nothing after it is emitted
+    matcher = StopStringMatcher(["xyz"])
+    assert matcher.push("ab") == ("ab", False) and matcher.push("x") == ("", False) and matcher.flush() == "x"
+
+
+def test_incremental_detokenizer_never_splits_a_character(tiny_tokenizer):
+    text = "床前明月光，疑是地上霜。😀 Hamlet 🎭 舉頭望明月"
+    ids = tiny_tokenizer.encode_ordinary(text)
+    detok = IncrementalDetokenizer(tiny_tokenizer)
+    pieces = [detok.push(i) for i in ids] + [detok.flush()]
+    assert "".join(pieces) == tiny_tokenizer.decode(ids) == text
+    assert all("\ufffd" not in p for p in pieces)
+    split = [i for i in ids if len(tiny_tokenizer.decode_bytes([i])) and not tiny_tokenizer.decode_bytes([i]).decode(
+        "utf-8", errors="ignore")]
+    assert split, "the test needs tokens that hold part of a character"
+
+
+def test_detokenizer_pieces_join_to_the_full_decode_for_any_ids(tiny_tokenizer):
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        ids = torch.randint(0, len(tiny_tokenizer), (40,), generator=generator).tolist()
+        detok = IncrementalDetokenizer(tiny_tokenizer)
+        assert "".join([detok.push(i) for i in ids] + [detok.flush()]) == tiny_tokenizer.decode(ids)
+
+
+def test_stop_strings_cut_the_text(text_model, tiny_tokenizer):
+    prompt = encode_prompt(tiny_tokenizer, "ROMEO:", 16)
+    params = SamplingParams(max_new_tokens=30, seed=3, temperature=1.0)
+    free = DecodeEngine(text_model, tiny_tokenizer).run([prompt], params)[0]
+    assert free.text == tiny_tokenizer.decode(free.output_ids)
+    stop = free.text[len(free.text) // 2:len(free.text) // 2 + 2]
+    assert len(stop) == 2
+    params = SamplingParams(max_new_tokens=30, seed=3, stop=(stop,))
+    cut = DecodeEngine(text_model, tiny_tokenizer).run([prompt], params)[0]
+    assert cut.finish_reason == "stop" and cut.text == free.text[:free.text.index(stop)]
+    assert cut.output_ids == free.output_ids[:len(cut.output_ids)]
+
+
+def test_stream_pieces_join_to_the_full_text(text_model, tiny_tokenizer):
+    prompt = encode_prompt(tiny_tokenizer, "床前明月光", 16)
+    params = SamplingParams(max_new_tokens=40, seed=5, temperature=1.5, top_k=0)  # random bytes: split characters
+    pieces = list(DecodeEngine(text_model, tiny_tokenizer, n_slots=1).stream(prompt, params))
+    full = DecodeEngine(text_model, tiny_tokenizer).run([prompt], params)[0]
+    assert "".join(pieces) == full.text == tiny_tokenizer.decode(full.output_ids)
+    # a U+FFFD only where the generated bytes themselves are invalid UTF-8, never from splitting
+    assert sum(p.count("\ufffd") for p in pieces) == full.text.count("\ufffd")
+
+
+# ----------------------------------------------------------------------------- prompt helpers
+
+
+def test_prompt_helpers(tiny_tokenizer):
+    ids = encode_prompt(tiny_tokenizer, "To be, or not to be", 100)
+    assert ids == [tiny_tokenizer.bos_token_id] + tiny_tokenizer.encode_ordinary("To be, or not to be")
+    with pytest.warns(UserWarning, match="was cut"):
+        cut = encode_prompt(tiny_tokenizer, "To be, or not to be", 4)
+    assert cut == [tiny_tokenizer.bos_token_id] + ids[-3:]
+    assert max_prompt_len(64, 100) == 32 and max_prompt_len(64, 5) == 59 and max_prompt_len(64, 0) == 63
+    input_ids, mask = left_pad([[5, 6, 7], [8]], pad_id=1)
+    assert input_ids.tolist() == [[5, 6, 7], [1, 1, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert cut_at_eos([4, 5, 2, 6, 2], 2) == [4, 5] and cut_at_eos([4, 5], 2) == [4, 5] and cut_at_eos([4], None) == [4]

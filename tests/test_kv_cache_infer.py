@@ -1,0 +1,110 @@
+"""Generation helpers, streaming, the chat loop and the CLI of inference.kv_cache_infer."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_loader import SFT_TEMPLATE, build_sft_prompt
+from decoding import SamplingParams, cut_at_eos
+from gpt_model import GPTModel, save_checkpoint
+from inference.kv_cache_infer import (
+    chat, chat_prompt_ids, generate_batch_with_kv_cache, generate_with_kv_cache, main, stream_with_kv_cache,
+)
+
+
+@pytest.fixture()
+def model(tiny_config) -> GPTModel:
+    torch.manual_seed(0)
+    return GPTModel(tiny_config).eval()
+
+
+@pytest.fixture()
+def checkpoint(model, tiny_tokenizer, tmp_path) -> Path:
+    tiny_tokenizer.save(tmp_path / "run" / "tokenizer")
+    path = tmp_path / "run" / "sft.pth"
+    save_checkpoint(path, model, tokenizer_fingerprint=tiny_tokenizer.fingerprint,
+                    sft_template="Q: {instruction}\nA: {response}")
+    return path
+
+
+def test_greedy_text_equals_generate(model, tiny_tokenizer):
+    prompt = [tiny_tokenizer.bos_token_id] + tiny_tokenizer.encode_ordinary("ROMEO:")
+    eos = tiny_tokenizer.eos_token_id
+    out = model.generate(torch.tensor([prompt]), max_gen_len=20, do_sample=False, eos_token_id=eos)
+    expected = tiny_tokenizer.decode(cut_at_eos(out[0, len(prompt):].tolist(), eos))
+    assert generate_with_kv_cache(model, tiny_tokenizer, "ROMEO:", max_gen_len=20, do_sample=False) == expected
+
+
+def test_batch_and_stream_agree_with_single_prompts(model, tiny_tokenizer):
+    prompts = ["ROMEO:", "床前明月光", "LEAR: Attend the lords"]
+    batch = generate_batch_with_kv_cache(model, tiny_tokenizer, prompts, max_gen_len=15, seed=10, n_slots=2)
+    singles = [generate_with_kv_cache(model, tiny_tokenizer, p, max_gen_len=15, seed=10 + i)
+               for i, p in enumerate(prompts)]
+    assert batch == singles
+    pieces = list(stream_with_kv_cache(model, tiny_tokenizer, prompts[1], max_gen_len=15, seed=11))
+    assert "".join(pieces) == singles[1]
+
+
+def test_chat_prompt_is_sft_samples_and_drops_old_turns(tiny_tokenizer):
+    tok = tiny_tokenizer
+    ids = chat_prompt_ids(tok, [("hi", "hello")], "and you?", SFT_TEMPLATE, limit=200)
+    first = [tok.bos_token_id, *tok.encode_ordinary(build_sft_prompt("hi") + "hello"), tok.eos_token_id]
+    assert ids == first + [tok.bos_token_id, *tok.encode_ordinary(build_sft_prompt("and you?"))]
+    assert chat_prompt_ids(tok, [("hi", "hello")], "and you?", SFT_TEMPLATE, limit=len(ids) - 1) == ids[len(first):]
+
+
+def test_chat_loop_streams_resets_and_exits_cleanly(model, tiny_tokenizer):
+    def scripted(lines):
+        lines = iter(lines)
+
+        def read(_prompt: str) -> str:
+            line = next(lines)
+            if isinstance(line, BaseException):
+                raise line
+            return line
+        return read
+
+    params = SamplingParams(max_new_tokens=8, do_sample=False, eos_token_id=tiny_tokenizer.eos_token_id)
+    for ending in ("/quit", EOFError(), KeyboardInterrupt()):
+        written: list[str] = []
+        chat(model, tiny_tokenizer, SFT_TEMPLATE, params, read=scripted(["hi", "/reset", "hi", ending]),
+             write=written.append)
+        before, after = "".join(written).split("(conversation reset)\n")
+        if ending != "/quit":
+            assert after.endswith("\n\n")  # Ctrl-C / Ctrl-D end the line they interrupted
+            after = after[:-1]
+        assert before.split("\n", 1)[1] == after  # after /reset the same message gets the same (greedy) reply
+    expected = generate_with_kv_cache(model, tiny_tokenizer, build_sft_prompt("hi"), max_gen_len=8, do_sample=False)
+    assert after == expected + "\n"
+
+
+def test_cli_generates_and_chats(checkpoint, capsys, monkeypatch):
+    assert main(["--model_path", str(checkpoint), "--prompt", "ROMEO:", "--prompt", "LEAR:", "--greedy",
+                 "--max_gen_len", "5"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("--- ") == 2 and "--- ROMEO:" in out
+    assert main(["--model_path", str(checkpoint), "--prompt", "ROMEO:", "--stream", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("ROMEO:")
+    lines = iter(["/quit"])
+    monkeypatch.setattr("builtins.input", lambda _prompt: next(lines))
+    assert main(["--model_path", str(checkpoint), "--interactive"]) == 0
+
+
+def test_cli_errors_are_one_line(checkpoint, tmp_path, capsys):
+    good = ["--model_path", str(checkpoint)]
+    cases = [(["--model_path", str(tmp_path / "missing.pth"), "--prompt", "x"], "missing.pth"),
+             (good, "--prompt"),
+             ([*good, "--prompt", "x", "--interactive"], "do not combine"),
+             ([*good, "--prompt", "x", "--top_p", "2"], "top_p"),
+             ([*good, "--prompt", "x", "--max_gen_len", "0"], "max_gen_len"),
+             ([*good, "--prompt", "x", "--device", "cuda:7" if not torch.cuda.is_available() else "tpu"], "device"),
+             ([*good, "--prompt", "x", "--no_such_flag"], "no_such_flag")]
+    for argv, fragment in cases:
+        try:
+            code = main(argv)
+        except SystemExit as exc:
+            code = exc.code
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error: ") and fragment in err and err.count("\n") == 1, (argv, err)

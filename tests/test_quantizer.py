@@ -1,0 +1,146 @@
+"""INT8 weight-only quantization: exact per-channel scales, logits close to fp32, checkpoint round trip, CLI."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt_model import GPTModel, load_checkpoint, load_model_and_tokenizer, save_checkpoint
+from inference.quantizer import (
+    Int8Embedding, Int8Linear, QuantizationError, TransposedLinear, _fbgemm_available, load_quantized_model, main,
+    quantize_model_int8, quantize_per_channel, save_quantized_model, transpose_linears_for_cpu,
+)
+
+KERNELS = ["dequant", pytest.param("fbgemm", marks=pytest.mark.skipif(not _fbgemm_available(), reason="no FBGEMM")),
+           pytest.param("int8pack", marks=pytest.mark.skipif(not hasattr(torch, "_weight_int8pack_mm"), reason="no"))]
+
+
+@pytest.fixture()
+def model(tiny_config) -> GPTModel:
+    torch.manual_seed(0)
+    return GPTModel(tiny_config).eval()
+
+
+@pytest.fixture()
+def run_dir(model, tiny_tokenizer, tmp_path) -> Path:
+    tiny_tokenizer.save(tmp_path / "run" / "tokenizer")
+    save_checkpoint(tmp_path / "run" / "fp32.pth", model, tokenizer_fingerprint=tiny_tokenizer.fingerprint)
+    return tmp_path / "run"
+
+
+def test_per_channel_scales_on_a_hand_made_matrix():
+    weight = torch.tensor([[1.27, -0.5, 0.02], [-2.54, 1.0, 0.0]])
+    q, scale = quantize_per_channel(weight)
+    torch.testing.assert_close(scale, torch.tensor([0.01, 0.02]))  # row max / 127, one scale per output channel
+    assert q.dtype == torch.int8 and q.tolist() == [[127, -50, 2], [-127, 50, 0]]
+    linear = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+    x = torch.randn(4, 3)
+    int8 = Int8Linear.from_linear(linear, kernel="dequant")
+    torch.testing.assert_close(int8(x), x @ (q.float() * scale[:, None]).T + linear.bias, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_every_kernel_matches_the_dequantized_matmul(kernel):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    x = torch.randn(2, 5, 64)
+    reference = Int8Linear.from_linear(linear, kernel="dequant")(x)
+    got = Int8Linear.from_linear(linear, kernel=kernel)
+    assert got.active_kernel(x) == kernel
+    # FBGEMM also quantizes activations (per tensor, 7 bits): close, not exact
+    torch.testing.assert_close(got(x), reference, atol=0.05 if kernel == "fbgemm" else 1e-5, rtol=0.02)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_int8_logits_close_to_fp32(model, kernel):
+    ids = torch.randint(0, model.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        fp32 = model(ids)["logits"]
+        int8 = quantize_model_int8(model, kernel=kernel)(ids)["logits"]
+    assert F.cosine_similarity(fp32.flatten(1), int8.flatten(1)).min() > 0.999
+    assert isinstance(model.lm_head, Int8Linear) and isinstance(model.transformer.wte, Int8Embedding)
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied, one int8 table
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    with pytest.raises(QuantizationError, match="already quantized"):
+        quantize_model_int8(model)
+
+
+def test_save_load_round_trip_and_size(model, run_dir, tiny_tokenizer):
+    ids = torch.randint(0, model.config.vocab_size, (2, 30), generator=torch.Generator().manual_seed(2))
+    quantize_model_int8(model)
+    save_quantized_model(model, run_dir / "int8.pth", tokenizer_fingerprint=tiny_tokenizer.fingerprint)
+    ckpt = load_checkpoint(run_dir / "int8.pth")
+    assert ckpt["quantization"] == "int8" and ckpt["model_state_dict"]["lm_head.weight"].dtype == torch.int8
+    assert (run_dir / "int8.pth").stat().st_size <= 0.3 * (run_dir / "fp32.pth").stat().st_size
+    loaded = load_quantized_model(run_dir / "int8.pth")
+    via_loader, tokenizer = load_model_and_tokenizer(run_dir / "int8.pth")  # the one loading entry point
+    with torch.no_grad():
+        expected = model(ids)["logits"]
+        assert torch.equal(loaded(ids)["logits"], expected) and torch.equal(via_loader(ids)["logits"], expected)
+    assert via_loader.lm_head.weight is via_loader.transformer.wte.weight
+    prompt = torch.tensor([[tokenizer.bos_token_id] + tokenizer.encode_ordinary("ROMEO:")])
+    assert torch.equal(via_loader.generate(prompt, max_gen_len=8, do_sample=False),
+                       model.generate(prompt, max_gen_len=8, do_sample=False))
+
+
+def test_evaluator_reads_an_int8_checkpoint(model, run_dir, tmp_path, capsys):
+    import evaluator
+
+    quantize_model_int8(model)
+    save_quantized_model(model, run_dir / "int8.pth")
+    val = tmp_path / "val.txt"
+    val.write_text("ROMEO: What say you?\nJULIET: 床前明月光\n", encoding="utf-8")
+    reports = []
+    for name in ("fp32.pth", "int8.pth"):
+        assert evaluator.main(["--no_progress", "--model_path", str(run_dir / name), "--test_data_path", str(val),
+                               "--output", str(tmp_path / "r.json")]) == 0
+        reports.append(json.loads((tmp_path / "r.json").read_text())["results"][0]["bits_per_byte"])
+    assert abs(reports[1] / reports[0] - 1) < 0.01
+
+
+def test_cli_quantizes_and_reports(run_dir, tmp_path, capsys):
+    val = tmp_path / "val.txt"
+    val.write_text("ROMEO: What say you?\nLEAR: Attend the lords.\n", encoding="utf-8")
+    out = tmp_path / "elsewhere" / "int8.pth"
+    assert main(["--model_path", str(run_dir / "fp32.pth"), "--output", str(out), "--eval_data", str(val)]) == 0
+    printed = capsys.readouterr().out
+    assert "int8 checkpoint" in printed and "bits_per_byte" in printed
+    assert (out.parent / "tokenizer" / "vocab.json").exists()  # copied, so the output loads on its own
+    load_model_and_tokenizer(out)
+
+
+def test_cli_errors_are_one_line(model, run_dir, tmp_path, capsys):
+    save_quantized_model(quantize_model_int8(model), run_dir / "int8.pth")
+    cases = [(["--model_path", str(run_dir / "int8.pth"), "--output", str(tmp_path / "o.pth")], "already an INT8"),
+             (["--model_path", str(tmp_path / "missing.pth"), "--output", str(tmp_path / "o.pth")], "missing.pth"),
+             (["--model_path", str(run_dir / "fp32.pth"), "--output", str(run_dir / "fp32.pth")], "must differ"),
+             (["--model_path", str(run_dir / "fp32.pth"), "--output", str(tmp_path / "o.pth"),
+               "--eval_data", str(tmp_path / "nope.txt")], "nope.txt")]
+    for argv, fragment in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and fragment in err and err.count("\n") == 1, err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model_path", "m.pth", "--output", "o.pth", "--batch_size", "0"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_transposed_fp32_layout_gives_the_same_logits(model):
+    ids = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(3))
+    prompt = ids[:1, :5]
+    with torch.no_grad():
+        expected, greedy = model(ids)["logits"], model.generate(prompt, max_gen_len=10, do_sample=False)
+        transpose_linears_for_cpu(model)
+        torch.testing.assert_close(model(ids)["logits"], expected, atol=1e-5, rtol=1e-5)
+    assert isinstance(model.lm_head, TransposedLinear) and model.lm_head.weight_t.shape == (model.config.d_model,
+                                                                                             model.config.vocab_size)
+    assert model.transformer.wte.weight_t is model.lm_head.weight_t  # tied: one table
+    assert torch.equal(model.generate(prompt, max_gen_len=10, do_sample=False), greedy)
+    with pytest.raises(QuantizationError, match="already"):
+        quantize_model_int8(model)
