@@ -28,7 +28,6 @@ from typing import Any, AsyncIterator, Literal, Sequence
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -669,7 +668,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
         body = error_body(422, _readable(exc.errors()))
-        body["errors"] = jsonable_encoder(exc.errors(), custom_encoder={Exception: str, bytes: repr})
+        # The offending input is not echoed: it may be NaN or a lone surrogate, which JSON cannot carry.
+        body["errors"] = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+                          for e in exc.errors()]
         return JSONResponse(body, 422)
 
     def served() -> ServedModel:
