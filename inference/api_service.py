@@ -264,10 +264,13 @@ class EngineWorker:
             self._cond.notify()
         self._thread.join(timeout)
 
-    def _finish(self, job: Job, reason: str) -> None:
+    def _finish(self, job: Job, reason: str, outbox: list | None = None) -> None:
         job.finish_reason = reason
         self.metrics.finished.labels(reason).inc()
-        job.post(("done", reason))
+        if outbox is None:
+            job.post(("done", reason))
+        else:
+            outbox.append((job, ("done", reason)))
 
     def _run(self) -> None:
         if self.threads:
@@ -346,10 +349,16 @@ class EngineWorker:
             return
         if batch:
             self.metrics.batch_size.observe(batch)
+        outbox: list[tuple[Job, tuple]] = []
         for out in outputs:
-            self._route(out)
+            self._route(out, outbox)
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for job, event in outbox:
+            by_loop.setdefault(job.loop, []).append((job, event))
+        for loop, items in by_loop.items():  # one wake-up of each event loop per step, not one per sequence
+            loop.call_soon_threadsafe(_deliver, items)
 
-    def _route(self, out: StepOutput) -> None:
+    def _route(self, out: StepOutput, outbox: list) -> None:
         job = self._jobs.get(out.request)
         if job is None or job.cancelled:  # cancelled meanwhile: the engine thread aborts it next
             return
@@ -357,11 +366,16 @@ class EngineWorker:
             job.first_token_at = time.perf_counter()
             self.metrics.ttft.observe(job.first_token_at - job.arrival)
         if out.text:
-            job.post(("text", out.text))
+            outbox.append((job, ("text", out.text)))
         if out.finished:
             del self._jobs[out.request]
             self.metrics.generated_tokens.inc(len(out.request.output_ids))
-            self._finish(job, out.request.finish_reason)
+            self._finish(job, out.request.finish_reason, outbox)
+
+
+def _deliver(items: list[tuple[Job, tuple]]) -> None:
+    for job, event in items:
+        job.events.put_nowait(event)
 
 
 # ----------------------------------------------------------------------------- the served model
@@ -789,13 +803,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     async def job_events(s: ServedModel, job: Job, request: Request) -> AsyncIterator[tuple[str, Any]]:
         """("text", piece)... then ("done", reason) or ("error", (status, message)); cancels the job if left early."""
-        deadline = job.arrival + settings.request_timeout
+        # One timer per request puts a "timeout" event in its queue (cheaper than a wait_for per token).
+        timer = job.loop.call_later(max(0.0, job.arrival + settings.request_timeout - time.perf_counter()),
+                                    job.events.put_nowait, ("timeout",))
         try:
             while True:
-                remaining = deadline - time.perf_counter()
-                try:
-                    event = await asyncio.wait_for(job.events.get(), max(remaining, 0.0))
-                except asyncio.TimeoutError:
+                event = await job.events.get()
+                if event[0] == "timeout":
                     s.worker.cancel(job, "timeout")
                     yield "error", (504, f"the request took longer than {settings.request_timeout:g} s "
                                          "(--request_timeout); its sequence was stopped")
@@ -811,6 +825,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     yield event
                     return
         finally:
+            timer.cancel()
             s.worker.cancel(job)  # no-op when finished; frees the slot when the client left or the task was cancelled
 
     async def collect(s: ServedModel, job: Job, request: Request) -> str:
