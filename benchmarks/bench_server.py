@@ -2,7 +2,8 @@
 
 Prints ONE JSON line. Each server runs alone on 127.0.0.1 (a subprocess) and is driven by a bounded async client
 at 1, 8 and 32 concurrent users for --duration seconds each, every user sending streamed /generate requests
-back to back from the same seeded mix (random prompt, max_gen_len, seed), so both servers do the same work.
+back to back from the same mix (random prompt and max_gen_len; with --seeded also a sampling seed, so both
+servers generate identical tokens), so both servers do the same work.
 Per level: requests/s, generated tokens/s, p50/p95 time to first token and latency, errors, and for our
 server the mean decode batch size (sequences per step, from /metrics). The baseline is the seed's design: one
 engine slot behind a lock, a request generates its whole text before the next starts (its first "token"
@@ -78,12 +79,18 @@ def baseline_app(model_path: str, tokenizer_dir: str | None, device: str):
 # ----------------------------------------------------------------------------- load
 
 
-def request_mix(user: int, max_gen_len: tuple[int, int]):
-    """An endless, seeded stream of request bodies for one user (the same for every server)."""
+def request_mix(user: int, max_gen_len: tuple[int, int], seeded: bool):
+    """An endless stream of request bodies for one user, the same for every server (seeded by the user's index).
+
+    seeded=True gives every request its own sampling seed (identical tokens on both servers, but the engine then
+    draws each sequence separately); by default requests share the server's RNG, as most clients send no seed.
+    """
     rng = random.Random(user)
     while True:
-        yield {"prefix": rng.choice(PROMPTS), "max_gen_len": rng.randint(*max_gen_len), "temperature": 0.8,
-               "top_k": 50, "seed": rng.randrange(2**31), "stream": True}
+        body = {"prefix": rng.choice(PROMPTS), "max_gen_len": rng.randint(*max_gen_len), "temperature": 0.8,
+                "top_k": 50, "stream": True}
+        seed = rng.randrange(2**31)
+        yield {**body, "seed": seed} if seeded else body
 
 
 async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> dict:
@@ -108,12 +115,12 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> dict:
     return {"ttft": first - start, "latency": end - start, "tokens": final["num_tokens"]}
 
 
-async def drive(url: str, users: int, duration: float, max_gen_len: tuple[int, int]) -> dict:
+async def drive(url: str, users: int, duration: float, max_gen_len: tuple[int, int], seeded: bool) -> dict:
     """`users` clients sending requests back to back until `duration` has passed; in-flight requests finish."""
     results: list[dict] = []
 
     async def user(index: int, client: httpx.AsyncClient) -> None:
-        mix = request_mix(index, max_gen_len)
+        mix = request_mix(index, max_gen_len, seeded)
         while time.perf_counter() < deadline:
             results.append(await one_request(client, url, next(mix)))
 
@@ -186,11 +193,11 @@ def measure(name: str, command: list[str], env: dict, args, levels: list[int], m
     port = free_port()
     out = {}
     with Served(command + ["--port", str(port)], port, env) as server:
-        asyncio.run(drive(server.url, 1, 0.5, max_gen_len))  # warm up
+        asyncio.run(drive(server.url, 1, 0.5, max_gen_len, args.seeded))  # warm up
         for users in levels:
             print(f"{name}: {users} users for {args.duration:g} s", file=sys.stderr)
             before = batch_stats(server.url) if name == "server" else None
-            row = asyncio.run(drive(server.url, users, args.duration, max_gen_len))
+            row = asyncio.run(drive(server.url, users, args.duration, max_gen_len, args.seeded))
             if before is not None:
                 after = batch_stats(server.url)
                 row["mean_batch_size"] = round((after[0] - before[0]) / max(after[1] - before[1], 1), 2)
@@ -212,6 +219,8 @@ def main(argv=None) -> int:
                         "capped so the longest prompt + it fit the model's context)")
     parser.add_argument("--threads", type=positive_int, default=2, help="torch threads of each server (default 2)")
     parser.add_argument("--device", default="cpu", help="device of both servers (default cpu)")
+    parser.add_argument("--seeded", action="store_true", help="give every request its own seed (same tokens on "
+                        "both servers; the engine then samples each sequence separately)")
     parser.add_argument("--skip_baseline", action="store_true", help="measure only the batching server")
     parser.add_argument("--serve_baseline", action="store_true", help=argparse.SUPPRESS)  # the baseline's process
     parser.add_argument("--port", type=positive_int, default=8001, help=argparse.SUPPRESS)
@@ -246,7 +255,7 @@ def main(argv=None) -> int:
                   str(args.threads), "--device", args.device, "--max_batch_size", str(max(levels)), "--max_queue",
                   str(4 * max(levels)), "--log_level", "warning", *tok_args]
     result = {"model_path": model_path, "context": context, "device": args.device, "threads": args.threads,
-              "duration_s": args.duration, "max_gen_len": list(max_gen_len),
+              "duration_s": args.duration, "max_gen_len": list(max_gen_len), "seeded": args.seeded,
               "server": measure("server", server_cmd, env, args, levels, max_gen_len)}
     if not args.skip_baseline:
         baseline_cmd = [sys.executable, "-m", "benchmarks.bench_server", "--model_path", model_path, "--threads",

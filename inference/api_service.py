@@ -60,8 +60,8 @@ class SettingsParser(argparse.ArgumentParser):
 # (flag, environment variable, default as text, argparse type, help). Every flag's default comes from its
 # variable, so `uvicorn ...:app` (environment only) and `python -m inference.api_service` read the same settings.
 SETTINGS = [
-    ("--model_path", "GPT_MODEL_PATH", "", str, "checkpoint (.pth, float or INT8); default: models/sft/sft_best_int8.pth, "
-     "else models/sft/sft_best.pth, else models/pretrain/pretrain_best.pth (with a warning)"),
+    ("--model_path", "GPT_MODEL_PATH", "", str, "checkpoint (.pth, float or INT8); default: "
+     "models/sft/sft_best_int8.pth, else models/sft/sft_best.pth, else models/pretrain/pretrain_best.pth (warning)"),
     ("--tokenizer_dir", "GPT_TOKENIZER_DIR", "", str, "tokenizer folder (default: <checkpoint folder>/tokenizer)"),
     ("--host", "GPT_HOST", "127.0.0.1", str, "address to bind (0.0.0.0 to accept other machines, as in Docker)"),
     ("--port", "GPT_PORT", "8000", positive_int, "TCP port"),
@@ -74,7 +74,8 @@ SETTINGS = [
     ("--max_queue", "GPT_MAX_QUEUE", "128", nonnegative_int, "requests waiting for a slot; beyond it: 429"),
     ("--max_prompt_tokens", "GPT_MAX_PROMPT_TOKENS", "0", nonnegative_int,
      "longest prompt accepted, in tokens (0 = the model's context minus one)"),
-    ("--max_new_tokens", "GPT_MAX_NEW_TOKENS", "512", positive_int, "largest max_gen_len / max_tokens a request may ask"),
+    ("--max_new_tokens", "GPT_MAX_NEW_TOKENS", "512", positive_int,
+     "largest max_gen_len / max_tokens a request may ask"),
     ("--request_timeout", "GPT_REQUEST_TIMEOUT", "120", positive_float,
      "seconds a request may take, queue included; beyond it: 504 and its slot is freed"),
     ("--api_key", "GPT_API_KEY", "", str, "require `Authorization: Bearer KEY` on every route but /health "
@@ -96,7 +97,8 @@ def build_parser(environ: dict[str, str] | None = None) -> SettingsParser:
         parser.add_argument(flag, type=kind, default=environ.get(env, default),
                             help=f"{help_text} [{env}, default: {default or 'unset'}]")
     parser.add_argument("--log_level", default=environ.get("GPT_LOG_LEVEL", "info"),
-                        choices=["critical", "error", "warning", "info", "debug"], help="server log level [GPT_LOG_LEVEL]")
+                        choices=["critical", "error", "warning", "info", "debug"],
+                        help="server log level [GPT_LOG_LEVEL]")
     return parser
 
 
@@ -144,8 +146,9 @@ class Settings:
         if (ROOT / FALLBACK_MODEL).is_file():
             warnings.warn(f"no SFT model in models/sft/; serving the pretrained model {FALLBACK_MODEL}", stacklevel=2)
             return ROOT / FALLBACK_MODEL
-        raise UsageError(f"no model to serve: none of {', '.join(DEFAULT_MODELS + (FALLBACK_MODEL,))} exists; train one "
-                         "(python pretrain_trainer.py) or pass --model_path / GPT_MODEL_PATH")
+        candidates = ", ".join(DEFAULT_MODELS + (FALLBACK_MODEL,))
+        raise UsageError(f"no model to serve: none of {candidates} exists; train one (python pretrain_trainer.py) "
+                         "or pass --model_path / GPT_MODEL_PATH")
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -453,7 +456,8 @@ def build_schemas(max_new_tokens: int) -> dict[str, type[BaseModel]]:
         model_config = ConfigDict(extra="forbid")
         prefix: str = Field(min_length=1, description="the text to continue (non-empty)")
         max_gen_len: int = Field(default_len, ge=1, le=max_new_tokens,
-                                 description=f"most new tokens, 1 to {max_new_tokens}; prompt + this must fit the context")
+                                 description=f"most new tokens, 1 to {max_new_tokens}; "
+                                             "prompt + this must fit the context")
         top_k: int = Field(50, ge=0, description=top_k_doc)
         temperature: float = Field(0.8, **temperature_bounds)
         top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus mass, in (0, 1]; 1 = off")
@@ -700,7 +704,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         s = state.served
         return {"status": "ok", "model": s.name, "model_path": str(s.path), "parameters": s.parameters,
                 "device": str(s.device), "dtype": str(s.dtype).removeprefix("torch."), "quantization": s.quantization,
-                "context_length": s.context, "vocab_size": s.vocab_size, "uptime_s": round(time.time() - state.started, 3),
+                "context_length": s.context, "vocab_size": s.vocab_size,
+                "uptime_s": round(time.time() - state.started, 3),
                 "active_sequences": s.worker.active, "queue_depth": s.worker.queue_depth,
                 "max_batch_size": settings.max_batch_size, "max_queue": settings.max_queue}
 
@@ -728,7 +733,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return streaming(s, job, await first_event(s, job, request, events()))
         text = await collect(s, job, request)
         return GenerateResponse(prefix=body.prefix, generated_text=text, num_tokens=job.num_tokens,
-                                finish_reason=job.finish_reason, latency_ms=round(1000 * (time.perf_counter() - job.arrival), 3))
+                                finish_reason=job.finish_reason,
+                                latency_ms=round(1000 * (time.perf_counter() - job.arrival), 3))
 
     @app.post("/v1/completions", summary="OpenAI-compatible text completion (stream=true: OpenAI chunks, then [DONE])")
     async def completions(body: CompletionRequest, request: Request):
@@ -855,7 +861,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise APIError(499, "client disconnected")
         return work.result()
 
-    async def first_event(s: ServedModel, job: Job, request: Request, events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    async def first_event(s: ServedModel, job: Job, request: Request,
+                          events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         """Wait for the first piece before answering, so queueing errors and timeouts still get their status code."""
         first = await events.__anext__()
         data = json.loads(first[len("data: "):])

@@ -21,7 +21,8 @@ from locust import HttpUser, between, events, task
 PROMPTS = [
     "ROMEO:", "JULIET:", "KING LEAR:", "HAMLET: To be, or not to be", "First Citizen:", "To be or not",
     "Once upon a time", "The quality of mercy", "Shall I compare thee", "Now is the winter",
-    "床前明月光，", "春眠不觉晓，", "《静夜思》 李白：", "白日依山尽，", "人工智能是", "今天天气很好，", "红豆生南国，",
+    "床前明月光，", "春眠不觉晓，", "《静夜思》 李白：", "白日依山尽，", "人工智能是", "今天天气很好，",
+    "红豆生南国，",
     "《登鹳雀楼》", "大江东去，", "明月几时有？",
 ]
 

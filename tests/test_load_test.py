@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import shutil
 import subprocess
-import sys
 
 import pytest
 
