@@ -503,3 +503,21 @@ def test_int8_quantization_at_startup(checkpoint):
         assert httpx.get(live.url + "/health").json()["quantization"] == "int8"
         response = httpx.post(live.url + "/generate", json={"prefix": "ROMEO:", "max_gen_len": 10, "seed": 0})
         assert response.status_code == 200 and response.json()["num_tokens"] >= 1
+
+
+def test_default_model_prefers_int8_sft_then_sft_then_pretrain(tmp_path, monkeypatch):
+    import inference.api_service as service
+    from cli import UsageError
+
+    monkeypatch.setattr(service, "ROOT", tmp_path)
+    with pytest.raises(UsageError, match="no model to serve"):
+        service.Settings().resolved_model_path()
+    for name in ("models/pretrain/pretrain_best.pth", "models/sft/sft_best.pth", "models/sft/sft_best_int8.pth"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+        if name.startswith("models/pretrain"):
+            with pytest.warns(UserWarning, match="pretrained model"):
+                assert service.Settings().resolved_model_path() == tmp_path / name
+        else:
+            assert service.Settings().resolved_model_path() == tmp_path / name
+    assert service.Settings(model_path="x.pth").resolved_model_path() == Path("x.pth")
