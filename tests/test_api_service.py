@@ -1,0 +1,523 @@
+"""inference/api_service.py against a live uvicorn on 127.0.0.1 serving a tiny model made here.
+
+References: the engine's text for the same prompt and seed, computed directly (kv_cache_infer), the greedy
+tokens of GPTModel.generate, the official `openai` client, and the server's own /metrics and /health.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+CONTEXT = 512
+LONG = 500  # tokens of a generation long enough to observe while it runs (the fixture checks it does not end early)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The servers here run torch on one thread (threads=1, a process-wide setting): restore it afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_tokenizer, tmp_path_factory) -> Path:
+    """A random tiny model (context 512) whose greedy continuation of "A" runs LONG tokens without </s>."""
+    from gpt_model import GPTConfig, GPTModel, save_checkpoint
+
+    folder = tmp_path_factory.mktemp("served")
+    tiny_tokenizer.save(folder / "tokenizer")
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=CONTEXT, dropout=0.0))
+    ids = torch.tensor([[tiny_tokenizer.bos_token_id] + tiny_tokenizer.encode_ordinary("A")])
+    out = model.eval().generate(ids, max_gen_len=LONG, do_sample=False, eos_token_id=tiny_tokenizer.eos_token_id)
+    assert tiny_tokenizer.eos_token_id not in out[0, ids.size(1):].tolist(), "precondition: a long greedy run"
+    path = folder / "model.pth"
+    save_checkpoint(path, model, tokenizer_fingerprint=tiny_tokenizer.fingerprint,
+                    sft_template="### Q:{instruction}\n### A:{response}")
+    return path
+
+
+class LiveServer:
+    """uvicorn serving create_app(settings) in a thread on a free port."""
+
+    def __init__(self, settings):
+        import uvicorn
+
+        from inference.api_service import create_app
+
+        self.app = create_app(settings)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "LiveServer":
+        self.thread.start()
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("the server did not become ready in 30 s")
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(20)
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """The value of one sample in /metrics (0 if absent)."""
+        key = f"{name}{{{labels}}}" if labels else name
+        for line in httpx.get(self.url + "/metrics", headers=self.headers()).text.splitlines():
+            if line.startswith(key + " "):
+                return float(line.split()[-1])
+        return 0.0
+
+    def headers(self) -> dict:
+        key = self.app.state.service.settings.api_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def settings_for(checkpoint: Path, **overrides):
+    from inference.api_service import Settings
+
+    return Settings(model_path=str(checkpoint), threads=1, **overrides)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    with LiveServer(settings_for(checkpoint, max_batch_size=8, max_new_tokens=LONG)) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """(model, tokenizer) loaded directly, for texts computed without the server."""
+    from gpt_model import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(checkpoint, device="cpu")
+
+
+def direct_text(reference, prompt: str, max_gen_len: int, seed: int | None = None, greedy: bool = False, **kw) -> str:
+    from inference.kv_cache_infer import generate_with_kv_cache
+
+    model, tokenizer = reference
+    return generate_with_kv_cache(model, tokenizer, prompt, max_gen_len=max_gen_len, seed=seed, do_sample=not greedy,
+                                  temperature=kw.get("temperature", 0.8), top_k=kw.get("top_k", 50),
+                                  top_p=kw.get("top_p", 1.0), stop=kw.get("stop", ()))
+
+
+def sse_events(response: httpx.Response) -> list:
+    return [json.loads(line[len("data: "):]) if line != "data: [DONE]" else "[DONE]"
+            for line in response.iter_lines() if line.startswith("data: ")]
+
+
+# ----------------------------------------------------------------------------- endpoints
+
+
+def test_health_reports_model_and_load(server, checkpoint):
+    body = httpx.get(server.url + "/health").json()
+    assert body["status"] == "ok" and body["model_path"] == str(checkpoint) and body["model"] == "model"
+    from gpt_model import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(checkpoint)
+    assert body["parameters"] == model.num_parameters()
+    assert (body["device"], body["dtype"], body["quantization"]) == ("cpu", "float32", "none")
+    assert (body["context_length"], body["active_sequences"], body["queue_depth"]) == (CONTEXT, 0, 0)
+    assert body["uptime_s"] >= 0
+
+
+def test_health_is_503_while_loading(checkpoint):
+    from fastapi.testclient import TestClient
+
+    from inference.api_service import create_app
+
+    client = TestClient(create_app(settings_for(checkpoint)))  # no `with`: the startup (model load) never ran
+    response = client.get("/health")
+    assert response.status_code == 503 and response.json() == {"status": "loading"}
+    assert client.post("/generate", json={"prefix": "A"}).status_code == 503
+
+
+def test_generate_matches_the_engine_and_greedy_matches_model_generate(server, reference):
+    body = {"prefix": "ROMEO:", "max_gen_len": 24, "top_k": 20, "temperature": 0.9, "seed": 3}
+    response = httpx.post(server.url + "/generate", json=body, timeout=30).json()
+    assert set(response) == {"prefix", "generated_text", "num_tokens", "finish_reason", "latency_ms"}
+    assert response["generated_text"] == direct_text(reference, "ROMEO:", 24, seed=3, temperature=0.9, top_k=20)
+    assert response["prefix"] == "ROMEO:" and response["latency_ms"] > 0
+
+    model, tok = reference
+    ids = torch.tensor([[tok.bos_token_id] + tok.encode_ordinary("ROMEO:")])
+    expected = model.generate(ids, max_gen_len=24, do_sample=False, eos_token_id=tok.eos_token_id)[0, ids.size(1):]
+    greedy = httpx.post(server.url + "/generate", json={"prefix": "ROMEO:", "max_gen_len": 24, "temperature": 0},
+                        timeout=30).json()
+    n = greedy["num_tokens"]
+    assert greedy["generated_text"] == tok.decode(expected[:n].tolist())
+    assert greedy["finish_reason"] == ("eos" if n < 24 else "length")
+
+
+def test_stop_string_ends_the_text(server, reference):
+    full = direct_text(reference, "A", 40, greedy=True)
+    stop = full[10:13]
+    response = httpx.post(server.url + "/generate", json={"prefix": "A", "max_gen_len": 40, "temperature": 0,
+                                                          "stop": [stop]}, timeout=30).json()
+    assert response["finish_reason"] == "stop"
+    assert response["generated_text"] == full[:full.index(stop)]
+
+
+def test_stream_pieces_join_to_the_non_streamed_text(server):
+    body = {"prefix": "《静夜思》", "max_gen_len": 40, "seed": 11, "temperature": 1.2}
+    whole = httpx.post(server.url + "/generate", json=body, timeout=30).json()
+    with httpx.stream("POST", server.url + "/generate", json={**body, "stream": True}, timeout=30) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response)
+    pieces = [e["text"] for e in events[:-1]]
+    assert all(p for p in pieces) and "".join(pieces) == whole["generated_text"]
+    assert events[-1] == {"finish_reason": whole["finish_reason"], "num_tokens": whole["num_tokens"]}
+
+
+def test_openai_client_completions_chat_and_streaming(server, reference):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["model"]
+
+    completion = client.completions.create(model="model", prompt="ROMEO:", max_tokens=20, temperature=0)
+    assert completion.choices[0].text == direct_text(reference, "ROMEO:", 20, greedy=True)
+    usage = completion.usage
+    _, tok = reference
+    assert usage.prompt_tokens == 1 + len(tok.encode_ordinary("ROMEO:")) and usage.completion_tokens <= 20
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+    stream = client.completions.create(model="model", prompt="ROMEO:", max_tokens=20, temperature=0, stream=True)
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks) == completion.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == completion.choices[0].finish_reason
+
+    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"},
+                {"role": "user", "content": "who are you?"}]
+    chat = client.chat.completions.create(model="model", messages=messages, max_tokens=15, seed=5)
+    # the same conversation as kv_cache_infer's terminal chat renders it, with the checkpoint's template
+    from decoding import DecodeEngine, SamplingParams
+    from inference.kv_cache_infer import chat_prompt_ids
+
+    model, tok = reference
+    ids = chat_prompt_ids(tok, [("hello", "hi")], "who are you?", "### Q:{instruction}\n### A:{response}", 10**6)
+    engine = DecodeEngine(model, tok, n_slots=1)
+    request = engine.run([ids], SamplingParams(max_new_tokens=15, temperature=1.0, top_k=0, seed=5,
+                                               eos_token_id=tok.eos_token_id))[0]
+    assert chat.choices[0].message.content == request.text and chat.choices[0].message.role == "assistant"
+    assert chat.usage.prompt_tokens == len(ids)
+
+    pieces = [c.choices[0].delta.content or "" for c in
+              client.chat.completions.create(model="model", messages=messages, max_tokens=15, seed=5, stream=True)
+              if c.choices]
+    assert "".join(pieces) == request.text
+
+
+def test_docs_list_every_field_with_bounds(server):
+    schema = httpx.get(server.url + "/openapi.json").json()["components"]["schemas"]
+    fields = schema["GenerateRequest"]["properties"]
+    assert set(fields) == {"prefix", "max_gen_len", "top_k", "temperature", "top_p", "repetition_penalty", "seed",
+                           "stop", "stream"}
+    assert fields["max_gen_len"]["maximum"] == LONG and fields["max_gen_len"]["minimum"] == 1
+    assert fields["temperature"]["maximum"] == 5 and fields["top_p"]["exclusiveMinimum"] == 0
+    assert all(f.get("description") for f in fields.values())
+    assert httpx.get(server.url + "/docs").status_code == 200
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"prefix": ""}, "prefix"),
+    ({"prefix": "A", "max_gen_len": 0}, "max_gen_len"),
+    ({"prefix": "A", "max_gen_len": LONG + 1}, "max_gen_len"),
+    ({"prefix": "A", "temperature": 5.5}, "temperature"),
+    ({"prefix": "A", "temperature": -1}, "temperature"),
+    ({"prefix": "A", "top_p": 0}, "top_p"),
+    ({"prefix": "A", "top_k": -1}, "top_k"),
+    ({"prefix": "A", "max_gen_len": "many"}, "max_gen_len"),
+    ({"prefix": 7}, "prefix"),
+    ({"prefix": "A", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"prefix": "A", "stop": [""]}, "stop"),
+    ({"prefix": "A", "bogus": 1}, "bogus"),
+    ({}, "prefix"),
+])
+def test_invalid_fields_get_422_naming_the_field(server, body, field):
+    response = httpx.post(server.url + "/generate", json=body)
+    assert response.status_code == 422
+    assert field in response.json()["error"]["message"]
+
+
+def test_malformed_json_nan_and_unencodable_text_get_422(server):
+    for raw in (b'{"prefix": "A",', b'[1, 2]', b'{"prefix": "A", "temperature": NaN}', b'{"prefix": "\\ud800"}'):
+        response = httpx.post(server.url + "/generate", content=raw, headers={"content-type": "application/json"})
+        assert response.status_code == 422, raw
+        assert response.json()["error"]["message"]
+
+
+def test_limits_beyond_the_context_and_vocabulary_get_422(server, reference):
+    _, tok = reference
+    response = httpx.post(server.url + "/generate", json={"prefix": "A" * 600, "max_gen_len": 5})
+    assert response.status_code == 422 and "at most" in response.json()["error"]["message"]
+    n_prompt = 1 + len(tok.encode_ordinary("ROMEO: " * 20))
+    response = httpx.post(server.url + "/generate", json={"prefix": "ROMEO: " * 20, "max_gen_len": LONG})
+    message = response.json()["error"]["message"]
+    assert response.status_code == 422 and f"{n_prompt} tokens" in message and f"context of {CONTEXT}" in message
+    response = httpx.post(server.url + "/generate", json={"prefix": "A", "top_k": len(tok) + 1})
+    assert response.status_code == 422 and "vocabulary" in response.json()["error"]["message"]
+    response = httpx.post(server.url + "/v1/completions", json={"prompt": "A", "n": 2})
+    assert response.status_code == 422
+    response = httpx.post(server.url + "/v1/chat/completions",
+                          json={"messages": [{"role": "assistant", "content": "hi"}]})
+    assert response.status_code == 422 and "user" in response.json()["error"]["message"]
+
+
+def test_a_body_over_the_limit_gets_413(checkpoint):
+    with LiveServer(settings_for(checkpoint, max_body_bytes=2000)) as live:
+        response = httpx.post(live.url + "/generate", json={"prefix": "A" * 5000})
+        assert response.status_code == 413
+        assert httpx.post(live.url + "/generate", json={"prefix": "A", "max_gen_len": 2}).status_code == 200
+
+
+def test_api_key_guards_every_route_but_health(checkpoint):
+    with LiveServer(settings_for(checkpoint, api_key="s3cret")) as live:
+        assert httpx.get(live.url + "/health").status_code == 200
+        for method, path in [("POST", "/generate"), ("GET", "/metrics"), ("GET", "/v1/models"), ("GET", "/docs"),
+                             ("POST", "/v1/completions")]:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+                response = httpx.request(method, live.url + path, json={"prefix": "A"}, headers=headers)
+                assert response.status_code == 401, (path, headers)
+                assert response.headers["www-authenticate"] == "Bearer"
+        ok = httpx.post(live.url + "/generate", json={"prefix": "A", "max_gen_len": 2},
+                        headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        assert "s3cret" not in repr(live.app.state.service.settings)
+
+
+# ----------------------------------------------------------------------------- batching and load
+
+
+async def _post_all(url: str, bodies: list[dict]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=64)) as client:
+        return await asyncio.gather(*(client.post(url + "/generate", json=b) for b in bodies))
+
+
+def test_concurrent_requests_are_batched_and_match_sequential_results(server):
+    bodies = [{"prefix": p, "max_gen_len": 30 + 3 * i, "seed": i, "temperature": 0.7 + 0.1 * (i % 3), "top_k": 40}
+              for i, p in enumerate(["ROMEO:", "JULIET:", "LEAR:", "春眠不觉晓", "A", "To be", "HAMLET:", "夜"])]
+    bodies[3] = {**bodies[3], "temperature": 0}  # a greedy row in the same batch
+    sequential = [httpx.post(server.url + "/generate", json=b, timeout=30).json() for b in bodies]
+    steps_before = server.metric("gpt_batch_size_count")
+    batched_sum_before = server.metric("gpt_batch_size_sum")
+    concurrent = [r.json() for r in asyncio.run(_post_all(server.url, bodies))]
+    assert [r["generated_text"] for r in concurrent] == [r["generated_text"] for r in sequential]
+    steps = server.metric("gpt_batch_size_count") - steps_before
+    mean_batch = (server.metric("gpt_batch_size_sum") - batched_sum_before) / steps
+    assert mean_batch > 2, f"mean sequences per decode step {mean_batch:.2f}"
+
+
+def test_queue_bound_counts_free_slots_then_max_queue(reference):
+    from decoding import DecodeEngine, SamplingParams
+    from inference.api_service import EngineWorker, Job, Metrics, QueueFull
+
+    model, tok = reference
+    worker = EngineWorker(DecodeEngine(model, tok, n_slots=2), Metrics(), max_queue=3, device=torch.device("cpu"),
+                          dtype=torch.float32)  # not started: nothing leaves the queue
+    loop = asyncio.new_event_loop()
+    try:
+        jobs = [Job([tok.bos_token_id], SamplingParams(max_new_tokens=1), loop) for _ in range(6)]
+        for job in jobs[:5]:  # 2 free slots + 3 waiting places
+            worker.submit(job)
+        with pytest.raises(QueueFull):
+            worker.submit(jobs[5])
+        worker.cancel(jobs[0])  # a waiting job leaves the queue at once
+        assert worker.queue_depth == 4
+        worker.submit(jobs[5])
+    finally:
+        loop.close()
+
+
+def test_full_queue_gets_429_with_retry_after(checkpoint):
+    with LiveServer(settings_for(checkpoint, max_batch_size=1, max_queue=1, max_new_tokens=LONG)) as live:
+        body = {"prefix": "A", "max_gen_len": 200, "temperature": 0}
+        responses = asyncio.run(_post_all(live.url, [body] * 12))  # 1 runs, 1 waits, the rest find the queue full
+        codes = [r.status_code for r in responses]
+        rejected = [r for r in responses if r.status_code == 429]
+        assert set(codes) == {200, 429} and codes.count(200) >= 2, codes
+        assert all(r.headers["retry-after"] == "1" for r in rejected)
+        assert "max_queue" in rejected[0].json()["error"]["message"]
+        assert live.metric("gpt_requests_total", 'endpoint="/generate",status="429"') == len(rejected)
+
+
+def test_timeout_gets_504_and_frees_the_slot(checkpoint):
+    with LiveServer(settings_for(checkpoint, max_batch_size=1, request_timeout=0.3, max_new_tokens=LONG)) as live:
+        started = time.perf_counter()
+        response = httpx.post(live.url + "/generate", json={"prefix": "A", "max_gen_len": LONG, "temperature": 0},
+                              timeout=30)
+        assert response.status_code == 504 and "request_timeout" in response.json()["error"]["message"]
+        assert time.perf_counter() - started < 5
+        _wait_for(lambda: httpx.get(live.url + "/health").json()["active_sequences"] == 0)
+        assert live.metric("gpt_sequences_finished_total", 'reason="timeout"') == 1
+        assert httpx.post(live.url + "/generate", json={"prefix": "A", "max_gen_len": 3}).status_code == 200
+
+
+def _wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+def test_a_cancelled_stream_frees_its_slot(server):
+    aborted_before = server.metric("gpt_sequences_finished_total", 'reason="aborted"')
+    with httpx.stream("POST", server.url + "/generate", json={"prefix": "A", "max_gen_len": LONG, "temperature": 0,
+                                                             "stream": True}, timeout=60) as response:
+        lines = response.iter_lines()
+        next(lines)
+        assert httpx.get(server.url + "/health").json()["active_sequences"] == 1
+    _wait_for(lambda: httpx.get(server.url + "/health").json()["active_sequences"] == 0)
+    assert server.metric("gpt_sequences_finished_total", 'reason="aborted"') == aborted_before + 1
+
+
+def test_a_disconnected_plain_request_is_cancelled(server):
+    aborted_before = server.metric("gpt_sequences_finished_total", 'reason="aborted"')
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/generate", json={"prefix": "A", "max_gen_len": LONG, "temperature": 0}, timeout=0.3)
+    _wait_for(lambda: httpx.get(server.url + "/health").json()["active_sequences"] == 0)
+    assert server.metric("gpt_sequences_finished_total", 'reason="aborted"') == aborted_before + 1
+
+
+def test_health_and_metrics_answer_promptly_during_a_long_generation(server):
+    async def scenario():
+        async with httpx.AsyncClient(timeout=60) as client:
+            long = asyncio.ensure_future(client.post(server.url + "/generate",
+                                                     json={"prefix": "A", "max_gen_len": LONG, "temperature": 0}))
+            deadline = time.time() + 10
+            while (await client.get(server.url + "/health")).json()["active_sequences"] == 0:
+                assert time.time() < deadline
+                await asyncio.sleep(0.01)
+            times = []
+            for path in ("/health", "/metrics") * 3:
+                start = time.perf_counter()
+                assert (await client.get(server.url + path)).status_code == 200
+                times.append(time.perf_counter() - start)
+            busy = (await client.get(server.url + "/health")).json()["active_sequences"]
+            result = await long
+            return times, busy, result.json()
+
+    times, busy, result = asyncio.run(scenario())
+    assert busy == 1 and result["num_tokens"] == LONG
+    assert max(times) < 1.0, times
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_in_flight_requests_and_exits_0(checkpoint, tmp_path):
+    port = free_port()
+    env = {**os.environ, "GPT_MODEL_PATH": str(checkpoint), "GPT_PORT": str(port), "GPT_THREADS": "1",
+           "GPT_LOG_LEVEL": "warning"}
+    proc = subprocess.Popen([sys.executable, "-m", "inference.api_service"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_for(lambda: _ready(url), timeout=60)
+        with httpx.stream("POST", url + "/generate", json={"prefix": "A", "max_gen_len": 60, "temperature": 0,
+                                                          "stream": True}, timeout=60) as response:
+            lines = response.iter_lines()
+            next(lines)
+            proc.send_signal(signal.SIGTERM)
+            events = [json.loads(l[6:]) for l in lines if l.startswith("data: ")]
+        assert events[-1] == {"finish_reason": "length", "num_tokens": 60}
+        assert proc.wait(timeout=30) == 0
+        with pytest.raises(httpx.TransportError):
+            httpx.get(url + "/health", timeout=1)
+    finally:
+        proc.kill() if proc.poll() is None else None
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+# ----------------------------------------------------------------------------- settings and CLI
+
+
+def test_flags_and_environment_give_the_same_settings(checkpoint):
+    from inference.api_service import SETTINGS, Settings
+
+    env = {"GPT_MODEL_PATH": str(checkpoint), "GPT_MAX_BATCH_SIZE": "4", "GPT_REQUEST_TIMEOUT": "7.5",
+           "GPT_API_KEY": "k", "GPT_QUANTIZE": "int8"}
+    from_env = Settings.from_args([], environ=env)
+    from_flags = Settings.from_args(["--model_path", str(checkpoint), "--max_batch_size", "4", "--request_timeout",
+                                     "7.5", "--api_key", "k", "--quantize", "int8"], environ={})
+    assert from_env == from_flags and from_env.max_batch_size == 4 and from_env.request_timeout == 7.5
+    assert {env_name for _, env_name, *_ in SETTINGS} >= {"GPT_MODEL_PATH", "GPT_API_KEY", "GPT_MAX_BATCH_SIZE",
+                                                         "GPT_MAX_QUEUE", "GPT_QUANTIZE", "GPT_REQUEST_TIMEOUT"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max_batch_size", "0"], "--max_batch_size: must be >= 1"),
+    (["--request_timeout", "-1"], "--request_timeout: must be > 0"),
+    (["--quantize", "int4"], "--quantize must be none or int8"),
+    (["--model_path", "/no/such/model.pth"], "is not a file"),
+])
+def test_cli_errors_are_one_line(argv, message, capsys):
+    from cli import run_cli
+    from inference.api_service import main
+
+    assert run_cli(main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+
+
+def test_int8_quantization_at_startup(checkpoint):
+    with LiveServer(settings_for(checkpoint, quantize="int8")) as live:
+        assert httpx.get(live.url + "/health").json()["quantization"] == "int8"
+        response = httpx.post(live.url + "/generate", json={"prefix": "ROMEO:", "max_gen_len": 10, "seed": 0})
+        assert response.status_code == 200 and response.json()["num_tokens"] >= 1
+
+
+def test_default_model_prefers_int8_sft_then_sft_then_pretrain(tmp_path, monkeypatch):
+    import inference.api_service as service
+    from cli import UsageError
+
+    monkeypatch.setattr(service, "ROOT", tmp_path)
+    with pytest.raises(UsageError, match="no model to serve"):
+        service.Settings().resolved_model_path()
+    for name in ("models/pretrain/pretrain_best.pth", "models/sft/sft_best.pth", "models/sft/sft_best_int8.pth"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+        if name.startswith("models/pretrain"):
+            with pytest.warns(UserWarning, match="pretrained model"):
+                assert service.Settings().resolved_model_path() == tmp_path / name
+        else:
+            assert service.Settings().resolved_model_path() == tmp_path / name
+    assert service.Settings(model_path="x.pth").resolved_model_path() == Path("x.pth")
