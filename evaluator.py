@@ -435,7 +435,7 @@ def plot_confusion_matrix(confusion: Sequence[Sequence[int]], labels: Sequence[s
 
     counts = torch.as_tensor(confusion)
     fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2.5, 1.1 * len(labels) + 1.8))
-    ax.imshow(counts, cmap="Blues")
+    ax.imshow(counts.numpy(), cmap="Blues")
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("predicted")
