@@ -540,13 +540,15 @@ def _model_names(reports: list[dict]) -> list[str]:
 def format_table(reports: list[dict], model_type: str) -> str:
     names = _model_names(reports)
     width = max(12, *(len(n) for n in names))
-    lines = [f"{'metric':<14}" + "".join(f"{n:>{width + 2}}" for n in names)]
     extra = sorted({k for r in reports for k in r if k.startswith("exact_match/") or k == "reward_score"})
     extra += [k for k in reports[0] if k.startswith(("precision/", "recall/"))]
-    for metric in [*TABLE_METRICS[model_type], *extra]:
+    rows = [*TABLE_METRICS[model_type], *extra]
+    first = max(14, *(len(m) + 1 for m in rows))
+    lines = [f"{'metric':<{first}}" + "".join(f"{n:>{width + 2}}" for n in names)]
+    for metric in rows:
         cells = ("-" if metric not in r else f"{r[metric]:,}" if isinstance(r[metric], int) else f"{r[metric]:.4f}"
                  for r in reports)
-        lines.append(f"{metric:<14}" + "".join(f"{c:>{width + 2}}" for c in cells))
+        lines.append(f"{metric:<{first}}" + "".join(f"{c:>{width + 2}}" for c in cells))
     return "\n".join(lines)
 
 

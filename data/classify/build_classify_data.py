@@ -11,7 +11,8 @@ English windows have the same number of words in both classes and start at a ran
 the first word gives the class away: a speech in blank verse and a sonnet differ in rhyme, diction and subject.
 The two Chinese classes differ only in line length, which a BPE model must infer from tokens that cover one to
 three characters each. Train and test come from disjoint source documents (a speech, a poem, a stanza), so no
-text and no document is in both.
+text and no document is in both. The speeches are capped (2,400 train / 300 test of 25k); the few poems give every
+window, half-overlapping in train (augmentation), so the test set is near balanced (majority class ~48%).
 
     python data/classify/build_classify_data.py [--seed 0] [--output_dir data/classify]
 """
@@ -36,10 +37,10 @@ TITLED_POEM = re.compile(r"^《[^》]+》\S* \S+?：(.+)$")  # 《title》[其�
 SPEECH = re.compile(r"^([A-Z][A-Z'\- ]*[A-Z]): (.+)$")  # SPEAKER: speech
 CJK = re.compile(r"[\u4e00-\u9fff]")
 LINE_BREAK = re.compile(r"[，。？！；：、\s]+")
-WINDOW_WORDS = 24  # English excerpt length; ~30-40 tokens, well inside the default 64-token context
-WINDOWS_PER_DOC = 3  # at most this many excerpts of one poem stanza or Chinese poem
-TEST_FRACTION = 0.2
-MAX_PER_CLASS = 1200  # train + test excerpts per class (speeches are plentiful; the poems give fewer)
+WINDOW_WORDS = 32  # English excerpt length: median ~46 tokens, within the default 64-token context
+COUPLETS_PER_POEM = 3  # at most this many couplets of one Chinese poem (long ballads would dominate)
+TEST_FRACTION = 0.2  # of each class's source documents
+MAX_TRAIN, MAX_TEST = 2400, 300  # excerpts per class: caps the speeches (25k); the poems give fewer
 
 
 class BuildError(ValueError):
@@ -53,15 +54,15 @@ def chinese_lines(doc: str) -> list[str]:
     return [line for line in LINE_BREAK.split(body) if line]
 
 
-def english_windows(text: str, rng: random.Random, max_windows: int) -> list[str]:
-    """Up to ``max_windows`` non-overlapping excerpts of exactly WINDOW_WORDS words, at a random offset."""
+def english_windows(text: str, rng: random.Random, max_windows: int, stride: int = WINDOW_WORDS) -> list[str]:
+    """Up to ``max_windows`` excerpts of exactly WINDOW_WORDS words, ``stride`` words apart from a random offset."""
     words = text.split()
-    n = len(words) // WINDOW_WORDS
-    if n == 0:
+    span = len(words) - WINDOW_WORDS  # the last possible start
+    if span < 0:
         return []
-    start = rng.randrange(len(words) - n * WINDOW_WORDS + 1)
-    windows = [" ".join(words[start + i * WINDOW_WORDS:start + (i + 1) * WINDOW_WORDS]) for i in range(n)]
-    return rng.sample(windows, min(max_windows, n))
+    starts = list(range(rng.randrange(span % stride + 1), span + 1, stride))
+    chosen = sorted(rng.sample(starts, min(max_windows, len(starts))))
+    return [" ".join(words[s:s + WINDOW_WORDS]) for s in chosen]
 
 
 def couplets(lines: list[str], rng: random.Random, max_windows: int) -> list[str]:
@@ -91,37 +92,34 @@ def documents_by_class(corpus: Path) -> dict[str, list[str]]:
     return docs
 
 
-def excerpts(label: str, doc: str, rng: random.Random) -> list[str]:
+def excerpts(label: str, doc: str, rng: random.Random, train: bool) -> list[str]:
+    """One window of a speech; every window of a poem (half-overlapping in train, as augmentation: the poems are
+    few); up to COUPLETS_PER_POEM couplets of a Chinese poem."""
     if label == "speech":
         return english_windows(doc, rng, 1)
     if label == "poem":
-        return english_windows(doc, rng, WINDOWS_PER_DOC)
-    return couplets(chinese_lines(doc), rng, WINDOWS_PER_DOC)
+        return english_windows(doc, rng, len(doc), WINDOW_WORDS // 2 if train else WINDOW_WORDS)
+    return couplets(chinese_lines(doc), rng, COUPLETS_PER_POEM)
 
 
-def build_records(corpus: Path, seed: int, max_per_class: int = MAX_PER_CLASS) -> tuple[list[dict], list[dict]]:
+def build_records(corpus: Path, seed: int, max_train: int = MAX_TRAIN,
+                  max_test: int = MAX_TEST) -> tuple[list[dict], list[dict]]:
     """(train, test) records {"text", "label"}: each class's documents are split first, then cut into excerpts."""
     rng = random.Random(seed)
     train, test = [], []
     for label, docs in documents_by_class(corpus).items():
         docs = sorted(set(docs))
         rng.shuffle(docs)
-        per_doc = [(doc, excerpts(label, doc, rng)) for doc in docs]
-        per_doc = [(doc, texts) for doc, texts in per_doc if texts]
-        total = sum(len(texts) for _, texts in per_doc)
-        budget = min(total, max_per_class)
-        n_test = round(budget * TEST_FRACTION)
-        taken: list[list[str]] = [[], []]  # test, train
-        for _, texts in per_doc:
-            split = 0 if len(taken[0]) < n_test else 1
-            room = (n_test if split == 0 else budget - n_test) - len(taken[split])
-            if room <= 0 and split == 1:
-                break
-            taken[split] += texts[:max(room, 0)]
-        test += [{"text": t, "label": label} for t in taken[0]]
-        train += [{"text": t, "label": label} for t in taken[1]]
+        n_test = max(1, round(len(docs) * TEST_FRACTION))
+        for part, out, cap, is_train in ((docs[:n_test], test, max_test, False), (docs[n_test:], train, max_train, True)):
+            texts: list[str] = []
+            for doc in part:
+                if len(texts) >= cap:
+                    break
+                texts += excerpts(label, doc, rng, is_train)
+            out += [{"text": t, "label": label} for t in texts[:cap]]
     seen = {r["text"] for r in train}
-    test = [r for r in test if r["text"] not in seen]  # a line quoted in two documents must not leak
+    test = list({r["text"]: r for r in test if r["text"] not in seen}.values())  # a line quoted twice must not leak
     train = list({r["text"]: r for r in train}.values())
     rng.shuffle(train)
     rng.shuffle(test)
@@ -133,9 +131,10 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
 
 
-def build(corpus: Path, output_dir: Path, seed: int, max_per_class: int = MAX_PER_CLASS) -> dict[str, Counter]:
+def build(corpus: Path, output_dir: Path, seed: int, max_train: int = MAX_TRAIN,
+          max_test: int = MAX_TEST) -> dict[str, Counter]:
     """Write train.jsonl and test.jsonl; returns the number of records per label in each."""
-    train, test = build_records(corpus, seed, max_per_class)
+    train, test = build_records(corpus, seed, max_train, max_test)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(output_dir / "train.jsonl", train)
     write_jsonl(output_dir / "test.jsonl", test)
@@ -148,18 +147,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the document split and the excerpt offsets")
     p.add_argument("--output_dir", type=Path, default=DEFAULT_OUTPUT, help="folder train.jsonl / test.jsonl go to")
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="the pretraining corpus, one document per line")
-    p.add_argument("--max_per_class", type=int, default=MAX_PER_CLASS,
-                   help="at most this many excerpts per class (train + test)")
+    p.add_argument("--max_train", type=int, default=MAX_TRAIN, help="at most this many train excerpts per class")
+    p.add_argument("--max_test", type=int, default=MAX_TEST, help="at most this many test excerpts per class")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.max_per_class < 5:
-        print("error: --max_per_class must be >= 5 (each class needs train and test excerpts)", file=sys.stderr)
+    if min(args.max_train, args.max_test) < 1:
+        print("error: --max_train and --max_test must be >= 1 (each class needs train and test excerpts)",
+              file=sys.stderr)
         sys.exit(2)
     try:
-        counts = build(args.corpus, args.output_dir, args.seed, args.max_per_class)
+        counts = build(args.corpus, args.output_dir, args.seed, args.max_train, args.max_test)
     except (BuildError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
