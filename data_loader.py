@@ -439,10 +439,10 @@ class ClassificationDataset(Dataset):
         index = {label: i for i, label in enumerate(self.labels)}
         self.samples: list[tuple[list[int], int]] = []
         self.num_truncated = 0
+        where = source if isinstance(source, (str, os.PathLike)) else "a record"
         for record in records:
             if record["label"] not in index:
-                raise DataError(f"label {record['label']!r} of {source if isinstance(source, (str, os.PathLike)) else 'a record'} "
-                                f"is not one of the model's classes {self.labels}")
+                raise DataError(f"label {record['label']!r} of {where} is not one of the model's classes {self.labels}")
             ids, truncated = encode_for_classification(tokenizer, record["text"], max_seq_len)
             self.num_truncated += truncated
             self.samples.append((ids, index[record["label"]]))

@@ -4,7 +4,8 @@ recall and the confusion matrix for classifiers.
     python evaluator.py --model_path models/pretrain/pretrain_best.pth --test_data_path data/pretrain/val.txt
     python evaluator.py --model_type sft --model_path models/sft/sft_best.pth --test_data_path data/sft/test.jsonl
     python evaluator.py --model_type sft --compare pretrain.pth sft.pth ppo.pth --test_data_path test.jsonl --plot compare.png
-    python evaluator.py --model_type classify --model_path models/classify/classify_best.pth --test_data_path data/classify/test.jsonl
+    python evaluator.py --model_type classify --model_path models/classify/classify_best.pth \
+        --test_data_path data/classify/test.jsonl
 
 Perplexity is token-weighted (exp of total NLL / predicted tokens, never a mean of batch means).
 BLEU and ROUGE are computed on `score_tokens`: one token per CJK character, otherwise lower-cased
@@ -157,7 +158,8 @@ def _check_data_format(path: str | os.PathLike, model_type: str) -> Path:
         raise EvaluationError(f"SFT evaluation needs a .json or .jsonl file of {{\"instruction\", \"response\"}} records, "
                               f"got {path} (use --model_type pretrain for plain text)")
     if model_type == "classify" and (path.is_dir() or suffix not in (".json", ".jsonl")):
-        raise EvaluationError(f"classifier evaluation needs a .jsonl file of {{\"text\", \"label\"}} records, got {path}")
+        raise EvaluationError(f"classifier evaluation needs a .jsonl file of {{\"text\", \"label\"}} records, "
+                              f"got {path}")
     if model_type == "reward" and (path.is_dir() or suffix not in (".json", ".jsonl")):
         raise EvaluationError(f"reward evaluation needs a .json or .jsonl file of {{\"instruction\", \"chosen\", "
                               f"\"rejected\"}} records, got {path}")
@@ -387,7 +389,7 @@ def classify_logits(model: GPTClassifier, dataset: ClassificationDataset, batch_
 
 
 def classification_metrics(targets: torch.Tensor, predictions: torch.Tensor, labels: Sequence[str]) -> dict:
-    """accuracy, majority-class baseline, "precision/<label>" and "recall/<label>", the confusion matrix (rows: true)."""
+    """accuracy, majority-class baseline, "precision/<label>", "recall/<label>", the confusion matrix (rows: true)."""
     if len(targets) == 0:
         raise EvaluationError("no records to classify: the test set is empty")
     confusion = confusion_matrix(targets, predictions, len(labels))

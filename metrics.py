@@ -115,7 +115,8 @@ def confusion_matrix(targets: Sequence[int] | torch.Tensor, predictions: Sequenc
     both = torch.cat([targets, predictions])
     if both.numel() and (both.min() < 0 or both.max() >= num_classes):
         raise ValueError(f"class ids must be in [0, {num_classes}), got {both.min().item()}..{both.max().item()}")
-    return torch.bincount(targets * num_classes + predictions, minlength=num_classes ** 2).view(num_classes, num_classes)
+    counts = torch.bincount(targets * num_classes + predictions, minlength=num_classes ** 2)
+    return counts.view(num_classes, num_classes)
 
 
 def precision_recall(confusion: torch.Tensor) -> tuple[list[float], list[float]]:

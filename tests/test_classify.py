@@ -20,7 +20,8 @@ import gpt_model
 import metrics
 from conftest import ROOT, TRAIN_TXT
 
-spec = importlib.util.spec_from_file_location("build_classify_data", ROOT / "data" / "classify" / "build_classify_data.py")
+spec = importlib.util.spec_from_file_location("build_classify_data",
+                                              ROOT / "data" / "classify" / "build_classify_data.py")
 build_classify = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(build_classify)
 

@@ -111,7 +111,8 @@ def build_records(corpus: Path, seed: int, max_train: int = MAX_TRAIN,
         docs = sorted(set(docs))
         rng.shuffle(docs)
         n_test = max(1, round(len(docs) * TEST_FRACTION))
-        for part, out, cap, is_train in ((docs[:n_test], test, max_test, False), (docs[n_test:], train, max_train, True)):
+        splits = ((docs[:n_test], test, max_test, False), (docs[n_test:], train, max_train, True))
+        for part, out, cap, is_train in splits:
             texts: list[str] = []
             for doc in part:
                 if len(texts) >= cap:
