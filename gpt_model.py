@@ -452,13 +452,14 @@ class GPTClassifier(nn.Module):
 
 
 def freeze_all_but_last(model: GPTClassifier, n_blocks: int) -> None:
-    """Train only the last ``n_blocks`` transformer blocks, the final layer norm and the head; freeze the rest."""
+    """Train only the last ``n_blocks`` transformer blocks, the final layer norm and the head; freeze the rest
+    (embeddings included; n_blocks >= the number of blocks trains every block)."""
     if n_blocks < 0:
         raise ValueError(f"n_blocks must be >= 0, got {n_blocks}")
     model.requires_grad_(False)
     blocks = model.backbone.transformer.h
-    for module in [*(blocks[len(blocks) - n_blocks:] if n_blocks else []), model.backbone.transformer.ln_f,
-                   model.head]:
+    for module in [*blocks[max(0, len(blocks) - n_blocks):len(blocks) if n_blocks else 0],
+                   model.backbone.transformer.ln_f, model.head]:
         module.requires_grad_(True)
 
 

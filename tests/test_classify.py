@@ -76,6 +76,9 @@ def test_frozen_blocks_get_no_gradient_and_do_not_move(tiny_tokenizer):
         else:  # embeddings (tied lm_head included) and block 0
             assert not p.requires_grad and p.grad is None, name
             assert torch.equal(p, before[name]), name
+    gpt_model.freeze_all_but_last(model, 5)  # more than there are: every block, still not the embeddings
+    assert {n.split(".")[3] for n, p in model.named_parameters() if p.requires_grad and ".h." in n} == {"0", "1"}
+    assert not model.backbone.transformer.wte.weight.requires_grad
     gpt_model.freeze_all_but_last(model, 0)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
         "backbone.transformer.ln_f.weight", "backbone.transformer.ln_f.bias", "head.weight", "head.bias"}
