@@ -53,8 +53,8 @@ STAGE_DEFAULTS = {  # step budgets, so results do not depend on machine load; ~4
                    eval_interval=100, weight_decay=0.1, min_lr_ratio=0.1),
     "rlhf": dict(output_dir="models/rlhf", lr=1e-5, batch_size=32, warmup_steps=0, max_steps=150,
                  eval_interval=25, weight_decay=0.0, min_lr_ratio=1.0, log_interval=1),
-    "classify": dict(output_dir="models/classify", lr=5e-4, batch_size=32, warmup_steps=30, max_steps=900,
-                     eval_interval=100, weight_decay=0.1, min_lr_ratio=0.1),
+    "classify": dict(output_dir="models/classify", lr=5e-4, batch_size=32, warmup_steps=30, max_steps=400,
+                     eval_interval=50, weight_decay=0.1, min_lr_ratio=0.1),
 }
 
 
