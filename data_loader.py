@@ -137,6 +137,11 @@ def load_preference_records(path: str | os.PathLike) -> list[dict]:
     return _load_records(path, required=("instruction", "chosen", "rejected"), optional=("input",))
 
 
+def load_classification_records(path: str | os.PathLike) -> list[dict]:
+    """Classification records from a .jsonl (or .json list): {"text": str, "label": str}."""
+    return _load_records(path, required=("text", "label"))
+
+
 def record_instruction(record: dict) -> str:
     """The instruction text of a record; an optional "input" is appended on its own line."""
     extra = record.get("input") or ""
@@ -415,6 +420,44 @@ class GPTSFTDataset(Dataset):
         return _sample(*self.samples[index])
 
 
+def encode_for_classification(tokenizer, text: str, max_seq_len: int) -> tuple[list[int], bool]:
+    """``<s> text </s>``, the text cut to fit ``max_seq_len`` (the classifier reads the final ``</s>``); also whether
+    it was cut."""
+    ids = tokenizer.encode_ordinary(text)
+    room = max_seq_len - 2
+    return [tokenizer.bos_token_id, *ids[:room], tokenizer.eos_token_id], len(ids) > room
+
+
+class ClassificationDataset(Dataset):
+    """``<s> text </s>`` samples with a class id (``label``, a 0-d tensor); ``labels`` fixes the class order
+    (default: the sorted label names of the records). A record whose label is not in ``labels`` is a DataError."""
+
+    def __init__(self, source: str | os.PathLike | list[dict], tokenizer, max_seq_len: int,
+                 labels: Sequence[str] | None = None):
+        records = load_classification_records(source) if isinstance(source, (str, os.PathLike)) else source
+        self.labels = list(labels) if labels is not None else sorted({r["label"] for r in records})
+        index = {label: i for i, label in enumerate(self.labels)}
+        self.samples: list[tuple[list[int], int]] = []
+        self.num_truncated = 0
+        where = source if isinstance(source, (str, os.PathLike)) else "a record"
+        for record in records:
+            if record["label"] not in index:
+                raise DataError(f"label {record['label']!r} of {where} is not one of the model's classes {self.labels}")
+            ids, truncated = encode_for_classification(tokenizer, record["text"], max_seq_len)
+            self.num_truncated += truncated
+            self.samples.append((ids, index[record["label"]]))
+        if not self.samples:
+            raise DataError("no classification records: pass a non-empty .jsonl of {\"text\", \"label\"}")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        ids, label = self.samples[index]
+        return {"input_ids": torch.tensor(ids, dtype=torch.long),
+                "attention_mask": torch.ones(len(ids), dtype=torch.long), "label": torch.tensor(label)}
+
+
 class PreferencePairDataset(Dataset):
     """Preference pairs: each item holds ``prompt_input_ids`` and ``chosen_*`` / ``rejected_*`` sequences.
 
@@ -506,12 +549,16 @@ def _pad_value(key: str, pad_token_id: int) -> int:
 
 
 def collate_batch(items: Sequence[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad each 1-D field to the longest item in the batch (labels with -100, attention_mask with 0)."""
+    """Right-pad each 1-D field to the longest item in the batch (labels with -100, attention_mask with 0); stack
+    0-d tensors (a class id per item)."""
     if not items:
         raise DataError("cannot collate an empty batch")
     batch = {}
     for key in items[0]:
         values = [item[key] for item in items]
+        if isinstance(values[0], torch.Tensor) and values[0].dim() == 0:
+            batch[key] = torch.stack(values)
+            continue
         if not (isinstance(values[0], torch.Tensor) and values[0].dim() == 1):
             batch[key] = values
             continue

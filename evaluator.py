@@ -1,8 +1,11 @@
-"""Evaluation: perplexity, bits per byte, BLEU and ROUGE for GPTModel checkpoints.
+"""Evaluation: perplexity, bits per byte, BLEU and ROUGE for GPTModel checkpoints; accuracy, per-class precision /
+recall and the confusion matrix for classifiers.
 
     python evaluator.py --model_path models/pretrain/pretrain_best.pth --test_data_path data/pretrain/val.txt
     python evaluator.py --model_type sft --model_path models/sft/sft_best.pth --test_data_path data/sft/test.jsonl
     python evaluator.py --model_type sft --compare pretrain.pth sft.pth ppo.pth --test_data_path test.jsonl --plot compare.png
+    python evaluator.py --model_type classify --model_path models/classify/classify_best.pth \
+        --test_data_path data/classify/test.jsonl
 
 Perplexity is token-weighted (exp of total NLL / predicted tokens, never a mean of batch means).
 BLEU and ROUGE are computed on `score_tokens`: one token per CJK character, otherwise lower-cased
@@ -25,13 +28,15 @@ from tqdm import tqdm
 
 import cli
 from atomic_file import atomic_path
-from data_loader import (SFT_TEMPLATE, GPTSFTDataset, PreferencePairDataset, build_sft_prompt, collate_batch,
-                         collate_pairs, encode_prompt_response, load_preference_records, load_sft_records,
-                         read_documents, record_instruction)
+from data_loader import (SFT_TEMPLATE, ClassificationDataset, GPTSFTDataset, PreferencePairDataset, build_sft_prompt,
+                         collate_batch, collate_pairs, encode_for_classification, encode_prompt_response,
+                         load_classification_records, load_preference_records, load_sft_records, read_documents,
+                         record_instruction)
 from decoding import cut_at_eos, encode_prompt, left_pad, max_prompt_len
-from gpt_model import (GPTRewardModel, autocast_context, checkpoint_metadata, load_model_and_tokenizer, resolve_device,
-                       resolve_dtype)
-from metrics import bits_per_byte, exact_match, pairwise_accuracy, perplexity, sum_nll
+from gpt_model import (GPTClassifier, GPTRewardModel, autocast_context, checkpoint_metadata, load_model_and_tokenizer,
+                       resolve_device, resolve_dtype)
+from metrics import (bits_per_byte, confusion_matrix, exact_match, pairwise_accuracy, perplexity, precision_recall,
+                     sum_nll)
 
 
 class EvaluationError(ValueError):
@@ -152,6 +157,9 @@ def _check_data_format(path: str | os.PathLike, model_type: str) -> Path:
     if model_type == "sft" and (path.is_dir() or suffix not in (".json", ".jsonl")):
         raise EvaluationError(f"SFT evaluation needs a .json or .jsonl file of {{\"instruction\", \"response\"}} records, "
                               f"got {path} (use --model_type pretrain for plain text)")
+    if model_type == "classify" and (path.is_dir() or suffix not in (".json", ".jsonl")):
+        raise EvaluationError(f"classifier evaluation needs a .jsonl file of {{\"text\", \"label\"}} records, "
+                              f"got {path}")
     if model_type == "reward" and (path.is_dir() or suffix not in (".json", ".jsonl")):
         raise EvaluationError(f"reward evaluation needs a .json or .jsonl file of {{\"instruction\", \"chosen\", "
                               f"\"rejected\"}} records, got {path}")
@@ -346,6 +354,15 @@ class GPTEvaluator:
                 "n_samples": len(records)}
 
 
+    def evaluate_classification(self, test_data_path: str | os.PathLike, batch_size: int = 64,
+                                max_samples: int | None = None) -> dict:
+        """A classifier on held-out {"text", "label"} records: accuracy, per-class precision / recall, confusion."""
+        records = _take(load_classification_records(_check_data_format(test_data_path, "classify")), max_samples)
+        dataset = ClassificationDataset(records, self.tokenizer, self.model.config.max_seq_len, self.model.labels)
+        logits, targets = classify_logits(self.model, dataset, batch_size, self.device, self.dtype)
+        return classification_metrics(targets, logits.argmax(-1), self.model.labels)
+
+
 def exact_match_by_task(predictions: Sequence[str], records: Sequence[dict]) -> dict[str, float]:
     """{"exact_match": overall, "exact_match/<task>": per task family} (records may carry a "task" field)."""
     references = [r["response"] for r in records]
@@ -380,6 +397,87 @@ def reward_scores(reward_model: torch.nn.Module, tokenizer, prompts: Sequence[st
     return scores
 
 
+# ----------------------------------------------------------------------------- classification
+
+@torch.no_grad()
+def classify_logits(model: GPTClassifier, dataset: ClassificationDataset, batch_size: int, device: torch.device,
+                    dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, num_classes) logits and (N,) class ids of every item of ``dataset``, in order (right-padded batches)."""
+    was_training = model.training
+    model.eval()
+    logits, targets = [], []
+    for start in range(0, len(dataset), batch_size):
+        batch = collate_batch([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))], 0)
+        with autocast_context(device, dtype or torch.float32):
+            logits.append(model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).cpu())
+        targets.append(batch["label"])
+    model.train(was_training)
+    return torch.cat(logits).float(), torch.cat(targets)
+
+
+def classification_metrics(targets: torch.Tensor, predictions: torch.Tensor, labels: Sequence[str]) -> dict:
+    """accuracy, majority-class baseline, "precision/<label>", "recall/<label>", the confusion matrix (rows: true)."""
+    if len(targets) == 0:
+        raise EvaluationError("no records to classify: the test set is empty")
+    confusion = confusion_matrix(targets, predictions, len(labels))
+    precision, recall = precision_recall(confusion)
+    return {"accuracy": float(confusion.diagonal().sum() / confusion.sum()),
+            "majority_baseline": float(confusion.sum(1).max() / confusion.sum()), "n_samples": len(targets),
+            **{f"precision/{label}": p for label, p in zip(labels, precision)},
+            **{f"recall/{label}": r for label, r in zip(labels, recall)},
+            "labels": list(labels), "confusion_matrix": confusion.tolist()}
+
+
+@torch.no_grad()
+def classify_text(model: GPTClassifier, tokenizer, texts: Sequence[str], batch_size: int = 64) -> list[str]:
+    """The predicted label name of each text (``<s> text </s>``, cut to the context, as in training)."""
+    device = next(model.parameters()).device
+    items = [{"input_ids": torch.tensor(ids), "attention_mask": torch.ones(len(ids), dtype=torch.long)}
+             for ids, _ in (encode_for_classification(tokenizer, t, model.config.max_seq_len) for t in texts)]
+    was_training = model.training
+    model.eval()
+    predictions: list[str] = []
+    for start in range(0, len(items), batch_size):
+        batch = collate_batch(items[start:start + batch_size], tokenizer.pad_token_id)
+        ids = model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).argmax(-1)
+        predictions += [model.labels[i] for i in ids.tolist()]
+    model.train(was_training)
+    return predictions
+
+
+def format_confusion(confusion: Sequence[Sequence[int]], labels: Sequence[str]) -> str:
+    """The confusion matrix as text: one row per true class, one column per predicted class."""
+    corner = "true \\ pred"
+    width = max(len(corner), *(len(label) for label in labels)) + 1
+    lines = [f"{corner:<{width}}" + "".join(f"{label:>{width}}" for label in labels)]
+    lines += [f"{label:<{width}}" + "".join(f"{n:>{width}}" for n in row) for label, row in zip(labels, confusion)]
+    return "\n".join(lines)
+
+
+def plot_confusion_matrix(confusion: Sequence[Sequence[int]], labels: Sequence[str], path: str | os.PathLike,
+                          title: str = "confusion matrix") -> None:
+    """A heat map of counts (rows: true class, columns: predicted), written atomically to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = torch.as_tensor(confusion)
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2.5, 1.1 * len(labels) + 1.8))
+    ax.imshow(counts.numpy(), cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for (i, j), n in zip(((i, j) for i in range(len(labels)) for j in range(len(labels))), counts.flatten().tolist()):
+        ax.text(j, i, str(n), ha="center", va="center", color="white" if n > counts.max() / 2 else "black")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
 def _take(items: Iterable, limit: int | None) -> list:
     if limit is not None and limit < 1:
         raise EvaluationError(f"max_samples must be at least 1, got {limit}")
@@ -398,9 +496,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--test_data_path", required=True,
                         help="pretrain: .txt (one document per line), .jsonl ({\"text\": ...}) or a folder of them; "
                              "sft: .json/.jsonl of {\"instruction\", \"response\"} records")
-    parser.add_argument("--model_type", choices=("pretrain", "sft", "reward"), default="pretrain",
+    parser.add_argument("--model_type", choices=("pretrain", "sft", "reward", "classify"), default="pretrain",
                         help="what to measure: pretrain (perplexity, bits/byte), sft (response perplexity, BLEU, "
-                             "ROUGE, exact match) or reward (pairwise accuracy, margin) (default: pretrain)")
+                             "ROUGE, exact match), reward (pairwise accuracy, margin) or classify (accuracy, per-class "
+                             "precision/recall, confusion matrix; .jsonl of {\"text\", \"label\"}) (default: pretrain)")
     parser.add_argument("--reward_model", help="sft: also report the mean score this reward model gives the responses")
     parser.add_argument("--best_of", type=cli.positive_int, default=1,
                         help="sft with --reward_model: sample N responses per prompt (--temperature, --top_k, --top_p) "
@@ -431,16 +530,20 @@ def evaluate_checkpoint(checkpoint_path: str, args: argparse.Namespace) -> dict:
     """Load one checkpoint with its tokenizer and evaluate it as args say."""
     _check_data_format(args.test_data_path, args.model_type)  # before the (possibly slow) model load
     model, tokenizer = load_model_and_tokenizer(checkpoint_path, tokenizer_dir=args.tokenizer_dir, device=args.device)
-    is_reward = isinstance(model, GPTRewardModel)
-    if is_reward != (args.model_type == "reward"):
-        raise EvaluationError(f"{checkpoint_path} is a {'reward' if is_reward else 'language'} model: use "
-                              f"--model_type {'reward' if is_reward else 'pretrain or sft'}")
+    kind = "reward" if isinstance(model, GPTRewardModel) else "classify" if isinstance(model, GPTClassifier) else "lm"
+    if kind != {"reward": "reward", "classify": "classify"}.get(args.model_type, "lm"):
+        names = {"reward": "a reward model", "classify": "a classifier", "lm": "a language model"}
+        raise EvaluationError(f"{checkpoint_path} is {names[kind]}: use --model_type "
+                              f"{ {'reward': 'reward', 'classify': 'classify'}.get(kind, 'pretrain or sft') }")
     template = checkpoint_metadata(checkpoint_path).get("sft_template") or SFT_TEMPLATE
     evaluator = GPTEvaluator(model, tokenizer, dtype=args.dtype, show_progress=not args.no_progress, template=template)
     if args.model_type == "pretrain":
         metrics = evaluator.evaluate_pretrained(args.test_data_path, batch_size=args.batch_size, max_samples=args.max_samples)
     elif args.model_type == "reward":
         metrics = evaluator.evaluate_reward(args.test_data_path, batch_size=args.batch_size, max_samples=args.max_samples)
+    elif args.model_type == "classify":
+        metrics = evaluator.evaluate_classification(args.test_data_path, batch_size=args.batch_size,
+                                                    max_samples=args.max_samples)
     else:
         reward_model = None
         if args.reward_model:
@@ -458,7 +561,8 @@ def evaluate_checkpoint(checkpoint_path: str, args: argparse.Namespace) -> dict:
 TABLE_METRICS = {"pretrain": ("loss", "perplexity", "bits_per_byte", "n_tokens"),
                  "sft": ("loss", "perplexity", "bleu", "sentence_bleu", "rouge-1", "rouge-2", "rouge-l", "exact_match",
                          "n_tokens"),
-                 "reward": ("pairwise_accuracy", "mean_margin", "n_samples")}
+                 "reward": ("pairwise_accuracy", "mean_margin", "n_samples"),
+                 "classify": ("accuracy", "majority_baseline", "n_samples")}
 
 
 def _model_names(reports: list[dict]) -> list[str]:
@@ -469,12 +573,15 @@ def _model_names(reports: list[dict]) -> list[str]:
 def format_table(reports: list[dict], model_type: str) -> str:
     names = _model_names(reports)
     width = max(12, *(len(n) for n in names))
-    lines = [f"{'metric':<14}" + "".join(f"{n:>{width + 2}}" for n in names)]
     extra = sorted({k for r in reports for k in r if k.startswith("exact_match/") or k == "reward_score"})
-    for metric in [*TABLE_METRICS[model_type], *extra]:
+    extra += [k for k in reports[0] if k.startswith(("precision/", "recall/"))]
+    rows = [*TABLE_METRICS[model_type], *extra]
+    first = max(14, *(len(m) + 1 for m in rows))
+    lines = [f"{'metric':<{first}}" + "".join(f"{n:>{width + 2}}" for n in names)]
+    for metric in rows:
         cells = ("-" if metric not in r else f"{r[metric]:,}" if isinstance(r[metric], int) else f"{r[metric]:.4f}"
                  for r in reports)
-        lines.append(f"{metric:<14}" + "".join(f"{c:>{width + 2}}" for c in cells))
+        lines.append(f"{metric:<{first}}" + "".join(f"{c:>{width + 2}}" for c in cells))
     return "\n".join(lines)
 
 
@@ -539,6 +646,10 @@ def _main(argv: Sequence[str] | None) -> int:
             for example in report["examples"]:
                 print(f"\n[{name}] prompt: {example['prompt']!r}\n"
                       f"  reference:  {example['reference']!r}\n  prediction: {example['prediction']!r}")
+    if args.model_type == "classify":
+        for name, report in zip(_model_names(reports), reports):
+            print(f"\n[{name}] confusion matrix (rows: true class, columns: predicted)\n"
+                  + format_confusion(report["confusion_matrix"], report["labels"]))
     print(f"\nreport: {args.output}" + (f"  plot: {args.plot}" if args.plot else ""))
     return 0
 

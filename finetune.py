@@ -50,7 +50,7 @@ from gpt_model import CheckpointError, GPTModel, GPTRewardModel
 from training import TrainError
 
 PROCESS_START = time.time()
-MODES = ("sft", "reward", "rlhf", "dpo", "rlvf")
+MODES = ("sft", "reward", "rlhf", "dpo", "rlvf", "classify")
 STAGE_DEFAULTS = {  # step budgets, so results do not depend on machine load; ~4-5 minutes each on 2 CPU cores
     "sft": dict(output_dir="models/sft", lr=3e-3, batch_size=32, warmup_steps=50, max_steps=2500,
                 eval_interval=250, weight_decay=0.1, min_lr_ratio=0.1),
@@ -59,9 +59,11 @@ STAGE_DEFAULTS = {  # step budgets, so results do not depend on machine load; ~4
     "rlhf": dict(output_dir="models/rlhf", lr=1e-5, batch_size=32, warmup_steps=0, max_steps=150,
                  eval_interval=25, weight_decay=0.0, min_lr_ratio=1.0, log_interval=1, rollout_batch_size=32),
     "dpo": dict(output_dir="models/dpo", lr=3e-4, batch_size=32, warmup_steps=20, max_steps=600,
-                eval_interval=100, weight_decay=0.0, min_lr_ratio=0.1),
+                eval_interval=100, weight_decay=0.0, min_lr_ratio=0.1, label_smoothing=0.0),
     "rlvf": dict(output_dir="models/rlvf", lr=2e-5, batch_size=32, warmup_steps=0, max_steps=100,
                  eval_interval=20, weight_decay=0.0, min_lr_ratio=1.0, log_interval=1, rollout_batch_size=8),
+    "classify": dict(output_dir="models/classify", lr=5e-4, batch_size=32, warmup_steps=30, max_steps=400,
+                     eval_interval=50, weight_decay=0.1, min_lr_ratio=0.1, label_smoothing=0.1),
 }
 
 
@@ -85,6 +87,11 @@ class FinetuneConfig(training.TrainConfig):
     lora_targets: str = "c_attn,c_proj,c_fc"
     merge_lora: bool = False
     eval_samples: int = 300
+    # classification
+    classify_train: str = "data/classify/train.jsonl"
+    classify_test: str = "data/classify/test.jsonl"
+    trainable_blocks: int | None = None
+    label_smoothing: float = 0.0  # classify: of the cross-entropy; dpo: conservative DPO (per-mode defaults)
     # PPO
     ppo_epochs: int = 4
     rollout_batch_size: int = 32
@@ -103,7 +110,6 @@ class FinetuneConfig(training.TrainConfig):
     # DPO
     dpo_beta: float = 0.1
     dpo_loss: str = "sigmoid"
-    label_smoothing: float = 0.0
     # GRPO
     group_size: int = 8
     format_weight: float = 0.1
@@ -386,6 +392,114 @@ def run_reward(config: FinetuneConfig, resume: str | None, show_progress: bool =
     best = Path(config.output_dir) / "reward_best.pth"
     return {"stage": "reward", "steps": trainer.step, "best_val_loss": trainer.best_val_loss,
             "val_accuracy": last.get("val_accuracy"), "checkpoint": str(best)}
+
+
+# ----------------------------------------------------------------------------- classification
+
+def classify_loss(model: nn.Module, batch: dict[str, torch.Tensor],
+                  label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
+    """Cross-entropy of the class logits at each sequence's last real token; also the batch accuracy."""
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    return {"loss": F.cross_entropy(logits, batch["label"], label_smoothing=label_smoothing),
+            "accuracy": (logits.argmax(-1) == batch["label"]).float().mean()}
+
+
+def classify_eval(dataset, batch_size: int, device: torch.device):
+    """evaluate_fn: held-out cross-entropy (val_loss, picks classify_best.pth) and accuracy."""
+    import evaluator  # lazy: the classification inference lives with the other evaluations
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        logits, targets = evaluator.classify_logits(model, dataset, batch_size, device)
+        return {"val_loss": float(F.cross_entropy(logits, targets)),
+                "val_accuracy": float((logits.argmax(-1) == targets).float().mean())}
+
+    return evaluate
+
+
+def run_classify(config: FinetuneConfig, resume: str | None, show_progress: bool = True) -> dict[str, Any]:
+    """Classification finetuning (a class head on the last real token, optionally only the last N blocks trained)
+    -> <output_dir>/classify_best.pth (best held-out cross-entropy); then accuracy, per-class precision / recall and
+    the confusion matrix of that checkpoint on the test set (printed, and <output_dir>/confusion_matrix.png)."""
+    base, tokenizer, _ = load_base(config.pretrained_model, config.tokenizer_dir, "--pretrained_model")
+    max_len = base.config.max_seq_len
+    train_set = data_loader.ClassificationDataset(config.classify_train, tokenizer, max_len)
+    test_set = data_loader.ClassificationDataset(config.classify_test, tokenizer, max_len, train_set.labels)
+    check_records_fit(train_set, config.classify_train, max_len)
+    if config.trainable_blocks is not None and config.trainable_blocks > base.config.n_layers:
+        raise TrainError(f"--trainable_blocks {config.trainable_blocks} exceeds the model's {base.config.n_layers} "
+                         "blocks; pass at most that (or leave it out to train everything)")
+    base.config.dropout = config.dropout
+    build = functools.partial(gpt_model.GPTClassifier.from_language_model, base, train_set.labels)
+    model, checkpoint, resumed_from = resume_or(config, resume, "classify", tokenizer, build)
+    if model.labels != train_set.labels:
+        raise TrainError(f"the checkpoint's classes {model.labels} differ from {config.classify_train}'s "
+                         f"{train_set.labels}: resume with the same data or start a fresh run")
+    if config.trainable_blocks is not None:
+        gpt_model.freeze_all_but_last(model, config.trainable_blocks)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"classify: {len(train_set)} train / {len(test_set)} held-out texts, classes {train_set.labels}; trainable "
+          f"parameters {trainable:,} of {sum(p.numel() for p in model.parameters()):,}")
+    info, device = training.init_distributed(config.device)
+    collate = functools.partial(data_loader.collate_batch, pad_token_id=tokenizer.pad_token_id)
+    batches = data_loader.ShuffledBatches(train_set, config.batch_size, collate, config.seed, info.rank,
+                                          info.world_size)
+    loss_fn = functools.partial(classify_loss, label_smoothing=config.label_smoothing)
+    trainer = training.Trainer(config, model, tokenizer, batches, loss_fn, prefix="classify",
+                               evaluate_fn=classify_eval(test_set, 64, device),
+                               steps_per_epoch=batches.batches_per_epoch / config.grad_accum, checkpoint=checkpoint,
+                               resumed_from=resumed_from, start_time=PROCESS_START, show_progress=show_progress,
+                               checkpoint_extra={"model_class": "classify", "labels": train_set.labels,
+                                                 "base_model": str(config.pretrained_model)})
+    trainer.train()
+    best = Path(config.output_dir) / "classify_best.pth"
+    summary = {"stage": "classify", "steps": trainer.step, "best_val_loss": trainer.best_val_loss,
+               "checkpoint": str(best)}
+    if info.is_main:
+        summary.update(classify_report(best, test_set, device, Path(config.output_dir) / "confusion_matrix.png"))
+    return summary
+
+
+def classify_report(checkpoint: Path, test_set, device: torch.device, plot_path: Path) -> dict[str, Any]:
+    """Accuracy, per-class precision / recall and the confusion matrix of a classifier checkpoint, printed and
+    plotted."""
+    import evaluator
+
+    model, _ = gpt_model.load_model_and_tokenizer(checkpoint, device=device)
+    logits, targets = evaluator.classify_logits(model, test_set, 64, device)
+    report = evaluator.classification_metrics(targets, logits.argmax(-1), model.labels)
+    print(f"held-out accuracy {report['accuracy']:.4f} (majority class {report['majority_baseline']:.4f}, "
+          f"{report['n_samples']} texts)")
+    for label in model.labels:
+        print(f"  {label:<14} precision {report[f'precision/{label}']:.3f}  recall {report[f'recall/{label}']:.3f}")
+    print("confusion matrix (rows: true class, columns: predicted)\n"
+          + evaluator.format_confusion(report["confusion_matrix"], model.labels))
+    evaluator.plot_confusion_matrix(report["confusion_matrix"], model.labels, plot_path,
+                                    title=f"{checkpoint.name}: accuracy {report['accuracy']:.3f}")
+    print(f"confusion matrix plot: {plot_path}")
+    return {k: v for k, v in report.items() if k != "labels"}
+
+
+def classify_text(model: nn.Module, tokenizer, texts: Sequence[str], batch_size: int = 64) -> list[str]:
+    """The predicted label of each text (see evaluator.classify_text)."""
+    import evaluator
+
+    return evaluator.classify_text(model, tokenizer, texts, batch_size)
+
+
+def add_classify_arguments(p: argparse.ArgumentParser, d: FinetuneConfig) -> None:
+    """--mode classify's flags."""
+    p.add_argument("--classify_train", default=d.classify_train,
+                   help="classify: training texts, .jsonl of {\"text\", \"label\"} (labels are class names)")
+    p.add_argument("--classify_test", default=d.classify_test,
+                   help="classify: held-out texts (picks classify_best.pth; accuracy, precision/recall, confusion)")
+    p.add_argument("--trainable_blocks", type=cli.nonnegative_int, default=None,
+                   help="classify: train only the last N transformer blocks + final norm + head (0 = norm and head "
+                        "only); default: the whole model")
+    p.add_argument("--label_smoothing", type=cli.fraction, default=d.label_smoothing,
+                   help="dpo: assumed fraction of flipped preference labels (conservative DPO); classify: label "
+                        "smoothing of the training cross-entropy (keeps the model from growing "
+                        "overconfident on a small training set, so held-out cross-entropy, which picks "
+                        "classify_best.pth, keeps tracking accuracy); evaluation uses the plain cross-entropy")
 
 
 # ----------------------------------------------------------------------------- PPO
@@ -977,12 +1091,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dpo: β, how far the policy may move from the reference")
     p.add_argument("--dpo_loss", choices=("sigmoid", "ipo"), default=d.dpo_loss,
                    help="dpo: the DPO loss (sigmoid) or IPO's squared loss")
-    p.add_argument("--label_smoothing", type=cli.fraction, default=d.label_smoothing,
-                   help="dpo: assumed fraction of flipped preference labels (conservative DPO; 0 = plain DPO)")
     p.add_argument("--group_size", type=cli.int_at_least(2), default=d.group_size,
                    help="rlvf: answers sampled per prompt (GRPO's group)")
     p.add_argument("--format_weight", type=cli.nonnegative_float, default=d.format_weight,
                    help="rlvf: weight of the format verifier's bonus added to the task verifier's reward")
+    add_classify_arguments(p, d)
     training.add_loop_arguments(p, d)
     per_stage = {key for defaults in STAGE_DEFAULTS.values() for key in defaults}
     for action in p._actions:  # stage-dependent defaults are filled in after parsing
@@ -1015,7 +1128,8 @@ def _main(argv: Sequence[str] | None) -> int:
     cli.check_output_folder(config.output_dir, "--output_dir")
     if config.lora_r and config.mode != "sft":
         raise cli.UsageError("--lora_r applies to --mode sft only")
-    run = {"sft": run_sft, "reward": run_reward, "rlhf": run_rlhf, "dpo": run_dpo, "rlvf": run_rlvf}[config.mode]
+    run = {"sft": run_sft, "reward": run_reward, "rlhf": run_rlhf, "dpo": run_dpo, "rlvf": run_rlvf,
+           "classify": run_classify}[config.mode]
     try:
         summary = run(config, args.resume)
         if config.mode in ("sft", "rlhf", "dpo", "rlvf") and training.DistInfo().is_main:

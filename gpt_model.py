@@ -418,15 +418,61 @@ class GPTRewardModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B,) score of each sequence: the value at its last real token."""
-        values = self.values(input_ids, attention_mask)
-        if attention_mask is None:
-            return values[:, -1]
-        positions = torch.arange(input_ids.size(1), device=input_ids.device)
-        last = (attention_mask.bool() * positions).argmax(dim=1)
-        return values.gather(1, last.unsqueeze(1)).squeeze(1)
+        return at_last_token(self.values(input_ids, attention_mask), attention_mask)
 
 
-MODEL_CLASSES = {"lm": GPTModel, "reward": GPTRewardModel}
+def at_last_token(x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, T, ...) -> (B, ...): each row's entry at its last real token (left or right padding; no mask: the last)."""
+    if attention_mask is None:
+        return x[:, -1]
+    positions = torch.arange(x.size(1), device=x.device)
+    last = (attention_mask.bool() * positions).argmax(dim=1)
+    return x[torch.arange(x.size(0), device=x.device), last]
+
+
+class GPTClassifier(nn.Module):
+    """A GPT backbone with a ``num_classes`` head on the final hidden state of each sequence's last real token
+    ("Build a Large Language Model (From Scratch)", ch. 6). ``labels`` names the classes (stored in checkpoints)."""
+
+    def __init__(self, config: GPTConfig, num_classes: int, labels: list[str] | None = None):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
+        if labels is not None and len(labels) != num_classes:
+            raise ValueError(f"{len(labels)} label names for {num_classes} classes")
+        self.config = config
+        self.labels = list(labels) if labels is not None else [str(i) for i in range(num_classes)]
+        self.backbone = GPTModel(config)
+        self.head = nn.Linear(config.d_model, num_classes)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_language_model(cls, model: GPTModel, labels: list[str]) -> "GPTClassifier":
+        """A classifier whose backbone starts as a copy of ``model`` (the pretrained model) and a fresh head."""
+        classifier = cls(model.config, len(labels), labels)
+        classifier.backbone.load_state_dict(model.state_dict())
+        return classifier.to(next(model.parameters()).device)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, num_classes) logits."""
+        hidden = self.backbone.hidden_states(input_ids, attention_mask)
+        return self.head(at_last_token(hidden, attention_mask)).float()
+
+
+def freeze_all_but_last(model: GPTClassifier, n_blocks: int) -> None:
+    """Train only the last ``n_blocks`` transformer blocks, the final layer norm and the head; freeze the rest
+    (embeddings included; n_blocks >= the number of blocks trains every block)."""
+    if n_blocks < 0:
+        raise ValueError(f"n_blocks must be >= 0, got {n_blocks}")
+    model.requires_grad_(False)
+    blocks = model.backbone.transformer.h
+    for module in [*blocks[max(0, len(blocks) - n_blocks):len(blocks) if n_blocks else 0],
+                   model.backbone.transformer.ln_f, model.head]:
+        module.requires_grad_(True)
+
+
+MODEL_CLASSES = {"lm": GPTModel, "reward": GPTRewardModel, "classify": GPTClassifier}
 
 
 def config_from_hf_gpt2(hf: dict[str, Any]) -> GPTConfig:
@@ -565,7 +611,7 @@ def _load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], s
 
 
 def _model_from_checkpoint(ckpt: dict[str, Any], source: str | os.PathLike) -> GPTModel:
-    """The model a checkpoint describes: its class ("lm" or "reward"), config, LoRA adapters, then its weights."""
+    """The model a checkpoint describes: its class (lm, reward, classify), config, LoRA adapters, then its weights."""
     if "lora_state_dict" in ckpt:  # an adapter file: the base checkpoint it was trained on, plus the adapters
         import lora  # lazy: only LoRA checkpoints need it
 
@@ -592,7 +638,13 @@ def _model_from_checkpoint(ckpt: dict[str, Any], source: str | os.PathLike) -> G
     model_class = ckpt.get("model_class", "lm")
     if model_class not in MODEL_CLASSES:
         raise CheckpointError(f"{source}: unknown model_class {model_class!r}; expected one of {sorted(MODEL_CLASSES)}")
-    model = MODEL_CLASSES[model_class](config)
+    if model_class == "classify":
+        labels = ckpt.get("labels")
+        if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
+            raise CheckpointError(f"{source}: a classify checkpoint needs 'labels', a list of >= 2 class names")
+        model = GPTClassifier(config, len(labels), labels)
+    else:
+        model = MODEL_CLASSES[model_class](config)
     if ckpt.get("lora"):
         import lora  # lazy: only LoRA checkpoints need it; the adapters are part of the saved state
 

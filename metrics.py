@@ -1,6 +1,6 @@
 """Log-probabilities and scores shared by the model, the trainers, the evaluator, PPO and DPO: the one place where
-shifted next-token cross-entropy, per-token log-probs, NLL / perplexity / bits per byte, exact match and pairwise
-accuracy are computed.
+shifted next-token cross-entropy, per-token log-probs, NLL / perplexity / bits per byte, exact match, pairwise
+accuracy and the classification scores (confusion matrix, precision, recall) are computed.
 
 Its own module (torch only, no project imports) because the model's loss, every training stage and the evaluator
 use the same functions, and none of them should import another for it.
@@ -107,3 +107,27 @@ def pairwise_accuracy(chosen_scores: Sequence[float], rejected_scores: Sequence[
     if len(chosen_scores) != len(rejected_scores) or not chosen_scores:
         raise ValueError("pairwise_accuracy needs equally many (>= 1) chosen and rejected scores")
     return sum(c > r for c, r in zip(chosen_scores, rejected_scores)) / len(chosen_scores)
+
+
+def confusion_matrix(targets: Sequence[int] | torch.Tensor, predictions: Sequence[int] | torch.Tensor,
+                     num_classes: int) -> torch.Tensor:
+    """(num_classes, num_classes) int64 counts: row = true class, column = predicted class."""
+    targets, predictions = torch.as_tensor(targets, dtype=torch.long), torch.as_tensor(predictions, dtype=torch.long)
+    if targets.shape != predictions.shape or targets.dim() != 1:
+        raise ValueError(f"confusion_matrix needs two equally long 1-D sequences, got {tuple(targets.shape)} and "
+                         f"{tuple(predictions.shape)}")
+    both = torch.cat([targets, predictions])
+    if both.numel() and (both.min() < 0 or both.max() >= num_classes):
+        raise ValueError(f"class ids must be in [0, {num_classes}), got {both.min().item()}..{both.max().item()}")
+    counts = torch.bincount(targets * num_classes + predictions, minlength=num_classes ** 2)
+    return counts.view(num_classes, num_classes)
+
+
+def precision_recall(confusion: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-class precision (correct / predicted as the class) and recall (correct / truly the class) of a confusion
+    matrix; a class never predicted (or never present) gets 0."""
+    correct = confusion.diagonal().double()
+    predicted, actual = confusion.sum(0).double(), confusion.sum(1).double()
+    precision = torch.where(predicted > 0, correct / predicted.clamp(min=1), torch.zeros_like(correct))
+    recall = torch.where(actual > 0, correct / actual.clamp(min=1), torch.zeros_like(correct))
+    return precision.tolist(), recall.tolist()
