@@ -367,14 +367,20 @@ def reward_eval(dataset, pad_id: int, batch_size: int, device: torch.device):
     return evaluate
 
 
-def run_reward(config: FinetuneConfig, resume: str | None, show_progress: bool = True) -> dict[str, Any]:
-    """Reward model on preference pairs -> <output_dir>/reward_best.pth (best held-out Bradley-Terry loss)."""
+def load_preference_stage(config: FinetuneConfig):
+    """(SFT model, tokenizer, its template, train pairs, held-out pairs) for the stages that learn from preferences."""
     sft, tokenizer, sft_checkpoint = load_base(config.sft_model, config.tokenizer_dir, "--sft_model")
     template = template_of(sft_checkpoint)
     max_len = sft.config.max_seq_len
     train_set = data_loader.PreferencePairDataset(config.pairwise_data, tokenizer, max_len, template)
     test_set = data_loader.PreferencePairDataset(config.pairwise_test_data, tokenizer, max_len, template)
     check_records_fit(train_set, config.pairwise_data, max_len)
+    return sft, tokenizer, template, train_set, test_set
+
+
+def run_reward(config: FinetuneConfig, resume: str | None, show_progress: bool = True) -> dict[str, Any]:
+    """Reward model on preference pairs -> <output_dir>/reward_best.pth (best held-out Bradley-Terry loss)."""
+    sft, tokenizer, template, train_set, test_set = load_preference_stage(config)
     model, checkpoint, resumed_from = resume_or(config, resume, "reward", tokenizer,
                                                 lambda: GPTRewardModel.from_language_model(sft))
     print(f"reward: {len(train_set)} train / {len(test_set)} held-out pairs, from {config.sft_model}")
@@ -842,11 +848,7 @@ def run_rlhf(config: FinetuneConfig, resume: str | None, show_progress: bool = T
 
 def run_dpo(config: FinetuneConfig, resume: str | None, show_progress: bool = True) -> dict[str, Any]:
     """Direct Preference Optimization against the frozen SFT model -> <output_dir>/dpo_best.pth."""
-    sft, tokenizer, sft_checkpoint = load_base(config.sft_model, config.tokenizer_dir, "--sft_model")
-    template = template_of(sft_checkpoint)
-    max_len = sft.config.max_seq_len
-    train_set = data_loader.PreferencePairDataset(config.pairwise_data, tokenizer, max_len, template)
-    test_set = data_loader.PreferencePairDataset(config.pairwise_test_data, tokenizer, max_len, template)
+    sft, tokenizer, template, train_set, test_set = load_preference_stage(config)
     model, checkpoint, resumed_from = resume_or(config, resume, "dpo", tokenizer, lambda: copy.deepcopy(sft))
     info, device = training.init_distributed(config.device)
     reference = copy.deepcopy(sft).to(device).eval().requires_grad_(False)
