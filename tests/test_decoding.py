@@ -229,3 +229,18 @@ def test_prompt_helpers(tiny_tokenizer):
     input_ids, mask = left_pad([[5, 6, 7], [8]], pad_id=1)
     assert input_ids.tolist() == [[5, 6, 7], [1, 1, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert cut_at_eos([4, 5, 2, 6, 2], 2) == [4, 5] and cut_at_eos([4, 5], 2) == [4, 5] and cut_at_eos([4], None) == [4]
+
+
+def test_top_k_sampling_draws_from_the_top_k_softmax(model):
+    """Drawing among the k candidates must give the distribution of the masked full-vocabulary softmax."""
+    prompt = torch.tensor([[0, 5, 6, 7]])
+    with torch.no_grad():
+        logits = model(prompt)["logits"][0, -1]
+    top = torch.topk(logits, 3)
+    expected = top.values.softmax(-1)
+    generator = torch.Generator().manual_seed(0)
+    first = [int(model.generate(prompt, max_gen_len=1, top_k=3, temperature=1.0, generator=generator)[0, -1])
+             for _ in range(600)]
+    assert set(first) <= set(top.indices.tolist())
+    counts = torch.tensor([first.count(int(i)) for i in top.indices], dtype=torch.float) / len(first)
+    assert torch.allclose(counts, expected, atol=0.06), (counts, expected)
