@@ -17,6 +17,7 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as in pretrain_trainer: sleeping threads on a shared CPU
 
+import abc
 import argparse
 import copy
 import functools
@@ -552,7 +553,7 @@ def response_mask_of(responses: torch.Tensor, eos_id: int, pad_id: int) -> torch
     return ~after_eos & ((responses != pad_id) | is_eos)
 
 
-class RLTrainer:
+class RLTrainer(abc.ABC):
     """What PPO and GRPO share: a trainable policy and a frozen reference, the prompt stream, the step/time budget,
     signals, ``RunFolder`` logging, best/step checkpoints and exact resume. Subclasses add their models and
     implement ``train_step`` (rollouts + updates -> a log row) and ``held_out`` (metrics with a val_loss)."""
@@ -584,11 +585,13 @@ class RLTrainer:
         self.run = training.RunFolder(self.output_dir, self.prefix, self.tokenizer, resumed_from, self.step)
 
     # -- what a subclass provides
+    @abc.abstractmethod
     def train_step(self) -> dict[str, float]:
-        raise NotImplementedError
+        """One step: rollouts and updates; returns the row to log."""
 
+    @abc.abstractmethod
     def held_out(self) -> dict[str, float]:
-        raise NotImplementedError
+        """Held-out metrics, with a val_loss (lower is better) that picks <prefix>_best.pth."""
 
     def extra_state(self) -> dict[str, Any]:
         """Tensors/state besides the policy and its optimizer that a resumable checkpoint needs."""

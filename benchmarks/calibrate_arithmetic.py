@@ -15,7 +15,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # same setting as the trainer
 
 import argparse
-import importlib.util
 import json
 import random
 import sys
@@ -37,12 +36,10 @@ TEMPLATES = {"sft": SFT_TEMPLATE, "bare": "{instruction}{response}"}  # bare: th
 
 
 def load_generator():
-    """data/sft/build_sft_data.py as a module (it is a script, not a package)."""
-    spec = importlib.util.spec_from_file_location("build_sft_data", ROOT / "data" / "sft" / "build_sft_data.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["build_sft_data"] = module
-    spec.loader.exec_module(module)
-    return module
+    """The SFT data generator (data/sft/build_sft_data.py)."""
+    from data.sft import build_sft_data
+
+    return build_sft_data
 
 
 def training_records(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:

@@ -4,7 +4,7 @@ Output convention: one document per line. Shakespeare's plays give one document 
 (``SPEAKER: speech``), his poems one per sonnet or stanza, and the Chinese poems one per poem
 (``《title》 author：lines``). Every 20th document of each work goes to val.txt (5%, spread across works).
 
-    python data/build_pretrain_data.py --corpus ../shared/corpus --output data/pretrain
+    python -m data.build_pretrain_data --corpus ../shared/corpus --output data/pretrain
 """
 from __future__ import annotations
 
@@ -14,9 +14,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere: the project root
-import cli  # noqa: E402
-from atomic_file import atomic_path  # noqa: E402
+import cli
+from atomic_file import atomic_path
 
 VAL_EVERY = 20  # one document in VAL_EVERY is held out
 SPEAKER_LINE = re.compile(r"^([A-Z][A-Za-z'\- ]{0,40}?)\.$")

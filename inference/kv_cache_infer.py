@@ -14,6 +14,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+import cli
+
 from data_loader import SFT_TEMPLATE, build_sft_prompt
 from decoding import DecodeEngine, SamplingParams, encode_prompt, max_prompt_len
 from gpt_model import resolve_device
@@ -159,37 +161,33 @@ def parse_args(argv: Sequence[str] | None = None):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from byte_level_bpe import TokenizerError
-    from decoding import DecodingError
-    from gpt_model import CheckpointError, load_model_and_tokenizer, load_checkpoint
+    """The CLI; bad input gives one `error:` line and exit 2, Ctrl-C exits 130 (cli.run_cli)."""
+    return cli.run_cli(_run, argv)
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    from gpt_model import load_checkpoint, load_model_and_tokenizer
 
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        model, tokenizer = load_model_and_tokenizer(args.model_path, args.tokenizer_dir, device=args.device)
-        sampling = dict(max_gen_len=args.max_gen_len, top_k=args.top_k, temperature=args.temperature, top_p=args.top_p,
-                        repetition_penalty=args.repetition_penalty, do_sample=not args.greedy, seed=args.seed,
-                        stop=args.stop)
-        params = _params(tokenizer, **sampling)  # validates the sampling flags before any generation
-        if args.interactive:
-            template = load_checkpoint(args.model_path).get("sft_template", SFT_TEMPLATE)
-            chat(model, tokenizer, template, params)
-        elif args.stream:
-            print(args.prompt[0], end="", flush=True)
-            for piece in stream_with_kv_cache(model, tokenizer, args.prompt[0], **sampling):
-                print(piece, end="", flush=True)
-            print()
-        else:
-            texts = generate_batch_with_kv_cache(model, tokenizer, args.prompt, **sampling)
-            for prompt, text in zip(args.prompt, texts):
-                print(f"--- {prompt}{text}")
-    except (CheckpointError, TokenizerError, DecodingError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
+    model, tokenizer = load_model_and_tokenizer(args.model_path, args.tokenizer_dir, device=args.device)
+    sampling = dict(max_gen_len=args.max_gen_len, top_k=args.top_k, temperature=args.temperature, top_p=args.top_p,
+                    repetition_penalty=args.repetition_penalty, do_sample=not args.greedy, seed=args.seed,
+                    stop=args.stop)
+    params = _params(tokenizer, **sampling)  # validates the sampling flags before any generation
+    if args.interactive:
+        template = load_checkpoint(args.model_path).get("sft_template", SFT_TEMPLATE)
+        chat(model, tokenizer, template, params)
+    elif args.stream:
+        print(args.prompt[0], end="", flush=True)
+        for piece in stream_with_kv_cache(model, tokenizer, args.prompt[0], **sampling):
+            print(piece, end="", flush=True)
         print()
-        return 130
+    else:
+        texts = generate_batch_with_kv_cache(model, tokenizer, args.prompt, **sampling)
+        for prompt, text in zip(args.prompt, texts):
+            print(f"--- {prompt}{text}")
     return 0
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+
+import cli
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -298,39 +300,37 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from byte_level_bpe import TokenizerError
-    from data_loader import DataError
-    from evaluator import EvaluationError
-    from gpt_model import CheckpointError, load_model_and_tokenizer
+    """The CLI; bad input gives one `error:` line and exit 2 (cli.run_cli)."""
+    return cli.run_cli(_run, argv)
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    from gpt_model import load_model_and_tokenizer
 
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        if Path(args.output).resolve() == Path(args.model_path).resolve():
-            raise QuantizationError("--output must differ from --model_path (the float checkpoint is kept)")
-        if not args.no_eval and not Path(args.eval_data).exists():
-            raise QuantizationError(f"--eval_data {args.eval_data} not found (or pass --no_eval)")
-        model, tokenizer = load_model_and_tokenizer(args.model_path, args.tokenizer_dir, device="cpu")
-        if is_quantized(model):
-            raise QuantizationError(f"{args.model_path} is already an INT8 checkpoint")
-        ckpt = load_checkpoint(args.model_path)
-        extra = {k: ckpt[k] for k in ("tokenizer_fingerprint", "sft_template") if k in ckpt}
-        del ckpt
-        fp32_bytes = _checkpoint_bytes(model)  # weights only: the trainer's file also holds optimizer state
-        quality = (lambda: None) if args.no_eval else \
-            (lambda: _quality(model, tokenizer, args.eval_data, args.batch_size, args.max_samples))
-        before = quality()
-        quantize_model_int8(model, lm_head=not args.keep_lm_head)
-        save_quantized_model(model, args.output, **extra)
-        tokenizer_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else Path(args.model_path).parent / "tokenizer"
-        target = Path(args.output).parent / "tokenizer"
-        if not target.exists():
-            shutil.copytree(tokenizer_dir, target)
-        after = quality()
-    except (QuantizationError, CheckpointError, TokenizerError, DataError, EvaluationError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if Path(args.output).resolve() == Path(args.model_path).resolve():
+        raise QuantizationError("--output must differ from --model_path (the float checkpoint is kept)")
+    if not args.no_eval and not Path(args.eval_data).exists():
+        raise QuantizationError(f"--eval_data {args.eval_data} not found (or pass --no_eval)")
+    model, tokenizer = load_model_and_tokenizer(args.model_path, args.tokenizer_dir, device="cpu")
+    if is_quantized(model):
+        raise QuantizationError(f"{args.model_path} is already an INT8 checkpoint")
+    ckpt = load_checkpoint(args.model_path)
+    extra = {k: ckpt[k] for k in ("tokenizer_fingerprint", "sft_template") if k in ckpt}
+    del ckpt
+    fp32_bytes = _checkpoint_bytes(model)  # weights only: the trainer's file also holds optimizer state
+    quality = (lambda: None) if args.no_eval else \
+        (lambda: _quality(model, tokenizer, args.eval_data, args.batch_size, args.max_samples))
+    before = quality()
+    quantize_model_int8(model, lm_head=not args.keep_lm_head)
+    save_quantized_model(model, args.output, **extra)
+    tokenizer_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else Path(args.model_path).parent / "tokenizer"
+    target = Path(args.output).parent / "tokenizer"
+    if not target.exists():
+        shutil.copytree(tokenizer_dir, target)
+    after = quality()
     size_in, size_out = Path(args.model_path).stat().st_size, Path(args.output).stat().st_size
     print(f"{args.model_path}: {size_in / 1e6:.2f} MB; its fp32 weights alone {fp32_bytes / 1e6:.2f} MB -> "
           f"int8 checkpoint {size_out / 1e6:.2f} MB ({size_out / fp32_bytes:.3f}x): {args.output}")

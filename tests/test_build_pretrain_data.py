@@ -1,11 +1,8 @@
 """The corpus builder turns the source layouts into one document per line."""
-import importlib.util
 
-from conftest import ROOT, TRAIN_TXT, VAL_TXT
+from conftest import TRAIN_TXT, VAL_TXT
 
-spec = importlib.util.spec_from_file_location("build_pretrain_data", ROOT / "data" / "build_pretrain_data.py")
-build = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(build)
+from data import build_pretrain_data as build
 
 PLAY = """THE TRAGEDY OF KING LEAR
 

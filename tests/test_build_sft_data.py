@@ -1,17 +1,12 @@
 """The SFT / preference demo data: reproducible, split without leaks, every answer checked against the corpus."""
-import importlib.util
 import json
 import re
-import sys
 
 import pytest
 
 from conftest import ROOT, TRAIN_TXT
 
-spec = importlib.util.spec_from_file_location("build_sft_data", ROOT / "data" / "sft" / "build_sft_data.py")
-build_sft = importlib.util.module_from_spec(spec)
-sys.modules["build_sft_data"] = build_sft  # dataclasses look their module up while the file executes
-spec.loader.exec_module(build_sft)
+from data.sft import build_sft_data as build_sft
 
 FILES = ("sft_data.json", "sft_test.json", "rlhf_pairwise.json", "rlhf_pairwise_test.json")
 CORPUS = TRAIN_TXT.read_text(encoding="utf-8").splitlines()

@@ -2,12 +2,10 @@
 beats chance, the demo data generator, and the evaluator on a classifier checkpoint."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,10 +18,7 @@ import gpt_model
 import metrics
 from conftest import ROOT, TRAIN_TXT
 
-spec = importlib.util.spec_from_file_location("build_classify_data",
-                                              ROOT / "data" / "classify" / "build_classify_data.py")
-build_classify = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(build_classify)
+from data.classify import build_classify_data as build_classify
 
 CLASSIFY_DATA = ROOT / "data" / "classify"
 

@@ -14,7 +14,7 @@ three characters each. Train and test come from disjoint source documents (a spe
 text and no document is in both. The speeches are capped (2,400 train / 300 test of 25k); the few poems give every
 window, half-overlapping in train (augmentation), so the test set is near balanced (majority class ~48%).
 
-    python data/classify/build_classify_data.py [--seed 0] [--output_dir data/classify]
+    python -m data.classify.build_classify_data [--seed 0] [--output_dir data/classify]
 """
 from __future__ import annotations
 
@@ -27,8 +27,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: make atomic_file importable
-from atomic_file import atomic_path  # noqa: E402
+from atomic_file import atomic_path
 
 DEFAULT_OUTPUT = Path("data/classify")
 DEFAULT_CORPUS = Path("data/pretrain/train.txt")

@@ -14,7 +14,7 @@ teaches the format and the model must recall the answer. One split of prompts se
 give no train prompt. Preference pairs reject a plausible wrong answer: a near-miss sum (+-1, +-10), a truncated
 answer, another poem's line, another poet, or the speaker of a nearby speech (usually the same scene).
 
-    python data/sft/build_sft_data.py [--seed 0] [--output_dir data/sft]
+    python -m data.sft.build_sft_data [--seed 0] [--output_dir data/sft]
 """
 from __future__ import annotations
 
@@ -28,8 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: make atomic_file importable
-from atomic_file import atomic_path  # noqa: E402
+from atomic_file import atomic_path
 
 DEFAULT_OUTPUT = Path("data/sft")
 DEFAULT_CORPUS = Path("data/pretrain/train.txt")
@@ -79,7 +78,7 @@ def read_corpus(path: Path) -> tuple[list[tuple[str, str, str]], list[tuple[str,
     """(poems as (title, author, body), speeches as (speaker, speech)) in corpus order."""
     if not path.is_file():
         raise BuildError(f"corpus file {path} not found: pass --corpus data/pretrain/train.txt "
-                         "(rebuild it with data/build_pretrain_data.py)")
+                         "(rebuild it with python -m data.build_pretrain_data)")
     poems, speeches = [], []
     for line in path.read_text(encoding="utf-8").splitlines():
         if match := POEM.match(line):
