@@ -143,7 +143,14 @@ def describe_os_error(err: OSError) -> str:
     return f"{what}{where}{hint}"
 
 
+_CLI_PID: int | None = None  # the process run_cli runs in; forked workers (tokenizer pools) inherit the handler
+
+
 def _raise_interrupted(signum: int, frame) -> None:
+    if os.getpid() != _CLI_PID:  # a forked worker being shut down by its pool: die quietly, as by default
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     raise Interrupted(signum)
 
 
@@ -154,7 +161,9 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     (the trainers) catches the signals itself and raises ``Interrupted`` with what it saved. Other exceptions are
     bugs and keep their traceback.
     """
+    global _CLI_PID
     if threading.current_thread() is threading.main_thread():
+        _CLI_PID = os.getpid()
         signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         return main(argv)

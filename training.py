@@ -241,8 +241,13 @@ class StopSignals:
     def __init__(self):
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
 
     def _handle(self, signum: int, frame) -> None:
+        if os.getpid() != self._pid:  # a forked worker inherited the handler: end it as the default would
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         if self.signum is not None:
             raise Interrupted(signum, f"interrupted again by {signal.Signals(signum).name}: stopped without saving")
         self.signum = signum

@@ -441,3 +441,20 @@ def test_kill_9_then_resume_auto_continues_exactly_without_stale_files(during, c
     assert resumed.wait(timeout=120) == 0, resumed.communicate()[1]
     assert not [p.name for p in out.rglob(".*") if p.name.endswith((".tmp", ".tmpdir", ".old"))]
     assert train_losses(out) == straight_run
+
+
+def _pool_that_is_terminated(argv) -> int:
+    import multiprocessing
+
+    pool = multiprocessing.get_context("fork").Pool(2)
+    pool.map(abs, range(4))
+    pool.terminate()  # SIGTERMs its workers, which inherited run_cli's handler
+    pool.join()
+    return 0
+
+
+def test_forked_workers_shut_down_by_their_pool_exit_quietly(capfd):
+    import cli
+
+    assert cli.run_cli(_pool_that_is_terminated, []) == 0
+    assert "Traceback" not in capfd.readouterr().err
