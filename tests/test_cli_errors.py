@@ -443,18 +443,16 @@ def test_kill_9_then_resume_auto_continues_exactly_without_stale_files(during, c
     assert train_losses(out) == straight_run
 
 
-def _pool_that_is_terminated(argv) -> int:
-    import multiprocessing
-
-    pool = multiprocessing.get_context("fork").Pool(2)
-    pool.map(abs, range(4))
-    pool.terminate()  # SIGTERMs its workers, which inherited run_cli's handler
-    pool.join()
+def _encode_across_processes(argv) -> int:
+    tokenizer = ByteLevelBPETokenizer(vocab_size=300)
+    tokenizer.train(corpus_lines(limit=50), show_progress=False)
+    for _ in range(3):  # each call starts a worker pool and shuts it down
+        assert len(list(tokenizer.encode_many(corpus_lines(limit=200), num_workers=2))) == 200
     return 0
 
 
 def test_forked_workers_shut_down_by_their_pool_exit_quietly(capfd):
     import cli
 
-    assert cli.run_cli(_pool_that_is_terminated, []) == 0
+    assert cli.run_cli(_encode_across_processes, []) == 0
     assert "Traceback" not in capfd.readouterr().err
