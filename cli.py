@@ -162,9 +162,10 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     bugs and keep their traceback.
     """
     global _CLI_PID
+    previous = None
     if threading.current_thread() is threading.main_thread():
         _CLI_PID = os.getpid()
-        signal.signal(signal.SIGTERM, _raise_interrupted)
+        previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         return main(argv)
     except Interrupted as err:
@@ -184,3 +185,6 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
+    finally:
+        if previous is not None:  # leave the process as it was (tests, embedding callers)
+            signal.signal(signal.SIGTERM, previous)
