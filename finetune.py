@@ -55,14 +55,16 @@ MODES = ("sft", "reward", "rlhf", "dpo", "rlvf", "classify")
 STAGE_DEFAULTS = {  # step budgets, so results do not depend on machine load; ~4-5 minutes each on 2 CPU cores
     "sft": dict(output_dir="models/sft", lr=3e-3, batch_size=32, warmup_steps=50, max_steps=2500,
                 eval_interval=250, weight_decay=0.1, min_lr_ratio=0.1),
-    "reward": dict(output_dir="models/reward", lr=1e-3, batch_size=32, warmup_steps=30, max_steps=800,
-                   eval_interval=100, weight_decay=0.1, min_lr_ratio=0.1),
+    "reward": dict(output_dir="models/reward", lr=3e-4, batch_size=32, warmup_steps=30, max_steps=3000,
+                   eval_interval=250, weight_decay=0.1, min_lr_ratio=0.1),
     "rlhf": dict(output_dir="models/rlhf", lr=1e-5, batch_size=32, warmup_steps=0, max_steps=150,
-                 eval_interval=25, weight_decay=0.0, min_lr_ratio=1.0, log_interval=1, rollout_batch_size=32),
+                 eval_interval=25, weight_decay=0.0, min_lr_ratio=1.0, log_interval=1, rollout_batch_size=32,
+                 kl_coef=0.2),  # TRL's init_kl_coef: at 0.05 the policy drifted from the SFT answers
     "dpo": dict(output_dir="models/dpo", lr=3e-4, batch_size=32, warmup_steps=20, max_steps=600,
                 eval_interval=100, weight_decay=0.0, min_lr_ratio=0.1, label_smoothing=0.0),
     "rlvf": dict(output_dir="models/rlvf", lr=2e-5, batch_size=32, warmup_steps=0, max_steps=100,
-                 eval_interval=20, weight_decay=0.0, min_lr_ratio=1.0, log_interval=1, rollout_batch_size=8),
+                 eval_interval=20, weight_decay=0.0, min_lr_ratio=1.0, log_interval=1, rollout_batch_size=8,
+                 kl_coef=0.05),
     "classify": dict(output_dir="models/classify", lr=5e-4, batch_size=32, warmup_steps=30, max_steps=400,
                      eval_interval=50, weight_decay=0.1, min_lr_ratio=0.1, label_smoothing=0.1),
 }
@@ -1082,7 +1084,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rollout_temperature", type=cli.positive_float, default=d.rollout_temperature,
                    help="rlhf: sampling temperature of rollouts")
     p.add_argument("--kl_coef", type=cli.nonnegative_float, default=d.kl_coef,
-                   help="rlhf: β of the per-token KL penalty to the reference (SFT) model")
+                   help="rlhf/rlvf: β of the KL penalty to the reference (SFT) model")
     p.add_argument("--target_kl", type=cli.positive_float, default=None,
                    help="rlhf: adapt β so the per-sequence KL tracks this (Ziegler et al.); default: fixed β")
     p.add_argument("--gamma", type=cli.probability, default=d.gamma, help="rlhf: discount")

@@ -133,8 +133,18 @@ def test_counts_per_family(built):
     assert counts["arithmetic"] == 9500 and counts["speaker"] == 1000
     assert counts["poem_next_line"] > 500 and counts["poem_author"] > 200
     assert sum(1 for r in load(built, "sft_test.json") if r["task"] == "arithmetic") == 500
-    assert sum(1 for r in load(built, "rlhf_pairwise.json") if r["task"] == "arithmetic") == 2000
     assert sum(1 for r in load(built, "rlhf_pairwise_test.json") if r["task"] == "arithmetic") == 500
+
+
+def test_train_pairs_hold_every_wrong_answer_of_every_train_sum_once(built):
+    expected = set()
+    for r in load(built, "sft_data.json"):
+        if r["task"] == "arithmetic":
+            total = int(r["response"])
+            wrong = {str(total + d) for d in (-10, -1, 1, 10) if total + d >= 0} | ({str(total)[:-1]} - {""})
+            expected |= {(r["instruction"], w) for w in wrong}
+    pairs = [(r["instruction"], r["rejected"]) for r in load(built, "rlhf_pairwise.json") if r["task"] == "arithmetic"]
+    assert len(pairs) == len(set(pairs)) and set(pairs) == expected
 
 
 @pytest.mark.slow
