@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from benchmarks.bench_generate import build_pair, estimate_uncached_seconds
 from decoding import DecodeEngine, SamplingParams
 from inference.quantizer import (_fbgemm_available, quantize_model_int8, quantize_per_channel,
-                                 transpose_linears_for_cpu)
+                                 pack_linears_for_cpu)
 
 
 def ct2_generators(hf, threads: int, folder: Path) -> dict:
@@ -149,7 +149,7 @@ def main() -> None:
     results.update({f"{k}_t{args.kernel_threads}": v for k, v in kernel_ms(ours).items()})
     torch.set_num_threads(args.threads)
     systems = {"ours_fp32": ours,
-               "ours_fp32_in_out": transpose_linears_for_cpu(copy.deepcopy(ours)),
+               "ours_fp32_packed": pack_linears_for_cpu(copy.deepcopy(ours)),
                "ours_int8": quantize_model_int8(copy.deepcopy(ours))}
     results["ours_int8_kernel"] = systems["ours_int8"].lm_head.active_kernel(torch.zeros(1, 1))
     with tempfile.TemporaryDirectory() as tmp:

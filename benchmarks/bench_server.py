@@ -46,8 +46,10 @@ def baseline_app(model_path: str, tokenizer_dir: str | None, device: str):
 
     from decoding import DecodeEngine, SamplingParams
     from gpt_model import load_model_and_tokenizer
+    from inference.quantizer import prepare_for_inference
 
     model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_dir, device=device)
+    model = prepare_for_inference(model)  # the same weights layout as the server's, so only batching differs
     engine, lock = DecodeEngine(model, tokenizer, n_slots=1), threading.Lock()
     app = FastAPI()
 

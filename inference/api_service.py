@@ -413,14 +413,13 @@ class ServedModel:
 
 def load_served_model(settings: Settings, metrics: Metrics) -> ServedModel:
     """Load the checkpoint (INT8 or float, quantizing on request), build the engine and start its thread."""
-    from inference.quantizer import is_quantized, quantize_model_int8
+    from inference.quantizer import is_quantized, prepare_for_inference
 
     path = settings.resolved_model_path()
     model, tokenizer = load_model_and_tokenizer(path, settings.tokenizer_dir or None, device=settings.device)
     device = next(model.parameters()).device
     dtype = resolve_dtype(settings.dtype, device)
-    if settings.quantize == "int8" and not is_quantized(model):
-        model = quantize_model_int8(model).eval()
+    model = prepare_for_inference(model, settings.quantize, dtype)
     with torch.device("meta"):
         parameters = GPTModel(model.config).num_parameters()
     engine = DecodeEngine(model, tokenizer, n_slots=settings.max_batch_size)

@@ -167,11 +167,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(argv: Sequence[str] | None) -> int:
     from gpt_model import load_checkpoint, load_model_and_tokenizer
+    from inference.quantizer import prepare_for_inference
 
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model_and_tokenizer(args.model_path, args.tokenizer_dir, device=args.device)
+    model = prepare_for_inference(model)
     sampling = dict(max_gen_len=args.max_gen_len, top_k=args.top_k, temperature=args.temperature, top_p=args.top_p,
                     repetition_penalty=args.repetition_penalty, do_sample=not args.greedy, seed=args.seed,
                     stop=args.stop)

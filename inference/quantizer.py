@@ -129,44 +129,53 @@ class Int8Embedding(nn.Module):
         return self.weight[ids].float() * self.scale[ids].unsqueeze(-1)
 
 
-class TransposedLinear(nn.Module):
-    """Float y = x @ W_t + b with W_t stored (in, out) contiguous: on CPU this GEMV layout measured ~20-25%
-    faster than nn.Linear's (out, in) (benchmarks/bench_inference.py). Inference only: nothing to save or train."""
+def _onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
-    def __init__(self, weight_t: torch.Tensor, bias: torch.Tensor | None):
+
+class PackedLinear(nn.Module):
+    """Float y = x W^T + b with W prepacked once into oneDNN's blocked layout (what inductor's freezing does on
+    CPU): the GEMV/GEMM of decoding then skips nn.Linear's per-call layout work (benchmarks/bench_inference.py).
+    Without oneDNN, W is stored (in, out) contiguous instead (also faster than nn.Linear's (out, in) on CPU).
+    Inference only: nothing to train; the packed weight is not part of the state dict."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int = 8):
         super().__init__()
-        self.in_features, self.out_features = weight_t.shape
-        self.register_buffer("weight_t", weight_t)
-        self.register_buffer("bias", bias)
+        self.out_features, self.in_features = weight.shape
+        self.onednn = _onednn_available() and weight.device.type == "cpu" and weight.dtype == torch.float32
+        weight = weight.detach()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint) if self.onednn else \
+            weight.t().contiguous()
+        self.register_buffer("bias", None if bias is None else bias.detach().clone(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.onednn and x.dtype == torch.float32:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         x2d = x.reshape(-1, self.in_features)
-        y = x2d @ self.weight_t if self.bias is None else torch.addmm(self.bias, x2d, self.weight_t)
+        weight_t = self.packed.to_dense().t() if self.onednn else self.packed
+        y = x2d @ weight_t if self.bias is None else torch.addmm(self.bias, x2d, weight_t)
         return y.view(x.shape[:-1] + (self.out_features,))
 
 
-class TransposedEmbedding(nn.Module):
-    """Embedding lookup from the tied head's (d_model, vocab) table: a column gather, no second copy."""
-
-    def __init__(self, weight_t: torch.Tensor):
-        super().__init__()
-        self.register_buffer("weight_t", weight_t)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight_t.t())
-
-
-def transpose_linears_for_cpu(model: GPTModel) -> GPTModel:
-    """In place, for float inference on CPU: every nn.Linear (and the tied head + embedding) to the (in, out) layout."""
-    if any(isinstance(m, (Int8Linear, TransposedLinear)) for m in model.modules()):
-        raise QuantizationError("the model's linear layers were already replaced (INT8 or transposed)")
+def pack_linears_for_cpu(model: GPTModel) -> GPTModel:
+    """In place, for fp32 inference on CPU: every nn.Linear and the tied LM head to a PackedLinear; the embedding
+    keeps its own table. The server, the chat CLI and the evaluator call this; training never does."""
+    if any(isinstance(m, (Int8Linear, PackedLinear)) for m in model.modules()):
+        raise QuantizationError("the model's linear layers were already replaced (INT8 or packed)")
     with torch.no_grad():
         for parent, name, linear in _decoder_linears(model):
-            bias = None if linear.bias is None else linear.bias.detach().clone()
-            setattr(parent, name, TransposedLinear(linear.weight.detach().t().contiguous(), bias))
-        if model.lm_head.weight is model.transformer.wte.weight:
-            head = TransposedLinear(model.lm_head.weight.detach().t().contiguous(), None)
-            model.lm_head, model.transformer.wte = head, TransposedEmbedding(head.weight_t)
+            setattr(parent, name, PackedLinear(linear.weight, linear.bias))
+        model.lm_head = PackedLinear(model.lm_head.weight, model.lm_head.bias)
+    return model.eval()
+
+
+def prepare_for_inference(model: GPTModel, quantize: str = "none", dtype: torch.dtype = torch.float32) -> GPTModel:
+    """The model a decode loop should run: INT8 when asked (or already), else fp32 on CPU with packed weights."""
+    if quantize == "int8" and not is_quantized(model):
+        quantize_model_int8(model)
+    device = next(model.parameters()).device
+    if not is_quantized(model) and device.type == "cpu" and dtype == torch.float32 and _onednn_available():
+        pack_linears_for_cpu(model)
     return model.eval()
 
 
@@ -177,8 +186,8 @@ def _decoder_linears(model: GPTModel) -> list[tuple[nn.Module, str, nn.Module]]:
 
 def _swap_in_int8(model: GPTModel, lm_head: bool, kernel: str, quantize: bool) -> GPTModel:
     """Replace the decoder's nn.Linear (and the tied head + embedding) by INT8 modules, quantized or empty."""
-    if any(isinstance(m, (Int8Linear, Int8Embedding, TransposedLinear)) for m in model.modules()):
-        raise QuantizationError("the model is already quantized (or its linear layers were transposed)")
+    if any(isinstance(m, (Int8Linear, Int8Embedding, PackedLinear)) for m in model.modules()):
+        raise QuantizationError("the model is already quantized (or its linear layers were packed)")
     for parent, name, linear in _decoder_linears(model):
         int8 = Int8Linear.from_linear(linear, kernel) if quantize else \
             Int8Linear(linear.in_features, linear.out_features, linear.bias is not None, kernel)

@@ -1,17 +1,19 @@
 """INT8 weight-only quantization: exact per-channel scales, logits close to fp32, checkpoint round trip, CLI."""
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt_model import GPTModel, load_checkpoint, load_model_and_tokenizer, save_checkpoint
 from inference.quantizer import (
-    Int8Embedding, Int8Linear, QuantizationError, TransposedLinear, _fbgemm_available, load_quantized_model, main,
-    quantize_model_int8, quantize_per_channel, save_quantized_model, transpose_linears_for_cpu,
+    Int8Embedding, Int8Linear, PackedLinear, QuantizationError, _fbgemm_available, load_quantized_model, main,
+    quantize_model_int8, quantize_per_channel, save_quantized_model, pack_linears_for_cpu, prepare_for_inference,
 )
 
 KERNELS = ["dequant", pytest.param("fbgemm", marks=pytest.mark.skipif(not _fbgemm_available(), reason="no FBGEMM")),
@@ -131,16 +133,26 @@ def test_cli_errors_are_one_line(model, run_dir, tmp_path, capsys):
     assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
 
 
-def test_transposed_fp32_layout_gives_the_same_logits(model):
+@pytest.mark.parametrize("onednn", [True, False])
+def test_packed_fp32_linears_give_the_same_logits_and_tokens(model, monkeypatch, onednn):
+    if not onednn:  # the (in, out) fallback where oneDNN is missing
+        monkeypatch.setattr("inference.quantizer._onednn_available", lambda: False)
     ids = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(3))
     prompt = ids[:1, :5]
     with torch.no_grad():
         expected, greedy = model(ids)["logits"], model.generate(prompt, max_gen_len=10, do_sample=False)
-        transpose_linears_for_cpu(model)
+        pack_linears_for_cpu(model)
         torch.testing.assert_close(model(ids)["logits"], expected, atol=1e-5, rtol=1e-5)
-    assert isinstance(model.lm_head, TransposedLinear) and model.lm_head.weight_t.shape == (model.config.d_model,
-                                                                                             model.config.vocab_size)
-    assert model.transformer.wte.weight_t is model.lm_head.weight_t  # tied: one table
+    linears = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert len(linears) == 4 * model.config.n_layers + 1 and not any(isinstance(m, nn.Linear) for m in model.modules())
+    assert all(m.onednn == (onednn and torch.backends.mkldnn.is_available()) for m in linears)
     assert torch.equal(model.generate(prompt, max_gen_len=10, do_sample=False), greedy)
     with pytest.raises(QuantizationError, match="already"):
         quantize_model_int8(model)
+
+
+def test_prepare_for_inference_packs_fp32_on_cpu_and_quantizes_on_request(model):
+    assert isinstance(prepare_for_inference(copy.deepcopy(model)).lm_head,
+                      PackedLinear if torch.backends.mkldnn.is_available() else nn.Linear)
+    assert isinstance(prepare_for_inference(copy.deepcopy(model), dtype=torch.bfloat16).lm_head, nn.Linear)
+    assert isinstance(prepare_for_inference(copy.deepcopy(model), quantize="int8").lm_head, Int8Linear)
