@@ -116,6 +116,7 @@ class FinetuneConfig(training.TrainConfig):
     # GRPO
     group_size: int = 8
     format_weight: float = 0.1
+    skip_uniform_groups: bool = True
 
 
 # ----------------------------------------------------------------------------- losses (pure functions, tested)
@@ -970,13 +971,20 @@ class GRPOTrainer(RLTrainer):
             records = [record for _, record in items for _ in range(c.group_size)]
             rewards = torch.tensor([verifiable_reward(t, r, c.format_weight) for t, r in zip(texts, records)],
                                    device=self.device)
-            advantages = grpo_advantages(rewards.view(len(items), c.group_size)).flatten()
+            groups = rewards.view(len(items), c.group_size)
+            advantages = grpo_advantages(groups).flatten()
+            # DAPO's dynamic sampling: a group whose answers all score the same has zero advantage and teaches
+            # nothing, so only the other groups' rows are trained on (the step's batch shrinks instead).
+            informative = (groups.std(1) > 0).repeat_interleave(c.group_size) if c.skip_uniform_groups else \
+                torch.ones_like(rewards, dtype=torch.bool)
+            rows = informative.nonzero().flatten()
+            sequences, attn, mask, advantages = sequences[rows], attn[rows], mask[rows], advantages[rows]
             old_logprobs, _ = response_logprobs(self.policy, sequences, attn, prompt_len)
             ref_logprobs, _ = response_logprobs(self.reference, sequences, attn, prompt_len)
         stats: dict[str, list[float]] = defaultdict(list)
-        for _ in range(c.ppo_epochs):
-            order = torch.randperm(len(prompts), device=self.device)
-            for start in range(0, len(prompts), c.ppo_minibatch_size):
+        for _ in range(c.ppo_epochs if len(rows) else 0):
+            order = torch.randperm(len(rows), device=self.device)
+            for start in range(0, len(rows), c.ppo_minibatch_size):
                 idx = order[start:start + c.ppo_minibatch_size]
                 logprobs, entropy = response_logprobs(self.policy, sequences[idx], attn[idx], prompt_len)
                 token_advantages = advantages[idx].unsqueeze(1).expand_as(logprobs)
@@ -989,10 +997,10 @@ class GRPOTrainer(RLTrainer):
                 stats["kl"].append(kl.item())
                 stats["clip_fraction"].append(clip_fraction.item())
                 stats["entropy"].append(masked_mean(entropy.detach(), mask[idx]).item())
-        groups = rewards.view(len(items), c.group_size)
         return {"reward": float(rewards.mean()), "solved_groups": float((groups.max(1).values >= 1).float().mean()),
-                "zero_advantage_groups": float((groups.std(1) == 0).float().mean()),
-                "response_length": float(mask.sum(1).mean()), **{k: sum(v) / len(v) for k, v in stats.items()}}
+                "zero_advantage_groups": float((groups.std(1) == 0).float().mean()), "trained_rows": len(rows),
+                "response_length": float(mask.sum(1).mean()) if len(rows) else 0.0,
+                **{k: sum(v) / len(v) for k, v in stats.items()}}
 
     @torch.no_grad()
     def held_out(self) -> dict[str, float]:
@@ -1102,6 +1110,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rlvf: answers sampled per prompt (GRPO's group)")
     p.add_argument("--format_weight", type=cli.nonnegative_float, default=d.format_weight,
                    help="rlvf: weight of the format verifier's bonus added to the task verifier's reward")
+    p.add_argument("--skip_uniform_groups", action=argparse.BooleanOptionalAction, default=d.skip_uniform_groups,
+                   help="rlvf: train only on groups whose answers scored differently (DAPO's dynamic sampling; "
+                        "a group that is all right or all wrong has zero advantage)")
     add_classify_arguments(p, d)
     training.add_loop_arguments(p, d)
     per_stage = {key for defaults in STAGE_DEFAULTS.values() for key in defaults}

@@ -345,3 +345,24 @@ def test_dpo_and_rlvf_runs_write_their_best_checkpoints(files, tmp_path):
     summary = ft.run_rlvf(rlvf, None, show_progress=False)
     rows = training.read_metrics(Path(rlvf.output_dir) / "metrics.jsonl")
     assert [r["step"] for r in rows if "reward" in r] == [1, 2] and Path(summary["checkpoint"]).exists()
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_rlvf_trains_only_on_groups_whose_answers_scored_differently(files, tmp_path, skip):
+    records = [{"instruction": f"计算 {i} + 1 = ?", "response": str(i + 1), "verifier": "constant" if i % 2 else "length"}
+               for i in range(4)]
+    data = tmp_path / "records.json"
+    data.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    ft.register_verifier("constant")(lambda response, record: 1.0)  # every answer alike: zero advantage
+    ft.register_verifier("length")(lambda response, record: float(len(response) % 2))
+    try:
+        rlvf = config(files, tmp_path, "rlvf", sft_model=str(files["pretrained"]), data_path=str(data),
+                      test_data_path=str(data), max_steps=1, eval_interval=1, rollout_batch_size=4, group_size=4,
+                      ppo_minibatch_size=4, ppo_epochs=1, format_weight=0.0, skip_uniform_groups=skip, seed=1)
+        ft.run_rlvf(rlvf, None, show_progress=False)
+    finally:
+        del ft.VERIFIERS["constant"], ft.VERIFIERS["length"]
+    row = next(r for r in training.read_metrics(Path(rlvf.output_dir) / "metrics.jsonl") if "reward" in r)
+    uniform_groups = round(row["zero_advantage_groups"] * 4)
+    assert uniform_groups >= 2  # the two "constant" groups at least
+    assert row["trained_rows"] == (4 - uniform_groups) * 4 if skip else row["trained_rows"] == 16
