@@ -14,6 +14,7 @@ integrating over all steps (trapezoid); those keys end in _est. Everything else 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 
@@ -73,10 +74,9 @@ def bench_shape(shape: str, device: torch.device, args: argparse.Namespace, resu
         gen = torch.Generator(device="cpu").manual_seed(batch)
         prompt = torch.randint(0, 50257, (batch, args.prompt_len), generator=gen).to(device)
         mask = torch.ones_like(prompt)
-        run_ours = lambda cache=True: ours.generate(prompt, max_gen_len=args.new_tokens, do_sample=False,  # noqa: E731
-                                                    use_cache=cache)
-        run_hf = lambda: hf.generate(prompt, attention_mask=mask, max_new_tokens=args.new_tokens,  # noqa: E731
-                                     min_new_tokens=args.new_tokens, do_sample=False)
+        run_ours = functools.partial(ours.generate, prompt, max_gen_len=args.new_tokens, do_sample=False)
+        run_hf = functools.partial(hf.generate, prompt, attention_mask=mask, max_new_tokens=args.new_tokens,
+                                   min_new_tokens=args.new_tokens, do_sample=False)
         ours.generate(prompt, max_gen_len=4, do_sample=False)  # warm-up: allocator, kernels
         hf.generate(prompt, attention_mask=mask, max_new_tokens=4, do_sample=False)
         ours_s, hf_s, same = [], [], True
@@ -87,7 +87,7 @@ def bench_shape(shape: str, device: torch.device, args: argparse.Namespace, resu
             hf_s.append(seconds)
             same = same and torch.equal(ours_out, hf_out)
         if full_uncached:
-            uncached_s = min(timed(lambda: run_ours(cache=False), device)[0] for _ in range(max(1, repeats - 1)))
+            uncached_s = min(timed(lambda: run_ours(use_cache=False), device)[0] for _ in range(max(1, repeats - 1)))
             uncached_key = "uncached_tok_s"
         else:
             uncached_s = estimate_uncached_seconds(ours, prompt, args.new_tokens, args.uncached_samples, device)
