@@ -1,11 +1,12 @@
-"""Greedy decoding throughput of our engine (fp32, fp32 with (in, out) weights, INT8) against transformers and
-CTranslate2 (float32, int8), all holding the same random GPT-2 124M weights; plus the pieces behind the numbers.
+"""Greedy decoding throughput of our engine (fp32 nn.Linear, fp32 oneDNN-prepacked as served, INT8) against
+transformers and CTranslate2 (float32, int8), all holding the same random GPT-2 124M weights; plus the pieces
+behind the numbers.
 
 Prints ONE JSON line (CPU). tok_s = batch * new_tokens / seconds, new tokens only, best of --repeats; in each
 repeat every system runs once, back to back, so they see the same machine load. Also reported:
-  - kernel_ms_*_t1: the 49 matmuls of one 124M batch-1 token with each kernel (fp32 nn.Linear layout, (in, out)
-    layout, FBGEMM int8, torch._weight_int8pack_mm, int8 dequantize + matmul), on --kernel_threads threads:
-    how quantizer.pick_kernel chose;
+  - kernel_ms_*_t1: the 49 matmuls of one 124M batch-1 token with each kernel (fp32 nn.Linear layout,
+    (in, out) layout, oneDNN-prepacked (PackedLinear), FBGEMM int8, torch._weight_int8pack_mm, int8 dequantize +
+    matmul), on --kernel_threads threads: how quantizer.pick_kernel chose;
   - read bandwidth and the bandwidth floor (weight bytes read per token / bandwidth) at batch 1;
   - KV cache vs recompute at batch 1 (recompute estimated from timed single steps, as bench_generate does);
   - the engine with 1, 8 and 32 sequences joining at staggered times (one every --stagger steps);
@@ -28,8 +29,8 @@ import torch.nn.functional as F
 
 from benchmarks.bench_generate import build_pair, estimate_uncached_seconds
 from decoding import DecodeEngine, SamplingParams
-from inference.quantizer import (_fbgemm_available, quantize_model_int8, quantize_per_channel,
-                                 pack_linears_for_cpu)
+from inference.quantizer import (PackedLinear, _fbgemm_available, pack_linears_for_cpu, quantize_model_int8,
+                                 quantize_per_channel)
 
 
 def ct2_generators(hf, threads: int, folder: Path) -> dict:
@@ -60,9 +61,11 @@ def kernel_ms(model) -> dict:
     weights = [m.weight.detach() for m in linears]
     xs = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
     transposed = [w.t().contiguous() for w in weights]
+    packed = [PackedLinear(w, None) for w in weights]
     int8 = [quantize_per_channel(w) for w in weights]
     runs = {"fp32_linear": [lambda w=w: F.linear(xs[w.shape[1]], w) for w in weights],
             "fp32_in_out": [lambda w=w: xs[w.shape[0]] @ w for w in transposed],
+            "fp32_packed": [lambda layer=layer: layer(xs[layer.in_features]) for layer in packed],
             "int8_dequant": [lambda q=q, s=s: F.linear(xs[q.shape[1]], q.float()) * s for q, s in int8]}
     if hasattr(torch, "_weight_int8pack_mm"):
         runs["int8_int8pack"] = [lambda q=q, s=s: torch._weight_int8pack_mm(xs[q.shape[1]], q, s) for q, s in int8]
@@ -185,7 +188,7 @@ def main() -> None:
                     results[f"{prefix}_{name}_tokens_equal_hf"] = round(agree, 3)
             for name in systems:
                 results[f"{prefix}_{name}_over_hf"] = round(best["hf_fp32"] / best[name], 2)
-            for ours_name, ref in (("ours_fp32", "ct2_float32"), ("ours_fp32_in_out", "ct2_float32"),
+            for ours_name, ref in (("ours_fp32", "ct2_float32"), ("ours_fp32_packed", "ct2_float32"),
                                    ("ours_int8", "ct2_int8")):
                 if ref in best:
                     results[f"{prefix}_{ours_name}_over_{ref}"] = round(best[ref] / best[ours_name], 2)
@@ -199,7 +202,7 @@ def main() -> None:
         results[f"{name}_weight_mb_per_token"] = round(weight_bytes / 1e6, 1)
         results[f"{name}_b1_floor_tok_s"] = round(bandwidth / weight_bytes, 1)
     for n in [int(n) for n in args.joining.split(",") if n]:
-        for name in ("ours_fp32_in_out", "ours_int8"):
+        for name in ("ours_fp32_packed", "ours_int8"):
             results[f"joining_{n}_{name}_tok_s"] = round(
                 staggered_tok_s(systems[name], n, args.prompt_len, args.new_tokens, args.stagger), 1)
     for shape in [s for s in args.compile_shapes.split(",") if s]:
