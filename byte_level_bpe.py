@@ -46,7 +46,8 @@ class TokenizerError(ValueError):
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable unicode character table (so vocab files hold no raw bytes)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
     chars = printable[:]
     n = 0
     for b in range(256):
@@ -83,20 +84,25 @@ class ByteLevelBPETokenizer:
     def __init__(self, vocab_size: int = 50000, special_tokens: list[str] | None = None):
         if not _is_int(vocab_size):
             raise TokenizerError(f"vocab_size must be an int, got {vocab_size!r}")
-        if special_tokens is not None and (isinstance(special_tokens, str) or not isinstance(special_tokens, (list, tuple))):
+        if special_tokens is not None and (isinstance(special_tokens, str)
+                                           or not isinstance(special_tokens, (list, tuple))):
             raise TokenizerError(f"special_tokens must be a list of strings, got {special_tokens!r}")
         specials = list(DEFAULT_SPECIAL_TOKENS if special_tokens is None else special_tokens)
-        if len(specials) < len(ROLES) or len(set(specials)) != len(specials) or not all(isinstance(s, str) and s for s in specials):
-            raise TokenizerError(f"special_tokens must be >= 4 distinct non-empty strings (bos, pad, eos, unk first), got {specials!r}")
+        if (len(specials) < len(ROLES) or len(set(specials)) != len(specials)
+                or not all(isinstance(s, str) and s for s in specials)):
+            raise TokenizerError("special_tokens must be >= 4 distinct non-empty strings (bos, pad, eos, unk first), "
+                                 f"got {specials!r}")
         if vocab_size < 256 + len(specials):
-            raise TokenizerError(f"vocab_size={vocab_size} is too small: it must be at least 256 byte tokens + {len(specials)} special tokens = {256 + len(specials)}")
+            raise TokenizerError(f"vocab_size={vocab_size} is too small: it must be at least 256 byte tokens + "
+                                 f"{len(specials)} special tokens = {256 + len(specials)}")
         self.target_vocab_size = vocab_size
         id_to_bytes = [s.encode("utf-8") for s in specials] + [bytes([b]) for b in range(256)]
         special_ids = {s: i for i, s in enumerate(specials)}
         self._set_state(id_to_bytes, special_ids, dict(zip(ROLES, range(len(ROLES)))), [])
 
     # ----- state -------------------------------------------------------------------------------
-    def _set_state(self, id_to_bytes: list[bytes], special_ids: dict[str, int], role_ids: dict[str, int], merges: list[tuple[int, int]]) -> None:
+    def _set_state(self, id_to_bytes: list[bytes], special_ids: dict[str, int], role_ids: dict[str, int],
+                   merges: list[tuple[int, int]]) -> None:
         """Install vocab (id -> bytes; specials hold their UTF-8 text), specials, roles and merges in rank order."""
         self._id_to_bytes = id_to_bytes
         self._special_ids = dict(special_ids)
@@ -195,7 +201,8 @@ class ByteLevelBPETokenizer:
         specials = {s: i for i, s in enumerate(self.special_tokens)}
         id_to_bytes = [s.encode("utf-8") for s in specials] + [bytes([b]) for b in range(256)]
         self._set_state(id_to_bytes, specials, {r: specials[s] for r, s in zip(ROLES, self.special_tokens)}, [])
-        merges = _learn_merges(word_counts, id_to_bytes, self._byte_ids, self.target_vocab_size, min_frequency, set(specials), show_progress)
+        merges = _learn_merges(word_counts, id_to_bytes, self._byte_ids, self.target_vocab_size, min_frequency,
+                               set(specials), show_progress)
         self._set_state(id_to_bytes, self._special_ids, self._role_ids, merges)
 
     def _count_pretokens(self, texts: Iterable[str]) -> Counter:
@@ -263,7 +270,8 @@ class ByteLevelBPETokenizer:
             allowed = frozenset(allowed_special)
             unknown = allowed - self._special_ids.keys()
             if unknown:
-                raise TokenizerError(f"allowed_special has tokens that are not special tokens: {sorted(unknown)}; known: {self.special_tokens}")
+                raise TokenizerError(f"allowed_special has tokens that are not special tokens: {sorted(unknown)}; "
+                                     f"known: {self.special_tokens}")
         if not allowed:
             return self.encode_ordinary(text)
         pattern = self._special_pattern_cache.get(allowed)
@@ -314,7 +322,8 @@ class ByteLevelBPETokenizer:
     def encode_batch(self, texts: list[str], **encode_kwargs) -> list[dict[str, list[int]]]:
         return [self.encode(text, **encode_kwargs) for text in texts]
 
-    def encode_many(self, texts: Iterable[str], num_workers: int | None = None, show_progress: bool = False) -> Iterator[list[int]]:
+    def encode_many(self, texts: Iterable[str], num_workers: int | None = None,
+                    show_progress: bool = False) -> Iterator[list[int]]:
         """encode_ordinary over many texts, in order, across `num_workers` processes (None = all cores)."""
         num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
         if not _is_int(num_workers) or num_workers < 1:
@@ -347,7 +356,8 @@ class ByteLevelBPETokenizer:
         bar.update(len(ids_list))
         yield from ids_list
 
-    def encode_file(self, path: str | os.PathLike, num_workers: int | None = None, show_progress: bool = True) -> Iterator[list[int]]:
+    def encode_file(self, path: str | os.PathLike, num_workers: int | None = None,
+                    show_progress: bool = True) -> Iterator[list[int]]:
         """One id list per line of a UTF-8 text file (the line without its newline)."""
         yield from self.encode_many(read_lines(path), num_workers=num_workers, show_progress=show_progress)
 
@@ -417,7 +427,8 @@ class ByteLevelBPETokenizer:
         """
         directory = Path(directory)
         if not directory.is_dir():
-            raise TokenizerError(f"tokenizer directory {str(directory)!r} does not exist; train one with `python byte_level_bpe.py --input ... --output {directory}`")
+            raise TokenizerError(f"tokenizer directory {str(directory)!r} does not exist; "
+                                 f"train one with `python byte_level_bpe.py --input ... --output {directory}`")
         vocab = _read_json(directory / "vocab.json")
         if not isinstance(vocab, dict) or not all(isinstance(k, str) and isinstance(v, int) for k, v in vocab.items()):
             raise TokenizerError(f"{directory / 'vocab.json'} must be a JSON object of token string -> int id")
@@ -429,7 +440,8 @@ class ByteLevelBPETokenizer:
         id_to_str: list[str | None] = [None] * n
         for token, i in vocab.items():
             if not 0 <= i < n or id_to_str[i] is not None:
-                raise TokenizerError(f"{directory / 'vocab.json'}: ids must be unique and cover 0..{n - 1}; id {i} ({token!r}) breaks that")
+                raise TokenizerError(f"{directory / 'vocab.json'}: ids must be unique and cover 0..{n - 1}; "
+                                     f"id {i} ({token!r}) breaks that")
             id_to_str[i] = token
         merged_strs = {a + b for a, b in merge_strs}
         if config is not None:
@@ -438,15 +450,18 @@ class ByteLevelBPETokenizer:
                 raise TokenizerError(f"{config_path}: missing 'special_tokens' mapping; re-save the tokenizer")
             for token, i in special_ids.items():
                 if vocab.get(token) != i:
-                    raise TokenizerError(f"{config_path}: special token {token!r} has id {i} but vocab.json says {vocab.get(token)}; the files are inconsistent")
+                    raise TokenizerError(f"{config_path}: special token {token!r} has id {i} but vocab.json says "
+                                         f"{vocab.get(token)}; the files are inconsistent")
             role_ids = {}
             for role in ROLES:
                 token = config.get(f"{role}_token")
                 if token not in special_ids:
-                    raise TokenizerError(f"{config_path}: {role}_token {token!r} is not one of the special tokens {list(special_ids)}")
+                    raise TokenizerError(f"{config_path}: {role}_token {token!r} is not one of the special tokens "
+                                         f"{list(special_ids)}")
                 role_ids[role] = special_ids[token]
         else:
-            special_ids = {t: vocab[t] for t in vocab if str_to_token(t) is None or (len(t) > 1 and t not in merged_strs)}
+            special_ids = {t: vocab[t] for t in vocab
+                           if str_to_token(t) is None or (len(t) > 1 and t not in merged_strs)}
             role_ids = _guess_roles(special_ids, directory)
 
         id_to_bytes: list[bytes] = []
@@ -456,17 +471,20 @@ class ByteLevelBPETokenizer:
                 continue
             raw = str_to_token(token)
             if raw is None:
-                raise TokenizerError(f"{directory / 'vocab.json'}: token {token!r} (id {i}) is not in GPT-2 byte-unicode form and not a special token")
+                raise TokenizerError(f"{directory / 'vocab.json'}: token {token!r} (id {i}) is not in GPT-2 "
+                                     "byte-unicode form and not a special token")
             id_to_bytes.append(raw)
         plain = {b: i for i, b in enumerate(id_to_bytes) if i not in special_ids.values()}
         missing = [b for b in range(256) if bytes([b]) not in plain]
         if missing:
-            raise TokenizerError(f"{directory / 'vocab.json'} lacks {len(missing)} of the 256 byte tokens (e.g. byte {missing[0]}); it is not a byte-level BPE vocab")
+            raise TokenizerError(f"{directory / 'vocab.json'} lacks {len(missing)} of the 256 byte tokens "
+                                 f"(e.g. byte {missing[0]}); it is not a byte-level BPE vocab")
         merges = []
         for line_no, (a, b) in enumerate(merge_strs, start=2):
             ids = vocab.get(a), vocab.get(b), vocab.get(a + b)
             if None in ids or any(i in special_ids.values() for i in ids):
-                raise TokenizerError(f"{directory / 'merges.txt'}:{line_no}: merge '{a} {b}' uses or makes a token missing from vocab.json (or a special token); the files do not belong together")
+                raise TokenizerError(f"{directory / 'merges.txt'}:{line_no}: merge '{a} {b}' uses or makes a token "
+                                     "missing from vocab.json (or a special token); the files do not belong together")
             merges.append((ids[0], ids[1]))
         tokenizer = cls.__new__(cls)
         tokenizer.target_vocab_size = n
@@ -626,14 +644,16 @@ def _guess_roles(special_ids: dict[str, int], directory: Path) -> dict[str, int]
         token = GPT2_ENDOFTEXT if GPT2_ENDOFTEXT in special_ids else next(iter(special_ids))
         return {role: special_ids[token] for role in ROLES}
     raise TokenizerError(
-        f"{directory}: no tokenizer_config.json and the special tokens {sorted(special_ids)} do not say which is bos/pad/eos/unk; "
+        f"{directory}: no tokenizer_config.json and the special tokens {sorted(special_ids)} "
+        "do not say which is bos/pad/eos/unk; "
         "add a tokenizer_config.json (see save())"
     )
 
 
 def _read_json(path: Path):
     if not path.is_file():
-        raise TokenizerError(f"{path} is missing; a tokenizer directory needs vocab.json and merges.txt (written by save())")
+        raise TokenizerError(f"{path} is missing; "
+                             "a tokenizer directory needs vocab.json and merges.txt (written by save())")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -642,7 +662,8 @@ def _read_json(path: Path):
 
 def _read_merges(path: Path) -> list[tuple[str, str]]:
     if not path.is_file():
-        raise TokenizerError(f"{path} is missing; a tokenizer directory needs vocab.json and merges.txt (written by save())")
+        raise TokenizerError(f"{path} is missing; "
+                             "a tokenizer directory needs vocab.json and merges.txt (written by save())")
     merges = []
     for line_no, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
         if not line or (line_no == 1 and line.startswith("#version")):
@@ -660,7 +681,8 @@ def text_files(path: str | os.PathLike) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
-            raise TokenizerError(f"directory {str(path)!r} has no .txt files; pass a text file or a folder of .txt files")
+            raise TokenizerError(f"directory {str(path)!r} has no .txt files; "
+                                 "pass a text file or a folder of .txt files")
         return files
     if not path.is_file():
         raise TokenizerError(f"input {str(path)!r} does not exist; pass a UTF-8 text file or a folder of .txt files")
@@ -682,10 +704,12 @@ def read_lines(path: str | os.PathLike) -> Iterator[str]:
                     text = raw.decode("utf-8", errors="replace")
                 yield text
     if bad_lines:
-        warnings.warn(f"{path}: {bad_lines} line(s) had {bad_bytes} non-UTF-8 byte(s), replaced with U+FFFD; convert the input to UTF-8 to keep them", stacklevel=2)
+        warnings.warn(f"{path}: {bad_lines} line(s) had {bad_bytes} non-UTF-8 byte(s), replaced with U+FFFD; "
+                      "convert the input to UTF-8 to keep them", stacklevel=2)
 
 
-def train_from_path(path: str | os.PathLike, vocab_size: int, min_frequency: int = 2, show_progress: bool = True) -> ByteLevelBPETokenizer:
+def train_from_path(path: str | os.PathLike, vocab_size: int, min_frequency: int = 2,
+                    show_progress: bool = True) -> ByteLevelBPETokenizer:
     """Train on a text file or folder of .txt files, streamed line by line."""
     files = text_files(path)
     if all(f.stat().st_size == 0 for f in files):
@@ -695,7 +719,8 @@ def train_from_path(path: str | os.PathLike, vocab_size: int, min_frequency: int
     return tokenizer
 
 
-def bytes_per_token_counts(tokenizer: ByteLevelBPETokenizer, path: str | os.PathLike, num_workers: int | None = None) -> tuple[int, int]:
+def bytes_per_token_counts(tokenizer: ByteLevelBPETokenizer, path: str | os.PathLike,
+                           num_workers: int | None = None) -> tuple[int, int]:
     """(UTF-8 bytes, tokens) of the lines of `path` encoded without specials, streamed."""
     n_bytes = 0
 
@@ -707,7 +732,8 @@ def bytes_per_token_counts(tokenizer: ByteLevelBPETokenizer, path: str | os.Path
 
     with warnings.catch_warnings():  # training already warned about non-UTF-8 lines
         warnings.simplefilter("ignore")
-        n_tokens = sum(len(ids) for ids in tokenizer.encode_many(counted_lines(), num_workers=num_workers, show_progress=True))
+        n_tokens = sum(len(ids) for ids in tokenizer.encode_many(counted_lines(), num_workers=num_workers,
+                                                                 show_progress=True))
     return n_bytes, n_tokens
 
 

@@ -42,12 +42,15 @@ def data_files(path: str | os.PathLike) -> list[Path]:
     if not path.exists():
         raise DataError(f"data path {path} does not exist: pass a .txt/.jsonl file or a directory of them")
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES and not p.name.startswith("."))
+        files = sorted(p for p in path.iterdir()
+                       if p.is_file() and p.suffix in DATA_SUFFIXES and not p.name.startswith("."))
         if not files:
-            raise DataError(f"directory {path} holds no .txt or .jsonl files: add data files or point at another directory")
+            raise DataError(f"directory {path} holds no .txt or .jsonl files: "
+                            "add data files or point at another directory")
         return files
     if path.suffix not in DATA_SUFFIXES:
-        raise DataError(f"{path} is not a .txt or .jsonl file: use one document per line (.txt) or {{\"text\": ...}} per line (.jsonl)")
+        raise DataError(f"{path} is not a .txt or .jsonl file: "
+                        f"use one document per line (.txt) or {{\"text\": ...}} per line (.jsonl)")
     return [path]
 
 
@@ -77,7 +80,8 @@ def _read_file_documents(file: Path) -> Iterator[str]:
         if file.suffix == ".jsonl":
             record = _json_line(file, line_no, line)
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise DataError(f"{file}:{line_no}: expected an object with a string \"text\" field, e.g. {{\"text\": \"...\"}}")
+                raise DataError(f"{file}:{line_no}: expected an object with a string \"text\" field, "
+                                f"e.g. {{\"text\": \"...\"}}")
             text = record["text"]
         else:
             text = line.rstrip("\r\n")
@@ -116,7 +120,8 @@ def _load_records(path: str | os.PathLike, required: Sequence[str], optional: Se
     out = []
     for where, record in located:
         if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object with fields {list(required)}, got {type(record).__name__}")
+            raise DataError(f"{where}: expected a JSON object with fields {list(required)}, "
+                            f"got {type(record).__name__}")
         for key in required:
             if not isinstance(record.get(key), str):
                 raise DataError(f"{where}: missing or non-string field {key!r} (required: {list(required)})")
@@ -166,7 +171,8 @@ def _source_signature(files: Sequence[Path]) -> list[list]:
     return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
-def cache_paths(source: str | os.PathLike, fingerprint: str, cache_dir: str | os.PathLike | None = None) -> tuple[Path, Path]:
+def cache_paths(source: str | os.PathLike, fingerprint: str,
+                cache_dir: str | os.PathLike | None = None) -> tuple[Path, Path]:
     """``<data dir>/.cache/<stem>.<fingerprint[:16]>.bin`` and its ``.json`` meta."""
     source = Path(source)
     folder = Path(cache_dir) if cache_dir else (source if source.is_dir() else source.parent) / ".cache"
@@ -229,7 +235,8 @@ def build_token_stream(source: str | os.PathLike, tokenizer, num_workers: int | 
         raise DataError(f"cannot write the token cache to {bin_path.parent} ({err.strerror}): pass a writable "
                         "--cache_dir (or copy the data to a writable folder)") from None
     total_bytes = sum(f.stat().st_size for f in files)
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenizing {Path(source).name}", disable=not show_progress)
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenizing {Path(source).name}",
+               disable=not show_progress)
     stats = {"n_documents": 0, "n_bytes": 0}
 
     def counted_documents() -> Iterator[str]:
@@ -256,7 +263,8 @@ def build_token_stream(source: str | os.PathLike, tokenizer, num_workers: int | 
     finally:
         bar.close()
     _write_atomic_json(meta_path, {**expected, "n_tokens": n_tokens, **stats})
-    return TokenStream(np.memmap(bin_path, dtype=dtype, mode="r", shape=(n_tokens,)), stats["n_documents"], stats["n_bytes"], bin_path)
+    return TokenStream(np.memmap(bin_path, dtype=dtype, mode="r", shape=(n_tokens,)), stats["n_documents"],
+                       stats["n_bytes"], bin_path)
 
 
 def token_byte_lengths(tokenizer) -> np.ndarray:
@@ -279,7 +287,8 @@ class RandomWindowBatches:
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int = 0, rank: int = 0):
         if len(tokens) < seq_len:
-            raise DataError(f"the token stream has {len(tokens)} tokens, fewer than max_seq_len={seq_len}: use more data or a shorter --max_seq_len")
+            raise DataError(f"the token stream has {len(tokens)} tokens, fewer than max_seq_len={seq_len}: "
+                            "use more data or a shorter --max_seq_len")
         self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
         self.generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)
         self.offsets = np.arange(seq_len)
@@ -358,7 +367,8 @@ def _sample(input_ids: list[int], labels: list[int]) -> dict[str, torch.Tensor]:
 class GPTPretrainDataset(Dataset):
     """One document per sample, ``<s> doc </s>``, truncated to ``max_seq_len`` (``num_truncated`` counts them)."""
 
-    def __init__(self, source: str | os.PathLike | Iterable[str], tokenizer, max_seq_len: int, num_workers: int | None = 1):
+    def __init__(self, source: str | os.PathLike | Iterable[str], tokenizer, max_seq_len: int,
+                 num_workers: int | None = 1):
         bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
         self.samples: list[list[int]] = []
         self.num_truncated = 0
@@ -378,7 +388,8 @@ class GPTPretrainDataset(Dataset):
         return _sample(self.samples[index], self.samples[index])
 
 
-def encode_prompt_response(tokenizer, prompt: str, response: str, max_seq_len: int) -> tuple[list[int], list[int], bool]:
+def encode_prompt_response(tokenizer, prompt: str, response: str,
+                           max_seq_len: int) -> tuple[list[int], list[int], bool]:
     """``<s> prompt response </s>`` ids and labels (-100 on the prompt), truncated; also whether it was truncated.
 
     Prompt and response are encoded separately so the prompt tokens are exactly what generation sees.
@@ -397,7 +408,8 @@ class GPTSFTDataset(Dataset):
     have nothing to learn and are dropped (``num_dropped``); longer ones are truncated (``num_truncated``).
     """
 
-    def __init__(self, source: str | os.PathLike | list[dict], tokenizer, max_seq_len: int, template: str = SFT_TEMPLATE):
+    def __init__(self, source: str | os.PathLike | list[dict], tokenizer, max_seq_len: int,
+                 template: str = SFT_TEMPLATE):
         records = load_sft_records(source) if isinstance(source, (str, os.PathLike)) else source
         self.samples: list[tuple[list[int], list[int]]] = []
         self.num_truncated = self.num_dropped = 0
@@ -410,7 +422,8 @@ class GPTSFTDataset(Dataset):
             self.num_truncated += truncated
             self.samples.append((input_ids, labels))
         if not self.samples:
-            raise DataError(f"no usable SFT samples ({self.num_dropped} dropped: prompt longer than max_seq_len={max_seq_len}): "
+            raise DataError(f"no usable SFT samples ({self.num_dropped} dropped: "
+                            f"prompt longer than max_seq_len={max_seq_len}): "
                             "raise max_seq_len or shorten the instructions")
 
     def __len__(self) -> int:
@@ -464,13 +477,15 @@ class PreferencePairDataset(Dataset):
     Both sequences are ``<s> prompt answer </s>`` with labels -100 on the prompt (as in ``GPTSFTDataset``).
     """
 
-    def __init__(self, source: str | os.PathLike | list[dict], tokenizer, max_seq_len: int, template: str = SFT_TEMPLATE):
+    def __init__(self, source: str | os.PathLike | list[dict], tokenizer, max_seq_len: int,
+                 template: str = SFT_TEMPLATE):
         records = load_preference_records(source) if isinstance(source, (str, os.PathLike)) else source
         self.items: list[dict[str, torch.Tensor]] = []
         self.num_truncated = 0
         for record in records:
             prompt = build_sft_prompt(record_instruction(record), template)
-            item = {"prompt_input_ids": torch.tensor([tokenizer.bos_token_id, *tokenizer.encode_ordinary(prompt)], dtype=torch.long)}
+            item = {"prompt_input_ids": torch.tensor([tokenizer.bos_token_id, *tokenizer.encode_ordinary(prompt)],
+                                                     dtype=torch.long)}
             for side in ("chosen", "rejected"):
                 input_ids, labels, truncated = encode_prompt_response(tokenizer, prompt, record[side], max_seq_len)
                 self.num_truncated += truncated
@@ -576,13 +591,17 @@ def _dataloader(dataset: Dataset, tokenizer, batch_size: int, shuffle: bool, see
                       collate_fn=functools.partial(collate_batch, pad_token_id=tokenizer.pad_token_id))
 
 
-def create_pretrain_dataloader(source: str | os.PathLike | Iterable[str], tokenizer, max_seq_len: int, batch_size: int = 8,
-                               shuffle: bool = True, seed: int = 0, num_workers: int = 0) -> DataLoader:
+def create_pretrain_dataloader(source: str | os.PathLike | Iterable[str], tokenizer, max_seq_len: int,
+                               batch_size: int = 8, shuffle: bool = True, seed: int = 0,
+                               num_workers: int = 0) -> DataLoader:
     """Per-document batches (padded to the longest); the trainer itself uses the packed stream instead."""
-    return _dataloader(GPTPretrainDataset(source, tokenizer, max_seq_len), tokenizer, batch_size, shuffle, seed, num_workers)
+    return _dataloader(GPTPretrainDataset(source, tokenizer, max_seq_len), tokenizer, batch_size, shuffle, seed,
+                       num_workers)
 
 
 def create_sft_dataloader(source: str | os.PathLike | list[dict], tokenizer, max_seq_len: int, batch_size: int = 8,
-                          shuffle: bool = True, seed: int = 0, num_workers: int = 0, template: str = SFT_TEMPLATE) -> DataLoader:
+                          shuffle: bool = True, seed: int = 0, num_workers: int = 0,
+                          template: str = SFT_TEMPLATE) -> DataLoader:
     """Shuffled SFT batches padded to the longest sample, labels -100 on prompts and padding."""
-    return _dataloader(GPTSFTDataset(source, tokenizer, max_seq_len, template), tokenizer, batch_size, shuffle, seed, num_workers)
+    return _dataloader(GPTSFTDataset(source, tokenizer, max_seq_len, template), tokenizer, batch_size, shuffle,
+                       seed, num_workers)

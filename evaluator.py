@@ -3,7 +3,8 @@ recall and the confusion matrix for classifiers.
 
     python evaluator.py --model_path models/pretrain/pretrain_best.pth --test_data_path data/pretrain/val.txt
     python evaluator.py --model_type sft --model_path models/sft/sft_best.pth --test_data_path data/sft/test.jsonl
-    python evaluator.py --model_type sft --compare pretrain.pth sft.pth ppo.pth --test_data_path test.jsonl --plot compare.png
+    python evaluator.py --model_type sft --compare pretrain.pth sft.pth ppo.pth --test_data_path test.jsonl \
+        --plot compare.png
     python evaluator.py --model_type classify --model_path models/classify/classify_best.pth \
         --test_data_path data/classify/test.jsonl
 
@@ -63,7 +64,8 @@ def _check_pairs(predictions: Sequence, references: Sequence) -> None:
         raise EvaluationError("no predictions to score: pass at least one prediction/reference pair")
 
 
-def _bleu_inputs(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[list[list[list[str]]], list[list[str]]]:
+def _bleu_inputs(predictions: Sequence[str],
+                 references: Sequence[Sequence[str]]) -> tuple[list[list[list[str]]], list[list[str]]]:
     _check_pairs(predictions, references)
     if any(isinstance(refs, str) for refs in references):
         raise EvaluationError("BLEU references must be a list of reference lists, one list per prediction, "
@@ -114,7 +116,8 @@ def _rouge_pair(prediction: list[str], reference: list[str]) -> dict[str, dict[s
     # Its ROUGE-L is the summary-level union LCS with a recursive backtrack that overflows the stack on long
     # texts; for our single-"sentence" token sequences that equals plain LCS, computed here iteratively.
     as_text = lambda tokens: " ".join("<period>" if t == "." else t for t in tokens)  # noqa: E731
-    scores = Rouge(metrics=["rouge-1", "rouge-2"], exclusive=False).get_scores(as_text(prediction), as_text(reference))[0]
+    scores = Rouge(metrics=["rouge-1", "rouge-2"], exclusive=False).get_scores(as_text(prediction),
+                                                                               as_text(reference))[0]
     scores["rouge-l"] = _precision_recall_f1(_lcs_length(prediction, reference), len(prediction), len(reference))
     return scores
 
@@ -141,9 +144,11 @@ def split_into_windows(ids: list[int], max_len: int) -> list[list[int]]:
     return [ids[start:start + max_len] for start in range(0, len(ids) - 1, step)]
 
 
-def _length_sorted_batches(items: list[dict[str, torch.Tensor]], batch_size: int, pad_id: int) -> Iterable[dict[str, torch.Tensor]]:
+def _length_sorted_batches(items: list[dict[str, torch.Tensor]], batch_size: int,
+                           pad_id: int) -> Iterable[dict[str, torch.Tensor]]:
     """Right-padded batches of similar-length items (sorted, so little padding; results do not depend on order)."""
-    ordered = sorted(items, key=lambda item: len(item["input_ids"]), reverse=True)  # longest first: out-of-memory shows at once
+    # longest first: out-of-memory shows at once
+    ordered = sorted(items, key=lambda item: len(item["input_ids"]), reverse=True)
     for start in range(0, len(ordered), batch_size):
         yield collate_batch(ordered[start:start + batch_size], pad_id)
 
@@ -155,8 +160,8 @@ def _check_data_format(path: str | os.PathLike, model_type: str) -> Path:
         raise EvaluationError(f"test data not found: {path} (check --test_data_path)")
     suffix = path.suffix.lower()
     if model_type == "sft" and (path.is_dir() or suffix not in (".json", ".jsonl")):
-        raise EvaluationError(f"SFT evaluation needs a .json or .jsonl file of {{\"instruction\", \"response\"}} records, "
-                              f"got {path} (use --model_type pretrain for plain text)")
+        raise EvaluationError(f"SFT evaluation needs a .json or .jsonl file of {{\"instruction\", \"response\"}} "
+                              f"records, got {path} (use --model_type pretrain for plain text)")
     if model_type == "classify" and (path.is_dir() or suffix not in (".json", ".jsonl")):
         raise EvaluationError(f"classifier evaluation needs a .jsonl file of {{\"text\", \"label\"}} records, "
                               f"got {path}")
@@ -164,10 +169,11 @@ def _check_data_format(path: str | os.PathLike, model_type: str) -> Path:
         raise EvaluationError(f"reward evaluation needs a .json or .jsonl file of {{\"instruction\", \"chosen\", "
                               f"\"rejected\"}} records, got {path}")
     if model_type == "pretrain" and suffix == ".json":
-        raise EvaluationError(f"pretrain evaluation reads .txt (one document per line) or .jsonl ({{\"text\": ...}}) files, "
-                              f"got {path} (SFT records? use --model_type sft)")
+        raise EvaluationError("pretrain evaluation reads .txt (one document per line) or .jsonl "
+                              f"({{\"text\": ...}}) files, got {path} (SFT records? use --model_type sft)")
     if model_type == "pretrain" and suffix == ".jsonl" and _first_jsonl_record_is_sft(path):
-        raise EvaluationError(f"{path} holds instruction/response records, not {{\"text\": ...}} documents: use --model_type sft")
+        raise EvaluationError(f"{path} holds instruction/response records, not {{\"text\": ...}} documents: "
+                              "use --model_type sft")
     return path
 
 
@@ -207,7 +213,8 @@ class GPTEvaluator:
     def _progress(self, iterable: Iterable, desc: str, total: int | None = None) -> Iterable:
         return tqdm(iterable, desc=desc, total=total, disable=not self.show_progress, leave=False)
 
-    def _nll(self, batches: Iterable[Mapping[str, torch.Tensor]], desc: str, total: int | None = None) -> tuple[float, int]:
+    def _nll(self, batches: Iterable[Mapping[str, torch.Tensor]], desc: str,
+             total: int | None = None) -> tuple[float, int]:
         with autocast_context(self.device, self.dtype):
             total_nll, n_tokens = sum_nll(self.model, self._progress(batches, desc, total), self.device)
         if n_tokens == 0:
@@ -220,9 +227,11 @@ class GPTEvaluator:
 
     # -- generation
 
-    def generate_predictions(self, prompts: Sequence[str], max_gen_len: int = 100, top_k: int = 50, temperature: float = 0.8,
-                             top_p: float = 1.0, do_sample: bool = True, batch_size: int = 16, seed: int | None = None) -> list[str]:
-        """Continuations of `<s> prompt` (prompt tokens stripped, stopped at `</s>`), in batches through model.generate."""
+    def generate_predictions(self, prompts: Sequence[str], max_gen_len: int = 100, top_k: int = 50,
+                             temperature: float = 0.8, top_p: float = 1.0, do_sample: bool = True,
+                             batch_size: int = 16, seed: int | None = None) -> list[str]:
+        """Continuations of `<s> prompt` (prompt tokens stripped, stopped at `</s>`), in batches through
+        model.generate."""
         if batch_size < 1:
             raise EvaluationError(f"batch_size must be at least 1, got {batch_size}")
         limit = max_prompt_len(self.model.config.max_seq_len, max_gen_len)  # always leave room to generate
@@ -236,16 +245,17 @@ class GPTEvaluator:
             rows = order[start:start + batch_size]
             input_ids, attention_mask = left_pad([encoded[i] for i in rows], pad_id)
             with autocast_context(self.device, self.dtype):
-                output = self.model.generate(input_ids.to(self.device), attention_mask=attention_mask.to(self.device), max_gen_len=max_gen_len,
-                                             temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample,
-                                             eos_token_id=eos_id, generator=generator)
+                output = self.model.generate(input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                                             max_gen_len=max_gen_len, temperature=temperature, top_k=top_k,
+                                             top_p=top_p, do_sample=do_sample, eos_token_id=eos_id,
+                                             generator=generator)
             for i, new_ids in zip(rows, output[:, input_ids.shape[1]:].tolist()):
                 predictions[i] = self.tokenizer.decode(cut_at_eos(new_ids, eos_id), skip_special_tokens=True)
         return predictions
 
-    def best_of_n_predictions(self, prompts: Sequence[str], n: int, reward_model: torch.nn.Module, max_gen_len: int = 16,
-                              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, batch_size: int = 64,
-                              seed: int | None = None) -> list[str]:
+    def best_of_n_predictions(self, prompts: Sequence[str], n: int, reward_model: torch.nn.Module,
+                              max_gen_len: int = 16, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                              batch_size: int = 64, seed: int | None = None) -> list[str]:
         """For each prompt, n sampled responses; the one the reward model scores highest is kept."""
         if n < 1:
             raise EvaluationError(f"best_of must be at least 1, got {n}")
@@ -270,15 +280,19 @@ class GPTEvaluator:
 
     # -- whole test sets
 
-    def evaluate_pretrained(self, test_data_path: str | os.PathLike, batch_size: int = 8, max_samples: int | None = None) -> dict:
-        """Perplexity, loss and bits per byte of `<s> doc </s>` documents; long ones are scored in context-sized windows."""
+    def evaluate_pretrained(self, test_data_path: str | os.PathLike, batch_size: int = 8,
+                            max_samples: int | None = None) -> dict:
+        """Perplexity, loss and bits per byte of `<s> doc </s>` documents; long ones are scored in context-sized
+        windows."""
         documents = _take(read_documents(_check_data_format(test_data_path, "pretrain")), max_samples)
         if not documents:
             raise EvaluationError(f"no documents in {test_data_path}: the test set is empty")
         tok = self.tokenizer
         num_workers = None if sum(map(len, documents)) > 1_000_000 else 1  # processes only pay off on large sets
-        token_lists = [[tok.bos_token_id, *ids, tok.eos_token_id] for ids in tok.encode_many(documents, num_workers=num_workers)]
-        windows = [torch.tensor(w) for ids in token_lists for w in split_into_windows(ids, self.model.config.max_seq_len)]
+        token_lists = [[tok.bos_token_id, *ids, tok.eos_token_id]
+                       for ids in tok.encode_many(documents, num_workers=num_workers)]
+        windows = [torch.tensor(w) for ids in token_lists
+                   for w in split_into_windows(ids, self.model.config.max_seq_len)]
         items = [{"input_ids": w, "attention_mask": torch.ones_like(w), "labels": w} for w in windows]
         batches = _length_sorted_batches(items, batch_size, tok.pad_token_id)
         total_nll, n_tokens = self._nll(batches, "pretrain eval", math.ceil(len(items) / batch_size))
@@ -287,15 +301,18 @@ class GPTEvaluator:
                 "bits_per_byte": bits_per_byte(total_nll, n_bytes),
                 "n_tokens": n_tokens, "n_bytes": n_bytes, "n_documents": len(documents)}
 
-    def evaluate_sft(self, test_data_path: str | os.PathLike, batch_size: int = 8, max_samples: int | None = None, max_gen_len: int = 100,
-                     do_sample: bool = False, temperature: float = 0.8, top_k: int = 50, top_p: float = 1.0, seed: int | None = None,
-                     n_examples: int = 3, reward_model: torch.nn.Module | None = None, best_of: int = 1) -> dict:
-        """Perplexity on response tokens only, plus BLEU/ROUGE of responses generated from the instructions (greedy by default)."""
+    def evaluate_sft(self, test_data_path: str | os.PathLike, batch_size: int = 8, max_samples: int | None = None,
+                     max_gen_len: int = 100, do_sample: bool = False, temperature: float = 0.8, top_k: int = 50,
+                     top_p: float = 1.0, seed: int | None = None, n_examples: int = 3,
+                     reward_model: torch.nn.Module | None = None, best_of: int = 1) -> dict:
+        """Perplexity on response tokens only, plus BLEU/ROUGE of responses generated from the instructions
+        (greedy by default)."""
         records = _take(load_sft_records(_check_data_format(test_data_path, "sft")), max_samples)
         if not records:
             raise EvaluationError(f"no records in {test_data_path}: the test set is empty")
         dataset = GPTSFTDataset(records, self.tokenizer, self.model.config.max_seq_len, self.template)
-        batches = _length_sorted_batches([dataset[i] for i in range(len(dataset))], batch_size, self.tokenizer.pad_token_id)
+        batches = _length_sorted_batches([dataset[i] for i in range(len(dataset))], batch_size,
+                                         self.tokenizer.pad_token_id)
         total_nll, n_tokens = self._nll(batches, "response nll", math.ceil(len(dataset) / batch_size))
 
         prompts = [build_sft_prompt(record_instruction(record), self.template) for record in records]
@@ -313,7 +330,8 @@ class GPTEvaluator:
         scores = {}
         if reward_model is not None:
             scores["reward_score"] = mean_reward_score(reward_model, self.tokenizer, prompts, predictions, self.device)
-        return {"loss": total_nll / n_tokens, "perplexity": perplexity(total_nll, n_tokens), "n_tokens": n_tokens, "n_samples": len(records),
+        return {"loss": total_nll / n_tokens, "perplexity": perplexity(total_nll, n_tokens), "n_tokens": n_tokens,
+                "n_samples": len(records),
                 **exact_match_by_task(predictions, records), **scores,
                 "bleu": compute_bleu(predictions, [[ref] for ref in references]),
                 "sentence_bleu": mean_sentence_bleu(predictions, [[ref] for ref in references]),
@@ -393,7 +411,8 @@ def reward_scores(reward_model: torch.nn.Module, tokenizer, prompts: Sequence[st
     scores = []
     for start in range(0, len(items), batch_size):
         batch = collate_batch(items[start:start + batch_size], tokenizer.pad_token_id)
-        scores += reward_model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).tolist()
+        scores += reward_model(batch["input_ids"].to(device),
+                               attention_mask=batch["attention_mask"].to(device)).tolist()
     return scores
 
 
@@ -488,8 +507,9 @@ def _take(items: Iterable, limit: int | None) -> list:
 # ----------------------------------------------------------------------------- CLI
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Evaluate GPTModel checkpoints: perplexity and bits per byte (pretrain), "
-                                                 "response perplexity plus BLEU/ROUGE of generated responses (sft).")
+    parser = argparse.ArgumentParser(description="Evaluate GPTModel checkpoints: perplexity and bits per byte "
+                                                 "(pretrain), response perplexity plus BLEU/ROUGE of generated "
+                                                 "responses (sft).")
     parser.add_argument("--model_path", help="checkpoint (.pth) to evaluate; its config sets the model size")
     parser.add_argument("--compare", nargs="+", metavar="CKPT",
                         help="several checkpoints evaluated on the same data and shown side by side")
@@ -505,19 +525,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="sft with --reward_model: sample N responses per prompt (--temperature, --top_k, --top_p) "
                              "and keep the one the reward model scores highest (default: 1 = off)")
     parser.add_argument("--tokenizer_dir", help="tokenizer folder (default: <checkpoint folder>/tokenizer)")
-    parser.add_argument("--batch_size", type=cli.positive_int, default=8, help="sequences per forward pass / generation batch (default: 8)")
-    parser.add_argument("--max_gen_len", type=cli.positive_int, default=100, help="sft: most new tokens per generated response (default: 100)")
+    parser.add_argument("--batch_size", type=cli.positive_int, default=8,
+                        help="sequences per forward pass / generation batch (default: 8)")
+    parser.add_argument("--max_gen_len", type=cli.positive_int, default=100,
+                        help="sft: most new tokens per generated response (default: 100)")
     parser.add_argument("--max_samples", type=cli.positive_int, help="evaluate only the first N documents / records")
     parser.add_argument("--do_sample", action="store_true", help="sft: sample responses instead of greedy decoding")
-    parser.add_argument("--temperature", type=cli.positive_float, default=0.8, help="sft with --do_sample: sampling temperature (default: 0.8)")
+    parser.add_argument("--temperature", type=cli.positive_float, default=0.8,
+                        help="sft with --do_sample: sampling temperature (default: 0.8)")
     parser.add_argument("--top_k", type=cli.nonnegative_int, default=50,
                         help="sft with --do_sample: keep the k most likely tokens, 0 = all (default: 50)")
-    parser.add_argument("--top_p", type=cli.probability, default=1.0, help="sft with --do_sample: nucleus probability mass (default: 1.0 = off)")
+    parser.add_argument("--top_p", type=cli.probability, default=1.0,
+                        help="sft with --do_sample: nucleus probability mass (default: 1.0 = off)")
     parser.add_argument("--seed", type=int, help="seed for reproducible sampling")
-    parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps (default: auto)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps (default: auto)")
     parser.add_argument("--dtype", default="float32",
                         help="float32 (default, exact), or auto/bf16/fp16 for autocast forward passes (faster on GPUs)")
-    parser.add_argument("--output", default="eval_report.json", help="where to write the JSON report (default: eval_report.json)")
+    parser.add_argument("--output", default="eval_report.json",
+                        help="where to write the JSON report (default: eval_report.json)")
     parser.add_argument("--plot", help="write a bar chart of the metrics of every checkpoint to this .png")
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bars")
     args = parser.parse_args(argv)
@@ -538,9 +564,11 @@ def evaluate_checkpoint(checkpoint_path: str, args: argparse.Namespace) -> dict:
     template = checkpoint_metadata(checkpoint_path).get("sft_template") or SFT_TEMPLATE
     evaluator = GPTEvaluator(model, tokenizer, dtype=args.dtype, show_progress=not args.no_progress, template=template)
     if args.model_type == "pretrain":
-        metrics = evaluator.evaluate_pretrained(args.test_data_path, batch_size=args.batch_size, max_samples=args.max_samples)
+        metrics = evaluator.evaluate_pretrained(args.test_data_path, batch_size=args.batch_size,
+                                                max_samples=args.max_samples)
     elif args.model_type == "reward":
-        metrics = evaluator.evaluate_reward(args.test_data_path, batch_size=args.batch_size, max_samples=args.max_samples)
+        metrics = evaluator.evaluate_reward(args.test_data_path, batch_size=args.batch_size,
+                                            max_samples=args.max_samples)
     elif args.model_type == "classify":
         metrics = evaluator.evaluate_classification(args.test_data_path, batch_size=args.batch_size,
                                                     max_samples=args.max_samples)
@@ -552,9 +580,9 @@ def evaluate_checkpoint(checkpoint_path: str, args: argparse.Namespace) -> dict:
             if not isinstance(reward_model, GPTRewardModel):
                 raise EvaluationError(f"--reward_model {args.reward_model} is not a reward model")
         metrics = evaluator.evaluate_sft(args.test_data_path, batch_size=args.batch_size, max_samples=args.max_samples,
-                                         max_gen_len=args.max_gen_len, do_sample=args.do_sample, temperature=args.temperature,
-                                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, reward_model=reward_model,
-                                         best_of=args.best_of)
+                                         max_gen_len=args.max_gen_len, do_sample=args.do_sample,
+                                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                         seed=args.seed, reward_model=reward_model, best_of=args.best_of)
     return {"model_path": str(checkpoint_path), "n_parameters": sum(p.numel() for p in model.parameters()), **metrics}
 
 

@@ -112,7 +112,8 @@ class GPTConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if not 0 <= self.pad_token_id < self.vocab_size:
-            raise ValueError(f"GPTConfig.pad_token_id ({self.pad_token_id}) must be a token id below vocab_size ({self.vocab_size})")
+            raise ValueError(f"GPTConfig.pad_token_id ({self.pad_token_id}) must be a token id below vocab_size "
+                             f"({self.vocab_size})")
         if not self.layer_norm_eps > 0:
             raise ValueError(f"GPTConfig.layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
 
@@ -131,7 +132,8 @@ class GPTConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown GPTConfig field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(known))}")
+            raise ValueError(f"unknown GPTConfig field(s) {', '.join(unknown)}; "
+                             f"valid fields: {', '.join(sorted(known))}")
         return cls(**d)
 
 
@@ -204,8 +206,8 @@ class GPTModel(nn.Module):
         if not input_ids.is_cuda and input_ids.numel() > 0 and not torch.compiler.is_compiling():
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= self.config.vocab_size:
-                raise ValueError(f"token id {high if high >= self.config.vocab_size else low} is outside the vocabulary "
-                                 f"[0, {self.config.vocab_size}); the tokenizer does not match this model")
+                raise ValueError(f"token id {high if high >= self.config.vocab_size else low} is outside the "
+                                 f"vocabulary [0, {self.config.vocab_size}); the tokenizer does not match this model")
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       position_ids: torch.Tensor | None = None, kv_cache: KVCacheView | None = None) -> torch.Tensor:
@@ -262,7 +264,8 @@ class GPTModel(nn.Module):
                 labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 kv_cache: KVCacheView | None = None, output_hidden_states: bool = False,
                 loss_only: bool = False) -> dict[str, torch.Tensor | None]:
-        """logits (B, T, V); loss = mean CE of logits[:, t] vs labels[:, t + 1] over labels != -100 (None without labels).
+        """logits (B, T, V); loss = mean CE of logits[:, t] vs labels[:, t + 1] over labels != -100
+        (None without labels).
 
         ``loss_only=True`` (with labels) applies the LM head only at the scored positions and returns no logits: the
         same loss, but SFT-style batches, where a few answer tokens are scored, skip most of the (B, T, V) work.
@@ -303,9 +306,10 @@ class GPTModel(nn.Module):
         n_new = min(max_gen_len, self.config.max_seq_len - input_ids.size(1))
         was_training = self.training
         try:
-            return decoding.generate_padded(self, input_ids, attention_mask, n_new, temperature=temperature, top_k=top_k,
-                                            top_p=top_p, repetition_penalty=repetition_penalty, do_sample=do_sample,
-                                            eos_token_id=eos_token_id, use_cache=use_cache, generator=generator)
+            return decoding.generate_padded(self, input_ids, attention_mask, n_new, temperature=temperature,
+                                            top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                                            do_sample=do_sample, eos_token_id=eos_token_id, use_cache=use_cache,
+                                            generator=generator)
         finally:
             self.train(was_training)
 
@@ -327,7 +331,8 @@ class GPTModel(nn.Module):
         if max_gen_len < 0:
             raise ValueError(f"max_gen_len must be >= 0, got {max_gen_len}")
         if do_sample and not temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}; use do_sample=False for greedy")
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}; "
+                             "use do_sample=False for greedy")
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if not repetition_penalty > 0:
@@ -369,7 +374,8 @@ class GPTModel(nn.Module):
 
     @classmethod
     def from_hf_gpt2(cls, path: str | os.PathLike) -> "GPTModel":
-        """Load Hugging Face GPT-2 weights from a local folder (config.json + model.safetensors or pytorch_model.bin)."""
+        """Load Hugging Face GPT-2 weights from a local folder (config.json + model.safetensors or
+        pytorch_model.bin)."""
         folder = Path(path)
         config_file = folder / "config.json"
         if not config_file.is_file():
@@ -479,7 +485,8 @@ def config_from_hf_gpt2(hf: dict[str, Any]) -> GPTConfig:
     """GPTConfig equivalent to a Hugging Face GPT2Config dict (config.json)."""
     activation = hf.get("activation_function", "gelu_new")
     if activation not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise CheckpointError(f"activation_function {activation!r} is not supported; GPTModel uses GELU tanh (gelu_new)")
+        raise CheckpointError(f"activation_function {activation!r} is not supported; "
+                              "GPTModel uses GELU tanh (gelu_new)")
     d_model = hf.get("n_embd", 768)
     pad = hf.get("pad_token_id")
     if pad is None:
@@ -526,8 +533,9 @@ def _check_extra(value: Any, where: str) -> None:
         for i, v in enumerate(value):
             _check_extra(v, f"{where}[{i}]")
     elif not isinstance(value, _ALLOWED_EXTRA_TYPES):
-        raise CheckpointError(f"checkpoint extra {where} is a {type(value).__name__}, which torch.load(weights_only=True) "
-                              "cannot read back; store tensors, dicts, lists, str, int, float, bool or None")
+        raise CheckpointError(f"checkpoint extra {where} is a {type(value).__name__}, which "
+                              "torch.load(weights_only=True) cannot read back; store tensors, dicts, lists, str, int, "
+                              "float, bool or None")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -560,7 +568,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Read a checkpoint written by save_checkpoint (weights_only=True); CheckpointError if it is not one."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} not found; pass the .pt file written by the trainer or save_checkpoint")
+        raise CheckpointError(f"checkpoint {path} not found; "
+                              "pass the .pt file written by the trainer or save_checkpoint")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} is not a file; pass the .pt file, not its folder")
     try:

@@ -32,7 +32,9 @@ def bench_slice(lines: list[str], vocab_sizes: tuple[int, ...]) -> dict:
         ours = ByteLevelBPETokenizer(vocab_size=vocab_size)
         _, ours_train_s = timed(lambda: ours.train(lines, min_frequency=2, show_progress=False))
         hf = tokenizers.ByteLevelBPETokenizer()
-        _, hf_train_s = timed(lambda: hf.train_from_iterator(lines, vocab_size=vocab_size, min_frequency=2, special_tokens=DEFAULT_SPECIAL_TOKENS, show_progress=False))
+        _, hf_train_s = timed(lambda: hf.train_from_iterator(lines, vocab_size=vocab_size, min_frequency=2,
+                                                             special_tokens=DEFAULT_SPECIAL_TOKENS,
+                                                             show_progress=False))
 
         with tempfile.TemporaryDirectory() as tmp:  # cold = freshly loaded, empty pre-token cache
             ours.save(tmp)
@@ -56,14 +58,16 @@ def bench_slice(lines: list[str], vocab_sizes: tuple[int, ...]) -> dict:
             "hf_encode_one_call_mb_s": round(n_mb / hf_one_s, 2),
             "encode_speed_ratio_cold_vs_hf_batch": round(hf_batch_s / cold_s, 3),
             "encode_speed_ratio_all_cores_vs_hf_batch": round(hf_batch_s / many_s, 3),
-            "bytes_per_token": round(n_mb * 1e6 / (n_tokens + len(lines)), 3),  # +1 per line: the newline </s> stands for
+            # +1 per line: the newline </s> stands for
+            "bytes_per_token": round(n_mb * 1e6 / (n_tokens + len(lines)), 3),
             "hf_bytes_per_token": round(n_mb * 1e6 / (hf_tokens + len(lines)), 3),
         }
     return out
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Tokenizer benchmark (ours vs Hugging Face tokenizers); prints one JSON line.")
+    parser = argparse.ArgumentParser(description="Tokenizer benchmark (ours vs Hugging Face tokenizers); "
+                                                 "prints one JSON line.")
     parser.add_argument("--input", default="data/pretrain/train.txt", help="UTF-8 corpus, one document per line")
     parser.add_argument("--slice_mb", type=float, default=1.0, help="size of the small slice in MB")
     args = parser.parse_args()

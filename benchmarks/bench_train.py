@@ -28,10 +28,12 @@ import torch
 import gpt_model
 from training import peak_flops
 
-SHAPES = {"tiny": dict(d_model=128, n_layers=4, n_heads=4, d_ff=512), "6x384": dict(d_model=384, n_layers=6, n_heads=6, d_ff=1536)}
+SHAPES = {"tiny": dict(d_model=128, n_layers=4, n_heads=4, d_ff=512),
+          "6x384": dict(d_model=384, n_layers=6, n_heads=6, d_ff=1536)}
 
 
-def tokens_per_second(shape: str, device: torch.device, vocab_size: int, seq_len: int, batch_size: int, steps: int) -> dict:
+def tokens_per_second(shape: str, device: torch.device, vocab_size: int, seq_len: int, batch_size: int,
+                      steps: int) -> dict:
     torch.manual_seed(0)
     config = gpt_model.GPTConfig(vocab_size=vocab_size, max_seq_len=seq_len, **SHAPES[shape])
     model = gpt_model.GPTModel(config).to(device)
@@ -57,7 +59,8 @@ def tokens_per_second(shape: str, device: torch.device, vocab_size: int, seq_len
     if device.type == "cuda":
         torch.cuda.synchronize()
     rate = steps * batch_size * seq_len / (time.perf_counter() - start)
-    result = {"tokens_per_sec": round(rate, 1), "params_M": round(model.num_parameters() / 1e6, 2), "dtype": str(dtype).removeprefix("torch.")}
+    result = {"tokens_per_sec": round(rate, 1), "params_M": round(model.num_parameters() / 1e6, 2),
+              "dtype": str(dtype).removeprefix("torch.")}
     peak = peak_flops(device)
     if peak:
         result["mfu"] = round(model.estimate_mfu(rate, peak), 4)
@@ -120,7 +123,8 @@ def nanogpt_config_comparison(steps: int, nanogpt_dir: str | None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per measurement (after one warm-up step)")
+    parser.add_argument("--steps", type=int, default=5,
+                        help="timed optimizer steps per measurement (after one warm-up step)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--vocab_size", type=int, default=2048, help="vocabulary size of the benchmarked models")
     parser.add_argument("--nanogpt", default=None, help="a local nanoGPT checkout: also time its model.py on the "
@@ -132,13 +136,15 @@ def main() -> None:
     cpu = torch.device("cpu")
     out["cpu_nanogpt_config"] = nanogpt_config_comparison(max(args.steps, 5), args.nanogpt)
     for shape in SHAPES:
-        out[f"cpu_{shape}"] = {**tokens_per_second(shape, cpu, args.vocab_size, 256, 16, args.steps), "seq_len": 256, "batch": 16}
+        out[f"cpu_{shape}"] = {**tokens_per_second(shape, cpu, args.vocab_size, 256, 16, args.steps),
+                               "seq_len": 256, "batch": 16}
     if torch.cuda.is_available():
         cuda = torch.device("cuda")
         torch.set_float32_matmul_precision("high")
         out["gpu"] = torch.cuda.get_device_name(cuda)
         for shape in SHAPES:
-            out[f"cuda_{shape}"] = {**tokens_per_second(shape, cuda, args.vocab_size, 1024, 32, args.steps * 4), "seq_len": 1024, "batch": 32}
+            out[f"cuda_{shape}"] = {**tokens_per_second(shape, cuda, args.vocab_size, 1024, 32, args.steps * 4),
+                                    "seq_len": 1024, "batch": 32}
     print(json.dumps(out))
 
 

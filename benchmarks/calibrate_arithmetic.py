@@ -6,7 +6,8 @@ data/sft/sft_test.json. It exists to choose finetune.py's defaults (issue 9: >= 
 cores); compare settings by steps and tokens, since the CPU is shared and wall time is noisy. Prints ONE JSON line.
 
     python -m benchmarks.calibrate_arithmetic --pretrained models/pretrain/pretrain_best.pth --max_steps 1500
-    python -m benchmarks.calibrate_arithmetic --pretrained none --n_layers 4 --d_model 128 --tokenizer_dir models/bpe_tokenizer
+    python -m benchmarks.calibrate_arithmetic --pretrained none --n_layers 4 --d_model 128 \
+        --tokenizer_dir models/bpe_tokenizer
 """
 from __future__ import annotations
 
@@ -122,13 +123,15 @@ def run(args: argparse.Namespace) -> dict:
         step += 1
         if step % args.eval_every == 0 or step == args.max_steps:
             train_seconds = time.perf_counter() - start
-            curve.append({"step": step, "loss": round(loss.item(), 4), "test_em": exact_match(model, tokenizer, test, template),
+            curve.append({"step": step, "loss": round(loss.item(), 4),
+                          "test_em": exact_match(model, tokenizer, test, template),
                           "train_em": exact_match(model, tokenizer, train_probe, template)})
             print(json.dumps(curve[-1]), file=sys.stderr)
             start += time.perf_counter() - start - train_seconds  # evaluation time does not count as training time
     elapsed = time.perf_counter() - start
     if not curve or curve[-1]["step"] != step:
-        curve.append({"step": step, "loss": round(loss.item(), 4), "test_em": exact_match(model, tokenizer, test, template),
+        curve.append({"step": step, "loss": round(loss.item(), 4),
+                      "test_em": exact_match(model, tokenizer, test, template),
                       "train_em": exact_match(model, tokenizer, train_probe, template)})
     n_labels = sum(int((s["labels"] != IGNORE_INDEX).sum()) for s in arith_samples)
     return {"settings": {k: v for k, v in vars(args).items() if k not in ("train_data", "test_data")},
@@ -143,17 +146,21 @@ def run(args: argparse.Namespace) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained", default="models/pretrain/pretrain_best.pth",
-                   help="checkpoint to start from (tokenizer/ beside it), or 'none' for a random model of the shape below")
+                   help="checkpoint to start from (tokenizer/ beside it), or 'none' for a random model of the "
+                        "shape below")
     p.add_argument("--tokenizer_dir", default="models/bpe_tokenizer", help="tokenizer for --pretrained none")
     p.add_argument("--n_layers", type=int, default=2, help="blocks of the random model (--pretrained none)")
     p.add_argument("--d_model", type=int, default=128, help="width of the random model (--pretrained none)")
     p.add_argument("--n_heads", type=int, default=None, help="heads of the random model (default d_model / 32)")
     p.add_argument("--max_seq_len", type=int, default=64, help="context of the random model (--pretrained none)")
-    p.add_argument("--train_data", default=str(ROOT / "data/sft/sft_data.json"), help="where the other families come from")
+    p.add_argument("--train_data", default=str(ROOT / "data/sft/sft_data.json"),
+                   help="where the other families come from")
     p.add_argument("--test_data", default=str(ROOT / "data/sft/sft_test.json"), help="held-out sums (task arithmetic)")
     p.add_argument("--n_sums", type=int, default=2000, help="distinct training sums (of the 9,500 not held out)")
-    p.add_argument("--arith_fraction", type=float, default=1.0, help="probability that a training sample is a sum (else another family)")
-    p.add_argument("--template", choices=sorted(TEMPLATES), default="sft", help="prompt format: the SFT template or bare")
+    p.add_argument("--arith_fraction", type=float, default=1.0,
+                   help="probability that a training sample is a sum (else another family)")
+    p.add_argument("--template", choices=sorted(TEMPLATES), default="sft",
+                   help="prompt format: the SFT template or bare")
     p.add_argument("--full_logits", action="store_true",
                    help="compute logits at every position (model(..., labels=...)) instead of only at answer tokens")
     p.add_argument("--batch_size", type=int, default=32, help="samples per step (drawn with replacement)")

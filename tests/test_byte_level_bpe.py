@@ -67,7 +67,8 @@ def test_known_answer_merges_and_ids():
     tok.train(["aaab aaab ab"], min_frequency=1, show_progress=False)
     assert tok.merges == KNOWN_MERGES
     assert len(tok) == 265
-    assert [tok.vocab[t] for t in ("<s>", "<pad>", "</s>", "<unk>", "a", "Ġ", "aa", "ab", "aaab", "Ġaaab", "Ġab")] == [0, 1, 2, 3, 4 + 97, 4 + 32, 260, 261, 262, 263, 264]
+    assert ([tok.vocab[t] for t in ("<s>", "<pad>", "</s>", "<unk>", "a", "Ġ", "aa", "ab", "aaab", "Ġaaab", "Ġab")]
+            == [0, 1, 2, 3, 4 + 97, 4 + 32, 260, 261, 262, 263, 264])
     assert tok.encode("aaab aaab ab")["input_ids"] == [0, 262, 263, 264, 2]
     # "aaaa": (a,a) has the lowest rank, leftmost first: [a,a,a,a] -> [aa,a,a] -> [aa,aa]
     assert tok.encode_ordinary("aaaa") == [260, 260]
@@ -142,13 +143,15 @@ def test_pre_tokenizer_matches_hf_for_every_assigned_code_point():
     for start in range(0, len(chars), 4000):
         text = "".join(f"a{c}'s {c}1{c} " for c in chars[start : start + 4000])
         ours = [byte_level_bpe.token_to_str(piece.encode("utf-8")) for piece in pattern.findall(text)]
-        assert ours == [piece for piece, _ in hf_split(text)], f"pre-tokens differ in code points {ord(chars[start]):#x}.."
+        assert ours == [piece for piece, _ in hf_split(text)], ("pre-tokens differ in code points "
+                                                                f"{ord(chars[start]):#x}..")
 
 
 def test_gpt2_format_pair_without_config_loads(tmp_path):
     # A GPT-2-style vocab.json + merges.txt written by HF tokenizers, whose only special is <|endoftext|>.
     hf = tokenizers.ByteLevelBPETokenizer()
-    hf.train_from_iterator(corpus_lines(limit=500), vocab_size=400, min_frequency=2, special_tokens=["<|endoftext|>"], show_progress=False)
+    hf.train_from_iterator(corpus_lines(limit=500), vocab_size=400, min_frequency=2, special_tokens=["<|endoftext|>"],
+                           show_progress=False)
     hf.save_model(str(tmp_path))
     tok = ByteLevelBPETokenizer.from_pretrained(tmp_path)
     eot = hf.token_to_id("<|endoftext|>")
@@ -208,7 +211,8 @@ def test_padding_and_truncation(tiny_tokenizer):
     assert cut["input_ids"] == full["input_ids"][:4] + [tok.eos_token_id]
     assert tok.encode(text, max_seq_len=5, add_special_tokens=False)["input_ids"] == full["input_ids"][1:6]
     assert tok.encode(text, max_seq_len=5, truncation=False) == full
-    assert tok.encode_batch([text, "x"], max_seq_len=8, padding=True) == [tok.encode(text, max_seq_len=8, padding=True), tok.encode("x", max_seq_len=8, padding=True)]
+    assert tok.encode_batch([text, "x"], max_seq_len=8, padding=True) == [tok.encode(text, max_seq_len=8, padding=True),
+                                                                          tok.encode("x", max_seq_len=8, padding=True)]
     with pytest.raises(TokenizerError, match="padding=True needs max_seq_len"):
         tok.encode(text, padding=True)
     with pytest.raises(TokenizerError, match="max_seq_len"):
@@ -260,7 +264,8 @@ def test_cli_trains_and_saves(tmp_path, capsys):
     source.mkdir()
     (source / "a.txt").write_text("\n".join(corpus_lines(limit=300)), encoding="utf-8")
     (source / "b.txt").write_text(SAMPLE_ZH.read_text(encoding="utf-8"), encoding="utf-8")
-    assert byte_level_bpe.main(["--input", str(source), "--vocab_size", "500", "--output", str(tmp_path / "tok"), "--num_workers", "1"]) == 0
+    assert byte_level_bpe.main(["--input", str(source), "--vocab_size", "500", "--output", str(tmp_path / "tok"),
+                                "--num_workers", "1"]) == 0
     assert "bytes/token" in capsys.readouterr().out
     tok = ByteLevelBPETokenizer.from_pretrained(tmp_path / "tok")
     assert len(tok) == 500

@@ -319,7 +319,8 @@ def test_build_pretrain_data_refuses_a_missing_or_empty_corpus(tmp_path):
     (empty_corpus / "shakespeare").mkdir(parents=True)
     (empty_corpus / "shakespeare" / "empty.txt").write_text("")
     for corpus in (tmp_path / "missing", empty_corpus):
-        result = subprocess.run([sys.executable, "-m", "data.build_pretrain_data", "--corpus", str(corpus), "--output", str(out)],
+        result = subprocess.run([sys.executable, "-m", "data.build_pretrain_data", "--corpus", str(corpus),
+                                 "--output", str(out)],
                                 capture_output=True, text=True, timeout=60, cwd=ROOT)
         assert_one_line_error(result.returncode, result.stderr)
         assert snapshot(out) == before

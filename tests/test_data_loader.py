@@ -59,7 +59,8 @@ def test_read_documents_directory_without_data_files(tmp_path):
 
 
 def test_load_sft_records_json_and_jsonl(tmp_path):
-    records = [{"instruction": "写诗", "response": "床前明月光"}, {"instruction": "Say hi", "input": "to Bob", "response": "Hi Bob"}]
+    records = [{"instruction": "写诗", "response": "床前明月光"},
+               {"instruction": "Say hi", "input": "to Bob", "response": "Hi Bob"}]
     write(tmp_path / "a.json", json.dumps(records, ensure_ascii=False))
     write(tmp_path / "a.jsonl", "\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n")
     assert dl.load_sft_records(tmp_path / "a.json") == records
@@ -75,7 +76,8 @@ def test_load_sft_records_json_and_jsonl(tmp_path):
     ("bad.json", '[{"instruction": "a",\n "response": }]', r"bad\.json:2: invalid JSON"),
     ("dict.json", '{"instruction": "a", "response": "b"}', "expected a JSON list"),
     ("nofield.jsonl", '{"instruction": "a"}\n', r"nofield\.jsonl:1: missing or non-string field 'response'"),
-    ("nofield.json", '[{"instruction": "a", "response": "b"}, {"response": "c"}]', r"nofield\.json\[1\]: missing or non-string field 'instruction'"),
+    ("nofield.json", '[{"instruction": "a", "response": "b"}, {"response": "c"}]',
+     r"nofield\.json\[1\]: missing or non-string field 'instruction'"),
     ("badinput.jsonl", '{"instruction": "a", "response": "b", "input": 3}\n', "field 'input' must be a string"),
     ("list.jsonl", '["a", "b"]\n', "expected a JSON object"),
     ("data.txt", "x\n", "not a .json or .jsonl"),
@@ -231,11 +233,13 @@ def test_pretrain_dataset_wraps_and_counts_truncations(tiny_tokenizer, tmp_path)
 
 
 def test_sft_labels_mask_exactly_prompt_and_padding(tiny_tokenizer):
-    records = [{"instruction": "写诗", "response": "床前明月光"}, {"instruction": "Greet", "input": "Bob", "response": "Hello Bob, how are you today?"}]
+    records = [{"instruction": "写诗", "response": "床前明月光"},
+               {"instruction": "Greet", "input": "Bob", "response": "Hello Bob, how are you today?"}]
     ds = dl.GPTSFTDataset(records, tiny_tokenizer, max_seq_len=64)
     batch = dl.collate_batch([ds[0], ds[1]], tiny_tokenizer.pad_token_id)
     for row, record in enumerate(records):
-        prompt_ids = [tiny_tokenizer.bos_token_id, *tiny_tokenizer.encode_ordinary(dl.build_sft_prompt(dl.record_instruction(record)))]
+        prompt_ids = [tiny_tokenizer.bos_token_id,
+                      *tiny_tokenizer.encode_ordinary(dl.build_sft_prompt(dl.record_instruction(record)))]
         response_ids = [*tiny_tokenizer.encode_ordinary(record["response"]), tiny_tokenizer.eos_token_id]
         n = len(prompt_ids) + len(response_ids)
         assert batch["input_ids"][row, :n].tolist() == prompt_ids + response_ids
@@ -256,14 +260,16 @@ def test_sft_truncates_long_and_drops_hopeless_samples(tiny_tokenizer):
 
 
 def test_sft_dataset_custom_template_and_dataloader(tiny_tokenizer, tmp_path):
-    path = write(tmp_path / "sft.jsonl", "\n".join(json.dumps({"instruction": f"q{i}", "response": "a" * (i + 1)}) for i in range(5)))
+    path = write(tmp_path / "sft.jsonl",
+                 "\n".join(json.dumps({"instruction": f"q{i}", "response": "a" * (i + 1)}) for i in range(5)))
     ds = dl.GPTSFTDataset(path, tiny_tokenizer, 64, template="Q: {instruction}\nA: {response}")
     prompt = [tiny_tokenizer.bos_token_id, *tiny_tokenizer.encode_ordinary("Q: q0\nA: ")]
     assert ds[0]["input_ids"][: len(prompt)].tolist() == prompt
     loader = dl.create_sft_dataloader(path, tiny_tokenizer, 64, batch_size=2, shuffle=True, seed=0)
     batches = list(loader)
     assert [b["input_ids"].shape[0] for b in batches] == [2, 2, 1]
-    assert sum(int((b["labels"] != -100).sum()) for b in batches) == sum(int((ds[i]["labels"] != -100).sum()) for i in range(5))
+    assert (sum(int((b["labels"] != -100).sum()) for b in batches)
+            == sum(int((ds[i]["labels"] != -100).sum()) for i in range(5)))
 
 
 def test_ppo_dataset_gives_prompt_masked_chosen_and_rejected(tiny_tokenizer):
@@ -281,8 +287,10 @@ def test_ppo_dataset_gives_prompt_masked_chosen_and_rejected(tiny_tokenizer):
 
 
 def test_collate_pads_to_longest_item_not_context():
-    items = [{"input_ids": torch.tensor([5, 6, 7]), "attention_mask": torch.ones(3, dtype=torch.long), "labels": torch.tensor([-100, 6, 7])},
-             {"input_ids": torch.tensor([8]), "attention_mask": torch.ones(1, dtype=torch.long), "labels": torch.tensor([8])}]
+    items = [{"input_ids": torch.tensor([5, 6, 7]), "attention_mask": torch.ones(3, dtype=torch.long),
+              "labels": torch.tensor([-100, 6, 7])},
+             {"input_ids": torch.tensor([8]), "attention_mask": torch.ones(1, dtype=torch.long),
+              "labels": torch.tensor([8])}]
     batch = dl.collate_batch(items, pad_token_id=1)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 1, 1]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]

@@ -1,4 +1,5 @@
-"""Tests for evaluator.py: NLL/perplexity/bits-per-byte against hand computations, generation batching, BLEU/ROUGE, CLI."""
+"""Tests for evaluator.py: NLL/perplexity/bits-per-byte against hand computations, generation batching, BLEU/ROUGE,
+CLI."""
 from __future__ import annotations
 
 import json
@@ -49,7 +50,8 @@ def test_perplexity_is_token_weighted_and_skips_padding_and_ignored_labels():
               "labels": torch.tensor([[0, 1, -100, 1], [2, 0, 5, 5]])}  # 5s sit on padding: never read
     # batch 2: one long row, no mask.
     batch2 = {"input_ids": torch.tensor([[1, 1, 0, 2, 2, 0]]), "labels": torch.tensor([[1, 1, 0, 2, 2, 0]])}
-    # Predicted (prev -> next) pairs: row0: 0->1, (1->2 ignored), 2->1; row1: 2->0; batch2: 1->1, 1->0, 0->2, 2->2, 2->0.
+    # Predicted (prev -> next) pairs: row0: 0->1, (1->2 ignored), 2->1; row1: 2->0;
+    # batch2: 1->1, 1->0, 0->2, 2->2, 2->0.
     pairs1 = [(0, 1), (2, 1), (2, 0)]
     pairs2 = [(1, 1), (1, 0), (0, 2), (2, 2), (2, 0)]
     nll1 = sum(bigram_nll(table, p, n) for p, n in pairs1)
@@ -95,7 +97,8 @@ def test_evaluate_pretrained_matches_token_by_token_reference(tiny_tokenizer, tm
     tok = tiny_tokenizer
     table = torch.randn(len(tok), len(tok), generator=torch.Generator().manual_seed(0))
     path = write_lines(tmp_path / "test.txt", [DOCS[0], "", *DOCS[1:]])  # the blank line is no document
-    result = GPTEvaluator(BigramModel(table, max_seq_len=8), tok, show_progress=False).evaluate_pretrained(path, batch_size=3)
+    result = GPTEvaluator(BigramModel(table, max_seq_len=8), tok,
+                          show_progress=False).evaluate_pretrained(path, batch_size=3)
 
     expected_nll, expected_tokens = 0.0, 0
     for doc in DOCS:
@@ -167,7 +170,8 @@ def test_batched_generation_equals_one_prompt_at_a_time(tiny_tokenizer, tiny_con
     got = ev.generate_predictions(prompts, max_gen_len=10, do_sample=False, batch_size=3)
     for prompt, prediction in zip(prompts, got):
         ids = torch.tensor([[tok.bos_token_id] + tok.encode_ordinary(prompt)])  # unpadded, alone
-        new = model.generate(ids, max_gen_len=10, do_sample=False, eos_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
+        new = model.generate(ids, max_gen_len=10, do_sample=False,
+                             eos_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
         new = new[:new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
         assert prediction == tok.decode(new)
 
@@ -244,7 +248,8 @@ def test_corpus_bleu_pools_counts_unlike_mean_sentence_bleu():
 
 def test_rouge_counts_repeated_ngrams_with_clipping():
     # pred 我 我 我 爱, ref 我 爱 爱 你 (4 tokens each).
-    # ROUGE-1: clipped overlap min(3,1) for 我 + min(1,2) for 爱 = 2 -> P = R = F = 2/4 (unique sets would give P 1, R 2/3).
+    # ROUGE-1: clipped overlap min(3,1) for 我 + min(1,2) for 爱 = 2 -> P = R = F = 2/4
+    # (unique sets would give P 1, R 2/3).
     # ROUGE-2: pred bigrams 我我, 我我, 我爱; ref 我爱, 爱爱, 爱你; overlap 我爱 = 1 -> P = R = F = 1/3.
     # ROUGE-L: LCS = 我爱 = 2 -> P = R = F = 2/4.
     scores = rouge_scores(["我我我爱"], ["我爱爱你"])
@@ -260,7 +265,8 @@ def test_rouge_identity_periods_and_empty_predictions():
     # "a.b" is [a, ., b] against [a, b]: the "." counts as a token (P 2/3, R 1, F 0.8), it does not split sentences.
     assert compute_rouge(["a.b"], ["a b"])["rouge-1"] == pytest.approx(0.8, abs=1e-6)
     assert compute_rouge([""], ["some reference"]) == {"rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0}
-    assert compute_rouge(["", "same text"], ["x", "same text"])["rouge-1"] == pytest.approx(0.5, abs=1e-6)  # mean of 0 and 1
+    # mean of 0 and 1
+    assert compute_rouge(["", "same text"], ["x", "same text"])["rouge-1"] == pytest.approx(0.5, abs=1e-6)
     long_text = " ".join(f"w{i % 50}" for i in range(1200))  # the package's recursive ROUGE-L would overflow here
     assert compute_rouge([long_text], [long_text])["rouge-l"] == pytest.approx(1.0)
 
@@ -279,7 +285,8 @@ def test_rouge_matches_the_rouge_package_on_texts_without_periods():
 # ----------------------------------------------------------------------------- bad input and CLI
 
 def test_data_that_does_not_fit_the_model_type_is_rejected(tiny_tokenizer, tmp_path):
-    ev = GPTEvaluator(BigramModel(torch.zeros(len(tiny_tokenizer), len(tiny_tokenizer))), tiny_tokenizer, show_progress=False)
+    ev = GPTEvaluator(BigramModel(torch.zeros(len(tiny_tokenizer), len(tiny_tokenizer))), tiny_tokenizer,
+                      show_progress=False)
     txt = write_lines(tmp_path / "docs.txt", DOCS)
     sft_json = tmp_path / "sft.json"
     sft_json.write_text(json.dumps([{"instruction": "i", "response": "r"}]), encoding="utf-8")
@@ -319,14 +326,16 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_pretrain_sft_and_compare(checkpoint_dir, tmp_path):
     txt = write_lines(tmp_path / "test.txt", DOCS)
-    sft = write_lines(tmp_path / "test.jsonl", [json.dumps({"instruction": "写诗", "response": "床前明月光"}, ensure_ascii=False),
-                                                json.dumps({"instruction": "Who?", "response": "ROMEO"})])
+    sft = write_lines(tmp_path / "test.jsonl",
+                      [json.dumps({"instruction": "写诗", "response": "床前明月光"}, ensure_ascii=False),
+                       json.dumps({"instruction": "Who?", "response": "ROMEO"})])
     report = tmp_path / "pretrain.json"
     done = run_cli("--model_path", str(checkpoint_dir / "a.pth"), "--test_data_path", str(txt), "--output", str(report))
     assert done.returncode == 0, done.stderr
     result = json.loads(report.read_text(encoding="utf-8"))["results"][0]
     assert "bits_per_byte" in done.stdout and result["n_documents"] == 4
-    assert result["bits_per_byte"] == pytest.approx(result["loss"] * result["n_tokens"] / (math.log(2) * result["n_bytes"]))
+    assert result["bits_per_byte"] == pytest.approx(result["loss"] * result["n_tokens"]
+                                                    / (math.log(2) * result["n_bytes"]))
 
     report = tmp_path / "compare.json"
     plot = tmp_path / "compare.png"
@@ -356,7 +365,8 @@ def test_cli_errors_are_one_line(checkpoint_dir, tmp_path, capsys):
         assert err.startswith("error: ") and fragment in err and err.count("\n") == 1, err
 
 
-def test_reward_model_type_and_reward_scores_of_responses(checkpoint_dir, tiny_config, tiny_tokenizer, tmp_path, capsys):
+def test_reward_model_type_and_reward_scores_of_responses(checkpoint_dir, tiny_config, tiny_tokenizer, tmp_path,
+                                                          capsys):
     """A reward model whose head reads one hidden unit: pairwise accuracy and margins checked against a direct call."""
     from data_loader import PreferencePairDataset, collate_pairs
     from gpt_model import GPTModel, GPTRewardModel, save_checkpoint
@@ -371,7 +381,8 @@ def test_reward_model_type_and_reward_scores_of_responses(checkpoint_dir, tiny_c
              {"instruction": "下一句：床前明月光", "chosen": "疑是地上霜", "rejected": "低头思故乡"}]
     data = tmp_path / "pairs.json"
     data.write_text(json.dumps(pairs, ensure_ascii=False), encoding="utf-8")
-    batch = collate_pairs([PreferencePairDataset(pairs, tiny_tokenizer, 64)[i] for i in range(3)], tiny_tokenizer.pad_token_id)
+    batch = collate_pairs([PreferencePairDataset(pairs, tiny_tokenizer, 64)[i] for i in range(3)],
+                          tiny_tokenizer.pad_token_id)
     with torch.no_grad():
         chosen, rejected = reward(batch["input_ids"], attention_mask=batch["attention_mask"]).chunk(2)
     report = tmp_path / "reward.json"
@@ -404,7 +415,8 @@ def test_best_of_n_keeps_the_sample_the_reward_model_scores_highest(tiny_config,
     ev = evaluator.GPTEvaluator(GPTModel(tiny_config), tiny_tokenizer, show_progress=False)
     samples = ["a", "bbb", "cc", "dddd", "e", "ff"]  # 2 prompts x 3 samples, in generation order
     monkeypatch.setattr(ev, "generate_predictions", lambda prompts, **kw: samples[:len(prompts)])
-    monkeypatch.setattr(evaluator, "reward_scores", lambda rm, tok, prompts, responses, device: [len(r) for r in responses])
+    monkeypatch.setattr(evaluator, "reward_scores",
+                        lambda rm, tok, prompts, responses, device: [len(r) for r in responses])
     assert ev.best_of_n_predictions(["p", "q"], 3, reward_model=object()) == ["bbb", "dddd"]
     with pytest.raises(evaluator.EvaluationError):
         ev.best_of_n_predictions(["p"], 0, reward_model=object())

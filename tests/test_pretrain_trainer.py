@@ -32,9 +32,9 @@ def corpus(tmp_path_factory) -> tuple[Path, Path]:
 
 def small_config(corpus, output_dir, **overrides) -> pt.TrainConfig:
     train, val = corpus
-    values = dict(train_data=str(train), val_data=str(val), output_dir=str(output_dir), preset="tiny", n_layers=2, d_model=64,
-                  n_heads=4, max_seq_len=32, batch_size=4, lr=3e-3, warmup_steps=5, max_steps=10, eval_interval=5,
-                  log_interval=1, keep_last=2, device="cpu", dtype="float32", num_workers=1, seed=0)
+    values = dict(train_data=str(train), val_data=str(val), output_dir=str(output_dir), preset="tiny", n_layers=2,
+                  d_model=64, n_heads=4, max_seq_len=32, batch_size=4, lr=3e-3, warmup_steps=5, max_steps=10,
+                  eval_interval=5, log_interval=1, keep_last=2, device="cpu", dtype="float32", num_workers=1, seed=0)
     return pt.TrainConfig(**{**values, **overrides})
 
 
@@ -61,7 +61,8 @@ def test_loss_decreases_and_run_outputs(corpus, tiny_tokenizer, tmp_path):
     assert tokenizer.fingerprint == tiny_tokenizer.fingerprint
     best = gpt_model.load_checkpoint(out / "pretrain_best.pth")
     assert best["tokenizer_fingerprint"] == tiny_tokenizer.fingerprint and best["step"] == 100
-    for key, value in pt.evaluate_stream(model, trainer.val_stream, trainer.byte_lengths, 4, torch.device("cpu"), torch.float32).items():
+    for key, value in pt.evaluate_stream(model, trainer.val_stream, trainer.byte_lengths, 4, torch.device("cpu"),
+                                         torch.float32).items():
         assert value == pytest.approx([r for r in rows if "val_loss" in r][-1][key], rel=1e-6)
 
 
@@ -73,15 +74,18 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(corpus, tiny_tokeni
     killed = pt.GPTTrainer(small_config(corpus, tmp_path / "resumed", **config), tiny_tokenizer, show_progress=False)
     killed.train(stop_after=5)  # as if killed right after step 5's checkpoint; the metrics of steps 4-5 get rewritten
     random.random(), np.random.rand(), torch.rand(3)  # a new process would have different RNG states
-    resumed = pt.GPTTrainer(small_config(corpus, tmp_path / "resumed", **config), tiny_tokenizer, resume="auto", show_progress=False)
+    resumed = pt.GPTTrainer(small_config(corpus, tmp_path / "resumed", **config), tiny_tokenizer, resume="auto",
+                            show_progress=False)
     assert resumed.step == 5
     resumed.train()
 
     without_speed = lambda rows: [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in rows]
-    assert without_speed(resumed.metrics()) == without_speed(straight.metrics())  # same losses, lrs and evals, bit for bit
+    # same losses, lrs and evals, bit for bit
+    assert without_speed(resumed.metrics()) == without_speed(straight.metrics())
     for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), name
-    assert sorted(p.name for p in (tmp_path / "resumed").glob("pretrain_step_*.pth")) == ["pretrain_step_6.pth", "pretrain_step_8.pth"]
+    assert (sorted(p.name for p in (tmp_path / "resumed").glob("pretrain_step_*.pth"))
+            == ["pretrain_step_6.pth", "pretrain_step_8.pth"])
 
 
 def test_evaluation_bits_per_byte_of_a_uniform_model(tiny_tokenizer, tmp_path):
@@ -89,15 +93,18 @@ def test_evaluation_bits_per_byte_of_a_uniform_model(tiny_tokenizer, tmp_path):
     source = tmp_path / "val.txt"
     source.write_text("\n".join(corpus_lines(VAL_TXT, limit=12)) + "\n", encoding="utf-8")
     stream = dl.build_token_stream(source, tiny_tokenizer, num_workers=1, show_progress=False)
-    model = gpt_model.GPTModel(gpt_model.GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=16, n_layers=1))
+    model = gpt_model.GPTModel(gpt_model.GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=16,
+                                                               n_layers=1))
     with torch.no_grad():
         model.transformer.ln_f.weight.zero_()
         model.transformer.ln_f.bias.zero_()
-    result = pt.evaluate_stream(model, stream, dl.token_byte_lengths(tiny_tokenizer), 3, torch.device("cpu"), torch.float32)
+    result = pt.evaluate_stream(model, stream, dl.token_byte_lengths(tiny_tokenizer), 3, torch.device("cpu"),
+                                torch.float32)
     n_predicted = len(stream) - 1
     assert result["val_loss"] == pytest.approx(math.log(len(tiny_tokenizer)), rel=1e-6)
     assert result["val_ppl"] == pytest.approx(len(tiny_tokenizer), rel=1e-5)
-    assert result["val_bpb"] == pytest.approx(n_predicted * math.log(len(tiny_tokenizer)) / (math.log(2) * stream.n_bytes), rel=1e-6)
+    assert result["val_bpb"] == pytest.approx(n_predicted * math.log(len(tiny_tokenizer))
+                                              / (math.log(2) * stream.n_bytes), rel=1e-6)
 
 
 def test_lr_schedule_warms_up_then_follows_the_cosine():
@@ -119,7 +126,8 @@ def test_rng_state_survives_a_weights_only_round_trip(tmp_path):
 
 
 def test_failed_save_keeps_the_previous_checkpoint(corpus, tiny_tokenizer, tmp_path, monkeypatch):
-    trainer = pt.GPTTrainer(small_config(corpus, tmp_path, max_steps=2, eval_interval=100), tiny_tokenizer, show_progress=False)
+    trainer = pt.GPTTrainer(small_config(corpus, tmp_path, max_steps=2, eval_interval=100), tiny_tokenizer,
+                            show_progress=False)
     trainer.save(tmp_path / "pretrain_step_1.pth")
 
     def crash(obj, path, *args, **kwargs):
@@ -139,10 +147,13 @@ def _free_port() -> int:
 
 
 def _ddp_worker(rank: int, world_size: int, port: int, tokenizer_dir: str, config: dict, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    trainer = pt.GPTTrainer(pt.TrainConfig(**config), ByteLevelBPETokenizer.from_pretrained(tokenizer_dir), show_progress=False)
-    first_batch = next(dl.RandomWindowBatches(trainer.train_stream.tokens, 32, 4, seed=config["seed"], rank=rank))["input_ids"]
+    trainer = pt.GPTTrainer(pt.TrainConfig(**config), ByteLevelBPETokenizer.from_pretrained(tokenizer_dir),
+                            show_progress=False)
+    first_batch = next(dl.RandomWindowBatches(trainer.train_stream.tokens, 32, 4, seed=config["seed"],
+                                              rank=rank))["input_ids"]
     trainer.train()
     torch.save({"params": trainer.model.state_dict(), "first_batch": first_batch}, Path(out_dir) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
@@ -151,8 +162,8 @@ def _ddp_worker(rank: int, world_size: int, port: int, tokenizer_dir: str, confi
 def test_ddp_two_cpu_processes_average_gradients(corpus, tiny_tokenizer_dir, tiny_tokenizer, tmp_path):
     config = asdict(small_config(corpus, tmp_path / "run", max_steps=4, eval_interval=4))
     dl.build_token_stream(config["train_data"], tiny_tokenizer, num_workers=1, show_progress=False)  # warm cache
-    context = mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tiny_tokenizer_dir), config, str(tmp_path)), nprocs=2,
-                                 join=False, start_method="spawn")
+    context = mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tiny_tokenizer_dir), config, str(tmp_path)),
+                                 nprocs=2, join=False, start_method="spawn")
     deadline = time.time() + 180
     while not context.join(timeout=5):  # a hang (mismatched collectives) fails the test instead of the suite
         if time.time() > deadline:
@@ -172,10 +183,11 @@ def test_ddp_two_cpu_processes_average_gradients(corpus, tiny_tokenizer_dir, tin
 
 def test_cli_trains_tokenizer_when_missing_and_reports(corpus, tmp_path, capsys):
     train, val = corpus
-    code = pt.main(["--train_data_dir", str(train), "--val_data_dir", str(val), "--tokenizer_dir", str(tmp_path / "tok"),
-                    "--vocab_size", "300", "--output_dir", str(tmp_path / "out"), "--n_layers", "1", "--d_model", "32",
-                    "--n_heads", "2", "--max_seq_len", "48", "--batch_size", "2", "--max_steps", "3", "--eval_interval", "3",
-                    "--num_workers", "1", "--device", "cpu", "--samples", "4"])
+    code = pt.main(["--train_data_dir", str(train), "--val_data_dir", str(val), "--tokenizer_dir",
+                    str(tmp_path / "tok"), "--vocab_size", "300", "--output_dir", str(tmp_path / "out"),
+                    "--n_layers", "1", "--d_model", "32", "--n_heads", "2", "--max_seq_len", "48", "--batch_size", "2",
+                    "--max_steps", "3", "--eval_interval", "3", "--num_workers", "1", "--device", "cpu",
+                    "--samples", "4"])
     out = capsys.readouterr().out
     assert code == 0
     summary = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
@@ -187,11 +199,13 @@ def test_cli_trains_tokenizer_when_missing_and_reports(corpus, tmp_path, capsys)
 
 
 def test_cli_errors_are_one_line(corpus, tiny_tokenizer_dir, tmp_path, capsys):
-    base = ["--tokenizer_dir", str(tiny_tokenizer_dir), "--val_data_dir", str(corpus[1]), "--output_dir", str(tmp_path / "out"), "--device", "cpu", "--num_workers", "1"]
+    base = ["--tokenizer_dir", str(tiny_tokenizer_dir), "--val_data_dir", str(corpus[1]), "--output_dir",
+            str(tmp_path / "out"), "--device", "cpu", "--num_workers", "1"]
     assert pt.main(base + ["--train_data_dir", str(tmp_path / "nope.txt"), "--max_steps", "1"]) == 2
     assert capsys.readouterr().err.startswith("error: data path")
 
-    assert pt.main(base + ["--train_data_dir", str(corpus[0]), "--max_steps", "1", "--n_heads", "3", "--d_model", "64"]) == 2
+    assert pt.main(base + ["--train_data_dir", str(corpus[0]), "--max_steps", "1", "--n_heads", "3",
+                           "--d_model", "64"]) == 2
     assert "divisible by n_heads" in capsys.readouterr().err
 
     other = ByteLevelBPETokenizer(vocab_size=300)
@@ -199,7 +213,8 @@ def test_cli_errors_are_one_line(corpus, tiny_tokenizer_dir, tmp_path, capsys):
     other.save(tmp_path / "other_tok")
     trainer = pt.GPTTrainer(small_config(corpus, tmp_path / "a", max_steps=1), other, show_progress=False)
     trainer.save(tmp_path / "a" / "pretrain_step_1.pth")
-    assert pt.main(base + ["--train_data_dir", str(corpus[0]), "--max_steps", "2", "--resume", str(tmp_path / "a" / "pretrain_step_1.pth")]) == 2
+    assert pt.main(base + ["--train_data_dir", str(corpus[0]), "--max_steps", "2", "--resume",
+                           str(tmp_path / "a" / "pretrain_step_1.pth")]) == 2
     assert "different tokenizer" in capsys.readouterr().err
 
     with pytest.raises(pt.TrainError, match="no stopping rule"):

@@ -217,7 +217,8 @@ def pairwise_records(examples: Sequence[Example], rng: random.Random, max_sums: 
             sums += 1
             if sums > max_sums:
                 continue
-        out.append({"instruction": e.instruction, "chosen": e.response, "rejected": rng.choice(e.wrong), "task": e.task})
+        out.append({"instruction": e.instruction, "chosen": e.response, "rejected": rng.choice(e.wrong),
+                    "task": e.task})
     return out
 
 
@@ -275,7 +276,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    counts = (args.arithmetic_train, args.arithmetic_test, args.pairwise_arithmetic, args.speaker_train, args.speaker_test)
+    counts = (args.arithmetic_train, args.arithmetic_test, args.pairwise_arithmetic, args.speaker_train,
+              args.speaker_test)
     sizes = Sizes(*counts, all_wrong_sums=not args.one_wrong_answer_per_sum)
     if min(counts) < 0:
         print("error: example counts must be >= 0", file=sys.stderr)
