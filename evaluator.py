@@ -352,7 +352,8 @@ class GPTEvaluator:
 
     def evaluate_reward(self, test_data_path: str | os.PathLike, batch_size: int = 32,
                         max_samples: int | None = None) -> dict:
-        """A reward model on held-out preference pairs: pairwise accuracy (chosen scored higher) and mean margin."""
+        """A reward model on held-out preference pairs: pairwise accuracy (chosen scored higher), overall and per
+        "task" when the records say, and the mean margin."""
         records = _take(load_preference_records(_check_data_format(test_data_path, "reward")), max_samples)
         if not records:
             raise EvaluationError(f"no records in {test_data_path}: the test set is empty")
@@ -368,8 +369,13 @@ class GPTEvaluator:
             chosen += c.tolist()
             rejected += r.tolist()
         margins = [c - r for c, r in zip(chosen, rejected)]
-        return {"pairwise_accuracy": pairwise_accuracy(chosen, rejected), "mean_margin": sum(margins) / len(margins),
-                "n_samples": len(records)}
+        per_task = {}
+        for task in sorted({r["task"] for r in records if isinstance(r.get("task"), str)}):
+            rows = [i for i, r in enumerate(records) if r.get("task") == task]
+            per_task[f"pairwise_accuracy/{task}"] = pairwise_accuracy([chosen[i] for i in rows],
+                                                                      [rejected[i] for i in rows])
+        return {"pairwise_accuracy": pairwise_accuracy(chosen, rejected), **per_task,
+                "mean_margin": sum(margins) / len(margins), "n_samples": len(records)}
 
 
     def evaluate_classification(self, test_data_path: str | os.PathLike, batch_size: int = 64,
@@ -601,7 +607,8 @@ def _model_names(reports: list[dict]) -> list[str]:
 def format_table(reports: list[dict], model_type: str) -> str:
     names = _model_names(reports)
     width = max(12, *(len(n) for n in names))
-    extra = sorted({k for r in reports for k in r if k.startswith("exact_match/") or k == "reward_score"})
+    extra = sorted({k for r in reports for k in r
+                    if k.startswith(("exact_match/", "pairwise_accuracy/")) or k == "reward_score"})
     extra += [k for k in reports[0] if k.startswith(("precision/", "recall/"))]
     rows = [*TABLE_METRICS[model_type], *extra]
     first = max(14, *(len(m) + 1 for m in rows))

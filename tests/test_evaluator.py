@@ -391,7 +391,9 @@ def test_reward_model_type_and_reward_scores_of_responses(checkpoint_dir, tiny_c
     result = json.loads(report.read_text(encoding="utf-8"))["results"][0]
     assert result["pairwise_accuracy"] == pytest.approx(float((chosen > rejected).float().mean()))
     assert result["mean_margin"] == pytest.approx(float((chosen - rejected).mean()), rel=1e-4)
-    assert "pairwise_accuracy" in capsys.readouterr().out
+    assert result["pairwise_accuracy/arithmetic"] == float(chosen[0] > rejected[0])  # one pair per task here
+    assert result["pairwise_accuracy/speaker"] == float(chosen[1] > rejected[1])
+    assert "pairwise_accuracy/speaker" in capsys.readouterr().out
 
     sft = tmp_path / "sft.json"
     sft.write_text(json.dumps([{"instruction": p["instruction"], "response": p["chosen"], "task": p.get("task", "x")}
