@@ -31,9 +31,10 @@ def built(tmp_path_factory):
 
 # Independent checkers: each re-derives the answer from the instruction and the raw corpus lines.
 
-def speeches_starting_with(excerpt):
-    candidates = SPEECHES_BY_FIRST_WORDS.get(tuple(excerpt.split()[:3]), [])
-    return {doc for doc in candidates if (doc.split(": ", 1)[1] + " ").startswith(excerpt + " ")}
+def speeches_starting_with(speaker, words):
+    candidates = SPEECHES_BY_FIRST_WORDS.get(tuple(words.split()[:3]), [])
+    return {doc for doc in candidates if doc.startswith(f"{speaker}: ") and (doc + " ").startswith(
+        f"{speaker}: {words} ")}
 
 
 def arithmetic_answer(instruction):
@@ -43,25 +44,61 @@ def arithmetic_answer(instruction):
     return {str(a + b)}
 
 
+def parse_next_line(instruction):
+    a, b, c, asked = re.fullmatch(r"(\w+)，(\w+)，(\w+)。(\w+)的下一句？", instruction).groups()
+    return [a, b, c], asked
+
+
 def next_line_answer(instruction):
-    line = instruction.removeprefix("下一句：")
-    found = set()
-    for doc in POEM_DOCS:
-        body = doc.split("：", 1)[1]
-        found |= set(re.findall(rf"(?:^|{PUNCT}){re.escape(line)}{PUNCT}([^，。？！；：、]+)", body))
-    return found
+    lines, asked = parse_next_line(instruction)
+    assert source_poems(instruction), instruction  # three consecutive lines of a corpus poem
+    return {lines[i + 1] for i in range(2) if lines[i] == asked}
+
+
+def source_poems(instruction):
+    lines, _ = parse_next_line(instruction)
+    pattern = rf"(?:^|{PUNCT})" + PUNCT.join(map(re.escape, lines)) + PUNCT
+    return {doc for doc in POEM_DOCS if re.search(pattern, doc.split("：", 1)[1])}
+
+
+def parse_author(instruction):
+    return re.fullmatch(r"(《[^》]+》\S*)\n(\S+?)：(\w+)\n作者是？", instruction).groups()
 
 
 def author_answer(instruction):
-    title = instruction.removesuffix("的作者是？")
-    return {doc[len(title) + 1:].split("：", 1)[0] for doc in POEM_DOCS if doc.startswith(title + " ")}
+    title, author, first = parse_author(instruction)
+    return {author} if source_heading(instruction) else set()
+
+
+def source_heading(instruction):
+    title, author, first = parse_author(instruction)
+    return {doc for doc in POEM_DOCS if re.match(rf"{re.escape(title)} {re.escape(author)}：{re.escape(first)}"
+                                                 rf"(?:{PUNCT}|$)", doc)}
+
+
+def parse_speaker(instruction):
+    return re.fullmatch(r'(.+?): (.+)\n(.+?): (.+)\nWho says "(.+)"\?', instruction).groups()
 
 
 def speaker_answer(instruction):
-    excerpt = re.fullmatch(r'Who says: "(.*)"', instruction).group(1)
-    return {doc.split(": ", 1)[0] for doc in speeches_starting_with(excerpt)}
+    first, first_words, second, second_words, quote = parse_speaker(instruction)
+    assert source_speeches(instruction), instruction
+    return {name for name, words in ((first, first_words), (second, second_words))
+            if (words + " ").startswith(quote + " ")}
 
 
+def source_speeches(instruction):
+    """The two consecutive corpus speeches an exchange shows."""
+    first, first_words, second, second_words, _ = parse_speaker(instruction)
+    firsts = speeches_starting_with(first, first_words)
+    seconds = speeches_starting_with(second, second_words)
+    adjacent = any(i + 1 in CORPUS_INDEX[s] for f in firsts for s in seconds for i in CORPUS_INDEX[f])
+    return firsts | seconds if adjacent else set()
+
+
+CORPUS_INDEX = {}  # line -> every index it has in the corpus (a few speeches repeat)
+for _i, _line in enumerate(CORPUS):
+    CORPUS_INDEX.setdefault(_line, set()).add(_i)
 CHECKERS = {"arithmetic": arithmetic_answer, "poem_next_line": next_line_answer, "poem_author": author_answer,
             "speaker": speaker_answer}
 
@@ -70,12 +107,10 @@ def source_documents(record):
     """The corpus lines a corpus-family prompt was built from."""
     ins = record["instruction"]
     if record["task"] == "poem_next_line":
-        line = ins.removeprefix("下一句：")
-        return {doc for doc in POEM_DOCS if re.search(rf"{PUNCT}{re.escape(line)}{PUNCT}", doc)}
+        return source_poems(ins)
     if record["task"] == "poem_author":
-        return {doc for doc in POEM_DOCS if doc.startswith(ins.removesuffix("的作者是？") + " ")}
-    excerpt = re.fullmatch(r'Who says: "(.*)"', ins).group(1)
-    return speeches_starting_with(excerpt)
+        return source_heading(ins)
+    return source_speeches(ins)
 
 
 def test_same_seed_gives_identical_files_and_matches_the_committed_data(built, tmp_path):
@@ -130,8 +165,8 @@ def test_counts_per_family(built):
     counts = {}
     for r in load(built, "sft_data.json"):
         counts[r["task"]] = counts.get(r["task"], 0) + 1
-    assert counts["arithmetic"] == 9500 and counts["speaker"] == 1000
-    assert counts["poem_next_line"] > 500 and counts["poem_author"] > 200
+    assert counts["arithmetic"] == 9500 and counts["speaker"] == 2000
+    assert counts["poem_next_line"] > 500 and counts["poem_author"] > 250
     assert sum(1 for r in load(built, "sft_test.json") if r["task"] == "arithmetic") == 500
     assert sum(1 for r in load(built, "rlhf_pairwise_test.json") if r["task"] == "arithmetic") == 500
 

@@ -3,16 +3,18 @@
 Four task families, each with one exact answer that a checker can verify:
 
 - ``arithmetic``: ``计算 {a} + {b} = ?`` -> ``{a + b}`` with 0 <= a, b <= 99 (the fixed format results compare on);
-- ``poem_next_line``: ``下一句：{line}`` -> the line that follows it in a Tang/Song poem;
-- ``poem_author``: ``{《title》}的作者是？`` -> the poet;
-- ``speaker``: ``Who says: "{first words of a speech}"`` -> the Shakespeare character who speaks it.
+- ``poem_next_line``: three consecutive lines of a Tang/Song poem, then ``{line}的下一句？`` -> the line after it;
+- ``poem_author``: a poem's heading as the corpus writes it (title, poet, first line), then ``作者是？`` -> the poet;
+- ``speaker``: two consecutive speeches of a play (speaker and opening words each), then ``Who says "{words}"?``
+  -> the speaker of those words.
 
-The corpus families only use documents of ``data/pretrain/train.txt`` (what the pretrained model has read), so SFT
-teaches the format and the model must recall the answer. One split of prompts serves every file: train files
-(``sft_data.json``, ``rlhf_pairwise.json``) draw from the train prompts, test files (``sft_test.json``,
-``rlhf_pairwise_test.json``) from the rest, and corpus test prompts come from documents (poems, speeches) that
-give no train prompt. Preference pairs reject a plausible wrong answer: a near-miss sum (+-1, +-10), a truncated
-answer, another poem's line, another poet, or the speaker of a nearby speech (usually the same scene).
+Only arithmetic must be computed; the other families are reading tasks: the answer is in the prompt, so a small
+model can learn them (recalling facts of a corpus it read for five minutes, the families' earlier form, it could
+not: 0.00-0.09 exact match after SFT). One split of prompts serves every file: train files (``sft_data.json``,
+``rlhf_pairwise.json``) draw from the train prompts, test files (``sft_test.json``, ``rlhf_pairwise_test.json``)
+from the rest; poems and speeches are split as documents, so no poem or speech is shown in both. Preference pairs
+reject a plausible wrong answer: a near-miss sum (+-1, +-10), a truncated answer, another line of the same excerpt,
+another poet, or the other speaker of the exchange.
 
     python -m data.sft.build_sft_data [--seed 0] [--output_dir data/sft]
 """
@@ -24,25 +26,33 @@ import random
 import re
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from atomic_file import atomic_path
+from byte_level_bpe import ByteLevelBPETokenizer
+import data_loader
+from data_loader import SFT_TEMPLATE
 
 DEFAULT_OUTPUT = Path("data/sft")
 DEFAULT_CORPUS = Path("data/pretrain/train.txt")
 ARITHMETIC_PROMPT = "计算 {a} + {b} = ?"
-NEXT_LINE_PROMPT = "下一句：{line}"
-AUTHOR_PROMPT = "{title}的作者是？"
-SPEAKER_PROMPT = 'Who says: "{excerpt}"'
+NEXT_LINE_PROMPT = "{a}，{b}，{c}。{line}的下一句？"
+AUTHOR_PROMPT = "{title}\n{author}：{line}\n作者是？"
+SPEAKER_PROMPT = '{a}: {a_words}\n{b}: {b_words}\nWho says "{quote}"?'
 POEM = re.compile(r"^(《[^》]+》\S*) (\S+?)：(.+)$")  # 《title》[其二] author：lines
 SPEECH = re.compile(r"^([A-Z][A-Z'\- ]*[A-Z]): (.+)$")  # SPEAKER: speech
 CLAUSE_END = re.compile(r"[，。？！；：、]")
-LINE_CHARS = (4, 9)  # poem lines used as prompts or answers (5 and 7 characters in regular verse)
+LINE_CHARS = (4, 9)  # first lines shown in an author prompt (5 and 7 characters in regular verse)
+EXCERPT_LINE_CHARS = 5  # the next-line excerpts: three five-character lines fit the 64-token context
 MAX_TITLE_CHARS = 16
-EXCERPT_WORDS = 8
+EXCERPT_WORDS = 6  # opening words of each speech shown in a speaker prompt
+QUOTE_WORDS = 3  # of which the question quotes the first three
 OUTPUT_FILES = ("sft_data.json", "sft_test.json", "rlhf_pairwise.json", "rlhf_pairwise_test.json")
+CONTEXT = 64  # the default pretrained model's context: every prompt + answer (+ <s>, </s>) fits it
+VOCAB_SIZE = 8192  # the tokenizer `python pretrain_trainer.py` trains on the same corpus
+Fits = Callable[["Example"], bool]
 
 
 class BuildError(ValueError):
@@ -66,10 +76,10 @@ class Sizes:
     arithmetic_train: int = 9500  # every sum not held out: with 2,000 the held-out exact match stays ~0.1
     arithmetic_test: int = 500
     pairwise_arithmetic: int = 2000  # sums with one sampled wrong answer among the train preference pairs
-    speaker_train: int = 1000
+    speaker_train: int = 2000
     speaker_test: int = 300
     poem_test_fraction: float = 0.15
-    lines_per_poem: int = 4
+    excerpts_per_poem: int = 4
     all_wrong_sums: bool = True  # plus every other wrong answer of every train sum (a reward model needs ~45k)
 
 
@@ -126,78 +136,111 @@ def split_poems(rng: random.Random, poems: Sequence[tuple[str, str, str]], sizes
     return [poems[i] for i in sorted(order[n_test:])], [poems[i] for i in sorted(order[:n_test])]
 
 
-def next_line_examples(rng: random.Random, poems: Sequence[tuple[str, str, str]], line_counts: Counter,
-                       sizes: Sizes) -> list[Example]:
-    """Up to ``lines_per_poem`` (line, next line) pairs per poem; the prompt line occurs once in the corpus."""
-    pool = [line for _, _, body in poems for line in poem_lines(body) if _line_ok(line)]
+def next_line_examples(rng: random.Random, poems: Sequence[tuple[str, str, str]], sizes: Sizes,
+                       fits: Fits) -> list[Example]:
+    """Up to ``excerpts_per_poem`` excerpts per poem: three consecutive five-character lines, and the line that
+    follows the first, and the second, of them. Rejected: the asked line itself, the other line of the excerpt, a truncation."""
     out = []
     for _, _, body in poems:
         lines = poem_lines(body)
-        pairs = [(a, b) for a, b in zip(lines, lines[1:]) if _line_ok(a) and _line_ok(b) and line_counts[a] == 1]
-        for line, following in rng.sample(pairs, min(len(pairs), sizes.lines_per_poem)):
-            others = [x for x in pool if len(x) == len(following) and x != following and x not in lines]
-            wrong = {following[:-1], following[:len(following) // 2], *rng.sample(others, min(3, len(others)))}
-            out.append(Example("poem_next_line", NEXT_LINE_PROMPT.format(line=line), following, tuple(sorted(wrong))))
-    return out
+        starts = [i for i in range(len(lines) - 2) if all(len(x) == EXCERPT_LINE_CHARS for x in lines[i:i + 3])
+                  and len(set(lines[i:i + 3])) == 3]
+        for i in rng.sample(starts, min(len(starts), sizes.excerpts_per_poem)):
+            excerpt = lines[i:i + 3]
+            for k in range(2):  # the line after the first, and after the second
+                asked, following = excerpt[k], excerpt[k + 1]
+                wrong = {asked, excerpt[2 - k], following[:-1]}
+                instruction = NEXT_LINE_PROMPT.format(a=excerpt[0], b=excerpt[1], c=excerpt[2], line=asked)
+                out.append(Example("poem_next_line", instruction, following, tuple(sorted(wrong))))
+    return [e for e in out if fits(e)]
 
 
 def _line_ok(line: str) -> bool:
     return LINE_CHARS[0] <= len(line) <= LINE_CHARS[1]
 
 
-def author_examples(rng: random.Random, poems: Sequence[tuple[str, str, str]], title_counts: Counter) -> list[Example]:
-    """One example per poem whose title is unique in the corpus (``《无题》`` has several poets) and short."""
+def author_examples(rng: random.Random, poems: Sequence[tuple[str, str, str]], fits: Fits) -> list[Example]:
+    """One example per poem with a short title and a first line of at most nine characters: the poem's heading as
+    the corpus writes it (title, poet, first line), and the poet to name. Rejected: another poet, a truncation."""
     authors = sorted({author for _, author, _ in poems})
     out = []
-    for title, author, _ in poems:
-        if title_counts[title] != 1 or len(title) > MAX_TITLE_CHARS:
+    for title, author, body in poems:
+        first = poem_lines(body)[0] if poem_lines(body) else ""
+        if len(title) > MAX_TITLE_CHARS or not _line_ok(first):
             continue
         others = [a for a in authors if a != author]
         wrong = {*rng.sample(others, min(3, len(others)))}
         if len(author) >= 3:
             wrong.add(author[:-1])
-        out.append(Example("poem_author", AUTHOR_PROMPT.format(title=title), author, tuple(sorted(wrong))))
-    return out
+        instruction = AUTHOR_PROMPT.format(title=title, author=author, line=first)
+        out.append(Example("poem_author", instruction, author, tuple(sorted(wrong))))
+    return [e for e in out if fits(e)]
 
 
-def speaker_examples(rng: random.Random, speeches: Sequence[tuple[str, str]], sizes: Sizes) -> tuple[list, list]:
-    """Speeches whose opening words are unique in the corpus; test and train speeches are disjoint."""
-    excerpts = [" ".join(speech.split()[:EXCERPT_WORDS]) for _, speech in speeches]
-    counts = Counter(excerpts)
-    usable = [i for i, (_, speech) in enumerate(speeches)
-              if len(speech.split()) >= EXCERPT_WORDS and counts[excerpts[i]] == 1]
-    if len(usable) < sizes.speaker_train + sizes.speaker_test:
-        raise BuildError(f"only {len(usable)} usable speeches for {sizes.speaker_train} train + "
+def speaker_examples(rng: random.Random, speeches: Sequence[tuple[str, str]], sizes: Sizes,
+                     fits: Fits) -> tuple[list, list]:
+    """Two consecutive speeches by different speakers (their opening words) and the opening words of one of them:
+    who says it. Test and train exchanges share no speech. Rejected: the other speaker of the exchange."""
+    usable = [i for i in range(len(speeches) - 1) if speeches[i][0] != speeches[i + 1][0]
+              and min(len(speeches[i][1].split()), len(speeches[i + 1][1].split())) >= EXCERPT_WORDS
+              and _opening(speeches[i][1], QUOTE_WORDS) != _opening(speeches[i + 1][1], QUOTE_WORDS)]
+    rng.shuffle(usable)
+    taken, examples = set(), []
+    for i in usable:  # exchanges that share no speech, so train and test never show the same one
+        if i in taken or i + 1 in taken or not fits(example := _speaker(rng, speeches, i)):
+            continue
+        taken |= {i, i + 1}
+        examples.append(example)
+        if len(examples) == sizes.speaker_train + sizes.speaker_test:
+            break
+    if len(examples) < sizes.speaker_train + sizes.speaker_test:
+        raise BuildError(f"only {len(examples)} usable exchanges for {sizes.speaker_train} train + "
                          f"{sizes.speaker_test} test speaker examples; ask for fewer")
-    chosen = rng.sample(usable, sizes.speaker_train + sizes.speaker_test)
-    examples = [_speaker(speeches, excerpts, i) for i in chosen]
     return examples[sizes.speaker_test:], examples[:sizes.speaker_test]
 
 
-def _speaker(speeches: Sequence[tuple[str, str]], excerpts: Sequence[str], index: int) -> Example:
-    speaker = speeches[index][0]
-    nearby = speeches[max(0, index - 6):index + 7]  # a few speeches either side: usually the same scene
-    wrong = {name for name, _ in nearby if name != speaker}
-    if not wrong:
-        wrong = {name for name, _ in speeches[max(0, index - 60):index + 61] if name != speaker}
-    return Example("speaker", SPEAKER_PROMPT.format(excerpt=excerpts[index]), speaker, tuple(sorted(wrong)))
+def _opening(speech: str, words: int) -> str:
+    return " ".join(speech.split()[:words])
+
+
+def _speaker(rng: random.Random, speeches: Sequence[tuple[str, str]], index: int) -> Example:
+    (first, first_speech), (second, second_speech) = speeches[index], speeches[index + 1]
+    k = rng.randrange(2)
+    speaker, other = (first, second) if k == 0 else (second, first)
+    quote = _opening((first_speech, second_speech)[k], QUOTE_WORDS)
+    instruction = SPEAKER_PROMPT.format(a=first, a_words=_opening(first_speech, EXCERPT_WORDS), b=second,
+                                        b_words=_opening(second_speech, EXCERPT_WORDS), quote=quote)
+    return Example("speaker", instruction, speaker, (other,))
 
 
 # ----------------------------------------------------------------------------- assembly
+
+def context_fit(corpus: Path) -> Fits:
+    """Whether an example (its prompt with the longest of its answers) fits the default model's context, measured
+    with the tokenizer `python pretrain_trainer.py` trains on the same corpus (deterministic, ~2 s)."""
+    tokenizer = ByteLevelBPETokenizer(vocab_size=VOCAB_SIZE)
+    tokenizer.train(data_loader.read_documents(corpus), show_progress=False)
+
+    def fits(example: Example) -> bool:
+        longest = max(len(tokenizer.encode_ordinary(SFT_TEMPLATE.format(instruction=example.instruction, response=a)))
+                      for a in (example.response, *example.wrong))
+        return longest + 2 <= CONTEXT  # + <s> and </s>
+
+    return fits
+
 
 def build_examples(corpus: Path, seed: int, sizes: Sizes = Sizes()) -> tuple[list[Example], list[Example]]:
     """(train examples, test examples) of every family, each list shuffled with the seed."""
     rng = random.Random(seed)
     poems, speeches = read_corpus(corpus)
-    line_counts = Counter(line for _, _, body in poems for line in poem_lines(body))
-    title_counts = Counter(title for title, _, _ in poems)
+    fits = context_fit(corpus)
     arith_train, arith_test = arithmetic_examples(rng, sizes)
     poems_train, poems_test = split_poems(rng, poems, sizes)
-    speaker_train, speaker_test = speaker_examples(rng, speeches, sizes)
-    train = [*arith_train, *next_line_examples(rng, poems_train, line_counts, sizes),
-             *author_examples(rng, poems_train, title_counts), *speaker_train]
-    test = [*arith_test, *next_line_examples(rng, poems_test, line_counts, sizes),
-            *author_examples(rng, poems_test, title_counts), *speaker_test]
+    speaker_train, speaker_test = speaker_examples(rng, speeches, sizes, fits)
+    train = [*arith_train, *next_line_examples(rng, poems_train, sizes, fits), *author_examples(rng, poems_train, fits),
+             *speaker_train]
+    test = [*arith_test, *next_line_examples(rng, poems_test, sizes, fits), *author_examples(rng, poems_test, fits),
+            *speaker_test]
     rng.shuffle(train)
     rng.shuffle(test)
     return train, test
