@@ -229,12 +229,14 @@ class GPTEvaluator:
 
     def generate_predictions(self, prompts: Sequence[str], max_gen_len: int = 100, top_k: int = 50,
                              temperature: float = 0.8, top_p: float = 1.0, do_sample: bool = True,
-                             batch_size: int = 16, seed: int | None = None) -> list[str]:
+                             batch_size: int = 16, seed: int | None = None,
+                             min_new_tokens: int | None = None) -> list[str]:
         """Continuations of `<s> prompt` (prompt tokens stripped, stopped at `</s>`), in batches through
-        model.generate."""
+        model.generate. A prompt is cut (keeping its end) only to leave room for ``min_new_tokens`` new tokens
+        (default min(max_gen_len, context // 2)); past that, generation stops at the end of the context."""
         if batch_size < 1:
             raise EvaluationError(f"batch_size must be at least 1, got {batch_size}")
-        limit = max_prompt_len(self.model.config.max_seq_len, max_gen_len)  # always leave room to generate
+        limit = max_prompt_len(self.model.config.max_seq_len, min_new_tokens or max_gen_len)
         encoded = [encode_prompt(self.tokenizer, prompt, limit) for prompt in prompts]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths: little left padding
         generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
@@ -255,13 +257,15 @@ class GPTEvaluator:
 
     def best_of_n_predictions(self, prompts: Sequence[str], n: int, reward_model: torch.nn.Module,
                               max_gen_len: int = 16, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                              batch_size: int = 64, seed: int | None = None) -> list[str]:
+                              batch_size: int = 64, seed: int | None = None,
+                              min_new_tokens: int | None = None) -> list[str]:
         """For each prompt, n sampled responses; the one the reward model scores highest is kept."""
         if n < 1:
             raise EvaluationError(f"best_of must be at least 1, got {n}")
         repeated = [prompt for prompt in prompts for _ in range(n)]
         samples = self.generate_predictions(repeated, max_gen_len=max_gen_len, top_k=top_k, temperature=temperature,
-                                            top_p=top_p, do_sample=True, batch_size=batch_size, seed=seed)
+                                            top_p=top_p, do_sample=True, batch_size=batch_size, seed=seed,
+                                            min_new_tokens=min_new_tokens)
         scores = reward_scores(reward_model, self.tokenizer, repeated, samples, self.device)
         best = [max(range(i * n, (i + 1) * n), key=scores.__getitem__) for i in range(len(prompts))]
         return [samples[i] for i in best]
@@ -317,15 +321,16 @@ class GPTEvaluator:
 
         prompts = [build_sft_prompt(record_instruction(record), self.template) for record in records]
         references = [record["response"] for record in records]
+        room = 1  # a prompt that fits the context is never cut; its answer gets the rest of the context
         if best_of > 1:
             if reward_model is None:
                 raise EvaluationError("best-of-N needs a reward model to pick with: pass --reward_model")
             predictions = self.best_of_n_predictions(prompts, best_of, reward_model, max_gen_len, temperature, top_k,
-                                                     top_p, batch_size, seed)
+                                                     top_p, batch_size, seed, min_new_tokens=room)
         else:
             predictions = self.generate_predictions(prompts, max_gen_len=max_gen_len, top_k=top_k,
                                                     temperature=temperature, top_p=top_p, do_sample=do_sample,
-                                                    batch_size=batch_size, seed=seed)
+                                                    batch_size=batch_size, seed=seed, min_new_tokens=room)
         rouge = rouge_scores(predictions, references)
         scores = {}
         if reward_model is not None:
@@ -347,8 +352,10 @@ class GPTEvaluator:
         records = _take(load_sft_records(_check_data_format(test_data_path, "sft")), max_samples)
         prompts = [build_sft_prompt(record_instruction(record), self.template) for record in records]
         predictions = self.generate_predictions(prompts, max_gen_len=max_gen_len, do_sample=False,
-                                                batch_size=batch_size)
+                                                batch_size=batch_size,
+                                                min_new_tokens=1)  # a prompt that fits is never cut
         return exact_match_by_task(predictions, records)
+
 
     def evaluate_reward(self, test_data_path: str | os.PathLike, batch_size: int = 32,
                         max_samples: int | None = None) -> dict:

@@ -220,6 +220,22 @@ def test_too_long_prompt_keeps_its_tail_and_room_to_generate(tiny_tokenizer):
     assert sent[1:] == tok.encode_ordinary(prompt)[-(len(sent) - 1):]
 
 
+def test_exact_match_never_cuts_a_prompt_that_fits_the_context(tiny_tokenizer, tmp_path, recwarn):
+    tok = tiny_tokenizer
+    model = ScriptedGenerator(tok.encode_ordinary("42") + [tok.eos_token_id], tok.pad_token_id)  # context 64
+    def length(words: int) -> int:
+        return 1 + len(tok.encode_ordinary(evaluator.build_sft_prompt(" ".join(map(str, range(words))))))
+
+    words = max(n for n in range(1, 100) if length(n) <= 60)
+    instruction, prompt_len = " ".join(map(str, range(words))), length(words)
+    assert prompt_len > 64 - 16  # longer than a 16-token reserve would allow, short enough to answer
+    data = tmp_path / "test.json"
+    data.write_text(json.dumps([{"instruction": instruction, "response": "42"}]), encoding="utf-8")
+    result = GPTEvaluator(model, tok, show_progress=False).exact_match_by_task(data, max_gen_len=16)
+    assert result["exact_match"] == 1.0 and not [w for w in recwarn if "was cut" in str(w.message)]
+    assert model.calls[0][0].size(1) == prompt_len  # the whole prompt was sent
+
+
 # ----------------------------------------------------------------------------- BLEU / ROUGE
 
 def test_score_tokens_split_cjk_characters_words_and_punctuation():
