@@ -53,8 +53,8 @@ from training import TrainError
 PROCESS_START = time.time()
 MODES = ("sft", "reward", "rlhf", "dpo", "rlvf", "classify")
 STAGE_DEFAULTS = {  # step budgets, so results do not depend on machine load; ~4-5 minutes each on 2 CPU cores
-    "sft": dict(output_dir="models/sft", lr=3e-3, batch_size=32, warmup_steps=50, max_steps=2500,
-                eval_interval=250, weight_decay=0.1, min_lr_ratio=0.1),
+    "sft": dict(output_dir="models/sft", lr=3e-3, batch_size=32, warmup_steps=50, max_steps=5000,
+                eval_interval=500, weight_decay=0.1, min_lr_ratio=0.1),  # arithmetic EM 0.38 at 2,500 steps, 0.99 at 5,000
     "reward": dict(output_dir="models/reward", lr=3e-4, batch_size=32, warmup_steps=30, max_steps=3000,
                    eval_interval=250, weight_decay=0.1, min_lr_ratio=0.1),
     "rlhf": dict(output_dir="models/rlhf", lr=1e-5, batch_size=32, warmup_steps=0, max_steps=150,

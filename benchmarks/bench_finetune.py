@@ -163,7 +163,8 @@ def best_of_n(sft: Path, reward: Path, n: int) -> dict[str, float]:
     ev = evaluator.GPTEvaluator(model, tokenizer, show_progress=False, template=template)
     records = json.loads(TEST.read_text(encoding="utf-8"))
     prompts = [evaluator.build_sft_prompt(evaluator.record_instruction(r), template) for r in records]
-    picks = ev.best_of_n_predictions(prompts, n, reward_model, max_gen_len=16, temperature=0.8, top_k=50, seed=0)
+    picks = ev.best_of_n_predictions(prompts, n, reward_model, max_gen_len=16, temperature=0.8, top_k=50, seed=0,
+                                     min_new_tokens=1)
     return {k: round(v, 4) for k, v in evaluator.exact_match_by_task(picks, records).items()}
 
 

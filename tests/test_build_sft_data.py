@@ -165,8 +165,8 @@ def test_counts_per_family(built):
     counts = {}
     for r in load(built, "sft_data.json"):
         counts[r["task"]] = counts.get(r["task"], 0) + 1
-    assert counts["arithmetic"] == 9500 and counts["speaker"] == 2000
-    assert counts["poem_next_line"] > 500 and counts["poem_author"] > 250
+    assert counts["arithmetic"] == 9500 and counts["speaker"] == 4000
+    assert counts["poem_next_line"] > 800 and counts["poem_author"] > 250
     assert sum(1 for r in load(built, "sft_test.json") if r["task"] == "arithmetic") == 500
     assert sum(1 for r in load(built, "rlhf_pairwise_test.json") if r["task"] == "arithmetic") == 500
 

@@ -76,17 +76,18 @@ class Sizes:
     arithmetic_train: int = 9500  # every sum not held out: with 2,000 the held-out exact match stays ~0.1
     arithmetic_test: int = 500
     pairwise_arithmetic: int = 2000  # sums with one sampled wrong answer among the train preference pairs
-    speaker_train: int = 2000
+    speaker_train: int = 4000
     speaker_test: int = 300
     poem_test_fraction: float = 0.15
-    excerpts_per_poem: int = 4
+    excerpts_per_poem: int = 1000  # every excerpt of every poem (the corpus has 347 poems)
     all_wrong_sums: bool = True  # plus every other wrong answer of every train sum (a reward model needs ~45k)
 
 
 # ----------------------------------------------------------------------------- corpus
 
 def read_corpus(path: Path) -> tuple[list[tuple[str, str, str]], list[tuple[str, str]]]:
-    """(poems as (title, author, body), speeches as (speaker, speech)) in corpus order."""
+    """(poems as (title, author, body), speeches as (speaker, speech) or None for a line between two speeches that
+    is not one) in corpus order."""
     if not path.is_file():
         raise BuildError(f"corpus file {path} not found: pass --corpus data/pretrain/train.txt "
                          "(rebuild it with python -m data.build_pretrain_data)")
@@ -96,6 +97,8 @@ def read_corpus(path: Path) -> tuple[list[tuple[str, str, str]], list[tuple[str,
             poems.append((match.group(1), match.group(2), match.group(3)))
         elif match := SPEECH.match(line):
             speeches.append((match.group(1), match.group(2)))
+        elif speeches and speeches[-1] is not None:
+            speeches.append(None)  # so that two speeches next to each other in the list are next to each other here
     if not poems or not speeches:
         raise BuildError(f"{path} holds {len(poems)} poems and {len(speeches)} speeches; both are needed "
                          "(expected lines like '《title》 author：...' and 'SPEAKER: speech')")
@@ -177,11 +180,12 @@ def author_examples(rng: random.Random, poems: Sequence[tuple[str, str, str]], f
     return [e for e in out if fits(e)]
 
 
-def speaker_examples(rng: random.Random, speeches: Sequence[tuple[str, str]], sizes: Sizes,
+def speaker_examples(rng: random.Random, speeches: Sequence[tuple[str, str] | None], sizes: Sizes,
                      fits: Fits) -> tuple[list, list]:
     """Two consecutive speeches by different speakers (their opening words) and the opening words of one of them:
     who says it. Test and train exchanges share no speech. Rejected: the other speaker of the exchange."""
-    usable = [i for i in range(len(speeches) - 1) if speeches[i][0] != speeches[i + 1][0]
+    usable = [i for i in range(len(speeches) - 1) if speeches[i] and speeches[i + 1]
+              and speeches[i][0] != speeches[i + 1][0]
               and min(len(speeches[i][1].split()), len(speeches[i + 1][1].split())) >= EXCERPT_WORDS
               and _opening(speeches[i][1], QUOTE_WORDS) != _opening(speeches[i + 1][1], QUOTE_WORDS)]
     rng.shuffle(usable)
@@ -203,7 +207,7 @@ def _opening(speech: str, words: int) -> str:
     return " ".join(speech.split()[:words])
 
 
-def _speaker(rng: random.Random, speeches: Sequence[tuple[str, str]], index: int) -> Example:
+def _speaker(rng: random.Random, speeches: Sequence[tuple[str, str] | None], index: int) -> Example:
     (first, first_speech), (second, second_speech) = speeches[index], speeches[index + 1]
     k = rng.randrange(2)
     speaker, other = (first, second) if k == 0 else (second, first)
