@@ -1,5 +1,5 @@
 """The project's one decode loop: a KV-cache engine that sequences join and leave, per-sequence sampling,
-stop strings and UTF-8-safe streaming, plus the generation prompt helpers.
+stop strings and UTF-8-safe streaming, plus the generation prompt helpers and best-of-N scoring.
 
     engine = DecodeEngine(model, tokenizer, n_slots=8)
     engine.add(encode_prompt(tokenizer, "ROMEO:", 200), SamplingParams(max_new_tokens=50, seed=0))
@@ -21,6 +21,8 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 
+from data_loader import collate_batch, encode_prompt_response
+from metrics import IGNORE_INDEX, sequence_logprobs
 from transformer_components import KVCache, KVCacheView
 
 
@@ -496,3 +498,46 @@ def generate_padded(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     for row, request in enumerate(requests):
         out[row, width:width + len(request.output_ids)] = torch.tensor(request.output_ids, dtype=torch.long)
     return out.to(input_ids.device)
+
+
+# ----------------------------------------------------------------------------- best of N
+
+
+def candidate_seeds(seed: int | None, n: int) -> list[int | None]:
+    """Sampling seeds of a request's n best-of candidates: seed, seed + 1, ... (mod 2^63), so a fixed seed gives the
+    same candidates again and candidate 0 is what the request samples alone; without a seed, n unseeded draws."""
+    return [None] * n if seed is None else [(seed + i) % 2**63 for i in range(n)]
+
+
+@torch.inference_mode()
+def mean_token_logprobs(model: torch.nn.Module, prompt_ids: Sequence[int],
+                        responses: Sequence[Sequence[int]]) -> list[float]:
+    """Mean log-prob per token of each response after ``prompt_ids`` under the model's own distribution (temperature
+    1, no top-k / top-p): OpenAI's best_of rule. One right-padded forward pass; the LM head runs on the responses."""
+    rows = [list(prompt_ids) + list(r) for r in responses]
+    ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for i, (row, response) in enumerate(zip(rows, responses)):
+        ids[i, :len(row)] = torch.tensor(row)
+        labels[i, len(prompt_ids):len(row)] = torch.tensor(list(response))
+    device = next(model.parameters()).device
+    start = len(prompt_ids) - 1  # the position that predicts the first response token
+    hidden = model.hidden_states(ids.to(device))[:, start:]  # right padding: causal attention is exact
+    return sequence_logprobs(model.lm_head(hidden), labels[:, start:].to(device), average=True).tolist()
+
+
+@torch.no_grad()
+def reward_scores(reward_model: torch.nn.Module, tokenizer, prompts: Sequence[str], responses: Sequence[str],
+                  device: torch.device, batch_size: int = 32) -> list[float]:
+    """The reward model's score of each ``<s> prompt response </s>`` (as reward models are trained)."""
+    reward_model.eval()
+    items = []
+    for prompt, response in zip(prompts, responses):
+        ids, _, _ = encode_prompt_response(tokenizer, prompt, response, reward_model.config.max_seq_len)
+        items.append({"input_ids": torch.tensor(ids), "attention_mask": torch.ones(len(ids), dtype=torch.long)})
+    scores = []
+    for start in range(0, len(items), batch_size):
+        batch = collate_batch(items[start:start + batch_size], tokenizer.pad_token_id)
+        scores += reward_model(batch["input_ids"].to(device),
+                               attention_mask=batch["attention_mask"].to(device)).tolist()
+    return scores

@@ -30,10 +30,10 @@ from tqdm import tqdm
 import cli
 from atomic_file import atomic_path
 from data_loader import (SFT_TEMPLATE, ClassificationDataset, GPTSFTDataset, PreferencePairDataset, build_sft_prompt,
-                         collate_batch, collate_pairs, encode_for_classification, encode_prompt_response,
+                         collate_batch, collate_pairs, encode_for_classification,
                          load_classification_records, load_preference_records, load_sft_records, read_documents,
                          record_instruction)
-from decoding import cut_at_eos, encode_prompt, left_pad, max_prompt_len
+from decoding import cut_at_eos, encode_prompt, left_pad, max_prompt_len, reward_scores
 from gpt_model import (GPTClassifier, GPTRewardModel, autocast_context, checkpoint_metadata, load_model_and_tokenizer,
                        resolve_device, resolve_dtype)
 from metrics import (bits_per_byte, confusion_matrix, exact_match, pairwise_accuracy, perplexity, precision_recall,
@@ -410,23 +410,6 @@ def mean_reward_score(reward_model: torch.nn.Module, tokenizer, prompts: Sequenc
     """Mean reward-model score of ``<s> prompt response </s>`` sequences (as the reward model was trained)."""
     scores = reward_scores(reward_model, tokenizer, prompts, responses, device, batch_size)
     return sum(scores) / len(scores)
-
-
-@torch.no_grad()
-def reward_scores(reward_model: torch.nn.Module, tokenizer, prompts: Sequence[str], responses: Sequence[str],
-                  device: torch.device, batch_size: int = 32) -> list[float]:
-    """The reward model's score of each ``<s> prompt response </s>``."""
-    reward_model.eval()
-    items = []
-    for prompt, response in zip(prompts, responses):
-        ids, _, _ = encode_prompt_response(tokenizer, prompt, response, reward_model.config.max_seq_len)
-        items.append({"input_ids": torch.tensor(ids), "attention_mask": torch.ones(len(ids), dtype=torch.long)})
-    scores = []
-    for start in range(0, len(items), batch_size):
-        batch = collate_batch(items[start:start + batch_size], tokenizer.pad_token_id)
-        scores += reward_model(batch["input_ids"].to(device),
-                               attention_mask=batch["attention_mask"].to(device)).tolist()
-    return scores
 
 
 # ----------------------------------------------------------------------------- classification

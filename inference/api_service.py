@@ -6,7 +6,9 @@
 One process holds one model and one `DecodeEngine`. A dedicated engine thread runs the decode loop: requests wait
 in a bounded queue, are prefilled into free slots and join the running batch at the next step (continuous
 batching); a finished, cancelled or timed-out sequence leaves at once. The event loop only parses requests,
-tokenizes and forwards text pieces, so `/health` and `/metrics` answer promptly under full load.
+tokenizes and forwards text pieces, so `/health` and `/metrics` answer promptly under full load. A best_of request
+samples its candidates in the same batch and scores them in a scorer thread (the reward model, else the mean token
+log-prob under the served model), off the event loop too.
 """
 import argparse
 import asyncio
@@ -21,8 +23,9 @@ import time
 import uuid
 import warnings
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Literal, Sequence
 
@@ -36,8 +39,10 @@ from starlette.exceptions import HTTPException
 
 from cli import UsageError, nonnegative_float, nonnegative_int, positive_float, positive_int, run_cli
 from data_loader import SFT_TEMPLATE, DataError, build_sft_prompt
-from decoding import DecodeEngine, DecodingError, Request as EngineRequest, SamplingParams, StepOutput
-from gpt_model import GPTModel, autocast_context, checkpoint_metadata, load_model_and_tokenizer, resolve_dtype
+from decoding import (DecodeEngine, DecodingError, Request as EngineRequest, SamplingParams, StepOutput,
+                      candidate_seeds, mean_token_logprobs, reward_scores)
+from gpt_model import (GPTModel, GPTRewardModel, autocast_context, checkpoint_metadata, load_model_and_tokenizer,
+                       resolve_dtype)
 
 log = logging.getLogger("inference.api_service")
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,6 +89,11 @@ SETTINGS = [
     ("--shutdown_timeout", "GPT_SHUTDOWN_TIMEOUT", "30", nonnegative_float,
      "on SIGTERM, seconds to let in-flight requests finish before cancelling them"),
     ("--threads", "GPT_THREADS", "0", nonnegative_int, "torch CPU threads (0 = torch's default)"),
+    ("--reward_model", "GPT_REWARD_MODEL", "", str, "reward-model checkpoint that picks the best of a request's "
+     "best_of samples (trained with the served model's tokenizer); unset: the highest mean token log-prob under the "
+     "served model (OpenAI's rule)"),
+    ("--max_best_of", "GPT_MAX_BEST_OF", "8", positive_int,
+     "largest best_of a request may ask: samples generated (and tokens spent) for one answer"),
 ]
 
 
@@ -122,6 +132,8 @@ class Settings:
     max_body_bytes: int = 1 << 20
     shutdown_timeout: float = 30.0
     threads: int = 0
+    reward_model: str = ""
+    max_best_of: int = 8
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -163,7 +175,8 @@ class Metrics:
         self.requests = Counter("gpt_requests", "HTTP requests by endpoint and status code",
                                 ["endpoint", "status"], registry=r)
         self.prompt_tokens = Counter("gpt_prompt_tokens", "prompt tokens of admitted requests", registry=r)
-        self.generated_tokens = Counter("gpt_generated_tokens", "tokens generated", registry=r)
+        self.generated_tokens = Counter("gpt_generated_tokens", "tokens generated (every best_of sample)",
+                                        registry=r)
         self.finished = Counter("gpt_sequences_finished", "sequences that left the engine, by reason "
                                 "(eos, stop, length, aborted, timeout, error)", ["reason"], registry=r)
         self.ttft = Histogram("gpt_time_to_first_token_seconds", "arrival to first generated token", registry=r,
@@ -196,6 +209,7 @@ class Job:
     first_token_at: float | None = None
     finish_reason: str | None = None
     cancelled: bool = False
+    observed: bool = True  # its TTFT and latency go to the histograms (not for best_of candidates, timed as one)
 
     def post(self, event: tuple) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -235,13 +249,19 @@ class EngineWorker:
         return len(self._jobs)
 
     def submit(self, job: Job) -> None:
+        self.submit_all([job])
+
+    def submit_all(self, jobs: Sequence[Job]) -> None:
+        """Queue jobs side by side (a request's best_of candidates, so they batch together): all of them or none."""
         with self._cond:
             if not self._running:
                 raise QueueFull("the server is shutting down")
             free = max(0, self.engine.n_slots - len(self._jobs))  # a job waits here briefly even with a free slot
-            if len(self._waiting) >= self.max_queue + free:
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting (--max_queue {self.max_queue})")
-            self._waiting.append(job)
+            if len(self._waiting) + len(jobs) > self.max_queue + free:
+                needs = f" and this request needs {len(jobs)} places (best_of)" if len(jobs) > 1 else ""
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting{needs} "
+                                f"(--max_queue {self.max_queue})")
+            self._waiting.extend(jobs)
             self.metrics.queue_depth.set(len(self._waiting))
             self._cond.notify()
 
@@ -367,7 +387,8 @@ class EngineWorker:
             return
         if job.first_token_at is None:
             job.first_token_at = time.perf_counter()
-            self.metrics.ttft.observe(job.first_token_at - job.arrival)
+            if job.observed:
+                self.metrics.ttft.observe(job.first_token_at - job.arrival)
         if out.text:
             outbox.append((job, ("text", out.text)))
         if out.finished:
@@ -397,6 +418,10 @@ class ServedModel:
     parameters: int
     device: torch.device
     dtype: torch.dtype
+    reward_path: Path | None = None
+    reward_model: GPTRewardModel | None = None
+    scorer: ThreadPoolExecutor = field(  # one thread scores best_of candidates: bounded memory, never the event loop
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="best-of-scorer"))
 
     @property
     def context(self) -> int:
@@ -416,9 +441,12 @@ def load_served_model(settings: Settings, metrics: Metrics) -> ServedModel:
     from inference.quantizer import is_quantized, prepare_for_inference
 
     path = settings.resolved_model_path()
-    model, tokenizer = load_model_and_tokenizer(path, settings.tokenizer_dir or None, device=settings.device)
+    tokenizer_dir = Path(settings.tokenizer_dir) if settings.tokenizer_dir else path.parent / "tokenizer"
+    model, tokenizer = load_model_and_tokenizer(path, tokenizer_dir, device=settings.device)
     device = next(model.parameters()).device
     dtype = resolve_dtype(settings.dtype, device)
+    reward_path = Path(settings.reward_model) if settings.reward_model else None
+    reward = load_reward_model(reward_path, tokenizer, tokenizer_dir, device) if reward_path else None
     model = prepare_for_inference(model, settings.quantize, dtype)
     with torch.device("meta"):
         parameters = GPTModel(model.config).num_parameters()
@@ -427,7 +455,37 @@ def load_served_model(settings: Settings, metrics: Metrics) -> ServedModel:
     worker.start()
     template = checkpoint_metadata(path).get("sft_template") or SFT_TEMPLATE
     return ServedModel(path, model, tokenizer, worker, template, "int8" if is_quantized(model) else "none",
-                       parameters, device, dtype)
+                       parameters, device, dtype, reward_path, reward)
+
+
+def check_reward_checkpoint(path: Path, fingerprint: str | None) -> None:
+    """UsageError unless ``path`` is a file whose recorded tokenizer fingerprint (if any) is ``fingerprint``."""
+    if not path.is_file():
+        raise UsageError(f"--reward_model {path} is not a file; pass a reward-model checkpoint (.pth)")
+    recorded = checkpoint_metadata(path).get("tokenizer_fingerprint")
+    if fingerprint is not None and recorded is not None and recorded != fingerprint:
+        raise UsageError(f"--reward_model {path} was trained with another tokenizer than the served model (tokenizer "
+                         "fingerprint mismatch); pass a reward model trained from the served model's tokenizer")
+
+
+def load_reward_model(path: Path, tokenizer, tokenizer_dir: Path, device: torch.device) -> GPTRewardModel:
+    """The --reward_model checkpoint, on the served model's device, checked against the served tokenizer."""
+    check_reward_checkpoint(path, tokenizer.fingerprint)
+    reward, _ = load_model_and_tokenizer(path, tokenizer_dir, device=device)
+    if not isinstance(reward, GPTRewardModel):
+        raise UsageError(f"--reward_model {path} is not a reward model (model_class \"reward\", as "
+                         f"`finetune.py --mode reward` writes); it holds a {type(reward).__name__}")
+    return reward
+
+
+def score_candidates(s: ServedModel, prompt_ids: list[int], prompt: str, jobs: Sequence[Job],
+                     texts: Sequence[str]) -> list[float]:
+    """best_of scores (in the scorer thread): the reward model's score of `<s> prompt text </s>` when one is loaded,
+    else the mean log-prob of each candidate's sampled tokens (its </s> included) under the served model."""
+    with autocast_context(s.device, s.dtype):  # autocast state is per thread
+        if s.reward_model is not None:
+            return reward_scores(s.reward_model, s.tokenizer, [prompt] * len(texts), texts, s.device)
+        return mean_token_logprobs(s.model, prompt_ids, [job.sequence.output_ids for job in jobs])
 
 
 # ----------------------------------------------------------------------------- request schemas
@@ -441,9 +499,12 @@ def _stop_list(value: str | list[str] | None) -> list[str]:
     return stops
 
 
-def build_schemas(max_new_tokens: int) -> dict[str, type[BaseModel]]:
+def build_schemas(max_new_tokens: int, max_best_of: int = 8) -> dict[str, type[BaseModel]]:
     """Request bodies with the server's bounds in them (so /docs shows the real limits)."""
     default_len = min(100, max_new_tokens)
+    best_of_bounds = dict(ge=1, le=max_best_of, description=f"1 to {max_best_of}: sample this many answers together "
+                          "and return the one scored highest (the reward model, else the mean token log-prob); costs "
+                          "best_of times the tokens; not with stream; greedy (temperature 0) samples once")
     temperature_bounds = dict(ge=0.0, le=5.0, description="0 = greedy; 0 to 5")
     stop_doc = f"up to {MAX_STOP} strings of 1-{MAX_STOP_LEN} characters; generation ends before the first one"
     seed_doc = "makes sampling reproducible, alone or in a batch; 0 to 2^63-1"
@@ -465,6 +526,7 @@ def build_schemas(max_new_tokens: int) -> dict[str, type[BaseModel]]:
         stop: str | list[str] | None = Field(None, description=stop_doc)
         stream: bool = Field(False, description="Server-Sent Events: one `data: {\"text\"}` event per piece, "
                                                 "then `data: {\"finish_reason\", \"num_tokens\"}`")
+        best_of: int = Field(1, **best_of_bounds)
 
         @field_validator("stop")
         @classmethod
@@ -506,6 +568,7 @@ def build_schemas(max_new_tokens: int) -> dict[str, type[BaseModel]]:
         max_tokens: int = Field(min(16, max_new_tokens), ge=1, le=max_new_tokens,
                                 description=f"most new tokens, 1 to {max_new_tokens}")
         echo: bool = Field(False, description="not supported (false only)")
+        best_of: int = Field(1, **best_of_bounds)
 
         @field_validator("prompt")
         @classmethod
@@ -660,7 +723,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The FastAPI app; the model loads in the background at startup (/health says 503 "loading" meanwhile)."""
     settings = settings or Settings.from_args([])
     state = AppState(settings)
-    schemas = build_schemas(settings.max_new_tokens)
+    schemas = build_schemas(settings.max_new_tokens, settings.max_best_of)
     GenerateRequest, CompletionRequest, ChatRequest = schemas["generate"], schemas["completion"], schemas["chat"]
 
     @asynccontextmanager
@@ -670,6 +733,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await loader
         if state.served is not None:
             await asyncio.get_running_loop().run_in_executor(None, state.served.worker.stop)
+            state.served.scorer.shutdown(wait=False)
 
     app = FastAPI(title="GPT inference server", lifespan=lifespan, max_body_size=settings.max_body_bytes,
                   description="Continuous-batching text generation on the project's decode engine. "
@@ -706,7 +770,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "context_length": s.context, "vocab_size": s.vocab_size,
                 "uptime_s": round(time.time() - state.started, 3),
                 "active_sequences": s.worker.active, "queue_depth": s.worker.queue_depth,
-                "max_batch_size": settings.max_batch_size, "max_queue": settings.max_queue}
+                "max_batch_size": settings.max_batch_size, "max_queue": settings.max_queue,
+                "reward_model": str(s.reward_path) if s.reward_path else None, "max_best_of": settings.max_best_of}
 
     @app.get("/metrics", summary="Prometheus metrics (text format)")
     async def metrics():
@@ -719,21 +784,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ids = prompt_ids(s, body.prefix)
         params = sampling(s, body.max_gen_len, ids, body.temperature, body.top_k, body.top_p,
                           body.repetition_penalty, body.seed, body.stop)
+        n = candidates(body, params)
+        if not body.stream:
+            job, text = await best_of(s, ids, body.prefix, params, n, request)
+            return GenerateResponse(prefix=body.prefix, generated_text=text, num_tokens=job.num_tokens,
+                                    finish_reason=job.finish_reason,
+                                    latency_ms=round(1000 * (time.perf_counter() - job.arrival), 3))
         job = await submit(s, ids, params)
-        if body.stream:
-            async def events():
-                async for kind, value in job_events(s, job, request):
-                    if kind == "text":
-                        yield sse({"text": value})
-                    elif kind == "error":
-                        yield sse({"error": error_body(value[0], value[1])["error"]})
-                    else:
-                        yield sse({"finish_reason": value, "num_tokens": job.num_tokens})
-            return streaming(s, job, await first_event(s, job, request, events()))
-        text = await collect(s, job, request)
-        return GenerateResponse(prefix=body.prefix, generated_text=text, num_tokens=job.num_tokens,
-                                finish_reason=job.finish_reason,
-                                latency_ms=round(1000 * (time.perf_counter() - job.arrival), 3))
+
+        async def events():
+            async for kind, value in job_events(s, job, request):
+                if kind == "text":
+                    yield sse({"text": value})
+                elif kind == "error":
+                    yield sse({"error": error_body(value[0], value[1])["error"]})
+                else:
+                    yield sse({"finish_reason": value, "num_tokens": job.num_tokens})
+        return streaming(s, job, await first_event(s, job, request, events()))
 
     @app.post("/v1/completions", summary="OpenAI-compatible text completion (stream=true: OpenAI chunks, then [DONE])")
     async def completions(body: CompletionRequest, request: Request):
@@ -798,13 +865,42 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
                               eos_token_id=s.tokenizer.eos_token_id, stop=tuple(stop or ()))
 
-    async def submit(s: ServedModel, ids: list[int], params: SamplingParams) -> Job:
-        job = Job(ids, params, asyncio.get_running_loop())
+    def candidates(body, params: SamplingParams) -> int:
+        """How many samples the answer is picked from: the request's best_of, 1 when greedy (they would all agree)."""
+        n = getattr(body, "best_of", 1)
+        if n > 1 and body.stream:
+            raise APIError(422, "best_of > 1 cannot be streamed: the best sample is known only once all of them have "
+                                "finished; send stream: false, or best_of: 1")
+        return n if params.do_sample else 1
+
+    def enqueue(s: ServedModel, jobs: list[Job]) -> None:
         try:
-            s.worker.submit(job)
+            s.worker.submit_all(jobs)
         except QueueFull as err:
             raise APIError(429, f"server busy: {err}; retry later", headers={"Retry-After": "1"}) from None
+
+    async def submit(s: ServedModel, ids: list[int], params: SamplingParams) -> Job:
+        job = Job(ids, params, asyncio.get_running_loop())
+        enqueue(s, [job])
         return job
+
+    async def best_of(s: ServedModel, ids: list[int], prompt: str, params: SamplingParams, n: int,
+                      request: Request) -> tuple[Job, str]:
+        """A non-streamed answer: the one sequence, or the highest scored of n candidates sampled together (each
+        with its own seed from candidate_seeds), scored in the scorer thread."""
+        loop = asyncio.get_running_loop()
+        jobs = [Job(ids, replace(params, seed=seed), loop, observed=n == 1) for seed in candidate_seeds(params.seed, n)]
+        enqueue(s, jobs)
+        texts = await collect(s, jobs, request)
+        if n == 1:
+            return jobs[0], texts[0]
+        try:
+            scores = await loop.run_in_executor(s.scorer, score_candidates, s, ids, prompt, jobs, texts)
+        except RuntimeError as err:  # e.g. out of memory, or the scorer already shut down
+            raise APIError(503, f"scoring the best_of samples failed: {err}") from None
+        state.metrics.latency.observe(time.perf_counter() - jobs[0].arrival)
+        best = max(range(n), key=scores.__getitem__)
+        return jobs[best], texts[best]
 
     async def job_events(s: ServedModel, job: Job, request: Request) -> AsyncIterator[tuple[str, Any]]:
         """("text", piece)... then ("done", reason) or ("error", (status, message)); cancels the job if left early."""
@@ -825,7 +921,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     yield "error", event[1:]
                     return
                 else:
-                    if event[1] in ("eos", "stop", "length"):
+                    if event[1] in ("eos", "stop", "length") and job.observed:
                         state.metrics.latency.observe(time.perf_counter() - job.arrival)
                     yield event
                     return
@@ -833,9 +929,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             timer.cancel()
             s.worker.cancel(job)  # no-op when finished; frees the slot when the client left or the task was cancelled
 
-    async def collect(s: ServedModel, job: Job, request: Request) -> str:
-        """The whole text of a non-streamed job; a client that disconnects cancels it."""
-        async def consume() -> str:
+    async def collect(s: ServedModel, jobs: list[Job], request: Request) -> list[str]:
+        """The whole texts of a non-streamed request's jobs; a client that disconnects, or one failing job (its
+        error is raised), cancels them all."""
+        async def consume(job: Job) -> str:
             pieces = []
             async for kind, value in job_events(s, job, request):
                 if kind == "text":
@@ -848,13 +945,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             while (await request.receive())["type"] != "http.disconnect":
                 pass
 
-        work, watch = asyncio.ensure_future(consume()), asyncio.ensure_future(disconnected())
+        tasks = [asyncio.ensure_future(consume(job)) for job in jobs]
+        work, watch = asyncio.ensure_future(asyncio.gather(*tasks)), asyncio.ensure_future(disconnected())
         try:
             await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             watch.cancel()
             if not work.done():  # the client left: stop generating for it
                 work.cancel()
+            for task, job in zip(tasks, jobs):  # no-ops for finished ones; the others of a failed one stop
+                task.cancel()
                 s.worker.cancel(job)
         if not work.done() or work.cancelled():
             raise APIError(499, "client disconnected")
@@ -881,7 +981,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def openai_response(s: ServedModel, body, request: Request, ids: list[int], max_new: int, chat: bool):
         params = sampling(s, max_new, ids, body.temperature, body.top_k, body.top_p, body.repetition_penalty,
                           body.seed, body.stop)
-        job = await submit(s, ids, params)
+        n = candidates(body, params)
         rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         kind = "chat.completion" if chat else "text_completion"
 
@@ -893,7 +993,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return "length" if job.finish_reason == "length" else "stop"
 
         if not body.stream:
-            text = await collect(s, job, request)
+            job, text = await best_of(s, ids, "" if chat else body.prompt, params, n, request)
             choice = {"index": 0, "finish_reason": reason(), "logprobs": None}
             choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
             return {"id": rid, "object": kind, "created": created, "model": s.name, "choices": [choice],
@@ -924,6 +1024,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                            "model": s.name, "choices": [], "usage": usage()})
             yield b"data: [DONE]\n\n"
 
+        job = await submit(s, ids, params)
         stream = events()
         if chat:  # the role chunk goes first; the first real event still decides the status code
             role_chunk = await stream.__anext__()
@@ -971,6 +1072,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = settings.resolved_model_path()  # a missing model is a one-line error before the server starts
     if not path.is_file():
         raise UsageError(f"--model_path {path} is not a file; pass a checkpoint (.pth)")
+    if settings.reward_model:  # a missing reward model, or one of another tokenizer, is also caught before starting
+        check_reward_checkpoint(Path(settings.reward_model), checkpoint_metadata(path).get("tokenizer_fingerprint"))
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
     app = create_app(settings)
     # One worker process: it holds the model once; scale with replicas (one per GPU) behind a load balancer.

@@ -243,7 +243,7 @@ def test_docs_list_every_field_with_bounds(server):
     schema = httpx.get(server.url + "/openapi.json").json()["components"]["schemas"]
     fields = schema["GenerateRequest"]["properties"]
     assert set(fields) == {"prefix", "max_gen_len", "top_k", "temperature", "top_p", "repetition_penalty", "seed",
-                           "stop", "stream"}
+                           "stop", "stream", "best_of"}
     assert fields["max_gen_len"]["maximum"] == LONG and fields["max_gen_len"]["minimum"] == 1
     assert fields["temperature"]["maximum"] == 5 and fields["top_p"]["exclusiveMinimum"] == 0
     assert all(f.get("description") for f in fields.values())
@@ -266,6 +266,8 @@ def test_docs_list_every_field_with_bounds(server):
     ({"prefix": "A", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"prefix": "A", "stop": [""]}, "stop"),
     ({"prefix": "A", "bogus": 1}, "bogus"),
+    ({"prefix": "A", "best_of": 0}, "best_of"),
+    ({"prefix": "A", "best_of": 9}, "best_of"),
     ({}, "prefix"),
 ])
 def test_invalid_fields_get_422_naming_the_field(server, body, field):
@@ -318,6 +320,139 @@ def test_api_key_guards_every_route_but_health(checkpoint):
                         headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200
         assert "s3cret" not in repr(live.app.state.service.settings)
+
+
+# ----------------------------------------------------------------------------- best of N
+
+
+@pytest.fixture(scope="module")
+def reward_checkpoint(checkpoint, tiny_tokenizer) -> Path:
+    """A random tiny reward model next to the served one, trained (nominally) with the same tokenizer."""
+    from gpt_model import GPTConfig, GPTRewardModel, save_checkpoint
+
+    torch.manual_seed(1)
+    reward = GPTRewardModel(GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=CONTEXT,
+                                                  dropout=0.0))
+    path = checkpoint.parent / "reward.pth"
+    save_checkpoint(path, reward, tokenizer_fingerprint=tiny_tokenizer.fingerprint, model_class="reward")
+    return path
+
+
+def direct_candidates(reference, prompt: str, n: int, seed: int, max_new: int, temperature: float, top_k: int):
+    """The n samples best_of draws, made here: seeds seed, seed + 1, ... on a DecodeEngine of the reference model."""
+    from decoding import DecodeEngine, SamplingParams
+
+    model, tok = reference
+    ids = [tok.bos_token_id] + tok.encode_ordinary(prompt)
+    params = [SamplingParams(max_new_tokens=max_new, temperature=temperature, top_k=top_k, seed=seed + i,
+                             eos_token_id=tok.eos_token_id) for i in range(n)]
+    return ids, DecodeEngine(model, tok, n_slots=n).run([ids] * n, params)
+
+
+def mean_logprob(model, prompt_ids: list[int], response_ids: list[int]) -> float:
+    """Mean log-prob of the sampled response tokens (a closing </s> included) under the model, computed directly."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + response_ids]))["logits"][0, len(prompt_ids) - 1:-1]
+    return torch.log_softmax(logits.double(), -1).gather(1, torch.tensor(response_ids)[:, None]).mean().item()
+
+
+def reward_of(reward, tok, prompt_ids: list[int], text: str) -> float:
+    with torch.no_grad():
+        return reward(torch.tensor([prompt_ids + tok.encode_ordinary(text) + [tok.eos_token_id]])).item()
+
+
+def pick_seed(score_candidates, n: int) -> tuple[int, list, int]:
+    """A seed whose best candidate is not the first (so returning candidate 0 would fail), its candidates and best."""
+    for seed in range(50):
+        requests, scores = score_candidates(seed)
+        best = max(range(n), key=scores.__getitem__)
+        if best != 0 and len({r.text for r in requests}) == n:
+            return seed, requests, best
+    raise AssertionError("no seed gives distinct candidates with a best one after the first")
+
+
+def n_tokens(request) -> int:
+    return len(request.output_ids) - (request.finish_reason == "eos")
+
+
+def test_best_of_returns_the_sample_with_the_highest_mean_logprob(server, reference):
+    model, tok = reference
+    sample = dict(max_new=12, temperature=1.5, top_k=0)
+
+    def scored(seed):
+        ids, requests = direct_candidates(reference, "ROMEO:", 4, seed, **sample)
+        return requests, [mean_logprob(model, ids, r.output_ids) for r in requests]
+
+    seed, requests, best = pick_seed(scored, 4)
+    body = {"prefix": "ROMEO:", "max_gen_len": 12, "temperature": 1.5, "top_k": 0, "seed": seed, "best_of": 4}
+    generated_before = server.metric("gpt_generated_tokens_total")
+    response = httpx.post(server.url + "/generate", json=body, timeout=60).json()
+    assert response["generated_text"] == requests[best].text
+    assert (response["num_tokens"], response["finish_reason"]) == (n_tokens(requests[best]),
+                                                                    requests[best].finish_reason)
+    # every sample is counted in the generated tokens, not just the returned one
+    assert server.metric("gpt_generated_tokens_total") - generated_before == sum(len(r.output_ids) for r in requests)
+    assert httpx.post(server.url + "/generate", json=body, timeout=60).json() | {"latency_ms": 0} == \
+        response | {"latency_ms": 0}  # a fixed seed reproduces
+    plain = httpx.post(server.url + "/generate", json={**body, "best_of": 1, "seed": seed + best}, timeout=60).json()
+    assert plain["generated_text"] == response["generated_text"]  # candidate i is the plain request with seed + i
+
+
+def test_best_of_with_a_reward_model_returns_its_favourite(checkpoint, reward_checkpoint, reference):
+    from gpt_model import load_model_and_tokenizer
+
+    _, tok = reference
+    reward, _ = load_model_and_tokenizer(reward_checkpoint, checkpoint.parent / "tokenizer")
+
+    def scored(seed):  # /v1/completions samples at temperature 1 over the whole vocabulary by default
+        ids, requests = direct_candidates(reference, "JULIET:", 5, seed, max_new=10, temperature=1.0, top_k=0)
+        return requests, [reward_of(reward, tok, ids, r.text) for r in requests]
+
+    seed, requests, best = pick_seed(scored, 5)
+    with LiveServer(settings_for(checkpoint, reward_model=str(reward_checkpoint), max_best_of=5)) as live:
+        health = httpx.get(live.url + "/health").json()
+        assert (health["reward_model"], health["max_best_of"]) == (str(reward_checkpoint), 5)
+        body = {"prompt": "JULIET:", "max_tokens": 10, "seed": seed, "best_of": 5}
+        completion = httpx.post(live.url + "/v1/completions", json=body, timeout=60).json()
+        assert completion["choices"][0]["text"] == requests[best].text
+        assert completion["usage"]["completion_tokens"] == n_tokens(requests[best])
+        again = httpx.post(live.url + "/v1/completions", json=body, timeout=60).json()
+        assert again["choices"] == completion["choices"]
+        over = httpx.post(live.url + "/v1/completions", json={**body, "best_of": 6})
+        assert over.status_code == 422 and "best_of" in over.json()["error"]["message"]
+
+
+def test_best_of_is_refused_with_stream_and_greedy_samples_once(server, reference):
+    for path, body in (("/generate", {"prefix": "A", "best_of": 2, "stream": True}),
+                       ("/v1/completions", {"prompt": "A", "best_of": 2, "stream": True})):
+        response = httpx.post(server.url + path, json=body)
+        assert response.status_code == 422 and "stream" in response.json()["error"]["message"]
+    assert httpx.get(server.url + "/health").json()["reward_model"] is None
+    greedy = {"prefix": "ROMEO:", "max_gen_len": 8, "temperature": 0}
+    generated_before = server.metric("gpt_generated_tokens_total")
+    response = httpx.post(server.url + "/generate", json={**greedy, "best_of": 8}, timeout=30).json()
+    assert response["generated_text"] == direct_text(reference, "ROMEO:", 8, greedy=True)
+    n_sampled = response["num_tokens"] + (response["finish_reason"] == "eos")
+    assert server.metric("gpt_generated_tokens_total") - generated_before == n_sampled  # one sequence, not 8
+
+
+def test_a_reward_model_of_another_tokenizer_or_kind_is_a_one_line_startup_error(checkpoint, tiny_tokenizer,
+                                                                                   capsys):
+    from cli import UsageError, run_cli
+    from gpt_model import GPTConfig, GPTRewardModel, save_checkpoint
+    from inference.api_service import Metrics, load_served_model, main
+
+    foreign = checkpoint.parent / "foreign_reward.pth"
+    config = GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=CONTEXT, dropout=0.0)
+    save_checkpoint(foreign, GPTRewardModel(config), tokenizer_fingerprint="0" * 64, model_class="reward")
+    assert run_cli(main, ["--model_path", str(checkpoint), "--reward_model", str(foreign)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "fingerprint" in err and len(err.splitlines()) == 1
+    for reward, message in ((foreign, "another tokenizer"), (checkpoint, "is not a reward model"),
+                            (checkpoint.parent / "none.pth", "is not a file")):
+        with pytest.raises(UsageError, match=message) as raised:  # what the server reports at load (uvicorn ...:app)
+            load_served_model(settings_for(checkpoint, reward_model=str(reward)), Metrics())
+        assert len(str(raised.value).splitlines()) == 1
 
 
 # ----------------------------------------------------------------------------- batching and load
@@ -480,7 +615,10 @@ def test_flags_and_environment_give_the_same_settings(checkpoint):
                                      "7.5", "--api_key", "k", "--quantize", "int8"], environ={})
     assert from_env == from_flags and from_env.max_batch_size == 4 and from_env.request_timeout == 7.5
     assert {env_name for _, env_name, *_ in SETTINGS} >= {"GPT_MODEL_PATH", "GPT_API_KEY", "GPT_MAX_BATCH_SIZE",
-                                                         "GPT_MAX_QUEUE", "GPT_QUANTIZE", "GPT_REQUEST_TIMEOUT"}
+                                                         "GPT_MAX_QUEUE", "GPT_QUANTIZE", "GPT_REQUEST_TIMEOUT",
+                                                         "GPT_REWARD_MODEL", "GPT_MAX_BEST_OF"}
+    assert Settings.from_args([], environ={"GPT_REWARD_MODEL": "r.pth", "GPT_MAX_BEST_OF": "3"}) == \
+        Settings.from_args(["--reward_model", "r.pth", "--max_best_of", "3"], environ={})
 
 
 @pytest.mark.parametrize("argv, message", [
