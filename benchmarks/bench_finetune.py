@@ -8,6 +8,8 @@
       -> python finetune.py --mode dpo      held-out implicit-reward preference accuracy, exact match
       -> python finetune.py --mode rlvf     per seed: arithmetic exact match (GRPO with verifiers)
       -> best-of-8 with the reward model    arithmetic exact match, against greedy SFT
+      -> rlvf_headroom                      the same GRPO from an SFT model stopped at 2,500 steps (--max_steps
+                                            2500), whose arithmetic has room to improve, per seed
 
 Prints ONE JSON line. Each stage runs in its own process exactly as a user would start it (default settings, a few
 minutes each on 2 CPU cores). ``--reuse`` keeps a stage's existing output in --workdir instead of training it again
@@ -71,7 +73,8 @@ def main() -> None:
                         help="the pretrained model (trained with the default `python pretrain_trainer.py` if missing)")
     parser.add_argument("--workdir", default="models/bench_finetune", help="where each stage writes its outputs")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="PPO seeds")
-    parser.add_argument("--stages", nargs="+", default=["sft", "reward", "ppo", "dpo", "rlvf", "best_of"],
+    parser.add_argument("--stages", nargs="+",
+                        default=["sft", "reward", "ppo", "dpo", "rlvf", "best_of", "rlvf_headroom"],
                         help="which stages to run (sft and reward are needed by the others)")
     parser.add_argument("--reuse", action="store_true", help="keep stage outputs already in --workdir")
     args = parser.parse_args()
@@ -122,6 +125,17 @@ def main() -> None:
         spread(out, "rlvf", args.seeds, ("exact_match/arithmetic", "exact_match"))
     if "best_of" in args.stages:
         out["best_of_8"] = best_of_n(sft, reward, 8)
+    if "rlvf_headroom" in args.stages:
+        early = work / "sft_2500" / "sft_best.pth"
+        train(args, early, ["finetune.py", "--mode", "sft", "--pretrained_model", str(pretrained), "--output_dir",
+                            str(early.parent), "--max_steps", "2500"])
+        out["sft_2500_exact_match"] = exact_match(early)
+        for seed in args.seeds:
+            rlvf = work / f"rlvf_from_sft_2500_seed{seed}" / "rlvf_best.pth"
+            seconds = train(args, rlvf, ["finetune.py", "--mode", "rlvf", "--sft_model", str(early), "--output_dir",
+                                         str(rlvf.parent), "--seed", str(seed)])
+            out[f"rlvf_from_sft_2500_seed{seed}"] = {"seconds": seconds, **exact_match(rlvf)}
+        spread(out, "rlvf_from_sft_2500", args.seeds, ("exact_match/arithmetic", "exact_match"))
     print(json.dumps(out, ensure_ascii=False))
 
 

@@ -14,7 +14,7 @@ not: 0.00-0.09 exact match after SFT). One split of prompts serves every file: t
 ``rlhf_pairwise.json``) draw from the train prompts, test files (``sft_test.json``, ``rlhf_pairwise_test.json``)
 from the rest; poems and speeches are split as documents, so no poem or speech is shown in both. Preference pairs
 reject a plausible wrong answer: a near-miss sum (+-1, +-10), a truncated answer, another line of the same excerpt,
-another poet, or the other speaker of the exchange.
+another poet, the other speaker of the exchange or another speaker of the scene.
 
     python -m data.sft.build_sft_data [--seed 0] [--output_dir data/sft]
 """
@@ -80,7 +80,7 @@ class Sizes:
     speaker_test: int = 300
     poem_test_fraction: float = 0.15
     excerpts_per_poem: int = 1000  # every excerpt of every poem (the corpus has 347 poems)
-    all_wrong_sums: bool = True  # plus every other wrong answer of every train sum (a reward model needs ~45k)
+    all_wrong_sums: bool = True  # plus every other wrong answer of every train example (a reward model needs them)
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -183,7 +183,7 @@ def author_examples(rng: random.Random, poems: Sequence[tuple[str, str, str]], f
 def speaker_examples(rng: random.Random, speeches: Sequence[tuple[str, str] | None], sizes: Sizes,
                      fits: Fits) -> tuple[list, list]:
     """Two consecutive speeches by different speakers (their opening words) and the opening words of one of them:
-    who says it. Test and train exchanges share no speech. Rejected: the other speaker of the exchange."""
+    who says it. Test and train exchanges share no speech. Rejected: the other speaker, another of the scene."""
     usable = [i for i in range(len(speeches) - 1) if speeches[i] and speeches[i + 1]
               and speeches[i][0] != speeches[i + 1][0]
               and min(len(speeches[i][1].split()), len(speeches[i + 1][1].split())) >= EXCERPT_WORDS
@@ -214,7 +214,8 @@ def _speaker(rng: random.Random, speeches: Sequence[tuple[str, str] | None], ind
     quote = _opening((first_speech, second_speech)[k], QUOTE_WORDS)
     instruction = SPEAKER_PROMPT.format(a=first, a_words=_opening(first_speech, EXCERPT_WORDS), b=second,
                                         b_words=_opening(second_speech, EXCERPT_WORDS), quote=quote)
-    return Example("speaker", instruction, speaker, (other,))
+    scene = sorted({s[0] for s in speeches[max(0, index - 6):index + 8] if s and s[0] not in (first, second)})
+    return Example("speaker", instruction, speaker, (other, *rng.sample(scene, min(2, len(scene)))))
 
 
 # ----------------------------------------------------------------------------- assembly
@@ -270,11 +271,11 @@ def pairwise_records(examples: Sequence[Example], rng: random.Random, max_sums: 
 
 
 def all_wrong_answer_pairs(examples: Sequence[Example], have: Sequence[dict[str, str]]) -> list[dict[str, str]]:
-    """A pair for every wrong answer of every train sum not already in ``have``: the reward model's arithmetic
-    accuracy on held-out sums grows with the number of pairs (0.58 with 2,000, 0.84 with ~47,000)."""
+    """A pair for every wrong answer of every train example not already in ``have``: the reward model's arithmetic
+    accuracy on held-out sums grows with the number of pairs (0.58 with 2,000 sums, 0.84 with ~47,000 pairs)."""
     seen = {(r["instruction"], r["rejected"]) for r in have}
     return [{"instruction": e.instruction, "chosen": e.response, "rejected": wrong, "task": e.task}
-            for e in examples if e.task == "arithmetic" for wrong in e.wrong if (e.instruction, wrong) not in seen]
+            for e in examples for wrong in e.wrong if (e.instruction, wrong) not in seen]
 
 
 def write_json(path: Path, records: list[dict[str, str]]) -> None:
