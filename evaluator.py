@@ -594,13 +594,18 @@ def _model_names(reports: list[dict]) -> list[str]:
     return names if len(set(names)) == len(names) else [str(Path(r["model_path"]).with_suffix("")) for r in reports]
 
 
-def format_table(reports: list[dict], model_type: str) -> str:
-    names = _model_names(reports)
-    width = max(12, *(len(n) for n in names))
+def report_metrics(reports: list[dict], model_type: str) -> list[str]:
+    """The metrics a comparison shows: the model type's own, then per-task, reward and per-class figures."""
     extra = sorted({k for r in reports for k in r
                     if k.startswith(("exact_match/", "pairwise_accuracy/")) or k == "reward_score"})
     extra += [k for k in reports[0] if k.startswith(("precision/", "recall/"))]
-    rows = [*TABLE_METRICS[model_type], *extra]
+    return [*TABLE_METRICS[model_type], *extra]
+
+
+def format_table(reports: list[dict], model_type: str) -> str:
+    names = _model_names(reports)
+    width = max(12, *(len(n) for n in names))
+    rows = report_metrics(reports, model_type)
     first = max(14, *(len(m) + 1 for m in rows))
     lines = [f"{'metric':<{first}}" + "".join(f"{n:>{width + 2}}" for n in names)]
     for metric in rows:
@@ -611,17 +616,21 @@ def format_table(reports: list[dict], model_type: str) -> str:
 
 
 def plot_comparison(reports: list[dict], model_type: str, path: str) -> None:
-    """One bar chart per metric, one bar per checkpoint."""
+    """One bar chart per metric (the table's, per-task ones included), one bar per checkpoint; five charts a row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [m for m in TABLE_METRICS[model_type] if m != "n_tokens"]
+    metrics = [m for m in report_metrics(reports, model_type) if m not in ("n_tokens", "n_samples")]
     names = _model_names(reports)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.6), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
-        bars = ax.bar(names, [r[metric] for r in reports], color=[f"C{i}" for i in range(len(reports))])
+    columns = min(len(metrics), 5)
+    rows = math.ceil(len(metrics) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(metrics):]:
+        ax.set_visible(False)
+    for ax, metric in zip(axes.flat, metrics):
+        bars = ax.bar(names, [r.get(metric, 0.0) for r in reports], color=[f"C{i}" for i in range(len(reports))])
         ax.bar_label(bars, fmt="%.3g", fontsize=8)
         ax.set_ylim(bottom=0)
         ax.set_title(metric)

@@ -117,12 +117,7 @@ def main() -> None:
         out["dpo_preference_accuracy"] = round(dpo_accuracy(dpo, sft), 4)
         out["dpo_exact_match"] = exact_match(dpo)
     if "rlvf" in args.stages:
-        for seed in args.seeds:
-            rlvf = work / f"rlvf_seed{seed}" / "rlvf_best.pth"
-            seconds = train(args, rlvf, ["finetune.py", "--mode", "rlvf", "--sft_model", str(sft), "--output_dir",
-                                         str(rlvf.parent), "--seed", str(seed)])
-            out[f"rlvf_seed{seed}"] = {"seconds": seconds, **exact_match(rlvf)}
-        spread(out, "rlvf", args.seeds, ("exact_match/arithmetic", "exact_match"))
+        rlvf_seeds(args, out, work, sft, "rlvf")
     if "best_of" in args.stages:
         out["best_of_8"] = best_of_n(sft, reward, 8)
     if "rlvf_headroom" in args.stages:
@@ -130,13 +125,18 @@ def main() -> None:
         train(args, early, ["finetune.py", "--mode", "sft", "--pretrained_model", str(pretrained), "--output_dir",
                             str(early.parent), "--max_steps", "2500"])
         out["sft_2500_exact_match"] = exact_match(early)
-        for seed in args.seeds:
-            rlvf = work / f"rlvf_from_sft_2500_seed{seed}" / "rlvf_best.pth"
-            seconds = train(args, rlvf, ["finetune.py", "--mode", "rlvf", "--sft_model", str(early), "--output_dir",
-                                         str(rlvf.parent), "--seed", str(seed)])
-            out[f"rlvf_from_sft_2500_seed{seed}"] = {"seconds": seconds, **exact_match(rlvf)}
-        spread(out, "rlvf_from_sft_2500", args.seeds, ("exact_match/arithmetic", "exact_match"))
+        rlvf_seeds(args, out, work, early, "rlvf_from_sft_2500")
     print(json.dumps(out, ensure_ascii=False))
+
+
+def rlvf_seeds(args: argparse.Namespace, out: dict, work: Path, sft: Path, stage: str) -> None:
+    """GRPO from ``sft`` once per seed: exact match of each run, and the spread over seeds."""
+    for seed in args.seeds:
+        rlvf = work / f"{stage}_seed{seed}" / "rlvf_best.pth"
+        seconds = train(args, rlvf, ["finetune.py", "--mode", "rlvf", "--sft_model", str(sft), "--output_dir",
+                                     str(rlvf.parent), "--seed", str(seed)])
+        out[f"{stage}_seed{seed}"] = {"seconds": seconds, **exact_match(rlvf)}
+    spread(out, stage, args.seeds, ("exact_match/arithmetic", "exact_match"))
 
 
 def spread(out: dict, stage: str, seeds: list[int], keys: tuple[str, ...]) -> None:
