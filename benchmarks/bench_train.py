@@ -96,7 +96,7 @@ def nanogpt_config_comparison(steps: int, nanogpt_dir: str | None) -> dict:
     shape = NANOGPT_SHAPE
     torch.manual_seed(0)
     x = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq_len"] + 1))
-    inputs, targets = x[:, :-1], x[:, 1:]
+    inputs, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()  # as nanoGPT's get_batch stacks them
     ours = gpt_model.GPTModel(gpt_model.GPTConfig(vocab_size=shape["vocab_size"], max_seq_len=shape["seq_len"],
                                                   n_layers=shape["n_layers"], d_model=shape["d_model"],
                                                   n_heads=shape["n_heads"], d_ff=shape["d_ff"]))
