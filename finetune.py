@@ -113,6 +113,7 @@ class FinetuneConfig(training.TrainConfig):
     # DPO
     dpo_beta: float = 0.1
     dpo_loss: str = "sigmoid"
+    dpo_nll_weight: float = 0.0  # RPO (Pang et al., 2024): + weight x NLL of the chosen answer (per-stage default)
     # GRPO
     group_size: int = 8
     format_weight: float = 0.1
@@ -861,17 +862,19 @@ def run_dpo(config: FinetuneConfig, resume: str | None, show_progress: bool = Tr
     ipo = config.dpo_loss == "ipo"
 
     def logps(net: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = net(batch["input_ids"], attention_mask=batch["attention_mask"])["logits"]
-        return metrics.sequence_logprobs(logits, batch["labels"], average=ipo)  # IPO uses per-token means
+        return metrics.scored_logprobs(net, batch["input_ids"], batch["attention_mask"], batch["labels"])
 
     def loss_fn(net: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        tokens = (batch["labels"][:, 1:] != metrics.IGNORE_INDEX).sum(-1).clamp(min=1)
         with torch.no_grad():  # the reference's log-probs: once per batch, no graph
-            ref_chosen, ref_rejected = logps(reference, batch).chunk(2)
-        chosen, rejected = logps(net, batch).chunk(2)
+            ref_chosen, ref_rejected = (logps(reference, batch) / (tokens if ipo else 1)).chunk(2)
+        total = logps(net, batch)
+        chosen, rejected = (total / (tokens if ipo else 1)).chunk(2)  # IPO uses per-token means
         loss, chosen_reward, rejected_reward = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, config.dpo_beta,
                                                         config.label_smoothing, ipo)
-        return {"loss": loss, "accuracy": (chosen_reward > rejected_reward).float().mean(),
-                "margin": (chosen_reward - rejected_reward).mean()}
+        nll = -(total / tokens).chunk(2)[0].mean()  # the chosen answers' per-token NLL (RPO's SFT term)
+        return {"loss": loss + config.dpo_nll_weight * nll, "accuracy": (chosen_reward > rejected_reward).float().mean(),
+                "margin": (chosen_reward - rejected_reward).mean(), "chosen_nll": nll.detach()}
 
     collate = functools.partial(data_loader.collate_pairs, pad_token_id=tokenizer.pad_token_id)
     test_batches = [collate([test_set[i] for i in range(k, min(k + 64, len(test_set)))])
@@ -1107,6 +1110,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dpo: β, how far the policy may move from the reference")
     p.add_argument("--dpo_loss", choices=("sigmoid", "ipo"), default=d.dpo_loss,
                    help="dpo: the DPO loss (sigmoid) or IPO's squared loss")
+    p.add_argument("--dpo_nll_weight", type=cli.nonnegative_float, default=d.dpo_nll_weight,
+                   help="dpo: add this times the chosen answers' per-token NLL (RPO, Pang et al. 2024): keeps the "
+                        "chosen answers likely, which plain DPO lets fall with the rejected ones")
     p.add_argument("--group_size", type=cli.int_at_least(2), default=d.group_size,
                    help="rlvf: answers sampled per prompt (GRPO's group)")
     p.add_argument("--format_weight", type=cli.nonnegative_float, default=d.format_weight,

@@ -119,6 +119,38 @@ def test_token_logprobs_against_a_naive_loop():
     assert loss.item() == pytest.approx(-(logprobs.sum() / mask.sum()).item(), rel=1e-5)
 
 
+def test_scored_logprobs_equal_the_full_logits_ones_with_padding():
+    torch.manual_seed(0)
+    model = gpt_model.GPTModel(gpt_model.GPTConfig(vocab_size=11, max_seq_len=8, n_layers=1, d_model=16, n_heads=2,
+                                                   d_ff=32))
+    input_ids = torch.randint(0, 11, (3, 8))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 6:] = 0  # right padding
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :3] = -100  # a prompt
+    labels[2, 3:] = -100  # a row with nothing scored
+    full = metrics.sequence_logprobs(model(input_ids, attention_mask=attention_mask)["logits"], labels)
+    scored = metrics.scored_logprobs(model, input_ids, attention_mask, labels)
+    assert scored.tolist() == pytest.approx(full.tolist(), abs=1e-5) and scored[2] == 0
+    mean = metrics.scored_logprobs(model, input_ids, attention_mask, labels, average=True)
+    assert mean[0].item() == pytest.approx(full[0].item() / 5, abs=1e-5)
+
+
+def test_dpo_nll_weight_adds_the_chosen_answers_per_token_nll(files, tmp_path):
+    sft = config(files, tmp_path, "sft", max_steps=1, eval_interval=1)
+    ft.run_sft(sft, None, show_progress=False)
+    rows = {}
+    for weight in (0.0, 2.0):
+        dpo = config(files, tmp_path / str(weight), "dpo", sft_model=str(Path(sft.output_dir) / "sft_best.pth"),
+                     max_steps=1, eval_interval=1, dpo_nll_weight=weight, lr=1e-12)
+        ft.run_dpo(dpo, None, show_progress=False)
+        rows[weight] = training.read_metrics(Path(dpo.output_dir) / "metrics.jsonl")[0]
+    assert rows[0.0]["chosen_nll"] == pytest.approx(rows[2.0]["chosen_nll"]) and rows[0.0]["chosen_nll"] > 0
+    with_nll = rows[0.0]["train_loss"] + 2.0 * rows[0.0]["chosen_nll"]
+    assert rows[2.0]["train_loss"] == pytest.approx(with_nll, rel=1e-5)
+    assert rows[0.0]["train_loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference: DPO loss is log 2
+
+
 def test_exact_match_and_pairwise_accuracy_on_hand_made_records():
     records = [{"response": "42", "task": "arithmetic"}, {"response": "7", "task": "arithmetic"},
                {"response": "ROMEO", "task": "speaker"}]
