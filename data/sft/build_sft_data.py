@@ -142,7 +142,8 @@ def split_poems(rng: random.Random, poems: Sequence[tuple[str, str, str]], sizes
 def next_line_examples(rng: random.Random, poems: Sequence[tuple[str, str, str]], sizes: Sizes,
                        fits: Fits) -> list[Example]:
     """Up to ``excerpts_per_poem`` excerpts per poem: three consecutive five-character lines, and the line that
-    follows the first, and the second, of them. Rejected: the asked line itself, the other line of the excerpt, a truncation."""
+    follows the first, and the second, of them. Rejected: the asked line itself, the excerpt's other line, a
+    truncation."""
     out = []
     for _, _, body in poems:
         lines = poem_lines(body)
