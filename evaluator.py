@@ -630,9 +630,11 @@ def plot_comparison(reports: list[dict], model_type: str, path: str) -> None:
     for ax in axes.flat[len(metrics):]:
         ax.set_visible(False)
     for ax, metric in zip(axes.flat, metrics):
-        bars = ax.bar(names, [r.get(metric, 0.0) for r in reports], color=[f"C{i}" for i in range(len(reports))])
+        values = [r.get(metric, 0.0) for r in reports]
+        bars = ax.bar(names, values, color=[f"C{i}" for i in range(len(reports))])
         ax.bar_label(bars, fmt="%.3g", fontsize=8)
-        ax.set_ylim(bottom=0)
+        if min(values) >= 0 and max(values) > 0:  # scores such as a reward model's can be negative
+            ax.set_ylim(bottom=0)
         ax.set_title(metric)
         ax.tick_params(axis="x", labelrotation=30)
     fig.tight_layout()

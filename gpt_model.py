@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from atomic_file import atomic_path
 from metrics import IGNORE_INDEX, shifted_cross_entropy, shifted_targets
-from transformer_components import KVCacheView, TransformerDecoderLayer
+from transformer_components import ACTIVATIONS, KVCacheView, TransformerDecoderLayer
 
 # ----------------------------------------------------------------------------- device / precision
 
@@ -104,6 +104,7 @@ class GPTConfig:
     bias: bool = True
     pad_token_id: int = 1
     layer_norm_eps: float = 1e-5
+    activation: str = "gelu_tanh"  # GPT-2's; "gelu" is the exact GELU (nanoGPT's, a little cheaper on CPU)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
@@ -119,6 +120,8 @@ class GPTConfig:
                              f"({self.vocab_size})")
         if not self.layer_norm_eps > 0:
             raise ValueError(f"GPTConfig.layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"GPTConfig.activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "GPTConfig":
@@ -167,7 +170,7 @@ class GPTModel(nn.Module):
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList(
                 TransformerDecoderLayer(config.d_model, config.n_heads, config.d_ff, config.dropout,
-                                        config.bias, config.layer_norm_eps)
+                                        config.bias, config.layer_norm_eps, config.activation)
                 for _ in range(config.n_layers)
             ),
             ln_f=nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias),
@@ -486,10 +489,11 @@ MODEL_CLASSES = {"lm": GPTModel, "reward": GPTRewardModel, "classify": GPTClassi
 
 def config_from_hf_gpt2(hf: dict[str, Any]) -> GPTConfig:
     """GPTConfig equivalent to a Hugging Face GPT2Config dict (config.json)."""
-    activation = hf.get("activation_function", "gelu_new")
-    if activation not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise CheckpointError(f"activation_function {activation!r} is not supported; "
-                              "GPTModel uses GELU tanh (gelu_new)")
+    hf_activation = hf.get("activation_function", "gelu_new")
+    activation = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}.get(hf_activation)
+    if activation is None:
+        raise CheckpointError(f"activation_function {hf_activation!r} is not supported; "
+                              "GPTModel has GELU tanh (gelu_new, gelu_pytorch_tanh) and exact GELU (gelu)")
     d_model = hf.get("n_embd", 768)
     pad = hf.get("pad_token_id")
     if pad is None:
@@ -499,7 +503,7 @@ def config_from_hf_gpt2(hf: dict[str, Any]) -> GPTConfig:
     return GPTConfig(vocab_size=vocab_size, d_model=d_model, n_layers=hf.get("n_layer", 12),
                      n_heads=hf.get("n_head", 12), d_ff=hf.get("n_inner") or 4 * d_model,
                      max_seq_len=hf.get("n_positions", 1024), dropout=0.0, bias=True, pad_token_id=pad,
-                     layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+                     layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), activation=activation)
 
 
 def convert_hf_gpt2_state_dict(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -110,29 +110,34 @@ class MultiHeadAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
-class FeedForwardNetwork(nn.Module):
-    """Position-wise MLP: Linear -> GELU (tanh approximation, as GPT-2) -> Linear -> dropout."""
+ACTIVATIONS = {"gelu_tanh": "tanh", "gelu": "none"}  # GPT-2's tanh approximation; the exact erf GELU (nanoGPT's)
 
-    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0, bias: bool = True):
+
+class FeedForwardNetwork(nn.Module):
+    """Position-wise MLP: Linear -> GELU (tanh approximation, as GPT-2, or exact) -> Linear -> dropout."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0, bias: bool = True,
+                 activation: str = "gelu_tanh"):
         super().__init__()
         self.c_fc = nn.Linear(d_model, d_ff, bias=bias)
         self.c_proj = nn.Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
+        self.approximate = ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
 
 
 class TransformerDecoderLayer(nn.Module):
     """Pre-LayerNorm GPT-2 block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float = 0.0,
-                 bias: bool = True, layer_norm_eps: float = 1e-5):
+                 bias: bool = True, layer_norm_eps: float = 1e-5, activation: str = "gelu_tanh"):
         super().__init__()
         self.ln_1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias)
         self.attn = MultiHeadAttention(d_model, n_heads, dropout, bias)
         self.ln_2 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias)
-        self.mlp = FeedForwardNetwork(d_model, d_ff, dropout, bias)
+        self.mlp = FeedForwardNetwork(d_model, d_ff, dropout, bias, activation)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 kv_cache: KVCacheView | None = None, layer_idx: int = 0) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Prints ONE JSON line. CPU always; CUDA too when present (bf16 autocast where supported, plus MFU).
 ``cpu_nanogpt_config`` is nanoGPT's shakespeare_char shape (6 layers x 384, block 256, vocab 65) at batch 8, fp32,
-bias on, no dropout: the configuration our step is compared with nanoGPT on. With ``--nanogpt DIR`` (a local
+bias on, no dropout: the configuration our step is compared with nanoGPT on, as GPT-2 (tanh GELU) and with nanoGPT's
+exact GELU (``ours_exact_gelu``), the one difference between the two models. With ``--nanogpt DIR`` (a local
 checkout of karpathy/nanoGPT, which this project does not ship) its ``model.py`` is timed in the same process on
 the same batches, alternating with ours so that a busy machine slows both alike.
 
@@ -97,10 +98,14 @@ def nanogpt_config_comparison(steps: int, nanogpt_dir: str | None) -> dict:
     torch.manual_seed(0)
     x = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq_len"] + 1))
     inputs, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()  # as nanoGPT's get_batch stacks them
-    ours = gpt_model.GPTModel(gpt_model.GPTConfig(vocab_size=shape["vocab_size"], max_seq_len=shape["seq_len"],
-                                                  n_layers=shape["n_layers"], d_model=shape["d_model"],
-                                                  n_heads=shape["n_heads"], d_ff=shape["d_ff"]))
-    systems = {"ours": (ours, lambda m, _: m(inputs, labels=inputs)["loss"], ours.configure_optimizer(0.1, 6e-4))}
+    def ours(activation: str) -> tuple:
+        model = gpt_model.GPTModel(gpt_model.GPTConfig(
+            vocab_size=shape["vocab_size"], max_seq_len=shape["seq_len"], n_layers=shape["n_layers"],
+            d_model=shape["d_model"], n_heads=shape["n_heads"], d_ff=shape["d_ff"], activation=activation))
+        return model, lambda m, _: m(inputs, labels=inputs)["loss"], model.configure_optimizer(0.1, 6e-4)
+
+    # ours as GPT-2 (tanh GELU), and with nanoGPT's exact GELU: the one difference left between the two steps
+    systems = {"ours": ours("gelu_tanh"), "ours_exact_gelu": ours("gelu")}
     if nanogpt_dir:
         with contextlib.redirect_stdout(io.StringIO()):  # nanoGPT prints its parameter counts
             theirs = _nanogpt_model(nanogpt_dir, shape)
@@ -117,7 +122,8 @@ def nanogpt_config_comparison(steps: int, nanogpt_dir: str | None) -> dict:
     for name, values in times.items():
         out[f"{name}_tokens_per_sec"] = round(tokens / statistics.median(values), 1)
     if "nanogpt_tokens_per_sec" in out:
-        out["ours_vs_nanogpt"] = round(out["ours_tokens_per_sec"] / out["nanogpt_tokens_per_sec"], 3)
+        for name in ("ours", "ours_exact_gelu"):
+            out[f"{name}_vs_nanogpt"] = round(out[f"{name}_tokens_per_sec"] / out["nanogpt_tokens_per_sec"], 3)
     return out
 
 

@@ -57,6 +57,28 @@ def test_logits_match_transformers(hf_pair):
         assert (ours(ids)["logits"] - hf(ids).logits).abs().max() < 1e-4
 
 
+def test_exact_gelu_checkpoint_matches_transformers(tmp_path):
+    """activation_function "gelu" (exact erf GELU) loads as GPTConfig.activation "gelu" with the same logits."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=53, n_positions=16, n_embd=32, n_layer=2, n_head=2,
+                                     activation_function="gelu")
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # MLP inputs of order 1, where the two GELUs differ (near 0 they agree)
+        for block in hf.transformer.h:
+            block.mlp.c_fc.weight.mul_(50)
+            block.mlp.c_proj.weight.mul_(50)
+    hf.save_pretrained(tmp_path)
+    ours = GPTModel.from_hf_gpt2(tmp_path).eval()
+    assert ours.config.activation == "gelu"
+    ids = torch.randint(0, 53, (2, 16))
+    tanh = GPTModel(GPTConfig.from_dict({**ours.config.to_dict(), "activation": "gelu_tanh"})).eval()
+    tanh.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        exact_error = (ours(ids)["logits"] - hf(ids).logits).abs().max()
+        tanh_error = (tanh(ids)["logits"] - hf(ids).logits).abs().max()
+    assert exact_error < 1e-5 and tanh_error > 10 * exact_error  # the activation is what makes the match
+
+
 def test_left_padded_logits_match_transformers(hf_pair):
     hf, ours, _ = hf_pair
     ids, mask = left_pad([[5, 6, 7, 8, 9, 10], [11, 12, 13]], pad_id=1)
