@@ -718,6 +718,9 @@ class PPOTrainer(RLTrainer):
     def __init__(self, config: FinetuneConfig, policy: GPTModel, reward_model: GPTRewardModel, tokenizer,
                  prompts: list[list[int]], eval_records: list[dict], template: str, checkpoint: dict | None = None,
                  resumed_from: str | None = None, show_progress: bool = True):
+        prompts = [p for p in prompts if len(p) < policy.config.max_seq_len - 1]  # room for an answer
+        if not prompts:
+            raise TrainError(f"every prompt is too long for the policy's {policy.config.max_seq_len}-token context")
         super().__init__(config, policy, tokenizer, prompts, eval_records, template, show_progress)
         self.reward_model = reward_model.to(self.device).eval().requires_grad_(False)
         self.critic = copy.deepcopy(self.reward_model).train().requires_grad_(True)
@@ -839,8 +842,7 @@ def run_rlhf(config: FinetuneConfig, resume: str | None, show_progress: bool = T
         raise CheckpointError(f"--reward_model {config.reward_model} is not a reward model "
                               "(train one with --mode reward)")
     records = data_loader.load_preference_records(config.pairwise_data)
-    prompts = list({tuple(prompt_ids(tokenizer, r, template)): None for r in records})
-    prompts = [list(p) for p in prompts if len(p) < policy.config.max_seq_len - 1]
+    prompts = [list(p) for p in {tuple(prompt_ids(tokenizer, r, template)): None for r in records}]
     eval_records = data_loader.load_sft_records(config.test_data_path)[:config.eval_samples]
     checkpoint, resumed_from = training.find_resume_checkpoint(resume, config.output_dir, "ppo", tokenizer)
     print(f"ppo: {len(prompts)} training prompts, {len(eval_records)} held-out prompts; policy {config.sft_model}, "
