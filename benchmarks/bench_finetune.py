@@ -8,8 +8,8 @@
       -> python finetune.py --mode dpo      held-out implicit-reward preference accuracy, exact match
       -> python finetune.py --mode rlvf     per seed: arithmetic exact match (GRPO with verifiers)
       -> best-of-8 with the reward model    arithmetic exact match, against greedy SFT
-      -> rlvf_headroom                      the same GRPO from an SFT model stopped at 2,500 steps (--max_steps
-                                            2500), whose arithmetic has room to improve, per seed
+      -> rlvf_headroom                      the same GRPO (per seed) and best-of-8 from an SFT model stopped at
+                                            2,500 steps (--max_steps 2500), whose arithmetic has room to improve
 
 Prints ONE JSON line. Each stage runs in its own process exactly as a user would start it (default settings, a few
 minutes each on 2 CPU cores). ``--reuse`` keeps a stage's existing output in --workdir instead of training it again
@@ -126,6 +126,7 @@ def main() -> None:
                             str(early.parent), "--max_steps", "2500"])
         out["sft_2500_exact_match"] = exact_match(early)
         rlvf_seeds(args, out, work, early, "rlvf_from_sft_2500")
+        out["best_of_8_from_sft_2500"] = best_of_n(early, reward, 8)
     print(json.dumps(out, ensure_ascii=False))
 
 
