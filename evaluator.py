@@ -38,6 +38,7 @@ from gpt_model import (GPTClassifier, GPTRewardModel, autocast_context, checkpoi
                        resolve_device, resolve_dtype)
 from metrics import (bits_per_byte, confusion_matrix, exact_match, pairwise_accuracy, perplexity, precision_recall,
                      sum_nll)
+from verifiers import verifiable_reward
 
 
 class EvaluationError(ValueError):
@@ -255,18 +256,25 @@ class GPTEvaluator:
                 predictions[i] = self.tokenizer.decode(cut_at_eos(new_ids, eos_id), skip_special_tokens=True)
         return predictions
 
-    def best_of_n_predictions(self, prompts: Sequence[str], n: int, reward_model: torch.nn.Module,
+    def best_of_n_predictions(self, prompts: Sequence[str], n: int, reward_model: torch.nn.Module | None,
                               max_gen_len: int = 16, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                              batch_size: int = 64, seed: int | None = None,
-                              min_new_tokens: int | None = None) -> list[str]:
-        """For each prompt, n sampled responses; the one the reward model scores highest is kept."""
+                              batch_size: int = 64, seed: int | None = None, min_new_tokens: int | None = None,
+                              records: Sequence[dict] | None = None) -> list[str]:
+        """For each prompt, n sampled responses; the one the reward model scores highest is kept. Without a reward
+        model, each prompt's record is given and its verifier picks (``verifiers.verifiable_reward``): an oracle that
+        knows the reference answer, so this is pass@n, the ceiling a perfect reward model would reach."""
         if n < 1:
             raise EvaluationError(f"best_of must be at least 1, got {n}")
+        if reward_model is None and records is None:
+            raise EvaluationError("best-of-N needs a reward model or the records' verifiers to pick with")
         repeated = [prompt for prompt in prompts for _ in range(n)]
         samples = self.generate_predictions(repeated, max_gen_len=max_gen_len, top_k=top_k, temperature=temperature,
                                             top_p=top_p, do_sample=True, batch_size=batch_size, seed=seed,
                                             min_new_tokens=min_new_tokens)
-        scores = reward_scores(reward_model, self.tokenizer, repeated, samples, self.device)
+        if reward_model is not None:
+            scores = reward_scores(reward_model, self.tokenizer, repeated, samples, self.device)
+        else:
+            scores = [verifiable_reward(sample, records[i // n]) for i, sample in enumerate(samples)]
         best = [max(range(i * n, (i + 1) * n), key=scores.__getitem__) for i in range(len(prompts))]
         return [samples[i] for i in best]
 
@@ -308,7 +316,8 @@ class GPTEvaluator:
     def evaluate_sft(self, test_data_path: str | os.PathLike, batch_size: int = 8, max_samples: int | None = None,
                      max_gen_len: int = 100, do_sample: bool = False, temperature: float = 0.8, top_k: int = 50,
                      top_p: float = 1.0, seed: int | None = None, n_examples: int = 3,
-                     reward_model: torch.nn.Module | None = None, best_of: int = 1) -> dict:
+                     reward_model: torch.nn.Module | None = None, best_of: int = 1,
+                     best_of_scorer: str = "reward") -> dict:
         """Perplexity on response tokens only, plus BLEU/ROUGE of responses generated from the instructions
         (greedy by default)."""
         records = _take(load_sft_records(_check_data_format(test_data_path, "sft")), max_samples)
@@ -323,10 +332,12 @@ class GPTEvaluator:
         references = [record["response"] for record in records]
         room = 1  # a prompt that fits the context is never cut; its answer gets the rest of the context
         if best_of > 1:
-            if reward_model is None:
-                raise EvaluationError("best-of-N needs a reward model to pick with: pass --reward_model")
-            predictions = self.best_of_n_predictions(prompts, best_of, reward_model, max_gen_len, temperature, top_k,
-                                                     top_p, batch_size, seed, min_new_tokens=room)
+            if best_of_scorer == "reward" and reward_model is None:
+                raise EvaluationError("best-of-N needs a reward model to pick with: pass --reward_model "
+                                      "(or --best_of_scorer verifier)")
+            picker = reward_model if best_of_scorer == "reward" else None
+            predictions = self.best_of_n_predictions(prompts, best_of, picker, max_gen_len, temperature, top_k,
+                                                     top_p, batch_size, seed, min_new_tokens=room, records=records)
         else:
             predictions = self.generate_predictions(prompts, max_gen_len=max_gen_len, top_k=top_k,
                                                     temperature=temperature, top_p=top_p, do_sample=do_sample,
@@ -518,8 +529,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "precision/recall, confusion matrix; .jsonl of {\"text\", \"label\"}) (default: pretrain)")
     parser.add_argument("--reward_model", help="sft: also report the mean score this reward model gives the responses")
     parser.add_argument("--best_of", type=cli.positive_int, default=1,
-                        help="sft with --reward_model: sample N responses per prompt (--temperature, --top_k, --top_p) "
-                             "and keep the one the reward model scores highest (default: 1 = off)")
+                        help="sft: sample N responses per prompt (--temperature, --top_k, --top_p) and keep the one "
+                             "--best_of_scorer scores highest (default: 1 = off)")
+    parser.add_argument("--best_of_scorer", choices=("reward", "verifier"), default="reward",
+                        help="sft with --best_of: pick with --reward_model, or with each record's verifier "
+                             "(verifiers.py; it knows the reference, so this measures pass@N) (default: reward)")
     parser.add_argument("--tokenizer_dir", help="tokenizer folder (default: <checkpoint folder>/tokenizer)")
     parser.add_argument("--batch_size", type=cli.positive_int, default=8,
                         help="sequences per forward pass / generation batch (default: 8)")
@@ -578,7 +592,8 @@ def evaluate_checkpoint(checkpoint_path: str, args: argparse.Namespace) -> dict:
         metrics = evaluator.evaluate_sft(args.test_data_path, batch_size=args.batch_size, max_samples=args.max_samples,
                                          max_gen_len=args.max_gen_len, do_sample=args.do_sample,
                                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                         seed=args.seed, reward_model=reward_model, best_of=args.best_of)
+                                         seed=args.seed, reward_model=reward_model, best_of=args.best_of,
+                                         best_of_scorer=args.best_of_scorer)
     return {"model_path": str(checkpoint_path), "n_parameters": sum(p.numel() for p in model.parameters()), **metrics}
 
 

@@ -7,7 +7,7 @@
                                             the SFT model, exact match; the SFT model measured the same way
       -> python finetune.py --mode dpo      held-out implicit-reward preference accuracy, exact match
       -> python finetune.py --mode rlvf     per seed: arithmetic exact match (GRPO with verifiers)
-      -> best-of-8 with the reward model    arithmetic exact match, against greedy SFT
+      -> best-of-8 with the reward model    arithmetic exact match, against greedy SFT; with the verifiers (pass@8)
       -> rlvf_headroom                      the same GRPO (per seed) and best-of-8 from an SFT model stopped at
                                             2,500 steps (--max_steps 2500), whose arithmetic has room to improve
 
@@ -120,6 +120,7 @@ def main() -> None:
         rlvf_seeds(args, out, work, sft, "rlvf")
     if "best_of" in args.stages:
         out["best_of_8"] = best_of_n(sft, reward, 8)
+        out["best_of_8_verifier"] = best_of_n(sft, None, 8)
     if "rlvf_headroom" in args.stages:
         early = work / "sft_2500" / "sft_best.pth"
         train(args, early, ["finetune.py", "--mode", "sft", "--pretrained_model", str(pretrained), "--output_dir",
@@ -127,6 +128,7 @@ def main() -> None:
         out["sft_2500_exact_match"] = exact_match(early)
         rlvf_seeds(args, out, work, early, "rlvf_from_sft_2500")
         out["best_of_8_from_sft_2500"] = best_of_n(early, reward, 8)
+        out["best_of_8_verifier_from_sft_2500"] = best_of_n(early, None, 8)
     print(json.dumps(out, ensure_ascii=False))
 
 
@@ -168,18 +170,19 @@ def dpo_accuracy(dpo: Path, sft: Path) -> float:
     return wins / len(pairs)
 
 
-def best_of_n(sft: Path, reward: Path, n: int) -> dict[str, float]:
-    """Exact match of the reward model's pick among n samples (temperature 0.8, top-k 50) per held-out prompt."""
+def best_of_n(sft: Path, reward: Path | None, n: int) -> dict[str, float]:
+    """Exact match of the pick among n samples (temperature 0.8, top-k 50) per held-out prompt: the reward model's
+    pick, or with ``reward=None`` the records' verifiers' (pass@n)."""
     import evaluator
 
     model, tokenizer = gpt_model.load_model_and_tokenizer(sft)
-    reward_model, _ = gpt_model.load_model_and_tokenizer(reward)
+    reward_model = gpt_model.load_model_and_tokenizer(reward)[0] if reward else None
     template = gpt_model.checkpoint_metadata(sft).get("sft_template")
     ev = evaluator.GPTEvaluator(model, tokenizer, show_progress=False, template=template)
     records = json.loads(TEST.read_text(encoding="utf-8"))
     prompts = [evaluator.build_sft_prompt(evaluator.record_instruction(r), template) for r in records]
     picks = ev.best_of_n_predictions(prompts, n, reward_model, max_gen_len=16, temperature=0.8, top_k=50, seed=0,
-                                     min_new_tokens=1)
+                                     min_new_tokens=1, records=records)
     return {k: round(v, 4) for k, v in evaluator.exact_match_by_task(picks, records).items()}
 
 

@@ -438,3 +438,17 @@ def test_best_of_n_keeps_the_sample_the_reward_model_scores_highest(tiny_config,
     assert ev.best_of_n_predictions(["p", "q"], 3, reward_model=object()) == ["bbb", "dddd"]
     with pytest.raises(evaluator.EvaluationError):
         ev.best_of_n_predictions(["p"], 0, reward_model=object())
+    with pytest.raises(evaluator.EvaluationError, match="reward model or the records' verifiers"):
+        ev.best_of_n_predictions(["p"], 2, reward_model=None)
+
+
+def test_best_of_n_with_verifiers_keeps_a_sample_that_verifies(tiny_config, tiny_tokenizer, monkeypatch):
+    import evaluator
+    from gpt_model import GPTModel
+
+    ev = evaluator.GPTEvaluator(GPTModel(tiny_config), tiny_tokenizer, show_progress=False)
+    samples = ["41", "答案是 42。", "42", "ROMEO", "JULIET", "juliet"]  # 2 prompts x 3 samples
+    monkeypatch.setattr(ev, "generate_predictions", lambda prompts, **kw: samples[:len(prompts)])
+    records = [{"response": "42", "task": "arithmetic"}, {"response": "JULIET", "task": "speaker"}]
+    picks = ev.best_of_n_predictions(["p", "q"], 3, reward_model=None, records=records)
+    assert picks == ["答案是 42。", "JULIET"]  # the first that verifies (math reads the number; exact matches)

@@ -14,6 +14,7 @@ import finetune as ft
 import gpt_model
 import metrics
 import training
+import verifiers
 from conftest import ROOT
 from evaluator import exact_match_by_task
 
@@ -330,39 +331,6 @@ def test_grpo_advantages_are_normalised_within_each_group():
     assert advantages[2].sum().item() == pytest.approx(0.0, abs=1e-5) and advantages[2, 0] > 0
 
 
-@pytest.mark.parametrize("response, expected", [
-    ("42", 1.0), ("答案是 42。", 1.0), ("４２", 1.0), ("the sum is 42", 1.0), ("41", 0.0), ("", 0.0),
-    ("no number here", 0.0), ("4 2", 0.0), ("142", 0.0)])
-def test_math_verifier(response, expected):
-    assert ft.math_verifier(response, {"response": "42"}) == expected
-
-
-def test_math_verifier_reads_negative_numbers_and_the_other_verifiers():
-    assert ft.math_verifier("结果：−7", {"response": "-7"}) == 1.0
-    assert ft.math_verifier("7", {"response": "-7"}) == 0.0
-    assert ft.exact_verifier(" ROMEO \n", {"response": "ROMEO"}) == 1.0
-    assert ft.exact_verifier("ROMEO!", {"response": "ROMEO"}) == 0.0
-    assert ft.format_verifier("疑是地上霜", {}) == 1.0
-    assert ft.format_verifier("a\nb", {}) == 0.0 and ft.format_verifier("", {}) == 0.0
-    assert ft.format_verifier("### 响应:x", {}) == 0.0
-    arithmetic = {"response": "137", "task": "arithmetic"}
-    assert ft.verifiable_reward("答案是 137。", arithmetic, format_weight=0.1) == pytest.approx(1.1)
-    assert ft.verifiable_reward("答案是 137。", {"response": "137", "task": "speaker"}) == pytest.approx(0.1)
-
-
-def test_a_registered_verifier_is_used_by_name():
-    @ft.register_verifier("shouting")
-    def shouting(response: str, record: dict) -> float:
-        return float(response.isupper())
-
-    try:
-        assert ft.verifiable_reward("ROMEO", {"response": "x", "verifier": "shouting"}, format_weight=0) == 1.0
-        with pytest.raises(ValueError, match="unknown verifier"):
-            ft.verifiable_reward("x", {"response": "x", "verifier": "missing"})
-    finally:
-        del ft.VERIFIERS["shouting"]
-
-
 def test_dpo_and_rlvf_runs_write_their_best_checkpoints(files, tmp_path):
     sft = config(files, tmp_path, "sft")
     ft.run_sft(sft, None, show_progress=False)
@@ -385,15 +353,15 @@ def test_rlvf_trains_only_on_groups_whose_answers_scored_differently(files, tmp_
                for i in range(4)]
     data = tmp_path / "records.json"
     data.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
-    ft.register_verifier("constant")(lambda response, record: 1.0)  # every answer alike: zero advantage
-    ft.register_verifier("length")(lambda response, record: float(len(response) % 2))
+    verifiers.register_verifier("constant")(lambda response, record: 1.0)  # every answer alike: zero advantage
+    verifiers.register_verifier("length")(lambda response, record: float(len(response) % 2))
     try:
         rlvf = config(files, tmp_path, "rlvf", sft_model=str(files["pretrained"]), data_path=str(data),
                       test_data_path=str(data), max_steps=1, eval_interval=1, rollout_batch_size=4, group_size=4,
                       ppo_minibatch_size=4, ppo_epochs=1, format_weight=0.0, skip_uniform_groups=skip, seed=1)
         ft.run_rlvf(rlvf, None, show_progress=False)
     finally:
-        del ft.VERIFIERS["constant"], ft.VERIFIERS["length"]
+        del verifiers.VERIFIERS["constant"], verifiers.VERIFIERS["length"]
     row = next(r for r in training.read_metrics(Path(rlvf.output_dir) / "metrics.jsonl") if "reward" in r)
     uniform_groups = round(row["zero_advantage_groups"] * 4)
     assert uniform_groups >= 2  # the two "constant" groups at least
