@@ -320,6 +320,9 @@ class GPTEvaluator:
                      best_of_scorer: str = "reward") -> dict:
         """Perplexity on response tokens only, plus BLEU/ROUGE of responses generated from the instructions
         (greedy by default)."""
+        if best_of > 1 and best_of_scorer == "reward" and reward_model is None:
+            raise EvaluationError("best-of-N needs a reward model to pick with: pass --reward_model "
+                                  "(or --best_of_scorer verifier)")
         records = _take(load_sft_records(_check_data_format(test_data_path, "sft")), max_samples)
         if not records:
             raise EvaluationError(f"no records in {test_data_path}: the test set is empty")
@@ -332,9 +335,6 @@ class GPTEvaluator:
         references = [record["response"] for record in records]
         room = 1  # a prompt that fits the context is never cut; its answer gets the rest of the context
         if best_of > 1:
-            if best_of_scorer == "reward" and reward_model is None:
-                raise EvaluationError("best-of-N needs a reward model to pick with: pass --reward_model "
-                                      "(or --best_of_scorer verifier)")
             picker = reward_model if best_of_scorer == "reward" else None
             predictions = self.best_of_n_predictions(prompts, best_of, picker, max_gen_len, temperature, top_k,
                                                      top_p, batch_size, seed, min_new_tokens=room, records=records)

@@ -973,8 +973,7 @@ class GRPOTrainer(RLTrainer):
         prompts = [data_loader.build_sft_prompt(data_loader.record_instruction(r), self.template)
                    for r in self.eval_records]
         predictions = ev.generate_predictions(prompts, max_gen_len=self.config.max_new_tokens, do_sample=False,
-                                              batch_size=64,
-                                              min_new_tokens=1)
+                                              batch_size=64, min_new_tokens=1)  # a prompt that fits is never cut
         self.policy.train()
         reward = sum(verifiable_reward(p, r, self.config.format_weight)
                      for p, r in zip(predictions, self.eval_records)) / len(predictions)
