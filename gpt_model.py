@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from atomic_file import atomic_path
-from metrics import IGNORE_INDEX, shifted_cross_entropy, shifted_targets
+from metrics import IGNORE_INDEX, hidden_logprobs, shifted_cross_entropy, shifted_targets
 from transformer_components import ACTIVATIONS, KVCacheView, TransformerDecoderLayer
 
 # ----------------------------------------------------------------------------- device / precision
@@ -428,9 +428,15 @@ class GPTRewardModel(nn.Module):
         """(B, T) scalar per position."""
         return self.head(self.backbone.hidden_states(input_ids, attention_mask)).squeeze(-1).float()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B,) score of each sequence: the value at its last real token."""
-        return at_last_token(self.values(input_ids, attention_mask), attention_mask)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(B,) score of each sequence: the value at its last real token. With ``labels`` (B, T; -100 = not
+        scored) also the backbone's (B,) summed log-probs of the labelled tokens, from the same pass."""
+        hidden = self.backbone.hidden_states(input_ids, attention_mask)
+        scores = at_last_token(self.head(hidden).squeeze(-1).float(), attention_mask)
+        if labels is None:
+            return scores
+        return scores, hidden_logprobs(self.backbone.lm_head, hidden, labels)
 
 
 def at_last_token(x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

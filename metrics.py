@@ -58,12 +58,17 @@ def scored_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
 
     Preference batches score a few answer tokens per row; the (B, T, V) head over the prompts is most of a small
     model's work, so DPO's policy and reference go through here (same values, tested)."""
-    hidden = model.hidden_states(input_ids, attention_mask)[:, :-1]
-    targets = labels[:, 1:]
+    return hidden_logprobs(model.lm_head, model.hidden_states(input_ids, attention_mask), labels, average)
+
+
+def hidden_logprobs(lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                    average: bool = False) -> torch.Tensor:
+    """``scored_logprobs`` from final hidden states (B, T, C) already computed (a reward model's, say)."""
+    hidden, targets = hidden[:, :-1], labels[:, 1:]
     scored = targets != IGNORE_INDEX
-    logits = model.lm_head(hidden[scored]).float()
+    logits = lm_head(hidden[scored]).float()
     picked = logits.gather(-1, targets[scored].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    total = torch.zeros(input_ids.size(0), device=picked.device).index_add(0, scored.nonzero()[:, 0], picked)
+    total = torch.zeros(hidden.size(0), device=picked.device).index_add(0, scored.nonzero()[:, 0], picked)
     return total / scored.sum(-1).clamp(min=1) if average else total
 
 

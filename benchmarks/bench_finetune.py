@@ -100,6 +100,8 @@ def main() -> None:
     scorer = evaluator.GPTEvaluator(model, tokenizer, show_progress=False, template=template)
     report = scorer.evaluate_reward(PAIRS_TEST)
     out["reward_pairwise_accuracy"] = round(report["pairwise_accuracy"], 4)
+    out["reward_pairwise_accuracy_by_task"] = {key.split("/", 1)[1]: round(value, 4) for key, value in report.items()
+                                               if key.startswith("pairwise_accuracy/")}
     out["reward_mean_margin"] = round(report["mean_margin"], 4)
     out["sft_policy"] = policy_figures(sft, sft, reward)
 

@@ -56,6 +56,13 @@ def test_bradley_terry_loss_against_hand_computed_values():
     expected = (math.log(1 + math.exp(-1.0)) + math.log(1 + math.exp(2.0))) / 2  # -log σ(1), -log σ(-2)
     assert ft.bradley_terry_loss(chosen, rejected).item() == pytest.approx(expected, rel=1e-6)
     assert ft.bradley_terry_loss(torch.tensor([0.0]), torch.tensor([0.0])).item() == pytest.approx(math.log(2))
+    # smoothing ε = 0.1: 0.9·(-log σ(Δ)) + 0.1·(-log σ(-Δ)) per pair; its minimum sits at Δ = log(0.9 / 0.1)
+    smoothed = (0.9 * math.log(1 + math.exp(-1.0)) + 0.1 * math.log(1 + math.exp(1.0))
+                + 0.9 * math.log(1 + math.exp(2.0)) + 0.1 * math.log(1 + math.exp(-2.0))) / 2
+    assert ft.bradley_terry_loss(chosen, rejected, 0.1).item() == pytest.approx(smoothed, rel=1e-6)
+    margins = torch.tensor([math.log(9) - 0.01, math.log(9), math.log(9) + 0.01])
+    losses = [ft.bradley_terry_loss(m.view(1), torch.zeros(1), 0.1).item() for m in margins]
+    assert losses[1] < losses[0] and losses[1] < losses[2]
 
 
 def test_gae_against_a_hand_worked_example():
@@ -135,6 +142,41 @@ def test_scored_logprobs_equal_the_full_logits_ones_with_padding():
     assert scored.tolist() == pytest.approx(full.tolist(), abs=1e-5) and scored[2] == 0
     mean = metrics.scored_logprobs(model, input_ids, attention_mask, labels, average=True)
     assert mean[0].item() == pytest.approx(full[0].item() / 5, abs=1e-5)
+
+
+def test_reward_model_scores_and_label_logprobs_come_from_one_pass():
+    torch.manual_seed(0)
+    lm = gpt_model.GPTModel(gpt_model.GPTConfig(vocab_size=11, max_seq_len=8, n_layers=1, d_model=16, n_heads=2,
+                                                d_ff=32))
+    reward = gpt_model.GPTRewardModel.from_language_model(lm)
+    input_ids = torch.randint(0, 11, (2, 8))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 5:] = 0
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :3] = -100
+    scores, logprobs = reward(input_ids, attention_mask=attention_mask, labels=labels)
+    assert torch.equal(scores, reward(input_ids, attention_mask=attention_mask))
+    expected = metrics.scored_logprobs(lm, input_ids, attention_mask, labels)
+    assert logprobs.tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_reward_nll_weight_adds_the_chosen_answers_per_token_nll(tiny_tokenizer):
+    torch.manual_seed(0)
+    lm = gpt_model.GPTModel(gpt_model.GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=64,
+                                                            n_layers=1, d_model=32, n_heads=2))
+    reward = gpt_model.GPTRewardModel.from_language_model(lm)
+    pairs = [{"instruction": "计算 1 + 2 = ?", "chosen": "3", "rejected": "4"},
+             {"instruction": "Who?", "chosen": "ROMEO", "rejected": "JULIET"}]
+    dataset = data_loader.PreferencePairDataset(pairs, tiny_tokenizer, max_seq_len=64)
+    batch = data_loader.collate_pairs([dataset[0], dataset[1]], tiny_tokenizer.pad_token_id)
+    plain = ft.reward_loss(reward, batch)
+    weighted = ft.reward_loss(reward, batch, nll_weight=2.0)
+    chosen = {k: v[:2] for k, v in batch.items()}  # the first half of a pair batch is the chosen answers
+    nll = -metrics.scored_logprobs(lm, chosen["input_ids"], chosen["attention_mask"], chosen["labels"],
+                                   average=True).mean()
+    assert weighted["chosen_nll"].item() == pytest.approx(nll.item(), rel=1e-5)
+    assert weighted["preference_loss"].item() == pytest.approx(plain["loss"].item(), rel=1e-6)
+    assert weighted["loss"].item() == pytest.approx(plain["loss"].item() + 2.0 * nll.item(), rel=1e-5)
 
 
 def test_dpo_nll_weight_adds_the_chosen_answers_per_token_nll(files, tmp_path):
