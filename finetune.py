@@ -273,9 +273,11 @@ def language_model_eval(dataset, tokenizer, batch_size: int, device: torch.devic
 
 def resume_or(config: FinetuneConfig, resume: str | None, prefix: str, tokenizer,
               build) -> tuple[nn.Module, dict | None, str | None]:
-    """(model, checkpoint, its path): the checkpoint's model when resuming, else ``build()``."""
+    """(model, checkpoint, its path): the checkpoint's model when resuming, else ``build()`` under ``--seed`` (a new
+    head's initialisation, a LoRA adapter's, is the same on every run of the same command)."""
     checkpoint, resumed_from = training.find_resume_checkpoint(resume, config.output_dir, prefix, tokenizer)
     if checkpoint is None:
+        torch.manual_seed(config.seed)
         return build(), None, None
     return gpt_model._model_from_checkpoint(checkpoint, resumed_from).train(), checkpoint, resumed_from
 

@@ -279,6 +279,19 @@ def test_reward_stage_trains_and_its_checkpoint_is_a_reward_model(files, tmp_pat
     assert {"accuracy", "train_loss"} <= set(rows[0]) and any("val_accuracy" in r for r in rows)
 
 
+def test_a_new_head_is_initialised_by_the_seed(files, tiny_tokenizer, tmp_path):
+    lm, _, _ = ft.load_base(str(files["pretrained"]), None, "--pretrained_model")
+
+    def head(seed: int, draws_before: int) -> torch.Tensor:
+        torch.rand(draws_before)  # whatever ran before in the process must not matter
+        cfg = config(files, tmp_path, "reward", seed=seed)
+        model, _, _ = ft.resume_or(cfg, None, "reward", tiny_tokenizer,
+                                   lambda: gpt_model.GPTRewardModel.from_language_model(lm))
+        return model.head.weight.detach().clone()
+
+    assert torch.equal(head(0, 0), head(0, 5)) and not torch.equal(head(0, 0), head(1, 0))
+
+
 def test_a_ppo_iteration_moves_the_policy_and_critic_but_not_the_reference_or_reward_model(files, tiny_tokenizer,
                                                                                             tmp_path):
     policy, tokenizer, _ = ft.load_base(str(files["pretrained"]), None, "--pretrained_model")
