@@ -274,16 +274,16 @@ class GPTModel(nn.Module):
         (None without labels).
 
         ``loss_only=True`` (with labels) applies the LM head only at the scored positions and returns no logits: the
-        same loss, but SFT-style batches, where a few answer tokens are scored, skip most of the (B, T, V) work.
+        same loss, but SFT-style batches, where a few answer tokens are scored, skip most of the (B, T, V) work; it
+        also returns ``sequence_logprobs``, each row's summed log-probs of its labelled tokens (DPO's quantity).
         """
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache)
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
         if loss_only and labels is not None:
-            targets = shifted_targets(labels)
-            scored = targets != IGNORE_INDEX
-            loss = F.cross_entropy(self.lm_head(hidden[scored]).float(), targets[scored])
-            out = {"logits": None, "loss": loss}
+            sequence_logprobs = hidden_logprobs(self.lm_head, hidden, labels)
+            loss = -sequence_logprobs.sum() / (shifted_targets(labels) != IGNORE_INDEX).sum()
+            out = {"logits": None, "loss": loss, "sequence_logprobs": sequence_logprobs}
         else:
             logits = self.lm_head(hidden)
             out = {"logits": logits, "loss": shifted_cross_entropy(logits, labels) if labels is not None else None}

@@ -57,19 +57,19 @@ def scored_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     """(B,) ``sequence_logprobs`` of a GPT's logits, with its LM head applied only where a label is scored.
 
     Preference batches score a few answer tokens per row; the (B, T, V) head over the prompts is most of a small
-    model's work, so DPO's policy and reference go through here (same values, tested)."""
-    return hidden_logprobs(model.lm_head, model.hidden_states(input_ids, attention_mask), labels, average)
+    model's work, so DPO's policy and reference go through here (same values, tested). It calls the model's forward
+    (``loss_only=True``), so a DDP-wrapped model synchronises its gradients as usual."""
+    total = model(input_ids, attention_mask=attention_mask, labels=labels, loss_only=True)["sequence_logprobs"]
+    return total / (labels[:, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1) if average else total
 
 
-def hidden_logprobs(lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
-                    average: bool = False) -> torch.Tensor:
-    """``scored_logprobs`` from final hidden states (B, T, C) already computed (a reward model's, say)."""
+def hidden_logprobs(lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) summed log-probs of the labelled tokens from final hidden states (B, T, C), ``labels[:, t + 1]``
+    predicted at t, the LM head applied only at those positions (a row with none scored gets 0)."""
     hidden, targets = hidden[:, :-1], labels[:, 1:]
     scored = targets != IGNORE_INDEX
-    logits = lm_head(hidden[scored]).float()
-    picked = logits.gather(-1, targets[scored].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    total = torch.zeros(hidden.size(0), device=picked.device).index_add(0, scored.nonzero()[:, 0], picked)
-    return total / scored.sum(-1).clamp(min=1) if average else total
+    picked = -F.cross_entropy(lm_head(hidden[scored]).float(), targets[scored], reduction="none")
+    return torch.zeros(hidden.size(0), device=picked.device).index_add(0, scored.nonzero()[:, 0], picked)
 
 
 @torch.no_grad()

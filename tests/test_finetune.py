@@ -144,6 +144,28 @@ def test_scored_logprobs_equal_the_full_logits_ones_with_padding():
     assert mean[0].item() == pytest.approx(full[0].item() / 5, abs=1e-5)
 
 
+def test_scored_logprobs_go_through_forward_so_a_ddp_wrapped_policy_works(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.manual_seed(0)
+    model = gpt_model.GPTModel(gpt_model.GPTConfig(vocab_size=11, max_seq_len=8, n_layers=1, d_model=16, n_heads=2,
+                                                   d_ff=32))
+    input_ids = torch.randint(0, 11, (2, 8))
+    labels = input_ids.clone()
+    labels[:, :4] = -100
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        wrapped = DistributedDataParallel(model)  # what the trainer hands DPO's loss under torchrun
+        total = metrics.scored_logprobs(wrapped, input_ids, None, labels)
+        total.sum().backward()
+    finally:
+        dist.destroy_process_group()
+    expected = metrics.sequence_logprobs(model(input_ids)["logits"], labels)
+    assert total.tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 def test_reward_model_scores_and_label_logprobs_come_from_one_pass():
     torch.manual_seed(0)
     lm = gpt_model.GPTModel(gpt_model.GPTConfig(vocab_size=11, max_seq_len=8, n_layers=1, d_model=16, n_heads=2,
