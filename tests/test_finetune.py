@@ -443,3 +443,17 @@ def test_rlvf_trains_only_on_groups_whose_answers_scored_differently(files, tmp_
     uniform_groups = round(row["zero_advantage_groups"] * 4)
     assert uniform_groups >= 2  # the two "constant" groups at least
     assert row["trained_rows"] == (4 - uniform_groups) * 4 if skip else row["trained_rows"] == 16
+
+
+def test_readme_lists_each_modes_defaults():
+    from conftest import ROOT
+
+    rows = {line.split("|")[1].strip(" `"): [c.strip() for c in line.split("|")[2:-1]]
+            for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+            if line.startswith("| `") and line.split("|")[1].strip(" `") in ft.STAGE_DEFAULTS}
+    assert set(rows) == set(ft.STAGE_DEFAULTS)
+    for mode, defaults in ft.STAGE_DEFAULTS.items():
+        output_dir, lr, warmup, max_steps, interval = rows[mode][:5]
+        assert output_dir.strip("`") == defaults["output_dir"] and float(lr) == defaults["lr"], mode
+        assert (int(warmup), int(max_steps.replace(",", "")), int(interval)) == (
+            defaults["warmup_steps"], defaults["max_steps"], defaults["eval_interval"]), mode
