@@ -347,24 +347,31 @@ def finish_lora(best: Path, config: FinetuneConfig) -> None:
 
 # ----------------------------------------------------------------------------- reward model
 
+def chosen_answer_nll(sequence_logprobs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean per-token NLL of the chosen answers: the first half of a pair batch (RPO's and GRM's SFT term)."""
+    tokens = (labels[:, 1:] != metrics.IGNORE_INDEX).sum(-1).clamp(min=1)
+    return -(sequence_logprobs / tokens).chunk(2)[0].mean()
+
+
 def reward_loss(model: nn.Module, batch: dict[str, torch.Tensor], nll_weight: float = 0.0,
                 label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
     """Bradley-Terry on one padded batch whose first half is the chosen answers and second half the rejected; with
     ``nll_weight``, plus that times the chosen answers' per-token NLL under the backbone's LM head (GRM's
     regulariser: the backbone keeps what the SFT model knows while the head learns to score)."""
-    if not nll_weight:
-        chosen, rejected = model(batch["input_ids"], attention_mask=batch["attention_mask"]).chunk(2)
-        return {"loss": bradley_terry_loss(chosen, rejected, label_smoothing),
-                "accuracy": (chosen > rejected).float().mean()}
-    labels = batch["labels"].clone()
-    labels[labels.size(0) // 2:] = metrics.IGNORE_INDEX  # the chosen half only
-    scores, logprobs = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    if nll_weight:
+        chosen_labels = batch["labels"].clone()
+        chosen_labels[chosen_labels.size(0) // 2:] = metrics.IGNORE_INDEX  # the LM head on the chosen half only
+        scores, logprobs = model(**inputs, labels=chosen_labels)
+    else:
+        scores = model(**inputs)
     chosen, rejected = scores.chunk(2)
-    tokens = (labels[:, 1:] != metrics.IGNORE_INDEX).sum(-1).clamp(min=1)
-    nll = -(logprobs / tokens).chunk(2)[0].mean()
     preference = bradley_terry_loss(chosen, rejected, label_smoothing)
-    return {"loss": preference + nll_weight * nll, "preference_loss": preference.detach(),
-            "accuracy": (chosen > rejected).float().mean(), "chosen_nll": nll.detach()}
+    out = {"loss": preference, "accuracy": (chosen > rejected).float().mean()}
+    if nll_weight:
+        nll = chosen_answer_nll(logprobs, batch["labels"])
+        out.update(loss=preference + nll_weight * nll, preference_loss=preference.detach(), chosen_nll=nll.detach())
+    return out
 
 
 @torch.no_grad()
@@ -901,7 +908,7 @@ def run_dpo(config: FinetuneConfig, resume: str | None, show_progress: bool = Tr
         chosen, rejected = (total / (tokens if ipo else 1)).chunk(2)  # IPO uses per-token means
         loss, chosen_reward, rejected_reward = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, config.dpo_beta,
                                                         config.label_smoothing, ipo)
-        nll = -(total / tokens).chunk(2)[0].mean()  # the chosen answers' per-token NLL (RPO's SFT term)
+        nll = chosen_answer_nll(total, batch["labels"])
         return {"loss": loss + config.dpo_nll_weight * nll, "preference_loss": loss.detach(),
                 "accuracy": (chosen_reward > rejected_reward).float().mean(),
                 "margin": (chosen_reward - rejected_reward).mean(), "chosen_nll": nll.detach()}
