@@ -533,11 +533,11 @@ def reward_scores(reward_model: torch.nn.Module, tokenizer, prompts: Sequence[st
     reward_model.eval()
     items = []
     for prompt, response in zip(prompts, responses):
-        ids, _, _ = encode_prompt_response(tokenizer, prompt, response, reward_model.config.max_seq_len)
-        items.append({"input_ids": torch.tensor(ids), "attention_mask": torch.ones(len(ids), dtype=torch.long)})
+        ids, labels, _ = encode_prompt_response(tokenizer, prompt, response, reward_model.config.max_seq_len)
+        items.append({"input_ids": torch.tensor(ids), "attention_mask": torch.ones(len(ids), dtype=torch.long),
+                      "labels": torch.tensor(labels)})
     scores = []
     for start in range(0, len(items), batch_size):
         batch = collate_batch(items[start:start + batch_size], tokenizer.pad_token_id)
-        scores += reward_model(batch["input_ids"].to(device),
-                               attention_mask=batch["attention_mask"].to(device)).tolist()
+        scores += reward_model.score(*(batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))).tolist()
     return scores

@@ -381,8 +381,8 @@ class GPTEvaluator:
             batch = collate_pairs([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))],
                                   self.tokenizer.pad_token_id)
             with torch.no_grad(), autocast_context(self.device, self.dtype):
-                scores = self.model(batch["input_ids"].to(self.device),
-                                    attention_mask=batch["attention_mask"].to(self.device)).float()
+                scores = self.model.score(*(batch[k].to(self.device) for k in ("input_ids", "attention_mask",
+                                                                                   "labels"))).float()
             c, r = scores.chunk(2)
             chosen += c.tolist()
             rejected += r.tolist()

@@ -55,8 +55,9 @@ STAGE_DEFAULTS = {  # step budgets, so results do not depend on machine load; ~4
     "sft": dict(output_dir="models/sft", lr=3e-3, batch_size=32, warmup_steps=50, max_steps=5000,  # held-out sums:
                 eval_interval=500, weight_decay=0.1, min_lr_ratio=0.1),  # EM 0.4-0.9 at 2,500 steps, 0.99 at 5,000
     "reward": dict(output_dir="models/reward", lr=1e-3, batch_size=32, warmup_steps=30, max_steps=3000,
-                   eval_interval=250, weight_decay=0.1, min_lr_ratio=0.1,  # held-out pairwise accuracy 0.72 with
-                   reward_nll_weight=1.0, label_smoothing=0.1),  # lr 3e-4 and neither term; 0.78 with both
+                   eval_interval=250, weight_decay=0.1, min_lr_ratio=0.1,  # held-out pairwise accuracy: 0.72
+                   reward_nll_weight=1.0, label_smoothing=0.1,  # (lr 3e-4, no terms), 0.77 (both regularisers),
+                   reward_likelihood_weight=1.0),  # and the answer's likelihood in the score
     "rlhf": dict(output_dir="models/rlhf", lr=1e-5, batch_size=32, warmup_steps=0, max_steps=150,
                  eval_interval=25, weight_decay=0.0, min_lr_ratio=1.0, log_interval=1, rollout_batch_size=32,
                  kl_coef=0.2),  # TRL's init_kl_coef: at 0.05 the policy drifted from the SFT answers
@@ -113,6 +114,7 @@ class FinetuneConfig(training.TrainConfig):
     critic_lr: float = 1e-4
     # reward model
     reward_nll_weight: float = 0.0  # GRM (Yang et al., 2024): + weight x NLL of the chosen answer
+    reward_likelihood_weight: float = 0.0  # > 0: the score adds (learned weight) x the answer's mean log-prob
     # DPO
     dpo_beta: float = 0.1
     dpo_loss: str = "sigmoid"
@@ -358,13 +360,7 @@ def reward_loss(model: nn.Module, batch: dict[str, torch.Tensor], nll_weight: fl
     """Bradley-Terry on one padded batch whose first half is the chosen answers and second half the rejected; with
     ``nll_weight``, plus that times the chosen answers' per-token NLL under the backbone's LM head (GRM's
     regulariser: the backbone keeps what the SFT model knows while the head learns to score)."""
-    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    if nll_weight:
-        chosen_labels = batch["labels"].clone()
-        chosen_labels[chosen_labels.size(0) // 2:] = metrics.IGNORE_INDEX  # the LM head on the chosen half only
-        scores, logprobs = model(**inputs, labels=chosen_labels)
-    else:
-        scores = model(**inputs)
+    scores, logprobs = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
     chosen, rejected = scores.chunk(2)
     preference = bradley_terry_loss(chosen, rejected, label_smoothing)
     out = {"loss": preference, "accuracy": (chosen > rejected).float().mean()}
@@ -384,7 +380,7 @@ def score_pairs(model: nn.Module, dataset, pad_id: int, batch_size: int,
     for start in range(0, len(dataset), batch_size):
         batch = data_loader.collate_pairs([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))],
                                           pad_id)
-        scores = model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).float()
+        scores = model.score(*(batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")))
         c, r = scores.chunk(2)
         chosen += c.tolist()
         rejected += r.tolist()
@@ -417,9 +413,11 @@ def run_reward(config: FinetuneConfig, resume: str | None, show_progress: bool =
     """Reward model on preference pairs -> <output_dir>/reward_best.pth (best held-out Bradley-Terry loss)."""
     sft, tokenizer, template, train_set, test_set = load_preference_stage(config)
     model, checkpoint, resumed_from = resume_or(config, resume, "reward", tokenizer,
-                                                lambda: GPTRewardModel.from_language_model(sft))
+                                                lambda: GPTRewardModel.from_language_model(
+                                                    sft, config.reward_likelihood_weight))
     print(f"reward: {len(train_set)} train / {len(test_set)} held-out pairs, from {config.sft_model}, "
-          f"NLL weight {config.reward_nll_weight}, label smoothing {config.label_smoothing}")
+          f"NLL weight {config.reward_nll_weight}, label smoothing {config.label_smoothing}, answer likelihood "
+          f"{'in the score' if model.likelihood else 'not used'}")
     info, device = training.init_distributed(config.device)
     collate = functools.partial(data_loader.collate_pairs, pad_token_id=tokenizer.pad_token_id)
     batches = data_loader.ShuffledBatches(train_set, config.batch_size, collate, config.seed, info.rank,
@@ -430,7 +428,8 @@ def run_reward(config: FinetuneConfig, resume: str | None, show_progress: bool =
                                evaluate_fn=reward_eval(test_set, tokenizer.pad_token_id, 64, device),
                                steps_per_epoch=batches.batches_per_epoch / config.grad_accum, checkpoint=checkpoint,
                                resumed_from=resumed_from, start_time=PROCESS_START, show_progress=show_progress,
-                               checkpoint_extra={"model_class": "reward", "sft_template": template,
+                               checkpoint_extra={"model_class": "reward", "reward_likelihood": model.likelihood,
+                                                 "sft_template": template,
                                                  "base_model": str(config.sft_model)})
     last = trainer.train()
     best = Path(config.output_dir) / "reward_best.pth"
@@ -589,6 +588,13 @@ def response_mask_of(responses: torch.Tensor, eos_id: int, pad_id: int) -> torch
     is_eos = responses == eos_id
     after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
     return ~after_eos & ((responses != pad_id) | is_eos)
+
+
+def response_labels(sequences: torch.Tensor, prompt_len: int, response_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) labels of the response tokens, -100 on the prompt and after each response: what a reward model scores."""
+    labels = torch.full_like(sequences, metrics.IGNORE_INDEX)
+    labels[:, prompt_len:] = sequences[:, prompt_len:].masked_fill(~response_mask.bool(), metrics.IGNORE_INDEX)
+    return labels
 
 
 class RLTrainer(abc.ABC):
@@ -778,7 +784,7 @@ class PPOTrainer(RLTrainer):
         logprobs, _ = response_logprobs(self.policy, sequences, full_mask, prompt_len)
         ref_logprobs, _ = response_logprobs(self.reference, sequences, full_mask, prompt_len)
         values = self.critic.values(sequences, full_mask)[:, prompt_len - 1:-1]
-        scores = self.reward_model(sequences, full_mask)
+        scores = self.reward_model.score(sequences, full_mask, response_labels(sequences, prompt_len, mask))
         rewards, _ = kl_penalized_rewards(logprobs, ref_logprobs, scores, mask, self.kl.value)
         advantages, returns = gae(rewards, values * mask, mask, c.gamma, c.lam)
         return Rollout(sequences, full_mask, prompt_len, mask, logprobs * mask, ref_logprobs * mask, values * mask,
@@ -845,7 +851,8 @@ def evaluate_policy(policy: GPTModel, reference: GPTModel, reward_model: GPTRewa
         response_mask = response_mask_of(sequences[:, prompt_len:], tokenizer.eos_token_id, tokenizer.pad_token_id)
         full_mask = torch.cat([attention_mask, response_mask.long()], dim=1)
         kls += response_kl(policy, reference, sequences, full_mask, prompt_len, response_mask).tolist()
-        scores += reward_model(sequences, full_mask).tolist()
+        labels = response_labels(sequences, prompt_len, response_mask)
+        scores += reward_model.score(sequences, full_mask, labels).tolist()
         predictions += [tokenizer.decode(cut_at_eos(row[prompt_len:].tolist(), tokenizer.eos_token_id))
                         for row in sequences]
     policy.train(was_training)
@@ -1101,6 +1108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward_nll_weight", type=cli.nonnegative_float, default=d.reward_nll_weight,
                    help="reward: add this times the chosen answers' per-token NLL under the backbone's LM head "
                         "(GRM, Yang et al. 2024): regularises the backbone so the scores generalise")
+    p.add_argument("--reward_likelihood_weight", type=cli.nonnegative_float, default=d.reward_likelihood_weight,
+                   help="reward: > 0 adds a learned weight (starting here) times the answer's mean per-token "
+                        "log-prob under the backbone's LM head to the score; 0: the head alone")
     p.add_argument("--dpo_beta", type=cli.positive_float, default=d.dpo_beta,
                    help="dpo: β, how far the policy may move from the reference")
     p.add_argument("--dpo_loss", choices=("sigmoid", "ipo"), default=d.dpo_loss,

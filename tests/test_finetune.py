@@ -16,7 +16,7 @@ import metrics
 import training
 import verifiers
 from conftest import ROOT
-from evaluator import exact_match_by_task
+from evaluator import GPTEvaluator, exact_match_by_task
 
 SFT_DATA = ROOT / "data" / "sft"
 
@@ -182,6 +182,29 @@ def test_reward_model_scores_and_label_logprobs_come_from_one_pass():
     assert logprobs.tolist() == pytest.approx(expected.tolist(), abs=1e-5)
 
 
+def test_reward_likelihood_adds_the_learned_weight_times_the_mean_answer_logprob(tmp_path):
+    torch.manual_seed(0)
+    lm = gpt_model.GPTModel(gpt_model.GPTConfig(vocab_size=11, max_seq_len=8, n_layers=1, d_model=16, n_heads=2,
+                                                d_ff=32))
+    reward = gpt_model.GPTRewardModel.from_language_model(lm, likelihood_weight=0.5)
+    input_ids = torch.randint(0, 11, (2, 8))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 5:] = 0
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :3] = -100  # row 0 scores 5 answer tokens, row 1 two
+    head_only = gpt_model.at_last_token(reward.values(input_ids, attention_mask), attention_mask)
+    mean_logprob = metrics.scored_logprobs(lm, input_ids, attention_mask, labels, average=True)
+    scores = reward.score(input_ids, attention_mask, labels)
+    assert scores.tolist() == pytest.approx((head_only + 0.5 * mean_logprob).tolist(), abs=1e-5)
+    with pytest.raises(ValueError, match="pass labels="):
+        reward(input_ids, attention_mask)
+    assert reward.likelihood_weight.requires_grad  # learned with the head
+    path = tmp_path / "reward_best.pth"
+    gpt_model.save_checkpoint(path, reward, model_class="reward", reward_likelihood=True)
+    loaded = gpt_model._model_from_checkpoint(gpt_model.load_checkpoint(path), path)
+    assert loaded.likelihood and torch.equal(loaded.score(input_ids, attention_mask, labels), scores)
+
+
 def test_reward_nll_weight_adds_the_chosen_answers_per_token_nll(tiny_tokenizer):
     torch.manual_seed(0)
     lm = gpt_model.GPTModel(gpt_model.GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=64,
@@ -289,14 +312,22 @@ def test_lora_sft_saves_small_adapters_that_load_through_the_one_entry_point(fil
 
 # ----------------------------------------------------------------------------- reward model and PPO
 
-def test_reward_stage_trains_and_its_checkpoint_is_a_reward_model(files, tmp_path):
+@pytest.mark.parametrize("likelihood_weight", [0.0, 1.0])
+def test_reward_stage_trains_and_its_checkpoint_is_a_reward_model(files, tmp_path, likelihood_weight):
     sft = config(files, tmp_path, "sft")
     ft.run_sft(sft, None, show_progress=False)
     cfg = config(files, tmp_path, "reward", sft_model=str(Path(sft.output_dir) / "sft_best.pth"), max_steps=6,
-                 eval_interval=3)
+                 eval_interval=3, reward_likelihood_weight=likelihood_weight)
     summary = ft.run_reward(cfg, None, show_progress=False)
-    model, _ = gpt_model.load_model_and_tokenizer(summary["checkpoint"])
-    assert isinstance(model, gpt_model.GPTRewardModel)
+    model, tokenizer = gpt_model.load_model_and_tokenizer(summary["checkpoint"])
+    assert isinstance(model, gpt_model.GPTRewardModel) and model.likelihood == (likelihood_weight > 0)
+    if model.likelihood:  # the weight is learned, and the evaluator ranks by the same scores as training does
+        assert model.likelihood_weight.item() != 1.0
+        test_set = data_loader.PreferencePairDataset(str(files["rlhf_pairwise_test"]), tokenizer, 64)
+        chosen, rejected = ft.score_pairs(model, test_set, tokenizer.pad_token_id, 8, torch.device("cpu"))
+        report = GPTEvaluator(model, tokenizer, show_progress=False).evaluate_reward(files["rlhf_pairwise_test"])
+        assert report["pairwise_accuracy"] == metrics.pairwise_accuracy(chosen, rejected)
+        assert report["mean_margin"] == pytest.approx(sum(chosen) / 16 - sum(rejected) / 16, abs=1e-5)
     rows = training.read_metrics(Path(cfg.output_dir) / "metrics.jsonl")
     assert {"accuracy", "train_loss"} <= set(rows[0]) and any("val_accuracy" in r for r in rows)
 
@@ -314,10 +345,11 @@ def test_a_new_head_is_initialised_by_the_seed(files, tiny_tokenizer, tmp_path):
     assert torch.equal(head(0, 0), head(0, 5)) and not torch.equal(head(0, 0), head(1, 0))
 
 
-def test_a_ppo_iteration_moves_the_policy_and_critic_but_not_the_reference_or_reward_model(files, tiny_tokenizer,
-                                                                                            tmp_path):
+@pytest.mark.parametrize("likelihood_weight", [0.0, 1.0])
+def test_a_ppo_iteration_moves_the_policy_and_critic_but_not_the_reference_or_reward_model(files, tmp_path,
+                                                                                            likelihood_weight):
     policy, tokenizer, _ = ft.load_base(str(files["pretrained"]), None, "--pretrained_model")
-    reward = gpt_model.GPTRewardModel.from_language_model(policy)
+    reward = gpt_model.GPTRewardModel.from_language_model(policy, likelihood_weight)
     cfg = config(files, tmp_path, "rlhf", lr=1e-3, critic_lr=1e-3, rollout_batch_size=4, ppo_minibatch_size=2,
                  ppo_epochs=2, max_steps=1)
     records = data_loader.load_sft_records(files["sft_test"])
