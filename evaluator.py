@@ -594,7 +594,9 @@ def evaluate_checkpoint(checkpoint_path: str, args: argparse.Namespace) -> dict:
                                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                          seed=args.seed, reward_model=reward_model, best_of=args.best_of,
                                          best_of_scorer=args.best_of_scorer)
-    return {"model_path": str(checkpoint_path), "n_parameters": sum(p.numel() for p in model.parameters()), **metrics}
+    from inference.quantizer import weight_count  # lazy, as in gpt_model: INT8 layers live in inference/
+
+    return {"model_path": str(checkpoint_path), "n_parameters": weight_count(model), **metrics}
 
 
 TABLE_METRICS = {"pretrain": ("loss", "perplexity", "bits_per_byte", "n_tokens"),

@@ -222,6 +222,15 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, Int8Linear) for m in model.modules())
 
 
+def weight_count(model: nn.Module) -> int:
+    """The weights a model holds, INT8 or float: an INT8 model counts its int8 matrices and float biases (its
+    per-channel scales are not weights), so it reports the size of the model it was made from."""
+    if not is_quantized(model):
+        return sum(p.numel() for p in model.parameters())
+    tensors = {t.data_ptr(): t.numel() for name, t in model.state_dict().items() if not name.endswith(".scale")}
+    return sum(tensors.values())
+
+
 def save_quantized_model(model: GPTModel, path: str | Path, **extra: Any) -> None:
     """One checkpoint format: int8 tensors + scales + config + "quantization": "int8" (atomic write)."""
     if not is_quantized(model):

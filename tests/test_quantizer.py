@@ -101,8 +101,10 @@ def test_evaluator_reads_an_int8_checkpoint(model, run_dir, tmp_path, capsys):
     for name in ("fp32.pth", "int8.pth"):
         assert evaluator.main(["--no_progress", "--model_path", str(run_dir / name), "--test_data_path", str(val),
                                "--output", str(tmp_path / "r.json")]) == 0
-        reports.append(json.loads((tmp_path / "r.json").read_text())["results"][0]["bits_per_byte"])
-    assert abs(reports[1] / reports[0] - 1) < 0.01
+        reports.append(json.loads((tmp_path / "r.json").read_text())["results"][0])
+    assert abs(reports[1]["bits_per_byte"] / reports[0]["bits_per_byte"] - 1) < 0.01
+    fp32, _ = load_model_and_tokenizer(run_dir / "fp32.pth")  # the INT8 model counts the weights it was made from
+    assert reports[0]["n_parameters"] == reports[1]["n_parameters"] == fp32.num_parameters()
 
 
 def test_cli_quantizes_and_reports(run_dir, tmp_path, capsys):
