@@ -2,7 +2,8 @@
 
     pretrained (models/pretrain/pretrain_best.pth, trained first with `python pretrain_trainer.py` if missing)
       -> python finetune.py --mode sft      exact match per task family on data/sft/sft_test.json (greedy)
-      -> python finetune.py --mode reward   pairwise accuracy on data/sft/rlhf_pairwise_test.json
+      -> python finetune.py --mode reward   pairwise accuracy on data/sft/rlhf_pairwise_test.json; the baseline:
+                                            pairs ranked by the SFT model's mean answer log-prob, no training
       -> python finetune.py --mode rlhf     per seed: mean reward-model score of greedy held-out responses, exact KL to
                                             the SFT model, exact match; the SFT model measured the same way
       -> python finetune.py --mode dpo      held-out implicit-reward preference accuracy, exact match
@@ -103,6 +104,7 @@ def main() -> None:
     out["reward_pairwise_accuracy_by_task"] = {key.split("/", 1)[1]: round(value, 4) for key, value in report.items()
                                                if key.startswith("pairwise_accuracy/")}
     out["reward_mean_margin"] = round(report["mean_margin"], 4)
+    out["sft_likelihood_pairwise_accuracy"] = likelihood_accuracy(sft)
     out["sft_policy"] = policy_figures(sft, sft, reward)
 
     if "ppo" in args.stages:
@@ -151,25 +153,42 @@ def spread(out: dict, stage: str, seeds: list[int], keys: tuple[str, ...]) -> No
         out[f"{stage}_{key}_min_max"] = [min(values), max(values)]
 
 
-def dpo_accuracy(dpo: Path, sft: Path) -> float:
-    """Held-out implicit-reward accuracy: β·(log π − log π_ref) of the chosen answer above the rejected one's."""
+def answer_logprobs(checkpoint: Path, average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) log-probs of every held-out pair's answer under a language model (summed, or per token)."""
     import data_loader
     import metrics
 
-    policy, tokenizer = gpt_model.load_model_and_tokenizer(dpo)
-    reference, _ = gpt_model.load_model_and_tokenizer(sft)
-    template = gpt_model.checkpoint_metadata(dpo).get("sft_template")
-    pairs = data_loader.PreferencePairDataset(str(PAIRS_TEST), tokenizer, policy.config.max_seq_len, template)
-    wins = 0
+    model, tokenizer = gpt_model.load_model_and_tokenizer(checkpoint)
+    template = gpt_model.checkpoint_metadata(checkpoint).get("sft_template")
+    pairs = data_loader.PreferencePairDataset(str(PAIRS_TEST), tokenizer, model.config.max_seq_len, template)
+    rows = []
     with torch.no_grad():
         for start in range(0, len(pairs), 64):
             batch = data_loader.collate_pairs([pairs[i] for i in range(start, min(start + 64, len(pairs)))],
                                               tokenizer.pad_token_id)
-            margin = [metrics.sequence_logprobs(m(batch["input_ids"], attention_mask=batch["attention_mask"])["logits"],
-                                                batch["labels"]) for m in (policy, reference)]
-            chosen, rejected = (margin[0] - margin[1]).chunk(2)
-            wins += int((chosen > rejected).sum())
-    return wins / len(pairs)
+            logprobs = metrics.scored_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                               average)
+            rows.append(torch.stack(logprobs.chunk(2), 1))
+    chosen, rejected = torch.cat(rows).unbind(1)
+    return chosen, rejected
+
+
+def dpo_accuracy(dpo: Path, sft: Path) -> float:
+    """Held-out implicit-reward accuracy: β·(log π − log π_ref) of the chosen answer above the rejected one's."""
+    (policy_chosen, policy_rejected), (ref_chosen, ref_rejected) = answer_logprobs(dpo), answer_logprobs(sft)
+    return float(((policy_chosen - ref_chosen) > (policy_rejected - ref_rejected)).float().mean())
+
+
+def likelihood_accuracy(sft: Path) -> dict[str, float]:
+    """The untrained baseline a reward model should beat: pairs ranked by the SFT model's mean answer log-prob."""
+    chosen, rejected = answer_logprobs(sft, average=True)
+    tasks = [r["task"] for r in json.loads(PAIRS_TEST.read_text(encoding="utf-8"))]
+    wins = (chosen > rejected).tolist()
+    out = {"all": round(sum(wins) / len(wins), 4)}
+    for task in sorted(set(tasks)):
+        picked = [w for w, t in zip(wins, tasks) if t == task]
+        out[task] = round(sum(picked) / len(picked), 4)
+    return out
 
 
 def best_of_n(sft: Path, reward: Path | None, n: int) -> dict[str, float]:
