@@ -381,17 +381,20 @@ def test_cli_errors_are_one_line(checkpoint_dir, tmp_path, capsys):
         assert err.startswith("error: ") and fragment in err and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("likelihood_weight", [0.0, 0.5])
 def test_reward_model_type_and_reward_scores_of_responses(checkpoint_dir, tiny_config, tiny_tokenizer, tmp_path,
-                                                          capsys):
-    """A reward model whose head reads one hidden unit: pairwise accuracy and margins checked against a direct call."""
-    from data_loader import PreferencePairDataset, collate_pairs
+                                                          capsys, likelihood_weight):
+    """A reward model (with or without the answer likelihood in its score): pairwise accuracy and margins checked
+    against a direct call, and best-of-N's scores of (prompt, response) equal to the pair's."""
+    from data_loader import PreferencePairDataset, build_sft_prompt, collate_pairs
+    from decoding import reward_scores
     from gpt_model import GPTModel, GPTRewardModel, save_checkpoint
     import evaluator
 
     torch.manual_seed(0)
-    reward = GPTRewardModel.from_language_model(GPTModel(tiny_config))
+    reward = GPTRewardModel.from_language_model(GPTModel(tiny_config), likelihood_weight)
     save_checkpoint(checkpoint_dir / "reward.pth", reward, tokenizer_fingerprint=tiny_tokenizer.fingerprint,
-                    model_class="reward")
+                    model_class="reward", reward_likelihood=reward.likelihood)
     pairs = [{"instruction": "计算 1 + 2 = ?", "chosen": "3", "rejected": "4", "task": "arithmetic"},
              {"instruction": "Who?", "chosen": "ROMEO", "rejected": "JULIET", "task": "speaker"},
              {"instruction": "下一句：床前明月光", "chosen": "疑是地上霜", "rejected": "低头思故乡"}]
@@ -400,7 +403,10 @@ def test_reward_model_type_and_reward_scores_of_responses(checkpoint_dir, tiny_c
     batch = collate_pairs([PreferencePairDataset(pairs, tiny_tokenizer, 64)[i] for i in range(3)],
                           tiny_tokenizer.pad_token_id)
     with torch.no_grad():
-        chosen, rejected = reward(batch["input_ids"], attention_mask=batch["attention_mask"]).chunk(2)
+        chosen, rejected = reward.score(batch["input_ids"], batch["attention_mask"], batch["labels"]).chunk(2)
+    prompts = [build_sft_prompt(p["instruction"]) for p in pairs]
+    picked = reward_scores(reward, tiny_tokenizer, prompts, [p["chosen"] for p in pairs], torch.device("cpu"))
+    assert picked == pytest.approx(chosen.tolist(), abs=1e-5)
     report = tmp_path / "reward.json"
     assert evaluator.main(["--model_type", "reward", "--model_path", str(checkpoint_dir / "reward.pth"),
                            "--test_data_path", str(data), "--output", str(report), "--no_progress"]) == 0
