@@ -51,8 +51,14 @@ def parse_next_line(instruction):
 
 def next_line_answer(instruction):
     lines, asked = parse_next_line(instruction)
-    assert source_poems(instruction), instruction  # three consecutive lines of a corpus poem
+    assert source_poems(instruction) or all(POEMS_BY_LINE.get(line) for line in lines), instruction
     return {lines[i + 1] for i in range(2) if lines[i] == asked}
+
+
+def line_sources(instruction):
+    """The poems each line of an excerpt comes from (a mixed train excerpt takes its lines from several)."""
+    lines, _ = parse_next_line(instruction)
+    return set().union(*(POEMS_BY_LINE.get(line, set()) for line in lines))
 
 
 def source_poems(instruction):
@@ -96,6 +102,10 @@ def source_speeches(instruction):
     return firsts | seconds if adjacent else set()
 
 
+POEMS_BY_LINE = {}  # a poem line (a clause between punctuation) -> the poems that have it
+for _doc in POEM_DOCS:
+    for _clause in re.split(PUNCT, _doc.split("：", 1)[1]):
+        POEMS_BY_LINE.setdefault(_clause, set()).add(_doc)
 CORPUS_INDEX = {}  # line -> every index it has in the corpus (a few speeches repeat)
 for _i, _line in enumerate(CORPUS):
     CORPUS_INDEX.setdefault(_line, set()).add(_i)
@@ -107,7 +117,7 @@ def source_documents(record):
     """The corpus lines a corpus-family prompt was built from."""
     ins = record["instruction"]
     if record["task"] == "poem_next_line":
-        return source_poems(ins)
+        return source_poems(ins) or line_sources(ins)
     if record["task"] == "poem_author":
         return source_heading(ins)
     return source_speeches(ins)
@@ -166,9 +176,21 @@ def test_counts_per_family(built):
     for r in load(built, "sft_data.json"):
         counts[r["task"]] = counts.get(r["task"], 0) + 1
     assert counts["arithmetic"] == 9500 and counts["speaker"] == 4000
-    assert counts["poem_next_line"] > 800 and counts["poem_author"] > 250
+    assert counts["poem_next_line"] > 800 + 6000 and counts["poem_author"] > 250
     assert sum(1 for r in load(built, "sft_test.json") if r["task"] == "arithmetic") == 500
     assert sum(1 for r in load(built, "rlhf_pairwise_test.json") if r["task"] == "arithmetic") == 500
+
+
+def test_test_excerpts_are_real_and_train_adds_mixed_ones_from_train_poems_only(built):
+    test = [r for r in load(built, "sft_test.json") if r["task"] == "poem_next_line"]
+    assert test and all(source_poems(r["instruction"]) for r in test)  # held out: consecutive lines of one poem
+    train = [r for r in load(built, "sft_data.json") if r["task"] == "poem_next_line"]
+    mixed = [r for r in train if not source_poems(r["instruction"])]
+    assert len(mixed) == 2 * build_sft.Sizes.mixed_excerpts_train
+    test_poems = set().union(*(source_poems(r["instruction"]) for r in test))
+    assert not set().union(*(line_sources(r["instruction"]) for r in mixed)) & test_poems
+    pairs = {r["instruction"] for r in load(built, "rlhf_pairwise.json") if r["task"] == "poem_next_line"}
+    assert {r["instruction"] for r in mixed} <= pairs  # and each is a preference pair too
 
 
 def test_train_pairs_hold_every_wrong_answer_of_every_train_sum_once(built):

@@ -3,7 +3,8 @@
 Four task families, each with one exact answer that a checker can verify:
 
 - ``arithmetic``: ``计算 {a} + {b} = ?`` -> ``{a + b}`` with 0 <= a, b <= 99 (the fixed format results compare on);
-- ``poem_next_line``: three consecutive lines of a Tang/Song poem, then ``{line}的下一句？`` -> the line after it;
+- ``poem_next_line``: three consecutive lines of a Tang/Song poem, then ``{line}的下一句？`` -> the line after it
+  (the train split also holds excerpts of three lines from different train poems: see ``mixed_excerpt_examples``);
 - ``poem_author``: a poem's heading as the corpus writes it (title, poet, first line), then ``作者是？`` -> the poet;
 - ``speaker``: two consecutive speeches of a play (speaker and opening words each), then ``Who says "{words}"?``
   -> the speaker of those words.
@@ -80,6 +81,7 @@ class Sizes:
     speaker_test: int = 300
     poem_test_fraction: float = 0.15
     excerpts_per_poem: int = 1000  # every excerpt of every poem (the corpus has 347 poems)
+    mixed_excerpts_train: int = 3000  # + excerpts whose lines come from different train poems (two prompts each)
     all_wrong_sums: bool = True  # plus every other wrong answer of every train example (a reward model needs them)
 
 
@@ -159,6 +161,30 @@ def next_line_examples(rng: random.Random, poems: Sequence[tuple[str, str, str]]
     return [e for e in out if fits(e)]
 
 
+def mixed_excerpt_examples(rng: random.Random, poems: Sequence[tuple[str, str, str]], avoid: set[str], count: int,
+                           fits: Fits) -> list[Example]:
+    """``count`` excerpts of three five-character lines drawn from different poems, asked like the real ones. The
+    skill is copying the line after the asked one, and the ~900 real train prompts are too few to learn it: a model
+    memorises their answers (held-out loss rises); recombined lines give as many distinct excerpts as wanted. Lines
+    in ``avoid`` (those of test poems) are never used."""
+    lines = sorted({line for _, _, body in poems for line in poem_lines(body)
+                    if len(line) == EXCERPT_LINE_CHARS and line.isalpha() and line not in avoid})
+    out, seen = [], set()
+    while len(out) < 2 * count and len(seen) < count * 10:
+        excerpt = rng.sample(lines, 3)
+        if tuple(excerpt) in seen:
+            continue
+        seen.add(tuple(excerpt))
+        for k in range(2):
+            asked, following = excerpt[k], excerpt[k + 1]
+            example = Example("poem_next_line", NEXT_LINE_PROMPT.format(a=excerpt[0], b=excerpt[1], c=excerpt[2],
+                                                                        line=asked),
+                              following, tuple(sorted({asked, excerpt[2 - k], following[:-1]})))
+            if fits(example):
+                out.append(example)
+    return out[:2 * count]
+
+
 def _line_ok(line: str) -> bool:
     return LINE_CHARS[0] <= len(line) <= LINE_CHARS[1]
 
@@ -235,8 +261,10 @@ def context_fit(corpus: Path) -> Fits:
     return fits
 
 
-def build_examples(corpus: Path, seed: int, sizes: Sizes = Sizes()) -> tuple[list[Example], list[Example]]:
-    """(train examples, test examples) of every family, each list shuffled with the seed."""
+def build_examples(corpus: Path, seed: int,
+                   sizes: Sizes = Sizes()) -> tuple[list[Example], list[Example], list[Example]]:
+    """(train examples, test examples) of every family, each list shuffled with the seed, and the mixed next-line
+    excerpts for training (their own generator: the other examples are what they were without them)."""
     rng = random.Random(seed)
     poems, speeches = read_corpus(corpus)
     fits = context_fit(corpus)
@@ -249,7 +277,9 @@ def build_examples(corpus: Path, seed: int, sizes: Sizes = Sizes()) -> tuple[lis
             *speaker_test]
     rng.shuffle(train)
     rng.shuffle(test)
-    return train, test
+    test_lines = {line for _, _, body in poems_test for line in poem_lines(body)}
+    mixed = mixed_excerpt_examples(random.Random(seed + 3), poems_train, test_lines, sizes.mixed_excerpts_train, fits)
+    return train, test, mixed
 
 
 def sft_records(examples: Sequence[Example]) -> list[dict[str, str]]:
@@ -288,13 +318,17 @@ def write_json(path: Path, records: list[dict[str, str]]) -> None:
 
 def build(corpus: Path, output_dir: Path, seed: int, sizes: Sizes = Sizes()) -> dict[str, Counter]:
     """Write the four files; returns the number of records per task family in each."""
-    train, test = build_examples(corpus, seed, sizes)
+    train, test, mixed = build_examples(corpus, seed, sizes)
     rng = random.Random(seed + 1)
     train_pairs = pairwise_records(train, rng, sizes.pairwise_arithmetic)
     test_pairs = pairwise_records(test, rng, sizes.arithmetic_test)
     if sizes.all_wrong_sums:
         train_pairs += all_wrong_answer_pairs(train, train_pairs)
-        random.Random(seed + 2).shuffle(train_pairs)  # its own generator: the test pairs stay as they were
+    mixing = random.Random(seed + 2)  # its own generator: the test pairs stay as they were
+    train_pairs += pairwise_records(mixed, mixing, 0)
+    mixing.shuffle(train_pairs)
+    train = [*train, *mixed]
+    mixing.shuffle(train)
     files = {"sft_data.json": sft_records(train), "sft_test.json": sft_records(test),
              "rlhf_pairwise.json": train_pairs, "rlhf_pairwise_test.json": test_pairs}
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -320,14 +354,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="leave out the extra pairs that give every wrong answer of every train sum")
     p.add_argument("--speaker_train", type=int, default=Sizes.speaker_train, help="speaker examples in the train split")
     p.add_argument("--speaker_test", type=int, default=Sizes.speaker_test, help="speaker examples in the test split")
+    p.add_argument("--mixed_excerpts_train", type=int, default=Sizes.mixed_excerpts_train,
+                   help="next-line excerpts of lines from different train poems (two prompts each) added to the "
+                        "train split: the real excerpts are too few to learn the copy from")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     counts = (args.arithmetic_train, args.arithmetic_test, args.pairwise_arithmetic, args.speaker_train,
-              args.speaker_test)
-    sizes = Sizes(*counts, all_wrong_sums=not args.one_wrong_answer_per_sum)
+              args.speaker_test, args.mixed_excerpts_train)
+    sizes = Sizes(*counts[:5], mixed_excerpts_train=args.mixed_excerpts_train,
+                  all_wrong_sums=not args.one_wrong_answer_per_sum)
     if min(counts) < 0:
         print("error: example counts must be >= 0", file=sys.stderr)
         sys.exit(2)
