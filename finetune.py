@@ -836,13 +836,16 @@ class PPOTrainer(RLTrainer):
 def evaluate_policy(policy: GPTModel, reference: GPTModel, reward_model: GPTRewardModel, tokenizer,
                     records: list[dict], template: str, max_new_tokens: int, device: torch.device,
                     batch_size: int = 64) -> dict[str, float]:
-    """Greedy held-out responses scored by the reward model, their KL to the reference, and exact match."""
+    """Greedy held-out responses scored by the reward model, their KL to the reference, and exact match.
+
+    Prompts are batched by length: in a left-padded batch the longest prompt caps every row's room in the context,
+    so a short prompt batched with a long one would have its answer cut (0.717 against 0.727 exact match)."""
     was_training = policy.training
     policy.eval()
-    scores, kls, predictions = [], [], []
-    for start in range(0, len(records), batch_size):
-        chunk = records[start:start + batch_size]
-        prompts = [prompt_ids(tokenizer, r, template) for r in chunk]
+    scores, kls, predictions, references = [], [], [], []
+    for chunk in same_length_batches(records, [prompt_ids(tokenizer, r, template) for r in records], batch_size):
+        references += [r["response"] for r, _ in chunk]
+        prompts = [ids for _, ids in chunk]
         input_ids, attention_mask = (t.to(device) for t in left_pad(prompts, tokenizer.pad_token_id))
         room = policy.config.max_seq_len - input_ids.size(1)
         sequences = policy.generate(input_ids, attention_mask, max_gen_len=min(max_new_tokens, room), do_sample=False,
@@ -857,7 +860,15 @@ def evaluate_policy(policy: GPTModel, reference: GPTModel, reward_model: GPTRewa
                         for row in sequences]
     policy.train(was_training)
     return {"val_reward": sum(scores) / len(scores), "val_kl": sum(kls) / len(kls),
-            "val_exact_match": metrics.exact_match(predictions, [r["response"] for r in records])}
+            "val_exact_match": metrics.exact_match(predictions, references)}
+
+
+def same_length_batches(records: list[dict], prompts: list[list[int]], batch_size: int) -> list[list[tuple]]:
+    """(record, prompt ids) batches of at most ``batch_size`` whose prompts all have the same length."""
+    by_length: dict[int, list[tuple]] = defaultdict(list)
+    for record, ids in zip(records, prompts):
+        by_length[len(ids)].append((record, ids))
+    return [group[i:i + batch_size] for _, group in sorted(by_length.items()) for i in range(0, len(group), batch_size)]
 
 
 def prompt_ids(tokenizer, record: dict, template: str) -> list[int]:

@@ -368,6 +368,21 @@ def test_a_ppo_iteration_moves_the_policy_and_critic_but_not_the_reference_or_re
     assert changed == {"policy": True, "reference": False, "reward": False, "critic": True}
 
 
+def test_evaluate_policy_gives_every_answer_its_room_whatever_the_batch(files):
+    """A short prompt batched with a long one must not have its answer cut by the long one's place in the context:
+    batched figures equal those of one prompt at a time."""
+    policy, tokenizer, _ = ft.load_base(str(files["pretrained"]), None, "--pretrained_model")
+    reward = gpt_model.GPTRewardModel.from_language_model(policy, 1.0)
+    short = {"instruction": "计算 1 + 2 = ?", "response": "3"}
+    long = {"instruction": "床前明月光，疑是地上霜。", "response": "x"}
+    records = [short, long, dict(short, instruction="计算 3 + 4 = ?"), long]
+    args = (policy, policy, reward, tokenizer, records, data_loader.SFT_TEMPLATE, 40, torch.device("cpu"))
+    assert len(ft.prompt_ids(tokenizer, long, data_loader.SFT_TEMPLATE)) + 40 > 64  # the long one leaves < 40
+    one_by_one = ft.evaluate_policy(*args, batch_size=1)
+    assert ft.evaluate_policy(*args, batch_size=4) == pytest.approx(one_by_one, abs=1e-5)
+    assert [len(b) for b in ft.same_length_batches(records, [[0] * 3, [0] * 9, [0] * 3, [0] * 9], 4)] == [2, 2]
+
+
 def test_response_mask_keeps_tokens_up_to_the_first_eos():
     responses = torch.tensor([[5, 6, 2, 1, 1], [5, 2, 6, 2, 1], [7, 7, 7, 7, 7]])  # eos 2, pad 1
     mask = ft.response_mask_of(responses, eos_id=2, pad_id=1)
