@@ -154,6 +154,17 @@ def _raise_interrupted(signum: int, frame) -> None:
     raise Interrupted(signum)
 
 
+def _default_sigterm_in_forked_child() -> None:
+    """A forked child (a tokenizer pool's worker) dies on SIGTERM at once, as by default. The inherited Python
+    handler only runs between bytecodes: a worker blocked in C on a lock another parent thread held at fork time
+    never ran it, so the pool's terminate() waited on it forever (seen under load in the test suite)."""
+    if signal.getsignal(signal.SIGTERM) is _raise_interrupted:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_default_sigterm_in_forked_child)
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Run ``main(argv)``; user errors (ValueError subclasses, OSError) become one line on stderr and exit 2.
 

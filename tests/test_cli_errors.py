@@ -452,6 +452,22 @@ def _encode_across_processes(argv) -> int:
     return 0
 
 
+def _sigterm_handler_of_a_forked_child(argv) -> int:
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child reports what SIGTERM does there, then leaves without running any cleanup
+        os.write(write, b"default" if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL else b"python")
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return {b"default": 0, b"python": 1}[os.read(read, 16)]
+
+
+def test_a_forked_child_dies_on_sigterm_even_blocked_in_c():
+    import cli
+
+    assert cli.run_cli(_sigterm_handler_of_a_forked_child, []) == 0  # SIG_DFL there, the CLI's handler here
+
+
 def test_forked_workers_shut_down_by_their_pool_exit_quietly(capfd):
     import cli
 
