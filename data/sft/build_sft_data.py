@@ -152,13 +152,19 @@ def next_line_examples(rng: random.Random, poems: Sequence[tuple[str, str, str]]
         starts = [i for i in range(len(lines) - 2) if all(len(x) == EXCERPT_LINE_CHARS for x in lines[i:i + 3])
                   and len(set(lines[i:i + 3])) == 3]
         for i in rng.sample(starts, min(len(starts), sizes.excerpts_per_poem)):
-            excerpt = lines[i:i + 3]
-            for k in range(2):  # the line after the first, and after the second
-                asked, following = excerpt[k], excerpt[k + 1]
-                wrong = {asked, excerpt[2 - k], following[:-1]}
-                instruction = NEXT_LINE_PROMPT.format(a=excerpt[0], b=excerpt[1], c=excerpt[2], line=asked)
-                out.append(Example("poem_next_line", instruction, following, tuple(sorted(wrong))))
+            out += excerpt_examples(lines[i:i + 3])
     return [e for e in out if fits(e)]
+
+
+def excerpt_examples(excerpt: Sequence[str]) -> list[Example]:
+    """The two prompts of a three-line excerpt: the line after the first, and after the second."""
+    out = []
+    for k in range(2):
+        asked, following = excerpt[k], excerpt[k + 1]
+        wrong = {asked, excerpt[2 - k], following[:-1]}
+        instruction = NEXT_LINE_PROMPT.format(a=excerpt[0], b=excerpt[1], c=excerpt[2], line=asked)
+        out.append(Example("poem_next_line", instruction, following, tuple(sorted(wrong))))
+    return out
 
 
 def mixed_excerpt_examples(rng: random.Random, poems: Sequence[tuple[str, str, str]], avoid: set[str], count: int,
@@ -175,13 +181,7 @@ def mixed_excerpt_examples(rng: random.Random, poems: Sequence[tuple[str, str, s
         if tuple(excerpt) in seen:
             continue
         seen.add(tuple(excerpt))
-        for k in range(2):
-            asked, following = excerpt[k], excerpt[k + 1]
-            example = Example("poem_next_line", NEXT_LINE_PROMPT.format(a=excerpt[0], b=excerpt[1], c=excerpt[2],
-                                                                        line=asked),
-                              following, tuple(sorted({asked, excerpt[2 - k], following[:-1]})))
-            if fits(example):
-                out.append(example)
+        out += [example for example in excerpt_examples(excerpt) if fits(example)]
     return out[:2 * count]
 
 
