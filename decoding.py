@@ -468,7 +468,25 @@ class DecodeEngine:
                     yield out.text
 
 
-# ----------------------------------------------------------------------------- GPTModel.generate
+# ----------------------------------------------------------------------------- batch helpers
+
+
+def generate_responses(model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                       batch_size: int = 64, generator: torch.Generator | None = None,
+                       on_finish: Callable[[], None] | None = None) -> list[list[int]]:
+    """Each prompt's new ids (its EOS included when one was emitted), in input order, with continuous batching over
+    ``batch_size`` slots. Every prompt has its own room, min(max_new_tokens, context − its length): in one
+    left-padded tensor the longest prompt would cap every row's answer."""
+    if not prompts:
+        return []
+    was_training = model.training
+    try:
+        engine = DecodeEngine(model, n_slots=min(batch_size, len(prompts)), max_len=model.config.max_seq_len)
+        report = None if on_finish is None else (lambda out: on_finish() if out.finished else None)
+        return [request.output_ids for request in engine.run(prompts, params, generator, report)]
+    finally:
+        model.train(was_training)
+
 
 
 def generate_padded(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, n_new: int,

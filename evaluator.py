@@ -33,7 +33,7 @@ from data_loader import (SFT_TEMPLATE, ClassificationDataset, GPTSFTDataset, Pre
                          collate_batch, collate_pairs, encode_for_classification,
                          load_classification_records, load_preference_records, load_sft_records, read_documents,
                          record_instruction)
-from decoding import cut_at_eos, encode_prompt, left_pad, max_prompt_len, reward_scores
+from decoding import SamplingParams, cut_at_eos, encode_prompt, generate_responses, max_prompt_len, reward_scores
 from gpt_model import (GPTClassifier, GPTRewardModel, autocast_context, checkpoint_metadata, load_model_and_tokenizer,
                        resolve_device, resolve_dtype)
 from metrics import (bits_per_byte, confusion_matrix, exact_match, pairwise_accuracy, perplexity, precision_recall,
@@ -232,29 +232,20 @@ class GPTEvaluator:
                              temperature: float = 0.8, top_p: float = 1.0, do_sample: bool = True,
                              batch_size: int = 16, seed: int | None = None,
                              min_new_tokens: int | None = None) -> list[str]:
-        """Continuations of `<s> prompt` (prompt tokens stripped, stopped at `</s>`), in batches through
-        model.generate. A prompt is cut (keeping its end) only to leave room for ``min_new_tokens`` new tokens
-        (default min(max_gen_len, context // 2)); past that, generation stops at the end of the context."""
+        """Continuations of `<s> prompt` (stopped at `</s>`), ``batch_size`` at a time through the decode engine.
+        A prompt is cut (keeping its end) only to leave room for ``min_new_tokens`` new tokens (default
+        min(max_gen_len, context // 2)); past that, each prompt generates up to max_gen_len or its context's end."""
         if batch_size < 1:
             raise EvaluationError(f"batch_size must be at least 1, got {batch_size}")
         limit = max_prompt_len(self.model.config.max_seq_len, min_new_tokens or max_gen_len)
         encoded = [encode_prompt(self.tokenizer, prompt, limit) for prompt in prompts]
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # similar lengths: little left padding
         generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
-        eos_id, pad_id = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        predictions: list[str] = [""] * len(encoded)
-        starts = range(0, len(order), batch_size)
-        for start in self._progress(starts, "generate", len(starts)):
-            rows = order[start:start + batch_size]
-            input_ids, attention_mask = left_pad([encoded[i] for i in rows], pad_id)
-            with autocast_context(self.device, self.dtype):
-                output = self.model.generate(input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                                             max_gen_len=max_gen_len, temperature=temperature, top_k=top_k,
-                                             top_p=top_p, do_sample=do_sample, eos_token_id=eos_id,
-                                             generator=generator)
-            for i, new_ids in zip(rows, output[:, input_ids.shape[1]:].tolist()):
-                predictions[i] = self.tokenizer.decode(cut_at_eos(new_ids, eos_id), skip_special_tokens=True)
-        return predictions
+        eos_id = self.tokenizer.eos_token_id
+        params = SamplingParams(max_new_tokens=max_gen_len, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                                top_p=top_p, eos_token_id=eos_id)
+        with self._progress(None, "generate", len(encoded)) as bar, autocast_context(self.device, self.dtype):
+            outputs = generate_responses(self.model, encoded, params, batch_size, generator, lambda: bar.update(1))
+        return [self.tokenizer.decode(cut_at_eos(ids, eos_id), skip_special_tokens=True) for ids in outputs]
 
     def best_of_n_predictions(self, prompts: Sequence[str], n: int, reward_model: torch.nn.Module | None,
                               max_gen_len: int = 16, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,

@@ -57,7 +57,7 @@ def policy_figures(policy_path: Path, sft_path: Path, reward_path: Path) -> dict
     reward, _ = gpt_model.load_model_and_tokenizer(reward_path)
     template = gpt_model.checkpoint_metadata(sft_path).get("sft_template")
     records = json.loads(TEST.read_text(encoding="utf-8"))
-    figures = finetune.evaluate_policy(policy, reference, reward, tokenizer, records, template, 16, torch.device("cpu"))
+    figures = finetune.evaluate_policy(policy, reference, reward, tokenizer, records, template, 16)
     return {k.removeprefix("val_"): round(v, 4) for k, v in figures.items()}
 
 

@@ -179,50 +179,74 @@ def test_batched_generation_equals_one_prompt_at_a_time(tiny_tokenizer, tiny_con
     assert ev.generate_predictions(prompts, max_gen_len=8, seed=123, batch_size=2) == first
 
 
-class ScriptedGenerator(torch.nn.Module):
-    """Its generate appends a fixed continuation (then padding), and records what it was given."""
+def test_a_short_prompt_keeps_its_room_when_batched_with_a_long_one(tiny_tokenizer, tiny_config):
+    """In one left-padded tensor the longest prompt would cap every row at 64 − its length; here it does not."""
+    from gpt_model import GPTModel
 
-    def __init__(self, continuation: list[int], pad_id: int):
+    torch.manual_seed(3)
+    model = GPTModel(tiny_config).eval()
+    tok = tiny_tokenizer
+    prompts = ["A", " ".join(map(str, range(12)))]
+    assert 64 - 40 < len(tok.encode_ordinary(prompts[1])) < 62  # it fits, leaving fewer than 40 new tokens
+    ev = GPTEvaluator(model, tok, show_progress=False)
+    batched = ev.generate_predictions(prompts, max_gen_len=40, do_sample=False, batch_size=2, min_new_tokens=1)
+    alone = [ev.generate_predictions([p], max_gen_len=40, do_sample=False, min_new_tokens=1)[0] for p in prompts]
+    assert batched == alone
+
+
+class ScriptedResponses:
+    """Stands in for decoding.generate_responses: a fixed continuation for every prompt; records each call."""
+
+    def __init__(self, continuation: list[int]):
+        self.continuation, self.calls = continuation, []
+
+    def __call__(self, model, prompts, params, batch_size=64, generator=None, on_finish=None):
+        self.calls.append(SimpleNamespace(prompts=[list(p) for p in prompts], params=params, batch_size=batch_size))
+        return [list(self.continuation) for _ in prompts]
+
+
+def scripted(monkeypatch, continuation: list[int]) -> ScriptedResponses:
+    script = ScriptedResponses(continuation)
+    monkeypatch.setattr(evaluator, "generate_responses", script)
+    return script
+
+
+class Context64(torch.nn.Module):
+    """A model of which the evaluator reads only its context length and device."""
+
+    def __init__(self):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(1))
         self.config = SimpleNamespace(max_seq_len=64)
-        self.continuation, self.pad_id, self.calls = continuation, pad_id, []
-
-    def generate(self, input_ids, attention_mask=None, max_gen_len=100, eos_token_id=None, **_):
-        self.calls.append((input_ids.clone(), attention_mask.clone()))
-        tail = torch.tensor(self.continuation + [self.pad_id] * 3).expand(input_ids.shape[0], -1)
-        return torch.cat([input_ids, tail], dim=1)
 
 
-def test_predictions_strip_prompt_tokens_stop_at_eos_and_keep_order(tiny_tokenizer):
+def test_predictions_stop_at_eos_and_keep_order(tiny_tokenizer, monkeypatch):
     tok = tiny_tokenizer
-    continuation = tok.encode_ordinary("明月 light") + [tok.eos_token_id] + tok.encode_ordinary("after eos")
-    model = ScriptedGenerator(continuation, tok.pad_token_id)
+    script = scripted(monkeypatch, tok.encode_ordinary("明月 light") + [tok.eos_token_id] + tok.encode_ordinary("x"))
     prompts = ["a much longer prompt than the others", "x", "床前"]
-    predictions = GPTEvaluator(model, tok, show_progress=False).generate_predictions(prompts, batch_size=2)
+    predictions = GPTEvaluator(Context64(), tok, show_progress=False).generate_predictions(prompts, batch_size=2)
     assert predictions == ["明月 light"] * 3
-    assert len(model.calls) == 2  # batches, never one prompt at a time
-    for input_ids, mask in model.calls:  # left padded: each row ends with its `<s> prompt`
-        for row, row_mask in zip(input_ids.tolist(), mask.tolist()):
-            real = [t for t, m in zip(row, row_mask) if m]
-            assert row_mask == sorted(row_mask)  # zeros (padding) first
-            assert real[0] == tok.bos_token_id and tok.decode(real) in prompts
+    (call,) = script.calls  # one engine run, batch_size slots at a time
+    assert call.batch_size == 2 and call.params.eos_token_id == tok.eos_token_id
+    assert call.prompts == [[tok.bos_token_id, *tok.encode_ordinary(p)] for p in prompts]  # in order, unpadded
 
 
-def test_too_long_prompt_keeps_its_tail_and_room_to_generate(tiny_tokenizer):
+def test_too_long_prompt_keeps_its_tail_and_room_to_generate(tiny_tokenizer, monkeypatch):
     tok = tiny_tokenizer
-    model = ScriptedGenerator([tok.eos_token_id], tok.pad_token_id)  # context of 64 tokens
+    script = scripted(monkeypatch, [tok.eos_token_id])
     prompt = " ".join(str(i) for i in range(200))
     with pytest.warns(UserWarning, match="was cut"):
-        assert GPTEvaluator(model, tok, show_progress=False).generate_predictions([prompt], max_gen_len=10) == [""]
-    sent = model.calls[0][0][0].tolist()
+        assert GPTEvaluator(Context64(), tok, show_progress=False).generate_predictions([prompt],
+                                                                                        max_gen_len=10) == [""]
+    sent = script.calls[0].prompts[0]
     assert len(sent) == 64 - 10 and sent[0] == tok.bos_token_id  # `<s>` + the prompt's last tokens
     assert sent[1:] == tok.encode_ordinary(prompt)[-(len(sent) - 1):]
 
 
-def test_exact_match_never_cuts_a_prompt_that_fits_the_context(tiny_tokenizer, tmp_path, recwarn):
+def test_exact_match_never_cuts_a_prompt_that_fits_the_context(tiny_tokenizer, tmp_path, recwarn, monkeypatch):
     tok = tiny_tokenizer
-    model = ScriptedGenerator(tok.encode_ordinary("42") + [tok.eos_token_id], tok.pad_token_id)  # context 64
+    script = scripted(monkeypatch, tok.encode_ordinary("42") + [tok.eos_token_id])
+
     def length(words: int) -> int:
         return 1 + len(tok.encode_ordinary(evaluator.build_sft_prompt(" ".join(map(str, range(words))))))
 
@@ -231,9 +255,9 @@ def test_exact_match_never_cuts_a_prompt_that_fits_the_context(tiny_tokenizer, t
     assert prompt_len > 64 - 16  # longer than a 16-token reserve would allow, short enough to answer
     data = tmp_path / "test.json"
     data.write_text(json.dumps([{"instruction": instruction, "response": "42"}]), encoding="utf-8")
-    result = GPTEvaluator(model, tok, show_progress=False).exact_match_by_task(data, max_gen_len=16)
+    result = GPTEvaluator(Context64(), tok, show_progress=False).exact_match_by_task(data, max_gen_len=16)
     assert result["exact_match"] == 1.0 and not [w for w in recwarn if "was cut" in str(w.message)]
-    assert model.calls[0][0].size(1) == prompt_len  # the whole prompt was sent
+    assert len(script.calls[0].prompts[0]) == prompt_len  # the whole prompt was sent
 
 
 # ----------------------------------------------------------------------------- BLEU / ROUGE

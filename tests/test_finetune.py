@@ -88,6 +88,21 @@ def test_kl_penalised_per_token_rewards():
     torch.testing.assert_close(rewards, torch.tensor([[-0.05, 3.0, 0.0], [0.0, 0.05, -1.0]]))
 
 
+def test_right_aligned_responses_get_the_same_rewards_and_advantages_as_left_aligned_ones():
+    """Rollouts end every response in the last column (padding in front): shifting a row changes nothing."""
+    logprobs, ref_logprobs = torch.tensor([[-1.0, -2.0, 0.0]]), torch.tensor([[-1.5, -2.0, 0.0]])
+    values, score = torch.tensor([[0.3, 0.6, 0.0]]), torch.tensor([2.0])
+    left = torch.tensor([[1.0, 1.0, 0.0]])
+    shift = lambda x: x.roll(1, dims=1)
+    rewards, _ = ft.kl_penalized_rewards(logprobs, ref_logprobs, score, left, kl_coef=0.1)
+    shifted, _ = ft.kl_penalized_rewards(shift(logprobs), shift(ref_logprobs), score, shift(left), kl_coef=0.1)
+    torch.testing.assert_close(shifted, shift(rewards))
+    advantages, returns = ft.gae(rewards, values * left, left, gamma=0.9, lam=0.95)
+    shifted_advantages, shifted_returns = ft.gae(shifted, shift(values * left), shift(left), gamma=0.9, lam=0.95)
+    torch.testing.assert_close(shifted_advantages, shift(advantages))
+    torch.testing.assert_close(shifted_returns, shift(returns))
+
+
 def test_clipped_losses_at_the_clip_boundary():
     old = torch.zeros(1, 4)
     ratios = torch.tensor([[1.3, 0.7, 0.7, 1.1]])
@@ -376,17 +391,28 @@ def test_evaluate_policy_gives_every_answer_its_room_whatever_the_batch(files):
     short = {"instruction": "计算 1 + 2 = ?", "response": "3"}
     long = {"instruction": "床前明月光，疑是地上霜。", "response": "x"}
     records = [short, long, dict(short, instruction="计算 3 + 4 = ?"), long]
-    args = (policy, policy, reward, tokenizer, records, data_loader.SFT_TEMPLATE, 40, torch.device("cpu"))
+    args = (policy, policy, reward, tokenizer, records, data_loader.SFT_TEMPLATE, 40)
     assert len(ft.prompt_ids(tokenizer, long, data_loader.SFT_TEMPLATE)) + 40 > 64  # the long one leaves < 40
     one_by_one = ft.evaluate_policy(*args, batch_size=1)
     assert ft.evaluate_policy(*args, batch_size=4) == pytest.approx(one_by_one, abs=1e-5)
-    assert [len(b) for b in ft.same_length_batches(records, [[0] * 3, [0] * 9, [0] * 3, [0] * 9], 4)] == [2, 2]
 
 
-def test_response_mask_keeps_tokens_up_to_the_first_eos():
-    responses = torch.tensor([[5, 6, 2, 1, 1], [5, 2, 6, 2, 1], [7, 7, 7, 7, 7]])  # eos 2, pad 1
-    mask = ft.response_mask_of(responses, eos_id=2, pad_id=1)
-    assert mask.tolist() == [[True, True, True, False, False], [True, True, False, False, False], [True] * 5]
+def test_samples_end_every_response_in_the_last_column_and_give_each_prompt_its_room(files):
+    policy, tokenizer, _ = ft.load_base(str(files["pretrained"]), None, "--pretrained_model")
+    template = data_loader.SFT_TEMPLATE
+    prompts = [ft.prompt_ids(tokenizer, {"instruction": text}, template) for text in ("计算 1 + 2 = ?", "床前明月光，疑是地上霜。")]
+    samples = ft.sample_responses(policy, prompts, 40, tokenizer, do_sample=False)
+    alone = [ft.sample_responses(policy, [p], 40, tokenizer, do_sample=False).responses[0] for p in prompts]
+    assert samples.responses == alone  # batched with a longer prompt, the short one keeps its room
+    assert max(map(len, alone)) > 64 - max(map(len, prompts))  # a left-padded batch would have cut it
+    n = samples.response_mask.size(1)
+    assert samples.sequences.size(1) - samples.response_start == n == max(map(len, samples.responses))
+    labels = ft.response_labels(samples)
+    for row, (prompt, response) in enumerate(zip(prompts, samples.responses)):
+        real = samples.sequences[row][samples.attention_mask[row].bool()].tolist()
+        assert real == prompt + response  # left padding only
+        assert samples.response_mask[row].tolist() == [0.0] * (n - len(response)) + [1.0] * len(response)
+        assert [t for t in labels[row].tolist() if t != -100] == response
 
 
 # ----------------------------------------------------------------------------- CLI errors
