@@ -8,7 +8,8 @@
                                             the SFT model, exact match; the SFT model measured the same way
       -> python finetune.py --mode dpo      held-out implicit-reward preference accuracy, exact match
       -> python finetune.py --mode rlvf     per seed: arithmetic exact match (GRPO with verifiers)
-      -> best-of-8 with the reward model    arithmetic exact match, against greedy SFT; with the verifiers (pass@8)
+      -> best-of-8 with the reward model    per sampling seed: arithmetic exact match, against greedy SFT; with the
+                                            verifiers (pass@8)
       -> rlvf_headroom                      the same GRPO (per seed) and best-of-8 from an SFT model stopped at
                                             2,500 steps (--max_steps 2500), whose arithmetic has room to improve
 
@@ -73,7 +74,8 @@ def main() -> None:
     parser.add_argument("--pretrained", default="models/pretrain/pretrain_best.pth",
                         help="the pretrained model (trained with the default `python pretrain_trainer.py` if missing)")
     parser.add_argument("--workdir", default="models/bench_finetune", help="where each stage writes its outputs")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="PPO seeds")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="seeds of the PPO and GRPO runs and of best-of-8's sampling")
     parser.add_argument("--stages", nargs="+",
                         default=["sft", "reward", "ppo", "dpo", "rlvf", "best_of", "rlvf_headroom"],
                         help="which stages to run (sft and reward are needed by the others)")
@@ -123,16 +125,16 @@ def main() -> None:
     if "rlvf" in args.stages:
         rlvf_seeds(args, out, work, sft, "rlvf")
     if "best_of" in args.stages:
-        out["best_of_8"] = best_of_n(sft, reward, 8)
-        out["best_of_8_verifier"] = best_of_n(sft, None, 8)
+        best_of_seeds(args, out, "best_of_8", sft, reward)
+        best_of_seeds(args, out, "best_of_8_verifier", sft, None)
     if "rlvf_headroom" in args.stages:
         early = work / "sft_2500" / "sft_best.pth"
         train(args, early, ["finetune.py", "--mode", "sft", "--pretrained_model", str(pretrained), "--output_dir",
                             str(early.parent), "--max_steps", "2500"])
         out["sft_2500_exact_match"] = exact_match(early)
         rlvf_seeds(args, out, work, early, "rlvf_from_sft_2500")
-        out["best_of_8_from_sft_2500"] = best_of_n(early, reward, 8)
-        out["best_of_8_verifier_from_sft_2500"] = best_of_n(early, None, 8)
+        best_of_seeds(args, out, "best_of_8_from_sft_2500", early, reward)
+        best_of_seeds(args, out, "best_of_8_verifier_from_sft_2500", early, None)
     print(json.dumps(out, ensure_ascii=False))
 
 
@@ -143,6 +145,13 @@ def rlvf_seeds(args: argparse.Namespace, out: dict, work: Path, sft: Path, stage
         seconds = train(args, rlvf, ["finetune.py", "--mode", "rlvf", "--sft_model", str(sft), "--output_dir",
                                      str(rlvf.parent), "--seed", str(seed)])
         out[f"{stage}_seed{seed}"] = {"seconds": seconds, **exact_match(rlvf)}
+    spread(out, stage, args.seeds, ("exact_match/arithmetic", "exact_match"))
+
+
+def best_of_seeds(args: argparse.Namespace, out: dict, stage: str, sft: Path, reward: Path | None) -> None:
+    """Best-of-8 once per sampling seed, and the spread over seeds."""
+    for seed in args.seeds:
+        out[f"{stage}_seed{seed}"] = best_of_n(sft, reward, 8, seed)
     spread(out, stage, args.seeds, ("exact_match/arithmetic", "exact_match"))
 
 
@@ -191,7 +200,7 @@ def likelihood_accuracy(sft: Path) -> dict[str, float]:
     return out
 
 
-def best_of_n(sft: Path, reward: Path | None, n: int) -> dict[str, float]:
+def best_of_n(sft: Path, reward: Path | None, n: int, seed: int) -> dict[str, float]:
     """Exact match of the pick among n samples (temperature 0.8, top-k 50) per held-out prompt: the reward model's
     pick, or with ``reward=None`` the records' verifiers' (pass@n)."""
     import evaluator
@@ -202,7 +211,7 @@ def best_of_n(sft: Path, reward: Path | None, n: int) -> dict[str, float]:
     ev = evaluator.GPTEvaluator(model, tokenizer, show_progress=False, template=template)
     records = json.loads(TEST.read_text(encoding="utf-8"))
     prompts = [evaluator.build_sft_prompt(evaluator.record_instruction(r), template) for r in records]
-    picks = ev.best_of_n_predictions(prompts, n, reward_model, max_gen_len=16, temperature=0.8, top_k=50, seed=0,
+    picks = ev.best_of_n_predictions(prompts, n, reward_model, max_gen_len=16, temperature=0.8, top_k=50, seed=seed,
                                      min_new_tokens=1, records=records)
     return {k: round(v, 4) for k, v in evaluator.exact_match_by_task(picks, records).items()}
 
