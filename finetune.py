@@ -119,6 +119,7 @@ class FinetuneConfig(training.TrainConfig):
     dpo_beta: float = 0.1
     dpo_loss: str = "sigmoid"
     dpo_nll_weight: float = 0.0  # RPO (Pang et al., 2024): + weight x NLL of the chosen answer (dpo default: 1)
+    dpop_lambda: float = 0.0  # DPO-Positive (Pal et al., 2024): penalise the chosen answer falling below the reference
     # GRPO
     group_size: int = 8
     format_weight: float = 0.1
@@ -199,14 +200,17 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
              ref_rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0,
-             ipo: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             ipo: bool = False, dpop_lambda: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DPO (Rafailov et al.) on sequence log-probs: (mean loss, implicit reward of chosen, of rejected).
 
     h = (log π(y_w) − log π(y_l)) − (log π_ref(y_w) − log π_ref(y_l)); DPO: −log σ(βh); label smoothing ε:
-    (conservative DPO) −(1−ε)·log σ(βh) − ε·log σ(−βh); IPO (Azar et al.): (h − 1/(2β))².
-    The implicit rewards are β·(log π − log π_ref) of each answer.
+    (conservative DPO) −(1−ε)·log σ(βh) − ε·log σ(−βh); IPO (Azar et al.): (h − 1/(2β))². DPO-Positive (Pal et
+    al., 2024) subtracts λ·max(0, log π_ref(y_w) − log π(y_w)) from h: a chosen answer may not become less likely
+    than under the reference. The implicit rewards are β·(log π − log π_ref) of each answer.
     """
     h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    if dpop_lambda:
+        h = h - dpop_lambda * (ref_chosen - policy_chosen).clamp(min=0)
     if ipo:
         losses = (h - 1 / (2 * beta)) ** 2
     else:
@@ -920,7 +924,7 @@ def run_dpo(config: FinetuneConfig, resume: str | None, show_progress: bool = Tr
         total = logps(net, batch)
         chosen, rejected = (total / (tokens if ipo else 1)).chunk(2)  # IPO uses per-token means
         loss, chosen_reward, rejected_reward = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, config.dpo_beta,
-                                                        config.label_smoothing, ipo)
+                                                        config.label_smoothing, ipo, config.dpop_lambda)
         nll = chosen_answer_nll(total, batch["labels"])
         return {"loss": loss + config.dpo_nll_weight * nll, "preference_loss": loss.detach(),
                 "accuracy": (chosen_reward > rejected_reward).float().mean(),
@@ -941,7 +945,7 @@ def run_dpo(config: FinetuneConfig, resume: str | None, show_progress: bool = Tr
 
     print(f"dpo: {len(train_set)} train / {len(test_set)} held-out pairs, β={config.dpo_beta}, "
           f"{'IPO' if ipo else 'sigmoid'} loss, label smoothing {config.label_smoothing}, "
-          f"NLL weight {config.dpo_nll_weight}")
+          f"NLL weight {config.dpo_nll_weight}, DPOP λ {config.dpop_lambda}")
     batches = data_loader.ShuffledBatches(train_set, config.batch_size, collate, config.seed, info.rank,
                                           info.world_size)
     trainer = training.Trainer(config, model, tokenizer, batches, loss_fn, prefix="dpo", evaluate_fn=evaluate,
@@ -1126,6 +1130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dpo_nll_weight", type=cli.nonnegative_float, default=d.dpo_nll_weight,
                    help="dpo: add this times the chosen answers' per-token NLL (RPO, Pang et al. 2024): keeps the "
                         "chosen answers likely, which plain DPO lets fall with the rejected ones")
+    p.add_argument("--dpop_lambda", type=cli.nonnegative_float, default=d.dpop_lambda,
+                   help="dpo: DPO-Positive's λ (Pal et al. 2024; they use 50): the margin loses λ times how far a "
+                        "chosen answer's log-prob fell below the reference's; 0: off")
     p.add_argument("--group_size", type=cli.int_at_least(2), default=d.group_size,
                    help="rlvf: answers sampled per prompt (GRPO's group)")
     p.add_argument("--format_weight", type=cli.nonnegative_float, default=d.format_weight,

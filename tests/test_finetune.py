@@ -472,6 +472,16 @@ def test_dpo_and_ipo_losses_against_hand_computed_values():
     assert ft.dpo_loss(t(-4.0), t(-4.0), t(-1.0), t(-1.0), beta=0.25, ipo=True)[0].item() == pytest.approx(4.0)
 
 
+def test_dpo_positive_penalises_only_a_chosen_answer_below_the_reference():
+    t = lambda x: torch.tensor([x])
+    # chosen fell 0.5 below the reference: h = (−2.5 − −6) − (−2 − −4) = 1.5, minus λ·0.5 = 1.5 − 1 = 0.5
+    loss, _, _ = ft.dpo_loss(t(-2.5), t(-6.0), t(-2.0), t(-4.0), beta=0.5, dpop_lambda=2.0)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-0.25)), rel=1e-6)
+    # chosen above the reference: no penalty, plain DPO
+    above = [ft.dpo_loss(t(-1.5), t(-6.0), t(-2.0), t(-4.0), beta=0.5, dpop_lambda=lam)[0].item() for lam in (0, 50)]
+    assert above[0] == pytest.approx(above[1]) == pytest.approx(math.log(1 + math.exp(-1.25)), rel=1e-6)
+
+
 def test_grpo_advantages_are_normalised_within_each_group():
     rewards = torch.tensor([[0.0, 1.0, 0.0, 1.0], [0.3, 0.3, 0.3, 0.3], [1.0, 0.0, 0.0, 0.0]])
     advantages = ft.grpo_advantages(rewards)
