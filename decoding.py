@@ -473,20 +473,20 @@ class DecodeEngine:
 
 def generate_responses(model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams,
                        batch_size: int = 64, generator: torch.Generator | None = None,
-                       on_finish: Callable[[], None] | None = None) -> list[list[int]]:
+                       on_finish: Callable[[], None] | None = None, max_len: int | None = None,
+                       use_cache: bool = True) -> list[list[int]]:
     """Each prompt's new ids (its EOS included when one was emitted), in input order, with continuous batching over
-    ``batch_size`` slots. Every prompt has its own room, min(max_new_tokens, context − its length): in one
-    left-padded tensor the longest prompt would cap every row's answer."""
+    ``batch_size`` slots. Every prompt has its own room, min(max_new_tokens, max_len (default: the context) − its
+    length): in one left-padded tensor the longest prompt would cap every row's answer."""
     if not prompts:
         return []
     was_training = model.training
     try:
-        engine = DecodeEngine(model, n_slots=min(batch_size, len(prompts)), max_len=model.config.max_seq_len)
+        engine = DecodeEngine(model, n_slots=min(batch_size, len(prompts)), max_len=max_len, use_cache=use_cache)
         report = None if on_finish is None else (lambda out: on_finish() if out.finished else None)
         return [request.output_ids for request in engine.run(prompts, params, generator, report)]
     finally:
         model.train(was_training)
-
 
 
 def generate_padded(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, n_new: int,
@@ -508,13 +508,13 @@ def generate_padded(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
         raise DecodingError(f"row {empty[0]} of attention_mask has no real token; every prompt needs at least <s>")
     params = SamplingParams(max_new_tokens=n_new, do_sample=do_sample, temperature=temperature, top_k=top_k,
                             top_p=top_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id)
-    engine = DecodeEngine(model, n_slots=batch, max_len=max(map(len, prompts)) + n_new, use_cache=use_cache)
-    requests = engine.run(prompts, params, generator)
-    steps = max(len(r.output_ids) for r in requests)
+    outputs = generate_responses(model, prompts, params, batch, generator, max_len=max(map(len, prompts)) + n_new,
+                                 use_cache=use_cache)
+    steps = max(map(len, outputs))
     out = torch.full((batch, width + steps), model.config.pad_token_id, dtype=torch.long)
     out[:, :width] = input_ids.cpu()
-    for row, request in enumerate(requests):
-        out[row, width:width + len(request.output_ids)] = torch.tensor(request.output_ids, dtype=torch.long)
+    for row, ids in enumerate(outputs):
+        out[row, width:width + len(ids)] = torch.tensor(ids, dtype=torch.long)
     return out.to(input_ids.device)
 
 
