@@ -5,7 +5,8 @@
       -> python finetune.py --mode reward   pairwise accuracy on data/sft/rlhf_pairwise_test.json; the baseline:
                                             pairs ranked by the SFT model's mean answer log-prob, no training
       -> python finetune.py --mode rlhf     per seed: mean reward-model score of greedy held-out responses, exact KL to
-                                            the SFT model, exact match; the SFT model measured the same way
+                                            the SFT model, exact match (and the evaluator's per family); the SFT model
+                                            measured the same way
       -> python finetune.py --mode dpo      held-out implicit-reward preference accuracy, exact match
       -> python finetune.py --mode rlvf     per seed: arithmetic exact match (GRPO with verifiers)
       -> best-of-8 with the reward model    per sampling seed: arithmetic exact match, against greedy SFT; with the
@@ -114,7 +115,8 @@ def main() -> None:
             ppo = work / f"rlhf_seed{seed}" / "ppo_best.pth"
             seconds = train(args, ppo, ["finetune.py", "--mode", "rlhf", "--sft_model", str(sft), "--reward_model",
                                         str(reward), "--output_dir", str(ppo.parent), "--seed", str(seed)])
-            out[f"ppo_seed{seed}"] = {"seconds": seconds, **policy_figures(ppo, sft, reward)}
+            out[f"ppo_seed{seed}"] = {"seconds": seconds, **policy_figures(ppo, sft, reward),
+                                      "by_family": exact_match(ppo)}
         spread(out, "ppo", args.seeds, ("reward", "kl", "exact_match"))
     if "dpo" in args.stages:
         dpo = work / "dpo" / "dpo_best.pth"
