@@ -8,7 +8,7 @@ from conftest import ROOT, TRAIN_TXT
 
 from data.sft import build_sft_data as build_sft
 
-FILES = ("sft_data.json", "sft_test.json", "rlhf_pairwise.json", "rlhf_pairwise_test.json")
+FILES = ("sft_data.json", "sft_test.json", "rlhf_pairwise.json", "rlhf_pairwise_test.json", "rlvf_prompts.json")
 CORPUS = TRAIN_TXT.read_text(encoding="utf-8").splitlines()
 PUNCT = "[，。？！；：、]"  # what separates the lines of a poem (and "：" its body from the title)
 POEM_DOCS = [line for line in CORPUS if line.startswith("《")]
@@ -134,7 +134,7 @@ def test_same_seed_gives_identical_files_and_matches_the_committed_data(built, t
 
 
 def test_no_prompt_or_source_document_in_both_train_and_test(built):
-    train = load(built, "sft_data.json") + load(built, "rlhf_pairwise.json")
+    train = load(built, "sft_data.json") + load(built, "rlhf_pairwise.json") + load(built, "rlvf_prompts.json")
     test = load(built, "sft_test.json") + load(built, "rlhf_pairwise_test.json")
     assert not {r["instruction"] for r in train} & {r["instruction"] for r in test}
     train_docs = set().union(*(source_documents(r) for r in train if r["task"] != "arithmetic"))
@@ -175,10 +175,31 @@ def test_counts_per_family(built):
     counts = {}
     for r in load(built, "sft_data.json"):
         counts[r["task"]] = counts.get(r["task"], 0) + 1
-    assert counts["arithmetic"] == 9500 and counts["speaker"] == 4000
+    assert counts["arithmetic"] == 9500 - 5500 and counts["speaker"] == 4000
     assert counts["poem_next_line"] > 800 + 6000 and counts["poem_author"] > 250
     assert sum(1 for r in load(built, "sft_test.json") if r["task"] == "arithmetic") == 500
     assert sum(1 for r in load(built, "rlhf_pairwise_test.json") if r["task"] == "arithmetic") == 500
+
+
+def test_rl_prompts_are_sums_no_sft_or_preference_record_holds(built):
+    rl = load(built, "rlvf_prompts.json")
+    assert len(rl) == len({r["instruction"] for r in rl}) == build_sft.Sizes.arithmetic_rl
+    for r in rl:
+        assert r["task"] == "arithmetic" and arithmetic_answer(r["instruction"]) == {r["response"]}, r
+    earlier = {r["instruction"] for name in FILES[:4] for r in load(built, name)}
+    assert not {r["instruction"] for r in rl} & earlier
+    every_sum = {r["instruction"] for name in FILES for r in load(built, name) if r["task"] == "arithmetic"}
+    assert len(every_sum) == 9500 + 500
+
+
+def test_moving_sums_to_rl_prompts_leaves_the_test_files_and_test_pairs_as_they_were(built, tmp_path):
+    build_sft.main(["--arithmetic_rl", "0", "--output_dir", str(tmp_path), "--corpus", str(TRAIN_TXT)])
+    for name in ("sft_test.json", "rlhf_pairwise_test.json"):
+        assert (tmp_path / name).read_bytes() == (built / name).read_bytes(), name
+    assert load(tmp_path, "rlvf_prompts.json") == []
+    sft_sums = {r["instruction"] for r in load(tmp_path, "sft_data.json") if r["task"] == "arithmetic"}
+    assert sft_sums == {r["instruction"] for name in ("sft_data.json", "rlvf_prompts.json")
+                        for r in load(built, name) if r["task"] == "arithmetic"}
 
 
 def test_test_excerpts_are_real_and_train_adds_mixed_ones_from_train_poems_only(built):
@@ -225,6 +246,15 @@ def test_missing_corpus_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: corpus file") and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_too_many_rl_sums_is_a_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_sft.main(["--arithmetic_rl", "7600", "--output_dir", str(tmp_path), "--corpus", str(TRAIN_TXT)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --arithmetic_rl 7600 leaves fewer train sums than --pairwise_arithmetic 2000: ask for at " \
+                  "most 7500" and not (tmp_path / "sft_data.json").exists()
 
 
 def test_too_many_sums_is_a_one_line_error(tmp_path, capsys):

@@ -13,9 +13,12 @@ Only arithmetic must be computed; the other families are reading tasks: the answ
 model can learn them (recalling facts of a corpus it read for five minutes, the families' earlier form, it could
 not: 0.00-0.09 exact match after SFT). One split of prompts serves every file: train files (``sft_data.json``,
 ``rlhf_pairwise.json``) draw from the train prompts, test files (``sft_test.json``, ``rlhf_pairwise_test.json``)
-from the rest; poems and speeches are split as documents, so no poem or speech is shown in both. Preference pairs
-reject a plausible wrong answer: a near-miss sum (+-1, +-10), a truncated answer, another line of the same excerpt,
-another poet, the other speaker of the exchange or another speaker of the scene.
+from the rest; poems and speeches are split as documents, so no poem or speech is shown in both. Of the train sums,
+``arithmetic_rl`` go to ``rlvf_prompts.json`` instead (GRPO's prompts): sums neither SFT nor the preference data
+hold, so the SFT model gets some wrong and RL with a verifier has something to fix (with every train sum in the
+SFT data held-out sums reached 0.998 and GRPO had nothing left to learn). Preference pairs reject a plausible wrong
+answer: a near-miss sum (+-1, +-10), a truncated answer, another line of the same excerpt, another poet, the other
+speaker of the exchange or another speaker of the scene.
 
     python -m data.sft.build_sft_data [--seed 0] [--output_dir data/sft]
 """
@@ -50,7 +53,7 @@ EXCERPT_LINE_CHARS = 5  # the next-line excerpts: three five-character lines fit
 MAX_TITLE_CHARS = 16
 EXCERPT_WORDS = 6  # opening words of each speech shown in a speaker prompt
 QUOTE_WORDS = 3  # of which the question quotes the first three
-OUTPUT_FILES = ("sft_data.json", "sft_test.json", "rlhf_pairwise.json", "rlhf_pairwise_test.json")
+OUTPUT_FILES = ("sft_data.json", "sft_test.json", "rlhf_pairwise.json", "rlhf_pairwise_test.json", "rlvf_prompts.json")
 CONTEXT = 64  # the default pretrained model's context: every prompt + answer (+ <s>, </s>) fits it
 VOCAB_SIZE = 8192  # the tokenizer `python pretrain_trainer.py` trains on the same corpus
 Fits = Callable[["Example"], bool]
@@ -76,6 +79,7 @@ class Sizes:
 
     arithmetic_train: int = 9500  # every sum not held out: with 2,000 the held-out exact match stays ~0.1
     arithmetic_test: int = 500
+    arithmetic_rl: int = 5500  # of the train sums, kept out of the SFT and preference data as RL prompts
     pairwise_arithmetic: int = 2000  # sums with one sampled wrong answer among the train preference pairs
     speaker_train: int = 4000
     speaker_test: int = 300
@@ -282,6 +286,18 @@ def build_examples(corpus: Path, seed: int,
     return train, test, mixed
 
 
+def split_rl_sums(train: Sequence[Example], sizes: Sizes) -> tuple[list[Example], list[Example]]:
+    """(train without the RL sums, the RL sums): the last ``arithmetic_rl`` sums of the shuffled train list. The
+    first ``pairwise_arithmetic`` sums stay, so the preference pairs' random draws and the test files are unchanged."""
+    most = sizes.arithmetic_train - sizes.pairwise_arithmetic
+    if sizes.arithmetic_rl > most:
+        raise BuildError(f"--arithmetic_rl {sizes.arithmetic_rl} leaves fewer train sums than --pairwise_arithmetic "
+                         f"{sizes.pairwise_arithmetic}: ask for at most {most}")
+    sums = [i for i, e in enumerate(train) if e.task == "arithmetic"]
+    rl = set(sums[len(sums) - sizes.arithmetic_rl:])
+    return [e for i, e in enumerate(train) if i not in rl], [train[i] for i in sorted(rl)]
+
+
 def sft_records(examples: Sequence[Example]) -> list[dict[str, str]]:
     return [{"instruction": e.instruction, "response": e.response, "task": e.task} for e in examples]
 
@@ -317,8 +333,9 @@ def write_json(path: Path, records: list[dict[str, str]]) -> None:
 
 
 def build(corpus: Path, output_dir: Path, seed: int, sizes: Sizes = Sizes()) -> dict[str, Counter]:
-    """Write the four files; returns the number of records per task family in each."""
+    """Write the five files; returns the number of records per task family in each."""
     train, test, mixed = build_examples(corpus, seed, sizes)
+    train, rl_sums = split_rl_sums(train, sizes)
     rng = random.Random(seed + 1)
     train_pairs = pairwise_records(train, rng, sizes.pairwise_arithmetic)
     test_pairs = pairwise_records(test, rng, sizes.arithmetic_test)
@@ -330,7 +347,8 @@ def build(corpus: Path, output_dir: Path, seed: int, sizes: Sizes = Sizes()) -> 
     train = [*train, *mixed]
     mixing.shuffle(train)
     files = {"sft_data.json": sft_records(train), "sft_test.json": sft_records(test),
-             "rlhf_pairwise.json": train_pairs, "rlhf_pairwise_test.json": test_pairs}
+             "rlhf_pairwise.json": train_pairs, "rlhf_pairwise_test.json": test_pairs,
+             "rlvf_prompts.json": sft_records(rl_sums)}
     output_dir.mkdir(parents=True, exist_ok=True)
     for name, records in files.items():
         write_json(output_dir / name, records)
@@ -341,12 +359,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the sampling and the wrong answers")
-    p.add_argument("--output_dir", type=Path, default=DEFAULT_OUTPUT, help="folder the four .json files are written to")
+    p.add_argument("--output_dir", type=Path, default=DEFAULT_OUTPUT, help="folder the five .json files are written to")
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS,
                    help="the pretraining corpus (one document per line) the poem and speaker families come from")
     p.add_argument("--arithmetic_train", type=int, default=Sizes.arithmetic_train,
                    help="distinct sums (of the 10,000) in the train split")
     p.add_argument("--arithmetic_test", type=int, default=Sizes.arithmetic_test, help="distinct held-out sums")
+    p.add_argument("--arithmetic_rl", type=int, default=Sizes.arithmetic_rl,
+                   help="of the train sums, how many go to rlvf_prompts.json (GRPO's prompts) instead of the SFT and "
+                        "preference data: sums the SFT model never saw, so RL has something to fix")
     p.add_argument("--pairwise_arithmetic", type=int, default=Sizes.pairwise_arithmetic,
                    help="sums with one sampled wrong answer among the train preference pairs (the test pairs hold "
                         "every test sum)")
@@ -362,9 +383,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    counts = (args.arithmetic_train, args.arithmetic_test, args.pairwise_arithmetic, args.speaker_train,
-              args.speaker_test, args.mixed_excerpts_train)
-    sizes = Sizes(*counts[:5], mixed_excerpts_train=args.mixed_excerpts_train,
+    counts = (args.arithmetic_train, args.arithmetic_test, args.arithmetic_rl, args.pairwise_arithmetic,
+              args.speaker_train, args.speaker_test, args.mixed_excerpts_train)
+    sizes = Sizes(*counts[:6], mixed_excerpts_train=args.mixed_excerpts_train,
                   all_wrong_sums=not args.one_wrong_answer_per_sum)
     if min(counts) < 0:
         print("error: example counts must be >= 0", file=sys.stderr)
