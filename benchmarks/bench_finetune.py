@@ -8,12 +8,11 @@
                                             the SFT model, exact match (and the evaluator's per family); the SFT model
                                             measured the same way
       -> python finetune.py --mode dpo      held-out implicit-reward preference accuracy, exact match
-      -> python finetune.py --mode rlvf     per seed: arithmetic exact match (GRPO with verifiers, on the sums of
-                                            data/sft/rlvf_prompts.json, which the SFT data does not hold)
+      -> python finetune.py --mode rlvf     per seed: arithmetic exact match (GRPO with verifiers)
       -> best-of-8 with the reward model    per sampling seed: arithmetic exact match, against greedy SFT; with the
                                             verifiers (pass@8)
-      -> rlvf_headroom (only if asked for)  the same GRPO (per seed) and best-of-8 from an SFT model stopped at
-                                            2,500 steps (--max_steps 2500), whose arithmetic has more room
+      -> rlvf_headroom                      the same GRPO (per seed) and best-of-8 from an SFT model stopped at
+                                            2,500 steps (--max_steps 2500), whose arithmetic has room to improve
 
 Prints ONE JSON line. Each stage runs in its own process exactly as a user would start it (default settings, a few
 minutes each on 2 CPU cores). ``--reuse`` keeps a stage's existing output in --workdir instead of training it again
@@ -79,8 +78,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="seeds of the PPO and GRPO runs and of best-of-8's sampling")
     parser.add_argument("--stages", nargs="+",
-                        default=["sft", "reward", "ppo", "dpo", "rlvf", "best_of"],
-                        help="which stages to run (sft and reward are needed by the others; also rlvf_headroom)")
+                        default=["sft", "reward", "ppo", "dpo", "rlvf", "best_of", "rlvf_headroom"],
+                        help="which stages to run (sft and reward are needed by the others)")
     parser.add_argument("--reuse", action="store_true", help="keep stage outputs already in --workdir")
     args = parser.parse_args()
     work = ROOT / args.workdir

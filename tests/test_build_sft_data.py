@@ -8,7 +8,7 @@ from conftest import ROOT, TRAIN_TXT
 
 from data.sft import build_sft_data as build_sft
 
-FILES = ("sft_data.json", "sft_test.json", "rlhf_pairwise.json", "rlhf_pairwise_test.json", "rlvf_prompts.json")
+FILES = ("sft_data.json", "sft_test.json", "rlhf_pairwise.json", "rlhf_pairwise_test.json")
 CORPUS = TRAIN_TXT.read_text(encoding="utf-8").splitlines()
 PUNCT = "[，。？！；：、]"  # what separates the lines of a poem (and "：" its body from the title)
 POEM_DOCS = [line for line in CORPUS if line.startswith("《")]
@@ -134,7 +134,7 @@ def test_same_seed_gives_identical_files_and_matches_the_committed_data(built, t
 
 
 def test_no_prompt_or_source_document_in_both_train_and_test(built):
-    train = load(built, "sft_data.json") + load(built, "rlhf_pairwise.json") + load(built, "rlvf_prompts.json")
+    train = load(built, "sft_data.json") + load(built, "rlhf_pairwise.json")
     test = load(built, "sft_test.json") + load(built, "rlhf_pairwise_test.json")
     assert not {r["instruction"] for r in train} & {r["instruction"] for r in test}
     train_docs = set().union(*(source_documents(r) for r in train if r["task"] != "arithmetic"))
@@ -175,31 +175,26 @@ def test_counts_per_family(built):
     counts = {}
     for r in load(built, "sft_data.json"):
         counts[r["task"]] = counts.get(r["task"], 0) + 1
-    assert counts["arithmetic"] == 9500 - 5500 and counts["speaker"] == 4000
+    assert counts["arithmetic"] == 9500 and counts["speaker"] == 4000
     assert counts["poem_next_line"] > 800 + 6000 and counts["poem_author"] > 250
     assert sum(1 for r in load(built, "sft_test.json") if r["task"] == "arithmetic") == 500
     assert sum(1 for r in load(built, "rlhf_pairwise_test.json") if r["task"] == "arithmetic") == 500
 
 
-def test_rl_prompts_are_sums_no_sft_or_preference_record_holds(built):
-    rl = load(built, "rlvf_prompts.json")
-    assert len(rl) == len({r["instruction"] for r in rl}) == build_sft.Sizes.arithmetic_rl
+def test_rl_prompts_are_sums_no_other_file_holds_and_the_test_files_stay_the_same(built, tmp_path):
+    assert not (built / "rlvf_prompts.json").exists()  # only when asked for
+    build_sft.main(["--arithmetic_rl", "5500", "--output_dir", str(tmp_path), "--corpus", str(TRAIN_TXT)])
+    rl = load(tmp_path, "rlvf_prompts.json")
+    assert len(rl) == len({r["instruction"] for r in rl}) == 5500
     for r in rl:
         assert r["task"] == "arithmetic" and arithmetic_answer(r["instruction"]) == {r["response"]}, r
-    earlier = {r["instruction"] for name in FILES[:4] for r in load(built, name)}
-    assert not {r["instruction"] for r in rl} & earlier
-    every_sum = {r["instruction"] for name in FILES for r in load(built, name) if r["task"] == "arithmetic"}
-    assert len(every_sum) == 9500 + 500
-
-
-def test_moving_sums_to_rl_prompts_leaves_the_test_files_and_test_pairs_as_they_were(built, tmp_path):
-    build_sft.main(["--arithmetic_rl", "0", "--output_dir", str(tmp_path), "--corpus", str(TRAIN_TXT)])
+    assert not {r["instruction"] for r in rl} & {r["instruction"] for name in FILES for r in load(tmp_path, name)}
     for name in ("sft_test.json", "rlhf_pairwise_test.json"):
         assert (tmp_path / name).read_bytes() == (built / name).read_bytes(), name
-    assert load(tmp_path, "rlvf_prompts.json") == []
     sft_sums = {r["instruction"] for r in load(tmp_path, "sft_data.json") if r["task"] == "arithmetic"}
-    assert sft_sums == {r["instruction"] for name in ("sft_data.json", "rlvf_prompts.json")
-                        for r in load(built, name) if r["task"] == "arithmetic"}
+    assert len(sft_sums) == 4000
+    assert sft_sums | {r["instruction"] for r in rl} == {
+        r["instruction"] for r in load(built, "sft_data.json") if r["task"] == "arithmetic"}
 
 
 def test_test_excerpts_are_real_and_train_adds_mixed_ones_from_train_poems_only(built):

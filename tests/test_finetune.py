@@ -540,13 +540,3 @@ def test_readme_lists_each_modes_defaults():
         assert output_dir.strip("`") == defaults["output_dir"] and float(lr) == defaults["lr"], mode
         assert (int(warmup), int(max_steps.replace(",", "")), int(interval)) == (
             defaults["warmup_steps"], defaults["max_steps"], defaults["eval_interval"]), mode
-
-
-def test_rlvf_trains_on_its_own_prompts_unless_told_otherwise():
-    def config(*argv):
-        return ft.config_from_args(ft.build_parser().parse_args(list(argv)))
-
-    assert config("--mode", "sft").data_path == config("--mode", "rlhf").data_path == "data/sft/sft_data.json"
-    assert config("--mode", "rlvf").data_path == "data/sft/rlvf_prompts.json"
-    assert config("--mode", "rlvf", "--data_path", "mine.json").data_path == "mine.json"
-    assert config("--mode", "sft", "--data_path", "mine.json").data_path == "mine.json"
