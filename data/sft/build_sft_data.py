@@ -16,8 +16,8 @@ not: 0.00-0.09 exact match after SFT). One split of prompts serves every file: t
 from the rest; poems and speeches are split as documents, so no poem or speech is shown in both. With
 ``--arithmetic_rl N``, N of the train sums go to ``rlvf_prompts.json`` instead (prompts for GRPO that neither SFT
 nor the preference data hold; the test files stay byte for byte the same). Not the default: with 4,000 SFT sums
-held-out arithmetic after SFT depended on the pretrained model (0.93 from one, 0.16 from another), with all 9,500
-it is 0.99 from both. Preference pairs reject a plausible wrong answer: a near-miss sum (+-1, +-10), a truncated
+held-out arithmetic after SFT depended on the pretrained model (0.93 from one, 0.16 from another); with all 9,500
+it is 0.998 and 0.996. Preference pairs reject a plausible wrong answer: a near-miss sum (+-1, +-10), a truncated
 answer, another line of the same excerpt, another poet, the other speaker of the exchange or another speaker of the
 scene.
 
