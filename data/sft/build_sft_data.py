@@ -125,6 +125,10 @@ def arithmetic_examples(rng: random.Random, sizes: Sizes) -> tuple[list[Example]
     pairs = [(a, b) for a in range(100) for b in range(100)]
     if sizes.arithmetic_train + sizes.arithmetic_test > len(pairs):
         raise BuildError(f"only {len(pairs)} distinct sums exist; ask for fewer arithmetic examples")
+    most_rl = sizes.arithmetic_train - sizes.pairwise_arithmetic
+    if sizes.arithmetic_rl > most_rl:
+        raise BuildError(f"--arithmetic_rl {sizes.arithmetic_rl} leaves fewer train sums than --pairwise_arithmetic "
+                         f"{sizes.pairwise_arithmetic}: ask for at most {most_rl}")
     rng.shuffle(pairs)
     test = pairs[:sizes.arithmetic_test]
     train = pairs[sizes.arithmetic_test:sizes.arithmetic_test + sizes.arithmetic_train]
@@ -290,11 +294,8 @@ def build_examples(corpus: Path, seed: int,
 
 def split_rl_sums(train: Sequence[Example], sizes: Sizes) -> tuple[list[Example], list[Example]]:
     """(train without the RL sums, the RL sums): the last ``arithmetic_rl`` sums of the shuffled train list. The
-    first ``pairwise_arithmetic`` sums stay, so the preference pairs' random draws and the test files are unchanged."""
-    most = sizes.arithmetic_train - sizes.pairwise_arithmetic
-    if sizes.arithmetic_rl > most:
-        raise BuildError(f"--arithmetic_rl {sizes.arithmetic_rl} leaves fewer train sums than --pairwise_arithmetic "
-                         f"{sizes.pairwise_arithmetic}: ask for at most {most}")
+    first ``pairwise_arithmetic`` sums stay (``arithmetic_examples`` checks there are enough), so the preference pairs'
+    random draws and the test files are unchanged."""
     sums = [i for i, e in enumerate(train) if e.task == "arithmetic"]
     rl = set(sums[len(sums) - sizes.arithmetic_rl:])
     return [e for i, e in enumerate(train) if i not in rl], [train[i] for i in sorted(rl)]
