@@ -195,6 +195,8 @@ def test_rl_prompts_are_sums_no_other_file_holds_and_the_test_files_stay_the_sam
     assert len(sft_sums) == 4000
     assert sft_sums | {r["instruction"] for r in rl} == {
         r["instruction"] for r in load(built, "sft_data.json") if r["task"] == "arithmetic"}
+    build_sft.main(["--output_dir", str(tmp_path), "--corpus", str(TRAIN_TXT)])  # back to the default
+    assert not (tmp_path / "rlvf_prompts.json").exists()  # its sums are SFT data again: no stale RL prompts
 
 
 def test_test_excerpts_are_real_and_train_adds_mixed_ones_from_train_poems_only(built):

@@ -356,6 +356,10 @@ def build(corpus: Path, output_dir: Path, seed: int, sizes: Sizes = Sizes()) -> 
     output_dir.mkdir(parents=True, exist_ok=True)
     for name, records in files.items():
         write_json(output_dir / name, records)
+    stale = output_dir / RL_FILE
+    if not rl_sums and stale.exists():  # an earlier --arithmetic_rl build's prompts are SFT data now
+        stale.unlink()
+        print(f"removed {stale}: its sums are in {output_dir / 'sft_data.json'} now")
     return {name: Counter(r["task"] for r in records) for name, records in files.items()}
 
 
