@@ -643,6 +643,7 @@ class RLTrainer(abc.ABC):
         self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
         self.policy_optimizer = gpt_model.configure_optimizer(self.policy, config.weight_decay, config.lr,
                                                               (config.beta1, config.beta2), self.device.type)
+        self.scheduled = [(self.policy_optimizer, config.lr)]  # (optimizer, peak lr) pairs the schedule sets
         self.prompts = data_loader.ShuffledBatches(prompts, config.rollout_batch_size, list, config.seed)
         self.eval_records = eval_records
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
@@ -689,6 +690,18 @@ class RLTrainer(abc.ABC):
             torch.nn.utils.clip_grad_norm_(model.parameters(), self.config.grad_clip)
         optimizer.step()
 
+    def apply_schedule(self) -> float:
+        """The training loop's warmup + cosine (``training.lr_at``) for this step, on every optimizer (each scaled
+        from its own peak lr); returns the policy's lr."""
+        c = self.config
+        progress = max(self.step / c.max_steps if c.max_steps else 0.0,
+                       self.train_seconds / self.time_budget if c.max_minutes else 0.0)
+        scale = training.lr_at(progress, self.step, c) / c.lr
+        for optimizer, peak in self.scheduled:
+            for group in optimizer.param_groups:
+                group["lr"] = peak * scale
+        return c.lr * scale
+
     def train(self) -> dict[str, float]:
         c = self.config
         self.time_budget = (c.max_minutes or 0) * 60 - (time.time() - PROCESS_START)
@@ -701,7 +714,8 @@ class RLTrainer(abc.ABC):
         prior, start = self.train_seconds, time.time()
         with training.StopSignals() as stop:
             while not self._finished() and stop.signum is None:
-                row = {"step": self.step + 1, **self.train_step()}
+                lr = self.apply_schedule()
+                row = {"step": self.step + 1, "lr": lr, **self.train_step()}
                 self.step += 1
                 self.run.log(row)
                 bar.update(1)
@@ -784,6 +798,7 @@ class PPOTrainer(RLTrainer):
         self.critic = copy.deepcopy(self.reward_model).train().requires_grad_(True)
         self.critic_optimizer = gpt_model.configure_optimizer(self.critic, config.weight_decay, config.critic_lr,
                                                               (config.beta1, config.beta2), self.device.type)
+        self.scheduled.append((self.critic_optimizer, config.critic_lr))
         self.kl = AdaptiveKLController(config.kl_coef, config.target_kl or 1.0, config.kl_horizon)
         self.start(checkpoint, resumed_from)
 

@@ -507,6 +507,33 @@ def test_dpo_and_rlvf_runs_write_their_best_checkpoints(files, tmp_path):
     assert [r["step"] for r in rows if "reward" in r] == [1, 2] and Path(summary["checkpoint"]).exists()
 
 
+def test_rl_stages_follow_the_training_loops_warmup_and_cosine(files, tmp_path):
+    """--warmup_steps / --min_lr_ratio shape the lr of PPO and GRPO as they do every other stage's (they were
+    accepted and ignored); the critic's lr keeps its ratio to the policy's."""
+    rlvf = config(files, tmp_path, "rlvf", sft_model=str(files["pretrained"]), max_steps=4, eval_interval=4,
+                  rollout_batch_size=2, group_size=2, ppo_minibatch_size=4, ppo_epochs=1, lr=1e-4, warmup_steps=2,
+                  min_lr_ratio=0.1)
+    ft.run_rlvf(rlvf, None, show_progress=False)
+    logged = [r["lr"] for r in training.read_metrics(Path(rlvf.output_dir) / "metrics.jsonl") if "reward" in r]
+    assert logged == pytest.approx([5e-5, 1e-4, 0.1e-4 + 0.5 * (1 + math.cos(math.pi / 2)) * 0.9e-4,
+                                    0.1e-4 + 0.5 * (1 + math.cos(3 * math.pi / 4)) * 0.9e-4])
+    policy, tokenizer, _ = ft.load_base(str(files["pretrained"]), None, "--pretrained_model")
+    reward = gpt_model.GPTRewardModel.from_language_model(policy, 1.0)
+    ppo = config(files, tmp_path, "rlhf", lr=1e-4, critic_lr=3e-4, warmup_steps=4, max_steps=8)
+    trainer = ft.PPOTrainer(ppo, policy, reward, tokenizer, [[1, 2, 3]], [], data_loader.SFT_TEMPLATE,
+                            show_progress=False)
+    trainer.step = 1
+    assert trainer.apply_schedule() == pytest.approx(5e-5)
+    assert trainer.policy_optimizer.param_groups[0]["lr"] == pytest.approx(5e-5)
+    assert trainer.critic_optimizer.param_groups[0]["lr"] == pytest.approx(1.5e-4)
+    constant = config(files, tmp_path / "default", "rlhf",  # the stage's defaults: a constant lr
+                      **{k: ft.STAGE_DEFAULTS["rlhf"][k] for k in ("lr", "warmup_steps", "min_lr_ratio")})
+    trainer = ft.PPOTrainer(constant, policy, reward, tokenizer, [[1, 2, 3]], [], data_loader.SFT_TEMPLATE,
+                            show_progress=False)
+    for trainer.step in (0, 75, 149):
+        assert trainer.apply_schedule() == pytest.approx(constant.lr)
+
+
 @pytest.mark.parametrize("skip", [True, False])
 def test_rlvf_trains_only_on_groups_whose_answers_scored_differently(files, tmp_path, skip):
     records = [{"instruction": f"计算 {i} + 1 = ?", "response": str(i + 1), "verifier": "constant" if i % 2 else "length"}
