@@ -23,6 +23,7 @@ from pathlib import Path
 
 import finetune
 from benchmarks.bench_finetune import ROOT, run
+from benchmarks.bench_rlvf_lr import quarters
 from data.sft.build_sft_data import _arithmetic
 
 RL_SUMS = 3000
@@ -61,6 +62,19 @@ def exact_match(checkpoint: Path, test: Path) -> dict[str, float]:
     return {k: round(v, 4) for k, v in finetune.exact_match_report(checkpoint, str(test)).items()}
 
 
+def training_signal(output_dir: Path) -> dict:
+    """From a GRPO run's metrics.jsonl: the training answers' reward by quarter of the steps, and how many groups of
+    samples per step were all alike (no advantage, nothing learned) or held a right answer."""
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "reward" in r and "val_reward" not in r]
+
+    def mean(key: str) -> float:
+        return round(sum(r[key] for r in train) / len(train), 4)
+
+    return {"train_reward_by_quarter": quarters(train, "reward"), "kl_by_quarter": quarters(train, "kl"),
+            "zero_advantage_groups": mean("zero_advantage_groups"), "solved_groups": mean("solved_groups")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pretrained", nargs="+", required=True, metavar="NAME=PATH",
@@ -89,7 +103,8 @@ def main() -> None:
         seconds = train(checkpoint, ["finetune.py", "--mode", "rlvf", "--sft_model", str(sft), "--seed", str(seed),
                                      "--max_steps", str(RL_STEPS), "--data_path", str(data["rl"]),
                                      "--test_data_path", str(data["test_shuffled"]), *extra])
-        return {"seconds": seconds, "exact_match": exact_match(checkpoint, data["test"])}
+        return {"seconds": seconds, "exact_match": exact_match(checkpoint, data["test"]),
+                **training_signal(checkpoint.parent)}
 
     out: dict = {"train_sums": args.train_sums, "test_sums": args.test_sums, "rl_sums": RL_SUMS, "rl_steps": RL_STEPS}
     for named in args.pretrained:
