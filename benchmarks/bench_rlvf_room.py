@@ -72,6 +72,7 @@ def training_signal(output_dir: Path) -> dict:
         return round(sum(r[key] for r in train) / len(train), 4)
 
     return {"train_reward_by_quarter": quarters(train, "reward"), "kl_by_quarter": quarters(train, "kl"),
+            "first_step_kl": round(train[0].get("kl", 0.0), 4),
             "zero_advantage_groups": mean("zero_advantage_groups"), "solved_groups": mean("solved_groups")}
 
 
