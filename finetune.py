@@ -694,8 +694,8 @@ class RLTrainer(abc.ABC):
         """The training loop's warmup + cosine (``training.lr_at``) for this step, on every optimizer (each scaled
         from its own peak lr); returns the policy's lr."""
         c = self.config
-        progress = max(self.step / c.max_steps if c.max_steps else 0.0,
-                       self.train_seconds / self.time_budget if c.max_minutes else 0.0)
+        progress = training.run_progress(self.step, c.max_steps, self.train_seconds,
+                                         self.time_budget if c.max_minutes else None)
         scale = training.lr_at(progress, self.step, c) / c.lr
         for optimizer, peak in self.scheduled:
             for group in optimizer.param_groups:

@@ -148,6 +148,14 @@ def lr_at(progress: float, step: int, config: TrainConfig) -> float:
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (config.lr - min_lr)
 
 
+def run_progress(step: int, max_steps: int | None, train_seconds: float, time_budget: float | None) -> float:
+    """Fraction of a run done: by steps, by the time budget (seconds), whichever is further."""
+    done = [step / max_steps] if max_steps else []
+    if time_budget:
+        done.append(train_seconds / time_budget)
+    return max(done, default=0.0)
+
+
 def step_checkpoints(output_dir: Path, prefix: str) -> list[Path]:
     """``{prefix}_step_{N}.pth`` files in ``output_dir``, oldest step first."""
     found = []
@@ -472,11 +480,8 @@ class Trainer:
 
     # -- training
     def _progress(self) -> float:
-        """Fraction of the run done: by steps, by the time budget, whichever is further."""
-        done = [self.step / self.max_steps] if self.max_steps else []
-        if self.config.max_minutes:
-            done.append(self.train_seconds / self.time_budget)
-        return max(done)
+        return run_progress(self.step, self.max_steps, self.train_seconds,
+                            self.time_budget if self.config.max_minutes else None)
 
     def _train_step(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
         """One optimizer step over ``grad_accum`` micro-batches: (mean loss, extra scalars, tokens); no host sync."""

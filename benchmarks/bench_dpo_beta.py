@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks.bench_finetune import ROOT, dpo_accuracy, exact_match, run
+from benchmarks.bench_finetune import ROOT, dpo_accuracy, exact_match, train
 
 
 def main() -> None:
@@ -29,8 +29,7 @@ def main() -> None:
     out: dict = {"sft_model": args.sft_model, "sft_exact_match": exact_match(sft)}
     for beta in args.betas:
         checkpoint = ROOT / args.workdir / f"beta{beta:g}" / "dpo_best.pth"
-        reused = args.reuse and checkpoint.exists()
-        seconds = None if reused else run(["finetune.py", "--mode", "dpo", "--sft_model", str(sft),
+        seconds = train(args, checkpoint, ["finetune.py", "--mode", "dpo", "--sft_model", str(sft),
                                            "--dpo_beta", str(beta), "--output_dir", str(checkpoint.parent)])
         out[f"beta{beta:g}"] = {"seconds": seconds, "preference_accuracy": round(dpo_accuracy(checkpoint, sft), 4),
                                 "exact_match": exact_match(checkpoint)}

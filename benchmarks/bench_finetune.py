@@ -47,8 +47,8 @@ def run(args: list[str]) -> float:
     return round(time.time() - start, 1)
 
 
-def exact_match(checkpoint: Path) -> dict[str, float]:
-    report = finetune.exact_match_report(checkpoint, str(TEST))
+def exact_match(checkpoint: Path, test: Path = TEST) -> dict[str, float]:
+    report = finetune.exact_match_report(checkpoint, str(test))
     return {k: round(v, 4) for k, v in report.items()}
 
 

@@ -25,6 +25,10 @@ def quarters(rows: list[dict], key: str) -> list[float]:
     return [round(sum(r.get(key, 0.0) for r in rows[i * k:(i + 1) * k]) / k, 4) for i in range(4)]
 
 
+def mean(rows: list[dict], key: str) -> float:
+    return round(sum(r[key] for r in rows) / len(rows), 4)
+
+
 def summary(output_dir: Path) -> dict:
     rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "reward" in r and "val_reward" not in r]
@@ -32,6 +36,7 @@ def summary(output_dir: Path) -> dict:
     return {"train_reward_by_quarter": quarters(train, "reward"), "kl_by_quarter": quarters(train, "kl"),
             "first_step_kl": round(train[0].get("kl", 0.0), 4),
             "trained_rows_per_step": round(sum(r["trained_rows"] for r in train) / len(train), 1),
+            "zero_advantage_groups": mean(train, "zero_advantage_groups"), "solved_groups": mean(train, "solved_groups"),
             "held_out_arithmetic_first_last": [round(held_out[i]["val_exact_match/arithmetic"], 4) for i in (0, -1)]}
 
 

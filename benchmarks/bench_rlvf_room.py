@@ -21,9 +21,8 @@ import json
 import random
 from pathlib import Path
 
-import finetune
-from benchmarks.bench_finetune import ROOT, run
-from benchmarks.bench_rlvf_lr import quarters
+from benchmarks.bench_finetune import ROOT, exact_match, train
+from benchmarks.bench_rlvf_lr import summary
 from data.sft.build_sft_data import _arithmetic
 
 RL_SUMS = 3000
@@ -58,24 +57,6 @@ def build_data(out: Path, train_sums: int, test_sums: int) -> dict[str, Path]:
     return paths
 
 
-def exact_match(checkpoint: Path, test: Path) -> dict[str, float]:
-    return {k: round(v, 4) for k, v in finetune.exact_match_report(checkpoint, str(test)).items()}
-
-
-def training_signal(output_dir: Path) -> dict:
-    """From a GRPO run's metrics.jsonl: the training answers' reward by quarter of the steps, and how many groups of
-    samples per step were all alike (no advantage, nothing learned) or held a right answer."""
-    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in rows if "reward" in r and "val_reward" not in r]
-
-    def mean(key: str) -> float:
-        return round(sum(r[key] for r in train) / len(train), 4)
-
-    return {"train_reward_by_quarter": quarters(train, "reward"), "kl_by_quarter": quarters(train, "kl"),
-            "first_step_kl": round(train[0].get("kl", 0.0), 4),
-            "zero_advantage_groups": mean("zero_advantage_groups"), "solved_groups": mean("solved_groups")}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pretrained", nargs="+", required=True, metavar="NAME=PATH",
@@ -95,23 +76,21 @@ def main() -> None:
     data = build_data(work / "data", args.train_sums, args.test_sums)
     threads = ["--num_threads", str(args.num_threads)] if args.num_threads else []
 
-    def train(checkpoint: Path, command: list[str]) -> float | None:
-        if args.reuse and checkpoint.exists():
-            return None
-        return run([*command, "--output_dir", str(checkpoint.parent), *threads])
+    def stage(checkpoint: Path, command: list[str]) -> float | None:
+        return train(args, checkpoint, [*command, "--output_dir", str(checkpoint.parent), *threads])
 
     def rlvf(sft: Path, checkpoint: Path, seed: int, *extra: str) -> dict:
-        seconds = train(checkpoint, ["finetune.py", "--mode", "rlvf", "--sft_model", str(sft), "--seed", str(seed),
+        seconds = stage(checkpoint, ["finetune.py", "--mode", "rlvf", "--sft_model", str(sft), "--seed", str(seed),
                                      "--max_steps", str(RL_STEPS), "--data_path", str(data["rl"]),
                                      "--test_data_path", str(data["test_shuffled"]), *extra])
         return {"seconds": seconds, "exact_match": exact_match(checkpoint, data["test"]),
-                **training_signal(checkpoint.parent)}
+                **summary(checkpoint.parent)}  # the training signal: reward by quarter, groups all alike, ...
 
     out: dict = {"train_sums": args.train_sums, "test_sums": args.test_sums, "rl_sums": RL_SUMS, "rl_steps": RL_STEPS}
     for named in args.pretrained:
         name, _, path = named.partition("=")
         sft = work / f"sft_{name}" / "sft_best.pth"
-        seconds = train(sft, ["finetune.py", "--mode", "sft", "--pretrained_model", path,
+        seconds = stage(sft, ["finetune.py", "--mode", "sft", "--pretrained_model", path,
                               "--data_path", str(data["sft"]), "--test_data_path", str(data["test"])])
         result = {"pretrained": path, "sft_seconds": seconds, "sft_exact_match": exact_match(sft, data["test"])}
         for seed in args.seeds:
