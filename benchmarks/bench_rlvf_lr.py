@@ -36,7 +36,8 @@ def summary(output_dir: Path) -> dict:
     return {"train_reward_by_quarter": quarters(train, "reward"), "kl_by_quarter": quarters(train, "kl"),
             "first_step_kl": round(train[0].get("kl", 0.0), 4),
             "trained_rows_per_step": round(sum(r["trained_rows"] for r in train) / len(train), 1),
-            "zero_advantage_groups": mean(train, "zero_advantage_groups"), "solved_groups": mean(train, "solved_groups"),
+            "zero_advantage_groups": mean(train, "zero_advantage_groups"),
+            "solved_groups": mean(train, "solved_groups"),
             "held_out_arithmetic_first_last": [round(held_out[i]["val_exact_match/arithmetic"], 4) for i in (0, -1)]}
 
 
