@@ -100,6 +100,14 @@ def probability(text: str) -> float:
     return value
 
 
+def unit_interval(text: str) -> float:
+    """argparse type: a float in [0, 1] (a ratio where both ends mean something)."""
+    value = _number(float, text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
 def fraction(text: str) -> float:
     """argparse type: a float in [0, 1) (dropout, label smoothing)."""
     value = _number(float, text)

@@ -83,8 +83,8 @@ def add_loop_arguments(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     p.add_argument("--grad_accum", type=pos_int, default=d.grad_accum,
                    help="micro-batches accumulated per optimizer step")
     p.add_argument("--lr", type=pos_float, default=d.lr, help="peak learning rate (after warmup)")
-    p.add_argument("--min_lr_ratio", type=cli.fraction, default=d.min_lr_ratio,
-                   help="the cosine decays the lr to lr * min_lr_ratio")
+    p.add_argument("--min_lr_ratio", type=cli.unit_interval, default=d.min_lr_ratio,
+                   help="the cosine decays the lr to lr * min_lr_ratio (1: a constant lr after the warmup)")
     p.add_argument("--warmup_steps", type=nonneg_int, default=d.warmup_steps, help="linear warmup steps")
     p.add_argument("--weight_decay", type=nonneg_float, default=d.weight_decay,
                    help="AdamW weight decay (2-D weights only)")

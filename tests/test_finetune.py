@@ -532,6 +532,7 @@ def test_rl_stages_follow_the_training_loops_warmup_and_cosine(files, tmp_path):
                             show_progress=False)
     for trainer.step in (0, 75, 149):
         assert trainer.apply_schedule() == pytest.approx(constant.lr)
+    assert ft.build_parser().parse_args(["--mode", "rlvf", "--min_lr_ratio", "1"]).min_lr_ratio == 1.0  # as default
 
 
 @pytest.mark.parametrize("skip", [True, False])
