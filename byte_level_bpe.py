@@ -18,7 +18,6 @@ import os
 import shutil
 import sys
 import time
-import warnings
 from collections import Counter, deque
 from collections.abc import Iterable
 from pathlib import Path
@@ -29,6 +28,7 @@ from tqdm import tqdm
 
 import cli
 from atomic_file import atomic_directory, remove_stale_temps
+from readers import data_files, read_documents
 
 GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 DEFAULT_SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]
@@ -358,8 +358,8 @@ class ByteLevelBPETokenizer:
 
     def encode_file(self, path: str | os.PathLike, num_workers: int | None = None,
                     show_progress: bool = True) -> Iterator[list[int]]:
-        """One id list per line of a UTF-8 text file (the line without its newline)."""
-        yield from self.encode_many(read_lines(path), num_workers=num_workers, show_progress=show_progress)
+        """One id list per document of a .txt / .jsonl file or folder (``readers.read_documents``), in order."""
+        yield from self.encode_many(read_documents(path), num_workers=num_workers, show_progress=show_progress)
 
     # ----- decoding ----------------------------------------------------------------------------
     def decode_bytes(self, ids: Sequence[int], skip_special_tokens: bool = True) -> bytes:
@@ -675,73 +675,37 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
     return merges
 
 
-def text_files(path: str | os.PathLike) -> list[Path]:
-    """The input file itself, or the sorted .txt files of a directory."""
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
-        if not files:
-            raise TokenizerError(f"directory {str(path)!r} has no .txt files; "
-                                 "pass a text file or a folder of .txt files")
-        return files
-    if not path.is_file():
-        raise TokenizerError(f"input {str(path)!r} does not exist; pass a UTF-8 text file or a folder of .txt files")
-    return [path]
-
-
-def read_lines(path: str | os.PathLike) -> Iterator[str]:
-    """Stream the lines (without newline) of a text file or folder; non-UTF-8 bytes become U+FFFD with a warning."""
-    bad_lines = bad_bytes = 0
-    for file in text_files(path):
-        with open(file, "rb") as f:
-            for raw in f:
-                raw = raw[:-1] if raw.endswith(b"\n") else raw
-                text = raw.decode("utf-8", errors="surrogateescape")
-                n_bad = sum(1 for c in text if "\udc80" <= c <= "\udcff") if not text.isascii() else 0
-                if n_bad:
-                    bad_lines += 1
-                    bad_bytes += n_bad
-                    text = raw.decode("utf-8", errors="replace")
-                yield text
-    if bad_lines:
-        warnings.warn(f"{path}: {bad_lines} line(s) had {bad_bytes} non-UTF-8 byte(s), replaced with U+FFFD; "
-                      "convert the input to UTF-8 to keep them", stacklevel=2)
-
-
 def train_from_path(path: str | os.PathLike, vocab_size: int, min_frequency: int = 2,
                     show_progress: bool = True) -> ByteLevelBPETokenizer:
-    """Train on a text file or folder of .txt files, streamed line by line."""
-    files = text_files(path)
-    if all(f.stat().st_size == 0 for f in files):
-        raise TokenizerError(f"input {str(path)!r} is empty; nothing to train on")
+    """Train on the documents of a .txt / .jsonl file or a folder of them (``readers.read_documents``), streamed."""
     tokenizer = ByteLevelBPETokenizer(vocab_size=vocab_size)
-    tokenizer.train(read_lines(path), min_frequency=min_frequency, show_progress=show_progress)
+    tokenizer.train(read_documents(path), min_frequency=min_frequency, show_progress=show_progress)
     return tokenizer
 
 
 def bytes_per_token_counts(tokenizer: ByteLevelBPETokenizer, path: str | os.PathLike,
                            num_workers: int | None = None) -> tuple[int, int]:
-    """(UTF-8 bytes, tokens) of the lines of `path` encoded without specials, streamed."""
+    """(UTF-8 bytes, tokens) of the documents of `path` encoded without specials, streamed."""
     n_bytes = 0
 
-    def counted_lines() -> Iterator[str]:
+    def counted_documents() -> Iterator[str]:
         nonlocal n_bytes
-        for line in read_lines(path):
-            n_bytes += len(line.encode("utf-8"))
-            yield line
+        for document in read_documents(path):
+            n_bytes += len(document.encode("utf-8"))
+            yield document
 
-    with warnings.catch_warnings():  # training already warned about non-UTF-8 lines
-        warnings.simplefilter("ignore")
-        n_tokens = sum(len(ids) for ids in tokenizer.encode_many(counted_lines(), num_workers=num_workers,
-                                                                 show_progress=True))
+    n_tokens = sum(len(ids) for ids in tokenizer.encode_many(counted_documents(), num_workers=num_workers,
+                                                             show_progress=True))
     return n_bytes, n_tokens
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer and save it in GPT-2 / Hugging Face "
-                                     "format.", formatter_class=cli.HelpFormatter)
+    parser = cli.ArgumentParser(prog="python byte_level_bpe.py",
+                                description="Train a byte-level BPE tokenizer and save it in GPT-2 / Hugging Face "
+                                            "format.")
     parser.add_argument("--input", default="data/pretrain/train.txt",
-                        help="UTF-8 text file (one document per line) or folder of .txt files")
+                        help="training text: a .txt (one document per line), .jsonl ({\"text\": ...}) file, or a "
+                             "folder of them (UTF-8)")
     parser.add_argument("--vocab_size", type=cli.int_at_least(256 + len(DEFAULT_SPECIAL_TOKENS)), default=8000,
                         help="target vocabulary size incl. 4 special + 256 byte tokens")
     parser.add_argument("--output", default="models/bpe_tokenizer",
@@ -761,7 +725,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     cli.check_output_folder(args.output, "--output")  # before minutes of training, not after
-    text_files(args.input)
+    data_files(args.input)
     start = time.perf_counter()
     tokenizer = train_from_path(args.input, args.vocab_size, args.min_frequency)
     train_s = time.perf_counter() - start

@@ -125,6 +125,18 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """The one parser of every CLI: a bad flag raises ``UsageError``, which ``run_cli`` prints as one ``error:`` line
+    (exit 2) instead of argparse's usage block; defaults are shown in ``--help``."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 def explicit_flags(build_parser: Callable[[], argparse.ArgumentParser], argv: Sequence[str] | None) -> set[str]:
     """The destinations the user actually typed (not defaults): a second parse with every default suppressed."""
     parser = build_parser()

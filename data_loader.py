@@ -1,163 +1,34 @@
-"""Data pipeline: read documents, tokenize once into a packed memmap stream, and build batches.
+"""Data pipeline: tokenize documents once into a packed memmap stream, and build batches.
 
 Pretraining uses a flat token stream ``<s> doc1 </s> <s> doc2 </s> ...`` cached as a numpy memmap
 beside the data, sampled as random windows (training) or walked sequentially (validation, with the
 exact text bytes covered so bits per byte is exact). Finetuning uses per-sample datasets
-(``GPTSFTDataset``, ``GPTPPODataset``) padded per batch by ``collate_batch``.
+(``GPTSFTDataset``, ``PreferencePairDataset``, ``ClassificationDataset``) padded per batch by ``collate_batch``.
+Files are read by ``readers`` and samples formatted by ``prompts``.
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from atomic_file import atomic_path, remove_stale_temps
+from prompts import (IGNORE_INDEX, SFT_TEMPLATE, build_sft_prompt, encode_prompt, encode_prompt_response,
+                     record_instruction)
+from readers import (DataError, data_files, load_classification_records, load_preference_records, load_sft_records,
+                     read_documents)
 
-DATA_SUFFIXES = (".txt", ".jsonl")
-SFT_TEMPLATE = "### 指令:{instruction}\n### 响应:{response}"
-IGNORE_INDEX = -100
 CACHE_VERSION = 1
 WRITE_CHUNK_TOKENS = 1 << 20  # tokens buffered in memory before each write to the cache file
-
-
-class DataError(ValueError):
-    """Bad or missing training data; the message says what is wrong and how to fix it."""
-
-
-# ----------------------------------------------------------------------------- reading files
-
-def data_files(path: str | os.PathLike) -> list[Path]:
-    """The .txt / .jsonl files behind ``path`` (the file itself, or a directory's files, sorted)."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"data path {path} does not exist: pass a .txt/.jsonl file or a directory of them")
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir()
-                       if p.is_file() and p.suffix in DATA_SUFFIXES and not p.name.startswith("."))
-        if not files:
-            raise DataError(f"directory {path} holds no .txt or .jsonl files: "
-                            "add data files or point at another directory")
-        return files
-    if path.suffix not in DATA_SUFFIXES:
-        raise DataError(f"{path} is not a .txt or .jsonl file: "
-                        f"use one document per line (.txt) or {{\"text\": ...}} per line (.jsonl)")
-    return [path]
-
-
-def _json_line(file: Path, line_no: int, line: str) -> Any:
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{file}:{line_no}: invalid JSON ({err.msg}): fix or remove that line") from None
-
-
-def _utf8_lines(file: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) of a UTF-8 file; a bad byte is a DataError naming the file and line."""
-    with open(file, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            try:
-                yield line_no, raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataError(f"{file}:{line_no}: not UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1}): "
-                                "convert the file to UTF-8") from None
-
-
-def _read_file_documents(file: Path) -> Iterator[str]:
-    count = 0
-    for line_no, line in _utf8_lines(file):
-        if not line.strip():
-            continue
-        if file.suffix == ".jsonl":
-            record = _json_line(file, line_no, line)
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise DataError(f"{file}:{line_no}: expected an object with a string \"text\" field, "
-                                f"e.g. {{\"text\": \"...\"}}")
-            text = record["text"]
-        else:
-            text = line.rstrip("\r\n")
-        count += 1
-        yield text
-    if count == 0:
-        raise DataError(f"{file} holds no documents (empty or only blank lines): add text or remove the file")
-
-
-def read_documents(path: str | os.PathLike) -> Iterator[str]:
-    """Documents from a .txt (one per line, blank lines skipped), a .jsonl ({"text": ...}) or a directory of them."""
-    for file in data_files(path):
-        yield from _read_file_documents(file)
-
-
-def _load_records(path: str | os.PathLike, required: Sequence[str], optional: Sequence[str] = ()) -> list[dict]:
-    """Records from a .json list or a .jsonl file, checking that ``required`` fields are strings."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist: pass a .json list or a .jsonl file of records")
-    if path.suffix == ".json":
-        text = "".join(line for _, line in _utf8_lines(path))
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg}): fix the file") from None
-        if not isinstance(records, list):
-            raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
-        located = [(f"{path}[{i}]", r) for i, r in enumerate(records)]
-    elif path.suffix == ".jsonl":
-        located = [(f"{path}:{n}", _json_line(path, n, line)) for n, line in _utf8_lines(path) if line.strip()]
-    else:
-        raise DataError(f"{path} is not a .json or .jsonl file: records must be JSON objects")
-    if not located:
-        raise DataError(f"{path} holds no records: add at least one {{{', '.join(repr(k) for k in required)}}} object")
-    out = []
-    for where, record in located:
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object with fields {list(required)}, "
-                            f"got {type(record).__name__}")
-        for key in required:
-            if not isinstance(record.get(key), str):
-                raise DataError(f"{where}: missing or non-string field {key!r} (required: {list(required)})")
-        for key in optional:
-            if key in record and not isinstance(record[key], str):
-                raise DataError(f"{where}: field {key!r} must be a string")
-        out.append(record)
-    return out
-
-
-def load_sft_records(path: str | os.PathLike) -> list[dict]:
-    """Instruction records from a .json list or .jsonl: {"instruction", "response"} plus optional "input"."""
-    return _load_records(path, required=("instruction", "response"), optional=("input",))
-
-
-def load_preference_records(path: str | os.PathLike) -> list[dict]:
-    """Preference records from a .json list or .jsonl: {"instruction", "chosen", "rejected"} plus optional "input"."""
-    return _load_records(path, required=("instruction", "chosen", "rejected"), optional=("input",))
-
-
-def load_classification_records(path: str | os.PathLike) -> list[dict]:
-    """Classification records from a .jsonl (or .json list): {"text": str, "label": str}."""
-    return _load_records(path, required=("text", "label"))
-
-
-def record_instruction(record: dict) -> str:
-    """The instruction text of a record; an optional "input" is appended on its own line."""
-    extra = record.get("input") or ""
-    return f"{record['instruction']}\n{extra}" if extra else record["instruction"]
-
-
-def build_sft_prompt(instruction: str, template: str = SFT_TEMPLATE) -> str:
-    """The template up to and including the response marker, e.g. "### 指令:...\\n### 响应:"."""
-    if "{response}" not in template or "{instruction}" not in template:
-        raise DataError("an SFT template needs both {instruction} and {response} placeholders")
-    return template.split("{response}")[0].replace("{instruction}", instruction)
 
 
 # ----------------------------------------------------------------------------- packed token stream
@@ -354,51 +225,10 @@ def unigram_bits_per_byte(train_tokens: np.ndarray, val: TokenStream, vocab_size
 
 # ----------------------------------------------------------------------------- per-sample datasets
 
-def _as_documents(source: str | os.PathLike | Iterable[str]) -> Iterable[str]:
-    return read_documents(source) if isinstance(source, (str, os.PathLike)) else source
-
-
 def _sample(input_ids: list[int], labels: list[int]) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.tensor(input_ids, dtype=torch.long),
             "attention_mask": torch.ones(len(input_ids), dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long)}
-
-
-class GPTPretrainDataset(Dataset):
-    """One document per sample, ``<s> doc </s>``, truncated to ``max_seq_len`` (``num_truncated`` counts them)."""
-
-    def __init__(self, source: str | os.PathLike | Iterable[str], tokenizer, max_seq_len: int,
-                 num_workers: int | None = 1):
-        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-        self.samples: list[list[int]] = []
-        self.num_truncated = 0
-        for ids in tokenizer.encode_many(_as_documents(source), num_workers=num_workers):
-            ids = [bos, *ids, eos]
-            if len(ids) > max_seq_len:
-                ids = ids[:max_seq_len]
-                self.num_truncated += 1
-            self.samples.append(ids)
-        if not self.samples:
-            raise DataError("the pretraining source holds no documents: pass a non-empty file, directory or list")
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return _sample(self.samples[index], self.samples[index])
-
-
-def encode_prompt_response(tokenizer, prompt: str, response: str,
-                           max_seq_len: int) -> tuple[list[int], list[int], bool]:
-    """``<s> prompt response </s>`` ids and labels (-100 on the prompt), truncated; also whether it was truncated.
-
-    Prompt and response are encoded separately so the prompt tokens are exactly what generation sees.
-    """
-    prompt_ids = [tokenizer.bos_token_id, *tokenizer.encode_ordinary(prompt)]
-    response_ids = [*tokenizer.encode_ordinary(response), tokenizer.eos_token_id]
-    input_ids = (prompt_ids + response_ids)[:max_seq_len]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_seq_len]
-    return input_ids, labels, len(prompt_ids) + len(response_ids) > max_seq_len
 
 
 class GPTSFTDataset(Dataset):
@@ -484,8 +314,7 @@ class PreferencePairDataset(Dataset):
         self.num_truncated = 0
         for record in records:
             prompt = build_sft_prompt(record_instruction(record), template)
-            item = {"prompt_input_ids": torch.tensor([tokenizer.bos_token_id, *tokenizer.encode_ordinary(prompt)],
-                                                     dtype=torch.long)}
+            item = {"prompt_input_ids": torch.tensor(encode_prompt(tokenizer, prompt), dtype=torch.long)}
             for side in ("chosen", "rejected"):
                 input_ids, labels, truncated = encode_prompt_response(tokenizer, prompt, record[side], max_seq_len)
                 self.num_truncated += truncated
@@ -499,9 +328,6 @@ class PreferencePairDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return self.items[index]
-
-
-GPTPPODataset = PreferencePairDataset  # the seed's name for it
 
 
 class ShuffledBatches:
@@ -583,25 +409,3 @@ def collate_batch(items: Sequence[dict[str, torch.Tensor]], pad_token_id: int) -
             row[: len(value)] = value
         batch[key] = padded
     return batch
-
-
-def _dataloader(dataset: Dataset, tokenizer, batch_size: int, shuffle: bool, seed: int, num_workers: int) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      generator=torch.Generator().manual_seed(seed),
-                      collate_fn=functools.partial(collate_batch, pad_token_id=tokenizer.pad_token_id))
-
-
-def create_pretrain_dataloader(source: str | os.PathLike | Iterable[str], tokenizer, max_seq_len: int,
-                               batch_size: int = 8, shuffle: bool = True, seed: int = 0,
-                               num_workers: int = 0) -> DataLoader:
-    """Per-document batches (padded to the longest); the trainer itself uses the packed stream instead."""
-    return _dataloader(GPTPretrainDataset(source, tokenizer, max_seq_len), tokenizer, batch_size, shuffle, seed,
-                       num_workers)
-
-
-def create_sft_dataloader(source: str | os.PathLike | list[dict], tokenizer, max_seq_len: int, batch_size: int = 8,
-                          shuffle: bool = True, seed: int = 0, num_workers: int = 0,
-                          template: str = SFT_TEMPLATE) -> DataLoader:
-    """Shuffled SFT batches padded to the longest sample, labels -100 on prompts and padding."""
-    return _dataloader(GPTSFTDataset(source, tokenizer, max_seq_len, template), tokenizer, batch_size, shuffle,
-                       seed, num_workers)

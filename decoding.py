@@ -1,8 +1,8 @@
-"""The project's one decode loop: a KV-cache engine that sequences join and leave, per-sequence sampling,
-stop strings and UTF-8-safe streaming, plus the generation prompt helpers and best-of-N scoring.
+"""The project's one decode loop: a KV-cache engine that sequences join and leave, per-sequence sampling (and the one
+check of sampling settings), stop strings and UTF-8-safe streaming, plus best-of-N scoring.
 
     engine = DecodeEngine(model, tokenizer, n_slots=8)
-    engine.add(encode_prompt(tokenizer, "ROMEO:", 200), SamplingParams(max_new_tokens=50, seed=0))
+    engine.add(prompts.encode_prompt(tokenizer, "ROMEO:", 200), SamplingParams(max_new_tokens=50, seed=0))
     while engine.has_work:
         for out in engine.step():           # one batched forward pass for every active sequence
             print(out.text, end="")          # whole characters only
@@ -15,14 +15,15 @@ the trainer's samples and `inference/` all run through `DecodeEngine`.
 from __future__ import annotations
 
 import codecs
-import warnings
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 
-from data_loader import collate_batch, encode_prompt_response
+from data_loader import collate_batch
 from metrics import IGNORE_INDEX, sequence_logprobs
+from prompts import encode_prompt_response
 from transformer_components import KVCache, KVCacheView
 
 
@@ -30,24 +31,7 @@ class DecodingError(ValueError):
     """Bad generation input: sampling settings, prompts, or more sequences than free slots."""
 
 
-# ----------------------------------------------------------------------------- prompt helpers
-
-
-def max_prompt_len(max_seq_len: int, max_new_tokens: int) -> int:
-    """The longest prompt that leaves room for min(max_new_tokens, max_seq_len // 2) new tokens (at least one)."""
-    return max_seq_len - max(1, min(max_new_tokens, max_seq_len // 2))
-
-
-def encode_prompt(tokenizer, text: str, max_prompt_len: int) -> list[int]:
-    """`<s> text` as ids; a longer prompt keeps `<s>` and its last tokens (with a warning)."""
-    if max_prompt_len < 1:
-        raise DecodingError(f"max_prompt_len must be at least 1 (room for <s>), got {max_prompt_len}")
-    ids = [tokenizer.bos_token_id] + tokenizer.encode_ordinary(text)
-    if len(ids) > max_prompt_len:
-        warnings.warn(f"a prompt of {len(ids)} tokens was cut to its last {max_prompt_len} "
-                      "to leave room to generate in the model's context", stacklevel=2)
-        ids = [tokenizer.bos_token_id] + ids[len(ids) - max_prompt_len + 1:]
-    return ids
+# ----------------------------------------------------------------------------- batch helpers
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,6 +79,18 @@ def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
 
 
+def check_max_new_tokens(value, name: str = "max_new_tokens", minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DecodingError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise DecodingError(f"{name} must be at least {minimum}, got {value}")
+
+
+def _check_number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DecodingError(f"{name} must be a finite number, got {value!r}")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-sequence settings. do_sample=False is greedy (temperature/top_k/top_p ignored); seed makes one
@@ -114,8 +110,11 @@ class SamplingParams:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
-        if self.max_new_tokens < 1:
-            raise DecodingError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        check_max_new_tokens(self.max_new_tokens)
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            _check_number(name, getattr(self, name))
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)):
+            raise DecodingError(f"top_k must be an int, got {self.top_k!r}")
         if self.do_sample and not self.temperature > 0:
             raise DecodingError(f"temperature must be > 0 when sampling, got {self.temperature}; use greedy decoding")
         if self.top_k is not None and self.top_k < 0:
@@ -293,7 +292,7 @@ class DecodeEngine:
             raise DecodingError("a prompt needs at least one token; start it with <s> (tokenizer.bos_token_id)")
         if len(ids) >= self.max_len:
             raise DecodingError(f"a prompt of {len(ids)} tokens leaves no room to generate within {self.max_len} "
-                                "positions; shorten it (encode_prompt keeps its tail)")
+                                "positions; shorten it (prompts.encode_prompt keeps its tail)")
         vocab = self.model.config.vocab_size
         if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
             raise DecodingError(f"prompt token ids must be ints in [0, {vocab}); "

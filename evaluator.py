@@ -27,17 +27,20 @@ import torch
 from rouge import Rouge
 from tqdm import tqdm
 
+import checkpoints
 import cli
 from atomic_file import atomic_path
-from data_loader import (SFT_TEMPLATE, ClassificationDataset, GPTSFTDataset, PreferencePairDataset, build_sft_prompt,
-                         collate_batch, collate_pairs, encode_for_classification,
-                         load_classification_records, load_preference_records, load_sft_records, read_documents,
-                         record_instruction)
-from decoding import SamplingParams, cut_at_eos, encode_prompt, generate_responses, max_prompt_len, reward_scores
-from gpt_model import (GPTClassifier, GPTRewardModel, autocast_context, checkpoint_metadata, load_model_and_tokenizer,
-                       resolve_device, resolve_dtype)
+from data_loader import (ClassificationDataset, GPTSFTDataset, PreferencePairDataset, collate_batch, collate_pairs,
+                         encode_for_classification)
+from decoding import SamplingParams, cut_at_eos, generate_responses, reward_scores
+from devices import autocast_context, resolve_device, resolve_dtype
 from metrics import (bits_per_byte, confusion_matrix, exact_match, pairwise_accuracy, perplexity, precision_recall,
                      sum_nll)
+from model_heads import GPTClassifier
+from prompts import SFT_TEMPLATE, build_sft_prompt, encode_prompt, max_prompt_len, record_instruction
+from quantization import weight_count
+from readers import (jsonl_holds_records, load_classification_records, load_preference_records, load_sft_records,
+                     read_documents)
 from verifiers import verifiable_reward
 
 
@@ -172,22 +175,10 @@ def _check_data_format(path: str | os.PathLike, model_type: str) -> Path:
     if model_type == "pretrain" and suffix == ".json":
         raise EvaluationError("pretrain evaluation reads .txt (one document per line) or .jsonl "
                               f"({{\"text\": ...}}) files, got {path} (SFT records? use --model_type sft)")
-    if model_type == "pretrain" and suffix == ".jsonl" and _first_jsonl_record_is_sft(path):
+    if model_type == "pretrain" and suffix == ".jsonl" and jsonl_holds_records(path):
         raise EvaluationError(f"{path} holds instruction/response records, not {{\"text\": ...}} documents: "
                               "use --model_type sft")
     return path
-
-
-def _first_jsonl_record_is_sft(path: Path) -> bool:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    return False  # data_loader reports the bad line with its number
-                return isinstance(record, dict) and "text" not in record and "instruction" in record
-    return False
 
 
 # ----------------------------------------------------------------------------- evaluator
@@ -317,11 +308,7 @@ class GPTEvaluator:
         records = _take(load_sft_records(_check_data_format(test_data_path, "sft")), max_samples)
         if not records:
             raise EvaluationError(f"no records in {test_data_path}: the test set is empty")
-        dataset = GPTSFTDataset(records, self.tokenizer, self.model.config.max_seq_len, self.template)
-        batches = _length_sorted_batches([dataset[i] for i in range(len(dataset))], batch_size,
-                                         self.tokenizer.pad_token_id)
-        total_nll, n_tokens = self._nll(batches, "response nll", math.ceil(len(dataset) / batch_size))
-
+        total_nll, n_tokens = self.response_nll(records, batch_size)
         prompts = [build_sft_prompt(record_instruction(record), self.template) for record in records]
         references = [record["response"] for record in records]
         room = 1  # a prompt that fits the context is never cut; its answer gets the rest of the context
@@ -347,6 +334,19 @@ class GPTEvaluator:
                 "examples": [{"prompt": p, "reference": r, "prediction": g}
                              for p, r, g in list(zip(prompts, references, predictions))[:n_examples]]}
 
+
+    def response_nll(self, records: Sequence[dict], batch_size: int = 8) -> tuple[float, int]:
+        """Total NLL and number of the response tokens of SFT records (prompt tokens are not scored)."""
+        dataset = GPTSFTDataset(list(records), self.tokenizer, self.model.config.max_seq_len, self.template)
+        batches = _length_sorted_batches([dataset[i] for i in range(len(dataset))], batch_size,
+                                         self.tokenizer.pad_token_id)
+        return self._nll(batches, "response nll", math.ceil(len(dataset) / batch_size))
+
+    def response_perplexity(self, test_data_path: str | os.PathLike, batch_size: int = 8,
+                            max_samples: int | None = None) -> float:
+        """Perplexity of the responses of held-out SFT records (.json / .jsonl)."""
+        records = _take(load_sft_records(_check_data_format(test_data_path, "sft")), max_samples)
+        return perplexity(*self.response_nll(records, batch_size))
 
     def exact_match_by_task(self, test_data_path: str | os.PathLike, max_gen_len: int = 16, batch_size: int = 64,
                             max_samples: int | None = None) -> dict[str, float]:
@@ -556,13 +556,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def evaluate_checkpoint(checkpoint_path: str, args: argparse.Namespace) -> dict:
     """Load one checkpoint with its tokenizer and evaluate it as args say."""
     _check_data_format(args.test_data_path, args.model_type)  # before the (possibly slow) model load
-    model, tokenizer = load_model_and_tokenizer(checkpoint_path, tokenizer_dir=args.tokenizer_dir, device=args.device)
-    kind = "reward" if isinstance(model, GPTRewardModel) else "classify" if isinstance(model, GPTClassifier) else "lm"
+    loaded = checkpoints.load(checkpoint_path, args.tokenizer_dir, args.device, dtype=args.dtype)
+    model, tokenizer, template = loaded.model, loaded.tokenizer, loaded.template
+    kind = {"lm-int8": "lm", "lora": "lm"}.get(loaded.kind, loaded.kind)
     if kind != {"reward": "reward", "classify": "classify"}.get(args.model_type, "lm"):
         names = {"reward": "a reward model", "classify": "a classifier", "lm": "a language model"}
         raise EvaluationError(f"{checkpoint_path} is {names[kind]}: use --model_type "
                               f"{ {'reward': 'reward', 'classify': 'classify'}.get(kind, 'pretrain or sft') }")
-    template = checkpoint_metadata(checkpoint_path).get("sft_template") or SFT_TEMPLATE
     evaluator = GPTEvaluator(model, tokenizer, dtype=args.dtype, show_progress=not args.no_progress, template=template)
     if args.model_type == "pretrain":
         metrics = evaluator.evaluate_pretrained(args.test_data_path, batch_size=args.batch_size,
@@ -576,17 +576,13 @@ def evaluate_checkpoint(checkpoint_path: str, args: argparse.Namespace) -> dict:
     else:
         reward_model = None
         if args.reward_model:
-            reward_model, _ = load_model_and_tokenizer(args.reward_model, tokenizer_dir=args.tokenizer_dir,
-                                                       device=args.device)
-            if not isinstance(reward_model, GPTRewardModel):
-                raise EvaluationError(f"--reward_model {args.reward_model} is not a reward model")
+            reward_model = checkpoints.load(args.reward_model, args.tokenizer_dir, args.device, expect="reward",
+                                            flag="--reward_model").model
         metrics = evaluator.evaluate_sft(args.test_data_path, batch_size=args.batch_size, max_samples=args.max_samples,
                                          max_gen_len=args.max_gen_len, do_sample=args.do_sample,
                                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                          seed=args.seed, reward_model=reward_model, best_of=args.best_of,
                                          best_of_scorer=args.best_of_scorer)
-    from inference.quantizer import weight_count  # lazy, as in gpt_model: INT8 layers live in inference/
-
     return {"model_path": str(checkpoint_path), "n_parameters": weight_count(model), **metrics}
 
 

@@ -36,16 +36,20 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+import checkpoints
 import cli
 import data_loader
-import gpt_model
 import lora
 import metrics
 import training
+from checkpoints import CheckpointError
 from cli import Interrupted
-from data_loader import DataError
 from decoding import SamplingParams, cut_at_eos, generate_responses, left_pad
-from gpt_model import CheckpointError, GPTModel, GPTRewardModel
+from devices import set_threads
+from gpt_model import GPTModel
+from model_heads import GPTClassifier, GPTRewardModel, freeze_all_but_last
+from prompts import build_sft_prompt, record_instruction, record_prompt_ids
+from readers import load_preference_records, load_sft_records
 from training import TrainError
 from verifiers import VERIFIERS, verifiable_reward
 
@@ -247,15 +251,8 @@ def load_base(path: str, tokenizer_dir: str | None, flag: str):
         hint = {"--pretrained_model": "run `python pretrain_trainer.py` first",
                 "--sft_model": "run `python finetune.py --mode sft` first"}.get(flag, "pass an existing checkpoint")
         raise TrainError(f"{flag} {path} does not exist: {hint}, or pass {flag} PATH")
-    model, tokenizer = gpt_model.load_model_and_tokenizer(path, tokenizer_dir=tokenizer_dir, device="cpu")
-    checkpoint = gpt_model.load_checkpoint(path)
-    if not isinstance(model, GPTModel):
-        raise CheckpointError(f"{flag} {path} is a {checkpoint.get('model_class')} model, not a language model")
-    return model.train(), tokenizer, checkpoint
-
-
-def template_of(checkpoint: dict) -> str:
-    return checkpoint.get("sft_template") or data_loader.SFT_TEMPLATE
+    loaded = checkpoints.load(path, tokenizer_dir, device="cpu", trainable=True, expect="lm", flag=flag)
+    return loaded.model, loaded.tokenizer, loaded.metadata
 
 
 def check_records_fit(dataset, name: str, max_seq_len: int) -> None:
@@ -285,7 +282,7 @@ def resume_or(config: FinetuneConfig, resume: str | None, prefix: str, tokenizer
     if checkpoint is None:
         torch.manual_seed(config.seed)
         return build(), None, None
-    return gpt_model._model_from_checkpoint(checkpoint, resumed_from).train(), checkpoint, resumed_from
+    return checkpoints.build_model(checkpoint, resumed_from).train(), checkpoint, resumed_from
 
 
 # ----------------------------------------------------------------------------- SFT
@@ -296,7 +293,7 @@ def run_sft(config: FinetuneConfig, resume: str | None, show_progress: bool = Tr
 
     ``stop_after`` ends the run after that step's checkpoint, as if it were killed there (for tests)."""
     base, tokenizer, base_checkpoint = load_base(config.pretrained_model, config.tokenizer_dir, "--pretrained_model")
-    template = template_of(base_checkpoint)
+    template = checkpoints.template_of(base_checkpoint)
     max_len = base.config.max_seq_len
     train_set = data_loader.GPTSFTDataset(config.data_path, tokenizer, max_len, template)
     test_set = data_loader.GPTSFTDataset(config.test_data_path, tokenizer, max_len, template)
@@ -337,8 +334,8 @@ def run_sft(config: FinetuneConfig, resume: str | None, show_progress: bool = Tr
 
 def finish_lora(best: Path, config: FinetuneConfig) -> None:
     """Write the adapters alone (small, loadable on the base model); with --merge_lora make sft_best.pth plain."""
-    model, _ = gpt_model.load_model_and_tokenizer(best, device="cpu")
-    checkpoint = gpt_model.load_checkpoint(best)
+    loaded = checkpoints.load(best, device="cpu", trainable=True)
+    model, checkpoint = loaded.model, loaded.metadata
     adapter = best.with_name("sft_lora_adapter.pth")
     lora.save_lora(adapter, model, base_model=str(Path(config.pretrained_model).resolve()),
                    config=model.config.to_dict(), tokenizer_fingerprint=checkpoint["tokenizer_fingerprint"],
@@ -346,8 +343,8 @@ def finish_lora(best: Path, config: FinetuneConfig) -> None:
     print(f"LoRA adapters: {adapter} ({adapter.stat().st_size / 1e6:.2f} MB)")
     if config.merge_lora:
         lora.merge_lora(model)
-        keep = {k: v for k, v in checkpoint.items() if k not in ("model_state_dict", "config", "lora")}
-        gpt_model.save_checkpoint(best, model, **keep, lora=None)
+        keep = {k: v for k, v in checkpoint.items() if k not in ("config", "lora")}
+        checkpoints.save_checkpoint(best, model, **keep, lora=None)
         print(f"merged the adapters into {best} (a plain checkpoint)")
 
 
@@ -405,7 +402,7 @@ def reward_eval(dataset, pad_id: int, batch_size: int, device: torch.device):
 def load_preference_stage(config: FinetuneConfig):
     """(SFT model, tokenizer, its template, train pairs, held-out pairs) for the stages that learn from preferences."""
     sft, tokenizer, sft_checkpoint = load_base(config.sft_model, config.tokenizer_dir, "--sft_model")
-    template = template_of(sft_checkpoint)
+    template = checkpoints.template_of(sft_checkpoint)
     max_len = sft.config.max_seq_len
     train_set = data_loader.PreferencePairDataset(config.pairwise_data, tokenizer, max_len, template)
     test_set = data_loader.PreferencePairDataset(config.pairwise_test_data, tokenizer, max_len, template)
@@ -476,13 +473,13 @@ def run_classify(config: FinetuneConfig, resume: str | None, show_progress: bool
         raise TrainError(f"--trainable_blocks {config.trainable_blocks} exceeds the model's {base.config.n_layers} "
                          "blocks; pass at most that (or leave it out to train everything)")
     base.config.dropout = config.dropout
-    build = functools.partial(gpt_model.GPTClassifier.from_language_model, base, train_set.labels)
+    build = functools.partial(GPTClassifier.from_language_model, base, train_set.labels)
     model, checkpoint, resumed_from = resume_or(config, resume, "classify", tokenizer, build)
     if model.labels != train_set.labels:
         raise TrainError(f"the checkpoint's classes {model.labels} differ from {config.classify_train}'s "
                          f"{train_set.labels}: resume with the same data or start a fresh run")
     if config.trainable_blocks is not None:
-        gpt_model.freeze_all_but_last(model, config.trainable_blocks)
+        freeze_all_but_last(model, config.trainable_blocks)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"classify: {len(train_set)} train / {len(test_set)} held-out texts, classes {train_set.labels}; trainable "
           f"parameters {trainable:,} of {sum(p.numel() for p in model.parameters()):,}")
@@ -511,7 +508,7 @@ def classify_report(checkpoint: Path, test_set, device: torch.device, plot_path:
     plotted."""
     import evaluator
 
-    model, _ = gpt_model.load_model_and_tokenizer(checkpoint, device=device)
+    model, _ = checkpoints.load_model_and_tokenizer(checkpoint, device=device)
     logits, targets = evaluator.classify_logits(model, test_set, 64, device)
     report = evaluator.classification_metrics(targets, logits.argmax(-1), model.labels)
     print(f"held-out accuracy {report['accuracy']:.4f} (majority class {report['majority_baseline']:.4f}, "
@@ -641,7 +638,7 @@ class RLTrainer(abc.ABC):
         torch.manual_seed(config.seed)
         self.policy = policy.to(self.device).train()
         self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
-        self.policy_optimizer = gpt_model.configure_optimizer(self.policy, config.weight_decay, config.lr,
+        self.policy_optimizer = training.configure_optimizer(self.policy, config.weight_decay, config.lr,
                                                               (config.beta1, config.beta2), self.device.type)
         self.scheduled = [(self.policy_optimizer, config.lr)]  # (optimizer, peak lr) pairs the schedule sets
         self.prompts = data_loader.ShuffledBatches(prompts, config.rollout_batch_size, list, config.seed)
@@ -745,7 +742,7 @@ class RLTrainer(abc.ABC):
         if result["val_loss"] < self.best_val_loss:
             self.best_val_loss = result["val_loss"]
             self.run.commit()
-            gpt_model.save_checkpoint(self.output_dir / f"{self.prefix}_best.pth", self.policy, **self._extra())
+            checkpoints.save_checkpoint(self.output_dir / f"{self.prefix}_best.pth", self.policy, **self._extra())
         return result
 
     def _extra(self) -> dict[str, Any]:
@@ -756,7 +753,7 @@ class RLTrainer(abc.ABC):
     def save(self, path: Path) -> None:
         """A resumable checkpoint: the policy as the model, plus its optimizer, the subclass's state and the RNG."""
         self.run.commit()
-        gpt_model.save_checkpoint(path, self.policy, **self._extra(), **self.extra_state(),
+        checkpoints.save_checkpoint(path, self.policy, **self._extra(), **self.extra_state(),
                                   optimizer=self.policy_optimizer.state_dict(), scaler={},
                                   scheduler={"train_seconds": self.train_seconds},
                                   rank_states=[{"data": self.prompts.state_dict(), "rng": training.rng_state(),
@@ -767,7 +764,7 @@ class RLTrainer(abc.ABC):
 
     def _restore(self, checkpoint: dict, source: str) -> None:
         try:
-            gpt_model._load_state_dict_checked(self.policy, checkpoint["model_state_dict"], source)
+            checkpoints.load_state_dict_checked(self.policy, checkpoint["model_state_dict"], source)
             self.policy_optimizer.load_state_dict(checkpoint["optimizer"])
             self.step, self.best_val_loss = int(checkpoint["step"]), float(checkpoint["best_val_loss"])
             self.train_seconds = float(checkpoint["scheduler"]["train_seconds"])
@@ -796,7 +793,7 @@ class PPOTrainer(RLTrainer):
         super().__init__(config, policy, tokenizer, prompts, eval_records, template, show_progress)
         self.reward_model = reward_model.to(self.device).eval().requires_grad_(False)
         self.critic = copy.deepcopy(self.reward_model).train().requires_grad_(True)
-        self.critic_optimizer = gpt_model.configure_optimizer(self.critic, config.weight_decay, config.critic_lr,
+        self.critic_optimizer = training.configure_optimizer(self.critic, config.weight_decay, config.critic_lr,
                                                               (config.beta1, config.beta2), self.device.type)
         self.scheduled.append((self.critic_optimizer, config.critic_lr))
         self.kl = AdaptiveKLController(config.kl_coef, config.target_kl or 1.0, config.kl_horizon)
@@ -875,7 +872,7 @@ def evaluate_policy(policy: GPTModel, reference: GPTModel, reward_model: GPTRewa
     policy.eval()
     scores, kls, predictions = [], [], []
     for i in range(0, len(records), batch_size):
-        prompts = [prompt_ids(tokenizer, r, template) for r in records[i:i + batch_size]]
+        prompts = [record_prompt_ids(tokenizer, r, template) for r in records[i:i + batch_size]]
         samples = sample_responses(policy, prompts, max_new_tokens, tokenizer, do_sample=False, batch_size=batch_size)
         kls += response_kl(policy, reference, samples).tolist()
         scores += reward_model.score(samples.sequences, samples.attention_mask, response_labels(samples)).tolist()
@@ -883,12 +880,6 @@ def evaluate_policy(policy: GPTModel, reference: GPTModel, reward_model: GPTRewa
     policy.train(was_training)
     return {"val_reward": sum(scores) / len(scores), "val_kl": sum(kls) / len(kls),
             "val_exact_match": metrics.exact_match(predictions, [r["response"] for r in records])}
-
-
-def prompt_ids(tokenizer, record: dict, template: str) -> list[int]:
-    """``<s>`` + the SFT prompt of a record, exactly as the model saw prompts in training."""
-    return [tokenizer.bos_token_id,
-            *tokenizer.encode_ordinary(data_loader.build_sft_prompt(data_loader.record_instruction(record), template))]
 
 
 def run_rlhf(config: FinetuneConfig, resume: str | None, show_progress: bool = True) -> dict[str, Any]:
@@ -901,14 +892,12 @@ def run_rlhf(config: FinetuneConfig, resume: str | None, show_progress: bool = T
         print(f"no --reward_model: training one first into {reward_config.output_dir}")
         config.reward_model = run_reward(reward_config, None, show_progress)["checkpoint"]
     policy, tokenizer, sft_checkpoint = load_base(config.sft_model, config.tokenizer_dir, "--sft_model")
-    template = template_of(sft_checkpoint)
-    reward_model, _ = gpt_model.load_model_and_tokenizer(config.reward_model, tokenizer_dir=config.tokenizer_dir)
-    if not isinstance(reward_model, GPTRewardModel):
-        raise CheckpointError(f"--reward_model {config.reward_model} is not a reward model "
-                              "(train one with --mode reward)")
-    records = data_loader.load_preference_records(config.pairwise_data)
-    prompts = [list(p) for p in {tuple(prompt_ids(tokenizer, r, template)): None for r in records}]
-    eval_records = data_loader.load_sft_records(config.test_data_path)[:config.eval_samples]
+    template = checkpoints.template_of(sft_checkpoint)
+    reward_model = checkpoints.load(config.reward_model, config.tokenizer_dir, device="cpu", expect="reward",
+                                    flag="--reward_model").model
+    records = load_preference_records(config.pairwise_data)
+    prompts = [list(p) for p in {tuple(record_prompt_ids(tokenizer, r, template)): None for r in records}]
+    eval_records = load_sft_records(config.test_data_path)[:config.eval_samples]
     checkpoint, resumed_from = training.find_resume_checkpoint(resume, config.output_dir, "ppo", tokenizer)
     print(f"ppo: {len(prompts)} training prompts, {len(eval_records)} held-out prompts; policy {config.sft_model}, "
           f"reward model {config.reward_model}")
@@ -984,7 +973,7 @@ class GRPOTrainer(RLTrainer):
     def __init__(self, config: FinetuneConfig, policy: GPTModel, tokenizer, records: list[dict],
                  eval_records: list[dict], template: str, checkpoint: dict | None = None,
                  resumed_from: str | None = None, show_progress: bool = True):
-        items = [(prompt_ids(tokenizer, r, template), r) for r in records]
+        items = [(record_prompt_ids(tokenizer, r, template), r) for r in records]
         items = [item for item in items if len(item[0]) < policy.config.max_seq_len - 1]
         super().__init__(config, policy, tokenizer, items, eval_records, template, show_progress)
         self.start(checkpoint, resumed_from)
@@ -1038,8 +1027,7 @@ class GRPOTrainer(RLTrainer):
         import evaluator  # lazy: only the held-out report needs it
 
         ev = evaluator.GPTEvaluator(self.policy, self.tokenizer, show_progress=False, template=self.template)
-        prompts = [data_loader.build_sft_prompt(data_loader.record_instruction(r), self.template)
-                   for r in self.eval_records]
+        prompts = [build_sft_prompt(record_instruction(r), self.template) for r in self.eval_records]
         predictions = ev.generate_predictions(prompts, max_gen_len=self.config.max_new_tokens, do_sample=False,
                                               batch_size=64, min_new_tokens=1)  # a prompt that fits is never cut
         self.policy.train()
@@ -1052,9 +1040,9 @@ class GRPOTrainer(RLTrainer):
 def run_rlvf(config: FinetuneConfig, resume: str | None, show_progress: bool = True) -> dict[str, Any]:
     """GRPO from the SFT model with verifier rewards on the SFT training prompts -> <output_dir>/rlvf_best.pth."""
     policy, tokenizer, sft_checkpoint = load_base(config.sft_model, config.tokenizer_dir, "--sft_model")
-    template = template_of(sft_checkpoint)
-    records = data_loader.load_sft_records(config.data_path)
-    eval_records = data_loader.load_sft_records(config.test_data_path)[:config.eval_samples]
+    template = checkpoints.template_of(sft_checkpoint)
+    records = load_sft_records(config.data_path)
+    eval_records = load_sft_records(config.test_data_path)[:config.eval_samples]
     checkpoint, resumed_from = training.find_resume_checkpoint(resume, config.output_dir, "rlvf", tokenizer)
     print(f"rlvf: {len(records)} training prompts x {config.group_size} samples per group, {len(eval_records)} "
           f"held-out prompts; verifiers {sorted(VERIFIERS)}")
@@ -1072,9 +1060,8 @@ def exact_match_report(checkpoint_path: str | Path, test_data_path: str, max_new
     """Greedy exact match of a language-model checkpoint on held-out SFT records, overall and per "task"."""
     import evaluator  # lazy: only the report needs the evaluator
 
-    model, tokenizer = gpt_model.load_model_and_tokenizer(checkpoint_path, device=device)
-    template = gpt_model.checkpoint_metadata(checkpoint_path).get("sft_template") or data_loader.SFT_TEMPLATE
-    ev = evaluator.GPTEvaluator(model, tokenizer, show_progress=False, template=template)
+    loaded = checkpoints.load(checkpoint_path, device=device)
+    ev = evaluator.GPTEvaluator(loaded.model, loaded.tokenizer, show_progress=False, template=loaded.template)
     return ev.exact_match_by_task(test_data_path, max_gen_len=max_new_tokens, max_samples=limit)
 
 
@@ -1183,8 +1170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
+    set_threads(args.num_threads)
     config = config_from_args(args)
     cli.check_output_folder(config.output_dir, "--output_dir")
     if config.lora_r and config.mode != "sft":

@@ -2,8 +2,8 @@
 shifted next-token cross-entropy, per-token log-probs, NLL / perplexity / bits per byte, exact match, pairwise
 accuracy and the classification scores (confusion matrix, precision, recall) are computed.
 
-Its own module (torch only, no project imports) because the model's loss, every training stage and the evaluator
-use the same functions, and none of them should import another for it.
+Its own module (torch, and the label convention from ``prompts``) because the model's loss, every training stage and
+the evaluator use the same functions, and none of them should import another for it.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100  # labels that are not scored (prompt tokens, padding), as in Hugging Face
+from prompts import IGNORE_INDEX
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:

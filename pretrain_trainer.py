@@ -23,14 +23,16 @@ import torch
 
 import cli
 import data_loader
-import gpt_model
 import metrics
-from byte_level_bpe import ByteLevelBPETokenizer
-from decoding import encode_prompt
-from gpt_model import GPTConfig, GPTModel
-from training import (DistInfo, TrainError, Trainer, barrier, causal_lm_loss, find_resume_checkpoint,
-                      init_distributed, lr_at, rng_state, set_rng_state)
 import training
+from byte_level_bpe import ByteLevelBPETokenizer
+from checkpoints import load_model_and_tokenizer
+from devices import autocast_context, set_threads
+from gpt_model import PRESETS, GPTConfig, GPTModel
+from prompts import encode_prompt
+from readers import read_documents
+from training import (DistInfo, Trainer, TrainError, barrier, causal_lm_loss, find_resume_checkpoint, init_distributed,
+                      lr_at, rng_state, set_rng_state)
 
 __all__ = ["GPTTrainer", "TrainConfig", "TrainError", "evaluate_stream", "lr_at", "rng_state", "set_rng_state", "main"]
 
@@ -146,7 +148,7 @@ def evaluate_stream(model: GPTModel, stream: data_loader.TokenStream, byte_lengt
             covered["bytes"] += batch["n_bytes"]
             yield batch
 
-    with gpt_model.autocast_context(device, dtype):
+    with autocast_context(device, dtype):
         total_nll, n_tokens = metrics.sum_nll(model, batches(), device)
     return {"val_loss": total_nll / n_tokens, "val_ppl": metrics.perplexity(total_nll, n_tokens),
             "val_bpb": metrics.bits_per_byte(total_nll, covered["bytes"])}
@@ -172,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenizer folder (vocab.json, merges.txt); trained on the training data when missing")
     p.add_argument("--vocab_size", type=cli.int_at_least(260), default=8192,
                    help="vocabulary size of the tokenizer trained when --tokenizer_dir is missing")
-    p.add_argument("--preset", default="tiny", choices=sorted(gpt_model.PRESETS),
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
                    help="GPTConfig preset the model starts from")
     p.add_argument("--n_layers", type=cli.positive_int, default=None,
                    help=f"override the preset's number of transformer blocks (default: {DEFAULT_TINY_LAYERS} with the "
@@ -213,7 +215,7 @@ def load_or_train_tokenizer(args: argparse.Namespace, info: DistInfo) -> ByteLev
         start = time.time()
         print(f"training a {args.vocab_size}-token BPE tokenizer on {args.train_data_dir} ...")
         tokenizer = ByteLevelBPETokenizer(vocab_size=args.vocab_size)
-        tokenizer.train(data_loader.read_documents(args.train_data_dir), show_progress=True)
+        tokenizer.train(read_documents(args.train_data_dir), show_progress=True)
         tokenizer.save(directory)
         print(f"tokenizer saved to {directory} ({time.time() - start:.1f}s)")
     barrier(info)
@@ -243,8 +245,7 @@ def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     explicit = cli.explicit_flags(build_parser, argv)
     try:
-        if args.num_threads:
-            torch.set_num_threads(args.num_threads)
+        set_threads(args.num_threads)
         cli.check_output_folder(args.output_dir, "--output_dir")
         config = config_from_args(args)
         info, _ = init_distributed(config.device)
@@ -282,8 +283,8 @@ def report(trainer: GPTTrainer, result: dict[str, float], args: argparse.Namespa
     print(f"checkpoints in {trainer.output_dir} (best: pretrain_best.pth)")
     if args.samples > 0:
         best = trainer.output_dir / "pretrain_best.pth"
-        model = GPTModel.from_pretrained(best, map_location=trainer.device) if best.exists() else trainer.model
-        print_samples(model.eval(), trainer.tokenizer, trainer.device, args.samples, trainer.config.seed)
+        model = load_model_and_tokenizer(best, device=trainer.device)[0] if best.exists() else trainer.model.eval()
+        print_samples(model, trainer.tokenizer, trainer.device, args.samples, trainer.config.seed)
 
 
 if __name__ == "__main__":

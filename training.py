@@ -30,10 +30,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-import gpt_model
-from atomic_file import atomic_path, remove_stale_temps
+import checkpoints
 import cli
+from atomic_file import atomic_path, remove_stale_temps
 from cli import Interrupted
+from devices import autocast_context, resolve_device, resolve_dtype
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12,
               "3090": 71e12, "V100": 125e12, "T4": 65e12}
@@ -117,6 +118,19 @@ def add_loop_arguments(p: argparse.ArgumentParser, d: TrainConfig) -> None:
 
 
 # ----------------------------------------------------------------------------- state helpers
+
+def configure_optimizer(module: nn.Module, weight_decay: float, lr: float, betas: tuple[float, float] = (0.9, 0.95),
+                        device_type: str = "cpu") -> torch.optim.AdamW:
+    """AdamW over the trainable parameters: decay on 2-D weights (matmuls, embeddings), none on biases and norms.
+
+    The fused kernel on CPU and CUDA: one pass over each tensor instead of a handful of ops per parameter (on CPU it
+    takes 1% off a 6 x 384 training step, what nanoGPT's per-parameter loop costs more)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ("cpu", "cuda"))
+
 
 def rng_state() -> dict[str, Any]:
     """All RNG states as weights_only-loadable types (tensors, lists, ints, floats)."""
@@ -222,7 +236,7 @@ def init_distributed(device: str | None) -> tuple[DistInfo, torch.device]:
     """Join the torchrun process group when launched by torchrun (NCCL on GPU, gloo on CPU)."""
     env = os.environ
     info = DistInfo(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)))
-    resolved = gpt_model.resolve_device(device)
+    resolved = resolve_device(device)
     if not info.enabled:
         return info, resolved
     if resolved.type == "cuda":
@@ -388,7 +402,7 @@ def find_resume_checkpoint(resume: str | None, output_dir: str | os.PathLike, pr
             print(f"--resume auto: no {prefix}_step_N.pth in {output_dir}, starting a fresh run")
             return None, None
         resume = str(found[-1])
-    checkpoint = gpt_model.load_checkpoint(resume)
+    checkpoint = checkpoints.load_checkpoint(resume)
     if checkpoint.get("tokenizer_fingerprint") != tokenizer.fingerprint:
         raise TrainError(f"{resume} was trained with a different tokenizer: pass the --tokenizer_dir it was trained "
                          f"with ({Path(resume).parent / 'tokenizer'})")
@@ -421,13 +435,13 @@ class Trainer:
         self.checkpoint_extra = dict(checkpoint_extra or {})
         self.start_time = start_time or time.time()
         self.dist, self.device = init_distributed(config.device)
-        self.dtype = gpt_model.resolve_dtype(config.dtype, self.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
         self.output_dir = Path(config.output_dir)
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+
 
         self.model = model.to(self.device)
-        self.optimizer = gpt_model.configure_optimizer(self.model, config.weight_decay, config.lr,
+        self.optimizer = configure_optimizer(self.model, config.weight_decay, config.lr,
                                                        (config.beta1, config.beta2), self.device.type)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         torch.manual_seed(config.seed + self.dist.rank)  # per-rank dropout streams
@@ -445,9 +459,7 @@ class Trainer:
 
     # -- setup
     def _restore(self, checkpoint: dict, source: str) -> None:
-        from gpt_model import CheckpointError, _load_state_dict_checked
-
-        _load_state_dict_checked(self.model, checkpoint["model_state_dict"], source)
+        checkpoints.load_state_dict_checked(self.model, checkpoint["model_state_dict"], source)
         try:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
             self.scaler.load_state_dict(checkpoint["scaler"])
@@ -456,7 +468,8 @@ class Trainer:
             self.best_val_loss = float(checkpoint["best_val_loss"])
             rank_states = checkpoint["rank_states"]
         except (KeyError, ValueError, TypeError, RuntimeError) as err:
-            raise CheckpointError(f"{source}: its training state does not fit this run ({type(err).__name__}: "
+            raise checkpoints.CheckpointError(f"{source}: its training state does not fit this run "
+                                              f"({type(err).__name__}: "
                                   f"{str(err).splitlines()[0][:160]}); resume with the settings it was written with "
                                   "or start a fresh run") from None
         if len(rank_states) != self.dist.world_size:
@@ -496,7 +509,7 @@ class Trainer:
             tokens += batch["input_ids"].numel() if "input_ids" in batch else 0
             sync = not self.dist.enabled or micro == self.config.grad_accum - 1
             with (nullcontext() if sync else self.train_model.no_sync()), \
-                    gpt_model.autocast_context(self.device, self.dtype):
+                    autocast_context(self.device, self.dtype):
                 out = self.loss_fn(self.train_model, batch)
             loss = (out["loss"] if isinstance(out, dict) else out) / self.config.grad_accum
             if isinstance(out, dict):
@@ -607,7 +620,7 @@ class Trainer:
             self.check_finite()
             was_training = self.model.training
             self.model.eval()
-            with gpt_model.autocast_context(self.device, self.dtype):
+            with autocast_context(self.device, self.dtype):
                 result = {"step": self.step, **self.evaluate_fn(self.model)}
             self.model.train(was_training)
             self.run.log(result)
@@ -640,7 +653,7 @@ class Trainer:
         if self.dist.is_main:
             self.check_finite()
             self.run.commit()
-            gpt_model.save_checkpoint(path, self.model, **extra)
+            checkpoints.save_checkpoint(path, self.model, **extra)
             if training_state:
                 self.last_saved = str(path)
                 if self.config.keep_last > 0:

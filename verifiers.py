@@ -16,7 +16,7 @@ import re
 import unicodedata
 from typing import Callable
 
-from data_loader import DataError
+from readers import DataError
 
 Verifier = Callable[[str, dict], float]
 VERIFIERS: dict[str, Verifier] = {}

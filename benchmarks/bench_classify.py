@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
-import gpt_model
-from data_loader import load_classification_records
+import checkpoints
+from gpt_model import GPTModel
+from readers import load_classification_records
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "data" / "classify" / "train.jsonl"
@@ -67,9 +68,9 @@ def finetuned(pretrained: Path, output_dir: Path, threads: int) -> dict:
 
     seconds = run(["finetune.py", "--mode", "classify", "--pretrained_model", str(pretrained),
                    "--output_dir", str(output_dir), "--num_threads", str(threads)])
-    model, tokenizer = gpt_model.load_model_and_tokenizer(output_dir / "classify_best.pth", device="cpu")
+    model, tokenizer = checkpoints.load_model_and_tokenizer(output_dir / "classify_best.pth", device="cpu")
     report = evaluator.GPTEvaluator(model, tokenizer, show_progress=False).evaluate_classification(TEST)
-    steps = gpt_model.checkpoint_metadata(output_dir / "classify_best.pth")["step"]
+    steps = checkpoints.checkpoint_metadata(output_dir / "classify_best.pth")["step"]
     return {"accuracy": round(report["accuracy"], 4), "wall_seconds": seconds, "best_step": steps,
             "recall": {k.removeprefix("recall/"): round(v, 3) for k, v in report.items() if k.startswith("recall/")},
             "confusion_matrix": report["confusion_matrix"], "labels": report["labels"]}
@@ -96,9 +97,9 @@ def main() -> None:
     out["finetuned"] = result
     if args.scratch:
         scratch = work / "scratch_init" / "pretrain_best.pth"
-        base, tokenizer = gpt_model.load_model_and_tokenizer(pretrained, device="cpu")
+        base, tokenizer = checkpoints.load_model_and_tokenizer(pretrained, device="cpu")
         torch.manual_seed(0)
-        gpt_model.save_checkpoint(scratch, gpt_model.GPTModel(base.config), tokenizer_fingerprint=tokenizer.fingerprint)
+        checkpoints.save_checkpoint(scratch, GPTModel(base.config), tokenizer_fingerprint=tokenizer.fingerprint)
         tokenizer.save(scratch.parent / "tokenizer")
         out["from_scratch"] = finetuned(scratch, work / "scratch", args.threads)
     print(json.dumps(out, ensure_ascii=False))

@@ -31,8 +31,9 @@ from pathlib import Path
 
 import torch
 
+import checkpoints
 import finetune
-import gpt_model
+from prompts import build_sft_prompt, record_instruction
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST = ROOT / "data" / "sft" / "sft_test.json"
@@ -54,10 +55,10 @@ def exact_match(checkpoint: Path, test: Path = TEST) -> dict[str, float]:
 
 def policy_figures(policy_path: Path, sft_path: Path, reward_path: Path) -> dict[str, float]:
     """Held-out greedy responses of a policy: reward score, exact KL to the SFT model, exact match (all records)."""
-    policy, tokenizer = gpt_model.load_model_and_tokenizer(policy_path)
-    reference, _ = gpt_model.load_model_and_tokenizer(sft_path)
-    reward, _ = gpt_model.load_model_and_tokenizer(reward_path)
-    template = gpt_model.checkpoint_metadata(sft_path).get("sft_template")
+    policy, tokenizer = checkpoints.load_model_and_tokenizer(policy_path)
+    sft = checkpoints.load(sft_path)
+    reference, template = sft.model, sft.template
+    reward, _ = checkpoints.load_model_and_tokenizer(reward_path)
     records = json.loads(TEST.read_text(encoding="utf-8"))
     figures = finetune.evaluate_policy(policy, reference, reward, tokenizer, records, template, 16)
     return {k.removeprefix("val_"): round(v, 4) for k, v in figures.items()}
@@ -97,10 +98,10 @@ def main() -> None:
     reward = work / "reward" / "reward_best.pth"
     out["reward_seconds"] = train(args, reward, ["finetune.py", "--mode", "reward", "--sft_model", str(sft),
                                                  "--output_dir", str(reward.parent)])
-    model, tokenizer = gpt_model.load_model_and_tokenizer(reward)
     import evaluator
 
-    template = gpt_model.checkpoint_metadata(reward).get("sft_template")
+    loaded = checkpoints.load(reward)
+    model, tokenizer, template = loaded.model, loaded.tokenizer, loaded.template
     scorer = evaluator.GPTEvaluator(model, tokenizer, show_progress=False, template=template)
     report = scorer.evaluate_reward(PAIRS_TEST)
     out["reward_pairwise_accuracy"] = round(report["pairwise_accuracy"], 4)
@@ -169,8 +170,8 @@ def answer_logprobs(checkpoint: Path, average: bool = False) -> tuple[torch.Tens
     import data_loader
     import metrics
 
-    model, tokenizer = gpt_model.load_model_and_tokenizer(checkpoint)
-    template = gpt_model.checkpoint_metadata(checkpoint).get("sft_template")
+    loaded = checkpoints.load(checkpoint)
+    model, tokenizer, template = loaded.model, loaded.tokenizer, loaded.template
     pairs = data_loader.PreferencePairDataset(str(PAIRS_TEST), tokenizer, model.config.max_seq_len, template)
     rows = []
     with torch.no_grad():
@@ -207,12 +208,12 @@ def best_of_n(sft: Path, reward: Path | None, n: int, seed: int) -> dict[str, fl
     pick, or with ``reward=None`` the records' verifiers' (pass@n)."""
     import evaluator
 
-    model, tokenizer = gpt_model.load_model_and_tokenizer(sft)
-    reward_model = gpt_model.load_model_and_tokenizer(reward)[0] if reward else None
-    template = gpt_model.checkpoint_metadata(sft).get("sft_template")
+    loaded = checkpoints.load(sft)
+    model, tokenizer, template = loaded.model, loaded.tokenizer, loaded.template
+    reward_model = checkpoints.load(reward).model if reward else None
     ev = evaluator.GPTEvaluator(model, tokenizer, show_progress=False, template=template)
     records = json.loads(TEST.read_text(encoding="utf-8"))
-    prompts = [evaluator.build_sft_prompt(evaluator.record_instruction(r), template) for r in records]
+    prompts = [build_sft_prompt(record_instruction(r), template) for r in records]
     picks = ev.best_of_n_predictions(prompts, n, reward_model, max_gen_len=16, temperature=0.8, top_k=50, seed=seed,
                                      min_new_tokens=1, records=records)
     return {k: round(v, 4) for k, v in evaluator.exact_match_by_task(picks, records).items()}

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from gpt_model import GPTConfig, GPTModel, config_from_hf_gpt2, convert_hf_gpt2_state_dict
+from gpt_model import GPTConfig, GPTModel
+from hf_gpt2 import config_from_hf_gpt2, convert_hf_gpt2_state_dict
 
 
 def build_pair(shape: str, device: torch.device) -> tuple[GPTModel, GPT2LMHeadModel]:

@@ -29,8 +29,7 @@ import torch.nn.functional as F
 
 from benchmarks.bench_generate import build_pair, estimate_uncached_seconds
 from decoding import DecodeEngine, SamplingParams
-from inference.quantizer import (PackedLinear, _fbgemm_available, pack_linears_for_cpu, quantize_model_int8,
-                                 quantize_per_channel)
+from quantization import PackedLinear, fbgemm_available, pack_linears_for_cpu, quantize_model_int8, quantize_per_channel
 
 
 def ct2_generators(hf, threads: int, folder: Path) -> dict:
@@ -69,8 +68,8 @@ def kernel_ms(model) -> dict:
             "int8_dequant": [lambda q=q, s=s: F.linear(xs[q.shape[1]], q.float()) * s for q, s in int8]}
     if hasattr(torch, "_weight_int8pack_mm"):
         runs["int8_int8pack"] = [lambda q=q, s=s: torch._weight_int8pack_mm(xs[q.shape[1]], q, s) for q, s in int8]
-    if _fbgemm_available():
-        from inference.quantizer import Int8Linear
+    if fbgemm_available():
+        from quantization import Int8Linear
 
         layers = [Int8Linear.from_linear(m, kernel="fbgemm") for m in linears]
         runs["int8_fbgemm"] = [lambda layer=layer: layer(xs[layer.in_features]) for layer in layers]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from benchmarks.bench_finetune import ROOT, exact_match, train
 from benchmarks.bench_rlvf_lr import summary
-from data.sft.build_sft_data import _arithmetic
+from data.sft.build_sft_data import arithmetic_example
 
 RL_SUMS = 3000
 RL_STEPS = 200
@@ -40,7 +40,7 @@ def build_data(out: Path, train_sums: int, test_sums: int) -> dict[str, Path]:
 
     def records(chunk: list[tuple[int, int]], task: str = "arithmetic") -> list[dict[str, str]]:
         return [{"instruction": e.instruction, "response": e.response, "task": task}
-                for e in (_arithmetic(a, b) for a, b in chunk)]
+                for e in (arithmetic_example(a, b) for a, b in chunk)]
 
     train = json.loads((ROOT / "data/sft/sft_data.json").read_text(encoding="utf-8"))
     train += records(ordered[test_sums:test_sums + train_sums])

@@ -44,12 +44,11 @@ def baseline_app(model_path: str, tokenizer_dir: str | None, device: str):
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import StreamingResponse
 
+    from checkpoints import load_model_and_tokenizer
     from decoding import DecodeEngine, SamplingParams
-    from gpt_model import load_model_and_tokenizer
-    from inference.quantizer import prepare_for_inference
 
+    # the same loader (so the same prepared weights) as the server's: only batching differs
     model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_dir, device=device)
-    model = prepare_for_inference(model)  # the same weights layout as the server's, so only batching differs
     engine, lock = DecodeEngine(model, tokenizer, n_slots=1), threading.Lock()
     app = FastAPI()
 
@@ -241,7 +240,8 @@ def main(argv=None) -> int:
         return 0
 
     from byte_level_bpe import ByteLevelBPETokenizer
-    from gpt_model import GPTConfig, checkpoint_metadata
+    from checkpoints import checkpoint_metadata
+    from gpt_model import GPTConfig
 
     meta = checkpoint_metadata(model_path)
     context = GPTConfig.from_dict(meta["config"]).max_seq_len

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 import gpt_model
+from devices import autocast_context, resolve_dtype
 from training import peak_flops
 
 SHAPES = {"tiny": dict(d_model=128, n_layers=4, n_heads=4, d_ff=512),
@@ -39,12 +40,12 @@ def tokens_per_second(shape: str, device: torch.device, vocab_size: int, seq_len
     config = gpt_model.GPTConfig(vocab_size=vocab_size, max_seq_len=seq_len, **SHAPES[shape])
     model = gpt_model.GPTModel(config).to(device)
     optimizer = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), device.type)
-    dtype = gpt_model.resolve_dtype("auto", device)
+    dtype = resolve_dtype("auto", device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     x = torch.randint(0, vocab_size, (batch_size, seq_len), device=device)
 
     def step() -> None:
-        with gpt_model.autocast_context(device, dtype):
+        with autocast_context(device, dtype):
             loss = model(x, labels=x)["loss"]
         scaler.scale(loss).backward()
         scaler.step(optimizer)

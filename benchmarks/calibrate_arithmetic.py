@@ -26,11 +26,13 @@ import torch
 import torch.nn.functional as F
 
 from byte_level_bpe import ByteLevelBPETokenizer
-from data_loader import (IGNORE_INDEX, SFT_TEMPLATE, build_sft_prompt, collate_batch, encode_prompt_response,
-                         load_sft_records)
+from checkpoints import load_model_and_tokenizer
+from data_loader import collate_batch
 from evaluator import GPTEvaluator
-from gpt_model import GPTConfig, GPTModel, load_model_and_tokenizer
-from pretrain_trainer import TrainConfig, lr_at
+from gpt_model import GPTConfig, GPTModel
+from prompts import IGNORE_INDEX, SFT_TEMPLATE, build_sft_prompt, encode_prompt_response
+from readers import load_sft_records
+from training import TrainConfig, lr_at
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = {"sft": SFT_TEMPLATE, "bare": "{instruction}{response}"}  # bare: the shortest prompt, for comparison
@@ -53,8 +55,7 @@ def training_records(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
 
 def build_model(args: argparse.Namespace) -> tuple[GPTModel, ByteLevelBPETokenizer]:
     if args.pretrained != "none":
-        model, tokenizer = load_model_and_tokenizer(args.pretrained, device="cpu")
-        return model.train(), tokenizer
+        return load_model_and_tokenizer(args.pretrained, device="cpu", trainable=True)
     tokenizer = ByteLevelBPETokenizer.from_pretrained(args.tokenizer_dir)
     torch.manual_seed(args.seed)
     config = GPTConfig(vocab_size=len(tokenizer), d_model=args.d_model, n_layers=args.n_layers,

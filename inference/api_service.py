@@ -37,12 +37,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
+import checkpoints
+from checkpoints import checkpoint_metadata
 from cli import UsageError, nonnegative_float, nonnegative_int, positive_float, positive_int, run_cli
-from data_loader import SFT_TEMPLATE, DataError, build_sft_prompt
 from decoding import (DecodeEngine, DecodingError, Request as EngineRequest, SamplingParams, StepOutput,
                       candidate_seeds, mean_token_logprobs, reward_scores)
-from gpt_model import (GPTModel, GPTRewardModel, autocast_context, checkpoint_metadata, load_model_and_tokenizer,
-                       resolve_dtype)
+from devices import autocast_context, resolve_device, resolve_dtype
+from gpt_model import GPTModel
+from model_heads import GPTRewardModel
+from prompts import encode_prompt, render_chat
+from quantization import is_quantized
 
 log = logging.getLogger("inference.api_service")
 ROOT = Path(__file__).resolve().parent.parent
@@ -438,22 +442,19 @@ class ServedModel:
 
 def load_served_model(settings: Settings, metrics: Metrics) -> ServedModel:
     """Load the checkpoint (INT8 or float, quantizing on request), build the engine and start its thread."""
-    from inference.quantizer import is_quantized, prepare_for_inference
-
     path = settings.resolved_model_path()
     tokenizer_dir = Path(settings.tokenizer_dir) if settings.tokenizer_dir else path.parent / "tokenizer"
-    model, tokenizer = load_model_and_tokenizer(path, tokenizer_dir, device=settings.device)
-    device = next(model.parameters()).device
+    device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
+    loaded = checkpoints.load(path, tokenizer_dir, device, quantize=settings.quantize, dtype=dtype, expect="lm")
+    model, tokenizer, template = loaded.model, loaded.tokenizer, loaded.template
     reward_path = Path(settings.reward_model) if settings.reward_model else None
     reward = load_reward_model(reward_path, tokenizer, tokenizer_dir, device) if reward_path else None
-    model = prepare_for_inference(model, settings.quantize, dtype)
     with torch.device("meta"):
         parameters = GPTModel(model.config).num_parameters()
     engine = DecodeEngine(model, tokenizer, n_slots=settings.max_batch_size)
     worker = EngineWorker(engine, metrics, settings.max_queue, device, dtype, settings.threads)
     worker.start()
-    template = checkpoint_metadata(path).get("sft_template") or SFT_TEMPLATE
     return ServedModel(path, model, tokenizer, worker, template, "int8" if is_quantized(model) else "none",
                        parameters, device, dtype, reward_path, reward)
 
@@ -471,11 +472,7 @@ def check_reward_checkpoint(path: Path, fingerprint: str | None) -> None:
 def load_reward_model(path: Path, tokenizer, tokenizer_dir: Path, device: torch.device) -> GPTRewardModel:
     """The --reward_model checkpoint, on the served model's device, checked against the served tokenizer."""
     check_reward_checkpoint(path, tokenizer.fingerprint)
-    reward, _ = load_model_and_tokenizer(path, tokenizer_dir, device=device)
-    if not isinstance(reward, GPTRewardModel):
-        raise UsageError(f"--reward_model {path} is not a reward model (model_class \"reward\", as "
-                         f"`finetune.py --mode reward` writes); it holds a {type(reward).__name__}")
-    return reward
+    return checkpoints.load(path, tokenizer_dir, device, expect="reward", flag="--reward_model").model
 
 
 def score_candidates(s: ServedModel, prompt_ids: list[int], prompt: str, jobs: Sequence[Job],
@@ -827,27 +824,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def prompt_ids(s: ServedModel, text: str) -> list[int]:
         try:
-            return [s.tokenizer.bos_token_id] + s.tokenizer.encode_ordinary(text)
+            return encode_prompt(s.tokenizer, text)
         except ValueError as err:  # e.g. a lone surrogate escaped in the JSON cannot be UTF-8 encoded
             raise APIError(422, f"the prompt cannot be encoded: {err}") from None
 
     def chat_ids(s: ServedModel, messages) -> list[int]:
-        """Past turns as `<s> prompt reply </s>`, then `<s>` + the new instruction (as SFT samples are written)."""
-        turns, pending_system, user = [], [], None
+        """The conversation rendered by prompts.render_chat (as SFT samples are written)."""
         try:
-            for m in messages:
-                if m.role in ("system", "developer"):
-                    pending_system.append(m.content)
-                elif m.role == "user":
-                    user = "\n".join(pending_system + [m.content])
-                    pending_system = []
-                elif user is not None:
-                    turns += [s.tokenizer.bos_token_id,
-                              *s.tokenizer.encode_ordinary(build_sft_prompt(user, s.template) + m.content),
-                              s.tokenizer.eos_token_id]
-                    user = None
-            return turns + prompt_ids(s, build_sft_prompt(user, s.template))
-        except (ValueError, DataError) as err:
+            return render_chat(s.tokenizer, messages, s.template)
+        except ValueError as err:  # PromptError, or text that cannot be UTF-8 encoded
             raise APIError(422, f"the messages cannot be encoded: {err}") from None
 
     def sampling(s: ServedModel, max_new: int, ids: list[int], temperature: float, top_k: int, top_p: float,

@@ -3,8 +3,10 @@
     python -m inference.kv_cache_infer --model_path models/pretrain/pretrain_best.pth --prompt "ROMEO:" --stream
     python -m inference.kv_cache_infer --model_path models/sft/sft_best.pth --interactive   # /reset, /quit
 
-Prompts are `<s> text` (too long: the tail is kept, leaving room to generate); generation stops at `</s>`, at a
-stop string or after max_gen_len tokens. INT8 checkpoints (python -m inference.quantizer) load the same way.
+Prompts are `<s> text` (too long: the tail is kept, leaving room to generate); a chat is rendered by
+``prompts.render_chat`` (an optional --system message, the oldest turns dropped when the context is full). Generation
+stops at `</s>`, at a stop string or after --max_new_tokens. Checkpoints load through ``checkpoints.load``: float or
+INT8, on the same prepared weights as the server.
 """
 from __future__ import annotations
 
@@ -14,19 +16,20 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+import checkpoints
 import cli
-
-from data_loader import SFT_TEMPLATE, build_sft_prompt
-from decoding import DecodeEngine, SamplingParams, encode_prompt, max_prompt_len
-from gpt_model import resolve_device
+from decoding import DecodeEngine, SamplingParams
+from devices import resolve_device, set_threads
+from prompts import SFT_TEMPLATE, encode_prompt, max_prompt_len, render_chat
 
 
 def _prepare(model: torch.nn.Module, device: str | torch.device | None) -> torch.nn.Module:
     return model.to(resolve_device(device)) if device is not None else model
 
 
-def _params(tokenizer, max_gen_len: int, top_k: int | None, temperature: float, top_p: float,
-            repetition_penalty: float, do_sample: bool, seed: int | None, stop: Sequence[str]) -> SamplingParams:
+def sampling_params(tokenizer, max_gen_len: int, top_k: int | None, temperature: float, top_p: float,
+                    repetition_penalty: float, do_sample: bool, seed: int | None,
+                    stop: Sequence[str]) -> SamplingParams:
     return SamplingParams(max_new_tokens=max_gen_len, do_sample=do_sample, temperature=temperature, top_k=top_k,
                           top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
                           eos_token_id=tokenizer.eos_token_id, stop=tuple(stop))
@@ -53,8 +56,8 @@ def generate_batch_with_kv_cache(model, tokenizer, prompts: Sequence[str], max_g
     model = _prepare(model, device)
     engine = DecodeEngine(model, tokenizer, n_slots=min(n_slots, max(1, len(prompts))))
     limit = max_prompt_len(engine.max_len, max_gen_len)
-    params = [_params(tokenizer, max_gen_len, top_k, temperature, top_p, repetition_penalty, do_sample,
-                      None if seed is None else seed + i, stop) for i in range(len(prompts))]
+    params = [sampling_params(tokenizer, max_gen_len, top_k, temperature, top_p, repetition_penalty, do_sample,
+                              None if seed is None else seed + i, stop) for i in range(len(prompts))]
     requests = engine.run([encode_prompt(tokenizer, p, limit) for p in prompts], params)
     return [r.text for r in requests]
 
@@ -67,29 +70,16 @@ def stream_with_kv_cache(model, tokenizer, prompt: str, max_gen_len: int = 100, 
     model = _prepare(model, device)
     engine = DecodeEngine(model, tokenizer, n_slots=1)
     ids = encode_prompt(tokenizer, prompt, max_prompt_len(engine.max_len, max_gen_len))
-    yield from engine.stream(ids, _params(tokenizer, max_gen_len, top_k, temperature, top_p, repetition_penalty,
-                                          do_sample, seed, stop))
+    yield from engine.stream(ids, sampling_params(tokenizer, max_gen_len, top_k, temperature, top_p,
+                                                  repetition_penalty, do_sample, seed, stop))
 
 
 # ----------------------------------------------------------------------------- chat
 
 
-def chat_prompt_ids(tokenizer, history: Sequence[tuple[str, str]], message: str, template: str,
-                    limit: int) -> list[int]:
-    """`<s> turn </s>` for every past turn (as SFT samples are written), then `<s>` + the new instruction.
-
-    The oldest turns are dropped to fit `limit` tokens; a single message too long keeps its tail.
-    """
-    current = encode_prompt(tokenizer, build_sft_prompt(message, template), limit)
-    turns = [[tokenizer.bos_token_id, *tokenizer.encode_ordinary(build_sft_prompt(user, template) + reply),
-              tokenizer.eos_token_id] for user, reply in history]
-    while turns and sum(map(len, turns)) + len(current) > limit:
-        turns.pop(0)
-    return [t for turn in turns for t in turn] + current
-
-
 def chat(model, tokenizer, template: str = SFT_TEMPLATE, params: SamplingParams | None = None,
-         read: Callable[[str], str] | None = None, write: Callable[[str], None] | None = None) -> None:
+         read: Callable[[str], str] | None = None, write: Callable[[str], None] | None = None,
+         system: str | None = None) -> None:
     """Terminal chat: replies stream as they are generated; /reset forgets the conversation, /quit or Ctrl-C/D end."""
     read = read or input
     write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
@@ -97,7 +87,8 @@ def chat(model, tokenizer, template: str = SFT_TEMPLATE, params: SamplingParams 
                                       eos_token_id=tokenizer.eos_token_id)
     engine = DecodeEngine(model, tokenizer, n_slots=1)
     limit = max_prompt_len(engine.max_len, params.max_new_tokens)
-    history: list[tuple[str, str]] = []
+    opening = [{"role": "system", "content": system}] if system else []
+    messages = list(opening)
     write("chat: type a message; /reset starts over, /quit (or Ctrl-D) leaves\n")
     try:
         while True:
@@ -105,18 +96,20 @@ def chat(model, tokenizer, template: str = SFT_TEMPLATE, params: SamplingParams 
             if message == "/quit":
                 break
             if message == "/reset":
-                history.clear()
+                messages = list(opening)
                 write("(conversation reset)\n")
                 continue
             if not message:
                 continue
+            messages.append({"role": "user", "content": message})
+            turn = sum(m["role"] == "assistant" for m in messages)  # replies so far: each turn its own seed
+            reply_params = params if params.seed is None else dataclasses.replace(params, seed=params.seed + turn)
             pieces = []
-            turn = params if params.seed is None else dataclasses.replace(params, seed=params.seed + len(history))
-            for piece in engine.stream(chat_prompt_ids(tokenizer, history, message, template, limit), turn):
+            for piece in engine.stream(render_chat(tokenizer, messages, template, limit), reply_params):
                 pieces.append(piece)
                 write(piece)
             write("\n")
-            history.append((message, "".join(pieces)))
+            messages.append({"role": "assistant", "content": "".join(pieces)})
     except (EOFError, KeyboardInterrupt):
         write("\n")
 
@@ -124,10 +117,9 @@ def chat(model, tokenizer, template: str = SFT_TEMPLATE, params: SamplingParams 
 # ----------------------------------------------------------------------------- CLI
 
 
-def parse_args(argv: Sequence[str] | None = None):
-    from inference import OneLineErrorParser
-
-    parser = OneLineErrorParser(description="Generate text from a GPTModel checkpoint (float or INT8) with the "
+def build_parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(prog="python -m inference.kv_cache_infer",
+                                description="Generate text from a GPTModel checkpoint (float or INT8) with the "
                                             "KV-cache engine, or chat with an SFT model in the terminal.")
     parser.add_argument("--model_path", required=True, help="checkpoint (.pth), float or INT8")
     parser.add_argument("--tokenizer_dir", help="tokenizer folder (default: <checkpoint folder>/tokenizer)")
@@ -135,17 +127,24 @@ def parse_args(argv: Sequence[str] | None = None):
                         help="text to continue (the model sees `<s> prompt`); repeat for a batch")
     parser.add_argument("--interactive", action="store_true",
                         help="chat in the terminal with the checkpoint's SFT template, streaming; /reset, /quit")
+    parser.add_argument("--system", help="with --interactive: a system message that opens the conversation")
     parser.add_argument("--stream", action="store_true", help="print text as it is generated (one --prompt)")
-    parser.add_argument("--max_gen_len", type=int, default=100, help="most new tokens per reply (default: 100)")
-    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default: 0.8)")
-    parser.add_argument("--top_k", type=int, default=50, help="keep the k most likely tokens, 0 = all (default: 50)")
-    parser.add_argument("--top_p", type=float, default=1.0, help="nucleus probability mass (default: 1.0 = off)")
-    parser.add_argument("--repetition_penalty", type=float, default=1.0, help="CTRL penalty, 1.0 = off (default)")
+    parser.add_argument("--max_new_tokens", type=cli.positive_int, default=100, help="most new tokens per reply")
+    parser.add_argument("--temperature", type=cli.positive_float, default=0.8, help="sampling temperature")
+    parser.add_argument("--top_k", type=cli.nonnegative_int, default=50, help="keep the k most likely tokens, 0 = all")
+    parser.add_argument("--top_p", type=cli.probability, default=1.0, help="nucleus probability mass (1.0 = off)")
+    parser.add_argument("--repetition_penalty", type=cli.positive_float, default=1.0, help="CTRL penalty, 1.0 = off")
     parser.add_argument("--greedy", action="store_true", help="greedy decoding (sampling flags ignored)")
-    parser.add_argument("--seed", type=int, help="seed for reproducible sampling (prompt i uses seed + i)")
+    parser.add_argument("--seed", type=cli.nonnegative_int,
+                        help="seed for reproducible sampling (prompt i uses seed + i)")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not part of the output")
     parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--num_threads", type=cli.positive_int, help="torch CPU threads (default: torch's choice)")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not args.prompt and not args.interactive:
         parser.error("give --prompt TEXT (repeatable) or --interactive")
@@ -153,10 +152,8 @@ def parse_args(argv: Sequence[str] | None = None):
         parser.error("--prompt and --interactive do not combine; pick one")
     if args.stream and args.prompt and len(args.prompt) > 1:
         parser.error("--stream takes a single --prompt")
-    if args.max_gen_len < 1:
-        parser.error("--max_gen_len must be at least 1")
-    if args.threads < 0:
-        parser.error("--threads must be >= 0")
+    if args.system and not args.interactive:
+        parser.error("--system applies to --interactive")
     return args
 
 
@@ -166,21 +163,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(argv: Sequence[str] | None) -> int:
-    from gpt_model import load_checkpoint, load_model_and_tokenizer
-    from inference.quantizer import prepare_for_inference
-
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tokenizer = load_model_and_tokenizer(args.model_path, args.tokenizer_dir, device=args.device)
-    model = prepare_for_inference(model)
-    sampling = dict(max_gen_len=args.max_gen_len, top_k=args.top_k, temperature=args.temperature, top_p=args.top_p,
-                    repetition_penalty=args.repetition_penalty, do_sample=not args.greedy, seed=args.seed,
-                    stop=args.stop)
-    params = _params(tokenizer, **sampling)  # validates the sampling flags before any generation
+    set_threads(args.num_threads)
+    loaded = checkpoints.load(args.model_path, args.tokenizer_dir, device=args.device, expect="lm")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    sampling = dict(max_gen_len=args.max_new_tokens, top_k=args.top_k, temperature=args.temperature,
+                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, do_sample=not args.greedy,
+                    seed=args.seed, stop=args.stop)
+    params = sampling_params(tokenizer, **sampling)
     if args.interactive:
-        template = load_checkpoint(args.model_path).get("sft_template", SFT_TEMPLATE)
-        chat(model, tokenizer, template, params)
+        chat(model, tokenizer, loaded.template, params, system=args.system)
     elif args.stream:
         print(args.prompt[0], end="", flush=True)
         for piece in stream_with_kv_cache(model, tokenizer, args.prompt[0], **sampling):
@@ -194,8 +186,4 @@ def _run(argv: Sequence[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the CLI from the imported module, not from __main__: a checkpoint loaded through gpt_model builds its
-    # layers from inference.kv_cache_infer, and two copies of the module would mean two Int8Linear classes.
-    from inference.kv_cache_infer import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

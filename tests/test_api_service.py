@@ -46,7 +46,8 @@ def one_thread():
 @pytest.fixture(scope="module")
 def checkpoint(tiny_tokenizer, tmp_path_factory) -> Path:
     """A random tiny model (context 512) whose greedy continuation of "A" runs LONG tokens without </s>."""
-    from gpt_model import GPTConfig, GPTModel, save_checkpoint
+    from checkpoints import save_checkpoint
+    from gpt_model import GPTConfig, GPTModel
 
     folder = tmp_path_factory.mktemp("served")
     tiny_tokenizer.save(folder / "tokenizer")
@@ -119,7 +120,7 @@ def server(checkpoint):
 @pytest.fixture(scope="module")
 def reference(checkpoint):
     """(model, tokenizer) loaded directly, for texts computed without the server."""
-    from gpt_model import load_model_and_tokenizer
+    from checkpoints import load_model_and_tokenizer
 
     return load_model_and_tokenizer(checkpoint, device="cpu")
 
@@ -144,7 +145,7 @@ def sse_events(response: httpx.Response) -> list:
 def test_health_reports_model_and_load(server, checkpoint):
     body = httpx.get(server.url + "/health").json()
     assert body["status"] == "ok" and body["model_path"] == str(checkpoint) and body["model"] == "model"
-    from gpt_model import load_model_and_tokenizer
+    from checkpoints import load_model_and_tokenizer
 
     model, _ = load_model_and_tokenizer(checkpoint)
     assert body["parameters"] == model.num_parameters()
@@ -221,12 +222,12 @@ def test_openai_client_completions_chat_and_streaming(server, reference):
     messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"},
                 {"role": "user", "content": "who are you?"}]
     chat = client.chat.completions.create(model="model", messages=messages, max_tokens=15, seed=5)
-    # the same conversation as kv_cache_infer's terminal chat renders it, with the checkpoint's template
+    # the conversation as prompts.render_chat renders it (the terminal chat too), with the checkpoint's template
     from decoding import DecodeEngine, SamplingParams
-    from inference.kv_cache_infer import chat_prompt_ids
+    from prompts import render_chat
 
     model, tok = reference
-    ids = chat_prompt_ids(tok, [("hello", "hi")], "who are you?", "### Q:{instruction}\n### A:{response}", 10**6)
+    ids = render_chat(tok, messages, "### Q:{instruction}\n### A:{response}")
     engine = DecodeEngine(model, tok, n_slots=1)
     request = engine.run([ids], SamplingParams(max_new_tokens=15, temperature=1.0, top_k=0, seed=5,
                                                eos_token_id=tok.eos_token_id))[0]
@@ -328,7 +329,9 @@ def test_api_key_guards_every_route_but_health(checkpoint):
 @pytest.fixture(scope="module")
 def reward_checkpoint(checkpoint, tiny_tokenizer) -> Path:
     """A random tiny reward model next to the served one, trained (nominally) with the same tokenizer."""
-    from gpt_model import GPTConfig, GPTRewardModel, save_checkpoint
+    from checkpoints import save_checkpoint
+    from gpt_model import GPTConfig
+    from model_heads import GPTRewardModel
 
     torch.manual_seed(1)
     reward = GPTRewardModel(GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=CONTEXT,
@@ -399,7 +402,7 @@ def test_best_of_returns_the_sample_with_the_highest_mean_logprob(server, refere
 
 
 def test_best_of_with_a_reward_model_returns_its_favourite(checkpoint, reward_checkpoint, reference):
-    from gpt_model import load_model_and_tokenizer
+    from checkpoints import load_model_and_tokenizer
 
     _, tok = reference
     reward, _ = load_model_and_tokenizer(reward_checkpoint, checkpoint.parent / "tokenizer")
@@ -438,9 +441,11 @@ def test_best_of_is_refused_with_stream_and_greedy_samples_once(server, referenc
 
 def test_a_reward_model_of_another_tokenizer_or_kind_is_a_one_line_startup_error(checkpoint, tiny_tokenizer,
                                                                                    capsys):
+    from checkpoints import save_checkpoint
     from cli import UsageError, run_cli
-    from gpt_model import GPTConfig, GPTRewardModel, save_checkpoint
+    from gpt_model import GPTConfig
     from inference.api_service import Metrics, load_served_model, main
+    from model_heads import GPTRewardModel
 
     foreign = checkpoint.parent / "foreign_reward.pth"
     config = GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=CONTEXT, dropout=0.0)
@@ -448,9 +453,9 @@ def test_a_reward_model_of_another_tokenizer_or_kind_is_a_one_line_startup_error
     assert run_cli(main, ["--model_path", str(checkpoint), "--reward_model", str(foreign)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "fingerprint" in err and len(err.splitlines()) == 1
-    for reward, message in ((foreign, "another tokenizer"), (checkpoint, "is not a reward model"),
+    for reward, message in ((foreign, "another tokenizer"), (checkpoint, "is a language model .*not a reward model"),
                             (checkpoint.parent / "none.pth", "is not a file")):
-        with pytest.raises(UsageError, match=message) as raised:  # what the server reports at load (uvicorn ...:app)
+        with pytest.raises(ValueError, match=message) as raised:  # what the server reports at load (uvicorn ...:app)
             load_served_model(settings_for(checkpoint, reward_model=str(reward)), Metrics())
         assert len(str(raised.value).splitlines()) == 1
 

@@ -1,7 +1,6 @@
 """The corpus builder turns the source layouts into one document per line."""
 
 from conftest import TRAIN_TXT, VAL_TXT
-
 from data import build_pretrain_data as build
 
 PLAY = """THE TRAGEDY OF KING LEAR

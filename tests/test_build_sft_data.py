@@ -5,7 +5,6 @@ import re
 import pytest
 
 from conftest import ROOT, TRAIN_TXT
-
 from data.sft import build_sft_data as build_sft
 
 FILES = ("sft_data.json", "sft_test.json", "rlhf_pairwise.json", "rlhf_pairwise_test.json")
@@ -225,7 +224,8 @@ def test_train_pairs_hold_every_wrong_answer_of_every_train_sum_once(built):
 @pytest.mark.slow
 def test_every_example_fits_the_default_64_token_context(built):
     from byte_level_bpe import ByteLevelBPETokenizer
-    from data_loader import SFT_TEMPLATE, read_documents
+    from prompts import SFT_TEMPLATE
+    from readers import read_documents
 
     tokenizer = ByteLevelBPETokenizer(vocab_size=8192)  # what pretrain_trainer.py trains by default
     tokenizer.train(read_documents(TRAIN_TXT), show_progress=False)

@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import json
 import unicodedata
-import warnings
 
 import pytest
 import regex
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 import byte_level_bpe
 from byte_level_bpe import ByteLevelBPETokenizer, TokenizerError
@@ -274,26 +272,31 @@ def test_cli_trains_and_saves(tmp_path, capsys):
 # ----- errors -----------------------------------------------------------------------------------
 def test_cli_errors_exit_2(tmp_path, capsys):
     assert byte_level_bpe.main(["--input", str(tmp_path / "nope.txt"), "--output", str(tmp_path / "t")]) == 2
-    assert capsys.readouterr().err.startswith("error: input")
+    assert capsys.readouterr().err.startswith("error: data path")
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     assert byte_level_bpe.main(["--input", str(empty), "--output", str(tmp_path / "t")]) == 2
     assert "empty" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_info:  # rejected by argparse, before any training
-        byte_level_bpe.main(["--input", str(TRAIN_TXT), "--vocab_size", "100", "--output", str(tmp_path / "t")])
-    assert exit_info.value.code == 2 and "--vocab_size: must be >= 260" in capsys.readouterr().err
+    # rejected at parse time, before any training
+    assert byte_level_bpe.main(["--input", str(TRAIN_TXT), "--vocab_size", "100", "--output", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--vocab_size: must be >= 260" in err and err.count("\n") == 1
 
 
-def test_non_utf8_input_warns_and_continues(tmp_path):
-    path = tmp_path / "latin1.txt"
-    path.write_bytes(b"good line\ncaf\xe9 au lait\n\xff\xfe bad\nok\n")
-    with pytest.warns(UserWarning, match=r"2 line\(s\) had 3 non-UTF-8 byte"):
-        lines = list(byte_level_bpe.read_lines(path))
-    assert lines == ["good line", "caf\ufffd au lait", "\ufffd\ufffd bad", "ok"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tok = byte_level_bpe.train_from_path(path, vocab_size=270, min_frequency=1, show_progress=False)
-    assert len(tok) > 260
+def test_tokenizer_training_reads_what_the_trainer_reads(tmp_path, capsys):
+    """One reader (readers.read_documents): .jsonl and folders too, and non-UTF-8 input is a one-line error, as in
+    pretraining, instead of being trained on as U+FFFD."""
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("to be or not to be\n", encoding="utf-8")
+    (tmp_path / "docs" / "b.jsonl").write_text('{"text": "床前明月光"}\n', encoding="utf-8")
+    tok = byte_level_bpe.train_from_path(tmp_path / "docs", vocab_size=270, min_frequency=1, show_progress=False)
+    assert len(tok) > 260 and tok.decode(tok.encode_ordinary("床前明月光")) == "床前明月光"
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(b"good line\ncaf\xe9 au lait\n")
+    assert byte_level_bpe.main(["--input", str(latin1), "--output", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {latin1}:2: not UTF-8") and err.count("\n") == 1
+    assert not (tmp_path / "t").exists()
 
 
 def test_constructor_and_train_errors():

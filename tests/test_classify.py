@@ -11,14 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoints
 import data_loader
 import evaluator
 import finetune as ft
 import gpt_model
 import metrics
+import model_heads
+import readers
+import training
 from conftest import ROOT, TRAIN_TXT
-
 from data.classify import build_classify_data as build_classify
+from training import configure_optimizer
 
 CLASSIFY_DATA = ROOT / "data" / "classify"
 
@@ -40,7 +44,7 @@ def small_config(tokenizer, **overrides) -> gpt_model.GPTConfig:
 
 def test_head_reads_the_last_real_token_of_right_padded_rows(tiny_tokenizer):
     torch.manual_seed(0)
-    model = gpt_model.GPTClassifier(small_config(tiny_tokenizer), 3, ["a", "b", "c"]).eval()
+    model = model_heads.GPTClassifier(small_config(tiny_tokenizer), 3, ["a", "b", "c"]).eval()
     lengths = [5, 9, 2]
     rows = [torch.randint(4, len(tiny_tokenizer), (n,)) for n in lengths]
     batch = data_loader.collate_batch([{"input_ids": r, "attention_mask": torch.ones_like(r)} for r in rows], 1)
@@ -54,10 +58,10 @@ def test_head_reads_the_last_real_token_of_right_padded_rows(tiny_tokenizer):
 
 def test_frozen_blocks_get_no_gradient_and_do_not_move(tiny_tokenizer):
     torch.manual_seed(0)
-    model = gpt_model.GPTClassifier(small_config(tiny_tokenizer), 2)
-    gpt_model.freeze_all_but_last(model, 1)
+    model = model_heads.GPTClassifier(small_config(tiny_tokenizer), 2)
+    model_heads.freeze_all_but_last(model, 1)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    optimizer = gpt_model.configure_optimizer(model, weight_decay=0.1, lr=1e-2)
+    optimizer = training.configure_optimizer(model, weight_decay=0.1, lr=1e-2)
     ids = torch.randint(4, len(tiny_tokenizer), (4, 10))
     out = ft.classify_loss(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids),
                                    "label": torch.tensor([0, 1, 1, 0])})
@@ -71,24 +75,24 @@ def test_frozen_blocks_get_no_gradient_and_do_not_move(tiny_tokenizer):
         else:  # embeddings (tied lm_head included) and block 0
             assert not p.requires_grad and p.grad is None, name
             assert torch.equal(p, before[name]), name
-    gpt_model.freeze_all_but_last(model, 5)  # more than there are: every block, still not the embeddings
+    model_heads.freeze_all_but_last(model, 5)  # more than there are: every block, still not the embeddings
     assert {n.split(".")[3] for n, p in model.named_parameters() if p.requires_grad and ".h." in n} == {"0", "1"}
     assert not model.backbone.transformer.wte.weight.requires_grad
-    gpt_model.freeze_all_but_last(model, 0)
+    model_heads.freeze_all_but_last(model, 0)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
         "backbone.transformer.ln_f.weight", "backbone.transformer.ln_f.bias", "head.weight", "head.bias"}
 
 
 def test_classifier_checkpoint_round_trip_keeps_labels(tiny_tokenizer, tiny_tokenizer_dir, tmp_path):
-    model = gpt_model.GPTClassifier(small_config(tiny_tokenizer), 3, ["x", "y", "z"])
-    gpt_model.save_checkpoint(tmp_path / "c.pth", model, model_class="classify", labels=model.labels,
+    model = model_heads.GPTClassifier(small_config(tiny_tokenizer), 3, ["x", "y", "z"])
+    checkpoints.save_checkpoint(tmp_path / "c.pth", model, model_class="classify", labels=model.labels,
                               tokenizer_fingerprint=tiny_tokenizer.fingerprint)
-    loaded, _ = gpt_model.load_model_and_tokenizer(tmp_path / "c.pth", tokenizer_dir=tiny_tokenizer_dir)
-    assert isinstance(loaded, gpt_model.GPTClassifier) and loaded.labels == ["x", "y", "z"]
+    loaded, _ = checkpoints.load_model_and_tokenizer(tmp_path / "c.pth", tokenizer_dir=tiny_tokenizer_dir)
+    assert isinstance(loaded, model_heads.GPTClassifier) and loaded.labels == ["x", "y", "z"]
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
-    gpt_model.save_checkpoint(tmp_path / "bad.pth", model, model_class="classify")
-    with pytest.raises(gpt_model.CheckpointError, match="needs 'labels'"):
-        gpt_model.load_model_and_tokenizer(tmp_path / "bad.pth", tokenizer_dir=tiny_tokenizer_dir)
+    checkpoints.save_checkpoint(tmp_path / "bad.pth", model, model_class="classify")
+    with pytest.raises(checkpoints.CheckpointError, match="needs 'labels'"):
+        checkpoints.load_model_and_tokenizer(tmp_path / "bad.pth", tokenizer_dir=tiny_tokenizer_dir)
 
 
 # ----------------------------------------------------------------------------- metrics, by hand
@@ -124,8 +128,8 @@ def test_classification_records_errors_are_one_line(tmp_path):
     for expected, content in cases:
         path = tmp_path / "r.jsonl"
         path.write_text(content, encoding="utf-8")
-        with pytest.raises(data_loader.DataError) as err:
-            data_loader.load_classification_records(path)
+        with pytest.raises(readers.DataError) as err:
+            readers.load_classification_records(path)
         assert expected in str(err.value) and "\n" not in str(err.value)
 
 
@@ -138,7 +142,7 @@ def test_dataset_keeps_the_final_eos_when_cutting_long_texts(tiny_tokenizer):
     assert short_item["input_ids"].tolist() == [tiny_tokenizer.bos_token_id, *tiny_tokenizer.encode_ordinary("short"),
                                                tiny_tokenizer.eos_token_id]
     assert (long_item["label"], short_item["label"]) == (1, 0)
-    with pytest.raises(data_loader.DataError, match="not one of the model's classes"):
+    with pytest.raises(readers.DataError, match="not one of the model's classes"):
         data_loader.ClassificationDataset([{"text": "x", "label": "c"}], tiny_tokenizer, 16, ["a", "b"])
 
 
@@ -198,7 +202,7 @@ def pretrained(tiny_tokenizer, tiny_tokenizer_dir, tmp_path) -> Path:
     torch.manual_seed(0)
     model = gpt_model.GPTModel(small_config(tiny_tokenizer, n_layers=1))
     path = tmp_path / "pre" / "pretrain_best.pth"
-    gpt_model.save_checkpoint(path, model, tokenizer_fingerprint=tiny_tokenizer.fingerprint)
+    checkpoints.save_checkpoint(path, model, tokenizer_fingerprint=tiny_tokenizer.fingerprint)
     shutil.copytree(tiny_tokenizer_dir, path.parent / "tokenizer")
     return path
 
@@ -222,10 +226,10 @@ def test_a_tiny_classify_run_beats_chance_and_the_evaluator_cli_agrees(pretraine
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["accuracy"] >= 0.8  # chance (and the majority class) is 0.5
     assert (out / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    best = gpt_model.load_checkpoint(out / "classify_best.pth")
+    best = checkpoints.load_checkpoint(out / "classify_best.pth")
     assert best["model_class"] == "classify" and best["labels"] == ["speech", "zh_7char"]
 
-    model, tokenizer = gpt_model.load_model_and_tokenizer(out / "classify_best.pth")
+    model, tokenizer = checkpoints.load_model_and_tokenizer(out / "classify_best.pth")
     predicted = ft.classify_text(model, tokenizer, [r["text"] for r in test_records])
     accuracy = sum(p == r["label"] for p, r in zip(predicted, test_records)) / len(test_records)
     assert accuracy == pytest.approx(summary["accuracy"])

@@ -18,13 +18,13 @@ import pytest
 import torch
 
 import byte_level_bpe
+import checkpoints
 import evaluator
 import gpt_model
 import pretrain_trainer as pt
 import training
 from byte_level_bpe import ByteLevelBPETokenizer, TokenizerError
 from conftest import ROOT, VAL_TXT, corpus_lines, write_corpus
-
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def earlier_run(tiny_tokenizer, tmp_path) -> Path:
     folder = tmp_path / "earlier"
     model = gpt_model.GPTModel(gpt_model.GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=32,
                                                                n_layers=1, d_model=32, n_heads=2))
-    gpt_model.save_checkpoint(folder / "pretrain_best.pth", model, tokenizer_fingerprint=tiny_tokenizer.fingerprint)
+    checkpoints.save_checkpoint(folder / "pretrain_best.pth", model, tokenizer_fingerprint=tiny_tokenizer.fingerprint)
     (folder / "metrics.jsonl").write_text('{"step": 1, "train_loss": 5.0}\n{"step": 2, "val_loss": 4.0}\n')
     (folder / "loss_curve.png").write_bytes(b"\x89PNG earlier")
     tiny_tokenizer.save(folder / "tokenizer")
@@ -210,7 +210,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     trainer.loss_fn = lambda model, batch: normal(model, batch) * (float("nan") if trainer.step >= 3 else 1.0)
     with pytest.raises(training.TrainError, match=r"non-finite .* by step 4: lower --lr"):
         trainer.train()
-    good = gpt_model.load_checkpoint(tmp_path / "pretrain_step_2.pth")
+    good = checkpoints.load_checkpoint(tmp_path / "pretrain_step_2.pth")
     assert good["step"] == 2 and all(torch.isfinite(v).all() for v in good["model_state_dict"].values())
     assert not (tmp_path / "pretrain_step_4.pth").exists()
 
@@ -274,7 +274,7 @@ def checkpoint(tiny_tokenizer, tiny_tokenizer_dir, tmp_path) -> Path:
     model = gpt_model.GPTModel(gpt_model.GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer),
                                                                max_seq_len=32, n_layers=1, d_model=32, n_heads=2))
     path = tmp_path / "ckpt" / "model.pth"
-    gpt_model.save_checkpoint(path, model, tokenizer_fingerprint=tiny_tokenizer.fingerprint)
+    checkpoints.save_checkpoint(path, model, tokenizer_fingerprint=tiny_tokenizer.fingerprint)
     shutil.copytree(tiny_tokenizer_dir, path.parent / "tokenizer")
     return path
 

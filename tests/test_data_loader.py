@@ -1,4 +1,4 @@
-"""data_loader: readers and their errors, the cached packed stream, window sampling, SFT/PPO datasets, collation."""
+"""data_loader: the cached packed stream, window sampling, SFT / preference datasets, collation."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import data_loader as dl
-from data_loader import DataError, SFT_TEMPLATE
 from conftest import corpus_lines
+from prompts import SFT_TEMPLATE, build_sft_prompt, record_instruction
+from readers import DataError
 
 DOCS = ["HAMLET: To be, or not to be.", "《静夜思》 李白：床前明月光，疑是地上霜。", "ROMEO: But, soft! what light?"]
 
@@ -19,83 +20,6 @@ DOCS = ["HAMLET: To be, or not to be.", "《静夜思》 李白：床前明月�
 def write(path, text: str):
     path.write_text(text, encoding="utf-8")
     return path
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-def test_read_documents_txt_skips_blank_lines_and_keeps_text(tmp_path):
-    path = write(tmp_path / "a.txt", "first doc\n\n  \nsecond doc  \r\nthird\n")
-    assert list(dl.read_documents(path)) == ["first doc", "second doc  ", "third"]
-
-
-def test_read_documents_jsonl_and_directory_in_sorted_order(tmp_path):
-    write(tmp_path / "b.jsonl", json.dumps({"text": "from jsonl"}) + "\n\n" + json.dumps({"text": "二", "id": 3}) + "\n")
-    write(tmp_path / "a.txt", "from txt\n")
-    write(tmp_path / "notes.md", "ignored\n")
-    assert list(dl.read_documents(tmp_path)) == ["from txt", "from jsonl", "二"]
-
-
-@pytest.mark.parametrize("name, content, message", [
-    ("missing.txt", None, "does not exist"),
-    ("empty.txt", "", "holds no documents"),
-    ("blank.txt", "\n \n", "holds no documents"),
-    ("bad.jsonl", '{"text": "ok"}\n{"text": oops}\n', "bad.jsonl:2: invalid JSON"),
-    ("nofield.jsonl", '{"body": "x"}\n', "nofield.jsonl:1: expected an object with a string \"text\""),
-    ("data.csv", "a,b\n", "not a .txt or .jsonl"),
-])
-def test_read_documents_errors(tmp_path, name, content, message):
-    path = tmp_path / name
-    if content is not None:
-        write(path, content)
-    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(".", r"\.")):
-        list(dl.read_documents(path))
-
-
-def test_read_documents_directory_without_data_files(tmp_path):
-    write(tmp_path / "readme.md", "x")
-    with pytest.raises(DataError, match="holds no .txt or .jsonl files"):
-        list(dl.read_documents(tmp_path))
-
-
-def test_load_sft_records_json_and_jsonl(tmp_path):
-    records = [{"instruction": "写诗", "response": "床前明月光"},
-               {"instruction": "Say hi", "input": "to Bob", "response": "Hi Bob"}]
-    write(tmp_path / "a.json", json.dumps(records, ensure_ascii=False))
-    write(tmp_path / "a.jsonl", "\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n")
-    assert dl.load_sft_records(tmp_path / "a.json") == records
-    assert dl.load_sft_records(tmp_path / "a.jsonl") == records
-    assert dl.record_instruction(records[1]) == "Say hi\nto Bob"
-
-
-@pytest.mark.parametrize("name, content, message", [
-    ("missing.json", None, "does not exist"),
-    ("empty.jsonl", "\n", "holds no records"),
-    ("empty.json", "[]", "holds no records"),
-    ("bad.jsonl", '{"instruction": "a", "response": "b"}\n{bad\n', r"bad\.jsonl:2: invalid JSON"),
-    ("bad.json", '[{"instruction": "a",\n "response": }]', r"bad\.json:2: invalid JSON"),
-    ("dict.json", '{"instruction": "a", "response": "b"}', "expected a JSON list"),
-    ("nofield.jsonl", '{"instruction": "a"}\n', r"nofield\.jsonl:1: missing or non-string field 'response'"),
-    ("nofield.json", '[{"instruction": "a", "response": "b"}, {"response": "c"}]',
-     r"nofield\.json\[1\]: missing or non-string field 'instruction'"),
-    ("badinput.jsonl", '{"instruction": "a", "response": "b", "input": 3}\n', "field 'input' must be a string"),
-    ("list.jsonl", '["a", "b"]\n', "expected a JSON object"),
-    ("data.txt", "x\n", "not a .json or .jsonl"),
-])
-def test_load_sft_records_errors(tmp_path, name, content, message):
-    path = tmp_path / name
-    if content is not None:
-        write(path, content)
-    with pytest.raises(DataError, match=message):
-        dl.load_sft_records(path)
-
-
-def test_build_sft_prompt_is_the_template_prefix():
-    prompt = dl.build_sft_prompt("写一首诗 {x}")
-    assert prompt == "### 指令:写一首诗 {x}\n### 响应:"
-    assert SFT_TEMPLATE.format(instruction="写一首诗 {x}", response="好").startswith(prompt)
-    with pytest.raises(DataError, match="placeholders"):
-        dl.build_sft_prompt("x", template="no placeholders")
 
 
 # ----------------------------------------------------------------------------- packed stream
@@ -217,21 +141,6 @@ def test_unigram_bits_per_byte_hand_computed():
 # ----------------------------------------------------------------------------- per-sample datasets
 
 
-def test_pretrain_dataset_wraps_and_counts_truncations(tiny_tokenizer, tmp_path):
-    long_doc = " ".join(corpus_lines(limit=20))
-    ds = dl.GPTPretrainDataset(DOCS + [long_doc], tiny_tokenizer, max_seq_len=32)
-    too_long = sum(len(tiny_tokenizer.encode(d, truncation=False)["input_ids"]) > 32 for d in DOCS + [long_doc])
-    assert len(ds) == 4 and ds.num_truncated == too_long >= 1
-    assert ds[0]["input_ids"].tolist() == tiny_tokenizer.encode(DOCS[0])["input_ids"]
-    assert len(ds[3]["input_ids"]) == 32 and torch.equal(ds[0]["labels"], ds[0]["input_ids"])
-    batch = dl.collate_batch([ds[0], ds[3]], tiny_tokenizer.pad_token_id)
-    n = len(ds[0]["input_ids"])
-    assert batch["labels"][0, n:].eq(-100).all() and batch["attention_mask"][0].sum() == n
-    with pytest.raises(DataError, match="no documents"):
-        dl.GPTPretrainDataset([], tiny_tokenizer, 32)
-    assert len(dl.GPTPretrainDataset(write(tmp_path / "d.txt", "\n".join(DOCS)), tiny_tokenizer, 32)) == 3
-
-
 def test_sft_labels_mask_exactly_prompt_and_padding(tiny_tokenizer):
     records = [{"instruction": "写诗", "response": "床前明月光"},
                {"instruction": "Greet", "input": "Bob", "response": "Hello Bob, how are you today?"}]
@@ -239,7 +148,7 @@ def test_sft_labels_mask_exactly_prompt_and_padding(tiny_tokenizer):
     batch = dl.collate_batch([ds[0], ds[1]], tiny_tokenizer.pad_token_id)
     for row, record in enumerate(records):
         prompt_ids = [tiny_tokenizer.bos_token_id,
-                      *tiny_tokenizer.encode_ordinary(dl.build_sft_prompt(dl.record_instruction(record)))]
+                      *tiny_tokenizer.encode_ordinary(build_sft_prompt(record_instruction(record)))]
         response_ids = [*tiny_tokenizer.encode_ordinary(record["response"]), tiny_tokenizer.eos_token_id]
         n = len(prompt_ids) + len(response_ids)
         assert batch["input_ids"][row, :n].tolist() == prompt_ids + response_ids
@@ -259,23 +168,23 @@ def test_sft_truncates_long_and_drops_hopeless_samples(tiny_tokenizer):
         dl.GPTSFTDataset(records[1:], tiny_tokenizer, max_seq_len=48)
 
 
-def test_sft_dataset_custom_template_and_dataloader(tiny_tokenizer, tmp_path):
+def test_sft_dataset_custom_template_and_batches(tiny_tokenizer, tmp_path):
     path = write(tmp_path / "sft.jsonl",
                  "\n".join(json.dumps({"instruction": f"q{i}", "response": "a" * (i + 1)}) for i in range(5)))
     ds = dl.GPTSFTDataset(path, tiny_tokenizer, 64, template="Q: {instruction}\nA: {response}")
     prompt = [tiny_tokenizer.bos_token_id, *tiny_tokenizer.encode_ordinary("Q: q0\nA: ")]
     assert ds[0]["input_ids"][: len(prompt)].tolist() == prompt
-    loader = dl.create_sft_dataloader(path, tiny_tokenizer, 64, batch_size=2, shuffle=True, seed=0)
-    batches = list(loader)
-    assert [b["input_ids"].shape[0] for b in batches] == [2, 2, 1]
-    assert (sum(int((b["labels"] != -100).sum()) for b in batches)
+    batches = dl.ShuffledBatches(ds, 2, lambda items: dl.collate_batch(items, tiny_tokenizer.pad_token_id), seed=0)
+    epoch = [next(batches) for _ in range(batches.batches_per_epoch)]
+    assert [b["input_ids"].shape[0] for b in epoch] == [2, 2, 1]
+    assert (sum(int((b["labels"] != -100).sum()) for b in epoch)
             == sum(int((ds[i]["labels"] != -100).sum()) for i in range(5)))
 
 
-def test_ppo_dataset_gives_prompt_masked_chosen_and_rejected(tiny_tokenizer):
+def test_preference_dataset_gives_prompt_masked_chosen_and_rejected(tiny_tokenizer):
     records = [{"instruction": "Greet", "chosen": "Good morrow, friend.", "rejected": "Go away."}]
-    item = dl.GPTPPODataset(records, tiny_tokenizer, max_seq_len=64)[0]
-    prompt = [tiny_tokenizer.bos_token_id, *tiny_tokenizer.encode_ordinary(dl.build_sft_prompt("Greet"))]
+    item = dl.PreferencePairDataset(records, tiny_tokenizer, max_seq_len=64)[0]
+    prompt = [tiny_tokenizer.bos_token_id, *tiny_tokenizer.encode_ordinary(build_sft_prompt("Greet"))]
     assert item["prompt_input_ids"].tolist() == prompt
     for side in ("chosen", "rejected"):
         answer = [*tiny_tokenizer.encode_ordinary(records[0][side]), tiny_tokenizer.eos_token_id]

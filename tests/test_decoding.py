@@ -4,11 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decoding import (
-    DecodeEngine, DecodingError, IncrementalDetokenizer, SamplingParams, StopStringMatcher, apply_repetition_penalty,
-    apply_top_k, apply_top_p, cut_at_eos, encode_prompt, left_pad, max_prompt_len,
-)
+from decoding import (DecodeEngine, DecodingError, IncrementalDetokenizer, SamplingParams, StopStringMatcher,
+                      apply_repetition_penalty, apply_top_k, apply_top_p, cut_at_eos, left_pad)
 from gpt_model import GPTModel
+from prompts import encode_prompt, max_prompt_len
 
 SMALL = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, d_ff=128, max_seq_len=48)
 GREEDY = SamplingParams(max_new_tokens=12, do_sample=False)
@@ -57,9 +56,8 @@ def assert_same_greedy(got: list[int], expected: list[int], gaps: list[float]) -
 
 def test_sampling_processors_match_transformers():
     pytest.importorskip("transformers")
-    from transformers.generation.logits_process import (
-        RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper,
-    )
+    from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
     torch.manual_seed(0)
     logits = torch.randn(4, 50) * 3
     history = torch.randint(0, 50, (4, 12))

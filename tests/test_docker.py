@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
-from tests.test_api_service import checkpoint, free_port, one_thread  # noqa: F401 (fixtures)
+from tests.test_api_service import checkpoint  # noqa: F401 (fixtures)
+from tests.test_api_service import free_port, one_thread
 
 DOCKER = ROOT / "docker"
 # CUDA major.minor of the pinned torch's Linux x86_64 wheel on PyPI (its Requires-Dist: cuda-toolkit==13.0.3,

@@ -339,7 +339,7 @@ def test_data_that_does_not_fit_the_model_type_is_rejected(tiny_tokenizer, tmp_p
         ev.evaluate_pretrained(sft_jsonl)
     with pytest.raises(EvaluationError, match="not found"):
         ev.evaluate_pretrained(tmp_path / "missing.txt")
-    from data_loader import DataError
+    from readers import DataError
 
     with pytest.raises(DataError):
         ev.evaluate_pretrained(write_lines(tmp_path / "empty.txt", ["", "  "]))
@@ -348,7 +348,8 @@ def test_data_that_does_not_fit_the_model_type_is_rejected(tiny_tokenizer, tmp_p
 @pytest.fixture()
 def checkpoint_dir(tiny_tokenizer, tiny_tokenizer_dir, tiny_config, tmp_path) -> Path:
     """Two tiny checkpoints (different seeds) with a copy of their tokenizer, as the trainer lays them out."""
-    from gpt_model import GPTModel, save_checkpoint
+    from checkpoints import save_checkpoint
+    from gpt_model import GPTModel
 
     folder = tmp_path / "run"
     shutil.copytree(tiny_tokenizer_dir, folder / "tokenizer")
@@ -410,10 +411,13 @@ def test_reward_model_type_and_reward_scores_of_responses(checkpoint_dir, tiny_c
                                                           capsys, likelihood_weight):
     """A reward model (with or without the answer likelihood in its score): pairwise accuracy and margins checked
     against a direct call, and best-of-N's scores of (prompt, response) equal to the pair's."""
-    from data_loader import PreferencePairDataset, build_sft_prompt, collate_pairs
-    from decoding import reward_scores
-    from gpt_model import GPTModel, GPTRewardModel, save_checkpoint
     import evaluator
+    from checkpoints import save_checkpoint
+    from data_loader import PreferencePairDataset, collate_pairs
+    from decoding import reward_scores
+    from gpt_model import GPTModel
+    from model_heads import GPTRewardModel
+    from prompts import build_sft_prompt
 
     torch.manual_seed(0)
     reward = GPTRewardModel.from_language_model(GPTModel(tiny_config), likelihood_weight)

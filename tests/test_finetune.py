@@ -9,14 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoints
 import data_loader
 import finetune as ft
 import gpt_model
 import metrics
+import model_heads
+import readers
 import training
 import verifiers
 from conftest import ROOT
 from evaluator import GPTEvaluator, exact_match_by_task
+from prompts import SFT_TEMPLATE, build_sft_prompt, record_prompt_ids
 
 SFT_DATA = ROOT / "data" / "sft"
 
@@ -30,7 +34,7 @@ def files(tiny_tokenizer, tiny_tokenizer_dir, tmp_path) -> dict[str, Path]:
     model = gpt_model.GPTModel(gpt_model.GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=64,
                                                                n_layers=1, d_model=32, n_heads=2))
     pretrained = tmp_path / "pre" / "pretrain_best.pth"
-    gpt_model.save_checkpoint(pretrained, model, tokenizer_fingerprint=tiny_tokenizer.fingerprint)
+    checkpoints.save_checkpoint(pretrained, model, tokenizer_fingerprint=tiny_tokenizer.fingerprint)
     shutil.copytree(tiny_tokenizer_dir, pretrained.parent / "tokenizer")
     out = {"pretrained": pretrained}
     for name, count in (("sft_data", 48), ("sft_test", 16), ("rlhf_pairwise", 48), ("rlhf_pairwise_test", 16)):
@@ -185,7 +189,7 @@ def test_reward_model_scores_and_label_logprobs_come_from_one_pass():
     torch.manual_seed(0)
     lm = gpt_model.GPTModel(gpt_model.GPTConfig(vocab_size=11, max_seq_len=8, n_layers=1, d_model=16, n_heads=2,
                                                 d_ff=32))
-    reward = gpt_model.GPTRewardModel.from_language_model(lm)
+    reward = model_heads.GPTRewardModel.from_language_model(lm)
     input_ids = torch.randint(0, 11, (2, 8))
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, 5:] = 0
@@ -201,13 +205,13 @@ def test_reward_likelihood_adds_the_learned_weight_times_the_mean_answer_logprob
     torch.manual_seed(0)
     lm = gpt_model.GPTModel(gpt_model.GPTConfig(vocab_size=11, max_seq_len=8, n_layers=1, d_model=16, n_heads=2,
                                                 d_ff=32))
-    reward = gpt_model.GPTRewardModel.from_language_model(lm, likelihood_weight=0.5)
+    reward = model_heads.GPTRewardModel.from_language_model(lm, likelihood_weight=0.5)
     input_ids = torch.randint(0, 11, (2, 8))
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, 5:] = 0
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     labels[:, :3] = -100  # row 0 scores 5 answer tokens, row 1 two
-    head_only = gpt_model.at_last_token(reward.values(input_ids, attention_mask), attention_mask)
+    head_only = model_heads.at_last_token(reward.values(input_ids, attention_mask), attention_mask)
     mean_logprob = metrics.scored_logprobs(lm, input_ids, attention_mask, labels, average=True)
     scores = reward.score(input_ids, attention_mask, labels)
     assert scores.tolist() == pytest.approx((head_only + 0.5 * mean_logprob).tolist(), abs=1e-5)
@@ -215,8 +219,8 @@ def test_reward_likelihood_adds_the_learned_weight_times_the_mean_answer_logprob
         reward(input_ids, attention_mask)
     assert reward.likelihood_weight.requires_grad  # learned with the head
     path = tmp_path / "reward_best.pth"
-    gpt_model.save_checkpoint(path, reward, model_class="reward", reward_likelihood=True)
-    loaded = gpt_model._model_from_checkpoint(gpt_model.load_checkpoint(path), path)
+    checkpoints.save_checkpoint(path, reward, model_class="reward", reward_likelihood=True)
+    loaded = checkpoints.build_model(checkpoints.load_checkpoint(path), path)
     assert loaded.likelihood and torch.equal(loaded.score(input_ids, attention_mask, labels), scores)
 
 
@@ -224,7 +228,7 @@ def test_reward_nll_weight_adds_the_chosen_answers_per_token_nll(tiny_tokenizer)
     torch.manual_seed(0)
     lm = gpt_model.GPTModel(gpt_model.GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=64,
                                                             n_layers=1, d_model=32, n_heads=2))
-    reward = gpt_model.GPTRewardModel.from_language_model(lm)
+    reward = model_heads.GPTRewardModel.from_language_model(lm)
     pairs = [{"instruction": "计算 1 + 2 = ?", "chosen": "3", "rejected": "4"},
              {"instruction": "Who?", "chosen": "ROMEO", "rejected": "JULIET"}]
     dataset = data_loader.PreferencePairDataset(pairs, tiny_tokenizer, max_seq_len=64)
@@ -270,7 +274,7 @@ def test_sft_loss_scores_response_tokens_only(tiny_tokenizer):
     record = {"instruction": "计算 1 + 2 = ?", "response": "3"}
     dataset = data_loader.GPTSFTDataset([record], tiny_tokenizer, 64)
     item = dataset[0]
-    prompt = data_loader.build_sft_prompt(record["instruction"])
+    prompt = build_sft_prompt(record["instruction"])
     n_prompt = 1 + len(tiny_tokenizer.encode_ordinary(prompt))
     assert (item["labels"][:n_prompt] == -100).all() and (item["labels"][n_prompt:] != -100).all()
     model = gpt_model.GPTModel(gpt_model.GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=64,
@@ -286,8 +290,8 @@ def test_sft_loss_scores_response_tokens_only(tiny_tokenizer):
 def test_sft_run_writes_best_with_template_and_resumes_exactly(files, tmp_path):
     straight = config(files, tmp_path / "a", "sft", max_steps=6, save_interval=3, eval_interval=3)
     ft.run_sft(straight, None, show_progress=False)
-    best = gpt_model.load_checkpoint(Path(straight.output_dir) / "sft_best.pth")
-    assert best["sft_template"] == data_loader.SFT_TEMPLATE and best["stage"] == "sft"
+    best = checkpoints.load_checkpoint(Path(straight.output_dir) / "sft_best.pth")
+    assert best["sft_template"] == SFT_TEMPLATE and best["stage"] == "sft"
 
     killed = config(files, tmp_path / "b", "sft", max_steps=6, save_interval=3, eval_interval=3)
     ft.run_sft(killed, None, show_progress=False, stop_after=3)  # as if killed after step 3's checkpoint
@@ -302,9 +306,9 @@ def test_lora_sft_saves_small_adapters_that_load_through_the_one_entry_point(fil
     cfg = config(files, tmp_path, "sft", lora_r=4, lora_alpha=8.0, lr=1e-2)
     ft.run_sft(cfg, None, show_progress=False)
     out = Path(cfg.output_dir)
-    wrapped, tokenizer = gpt_model.load_model_and_tokenizer(out / "sft_best.pth")
-    adapted, _ = gpt_model.load_model_and_tokenizer(out / "sft_lora_adapter.pth", tokenizer_dir=out / "tokenizer")
-    base, _ = gpt_model.load_model_and_tokenizer(files["pretrained"])
+    wrapped, tokenizer = checkpoints.load_model_and_tokenizer(out / "sft_best.pth")
+    adapted, _ = checkpoints.load_model_and_tokenizer(out / "sft_lora_adapter.pth", tokenizer_dir=out / "tokenizer")
+    base, _ = checkpoints.load_model_and_tokenizer(files["pretrained"])
     ids = torch.tensor([[0, *tokenizer.encode_ordinary("计算 1 + 2 = ?")]])
     assert torch.allclose(wrapped(ids)["logits"], adapted(ids)["logits"], atol=1e-6)
     assert not torch.allclose(base(ids)["logits"], adapted(ids)["logits"], atol=1e-4)  # the adapters learned
@@ -317,10 +321,10 @@ def test_lora_sft_saves_small_adapters_that_load_through_the_one_entry_point(fil
 
     merged_cfg = config(files, tmp_path / "m", "sft", lora_r=4, lora_alpha=8.0, lr=1e-2, merge_lora=True)
     ft.run_sft(merged_cfg, None, show_progress=False)
-    merged = gpt_model.load_checkpoint(Path(merged_cfg.output_dir) / "sft_best.pth")
+    merged = checkpoints.load_checkpoint(Path(merged_cfg.output_dir) / "sft_best.pth")
     assert not merged.get("lora") and not any("lora_" in k for k in merged["model_state_dict"])
-    plain, _ = gpt_model.load_model_and_tokenizer(Path(merged_cfg.output_dir) / "sft_best.pth")
-    adapter, _ = gpt_model.load_model_and_tokenizer(Path(merged_cfg.output_dir) / "sft_lora_adapter.pth",
+    plain, _ = checkpoints.load_model_and_tokenizer(Path(merged_cfg.output_dir) / "sft_best.pth")
+    adapter, _ = checkpoints.load_model_and_tokenizer(Path(merged_cfg.output_dir) / "sft_lora_adapter.pth",
                                                     tokenizer_dir=Path(merged_cfg.output_dir) / "tokenizer")
     assert torch.allclose(plain(ids)["logits"], adapter(ids)["logits"], atol=1e-5)
 
@@ -334,8 +338,8 @@ def test_reward_stage_trains_and_its_checkpoint_is_a_reward_model(files, tmp_pat
     cfg = config(files, tmp_path, "reward", sft_model=str(Path(sft.output_dir) / "sft_best.pth"), max_steps=6,
                  eval_interval=3, reward_likelihood_weight=likelihood_weight)
     summary = ft.run_reward(cfg, None, show_progress=False)
-    model, tokenizer = gpt_model.load_model_and_tokenizer(summary["checkpoint"])
-    assert isinstance(model, gpt_model.GPTRewardModel) and model.likelihood == (likelihood_weight > 0)
+    model, tokenizer = checkpoints.load_model_and_tokenizer(summary["checkpoint"])
+    assert isinstance(model, model_heads.GPTRewardModel) and model.likelihood == (likelihood_weight > 0)
     if model.likelihood:  # the weight is learned, and the evaluator ranks by the same scores as training does
         assert model.likelihood_weight.item() != 1.0
         test_set = data_loader.PreferencePairDataset(str(files["rlhf_pairwise_test"]), tokenizer, 64)
@@ -354,7 +358,7 @@ def test_a_new_head_is_initialised_by_the_seed(files, tiny_tokenizer, tmp_path):
         torch.rand(draws_before)  # whatever ran before in the process must not matter
         cfg = config(files, tmp_path, "reward", seed=seed)
         model, _, _ = ft.resume_or(cfg, None, "reward", tiny_tokenizer,
-                                   lambda: gpt_model.GPTRewardModel.from_language_model(lm))
+                                   lambda: model_heads.GPTRewardModel.from_language_model(lm))
         return model.head.weight.detach().clone()
 
     assert torch.equal(head(0, 0), head(0, 5)) and not torch.equal(head(0, 0), head(1, 0))
@@ -364,12 +368,12 @@ def test_a_new_head_is_initialised_by_the_seed(files, tiny_tokenizer, tmp_path):
 def test_a_ppo_iteration_moves_the_policy_and_critic_but_not_the_reference_or_reward_model(files, tmp_path,
                                                                                             likelihood_weight):
     policy, tokenizer, _ = ft.load_base(str(files["pretrained"]), None, "--pretrained_model")
-    reward = gpt_model.GPTRewardModel.from_language_model(policy, likelihood_weight)
+    reward = model_heads.GPTRewardModel.from_language_model(policy, likelihood_weight)
     cfg = config(files, tmp_path, "rlhf", lr=1e-3, critic_lr=1e-3, rollout_batch_size=4, ppo_minibatch_size=2,
                  ppo_epochs=2, max_steps=1)
-    records = data_loader.load_sft_records(files["sft_test"])
-    prompts = [ft.prompt_ids(tokenizer, r, data_loader.SFT_TEMPLATE) for r in records]
-    trainer = ft.PPOTrainer(cfg, policy, reward, tokenizer, prompts, records[:4], data_loader.SFT_TEMPLATE,
+    records = readers.load_sft_records(files["sft_test"])
+    prompts = [record_prompt_ids(tokenizer, r, SFT_TEMPLATE) for r in records]
+    trainer = ft.PPOTrainer(cfg, policy, reward, tokenizer, prompts, records[:4], SFT_TEMPLATE,
                             show_progress=False)
     before = {name: {k: v.clone() for k, v in m.state_dict().items()}
               for name, m in (("policy", trainer.policy), ("reference", trainer.reference),
@@ -387,20 +391,21 @@ def test_evaluate_policy_gives_every_answer_its_room_whatever_the_batch(files):
     """A short prompt batched with a long one must not have its answer cut by the long one's place in the context:
     batched figures equal those of one prompt at a time."""
     policy, tokenizer, _ = ft.load_base(str(files["pretrained"]), None, "--pretrained_model")
-    reward = gpt_model.GPTRewardModel.from_language_model(policy, 1.0)
+    reward = model_heads.GPTRewardModel.from_language_model(policy, 1.0)
     short = {"instruction": "计算 1 + 2 = ?", "response": "3"}
     long = {"instruction": "床前明月光，疑是地上霜。", "response": "x"}
     records = [short, long, dict(short, instruction="计算 3 + 4 = ?"), long]
-    args = (policy, policy, reward, tokenizer, records, data_loader.SFT_TEMPLATE, 40)
-    assert len(ft.prompt_ids(tokenizer, long, data_loader.SFT_TEMPLATE)) + 40 > 64  # the long one leaves < 40
+    args = (policy, policy, reward, tokenizer, records, SFT_TEMPLATE, 40)
+    assert len(record_prompt_ids(tokenizer, long, SFT_TEMPLATE)) + 40 > 64  # the long one leaves < 40
     one_by_one = ft.evaluate_policy(*args, batch_size=1)
     assert ft.evaluate_policy(*args, batch_size=4) == pytest.approx(one_by_one, abs=1e-5)
 
 
 def test_samples_end_every_response_in_the_last_column_and_give_each_prompt_its_room(files):
     policy, tokenizer, _ = ft.load_base(str(files["pretrained"]), None, "--pretrained_model")
-    template = data_loader.SFT_TEMPLATE
-    prompts = [ft.prompt_ids(tokenizer, {"instruction": text}, template) for text in ("计算 1 + 2 = ?", "床前明月光，疑是地上霜。")]
+    template = SFT_TEMPLATE
+    prompts = [record_prompt_ids(tokenizer, {"instruction": text}, template)
+               for text in ("计算 1 + 2 = ?", "床前明月光，疑是地上霜。")]
     samples = ft.sample_responses(policy, prompts, 40, tokenizer, do_sample=False)
     alone = [ft.sample_responses(policy, [p], 40, tokenizer, do_sample=False).responses[0] for p in prompts]
     assert samples.responses == alone  # batched with a longer prompt, the short one keeps its room
@@ -447,7 +452,7 @@ def test_cli_errors_are_one_line(files, tmp_path, capsys):
 
     other = gpt_model.GPTModel(gpt_model.GPTConfig.from_preset("tiny", vocab_size=300, max_seq_len=64, n_layers=1,
                                                                d_model=32, n_heads=2))
-    gpt_model.save_checkpoint(tmp_path / "other" / "m.pth", other, tokenizer_fingerprint="another tokenizer")
+    checkpoints.save_checkpoint(tmp_path / "other" / "m.pth", other, tokenizer_fingerprint="another tokenizer")
     shutil.copytree(files["pretrained"].parent / "tokenizer", tmp_path / "other" / "tokenizer")
     code = ft.main(base + ["--pretrained_model", str(tmp_path / "other" / "m.pth")])
     err = capsys.readouterr().err
@@ -499,7 +504,7 @@ def test_dpo_and_rlvf_runs_write_their_best_checkpoints(files, tmp_path):
     summary = ft.run_dpo(dpo, None, show_progress=False)
     rows = training.read_metrics(Path(dpo.output_dir) / "metrics.jsonl")
     assert {"accuracy", "margin"} <= set(rows[0]) and "val_accuracy" in rows[-1]
-    assert isinstance(gpt_model.load_model_and_tokenizer(summary["checkpoint"])[0], gpt_model.GPTModel)
+    assert isinstance(checkpoints.load_model_and_tokenizer(summary["checkpoint"])[0], gpt_model.GPTModel)
     rlvf = config(files, tmp_path, "rlvf", sft_model=sft_model, max_steps=2, eval_interval=2, rollout_batch_size=2,
                   group_size=3, ppo_minibatch_size=3, ppo_epochs=1)
     summary = ft.run_rlvf(rlvf, None, show_progress=False)
@@ -518,9 +523,9 @@ def test_rl_stages_follow_the_training_loops_warmup_and_cosine(files, tmp_path):
     assert logged == pytest.approx([5e-5, 1e-4, 0.1e-4 + 0.5 * (1 + math.cos(math.pi / 2)) * 0.9e-4,
                                     0.1e-4 + 0.5 * (1 + math.cos(3 * math.pi / 4)) * 0.9e-4])
     policy, tokenizer, _ = ft.load_base(str(files["pretrained"]), None, "--pretrained_model")
-    reward = gpt_model.GPTRewardModel.from_language_model(policy, 1.0)
+    reward = model_heads.GPTRewardModel.from_language_model(policy, 1.0)
     ppo = config(files, tmp_path, "rlhf", lr=1e-4, critic_lr=3e-4, warmup_steps=4, max_steps=8)
-    trainer = ft.PPOTrainer(ppo, policy, reward, tokenizer, [[1, 2, 3]], [], data_loader.SFT_TEMPLATE,
+    trainer = ft.PPOTrainer(ppo, policy, reward, tokenizer, [[1, 2, 3]], [], SFT_TEMPLATE,
                             show_progress=False)
     trainer.step = 1
     assert trainer.apply_schedule() == pytest.approx(5e-5)
@@ -528,7 +533,7 @@ def test_rl_stages_follow_the_training_loops_warmup_and_cosine(files, tmp_path):
     assert trainer.critic_optimizer.param_groups[0]["lr"] == pytest.approx(1.5e-4)
     constant = config(files, tmp_path / "default", "rlhf",  # the stage's defaults: a constant lr
                       **{k: ft.STAGE_DEFAULTS["rlhf"][k] for k in ("lr", "warmup_steps", "min_lr_ratio")})
-    trainer = ft.PPOTrainer(constant, policy, reward, tokenizer, [[1, 2, 3]], [], data_loader.SFT_TEMPLATE,
+    trainer = ft.PPOTrainer(constant, policy, reward, tokenizer, [[1, 2, 3]], [], SFT_TEMPLATE,
                             show_progress=False)
     for trainer.step in (0, 75, 149):
         assert trainer.apply_schedule() == pytest.approx(constant.lr)

@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_loader import SFT_TEMPLATE, build_sft_prompt
+from checkpoints import save_checkpoint
 from decoding import SamplingParams, cut_at_eos
-from gpt_model import GPTModel, save_checkpoint
-from inference.kv_cache_infer import (
-    chat, chat_prompt_ids, generate_batch_with_kv_cache, generate_with_kv_cache, main, stream_with_kv_cache,
-)
+from gpt_model import GPTModel
+from inference.kv_cache_infer import (chat, generate_batch_with_kv_cache, generate_with_kv_cache, main,
+                                      stream_with_kv_cache)
+from prompts import SFT_TEMPLATE, build_sft_prompt
 
 
 @pytest.fixture()
@@ -47,14 +47,6 @@ def test_batch_and_stream_agree_with_single_prompts(model, tiny_tokenizer):
     assert "".join(pieces) == singles[1]
 
 
-def test_chat_prompt_is_sft_samples_and_drops_old_turns(tiny_tokenizer):
-    tok = tiny_tokenizer
-    ids = chat_prompt_ids(tok, [("hi", "hello")], "and you?", SFT_TEMPLATE, limit=200)
-    first = [tok.bos_token_id, *tok.encode_ordinary(build_sft_prompt("hi") + "hello"), tok.eos_token_id]
-    assert ids == first + [tok.bos_token_id, *tok.encode_ordinary(build_sft_prompt("and you?"))]
-    assert chat_prompt_ids(tok, [("hi", "hello")], "and you?", SFT_TEMPLATE, limit=len(ids) - 1) == ids[len(first):]
-
-
 def test_chat_loop_streams_resets_and_exits_cleanly(model, tiny_tokenizer):
     def scripted(lines):
         lines = iter(lines)
@@ -82,7 +74,7 @@ def test_chat_loop_streams_resets_and_exits_cleanly(model, tiny_tokenizer):
 
 def test_cli_generates_and_chats(checkpoint, capsys, monkeypatch):
     assert main(["--model_path", str(checkpoint), "--prompt", "ROMEO:", "--prompt", "LEAR:", "--greedy",
-                 "--max_gen_len", "5"]) == 0
+                 "--max_new_tokens", "5"]) == 0
     out = capsys.readouterr().out
     assert out.count("--- ") == 2 and "--- ROMEO:" in out
     assert main(["--model_path", str(checkpoint), "--prompt", "ROMEO:", "--stream", "--seed", "1"]) == 0
@@ -98,13 +90,10 @@ def test_cli_errors_are_one_line(checkpoint, tmp_path, capsys):
              (good, "--prompt"),
              ([*good, "--prompt", "x", "--interactive"], "do not combine"),
              ([*good, "--prompt", "x", "--top_p", "2"], "top_p"),
-             ([*good, "--prompt", "x", "--max_gen_len", "0"], "max_gen_len"),
+             ([*good, "--prompt", "x", "--max_new_tokens", "0"], "max_new_tokens"),
              ([*good, "--prompt", "x", "--device", "cuda:7" if not torch.cuda.is_available() else "tpu"], "device"),
              ([*good, "--prompt", "x", "--no_such_flag"], "no_such_flag")]
     for argv, fragment in cases:
-        try:
-            code = main(argv)
-        except SystemExit as exc:
-            code = exc.code
+        code = main(argv)
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("error: ") and fragment in err and err.count("\n") == 1, (argv, err)

@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gpt_model import GPTConfig, GPTModel, save_checkpoint
+from checkpoints import build_model, load_checkpoint, save_checkpoint
+from gpt_model import GPTConfig, GPTModel
 from lora import (LoRAError, LoRALinear, apply_lora, count_parameters, load_lora_state_dict, lora_state_dict,
                   mark_only_lora_trainable, merge_lora, save_lora)
 
@@ -75,7 +76,7 @@ def test_merged_model_round_trips_through_a_checkpoint(tmp_path):
     x = tokens()
     expected = model(x)["logits"]
     save_checkpoint(tmp_path / "merged.pth", merge_lora(model))
-    reloaded = GPTModel.from_pretrained(tmp_path / "merged.pth").eval()
+    reloaded = build_model(load_checkpoint(tmp_path / "merged.pth"), "checkpoint").eval()
     torch.testing.assert_close(reloaded(x)["logits"], expected, atol=1e-5, rtol=0)
 
 

@@ -15,12 +15,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import checkpoints
 import data_loader as dl
 import gpt_model
 import pretrain_trainer as pt
 from byte_level_bpe import ByteLevelBPETokenizer
 from conftest import VAL_TXT, corpus_lines, write_corpus
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -57,9 +57,9 @@ def test_loss_decreases_and_run_outputs(corpus, tiny_tokenizer, tmp_path):
     out = Path(tmp_path)
     assert sorted(p.name for p in out.glob("*.pth")) == ["pretrain_best.pth", "pretrain_step_100.pth"]  # keep_last=1
     assert (out / "loss_curve.png").stat().st_size > 0
-    model, tokenizer = gpt_model.load_model_and_tokenizer(out / "pretrain_best.pth")
+    model, tokenizer = checkpoints.load_model_and_tokenizer(out / "pretrain_best.pth")
     assert tokenizer.fingerprint == tiny_tokenizer.fingerprint
-    best = gpt_model.load_checkpoint(out / "pretrain_best.pth")
+    best = checkpoints.load_checkpoint(out / "pretrain_best.pth")
     assert best["tokenizer_fingerprint"] == tiny_tokenizer.fingerprint and best["step"] == 100
     for key, value in pt.evaluate_stream(model, trainer.val_stream, trainer.byte_lengths, 4, torch.device("cpu"),
                                          torch.float32).items():
@@ -137,7 +137,7 @@ def test_failed_save_keeps_the_previous_checkpoint(corpus, tiny_tokenizer, tmp_p
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
         trainer.save(tmp_path / "pretrain_step_1.pth")
-    assert gpt_model.load_checkpoint(tmp_path / "pretrain_step_1.pth")["step"] == 0
+    assert checkpoints.load_checkpoint(tmp_path / "pretrain_step_1.pth")["step"] == 0
 
 
 def _free_port() -> int:
@@ -174,7 +174,7 @@ def test_ddp_two_cpu_processes_average_gradients(corpus, tiny_tokenizer_dir, tin
     assert not torch.equal(rank0["first_batch"], rank1["first_batch"])  # each rank saw its own data
     for name, value in rank0["params"].items():
         assert torch.equal(value, rank1["params"][name]), name  # ...yet the averaged gradients kept them in step
-    checkpoint = gpt_model.load_checkpoint(tmp_path / "run" / "pretrain_step_4.pth")
+    checkpoint = checkpoints.load_checkpoint(tmp_path / "run" / "pretrain_step_4.pth")
     assert len(checkpoint["rank_states"]) == 2
     assert all(torch.equal(checkpoint["model_state_dict"][k], v) for k, v in rank0["params"].items())
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

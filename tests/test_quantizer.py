@@ -10,13 +10,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gpt_model import GPTModel, load_checkpoint, load_model_and_tokenizer, save_checkpoint
-from inference.quantizer import (
-    Int8Embedding, Int8Linear, PackedLinear, QuantizationError, _fbgemm_available, load_quantized_model, main,
-    quantize_model_int8, quantize_per_channel, save_quantized_model, pack_linears_for_cpu, prepare_for_inference,
-)
+from checkpoints import load_checkpoint, load_model_and_tokenizer, save_checkpoint
+from gpt_model import GPTModel
+from inference.quantizer import main
+from quantization import (Int8Embedding, Int8Linear, PackedLinear, QuantizationError, fbgemm_available,
+                          pack_linears_for_cpu, prepare_for_inference, quantize_model_int8, quantize_per_channel)
 
-KERNELS = ["dequant", pytest.param("fbgemm", marks=pytest.mark.skipif(not _fbgemm_available(), reason="no FBGEMM")),
+KERNELS = ["dequant", pytest.param("fbgemm", marks=pytest.mark.skipif(not fbgemm_available(), reason="no FBGEMM")),
            pytest.param("int8pack", marks=pytest.mark.skipif(not hasattr(torch, "_weight_int8pack_mm"), reason="no"))]
 
 
@@ -75,15 +75,13 @@ def test_int8_logits_close_to_fp32(model, kernel):
 def test_save_load_round_trip_and_size(model, run_dir, tiny_tokenizer):
     ids = torch.randint(0, model.config.vocab_size, (2, 30), generator=torch.Generator().manual_seed(2))
     quantize_model_int8(model)
-    save_quantized_model(model, run_dir / "int8.pth", tokenizer_fingerprint=tiny_tokenizer.fingerprint)
+    save_checkpoint(run_dir / "int8.pth", model, tokenizer_fingerprint=tiny_tokenizer.fingerprint)
     ckpt = load_checkpoint(run_dir / "int8.pth")
     assert ckpt["quantization"] == "int8" and ckpt["model_state_dict"]["lm_head.weight"].dtype == torch.int8
     assert (run_dir / "int8.pth").stat().st_size <= 0.3 * (run_dir / "fp32.pth").stat().st_size
-    loaded = load_quantized_model(run_dir / "int8.pth")
     via_loader, tokenizer = load_model_and_tokenizer(run_dir / "int8.pth")  # the one loading entry point
     with torch.no_grad():
-        expected = model(ids)["logits"]
-        assert torch.equal(loaded(ids)["logits"], expected) and torch.equal(via_loader(ids)["logits"], expected)
+        assert torch.equal(via_loader(ids)["logits"], model(ids)["logits"])
     assert via_loader.lm_head.weight is via_loader.transformer.wte.weight
     prompt = torch.tensor([[tokenizer.bos_token_id] + tokenizer.encode_ordinary("ROMEO:")])
     assert torch.equal(via_loader.generate(prompt, max_gen_len=8, do_sample=False),
@@ -94,7 +92,7 @@ def test_evaluator_reads_an_int8_checkpoint(model, run_dir, tmp_path, capsys):
     import evaluator
 
     quantize_model_int8(model)
-    save_quantized_model(model, run_dir / "int8.pth")
+    save_checkpoint(run_dir / "int8.pth", model)
     val = tmp_path / "val.txt"
     val.write_text("ROMEO: What say you?\nJULIET: 床前明月光\n", encoding="utf-8")
     reports = []
@@ -103,7 +101,8 @@ def test_evaluator_reads_an_int8_checkpoint(model, run_dir, tmp_path, capsys):
                                "--output", str(tmp_path / "r.json")]) == 0
         reports.append(json.loads((tmp_path / "r.json").read_text())["results"][0])
     assert abs(reports[1]["bits_per_byte"] / reports[0]["bits_per_byte"] - 1) < 0.01
-    fp32, _ = load_model_and_tokenizer(run_dir / "fp32.pth")  # the INT8 model counts the weights it was made from
+    fp32, _ = load_model_and_tokenizer(run_dir / "fp32.pth", trainable=True)  # plain weights
+    # the packed fp32 model and the INT8 one count the weights they were made from
     assert reports[0]["n_parameters"] == reports[1]["n_parameters"] == fp32.num_parameters()
 
 
@@ -111,7 +110,7 @@ def test_cli_quantizes_and_reports(run_dir, tmp_path, capsys):
     val = tmp_path / "val.txt"
     val.write_text("ROMEO: What say you?\nLEAR: Attend the lords.\n", encoding="utf-8")
     out = tmp_path / "elsewhere" / "int8.pth"
-    assert main(["--model_path", str(run_dir / "fp32.pth"), "--output", str(out), "--eval_data", str(val)]) == 0
+    assert main(["--model_path", str(run_dir / "fp32.pth"), "--output", str(out), "--test_data_path", str(val)]) == 0
     printed = capsys.readouterr().out
     assert "int8 checkpoint" in printed and "bits_per_byte" in printed
     assert (out.parent / "tokenizer" / "vocab.json").exists()  # copied, so the output loads on its own
@@ -119,26 +118,26 @@ def test_cli_quantizes_and_reports(run_dir, tmp_path, capsys):
 
 
 def test_cli_errors_are_one_line(model, run_dir, tmp_path, capsys):
-    save_quantized_model(quantize_model_int8(model), run_dir / "int8.pth")
-    cases = [(["--model_path", str(run_dir / "int8.pth"), "--output", str(tmp_path / "o.pth")], "already an INT8"),
+    save_checkpoint(run_dir / "int8.pth", quantize_model_int8(model))
+    cases = [(["--model_path", str(run_dir / "int8.pth"), "--output", str(tmp_path / "o.pth")],
+              "is an INT8 checkpoint, for inference only"),
              (["--model_path", str(tmp_path / "missing.pth"), "--output", str(tmp_path / "o.pth")], "missing.pth"),
              (["--model_path", str(run_dir / "fp32.pth"), "--output", str(run_dir / "fp32.pth")], "must differ"),
              (["--model_path", str(run_dir / "fp32.pth"), "--output", str(tmp_path / "o.pth"),
-               "--eval_data", str(tmp_path / "nope.txt")], "nope.txt")]
+               "--test_data_path", str(tmp_path / "nope.txt")], "nope.txt")]
     for argv, fragment in cases:
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and fragment in err and err.count("\n") == 1, err
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--model_path", "m.pth", "--output", "o.pth", "--batch_size", "0"])
+    assert main(["--model_path", "m.pth", "--output", "o.pth", "--batch_size", "0"]) == 2
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert err.startswith("error: ") and "--batch_size" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("onednn", [True, False])
 def test_packed_fp32_linears_give_the_same_logits_and_tokens(model, monkeypatch, onednn):
     if not onednn:  # the (in, out) fallback where oneDNN is missing
-        monkeypatch.setattr("inference.quantizer._onednn_available", lambda: False)
+        monkeypatch.setattr("quantization.onednn_available", lambda: False)
     ids = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(3))
     prompt = ids[:1, :5]
     with torch.no_grad():

@@ -37,8 +37,8 @@ from pathlib import Path
 
 from atomic_file import atomic_path
 from byte_level_bpe import ByteLevelBPETokenizer
-import data_loader
-from data_loader import SFT_TEMPLATE
+from prompts import SFT_TEMPLATE
+from readers import read_documents
 
 DEFAULT_OUTPUT = Path("data/sft")
 DEFAULT_CORPUS = Path("data/pretrain/train.txt")
@@ -132,10 +132,10 @@ def arithmetic_examples(rng: random.Random, sizes: Sizes) -> tuple[list[Example]
     rng.shuffle(pairs)
     test = pairs[:sizes.arithmetic_test]
     train = pairs[sizes.arithmetic_test:sizes.arithmetic_test + sizes.arithmetic_train]
-    return [_arithmetic(a, b) for a, b in train], [_arithmetic(a, b) for a, b in test]
+    return [arithmetic_example(a, b) for a, b in train], [arithmetic_example(a, b) for a, b in test]
 
 
-def _arithmetic(a: int, b: int) -> Example:
+def arithmetic_example(a: int, b: int) -> Example:
     total = a + b
     wrong = {str(total + d) for d in (-10, -1, 1, 10) if total + d >= 0}
     if total >= 10:
@@ -261,7 +261,7 @@ def context_fit(corpus: Path) -> Fits:
     """Whether an example (its prompt with the longest of its answers) fits the default model's context, measured
     with the tokenizer `python pretrain_trainer.py` trains on the same corpus (deterministic, ~2 s)."""
     tokenizer = ByteLevelBPETokenizer(vocab_size=VOCAB_SIZE)
-    tokenizer.train(data_loader.read_documents(corpus), show_progress=False)
+    tokenizer.train(read_documents(corpus), show_progress=False)
 
     def fits(example: Example) -> bool:
         longest = max(len(tokenizer.encode_ordinary(SFT_TEMPLATE.format(instruction=example.instruction, response=a)))

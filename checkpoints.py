@@ -1,0 +1,353 @@
+"""The one checkpoint format and its one loader: every kind of model file the project writes (a float or INT8 language
+model, a LoRA adapter on its base, a reward model, a classifier), read once, checked, built, and prepared for what
+the caller does with it; and what a file is, in words.
+
+    model, tokenizer = load_model_and_tokenizer("models/sft/sft_best.pth")   # inference: eval mode, fast weights
+    loaded = load("models/pretrain/pretrain_best.pth", trainable=True, expect="lm", flag="--pretrained_model")
+    loaded.model, loaded.tokenizer, loaded.template, loaded.kind, loaded.metadata
+    python checkpoints.py models/sft/sft_best.pth                            # what is this file?
+
+A checkpoint is one ``torch.save`` dict, read with ``weights_only=True``: ``model_state_dict`` + ``config`` (the
+GPTConfig) + metadata (``model_class``, ``stage``, ``step``, ``sft_template``, ``tokenizer_fingerprint``,
+``train_args``, ...) and, in the trainers' step checkpoints, the training state. An INT8 file adds
+``quantization: "int8"``; a LoRA adapter file holds ``lora_state_dict`` + ``base_model`` (the file it adapts).
+
+Its own module, above the model, the heads, LoRA and the INT8 layers, so that none of them imports another to load.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import cli
+import lora
+from atomic_file import atomic_path
+from byte_level_bpe import ByteLevelBPETokenizer
+from devices import resolve_device, resolve_dtype
+from gpt_model import GPTConfig, GPTModel
+from model_heads import GPTClassifier, GPTRewardModel
+from prompts import SFT_TEMPLATE
+from quantization import is_packed, is_quantized, prepare_for_inference, swap_in_int8
+
+MODEL_CLASSES = {"lm": GPTModel, "reward": GPTRewardModel, "classify": GPTClassifier}
+KIND_NAMES = {"lm": "a language model", "lm-int8": "an INT8 language model", "lora": "LoRA adapters",
+              "reward": "a reward model", "classify": "a classifier"}
+KIND_SOURCES = {"lm": "pretrain_trainer.py or finetune.py --mode sft/rlhf/dpo/rlvf", "lm-int8": "inference.quantizer",
+                "lora": "finetune.py --mode sft --lora_r N", "reward": "finetune.py --mode reward",
+                "classify": "finetune.py --mode classify"}
+# Entries that are weights or training state, not metadata.
+STATE_KEYS = ("model_state_dict", "lora_state_dict", "optimizer", "scaler", "rank_states", "step_state")
+_ALLOWED_EXTRA_TYPES = (torch.Tensor, str, int, float, bool, type(None))
+
+
+class CheckpointError(ValueError):
+    """A checkpoint (or weights folder) is missing, corrupt, of the wrong kind, or does not match the model."""
+
+
+# ----------------------------------------------------------------------------- writing
+
+def _check_extra(value: Any, where: str) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, (str, int)):
+                raise CheckpointError(f"checkpoint extra {where} has a key of type {type(k).__name__}; use str keys")
+            _check_extra(v, f"{where}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_extra(v, f"{where}[{i}]")
+    elif not isinstance(value, _ALLOWED_EXTRA_TYPES):
+        raise CheckpointError(f"checkpoint extra {where} is a {type(value).__name__}, which "
+                              "torch.load(weights_only=True) cannot read back; store tensors, dicts, lists, str, int, "
+                              "float, bool or None")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module behind torch.compile (_orig_mod) and DDP (module) wrappers."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> None:
+    """Atomically write {"model_state_dict", "config", **extra} (synced temp file, then rename); an INT8 model also
+    records its quantization, so it loads back as INT8."""
+    clash = {"model_state_dict", "config"} & set(extra)
+    if clash:
+        raise CheckpointError(f"checkpoint extra key(s) {', '.join(sorted(clash))} are reserved; rename them")
+    model = unwrap(model)
+    if is_packed(model):
+        raise CheckpointError("this model was prepared for inference (packed weights are not saved): load it with "
+                              "trainable=True to save it")
+    if is_quantized(model):
+        extra = {"quantization": "int8", "quantization_config": dict(model.quantization_config), **extra}
+    for key, value in extra.items():
+        _check_extra(value, repr(key))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"model_state_dict": model.state_dict(), "config": model.config.to_dict(), **extra}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+# ----------------------------------------------------------------------------- reading
+
+def _torch_load(path: Path, **kwargs) -> Any:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} not found; pass the .pth file written by a trainer")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a file; pass the .pth file, not its folder")
+    try:
+        return torch.load(path, weights_only=True, **kwargs)
+    except Exception as exc:  # torch raises many types for truncated / foreign files
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file ({type(exc).__name__}); "
+                              "re-save it or pick another checkpoint") from exc
+
+
+def _check_format(ckpt: Any, path: Path) -> dict[str, Any]:
+    if isinstance(ckpt, dict) and "lora_state_dict" in ckpt and "base_model" in ckpt:
+        return ckpt
+    if not isinstance(ckpt, dict) or "model_state_dict" not in ckpt or "config" not in ckpt:
+        raise CheckpointError(f"{path} is not a checkpoint of this project (needs 'model_state_dict' and 'config'); "
+                              "write checkpoints with checkpoints.save_checkpoint")
+    return ckpt
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The whole checkpoint dict (weights and training state included), checked to be one of ours."""
+    path = Path(path)
+    return _check_format(_torch_load(path, map_location=map_location), path)
+
+
+def metadata_of(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's entries that are neither weights nor training state (config, template, stage, step, ...)."""
+    return {k: v for k, v in ckpt.items() if k not in STATE_KEYS}
+
+
+def checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """``metadata_of`` a checkpoint file without reading its weights (memory-mapped)."""
+    path = Path(path)
+    return metadata_of(_check_format(_torch_load(path, map_location="cpu", mmap=True), path))
+
+
+def checkpoint_kind(ckpt: Mapping[str, Any]) -> str:
+    """"lm", "lm-int8", "lora", "reward" or "classify" (see KIND_NAMES)."""
+    if "lora_state_dict" in ckpt:
+        return "lora"
+    if ckpt.get("quantization") is not None:
+        return "lm-int8"
+    return ckpt.get("model_class", "lm")
+
+
+def template_of(ckpt: Mapping[str, Any]) -> str:
+    """The SFT template a checkpoint's model was trained with (the default one for a model trained without one)."""
+    return ckpt.get("sft_template") or SFT_TEMPLATE
+
+
+def describe(path: str | os.PathLike) -> str:
+    """What a checkpoint file is, in one line: its kind, shape, stage and step, and whether a run can resume from it."""
+    path = Path(path)
+    ckpt = _check_format(_torch_load(path, map_location="cpu", mmap=True), path)
+    meta, kind = metadata_of(ckpt), checkpoint_kind(ckpt)
+    parts = [f"{path}: {KIND_NAMES.get(kind, f'an unknown model_class {kind!r}')}"]
+    if kind == "lora":
+        parts.append(f"for {meta.get('base_model')}")
+    else:
+        c = meta["config"]
+        parts.append(f"{c.get('n_layers')} layers x {c.get('d_model')}, context {c.get('max_seq_len')}, "
+                     f"vocab {c.get('vocab_size')}")
+    if kind == "classify":
+        parts.append(f"classes {meta.get('labels')}")
+    if "stage" in meta:
+        parts.append(f"stage {meta['stage']}, step {meta.get('step')}")
+    resumable = all(k in ckpt for k in ("optimizer", "rank_states"))
+    parts.append("resumable (--resume)" if resumable else "weights only")
+    return "; ".join(parts)
+
+
+# ----------------------------------------------------------------------------- building models
+
+def _strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the '_orig_mod.' (torch.compile) and 'module.' (DDP) prefixes from parameter names."""
+    clean = {}
+    for key, tensor in state.items():
+        while key.startswith(("_orig_mod.", "module.")):
+            key = key.split(".", 1)[1]
+        clean[key] = tensor
+    return clean
+
+
+def load_state_dict_checked(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """load_state_dict with one-line errors naming the missing / unexpected / mis-shaped tensor."""
+    state = _strip_wrapper_prefixes(state)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(f"{source} does not match {type(model).__name__}: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+    for key, tensor in expected.items():
+        if state[key].shape != tensor.shape:
+            raise CheckpointError(f"{source}: tensor {key} has shape {tuple(state[key].shape)} in the checkpoint but "
+                                  f"{tuple(tensor.shape)} in the model built from its config")
+    model.load_state_dict(state)
+
+
+def _empty_model(ckpt: Mapping[str, Any], config: GPTConfig, source: str) -> nn.Module:
+    """The untrained module a checkpoint's weights go into: its class, INT8 layers, LoRA adapters."""
+    kind = checkpoint_kind(ckpt)
+    if kind == "lm-int8":
+        if ckpt["quantization"] != "int8":
+            raise CheckpointError(f"{source}: unknown quantization {ckpt['quantization']!r} (this version reads int8)")
+        lm_head = bool(ckpt.get("quantization_config", {}).get("lm_head", "lm_head.scale" in ckpt["model_state_dict"]))
+        return swap_in_int8(GPTModel(config), lm_head, quantize=False)
+    if kind not in MODEL_CLASSES:
+        raise CheckpointError(f"{source}: unknown model_class {kind!r}; expected one of {sorted(MODEL_CLASSES)}")
+    if kind == "classify":
+        labels = ckpt.get("labels")
+        if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
+            raise CheckpointError(f"{source}: a classify checkpoint needs 'labels', a list of >= 2 class names")
+        model = GPTClassifier(config, len(labels), labels)
+    elif kind == "reward":
+        model = GPTRewardModel(config, likelihood=bool(ckpt.get("reward_likelihood", False)))
+    else:
+        model = GPTModel(config)
+    if ckpt.get("lora"):  # adapters trained in place (sft_best.pth of a LoRA run): part of the saved state
+        lora.apply_lora(model, **ckpt["lora"])
+    return model
+
+
+def build_model(ckpt: Mapping[str, Any], source: str | os.PathLike) -> nn.Module:
+    """The model a checkpoint dict describes, with its weights (on CPU, as stored). A LoRA adapter file builds the base
+    checkpoint it names, then puts the adapters on it."""
+    if checkpoint_kind(ckpt) == "lora":
+        base_path = ckpt["base_model"]
+        model = build_model(load_checkpoint(base_path), base_path)
+        try:
+            return lora.load_lora_state_dict(model, ckpt)
+        except lora.LoRAError as err:
+            raise CheckpointError(f"{source}: {err}") from None
+    try:
+        config = GPTConfig.from_dict(ckpt["config"])
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{source}: bad config in checkpoint: {exc}") from exc
+    model = _empty_model(ckpt, config, str(source))
+    load_state_dict_checked(model, ckpt["model_state_dict"], str(source))
+    return model
+
+
+# ----------------------------------------------------------------------------- the loader
+
+@dataclass
+class Loaded:
+    """A checkpoint loaded for use: the model, its tokenizer, its kind, its SFT template and its metadata."""
+
+    model: nn.Module
+    tokenizer: ByteLevelBPETokenizer
+    kind: str
+    template: str
+    path: Path
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def load_tokenizer(checkpoint_path: str | os.PathLike, metadata: Mapping[str, Any], vocab_size: int,
+                   tokenizer_dir: str | os.PathLike | None = None) -> ByteLevelBPETokenizer:
+    """The tokenizer a checkpoint was trained with (default: <checkpoint folder>/tokenizer), checked against it."""
+    tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else Path(checkpoint_path).parent / "tokenizer"
+    if not tokenizer_dir.is_dir():
+        raise CheckpointError(f"tokenizer folder {tokenizer_dir} not found; pass --tokenizer_dir (tokenizer_dir=) "
+                              "pointing to the tokenizer the checkpoint was trained with")
+    tokenizer = ByteLevelBPETokenizer.from_pretrained(tokenizer_dir)
+    if len(tokenizer) > vocab_size:
+        raise CheckpointError(f"tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens but the model only "
+                              f"{vocab_size}; use the tokenizer the checkpoint was trained with")
+    fingerprint = metadata.get("tokenizer_fingerprint")
+    if fingerprint is not None and fingerprint != tokenizer.fingerprint:
+        raise CheckpointError(f"tokenizer in {tokenizer_dir} differs from the one {checkpoint_path} was trained with "
+                              "(fingerprint mismatch); pass the matching --tokenizer_dir")
+    return tokenizer
+
+
+def _check_kind(kind: str, expect: str | Sequence[str] | None, path: Path, flag: str, trainable: bool) -> None:
+    wanted = (expect,) if isinstance(expect, str) else tuple(expect or ())
+    family = {"lm-int8": "lm", "lora": "lm"}.get(kind, kind)
+    if wanted and family not in wanted:
+        names = " or ".join(KIND_NAMES[w] for w in wanted)
+        raise CheckpointError(f"{flag} {path} is {KIND_NAMES.get(kind, kind)} (written by {KIND_SOURCES.get(kind)}), "
+                              f"not {names}")
+    if trainable and kind == "lm-int8":
+        raise CheckpointError(f"{flag} {path} is an INT8 checkpoint, for inference only: pass the float checkpoint it "
+                              "was quantized from")
+
+
+def _ready(model: nn.Module, device: torch.device, trainable: bool, quantize: str, dtype: torch.dtype) -> nn.Module:
+    """On device, and either trainable (plain weights, train mode) or prepared for inference (eval mode, adapters
+    merged, INT8 or packed weights)."""
+    model = model.to(device)
+    if trainable:
+        return model.train()
+    if lora.lora_layers(model):
+        lora.merge_lora(model)  # fewer matmuls, and a plain model the fast layers can replace
+    return prepare_for_inference(model.eval().requires_grad_(False), quantize, dtype)
+
+
+def load(path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
+         device: str | torch.device | None = None, *, trainable: bool = False, quantize: str = "none",
+         dtype: str | torch.dtype = "float32", expect: str | Sequence[str] | None = None,
+         flag: str = "--model_path") -> Loaded:
+    """Load any checkpoint with its tokenizer, reading the file once.
+
+    trainable=False (inference): eval mode, LoRA adapters merged, weights prepared by
+    ``quantization.prepare_for_inference`` for ``dtype`` (INT8 when stored or ``quantize="int8"``, else prepacked fp32
+    on CPU): the same fast path for every caller. trainable=True: plain float weights in train mode (an INT8 file is an
+    error). ``expect`` ("lm", "reward", "classify") turns the wrong kind of file into a one-line error naming ``flag``.
+    """
+    path = Path(path)
+    ckpt = load_checkpoint(path)
+    kind = checkpoint_kind(ckpt)
+    _check_kind(kind, expect, path, flag, trainable)
+    model = build_model(ckpt, path)
+    metadata = metadata_of(ckpt)
+    tokenizer = load_tokenizer(path, metadata, model.config.vocab_size, tokenizer_dir)
+    device = resolve_device(device)
+    model = _ready(model, device, trainable, quantize, resolve_dtype(dtype, device))
+    return Loaded(model, tokenizer, "lm-int8" if is_quantized(model) else kind, template_of(metadata), path, metadata)
+
+
+def load_model_and_tokenizer(path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
+                             device: str | torch.device | None = None, **options: Any):
+    """(model, tokenizer) of ``load`` (eval mode and inference weights unless ``trainable=True``)."""
+    loaded = load(path, tokenizer_dir, device, **options)
+    return loaded.model, loaded.tokenizer
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python checkpoints.py FILE...``: what each checkpoint is; a file that is not one is a one-line error."""
+    return cli.run_cli(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    parser = cli.ArgumentParser(prog="python checkpoints.py",
+                                description="Say what each checkpoint file is: its kind (language model, INT8, LoRA "
+                                            "adapters, reward model, classifier), shape, stage, step, and whether a "
+                                            "run can resume from it.")
+    parser.add_argument("paths", nargs="+", metavar="FILE", help="checkpoint files (.pth)")
+    for path in parser.parse_args(argv).paths:
+        print(describe(path))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""The one reader of every data file format: documents (``.txt`` one per line, ``.jsonl`` ``{"text": ...}``, or a folder
+of them) and records (a ``.json`` list or ``.jsonl`` of objects: SFT, preference and classification records).
+
+Its own module, with no torch, because the tokenizer CLI, the data pipeline, the trainers, the evaluator and the
+verifiers all read these files and must agree on what they hold: the same files, the same order, and the same one-line
+``DataError`` (naming file and line) for a bad byte or a bad record.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+DOCUMENT_SUFFIXES = (".txt", ".jsonl")
+RECORD_SUFFIXES = (".json", ".jsonl")
+
+
+class DataError(ValueError):
+    """Bad or missing data; the message says what is wrong and how to fix it."""
+
+
+# ----------------------------------------------------------------------------- documents
+
+def _visible(path: Path, root: Path) -> bool:
+    """Not hidden and not under a hidden folder (the token cache lives in ``.cache/``)."""
+    return not any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def data_files(path: str | os.PathLike) -> list[Path]:
+    """The .txt / .jsonl files behind ``path``: the file itself, or a folder's files (subfolders included, hidden
+    ones skipped), sorted by path."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data path {path} does not exist: pass a .txt/.jsonl file or a folder of them")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*")
+                       if p.is_file() and p.suffix in DOCUMENT_SUFFIXES and _visible(p, path))
+        if not files:
+            raise DataError(f"folder {path} holds no .txt or .jsonl files: add data files or point at another folder")
+        return files
+    if path.suffix not in DOCUMENT_SUFFIXES:
+        raise DataError(f"{path} is not a .txt or .jsonl file: "
+                        f"use one document per line (.txt) or {{\"text\": ...}} per line (.jsonl)")
+    return [path]
+
+
+def utf8_lines(file: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file; a bad byte is a DataError naming the file and line."""
+    with open(file, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                yield line_no, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{file}:{line_no}: not UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1}): "
+                                "convert the file to UTF-8") from None
+
+
+def json_line(file: Path, line_no: int, line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{file}:{line_no}: invalid JSON ({err.msg}): fix or remove that line") from None
+
+
+def _file_documents(file: Path) -> Iterator[str]:
+    count = 0
+    for line_no, line in utf8_lines(file):
+        if not line.strip():
+            continue
+        if file.suffix == ".jsonl":
+            record = json_line(file, line_no, line)
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise DataError(f"{file}:{line_no}: expected an object with a string \"text\" field, "
+                                f"e.g. {{\"text\": \"...\"}}")
+            text = record["text"]
+        else:
+            text = line.rstrip("\r\n")
+        count += 1
+        yield text
+    if count == 0:
+        raise DataError(f"{file} holds no documents (empty or only blank lines): add text or remove the file")
+
+
+def read_documents(path: str | os.PathLike) -> Iterator[str]:
+    """Documents from a .txt (one per line, blank lines skipped), a .jsonl ({"text": ...}) or a folder of them,
+    streamed (nothing holds the corpus in memory)."""
+    for file in data_files(path):
+        yield from _file_documents(file)
+
+
+# ----------------------------------------------------------------------------- records
+
+def _located_records(path: Path) -> list[tuple[str, Any]]:
+    """(where, record) of every record of a .json list or a .jsonl file."""
+    if path.suffix == ".json":
+        text = "".join(line for _, line in utf8_lines(path))
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg}): fix the file") from None
+        if not isinstance(records, list):
+            raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+        return [(f"{path}[{i}]", r) for i, r in enumerate(records)]
+    if path.suffix == ".jsonl":
+        return [(f"{path}:{n}", json_line(path, n, line)) for n, line in utf8_lines(path) if line.strip()]
+    raise DataError(f"{path} is not a .json or .jsonl file: records must be JSON objects")
+
+
+def load_records(path: str | os.PathLike, required: Sequence[str], optional: Sequence[str] = ()) -> list[dict]:
+    """Records from a .json list or a .jsonl file, checking that ``required`` fields are strings."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist: pass a .json list or a .jsonl file of records")
+    located = _located_records(path)
+    if not located:
+        raise DataError(f"{path} holds no records: add at least one {{{', '.join(repr(k) for k in required)}}} object")
+    for where, record in located:
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object with fields {list(required)}, "
+                            f"got {type(record).__name__}")
+        for key in required:
+            if not isinstance(record.get(key), str):
+                raise DataError(f"{where}: missing or non-string field {key!r} (required: {list(required)})")
+        for key in optional:
+            if key in record and not isinstance(record[key], str):
+                raise DataError(f"{where}: field {key!r} must be a string")
+    return [record for _, record in located]
+
+
+def load_sft_records(path: str | os.PathLike) -> list[dict]:
+    """Instruction records from a .json list or .jsonl: {"instruction", "response"} plus optional "input"."""
+    return load_records(path, required=("instruction", "response"), optional=("input",))
+
+
+def load_preference_records(path: str | os.PathLike) -> list[dict]:
+    """Preference records from a .json list or .jsonl: {"instruction", "chosen", "rejected"} plus optional "input"."""
+    return load_records(path, required=("instruction", "chosen", "rejected"), optional=("input",))
+
+
+def load_classification_records(path: str | os.PathLike) -> list[dict]:
+    """Classification records from a .jsonl (or .json list): {"text": str, "label": str}."""
+    return load_records(path, required=("text", "label"))
+
+
+def jsonl_holds_records(path: str | os.PathLike) -> bool:
+    """Whether a .jsonl file's first record is an instruction record rather than a {"text": ...} document."""
+    for line_no, line in utf8_lines(Path(path)):
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                return False  # the reader reports the bad line with its number
+            return isinstance(record, dict) and "text" not in record and "instruction" in record
+    return False

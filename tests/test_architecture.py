@@ -1,0 +1,111 @@
+"""The design rules, checked on the source itself: imports only go downward (no module imports one that imports it
+back, directly, through others, or lazily inside a function), no module reaches into another's private names, every
+module says what it owns in a docstring, and lines stay within 120 characters."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+SOURCE_FOLDERS = (".", "inference", "data", "data/sft", "data/classify", "benchmarks")
+
+
+def project_files() -> dict[str, Path]:
+    """module name -> file, for every project module outside tests/."""
+    files = {}
+    for folder in SOURCE_FOLDERS:
+        for path in sorted((ROOT / folder).glob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            files[name] = path
+    return files
+
+
+FILES = project_files()
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Project modules a file imports anywhere in it (top level or inside functions), packages' modules resolved."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found |= {name for name in names if name in FILES}
+    return found
+
+
+GRAPH = {name: imported_modules(path) - {name} for name, path in FILES.items()}
+
+
+def find_cycle() -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(GRAPH[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt] if nxt in path else path + [nxt]
+            if nxt not in state:
+                cycle = visit(nxt, path + [nxt])
+                if cycle:
+                    return cycle
+        state[node] = 2
+        return None
+
+    for start in sorted(GRAPH):
+        if start not in state:
+            cycle = visit(start, [start])
+            if cycle:
+                return cycle
+    return None
+
+
+def test_imports_only_go_downward():
+    cycle = find_cycle()
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_model_layer_imports_nothing_above_it():
+    """The layers below the checkpoint loader never reach up to it, to the trainers or to inference/."""
+    below = {"cli", "atomic_file", "readers", "prompts", "metrics", "devices", "transformer_components", "lora",
+             "byte_level_bpe", "data_loader", "decoding", "gpt_model", "model_heads", "quantization", "verifiers"}
+    for name in below:
+        assert GRAPH[name] <= below, f"{name} imports {sorted(GRAPH[name] - below)}"
+
+
+def test_no_module_uses_another_modules_private_names():
+    offences = []
+    for name, path in FILES.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        aliases = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module in FILES and not node.level:
+                offences += [f"{name}: from {node.module} import {a.name}" for a in node.names
+                             if a.name.startswith("_") and not a.name.startswith("__")]
+            elif isinstance(node, ast.Import):
+                aliases.update({(a.asname or a.name): a.name for a in node.names if a.name in FILES})
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases \
+                    and node.attr.startswith("_") and not node.attr.startswith("__"):
+                offences.append(f"{name}: {node.value.id}.{node.attr}")
+    assert not offences, offences
+
+
+@pytest.mark.parametrize("name", sorted(FILES))
+def test_every_module_says_what_it_owns(name):
+    tree = ast.parse(FILES[name].read_text(encoding="utf-8"))
+    docstring = ast.get_docstring(tree)
+    assert docstring and len(docstring) > 40, f"{FILES[name]} has no module docstring saying what it owns"
+
+
+def test_lines_stay_within_120_characters():
+    long = [f"{path.relative_to(ROOT)}:{n}" for path in [*FILES.values(), *sorted((ROOT / "tests").glob("*.py"))]
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if len(line) > 120]
+    assert not long, long

@@ -1,0 +1,110 @@
+"""readers: the one reader of documents and records, and its one-line errors (file and line named)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import readers
+from prompts import record_instruction
+from readers import DataError
+
+
+def write(path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def test_read_documents_txt_skips_blank_lines_and_keeps_text(tmp_path):
+    path = write(tmp_path / "a.txt", "first doc\n\n  \nsecond doc  \r\nthird\n")
+    assert list(readers.read_documents(path)) == ["first doc", "second doc  ", "third"]
+
+
+def test_read_documents_jsonl_and_directory_in_sorted_order(tmp_path):
+    write(tmp_path / "b.jsonl", json.dumps({"text": "from jsonl"}) + "\n\n" + json.dumps({"text": "二", "id": 3}) + "\n")
+    write(tmp_path / "a.txt", "from txt\n")
+    write(tmp_path / "notes.md", "ignored\n")
+    assert list(readers.read_documents(tmp_path)) == ["from txt", "from jsonl", "二"]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("missing.txt", None, "does not exist"),
+    ("empty.txt", "", "holds no documents"),
+    ("blank.txt", "\n \n", "holds no documents"),
+    ("bad.jsonl", '{"text": "ok"}\n{"text": oops}\n', "bad.jsonl:2: invalid JSON"),
+    ("nofield.jsonl", '{"body": "x"}\n', "nofield.jsonl:1: expected an object with a string \"text\""),
+    ("data.csv", "a,b\n", "not a .txt or .jsonl"),
+])
+def test_read_documents_errors(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is not None:
+        write(path, content)
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        list(readers.read_documents(path))
+
+
+def test_read_documents_directory_without_data_files(tmp_path):
+    write(tmp_path / "readme.md", "x")
+    with pytest.raises(DataError, match="holds no .txt or .jsonl files"):
+        list(readers.read_documents(tmp_path))
+
+
+def test_load_sft_records_json_and_jsonl(tmp_path):
+    records = [{"instruction": "写诗", "response": "床前明月光"},
+               {"instruction": "Say hi", "input": "to Bob", "response": "Hi Bob"}]
+    write(tmp_path / "a.json", json.dumps(records, ensure_ascii=False))
+    write(tmp_path / "a.jsonl", "\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n")
+    assert readers.load_sft_records(tmp_path / "a.json") == records
+    assert readers.load_sft_records(tmp_path / "a.jsonl") == records
+    assert record_instruction(records[1]) == "Say hi\nto Bob"
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("missing.json", None, "does not exist"),
+    ("empty.jsonl", "\n", "holds no records"),
+    ("empty.json", "[]", "holds no records"),
+    ("bad.jsonl", '{"instruction": "a", "response": "b"}\n{bad\n', r"bad\.jsonl:2: invalid JSON"),
+    ("bad.json", '[{"instruction": "a",\n "response": }]', r"bad\.json:2: invalid JSON"),
+    ("dict.json", '{"instruction": "a", "response": "b"}', "expected a JSON list"),
+    ("nofield.jsonl", '{"instruction": "a"}\n', r"nofield\.jsonl:1: missing or non-string field 'response'"),
+    ("nofield.json", '[{"instruction": "a", "response": "b"}, {"response": "c"}]',
+     r"nofield\.json\[1\]: missing or non-string field 'instruction'"),
+    ("badinput.jsonl", '{"instruction": "a", "response": "b", "input": 3}\n', "field 'input' must be a string"),
+    ("list.jsonl", '["a", "b"]\n', "expected a JSON object"),
+    ("data.txt", "x\n", "not a .json or .jsonl"),
+])
+def test_load_sft_records_errors(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is not None:
+        write(path, content)
+    with pytest.raises(DataError, match=message):
+        readers.load_sft_records(path)
+
+
+
+def test_a_folder_is_read_recursively_in_path_order_skipping_hidden_ones(tmp_path):
+    write(tmp_path / "b" / "2.txt", "b2\n")
+    write(tmp_path / "a.txt", "a\n")
+    write(tmp_path / "b" / "1.jsonl", json.dumps({"text": "b1"}) + "\n")
+    write(tmp_path / ".cache" / "x.txt", "the token cache's folder\n")
+    write(tmp_path / ".hidden.txt", "hidden\n")
+    found = [p.relative_to(tmp_path).as_posix() for p in readers.data_files(tmp_path)]
+    assert found == ["a.txt", "b/1.jsonl", "b/2.txt"]
+    assert list(readers.read_documents(tmp_path)) == ["a", "b1", "b2"]
+
+
+def test_non_utf8_is_an_error_naming_file_line_and_byte(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(b"good line\ncaf\xe9 au lait\n")
+    with pytest.raises(DataError, match=r"latin1\.txt:2: not UTF-8 \(byte 0xe9 at column 4\)"):
+        list(readers.read_documents(path))
+
+
+def test_jsonl_holds_records_tells_records_from_documents(tmp_path):
+    assert readers.jsonl_holds_records(write(tmp_path / "r.jsonl", '\n{"instruction": "a", "response": "b"}\n'))
+    assert not readers.jsonl_holds_records(write(tmp_path / "d.jsonl", '{"text": "a"}\n'))
+    assert not readers.jsonl_holds_records(write(tmp_path / "bad.jsonl", '{oops\n'))
