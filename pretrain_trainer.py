@@ -31,8 +31,9 @@ from devices import autocast_context, set_threads
 from gpt_model import PRESETS, GPTConfig, GPTModel
 from prompts import encode_prompt
 from readers import read_documents
-from training import (DistInfo, Trainer, TrainError, barrier, causal_lm_loss, find_resume_checkpoint, init_distributed,
-                      lr_at, rng_state, set_rng_state)
+from losses import causal_lm_loss
+from training import (DistInfo, Trainer, TrainError, barrier, find_resume_checkpoint, init_distributed, lr_at, rng_state,
+                      set_rng_state)
 
 __all__ = ["GPTTrainer", "TrainConfig", "TrainError", "evaluate_stream", "lr_at", "rng_state", "set_rng_state", "main"]
 

@@ -1,20 +1,19 @@
-"""The one training loop. ``Trainer`` runs any stage that is "a model, a batch source and a loss": pretraining,
-SFT, reward modelling, DPO and classification. PPO/GRPO have their own rollout loop and reuse its pieces
-(``configure_optimizer``, ``RunFolder``, ``StopSignals``, the checkpoint and RNG helpers).
+"""The one training loop. ``Trainer`` runs every stage: pretraining, SFT, the reward model, DPO and classification
+with a ``SupervisedStep`` (a loss on batches), PPO and GRPO with their step strategies (``rl_step.py``: a rollout and
+its updates per step).
 
 Its own module because every stage shares it and none should import another stage for it. What it guarantees
-for all of them: AdamW with warmup + cosine, mixed precision, gradient accumulation and clipping, DDP, a time
-budget, exact resume, atomic checkpoints, metrics.jsonl + loss_curve.png, Ctrl-C/SIGTERM saving, a non-finite
-loss stopping the run, and a run never making an output folder worse than it found it (``RunFolder``).
+for all of them: AdamW with warmup + cosine (every optimizer of the stage), one stopping rule (steps, epochs, a
+time budget), mixed precision, torch.compile, gradient accumulation and clipping, DDP where the stage allows it,
+exact resume, atomic checkpoints with rotation, metrics.jsonl + loss_curve.png, Ctrl-C/SIGTERM saving, a non-finite
+loss stopping the run, and a run never making an output folder worse than it found it (``run_folder.RunFolder``).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
-import shutil
 import signal
 import threading
 import time
@@ -32,9 +31,9 @@ from tqdm.auto import tqdm
 
 import checkpoints
 import cli
-from atomic_file import atomic_path, remove_stale_temps
 from cli import Interrupted
 from devices import autocast_context, resolve_device, resolve_dtype
+from run_folder import RunFolder, read_metrics, step_checkpoints
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12,
               "3090": 71e12, "V100": 125e12, "T4": 65e12}
@@ -170,45 +169,12 @@ def run_progress(step: int, max_steps: int | None, train_seconds: float, time_bu
     return max(done, default=0.0)
 
 
-def step_checkpoints(output_dir: Path, prefix: str) -> list[Path]:
-    """``{prefix}_step_{N}.pth`` files in ``output_dir``, oldest step first."""
-    found = []
-    for path in Path(output_dir).glob(f"{prefix}_step_*.pth"):
-        number = path.stem.rsplit("_", 1)[1]
-        if number.isdigit():
-            found.append((int(number), path))
-    return [p for _, p in sorted(found)]
-
-
 def peak_flops(device: torch.device) -> float | None:
     """Dense bf16 peak FLOP/s of known GPUs (for MFU), None elsewhere."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Rows of a metrics.jsonl; a damaged line (a kill mid-write) is skipped, not fatal."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            rows.append(row)
-    return rows
-
-
-def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Next-token cross-entropy; ``labels`` (-100 = not scored, e.g. SFT prompts) default to the input ids."""
-    labels = batch.get("labels", batch["input_ids"])
-    sparse = "labels" in batch  # SFT-style labels score a few positions: apply the LM head only there
-    return model(batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=labels,
-                 loss_only=sparse)["loss"]
 
 
 def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
@@ -219,9 +185,17 @@ def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
 
 @dataclass
 class DistInfo:
+    """This process's place in a torchrun job (rank 0 of 1 when not launched by torchrun)."""
+
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+
+    @classmethod
+    def from_env(cls) -> "DistInfo":
+        """What torchrun's RANK / LOCAL_RANK / WORLD_SIZE say (a plain process is rank 0 of 1)."""
+        env = os.environ
+        return cls(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)))
 
     @property
     def enabled(self) -> bool:
@@ -234,8 +208,7 @@ class DistInfo:
 
 def init_distributed(device: str | None) -> tuple[DistInfo, torch.device]:
     """Join the torchrun process group when launched by torchrun (NCCL on GPU, gloo on CPU)."""
-    env = os.environ
-    info = DistInfo(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)))
+    info = DistInfo.from_env()
     resolved = resolve_device(device)
     if not info.enabled:
         return info, resolved
@@ -284,113 +257,6 @@ class StopSignals:
             signal.signal(s, handler)
 
 
-# ----------------------------------------------------------------------------- the output folder
-
-class RunFolder:
-    """An output folder that a run may never leave worse than it found it.
-
-    Nothing in it changes until the run has its first checkpoint to write. Then the files of an earlier, different
-    run with the same prefix (checkpoints, metrics.jsonl, loss_curve.png, a tokenizer/ that differs) move to
-    ``previous/<time>/`` instead of being deleted, and metrics.jsonl starts again: empty for a fresh run, the rows up
-    to the checkpoint's step when resuming (from this folder, or copied from the folder resumed from).
-    """
-
-    def __init__(self, output_dir: str | os.PathLike, prefix: str, tokenizer, resumed_from: str | None, step: int,
-                 is_main: bool = True):
-        self.path, self.prefix, self.tokenizer, self.is_main = Path(output_dir), prefix, tokenizer, is_main
-        self.committed = False
-        self.pending: list[dict[str, Any]] = []
-        source = Path(resumed_from).resolve().parent if resumed_from else None
-        self.same_run = source is not None and self.path.exists() and source == self.path.resolve()
-        self.history = [r for r in read_metrics((source or self.path) / "metrics.jsonl") if r["step"] <= step] \
-            if source else []
-        if is_main:
-            remove_stale_temps(self.path)
-            if source is not None and not self.same_run and self.earlier_files():
-                print(f"resuming {resumed_from} into {self.path}: the earlier run there moves to "
-                      f"{self.path / 'previous'}/ at the first checkpoint")
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.path / "metrics.jsonl"
-
-    def earlier_files(self) -> list[Path]:
-        names = [*step_checkpoints(self.path, self.prefix), self.path / f"{self.prefix}_best.pth",
-                 self.metrics_path, self.path / "loss_curve.png"]
-        return [p for p in names if p.exists()]
-
-    def _tokenizer_differs(self) -> bool:
-        config = self.path / "tokenizer" / "vocab.json"
-        if not config.exists():
-            return False
-        from byte_level_bpe import ByteLevelBPETokenizer, TokenizerError  # lazy: only when a folder exists
-
-        try:
-            return ByteLevelBPETokenizer.from_pretrained(config.parent).fingerprint != self.tokenizer.fingerprint
-        except TokenizerError:
-            return True
-
-    def commit(self) -> None:
-        """Called just before the first checkpoint: move the earlier run aside, then take the folder over."""
-        if self.committed or not self.is_main:
-            self.committed = True
-            return
-        self.path.mkdir(parents=True, exist_ok=True)
-        moved = [] if self.same_run else self.earlier_files()
-        if not self.same_run and self._tokenizer_differs():
-            moved.append(self.path / "tokenizer")
-        if moved:
-            archive = self.path / "previous" / time.strftime("%Y%m%d-%H%M%S")
-            archive.mkdir(parents=True, exist_ok=True)
-            for path in moved:
-                shutil.move(str(path), str(archive / path.name))
-            print(f"the earlier run's {len(moved)} file(s) in {self.path} moved to {archive}")
-        if not (self.path / "tokenizer" / "vocab.json").exists():
-            self.tokenizer.save(self.path / "tokenizer")
-        rows = self.history + self.pending
-        with atomic_path(self.metrics_path) as tmp:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        self.pending, self.committed = [], True
-
-    def log(self, row: dict[str, Any]) -> None:
-        if not self.is_main:
-            return
-        if not self.committed:
-            self.pending.append(row)
-            return
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-
-    def metrics(self) -> list[dict[str, Any]]:
-        return (read_metrics(self.metrics_path) if self.committed else self.history) + self.pending
-
-    def plot(self) -> None:
-        """loss_curve.png: train and val loss by step."""
-        if not (self.is_main and self.committed):
-            return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        rows = self.metrics()
-        train = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
-        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for points, label, style in ((train, "train", "-"), (val, "val", "o-")):
-            if points:
-                ax.plot(*zip(*points), style, label=label)
-        ax.set_xlabel("step")
-        ax.set_ylabel(f"{self.prefix} loss")
-        if train or val:
-            ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        with atomic_path(self.path / "loss_curve.png") as tmp:
-            fig.savefig(tmp, dpi=100, format="png")
-        plt.close(fig)
-
-
 def find_resume_checkpoint(resume: str | None, output_dir: str | os.PathLike, prefix: str,
                            tokenizer) -> tuple[dict | None, str | None]:
     """(checkpoint, its path) for ``--resume PATH|auto``; (None, None) for a fresh run."""
@@ -416,38 +282,91 @@ def find_resume_checkpoint(resume: str | None, output_dir: str | os.PathLike, pr
 
 # ----------------------------------------------------------------------------- the loop
 
-class Trainer:
-    """Trains ``model`` on ``batches`` with ``loss_fn``; rank 0 evaluates, logs and saves ``{prefix}_*.pth``.
+# ----------------------------------------------------------------------------- what one step does
 
-    batches: an endless iterator of dict batches (tensors are moved to the device), ideally with
-      ``state_dict()`` / ``load_state_dict()`` so that a resumed run sees exactly the batches it would have.
-    loss_fn(model, batch): the mean loss, or a dict with "loss" and other scalars to log.
-    evaluate_fn(model): held-out metrics with a "val_loss" (lower is better: it picks ``{prefix}_best.pth``).
+class StepStrategy:
+    """What one optimizer step of a stage does; ``Trainer`` calls it once per step and owns everything else (stopping
+    rule, lr schedule, precision, compile, accumulation, DDP, evaluation, checkpoints, signals, the output folder).
+
+    ``__call__(trainer)`` returns (loss tensor, scalars to log, tokens processed) and updates the weights through
+    ``trainer.update``. A strategy with models or optimizers of its own creates them in ``setup`` (after the trainer
+    has placed the model on its device, before a checkpoint is restored) and saves them in ``state_dict``."""
+
+    distributed = True  # whether it can run under torchrun (DDP)
+
+    def setup(self, trainer: "Trainer") -> None:
+        pass
+
+    def __call__(self, trainer: "Trainer") -> tuple[torch.Tensor, dict[str, Any], int]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class SupervisedStep(StepStrategy):
+    """A loss on batches: ``grad_accum`` micro-batches from ``trainer.batches``, then one optimizer step (pretraining,
+    SFT, the reward model, DPO, classification)."""
+
+    def __init__(self, loss_fn: LossFn):
+        self.loss_fn = loss_fn
+
+    def __call__(self, trainer: "Trainer") -> tuple[torch.Tensor, dict[str, Any], int]:
+        tokens = 0
+
+        def micro_loss():
+            nonlocal tokens
+            batch = to_device(next(trainer.batches), trainer.device)
+            tokens += batch["input_ids"].numel() if "input_ids" in batch else 0
+            return self.loss_fn(trainer.train_model, batch)
+
+        loss, extras = trainer.update([micro_loss] * trainer.config.grad_accum)
+        return loss, extras, tokens * trainer.dist.world_size
+
+
+# ----------------------------------------------------------------------------- the loop
+
+class Trainer:
+    """Trains ``model`` with a ``StepStrategy`` (or a loss function: a ``SupervisedStep``); rank 0 evaluates, logs and
+    saves ``{prefix}_*.pth``.
+
+    batches: an endless iterator of batches (for RL: of prompts), ideally with ``state_dict()`` / ``load_state_dict()``
+      so that a resumed run sees exactly the batches it would have.
+    evaluate_fn(model): held-out metrics with a "val_loss" (lower is better: it picks ``{prefix}_best.pth``);
+      ``evaluate_first`` also runs it before the first step (RL: the starting policy's figures).
     """
 
-    def __init__(self, config: TrainConfig, model: nn.Module, tokenizer, batches: Iterator[dict], loss_fn: LossFn, *,
-                 prefix: str, evaluate_fn: Callable[[nn.Module], dict[str, float]] | None = None,
-                 steps_per_epoch: int | None = None, checkpoint: dict | None = None, resumed_from: str | None = None,
+    def __init__(self, config: TrainConfig, model: nn.Module, tokenizer, batches: Iterator,
+                 step: StepStrategy | LossFn, *, prefix: str,
+                 evaluate_fn: Callable[[nn.Module], dict[str, float]] | None = None, evaluate_first: bool = False,
+                 steps_per_epoch: float | None = None, checkpoint: dict | None = None, resumed_from: str | None = None,
                  checkpoint_extra: dict[str, Any] | None = None, start_time: float | None = None,
                  show_progress: bool = True):
         self.config, self.tokenizer, self.prefix, self.show_progress = config, tokenizer, prefix, show_progress
-        self.batches, self.loss_fn, self.evaluate_fn = batches, loss_fn, evaluate_fn
+        self.batches, self.evaluate_fn, self.evaluate_first = batches, evaluate_fn, evaluate_first
+        self.strategy = step if isinstance(step, StepStrategy) else SupervisedStep(step)
         self.checkpoint_extra = dict(checkpoint_extra or {})
         self.start_time = start_time or time.time()
         self.dist, self.device = init_distributed(config.device)
+        if self.dist.enabled and not self.strategy.distributed:
+            raise TrainError(f"{prefix} runs in one process: launch it without torchrun")
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.output_dir = Path(config.output_dir)
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+
-
         self.model = model.to(self.device)
         self.optimizer = configure_optimizer(self.model, config.weight_decay, config.lr,
-                                                       (config.beta1, config.beta2), self.device.type)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+                                             (config.beta1, config.beta2), self.device.type)
+        self.scaler = self.new_scaler()
+        self.scheduled: list[tuple[torch.optim.Optimizer, float]] = []  # other optimizers the schedule scales
         torch.manual_seed(config.seed + self.dist.rank)  # per-rank dropout streams
         self.step, self.train_seconds, self.best_val_loss = 0, 0.0, math.inf
         self.lr, self.last_saved = 0.0, resumed_from
         self._all_finite = torch.ones((), dtype=torch.bool, device=self.device)
+        self.strategy.setup(self)
         if checkpoint:
             self._restore(checkpoint, resumed_from or "the checkpoint")
         self.train_model = torch.compile(self.model) if config.compile else self.model
@@ -456,6 +375,48 @@ class Trainer:
             self.train_model = DistributedDataParallel(self.train_model, device_ids=device_ids)
         self.max_steps = self._max_steps(steps_per_epoch)
         self.run = RunFolder(self.output_dir, prefix, tokenizer, resumed_from, self.step, self.dist.is_main)
+
+    # -- what step strategies use
+    def new_scaler(self) -> torch.amp.GradScaler:
+        """A loss scaler for an optimizer: on for fp16 (whose gradients underflow without it), a no-op otherwise."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
+    def add_optimizer(self, module: nn.Module, peak_lr: float) -> torch.optim.AdamW:
+        """An AdamW for another trained module (PPO's critic), on the run's schedule scaled to ``peak_lr``."""
+        c = self.config
+        optimizer = configure_optimizer(module, c.weight_decay, peak_lr, (c.beta1, c.beta2), self.device.type)
+        self.scheduled.append((optimizer, peak_lr))
+        return optimizer
+
+    def autocast(self):
+        """The run's precision (bf16/fp16 autocast, or nothing for fp32), for passes outside ``update`` (rollouts)."""
+        return autocast_context(self.device, self.dtype)
+
+    def update(self, micro_losses: list[Callable[[], Any]], optimizer: torch.optim.Optimizer | None = None,
+               scaler: torch.amp.GradScaler | None = None,
+               module: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One optimizer step over micro-batches: each callable returns a loss (or a dict with "loss" and scalars),
+        computed under the run's precision; their mean is backpropagated (DDP synchronises on the last), the gradients
+        clipped and the optimizer stepped. Returns (mean loss, the last micro-batch's scalars); no host sync."""
+        optimizer, scaler = optimizer or self.optimizer, scaler or self.scaler
+        total, extras = torch.zeros((), device=self.device), {}
+        for i, compute in enumerate(micro_losses):
+            sync = not self.dist.enabled or i == len(micro_losses) - 1
+            with (nullcontext() if sync else self.train_model.no_sync()), self.autocast():
+                out = compute()
+            loss = (out["loss"] if isinstance(out, dict) else out) / len(micro_losses)
+            if isinstance(out, dict):
+                extras = {k: v.detach() for k, v in out.items() if k != "loss"}
+            scaler.scale(loss).backward()
+            total += loss.detach()
+        if self.config.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_((module or self.model).parameters(), self.config.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        self._all_finite &= torch.isfinite(total)
+        return total, extras
 
     # -- setup
     def _restore(self, checkpoint: dict, source: str) -> None:
@@ -467,11 +428,12 @@ class Trainer:
             self.train_seconds = float(checkpoint["scheduler"]["train_seconds"])
             self.best_val_loss = float(checkpoint["best_val_loss"])
             rank_states = checkpoint["rank_states"]
+            self.strategy.load_state_dict(checkpoint.get("step_state", {}))
         except (KeyError, ValueError, TypeError, RuntimeError) as err:
-            raise checkpoints.CheckpointError(f"{source}: its training state does not fit this run "
-                                              f"({type(err).__name__}: "
-                                  f"{str(err).splitlines()[0][:160]}); resume with the settings it was written with "
-                                  "or start a fresh run") from None
+            raise checkpoints.CheckpointError(
+                f"{source}: its training state does not fit this run ({type(err).__name__}: "
+                f"{str(err).splitlines()[0][:160] if str(err) else ''}); resume with the settings it was written with "
+                "or start a fresh run") from None
         if len(rank_states) != self.dist.world_size:
             raise TrainError(f"the checkpoint was written by {len(rank_states)} processes, this run has "
                              f"{self.dist.world_size}: resume with the same --nproc_per_node")
@@ -480,7 +442,7 @@ class Trainer:
             self.batches.load_state_dict(own["data"])
         set_rng_state(own["rng"])
 
-    def _max_steps(self, steps_per_epoch: int | None) -> int | None:
+    def _max_steps(self, steps_per_epoch: float | None) -> int | None:
         c = self.config
         if not (c.max_steps or c.epochs or c.max_minutes):
             raise TrainError("no stopping rule: set --max_steps, --epochs or --max_minutes")
@@ -496,35 +458,14 @@ class Trainer:
         return run_progress(self.step, self.max_steps, self.train_seconds,
                             self.time_budget if self.config.max_minutes else None)
 
-    def _train_step(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-        """One optimizer step over ``grad_accum`` micro-batches: (mean loss, extra scalars, tokens); no host sync."""
-        lr = lr_at(self._progress(), self.step, self.config)
+    def _apply_schedule(self) -> None:
+        """This step's lr (warmup + cosine) on the optimizer, and scaled from their own peaks on the others."""
+        self.lr = lr_at(self._progress(), self.step, self.config)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        total_loss = torch.zeros((), device=self.device)
-        extras: dict[str, torch.Tensor] = {}
-        tokens = 0
-        for micro in range(self.config.grad_accum):
-            batch = to_device(next(self.batches), self.device)
-            tokens += batch["input_ids"].numel() if "input_ids" in batch else 0
-            sync = not self.dist.enabled or micro == self.config.grad_accum - 1
-            with (nullcontext() if sync else self.train_model.no_sync()), \
-                    autocast_context(self.device, self.dtype):
-                out = self.loss_fn(self.train_model, batch)
-            loss = (out["loss"] if isinstance(out, dict) else out) / self.config.grad_accum
-            if isinstance(out, dict):
-                extras = {k: v.detach() for k, v in out.items() if k != "loss"}
-            self.scaler.scale(loss).backward()
-            total_loss += loss.detach()
-        if self.config.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.lr = lr
-        self._all_finite &= torch.isfinite(total_loss)
-        return total_loss, extras, tokens * self.dist.world_size
+            group["lr"] = self.lr
+        for optimizer, peak in self.scheduled:
+            for group in optimizer.param_groups:
+                group["lr"] = peak * (self.lr / self.config.lr)
 
     def train(self, stop_after: int | None = None) -> dict[str, float]:
         """Train until the step/epoch/time limit (or ``stop_after`` steps, as if killed there); returns the last eval.
@@ -535,7 +476,7 @@ class Trainer:
         # the time budget covers everything after process start (tokenizer training, tokenization, evals, saves)
         self.time_budget = (c.max_minutes or 0) * 60 - (time.time() - self.start_time)
         if c.max_minutes and self.time_budget <= self.train_seconds:
-            raise TrainError(f"--max_minutes {c.max_minutes} is used up before training starts: raise it")
+            raise TrainError(f"--max_minutes {c.max_minutes} is used up before {self.prefix} starts: raise it")
         with StopSignals() as stop:
             return self._loop(stop, stop_after)
 
@@ -544,13 +485,14 @@ class Trainer:
         save_interval = c.save_interval or c.eval_interval
         bar = tqdm(total=self.max_steps, initial=self.step, desc=self.prefix,
                    disable=not (self.show_progress and self.dist.is_main))
-        last_eval: dict[str, float] = {}
+        last_eval = self.evaluate() if self.evaluate_first and self.step == 0 and self.evaluate_fn else {}
         prior_seconds, loop_start = self.train_seconds, time.time()
         window_start, window_tokens = time.time(), 0
         self.train_model.train()
         finished, stopping = self._synced_flags(stop)
         while not finished and not stopping and (stop_after is None or self.step < stop_after):
-            loss, extras, tokens = self._train_step()
+            self._apply_schedule()
+            loss, extras, tokens = self.strategy(self)
             self.step += 1
             window_tokens += tokens
             self.train_seconds = prior_seconds + time.time() - loop_start
@@ -584,11 +526,11 @@ class Trainer:
             progress, stopping = float(value[0]), float(value[1])
         return progress >= 1.0, stopping > 0
 
-    def _log_step(self, loss: torch.Tensor, extras: dict[str, torch.Tensor], tokens_per_sec: float, bar) -> None:
+    def _log_step(self, loss: torch.Tensor, extras: dict[str, Any], tokens_per_sec: float, bar) -> None:
         loss_value = self._mean_across_ranks(loss)
         self.check_finite(loss_value)
         row = {"step": self.step, "train_loss": loss_value, "lr": self.lr, "tokens_per_sec": tokens_per_sec}
-        row.update({k: self._mean_across_ranks(v.float()) for k, v in extras.items()})
+        row.update({k: self._mean_across_ranks(v) for k, v in extras.items()})
         peak = peak_flops(self.device)
         if peak and hasattr(self.model, "estimate_mfu"):
             row["mfu"] = self.model.estimate_mfu(tokens_per_sec, peak)
@@ -597,15 +539,17 @@ class Trainer:
 
     def check_finite(self, loss_value: float | None = None) -> None:
         """A non-finite loss ends the run with the step and the usual fixes; the last good checkpoint stays."""
-        if loss_value is not None and math.isfinite(loss_value) and bool(self._all_finite):
-            return
-        if loss_value is None and bool(self._all_finite):
+        if (loss_value is None or math.isfinite(loss_value)) and bool(self._all_finite):
             return
         kept = f"the last good checkpoint is {self.last_saved}" if self.last_saved else "no checkpoint was written"
         raise TrainError(f"the training loss became non-finite (NaN/inf) by step {self.step}: lower --lr (now "
                          f"{self.config.lr:g}), keep --grad_clip on, or check the data for broken records; {kept}")
 
-    def _mean_across_ranks(self, value: torch.Tensor) -> float:
+    def _mean_across_ranks(self, value: torch.Tensor | float) -> float:
+        """A logged scalar, averaged over the ranks when it is a tensor."""
+        if not isinstance(value, torch.Tensor):  # already a host number (RL statistics)
+            return value
+        value = value.float()
         if self.dist.enabled:
             value = value.clone()
             dist.all_reduce(value, op=dist.ReduceOp.SUM)
@@ -620,7 +564,7 @@ class Trainer:
             self.check_finite()
             was_training = self.model.training
             self.model.eval()
-            with autocast_context(self.device, self.dtype):
+            with self.autocast():
                 result = {"step": self.step, **self.evaluate_fn(self.model)}
             self.model.train(was_training)
             self.run.log(result)
@@ -639,17 +583,21 @@ class Trainer:
         dist.all_gather_object(out, obj)
         return out
 
+    def _training_state(self) -> dict[str, Any]:
+        data_state = self.batches.state_dict() if hasattr(self.batches, "state_dict") else {}
+        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "scheduler": {"train_seconds": self.train_seconds, "max_steps": self.max_steps},
+                "rank_states": self._gather({"data": data_state, "rng": rng_state()}),
+                "step_state": self.strategy.state_dict()}
+
     def save(self, path: Path, training_state: bool = True) -> None:
-        """Atomic checkpoint: weights + config + tokenizer fingerprint (+ everything needed to resume exactly)."""
+        """Atomic checkpoint: weights + config + tokenizer fingerprint (+ everything needed to resume exactly);
+        keeps the last ``keep_last`` step checkpoints (0: all)."""
         extra: dict[str, Any] = {"tokenizer_fingerprint": self.tokenizer.fingerprint, "step": self.step,
                                  "best_val_loss": self.best_val_loss, "train_args": asdict(self.config),
                                  "stage": self.prefix, **self.checkpoint_extra}
         if training_state:
-            data_state = self.batches.state_dict() if hasattr(self.batches, "state_dict") else {}
-            rank_states = self._gather({"data": data_state, "rng": rng_state()})
-            extra.update(optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
-                         scheduler={"train_seconds": self.train_seconds, "max_steps": self.max_steps},
-                         rank_states=rank_states)
+            extra.update(self._training_state())
         if self.dist.is_main:
             self.check_finite()
             self.run.commit()

@@ -58,3 +58,37 @@ def write_corpus(folder: Path, n_train: int, n_val: int) -> tuple[Path, Path]:
     train.write_text("\n".join(corpus_lines(limit=n_train)) + "\n", encoding="utf-8")
     val.write_text("\n".join(corpus_lines(VAL_TXT, limit=n_val)) + "\n", encoding="utf-8")
     return train, val
+
+
+@pytest.fixture()
+def files(tiny_tokenizer, tiny_tokenizer_dir, tmp_path) -> dict[str, Path]:
+    """A tiny 'pretrained' checkpoint laid out as the trainer writes it, and small slices of the finetuning demo data."""
+    import json
+    import shutil
+
+    from checkpoints import save_checkpoint
+    from gpt_model import GPTConfig, GPTModel
+
+    model = GPTModel(GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=64, n_layers=1,
+                                           d_model=32, n_heads=2))
+    pretrained = tmp_path / "pre" / "pretrain_best.pth"
+    save_checkpoint(pretrained, model, tokenizer_fingerprint=tiny_tokenizer.fingerprint)
+    shutil.copytree(tiny_tokenizer_dir, pretrained.parent / "tokenizer")
+    out = {"pretrained": pretrained}
+    for name, count in (("sft_data", 48), ("sft_test", 16), ("rlhf_pairwise", 48), ("rlhf_pairwise_test", 16)):
+        records = json.loads((ROOT / "data" / "sft" / f"{name}.json").read_text(encoding="utf-8"))[:count]
+        out[name] = tmp_path / f"{name}.json"
+        out[name].write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    return out
+
+
+def stage_config(files: dict[str, Path], tmp_path: Path, mode: str, **overrides):
+    """A small, fast config of one finetuning mode on ``files`` (the test's overrides must be settings of the mode)."""
+    from finetune_stages import CONFIGS, field_names
+
+    base = dict(data_path=str(files["sft_data"]), test_data_path=str(files["sft_test"]),
+                pairwise_data=str(files["rlhf_pairwise"]), pairwise_test_data=str(files["rlhf_pairwise_test"]),
+                pretrained_model=str(files["pretrained"]), output_dir=str(tmp_path / mode), device="cpu",
+                dtype="float32", batch_size=8, max_steps=4, eval_interval=2, log_interval=1, warmup_steps=1,
+                lr=1e-3, seed=0, eval_samples=8, max_new_tokens=4)
+    return CONFIGS[mode](**{**{k: v for k, v in base.items() if k in field_names(mode)}, **overrides})

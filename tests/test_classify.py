@@ -15,6 +15,7 @@ import checkpoints
 import data_loader
 import evaluator
 import finetune as ft
+import losses
 import gpt_model
 import metrics
 import model_heads
@@ -63,7 +64,7 @@ def test_frozen_blocks_get_no_gradient_and_do_not_move(tiny_tokenizer):
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     optimizer = training.configure_optimizer(model, weight_decay=0.1, lr=1e-2)
     ids = torch.randint(4, len(tiny_tokenizer), (4, 10))
-    out = ft.classify_loss(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+    out = losses.classify_loss(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids),
                                    "label": torch.tensor([0, 1, 1, 0])})
     out["loss"].backward()
     optimizer.step()
@@ -230,7 +231,7 @@ def test_a_tiny_classify_run_beats_chance_and_the_evaluator_cli_agrees(pretraine
     assert best["model_class"] == "classify" and best["labels"] == ["speech", "zh_7char"]
 
     model, tokenizer = checkpoints.load_model_and_tokenizer(out / "classify_best.pth")
-    predicted = ft.classify_text(model, tokenizer, [r["text"] for r in test_records])
+    predicted = evaluator.classify_text(model, tokenizer, [r["text"] for r in test_records])
     accuracy = sum(p == r["label"] for p, r in zip(predicted, test_records)) / len(test_records)
     assert accuracy == pytest.approx(summary["accuracy"])
 

@@ -1,0 +1,292 @@
+"""finetune_stages: every stage runs on the one training loop, writes its best checkpoint, and resumes exactly."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoints
+import data_loader
+import finetune_stages as stages
+import gpt_model
+import metrics
+import model_heads
+import training
+import verifiers
+from conftest import stage_config
+from evaluator import GPTEvaluator
+from prompts import SFT_TEMPLATE
+from rl_step import PPOStep
+from run_folder import read_metrics
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_dpo_nll_weight_adds_the_chosen_answers_per_token_nll(files, tmp_path):
+    sft = stage_config(files, tmp_path, "sft", max_steps=1, eval_interval=1)
+    stages.run_sft(sft, None, show_progress=False)
+    rows = {}
+    for weight in (0.0, 2.0):
+        dpo = stage_config(files, tmp_path / str(weight), "dpo", sft_model=str(Path(sft.output_dir) / "sft_best.pth"),
+                     max_steps=1, eval_interval=1, dpo_nll_weight=weight, lr=1e-12)
+        stages.run_dpo(dpo, None, show_progress=False)
+        rows[weight] = read_metrics(Path(dpo.output_dir) / "metrics.jsonl")[0]
+    assert rows[0.0]["chosen_nll"] == pytest.approx(rows[2.0]["chosen_nll"]) and rows[0.0]["chosen_nll"] > 0
+    with_nll = rows[0.0]["train_loss"] + 2.0 * rows[0.0]["chosen_nll"]
+    assert rows[2.0]["train_loss"] == pytest.approx(with_nll, rel=1e-5)
+    assert rows[0.0]["train_loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference: DPO loss is log 2
+
+
+def test_sft_run_writes_best_with_template_and_resumes_exactly(files, tmp_path):
+    straight = stage_config(files, tmp_path / "a", "sft", max_steps=6, save_interval=3, eval_interval=3)
+    stages.run_sft(straight, None, show_progress=False)
+    best = checkpoints.load_checkpoint(Path(straight.output_dir) / "sft_best.pth")
+    assert best["sft_template"] == SFT_TEMPLATE and best["stage"] == "sft"
+
+    killed = stage_config(files, tmp_path / "b", "sft", max_steps=6, save_interval=3, eval_interval=3)
+    stages.run_sft(killed, None, show_progress=False, stop_after=3)  # as if killed after step 3's checkpoint
+    stages.run_sft(killed, "auto", show_progress=False)
+    losses = lambda cfg: [r["train_loss"] for r in read_metrics(Path(cfg.output_dir) / "metrics.jsonl")
+                          if "train_loss" in r]
+    assert len(losses(straight)) == 6
+    assert losses(killed)[3:] == losses(straight)[3:]  # the resumed steps see exactly the same batches
+
+
+def test_lora_sft_saves_small_adapters_that_load_through_the_one_entry_point(files, tmp_path):
+    cfg = stage_config(files, tmp_path, "sft", lora_r=4, lora_alpha=8.0, lr=1e-2)
+    stages.run_sft(cfg, None, show_progress=False)
+    out = Path(cfg.output_dir)
+    wrapped, tokenizer = checkpoints.load_model_and_tokenizer(out / "sft_best.pth")
+    adapted, _ = checkpoints.load_model_and_tokenizer(out / "sft_lora_adapter.pth", tokenizer_dir=out / "tokenizer")
+    base, _ = checkpoints.load_model_and_tokenizer(files["pretrained"])
+    ids = torch.tensor([[0, *tokenizer.encode_ordinary("计算 1 + 2 = ?")]])
+    assert torch.allclose(wrapped(ids)["logits"], adapted(ids)["logits"], atol=1e-6)
+    assert not torch.allclose(base(ids)["logits"], adapted(ids)["logits"], atol=1e-4)  # the adapters learned
+    assert (out / "sft_lora_adapter.pth").stat().st_size < 0.5 * (out / "sft_best.pth").stat().st_size
+    frozen = {k: v for k, v in base.state_dict().items()}
+    for name, value in wrapped.state_dict().items():  # every base weight untouched, only adapters trained
+        plain = name.replace(".base_layer.", ".")
+        if plain in frozen and "lora_" not in name:
+            assert torch.equal(value, frozen[plain]), name
+
+    merged_cfg = stage_config(files, tmp_path / "m", "sft", lora_r=4, lora_alpha=8.0, lr=1e-2, merge_lora=True)
+    stages.run_sft(merged_cfg, None, show_progress=False)
+    merged = checkpoints.load_checkpoint(Path(merged_cfg.output_dir) / "sft_best.pth")
+    assert not merged.get("lora") and not any("lora_" in k for k in merged["model_state_dict"])
+    plain, _ = checkpoints.load_model_and_tokenizer(Path(merged_cfg.output_dir) / "sft_best.pth")
+    adapter, _ = checkpoints.load_model_and_tokenizer(Path(merged_cfg.output_dir) / "sft_lora_adapter.pth",
+                                                    tokenizer_dir=Path(merged_cfg.output_dir) / "tokenizer")
+    assert torch.allclose(plain(ids)["logits"], adapter(ids)["logits"], atol=1e-5)
+
+
+@pytest.mark.parametrize("likelihood_weight", [0.0, 1.0])
+def test_reward_stage_trains_and_its_checkpoint_is_a_reward_model(files, tmp_path, likelihood_weight):
+    sft = stage_config(files, tmp_path, "sft")
+    stages.run_sft(sft, None, show_progress=False)
+    cfg = stage_config(files, tmp_path, "reward", sft_model=str(Path(sft.output_dir) / "sft_best.pth"), max_steps=6,
+                 eval_interval=3, reward_likelihood_weight=likelihood_weight)
+    summary = stages.run_reward(cfg, None, show_progress=False)
+    model, tokenizer = checkpoints.load_model_and_tokenizer(summary["checkpoint"])
+    assert isinstance(model, model_heads.GPTRewardModel) and model.likelihood == (likelihood_weight > 0)
+    if model.likelihood:  # the weight is learned, and the evaluator ranks by the same scores as training does
+        assert model.likelihood_weight.item() != 1.0
+        test_set = data_loader.PreferencePairDataset(str(files["rlhf_pairwise_test"]), tokenizer, 64)
+        chosen, rejected = stages.score_pairs(model, test_set, tokenizer.pad_token_id, 8, torch.device("cpu"))
+        report = GPTEvaluator(model, tokenizer, show_progress=False).evaluate_reward(files["rlhf_pairwise_test"])
+        assert report["pairwise_accuracy"] == metrics.pairwise_accuracy(chosen, rejected)
+        assert report["mean_margin"] == pytest.approx(sum(chosen) / 16 - sum(rejected) / 16, abs=1e-5)
+    rows = read_metrics(Path(cfg.output_dir) / "metrics.jsonl")
+    assert {"accuracy", "train_loss"} <= set(rows[0]) and any("val_accuracy" in r for r in rows)
+
+
+def test_a_new_head_is_initialised_by_the_seed(files, tiny_tokenizer, tmp_path):
+    lm = stages.load_base(str(files["pretrained"]), None, "--pretrained_model").model
+
+    def head(seed: int, draws_before: int) -> torch.Tensor:
+        torch.rand(draws_before)  # whatever ran before in the process must not matter
+        cfg = stage_config(files, tmp_path, "reward", seed=seed)
+        model, _, _ = stages.resume_or(cfg, None, "reward", tiny_tokenizer,
+                                   lambda: model_heads.GPTRewardModel.from_language_model(lm))
+        return model.head.weight.detach().clone()
+
+    assert torch.equal(head(0, 0), head(0, 5)) and not torch.equal(head(0, 0), head(1, 0))
+
+
+def test_dpo_and_rlvf_runs_write_their_best_checkpoints(files, tmp_path):
+    sft = stage_config(files, tmp_path, "sft")
+    stages.run_sft(sft, None, show_progress=False)
+    sft_model = str(Path(sft.output_dir) / "sft_best.pth")
+    dpo = stage_config(files, tmp_path, "dpo", sft_model=sft_model, max_steps=3, eval_interval=3)
+    summary = stages.run_dpo(dpo, None, show_progress=False)
+    rows = read_metrics(Path(dpo.output_dir) / "metrics.jsonl")
+    assert {"accuracy", "margin"} <= set(rows[0]) and "val_accuracy" in rows[-1]
+    assert isinstance(checkpoints.load_model_and_tokenizer(summary["checkpoint"])[0], gpt_model.GPTModel)
+    rlvf = stage_config(files, tmp_path, "rlvf", sft_model=sft_model, max_steps=2, eval_interval=2, rollout_batch_size=2,
+                  group_size=3, ppo_minibatch_size=3, ppo_epochs=1)
+    summary = stages.run_rlvf(rlvf, None, show_progress=False)
+    rows = read_metrics(Path(rlvf.output_dir) / "metrics.jsonl")
+    assert [r["step"] for r in rows if "reward" in r] == [1, 2] and Path(summary["checkpoint"]).exists()
+
+
+def test_rl_stages_follow_the_training_loops_warmup_and_cosine(files, tmp_path):
+    """--warmup_steps / --min_lr_ratio shape the lr of PPO and GRPO as they do every other stage's (they were
+    accepted and ignored); the critic's lr keeps its ratio to the policy's."""
+    rlvf = stage_config(files, tmp_path, "rlvf", sft_model=str(files["pretrained"]), max_steps=4, eval_interval=4,
+                  rollout_batch_size=2, group_size=2, ppo_minibatch_size=4, ppo_epochs=1, lr=1e-4, warmup_steps=2,
+                  min_lr_ratio=0.1)
+    stages.run_rlvf(rlvf, None, show_progress=False)
+    logged = [r["lr"] for r in read_metrics(Path(rlvf.output_dir) / "metrics.jsonl") if "reward" in r]
+    assert logged == pytest.approx([5e-5, 1e-4, 0.1e-4 + 0.5 * (1 + math.cos(math.pi / 2)) * 0.9e-4,
+                                    0.1e-4 + 0.5 * (1 + math.cos(3 * math.pi / 4)) * 0.9e-4])
+    base = stages.load_base(str(files["pretrained"]), None, "--pretrained_model")
+    reward = model_heads.GPTRewardModel.from_language_model(base.model, 1.0)
+
+    def ppo_trainer(cfg) -> training.Trainer:
+        step = PPOStep(cfg, base.tokenizer, reward, [], SFT_TEMPLATE)
+        return training.Trainer(cfg, base.model, base.tokenizer, iter(()), step, prefix="ppo", show_progress=False)
+
+    trainer = ppo_trainer(stage_config(files, tmp_path, "rlhf", lr=1e-4, critic_lr=3e-4, warmup_steps=4, max_steps=8))
+    trainer.step = 1
+    trainer._apply_schedule()
+    assert trainer.lr == pytest.approx(5e-5) and trainer.optimizer.param_groups[0]["lr"] == pytest.approx(5e-5)
+    assert trainer.strategy.critic_optimizer.param_groups[0]["lr"] == pytest.approx(1.5e-4)
+    defaults = stages.PPOConfig()  # the stage's defaults: a constant lr
+    trainer = ppo_trainer(stage_config(files, tmp_path / "default", "rlhf", lr=defaults.lr,
+                                       warmup_steps=defaults.warmup_steps, min_lr_ratio=defaults.min_lr_ratio))
+    for trainer.step in (0, 75, 149):
+        trainer._apply_schedule()
+        assert trainer.lr == pytest.approx(defaults.lr)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_rlvf_trains_only_on_groups_whose_answers_scored_differently(files, tmp_path, skip):
+    records = [{"instruction": f"计算 {i} + 1 = ?", "response": str(i + 1), "verifier": "constant" if i % 2 else "length"}
+               for i in range(4)]
+    data = tmp_path / "records.json"
+    data.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    verifiers.register_verifier("constant")(lambda response, record: 1.0)  # every answer alike: zero advantage
+    verifiers.register_verifier("length")(lambda response, record: float(len(response) % 2))
+    try:
+        rlvf = stage_config(files, tmp_path, "rlvf", sft_model=str(files["pretrained"]), data_path=str(data),
+                      test_data_path=str(data), max_steps=1, eval_interval=1, rollout_batch_size=4, group_size=4,
+                      ppo_minibatch_size=4, ppo_epochs=1, format_weight=0.0, skip_uniform_groups=skip, seed=1)
+        stages.run_rlvf(rlvf, None, show_progress=False)
+    finally:
+        del verifiers.VERIFIERS["constant"], verifiers.VERIFIERS["length"]
+    row = next(r for r in read_metrics(Path(rlvf.output_dir) / "metrics.jsonl") if "reward" in r)
+    uniform_groups = round(row["zero_advantage_groups"] * 4)
+    assert uniform_groups >= 2  # the two "constant" groups at least
+    assert row["trained_rows"] == (4 - uniform_groups) * 4 if skip else row["trained_rows"] == 16
+
+
+# ----------------------------------------------------------------------------- RL on the one training loop
+# Regressions of the RL loop that copied the training loop (each behaved wrongly at 45b0f70).
+
+def sft_model(files, tmp_path) -> str:
+    sft = stage_config(files, tmp_path, "sft", max_steps=2, eval_interval=2)
+    stages.run_sft(sft, None, show_progress=False)
+    return str(Path(sft.output_dir) / "sft_best.pth")
+
+
+def rlvf_config(files, tmp_path, name: str, sft: str, **overrides):
+    values = dict(sft_model=sft, max_steps=4, eval_interval=2, rollout_batch_size=2, group_size=4,
+                  ppo_minibatch_size=4, ppo_epochs=1, format_weight=1.0, lr=1e-3, skip_uniform_groups=False)
+    return stage_config(files, tmp_path / name, "rlvf", **{**values, **overrides})
+
+
+def step_rows(config) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "tokens_per_sec"}
+            for r in read_metrics(Path(config.output_dir) / "metrics.jsonl") if "reward" in r]
+
+
+def test_rl_keep_last_0_keeps_every_step_checkpoint_and_1_keeps_the_last(files, tmp_path):
+    sft = sft_model(files, tmp_path)
+    for keep_last, expected in ((0, [1, 2, 3]), (1, [3])):  # at 45b0f70 keep_last 0 deleted every one of them
+        config = rlvf_config(files, tmp_path, f"keep{keep_last}", sft, max_steps=3, save_interval=1,
+                             keep_last=keep_last)
+        stages.run_rlvf(config, None, show_progress=False)
+        kept = sorted(int(p.stem.rsplit("_", 1)[1]) for p in Path(config.output_dir).glob("rlvf_step_*.pth"))
+        assert kept == expected
+
+
+def test_rl_epochs_stop_the_run(files, tmp_path):
+    """--epochs N is one stopping rule with --max_steps (at 45b0f70 RL ignored it and ran until --max_minutes)."""
+    sft = sft_model(files, tmp_path)
+    records = [{"instruction": f"计算 {i} + 1 = ?", "response": str(i + 1), "task": "arithmetic"} for i in range(6)]
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    config = rlvf_config(files, tmp_path, "epochs", sft, data_path=str(prompts), max_steps=None, epochs=2,
+                         max_minutes=1.0)
+    summary = stages.run_rlvf(config, None, show_progress=False)
+    assert summary["steps"] == 6  # 2 epochs x 3 batches of 2 prompts
+
+
+@pytest.mark.parametrize("stage", ["rlvf", "rlhf"])
+def test_rl_resumes_exactly(files, tmp_path, stage):
+    """A run killed after step 2 and resumed with --resume auto ends where the uninterrupted run does: the same rows
+    and the same policy (and critic), through the loop's one save / restore."""
+    sft = sft_model(files, tmp_path)
+    if stage == "rlvf":
+        make = lambda name: rlvf_config(files, tmp_path, name, sft, save_interval=2)  # noqa: E731
+        run = stages.run_rlvf
+    else:
+        reward = model_heads.GPTRewardModel.from_language_model(checkpoints.load(sft, trainable=True).model)
+        checkpoints.save_checkpoint(tmp_path / "reward.pth", reward, model_class="reward",
+                                    tokenizer_fingerprint=checkpoints.load(sft).tokenizer.fingerprint)
+        shutil_copy_tokenizer(sft, tmp_path)
+        make = lambda name: stage_config(files, tmp_path / name, "rlhf", sft_model=sft,  # noqa: E731
+                                         reward_model=str(tmp_path / "reward.pth"), max_steps=4, eval_interval=2,
+                                         rollout_batch_size=4, ppo_minibatch_size=2, ppo_epochs=1, save_interval=2)
+        run = stages.run_rlhf
+    straight, killed = make("straight"), make("killed")
+    run(straight, None, show_progress=False)
+    run(killed, None, show_progress=False, stop_after=2)
+    run(killed, "auto", show_progress=False)
+    assert step_rows(killed) == step_rows(straight) and len(step_rows(straight)) == 4
+    prefix = "rlvf" if stage == "rlvf" else "ppo"
+    a, b = (checkpoints.load_checkpoint(Path(c.output_dir) / f"{prefix}_step_4.pth") for c in (straight, killed))
+    assert all(torch.equal(a["model_state_dict"][k], b["model_state_dict"][k]) for k in a["model_state_dict"])
+    assert a["step_state"].keys() == b["step_state"].keys() and a["scaler"] == b["scaler"]
+
+
+def shutil_copy_tokenizer(sft: str, tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copytree(Path(sft).parent / "tokenizer", tmp_path / "tokenizer", dirs_exist_ok=True)
+
+
+def test_rl_runs_in_the_run_precision_with_grad_accum_and_compile(files, tmp_path, monkeypatch):
+    """--dtype, --grad_accum and --compile reach PPO/GRPO (at 45b0f70 they were accepted and ignored): rollouts and
+    updates run under bf16 autocast, each minibatch is split into grad_accum micro-batches, and the training forward
+    passes go through the compiled model."""
+    sft = sft_model(files, tmp_path)
+    compiled_calls, autocast_seen, micro_batches = [], set(), []
+
+    class Compiled(torch.nn.Module):  # what torch.compile returns, without paying for inductor here
+        def __init__(self, module):
+            super().__init__()
+            self._orig_mod = module
+
+        def forward(self, *args, **kwargs):
+            compiled_calls.append(args[0].shape[0])
+            return self._orig_mod(*args, **kwargs)
+
+    monkeypatch.setattr(training.torch, "compile", lambda module, **kwargs: Compiled(module))
+    real_update = training.Trainer.update
+
+    def update(self, micro_losses, *args, **kwargs):
+        micro_batches.append(len(micro_losses))
+        return real_update(self, micro_losses, *args, **kwargs)
+
+    monkeypatch.setattr(training.Trainer, "update", update)
+    config = rlvf_config(files, tmp_path, "bf16", sft, max_steps=1, dtype="bf16", grad_accum=2, compile=True)
+    policy = stages.load_base(sft, None, "--sft_model").model
+    policy.register_forward_hook(lambda module, args, out: autocast_seen.add(torch.is_autocast_enabled("cpu")))
+    monkeypatch.setattr(stages, "load_base", lambda *args: checkpoints.Loaded(
+        policy, checkpoints.load(sft).tokenizer, "lm", SFT_TEMPLATE, Path(sft)))
+    stages.run_rlvf(config, None, show_progress=False)
+    assert autocast_seen == {True}  # every policy pass (rollout, update, held-out) under bf16 autocast
+    assert set(micro_batches) == {2} and compiled_calls and set(compiled_calls) == {2}  # 4-row minibatches in halves

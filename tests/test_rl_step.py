@@ -1,0 +1,81 @@
+"""rl_step: rollouts through the decode engine, PPO's step on the one training loop, held-out policy figures."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import data_loader
+import model_heads
+import readers
+import rl_step
+import finetune_stages as stages
+from prompts import SFT_TEMPLATE, record_prompt_ids
+from conftest import stage_config
+from training import Trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("likelihood_weight", [0.0, 1.0])
+def test_a_ppo_iteration_moves_the_policy_and_critic_but_not_the_reference_or_reward_model(files, tmp_path,
+                                                                                            likelihood_weight):
+    base = stages.load_base(str(files["pretrained"]), None, "--pretrained_model")
+    policy, tokenizer = base.model, base.tokenizer
+    reward = model_heads.GPTRewardModel.from_language_model(policy, likelihood_weight)
+    cfg = stage_config(files, tmp_path, "rlhf", lr=1e-3, critic_lr=1e-3, rollout_batch_size=4, ppo_minibatch_size=2,
+                 ppo_epochs=2, max_steps=1)
+    records = readers.load_sft_records(files["sft_test"])
+    prompts = stages.rl_prompts([record_prompt_ids(tokenizer, r, SFT_TEMPLATE) for r in records], 64, "test")
+    step = rl_step.PPOStep(cfg, tokenizer, reward, records[:4], SFT_TEMPLATE)
+    trainer = Trainer(cfg, policy, tokenizer, data_loader.ShuffledBatches(prompts, 4, list, 0), step, prefix="ppo",
+                      show_progress=False)
+    models = {"policy": trainer.model, "reference": step.reference, "reward": step.reward_model, "critic": step.critic}
+    before = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in models.items()}
+    batch = step.rollout(next(trainer.batches))
+    assert batch.response_mask.sum(1).min() >= 1 and batch.logprobs.shape == batch.values.shape
+    stats = step.update(batch)
+    assert {"policy_loss", "value_loss", "clip_fraction", "entropy"} <= set(stats)
+    changed = {name: any(not torch.equal(v, models[name].state_dict()[k]) for k, v in state.items())
+               for name, state in before.items()}
+    assert changed == {"policy": True, "reference": False, "reward": False, "critic": True}
+
+
+def test_evaluate_policy_gives_every_answer_its_room_whatever_the_batch(files):
+    """A short prompt batched with a long one must not have its answer cut by the long one's place in the context:
+    batched figures equal those of one prompt at a time."""
+    base = stages.load_base(str(files["pretrained"]), None, "--pretrained_model")
+    policy, tokenizer = base.model, base.tokenizer
+    reward = model_heads.GPTRewardModel.from_language_model(policy, 1.0)
+    short = {"instruction": "计算 1 + 2 = ?", "response": "3"}
+    long = {"instruction": "床前明月光，疑是地上霜。", "response": "x"}
+    records = [short, long, dict(short, instruction="计算 3 + 4 = ?"), long]
+    args = (policy, policy, reward, tokenizer, records, SFT_TEMPLATE, 40)
+    assert len(record_prompt_ids(tokenizer, long, SFT_TEMPLATE)) + 40 > 64  # the long one leaves < 40
+    one_by_one = rl_step.evaluate_policy(*args, batch_size=1)
+    assert rl_step.evaluate_policy(*args, batch_size=4) == pytest.approx(one_by_one, abs=1e-5)
+
+
+def test_samples_end_every_response_in_the_last_column_and_give_each_prompt_its_room(files):
+    base = stages.load_base(str(files["pretrained"]), None, "--pretrained_model")
+    policy, tokenizer = base.model, base.tokenizer
+    template = SFT_TEMPLATE
+    prompts = [record_prompt_ids(tokenizer, {"instruction": text}, template)
+               for text in ("计算 1 + 2 = ?", "床前明月光，疑是地上霜。")]
+    samples = rl_step.sample_responses(policy, prompts, 40, tokenizer, do_sample=False)
+    alone = [rl_step.sample_responses(policy, [p], 40, tokenizer, do_sample=False).responses[0] for p in prompts]
+    assert samples.responses == alone  # batched with a longer prompt, the short one keeps its room
+    assert max(map(len, alone)) > 64 - max(map(len, prompts))  # a left-padded batch would have cut it
+    n = samples.response_mask.size(1)
+    assert samples.sequences.size(1) - samples.response_start == n == max(map(len, samples.responses))
+    labels = rl_step.response_labels(samples)
+    for row, (prompt, response) in enumerate(zip(prompts, samples.responses)):
+        real = samples.sequences[row][samples.attention_mask[row].bool()].tolist()
+        assert real == prompt + response  # left padding only
+        assert samples.response_mask[row].tolist() == [0.0] * (n - len(response)) + [1.0] * len(response)
+        assert [t for t in labels[row].tolist() if t != -100] == response
+
+
+def test_adaptive_kl_controller_moves_beta_towards_the_target():
+    controller = rl_step.AdaptiveKLController(0.1, target=6.0, horizon=100)
+    controller.update(current_kl=12.0, n_steps=10)  # error clipped to +0.2
+    assert controller.value == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))
