@@ -1,4 +1,5 @@
-"""inference/api_service.py against a live uvicorn on 127.0.0.1 serving a tiny model made here.
+"""The HTTP server (inference/api_service.py and the modules below it) against a live uvicorn on 127.0.0.1
+serving a tiny model made here.
 
 References: the engine's text for the same prompt and seed, computed directly (kv_cache_infer), the greedy
 tokens of GPTModel.generate, the official `openai` client, and the server's own /metrics and /health.
@@ -36,7 +37,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """The servers here run torch on one thread (threads=1, a process-wide setting): restore it afterwards."""
+    """The servers here run torch on one thread (num_threads=1, a process-wide setting): restore it afterwards."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -106,9 +107,9 @@ class LiveServer:
 
 
 def settings_for(checkpoint: Path, **overrides):
-    from inference.api_service import Settings
+    from inference.settings import Settings
 
-    return Settings(model_path=str(checkpoint), threads=1, **overrides)
+    return Settings(model_path=str(checkpoint), num_threads=1, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -444,7 +445,9 @@ def test_a_reward_model_of_another_tokenizer_or_kind_is_a_one_line_startup_error
     from checkpoints import save_checkpoint
     from cli import UsageError, run_cli
     from gpt_model import GPTConfig
-    from inference.api_service import Metrics, load_served_model, main
+    from inference.api_service import main
+    from inference.server_metrics import Metrics
+    from inference.serving import load_served_model
     from model_heads import GPTRewardModel
 
     foreign = checkpoint.parent / "foreign_reward.pth"
@@ -484,7 +487,8 @@ def test_concurrent_requests_are_batched_and_match_sequential_results(server):
 
 def test_queue_bound_counts_free_slots_then_max_queue(reference):
     from decoding import DecodeEngine, SamplingParams
-    from inference.api_service import EngineWorker, Job, Metrics, QueueFull
+    from inference.engine_worker import EngineWorker, Job, QueueFull
+    from inference.server_metrics import Metrics
 
     model, tok = reference
     worker = EngineWorker(DecodeEngine(model, tok, n_slots=2), Metrics(), max_queue=3, device=torch.device("cpu"),
@@ -579,7 +583,7 @@ def test_health_and_metrics_answer_promptly_during_a_long_generation(server):
 @pytest.mark.slow
 def test_sigterm_finishes_in_flight_requests_and_exits_0(checkpoint, tmp_path):
     port = free_port()
-    env = {**os.environ, "GPT_MODEL_PATH": str(checkpoint), "GPT_PORT": str(port), "GPT_THREADS": "1",
+    env = {**os.environ, "GPT_MODEL_PATH": str(checkpoint), "GPT_PORT": str(port), "GPT_NUM_THREADS": "1",
            "GPT_LOG_LEVEL": "warning"}
     proc = subprocess.Popen([sys.executable, "-m", "inference.api_service"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -611,7 +615,7 @@ def _ready(url: str) -> bool:
 
 
 def test_flags_and_environment_give_the_same_settings(checkpoint):
-    from inference.api_service import SETTINGS, Settings
+    from inference.settings import SETTINGS, Settings
 
     env = {"GPT_MODEL_PATH": str(checkpoint), "GPT_MAX_BATCH_SIZE": "4", "GPT_REQUEST_TIMEOUT": "7.5",
            "GPT_API_KEY": "k", "GPT_QUANTIZE": "int8"}
@@ -649,7 +653,7 @@ def test_int8_quantization_at_startup(checkpoint):
 
 
 def test_default_model_prefers_int8_sft_then_sft_then_pretrain(tmp_path, monkeypatch):
-    import inference.api_service as service
+    import inference.settings as service
     from cli import UsageError
 
     monkeypatch.setattr(service, "ROOT", tmp_path)

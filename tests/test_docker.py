@@ -152,7 +152,7 @@ def test_compose_paths_exist():
 
 
 def test_compose_environment_is_every_server_setting_with_its_default():
-    from inference.api_service import SETTINGS, Settings
+    from inference.settings import SETTINGS, Settings
 
     service = compose()["services"]["gpt"]
     env = service["environment"]
@@ -212,7 +212,7 @@ def test_the_image_cmd_serves_health_and_stops_on_sigterm(dockerfile, checkpoint
     env.update({name: _default(value) for name, value in compose_env.items()})
     port = free_port()
     env.update({"GPT_MODEL_PATH": str(checkpoint), "GPT_HOST": "127.0.0.1", "GPT_PORT": str(port),
-                "GPT_THREADS": "1", "GPT_LOG_LEVEL": "warning"})
+                "GPT_NUM_THREADS": "1", "GPT_LOG_LEVEL": "warning"})
     argv = cmd_argv(dockerfile)
     proc = subprocess.Popen([sys.executable if argv[0] == "python" else argv[0], *argv[1:]], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

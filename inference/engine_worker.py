@@ -1,0 +1,233 @@
+"""The decode-engine thread: `EngineWorker` runs `DecodeEngine`'s loop in a thread of its own, admitting queued
+`Job`s into free slots (continuous batching), stepping the batch and routing each text piece back to the event loop
+of the request it belongs to (one wake-up per loop per step); a full queue raises `QueueFull` (429). A finished,
+cancelled or timed-out sequence leaves its slot at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from decoding import DecodeEngine, DecodingError, Request as EngineRequest, SamplingParams, StepOutput
+from devices import autocast_context
+from inference.server_metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """No room in the waiting queue (429)."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One request on its way through the engine; events go to `events` on the request's event loop."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    arrival: float = field(default_factory=time.perf_counter)
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    sequence: EngineRequest | None = None
+    first_token_at: float | None = None
+    finish_reason: str | None = None
+    cancelled: bool = False
+    observed: bool = True  # its TTFT and latency go to the histograms (not for best_of candidates, timed as one)
+
+    def post(self, event: tuple) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens generated, the closing </s> not counted."""
+        if self.sequence is None:
+            return 0
+        ids = self.sequence.output_ids
+        return len(ids) - (self.finish_reason == "eos")
+
+
+class EngineWorker:
+    """Runs the decode loop in its own thread: admits queued jobs into free slots, steps, routes pieces back."""
+
+    def __init__(self, engine: DecodeEngine, metrics: Metrics, max_queue: int, device: torch.device,
+                 dtype: torch.dtype, num_threads: int = 0) -> None:
+        self.engine, self.metrics, self.max_queue = engine, metrics, max_queue
+        self.device, self.dtype, self.num_threads = device, dtype, num_threads
+        self._cond = threading.Condition()
+        self._waiting: deque[Job] = deque()
+        self._to_cancel: list[Job] = []
+        self._jobs: dict[EngineRequest, Job] = {}
+        self._running = True
+        self._thread = threading.Thread(target=self._run, name="decode-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active(self) -> int:
+        return len(self._jobs)
+
+    def submit(self, job: Job) -> None:
+        self.submit_all([job])
+
+    def submit_all(self, jobs: Sequence[Job]) -> None:
+        """Queue jobs side by side (a request's best_of candidates, so they batch together): all of them or none."""
+        with self._cond:
+            if not self._running:
+                raise QueueFull("the server is shutting down")
+            free = max(0, self.engine.n_slots - len(self._jobs))  # a job waits here briefly even with a free slot
+            if len(self._waiting) + len(jobs) > self.max_queue + free:
+                needs = f" and this request needs {len(jobs)} places (best_of)" if len(jobs) > 1 else ""
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting{needs} "
+                                f"(--max_queue {self.max_queue})")
+            self._waiting.extend(jobs)
+            self.metrics.queue_depth.set(len(self._waiting))
+            self._cond.notify()
+
+    def cancel(self, job: Job, reason: str = "aborted") -> None:
+        """Take a job out (client gone, timeout): from the queue at once, from its slot at the next step."""
+        with self._cond:
+            if job.finish_reason is not None or job.cancelled:
+                return
+            job.cancelled = True
+            if job in self._waiting:
+                self._waiting.remove(job)
+                self.metrics.queue_depth.set(len(self._waiting))
+                self._finish(job, reason)
+            else:
+                self._to_cancel.append(job)
+                job.finish_reason = reason  # set now; the engine thread frees the slot
+                self._cond.notify()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Cancel everything left and end the thread."""
+        with self._cond:
+            self._running = False
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def _finish(self, job: Job, reason: str, outbox: list | None = None) -> None:
+        job.finish_reason = reason
+        self.metrics.finished.labels(reason).inc()
+        if outbox is None:
+            job.post(("done", reason))
+        else:
+            outbox.append((job, ("done", reason)))
+
+    def _run(self) -> None:
+        if self.num_threads:
+            torch.set_num_threads(self.num_threads)
+        with autocast_context(self.device, self.dtype):  # autocast state is per thread: enter it here
+            while self._iterate():
+                pass
+        with self._cond:
+            leftovers = list(self._waiting) + list(self._jobs.values())
+            self._waiting.clear()
+        for job in leftovers:
+            if job.sequence is not None:
+                self.engine.abort(job.sequence)
+            self._finish(job, "aborted")
+        self._jobs.clear()
+        self.metrics.active.set(0)
+        self.metrics.queue_depth.set(0)
+
+    def _iterate(self) -> bool:
+        with self._cond:
+            while self._running and not self._waiting and not self._to_cancel and not self.engine.has_work:
+                self._cond.wait()
+            if not self._running:
+                return False
+            cancels, self._to_cancel = self._to_cancel, []
+            n_admit = min(len(self._waiting), len(self.engine.free_slots) + len(cancels))
+            admitted = [self._waiting.popleft() for _ in range(n_admit)]
+            self.metrics.queue_depth.set(len(self._waiting))
+        for job in cancels:
+            if job.sequence is not None:
+                self.engine.abort(job.sequence)
+                self._jobs.pop(job.sequence, None)
+            self.metrics.finished.labels(job.finish_reason).inc()
+            job.post(("done", job.finish_reason))
+        self._admit([job for job in admitted if not job.cancelled])
+        if self.engine.has_work:
+            self._step()
+        self.metrics.active.set(len(self._jobs))
+        return True
+
+    def _admit(self, jobs: list[Job]) -> None:
+        """Prefill the new jobs together; if that fails, one by one, so a bad request fails alone."""
+        if not jobs:
+            return
+        try:
+            sequences = self.engine.add_many([j.prompt_ids for j in jobs], [j.params for j in jobs])
+        except (DecodingError, RuntimeError):
+            sequences = []
+            for job in jobs:
+                try:
+                    sequences.append(self.engine.add(job.prompt_ids, job.params))
+                except (DecodingError, RuntimeError) as err:
+                    log.warning("request failed at prefill: %s", err)
+                    sequences.append(None)
+                    self.metrics.finished.labels("error").inc()
+                    job.finish_reason = "error"
+                    job.post(("error", 500 if isinstance(err, RuntimeError) else 422, str(err)))
+        for job, sequence in zip(jobs, sequences):
+            if sequence is not None:
+                job.sequence = sequence
+                self._jobs[sequence] = job
+                self.metrics.prompt_tokens.inc(len(job.prompt_ids))
+
+    def _step(self) -> None:
+        batch = len(self.engine.active)
+        try:
+            outputs = self.engine.step()
+        except RuntimeError as err:  # a device error (e.g. out of memory) takes down the batch, not the server
+            log.error("decode step failed, failing %d sequences: %s", len(self._jobs), err)
+            for sequence, job in list(self._jobs.items()):
+                self.engine.abort(sequence)
+                self.metrics.finished.labels("error").inc()
+                job.finish_reason = "error"
+                job.post(("error", 503, f"the decode step failed: {err}"))
+            self._jobs.clear()
+            return
+        if batch:
+            self.metrics.batch_size.observe(batch)
+        outbox: list[tuple[Job, tuple]] = []
+        for out in outputs:
+            self._route(out, outbox)
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for job, event in outbox:
+            by_loop.setdefault(job.loop, []).append((job, event))
+        for loop, items in by_loop.items():  # one wake-up of each event loop per step, not one per sequence
+            loop.call_soon_threadsafe(_deliver, items)
+
+    def _route(self, out: StepOutput, outbox: list) -> None:
+        job = self._jobs.get(out.request)
+        if job is None or job.cancelled:  # cancelled meanwhile: the engine thread aborts it next
+            return
+        if job.first_token_at is None:
+            job.first_token_at = time.perf_counter()
+            if job.observed:
+                self.metrics.ttft.observe(job.first_token_at - job.arrival)
+        if out.text:
+            outbox.append((job, ("text", out.text)))
+        if out.finished:
+            del self._jobs[out.request]
+            self.metrics.generated_tokens.inc(len(out.request.output_ids))
+            self._finish(job, out.request.finish_reason, outbox)
+
+
+def _deliver(items: list[tuple[Job, tuple]]) -> None:
+    """On a request's event loop: hand one step's events to their jobs."""
+    for job, event in items:
+        job.events.put_nowait(event)

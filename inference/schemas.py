@@ -1,0 +1,174 @@
+"""The HTTP request and response bodies (pydantic): `/generate`'s GenerateRequest and GenerateResponse, the OpenAI
+routes' CompletionRequest and ChatRequest (with ChatMessage), the stop-string check, and `build_schemas`, which
+makes one app's request classes with its bounds (--max_new_tokens, --max_best_of) in them, so /docs shows the
+server's real limits.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, NamedTuple
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+
+MAX_STOP, MAX_STOP_LEN = 4, 64
+BEST_OF_DOC = ("sample this many answers together and return the one scored highest (the reward model, else the mean "
+               "token log-prob); costs best_of times the tokens; not with stream; greedy (temperature 0) samples once")
+TEMPERATURE_DOC = "0 = greedy; 0 to 5"
+STOP_DOC = f"up to {MAX_STOP} strings of 1-{MAX_STOP_LEN} characters; generation ends before the first one"
+SEED_DOC = "makes sampling reproducible, alone or in a batch; 0 to 2^63-1"
+TOP_K_DOC = "keep the k most likely tokens; 0 = all; at most the vocabulary size (/health)"
+
+
+def stop_list(value: str | list[str] | None) -> list[str]:
+    """The stop strings of a request, as a list; ValueError (a 422 naming `stop`) beyond the limits."""
+    stops = [value] if isinstance(value, str) else list(value or [])
+    if len(stops) > MAX_STOP:
+        raise ValueError(f"at most {MAX_STOP} stop strings")
+    if any(not 1 <= len(s) <= MAX_STOP_LEN for s in stops):
+        raise ValueError(f"each stop string must have 1 to {MAX_STOP_LEN} characters")
+    return stops
+
+
+class GenerateRequest(BaseModel):
+    """Continue `prefix` (the model sees `<s> prefix`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    prefix: str = Field(min_length=1, description="the text to continue (non-empty)")
+    max_gen_len: int = Field(100, ge=1, description="most new tokens; prompt + this must fit the context")
+    top_k: int = Field(50, ge=0, description=TOP_K_DOC)
+    temperature: float = Field(0.8, ge=0.0, le=5.0, description=TEMPERATURE_DOC)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus mass, in (0, 1]; 1 = off")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="CTRL penalty in (0, 10]; 1 = off")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description=SEED_DOC)
+    stop: str | list[str] | None = Field(None, description=STOP_DOC)
+    stream: bool = Field(False, description="Server-Sent Events: one `data: {\"text\"}` event per piece, "
+                                            "then `data: {\"finish_reason\", \"num_tokens\"}`")
+    best_of: int = Field(1, ge=1, description=BEST_OF_DOC)
+
+    @field_validator("stop")
+    @classmethod
+    def check_stop(cls, value: str | list[str] | None) -> list[str]:
+        return stop_list(value)
+
+
+class OpenAIRequest(BaseModel):
+    """Fields shared by the OpenAI routes; unknown fields are ignored, as OpenAI clients send many."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = Field(None, description="ignored: this server serves one model (/v1/models)")
+    temperature: float = Field(1.0, ge=0.0, le=5.0, description=TEMPERATURE_DOC)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus mass, in (0, 1]")
+    top_k: int = Field(0, ge=0, description=TOP_K_DOC + " (extension)")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="CTRL penalty in (0, 10] (extension)")
+    n: int = Field(1, ge=1, le=1, description="only 1")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description=SEED_DOC)
+    stop: str | list[str] | None = Field(None, description=STOP_DOC)
+    stream: bool = Field(False, description="OpenAI chunks as Server-Sent Events, ending with `data: [DONE]`")
+    stream_options: dict[str, Any] | None = Field(None, description="{\"include_usage\": true} adds a usage chunk")
+    logprobs: bool | int | None = Field(None, description="not supported (null, false or 0 only)")
+
+    @field_validator("stop")
+    @classmethod
+    def check_stop(cls, value: str | list[str] | None) -> list[str]:
+        return stop_list(value)
+
+    @field_validator("logprobs")
+    @classmethod
+    def no_logprobs(cls, value: bool | int | None) -> None:
+        if value:
+            raise ValueError("logprobs are not supported")
+        return None
+
+
+class CompletionRequest(OpenAIRequest):
+    """OpenAI `POST /v1/completions`."""
+
+    prompt: str | list[str] = Field(description="the text to continue (a list must hold exactly one string)")
+    max_tokens: int = Field(16, ge=1, description="most new tokens")
+    echo: bool = Field(False, description="not supported (false only)")
+    best_of: int = Field(1, ge=1, description=BEST_OF_DOC)
+
+    @field_validator("prompt")
+    @classmethod
+    def one_prompt(cls, value: str | list[str]) -> str:
+        if isinstance(value, list):
+            if len(value) != 1:
+                raise ValueError("send one prompt per request (a list of exactly one string)")
+            value = value[0]
+        if not value:
+            raise ValueError("the prompt must not be empty")
+        return value
+
+    @field_validator("echo")
+    @classmethod
+    def no_echo(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("echo is not supported")
+        return value
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, Any]] = Field(description="text, or OpenAI content parts of type text")
+
+    @field_validator("content")
+    @classmethod
+    def text_only(cls, value: str | list[dict[str, Any]]) -> str:
+        if isinstance(value, str):
+            return value
+        if any(part.get("type") != "text" or not isinstance(part.get("text"), str) for part in value):
+            raise ValueError("only text content parts ({\"type\": \"text\", \"text\": ...}) are supported")
+        return "".join(part["text"] for part in value)
+
+
+class ChatRequest(OpenAIRequest):
+    """OpenAI `POST /v1/chat/completions`: messages rendered with the checkpoint's SFT template."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256,
+                                        description="system/user/assistant turns, ending with a user turn")
+    max_tokens: int | None = Field(None, ge=1, description="most new tokens (default: what fits)")
+    max_completion_tokens: int | None = Field(None, ge=1, description="alias of max_tokens")
+
+    @field_validator("messages")
+    @classmethod
+    def ends_with_user(cls, value: list[ChatMessage]) -> list[ChatMessage]:
+        if value[-1].role != "user":
+            raise ValueError("the last message must be the user's")
+        return value
+
+
+class GenerateResponse(BaseModel):
+    prefix: str
+    generated_text: str
+    num_tokens: int = Field(description="tokens generated (a closing </s> not counted)")
+    finish_reason: str = Field(description="eos (</s>), stop (a stop string), length (max_gen_len or the context)")
+    latency_ms: float
+
+
+class Schemas(NamedTuple):
+    """One app's request classes, bounded by its settings."""
+
+    generate: type[GenerateRequest]
+    completion: type[CompletionRequest]
+    chat: type[ChatRequest]
+
+
+def build_schemas(max_new_tokens: int, max_best_of: int) -> Schemas:
+    """The request classes with this server's bounds in their fields (so /docs shows the real limits)."""
+    def tokens(default: int | None, doc: str) -> tuple[Any, Any]:
+        kind = int if default is not None else int | None
+        return kind, Field(default, ge=1, le=max_new_tokens, description=doc)
+
+    def best_of() -> tuple[Any, Any]:
+        return int, Field(1, ge=1, le=max_best_of, description=f"1 to {max_best_of}: {BEST_OF_DOC}")
+
+    def bounded(base: type[BaseModel], **overrides: tuple[Any, Any]) -> Any:
+        return create_model(base.__name__, __base__=base, __doc__=base.__doc__, __module__=__name__, **overrides)
+
+    up_to = f"most new tokens, 1 to {max_new_tokens}"
+    return Schemas(
+        bounded(GenerateRequest, best_of=best_of(), max_gen_len=tokens(
+            min(100, max_new_tokens), f"{up_to}; prompt + this must fit the context")),
+        bounded(CompletionRequest, max_tokens=tokens(min(16, max_new_tokens), up_to), best_of=best_of()),
+        bounded(ChatRequest, max_tokens=tokens(None, f"{up_to} (default: what fits)"),
+                max_completion_tokens=tokens(None, "alias of max_tokens")))

@@ -1,0 +1,102 @@
+"""The served model: `ServedModel` (the model, tokenizer, engine thread, best_of scorer and their description for
+/health), `load_served_model` (checkpoint, optional INT8, device and dtype, the engine and its thread), the
+--reward_model checks and loading, and best_of scoring (`score_candidates`, in the scorer thread)."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+import checkpoints
+from cli import UsageError
+from decoding import DecodeEngine, mean_token_logprobs, reward_scores
+from devices import autocast_context, resolve_device, resolve_dtype
+from gpt_model import GPTModel
+from inference.engine_worker import EngineWorker, Job
+from inference.server_metrics import Metrics
+from inference.settings import Settings
+from model_heads import GPTRewardModel
+from quantization import is_quantized
+
+
+def scorer_thread() -> ThreadPoolExecutor:
+    """One thread scores best_of candidates: bounded memory, never the event loop."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="best-of-scorer")
+
+
+@dataclass
+class ServedModel:
+    """What /health reports and the routes need: the model, tokenizer, engine thread and their description."""
+
+    path: Path
+    model: torch.nn.Module
+    tokenizer: Any
+    worker: EngineWorker
+    template: str
+    quantization: str
+    parameters: int
+    device: torch.device
+    dtype: torch.dtype
+    reward_path: Path | None = None
+    reward_model: GPTRewardModel | None = None
+    scorer: ThreadPoolExecutor = field(default_factory=scorer_thread)
+
+    @property
+    def context(self) -> int:
+        return self.model.config.max_seq_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.vocab_size
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+
+def load_served_model(settings: Settings, metrics: Metrics) -> ServedModel:
+    """Load the checkpoint (INT8 or float, quantizing on request), build the engine and start its thread."""
+    path = settings.resolved_model_path()
+    tokenizer_dir = Path(settings.tokenizer_dir) if settings.tokenizer_dir else path.parent / "tokenizer"
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    loaded = checkpoints.load(path, tokenizer_dir, device, quantize=settings.quantize, dtype=dtype, expect="lm")
+    model, tokenizer, template = loaded.model, loaded.tokenizer, loaded.template
+    reward_path = Path(settings.reward_model) if settings.reward_model else None
+    reward = load_reward_model(reward_path, tokenizer, tokenizer_dir, device) if reward_path else None
+    with torch.device("meta"):
+        parameters = GPTModel(model.config).num_parameters()
+    engine = DecodeEngine(model, tokenizer, n_slots=settings.max_batch_size)
+    worker = EngineWorker(engine, metrics, settings.max_queue, device, dtype, settings.num_threads)
+    worker.start()
+    return ServedModel(path, model, tokenizer, worker, template, "int8" if is_quantized(model) else "none",
+                       parameters, device, dtype, reward_path, reward)
+
+
+def check_reward_checkpoint(path: Path, fingerprint: str | None) -> None:
+    """UsageError unless ``path`` is a file whose recorded tokenizer fingerprint (if any) is ``fingerprint``."""
+    if not path.is_file():
+        raise UsageError(f"--reward_model {path} is not a file; pass a reward-model checkpoint (.pth)")
+    recorded = checkpoints.checkpoint_metadata(path).get("tokenizer_fingerprint")
+    if fingerprint is not None and recorded is not None and recorded != fingerprint:
+        raise UsageError(f"--reward_model {path} was trained with another tokenizer than the served model (tokenizer "
+                         "fingerprint mismatch); pass a reward model trained from the served model's tokenizer")
+
+
+def load_reward_model(path: Path, tokenizer: Any, tokenizer_dir: Path, device: torch.device) -> GPTRewardModel:
+    """The --reward_model checkpoint, on the served model's device, checked against the served tokenizer."""
+    check_reward_checkpoint(path, tokenizer.fingerprint)
+    return checkpoints.load(path, tokenizer_dir, device, expect="reward", flag="--reward_model").model
+
+
+def score_candidates(s: ServedModel, prompt_ids: list[int], prompt: str, jobs: Sequence[Job],
+                     texts: Sequence[str]) -> list[float]:
+    """best_of scores (in the scorer thread): the reward model's score of `<s> prompt text </s>` when one is loaded,
+    else the mean log-prob of each candidate's sampled tokens (its </s> included) under the served model."""
+    with autocast_context(s.device, s.dtype):  # autocast state is per thread
+        if s.reward_model is not None:
+            return reward_scores(s.reward_model, s.tokenizer, [prompt] * len(texts), texts, s.device)
+        return mean_token_logprobs(s.model, prompt_ids, [job.sequence.output_ids for job in jobs])
