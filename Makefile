@@ -44,7 +44,7 @@ classify:
 eval:
 	$(PYTHON) evaluator.py --model_type sft --compare models/pretrain/pretrain_best.pth models/sft/sft_best.pth \
 		models/rlhf/ppo_best.pth models/dpo/dpo_best.pth models/rlvf/rlvf_best.pth \
-		--reward_model models/reward/reward_best.pth --test_data_path data/sft/sft_test.json --max_gen_len 16 \
+		--reward_model models/reward/reward_best.pth --test_data_path data/sft/sft_test.json --max_new_tokens 16 \
 		--output models/eval_report.json --plot models/eval_compare.png
 
 quantize:

@@ -1,5 +1,6 @@
-"""Evaluation: perplexity, bits per byte, BLEU and ROUGE for GPTModel checkpoints; accuracy, per-class precision /
-recall and the confusion matrix for classifiers.
+"""Evaluation of checkpoints on held-out data, and the ``python evaluator.py`` CLI: perplexity and bits per byte
+(pretrain), response perplexity, BLEU/ROUGE and exact match of generated responses (sft), pairwise accuracy (reward
+models), and accuracy, per-class precision / recall and the confusion matrix (classifiers).
 
     python evaluator.py --model_path models/pretrain/pretrain_best.pth --test_data_path data/pretrain/val.txt
     python evaluator.py --model_type sft --model_path models/sft/sft_best.pth --test_data_path data/sft/test.jsonl
@@ -8,9 +9,8 @@ recall and the confusion matrix for classifiers.
     python evaluator.py --model_type classify --model_path models/classify/classify_best.pth \
         --test_data_path data/classify/test.jsonl
 
-Perplexity is token-weighted (exp of total NLL / predicted tokens, never a mean of batch means).
-BLEU and ROUGE are computed on `score_tokens`: one token per CJK character, otherwise lower-cased
-words and single punctuation marks, so Chinese text is not scored as one "word" per sentence.
+Perplexity is token-weighted (exp of total NLL / predicted tokens, never a mean of batch means). The text metrics
+themselves (how BLEU and ROUGE tokenize and count) live in text_metrics.py.
 """
 from __future__ import annotations
 
@@ -22,9 +22,7 @@ import sys
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-import regex
 import torch
-from rouge import Rouge
 from tqdm import tqdm
 
 import checkpoints
@@ -33,7 +31,7 @@ from atomic_file import atomic_path
 from data_loader import (ClassificationDataset, GPTSFTDataset, PreferencePairDataset, collate_batch, collate_pairs,
                          encode_for_classification)
 from decoding import SamplingParams, cut_at_eos, generate_responses, reward_scores
-from devices import autocast_context, resolve_device, resolve_dtype
+from devices import DTYPE_CHOICES, autocast_context, resolve_device, resolve_dtype, set_threads
 from metrics import (bits_per_byte, confusion_matrix, exact_match, pairwise_accuracy, perplexity, precision_recall,
                      sum_nll)
 from model_heads import GPTClassifier
@@ -41,101 +39,12 @@ from prompts import SFT_TEMPLATE, build_sft_prompt, encode_prompt, max_prompt_le
 from quantization import weight_count
 from readers import (jsonl_holds_records, load_classification_records, load_preference_records, load_sft_records,
                      read_documents)
+from text_metrics import ROUGE_METRICS, compute_bleu, mean_sentence_bleu, rouge_scores
 from verifiers import verifiable_reward
 
 
 class EvaluationError(ValueError):
     """Bad evaluation input (wrong data format for the model type, empty test set, ...)."""
-
-
-# ----------------------------------------------------------------------------- BLEU and ROUGE
-
-_CJK = r"\p{Han}\p{Hiragana}\p{Katakana}"
-_SCORE_TOKEN = regex.compile(rf"[{_CJK}]|[^\W{_CJK}]+|[^\w\s]")
-ROUGE_METRICS = ("rouge-1", "rouge-2", "rouge-l")
-
-
-def score_tokens(text: str) -> list[str]:
-    """Tokens for BLEU and ROUGE: one per CJK character, else lower-cased words and single punctuation marks."""
-    return _SCORE_TOKEN.findall(text.lower())
-
-
-def _check_pairs(predictions: Sequence, references: Sequence) -> None:
-    if len(predictions) != len(references):
-        raise EvaluationError(f"got {len(predictions)} predictions but {len(references)} references: "
-                              "pass one reference entry per prediction")
-    if not predictions:
-        raise EvaluationError("no predictions to score: pass at least one prediction/reference pair")
-
-
-def _bleu_inputs(predictions: Sequence[str],
-                 references: Sequence[Sequence[str]]) -> tuple[list[list[list[str]]], list[list[str]]]:
-    _check_pairs(predictions, references)
-    if any(isinstance(refs, str) for refs in references):
-        raise EvaluationError("BLEU references must be a list of reference lists, one list per prediction, "
-                              "e.g. [[ref_a], [ref_b1, ref_b2]]")
-    return [[score_tokens(ref) for ref in refs] for refs in references], [score_tokens(pred) for pred in predictions]
-
-
-def compute_bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    """Corpus BLEU-4 (nltk, uniform weights, smoothing method1: 0.1 added to zero n-gram matches)."""
-    from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu  # lazy: nltk takes seconds to import
-
-    refs, hyps = _bleu_inputs(predictions, references)
-    return float(corpus_bleu(refs, hyps, smoothing_function=SmoothingFunction().method1))
-
-
-def mean_sentence_bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    """Mean of per-sample BLEU-4 (nltk sentence_bleu, smoothing method1)."""
-    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu  # lazy: nltk takes seconds to import
-
-    refs, hyps = _bleu_inputs(predictions, references)
-    smoothing = SmoothingFunction().method1
-    return sum(float(sentence_bleu(r, h, smoothing_function=smoothing)) for r, h in zip(refs, hyps)) / len(hyps)
-
-
-def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    """Longest common subsequence length, O(len(a) * len(b)) time and O(len(b)) memory."""
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b):
-            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
-        previous = current
-    return previous[-1]
-
-
-def _precision_recall_f1(overlap: int, n_pred: int, n_ref: int) -> dict[str, float]:
-    precision, recall = overlap / n_pred, overlap / n_ref
-    f1 = 2 * precision * recall / (precision + recall) if overlap else 0.0
-    return {"p": precision, "r": recall, "f": f1}
-
-
-def _rouge_pair(prediction: list[str], reference: list[str]) -> dict[str, dict[str, float]]:
-    """ROUGE-1/2 from the `rouge` package with n-gram multiplicity, ROUGE-L from the token LCS."""
-    if not prediction or not reference:  # the package raises on empty text; nothing overlaps, so 0
-        return {metric: {"p": 0.0, "r": 0.0, "f": 0.0} for metric in ROUGE_METRICS}
-    # exclusive=False counts repeated n-grams with clipping (as ROUGE-1.5.5 does; the default counts a set).
-    # The package splits sentences on ".", so a "." token is renamed (tokens never contain "<" with letters).
-    # Its ROUGE-L is the summary-level union LCS with a recursive backtrack that overflows the stack on long
-    # texts; for our single-"sentence" token sequences that equals plain LCS, computed here iteratively.
-    as_text = lambda tokens: " ".join("<period>" if t == "." else t for t in tokens)  # noqa: E731
-    scores = Rouge(metrics=["rouge-1", "rouge-2"], exclusive=False).get_scores(as_text(prediction),
-                                                                               as_text(reference))[0]
-    scores["rouge-l"] = _precision_recall_f1(_lcs_length(prediction, reference), len(prediction), len(reference))
-    return scores
-
-
-def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Mean ROUGE-1/2/L precision ("p"), recall ("r") and F1 ("f") over prediction/reference pairs."""
-    _check_pairs(predictions, references)
-    pairs = [_rouge_pair(score_tokens(p), score_tokens(r)) for p, r in zip(predictions, references)]
-    return {m: {s: sum(pair[m][s] for pair in pairs) / len(pairs) for s in ("p", "r", "f")} for m in ROUGE_METRICS}
-
-
-def compute_rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Mean ROUGE-1/2/L F1 over prediction/reference pairs; empty predictions score 0."""
-    return {metric: scores["f"] for metric, scores in rouge_scores(predictions, references).items()}
 
 
 # ----------------------------------------------------------------------------- batching helpers
@@ -186,7 +95,7 @@ def _check_data_format(path: str | os.PathLike, model_type: str) -> Path:
 class GPTEvaluator:
     """Scores a GPTModel (perplexity, bits per byte, generated-text BLEU/ROUGE) with its tokenizer.
 
-    device=None keeps the model where it is; otherwise it is moved to `gpt_model.resolve_device(device)`.
+    device=None keeps the model where it is; otherwise it is moved to `devices.resolve_device(device)`.
     dtype: "float32" (default, exact), or "auto"/"bf16"/"fp16" to run forward passes under autocast.
     """
 
@@ -260,18 +169,6 @@ class GPTEvaluator:
         best = [max(range(i * n, (i + 1) * n), key=scores.__getitem__) for i in range(len(prompts))]
         return [samples[i] for i in best]
 
-    # -- metrics on text
-
-    @staticmethod
-    def compute_bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-        """Corpus BLEU-4 with smoothing method1; references holds a list of references per prediction."""
-        return compute_bleu(predictions, references)
-
-    @staticmethod
-    def compute_rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-        """Mean ROUGE-1/2/L F1 with n-gram multiplicity; keys "rouge-1", "rouge-2", "rouge-l"."""
-        return compute_rouge(predictions, references)
-
     # -- whole test sets
 
     def evaluate_pretrained(self, test_data_path: str | os.PathLike, batch_size: int = 8,
@@ -334,7 +231,6 @@ class GPTEvaluator:
                 "examples": [{"prompt": p, "reference": r, "prediction": g}
                              for p, r, g in list(zip(prompts, references, predictions))[:n_examples]]}
 
-
     def response_nll(self, records: Sequence[dict], batch_size: int = 8) -> tuple[float, int]:
         """Total NLL and number of the response tokens of SFT records (prompt tokens are not scored)."""
         dataset = GPTSFTDataset(list(records), self.tokenizer, self.model.config.max_seq_len, self.template)
@@ -357,7 +253,6 @@ class GPTEvaluator:
                                                 batch_size=batch_size,
                                                 min_new_tokens=1)  # a prompt that fits is never cut
         return exact_match_by_task(predictions, records)
-
 
     def evaluate_reward(self, test_data_path: str | os.PathLike, batch_size: int = 32,
                         max_samples: int | None = None) -> dict:
@@ -502,89 +397,7 @@ def _take(items: Iterable, limit: int | None) -> list:
     return [item for _, item in zip(range(limit), items)] if limit is not None else list(items)
 
 
-# ----------------------------------------------------------------------------- CLI
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Evaluate GPTModel checkpoints: perplexity and bits per byte "
-                                                 "(pretrain), response perplexity plus BLEU/ROUGE of generated "
-                                                 "responses (sft).")
-    parser.add_argument("--model_path", help="checkpoint (.pth) to evaluate; its config sets the model size")
-    parser.add_argument("--compare", nargs="+", metavar="CKPT",
-                        help="several checkpoints evaluated on the same data and shown side by side")
-    parser.add_argument("--test_data_path", required=True,
-                        help="pretrain: .txt (one document per line), .jsonl ({\"text\": ...}) or a folder of them; "
-                             "sft: .json/.jsonl of {\"instruction\", \"response\"} records")
-    parser.add_argument("--model_type", choices=("pretrain", "sft", "reward", "classify"), default="pretrain",
-                        help="what to measure: pretrain (perplexity, bits/byte), sft (response perplexity, BLEU, "
-                             "ROUGE, exact match), reward (pairwise accuracy, margin) or classify (accuracy, per-class "
-                             "precision/recall, confusion matrix; .jsonl of {\"text\", \"label\"}) (default: pretrain)")
-    parser.add_argument("--reward_model", help="sft: also report the mean score this reward model gives the responses")
-    parser.add_argument("--best_of", type=cli.positive_int, default=1,
-                        help="sft: sample N responses per prompt (--temperature, --top_k, --top_p) and keep the one "
-                             "--best_of_scorer scores highest (default: 1 = off)")
-    parser.add_argument("--best_of_scorer", choices=("reward", "verifier"), default="reward",
-                        help="sft with --best_of: pick with --reward_model, or with each record's verifier "
-                             "(verifiers.py; it knows the reference, so this measures pass@N) (default: reward)")
-    parser.add_argument("--tokenizer_dir", help="tokenizer folder (default: <checkpoint folder>/tokenizer)")
-    parser.add_argument("--batch_size", type=cli.positive_int, default=8,
-                        help="sequences per forward pass / generation batch (default: 8)")
-    parser.add_argument("--max_gen_len", type=cli.positive_int, default=100,
-                        help="sft: most new tokens per generated response (default: 100)")
-    parser.add_argument("--max_samples", type=cli.positive_int, help="evaluate only the first N documents / records")
-    parser.add_argument("--do_sample", action="store_true", help="sft: sample responses instead of greedy decoding")
-    parser.add_argument("--temperature", type=cli.positive_float, default=0.8,
-                        help="sft with --do_sample: sampling temperature (default: 0.8)")
-    parser.add_argument("--top_k", type=cli.nonnegative_int, default=50,
-                        help="sft with --do_sample: keep the k most likely tokens, 0 = all (default: 50)")
-    parser.add_argument("--top_p", type=cli.probability, default=1.0,
-                        help="sft with --do_sample: nucleus probability mass (default: 1.0 = off)")
-    parser.add_argument("--seed", type=int, help="seed for reproducible sampling")
-    parser.add_argument("--device", default="auto",
-                        help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps (default: auto)")
-    parser.add_argument("--dtype", default="float32",
-                        help="float32 (default, exact), or auto/bf16/fp16 for autocast forward passes (faster on GPUs)")
-    parser.add_argument("--output", default="eval_report.json",
-                        help="where to write the JSON report (default: eval_report.json)")
-    parser.add_argument("--plot", help="write a bar chart of the metrics of every checkpoint to this .png")
-    parser.add_argument("--no_progress", action="store_true", help="hide the progress bars")
-    args = parser.parse_args(argv)
-    if not args.model_path and not args.compare:
-        parser.error("give --model_path CKPT or --compare CKPT [CKPT ...]")
-    return args
-
-
-def evaluate_checkpoint(checkpoint_path: str, args: argparse.Namespace) -> dict:
-    """Load one checkpoint with its tokenizer and evaluate it as args say."""
-    _check_data_format(args.test_data_path, args.model_type)  # before the (possibly slow) model load
-    loaded = checkpoints.load(checkpoint_path, args.tokenizer_dir, args.device, dtype=args.dtype)
-    model, tokenizer, template = loaded.model, loaded.tokenizer, loaded.template
-    kind = {"lm-int8": "lm", "lora": "lm"}.get(loaded.kind, loaded.kind)
-    if kind != {"reward": "reward", "classify": "classify"}.get(args.model_type, "lm"):
-        names = {"reward": "a reward model", "classify": "a classifier", "lm": "a language model"}
-        raise EvaluationError(f"{checkpoint_path} is {names[kind]}: use --model_type "
-                              f"{ {'reward': 'reward', 'classify': 'classify'}.get(kind, 'pretrain or sft') }")
-    evaluator = GPTEvaluator(model, tokenizer, dtype=args.dtype, show_progress=not args.no_progress, template=template)
-    if args.model_type == "pretrain":
-        metrics = evaluator.evaluate_pretrained(args.test_data_path, batch_size=args.batch_size,
-                                                max_samples=args.max_samples)
-    elif args.model_type == "reward":
-        metrics = evaluator.evaluate_reward(args.test_data_path, batch_size=args.batch_size,
-                                            max_samples=args.max_samples)
-    elif args.model_type == "classify":
-        metrics = evaluator.evaluate_classification(args.test_data_path, batch_size=args.batch_size,
-                                                    max_samples=args.max_samples)
-    else:
-        reward_model = None
-        if args.reward_model:
-            reward_model = checkpoints.load(args.reward_model, args.tokenizer_dir, args.device, expect="reward",
-                                            flag="--reward_model").model
-        metrics = evaluator.evaluate_sft(args.test_data_path, batch_size=args.batch_size, max_samples=args.max_samples,
-                                         max_gen_len=args.max_gen_len, do_sample=args.do_sample,
-                                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                         seed=args.seed, reward_model=reward_model, best_of=args.best_of,
-                                         best_of_scorer=args.best_of_scorer)
-    return {"model_path": str(checkpoint_path), "n_parameters": weight_count(model), **metrics}
-
+# ----------------------------------------------------------------------------- reports
 
 TABLE_METRICS = {"pretrain": ("loss", "perplexity", "bits_per_byte", "n_tokens"),
                  "sft": ("loss", "perplexity", "bleu", "sentence_bleu", "rouge-1", "rouge-2", "rouge-l", "exact_match",
@@ -646,16 +459,134 @@ def plot_comparison(reports: list[dict], model_type: str, path: str) -> None:
     plt.close(fig)
 
 
-def _check_device_and_dtype(args: argparse.Namespace) -> None:
+def print_reports(reports: list[dict], model_type: str) -> None:
+    """The comparison table, then sft examples or classifier confusion matrices, one block per checkpoint."""
+    print(format_table(reports, model_type))
+    for name, report in zip(_model_names(reports), reports):
+        if model_type == "sft":
+            for example in report["examples"]:
+                print(f"\n[{name}] prompt: {example['prompt']!r}\n"
+                      f"  reference:  {example['reference']!r}\n  prediction: {example['prediction']!r}")
+        elif model_type == "classify":
+            print(f"\n[{name}] confusion matrix (rows: true class, columns: predicted)\n"
+                  + format_confusion(report["confusion_matrix"], report["labels"]))
+
+
+# ----------------------------------------------------------------------------- evaluating one checkpoint
+
+MODEL_KINDS = {"reward": "reward", "classify": "classify"}  # --model_type -> checkpoint kind; the others: "lm"
+
+
+def _check_model_kind(checkpoint_path: str, loaded_kind: str, model_type: str) -> None:
+    """The checkpoint must be what --model_type measures (a language model for pretrain and sft)."""
+    kind = {"lm-int8": "lm", "lora": "lm"}.get(loaded_kind, loaded_kind)
+    if kind != MODEL_KINDS.get(model_type, "lm"):
+        names = {"reward": "a reward model", "classify": "a classifier", "lm": "a language model"}
+        raise EvaluationError(f"{checkpoint_path} is {names[kind]}: use --model_type "
+                              f"{MODEL_KINDS.get(kind, 'pretrain or sft')}")
+
+
+def _evaluate_sft(evaluator: GPTEvaluator, args: argparse.Namespace) -> dict:
+    reward_model = None
+    if args.reward_model:
+        reward_model = checkpoints.load(args.reward_model, args.tokenizer_dir, args.device, expect="reward",
+                                        flag="--reward_model").model
+    return evaluator.evaluate_sft(args.test_data_path, batch_size=args.batch_size, max_samples=args.max_samples,
+                                  max_gen_len=args.max_new_tokens, do_sample=args.do_sample,
+                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                                  reward_model=reward_model, best_of=args.best_of,
+                                  best_of_scorer=args.best_of_scorer)
+
+
+def evaluate_checkpoint(checkpoint_path: str, args: argparse.Namespace) -> dict:
+    """Load one checkpoint with its tokenizer and evaluate it as args say."""
+    _check_data_format(args.test_data_path, args.model_type)  # before the (possibly slow) model load
+    loaded = checkpoints.load(checkpoint_path, args.tokenizer_dir, args.device, dtype=args.dtype)
+    _check_model_kind(checkpoint_path, loaded.kind, args.model_type)
+    evaluator = GPTEvaluator(loaded.model, loaded.tokenizer, dtype=args.dtype, show_progress=not args.no_progress,
+                             template=loaded.template)
+    if args.model_type == "sft":
+        metrics = _evaluate_sft(evaluator, args)
+    else:
+        evaluate = {"pretrain": evaluator.evaluate_pretrained, "reward": evaluator.evaluate_reward,
+                    "classify": evaluator.evaluate_classification}[args.model_type]
+        metrics = evaluate(args.test_data_path, batch_size=args.batch_size, max_samples=args.max_samples)
+    return {"model_path": str(checkpoint_path), "n_parameters": weight_count(loaded.model), **metrics}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def build_parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(prog="python evaluator.py",
+                                description="Evaluate GPTModel checkpoints: perplexity and bits per byte (pretrain), "
+                                            "response perplexity plus BLEU/ROUGE of generated responses (sft), "
+                                            "pairwise accuracy (reward), accuracy and confusion matrix (classify).")
+    _add_model_flags(parser)
+    _add_generation_flags(parser)
+    _add_run_flags(parser)
+    return parser
+
+
+def _add_model_flags(parser: cli.ArgumentParser) -> None:
+    parser.add_argument("--model_path", help="checkpoint (.pth) to evaluate; its config sets the model size")
+    parser.add_argument("--compare", nargs="+", metavar="CKPT",
+                        help="several checkpoints evaluated on the same data and shown side by side")
+    parser.add_argument("--test_data_path", required=True,
+                        help="pretrain: .txt (one document per line), .jsonl ({\"text\": ...}) or a folder of them; "
+                             "sft: .json/.jsonl of {\"instruction\", \"response\"} records")
+    parser.add_argument("--model_type", choices=("pretrain", "sft", "reward", "classify"), default="pretrain",
+                        help="what to measure: pretrain (perplexity, bits/byte), sft (response perplexity, BLEU, "
+                             "ROUGE, exact match), reward (pairwise accuracy, margin) or classify (accuracy, per-class "
+                             "precision/recall, confusion matrix; .jsonl of {\"text\", \"label\"})")
+    parser.add_argument("--reward_model", help="sft: also report the mean score this reward model gives the responses")
+    parser.add_argument("--tokenizer_dir", help="tokenizer folder (default: <checkpoint folder>/tokenizer)")
+
+
+def _add_generation_flags(parser: cli.ArgumentParser) -> None:
+    parser.add_argument("--max_new_tokens", type=cli.positive_int, default=100,
+                        help="sft: most new tokens per generated response")
+    parser.add_argument("--do_sample", action="store_true", help="sft: sample responses instead of greedy decoding")
+    parser.add_argument("--temperature", type=cli.positive_float, default=0.8,
+                        help="sft with --do_sample: sampling temperature")
+    parser.add_argument("--top_k", type=cli.nonnegative_int, default=50,
+                        help="sft with --do_sample: keep the k most likely tokens, 0 = all")
+    parser.add_argument("--top_p", type=cli.probability, default=1.0,
+                        help="sft with --do_sample: nucleus probability mass (1.0 = off)")
+    parser.add_argument("--seed", type=cli.nonnegative_int, help="seed for reproducible sampling")
+    parser.add_argument("--best_of", type=cli.positive_int, default=1,
+                        help="sft: sample N responses per prompt (--temperature, --top_k, --top_p) and keep the one "
+                             "--best_of_scorer scores highest (1 = off)")
+    parser.add_argument("--best_of_scorer", choices=("reward", "verifier"), default="reward",
+                        help="sft with --best_of: pick with --reward_model, or with each record's verifier "
+                             "(verifiers.py; it knows the reference, so this measures pass@N)")
+
+
+def _add_run_flags(parser: cli.ArgumentParser) -> None:
+    parser.add_argument("--batch_size", type=cli.positive_int, default=8,
+                        help="sequences per forward pass / generation batch")
+    parser.add_argument("--max_samples", type=cli.positive_int, help="evaluate only the first N documents / records")
+    parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
+                        help="float32 (exact), or auto/bf16/fp16 for autocast forward passes (faster on GPUs)")
+    parser.add_argument("--num_threads", type=cli.positive_int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--output", default="eval_report.json", help="where to write the JSON report")
+    parser.add_argument("--plot", help="write a bar chart of the metrics of every checkpoint to this .png")
+    parser.add_argument("--no_progress", action="store_true", help="hide the progress bars")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.model_path and not args.compare:
+        parser.error("give --model_path CKPT or --compare CKPT [CKPT ...]")
+    return args
+
+
+def _check_device(args: argparse.Namespace) -> None:
     try:
         resolve_dtype(args.dtype, resolve_device(args.device))
-    except ValueError as exc:  # gpt_model reports these as plain ValueError
+    except ValueError as exc:  # devices reports these as plain ValueError
         raise EvaluationError(str(exc)) from None
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The CLI; bad input gives one `error:` line and exit 2 (cli.run_cli)."""
-    return cli.run_cli(_main, argv)
 
 
 def _check_output_file(path: str, flag: str) -> None:
@@ -666,30 +597,32 @@ def _check_output_file(path: str, flag: str) -> None:
     cli.check_output_folder(target.parent if str(target.parent) else Path("."), f"{flag} {target}: folder")
 
 
-def _main(argv: Sequence[str] | None) -> int:
-    args = parse_args(argv)
-    paths = ([args.model_path] if args.model_path else []) + list(args.compare or [])
-    _check_device_and_dtype(args)
-    _check_output_file(args.output, "--output")
-    if args.plot:
-        _check_output_file(args.plot, "--plot")
-    reports = [evaluate_checkpoint(path, args) for path in paths]
+def write_report(reports: list[dict], args: argparse.Namespace) -> None:
+    """The JSON report (settings and every checkpoint's results), written atomically; the plot if asked for."""
     report = {"model_type": args.model_type, "test_data_path": str(args.test_data_path), "settings": vars(args),
               "results": reports}
     with atomic_path(args.output) as tmp:
         tmp.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     if args.plot:
         plot_comparison(reports, args.model_type, args.plot)
-    print(format_table(reports, args.model_type))
-    if args.model_type == "sft":
-        for name, report in zip(_model_names(reports), reports):
-            for example in report["examples"]:
-                print(f"\n[{name}] prompt: {example['prompt']!r}\n"
-                      f"  reference:  {example['reference']!r}\n  prediction: {example['prediction']!r}")
-    if args.model_type == "classify":
-        for name, report in zip(_model_names(reports), reports):
-            print(f"\n[{name}] confusion matrix (rows: true class, columns: predicted)\n"
-                  + format_confusion(report["confusion_matrix"], report["labels"]))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI; bad input gives one `error:` line and exit 2 (cli.run_cli)."""
+    return cli.run_cli(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = parse_args(argv)
+    _check_device(args)
+    _check_output_file(args.output, "--output")
+    if args.plot:
+        _check_output_file(args.plot, "--plot")
+    set_threads(args.num_threads)
+    paths = ([args.model_path] if args.model_path else []) + list(args.compare or [])
+    reports = [evaluate_checkpoint(path, args) for path in paths]
+    write_report(reports, args)
+    print_reports(reports, args.model_type)
     print(f"\nreport: {args.output}" + (f"  plot: {args.plot}" if args.plot else ""))
     return 0
 

@@ -32,8 +32,8 @@ from gpt_model import PRESETS, GPTConfig, GPTModel
 from prompts import encode_prompt
 from readers import read_documents
 from losses import causal_lm_loss
-from training import (DistInfo, Trainer, TrainError, barrier, find_resume_checkpoint, init_distributed, lr_at, rng_state,
-                      set_rng_state)
+from training import (DistInfo, Trainer, TrainError, barrier, find_resume_checkpoint, init_distributed, lr_at,
+                      rng_state, set_rng_state)
 
 __all__ = ["GPTTrainer", "TrainConfig", "TrainError", "evaluate_stream", "lr_at", "rng_state", "set_rng_state", "main"]
 

@@ -9,11 +9,10 @@ Bayes (1- to 3-grams, add-one smoothing; the usual strong text-classification ba
 Python). ``--scratch`` also trains the same classifier from a random initialisation with the same settings, to show
 what pretraining adds. Prints ONE JSON line.
 
-    python -m benchmarks.bench_classify [--pretrained models/pretrain/pretrain_best.pth] [--threads 2] [--scratch]
+    python -m benchmarks.bench_classify [--pretrained models/pretrain/pretrain_best.pth] [--num_threads 2] [--scratch]
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import subprocess
@@ -25,6 +24,8 @@ from pathlib import Path
 import torch
 
 import checkpoints
+import cli
+from benchmarks.cli_options import benchmark_parser
 from gpt_model import GPTModel
 from readers import load_classification_records
 
@@ -62,12 +63,12 @@ def naive_bayes_accuracy(train: list[dict], test: list[dict]) -> float:
     return sum(predict(r["text"]) == r["label"] for r in test) / len(test)
 
 
-def finetuned(pretrained: Path, output_dir: Path, threads: int) -> dict:
+def finetuned(pretrained: Path, output_dir: Path, num_threads: int) -> dict:
     """Train with the default command; accuracy and per-class recall of classify_best.pth on the test split."""
     import evaluator
 
     seconds = run(["finetune.py", "--mode", "classify", "--pretrained_model", str(pretrained),
-                   "--output_dir", str(output_dir), "--num_threads", str(threads)])
+                   "--output_dir", str(output_dir), "--num_threads", str(num_threads)])
     model, tokenizer = checkpoints.load_model_and_tokenizer(output_dir / "classify_best.pth", device="cpu")
     report = evaluator.GPTEvaluator(model, tokenizer, show_progress=False).evaluate_classification(TEST)
     steps = checkpoints.checkpoint_metadata(output_dir / "classify_best.pth")["step"]
@@ -76,23 +77,32 @@ def finetuned(pretrained: Path, output_dir: Path, threads: int) -> dict:
             "confusion_matrix": report["confusion_matrix"], "labels": report["labels"]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> cli.ArgumentParser:
+    parser = benchmark_parser("benchmarks.bench_classify", __doc__)
     parser.add_argument("--pretrained", default="models/pretrain/pretrain_best.pth",
                         help="the pretrained model (trained with the default `python pretrain_trainer.py` if missing)")
     parser.add_argument("--workdir", default="models/bench_classify", help="where the runs write their outputs")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of the training run")
+    parser.add_argument("--num_threads", type=cli.positive_int, default=2, help="torch CPU threads of the training run")
     parser.add_argument("--scratch", action="store_true", help="also train from a random initialisation")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The benchmark; a bad flag gives one `error:` line and exit 2 (cli.run_cli)."""
+    return cli.run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
     pretrained, work = ROOT / args.pretrained, ROOT / args.workdir
-    out: dict = {"torch": torch.__version__, "threads": args.threads}
+    out: dict = {"torch": torch.__version__, "threads": args.num_threads}
     if not pretrained.exists():
         out["pretrain_seconds"] = run(["pretrain_trainer.py", "--samples", "0", "--output_dir", str(pretrained.parent)])
     train, test = load_classification_records(TRAIN), load_classification_records(TEST)
     out["n_train"], out["n_test"] = len(train), len(test)
     out["majority_baseline"] = round(max(Counter(r["label"] for r in test).values()) / len(test), 4)
     out["naive_bayes_char_ngram_accuracy"] = round(naive_bayes_accuracy(train, test), 4)
-    result = finetuned(pretrained, work / "pretrained", args.threads)
+    result = finetuned(pretrained, work / "pretrained", args.num_threads)
     out["accuracy"], out["wall_seconds"] = result["accuracy"], result["wall_seconds"]
     out["finetuned"] = result
     if args.scratch:
@@ -101,9 +111,10 @@ def main() -> None:
         torch.manual_seed(0)
         checkpoints.save_checkpoint(scratch, GPTModel(base.config), tokenizer_fingerprint=tokenizer.fingerprint)
         tokenizer.save(scratch.parent / "tokenizer")
-        out["from_scratch"] = finetuned(scratch, work / "scratch", args.threads)
+        out["from_scratch"] = finetuned(scratch, work / "scratch", args.num_threads)
     print(json.dumps(out, ensure_ascii=False))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,21 +10,32 @@ Prints ONE JSON line.
 """
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
+import sys
 
+import cli
 from benchmarks.bench_finetune import ROOT, dpo_accuracy, exact_match, train
+from benchmarks.cli_options import benchmark_parser
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> cli.ArgumentParser:
+    parser = benchmark_parser("benchmarks.bench_dpo_beta", __doc__)
     parser.add_argument("--sft_model", default="models/bench_finetune/sft/sft_best.pth",
                         help="the SFT model DPO starts from (and its frozen reference)")
-    parser.add_argument("--betas", type=float, nargs="+", default=[0.1, 0.3, 0.5, 1.0, 2.0], help="β values to try")
+    parser.add_argument("--betas", type=cli.positive_float, nargs="+", default=[0.1, 0.3, 0.5, 1.0, 2.0],
+                        help="β values to try")
     parser.add_argument("--workdir", default="models/bench_dpo_beta", help="where each run writes its outputs")
     parser.add_argument("--reuse", action="store_true", help="measure runs already in --workdir instead of rerunning")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The benchmark; a bad flag gives one `error:` line and exit 2 (cli.run_cli)."""
+    return cli.run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
     sft = ROOT / args.sft_model
     out: dict = {"sft_model": args.sft_model, "sft_exact_match": exact_match(sft)}
     for beta in args.betas:
@@ -34,7 +45,8 @@ def main() -> None:
         out[f"beta{beta:g}"] = {"seconds": seconds, "preference_accuracy": round(dpo_accuracy(checkpoint, sft), 4),
                                 "exact_match": exact_match(checkpoint)}
     print(json.dumps(out))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -32,7 +32,10 @@ from pathlib import Path
 import torch
 
 import checkpoints
-import finetune
+import cli
+import finetune_stages
+import rl_step
+from benchmarks.cli_options import benchmark_parser
 from prompts import build_sft_prompt, record_instruction
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,7 +52,7 @@ def run(args: list[str]) -> float:
 
 
 def exact_match(checkpoint: Path, test: Path = TEST) -> dict[str, float]:
-    report = finetune.exact_match_report(checkpoint, str(test))
+    report = finetune_stages.exact_match_report(checkpoint, str(test))
     return {k: round(v, 4) for k, v in report.items()}
 
 
@@ -60,7 +63,7 @@ def policy_figures(policy_path: Path, sft_path: Path, reward_path: Path) -> dict
     reference, template = sft.model, sft.template
     reward, _ = checkpoints.load_model_and_tokenizer(reward_path)
     records = json.loads(TEST.read_text(encoding="utf-8"))
-    figures = finetune.evaluate_policy(policy, reference, reward, tokenizer, records, template, 16)
+    figures = rl_step.evaluate_policy(policy, reference, reward, tokenizer, records, template, 16)
     return {k.removeprefix("val_"): round(v, 4) for k, v in figures.items()}
 
 
@@ -71,18 +74,29 @@ def train(args: argparse.Namespace, output: Path, command: list[str]) -> float |
     return run(command)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+STAGES = ("sft", "reward", "ppo", "dpo", "rlvf", "best_of", "rlvf_headroom")
+
+
+def build_parser() -> cli.ArgumentParser:
+    parser = benchmark_parser("benchmarks.bench_finetune", __doc__)
     parser.add_argument("--pretrained", default="models/pretrain/pretrain_best.pth",
                         help="the pretrained model (trained with the default `python pretrain_trainer.py` if missing)")
     parser.add_argument("--workdir", default="models/bench_finetune", help="where each stage writes its outputs")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+    parser.add_argument("--seeds", type=cli.nonnegative_int, nargs="+", default=[0, 1, 2],
                         help="seeds of the PPO and GRPO runs and of best-of-8's sampling")
-    parser.add_argument("--stages", nargs="+",
-                        default=["sft", "reward", "ppo", "dpo", "rlvf", "best_of", "rlvf_headroom"],
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
                         help="which stages to run (sft and reward are needed by the others)")
     parser.add_argument("--reuse", action="store_true", help="keep stage outputs already in --workdir")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The benchmark; a bad flag gives one `error:` line and exit 2 (cli.run_cli)."""
+    return cli.run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
     work = ROOT / args.workdir
     pretrained = ROOT / args.pretrained
     out: dict = {"torch": torch.__version__, "threads": torch.get_num_threads()}
@@ -139,6 +153,7 @@ def main() -> None:
         best_of_seeds(args, out, "best_of_8_from_sft_2500", early, reward)
         best_of_seeds(args, out, "best_of_8_verifier_from_sft_2500", early, None)
     print(json.dumps(out, ensure_ascii=False))
+    return 0
 
 
 def rlvf_seeds(args: argparse.Namespace, out: dict, work: Path, sft: Path, stage: str) -> None:
@@ -220,4 +235,4 @@ def best_of_n(sft: Path, reward: Path | None, n: int, seed: int) -> dict[str, fl
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

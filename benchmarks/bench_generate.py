@@ -6,22 +6,26 @@ Uncached 124M decoding on CPU is too slow to run in full (minutes): its time is 
 single uncached steps at --uncached_samples sequence lengths between the prompt and the full length and
 integrating over all steps (trapezoid); those keys end in _est. Everything else is measured end to end.
 
-    python -m benchmarks.bench_generate                 # tiny + gpt2 shapes, batch 1 and 8, CPU (+ CUDA)
-    python -m benchmarks.bench_generate --shapes tiny   # seconds
-    python -m benchmarks.bench_generate --threads 1     # on a busy/shared box: 2 threads on oversubscribed
-                                                        # cores make small matmuls swing 5-10x run to run
+    python -m benchmarks.bench_generate                     # tiny + gpt2 shapes, batch 1 and 8, CPU (+ CUDA)
+    python -m benchmarks.bench_generate --shapes tiny       # seconds
+    python -m benchmarks.bench_generate --num_threads 1     # on a busy/shared box: 2 threads on oversubscribed
+                                                            # cores make small matmuls swing 5-10x run to run
 """
 from __future__ import annotations
 
 import argparse
 import functools
 import json
+import sys
 import time
 
 import numpy as np
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+import cli
+from benchmarks.cli_options import benchmark_parser, positive_ints, presets
+from devices import set_threads
 from gpt_model import GPTConfig, GPTModel
 from hf_gpt2 import config_from_hf_gpt2, convert_hf_gpt2_state_dict
 
@@ -103,36 +107,59 @@ def bench_shape(shape: str, device: torch.device, args: argparse.Namespace, resu
     del ours, hf
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="tiny,gpt2", help="comma-separated GPTConfig presets to measure")
-    parser.add_argument("--batch_sizes", default="1,8", help="comma-separated batch sizes")
-    parser.add_argument("--prompt_len", type=int, default=32, help="prompt tokens per row")
-    parser.add_argument("--new_tokens", type=int, default=128, help="tokens generated per row (greedy)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (best kept)")
-    parser.add_argument("--big_cpu_repeats", type=int, default=2,
+def device_list(text: str) -> list[str]:
+    """argparse type: "auto" (cpu, plus cuda when available) or comma-separated torch devices ("cpu,cuda")."""
+    if text == "auto":
+        return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    for name in names:
+        try:
+            torch.device(name)
+        except RuntimeError:
+            raise argparse.ArgumentTypeError(f"unknown device {name!r}; use auto or a list such as cpu,cuda") from None
+    if not names:
+        raise argparse.ArgumentTypeError("expected auto or a list of devices such as cpu,cuda, got ''")
+    return names
+
+
+def build_parser() -> cli.ArgumentParser:
+    parser = benchmark_parser("benchmarks.bench_generate", __doc__)
+    parser.add_argument("--shapes", type=presets(), default="tiny,gpt2",
+                        help="comma-separated GPTConfig presets to measure")
+    parser.add_argument("--batch_sizes", type=positive_ints(), default="1,8", help="comma-separated batch sizes")
+    parser.add_argument("--prompt_len", type=cli.positive_int, default=32, help="prompt tokens per row")
+    parser.add_argument("--new_tokens", type=cli.positive_int, default=128, help="tokens generated per row (greedy)")
+    parser.add_argument("--repeats", type=cli.positive_int, default=3, help="timed runs per figure (best kept)")
+    parser.add_argument("--big_cpu_repeats", type=cli.positive_int, default=2,
                         help="timed runs per figure for non-tiny shapes on CPU (each takes tens of seconds)")
-    parser.add_argument("--uncached_samples", type=int, default=5,
+    parser.add_argument("--uncached_samples", type=cli.int_at_least(2), default=5,
                         help="sequence lengths timed to estimate uncached decoding of non-tiny shapes on CPU")
-    parser.add_argument("--devices", default="auto", help="auto (cpu, plus cuda when available) or a list: cpu,cuda")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    args = parser.parse_args()
-    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.devices == "auto" \
-        else args.devices.split(",")
+    parser.add_argument("--devices", type=device_list, default="auto",
+                        help="auto (cpu, plus cuda when available) or a list: cpu,cuda")
+    parser.add_argument("--num_threads", type=cli.positive_int, help="torch CPU threads (default: torch's choice)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The benchmark; a bad flag gives one `error:` line and exit 2 (cli.run_cli)."""
+    return cli.run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    set_threads(args.num_threads)
     results: dict = {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "greedy": True,
                      "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": "float32"}
     if torch.cuda.is_available():
         results["cuda_device"] = torch.cuda.get_device_name()
     started = time.perf_counter()
-    for device in devices:
-        for shape in args.shapes.split(","):
+    for device in args.devices:
+        for shape in args.shapes:
             bench_shape(shape, torch.device(device), args, results)
     results["bench_seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(results))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,14 +12,14 @@ repeat every system runs once, back to back, so they see the same machine load. 
   - the engine with 1, 8 and 32 sequences joining at staggered times (one every --stagger steps);
   - torch.compile of the decode step (DecodeEngine(compile=True)) against eager, with its compile time.
 
-    python -m benchmarks.bench_inference --threads 2            # ~5-8 minutes on 2 cores
-    python -m benchmarks.bench_inference --threads 2 --batch_sizes 1 --repeats 1 --compile_shapes ''   # quicker
+    python -m benchmarks.bench_inference --num_threads 2            # ~5-8 minutes on 2 cores
+    python -m benchmarks.bench_inference --num_threads 2 --batch_sizes 1 --repeats 1 --compile_shapes ''   # quicker
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,8 +27,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import cli
 from benchmarks.bench_generate import build_pair, estimate_uncached_seconds
+from benchmarks.cli_options import benchmark_parser, positive_ints, presets
 from decoding import DecodeEngine, SamplingParams
+from gpt_model import PRESETS
 from quantization import PackedLinear, fbgemm_available, pack_linears_for_cpu, quantize_model_int8, quantize_per_channel
 
 
@@ -125,23 +128,34 @@ def compile_figures(model, prompt: list[int], new_tokens: int) -> dict:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="gpt2", help="GPTConfig preset (default: gpt2, the 124M shape)")
-    parser.add_argument("--batch_sizes", default="1,8", help="comma-separated batch sizes (default: 1,8)")
-    parser.add_argument("--prompt_len", type=int, default=32, help="prompt tokens per row (default: 32)")
-    parser.add_argument("--new_tokens", type=int, default=128, help="greedy tokens generated per row (default: 128)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per figure, best kept (default: 2)")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads for every system (default: 2)")
-    parser.add_argument("--kernel_threads", type=int, default=1,
-                        help="CPU threads for the kernel_ms figures (default: 1)")
-    parser.add_argument("--stagger", type=int, default=4, help="steps between joining sequences (default: 4)")
-    parser.add_argument("--joining", default="1,8,32", help="sequence counts for the staggered figure ('' = skip)")
+def build_parser() -> cli.ArgumentParser:
+    parser = benchmark_parser("benchmarks.bench_inference", __doc__)
+    parser.add_argument("--shape", choices=list(PRESETS), default="gpt2",
+                        help="GPTConfig preset (gpt2: the 124M shape)")
+    parser.add_argument("--batch_sizes", type=positive_ints(), default="1,8", help="comma-separated batch sizes")
+    parser.add_argument("--prompt_len", type=cli.positive_int, default=32, help="prompt tokens per row")
+    parser.add_argument("--new_tokens", type=cli.positive_int, default=128, help="greedy tokens generated per row")
+    parser.add_argument("--repeats", type=cli.positive_int, default=2, help="timed runs per figure, best kept")
+    parser.add_argument("--num_threads", type=cli.positive_int, default=2, help="CPU threads for every system")
+    parser.add_argument("--kernel_threads", type=cli.positive_int, default=1,
+                        help="CPU threads for the kernel_ms figures")
+    parser.add_argument("--stagger", type=cli.positive_int, default=4, help="steps between joining sequences")
+    parser.add_argument("--joining", type=positive_ints(allow_empty=True), default="1,8,32",
+                        help="sequence counts for the staggered figure ('' = skip)")
     parser.add_argument("--no_ct2", action="store_true", help="skip CTranslate2")
-    parser.add_argument("--compile_shapes", default="tiny,gpt2",
-                        help="presets for the torch.compile figure, '' = skip (default: tiny,gpt2)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    parser.add_argument("--compile_shapes", type=presets(allow_empty=True), default="tiny,gpt2",
+                        help="presets for the torch.compile figure, '' = skip")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The benchmark; a bad flag gives one `error:` line and exit 2 (cli.run_cli)."""
+    return cli.run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.num_threads)
     started = time.perf_counter()
     device = torch.device("cpu")
     ours, hf = build_pair(args.shape, device)
@@ -149,17 +163,17 @@ def main() -> None:
                      "cpu_threads": torch.get_num_threads(), "torch": torch.__version__}
     torch.set_num_threads(args.kernel_threads)  # 1: a multi-threaded call on a busy box can stall for milliseconds
     results.update({f"{k}_t{args.kernel_threads}": v for k, v in kernel_ms(ours).items()})
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.num_threads)
     systems = {"ours_fp32": ours,
                "ours_fp32_packed": pack_linears_for_cpu(copy.deepcopy(ours)),
                "ours_int8": quantize_model_int8(copy.deepcopy(ours))}
     results["ours_int8_kernel"] = systems["ours_int8"].lm_head.active_kernel(torch.zeros(1, 1))
     with tempfile.TemporaryDirectory() as tmp:
-        ct2 = {} if args.no_ct2 else ct2_generators(hf, args.threads, Path(tmp))
+        ct2 = {} if args.no_ct2 else ct2_generators(hf, args.num_threads, Path(tmp))
         if ct2:
             import ctranslate2
             results["ctranslate2"] = ctranslate2.__version__
-        for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        for batch in args.batch_sizes:
             prompt = torch.randint(0, 50257, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch))
             mask = torch.ones_like(prompt)
             runs = {name: (lambda m=m, n=args.new_tokens: m.generate(prompt, max_gen_len=n, do_sample=False)[:, -n:])
@@ -200,11 +214,11 @@ def main() -> None:
         weight_bytes = weight_bytes_per_token(systems[name])
         results[f"{name}_weight_mb_per_token"] = round(weight_bytes / 1e6, 1)
         results[f"{name}_b1_floor_tok_s"] = round(bandwidth / weight_bytes, 1)
-    for n in [int(n) for n in args.joining.split(",") if n]:
+    for n in args.joining:
         for name in ("ours_fp32_packed", "ours_int8"):
             results[f"joining_{n}_{name}_tok_s"] = round(
                 staggered_tok_s(systems[name], n, args.prompt_len, args.new_tokens, args.stagger), 1)
-    for shape in [s for s in args.compile_shapes.split(",") if s]:
+    for shape in args.compile_shapes:
         from gpt_model import GPTConfig, GPTModel
 
         torch.manual_seed(0)
@@ -213,7 +227,8 @@ def main() -> None:
         results.update({f"{shape}_{k}": v for k, v in compile_figures(model, prompt, args.new_tokens).items()})
     results["bench_seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(results))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

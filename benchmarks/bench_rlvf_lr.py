@@ -12,11 +12,13 @@ Prints ONE JSON line.
 """
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 from pathlib import Path
 
+import cli
 from benchmarks.bench_finetune import ROOT, run
+from benchmarks.cli_options import benchmark_parser
 
 
 def quarters(rows: list[dict], key: str) -> list[float]:
@@ -41,14 +43,24 @@ def summary(output_dir: Path) -> dict:
             "held_out_arithmetic_first_last": [round(held_out[i]["val_exact_match/arithmetic"], 4) for i in (0, -1)]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> cli.ArgumentParser:
+    parser = benchmark_parser("benchmarks.bench_rlvf_lr", __doc__)
     parser.add_argument("--sft_model", default="models/bench_finetune/sft_2500/sft_best.pth",
                         help="the SFT model to start from (one with room to improve)")
-    parser.add_argument("--lrs", type=float, nargs="+", default=[2e-5, 1e-4, 3e-4], help="learning rates to try")
+    parser.add_argument("--lrs", type=cli.positive_float, nargs="+", default=[2e-5, 1e-4, 3e-4],
+                        help="learning rates to try")
     parser.add_argument("--workdir", default="models/bench_rlvf_lr", help="where each run writes its outputs")
     parser.add_argument("--reuse", action="store_true", help="summarise runs already in --workdir instead of rerunning")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The benchmark; a bad flag gives one `error:` line and exit 2 (cli.run_cli)."""
+    return cli.run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
     out: dict = {"sft_model": args.sft_model}
     for lr in args.lrs:
         output_dir = ROOT / args.workdir / f"lr{lr:g}"
@@ -57,7 +69,8 @@ def main() -> None:
                                            "--output_dir", str(output_dir), "--lr", str(lr), "--eval_interval", "50"])
         out[f"lr{lr:g}"] = {"seconds": seconds, **summary(output_dir)}
     print(json.dumps(out))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

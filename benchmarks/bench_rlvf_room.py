@@ -19,10 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 from pathlib import Path
 
+import cli
 from benchmarks.bench_finetune import ROOT, exact_match, train
 from benchmarks.bench_rlvf_lr import summary
+from benchmarks.cli_options import benchmark_parser
 from data.sft.build_sft_data import arithmetic_example
 
 RL_SUMS = 3000
@@ -57,21 +60,37 @@ def build_data(out: Path, train_sums: int, test_sums: int) -> dict[str, Path]:
     return paths
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pretrained", nargs="+", required=True, metavar="NAME=PATH",
+def named_path(text: str) -> tuple[str, str]:
+    """argparse type: NAME=PATH, both non-empty."""
+    name, _, path = text.partition("=")
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
+
+
+def build_parser() -> cli.ArgumentParser:
+    parser = benchmark_parser("benchmarks.bench_rlvf_room", __doc__)
+    parser.add_argument("--pretrained", type=named_path, nargs="+", required=True, metavar="NAME=PATH",
                         help="pretrained models to start SFT from, each named")
-    parser.add_argument("--train_sums", type=int, default=5000, help="three-digit sums in the SFT data")
-    parser.add_argument("--test_sums", type=int, default=500, help="three-digit sums in the held-out file")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the GRPO runs")
-    parser.add_argument("--lr_runs", type=float, nargs="*", default=[],
+    parser.add_argument("--train_sums", type=cli.nonnegative_int, default=5000, help="three-digit sums in the SFT data")
+    parser.add_argument("--test_sums", type=cli.positive_int, default=500, help="three-digit sums in the held-out file")
+    parser.add_argument("--seeds", type=cli.nonnegative_int, nargs="+", default=[0, 1, 2],
+                        help="seeds of the GRPO runs")
+    parser.add_argument("--lr_runs", type=cli.positive_float, nargs="*", default=[],
                         help="GRPO learning rates to try with --warmup_steps 20 (seed 0, from the last model)")
-    parser.add_argument("--num_threads", type=int, default=None, help="torch CPU threads of every run")
+    parser.add_argument("--num_threads", type=cli.positive_int, help="torch CPU threads of every run")
     parser.add_argument("--workdir", default="models/bench_rlvf_room", help="where the data and every run go")
     parser.add_argument("--reuse", action="store_true", help="keep runs already in --workdir instead of rerunning")
-    args = parser.parse_args()
-    if bad := [named for named in args.pretrained if "=" not in named or not named.partition("=")[2]]:
-        parser.error(f"--pretrained takes NAME=PATH pairs, got {bad[0]!r}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The benchmark; a bad flag gives one `error:` line and exit 2 (cli.run_cli)."""
+    return cli.run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
     work = ROOT / args.workdir
     data = build_data(work / "data", args.train_sums, args.test_sums)
     threads = ["--num_threads", str(args.num_threads)] if args.num_threads else []
@@ -87,8 +106,7 @@ def main() -> None:
                 **summary(checkpoint.parent)}  # the training signal: reward by quarter, groups all alike, ...
 
     out: dict = {"train_sums": args.train_sums, "test_sums": args.test_sums, "rl_sums": RL_SUMS, "rl_steps": RL_STEPS}
-    for named in args.pretrained:
-        name, _, path = named.partition("=")
+    for name, path in args.pretrained:
         sft = work / f"sft_{name}" / "sft_best.pth"
         seconds = stage(sft, ["finetune.py", "--mode", "sft", "--pretrained_model", path,
                               "--data_path", str(data["sft"]), "--test_data_path", str(data["test"])])
@@ -104,7 +122,8 @@ def main() -> None:
         checkpoint = work / f"rlvf_{name}_lr{lr:g}_warmup20" / "rlvf_best.pth"
         out[f"{name}_lr{lr:g}_warmup20"] = rlvf(sft, checkpoint, 0, "--lr", str(lr), "--warmup_steps", "20")
     print(json.dumps(out))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,15 +2,15 @@
 
 Prints ONE JSON line. Each server runs alone on 127.0.0.1 (a subprocess) and is driven by a bounded async client
 at 1, 8 and 32 concurrent users for --duration seconds each, every user sending streamed /generate requests
-back to back from the same mix (random prompt and max_gen_len; with --seeded also a sampling seed, so both
-servers generate identical tokens), so both servers do the same work.
+back to back from the same mix (random prompt, max_gen_len from --min_new_tokens to --max_new_tokens; with --seeded
+also a sampling seed, so both servers generate identical tokens), so both servers do the same work.
 Per level: requests/s, generated tokens/s, p50/p95 time to first token and latency, errors, and for our
 server the mean decode batch size (sequences per step, from /metrics). The baseline is the seed's design: one
 engine slot behind a lock, a request generates its whole text before the next starts (its first "token"
 arrives with the full text, so its time to first token is its latency).
 
     python -m benchmarks.bench_server                                   # default model, 20 s per level
-    python -m benchmarks.bench_server --model_path models/sft/sft_best.pth --duration 30 --threads 2
+    python -m benchmarks.bench_server --model_path models/sft/sft_best.pth --duration 30 --num_threads 2
 """
 from __future__ import annotations
 
@@ -28,6 +28,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+
+import cli
+from benchmarks.cli_options import benchmark_parser, positive_ints
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["ROMEO:", "JULIET:", "KING LEAR:", "HAMLET: To be", "First Citizen:", "Once upon a time",
@@ -206,35 +209,43 @@ def measure(name: str, command: list[str], env: dict, args, levels: list[int], m
     return out
 
 
-def main(argv=None) -> int:
-    from cli import positive_float, positive_int
-
-    parser = argparse.ArgumentParser(description="Throughput/latency of the batching server against a "
-                                                 "one-at-a-time baseline, at 1, 8 and 32 users; one JSON line.")
+def build_parser() -> cli.ArgumentParser:
+    parser = benchmark_parser("benchmarks.bench_server", __doc__)
     parser.add_argument("--model_path", help="checkpoint (default: the server's default model)")
     parser.add_argument("--tokenizer_dir", help="tokenizer folder (default: <checkpoint folder>/tokenizer)")
-    parser.add_argument("--duration", type=positive_float, default=20.0, help="seconds per load level (default 20)")
-    parser.add_argument("--users", default="1,8,32", help="comma-separated concurrency levels (default 1,8,32)")
-    parser.add_argument("--min_gen_len", type=positive_int, default=24, help="smallest max_gen_len asked (default 24)")
-    parser.add_argument("--max_gen_len", type=positive_int, default=48, help="largest max_gen_len asked (default 48; "
-                        "capped so the longest prompt + it fit the model's context)")
-    parser.add_argument("--threads", type=positive_int, default=2, help="torch threads of each server (default 2)")
-    parser.add_argument("--device", default="cpu", help="device of both servers (default cpu)")
+    parser.add_argument("--duration", type=cli.positive_float, default=20.0, help="seconds per load level")
+    parser.add_argument("--users", type=positive_ints(), default="1,8,32", help="comma-separated concurrency levels")
+    parser.add_argument("--min_new_tokens", type=cli.positive_int, default=24,
+                        help="smallest max_gen_len a request asks for")
+    parser.add_argument("--max_new_tokens", type=cli.positive_int, default=48,
+                        help="largest max_gen_len a request asks for (capped so the longest prompt + it fit the "
+                             "model's context)")
+    parser.add_argument("--num_threads", type=cli.positive_int, default=2, help="torch CPU threads of each server")
+    parser.add_argument("--device", default="cpu", help="device of both servers")
     parser.add_argument("--seeded", action="store_true", help="give every request its own seed (same tokens on "
                         "both servers; the engine then samples each sequence separately)")
     parser.add_argument("--skip_baseline", action="store_true", help="measure only the batching server")
     parser.add_argument("--serve_baseline", action="store_true", help=argparse.SUPPRESS)  # the baseline's process
-    parser.add_argument("--port", type=positive_int, default=8001, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    parser.add_argument("--port", type=cli.positive_int, default=8001, help=argparse.SUPPRESS)
+    return parser
 
-    from inference.api_service import Settings
+
+def main(argv: list[str] | None = None) -> int:
+    """The benchmark; a bad flag gives one `error:` line and exit 2 (cli.run_cli)."""
+    return cli.run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+
+    from inference.settings import Settings
 
     model_path = str(Settings(model_path=args.model_path or "").resolved_model_path())
     if args.serve_baseline:  # the baseline's own process (started by the benchmark below)
         import torch
         import uvicorn
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.num_threads)
         app = baseline_app(model_path, args.tokenizer_dir, args.device)
         uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
         return 0
@@ -247,21 +258,21 @@ def main(argv=None) -> int:
     context = GPTConfig.from_dict(meta["config"]).max_seq_len
     tokenizer = ByteLevelBPETokenizer.from_pretrained(args.tokenizer_dir or Path(model_path).parent / "tokenizer")
     longest = max(1 + len(tokenizer.encode_ordinary(p)) for p in PROMPTS)
-    high = min(args.max_gen_len, context - longest)
-    max_gen_len = (min(args.min_gen_len, high), high)
-    levels = [int(u) for u in args.users.split(",")]
+    high = min(args.max_new_tokens, context - longest)
+    max_gen_len = (min(args.min_new_tokens, high), high)
+    levels = args.users
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     tok_args = ["--tokenizer_dir", args.tokenizer_dir] if args.tokenizer_dir else []
 
-    server_cmd = [sys.executable, "-m", "inference.api_service", "--model_path", model_path, "--threads",
-                  str(args.threads), "--device", args.device, "--max_batch_size", str(max(levels)), "--max_queue",
+    server_cmd = [sys.executable, "-m", "inference.api_service", "--model_path", model_path, "--num_threads",
+                  str(args.num_threads), "--device", args.device, "--max_batch_size", str(max(levels)), "--max_queue",
                   str(4 * max(levels)), "--log_level", "warning", *tok_args]
-    result = {"model_path": model_path, "context": context, "device": args.device, "threads": args.threads,
+    result = {"model_path": model_path, "context": context, "device": args.device, "threads": args.num_threads,
               "duration_s": args.duration, "max_gen_len": list(max_gen_len), "seeded": args.seeded,
               "server": measure("server", server_cmd, env, args, levels, max_gen_len)}
     if not args.skip_baseline:
-        baseline_cmd = [sys.executable, "-m", "benchmarks.bench_server", "--model_path", model_path, "--threads",
-                        str(args.threads), "--device", args.device, *tok_args, "--serve_baseline"]
+        baseline_cmd = [sys.executable, "-m", "benchmarks.bench_server", "--model_path", model_path,
+                        "--num_threads", str(args.num_threads), "--device", args.device, *tok_args, "--serve_baseline"]
         result["baseline"] = measure("baseline", baseline_cmd, env, args, levels, max_gen_len)
     lo, hi = f"u{min(levels)}", f"u{max(levels)}"
     server = result["server"]

@@ -7,12 +7,14 @@ the same for `tokenizers` (train_from_iterator; encode_batch over lines and one 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 
+import cli
+from benchmarks.cli_options import benchmark_parser
 from byte_level_bpe import DEFAULT_SPECIAL_TOKENS, ByteLevelBPETokenizer
 
 
@@ -65,12 +67,20 @@ def bench_slice(lines: list[str], vocab_sizes: tuple[int, ...]) -> dict:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Tokenizer benchmark (ours vs Hugging Face tokenizers); "
-                                                 "prints one JSON line.")
+def build_parser() -> cli.ArgumentParser:
+    parser = benchmark_parser("benchmarks.bench_tokenizer", __doc__)
     parser.add_argument("--input", default="data/pretrain/train.txt", help="UTF-8 corpus, one document per line")
-    parser.add_argument("--slice_mb", type=float, default=1.0, help="size of the small slice in MB")
-    args = parser.parse_args()
+    parser.add_argument("--slice_mb", type=cli.positive_float, default=1.0, help="size of the small slice in MB")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The benchmark; a bad flag or a missing --input gives one `error:` line and exit 2 (cli.run_cli)."""
+    return cli.run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
     with open(args.input, encoding="utf-8") as f:
         all_lines = f.read().splitlines()
     small, size = [], 0
@@ -86,7 +96,8 @@ def main() -> None:
         "whole_file": bench_slice(all_lines, (1024, 8192)),
     }
     print(json.dumps(result))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

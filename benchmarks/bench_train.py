@@ -7,7 +7,7 @@ exact GELU (``ours_exact_gelu``), the one difference between the two models. Wit
 checkout of karpathy/nanoGPT, which this project does not ship) its ``model.py`` is timed in the same process on
 the same batches, alternating with ours so that a busy machine slows both alike.
 
-    python -m benchmarks.bench_train [--steps 5] [--threads 2] [--nanogpt ~/src/nanoGPT]
+    python -m benchmarks.bench_train [--steps 5] [--num_threads 2] [--nanogpt ~/src/nanoGPT]
 """
 from __future__ import annotations
 
@@ -15,19 +15,21 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # same setting as the trainer
 
-import argparse
 import contextlib
 import importlib.util
 import io
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+import cli
 import gpt_model
-from devices import autocast_context, resolve_dtype
+from benchmarks.cli_options import benchmark_parser
+from devices import autocast_context, resolve_dtype, set_threads
 from training import peak_flops
 
 SHAPES = {"tiny": dict(d_model=128, n_layers=4, n_heads=4, d_ff=512),
@@ -128,17 +130,26 @@ def nanogpt_config_comparison(steps: int, nanogpt_dir: str | None) -> dict:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=5,
+def build_parser() -> cli.ArgumentParser:
+    parser = benchmark_parser("benchmarks.bench_train", __doc__)
+    parser.add_argument("--steps", type=cli.positive_int, default=5,
                         help="timed optimizer steps per measurement (after one warm-up step)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--vocab_size", type=int, default=2048, help="vocabulary size of the benchmarked models")
+    parser.add_argument("--num_threads", type=cli.positive_int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--vocab_size", type=cli.positive_int, default=2048,
+                        help="vocabulary size of the benchmarked models")
     parser.add_argument("--nanogpt", default=None, help="a local nanoGPT checkout: also time its model.py on the "
                         "nanoGPT configuration")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The benchmark; a bad flag gives one `error:` line and exit 2 (cli.run_cli)."""
+    return cli.run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    set_threads(args.num_threads)
     out: dict = {"torch": torch.__version__, "cpu_threads": torch.get_num_threads(), "vocab_size": args.vocab_size}
     cpu = torch.device("cpu")
     out["cpu_nanogpt_config"] = nanogpt_config_comparison(max(args.steps, 5), args.nanogpt)
@@ -153,7 +164,8 @@ def main() -> None:
             out[f"cuda_{shape}"] = {**tokens_per_second(shape, cuda, args.vocab_size, 1024, 32, args.steps * 4),
                                     "seq_len": 1024, "batch": 32}
     print(json.dumps(out))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

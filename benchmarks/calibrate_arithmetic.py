@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import cli
+from benchmarks.cli_options import benchmark_parser
 from byte_level_bpe import ByteLevelBPETokenizer
 from checkpoints import load_model_and_tokenizer
 from data_loader import collate_batch
@@ -93,7 +95,7 @@ def exact_match(model: GPTModel, tokenizer, records: list[dict], template: str) 
 
 
 def run(args: argparse.Namespace) -> dict:
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.num_threads)
     model, tokenizer = build_model(args)
     template = TEMPLATES[args.template]
     sums, others = training_records(args)
@@ -144,46 +146,61 @@ def run(args: argparse.Namespace) -> dict:
             "curve": curve}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> cli.ArgumentParser:
+    p = benchmark_parser("benchmarks.calibrate_arithmetic", __doc__)
     p.add_argument("--pretrained", default="models/pretrain/pretrain_best.pth",
                    help="checkpoint to start from (tokenizer/ beside it), or 'none' for a random model of the "
                         "shape below")
     p.add_argument("--tokenizer_dir", default="models/bpe_tokenizer", help="tokenizer for --pretrained none")
-    p.add_argument("--n_layers", type=int, default=2, help="blocks of the random model (--pretrained none)")
-    p.add_argument("--d_model", type=int, default=128, help="width of the random model (--pretrained none)")
-    p.add_argument("--n_heads", type=int, default=None, help="heads of the random model (default d_model / 32)")
-    p.add_argument("--max_seq_len", type=int, default=64, help="context of the random model (--pretrained none)")
+    p.add_argument("--n_layers", type=cli.positive_int, default=2,
+                   help="blocks of the random model (--pretrained none)")
+    p.add_argument("--d_model", type=cli.positive_int, default=128,
+                   help="width of the random model (--pretrained none)")
+    p.add_argument("--n_heads", type=cli.positive_int, default=None,
+                   help="heads of the random model (default d_model / 32)")
+    p.add_argument("--max_seq_len", type=cli.int_at_least(2), default=64,
+                   help="context of the random model (--pretrained none)")
     p.add_argument("--train_data", default=str(ROOT / "data/sft/sft_data.json"),
                    help="where the other families come from")
     p.add_argument("--test_data", default=str(ROOT / "data/sft/sft_test.json"), help="held-out sums (task arithmetic)")
-    p.add_argument("--n_sums", type=int, default=2000, help="distinct training sums (of the 9,500 not held out)")
-    p.add_argument("--arith_fraction", type=float, default=1.0,
+    p.add_argument("--n_sums", type=cli.positive_int, default=2000,
+                   help="distinct training sums (of the 9,500 not held out)")
+    p.add_argument("--arith_fraction", type=cli.probability, default=1.0,
                    help="probability that a training sample is a sum (else another family)")
     p.add_argument("--template", choices=sorted(TEMPLATES), default="sft",
                    help="prompt format: the SFT template or bare")
     p.add_argument("--full_logits", action="store_true",
                    help="compute logits at every position (model(..., labels=...)) instead of only at answer tokens")
-    p.add_argument("--batch_size", type=int, default=32, help="samples per step (drawn with replacement)")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    p.add_argument("--min_lr_ratio", type=float, default=0.1, help="cosine decays to lr * this at --max_steps")
-    p.add_argument("--warmup_steps", type=int, default=50, help="linear warmup steps")
-    p.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay on 2-D weights")
-    p.add_argument("--max_steps", type=int, default=1500, help="optimizer steps (the cosine ends here)")
-    p.add_argument("--max_minutes", type=float, default=None, help="also stop after this much training time")
-    p.add_argument("--eval_every", type=int, default=250, help="held-out exact match every N steps")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--seed", type=int, default=0, help="seed of the model init and batch order")
-    p.add_argument("--data_seed", type=int, default=0, help="seed of data/sft's split (0 = the committed files)")
-    args = p.parse_args(argv)
-    if not 0 < args.arith_fraction <= 1:
-        p.error("--arith_fraction must be in (0, 1]")
-    return args
+    p.add_argument("--batch_size", type=cli.positive_int, default=32, help="samples per step (drawn with replacement)")
+    p.add_argument("--lr", type=cli.positive_float, default=3e-3, help="peak learning rate")
+    p.add_argument("--min_lr_ratio", type=cli.unit_interval, default=0.1,
+                   help="cosine decays to lr * this at --max_steps")
+    p.add_argument("--warmup_steps", type=cli.nonnegative_int, default=50, help="linear warmup steps")
+    p.add_argument("--weight_decay", type=cli.nonnegative_float, default=0.1, help="AdamW weight decay on 2-D weights")
+    p.add_argument("--max_steps", type=cli.positive_int, default=1500, help="optimizer steps (the cosine ends here)")
+    p.add_argument("--max_minutes", type=cli.positive_float, default=None,
+                   help="also stop after this much training time")
+    p.add_argument("--eval_every", type=cli.positive_int, default=250, help="held-out exact match every N steps")
+    p.add_argument("--num_threads", type=cli.positive_int, default=2, help="torch CPU threads")
+    p.add_argument("--seed", type=cli.nonnegative_int, default=0, help="seed of the model init and batch order")
+    p.add_argument("--data_seed", type=cli.nonnegative_int, default=0,
+                   help="seed of data/sft's split (0 = the committed files)")
+    return p
 
 
-def main() -> None:
-    print(json.dumps(run(parse_args())))
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The calibration run; a bad flag gives one `error:` line and exit 2 (cli.run_cli)."""
+    return cli.run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    print(json.dumps(run(parse_args(argv))))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,7 +8,6 @@ Output convention: one document per line. Shakespeare's plays give one document 
 """
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from pathlib import Path
@@ -133,17 +132,22 @@ def read_text(path: Path) -> str:
         raise CorpusError(f"{path} is not UTF-8 ({err.reason} at byte {err.start}): convert it to UTF-8") from None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return cli.run_cli(_main, argv)
-
-
-def _main(argv: Sequence[str] | None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> cli.ArgumentParser:
+    parser = cli.ArgumentParser(prog="python -m data.build_pretrain_data", description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", type=Path, default=Path("../shared/corpus"),
                         help="folder with shakespeare/ and poetry_zh/")
     parser.add_argument("--output", type=Path, default=Path("data/pretrain"),
                         help="where train.txt and val.txt are written (each replaced atomically)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI; bad input gives one `error:` line and exit 2, nothing written (cli.run_cli)."""
+    return cli.run_cli(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
     cli.check_output_folder(args.output, "--output")
     n_train, n_val = build(args.corpus, args.output)
     print(f"wrote {n_train} train and {n_val} val documents to {args.output}")

@@ -4,19 +4,29 @@
     locust -f inference/load_test.py --host http://127.0.0.1:8000          # web UI on http://127.0.0.1:8089
 
 Each simulated user sends a random prompt (Chinese or English) with random max_gen_len / top_k / temperature,
-waiting 0.1-1 s between requests. Extra options: --max-gen-len (upper bound, keep prompt + it within the model's
-context: 48 suits the default 64-token pretrain model), --api-key (or GPT_API_KEY). A request fails on any non-2xx
-status, a stream without its final event, or a response without text fields. The stream task reports time to
-first token as its own row ("generate stream: first token").
+waiting 0.1-1 s between requests. Extra options, spelled with dashes like Locust's own: --max-new-tokens (the
+largest max_gen_len a request asks for, >= 8; keep prompt + it within the model's context: 48 suits the default
+64-token pretrain model), --api-key (or GPT_API_KEY); a bad value stops Locust before any request. A request fails
+on any non-2xx status, a stream without its final event, or a response without text fields. The stream task reports
+time to first token as its own row ("generate stream: first token").
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import sys
 import time
+from pathlib import Path
 
 from locust import HttpUser, between, events, task
+
+ROOT = str(Path(__file__).resolve().parent.parent)
+if ROOT not in sys.path:  # Locust imports this file by its path, from any folder
+    sys.path.insert(0, ROOT)
+import cli  # noqa: E402  (the project's argument types)
+
+MIN_NEW_TOKENS = 8
 
 PROMPTS = [
     "ROMEO:", "JULIET:", "KING LEAR:", "HAMLET: To be, or not to be", "First Citizen:", "To be or not",
@@ -29,7 +39,8 @@ PROMPTS = [
 
 @events.init_command_line_parser.add_listener
 def _options(parser) -> None:
-    parser.add_argument("--max-gen-len", type=int, default=48, help="largest max_gen_len a user asks for (>= 8)")
+    parser.add_argument("--max-new-tokens", type=cli.int_at_least(MIN_NEW_TOKENS), default=48,
+                        help=f"largest max_gen_len a request asks for (>= {MIN_NEW_TOKENS}; default: 48)")
     parser.add_argument("--api-key", default=os.environ.get("GPT_API_KEY", ""), help="API key, if the server has one")
 
 
@@ -45,8 +56,8 @@ class GPTUser(HttpUser):
 
     def _body(self) -> dict:
         options = self.environment.parsed_options
-        top = max(8, options.max_gen_len if options else 48)
-        return {"prefix": random.choice(PROMPTS), "max_gen_len": random.randint(8, top),
+        top = options.max_new_tokens if options else 48
+        return {"prefix": random.choice(PROMPTS), "max_gen_len": random.randint(MIN_NEW_TOKENS, top),
                 "top_k": random.choice([0, 10, 50]), "temperature": random.choice([0.0, 0.7, 0.8, 1.0])}
 
     @task(6)

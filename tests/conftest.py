@@ -62,7 +62,7 @@ def write_corpus(folder: Path, n_train: int, n_val: int) -> tuple[Path, Path]:
 
 @pytest.fixture()
 def files(tiny_tokenizer, tiny_tokenizer_dir, tmp_path) -> dict[str, Path]:
-    """A tiny 'pretrained' checkpoint laid out as the trainer writes it, and small slices of the finetuning demo data."""
+    """A tiny 'pretrained' checkpoint laid out as the trainer writes it, and slices of the finetuning demo data."""
     import json
     import shutil
 

@@ -1,4 +1,4 @@
-"""The corpus builder turns the source layouts into one document per line."""
+"""The corpus builder turns the source layouts into one document per line; its CLI writes train.txt and val.txt."""
 
 from conftest import TRAIN_TXT, VAL_TXT
 from data import build_pretrain_data as build
@@ -60,3 +60,19 @@ def test_embedded_corpus_has_expected_shape():
     assert any(line.startswith("LEAR: Attend the lords of France and Burgundy") for line in train + val)
     assert sum("》" in line for line in val) > 10  # held-out poems too, not only plays
     assert len(set(train) & set(val)) < 50  # only short stock lines ("Ay, my lord.") repeat
+
+
+def test_cli_writes_train_and_val_with_every_twentieth_document_held_out(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    (corpus / "shakespeare").mkdir(parents=True)
+    (corpus / "poetry_zh").mkdir()
+    speeches = "".join(f"Kent.\nSpeech number {i} of the play.\n\n" for i in range(40))
+    (corpus / "shakespeare" / "king_lear.txt").write_text(PLAY + "\n" + speeches, encoding="utf-8")
+    (corpus / "poetry_zh" / "poems.txt").write_text(POEMS, encoding="utf-8")
+    out = tmp_path / "out"
+    assert build.main(["--corpus", str(corpus), "--output", str(out)]) == 0
+    train = (out / "train.txt").read_text(encoding="utf-8").splitlines()
+    val = (out / "val.txt").read_text(encoding="utf-8").splitlines()
+    assert len(train) + len(val) == 2 + 40 + 2 and len(val) == 2  # documents 10 and 30 of the play
+    assert val == ["EARL OF KENT: Speech number 8 of the play.", "EARL OF KENT: Speech number 28 of the play."]
+    assert f"wrote {len(train)} train and 2 val documents to {out}" in capsys.readouterr().out

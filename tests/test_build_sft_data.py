@@ -24,7 +24,7 @@ def load(folder, name):
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sft")
-    build_sft.main(["--seed", "0", "--output_dir", str(folder), "--corpus", str(TRAIN_TXT)])
+    assert build_sft.main(["--seed", "0", "--output_dir", str(folder), "--corpus", str(TRAIN_TXT)]) == 0
     return folder
 
 
@@ -237,25 +237,31 @@ def test_every_example_fits_the_default_64_token_context(built):
 
 
 def test_missing_corpus_is_a_one_line_error(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        build_sft.main(["--corpus", str(tmp_path / "missing.txt"), "--output_dir", str(tmp_path / "out")])
-    assert exit_info.value.code == 2
+    assert build_sft.main(["--corpus", str(tmp_path / "missing.txt"), "--output_dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: corpus file") and "\n" not in err
     assert not (tmp_path / "out").exists()
 
 
 def test_too_many_rl_sums_is_a_one_line_error(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        build_sft.main(["--arithmetic_rl", "7600", "--output_dir", str(tmp_path), "--corpus", str(TRAIN_TXT)])
-    assert exit_info.value.code == 2
+    assert build_sft.main(["--arithmetic_rl", "7600", "--output_dir", str(tmp_path), "--corpus", str(TRAIN_TXT)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: --arithmetic_rl 7600 leaves fewer train sums than --pairwise_arithmetic 2000: ask for at " \
                   "most 7500" and not (tmp_path / "sft_data.json").exists()
 
 
 def test_too_many_sums_is_a_one_line_error(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        build_sft.main(["--arithmetic_train", "9800", "--output_dir", str(tmp_path), "--corpus", str(TRAIN_TXT)])
-    assert exit_info.value.code == 2
+    code = build_sft.main(["--arithmetic_train", "9800", "--output_dir", str(tmp_path), "--corpus", str(TRAIN_TXT)])
+    assert code == 2
     assert capsys.readouterr().err.startswith("error: only 10000 distinct sums")
+
+
+def test_flags_become_the_sizes_they_name():
+    args = build_sft.build_parser().parse_args(["--arithmetic_train", "1", "--arithmetic_test", "2", "--arithmetic_rl",
+                                                "0", "--pairwise_arithmetic", "1", "--speaker_train", "5",
+                                                "--speaker_test", "6", "--mixed_excerpts_train", "7",
+                                                "--one_wrong_answer_per_sum"])
+    assert build_sft.sizes_of(args) == build_sft.Sizes(arithmetic_train=1, arithmetic_test=2, arithmetic_rl=0,
+                                                       pairwise_arithmetic=1, speaker_train=5, speaker_test=6,
+                                                       mixed_excerpts_train=7, all_wrong_sums=False)
+    assert build_sft.sizes_of(build_sft.build_parser().parse_args([])) == build_sft.Sizes()

@@ -1,11 +1,17 @@
 """Bad input as a user gives it, across every CLI: exit 2, one `error:` line, no traceback, earlier outputs intact.
 
+One table holds the bad flags of every command converted to ``cli.ArgumentParser`` (the evaluator, the data builders,
+the checkpoint inspector, the quantizer, the generation CLI, the tokenizer trainer, every benchmark): wrong type, out
+of range, unknown (the retired spellings of --num_threads and --max_new_tokens among them), a missing value or a
+missing required flag.
+
 Also the Python API's type/range checks, and what interruption does: Ctrl-C / SIGTERM save and resume, kill -9
 during training and during a save leaves no stale temp files and resumes exactly.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import signal
@@ -24,7 +30,8 @@ import gpt_model
 import pretrain_trainer as pt
 import training
 from byte_level_bpe import ByteLevelBPETokenizer, TokenizerError
-from conftest import ROOT, VAL_TXT, corpus_lines, write_corpus
+import cli
+from conftest import ROOT, TRAIN_TXT, VAL_TXT, corpus_lines, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -206,8 +213,8 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
                             d_model=32, n_heads=2, max_seq_len=32, batch_size=2, max_steps=20, save_interval=2,
                             eval_interval=100, log_interval=5, device="cpu", dtype="float32", num_workers=1)
     trainer = pt.GPTTrainer(config, tiny_tokenizer, show_progress=False)
-    normal = trainer.loss_fn
-    trainer.loss_fn = lambda model, batch: normal(model, batch) * (float("nan") if trainer.step >= 3 else 1.0)
+    normal = trainer.strategy.loss_fn  # pretraining's SupervisedStep
+    trainer.strategy.loss_fn = lambda model, batch: normal(model, batch) * (float("nan") if trainer.step >= 3 else 1.0)
     with pytest.raises(training.TrainError, match=r"non-finite .* by step 4: lower --lr"):
         trainer.train()
     good = checkpoints.load_checkpoint(tmp_path / "pretrain_step_2.pth")
@@ -279,20 +286,6 @@ def checkpoint(tiny_tokenizer, tiny_tokenizer_dir, tmp_path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("flags", [["--top_p", "0"], ["--top_p", "2"], ["--top_k", "-1"], ["--temperature", "0"],
-                                   ["--batch_size", "0"], ["--max_gen_len", "0"], ["--max_samples", "0"],
-                                   ["--temperature", "inf"], ["--model_type", "ppo"], ["--device", "tpu"],
-                                   ["--dtype", "int4"]], ids=lambda f: " ".join(f))
-def test_evaluator_bad_flags(flags, checkpoint, tmp_path, capsys):
-    data = tmp_path / "sft.json"
-    data.write_text(json.dumps([{"instruction": "a", "response": "b"}]), encoding="utf-8")
-    args = ["--model_path", str(checkpoint), "--model_type", "sft", "--test_data_path", str(data),
-            "--output", str(tmp_path / "report.json"), "--do_sample", "--no_progress", *flags]
-    code, err = run_main(evaluator.main, args, capsys)
-    assert_one_line_error(code, err)
-    assert not (tmp_path / "report.json").exists()
-
-
 def test_evaluator_bad_files(checkpoint, tmp_path, capsys):
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes(b"fine\n\xff\xfe\n")
@@ -326,6 +319,183 @@ def test_build_pretrain_data_refuses_a_missing_or_empty_corpus(tmp_path):
         assert snapshot(out) == before
 
 
+# ----------------------------------------------------------------------------- every converted CLI: one table
+
+# command -> (module whose main() runs it, the valid flags each case starts from). In the flags and the cases,
+# {ckpt} is a tiny checkpoint (tokenizer beside it), {sft} an SFT .json, {text} a small corpus, {afile} a plain file
+# (all in a shared folder that must stay as it was), {out} the test's own empty folder, which must stay empty.
+COMMANDS = {
+    "evaluator": ("evaluator", ["--model_path", "{ckpt}", "--model_type", "sft", "--test_data_path", "{sft}",
+                                "--output", "{out}/report.json", "--do_sample", "--no_progress"]),
+    "build_pretrain_data": ("data.build_pretrain_data", ["--corpus", "{out}/corpus", "--output", "{out}/pretrain"]),
+    "build_sft_data": ("data.sft.build_sft_data", ["--corpus", str(TRAIN_TXT), "--output_dir", "{out}/sft"]),
+    "build_classify_data": ("data.classify.build_classify_data",
+                            ["--corpus", str(TRAIN_TXT), "--output_dir", "{out}/classify"]),
+    "checkpoints": ("checkpoints", []),
+    "quantizer": ("inference.quantizer", ["--model_path", "{ckpt}", "--output", "{out}/int8.pth", "--no_eval"]),
+    "kv_cache_infer": ("inference.kv_cache_infer", ["--model_path", "{ckpt}", "--prompt", "ROMEO:", "--device", "cpu"]),
+    "byte_level_bpe": ("byte_level_bpe", ["--input", "{text}", "--output", "{out}/tokenizer"]),
+    "bench_classify": ("benchmarks.bench_classify", ["--pretrained", "{ckpt}", "--workdir", "{out}/work"]),
+    "bench_dpo_beta": ("benchmarks.bench_dpo_beta", ["--sft_model", "{ckpt}", "--workdir", "{out}/work"]),
+    "bench_finetune": ("benchmarks.bench_finetune", ["--pretrained", "{ckpt}", "--workdir", "{out}/work"]),
+    "bench_generate": ("benchmarks.bench_generate", ["--shapes", "tiny", "--devices", "cpu"]),
+    "bench_inference": ("benchmarks.bench_inference", ["--shape", "tiny", "--no_ct2"]),
+    "bench_rlvf_lr": ("benchmarks.bench_rlvf_lr", ["--sft_model", "{ckpt}", "--workdir", "{out}/work"]),
+    "bench_rlvf_room": ("benchmarks.bench_rlvf_room", ["--pretrained", "main={ckpt}", "--workdir", "{out}/work"]),
+    "bench_server": ("benchmarks.bench_server", ["--model_path", "{ckpt}", "--skip_baseline", "--duration", "1"]),
+    "bench_tokenizer": ("benchmarks.bench_tokenizer", ["--input", "{text}"]),
+    "bench_train": ("benchmarks.bench_train", ["--steps", "1"]),
+    "calibrate_arithmetic": ("benchmarks.calibrate_arithmetic", ["--pretrained", "{ckpt}", "--max_steps", "1"]),
+}
+
+# The retired spellings, assembled so that a grep for them finds only code that still uses them.
+OLD_THREADS, OLD_MAX_GEN_LEN, OLD_MIN_GEN_LEN = "--" + "threads", "--" + "max_gen_len", "--" + "min_gen_len"
+
+# (command, flags added to its valid ones, flags dropped from them). Each must fail before any work starts.
+BAD_FLAGS = [
+    *[("evaluator", flags, ()) for flags in (
+        ["--top_p", "0"], ["--top_p", "2"], ["--top_k", "-1"], ["--top_k", "x"], ["--temperature", "0"],
+        ["--temperature", "inf"], ["--batch_size", "0"], ["--max_new_tokens", "0"], ["--max_new_tokens", "ten"],
+        ["--max_samples", "0"], ["--seed", "-1"], ["--seed", "abc"], ["--num_threads", "0"], ["--num_threads", "two"],
+        ["--best_of", "0"], ["--best_of_scorer", "x"], ["--model_type", "ppo"], ["--dtype", "int4"],
+        ["--device", "tpu"], [OLD_MAX_GEN_LEN, "8"], [OLD_THREADS, "2"], ["--output"])],
+    ("evaluator", [], ("--test_data_path",)), ("evaluator", [], ("--model_path",)),
+    *[("build_pretrain_data", flags, ()) for flags in (
+        ["--bogus"], ["--num_threads", "2"], ["--corpus"], ["--output", "{afile}"], ["--corpus", "{out}/missing"])],
+    *[("build_sft_data", flags, ()) for flags in (
+        ["--seed", "-1"], ["--seed", "x"], ["--arithmetic_train", "-1"], ["--arithmetic_test", "1.5"],
+        ["--arithmetic_rl", "-5"], ["--pairwise_arithmetic", "x"], ["--speaker_train", "-1"], ["--speaker_test", "x"],
+        ["--mixed_excerpts_train", "-1"], ["--num_threads", "2"], ["--output_dir", "{afile}"],
+        ["--corpus", "{out}/missing.txt"], ["--output_dir"])],
+    *[("build_classify_data", flags, ()) for flags in (
+        ["--seed", "-1"], ["--seed", "1.5"], ["--max_train", "0"], ["--max_test", "x"], ["--bogus", "1"],
+        ["--output_dir", "{afile}"], ["--corpus", "{out}/missing.txt"], ["--corpus"])],
+    *[("checkpoints", flags, ()) for flags in (
+        [], ["--bogus", "{ckpt}"], ["{text}"], ["{out}/missing.pth"])],
+    *[("quantizer", flags, ()) for flags in (
+        ["--batch_size", "0"], ["--batch_size", "x"], ["--max_samples", "-1"], ["--num_threads", "0"],
+        [OLD_THREADS, "2"], ["--output", "{ckpt}"])],
+    ("quantizer", [], ("--model_path",)), ("quantizer", [], ("--output",)),
+    *[("kv_cache_infer", flags, ()) for flags in (
+        ["--max_new_tokens", "0"], ["--max_new_tokens", "x"], [OLD_MAX_GEN_LEN, "5"], ["--temperature", "0"],
+        ["--top_k", "-1"], ["--top_p", "0"], ["--top_p", "1.5"], ["--repetition_penalty", "0"], ["--seed", "-1"],
+        ["--num_threads", "0"], [OLD_THREADS, "1"], ["--interactive"])],
+    ("kv_cache_infer", [], ("--model_path",)),
+    *[("byte_level_bpe", flags, ()) for flags in (
+        ["--vocab_size", "abc"], ["--vocab_size", "100"], ["--min_frequency", "0"], ["--num_workers", "0"],
+        ["--num_threads", "2"], ["--input", "{out}/missing.txt"], ["--output", "{afile}"])],
+    *[("bench_classify", flags, ()) for flags in (
+        ["--num_threads", "0"], ["--num_threads", "x"], [OLD_THREADS, "2"], ["--workdir"])],
+    *[("bench_dpo_beta", flags, ()) for flags in (["--betas", "0"], ["--betas", "x"], ["--betas"], [OLD_THREADS, "2"])],
+    *[("bench_finetune", flags, ()) for flags in (
+        ["--seeds", "-1"], ["--seeds", "a"], ["--stages", "sft", "nope"], [OLD_THREADS, "2"])],
+    *[("bench_generate", flags, ()) for flags in (
+        ["--prompt_len", "0"], ["--new_tokens", "-1"], ["--repeats", "0"], ["--batch_sizes", "1,x"],
+        ["--batch_sizes", "0"], ["--batch_sizes", ""], ["--shapes", "huge"], ["--devices", "tpu"],
+        ["--uncached_samples", "1"], ["--num_threads", "0"], [OLD_THREADS, "1"])],
+    *[("bench_inference", flags, ()) for flags in (
+        ["--shape", "huge"], ["--repeats", "0"], ["--num_threads", "0"], ["--kernel_threads", "0"], ["--stagger", "0"],
+        ["--joining", "1,x"], ["--compile_shapes", "huge"], ["--new_tokens", "x"], [OLD_THREADS, "2"])],
+    *[("bench_rlvf_lr", flags, ()) for flags in (["--lrs", "0"], ["--lrs", "x"], ["--lrs"], ["--bogus"])],
+    *[("bench_rlvf_room", flags, ()) for flags in (
+        ["--pretrained", "noequals"], ["--train_sums", "-1"], ["--test_sums", "0"], ["--seeds", "x"],
+        ["--num_threads", "0"], ["--lr_runs", "0"], [OLD_THREADS, "2"])],
+    ("bench_rlvf_room", [], ("--pretrained",)),
+    *[("bench_server", flags, ()) for flags in (
+        ["--duration", "0"], ["--users", "1,0"], ["--users", "x"], ["--min_new_tokens", "0"],
+        ["--max_new_tokens", "x"], [OLD_MAX_GEN_LEN, "48"], ["--num_threads", "0"], [OLD_THREADS, "2"],
+        ["--port", "0"])],
+    *[("bench_tokenizer", flags, ()) for flags in (
+        ["--slice_mb", "0"], ["--slice_mb", "x"], ["--input", "{out}/missing.txt"], ["--bogus"])],
+    *[("bench_train", flags, ()) for flags in (
+        ["--steps", "0"], ["--steps", "x"], ["--num_threads", "0"], ["--vocab_size", "x"], [OLD_THREADS, "2"])],
+    *[("calibrate_arithmetic", flags, ()) for flags in (
+        ["--arith_fraction", "0"], ["--arith_fraction", "1.5"], ["--lr", "0"], ["--min_lr_ratio", "2"],
+        ["--batch_size", "0"], ["--max_steps", "0"], ["--num_threads", "0"], [OLD_THREADS, "2"], ["--template", "x"],
+        ["--seed", "-1"], ["--max_minutes", "0"], ["--eval_every", "0"], ["--n_heads", "0"], ["--max_seq_len", "1"])],
+]
+
+
+def case_id(case: tuple) -> str:
+    command, flags, dropped = case
+    return f"{command}: " + " ".join([*flags, *(f"without {flag}" for flag in dropped)] or ["no arguments"])
+
+
+@pytest.fixture(scope="module")
+def shared(tiny_tokenizer, tiny_tokenizer_dir, tmp_path_factory) -> dict[str, Path]:
+    """What the commands read: a tiny checkpoint with its tokenizer, an SFT file, a small corpus, a plain file."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("shared")
+    model = gpt_model.GPTModel(gpt_model.GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer),
+                                                               max_seq_len=32, n_layers=1, d_model=32, n_heads=2))
+    checkpoints.save_checkpoint(folder / "model.pth", model, tokenizer_fingerprint=tiny_tokenizer.fingerprint)
+    shutil.copytree(tiny_tokenizer_dir, folder / "tokenizer")
+    (folder / "sft.json").write_text(json.dumps([{"instruction": "a", "response": "b"}]), encoding="utf-8")
+    (folder / "text.txt").write_text("\n".join(corpus_lines(limit=50)) + "\n", encoding="utf-8")
+    (folder / "a_file").write_text("x")
+    return {"ckpt": folder / "model.pth", "sft": folder / "sft.json", "text": folder / "text.txt",
+            "afile": folder / "a_file", "folder": folder}
+
+
+def command_line(command: str, flags: list[str], dropped: tuple[str, ...], places: dict[str, Path]) -> list[str]:
+    """The command's valid flags without ``dropped`` (each with its value), plus ``flags``; placeholders filled."""
+    base = COMMANDS[command][1]
+    kept, skip = [], False
+    for i, arg in enumerate(base):
+        if skip:
+            skip = False
+        elif arg in dropped:
+            skip = i + 1 < len(base) and not base[i + 1].startswith("--")
+        else:
+            kept.append(arg)
+    return [arg.format(**places) for arg in kept + flags]
+
+
+@pytest.mark.parametrize("case", BAD_FLAGS, ids=case_id)
+def test_bad_flags_of_every_converted_cli(case, shared, tmp_path, capsys, monkeypatch):
+    command, flags, dropped = case
+    main = importlib.import_module(COMMANDS[command][0]).main
+    monkeypatch.chdir(tmp_path)  # a relative default output would land here
+    before = snapshot(shared["folder"])
+    code = main(command_line(command, flags, dropped, {**{k: str(v) for k, v in shared.items()}, "out": tmp_path}))
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    assert "Traceback" not in captured.err
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err  # never argparse's usage block
+    assert not captured.out  # no report, no JSON line
+    assert not list(tmp_path.iterdir()), "a failed command wrote something"
+    assert snapshot(shared["folder"]) == before
+
+
+def test_the_table_covers_every_command_and_every_benchmark():
+    benchmarks = {p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem.startswith(("bench_", "calibrate_"))}
+    assert benchmarks <= set(COMMANDS), sorted(benchmarks - set(COMMANDS))
+    assert {command for command, _, _ in BAD_FLAGS} == set(COMMANDS)
+
+
+PARSER_MODULES = sorted(module for module, _ in COMMANDS.values() if module != "checkpoints")
+
+
+@pytest.mark.parametrize("module", PARSER_MODULES)
+def test_every_flag_has_help_and_the_parser_is_the_projects(module):
+    parser = importlib.import_module(module).build_parser()
+    assert isinstance(parser, cli.ArgumentParser) and issubclass(parser.formatter_class, cli.HelpFormatter)
+    assert not [action.dest for action in parser._actions if not action.help]
+    flags = {flag for action in parser._actions for flag in action.option_strings}
+    assert not flags & {OLD_THREADS, OLD_MAX_GEN_LEN, OLD_MIN_GEN_LEN}, module
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_help_exits_0_with_the_usage(command, capsys):
+    module, _ = COMMANDS[command]
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(module).main(["--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: python ")
+
+
 # ----------------------------------------------------------------------------- the Python API
 
 @pytest.mark.parametrize("call", [
@@ -357,11 +527,11 @@ def test_generate_rejects_bad_settings_with_a_value_error(kwargs):
 SLOW_RUN = """
 import sys, time, torch, training, pretrain_trainer as pt
 delay, hang_at = float(sys.argv[1]), int(sys.argv[2])
-step = training.Trainer._train_step
-def slow_step(self):
+step = training.SupervisedStep.__call__
+def slow_step(self, trainer):
     time.sleep(delay)
-    return step(self)
-training.Trainer._train_step = slow_step
+    return step(self, trainer)
+training.SupervisedStep.__call__ = slow_step
 save = torch.save
 def hanging_save(obj, path, *a, **k):
     if hang_at and obj.get("step") == hang_at and obj.get("optimizer") is not None:

@@ -1,5 +1,5 @@
-"""Tests for evaluator.py: NLL/perplexity/bits-per-byte against hand computations, generation batching, BLEU/ROUGE,
-CLI."""
+"""Tests for evaluator.py: NLL/perplexity/bits-per-byte against hand computations, generation batching, the reward
+and classifier paths, CLI. (BLEU/ROUGE themselves: test_text_metrics.py.)"""
 from __future__ import annotations
 
 import json
@@ -12,11 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from rouge import Rouge
 
 import evaluator
-from evaluator import (EvaluationError, GPTEvaluator, compute_bleu, compute_rouge, mean_sentence_bleu, rouge_scores,
-                       score_tokens, split_into_windows, sum_nll)
+from evaluator import EvaluationError, GPTEvaluator, split_into_windows, sum_nll
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -260,68 +258,6 @@ def test_exact_match_never_cuts_a_prompt_that_fits_the_context(tiny_tokenizer, t
     assert len(script.calls[0].prompts[0]) == prompt_len  # the whole prompt was sent
 
 
-# ----------------------------------------------------------------------------- BLEU / ROUGE
-
-def test_score_tokens_split_cjk_characters_words_and_punctuation():
-    assert score_tokens("Hello, World! 你好。abc中文 3.14") == [
-        "hello", ",", "world", "!", "你", "好", "。", "abc", "中", "文", "3", ".", "14"]
-
-
-def test_bleu_known_answer_and_identity():
-    # the cat sat on the mat / the cat is on the mat: clipped 1-grams 5/6, 2-grams 3/5 (the cat, on the, the mat),
-    # 3-grams 1/4 (on the mat), 4-grams 0/3 -> method1 smoothing makes it 0.1/3; equal lengths so BP = 1.
-    expected = (5 / 6 * 3 / 5 * 1 / 4 * (0.1 / 3)) ** 0.25
-    assert compute_bleu(["The cat sat on the mat"], [["the cat is on the mat"]]) == pytest.approx(expected)
-    assert mean_sentence_bleu(["The cat sat on the mat"], [["the cat is on the mat"]]) == pytest.approx(expected)
-    assert compute_bleu(["床前明月光，疑是地上霜。"], [["床前明月光，疑是地上霜。"]]) == pytest.approx(1.0)
-    # Chinese scored per character: one wrong character out of five still scores high (whitespace splitting: ~0).
-    assert 0.4 < compute_bleu(["床前明月光"], [["床前明日光", "窗前明月光"]]) < 1.0
-    assert compute_bleu([""], [["any reference text here"]]) == 0.0
-    with pytest.raises(EvaluationError, match="list of reference lists"):
-        compute_bleu(["a b c d"], ["a b c d"])
-
-
-def test_corpus_bleu_pools_counts_unlike_mean_sentence_bleu():
-    predictions, references = ["a b c d e f", "x y"], [["a b c d e f"], ["x z"]]
-    assert compute_bleu(predictions, references) != pytest.approx(mean_sentence_bleu(predictions, references))
-
-
-def test_rouge_counts_repeated_ngrams_with_clipping():
-    # pred 我 我 我 爱, ref 我 爱 爱 你 (4 tokens each).
-    # ROUGE-1: clipped overlap min(3,1) for 我 + min(1,2) for 爱 = 2 -> P = R = F = 2/4
-    # (unique sets would give P 1, R 2/3).
-    # ROUGE-2: pred bigrams 我我, 我我, 我爱; ref 我爱, 爱爱, 爱你; overlap 我爱 = 1 -> P = R = F = 1/3.
-    # ROUGE-L: LCS = 我爱 = 2 -> P = R = F = 2/4.
-    scores = rouge_scores(["我我我爱"], ["我爱爱你"])
-    assert scores["rouge-1"]["p"] == pytest.approx(0.5) and scores["rouge-1"]["r"] == pytest.approx(0.5)
-    assert scores["rouge-1"]["f"] == pytest.approx(0.5, abs=1e-6)
-    assert scores["rouge-2"]["f"] == pytest.approx(1 / 3, abs=1e-6)
-    assert scores["rouge-l"]["f"] == pytest.approx(0.5, abs=1e-6)
-
-
-def test_rouge_identity_periods_and_empty_predictions():
-    identical = compute_rouge(["Hello. World. 床前明月光。"], ["hello. world. 床前明月光。"])
-    assert identical == pytest.approx({"rouge-1": 1.0, "rouge-2": 1.0, "rouge-l": 1.0}, abs=1e-6)
-    # "a.b" is [a, ., b] against [a, b]: the "." counts as a token (P 2/3, R 1, F 0.8), it does not split sentences.
-    assert compute_rouge(["a.b"], ["a b"])["rouge-1"] == pytest.approx(0.8, abs=1e-6)
-    assert compute_rouge([""], ["some reference"]) == {"rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0}
-    # mean of 0 and 1
-    assert compute_rouge(["", "same text"], ["x", "same text"])["rouge-1"] == pytest.approx(0.5, abs=1e-6)
-    long_text = " ".join(f"w{i % 50}" for i in range(1200))  # the package's recursive ROUGE-L would overflow here
-    assert compute_rouge([long_text], [long_text])["rouge-l"] == pytest.approx(1.0)
-
-
-def test_rouge_matches_the_rouge_package_on_texts_without_periods():
-    reference_scorer = Rouge(exclusive=False)
-    pairs = [("the cat sat on the mat", "the cat is on the mat"), ("a b a b c", "b a b c a a"), ("x y z", "z y x w")]
-    for prediction, reference in pairs:
-        ours = rouge_scores([prediction], [reference])
-        theirs = reference_scorer.get_scores(prediction, reference)[0]
-        for metric in ("rouge-1", "rouge-2", "rouge-l"):
-            for stat in ("p", "r", "f"):
-                assert ours[metric][stat] == pytest.approx(theirs[metric][stat], abs=1e-6), (prediction, metric, stat)
-
-
 # ----------------------------------------------------------------------------- bad input and CLI
 
 def test_data_that_does_not_fit_the_model_type_is_rejected(tiny_tokenizer, tmp_path):
@@ -382,9 +318,11 @@ def test_cli_pretrain_sft_and_compare(checkpoint_dir, tmp_path):
     plot = tmp_path / "compare.png"
     done = run_cli("--model_type", "sft", "--compare", str(checkpoint_dir / "a.pth"), str(checkpoint_dir / "b.pth"),
                    "--test_data_path", str(sft),
-                   "--max_gen_len", "8", "--output", str(report), "--plot", str(plot))
+                   "--max_new_tokens", "8", "--output", str(report), "--plot", str(plot))
     assert done.returncode == 0, done.stderr
-    results = json.loads(report.read_text(encoding="utf-8"))["results"]
+    saved = json.loads(report.read_text(encoding="utf-8"))
+    results = saved["results"]
+    assert saved["settings"]["max_new_tokens"] == 8 and "max_gen_len" not in saved["settings"]
     assert [Path(r["model_path"]).name for r in results] == ["a.pth", "b.pth"]
     assert results[0]["loss"] != results[1]["loss"] and "rouge-l" in done.stdout
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -404,6 +342,16 @@ def test_cli_errors_are_one_line(checkpoint_dir, tmp_path, capsys):
         assert evaluator.main(["--no_progress", "--output", str(tmp_path / "r.json"), *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and fragment in err and err.count("\n") == 1, err
+
+
+def test_num_threads_is_set_before_any_checkpoint_loads(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(evaluator, "set_threads", calls.append)
+    txt = write_lines(tmp_path / "test.txt", DOCS)
+    code = evaluator.main(["--model_path", str(tmp_path / "missing.pth"), "--test_data_path", str(txt),
+                           "--num_threads", "3", "--output", str(tmp_path / "r.json"), "--no_progress"])
+    assert code == 2 and calls == [3] and "missing.pth" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
 
 
 @pytest.mark.parametrize("likelihood_weight", [0.0, 0.5])
@@ -449,7 +397,7 @@ def test_reward_model_type_and_reward_scores_of_responses(checkpoint_dir, tiny_c
     sft.write_text(json.dumps([{"instruction": p["instruction"], "response": p["chosen"], "task": p.get("task", "x")}
                                for p in pairs], ensure_ascii=False), encoding="utf-8")
     assert evaluator.main(["--model_type", "sft", "--model_path", str(checkpoint_dir / "a.pth"), "--reward_model",
-                           str(checkpoint_dir / "reward.pth"), "--test_data_path", str(sft), "--max_gen_len", "4",
+                           str(checkpoint_dir / "reward.pth"), "--test_data_path", str(sft), "--max_new_tokens", "4",
                            "--output", str(report), "--no_progress"]) == 0
     result = json.loads(report.read_text(encoding="utf-8"))["results"][0]
     assert {"exact_match", "exact_match/arithmetic", "exact_match/speaker", "reward_score"} <= set(result)

@@ -124,8 +124,8 @@ def test_dpo_and_rlvf_runs_write_their_best_checkpoints(files, tmp_path):
     rows = read_metrics(Path(dpo.output_dir) / "metrics.jsonl")
     assert {"accuracy", "margin"} <= set(rows[0]) and "val_accuracy" in rows[-1]
     assert isinstance(checkpoints.load_model_and_tokenizer(summary["checkpoint"])[0], gpt_model.GPTModel)
-    rlvf = stage_config(files, tmp_path, "rlvf", sft_model=sft_model, max_steps=2, eval_interval=2, rollout_batch_size=2,
-                  group_size=3, ppo_minibatch_size=3, ppo_epochs=1)
+    rlvf = stage_config(files, tmp_path, "rlvf", sft_model=sft_model, max_steps=2, eval_interval=2,
+                        rollout_batch_size=2, group_size=3, ppo_minibatch_size=3, ppo_epochs=1)
     summary = stages.run_rlvf(rlvf, None, show_progress=False)
     rows = read_metrics(Path(rlvf.output_dir) / "metrics.jsonl")
     assert [r["step"] for r in rows if "reward" in r] == [1, 2] and Path(summary["checkpoint"]).exists()
@@ -218,8 +218,9 @@ def test_rl_epochs_stop_the_run(files, tmp_path):
     records = [{"instruction": f"计算 {i} + 1 = ?", "response": str(i + 1), "task": "arithmetic"} for i in range(6)]
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    # a time budget as well, as at 45b0f70 (whose RL loop stopped on it alone): the test's time limit ends a regression
     config = rlvf_config(files, tmp_path, "epochs", sft, data_path=str(prompts), max_steps=None, epochs=2,
-                         max_minutes=1.0)
+                         max_minutes=600.0)
     summary = stages.run_rlvf(config, None, show_progress=False)
     assert summary["steps"] == 6  # 2 epochs x 3 batches of 2 prompts
 

@@ -146,7 +146,8 @@ def test_dpo_positive_penalises_only_a_chosen_answer_below_the_reference():
     loss, _, _ = losses.dpo_loss(t(-2.5), t(-6.0), t(-2.0), t(-4.0), beta=0.5, dpop_lambda=2.0)
     assert loss.item() == pytest.approx(math.log(1 + math.exp(-0.25)), rel=1e-6)
     # chosen above the reference: no penalty, plain DPO
-    above = [losses.dpo_loss(t(-1.5), t(-6.0), t(-2.0), t(-4.0), beta=0.5, dpop_lambda=lam)[0].item() for lam in (0, 50)]
+    above = [losses.dpo_loss(t(-1.5), t(-6.0), t(-2.0), t(-4.0), beta=0.5, dpop_lambda=lam)[0].item()
+             for lam in (0, 50)]
     assert above[0] == pytest.approx(above[1]) == pytest.approx(math.log(1 + math.exp(-1.25)), rel=1e-6)
 
 

@@ -1,4 +1,5 @@
-"""The Makefile's pipeline: `make -n pipeline` lists every stage's CLI call, in dependency order."""
+"""The Makefile's pipeline: `make -n pipeline` lists every stage's CLI call, in dependency order, with the project's
+flag vocabulary."""
 from __future__ import annotations
 
 import shutil
@@ -28,3 +29,11 @@ def test_each_stage_is_a_target_of_its_own():
     for stage, marker in STAGES:
         listing = subprocess.run(["make", "-n", stage], cwd=ROOT, capture_output=True, text=True, check=True).stdout
         assert marker in listing, stage
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
+def test_every_stage_uses_the_current_flag_names():
+    listing = subprocess.run(["make", "-n", "pipeline"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "--max_new_tokens 16" in listing  # the eval stage
+    for retired in ("--" + "max_gen_len", "--" + "threads", "--" + "max-gen-len"):  # not spelled out: see grep
+        assert retired not in listing, retired

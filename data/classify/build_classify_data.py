@@ -18,7 +18,6 @@ window, half-overlapping in train (augmentation), so the test set is near balanc
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
@@ -27,6 +26,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+import cli
 from atomic_file import atomic_path
 
 DEFAULT_OUTPUT = Path("data/classify")
@@ -141,32 +141,33 @@ def build(corpus: Path, output_dir: Path, seed: int, max_train: int = MAX_TRAIN,
     return {"train.jsonl": Counter(r["label"] for r in train), "test.jsonl": Counter(r["label"] for r in test)}
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--seed", type=int, default=0, help="seed of the document split and the excerpt offsets")
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog="python -m data.classify.build_classify_data", description=__doc__.splitlines()[0])
+    p.add_argument("--seed", type=cli.nonnegative_int, default=0,
+                   help="seed of the document split and the excerpt offsets")
     p.add_argument("--output_dir", type=Path, default=DEFAULT_OUTPUT, help="folder train.jsonl / test.jsonl go to")
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="the pretraining corpus, one document per line")
-    p.add_argument("--max_train", type=int, default=MAX_TRAIN, help="at most this many train excerpts per class")
-    p.add_argument("--max_test", type=int, default=MAX_TEST, help="at most this many test excerpts per class")
-    return p.parse_args(argv)
+    p.add_argument("--max_train", type=cli.positive_int, default=MAX_TRAIN,
+                   help="at most this many train excerpts per class")
+    p.add_argument("--max_test", type=cli.positive_int, default=MAX_TEST,
+                   help="at most this many test excerpts per class")
+    return p
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    if min(args.max_train, args.max_test) < 1:
-        print("error: --max_train and --max_test must be >= 1 (each class needs train and test excerpts)",
-              file=sys.stderr)
-        sys.exit(2)
-    try:
-        counts = build(args.corpus, args.output_dir, args.seed, args.max_train, args.max_test)
-    except (BuildError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI; bad input gives one `error:` line and exit 2, nothing written (cli.run_cli)."""
+    return cli.run_cli(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    cli.check_output_folder(args.output_dir, "--output_dir")
+    counts = build(args.corpus, args.output_dir, args.seed, args.max_train, args.max_test)
     for name, per_label in counts.items():
         labels = ", ".join(f"{label} {per_label[label]}" for label in LABELS)
         print(f"{args.output_dir / name}: {sum(per_label.values())} records ({labels})")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

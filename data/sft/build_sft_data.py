@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import cli
 from atomic_file import atomic_path
 from byte_level_bpe import ByteLevelBPETokenizer
 from prompts import SFT_TEMPLATE
@@ -363,50 +364,58 @@ def build(corpus: Path, output_dir: Path, seed: int, sizes: Sizes = Sizes()) -> 
     return {name: Counter(r["task"] for r in records) for name, records in files.items()}
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--seed", type=int, default=0, help="seed of the split, the sampling and the wrong answers")
+# ----------------------------------------------------------------------------- CLI
+
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog="python -m data.sft.build_sft_data", description=__doc__.splitlines()[0])
+    p.add_argument("--seed", type=cli.nonnegative_int, default=0,
+                   help="seed of the split, the sampling and the wrong answers")
     p.add_argument("--output_dir", type=Path, default=DEFAULT_OUTPUT, help="folder the .json files are written to")
     p.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS,
                    help="the pretraining corpus (one document per line) the poem and speaker families come from")
-    p.add_argument("--arithmetic_train", type=int, default=Sizes.arithmetic_train,
+    count = cli.nonnegative_int
+    p.add_argument("--arithmetic_train", type=count, default=Sizes.arithmetic_train,
                    help="distinct sums (of the 10,000) in the train split")
-    p.add_argument("--arithmetic_test", type=int, default=Sizes.arithmetic_test, help="distinct held-out sums")
-    p.add_argument("--arithmetic_rl", type=int, default=Sizes.arithmetic_rl,
+    p.add_argument("--arithmetic_test", type=count, default=Sizes.arithmetic_test, help="distinct held-out sums")
+    p.add_argument("--arithmetic_rl", type=count, default=Sizes.arithmetic_rl,
                    help="of the train sums, how many go to rlvf_prompts.json (prompts for --mode rlvf) instead of "
                         "the SFT and preference data: sums the SFT model never saw (the test files do not change)")
-    p.add_argument("--pairwise_arithmetic", type=int, default=Sizes.pairwise_arithmetic,
+    p.add_argument("--pairwise_arithmetic", type=count, default=Sizes.pairwise_arithmetic,
                    help="sums with one sampled wrong answer among the train preference pairs (the test pairs hold "
                         "every test sum)")
     p.add_argument("--one_wrong_answer_per_sum", action="store_true",
                    help="leave out the extra pairs that give every wrong answer of every train sum")
-    p.add_argument("--speaker_train", type=int, default=Sizes.speaker_train, help="speaker examples in the train split")
-    p.add_argument("--speaker_test", type=int, default=Sizes.speaker_test, help="speaker examples in the test split")
-    p.add_argument("--mixed_excerpts_train", type=int, default=Sizes.mixed_excerpts_train,
+    p.add_argument("--speaker_train", type=count, default=Sizes.speaker_train,
+                   help="speaker examples in the train split")
+    p.add_argument("--speaker_test", type=count, default=Sizes.speaker_test, help="speaker examples in the test split")
+    p.add_argument("--mixed_excerpts_train", type=count, default=Sizes.mixed_excerpts_train,
                    help="next-line excerpts of lines from different train poems (two prompts each) added to the "
                         "train split: the real excerpts are too few to learn the copy from")
-    return p.parse_args(argv)
+    return p
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    counts = (args.arithmetic_train, args.arithmetic_test, args.arithmetic_rl, args.pairwise_arithmetic,
-              args.speaker_train, args.speaker_test, args.mixed_excerpts_train)
-    sizes = Sizes(*counts[:6], mixed_excerpts_train=args.mixed_excerpts_train,
-                  all_wrong_sums=not args.one_wrong_answer_per_sum)
-    if min(counts) < 0:
-        print("error: example counts must be >= 0", file=sys.stderr)
-        sys.exit(2)
-    try:
-        counts = build(args.corpus, args.output_dir, args.seed, sizes)
-    except (BuildError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+def sizes_of(args: argparse.Namespace) -> Sizes:
+    """The Sizes the flags ask for."""
+    return Sizes(arithmetic_train=args.arithmetic_train, arithmetic_test=args.arithmetic_test,
+                 arithmetic_rl=args.arithmetic_rl, pairwise_arithmetic=args.pairwise_arithmetic,
+                 speaker_train=args.speaker_train, speaker_test=args.speaker_test,
+                 mixed_excerpts_train=args.mixed_excerpts_train, all_wrong_sums=not args.one_wrong_answer_per_sum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI; bad input gives one `error:` line and exit 2, nothing written (cli.run_cli)."""
+    return cli.run_cli(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    cli.check_output_folder(args.output_dir, "--output_dir")
+    counts = build(args.corpus, args.output_dir, args.seed, sizes_of(args))
     for name, per_task in counts.items():
         families = ", ".join(f"{task} {n}" for task, n in sorted(per_task.items()))
         print(f"{args.output_dir / name}: {sum(per_task.values())} records ({families})")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
