@@ -434,51 +434,14 @@ class ByteLevelBPETokenizer:
             raise TokenizerError(f"{directory / 'vocab.json'} must be a JSON object of token string -> int id")
         merge_strs = _read_merges(directory / "merges.txt")
         config_path = directory / "tokenizer_config.json"
-        config = _read_json(config_path) if config_path.exists() else None
-
-        n = len(vocab)
-        id_to_str: list[str | None] = [None] * n
-        for token, i in vocab.items():
-            if not 0 <= i < n or id_to_str[i] is not None:
-                raise TokenizerError(f"{directory / 'vocab.json'}: ids must be unique and cover 0..{n - 1}; "
-                                     f"id {i} ({token!r}) breaks that")
-            id_to_str[i] = token
-        merged_strs = {a + b for a, b in merge_strs}
-        if config is not None:
-            special_ids = config.get("special_tokens")
-            if not isinstance(special_ids, dict):
-                raise TokenizerError(f"{config_path}: missing 'special_tokens' mapping; re-save the tokenizer")
-            for token, i in special_ids.items():
-                if vocab.get(token) != i:
-                    raise TokenizerError(f"{config_path}: special token {token!r} has id {i} but vocab.json says "
-                                         f"{vocab.get(token)}; the files are inconsistent")
-            role_ids = {}
-            for role in ROLES:
-                token = config.get(f"{role}_token")
-                if token not in special_ids:
-                    raise TokenizerError(f"{config_path}: {role}_token {token!r} is not one of the special tokens "
-                                         f"{list(special_ids)}")
-                role_ids[role] = special_ids[token]
+        if config_path.exists():
+            special_ids, role_ids = _configured_specials(_read_json(config_path), vocab, config_path)
         else:
+            merged_strs = {a + b for a, b in merge_strs}
             special_ids = {t: vocab[t] for t in vocab
                            if str_to_token(t) is None or (len(t) > 1 and t not in merged_strs)}
             role_ids = _guess_roles(special_ids, directory)
-
-        id_to_bytes: list[bytes] = []
-        for i, token in enumerate(id_to_str):
-            if token in special_ids:
-                id_to_bytes.append(token.encode("utf-8"))
-                continue
-            raw = str_to_token(token)
-            if raw is None:
-                raise TokenizerError(f"{directory / 'vocab.json'}: token {token!r} (id {i}) is not in GPT-2 "
-                                     "byte-unicode form and not a special token")
-            id_to_bytes.append(raw)
-        plain = {b: i for i, b in enumerate(id_to_bytes) if i not in special_ids.values()}
-        missing = [b for b in range(256) if bytes([b]) not in plain]
-        if missing:
-            raise TokenizerError(f"{directory / 'vocab.json'} lacks {len(missing)} of the 256 byte tokens "
-                                 f"(e.g. byte {missing[0]}); it is not a byte-level BPE vocab")
+        id_to_bytes = _id_to_bytes(vocab, special_ids, directory / "vocab.json")
         merges = []
         for line_no, (a, b) in enumerate(merge_strs, start=2):
             ids = vocab.get(a), vocab.get(b), vocab.get(a + b)
@@ -487,9 +450,52 @@ class ByteLevelBPETokenizer:
                                      "missing from vocab.json (or a special token); the files do not belong together")
             merges.append((ids[0], ids[1]))
         tokenizer = cls.__new__(cls)
-        tokenizer.target_vocab_size = n
+        tokenizer.target_vocab_size = len(vocab)
         tokenizer._set_state(id_to_bytes, special_ids, role_ids, merges)
         return tokenizer
+
+
+def _configured_specials(config, vocab: dict[str, int], config_path: Path) -> tuple[dict[str, int], dict[str, int]]:
+    """(special token -> id, role -> id) of a tokenizer_config.json, checked against vocab.json."""
+    special_ids = config.get("special_tokens") if isinstance(config, dict) else None
+    if not isinstance(special_ids, dict):
+        raise TokenizerError(f"{config_path}: missing 'special_tokens' mapping; re-save the tokenizer")
+    for token, i in special_ids.items():
+        if vocab.get(token) != i:
+            raise TokenizerError(f"{config_path}: special token {token!r} has id {i} but vocab.json says "
+                                 f"{vocab.get(token)}; the files are inconsistent")
+    role_ids = {}
+    for role in ROLES:
+        token = config.get(f"{role}_token")
+        if token not in special_ids:
+            raise TokenizerError(f"{config_path}: {role}_token {token!r} is not one of the special tokens "
+                                 f"{list(special_ids)}")
+        role_ids[role] = special_ids[token]
+    return special_ids, role_ids
+
+
+def _id_to_bytes(vocab: dict[str, int], special_ids: dict[str, int], vocab_path: Path) -> list[bytes]:
+    """Each id's bytes (a special token: its UTF-8 text), checked to cover 0..n-1 and all 256 byte tokens."""
+    n = len(vocab)
+    id_to_str: list[str | None] = [None] * n
+    for token, i in vocab.items():
+        if not 0 <= i < n or id_to_str[i] is not None:
+            raise TokenizerError(f"{vocab_path}: ids must be unique and cover 0..{n - 1}; id {i} ({token!r}) breaks "
+                                 "that")
+        id_to_str[i] = token
+    id_to_bytes: list[bytes] = []
+    for i, token in enumerate(id_to_str):
+        raw = token.encode("utf-8") if token in special_ids else str_to_token(token)
+        if raw is None:
+            raise TokenizerError(f"{vocab_path}: token {token!r} (id {i}) is not in GPT-2 byte-unicode form and not a "
+                                 "special token")
+        id_to_bytes.append(raw)
+    plain = {b for i, b in enumerate(id_to_bytes) if i not in special_ids.values()}
+    missing = [b for b in range(256) if bytes([b]) not in plain]
+    if missing:
+        raise TokenizerError(f"{vocab_path} lacks {len(missing)} of the 256 byte tokens (e.g. byte {missing[0]}); it "
+                             "is not a byte-level BPE vocab")
+    return id_to_bytes
 
 
 # ----- training core (module level so it is easy to profile) -----------------------------------

@@ -1,6 +1,10 @@
-"""Greedy decoding throughput of our engine (fp32 nn.Linear, fp32 oneDNN-prepacked as served, INT8) against
-transformers and CTranslate2 (float32, int8), all holding the same random GPT-2 124M weights; plus the pieces
-behind the numbers.
+"""Greedy decoding throughput of the documented Python API against transformers and CTranslate2 (float32, int8), all
+holding the same random GPT-2 124M weights; plus the pieces behind the numbers.
+
+Ours is measured the way a user runs it: the weights saved as checkpoints (float, and INT8 by inference.quantizer's
+quantize_model_int8), loaded with checkpoints.load_model_and_tokenizer, then model.generate: "api_fp32" and
+"api_int8", the same prepared weights (quantization.prepare_for_inference) the evaluator, the chat CLI and the server
+run on. "ours_fp32" is GPTModel.generate on the plain nn.Linear training weights, for comparison.
 
 Prints ONE JSON line (CPU). tok_s = batch * new_tokens / seconds, new tokens only, best of --repeats; in each
 repeat every system runs once, back to back, so they see the same machine load. Also reported:
@@ -30,9 +34,11 @@ import torch.nn.functional as F
 import cli
 from benchmarks.bench_generate import build_pair, estimate_uncached_seconds
 from benchmarks.cli_options import benchmark_parser, positive_ints, presets
+from byte_level_bpe import ByteLevelBPETokenizer
+from checkpoints import load_model_and_tokenizer, save_checkpoint
 from decoding import DecodeEngine, SamplingParams
-from gpt_model import PRESETS
-from quantization import PackedLinear, fbgemm_available, pack_linears_for_cpu, quantize_model_int8, quantize_per_channel
+from gpt_model import PRESETS, GPTConfig, GPTModel
+from quantization import PackedLinear, fbgemm_available, quantize_model_int8, quantize_per_channel
 
 
 def ct2_generators(hf, threads: int, folder: Path) -> dict:
@@ -153,21 +159,64 @@ def main(argv: list[str] | None = None) -> int:
     return cli.run_cli(_main, argv)
 
 
-def _main(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
-    torch.set_num_threads(args.num_threads)
-    started = time.perf_counter()
-    device = torch.device("cpu")
-    ours, hf = build_pair(args.shape, device)
-    results: dict = {"shape": args.shape, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "greedy": True,
-                     "cpu_threads": torch.get_num_threads(), "torch": torch.__version__}
-    torch.set_num_threads(args.kernel_threads)  # 1: a multi-threaded call on a busy box can stall for milliseconds
-    results.update({f"{k}_t{args.kernel_threads}": v for k, v in kernel_ms(ours).items()})
-    torch.set_num_threads(args.num_threads)
-    systems = {"ours_fp32": ours,
-               "ours_fp32_packed": pack_linears_for_cpu(copy.deepcopy(ours)),
-               "ours_int8": quantize_model_int8(copy.deepcopy(ours))}
-    results["ours_int8_kernel"] = systems["ours_int8"].lm_head.active_kernel(torch.zeros(1, 1))
+def api_models(ours: GPTModel, folder: Path) -> dict[str, torch.nn.Module]:
+    """Our weights as a user gets them: saved as float and INT8 checkpoints (with a tokenizer folder), loaded back
+    with checkpoints.load_model_and_tokenizer (the one loader, inference-prepared weights)."""
+    tokenizer = ByteLevelBPETokenizer(vocab_size=300)  # the loader wants a tokenizer; prompts here are random ids
+    tokenizer.train(["the checkpoint loader wants a tokenizer folder beside the checkpoint"] * 4, show_progress=False)
+    tokenizer.save(folder / "tokenizer")
+    save_checkpoint(folder / "fp32.pth", ours)
+    save_checkpoint(folder / "int8.pth", quantize_model_int8(copy.deepcopy(ours)))
+    return {"api_fp32": load_model_and_tokenizer(folder / "fp32.pth", device="cpu")[0],
+            "api_int8": load_model_and_tokenizer(folder / "int8.pth", device="cpu")[0]}
+
+
+def best_seconds(runs: dict, repeats: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Each run's best time over ``repeats`` rounds (every run once per round, back to back), and its output."""
+    for run in runs.values():  # warm-up: allocators, kernels, FBGEMM packing
+        run(n=4)
+    best, outputs = {name: float("inf") for name in runs}, {}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            seconds, outputs[name] = timed(run)
+            best[name] = min(best[name], seconds)
+    return best, outputs
+
+
+def batch_runs(systems: dict, hf, ct2: dict, prompt: torch.Tensor, new_tokens: int) -> dict:
+    """Greedy generation of ``new_tokens`` for the prompt batch by every system (new tokens only)."""
+    mask = torch.ones_like(prompt)
+    runs = {name: (lambda m=m, n=new_tokens: m.generate(prompt, max_gen_len=n, do_sample=False)[:, -n:])
+            for name, m in systems.items()}
+    runs["hf_fp32"] = lambda n=new_tokens: hf.generate(prompt, attention_mask=mask, max_new_tokens=n,
+                                                       min_new_tokens=n, do_sample=False)[:, -n:]
+    start_tokens = [[f"t{i}" for i in row] for row in prompt.tolist()]
+    for name, generator in ct2.items():
+        runs[f"ct2_{name}"] = lambda g=generator, n=new_tokens: torch.tensor([
+            r.sequences_ids[0] for r in g.generate_batch(start_tokens, max_length=n, min_length=n, sampling_topk=1,
+                                                         beam_size=1, include_prompt_in_result=False)])
+    return runs
+
+
+def batch_figures(batch: int, new_tokens: int, best: dict[str, float], outputs: dict, systems: dict) -> dict:
+    """tokens/s of every system, the share of its tokens equal to transformers', and our speed over the peers'."""
+    prefix, out = f"cpu_b{batch}", {}
+    for name, seconds in best.items():
+        out[f"{prefix}_{name}_tok_s"] = round(batch * new_tokens / seconds, 1)
+        if name != "hf_fp32":  # share of new tokens equal to transformers' (int8 rounding may change a few)
+            agree = (outputs[name] == outputs["hf_fp32"]).float().mean().item()
+            out[f"{prefix}_{name}_tokens_equal_hf"] = round(agree, 3)
+    for name in systems:
+        out[f"{prefix}_{name}_over_hf"] = round(best["hf_fp32"] / best[name], 2)
+    for ours_name, ref in (("ours_fp32", "ct2_float32"), ("api_fp32", "ct2_float32"), ("api_int8", "ct2_int8")):
+        if ref in best:
+            out[f"{prefix}_{ours_name}_over_{ref}"] = round(best[ref] / best[ours_name], 2)
+    return out
+
+
+def decode_figures(args, ours: GPTModel, systems: dict, hf) -> dict:
+    """tokens/s of every system at each batch size (CTranslate2 converted from the transformers model)."""
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         ct2 = {} if args.no_ct2 else ct2_generators(hf, args.num_threads, Path(tmp))
         if ct2:
@@ -175,56 +224,50 @@ def _main(argv: list[str] | None) -> int:
             results["ctranslate2"] = ctranslate2.__version__
         for batch in args.batch_sizes:
             prompt = torch.randint(0, 50257, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch))
-            mask = torch.ones_like(prompt)
-            runs = {name: (lambda m=m, n=args.new_tokens: m.generate(prompt, max_gen_len=n, do_sample=False)[:, -n:])
-                    for name, m in systems.items()}
-            runs["hf_fp32"] = lambda n=args.new_tokens: hf.generate(prompt, attention_mask=mask, max_new_tokens=n,
-                                                                    min_new_tokens=n, do_sample=False)[:, -n:]
-            start_tokens = [[f"t{i}" for i in row] for row in prompt.tolist()]
-            for name, generator in ct2.items():
-                runs[f"ct2_{name}"] = lambda g=generator, n=args.new_tokens: torch.tensor([
-                    r.sequences_ids[0] for r in g.generate_batch(start_tokens, max_length=n, min_length=n,
-                                                                 sampling_topk=1, beam_size=1,
-                                                                 include_prompt_in_result=False)])
-            for run in runs.values():  # warm-up: allocators, kernels, FBGEMM packing
-                run(n=4)
-            best, outputs = {name: float("inf") for name in runs}, {}
-            for _ in range(args.repeats):
-                for name, run in runs.items():
-                    seconds, outputs[name] = timed(run)
-                    best[name] = min(best[name], seconds)
-            prefix = f"cpu_b{batch}"
-            for name, seconds in best.items():
-                results[f"{prefix}_{name}_tok_s"] = round(batch * args.new_tokens / seconds, 1)
-                if name != "hf_fp32":  # share of new tokens equal to transformers' (int8 rounding may change a few)
-                    agree = (outputs[name] == outputs["hf_fp32"]).float().mean().item()
-                    results[f"{prefix}_{name}_tokens_equal_hf"] = round(agree, 3)
-            for name in systems:
-                results[f"{prefix}_{name}_over_hf"] = round(best["hf_fp32"] / best[name], 2)
-            for ours_name, ref in (("ours_fp32", "ct2_float32"), ("ours_fp32_packed", "ct2_float32"),
-                                   ("ours_int8", "ct2_int8")):
-                if ref in best:
-                    results[f"{prefix}_{ours_name}_over_{ref}"] = round(best[ref] / best[ours_name], 2)
+            best, outputs = best_seconds(batch_runs(systems, hf, ct2, prompt, args.new_tokens), args.repeats)
+            results.update(batch_figures(batch, args.new_tokens, best, outputs, systems))
             if batch == 1:
-                uncached = estimate_uncached_seconds(ours, prompt, args.new_tokens, 4, device)
+                uncached = estimate_uncached_seconds(ours, prompt, args.new_tokens, 4, torch.device("cpu"))
                 results["cpu_b1_ours_fp32_cache_speedup_est"] = round(uncached / best["ours_fp32"], 1)
+    return results
+
+
+def engine_figures(args, systems: dict) -> dict:
+    """Bandwidth floor at batch 1, staggered joining, and torch.compile of the decode step."""
     bandwidth = read_bandwidth()
-    results["read_bandwidth_gb_s"] = round(bandwidth / 1e9, 1)
-    for name in ("ours_fp32", "ours_int8"):
+    results = {"read_bandwidth_gb_s": round(bandwidth / 1e9, 1)}
+    for name in ("ours_fp32", "api_int8"):
         weight_bytes = weight_bytes_per_token(systems[name])
         results[f"{name}_weight_mb_per_token"] = round(weight_bytes / 1e6, 1)
         results[f"{name}_b1_floor_tok_s"] = round(bandwidth / weight_bytes, 1)
     for n in args.joining:
-        for name in ("ours_fp32_packed", "ours_int8"):
+        for name in ("api_fp32", "api_int8"):
             results[f"joining_{n}_{name}_tok_s"] = round(
                 staggered_tok_s(systems[name], n, args.prompt_len, args.new_tokens, args.stagger), 1)
     for shape in args.compile_shapes:
-        from gpt_model import GPTConfig, GPTModel
-
         torch.manual_seed(0)
         model = GPTModel(GPTConfig.from_preset(shape, vocab_size=50257)).eval()
         prompt = torch.randint(0, 50257, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
         results.update({f"{shape}_{k}": v for k, v in compile_figures(model, prompt, args.new_tokens).items()})
+    return results
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.num_threads)
+    started = time.perf_counter()
+    ours, hf = build_pair(args.shape, torch.device("cpu"))
+    results: dict = {"shape": args.shape, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "greedy": True,
+                     "cpu_threads": torch.get_num_threads(), "torch": torch.__version__}
+    torch.set_num_threads(args.kernel_threads)  # 1: a multi-threaded call on a busy box can stall for milliseconds
+    results.update({f"{k}_t{args.kernel_threads}": v for k, v in kernel_ms(ours).items()})
+    torch.set_num_threads(args.num_threads)
+    with tempfile.TemporaryDirectory() as folder:
+        systems = {"ours_fp32": ours, **api_models(ours, Path(folder))}
+        results["api_fp32_layers"] = type(systems["api_fp32"].lm_head).__name__
+        results["api_int8_kernel"] = systems["api_int8"].lm_head.active_kernel(torch.zeros(1, 1))
+        results.update(decode_figures(args, ours, systems, hf))
+        results.update(engine_figures(args, systems))
     results["bench_seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(results))
     return 0

@@ -49,6 +49,7 @@ def baseline_app(model_path: str, tokenizer_dir: str | None, device: str):
 
     from checkpoints import load_model_and_tokenizer
     from decoding import DecodeEngine, SamplingParams
+    from prompts import encode_prompt
 
     # the same loader (so the same prepared weights) as the server's: only batching differs
     model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_dir, device=device)
@@ -56,7 +57,7 @@ def baseline_app(model_path: str, tokenizer_dir: str | None, device: str):
     app = FastAPI()
 
     def run(body: dict):
-        ids = [tokenizer.bos_token_id] + tokenizer.encode_ordinary(body["prefix"])
+        ids = encode_prompt(tokenizer, body["prefix"])
         params = SamplingParams(max_new_tokens=body["max_gen_len"], temperature=body.get("temperature", 0.8),
                                 top_k=body.get("top_k", 50), seed=body.get("seed"),
                                 eos_token_id=tokenizer.eos_token_id)

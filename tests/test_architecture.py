@@ -109,3 +109,13 @@ def test_lines_stay_within_120_characters():
     long = [f"{path.relative_to(ROOT)}:{n}" for path in [*FILES.values(), *sorted((ROOT / "tests").glob("*.py"))]
             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if len(line) > 120]
     assert not long, long
+
+
+def test_functions_stay_short():
+    """No function over 60 lines (docstring included): a longer one is split by what its parts do."""
+    long = []
+    for name, path in FILES.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
+    assert not long, long
