@@ -29,9 +29,9 @@ from byte_level_bpe import ByteLevelBPETokenizer
 from checkpoints import load_model_and_tokenizer
 from devices import autocast_context, set_threads
 from gpt_model import PRESETS, GPTConfig, GPTModel
+from losses import causal_lm_loss
 from prompts import encode_prompt
 from readers import read_documents
-from losses import causal_lm_loss
 from training import (DistInfo, Trainer, TrainError, barrier, find_resume_checkpoint, init_distributed, lr_at,
                       rng_state, set_rng_state)
 

@@ -17,6 +17,7 @@ CLI is ``inference/quantizer.py``.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -40,7 +41,9 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
+@functools.cache
 def fbgemm_available() -> bool:
+    """Whether this torch build has FBGEMM's dynamic int8 linear (x86 CPUs); asked once, not per matmul."""
     return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic")
 
 
@@ -65,6 +68,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self._packed: tuple[tuple, Any] | None = None  # FBGEMM's prepacked weights, rebuilt when the weight changes
+        self._kernels: dict[tuple[str, torch.dtype], str] = {}  # (device type, dtype) -> the kernel chosen
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, kernel: str = "auto") -> "Int8Linear":
@@ -78,8 +82,15 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
 
     def active_kernel(self, x: torch.Tensor) -> str:
-        kernel = pick_kernel(x.device) if self.kernel == "auto" else self.kernel
-        if kernel == "fbgemm" and (x.device.type != "cpu" or x.dtype != torch.float32 or not fbgemm_available()):
+        """The kernel for inputs like ``x`` (chosen once per device type and dtype: this runs on every matmul)."""
+        where = (x.device.type, x.dtype)
+        if where not in self._kernels:
+            self._kernels[where] = self._choose_kernel(x.device, x.dtype)
+        return self._kernels[where]
+
+    def _choose_kernel(self, device: torch.device, dtype: torch.dtype) -> str:
+        kernel = pick_kernel(device) if self.kernel == "auto" else self.kernel
+        if kernel == "fbgemm" and (device.type != "cpu" or dtype != torch.float32 or not fbgemm_available()):
             return "dequant"  # FBGEMM takes float32 on CPU only
         if kernel == "int8pack" and not hasattr(torch, "_weight_int8pack_mm"):
             return "dequant"
@@ -125,7 +136,9 @@ class Int8Embedding(nn.Module):
         return self.weight[ids].float() * self.scale[ids].unsqueeze(-1)
 
 
+@functools.cache
 def onednn_available() -> bool:
+    """Whether this torch build can prepack fp32 weights for oneDNN (CPU)."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 

@@ -33,7 +33,7 @@ import checkpoints
 import cli
 from cli import Interrupted
 from devices import autocast_context, resolve_device, resolve_dtype
-from run_folder import RunFolder, read_metrics, step_checkpoints
+from run_folder import RunFolder, step_checkpoints
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12,
               "3090": 71e12, "V100": 125e12, "T4": 65e12}

@@ -7,7 +7,10 @@ quantize_model_int8), loaded with checkpoints.load_model_and_tokenizer, then mod
 run on. "ours_fp32" is GPTModel.generate on the plain nn.Linear training weights, for comparison.
 
 Prints ONE JSON line (CPU). tok_s = batch * new_tokens / seconds, new tokens only, best of --repeats; in each
-repeat every system runs once, back to back, so they see the same machine load. Also reported:
+repeat every system runs once, back to back (a second apart, so no system's idle threads still spin), so they see
+the same machine load. CTranslate2 runs in a process of its own: after one of its generate calls, torch in the same
+process decoded 2-3x slower (92 -> 34 tokens/s at batch 1, measured here), which made our INT8 look slower than it
+is. Also reported:
   - kernel_ms_*_t1: the 49 matmuls of one 124M batch-1 token with each kernel (fp32 nn.Linear layout,
     (in, out) layout, oneDNN-prepacked (PackedLinear), FBGEMM int8, torch._weight_int8pack_mm, int8 dequantize +
     matmul), on --kernel_threads threads: how quantizer.pick_kernel chose;
@@ -21,6 +24,7 @@ repeat every system runs once, back to back, so they see the same machine load. 
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import sys
@@ -40,21 +44,69 @@ from decoding import DecodeEngine, SamplingParams
 from gpt_model import PRESETS, GPTConfig, GPTModel
 from quantization import PackedLinear, fbgemm_available, quantize_model_int8, quantize_per_channel
 
+SETTLE_SECONDS = 1.0  # between timed runs: the previous system's idle threads stop spinning on the cores
 
-def ct2_generators(hf, threads: int, folder: Path) -> dict:
-    """CTranslate2 float32 and int8 generators converted from the transformers model (TransformersConverter)."""
+
+def ct2_generators(hf_folder: Path, threads: int, folder: Path) -> dict:
+    """CTranslate2 float32 and int8 generators converted from a saved transformers model (TransformersConverter)."""
     import ctranslate2
+
+    ctranslate2.converters.TransformersConverter(str(hf_folder)).convert(str(folder / "ct2"), force=True)
+    return {name: ctranslate2.Generator(str(folder / "ct2"), device="cpu", compute_type=name, intra_threads=threads,
+                                        inter_threads=1) for name in ("float32", "int8")}
+
+
+def save_hf(hf, folder: Path) -> Path:
+    """The transformers model with a word-level tokenizer ``t0 t1 ...`` (the converter wants one for the vocabulary)."""
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {f"t{i}": i for i in range(hf.config.vocab_size)}  # the converter needs a tokenizer for the vocabulary
+    vocab = {f"t{i}": i for i in range(hf.config.vocab_size)}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")),
                                         bos_token="t0", eos_token="t0", unk_token="t0")
     hf.save_pretrained(folder / "hf")
     tokenizer.save_pretrained(folder / "hf")
-    ctranslate2.converters.TransformersConverter(str(folder / "hf")).convert(str(folder / "ct2"), force=True)
-    return {name: ctranslate2.Generator(str(folder / "ct2"), device="cpu", compute_type=name, intra_threads=threads,
-                                        inter_threads=1) for name in ("float32", "int8")}
+    return folder / "hf"
+
+
+def ct2_worker(hf_folder: str, threads: int) -> None:
+    """The CTranslate2 side, in a process of its own: after a CTranslate2 generate call, torch in the same process
+    ran 2-3x slower (measured here), and a deployment would not mix them either. Reads one JSON request per line
+    ({"name", "rows", "n"}), answers the generated ids."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        generators = ct2_generators(Path(hf_folder), threads, Path(tmp))
+        print(json.dumps({"ctranslate2": __import__("ctranslate2").__version__}), flush=True)
+        for line in sys.stdin:
+            request = json.loads(line)
+            tokens = [[f"t{i}" for i in row] for row in request["rows"]]
+            results = generators[request["name"]].generate_batch(
+                tokens, max_length=request["n"], min_length=request["n"], sampling_topk=1, beam_size=1,
+                include_prompt_in_result=False)
+            print(json.dumps([r.sequences_ids[0] for r in results]), flush=True)
+
+
+class CT2Process:
+    """A running ``ct2_worker``: ``generate(name, prompt, n)`` returns its ids as a tensor."""
+
+    def __init__(self, hf_folder: Path, threads: int):
+        import subprocess
+
+        argv = [sys.executable, "-m", "benchmarks.bench_inference", "--ct2_worker", str(hf_folder), "--num_threads",
+                str(threads)]
+        self.process = subprocess.Popen(argv, cwd=Path(__file__).parent.parent, stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True)
+        self.version = json.loads(self.process.stdout.readline())["ctranslate2"]
+
+    def generate(self, name: str, prompt: torch.Tensor, n: int) -> torch.Tensor:
+        self.process.stdin.write(json.dumps({"name": name, "rows": prompt.tolist(), "n": n}) + "\n")
+        self.process.stdin.flush()
+        return torch.tensor(json.loads(self.process.stdout.readline()))
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
 
 
 def timed(fn) -> tuple[float, object]:
@@ -149,6 +201,7 @@ def build_parser() -> cli.ArgumentParser:
     parser.add_argument("--joining", type=positive_ints(allow_empty=True), default="1,8,32",
                         help="sequence counts for the staggered figure ('' = skip)")
     parser.add_argument("--no_ct2", action="store_true", help="skip CTranslate2")
+    parser.add_argument("--ct2_worker", metavar="HF_FOLDER", help=argparse.SUPPRESS)  # the CTranslate2 process
     parser.add_argument("--compile_shapes", type=presets(allow_empty=True), default="tiny,gpt2",
                         help="presets for the torch.compile figure, '' = skip")
     return parser
@@ -178,23 +231,21 @@ def best_seconds(runs: dict, repeats: int) -> tuple[dict[str, float], dict[str, 
     best, outputs = {name: float("inf") for name in runs}, {}
     for _ in range(repeats):
         for name, run in runs.items():
+            time.sleep(SETTLE_SECONDS)
             seconds, outputs[name] = timed(run)
             best[name] = min(best[name], seconds)
     return best, outputs
 
 
-def batch_runs(systems: dict, hf, ct2: dict, prompt: torch.Tensor, new_tokens: int) -> dict:
+def batch_runs(systems: dict, hf, ct2: CT2Process | None, prompt: torch.Tensor, new_tokens: int) -> dict:
     """Greedy generation of ``new_tokens`` for the prompt batch by every system (new tokens only)."""
     mask = torch.ones_like(prompt)
     runs = {name: (lambda m=m, n=new_tokens: m.generate(prompt, max_gen_len=n, do_sample=False)[:, -n:])
             for name, m in systems.items()}
     runs["hf_fp32"] = lambda n=new_tokens: hf.generate(prompt, attention_mask=mask, max_new_tokens=n,
                                                        min_new_tokens=n, do_sample=False)[:, -n:]
-    start_tokens = [[f"t{i}" for i in row] for row in prompt.tolist()]
-    for name, generator in ct2.items():
-        runs[f"ct2_{name}"] = lambda g=generator, n=new_tokens: torch.tensor([
-            r.sequences_ids[0] for r in g.generate_batch(start_tokens, max_length=n, min_length=n, sampling_topk=1,
-                                                         beam_size=1, include_prompt_in_result=False)])
+    for name in ("float32", "int8") if ct2 else ():
+        runs[f"ct2_{name}"] = lambda name=name, n=new_tokens: ct2.generate(name, prompt, n)
     return runs
 
 
@@ -218,10 +269,9 @@ def decode_figures(args, ours: GPTModel, systems: dict, hf) -> dict:
     """tokens/s of every system at each batch size (CTranslate2 converted from the transformers model)."""
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        ct2 = {} if args.no_ct2 else ct2_generators(hf, args.num_threads, Path(tmp))
+        ct2 = None if args.no_ct2 else CT2Process(save_hf(hf, Path(tmp)), args.num_threads)
         if ct2:
-            import ctranslate2
-            results["ctranslate2"] = ctranslate2.__version__
+            results["ctranslate2"] = ct2.version
         for batch in args.batch_sizes:
             prompt = torch.randint(0, 50257, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch))
             best, outputs = best_seconds(batch_runs(systems, hf, ct2, prompt, args.new_tokens), args.repeats)
@@ -229,6 +279,8 @@ def decode_figures(args, ours: GPTModel, systems: dict, hf) -> dict:
             if batch == 1:
                 uncached = estimate_uncached_seconds(ours, prompt, args.new_tokens, 4, torch.device("cpu"))
                 results["cpu_b1_ours_fp32_cache_speedup_est"] = round(uncached / best["ours_fp32"], 1)
+        if ct2:
+            ct2.close()
     return results
 
 
@@ -255,6 +307,9 @@ def engine_figures(args, systems: dict) -> dict:
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.num_threads)
+    if args.ct2_worker:
+        ct2_worker(args.ct2_worker, args.num_threads)
+        return 0
     started = time.perf_counter()
     ours, hf = build_pair(args.shape, torch.device("cpu"))
     results: dict = {"shape": args.shape, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "greedy": True,

@@ -15,8 +15,8 @@ import checkpoints
 import data_loader
 import evaluator
 import finetune as ft
-import losses
 import gpt_model
+import losses
 import metrics
 import model_heads
 import readers

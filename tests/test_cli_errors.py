@@ -25,13 +25,14 @@ import torch
 
 import byte_level_bpe
 import checkpoints
+import cli
 import evaluator
 import gpt_model
 import pretrain_trainer as pt
 import training
 from byte_level_bpe import ByteLevelBPETokenizer, TokenizerError
-import cli
 from conftest import ROOT, TRAIN_TXT, VAL_TXT, corpus_lines, write_corpus
+from run_folder import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -561,7 +562,7 @@ def wait_for(path_glob: Path, process: subprocess.Popen, timeout: float = 60) ->
 
 
 def train_losses(folder: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["train_loss"]) for r in training.read_metrics(folder / "metrics.jsonl") if "train_loss" in r]
+    return [(r["step"], r["train_loss"]) for r in read_metrics(folder / "metrics.jsonl") if "train_loss" in r]
 
 
 def interruption_args(corpus, tokenizer_dir, out: Path, *extra: str) -> list[str]:

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 import data_loader
+import finetune_stages as stages
 import model_heads
 import readers
 import rl_step
-import finetune_stages as stages
-from prompts import SFT_TEMPLATE, record_prompt_ids
 from conftest import stage_config
+from prompts import SFT_TEMPLATE, record_prompt_ids
 from training import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
