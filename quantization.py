@@ -67,7 +67,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-        self._packed: tuple[tuple, Any] | None = None  # FBGEMM's prepacked weights, rebuilt when the weight changes
+        self._packed: tuple[tuple, list[int], Any] | None = None  # (packed from, their versions, FBGEMM packed)
         self._kernels: dict[tuple[str, torch.dtype], str] = {}  # (device type, dtype) -> the kernel chosen
 
     @classmethod
@@ -97,16 +97,18 @@ class Int8Linear(nn.Module):
         return kernel
 
     def _fbgemm_weights(self):
-        key = (self.weight.data_ptr(), self.weight._version, self.scale._version,
-               None if self.bias is None else (self.bias.data_ptr(), self.bias._version))
-        if self._packed is None or self._packed[0] != key:
+        """FBGEMM's prepacked weights, rebuilt when a weight, scale or bias tensor is replaced or written in place."""
+        sources = (self.weight, self.scale, self.bias)
+        versions = [t._version for t in sources if t is not None]
+        packed = self._packed
+        if packed is None or packed[1] != versions or any(a is not b for a, b in zip(packed[0], sources)):
             with warnings.catch_warnings():  # quantized-tensor constructors warn that they are deprecated
                 warnings.simplefilter("ignore")
                 qweight = torch._make_per_channel_quantized_tensor(
                     self.weight, self.scale.double(), torch.zeros(self.out_features, dtype=torch.long), 0)
-                packed = torch.ops.quantized.linear_prepack(qweight, self.bias)
-            self._packed = (key, packed)
-        return self._packed[1]
+                packed = (sources, versions, torch.ops.quantized.linear_prepack(qweight, self.bias))
+            self._packed = packed
+        return packed[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.active_kernel(x)

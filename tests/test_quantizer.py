@@ -157,3 +157,24 @@ def test_prepare_for_inference_packs_fp32_on_cpu_and_quantizes_on_request(model)
                       PackedLinear if torch.backends.mkldnn.is_available() else nn.Linear)
     assert isinstance(prepare_for_inference(copy.deepcopy(model), dtype=torch.bfloat16).lm_head, nn.Linear)
     assert isinstance(prepare_for_inference(copy.deepcopy(model), quantize="int8").lm_head, Int8Linear)
+
+
+@pytest.mark.skipif(not fbgemm_available(), reason="this torch build has no FBGEMM (non-x86 CPU)")
+def test_fbgemm_prepacked_weights_follow_every_change_of_the_weights():
+    """The packed copy is cached across matmuls; a weight written in place, replaced or loaded must not go stale."""
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(nn.Linear(16, 8), kernel="fbgemm")
+    x = torch.randn(3, 16)
+
+    def reference() -> torch.Tensor:  # the dequantized matmul, computed independently of any packing
+        return x @ (layer.weight.float() * layer.scale[:, None]).T + layer.bias
+
+    layer(x)
+    layer.weight.mul_(-1)  # in place
+    torch.testing.assert_close(layer(x), reference(), atol=0.05, rtol=0.05)
+    layer.scale = layer.scale * 2  # a new tensor
+    torch.testing.assert_close(layer(x), reference(), atol=0.05, rtol=0.05)
+    other = Int8Linear.from_linear(nn.Linear(16, 8), kernel="fbgemm")
+    layer.load_state_dict(other.state_dict())  # copied into the existing buffers
+    torch.testing.assert_close(layer(x), other(x), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(layer(x), reference(), atol=0.05, rtol=0.05)
