@@ -217,7 +217,8 @@ def _empty_model(ckpt: Mapping[str, Any], config: GPTConfig, source: str) -> nn.
         labels = ckpt.get("labels")
         if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
             raise CheckpointError(f"{source}: a classify checkpoint needs 'labels', a list of >= 2 class names")
-        model = GPTClassifier(config, len(labels), labels)
+        head_bias = "head.bias" in _strip_wrapper_prefixes(ckpt["model_state_dict"])  # classifiers of before 2026-12
+        model = GPTClassifier(config, len(labels), labels, head_bias=head_bias)
     elif kind == "reward":
         model = GPTRewardModel(config, likelihood=bool(ckpt.get("reward_likelihood", False)))
     else:

@@ -83,9 +83,12 @@ def at_last_token(x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch
 
 class GPTClassifier(nn.Module):
     """A GPT backbone with a ``num_classes`` head on the final hidden state of each sequence's last real token
-    ("Build a Large Language Model (From Scratch)", ch. 6). ``labels`` names the classes (stored in checkpoints)."""
+    ("Build a Large Language Model (From Scratch)", ch. 6). ``labels`` names the classes (stored in checkpoints).
 
-    def __init__(self, config: GPTConfig, num_classes: int, labels: list[str] | None = None):
+    The head has no bias by default, as Hugging Face's ``GPT2ForSequenceClassification`` (``score``), so a classifier
+    exports exactly; ``head_bias=True`` builds the head of classifiers trained before that."""
+
+    def __init__(self, config: GPTConfig, num_classes: int, labels: list[str] | None = None, head_bias: bool = False):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
@@ -94,9 +97,10 @@ class GPTClassifier(nn.Module):
         self.config = config
         self.labels = list(labels) if labels is not None else [str(i) for i in range(num_classes)]
         self.backbone = GPTModel(config)
-        self.head = nn.Linear(config.d_model, num_classes)
+        self.head = nn.Linear(config.d_model, num_classes, bias=head_bias)
         nn.init.normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        if head_bias:
+            nn.init.zeros_(self.head.bias)
 
     @classmethod
     def from_language_model(cls, model: GPTModel, labels: list[str]) -> "GPTClassifier":
