@@ -160,8 +160,8 @@ def batch_stats(url: str) -> tuple[float, float]:
 class Served:
     """A server subprocess on a free port, stopped with SIGTERM."""
 
-    def __init__(self, command: list[str], port: int, env: dict):
-        self.url = f"http://127.0.0.1:{port}"
+    def __init__(self, command: list[str], port: int, env: dict, health: str = "/health"):
+        self.url, self.health = f"http://127.0.0.1:{port}", health
         self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      text=True)
 
@@ -171,7 +171,7 @@ class Served:
             if self.proc.poll() is not None:
                 raise SystemExit(f"error: the server exited: {self.proc.stderr.read()[-1000:]}")
             try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                if httpx.get(self.url + self.health, timeout=2).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass

@@ -53,6 +53,13 @@ class Job:
         return len(ids) - (self.finish_reason == "eos")
 
 
+def engine_threads() -> int:
+    """The engine's default CPU threads: torch's default less one, which the event loop and the HTTP side need.
+    Measured (bench_peers, 124M INT8 on 2 cores): 1 thread streams ~1.5x the tokens/s of 2 at 1 and 8 users, since
+    every decode op's thread wake-up otherwise competes with the event loop for the cores."""
+    return max(1, torch.get_num_threads() - 1)
+
+
 class EngineWorker:
     """Runs the decode loop in its own thread: admits queued jobs into free slots, steps, routes pieces back."""
 
@@ -126,8 +133,7 @@ class EngineWorker:
             outbox.append((job, ("done", reason)))
 
     def _run(self) -> None:
-        if self.num_threads:
-            torch.set_num_threads(self.num_threads)
+        torch.set_num_threads(self.num_threads or engine_threads())
         with autocast_context(self.device, self.dtype):  # autocast state is per thread: enter it here
             while self._iterate():
                 pass

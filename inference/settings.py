@@ -54,7 +54,8 @@ class Settings:
     max_body_bytes: int = setting(1 << 20, "GPT_MAX_BODY_BYTES", "largest request body; beyond it: 413", positive_int)
     shutdown_timeout: float = setting(30.0, "GPT_SHUTDOWN_TIMEOUT", "on SIGTERM, seconds to let in-flight requests "
                                       "finish before cancelling them", nonnegative_float)
-    num_threads: int = setting(0, "GPT_NUM_THREADS", "torch CPU threads (0 = torch's default)", nonnegative_int)
+    num_threads: int = setting(0, "GPT_NUM_THREADS", "torch CPU threads (0 = torch's default less one, left to the "
+                               "HTTP side; at least 1)", nonnegative_int)
     reward_model: str = setting("", "GPT_REWARD_MODEL", "reward-model checkpoint that picks the best of a request's "
                                 "best_of samples (trained with the served model's tokenizer); unset: the highest "
                                 "mean token log-prob under the served model (OpenAI's rule)")
