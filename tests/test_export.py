@@ -1,0 +1,246 @@
+"""inference.export, proved by the peers themselves: the Hugging Face folder loads in transformers with our logits,
+greedy tokens and token ids; the GGUF file reads back with the gguf package (and runs in llama.cpp when
+llama-cpp-python is installed); round trips are bit-identical; bad input is one line and overwrites nothing."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from pathlib import Path
+
+import gguf
+import pytest
+import torch
+import transformers
+
+import lora
+from checkpoints import save_checkpoint
+from conftest import SAMPLE_ZH, corpus_lines
+from gpt_model import GPTConfig, GPTModel
+from hf_gpt2 import load_hf_gpt2
+from inference import export
+from model_heads import GPTClassifier, GPTRewardModel
+from quantization import quantize_model_int8
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TEXTS = [*corpus_lines(limit=40), *SAMPLE_ZH.read_text(encoding="utf-8").splitlines()[:20],
+         "emoji 😀👍🏽 and a tab\tand  two spaces", "specials in text: <s> </s> <pad> <unk>", "   leading spaces",
+         "naïve café — ‘quotes’"]
+
+
+@pytest.fixture()
+def run(tiny_tokenizer, tmp_path) -> Path:
+    tiny_tokenizer.save(tmp_path / "tokenizer")
+    return tmp_path
+
+
+def save(run: Path, model: torch.nn.Module, tokenizer, name: str = "model.pth", **extra) -> Path:
+    save_checkpoint(run / name, model, tokenizer_fingerprint=tokenizer.fingerprint, **extra)
+    return run / name
+
+
+def exported(checkpoint: Path, fmt: str, output: Path, *flags: str) -> Path:
+    assert export.main(["--model_path", str(checkpoint), "--format", fmt, "--output", str(output), *flags]) == 0
+    return output
+
+
+def prompt(tokenizer, text: str) -> torch.Tensor:
+    return torch.tensor([[tokenizer.bos_token_id, *tokenizer.encode_ordinary(text)]])
+
+
+def trained_on_the_embedded_corpus(tokenizer, steps: int = 60) -> GPTModel:
+    """A tiny model that has learned something of the embedded corpus (its logits are far from uniform)."""
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig.from_preset("tiny", vocab_size=len(tokenizer), max_seq_len=64))
+    stream = torch.tensor([t for line in corpus_lines(limit=600) for t in tokenizer.encode_ordinary(line + "\n")])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        starts = torch.randint(0, len(stream) - 32, (16,))
+        windows = torch.stack([stream[i:i + 32] for i in starts])
+        loss = model(windows, labels=windows)["loss"]  # shifted inside, as transformers does
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("shape", ["trained tiny", "random gpt2 (124M)"])
+def test_transformers_loads_the_hf_folder_with_our_logits_and_greedy_tokens(run, tiny_tokenizer, shape):
+    torch.manual_seed(0)
+    if shape == "trained tiny":
+        model = trained_on_the_embedded_corpus(tiny_tokenizer)
+    else:
+        model = GPTModel(GPTConfig.from_preset("gpt2", vocab_size=50257, max_seq_len=64)).eval()
+    folder = exported(save(run, model, tiny_tokenizer), "hf", run / "hf")
+    assert {"config.json", "generation_config.json", "model.safetensors", "vocab.json", "merges.txt",
+            "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in folder.iterdir()}
+    assert (folder / "model.safetensors").stat().st_mode & 0o044 == 0o044  # others can read it (a container's user)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert type(hf).__name__ == "GPT2LMHeadModel"
+    ids = prompt(tiny_tokenizer, "ROMEO: But, soft! what light through yonder window breaks?")
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)["logits"]).abs().max() < 1e-4
+    ours = model.generate(ids, max_gen_len=24, do_sample=False)
+    theirs = hf.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None,
+                         pad_token_id=tiny_tokenizer.pad_token_id)
+    assert torch.equal(ours, theirs)
+
+
+def test_autotokenizer_gives_our_ids(run, tiny_tokenizer):
+    model = GPTModel(GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=64))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(exported(save(run, model, tiny_tokenizer), "hf", run / "hf"))
+    for text in TEXTS:  # special tokens written in text: plain bytes in ours, split_special_tokens in theirs
+        assert tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] == \
+            tiny_tokenizer.encode_ordinary(text), text
+        assert tokenizer(text, add_special_tokens=False)["input_ids"] == \
+            tiny_tokenizer.encode(text, allowed_special="all", add_special_tokens=False)["input_ids"], text
+        assert tokenizer.decode(tiny_tokenizer.encode_ordinary(text)) == text
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, tokenizer.unk_token) == \
+        ("<s>", "</s>", "<pad>", "<unk>")
+
+
+def digest(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    return {k: hashlib.sha256(v.contiguous().numpy().tobytes()).hexdigest() for k, v in state.items()}
+
+
+def test_round_trips_are_bit_identical(run, tiny_tokenizer, tmp_path):
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=64))
+    back = load_hf_gpt2(exported(save(run, model, tiny_tokenizer), "hf", run / "hf"))
+    assert digest(back.state_dict()) == digest(model.state_dict())  # ours -> HF -> ours
+    config = transformers.GPT2Config(vocab_size=len(tiny_tokenizer), n_positions=64, n_embd=64, n_layer=2, n_head=2)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    hf.save_pretrained(tmp_path / "original")
+    imported = load_hf_gpt2(tmp_path / "original")
+    again = transformers.GPT2LMHeadModel.from_pretrained(exported(save(run, imported, tiny_tokenizer, "imported.pth"),
+                                                                  "hf", run / "again"))
+    original = {k: v for k, v in hf.state_dict().items() if not k.endswith(".attn.bias")}
+    # HF -> ours -> HF
+    assert digest(original) == digest({k: v for k, v in again.state_dict().items() if k in original})
+
+
+def test_a_classifier_exports_as_sequence_classification_with_its_labels(run, tiny_tokenizer):
+    torch.manual_seed(0)
+    config = GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=64)
+    classifier = GPTClassifier(config, 3, ["comedy", "history", "tragedy"]).eval()
+    with torch.no_grad():
+        classifier.head.weight.normal_(std=1.0)  # labels that differ between texts
+    checkpoint = save(run, classifier, tiny_tokenizer, model_class="classify", labels=classifier.labels)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(exported(checkpoint, "hf", run / "hf")).eval()
+    assert hf.config.id2label == {0: "comedy", 1: "history", 2: "tragedy"}
+    rows = [[tiny_tokenizer.bos_token_id, *tiny_tokenizer.encode_ordinary(t)[:40], tiny_tokenizer.eos_token_id]
+            for t in TEXTS[:12]]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [tiny_tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+    mask = (torch.arange(width)[None] < torch.tensor([len(r) for r in rows])[:, None]).long()
+    with torch.no_grad():
+        ours, theirs = classifier(ids, attention_mask=mask), hf(ids, attention_mask=mask).logits
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1)) and len(set(ours.argmax(-1).tolist())) > 1
+    assert (ours - theirs).abs().max() < 1e-4
+
+
+def test_int8_exports_dequantized_and_lora_merged(run, tiny_tokenizer):
+    torch.manual_seed(0)
+    config = GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=64)
+    int8 = quantize_model_int8(GPTModel(config).eval())
+    back = load_hf_gpt2(exported(save(run, int8, tiny_tokenizer, "int8.pth"), "hf", run / "int8"))
+    head = int8.lm_head
+    assert torch.equal(back.lm_head.weight, head.weight.float() * head.scale[:, None])
+    ids = prompt(tiny_tokenizer, "LEAR: Attend the lords")
+    with torch.no_grad():
+        assert (back(ids)["logits"] - int8(ids)["logits"]).abs().max() < 0.05  # FBGEMM also rounds activations
+    adapted = lora.apply_lora(GPTModel(config), ["c_attn"], r=2, alpha=4.0)
+    with torch.no_grad():
+        for layer in lora.lora_layers(adapted).values():
+            layer.lora_B.normal_()
+    checkpoint = save(run, adapted, tiny_tokenizer, "lora.pth", lora=lora.lora_config(adapted))
+    merged = load_hf_gpt2(exported(checkpoint, "hf", run / "lora"))
+    with torch.no_grad():
+        assert (merged(ids)["logits"] - adapted.eval()(ids)["logits"]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("kind, matrix_type", [("f32", "F32"), ("f16", "F16"), ("q8_0", "Q8_0")])
+def test_the_gguf_file_holds_gpt2_tensors_and_our_tokenizer(run, tiny_tokenizer, kind, matrix_type):
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=64)).eval()
+    path = exported(save(run, model, tiny_tokenizer), "gguf", run / "model.gguf", "--type", kind)
+    reader = gguf.GGUFReader(path)
+    field = lambda name: reader.fields[name].contents()  # noqa: E731
+    assert field("general.architecture") == "gpt2" and field("tokenizer.ggml.model") == "gpt2"
+    assert field("tokenizer.ggml.pre") == "gpt-2" and field("gpt2.block_count") == model.config.n_layers
+    assert field("gpt2.embedding_length") == 128 and field("gpt2.context_length") == 64
+    tokens = field("tokenizer.ggml.tokens")
+    assert tokens[:4] == ["<s>", "<pad>", "</s>", "<unk>"] and len(tokens) == model.config.vocab_size
+    assert field("tokenizer.ggml.merges") == [f"{a} {b}" for a, b in tiny_tokenizer.merges]
+    assert (field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.eos_token_id")) == (0, 2)
+    assert field("tokenizer.ggml.add_bos_token") is True and field("tokenizer.ggml.add_eos_token") is False
+    tensors = {t.name: t for t in reader.tensors}
+    assert len(tensors) == 4 + 12 * model.config.n_layers + 1
+    qkv = tensors["blk.0.attn_qkv.weight"]
+    assert qkv.tensor_type.name == matrix_type and list(qkv.shape) == [128, 384]  # ggml order: (in, out)
+    assert tensors["blk.0.attn_qkv.bias"].tensor_type.name == "F32"
+    expected = model.transformer.h[0].attn.c_attn.weight.detach().numpy()
+    values = gguf.quants.dequantize(qkv.data, qkv.tensor_type).reshape(expected.shape)
+    tolerance = {"f32": 0, "f16": 1e-3, "q8_0": 2e-3}[kind]
+    assert abs(values - expected).max() <= tolerance
+
+
+def test_bad_input_is_one_line_and_overwrites_nothing(run, tiny_tokenizer, capsys):
+    config = GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=64)
+    model = save(run, GPTModel(config), tiny_tokenizer)
+    reward = save(run, GPTRewardModel(config, likelihood=True), tiny_tokenizer, "reward.pth", model_class="reward")
+    classifier = save(run, GPTClassifier(config, 2, ["a", "b"]), tiny_tokenizer, "classify.pth",
+                      model_class="classify", labels=["a", "b"])
+    (run / "kept").mkdir()
+    (run / "kept" / "notes.txt").write_text("mine")
+    checkpoint_bytes = model.read_bytes()
+    (run / "junk.pth").write_bytes(b"not a checkpoint")
+    cases = [(["--model_path", str(run / "junk.pth"), "--format", "hf", "--output", str(run / "x")], "corrupt"),
+             (["--model_path", str(model), "--format", "hf", "--output", str(run / "kept")], "already exists"),
+             (["--model_path", str(reward), "--format", "hf", "--output", str(run / "x")], "is a reward model"),
+             (["--model_path", str(classifier), "--format", "gguf", "--output", str(run / "c.gguf")], "--format hf"),
+             (["--model_path", str(model), "--format", "hf", "--output", str(run / "x"), "--type", "q8_0"],
+              "--type applies to --format gguf"),
+             (["--model_path", str(model), "--format", "gguf", "--output", str(run / "kept")], "already exists"),
+             (["--model_path", str(model), "--format", "onnx", "--output", str(run / "x")], "invalid choice"),
+             (["--model_path", str(model), "--format", "hf"], "required"),
+             (["--model_path", str(model), "--format", "gguf", "--output", str(model), "--overwrite"],
+              "own input"),
+             (["--model_path", str(model), "--format", "hf", "--output", str(run), "--overwrite"], "own input"),
+             (["--model_path", str(model), "--format", "hf", "--output", str(run / "tokenizer"), "--overwrite"],
+              "own input")]
+    for argv, message in cases:
+        assert export.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, (argv, err)
+    assert not (run / "x").exists() and not (run / "c.gguf").exists()
+    assert (run / "tokenizer" / "vocab.json").exists() and model.read_bytes() == checkpoint_bytes
+    assert [p.name for p in (run / "kept").iterdir()] == ["notes.txt"] and (run / "kept" / "notes.txt").read_text() == \
+        "mine"
+    exported(model, "hf", run / "kept", "--overwrite")  # asked for: replaced as a whole
+    assert not (run / "kept" / "notes.txt").exists() and (run / "kept" / "config.json").exists()
+
+
+LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+
+
+@pytest.mark.skipif(not LLAMA_CPP, reason="llama-cpp-python is not installed (it builds llama.cpp from source, "
+                                          "~6-10 minutes on 2 cores): pip install 'llama-cpp-python[server]'")
+@pytest.mark.parametrize("kind", ["f32", "f16"])
+def test_llama_cpp_runs_our_gguf_with_our_tokens(run, tiny_tokenizer, kind):
+    from llama_cpp import Llama
+
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=64)).eval()
+    path = exported(save(run, model, tiny_tokenizer), "gguf", run / "model.gguf", "--type", kind)
+    llm = Llama(model_path=str(path), n_ctx=64, n_threads=1, verbose=False)
+    for text in ("ROMEO: But, soft!", "《静夜思》 李白：", "LEAR: Attend the lords of France"):
+        ids = [tiny_tokenizer.bos_token_id, *tiny_tokenizer.encode_ordinary(text)]
+        assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=False) == ids[1:]
+        assert llm.tokenize(text.encode("utf-8"), add_bos=True, special=False) == ids  # the file asks for <s>
+        theirs = []
+        for token in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0, reset=True):
+            theirs.append(token)
+            if len(theirs) == 16:
+                break
+        ours = model.generate(torch.tensor([ids]), max_gen_len=16, do_sample=False)[0, len(ids):].tolist()
+        assert theirs == ours, text
