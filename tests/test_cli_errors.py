@@ -336,6 +336,7 @@ COMMANDS = {
     "quantizer": ("inference.quantizer", ["--model_path", "{ckpt}", "--output", "{out}/int8.pth", "--no_eval"]),
     "kv_cache_infer": ("inference.kv_cache_infer", ["--model_path", "{ckpt}", "--prompt", "ROMEO:", "--device", "cpu"]),
     "byte_level_bpe": ("byte_level_bpe", ["--input", "{text}", "--output", "{out}/tokenizer"]),
+    "export": ("inference.export", ["--model_path", "{ckpt}", "--format", "hf", "--output", "{out}/hf"]),
     "bench_classify": ("benchmarks.bench_classify", ["--pretrained", "{ckpt}", "--workdir", "{out}/work"]),
     "bench_dpo_beta": ("benchmarks.bench_dpo_beta", ["--sft_model", "{ckpt}", "--workdir", "{out}/work"]),
     "bench_finetune": ("benchmarks.bench_finetune", ["--pretrained", "{ckpt}", "--workdir", "{out}/work"]),
@@ -343,6 +344,7 @@ COMMANDS = {
     "bench_inference": ("benchmarks.bench_inference", ["--shape", "tiny", "--no_ct2"]),
     "bench_rlvf_lr": ("benchmarks.bench_rlvf_lr", ["--sft_model", "{ckpt}", "--workdir", "{out}/work"]),
     "bench_rlvf_room": ("benchmarks.bench_rlvf_room", ["--pretrained", "main={ckpt}", "--workdir", "{out}/work"]),
+    "bench_peers": ("benchmarks.bench_peers", ["--skip_servers"]),
     "bench_server": ("benchmarks.bench_server", ["--model_path", "{ckpt}", "--skip_baseline", "--duration", "1"]),
     "bench_equivalence": ("benchmarks.bench_equivalence", ["--against", "HEAD", "--stages", "sft"]),
     "bench_tokenizer": ("benchmarks.bench_tokenizer", ["--input", "{text}"]),
@@ -386,6 +388,13 @@ BAD_FLAGS = [
     *[("byte_level_bpe", flags, ()) for flags in (
         ["--vocab_size", "abc"], ["--vocab_size", "100"], ["--min_frequency", "0"], ["--num_workers", "0"],
         ["--num_threads", "2"], ["--input", "{out}/missing.txt"], ["--output", "{afile}"])],
+    *[("export", flags, ()) for flags in (
+        ["--format", "onnx"], ["--format"], ["--type", "q4_0"], ["--type", "q8_0"], ["--output", "{ckpt}"],
+        ["--output", "{ckpt}", "--overwrite"], ["--output", "{folder}", "--overwrite"],
+        ["--output", "{folder}/tokenizer", "--overwrite"], ["--output", "{afile}", "--format", "gguf"],
+        ["--model_path", "{text}"], ["--model_path", "{out}/missing.pth"], ["--tokenizer_dir", "{out}/missing"],
+        ["--bogus"])],
+    ("export", [], ("--format",)), ("export", [], ("--output",)), ("export", [], ("--model_path",)),
     *[("bench_classify", flags, ()) for flags in (
         ["--num_threads", "0"], ["--num_threads", "x"], [OLD_THREADS, "2"], ["--workdir"])],
     *[("bench_dpo_beta", flags, ()) for flags in (["--betas", "0"], ["--betas", "x"], ["--betas"], [OLD_THREADS, "2"])],
@@ -407,6 +416,9 @@ BAD_FLAGS = [
         ["--duration", "0"], ["--users", "1,0"], ["--users", "x"], ["--min_new_tokens", "0"],
         ["--max_new_tokens", "x"], [OLD_MAX_GEN_LEN, "48"], ["--num_threads", "0"], [OLD_THREADS, "2"],
         ["--port", "0"])],
+    *[("bench_peers", flags, ()) for flags in (
+        ["--num_threads", "0"], ["--new_tokens", "x"], ["--repeats", "0"], ["--context", "64"], ["--users", "1,x"],
+        ["--users", "0"], ["--duration", "0"], ["--max_tokens", "-1"], [OLD_THREADS, "2"])],
     *[("bench_equivalence", flags, ()) for flags in (["--stages", "ppo"], ["--stages"], ["--against"], ["--bogus"])],
     *[("bench_tokenizer", flags, ()) for flags in (
         ["--slice_mb", "0"], ["--slice_mb", "x"], ["--input", "{out}/missing.txt"], ["--bogus"])],
