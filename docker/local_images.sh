@@ -1,0 +1,75 @@
+#!/bin/sh
+# Local images for a machine that reaches package registries but no image registry: a Debian 12 base with Python
+# 3.11 (mmdebstrap + docker import), a wheels image of requirements.txt (pip wheel on this host, so pip's own
+# configuration picks torch: the CPU wheel where that is what it installs), and an nginx >= 1.27.3 image for the
+# replicas (Debian unstable's). Idempotent: an image that exists is kept (--rebuild makes them again). Prints the
+# variables and the compose command to use. Needs: a running Docker engine, mmdebstrap, pip.
+#
+#   sh docker/local_images.sh [--rebuild]
+set -eu
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+REQS_TAG=$(sha256sum "$ROOT/requirements.txt" | cut -c1-12)   # new requirements -> a new wheels image
+BASE=gpt-local-base:bookworm
+WHEELS=gpt-local-wheels:$REQS_TAG
+NGINX=gpt-local-nginx:sid
+REBUILD=0
+LOG=$(mktemp /tmp/gpt-local-images.XXXXXX.log)
+WORK=$(mktemp -d /tmp/gpt-local-images.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT INT TERM
+
+fail() { echo "error: $*" >&2; exit 1; }
+
+for arg in "$@"; do
+    case $arg in
+        --rebuild) REBUILD=1 ;;
+        -h|--help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) fail "unknown argument $arg (usage: sh docker/local_images.sh [--rebuild])" ;;
+    esac
+done
+
+command -v docker >/dev/null || fail "docker is not installed (Debian: apt-get install docker.io; docs/docker.md)"
+docker info >/dev/null 2>&1 || fail "no Docker engine answers (start one: dockerd --ip=127.0.0.1 &; docs/docker.md)"
+command -v mmdebstrap >/dev/null || fail "mmdebstrap is not installed (apt-get install mmdebstrap)"
+
+# step NAME COMMAND...: run it with its output in $LOG; on failure one line that names the step and the log.
+step() {
+    name=$1; shift
+    echo "$name ..." >&2
+    if ! "$@" >>"$LOG" 2>&1; then
+        fail "$name failed: $(tail -n 1 "$LOG") (full output: $LOG)"
+    fi
+}
+
+have() { [ "$REBUILD" = 0 ] && docker image inspect "$1" >/dev/null 2>&1; }
+
+build_base() {
+    mmdebstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates,curl \
+        bookworm "$WORK/base.tar" "$MIRROR"
+    docker import "$WORK/base.tar" "$BASE"
+}
+
+build_wheels() {
+    mkdir -p "$WORK/wheels"
+    pip wheel --quiet -r "$ROOT/requirements.txt" -w "$WORK/wheels"
+    tar -C "$WORK/wheels" -cf "$WORK/wheels.tar" .
+    docker import --change 'CMD ["true"]' "$WORK/wheels.tar" "$WHEELS"
+}
+
+build_nginx() {
+    mmdebstrap --variant=minbase --include=nginx \
+        --customize-hook='rm -f "$1"/etc/nginx/sites-enabled/default' sid "$WORK/nginx.tar" "$MIRROR"
+    docker import --change 'CMD ["nginx", "-g", "daemon off;"]' --change 'STOPSIGNAL SIGQUIT' \
+        "$WORK/nginx.tar" "$NGINX"
+}
+
+have "$BASE" && echo "$BASE exists" >&2 || step "base image $BASE (Debian 12 + Python 3.11)" build_base
+have "$WHEELS" && echo "$WHEELS exists" >&2 || step "wheels image $WHEELS (pip wheel -r requirements.txt)" build_wheels
+have "$NGINX" && echo "$NGINX exists" >&2 || step "nginx image $NGINX (Debian unstable's nginx)" build_nginx
+rm -f "$LOG"
+
+cat <<EOF
+export GPT_BASE_IMAGE=$BASE GPT_WHEELS_IMAGE=$WHEELS GPT_NGINX_IMAGE=$NGINX DOCKER_BUILDKIT=1
+docker compose -f docker/docker-compose.yml -f docker/docker-compose.cpu.yml up -d --build
+EOF
