@@ -60,7 +60,7 @@ build_wheels() {
 build_nginx() {
     mmdebstrap --variant=minbase --include=nginx \
         --customize-hook='rm -f "$1"/etc/nginx/sites-enabled/default' sid "$WORK/nginx.tar" "$MIRROR"
-    docker import --change 'CMD ["nginx", "-g", "daemon off;"]' --change 'STOPSIGNAL SIGQUIT' \
+    docker import --change 'CMD ["nginx", "-g", "daemon off;"]' \
         "$WORK/nginx.tar" "$NGINX"
 }
 
