@@ -17,6 +17,7 @@ import httpx
 import pytest
 import yaml
 
+from benchmarks.bench_docker import compose_command
 from tests.conftest import ROOT
 from tests.test_api_service import checkpoint  # noqa: F401 (fixtures)
 from tests.test_api_service import free_port, one_thread
@@ -127,17 +128,39 @@ def _default(value) -> str:
     return match[2] if match else str(value)
 
 
+def volume_source(volume: str) -> str:
+    """The host side of `SOURCE:TARGET[:MODE]`, with a `${VAR:-default}` source read as its default."""
+    return _default(re.match(r"(\$\{[^}]*\}|[^:]+):", volume)[1])
+
+
 def test_compose_service_gpu_port_mounts_restart_logs():
     service = compose()["services"]["gpt"]
     assert re.fullmatch(r"gpt-inference:\$\{GPT_IMAGE_TAG:-[\w.]+\}", service["image"])
-    assert _default(service["ports"][0].split(":8000")[0]) == "8000"
+    address, port = service["ports"][0].rsplit(":8000", 1)[0].split("}:")
+    assert _default(address + "}") == "127.0.0.1" and _default(port) == "8000"  # not every interface by default
     device = service["deploy"]["resources"]["reservations"]["devices"][0]
     assert device["driver"] == "nvidia" and device["count"] >= 1 and device["capabilities"] == ["gpu"]
     assert service["restart"] == "unless-stopped"
     assert "/health" in " ".join(service["healthcheck"]["test"])
     assert service["logging"]["options"]["max-size"] and service["logging"]["options"]["max-file"]
-    mounts = {v.split(":")[1]: v.split(":")[0] for v in service["volumes"]}
+    mounts = {v.split(":")[-1]: volume_source(v) for v in service["volumes"]}
     assert mounts == {"/app/models": "../models", "/app/data": "../data"}
+
+
+def test_compose_build_args_and_user_default_to_the_dockerfiles(dockerfile):
+    service = compose()["services"]["gpt"]
+    args = {name: _default(value) for name, value in service["build"]["args"].items()}
+    assert args == {"BASE_IMAGE": dockerfile.baseimage, "WHEELS_IMAGE": "scratch"}
+    uid, gid = (_default(part) for part in re.findall(r"\$\{[^}]*\}", service["user"]))
+    assert uid == gid == instructions(dockerfile, "USER")[-1] == "10001"
+
+
+def test_the_wheels_are_bind_mounted_for_the_install_only(dockerfile):
+    froms = instructions(dockerfile, "FROM")
+    assert froms == ["${WHEELS_IMAGE} AS wheels", "${BASE_IMAGE}"]  # the served image is the base, not the wheels
+    install = next(v for v in instructions(dockerfile, "RUN") if "pip install" in v)
+    assert "--mount=type=bind,from=wheels,target=/wheels" in install and "--no-index --find-links /wheels" in install
+    assert not any("/wheels" in v for v in instructions(dockerfile, "COPY"))
 
 
 def test_compose_paths_exist():
@@ -148,7 +171,7 @@ def test_compose_paths_exist():
                 context = (DOCKER / build["context"]).resolve()
                 assert context == ROOT and (context / build["dockerfile"]).is_file()
             for volume in service.get("volumes", []):
-                assert (DOCKER / volume.split(":")[0]).exists(), volume
+                assert (DOCKER / volume_source(volume)).exists(), volume
 
 
 def test_compose_environment_is_every_server_setting_with_its_default():
@@ -173,25 +196,16 @@ def test_cpu_and_replica_overrides():
     assert cpu["deploy"] == {"!reset": {}} and cpu["environment"]["GPT_DEVICE"] == "cpu"
     replicas = compose("docker-compose.replicas.yml")["services"]
     assert replicas["gpt"]["ports"] == {"!reset": []}
-    assert _default(replicas["lb"]["ports"][0].split(":8000")[0]) == "8000"
+    assert replicas["lb"]["ports"] == compose()["services"]["gpt"]["ports"]
+    assert re.fullmatch(r"\$\{GPT_NGINX_IMAGE:-nginx:1\.(\d+)[\w.-]*\}", replicas["lb"]["image"])
+    minor = int(re.search(r"nginx:1\.(\d+)", replicas["lb"]["image"])[1])
+    assert minor >= 27  # `server gpt:8000 resolve` needs nginx >= 1.27.3
     conf = (DOCKER / "nginx.conf").read_text()
     assert "server gpt:8000" in conf and "proxy_buffering off" in conf
 
 
-def _compose_command() -> list[str] | None:
-    """`docker compose` or `docker-compose`, if one >= 2.24 (for `!reset` and optional env files) is installed."""
-    for command in (["docker", "compose"], ["docker-compose"]):
-        if not shutil.which(command[0]):
-            continue
-        run = subprocess.run(command + ["version", "--short"], capture_output=True, text=True)
-        version = re.match(r"v?(\d+)\.(\d+)", run.stdout.strip()) if run.returncode == 0 else None
-        if version and (int(version[1]), int(version[2])) >= (2, 24):
-            return command
-    return None
-
-
 def test_docker_compose_config_validates():
-    command = _compose_command()
+    command = compose_command()
     if command is None:
         pytest.skip("no `docker compose` / `docker-compose` >= 2.24 installed here (structural checks above only)")
     for files in (["docker-compose.yml"], ["docker-compose.yml", "docker-compose.cpu.yml"],
@@ -236,3 +250,60 @@ def test_the_image_cmd_serves_health_and_stops_on_sigterm(dockerfile, checkpoint
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# ----------------------------------------------------------------------------- docker/local_images.sh
+
+
+def fake_tools(folder, docker_script: str, mmdebstrap_script: str = "exit 0") -> dict:
+    """A PATH whose docker and mmdebstrap are shell stubs that log their arguments to folder/calls."""
+    folder.mkdir(exist_ok=True)
+    for name, body in (("docker", docker_script), ("mmdebstrap", mmdebstrap_script)):
+        stub = folder / name
+        stub.write_text(f'#!/bin/sh\necho "{name} $*" >> "{folder}/calls"\n{body}\n')
+        stub.chmod(0o755)
+    return {**os.environ, "PATH": f"{folder}:{os.environ['PATH']}"}
+
+
+def local_images(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["sh", str(DOCKER / "local_images.sh"), *args], capture_output=True, text=True, env=env,
+                          timeout=60)
+
+
+def test_local_images_script_parses_and_passes_shellcheck():
+    assert subprocess.run(["sh", "-n", str(DOCKER / "local_images.sh")]).returncode == 0
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed here (syntax checked with sh -n only)")
+    run = subprocess.run(["shellcheck", str(DOCKER / "local_images.sh")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout
+
+
+def test_local_images_without_an_engine_is_one_line(tmp_path):
+    run = local_images(fake_tools(tmp_path, 'case "$1" in info) exit 1;; esac'))
+    assert run.returncode == 2 and run.stderr.strip().splitlines() == [
+        "error: no Docker engine answers (start one: dockerd --ip=127.0.0.1 &; docs/docker.md)"]
+
+
+def test_local_images_keeps_existing_images_and_prints_the_compose_command(tmp_path):
+    run = local_images(fake_tools(tmp_path, "exit 0"))
+    assert run.returncode == 0, run.stderr
+    calls = (tmp_path / "calls").read_text()
+    assert "mmdebstrap" not in calls and "docker import" not in calls  # idempotent: nothing rebuilt
+    export, command = run.stdout.strip().splitlines()
+    variables = dict(pair.split("=") for pair in export.split()[1:])
+    assert variables["GPT_BASE_IMAGE"] == "gpt-local-base:bookworm" and variables["GPT_NGINX_IMAGE"]
+    assert re.fullmatch(r"gpt-local-wheels:[0-9a-f]{12}", variables["GPT_WHEELS_IMAGE"])
+    assert command.startswith("docker compose -f docker/docker-compose.yml -f docker/docker-compose.cpu.yml up")
+
+
+def test_local_images_stops_at_a_failed_step_with_one_line(tmp_path):
+    docker = 'case "$1" in image) exit 1;; esac'  # no image exists yet
+    run = local_images(fake_tools(tmp_path, docker, 'echo "E: Release file is expired" >&2; exit 1'))
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: base image gpt-local-base:bookworm") and "E: Release file is expired" in last
+    calls = (tmp_path / "calls").read_text()
+    assert "docker import" not in calls  # the failed bootstrap is not imported as an empty image
+    assert "--rebuild" in local_images(fake_tools(tmp_path, "exit 0"), "--help").stdout
+    bad = local_images(fake_tools(tmp_path, "exit 0"), "--fast")
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: unknown argument --fast")
