@@ -345,6 +345,7 @@ COMMANDS = {
     "bench_rlvf_lr": ("benchmarks.bench_rlvf_lr", ["--sft_model", "{ckpt}", "--workdir", "{out}/work"]),
     "bench_rlvf_room": ("benchmarks.bench_rlvf_room", ["--pretrained", "main={ckpt}", "--workdir", "{out}/work"]),
     "bench_peers": ("benchmarks.bench_peers", ["--skip_servers"]),
+    "bench_docker": ("benchmarks.bench_docker", ["--model_path", "{ckpt}"]),
     "bench_server": ("benchmarks.bench_server", ["--model_path", "{ckpt}", "--skip_baseline", "--duration", "1"]),
     "bench_equivalence": ("benchmarks.bench_equivalence", ["--against", "HEAD", "--stages", "sft"]),
     "bench_tokenizer": ("benchmarks.bench_tokenizer", ["--input", "{text}"]),
@@ -419,6 +420,8 @@ BAD_FLAGS = [
     *[("bench_peers", flags, ()) for flags in (
         ["--num_threads", "0"], ["--new_tokens", "x"], ["--repeats", "0"], ["--context", "64"], ["--users", "1,x"],
         ["--users", "0"], ["--duration", "0"], ["--max_tokens", "-1"], [OLD_THREADS, "2"])],
+    *[("bench_docker", flags, ()) for flags in (
+        ["--requests", "0"], ["--requests", "x"], ["--model_path", "{out}/missing.pth"], ["--bogus"])],
     *[("bench_equivalence", flags, ()) for flags in (["--stages", "ppo"], ["--stages"], ["--against"], ["--bogus"])],
     *[("bench_tokenizer", flags, ()) for flags in (
         ["--slice_mb", "0"], ["--slice_mb", "x"], ["--input", "{out}/missing.txt"], ["--bogus"])],
