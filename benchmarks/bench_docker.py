@@ -211,8 +211,8 @@ def stream_through_stop(stack: Stack, container: str) -> dict:
 def replicas(stack: Stack, requests: int) -> dict:
     """Two replicas behind nginx: how many of `requests` each one logged."""
     stack.compose(REPLICAS, "up", "-d", "--scale", "gpt=2", "--wait", timeout=300)
-    statuses = [httpx.post(stack.url + "/generate", json={"prefix": "ROMEO:", "max_gen_len": 4}, timeout=60).status_code
-                for _ in range(requests)]
+    body = {"prefix": "ROMEO:", "max_gen_len": 4}
+    statuses = [httpx.post(stack.url + "/generate", json=body, timeout=60).status_code for _ in range(requests)]
     split = []
     for container in stack.containers():
         logs = subprocess.run(["docker", "logs", container], capture_output=True, text=True).stdout
