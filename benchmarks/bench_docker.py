@@ -203,7 +203,8 @@ def stream_through_stop(stack: Stack, container: str) -> dict:
     stopped_s = round(time.perf_counter() - stop_sent, 2)
     reader.join(60)
     final = json.loads(events[-2][1]) if len(events) >= 2 else {}
-    return {"stop_rc": stop.returncode, "stop_s": stopped_s, "exit_code": int(inspect(container, "{{.State.ExitCode}}")),
+    exit_code = int(inspect(container, "{{.State.ExitCode}}"))
+    return {"stop_rc": stop.returncode, "stop_s": stopped_s, "exit_code": exit_code,
             "events_after_stop": sum(1 for t, _ in events if t > stop_sent), "last_event": events[-1][1],
             "finish_reason": final.get("choices", [{}])[0].get("finish_reason")}
 
