@@ -2,7 +2,9 @@
 
 Text is split into pre-tokens with GPT-2's regex, each pre-token is turned into UTF-8 bytes, and
 learned merges are applied inside each pre-token by rank. Ids: special tokens first (default
-``<s> <pad> </s> <unk>`` = 0..3), then the 256 byte tokens, then one id per merge. Files are saved
+``<s> <pad> </s> <unk>`` = 0..3, then the chat format's ``<|system|> <|user|> <|assistant|> <|end|>`` = 4..7), then
+the 256 byte tokens, then one id per merge. A tokenizer trained before the chat tokens gets them appended after its
+last id (``with_special_tokens``). Files are saved
 in the GPT-2 / Hugging Face format (``vocab.json`` + ``merges.txt``) plus ``tokenizer_config.json``.
 
 CLI: ``python byte_level_bpe.py --input data/pretrain/train.txt --vocab_size 8000 --output models/bpe_tokenizer``
@@ -28,10 +30,11 @@ from tqdm import tqdm
 
 import cli
 from atomic_file import atomic_directory, remove_stale_temps
+from prompts import CHAT_TOKENS
 from readers import data_files, read_documents
 
 GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-DEFAULT_SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]
+DEFAULT_SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", *CHAT_TOKENS]
 ROLES = ("bos", "pad", "eos", "unk")  # roles of the first four special tokens, in this order
 GPT2_ENDOFTEXT = "<|endoftext|>"
 MAX_CACHE_ENTRIES = 500_000
@@ -151,6 +154,25 @@ class ByteLevelBPETokenizer:
     @property
     def special_tokens(self) -> list[str]:
         return sorted(self._special_ids, key=self._special_ids.get)
+
+    def special_token_id(self, token: str) -> int | None:
+        """The id of a special token (None when the tokenizer has no such special token)."""
+        return self._special_ids.get(token)
+
+    def with_special_tokens(self, tokens: Sequence[str]) -> "ByteLevelBPETokenizer":
+        """A copy with each of ``tokens`` it lacks added as a special token after the last id (merges, ids of every
+        existing token and so every encoding of plain text unchanged)."""
+        new = [t for t in dict.fromkeys(tokens) if t not in self._special_ids]
+        if not all(isinstance(t, str) and t for t in new):
+            raise TokenizerError(f"special tokens must be non-empty strings, got {list(tokens)!r}")
+        clash = [t for t in new if t.encode("utf-8") in self._bytes_to_id]
+        if clash:
+            raise TokenizerError(f"{clash} already exist as ordinary tokens; special tokens must be new strings")
+        copy = self.__class__.__new__(self.__class__)
+        copy.target_vocab_size = len(self) + len(new)
+        ids = {**self._special_ids, **{t: len(self) + i for i, t in enumerate(new)}}
+        copy._set_state(self._id_to_bytes + [t.encode("utf-8") for t in new], ids, self._role_ids, self._merge_list)
+        return copy
 
     @property
     def merges(self) -> list[tuple[str, str]]:

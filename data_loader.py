@@ -22,8 +22,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from atomic_file import atomic_path, remove_stale_temps
-from prompts import (IGNORE_INDEX, SFT_TEMPLATE, build_sft_prompt, encode_prompt, encode_prompt_response,
-                     record_instruction)
+from prompts import IGNORE_INDEX, SFT_TEMPLATE, prompt_response_ids, record_messages, record_prompt_ids, render_sample
 from readers import (DataError, data_files, load_classification_records, load_preference_records, load_sft_records,
                      read_documents)
 
@@ -232,25 +231,26 @@ def _sample(input_ids: list[int], labels: list[int]) -> dict[str, torch.Tensor]:
 
 
 class GPTSFTDataset(Dataset):
-    """Instruction tuning samples ``<s> prompt response </s>`` with labels -100 on the prompt.
+    """Conversations rendered by ``prompts.render_sample``: labels -100 except on the assistant turns.
 
-    ``source`` is a .json/.jsonl path or a list of records. Samples whose prompt fills the whole context
-    have nothing to learn and are dropped (``num_dropped``); longer ones are truncated (``num_truncated``).
+    ``source`` is a .json/.jsonl path or a list of records (instruction records are one user + one assistant turn).
+    A conversation longer than the context loses its oldest turns (``num_dropped_turns``), then the end of its last
+    answer (``num_truncated``); one with no assistant token left to learn is dropped (``num_dropped``).
     """
 
     def __init__(self, source: str | os.PathLike | list[dict], tokenizer, max_seq_len: int,
                  template: str = SFT_TEMPLATE):
         records = load_sft_records(source) if isinstance(source, (str, os.PathLike)) else source
         self.samples: list[tuple[list[int], list[int]]] = []
-        self.num_truncated = self.num_dropped = 0
+        self.num_truncated = self.num_dropped = self.num_dropped_turns = 0
         for record in records:
-            prompt = build_sft_prompt(record_instruction(record), template)
-            input_ids, labels, truncated = encode_prompt_response(tokenizer, prompt, record["response"], max_seq_len)
-            if all(label == IGNORE_INDEX for label in labels):
+            sample = render_sample(tokenizer, record_messages(record), template, max_seq_len)
+            if sample is None:
                 self.num_dropped += 1
                 continue
-            self.num_truncated += truncated
-            self.samples.append((input_ids, labels))
+            self.num_truncated += sample.truncated
+            self.num_dropped_turns += sample.dropped_turns
+            self.samples.append((sample.input_ids, sample.labels))
         if not self.samples:
             raise DataError(f"no usable SFT samples ({self.num_dropped} dropped: "
                             f"prompt longer than max_seq_len={max_seq_len}): "
@@ -313,10 +313,10 @@ class PreferencePairDataset(Dataset):
         self.items: list[dict[str, torch.Tensor]] = []
         self.num_truncated = 0
         for record in records:
-            prompt = build_sft_prompt(record_instruction(record), template)
-            item = {"prompt_input_ids": torch.tensor(encode_prompt(tokenizer, prompt), dtype=torch.long)}
+            prompt = record_prompt_ids(tokenizer, record, template)
+            item = {"prompt_input_ids": torch.tensor(prompt, dtype=torch.long)}
             for side in ("chosen", "rejected"):
-                input_ids, labels, truncated = encode_prompt_response(tokenizer, prompt, record[side], max_seq_len)
+                input_ids, labels, truncated = prompt_response_ids(tokenizer, prompt, record[side], max_seq_len)
                 self.num_truncated += truncated
                 item.update({f"{side}_{k}": v for k, v in _sample(input_ids, labels).items()})
             self.items.append(item)

@@ -23,7 +23,7 @@ import torch
 
 from data_loader import collate_batch
 from metrics import IGNORE_INDEX, sequence_logprobs
-from prompts import encode_prompt_response
+from prompts import prompt_response_ids
 from transformer_components import KVCache, KVCacheView
 
 
@@ -544,13 +544,13 @@ def mean_token_logprobs(model: torch.nn.Module, prompt_ids: Sequence[int],
 
 
 @torch.no_grad()
-def reward_scores(reward_model: torch.nn.Module, tokenizer, prompts: Sequence[str], responses: Sequence[str],
-                  device: torch.device, batch_size: int = 32) -> list[float]:
-    """The reward model's score of each ``<s> prompt response </s>`` (as reward models are trained)."""
+def reward_scores(reward_model: torch.nn.Module, tokenizer, prompts: Sequence[Sequence[int]],
+                  responses: Sequence[str], device: torch.device, batch_size: int = 32) -> list[float]:
+    """The reward model's score of each rendered prompt + ``response </s>`` (as reward models are trained)."""
     reward_model.eval()
     items = []
     for prompt, response in zip(prompts, responses):
-        ids, labels, _ = encode_prompt_response(tokenizer, prompt, response, reward_model.config.max_seq_len)
+        ids, labels, _ = prompt_response_ids(tokenizer, prompt, response, reward_model.config.max_seq_len)
         items.append({"input_ids": torch.tensor(ids), "attention_mask": torch.ones(len(ids), dtype=torch.long),
                       "labels": torch.tensor(labels)})
     scores = []

@@ -35,7 +35,7 @@ from devices import DTYPE_CHOICES, autocast_context, resolve_device, resolve_dty
 from metrics import (bits_per_byte, confusion_matrix, exact_match, pairwise_accuracy, perplexity, precision_recall,
                      sum_nll)
 from model_heads import GPTClassifier
-from prompts import SFT_TEMPLATE, build_sft_prompt, encode_prompt, max_prompt_len, record_instruction
+from prompts import SFT_TEMPLATE, encode_prompt, fit, max_prompt_len, record_prompt_ids, record_reference
 from quantization import weight_count
 from readers import (jsonl_holds_records, load_classification_records, load_preference_records, load_sft_records,
                      read_documents)
@@ -128,17 +128,19 @@ class GPTEvaluator:
 
     # -- generation
 
-    def generate_predictions(self, prompts: Sequence[str], max_gen_len: int = 100, top_k: int = 50,
+    def generate_predictions(self, prompts: Sequence[str | Sequence[int]], max_gen_len: int = 100, top_k: int = 50,
                              temperature: float = 0.8, top_p: float = 1.0, do_sample: bool = True,
                              batch_size: int = 16, seed: int | None = None,
                              min_new_tokens: int | None = None) -> list[str]:
-        """Continuations of `<s> prompt` (stopped at `</s>`), ``batch_size`` at a time through the decode engine.
+        """Continuations of each prompt (a text, read as `<s> text`, or rendered ids such as
+        ``prompts.record_prompt_ids``'), stopped at `</s>`, ``batch_size`` at a time through the decode engine.
         A prompt is cut (keeping its end) only to leave room for ``min_new_tokens`` new tokens (default
         min(max_gen_len, context // 2)); past that, each prompt generates up to max_gen_len or its context's end."""
         if batch_size < 1:
             raise EvaluationError(f"batch_size must be at least 1, got {batch_size}")
         limit = max_prompt_len(self.model.config.max_seq_len, min_new_tokens or max_gen_len)
-        encoded = [encode_prompt(self.tokenizer, prompt, limit) for prompt in prompts]
+        encoded = [encode_prompt(self.tokenizer, p, limit) if isinstance(p, str) else fit(list(p), limit)
+                   for p in prompts]
         generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         eos_id = self.tokenizer.eos_token_id
         params = SamplingParams(max_new_tokens=max_gen_len, do_sample=do_sample, temperature=temperature, top_k=top_k,
@@ -147,7 +149,7 @@ class GPTEvaluator:
             outputs = generate_responses(self.model, encoded, params, batch_size, generator, lambda: bar.update(1))
         return [self.tokenizer.decode(cut_at_eos(ids, eos_id), skip_special_tokens=True) for ids in outputs]
 
-    def best_of_n_predictions(self, prompts: Sequence[str], n: int, reward_model: torch.nn.Module | None,
+    def best_of_n_predictions(self, prompts: Sequence[Sequence[int]], n: int, reward_model: torch.nn.Module | None,
                               max_gen_len: int = 16, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                               batch_size: int = 64, seed: int | None = None, min_new_tokens: int | None = None,
                               records: Sequence[dict] | None = None) -> list[str]:
@@ -206,8 +208,8 @@ class GPTEvaluator:
         if not records:
             raise EvaluationError(f"no records in {test_data_path}: the test set is empty")
         total_nll, n_tokens = self.response_nll(records, batch_size)
-        prompts = [build_sft_prompt(record_instruction(record), self.template) for record in records]
-        references = [record["response"] for record in records]
+        prompts = [record_prompt_ids(self.tokenizer, record, self.template) for record in records]
+        references = [record_reference(record) for record in records]
         room = 1  # a prompt that fits the context is never cut; its answer gets the rest of the context
         if best_of > 1:
             picker = reward_model if best_of_scorer == "reward" else None
@@ -228,7 +230,8 @@ class GPTEvaluator:
                 "sentence_bleu": mean_sentence_bleu(predictions, [[ref] for ref in references]),
                 **{metric: rouge[metric]["f"] for metric in ROUGE_METRICS},
                 "rouge": rouge,
-                "examples": [{"prompt": p, "reference": r, "prediction": g}
+                "examples": [{"prompt": self.tokenizer.decode(p[1:], skip_special_tokens=False), "reference": r,
+                              "prediction": g}
                              for p, r, g in list(zip(prompts, references, predictions))[:n_examples]]}
 
     def response_nll(self, records: Sequence[dict], batch_size: int = 8) -> tuple[float, int]:
@@ -248,7 +251,7 @@ class GPTEvaluator:
                             max_samples: int | None = None) -> dict[str, float]:
         """Greedy exact match on held-out SFT records, overall and per "task" (without the BLEU/ROUGE pass)."""
         records = _take(load_sft_records(_check_data_format(test_data_path, "sft")), max_samples)
-        prompts = [build_sft_prompt(record_instruction(record), self.template) for record in records]
+        prompts = [record_prompt_ids(self.tokenizer, record, self.template) for record in records]
         predictions = self.generate_predictions(prompts, max_gen_len=max_gen_len, do_sample=False,
                                                 batch_size=batch_size,
                                                 min_new_tokens=1)  # a prompt that fits is never cut
@@ -293,7 +296,7 @@ class GPTEvaluator:
 
 def exact_match_by_task(predictions: Sequence[str], records: Sequence[dict]) -> dict[str, float]:
     """{"exact_match": overall, "exact_match/<task>": per task family} (records may carry a "task" field)."""
-    references = [r["response"] for r in records]
+    references = [record_reference(r) for r in records]
     out = {"exact_match": exact_match(predictions, references)}
     tasks = sorted({r["task"] for r in records if isinstance(r.get("task"), str)})
     for task in tasks:
@@ -302,9 +305,9 @@ def exact_match_by_task(predictions: Sequence[str], records: Sequence[dict]) -> 
     return out
 
 
-def mean_reward_score(reward_model: torch.nn.Module, tokenizer, prompts: Sequence[str], responses: Sequence[str],
-                      device: torch.device, batch_size: int = 32) -> float:
-    """Mean reward-model score of ``<s> prompt response </s>`` sequences (as the reward model was trained)."""
+def mean_reward_score(reward_model: torch.nn.Module, tokenizer, prompts: Sequence[Sequence[int]],
+                      responses: Sequence[str], device: torch.device, batch_size: int = 32) -> float:
+    """Mean reward-model score of rendered prompts + ``response </s>`` (as the reward model was trained)."""
     scores = reward_scores(reward_model, tokenizer, prompts, responses, device, batch_size)
     return sum(scores) / len(scores)
 

@@ -33,7 +33,7 @@ import metrics
 import training
 from losses import DPOLoss, bradley_terry_loss, causal_lm_loss, classify_loss, reward_loss
 from model_heads import GPTClassifier, GPTRewardModel, freeze_all_but_last
-from prompts import record_prompt_ids
+from prompts import CHAT_TEMPLATE, CHAT_TOKENS, has_chat_tokens, is_chat_template, record_prompt_ids
 from readers import load_preference_records, load_sft_records
 from rl_step import GRPOStep, PPOStep
 from training import TrainError
@@ -276,9 +276,10 @@ def run_sft(config: SFTConfig, resume: str | None, show_progress: bool = True,
 
     ``stop_after`` ends the run after that step's checkpoint, as if it were killed there (for tests)."""
     base = load_base(config.pretrained_model, config.tokenizer_dir, "--pretrained_model")
-    tokenizer, max_len = base.tokenizer, base.model.config.max_seq_len
-    train_set = data_loader.GPTSFTDataset(config.data_path, tokenizer, max_len, base.template)
-    test_set = data_loader.GPTSFTDataset(config.test_data_path, tokenizer, max_len, base.template)
+    tokenizer, template = chat_base(base)
+    max_len = base.model.config.max_seq_len
+    train_set = data_loader.GPTSFTDataset(config.data_path, tokenizer, max_len, template)
+    test_set = data_loader.GPTSFTDataset(config.test_data_path, tokenizer, max_len, template)
     check_records_fit(train_set, config.data_path, max_len)
     model, checkpoint, resumed_from = resume_or(config, resume, "sft", tokenizer,
                                                 functools.partial(sft_model, base.model, config))
@@ -287,7 +288,7 @@ def run_sft(config: SFTConfig, resume: str | None, show_progress: bool = True,
     trainable, total = lora.count_parameters(model)
     print(f"sft: {len(train_set)} train / {len(test_set)} held-out examples, context {max_len}; "
           f"trainable parameters {trainable:,} of {total:,}" + (" (LoRA)" if lora.lora_layers(model) else ""))
-    extra = {"sft_template": base.template, "base_model": str(config.pretrained_model),
+    extra = {"sft_template": template, "base_model": str(config.pretrained_model),
              "lora": lora.lora_config(model) if lora.lora_layers(model) else None}
     collate = functools.partial(data_loader.collate_batch, pad_token_id=tokenizer.pad_token_id)
     trainer, _ = train(config, model, tokenizer, shuffled(train_set, config, collate), causal_lm_loss, "sft",
@@ -296,6 +297,20 @@ def run_sft(config: SFTConfig, resume: str | None, show_progress: bool = True,
     if trainer.dist.is_main and extra["lora"]:
         finish_lora(trainer.output_dir / "sft_best.pth", config)
     return summary(trainer, "sft")
+
+
+def chat_base(base: checkpoints.Loaded) -> tuple[Any, str]:
+    """SFT's tokenizer and format. A finetuned model keeps its template; a pretrained one learns the chat format
+    (prompts.CHAT_TEMPLATE), and when its tokenizer predates the chat tokens they are appended to it and the model's
+    embedding grows by as many rows (GPTModel.grow_vocab)."""
+    template = base.metadata.get("sft_template") or CHAT_TEMPLATE
+    tokenizer = base.tokenizer
+    if is_chat_template(template) and not has_chat_tokens(tokenizer):
+        tokenizer = tokenizer.with_special_tokens(CHAT_TOKENS)
+        base.model.grow_vocab(len(tokenizer), seed=0)
+        print(f"sft: the tokenizer had no chat tokens: {', '.join(CHAT_TOKENS)} added as ids "
+              f"{len(base.tokenizer)}-{len(tokenizer) - 1} (new embedding rows)")
+    return tokenizer, template
 
 
 def sft_model(base: nn.Module, config: SFTConfig) -> nn.Module:

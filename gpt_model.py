@@ -8,7 +8,7 @@ GPT-2 weights load with only the Conv1D matrices transposed.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -122,6 +122,24 @@ class GPTModel(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @torch.no_grad()
+    def grow_vocab(self, vocab_size: int, seed: int = 0) -> None:
+        """Add token rows (new special tokens) to the tied embedding and LM head. Each new row is drawn from a normal
+        with the existing rows' mean and per-dimension std: distinct, and as likely as a typical token at first."""
+        old = self.transformer.wte.weight
+        if vocab_size < old.size(0):
+            raise ValueError(f"grow_vocab cannot shrink the vocabulary from {old.size(0)} to {vocab_size}")
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn(vocab_size - old.size(0), old.size(1), generator=generator).to(old)
+        rows = old.mean(0) + noise * old.std(0)
+        wte = nn.Embedding(vocab_size, old.size(1)).to(old)
+        wte.weight.copy_(torch.cat([old, rows]))
+        wte.weight.requires_grad_(old.requires_grad)
+        self.transformer.wte = wte
+        self.lm_head = nn.Linear(old.size(1), vocab_size, bias=False).to(old)
+        self.lm_head.weight = wte.weight
+        self.config = replace(self.config, vocab_size=vocab_size)
 
     # ------------------------------------------------------------------ forward
 

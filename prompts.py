@@ -1,9 +1,17 @@
-"""The one place prompts are built: ``<s>`` + text, the SFT template, a record's prompt, a training sample
-(``<s> prompt response </s>`` with the prompt unscored), chat history, and the truncation policy.
+"""The one place prompts are built: ``<s>`` + text, the chat format with role tokens and the older SFT template, a
+record's prompt, training samples (ids + a loss mask on the assistant turns), and the truncation policy.
 
     ids = encode_prompt(tok, "ROMEO:", limit=63)                       # <s> ROMEO:  (a longer text keeps its tail)
-    ids = record_prompt_ids(tok, {"instruction": "计算 1 + 2 = ?"}, SFT_TEMPLATE)
-    ids = render_chat(tok, [{"role": "user", "content": "你好"}], SFT_TEMPLATE, limit=63)
+    ids = record_prompt_ids(tok, {"instruction": "计算 1 + 2 = ?"}, CHAT_TEMPLATE)
+    prompt = render_prompt(tok, [{"role": "user", "content": "你好"}], CHAT_TEMPLATE, limit=63)  # .ids .dropped_turns
+    sample = render_sample(tok, conversation, CHAT_TEMPLATE, max_seq_len=256)   # .input_ids, .labels (or None)
+
+The chat format (``CHAT_TEMPLATE``, a Jinja template as ``transformers``' ``apply_chat_template`` reads it):
+``<s><|system|>S<|end|><|user|>U<|end|><|assistant|>A</s><|user|>...<|assistant|>``. An assistant turn ends with
+``</s>``, so every caller stops generating at the one end-of-sequence id; its text and that ``</s>`` are the only
+scored tokens. Message text is encoded as plain text, so a user who types ``<|assistant|>`` cannot forge a turn.
+Models trained before it keep their template (``### 指令:{instruction}\n### 响应:{response}``): each turn is then
+``<s> prompt reply </s>``, as its SFT samples were written.
 
 Every caller (the trainers' datasets, RL rollouts, the evaluator, best-of-N, the chat CLI, the server, the
 benchmarks) goes through here, so a model always sees at inference exactly the prompt format it was trained on.
@@ -16,11 +24,21 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
-SFT_TEMPLATE = "### 指令:{instruction}\n### 响应:{response}"
+SFT_TEMPLATE = "### 指令:{instruction}\n### 响应:{response}"  # the format of models trained before role tokens
 IGNORE_INDEX = -100  # labels that are not scored (prompt tokens, padding), as in Hugging Face
-CHAT_ROLES = ("system", "developer", "user", "assistant")
+CHAT_ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's newer name for system
+ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+END_TOKEN = "<|end|>"  # closes a system or user message (an assistant message ends with </s>)
+CHAT_TOKENS = (*ROLE_TOKENS.values(), END_TOKEN)  # the tokenizer reserves these as special tokens
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'system' if message['role'] == 'developer' else message['role'] %}"
+    "{% if role == 'assistant' %}{{ '<|assistant|>' + message['content'] + eos_token }}"
+    "{% else %}{{ '<|' + role + '|>' + message['content'] + '<|end|>' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 Overflow = Literal["truncate", "error"]
 
 
@@ -71,24 +89,60 @@ def encode_prompt(tokenizer, text: str, limit: int | None = None, on_overflow: O
 
 def record_prompt_ids(tokenizer, record: Mapping, template: str = SFT_TEMPLATE, limit: int | None = None,
                       on_overflow: Overflow = "truncate") -> list[int]:
-    """``<s>`` + the SFT prompt of a record, exactly as the model saw prompts in training."""
-    return encode_prompt(tokenizer, build_sft_prompt(record_instruction(record), template), limit, on_overflow)
+    """A record's prompt (its conversation up to the answer) as ids, exactly as the model saw prompts in training."""
+    prompt, _ = split_reference(record_messages(record))
+    return render_prompt(tokenizer, prompt, template, limit, on_overflow).ids
 
 
-def encode_prompt_response(tokenizer, prompt: str, response: str,
-                           max_seq_len: int) -> tuple[list[int], list[int], bool]:
-    """``<s> prompt response </s>`` ids and labels (-100 on the prompt), truncated; also whether it was truncated.
-
-    Prompt and response are encoded separately so the prompt tokens are exactly what generation sees.
-    """
-    prompt_ids = [tokenizer.bos_token_id, *tokenizer.encode_ordinary(prompt)]
+def prompt_response_ids(tokenizer, prompt_ids: Sequence[int], response: str,
+                        max_seq_len: int) -> tuple[list[int], list[int], bool]:
+    """``prompt_ids`` (a rendered prompt) + ``response </s>``, and labels (-100 on the prompt), cut to
+    ``max_seq_len``; also whether it was cut. In either format this is the training sample of that last turn."""
     response_ids = [*tokenizer.encode_ordinary(response), tokenizer.eos_token_id]
-    input_ids = (prompt_ids + response_ids)[:max_seq_len]
+    input_ids = (list(prompt_ids) + response_ids)[:max_seq_len]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_seq_len]
     return input_ids, labels, len(prompt_ids) + len(response_ids) > max_seq_len
 
 
 # ----------------------------------------------------------------------------- chat
+
+@dataclass
+class Rendered:
+    """A prompt to generate from: its ids, and how many of the oldest turns were dropped to fit."""
+    ids: list[int]
+    dropped_turns: int = 0
+
+
+@dataclass
+class Sample:
+    """A training conversation: ids, labels (-100 except assistant text and its </s>), what was cut to fit."""
+    input_ids: list[int]
+    labels: list[int]
+    dropped_turns: int = 0
+    truncated: bool = False
+
+
+def is_chat_template(template: str) -> bool:
+    """Whether ``template`` is the role-token chat format (else the older instruction/response template)."""
+    return template == CHAT_TEMPLATE
+
+
+def has_chat_tokens(tokenizer) -> bool:
+    """Whether the tokenizer holds every chat special token (a tokenizer trained before them does not)."""
+    specials = set(getattr(tokenizer, "special_tokens", ()))
+    return all(token in specials for token in CHAT_TOKENS)
+
+
+def check_template(template: str, tokenizer=None) -> None:
+    """A template this module can render: CHAT_TEMPLATE (with a tokenizer that has its tokens) or a template with
+    {instruction} and {response}."""
+    if is_chat_template(template):
+        if tokenizer is not None and not has_chat_tokens(tokenizer):
+            raise PromptError(f"the chat format needs the special tokens {', '.join(CHAT_TOKENS)}, which this "
+                              "tokenizer lacks: add them (ByteLevelBPETokenizer.with_special_tokens) or retrain it")
+    elif "{response}" not in template or "{instruction}" not in template:
+        raise PromptError("a template is prompts.CHAT_TEMPLATE or holds {instruction} and {response} placeholders")
+
 
 def _message(message) -> tuple[str, str]:
     """(role, content) of a ``{"role", "content"}`` mapping or an object with those attributes."""
@@ -101,43 +155,160 @@ def _message(message) -> tuple[str, str]:
     return role, content
 
 
-def chat_turns(messages: Sequence) -> tuple[str, list[tuple[str, str]], str]:
-    """(system text, past (user, assistant) turns, the new user message) of a conversation ending with a user turn.
+def check_conversation(messages, need_assistant: bool = True) -> None:
+    """A conversation a training or test file may hold: a non-empty list of messages with known roles and string
+    content, at most one system message (first), and (``need_assistant``) at least one assistant message."""
+    if not isinstance(messages, list) or not messages:
+        raise PromptError("\"messages\" must be a non-empty list of {\"role\", \"content\"} objects")
+    roles = [_message(m)[0] for m in messages]
+    systems = [i for i, role in enumerate(roles) if role in ("system", "developer")]
+    if len(systems) > 1 or systems not in ([], [0]):
+        raise PromptError("a conversation has at most one system message, and it comes first")
+    if need_assistant and "assistant" not in roles:
+        raise PromptError("a conversation needs at least one assistant message to learn from")
 
-    System (and developer) messages are joined; consecutive user messages are joined by a newline; an assistant
-    message closes the turn of the user message before it."""
-    system, turns, user = [], [], None
-    for role, content in map(_message, messages):
-        if role in ("system", "developer"):
-            system.append(content)
-        elif role == "user":
-            user = content if user is None else f"{user}\n{content}"
-        elif user is not None:
-            turns.append((user, content))
-            user = None
-    if user is None:
+
+def record_messages(record: Mapping) -> list[dict]:
+    """A record as a conversation: its "messages", or its instruction (+ input) as a user turn and its response (when
+    it has one) as the assistant's."""
+    if "messages" in record:
+        return [dict(zip(("role", "content"), _message(m))) for m in record["messages"]]
+    messages = [{"role": "user", "content": record_instruction(record)}]
+    if "response" in record:
+        messages.append({"role": "assistant", "content": record["response"]})
+    return messages
+
+
+def record_reference(record: Mapping) -> str | None:
+    """A record's reference answer: its "response", or its conversation's last assistant message."""
+    return split_reference(record["messages"])[1] if "messages" in record else record.get("response")
+
+
+def split_reference(messages: Sequence) -> tuple[list[dict], str | None]:
+    """(the conversation up to its last assistant message, that message's text): a prompt and its reference answer.
+    A conversation that does not end with an assistant message is all prompt (reference None)."""
+    messages = [dict(zip(("role", "content"), _message(m))) for m in messages]
+    if messages and messages[-1]["role"] == "assistant":
+        return messages[:-1], messages[-1]["content"]
+    return messages, None
+
+
+def _turns(messages: Sequence) -> tuple[list[tuple[str, str]], list[list[tuple[str, str]]]]:
+    """(leading system messages, turns): a turn is a user message and everything up to the next user message."""
+    pairs = [_message(m) for m in messages]
+    head = []
+    while pairs and pairs[0][0] in ("system", "developer"):
+        head.append(pairs.pop(0))
+    turns: list[list[tuple[str, str]]] = []
+    for role, content in pairs:
+        if role == "user" or not turns:
+            turns.append([])
+        turns[-1].append((role, content))
+    return head, turns
+
+
+def _role_blocks(tokenizer, head, turns) -> list[tuple[list[int], list[int]]]:
+    """The chat format: per message, (ids, labels); an assistant message is scored on its text and </s>."""
+    ids_of = tokenizer.special_token_id
+    blocks = []
+    for role, content in [*head, *(m for turn in turns for m in turn)]:
+        role = "system" if role == "developer" else role
+        text = tokenizer.encode_ordinary(content)
+        if role == "assistant":
+            blocks.append(([ids_of(ROLE_TOKENS[role]), *text, tokenizer.eos_token_id],
+                           [IGNORE_INDEX, *text, tokenizer.eos_token_id]))
+        else:
+            ids = [ids_of(ROLE_TOKENS[role]), *text, ids_of(END_TOKEN)]
+            blocks.append((ids, [IGNORE_INDEX] * len(ids)))
+    return blocks
+
+
+def _template_blocks(tokenizer, head, turns, template: str) -> list[tuple[list[int], list[int]]]:
+    """The older format: per turn ``<s> prompt(user) reply </s>`` (scored on reply and </s>); the system text opens
+    the first user message; messages of one role in a row are joined by a newline."""
+    system = "\n".join(content for _, content in head)
+    blocks = []
+    for n, turn in enumerate(turns):
+        users = "\n".join(c for r, c in turn if r in ("user", "system", "developer"))
+        user = f"{system}\n{users}" if system and n == 0 else users
+        prompt = [tokenizer.bos_token_id, *tokenizer.encode_ordinary(build_sft_prompt(user, template))]
+        blocks.append((prompt, [IGNORE_INDEX] * len(prompt)))
+        replies = [c for r, c in turn if r == "assistant"]
+        if replies:
+            reply = [*tokenizer.encode_ordinary("\n".join(replies)), tokenizer.eos_token_id]
+            blocks.append((reply, reply))
+    return blocks
+
+
+def _render(tokenizer, head, turns, template: str, generation_prompt: bool) -> tuple[list[int], list[int]]:
+    if is_chat_template(template):
+        blocks = _role_blocks(tokenizer, head, turns)
+        ids, labels = [tokenizer.bos_token_id], [IGNORE_INDEX]
+        cue = [tokenizer.special_token_id(ROLE_TOKENS["assistant"])] if generation_prompt else []
+    else:
+        blocks, ids, labels, cue = _template_blocks(tokenizer, head, turns, template), [], [], []
+    for block_ids, block_labels in blocks:
+        ids += block_ids
+        labels += block_labels
+    return ids + cue, labels + [IGNORE_INDEX] * len(cue)
+
+
+def render_prompt(tokenizer, messages: Sequence, template: str = CHAT_TEMPLATE, limit: int | None = None,
+                  on_overflow: Overflow = "truncate") -> Rendered:
+    """A conversation to answer next (ending with a user message) as the model was trained to read it.
+
+    Too long for ``limit``: "truncate" drops the oldest turns, keeping the system message (then, with one turn
+    left, keeps the tail of what is left), "error" raises ``PromptTooLong``."""
+    check_template(template, tokenizer)
+    head, turns = _turns(messages)
+    if not turns or turns[-1][-1][0] == "assistant":
         raise PromptError("a conversation to answer must end with a user message")
-    return "\n".join(system), turns, user
+    dropped = 0
+    while True:
+        ids, _ = _render(tokenizer, head, turns, template, generation_prompt=True)
+        if limit is None or len(ids) <= limit or len(turns) == 1 or on_overflow == "error":
+            return Rendered(fit(ids, limit, on_overflow, what="conversation"), dropped)
+        turns, dropped = turns[1:], dropped + 1
+
+
+def render_sample(tokenizer, messages: Sequence, template: str, max_seq_len: int,
+                  last_turn_only: bool = False) -> Sample | None:
+    """A conversation as a training sample: loss on every assistant turn (``last_turn_only``: on the last one).
+
+    Longer than ``max_seq_len``: the oldest turns are dropped (the system message kept); if the last turn alone is
+    still too long, its end is cut. None when no assistant token would be left to learn from."""
+    check_template(template, tokenizer)
+    head, turns = _turns(messages)
+    dropped = 0
+    while turns:
+        ids, labels = _render(tokenizer, head, turns, template, generation_prompt=False)
+        if last_turn_only:
+            start = _last_scored_run(labels)
+            labels = [IGNORE_INDEX] * start + labels[start:]
+        if len(ids) <= max_seq_len or len(turns) == 1:
+            break
+        turns, dropped = turns[1:], dropped + 1
+    if not turns:
+        return None
+    truncated = len(ids) > max_seq_len
+    ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+    if all(label == IGNORE_INDEX for label in labels):
+        return None
+    return Sample(ids, labels, dropped, truncated)
+
+
+def _last_scored_run(labels: list[int]) -> int:
+    """Where the final run of scored labels (the last assistant reply) starts."""
+    end = len(labels)
+    while end > 0 and labels[end - 1] == IGNORE_INDEX:
+        end -= 1
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return start
 
 
 def render_chat(tokenizer, messages: Sequence, template: str = SFT_TEMPLATE, limit: int | None = None,
                 on_overflow: Overflow = "truncate") -> list[int]:
-    """A conversation as the SFT model reads it: ``<s> prompt(user) reply </s>`` per past turn (as SFT samples are
-    written), then ``<s> prompt(new user message)``; the system text opens the first user message kept.
-
-    Too long for ``limit``: "truncate" drops the oldest turns (then keeps the tail of what is left), "error" raises
-    ``PromptTooLong``."""
-    system, turns, user = chat_turns(messages)
-
-    def with_system(text: str, first: bool) -> str:
-        return f"{system}\n{text}" if system and first else text
-
-    while True:
-        rendered = [[tokenizer.bos_token_id,
-                     *tokenizer.encode_ordinary(build_sft_prompt(with_system(u, i == 0), template) + reply),
-                     tokenizer.eos_token_id] for i, (u, reply) in enumerate(turns)]
-        current = encode_prompt(tokenizer, build_sft_prompt(with_system(user, not turns), template))
-        ids = [t for turn in rendered for t in turn] + current
-        if limit is None or len(ids) <= limit or not turns or on_overflow == "error":
-            return fit(ids, limit, on_overflow, what="conversation")
-        turns = turns[1:]
+    """``render_prompt``'s ids (for callers that do not report dropped turns)."""
+    return render_prompt(tokenizer, messages, template, limit, on_overflow).ids

@@ -13,6 +13,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from prompts import PromptError, check_conversation
+
 DOCUMENT_SUFFIXES = (".txt", ".jsonl")
 RECORD_SUFFIXES = (".json", ".jsonl")
 
@@ -108,8 +110,24 @@ def _located_records(path: Path) -> list[tuple[str, Any]]:
     raise DataError(f"{path} is not a .json or .jsonl file: records must be JSON objects")
 
 
-def load_records(path: str | os.PathLike, required: Sequence[str], optional: Sequence[str] = ()) -> list[dict]:
-    """Records from a .json list or a .jsonl file, checking that ``required`` fields are strings."""
+def _check_messages(where: str, record: dict, answered: bool) -> None:
+    """A record's "messages": a valid conversation ending with an assistant message (``answered``: it holds the
+    reference answer) or with a user message (a prompt)."""
+    try:
+        check_conversation(record["messages"], need_assistant=answered)
+    except PromptError as err:
+        raise DataError(f"{where}: {err}") from None
+    last = record["messages"][-1]["role"]
+    if answered and last != "assistant":
+        raise DataError(f"{where}: the conversation must end with an assistant message (the answer to learn)")
+    if not answered and last == "assistant":
+        raise DataError(f"{where}: a prompt conversation must end with a user message (the answers are separate)")
+
+
+def load_records(path: str | os.PathLike, required: Sequence[str], optional: Sequence[str] = (),
+                 messages_for: Sequence[str] = ()) -> list[dict]:
+    """Records from a .json list or a .jsonl file, checking that ``required`` fields are strings. A record may hold
+    a conversation ``"messages"`` in place of the fields ``messages_for`` (answered when they include "response")."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist: pass a .json list or a .jsonl file of records")
@@ -120,9 +138,14 @@ def load_records(path: str | os.PathLike, required: Sequence[str], optional: Seq
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object with fields {list(required)}, "
                             f"got {type(record).__name__}")
-        for key in required:
+        needed = required
+        if messages_for and "messages" in record:
+            _check_messages(where, record, answered="response" in messages_for)
+            needed = [key for key in required if key not in messages_for]
+        for key in needed:
             if not isinstance(record.get(key), str):
-                raise DataError(f"{where}: missing or non-string field {key!r} (required: {list(required)})")
+                raise DataError(f"{where}: missing or non-string field {key!r} (required: {list(required)}"
+                                + (' or "messages"' if messages_for else "") + ")")
         for key in optional:
             if key in record and not isinstance(record[key], str):
                 raise DataError(f"{where}: field {key!r} must be a string")
@@ -130,13 +153,17 @@ def load_records(path: str | os.PathLike, required: Sequence[str], optional: Seq
 
 
 def load_sft_records(path: str | os.PathLike) -> list[dict]:
-    """Instruction records from a .json list or .jsonl: {"instruction", "response"} plus optional "input"."""
-    return load_records(path, required=("instruction", "response"), optional=("input",))
+    """Instruction records from a .json list or .jsonl: {"instruction", "response"} plus optional "input", or a
+    conversation {"messages": [{"role", "content"}, ...]} ending with the assistant's answer."""
+    return load_records(path, required=("instruction", "response"), optional=("input",),
+                        messages_for=("instruction", "response"))
 
 
 def load_preference_records(path: str | os.PathLike) -> list[dict]:
-    """Preference records from a .json list or .jsonl: {"instruction", "chosen", "rejected"} plus optional "input"."""
-    return load_records(path, required=("instruction", "chosen", "rejected"), optional=("input",))
+    """Preference records from a .json list or .jsonl: {"instruction", "chosen", "rejected"} plus optional "input";
+    "messages" (a conversation ending with a user message) may stand for the instruction."""
+    return load_records(path, required=("instruction", "chosen", "rejected"), optional=("input",),
+                        messages_for=("instruction",))
 
 
 def load_classification_records(path: str | os.PathLike) -> list[dict]:
@@ -152,5 +179,6 @@ def jsonl_holds_records(path: str | os.PathLike) -> bool:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 return False  # the reader reports the bad line with its number
-            return isinstance(record, dict) and "text" not in record and "instruction" in record
+            return isinstance(record, dict) and "text" not in record and ("instruction" in record
+                                                                           or "messages" in record)
     return False

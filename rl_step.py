@@ -25,7 +25,7 @@ from decoding import SamplingParams, cut_at_eos, generate_responses, left_pad
 from evaluator import GPTEvaluator, exact_match_by_task
 from losses import gae, grpo_advantages, kl_penalized_rewards, masked_mean, ppo_policy_loss, ppo_value_loss, whiten
 from model_heads import GPTRewardModel
-from prompts import build_sft_prompt, max_prompt_len, record_instruction, record_prompt_ids
+from prompts import max_prompt_len, record_prompt_ids, record_reference
 from training import StepStrategy, Trainer
 from verifiers import verifiable_reward
 
@@ -109,7 +109,7 @@ def evaluate_policy(policy: nn.Module, reference: nn.Module, reward_model: GPTRe
         predictions += [tokenizer.decode(cut_at_eos(ids, tokenizer.eos_token_id)) for ids in samples.responses]
     policy.train(was_training)
     return {"val_reward": sum(scores) / len(scores), "val_kl": sum(kls) / len(kls),
-            "val_exact_match": metrics.exact_match(predictions, [r["response"] for r in records])}
+            "val_exact_match": metrics.exact_match(predictions, [record_reference(r) for r in records])}
 
 
 class AdaptiveKLController:
@@ -349,7 +349,7 @@ class GRPOStep(RLStep):
     def held_out(self, policy: nn.Module) -> dict[str, float]:
         """Greedy held-out answers: mean verifier reward (val_loss = −reward), exact match overall and per task."""
         ev = GPTEvaluator(policy, self.tokenizer, show_progress=False, template=self.template)
-        prompts = [build_sft_prompt(record_instruction(r), self.template) for r in self.eval_records]
+        prompts = [record_prompt_ids(self.tokenizer, r, self.template) for r in self.eval_records]
         predictions = ev.generate_predictions(prompts, max_gen_len=self.config.max_new_tokens, do_sample=False,
                                               batch_size=64, min_new_tokens=1)  # a prompt that fits is never cut
         reward = sum(verifiable_reward(p, r, self.config.format_weight)

@@ -16,6 +16,7 @@ import re
 import unicodedata
 from typing import Callable
 
+from prompts import record_reference
 from readers import DataError
 
 Verifier = Callable[[str, dict], float]
@@ -41,13 +42,13 @@ def last_number(text: str) -> float | None:
 @register_verifier("math")
 def math_verifier(response: str, record: dict) -> float:
     """1 when the response's last number equals the reference's (surrounding text such as 答案是 42。 is fine)."""
-    got, expected = last_number(response), last_number(record["response"])
+    got, expected = last_number(response), last_number(record_reference(record))
     return float(got is not None and expected is not None and abs(got - expected) < 1e-9)
 
 
 @register_verifier("exact")
 def exact_verifier(response: str, record: dict) -> float:
-    return float(response.strip() == record["response"].strip())
+    return float(response.strip() == record_reference(record).strip())
 
 
 @register_verifier("format")

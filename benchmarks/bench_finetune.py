@@ -36,7 +36,7 @@ import cli
 import finetune_stages
 import rl_step
 from benchmarks.cli_options import benchmark_parser
-from prompts import build_sft_prompt, record_instruction
+from prompts import record_prompt_ids
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST = ROOT / "data" / "sft" / "sft_test.json"
@@ -228,7 +228,7 @@ def best_of_n(sft: Path, reward: Path | None, n: int, seed: int) -> dict[str, fl
     reward_model = checkpoints.load(reward).model if reward else None
     ev = evaluator.GPTEvaluator(model, tokenizer, show_progress=False, template=template)
     records = json.loads(TEST.read_text(encoding="utf-8"))
-    prompts = [build_sft_prompt(record_instruction(r), template) for r in records]
+    prompts = [record_prompt_ids(tokenizer, r, template) for r in records]
     picks = ev.best_of_n_predictions(prompts, n, reward_model, max_gen_len=16, temperature=0.8, top_k=50, seed=seed,
                                      min_new_tokens=1, records=records)
     return {k: round(v, 4) for k, v in evaluator.exact_match_by_task(picks, records).items()}

@@ -32,7 +32,7 @@ from checkpoints import load_model_and_tokenizer
 from data_loader import collate_batch
 from evaluator import GPTEvaluator
 from gpt_model import GPTConfig, GPTModel
-from prompts import IGNORE_INDEX, SFT_TEMPLATE, build_sft_prompt, encode_prompt_response
+from prompts import IGNORE_INDEX, SFT_TEMPLATE, prompt_response_ids, record_prompt_ids
 from readers import load_sft_records
 from training import TrainConfig, lr_at
 
@@ -70,8 +70,8 @@ def encode(records: list[dict], tokenizer, template: str, model: GPTModel) -> li
     """``<s> prompt answer </s>`` samples with the prompt masked (-100), as data_loader.GPTSFTDataset builds them."""
     samples = []
     for r in records:
-        ids, labels, _ = encode_prompt_response(tokenizer, build_sft_prompt(r["instruction"], template), r["response"],
-                                                model.config.max_seq_len)
+        ids, labels, _ = prompt_response_ids(tokenizer, record_prompt_ids(tokenizer, r, template), r["response"],
+                                             model.config.max_seq_len)
         samples.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)})
     return samples
 
@@ -88,7 +88,7 @@ def answer_loss(model: GPTModel, batch: dict[str, torch.Tensor]) -> torch.Tensor
 
 
 def exact_match(model: GPTModel, tokenizer, records: list[dict], template: str) -> float:
-    prompts = [build_sft_prompt(r["instruction"], template) for r in records]
+    prompts = [record_prompt_ids(tokenizer, r, template) for r in records]
     predictions = GPTEvaluator(model, tokenizer, show_progress=False).generate_predictions(
         prompts, max_gen_len=6, do_sample=False, batch_size=len(prompts))
     return sum(p.strip() == r["response"].strip() for p, r in zip(predictions, records)) / len(records)

@@ -293,7 +293,7 @@ async def best_of(service: Service, s: ServedModel, ids: list[int], prompt: str,
     if n == 1:
         return jobs[0], texts[0]
     try:
-        scores = await loop.run_in_executor(s.scorer, score_candidates, s, ids, prompt, jobs, texts)
+        scores = await loop.run_in_executor(s.scorer, score_candidates, s, ids, jobs, texts)
     except RuntimeError as err:  # e.g. out of memory, or the scorer already shut down
         raise APIError(503, f"scoring the best_of samples failed: {err}") from None
     service.metrics.latency.observe(time.perf_counter() - jobs[0].arrival)

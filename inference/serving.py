@@ -92,11 +92,11 @@ def load_reward_model(path: Path, tokenizer: Any, tokenizer_dir: Path, device: t
     return checkpoints.load(path, tokenizer_dir, device, expect="reward", flag="--reward_model").model
 
 
-def score_candidates(s: ServedModel, prompt_ids: list[int], prompt: str, jobs: Sequence[Job],
+def score_candidates(s: ServedModel, prompt_ids: list[int], jobs: Sequence[Job],
                      texts: Sequence[str]) -> list[float]:
-    """best_of scores (in the scorer thread): the reward model's score of `<s> prompt text </s>` when one is loaded,
+    """best_of scores (in the scorer thread): the reward model's score of the prompt + `text </s>` when one is loaded,
     else the mean log-prob of each candidate's sampled tokens (its </s> included) under the served model."""
     with autocast_context(s.device, s.dtype):  # autocast state is per thread
         if s.reward_model is not None:
-            return reward_scores(s.reward_model, s.tokenizer, [prompt] * len(texts), texts, s.device)
+            return reward_scores(s.reward_model, s.tokenizer, [prompt_ids] * len(texts), texts, s.device)
         return mean_token_logprobs(s.model, prompt_ids, [job.sequence.output_ids for job in jobs])

@@ -60,8 +60,11 @@ def hf_tiny(tiny_tokenizer_dir):
 KNOWN_MERGES = [("a", "a"), ("a", "b"), ("aa", "ab"), ("Ġ", "aaab"), ("Ġ", "ab")]
 
 
+CLASSIC_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]  # the hand-worked ids below: 4 specials, then the bytes
+
+
 def test_known_answer_merges_and_ids():
-    tok = ByteLevelBPETokenizer(vocab_size=265)
+    tok = ByteLevelBPETokenizer(vocab_size=265, special_tokens=CLASSIC_SPECIALS)
     tok.train(["aaab aaab ab"], min_frequency=1, show_progress=False)
     assert tok.merges == KNOWN_MERGES
     assert len(tok) == 265
@@ -73,8 +76,31 @@ def test_known_answer_merges_and_ids():
     assert tok.encode_ordinary("ba") == [4 + 98, 4 + 97]
 
 
+def test_the_default_reserves_the_chat_tokens_after_the_four_roles():
+    tok = ByteLevelBPETokenizer(vocab_size=300)
+    assert tok.special_tokens == [*CLASSIC_SPECIALS, "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    tok.train(["aaab aaab ab"], min_frequency=1, show_progress=False)
+    assert tok.merges == KNOWN_MERGES and tok.vocab["a"] == 8 + 97  # the same merges, bytes from id 8
+    assert tok.encode("<|user|>hi", allowed_special={"<|user|>"})["input_ids"][1] == tok.special_token_id("<|user|>")
+    assert tok.special_token_id("<|nope|>") is None
+
+
+def test_with_special_tokens_appends_after_the_last_id_and_keeps_every_encoding(tmp_path):
+    old = ByteLevelBPETokenizer(vocab_size=265, special_tokens=CLASSIC_SPECIALS)
+    old.train(["aaab aaab ab"], min_frequency=1, show_progress=False)
+    new = old.with_special_tokens(["<|user|>", "<|end|>", "<s>"])  # <s> exists: kept as is
+    assert len(new) == 267 and new.special_token_id("<|user|>") == 265 and new.special_token_id("<|end|>") == 266
+    assert new.encode_ordinary("aaab ba") == old.encode_ordinary("aaab ba") and len(old) == 265
+    assert new.fingerprint != old.fingerprint and new.decode([265, 262]) == "aaab"
+    new.save(tmp_path / "tok")
+    again = ByteLevelBPETokenizer.from_pretrained(tmp_path / "tok")
+    assert again.fingerprint == new.fingerprint and again.special_token_id("<|end|>") == 266
+    with pytest.raises(TokenizerError, match="already exist as ordinary tokens"):
+        old.with_special_tokens(["aa"])
+
+
 def test_min_frequency_stops_training():
-    tok = ByteLevelBPETokenizer(vocab_size=1000)
+    tok = ByteLevelBPETokenizer(vocab_size=1000, special_tokens=CLASSIC_SPECIALS)
     tok.train(["aaab aaab ab"], min_frequency=2, show_progress=False)
     assert tok.merges == KNOWN_MERGES[:3]  # the next best pair occurs once
     assert len(tok) == 263
@@ -240,7 +266,8 @@ def test_save_load_identity(tiny_tokenizer, tiny_tokenizer_dir):
     merges_txt = (tiny_tokenizer_dir / "merges.txt").read_text(encoding="utf-8").splitlines()
     assert merges_txt[0] == "#version: 0.2" and len(merges_txt) == 1 + len(tiny_tokenizer.merges)
     config = json.loads((tiny_tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
-    assert config["special_tokens"] == {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    assert config["special_tokens"] == {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "<|system|>": 4, "<|user|>": 5,
+                                        "<|assistant|>": 6, "<|end|>": 7}
     assert config["pre_tokenizer"] == "gpt2" and config["vocab_size"] == len(tiny_tokenizer)
 
 
@@ -280,7 +307,7 @@ def test_cli_errors_exit_2(tmp_path, capsys):
     # rejected at parse time, before any training
     assert byte_level_bpe.main(["--input", str(TRAIN_TXT), "--vocab_size", "100", "--output", str(tmp_path / "t")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "--vocab_size: must be >= 260" in err and err.count("\n") == 1
+    assert err.startswith("error: ") and "--vocab_size: must be >= 264" in err and err.count("\n") == 1
 
 
 def test_tokenizer_training_reads_what_the_trainer_reads(tmp_path, capsys):
@@ -334,7 +361,7 @@ def test_load_errors(tiny_tokenizer_dir, tmp_path):
 
     no_bytes = _copy_dir(tiny_tokenizer_dir, tmp_path / "no_bytes")
     vocab = json.loads((no_bytes / "vocab.json").read_text(encoding="utf-8"))
-    vocab = {t: i for t, i in vocab.items() if i < 4} | {byte_level_bpe.BYTE_ENCODER[b]: 4 + b for b in range(200)}
+    vocab = {t: i for t, i in vocab.items() if i < 8} | {byte_level_bpe.BYTE_ENCODER[b]: 8 + b for b in range(200)}
     (no_bytes / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     (no_bytes / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
     with pytest.raises(TokenizerError, match="lacks 56 of the 256 byte tokens"):
@@ -348,8 +375,8 @@ def test_load_errors(tiny_tokenizer_dir, tmp_path):
         ByteLevelBPETokenizer.from_pretrained(bad_config)
 
     makes_special = _copy_dir(tiny_tokenizer_dir, tmp_path / "makes_special")  # a merge that would build "<s>"
-    vocab = {t: i for t, i in json.loads((makes_special / "vocab.json").read_text(encoding="utf-8")).items() if i < 260}
-    (makes_special / "vocab.json").write_text(json.dumps(vocab | {"<s": 260}), encoding="utf-8")
+    vocab = {t: i for t, i in json.loads((makes_special / "vocab.json").read_text(encoding="utf-8")).items() if i < 264}
+    (makes_special / "vocab.json").write_text(json.dumps(vocab | {"<s": 264}), encoding="utf-8")
     (makes_special / "merges.txt").write_text("#version: 0.2\n< s\n<s >\n", encoding="utf-8")
     with pytest.raises(TokenizerError, match=r"merges.txt:3: merge '<s >' uses or makes"):
         ByteLevelBPETokenizer.from_pretrained(makes_special)

@@ -18,7 +18,7 @@ import training
 import verifiers
 from conftest import stage_config
 from evaluator import GPTEvaluator
-from prompts import SFT_TEMPLATE
+from prompts import CHAT_TEMPLATE, SFT_TEMPLATE
 from rl_step import PPOStep
 from run_folder import read_metrics
 
@@ -44,7 +44,7 @@ def test_sft_run_writes_best_with_template_and_resumes_exactly(files, tmp_path):
     straight = stage_config(files, tmp_path / "a", "sft", max_steps=6, save_interval=3, eval_interval=3)
     stages.run_sft(straight, None, show_progress=False)
     best = checkpoints.load_checkpoint(Path(straight.output_dir) / "sft_best.pth")
-    assert best["sft_template"] == SFT_TEMPLATE and best["stage"] == "sft"
+    assert best["sft_template"] == CHAT_TEMPLATE and best["stage"] == "sft"
 
     killed = stage_config(files, tmp_path / "b", "sft", max_steps=6, save_interval=3, eval_interval=3)
     stages.run_sft(killed, None, show_progress=False, stop_after=3)  # as if killed after step 3's checkpoint
