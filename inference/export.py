@@ -31,6 +31,7 @@ from gpt_model import GPTConfig, GPTModel
 from hf_gpt2 import CONV1D_SUFFIXES
 from model_heads import GPTClassifier
 from quantization import Int8Embedding, Int8Linear, is_quantized
+from prompts import CHAT_TEMPLATE, is_chat_template
 
 FORMATS = ("hf", "gguf")
 GGUF_TYPES = ("f32", "f16", "q8_0")
@@ -128,8 +129,29 @@ def tokenizer_json(tokenizer: ByteLevelBPETokenizer) -> dict[str, Any]:
                       "vocab": tokenizer.vocab, "merges": [list(pair) for pair in tokenizer.merges]}}
 
 
-def tokenizer_config(tokenizer: ByteLevelBPETokenizer, context: int) -> dict[str, Any]:
-    """tokenizer_config.json as transformers reads it (AutoTokenizer -> a fast GPT-2 tokenizer)."""
+def jinja_string(text: str) -> str:
+    """``text`` as a Jinja string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def chat_template(template: str) -> str:
+    """The model's prompt format as the Jinja ``chat_template`` that transformers' ``apply_chat_template`` renders:
+    prompts.CHAT_TEMPLATE itself, or an older instruction/response template written per turn as its SFT samples
+    were (``<s> prompt reply </s>``, the system text opening the first user message)."""
+    if is_chat_template(template):
+        return CHAT_TEMPLATE
+    head, rest = template.split("{instruction}", 1)
+    middle = rest.split("{response}", 1)[0]
+    return ("{% set ns = namespace(system='') %}{% for message in messages %}"
+            "{% if message['role'] in ['system', 'developer'] %}{% set ns.system = message['content'] + '\\n' %}"
+            f"{{% elif message['role'] == 'user' %}}{{{{ bos_token + {jinja_string(head)} + ns.system + "
+            f"message['content'] + {jinja_string(middle)} }}}}{{% set ns.system = '' %}}"
+            "{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}")
+
+
+def tokenizer_config(tokenizer: ByteLevelBPETokenizer, context: int, template: str | None = None) -> dict[str, Any]:
+    """tokenizer_config.json as transformers reads it (AutoTokenizer -> a fast GPT-2 tokenizer), with the model's
+    ``chat_template`` when it has a prompt template."""
     special = {tokenizer.vocab[t]: t for t in tokenizer.special_tokens}
     decoder = {str(i): {"content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
                         "special": True} for i, t in sorted(special.items())}
@@ -137,10 +159,11 @@ def tokenizer_config(tokenizer: ByteLevelBPETokenizer, context: int) -> dict[str
              for role in ("bos", "eos", "pad", "unk")}
     return {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False, "add_bos_token": False,
             "model_max_length": context, "added_tokens_decoder": decoder, "clean_up_tokenization_spaces": False,
-            **{f"{role}_token": name for role, name in names.items()}}
+            **{f"{role}_token": name for role, name in names.items()},
+            **({"chat_template": chat_template(template)} if template else {})}
 
 
-def write_hf(model: nn.Module, tokenizer: ByteLevelBPETokenizer, folder: Path) -> None:
+def write_hf(model: nn.Module, tokenizer: ByteLevelBPETokenizer, folder: Path, template: str | None = None) -> None:
     """config.json, generation_config.json, model.safetensors and the tokenizer files into ``folder``."""
     from safetensors.torch import save_file
 
@@ -155,7 +178,7 @@ def write_hf(model: nn.Module, tokenizer: ByteLevelBPETokenizer, folder: Path) -
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in tokenizer.merges),
                                        encoding="utf-8")
     write_json(folder / "tokenizer.json", tokenizer_json(tokenizer))
-    write_json(folder / "tokenizer_config.json", tokenizer_config(tokenizer, model.config.max_seq_len))
+    write_json(folder / "tokenizer_config.json", tokenizer_config(tokenizer, model.config.max_seq_len, template))
     write_json(folder / "special_tokens_map.json", {k: v for k, v in tokenizer_config(tokenizer, 0).items()
                                                     if k.endswith("_token")})
 
@@ -203,7 +226,8 @@ def gguf_vocabulary(tokenizer: ByteLevelBPETokenizer, vocab_size: int) -> tuple[
     return tokens, [int(t) for t in types]
 
 
-def write_gguf(model: nn.Module, tokenizer: ByteLevelBPETokenizer, path: Path, kind: str, name: str) -> None:
+def write_gguf(model: nn.Module, tokenizer: ByteLevelBPETokenizer, path: Path, kind: str, name: str,
+               template: str | None = None) -> None:
     """One GGUF file llama.cpp loads as a GPT-2 model: hyperparameters, the tokenizer, the tensors."""
     import gguf
 
@@ -230,6 +254,8 @@ def write_gguf(model: nn.Module, tokenizer: ByteLevelBPETokenizer, path: Path, k
         getattr(writer, f"add_{role}_token_id")(getattr(tokenizer, f"{role}_token_id"))
     writer.add_add_bos_token(True)  # llama.cpp tools then start every prompt with <s>, as ours do
     writer.add_add_eos_token(False)
+    if template:
+        writer.add_chat_template(chat_template(template))  # llama-cpp-python's chat formats read it
     for tensor_name, tensor in gguf_tensors(model).items():
         add_gguf_tensor(writer, tensor_name, tensor.detach().float().numpy(), kind)
     writer.write_header_to_file()
@@ -298,13 +324,14 @@ def export_checkpoint(model_path: str, fmt: str, output: Path, kind: str = "f32"
     """Write ``model_path`` as ``fmt`` to ``output``, whole or not at all; returns the exported float model."""
     source_tokenizer = Path(tokenizer_dir) if tokenizer_dir else Path(model_path).parent / "tokenizer"
     check_output(output, fmt, overwrite, [Path(model_path), source_tokenizer])
-    model, tokenizer, _ = plain_model(model_path, tokenizer_dir)
+    model, tokenizer, metadata = plain_model(model_path, tokenizer_dir)
+    template = metadata.get("sft_template")  # a pretrained model has none: no chat template
     if fmt == "hf":
         with atomic_directory(output) as folder:
-            write_hf(model, tokenizer, folder)
+            write_hf(model, tokenizer, folder, template)
     else:
         with atomic_path(output) as tmp:
-            write_gguf(model, tokenizer, tmp, kind, Path(model_path).stem)
+            write_gguf(model, tokenizer, tmp, kind, Path(model_path).stem, template)
     return model
 
 

@@ -19,6 +19,7 @@ from gpt_model import GPTConfig, GPTModel
 from hf_gpt2 import load_hf_gpt2
 from inference import export
 from model_heads import GPTClassifier, GPTRewardModel
+from prompts import CHAT_TEMPLATE, SFT_TEMPLATE, render_prompt, render_sample
 from quantization import quantize_model_int8
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -96,6 +97,36 @@ def test_autotokenizer_gives_our_ids(run, tiny_tokenizer):
         assert tokenizer.decode(tiny_tokenizer.encode_ordinary(text)) == text
     assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, tokenizer.unk_token) == \
         ("<s>", "</s>", "<pad>", "<unk>")
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "计算 15 + 27 = ?"}, {"role": "assistant", "content": "42"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "ROMEO: who is there?"},
+     {"role": "assistant", "content": "JULIET."}, {"role": "user", "content": "再加 8 呢？ and  two spaces\tend"},
+     {"role": "assistant", "content": "50 😀"}],
+    [{"role": "developer", "content": "No rhymes."}, {"role": "user", "content": "naïve café"},
+     {"role": "assistant", "content": ""}, {"role": "user", "content": "   leading spaces"},
+     {"role": "assistant", "content": "ok"}],
+]
+
+
+@pytest.mark.parametrize("template", [CHAT_TEMPLATE, SFT_TEMPLATE], ids=["chat", "instruction"])
+def test_apply_chat_template_on_the_exported_files_gives_our_ids(run, tiny_tokenizer, template):
+    model = GPTModel(GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=64))
+    folder = exported(save(run, model, tiny_tokenizer, sft_template=template), "hf", run / "hf")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    for conversation in CONVERSATIONS:
+        if template == SFT_TEMPLATE and conversation[0]["role"] == "developer":
+            continue  # the older format joins a turn's messages; its Jinja covers alternating turns
+        prompt = conversation[:-1]
+        theirs = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert theirs == render_prompt(tiny_tokenizer, prompt, template).ids
+        whole = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=False)
+        assert whole == render_sample(tiny_tokenizer, conversation, template, max_seq_len=10_000).input_ids
+    gguf_file = exported(run / "model.pth", "gguf", run / "model.gguf")
+    assert gguf.GGUFReader(gguf_file).fields["tokenizer.chat_template"].contents() == tokenizer.chat_template
+    pretrained = exported(save(run, model, tiny_tokenizer, name="pretrained.pth"), "hf", run / "hf_pretrained")
+    assert transformers.AutoTokenizer.from_pretrained(pretrained).chat_template is None  # no format learned yet
 
 
 def digest(state: dict[str, torch.Tensor]) -> dict[str, str]:
