@@ -234,6 +234,11 @@ def build_model(ckpt: Mapping[str, Any], source: str | os.PathLike) -> nn.Module
     if checkpoint_kind(ckpt) == "lora":
         base_path = ckpt["base_model"]
         model = build_model(load_checkpoint(base_path), base_path)
+        added = ckpt.get("added_embeddings")
+        if added is not None:  # tokens SFT added to the base's tokenizer (the chat tokens)
+            model.grow_vocab(len(model.transformer.wte.weight) + len(added))
+            with torch.no_grad():
+                model.transformer.wte.weight[-len(added):] = added
         try:
             return lora.load_lora_state_dict(model, ckpt)
         except lora.LoRAError as err:

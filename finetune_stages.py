@@ -327,9 +327,12 @@ def finish_lora(best: Path, config: SFTConfig) -> None:
     loaded = checkpoints.load(best, device="cpu", trainable=True)
     model, metadata = loaded.model, loaded.metadata
     adapter = best.with_name("sft_lora_adapter.pth")
+    base_vocab = checkpoints.load_checkpoint(config.pretrained_model)["config"]["vocab_size"]
+    wte = model.transformer.wte.weight
+    added = {"added_embeddings": wte[base_vocab:].detach().clone()} if len(wte) > base_vocab else {}
     lora.save_lora(adapter, model, base_model=str(Path(config.pretrained_model).resolve()),
                    config=model.config.to_dict(), tokenizer_fingerprint=metadata["tokenizer_fingerprint"],
-                   sft_template=metadata["sft_template"])
+                   sft_template=metadata["sft_template"], **added)  # added: rows of tokens the base lacks
     print(f"LoRA adapters: {adapter} ({adapter.stat().st_size / 1e6:.2f} MB)")
     if config.merge_lora:
         lora.merge_lora(model)

@@ -291,3 +291,37 @@ def test_rl_runs_in_the_run_precision_with_grad_accum_and_compile(files, tmp_pat
     stages.run_rlvf(config, None, show_progress=False)
     assert autocast_seen == {True}  # every policy pass (rollout, update, held-out) under bf16 autocast
     assert set(micro_batches) == {2} and compiled_calls and set(compiled_calls) == {2}  # 4-row minibatches in halves
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora_r", [0, 4], ids=["full", "lora"])
+def test_sft_from_a_tokenizer_without_chat_tokens_adds_them_and_grows_the_embedding(files, tmp_path, lora_r):
+    from byte_level_bpe import ByteLevelBPETokenizer
+    from conftest import corpus_lines
+    from gpt_model import GPTConfig, GPTModel
+    from prompts import CHAT_TOKENS, render_prompt
+
+    old = ByteLevelBPETokenizer(vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<unk>"])
+    old.train(corpus_lines(limit=300), show_progress=False)
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig.from_preset("tiny", vocab_size=len(old), max_seq_len=64, n_layers=1, d_model=32,
+                                           n_heads=2))
+    pretrained = tmp_path / "old" / "pretrain_best.pth"
+    checkpoints.save_checkpoint(pretrained, model, tokenizer_fingerprint=old.fingerprint)
+    old.save(pretrained.parent / "tokenizer")
+    cfg = stage_config({**files, "pretrained": pretrained}, tmp_path, "sft", lora_r=lora_r, lora_alpha=8.0)
+    stages.run_sft(cfg, None, show_progress=False)
+    loaded = checkpoints.load(Path(cfg.output_dir) / "sft_best.pth")
+    assert loaded.template == CHAT_TEMPLATE and len(loaded.tokenizer) == len(old) + 4
+    assert [loaded.tokenizer.special_token_id(t) for t in CHAT_TOKENS] == list(range(len(old), len(old) + 4))
+    assert loaded.model.config.vocab_size == len(old) + 4
+    embedding = loaded.model.transformer.wte.weight if not lora_r else None
+    if embedding is not None:  # old rows as they were trained from, new rows distinct from each other
+        assert not torch.allclose(embedding[-4:-3], embedding[-3:-2])
+    ids = render_prompt(loaded.tokenizer, [{"role": "user", "content": "计算 1 + 2 = ?"}], loaded.template).ids
+    assert loaded.model(torch.tensor([ids]))["logits"].shape[-1] == len(old) + 4
+    if lora_r:
+        adapter = checkpoints.load(Path(cfg.output_dir) / "sft_lora_adapter.pth",
+                                   tokenizer_dir=Path(cfg.output_dir) / "tokenizer")
+        assert torch.allclose(adapter.model(torch.tensor([ids]))["logits"],
+                              loaded.model(torch.tensor([ids]))["logits"], atol=1e-6)

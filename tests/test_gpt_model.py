@@ -284,3 +284,20 @@ def test_loss_only_gives_the_same_loss_and_gradients_without_full_logits(tiny_co
     torch.testing.assert_close(sparse["loss"], full["loss"])
     for p, g in zip(model.parameters(), grads):
         torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
+
+
+def test_grow_vocab_keeps_every_old_logit_and_adds_distinct_tied_rows():
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig.from_preset("tiny", vocab_size=300, max_seq_len=16)).eval()
+    ids = torch.tensor([[0, 5, 17, 299]])
+    before = model(ids)["logits"]
+    model.grow_vocab(304)
+    after = model(ids)["logits"]
+    assert after.shape[-1] == 304 and model.config.vocab_size == 304
+    assert torch.allclose(after[..., :300], before, atol=1e-6)  # the old tokens' logits are unchanged
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied
+    new = model.transformer.wte.weight[300:]
+    assert torch.cdist(new, new).fill_diagonal_(1).min() > 0  # distinct rows, so the model can tell them apart
+    assert model(torch.tensor([[0, 303]]))["logits"].isfinite().all()
+    with pytest.raises(ValueError, match="cannot shrink"):
+        model.grow_vocab(10)

@@ -86,6 +86,43 @@ def test_load_sft_records_errors(tmp_path, name, content, message):
 
 
 
+def test_conversation_records_sit_beside_instruction_records(tmp_path):
+    chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "计算 1 + 2 = ?"},
+                         {"role": "assistant", "content": "3"}, {"role": "user", "content": "再加 1 呢？"},
+                         {"role": "assistant", "content": "4"}], "task": "arithmetic_chat"}
+    mixed = [chat, {"instruction": "写诗", "response": "床前明月光"}]
+    write(tmp_path / "a.jsonl", "\n".join(json.dumps(r, ensure_ascii=False) for r in mixed) + "\n")
+    assert readers.load_sft_records(tmp_path / "a.jsonl") == mixed and readers.jsonl_holds_records(tmp_path / "a.jsonl")
+    prompt = {"messages": chat["messages"][:4], "chosen": "4", "rejected": "5"}
+    write(tmp_path / "p.json", json.dumps([prompt], ensure_ascii=False))
+    assert readers.load_preference_records(tmp_path / "p.json") == [prompt]
+
+
+USER, ANSWER = '{"role": "user", "content": "q"}', '{"role": "assistant", "content": "a"}'
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"messages": [{"role": "tool", "content": "x"}, %s]}' % ANSWER, "unknown chat role 'tool'"),
+    ('{"messages": [%s]}' % USER, "at least one assistant message"),
+    ('{"messages": [{"role": "user", "content": 3}, %s]}' % ANSWER, "content must be a string"),
+    ('{"messages": [{"role": "system", "content": "a"}, {"role": "system", "content": "b"}, %s, %s]}'
+     % (USER, ANSWER), "at most one system message"),
+    ('{"messages": []}', "non-empty list"),
+    ('{"messages": "hi"}', "non-empty list"),
+    ('{"messages": [%s, %s, %s]}' % (USER, ANSWER, USER), "must end with an assistant message"),
+])
+def test_bad_conversations_name_file_and_line(tmp_path, line, message):
+    write(tmp_path / "chat.jsonl", '{"instruction": "ok", "response": "ok"}\n' + line + "\n")
+    with pytest.raises(DataError, match=rf"chat\.jsonl:2: .*{message}"):
+        readers.load_sft_records(tmp_path / "chat.jsonl")
+
+
+def test_a_preference_prompt_conversation_ends_with_the_user(tmp_path):
+    write(tmp_path / "p.jsonl", '{"messages": [%s, %s], "chosen": "x", "rejected": "y"}\n' % (USER, ANSWER))
+    with pytest.raises(DataError, match=r"p\.jsonl:1: a prompt conversation must end with a user message"):
+        readers.load_preference_records(tmp_path / "p.jsonl")
+
+
 def test_a_folder_is_read_recursively_in_path_order_skipping_hidden_ones(tmp_path):
     write(tmp_path / "b" / "2.txt", "b2\n")
     write(tmp_path / "a.txt", "a\n")
