@@ -9,6 +9,12 @@ Four task families, each with one exact answer that a checker can verify:
 - ``speaker``: two consecutive speeches of a play (speaker and opening words each), then ``Who says "{words}"?``
   -> the speaker of those words.
 
+Dialogues (``{"messages": [...]}`` records) whose later answers depend on earlier ones: ``arithmetic_chat`` opens
+with a sum, then ``再加 {c} 呢？`` and ``再减 {d} 呢？`` on the running total (three assistant turns);
+``author_chat`` names a poem's author, then ``这位诗人姓什么？`` -> the surname. Train dialogues (from train sums and
+poems) are in ``sft_data.json`` beside the single-turn records; held-out ones (from test sums and poems) in
+``chat_test.json``.
+
 Only arithmetic must be computed; the other families are reading tasks: the answer is in the prompt, so a small
 model can learn them (recalling facts of a corpus it read for five minutes, the families' earlier form, it could
 not: 0.00-0.09 exact match after SFT). One split of prompts serves every file: train files (``sft_data.json``,
@@ -47,6 +53,9 @@ ARITHMETIC_PROMPT = "计算 {a} + {b} = ?"
 NEXT_LINE_PROMPT = "{a}，{b}，{c}。{line}的下一句？"
 AUTHOR_PROMPT = "{title}\n{author}：{line}\n作者是？"
 SPEAKER_PROMPT = '{a}: {a_words}\n{b}: {b_words}\nWho says "{quote}"?'
+ADD_PROMPT, SUB_PROMPT, SURNAME_PROMPT = "再加 {n} 呢？", "再减 {n} 呢？", "这位诗人姓什么？"  # the dialogues' follow-ups
+COMPOUND_SURNAMES = ("欧阳", "司马", "上官", "诸葛", "长孙", "皇甫", "令狐")
+ANONYMOUS = ("无名氏", "佚名")
 POEM = re.compile(r"^(《[^》]+》\S*) (\S+?)：(.+)$")  # 《title》[其二] author：lines
 SPEECH = re.compile(r"^([A-Z][A-Z'\- ]*[A-Z]): (.+)$")  # SPEAKER: speech
 CLAUSE_END = re.compile(r"[，。？！；：、]")
@@ -55,7 +64,7 @@ EXCERPT_LINE_CHARS = 5  # the next-line excerpts: three five-character lines fit
 MAX_TITLE_CHARS = 16
 EXCERPT_WORDS = 6  # opening words of each speech shown in a speaker prompt
 QUOTE_WORDS = 3  # of which the question quotes the first three
-OUTPUT_FILES = ("sft_data.json", "sft_test.json", "rlhf_pairwise.json", "rlhf_pairwise_test.json")
+OUTPUT_FILES = ("sft_data.json", "sft_test.json", "chat_test.json", "rlhf_pairwise.json", "rlhf_pairwise_test.json")
 RL_FILE = "rlvf_prompts.json"  # written only with --arithmetic_rl > 0
 CONTEXT = 64  # the default pretrained model's context: every prompt + answer (+ <s>, </s>) fits it
 VOCAB_SIZE = 8192  # the tokenizer `python pretrain_trainer.py` trains on the same corpus
@@ -90,6 +99,8 @@ class Sizes:
     excerpts_per_poem: int = 1000  # every excerpt of every poem (the corpus has 347 poems)
     mixed_excerpts_train: int = 3000  # + excerpts whose lines come from different train poems (two prompts each)
     all_wrong_sums: bool = True  # plus every other wrong answer of every train example (a reward model needs them)
+    chat_sums_train: int = 3000  # train sums that also open a three-turn dialogue in sft_data.json
+    chat_sums_test: int = 300  # held-out sums that open a dialogue in chat_test.json
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -258,11 +269,15 @@ def _speaker(rng: random.Random, speeches: Sequence[tuple[str, str] | None], ind
 
 # ----------------------------------------------------------------------------- assembly
 
-def context_fit(corpus: Path) -> Fits:
-    """Whether an example (its prompt with the longest of its answers) fits the default model's context, measured
-    with the tokenizer `python pretrain_trainer.py` trains on the same corpus (deterministic, ~2 s)."""
+def context_tokenizer(corpus: Path) -> ByteLevelBPETokenizer:
+    """The tokenizer `python pretrain_trainer.py` trains on the same corpus (deterministic, ~2 s)."""
     tokenizer = ByteLevelBPETokenizer(vocab_size=VOCAB_SIZE)
     tokenizer.train(read_documents(corpus), show_progress=False)
+    return tokenizer
+
+
+def context_fit(tokenizer: ByteLevelBPETokenizer) -> Fits:
+    """Whether an example (its prompt with the longest of its answers) fits the default model's context."""
 
     def fits(example: Example) -> bool:
         longest = max(len(tokenizer.encode_ordinary(SFT_TEMPLATE.format(instruction=example.instruction, response=a)))
@@ -272,13 +287,13 @@ def context_fit(corpus: Path) -> Fits:
     return fits
 
 
-def build_examples(corpus: Path, seed: int,
+def build_examples(corpus: Path, seed: int, tokenizer: ByteLevelBPETokenizer,
                    sizes: Sizes = Sizes()) -> tuple[list[Example], list[Example], list[Example]]:
     """(train examples, test examples) of every family, each list shuffled with the seed, and the mixed next-line
     excerpts for training (their own generator: the other examples are what they were without them)."""
     rng = random.Random(seed)
     poems, speeches = read_corpus(corpus)
-    fits = context_fit(corpus)
+    fits = context_fit(tokenizer)
     arith_train, arith_test = arithmetic_examples(rng, sizes)
     poems_train, poems_test = split_poems(rng, poems, sizes)
     speaker_train, speaker_test = speaker_examples(rng, speeches, sizes, fits)
@@ -300,6 +315,41 @@ def split_rl_sums(train: Sequence[Example], sizes: Sizes) -> tuple[list[Example]
     sums = [i for i, e in enumerate(train) if e.task == "arithmetic"]
     rl = set(sums[len(sums) - sizes.arithmetic_rl:])
     return [e for i, e in enumerate(train) if i not in rl], [train[i] for i in sorted(rl)]
+
+
+def surname(poet: str) -> str:
+    return poet[:2] if poet[:2] in COMPOUND_SURNAMES else poet[0]
+
+
+def dialogues(examples: Sequence[Example], rng: random.Random, max_sums: int) -> list[dict]:
+    """Conversations whose later answers depend on the earlier ones: a sum (of the first ``max_sums`` sums) then
+    ``再加 c 呢？`` and ``再减 d 呢？`` on the running total; a poem's author then ``这位诗人姓什么？``."""
+    out, sums = [], 0
+    for e in examples:
+        if e.task == "arithmetic" and sums < max_sums:
+            sums += 1
+            total = int(e.response)
+            add = rng.randint(1, 20)
+            sub = rng.randint(1, total + add)
+            turns = [(e.instruction, e.response), (ADD_PROMPT.format(n=add), str(total + add)),
+                     (SUB_PROMPT.format(n=sub), str(total + add - sub))]
+            out.append({"messages": conversation(turns), "task": "arithmetic_chat"})
+        elif e.task == "poem_author" and e.response not in ANONYMOUS:
+            turns = [(e.instruction, e.response), (SURNAME_PROMPT, surname(e.response))]
+            out.append({"messages": conversation(turns), "task": "author_chat"})
+    return out
+
+
+def conversation(turns: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
+    return [m for user, answer in turns for m in ({"role": "user", "content": user},
+                                                   {"role": "assistant", "content": answer})]
+
+
+def dialogue_fit(tokenizer: ByteLevelBPETokenizer) -> Callable[[dict], bool]:
+    """Whether a conversation fits the default model's context in the chat format (<s>, and per message a role
+    token, its text and <|end|> or </s>)."""
+    return lambda record: 1 + sum(2 + len(tokenizer.encode_ordinary(m["content"]))
+                                  for m in record["messages"]) <= CONTEXT
 
 
 def sft_records(examples: Sequence[Example]) -> list[dict[str, str]]:
@@ -337,8 +387,9 @@ def write_json(path: Path, records: list[dict[str, str]]) -> None:
 
 
 def build(corpus: Path, output_dir: Path, seed: int, sizes: Sizes = Sizes()) -> dict[str, Counter]:
-    """Write the four files (five with ``arithmetic_rl``); returns the number of records per task family in each."""
-    train, test, mixed = build_examples(corpus, seed, sizes)
+    """Write the five files (six with ``arithmetic_rl``); returns the number of records per task family in each."""
+    tokenizer = context_tokenizer(corpus) if corpus.is_file() else None  # read_corpus names a missing file
+    train, test, mixed = build_examples(corpus, seed, tokenizer, sizes)
     train, rl_sums = split_rl_sums(train, sizes)
     rng = random.Random(seed + 1)
     train_pairs = pairwise_records(train, rng, sizes.pairwise_arithmetic)
@@ -350,7 +401,13 @@ def build(corpus: Path, output_dir: Path, seed: int, sizes: Sizes = Sizes()) -> 
     mixing.shuffle(train_pairs)
     train = [*train, *mixed]
     mixing.shuffle(train)
-    files = {"sft_data.json": sft_records(train), "sft_test.json": sft_records(test),
+    chats = random.Random(seed + 4)  # its own generator: the files above stay as they were
+    fits = dialogue_fit(tokenizer)
+    train_chats = [r for r in dialogues(train, chats, sizes.chat_sums_train) if fits(r)]
+    test_chats = [r for r in dialogues(test, chats, sizes.chat_sums_test) if fits(r)]
+    sft_train = sft_records(train) + train_chats
+    chats.shuffle(sft_train)
+    files = {"sft_data.json": sft_train, "sft_test.json": sft_records(test), "chat_test.json": test_chats,
              "rlhf_pairwise.json": train_pairs, "rlhf_pairwise_test.json": test_pairs}
     if rl_sums:
         files[RL_FILE] = sft_records(rl_sums)
@@ -388,6 +445,10 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--speaker_train", type=count, default=Sizes.speaker_train,
                    help="speaker examples in the train split")
     p.add_argument("--speaker_test", type=count, default=Sizes.speaker_test, help="speaker examples in the test split")
+    p.add_argument("--chat_sums_train", type=count, default=Sizes.chat_sums_train,
+                   help="train sums that also open a three-turn arithmetic dialogue in sft_data.json")
+    p.add_argument("--chat_sums_test", type=count, default=Sizes.chat_sums_test,
+                   help="held-out sums that open a dialogue in chat_test.json (at most --arithmetic_test)")
     p.add_argument("--mixed_excerpts_train", type=count, default=Sizes.mixed_excerpts_train,
                    help="next-line excerpts of lines from different train poems (two prompts each) added to the "
                         "train split: the real excerpts are too few to learn the copy from")
@@ -399,7 +460,8 @@ def sizes_of(args: argparse.Namespace) -> Sizes:
     return Sizes(arithmetic_train=args.arithmetic_train, arithmetic_test=args.arithmetic_test,
                  arithmetic_rl=args.arithmetic_rl, pairwise_arithmetic=args.pairwise_arithmetic,
                  speaker_train=args.speaker_train, speaker_test=args.speaker_test,
-                 mixed_excerpts_train=args.mixed_excerpts_train, all_wrong_sums=not args.one_wrong_answer_per_sum)
+                 mixed_excerpts_train=args.mixed_excerpts_train, all_wrong_sums=not args.one_wrong_answer_per_sum,
+                 chat_sums_train=args.chat_sums_train, chat_sums_test=args.chat_sums_test)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
