@@ -35,7 +35,8 @@ from devices import DTYPE_CHOICES, autocast_context, resolve_device, resolve_dty
 from metrics import (bits_per_byte, confusion_matrix, exact_match, pairwise_accuracy, perplexity, precision_recall,
                      sum_nll)
 from model_heads import GPTClassifier
-from prompts import SFT_TEMPLATE, encode_prompt, fit, max_prompt_len, record_prompt_ids, record_reference
+from prompts import (SFT_TEMPLATE, encode_prompt, fit, max_prompt_len, record_messages, record_prompt_ids,
+                     record_reference, render_prompt)
 from quantization import weight_count
 from readers import (jsonl_holds_records, load_classification_records, load_preference_records, load_sft_records,
                      read_documents)
@@ -223,6 +224,11 @@ class GPTEvaluator:
         scores = {}
         if reward_model is not None:
             scores["reward_score"] = mean_reward_score(reward_model, self.tokenizer, prompts, predictions, self.device)
+        dialogues = [r for r in records if sum(m.get("role") == "assistant" for m in r.get("messages", ())) > 1]
+        if dialogues:  # every turn of multi-turn records, with the model's own earlier answers and with the references
+            scores["dialogue"] = {
+                "own_history": self.dialogue_exact_match(dialogues, True, max_gen_len, batch_size),
+                "teacher_forced": self.dialogue_exact_match(dialogues, False, max_gen_len, batch_size)}
         return {"loss": total_nll / n_tokens, "perplexity": perplexity(total_nll, n_tokens), "n_tokens": n_tokens,
                 "n_samples": len(records),
                 **exact_match_by_task(predictions, records), **scores,
@@ -233,6 +239,25 @@ class GPTEvaluator:
                 "examples": [{"prompt": self.tokenizer.decode(p[1:], skip_special_tokens=False), "reference": r,
                               "prediction": g}
                              for p, r, g in list(zip(prompts, references, predictions))[:n_examples]]}
+
+    def dialogue_exact_match(self, records: Sequence[dict], own_history: bool = True, max_gen_len: int = 16,
+                             batch_size: int = 64) -> dict[str, float]:
+        """Greedy exact match of every assistant turn of conversations, per turn ("turn2") and per task and turn.
+
+        ``own_history``: earlier turns hold the model's own answers, as in a chat; else the references
+        (teacher-forced history)."""
+        conversations = [record_messages(r) for r in records]
+        answers = [[m["content"] for m in c if m["role"] == "assistant"] for c in conversations]
+        predicted: list[list[str]] = [[] for _ in conversations]
+        for turn in range(max(map(len, answers), default=0)):
+            rows = [i for i, a in enumerate(answers) if len(a) > turn]
+            prompts = [render_prompt(self.tokenizer, history_before(conversations[i], turn,
+                                                                    predicted[i] if own_history else None),
+                                     self.template).ids for i in rows]
+            for i, p in zip(rows, self.generate_predictions(prompts, max_gen_len=max_gen_len, do_sample=False,
+                                                            batch_size=batch_size, min_new_tokens=1)):
+                predicted[i].append(p)
+        return turn_exact_match(predicted, answers, [r.get("task") for r in records])
 
     def response_nll(self, records: Sequence[dict], batch_size: int = 8) -> tuple[float, int]:
         """Total NLL and number of the response tokens of SFT records (prompt tokens are not scored)."""
@@ -292,6 +317,32 @@ class GPTEvaluator:
         dataset = ClassificationDataset(records, self.tokenizer, self.model.config.max_seq_len, self.model.labels)
         logits, targets = classify_logits(self.model, dataset, batch_size, self.device, self.dtype)
         return classification_metrics(targets, logits.argmax(-1), self.model.labels)
+
+
+def turn_exact_match(predicted: Sequence[Sequence[str]], answers: Sequence[Sequence[str]],
+                     tasks: Sequence[str | None]) -> dict[str, float]:
+    """{"turn1": ..., "<task>/turn1": ...}: exact match of each assistant turn, overall and per task."""
+    out = {}
+    for turn in range(max(map(len, answers), default=0)):
+        for task in [None, *sorted({t for t in tasks if isinstance(t, str)})]:
+            rows = [i for i, a in enumerate(answers) if len(a) > turn and task in (None, tasks[i])]
+            if rows:
+                out[f"{task + '/' if task else ''}turn{turn + 1}"] = exact_match(
+                    [predicted[i][turn] for i in rows], [answers[i][turn] for i in rows])
+    return out
+
+
+def history_before(messages: Sequence[dict], turn: int, own: Sequence[str] | None) -> list[dict]:
+    """The messages before assistant turn ``turn`` (0-based), earlier answers replaced by ``own`` when given."""
+    out, seen = [], 0
+    for message in messages:
+        if message["role"] == "assistant":
+            if seen == turn:
+                break
+            message = {**message, "content": own[seen]} if own is not None else message
+            seen += 1
+        out.append(message)
+    return out
 
 
 def exact_match_by_task(predictions: Sequence[str], records: Sequence[dict]) -> dict[str, float]:

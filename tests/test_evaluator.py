@@ -434,3 +434,28 @@ def test_best_of_n_with_verifiers_keeps_a_sample_that_verifies(tiny_config, tiny
     records = [{"response": "42", "task": "arithmetic"}, {"response": "JULIET", "task": "speaker"}]
     picks = ev.best_of_n_predictions(["p", "q"], 3, reward_model=None, records=records)
     assert picks == ["答案是 42。", "JULIET"]  # the first that verifies (math reads the number; exact matches)
+
+
+def test_dialogues_are_scored_per_turn_with_own_or_reference_history(tiny_tokenizer, monkeypatch):
+    from prompts import CHAT_TEMPLATE
+
+    tok = tiny_tokenizer
+    ev = GPTEvaluator(BigramModel(torch.zeros(len(tok), len(tok))), tok, show_progress=False, template=CHAT_TEMPLATE)
+    seen: list[str] = []
+
+    def always_42(prompts, **_):  # a "model" that answers 42 to everything, recording what it was shown
+        seen.extend(tok.decode(p, skip_special_tokens=False) for p in prompts)
+        return ["42"] * len(prompts)
+
+    monkeypatch.setattr(ev, "generate_predictions", always_42)
+    chat = lambda *turns: [m for u, a in turns for m in ({"role": "user", "content": u},  # noqa: E731
+                                                          {"role": "assistant", "content": a})]
+    records = [{"messages": chat(("1+41?", "42"), ("+8?", "50")), "task": "a"},
+               {"messages": chat(("3+4?", "7"), ("+35?", "42"), ("+0?", "42")), "task": "b"}]
+    own = ev.dialogue_exact_match(records, own_history=True)
+    assert own == {"turn1": 0.5, "a/turn1": 1.0, "b/turn1": 0.0, "turn2": 0.5, "a/turn2": 0.0, "b/turn2": 1.0,
+                   "turn3": 1.0, "b/turn3": 1.0}
+    assert "<|user|>3+4?<|end|><|assistant|>42</s><|user|>+35?<|end|><|assistant|>" in "\n".join(seen)
+    seen.clear()
+    ev.dialogue_exact_match(records, own_history=False)
+    assert "<|user|>3+4?<|end|><|assistant|>7</s><|user|>+35?<|end|><|assistant|>" in "\n".join(seen)
