@@ -27,8 +27,27 @@ from prompts import prompt_response_ids
 from transformer_components import KVCache, KVCacheView
 
 
+MAX_LOGPROBS = 20  # OpenAI's most top_logprobs
+
+
 class DecodingError(ValueError):
     """Bad generation input: sampling settings, prompts, or more sequences than free slots."""
+
+
+def token_logprobs(requests: Sequence[Request], logits: torch.Tensor,
+                   tokens: torch.Tensor) -> list[tuple[float | None, tuple[tuple[int, float], ...] | None]]:
+    """(log-prob of the chosen token, its top-k (id, log-prob)) per row under the raw model (temperature 1, no
+    filter, as OpenAI reports them); (None, None) for the rows that did not ask. Computed only when one did."""
+    wanted = [r.params.logprobs for r in requests]
+    if all(k is None for k in wanted):
+        return [(None, None)] * len(requests)
+    logp = logits.float().log_softmax(dim=-1)
+    chosen = logp.gather(1, tokens[:, None]).squeeze(1).tolist()
+    k = max(w for w in wanted if w is not None)
+    values, ids = logp.topk(k, dim=-1) if k else (logp[:, :0], tokens[:, None][:, :0])
+    values, ids = values.tolist(), ids.tolist()
+    return [(None, None) if w is None else (chosen[i], tuple(zip(ids[i][:w], values[i][:w])))
+            for i, w in enumerate(wanted)]
 
 
 # ----------------------------------------------------------------------------- batch helpers
@@ -105,6 +124,7 @@ class SamplingParams:
     seed: int | None = None
     eos_token_id: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: none; k >= 0: each token's log-prob and the k most likely (raw model)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -123,6 +143,8 @@ class SamplingParams:
             raise DecodingError(f"top_p must be in (0, 1], got {self.top_p}")
         if not self.repetition_penalty > 0:
             raise DecodingError(f"repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty}")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise DecodingError(f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 
 
 # ----------------------------------------------------------------------------- streaming text
@@ -190,12 +212,15 @@ class Request:
 
 
 class StepOutput(NamedTuple):
-    """One new token of one request: its id, the text it completed (may be empty) and whether the request ended."""
+    """One new token of one request: its id, the text it completed (may be empty) and whether the request ended;
+    with ``SamplingParams.logprobs``, its log-prob and the most likely (id, log-prob) pairs under the raw model."""
 
     request: Request
     token_id: int
     text: str
     finished: bool
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] | None = None
 
 
 class DecodeEngine:
@@ -283,9 +308,30 @@ class DecodeEngine:
         requests = [self._new_request(ids, p, slot, generator) for ids, p, slot in zip(prompts, params, free)]
         if not requests:
             return []
-        logits = self.prefill([r.slot for r in requests], [r.prompt_ids for r in requests])
+        logits = self._prefill_distinct(requests)
         self._pending.extend(self._emit(requests, logits))
         return requests
+
+    def _prefill_distinct(self, requests: list[Request]) -> torch.Tensor:
+        """``prefill`` computing each distinct prompt once: a request whose prompt equals an earlier one's (the n
+        samples of one prompt) gets a copy of that slot's keys and values; logits (B, V) in request order."""
+        first: dict[tuple[int, ...], int] = {}
+        source = [first.setdefault(tuple(r.prompt_ids), i) for i, r in enumerate(requests)]
+        unique = sorted(set(source))
+        logits = self.prefill([requests[i].slot for i in unique], [requests[i].prompt_ids for i in unique])
+        for i, src in enumerate(source):
+            if src != i:
+                self._copy_slot(requests[src].slot, requests[i].slot)
+        row = {i: n for n, i in enumerate(unique)}
+        return logits[torch.tensor([row[src] for src in source], device=logits.device)]
+
+    def _copy_slot(self, src: int, dst: int) -> None:
+        if self.cache is not None:
+            for keys, values in zip(self.cache.keys, self.cache.values):
+                if keys is not None:
+                    keys[dst] = keys[src]
+                    values[dst] = values[src]
+        self.lengths[dst] = self.lengths[src]
 
     def _check_prompt(self, ids: Sequence[int]) -> None:
         if len(ids) == 0:
@@ -409,10 +455,12 @@ class DecodeEngine:
         self._last_tokens[slots] = tokens
         if self._seen is not None:
             self._seen[slots, tokens] = True
+        scored = token_logprobs(requests, logits, tokens)
         # The one host sync per step: EOS, stop strings and streaming need the ids on the host.
-        return [self._record(r, token) for r, token in zip(requests, tokens.tolist())]
+        return [self._record(r, token, *lp) for r, token, lp in zip(requests, tokens.tolist(), scored)]
 
-    def _record(self, request: Request, token: int) -> StepOutput:
+    def _record(self, request: Request, token: int, logprob: float | None = None,
+                top: tuple[tuple[int, float], ...] | None = None) -> StepOutput:
         params = request.params
         request.output_ids.append(token)
         text, reason = "", None
@@ -433,7 +481,7 @@ class DecodeEngine:
         if reason is not None:
             request.finish_reason = reason
             self._free(request)
-        return StepOutput(request, token, text, reason is not None)
+        return StepOutput(request, token, text, reason is not None, logprob, top)
 
     # -- drivers
 
@@ -465,6 +513,22 @@ class DecodeEngine:
             for out in self.step():
                 if out.request is request and out.text:
                     yield out.text
+
+
+def token_logprobs(requests: Sequence[Request], logits: torch.Tensor,
+                   tokens: torch.Tensor) -> list[tuple[float | None, tuple[tuple[int, float], ...] | None]]:
+    """(log-prob of the chosen token, its top-k (id, log-prob)) per row under the raw model (temperature 1, no
+    filter, as OpenAI reports them); (None, None) for the rows that did not ask. Computed only when one did."""
+    wanted = [r.params.logprobs for r in requests]
+    if all(k is None for k in wanted):
+        return [(None, None)] * len(requests)
+    logp = logits.float().log_softmax(dim=-1)
+    chosen = logp.gather(1, tokens[:, None]).squeeze(1).tolist()
+    k = max(w for w in wanted if w is not None)
+    values, ids = logp.topk(k, dim=-1) if k else (logp[:, :0], tokens[:, None][:, :0])
+    values, ids = values.tolist(), ids.tolist()
+    return [(None, None) if w is None else (chosen[i], tuple(zip(ids[i][:w], values[i][:w])))
+            for i, w in enumerate(wanted)]
 
 
 # ----------------------------------------------------------------------------- batch helpers

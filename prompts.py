@@ -15,8 +15,9 @@ Models trained before it keep their template (``### 指令:{instruction}\n### �
 
 Every caller (the trainers' datasets, RL rollouts, the evaluator, best-of-N, the chat CLI, the server, the
 benchmarks) goes through here, so a model always sees at inference exactly the prompt format it was trained on.
-Truncation has one rule with two outcomes, chosen by the caller: ``"truncate"`` keeps ``<s>`` and the end of the text
-(a chat drops its oldest turns first), ``"error"`` raises ``PromptTooLong`` (the server answers 422 with it).
+Truncation has one rule with two outcomes, chosen by the caller: a conversation first loses its oldest turns (the
+system message stays); then ``"truncate"`` keeps ``<s>`` and the end of the text, ``"error"`` raises
+``PromptTooLong`` (the server answers 422 with it).
 
 No torch: the tokenizer is any object with ``bos_token_id``, ``eos_token_id`` and ``encode_ordinary``.
 """
@@ -257,8 +258,8 @@ def render_prompt(tokenizer, messages: Sequence, template: str = CHAT_TEMPLATE, 
                   on_overflow: Overflow = "truncate") -> Rendered:
     """A conversation to answer next (ending with a user message) as the model was trained to read it.
 
-    Too long for ``limit``: "truncate" drops the oldest turns, keeping the system message (then, with one turn
-    left, keeps the tail of what is left), "error" raises ``PromptTooLong``."""
+    Too long for ``limit``: the oldest turns are dropped, the system message kept; if the last turn alone is still
+    too long, "truncate" keeps the tail of what is left and "error" raises ``PromptTooLong``."""
     check_template(template, tokenizer)
     head, turns = _turns(messages)
     if not turns or turns[-1][-1][0] == "assistant":
@@ -266,7 +267,7 @@ def render_prompt(tokenizer, messages: Sequence, template: str = CHAT_TEMPLATE, 
     dropped = 0
     while True:
         ids, _ = _render(tokenizer, head, turns, template, generation_prompt=True)
-        if limit is None or len(ids) <= limit or len(turns) == 1 or on_overflow == "error":
+        if limit is None or len(ids) <= limit or len(turns) == 1:
             return Rendered(fit(ids, limit, on_overflow, what="conversation"), dropped)
         turns, dropped = turns[1:], dropped + 1
 

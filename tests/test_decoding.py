@@ -242,3 +242,42 @@ def test_top_k_sampling_draws_from_the_top_k_softmax(model):
     assert set(first) <= set(top.indices.tolist())
     counts = torch.tensor([first.count(int(i)) for i in top.indices], dtype=torch.float) / len(first)
     assert torch.allclose(counts, expected, atol=0.06), (counts, expected)
+
+
+def test_samples_of_one_prompt_share_one_prefill_and_match_running_alone(model, monkeypatch):
+    engine = DecodeEngine(model, n_slots=4)
+    rows = []
+    original = engine.prefill
+    monkeypatch.setattr(engine, "prefill", lambda slots, prompts: rows.append(len(prompts)) or original(slots, prompts))
+    seeds = [SamplingParams(max_new_tokens=12, temperature=1.3, repetition_penalty=1.1, seed=s) for s in (3, 4, 5)]
+    requests = engine.add_many([PROMPTS[1]] * 3 + [PROMPTS[2]], [*seeds, GREEDY])
+    while engine.has_work:
+        engine.step()
+    assert rows == [2]  # two distinct prompts computed, the other two samples copied their keys and values
+    for request, params in zip(requests, seeds):
+        assert request.output_ids == alone(model, PROMPTS[1], params)
+    assert requests[3].output_ids == alone(model, PROMPTS[2], GREEDY)
+    assert len({tuple(r.output_ids) for r in requests[:3]}) > 1  # the seeds differ, so do the samples
+
+
+def test_logprobs_are_the_raw_models_log_softmax_at_each_step(model):
+    params = SamplingParams(max_new_tokens=6, temperature=1.7, top_k=5, seed=0, logprobs=3)
+    engine = DecodeEngine(model, n_slots=2)
+    request = engine.add(PROMPTS[0], params)
+    engine.add(PROMPTS[1], GREEDY)  # a neighbour without logprobs gets none
+    outputs = []
+    while engine.has_work:
+        outputs += engine.step()
+    mine = [o for o in outputs if o.request is request]
+    assert all(o.logprob is None and o.top_logprobs is None for o in outputs if o.request is not request)
+    ids = list(PROMPTS[0]) + request.output_ids
+    with torch.no_grad():
+        logp = model(torch.tensor([ids]))["logits"][0].log_softmax(-1)
+    for i, out in enumerate(mine):
+        row = logp[len(PROMPTS[0]) - 1 + i]
+        assert out.logprob == pytest.approx(float(row[out.token_id]), abs=1e-4)
+        values, top = row.topk(3)
+        assert [t for t, _ in out.top_logprobs] == top.tolist()
+        assert [v for _, v in out.top_logprobs] == pytest.approx(values.tolist(), abs=1e-4)
+    with pytest.raises(DecodingError, match="logprobs"):
+        SamplingParams(logprobs=21)

@@ -169,8 +169,9 @@ def test_the_older_template_writes_each_turn_as_an_sft_sample_with_the_system_te
     short = render_prompt(tok, messages, SFT_TEMPLATE, limit=len(ids) - 1)
     assert short.ids == [tok.bos_token_id, *tok.encode_ordinary(build_sft_prompt("S\nand you?"))]
     assert short.dropped_turns == 1
-    with pytest.raises(PromptTooLong, match="conversation has"):
-        render_chat(tok, messages, SFT_TEMPLATE, limit=len(ids) - 1, on_overflow="error")
+    assert render_prompt(tok, messages, SFT_TEMPLATE, limit=len(ids) - 1, on_overflow="error") == short
+    with pytest.raises(PromptTooLong, match="conversation has"):  # the last turn alone does not fit either
+        render_chat(tok, messages, SFT_TEMPLATE, limit=len(short.ids) - 1, on_overflow="error")
     objects = [type("Message", (), m)() for m in messages]  # pydantic-style objects render the same
     assert render_chat(tok, objects, SFT_TEMPLATE) == ids
     sample = render_sample(tok, [*messages, {"role": "assistant", "content": "fine"}], SFT_TEMPLATE, 256)
