@@ -41,18 +41,18 @@ from checkpoints import checkpoint_metadata
 from cli import UsageError, run_cli
 from decoding import SamplingParams, candidate_seeds
 from inference.engine_worker import Job, QueueFull
-from inference.openai_format import (DONE, APIError, EventStream, OpenAIReply, error_body, error_event, finish_reason,
-                                     sse, usage, validation_message)
-from inference.schemas import (ChatMessage, ChatRequest, CompletionRequest, GenerateRequest, GenerateResponse,
-                               OpenAIRequest, Schemas, build_schemas)
+from inference.openai_format import (DONE, APIError, EventStream, OpenAIReply, chat_logprobs, completion_logprobs,
+                                     error_body, error_event, finish_reason, sse, usage, validation_message)
+from inference.schemas import (ChatMessage, ChatRequest, CompletionRequest, DetokenizeRequest, GenerateRequest,
+                               GenerateResponse, OpenAIRequest, Schemas, TokenizeRequest, build_schemas)
 from inference.server_metrics import Metrics
 from inference.serving import ServedModel, check_reward_checkpoint, load_served_model, score_candidates
 from inference.settings import Settings
-from prompts import encode_prompt, render_chat
+from prompts import PromptTooLong, Rendered, encode_prompt, max_prompt_len, render_prompt, render_sample
 
 log = logging.getLogger("inference.api_service")  # not __name__: that is "__main__" under `python -m`
 ENDPOINTS = ("/health", "/generate", "/v1/completions", "/v1/chat/completions", "/v1/models", "/metrics",
-             "/docs", "/openapi.json")
+             "/tokenize", "/detokenize", "/docs", "/openapi.json")
 
 
 # ----------------------------------------------------------------------------- the app's state
@@ -124,7 +124,7 @@ async def generate(body: GenerateRequest, request: Request):
     params = sampling(service.settings, s, body, ids, body.max_gen_len)
     n = candidates(body, params)
     if not body.stream:
-        job, text = await best_of(service, s, ids, body.prefix, params, n, request)
+        job, text = await best_of(service, s, ids, params, n, request)
         return GenerateResponse(prefix=body.prefix, generated_text=text, num_tokens=job.num_tokens,
                                 finish_reason=job.finish_reason,
                                 latency_ms=round(1000 * (time.perf_counter() - job.arrival), 3))
@@ -142,11 +142,42 @@ async def completions(body: CompletionRequest, request: Request):
 async def chat_completions(body: ChatRequest, request: Request):
     service = service_of(request)
     s = service.ready()
-    ids = chat_ids(s, body.messages)
-    limit = body.max_tokens or body.max_completion_tokens
-    if limit is None:
-        limit = max(1, min(service.settings.max_new_tokens, s.context - len(ids)))
-    return await openai_response(service, s, body, request, ids, limit, chat=True)
+    settings = service.settings
+    wanted = body.max_tokens or body.max_completion_tokens
+    room = s.context - wanted if wanted else max_prompt_len(s.context, settings.max_new_tokens)
+    prompt = chat_prompt(s, body.messages, max(1, min(room, settings.max_prompt_tokens or s.context - 1)))
+    limit = wanted or max(1, min(settings.max_new_tokens, s.context - len(prompt.ids)))
+    answer = await openai_response(service, s, body, request, prompt.ids, limit, True, prompt.dropped_turns)
+    headers = {"X-Dropped-Turns": str(prompt.dropped_turns)}  # the oldest turns left out to fit the context
+    if isinstance(answer, EventStream):
+        answer.headers.update(headers)
+        return answer
+    return JSONResponse(answer, headers=headers)
+
+
+async def tokenize(body: TokenizeRequest, request: Request):
+    """vLLM's /tokenize: the ids generation would see (a chat's with no turn dropped)."""
+    s = service_of(request).ready()
+    if body.messages is not None and body.add_generation_prompt:
+        if body.messages[-1].role != "user":
+            raise APIError(422, "add_generation_prompt needs the last message to be the user's")
+        ids = chat_prompt(s, body.messages, 1 << 30).ids
+    elif body.messages is not None:  # a whole conversation, as a training sample holds it
+        sample = render_sample(s.tokenizer, body.messages, s.template, max_seq_len=1 << 30)
+        if sample is None:
+            raise APIError(422, "without add_generation_prompt the messages must hold an assistant answer")
+        ids = sample.input_ids
+    else:
+        ids = prompt_ids(s, body.prompt) if body.add_special_tokens else s.tokenizer.encode_ordinary(body.prompt)
+    return {"count": len(ids), "max_model_len": s.context, "tokens": ids}
+
+
+async def detokenize(body: DetokenizeRequest, request: Request):
+    """vLLM's /detokenize: the text of token ids, special tokens written out."""
+    s = service_of(request).ready()
+    if any(not 0 <= t < s.vocab_size for t in body.tokens):
+        raise APIError(422, f"token ids must be in [0, {s.vocab_size})")
+    return {"prompt": s.tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
 
 async def models(request: Request):
@@ -166,10 +197,14 @@ def prompt_ids(s: ServedModel, text: str) -> list[int]:
         raise APIError(422, f"the prompt cannot be encoded: {err}") from None
 
 
-def chat_ids(s: ServedModel, messages: Sequence[ChatMessage]) -> list[int]:
-    """The conversation rendered by prompts.render_chat (as SFT samples are written)."""
+def chat_prompt(s: ServedModel, messages: Sequence[ChatMessage], limit: int) -> Rendered:
+    """The conversation as the model was trained to read it (prompts.render_prompt), its oldest turns dropped until
+    it fits ``limit`` tokens; a last turn that alone does not fit is a 422."""
     try:
-        return render_chat(s.tokenizer, messages, s.template)
+        return render_prompt(s.tokenizer, messages, s.template, limit, on_overflow="error")
+    except PromptTooLong as err:
+        raise APIError(422, f"{err}, even with only the system message and the last turn: shorten the last "
+                            "message or ask for fewer max_tokens") from None
     except ValueError as err:  # PromptError, or text that cannot be UTF-8 encoded
         raise APIError(422, f"the messages cannot be encoded: {err}") from None
 
@@ -188,7 +223,8 @@ def sampling(settings: Settings, s: ServedModel, body: GenerateRequest | OpenAIR
         raise APIError(422, f"top_k must be at most the vocabulary size {s.vocab_size}, got {body.top_k}")
     return SamplingParams(max_new_tokens=max_new, do_sample=body.temperature > 0, temperature=body.temperature or 1.0,
                           top_k=body.top_k, top_p=body.top_p, repetition_penalty=body.repetition_penalty,
-                          seed=body.seed, eos_token_id=s.tokenizer.eos_token_id, stop=tuple(body.stop or ()))
+                          seed=body.seed, eos_token_id=s.tokenizer.eos_token_id, stop=tuple(body.stop or ()),
+                          logprobs=getattr(body, "wanted_logprobs", None))
 
 
 def candidates(body: GenerateRequest | OpenAIRequest, params: SamplingParams) -> int:
@@ -282,7 +318,7 @@ async def collect(service: Service, s: ServedModel, jobs: list[Job], request: Re
     return work.result()
 
 
-async def best_of(service: Service, s: ServedModel, ids: list[int], prompt: str, params: SamplingParams, n: int,
+async def best_of(service: Service, s: ServedModel, ids: list[int], params: SamplingParams, n: int,
                   request: Request) -> tuple[Job, str]:
     """A non-streamed answer: the one sequence, or the highest scored of n candidates sampled together (each
     with its own seed from candidate_seeds), scored in the scorer thread."""
@@ -308,15 +344,17 @@ async def chain(first: Sequence[bytes], rest: AsyncIterator[bytes]) -> AsyncIter
         yield chunk
 
 
-async def event_stream(s: ServedModel, job: Job, events: AsyncIterator[bytes], head: int = 1) -> EventStream:
-    """The SSE response of a job, once its first `head` events are out (the last of them the job's first), so
-    queueing errors and timeouts still get their status code; however the response ends, the job stops."""
+async def event_stream(s: ServedModel, jobs: Job | list[Job], events: AsyncIterator[bytes],
+                       head: int = 1) -> EventStream:
+    """The SSE response of jobs, once their first `head` events are out (the last of them a job's first), so
+    queueing errors and timeouts still get their status code; however the response ends, the jobs stop."""
+    jobs = [jobs] if isinstance(jobs, Job) else jobs
     first = [await events.__anext__() for _ in range(head)]
     error = json.loads(first[-1][len("data: "):]).get("error")
     if error:
         await events.aclose()
         raise APIError(error["code"], error["message"])
-    return EventStream(chain(first, events), on_close=lambda: s.worker.cancel(job))
+    return EventStream(chain(first, events), on_close=lambda: [s.worker.cancel(job) for job in jobs])
 
 
 async def generate_events(service: Service, s: ServedModel, job: Job) -> AsyncIterator[bytes]:
@@ -330,35 +368,99 @@ async def generate_events(service: Service, s: ServedModel, job: Job) -> AsyncIt
             yield sse({"finish_reason": value, "num_tokens": job.num_tokens})
 
 
+async def sample_n(service: Service, s: ServedModel, ids: list[int], params: SamplingParams, n: int,
+                   request: Request) -> tuple[list[Job], list[str]]:
+    """OpenAI's n: n choices, each with its own seed (candidate_seeds), admitted together (one prefill)."""
+    jobs = [Job(ids, replace(params, seed=seed), asyncio.get_running_loop())
+            for seed in candidate_seeds(params.seed, n)]
+    enqueue(s, jobs)
+    return jobs, await collect(service, s, jobs, request)
+
+
+def logprobs_of(s: ServedModel, job: Job, chat: bool, start: int = 0, end: int | None = None,
+                offset: int = 0) -> dict | None:
+    """The OpenAI logprobs of the job's tokens [start, end) (None when it did not ask); the closing </s> is no text."""
+    if job.params.logprobs is None:
+        return None
+    entries = [e for e in job.logprobs[start:end] if e[0] != s.tokenizer.eos_token_id]
+    return chat_logprobs(s.tokenizer, entries) if chat else completion_logprobs(s.tokenizer, entries, offset)
+
+
 async def openai_response(service: Service, s: ServedModel, body: OpenAIRequest, request: Request, ids: list[int],
-                          max_new: int, chat: bool) -> dict | EventStream:
+                          max_new: int, chat: bool, dropped: int | None = None) -> dict | EventStream:
     """A completion or chat completion, OpenAI format: one body, or chunks ending with `data: [DONE]`."""
     params = sampling(service.settings, s, body, ids, max_new)
-    n = candidates(body, params)
+    best = candidates(body, params)
+    if body.n > 1 and best > 1:
+        raise APIError(422, "n and best_of cannot both be above 1: ask for n choices, or for the best of best_of")
     reply = OpenAIReply.new(s.name, chat)
     if not body.stream:
-        job, text = await best_of(service, s, ids, "" if chat else body.prompt, params, n, request)
-        return reply.body(text, finish_reason(job.finish_reason), usage(len(ids), job.num_tokens))
-    job = submit(s, ids, params)
+        if body.n == 1:
+            job, text = await best_of(service, s, ids, params, best, request)
+            jobs, texts = [job], [text]
+        else:
+            jobs, texts = await sample_n(service, s, ids, params, body.n, request)
+        choices = [reply.choice(i, text, finish_reason(job.finish_reason), logprobs_of(s, job, chat))
+                   for i, (job, text) in enumerate(zip(jobs, texts))]
+        return reply.body(choices, usage(len(ids), sum(j.num_tokens for j in jobs), dropped))
+    jobs = [Job(ids, replace(params, seed=seed), asyncio.get_running_loop())
+            for seed in (candidate_seeds(params.seed, body.n) if body.n > 1 else [params.seed])]
+    enqueue(s, jobs)
     include_usage = bool((body.stream_options or {}).get("include_usage"))
-    events = openai_events(service, s, job, reply, len(ids), include_usage)
-    return await event_stream(s, job, events, head=2 if chat else 1)  # chat: the role chunk, then the first event
+    events = openai_events(service, s, jobs, reply, len(ids), include_usage, dropped)
+    return await event_stream(s, jobs, events, head=len(jobs) + 1 if chat else 1)  # chat: role chunks first
 
 
-async def openai_events(service: Service, s: ServedModel, job: Job, reply: OpenAIReply, n_prompt: int,
-                        include_usage: bool) -> AsyncIterator[bytes]:
+async def merged_events(service: Service, s: ServedModel, jobs: list[Job]) -> AsyncIterator[tuple[int, str, Any]]:
+    """(choice index, kind, value) of several jobs' events as they come; ends at the first error."""
+    if len(jobs) == 1:
+        async for kind, value in job_events(service, s, jobs[0]):
+            yield 0, kind, value
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, job: Job) -> None:
+        async for kind, value in job_events(service, s, job):
+            await queue.put((index, kind, value))
+        await queue.put((index, "end", None))
+
+    tasks = [asyncio.ensure_future(pump(i, job)) for i, job in enumerate(jobs)]
+    try:
+        ended = 0
+        while ended < len(jobs):
+            index, kind, value = await queue.get()
+            ended += kind == "end"
+            if kind != "end":
+                yield index, kind, value
+            if kind == "error":
+                return
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def openai_events(service: Service, s: ServedModel, jobs: list[Job], reply: OpenAIReply, n_prompt: int,
+                        include_usage: bool, dropped: int | None) -> AsyncIterator[bytes]:
+    """The chunks of n streamed choices: each text piece with the logprobs of the tokens it completes."""
     if reply.chat:
-        yield reply.chunk(None, None, role=True)
-    async for kind, value in job_events(service, s, job):
-        if kind == "text":
-            yield reply.chunk(value, None)
-        elif kind == "error":
+        for index in range(len(jobs)):
+            yield reply.chunk(None, None, role=True, index=index)
+    sent, offsets = [0] * len(jobs), [0] * len(jobs)
+    async for index, kind, value in merged_events(service, s, jobs):
+        job = jobs[index]
+        if kind == "error":
             yield error_event(*value)
             return
+        upto = job.logprob_marks.popleft() if kind == "text" and job.logprob_marks else None
+        logprobs = logprobs_of(s, job, reply.chat, sent[index], upto, offsets[index])
+        sent[index] = len(job.logprobs) if upto is None else upto
+        if kind == "text":
+            offsets[index] += len(value)
+            yield reply.chunk(value, None, index=index, logprobs=logprobs)
         else:
-            yield reply.chunk(None, finish_reason(job.finish_reason))
+            yield reply.chunk(None, finish_reason(job.finish_reason), index=index, logprobs=logprobs)
     if include_usage:
-        yield reply.usage_chunk(usage(n_prompt, job.num_tokens))
+        yield reply.usage_chunk(usage(n_prompt, sum(job.num_tokens for job in jobs), dropped))
     yield DONE
 
 
@@ -452,6 +554,8 @@ def add_routes(app: FastAPI, schemas: Schemas) -> None:
     app.add_api_route("/v1/chat/completions", with_body(chat_completions, schemas.chat), methods=post,
                       summary="OpenAI-compatible chat (messages in the checkpoint's SFT template)")
     app.add_api_route("/v1/models", models, methods=get, summary="The one served model, OpenAI format")
+    app.add_api_route("/tokenize", tokenize, methods=post, summary="Token ids of a prompt or messages (vLLM's shape)")
+    app.add_api_route("/detokenize", detokenize, methods=post, summary="Text of token ids (vLLM's shape)")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

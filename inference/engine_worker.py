@@ -40,6 +40,8 @@ class Job:
     finish_reason: str | None = None
     cancelled: bool = False
     observed: bool = True  # its TTFT and latency go to the histograms (not for best_of candidates, timed as one)
+    logprobs: list[tuple[int, float, tuple]] = field(default_factory=list)  # (id, log-prob, top) per token, if asked
+    logprob_marks: deque = field(default_factory=deque)  # per text event: how many logprobs its text covers
 
     def post(self, event: tuple) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -225,7 +227,11 @@ class EngineWorker:
             job.first_token_at = time.perf_counter()
             if job.observed:
                 self.metrics.ttft.observe(job.first_token_at - job.arrival)
+        if out.logprob is not None:  # read by the event loop once this step's events arrive
+            job.logprobs.append((out.token_id, out.logprob, out.top_logprobs))
         if out.text:
+            if out.logprob is not None:
+                job.logprob_marks.append(len(job.logprobs))
             outbox.append((job, ("text", out.text)))
         if out.finished:
             del self._jobs[out.request]

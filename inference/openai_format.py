@@ -64,9 +64,34 @@ class EventStream(StreamingResponse):
             self.on_close()
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int, dropped_turns: int | None = None) -> dict:
+    """OpenAI's usage; a chat's also says how many of its oldest turns were dropped to fit the context."""
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens}
+    return out if dropped_turns is None else {**out, "dropped_turns": dropped_turns}
+
+
+def token_text(tokenizer, token_id: int) -> tuple[str, list[int]]:
+    """A token as OpenAI's logprobs show it: its text (a partial UTF-8 character as U+FFFD) and its bytes."""
+    raw = tokenizer.decode_bytes([token_id], skip_special_tokens=False)
+    return raw.decode("utf-8", errors="replace"), list(raw)
+
+
+def chat_logprobs(tokenizer, entries: Sequence[tuple[int, float, tuple]]) -> dict:
+    """choices[].logprobs of a chat completion: {"content": [{"token", "logprob", "bytes", "top_logprobs"}]}."""
+    def item(token_id: int, logprob: float) -> dict:
+        text, raw = token_text(tokenizer, token_id)
+        return {"token": text, "logprob": logprob, "bytes": raw}
+
+    return {"content": [{**item(t, lp), "top_logprobs": [item(i, v) for i, v in top]} for t, lp, top in entries]}
+
+
+def completion_logprobs(tokenizer, entries: Sequence[tuple[int, float, tuple]], offset: int = 0) -> dict:
+    """choices[].logprobs of a text completion: tokens, token_logprobs, top_logprobs and text_offset."""
+    texts = [token_text(tokenizer, t)[0] for t, _, _ in entries]
+    offsets = [offset + sum(map(len, texts[:i])) for i in range(len(texts))]
+    return {"tokens": texts, "token_logprobs": [lp for _, lp, _ in entries], "text_offset": offsets,
+            "top_logprobs": [{token_text(tokenizer, i)[0]: v for i, v in top} for _, _, top in entries]}
 
 
 def finish_reason(reason: str | None) -> str:
@@ -91,20 +116,25 @@ class OpenAIReply:
     def object(self) -> str:
         return "chat.completion" if self.chat else "text_completion"
 
-    def body(self, text: str, finish: str, usage: dict) -> dict:
-        """The whole answer (not streamed)."""
-        choice = {"index": 0, "finish_reason": finish, "logprobs": None}
+    def choice(self, index: int, text: str, finish: str, logprobs: dict | None = None) -> dict:
+        """One choice of a whole answer."""
+        choice = {"index": index, "finish_reason": finish, "logprobs": logprobs}
         choice.update({"message": {"role": "assistant", "content": text}} if self.chat else {"text": text})
-        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": [choice], "usage": usage}
+        return choice
 
-    def chunk(self, delta: str | None, finish: str | None, role: bool = False) -> bytes:
-        """One streamed piece (or the finish, or, for chat, the opening role chunk)."""
+    def body(self, choices: list[dict], usage: dict) -> dict:
+        """The whole answer (not streamed)."""
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                "choices": choices, "usage": usage}
+
+    def chunk(self, delta: str | None, finish: str | None, role: bool = False, index: int = 0,
+              logprobs: dict | None = None) -> bytes:
+        """One streamed piece of choice ``index`` (or its finish, or, for chat, the opening role chunk)."""
         if self.chat:
             payload = {"role": "assistant", "content": ""} if role else ({"content": delta} if delta else {})
-            choice = {"index": 0, "delta": payload, "finish_reason": finish, "logprobs": None}
+            choice = {"index": index, "delta": payload, "finish_reason": finish, "logprobs": logprobs}
         else:
-            choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+            choice = {"index": index, "text": delta or "", "finish_reason": finish, "logprobs": logprobs}
         return sse(self._envelope(choices=[choice]))
 
     def usage_chunk(self, usage: dict) -> bytes:

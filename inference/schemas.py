@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import Any, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+
+from decoding import MAX_LOGPROBS
 
 MAX_STOP, MAX_STOP_LEN = 4, 64
 BEST_OF_DOC = ("sample this many answers together and return the one scored highest (the reward model, else the mean "
@@ -51,31 +53,42 @@ class GenerateRequest(BaseModel):
 
 
 class OpenAIRequest(BaseModel):
-    """Fields shared by the OpenAI routes; unknown fields are ignored, as OpenAI clients send many."""
+    """Fields shared by the OpenAI routes. A parameter this server cannot serve is a 422 that names it: an unknown
+    one (tools, response_format, ...) or a known one set to what it does not do (frequency_penalty 0.5, ...)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     model: str | None = Field(None, description="ignored: this server serves one model (/v1/models)")
+    user: str | None = Field(None, description="the end user's id: accepted, not used")
     temperature: float = Field(1.0, ge=0.0, le=5.0, description=TEMPERATURE_DOC)
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus mass, in (0, 1]")
     top_k: int = Field(0, ge=0, description=TOP_K_DOC + " (extension)")
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="CTRL penalty in (0, 10] (extension)")
-    n: int = Field(1, ge=1, le=1, description="only 1")
+    frequency_penalty: float = Field(0.0, description="only 0 (use repetition_penalty)")
+    presence_penalty: float = Field(0.0, description="only 0 (use repetition_penalty)")
+    logit_bias: dict[str, float] | None = Field(None, description="not supported (null or {} only)")
+    n: int = Field(1, ge=1, description="choices to sample (each with its own seed; one prefill)")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description=SEED_DOC)
     stop: str | list[str] | None = Field(None, description=STOP_DOC)
     stream: bool = Field(False, description="OpenAI chunks as Server-Sent Events, ending with `data: [DONE]`")
     stream_options: dict[str, Any] | None = Field(None, description="{\"include_usage\": true} adds a usage chunk")
-    logprobs: bool | int | None = Field(None, description="not supported (null, false or 0 only)")
 
     @field_validator("stop")
     @classmethod
     def check_stop(cls, value: str | list[str] | None) -> list[str]:
         return stop_list(value)
 
-    @field_validator("logprobs")
+    @field_validator("frequency_penalty", "presence_penalty")
     @classmethod
-    def no_logprobs(cls, value: bool | int | None) -> None:
+    def only_zero(cls, value: float) -> float:
+        if value != 0:
+            raise ValueError("only 0 is supported; use repetition_penalty (the CTRL penalty) instead")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def no_logit_bias(cls, value: dict[str, float] | None) -> None:
         if value:
-            raise ValueError("logprobs are not supported")
+            raise ValueError("logit_bias is not supported")
         return None
 
 
@@ -86,6 +99,9 @@ class CompletionRequest(OpenAIRequest):
     max_tokens: int = Field(16, ge=1, description="most new tokens")
     echo: bool = Field(False, description="not supported (false only)")
     best_of: int = Field(1, ge=1, description=BEST_OF_DOC)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                 description=f"each token's log-prob and the 0 to {MAX_LOGPROBS} most likely")
+    suffix: str | None = Field(None, description="not supported (null only)")
 
     @field_validator("prompt")
     @classmethod
@@ -105,10 +121,22 @@ class CompletionRequest(OpenAIRequest):
             raise ValueError("echo is not supported")
         return value
 
+    @field_validator("suffix")
+    @classmethod
+    def no_suffix(cls, value: str | None) -> None:
+        if value:
+            raise ValueError("suffix (insertion) is not supported")
+        return None
+
+    @property
+    def wanted_logprobs(self) -> int | None:
+        return self.logprobs
+
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant"]
+    name: str | None = Field(None, description="a participant's name: accepted, not used")
     content: str | list[dict[str, Any]] = Field(description="text, or OpenAI content parts of type text")
 
     @field_validator("content")
@@ -128,6 +156,19 @@ class ChatRequest(OpenAIRequest):
                                         description="system/user/assistant turns, ending with a user turn")
     max_tokens: int | None = Field(None, ge=1, description="most new tokens (default: what fits)")
     max_completion_tokens: int | None = Field(None, ge=1, description="alias of max_tokens")
+    logprobs: bool = Field(False, description="each answer token's log-prob (choices[].logprobs.content)")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                     description=f"with logprobs: the 0 to {MAX_LOGPROBS} most likely tokens too")
+
+    @model_validator(mode="after")
+    def top_needs_logprobs(self) -> "ChatRequest":
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def wanted_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @field_validator("messages")
     @classmethod
@@ -135,6 +176,31 @@ class ChatRequest(OpenAIRequest):
         if value[-1].role != "user":
             raise ValueError("the last message must be the user's")
         return value
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's `POST /tokenize`: a prompt (with <s> when add_special_tokens) or messages (as chat renders them)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = Field(None, description="ignored: this server serves one model")
+    prompt: str | None = Field(None, description="text to tokenize (or messages)")
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=256, description="a conversation")
+    add_special_tokens: bool = Field(True, description="a prompt starts with <s>, as generation sees it")
+    add_generation_prompt: bool = Field(True, description="messages end with the assistant's cue")
+
+    @model_validator(mode="after")
+    def one_input(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send exactly one of prompt and messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's `POST /detokenize`: token ids back to text (special tokens shown)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = Field(None, description="ignored: this server serves one model")
+    tokens: list[int] = Field(max_length=1_000_000, description="token ids")
 
 
 class GenerateResponse(BaseModel):
@@ -162,6 +228,9 @@ def build_schemas(max_new_tokens: int, max_best_of: int) -> Schemas:
     def best_of() -> tuple[Any, Any]:
         return int, Field(1, ge=1, le=max_best_of, description=f"1 to {max_best_of}: {BEST_OF_DOC}")
 
+    def choices() -> tuple[Any, Any]:
+        return int, Field(1, ge=1, le=max_best_of, description=f"1 to {max_best_of} choices, each with its own seed")
+
     def bounded(base: type[BaseModel], **overrides: tuple[Any, Any]) -> Any:
         return create_model(base.__name__, __base__=base, __doc__=base.__doc__, __module__=__name__, **overrides)
 
@@ -169,6 +238,6 @@ def build_schemas(max_new_tokens: int, max_best_of: int) -> Schemas:
     return Schemas(
         bounded(GenerateRequest, best_of=best_of(), max_gen_len=tokens(
             min(100, max_new_tokens), f"{up_to}; prompt + this must fit the context")),
-        bounded(CompletionRequest, max_tokens=tokens(min(16, max_new_tokens), up_to), best_of=best_of()),
-        bounded(ChatRequest, max_tokens=tokens(None, f"{up_to} (default: what fits)"),
+        bounded(CompletionRequest, max_tokens=tokens(min(16, max_new_tokens), up_to), best_of=best_of(), n=choices()),
+        bounded(ChatRequest, max_tokens=tokens(None, f"{up_to} (default: what fits)"), n=choices(),
                 max_completion_tokens=tokens(None, "alias of max_tokens")))

@@ -295,7 +295,7 @@ def test_limits_beyond_the_context_and_vocabulary_get_422(server, reference):
     assert response.status_code == 422 and f"{n_prompt} tokens" in message and f"context of {CONTEXT}" in message
     response = httpx.post(server.url + "/generate", json={"prefix": "A", "top_k": len(tok) + 1})
     assert response.status_code == 422 and "vocabulary" in response.json()["error"]["message"]
-    response = httpx.post(server.url + "/v1/completions", json={"prompt": "A", "n": 2})
+    response = httpx.post(server.url + "/v1/completions", json={"prompt": "A", "n": 99})
     assert response.status_code == 422
     response = httpx.post(server.url + "/v1/chat/completions",
                           json={"messages": [{"role": "assistant", "content": "hi"}]})
@@ -668,3 +668,119 @@ def test_default_model_prefers_int8_sft_then_sft_then_pretrain(tmp_path, monkeyp
         else:
             assert service.Settings().resolved_model_path() == tmp_path / name
     assert service.Settings(model_path="x.pth").resolved_model_path() == Path("x.pth")
+
+
+# ----------------------------------------------------------------------------- chat: overflow, n, logprobs, tokens
+
+TEMPLATE = "### Q:{instruction}\n### A:{response}"  # the checkpoint fixture's
+
+
+def talk(turns: int) -> list[dict]:
+    out = [{"role": "system", "content": "Be brief."}]
+    for i in range(turns):
+        out += [{"role": "user", "content": f"question {i} " * 6}, {"role": "assistant", "content": f"answer {i} " * 6}]
+    return out + [{"role": "user", "content": "and now?"}]
+
+
+def test_a_long_chat_loses_its_oldest_turns_and_says_how_many(server, reference):
+    from prompts import render_prompt
+
+    _, tok = reference
+    messages = talk(20)
+    whole = render_prompt(tok, messages, TEMPLATE).ids
+    assert len(whole) > CONTEXT  # it cannot fit as it is
+    response = httpx.post(server.url + "/v1/chat/completions",
+                          json={"messages": messages, "max_tokens": 8, "temperature": 0})
+    assert response.status_code == 200, response.text
+    expected = render_prompt(tok, messages, TEMPLATE, limit=CONTEXT - 8)
+    body = response.json()
+    assert expected.dropped_turns > 0 and body["usage"]["dropped_turns"] == expected.dropped_turns
+    assert body["usage"]["prompt_tokens"] == len(expected.ids)
+    assert response.headers["x-dropped-turns"] == str(expected.dropped_turns)
+    too_long = [{"role": "user", "content": "word " * 2000}]
+    response = httpx.post(server.url + "/v1/chat/completions", json={"messages": too_long, "max_tokens": 8})
+    assert response.status_code == 422 and "last turn" in response.json()["error"]["message"]
+
+
+def test_n_choices_are_the_seeded_samples_and_stream_by_index(server):
+    from decoding import candidate_seeds
+
+    body = {"prompt": "ROMEO:", "max_tokens": 12, "temperature": 1.0, "seed": 11}
+    many = httpx.post(server.url + "/v1/completions", json={**body, "n": 3}).json()
+    assert [c["index"] for c in many["choices"]] == [0, 1, 2]
+    tokens = 0
+    for choice, seed in zip(many["choices"], candidate_seeds(11, 3)):
+        alone = httpx.post(server.url + "/v1/completions", json={**body, "seed": seed}).json()
+        assert choice["text"] == alone["choices"][0]["text"]
+        tokens += alone["usage"]["completion_tokens"]
+    assert many["usage"]["completion_tokens"] == tokens
+    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "n": 3, "stream": True}) as response:
+        events = sse_events(response)
+    texts = {i: "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"][0]["index"] == i)
+             for i in range(3)}
+    assert texts == {i: c["text"] for i, c in enumerate(many["choices"])} and events[-1] == "[DONE]"
+    finishes = [e["choices"][0]["index"] for e in events[:-1] if e["choices"][0]["finish_reason"]]
+    assert sorted(finishes) == [0, 1, 2]
+    response = httpx.post(server.url + "/v1/completions", json={**body, "n": 2, "best_of": 3})
+    assert response.status_code == 422 and "best_of" in response.json()["error"]["message"]
+
+
+def test_logprobs_are_the_engines_own(server, reference):
+    from decoding import DecodeEngine, SamplingParams
+
+    model, tok = reference
+    body = {"prompt": "ROMEO:", "max_tokens": 6, "temperature": 0, "logprobs": 2}
+    reply = httpx.post(server.url + "/v1/completions", json=body).json()["choices"][0]
+    ids = [tok.bos_token_id, *tok.encode_ordinary("ROMEO:")]
+    engine = DecodeEngine(model, tok, n_slots=1)
+    request = engine.add(ids, SamplingParams(max_new_tokens=6, do_sample=False, logprobs=2,
+                                             eos_token_id=tok.eos_token_id))
+    outputs = []
+    while engine.has_work:
+        outputs += engine.step()
+    mine = [o for o in outputs if o.token_id != tok.eos_token_id]
+    logprobs = reply["logprobs"]
+    assert logprobs["token_logprobs"] == pytest.approx([o.logprob for o in mine], abs=1e-4)
+    assert "".join(logprobs["tokens"]) == reply["text"] == request.text
+    assert [len(top) for top in logprobs["top_logprobs"]] == [2] * len(mine)
+    assert logprobs["text_offset"][0] == 0
+    chat = httpx.post(server.url + "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "logprobs": True, "top_logprobs": 1,
+        "temperature": 0}).json()["choices"][0]
+    content = chat["logprobs"]["content"]
+    assert "".join(c["token"] for c in content) == chat["message"]["content"]
+    assert all(len(c["top_logprobs"]) == 1 and c["logprob"] <= 0 for c in content)
+    with httpx.stream("POST", server.url + "/v1/completions", json={**body, "stream": True}) as response:
+        streamed = [e for e in sse_events(response)[:-1] if e["choices"][0]["logprobs"]]
+    flat = [lp for e in streamed for lp in e["choices"][0]["logprobs"]["token_logprobs"]]
+    assert flat == pytest.approx(logprobs["token_logprobs"], abs=1e-4)
+
+
+@pytest.mark.parametrize("extra, name", [({"tools": []}, "tools"), ({"response_format": {"type": "json"}},
+                                                                        "response_format"),
+                                          ({"frequency_penalty": 0.5}, "frequency_penalty"),
+                                          ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+                                          ({"top_logprobs": 2}, "top_logprobs")])
+def test_a_parameter_the_server_cannot_serve_is_a_422_naming_it(server, extra, name):
+    response = httpx.post(server.url + "/v1/chat/completions",
+                          json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **extra})
+    assert response.status_code == 422 and name in response.text
+    ok = httpx.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                               "max_tokens": 2, "user": "u1", "presence_penalty": 0})
+    assert ok.status_code == 200
+
+
+def test_tokenize_and_detokenize_use_the_servers_renderer(server, reference):
+    from prompts import render_prompt
+
+    _, tok = reference
+    messages = [{"role": "user", "content": "计算 1 + 2 = ?"}]
+    got = httpx.post(server.url + "/tokenize", json={"messages": messages}).json()
+    assert got["tokens"] == render_prompt(tok, messages, TEMPLATE).ids and got["count"] == len(got["tokens"])
+    assert got["max_model_len"] == CONTEXT
+    plain = httpx.post(server.url + "/tokenize", json={"prompt": "ROMEO: 你好"}).json()["tokens"]
+    assert plain == [tok.bos_token_id, *tok.encode_ordinary("ROMEO: 你好")]
+    text = httpx.post(server.url + "/detokenize", json={"tokens": plain}).json()["prompt"]
+    assert text == "<s>ROMEO: 你好"
+    assert httpx.post(server.url + "/tokenize", json={"prompt": "a", "messages": messages}).status_code == 422
+    assert httpx.post(server.url + "/detokenize", json={"tokens": [10 ** 6]}).status_code == 422
