@@ -308,8 +308,3 @@ def _last_scored_run(labels: list[int]) -> int:
         start -= 1
     return start
 
-
-def render_chat(tokenizer, messages: Sequence, template: str = SFT_TEMPLATE, limit: int | None = None,
-                on_overflow: Overflow = "truncate") -> list[int]:
-    """``render_prompt``'s ids (for callers that do not report dropped turns)."""
-    return render_prompt(tokenizer, messages, template, limit, on_overflow).ids

@@ -4,7 +4,7 @@
     python -m inference.kv_cache_infer --model_path models/sft/sft_best.pth --interactive   # /reset, /quit
 
 Prompts are `<s> text` (too long: the tail is kept, leaving room to generate); a chat is rendered by
-``prompts.render_chat`` (an optional --system message, the oldest turns dropped when the context is full). Generation
+``prompts.render_prompt`` (an optional --system message, the oldest turns dropped when the context is full). Generation
 stops at `</s>`, at a stop string or after --max_new_tokens. Checkpoints load through ``checkpoints.load``: float or
 INT8, on the same prepared weights as the server.
 """
@@ -20,7 +20,7 @@ import checkpoints
 import cli
 from decoding import DecodeEngine, SamplingParams
 from devices import resolve_device, set_threads
-from prompts import SFT_TEMPLATE, encode_prompt, max_prompt_len, render_chat
+from prompts import SFT_TEMPLATE, encode_prompt, max_prompt_len, render_prompt
 
 
 def _prepare(model: torch.nn.Module, device: str | torch.device | None) -> torch.nn.Module:
@@ -105,7 +105,7 @@ def chat(model, tokenizer, template: str = SFT_TEMPLATE, params: SamplingParams 
             turn = sum(m["role"] == "assistant" for m in messages)  # replies so far: each turn its own seed
             reply_params = params if params.seed is None else dataclasses.replace(params, seed=params.seed + turn)
             pieces = []
-            for piece in engine.stream(render_chat(tokenizer, messages, template, limit), reply_params):
+            for piece in engine.stream(render_prompt(tokenizer, messages, template, limit).ids, reply_params):
                 pieces.append(piece)
                 write(piece)
             write("\n")

@@ -223,12 +223,12 @@ def test_openai_client_completions_chat_and_streaming(server, reference):
     messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"},
                 {"role": "user", "content": "who are you?"}]
     chat = client.chat.completions.create(model="model", messages=messages, max_tokens=15, seed=5)
-    # the conversation as prompts.render_chat renders it (the terminal chat too), with the checkpoint's template
+    # the conversation as prompts.render_prompt renders it (the terminal chat too), with the checkpoint's template
     from decoding import DecodeEngine, SamplingParams
-    from prompts import render_chat
+    from prompts import render_prompt
 
     model, tok = reference
-    ids = render_chat(tok, messages, "### Q:{instruction}\n### A:{response}")
+    ids = render_prompt(tok, messages, "### Q:{instruction}\n### A:{response}").ids
     engine = DecodeEngine(model, tok, n_slots=1)
     request = engine.run([ids], SamplingParams(max_new_tokens=15, temperature=1.0, top_k=0, seed=5,
                                                eos_token_id=tok.eos_token_id))[0]

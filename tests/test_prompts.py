@@ -11,7 +11,6 @@ from conftest import corpus_lines
 from prompts import (CHAT_TEMPLATE, CHAT_TOKENS, IGNORE_INDEX, SFT_TEMPLATE, PromptError, PromptTooLong,
                      build_sft_prompt, check_conversation, check_template, encode_prompt, fit,
                      max_prompt_len, prompt_response_ids, record_instruction, record_messages, record_prompt_ids,
-                     render_chat,
                      render_prompt, render_sample, split_reference)
 
 
@@ -163,7 +162,7 @@ def test_the_older_template_writes_each_turn_as_an_sft_sample_with_the_system_te
     first = [tok.bos_token_id, *tok.encode_ordinary(build_sft_prompt("S\nhi")), *tok.encode_ordinary("hello"),
              tok.eos_token_id]
     current = [tok.bos_token_id, *tok.encode_ordinary(build_sft_prompt("and you?"))]
-    ids = render_chat(tok, messages, SFT_TEMPLATE)
+    ids = render_prompt(tok, messages, SFT_TEMPLATE).ids
     assert ids == first + current
     # one token short: the oldest turn goes, and the system text moves to the first turn kept
     short = render_prompt(tok, messages, SFT_TEMPLATE, limit=len(ids) - 1)
@@ -171,9 +170,9 @@ def test_the_older_template_writes_each_turn_as_an_sft_sample_with_the_system_te
     assert short.dropped_turns == 1
     assert render_prompt(tok, messages, SFT_TEMPLATE, limit=len(ids) - 1, on_overflow="error") == short
     with pytest.raises(PromptTooLong, match="conversation has"):  # the last turn alone does not fit either
-        render_chat(tok, messages, SFT_TEMPLATE, limit=len(short.ids) - 1, on_overflow="error")
+        render_prompt(tok, messages, SFT_TEMPLATE, limit=len(short.ids) - 1, on_overflow="error")
     objects = [type("Message", (), m)() for m in messages]  # pydantic-style objects render the same
-    assert render_chat(tok, objects, SFT_TEMPLATE) == ids
+    assert render_prompt(tok, objects, SFT_TEMPLATE).ids == ids
     sample = render_sample(tok, [*messages, {"role": "assistant", "content": "fine"}], SFT_TEMPLATE, 256)
     scored = [i for i, label in zip(sample.input_ids, sample.labels) if label != IGNORE_INDEX]
     assert scored == [*tok.encode_ordinary("hello"), tok.eos_token_id, *tok.encode_ordinary("fine"), tok.eos_token_id]
