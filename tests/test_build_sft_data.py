@@ -7,7 +7,7 @@ import pytest
 from conftest import ROOT, TRAIN_TXT
 from data.sft import build_sft_data as build_sft
 
-FILES = ("sft_data.json", "sft_test.json", "rlhf_pairwise.json", "rlhf_pairwise_test.json")
+FILES = ("sft_data.json", "sft_test.json", "chat_test.json", "rlhf_pairwise.json", "rlhf_pairwise_test.json")
 CORPUS = TRAIN_TXT.read_text(encoding="utf-8").splitlines()
 PUNCT = "[，。？！；：、]"  # what separates the lines of a poem (and "：" its body from the title)
 POEM_DOCS = [line for line in CORPUS if line.startswith("《")]
@@ -132,8 +132,13 @@ def test_same_seed_gives_identical_files_and_matches_the_committed_data(built, t
     assert load(other, "sft_data.json") != load(built, "sft_data.json")
 
 
+def single(records: list[dict]) -> list[dict]:
+    """The single-turn records (the dialogues are checked on their own)."""
+    return [r for r in records if "messages" not in r]
+
+
 def test_no_prompt_or_source_document_in_both_train_and_test(built):
-    train = load(built, "sft_data.json") + load(built, "rlhf_pairwise.json")
+    train = single(load(built, "sft_data.json")) + load(built, "rlhf_pairwise.json")
     test = load(built, "sft_test.json") + load(built, "rlhf_pairwise_test.json")
     assert not {r["instruction"] for r in train} & {r["instruction"] for r in test}
     train_docs = set().union(*(source_documents(r) for r in train if r["task"] != "arithmetic"))
@@ -143,7 +148,7 @@ def test_no_prompt_or_source_document_in_both_train_and_test(built):
 
 def test_sft_answers_are_the_unique_correct_answer(built):
     for name in ("sft_data.json", "sft_test.json"):
-        records = load(built, name)
+        records = single(load(built, name))
         assert {r["task"] for r in records} == set(CHECKERS)
         assert len({r["instruction"] for r in records}) == len(records)
         for r in records:
@@ -153,7 +158,7 @@ def test_sft_answers_are_the_unique_correct_answer(built):
 
 def test_preference_pairs_choose_the_right_answer_and_reject_a_wrong_one(built):
     for name, sft_name in (("rlhf_pairwise.json", "sft_data.json"), ("rlhf_pairwise_test.json", "sft_test.json")):
-        pairs, sft = load(built, name), load(built, sft_name)
+        pairs, sft = load(built, name), single(load(built, sft_name))
         assert {r["instruction"] for r in pairs} <= {r["instruction"] for r in sft}
         assert {r["instruction"] for r in pairs if r["task"] != "arithmetic"} == {
             r["instruction"] for r in sft if r["task"] != "arithmetic"}
@@ -168,6 +173,30 @@ def test_near_miss_sums_are_plus_minus_one_or_ten_or_truncated(built):
         if r["task"] == "arithmetic":
             chosen, rejected = int(r["chosen"]), int(r["rejected"])
             assert abs(chosen - rejected) in (1, 10) or r["chosen"][:-1] == r["rejected"]
+
+
+def test_dialogues_follow_up_on_their_own_earlier_answers(built):
+    train_sums = {r["instruction"] for r in single(load(built, "sft_data.json")) if r["task"] == "arithmetic"}
+    test_sums = {r["instruction"] for r in load(built, "sft_test.json") if r["task"] == "arithmetic"}
+    for name, sums in (("sft_data.json", train_sums), ("chat_test.json", test_sums)):
+        dialogues = [r for r in load(built, name) if "messages" in r]
+        assert {r["task"] for r in dialogues} == {"arithmetic_chat", "author_chat"}
+        for r in dialogues:
+            users = [m["content"] for m in r["messages"][0::2]]
+            answers = [m["content"] for m in r["messages"][1::2]]
+            assert [m["role"] for m in r["messages"]] == ["user", "assistant"] * len(answers)
+            if r["task"] == "arithmetic_chat":
+                assert users[0] in sums and arithmetic_answer(users[0]) == {answers[0]}
+                total = int(answers[0])
+                for follow_up, answer in zip(users[1:], answers[1:]):
+                    sign, n = (1, follow_up) if follow_up.startswith("再加") else (-1, follow_up)
+                    total += sign * int(re.search(r"\d+", n)[0])
+                    assert answer == str(total) and total >= 0
+                assert len(answers) == 3
+            else:
+                assert author_answer(users[0]) == {answers[0]} and users[1] == "这位诗人姓什么？"
+                assert answers[0].startswith(answers[1]) and len(answers[1]) in (1, 2)
+    assert len(load(built, "chat_test.json")) > 300
 
 
 def test_counts_per_family(built):
@@ -187,7 +216,8 @@ def test_rl_prompts_are_sums_no_other_file_holds_and_the_test_files_stay_the_sam
     assert len(rl) == len({r["instruction"] for r in rl}) == 5500
     for r in rl:
         assert r["task"] == "arithmetic" and arithmetic_answer(r["instruction"]) == {r["response"]}, r
-    assert not {r["instruction"] for r in rl} & {r["instruction"] for name in FILES for r in load(tmp_path, name)}
+    assert not {r["instruction"] for r in rl} & {r["instruction"] for name in FILES
+                                                  for r in single(load(tmp_path, name))}
     for name in ("sft_test.json", "rlhf_pairwise_test.json"):
         assert (tmp_path / name).read_bytes() == (built / name).read_bytes(), name
     sft_sums = {r["instruction"] for r in load(tmp_path, "sft_data.json") if r["task"] == "arithmetic"}

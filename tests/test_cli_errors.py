@@ -346,6 +346,7 @@ COMMANDS = {
     "bench_rlvf_room": ("benchmarks.bench_rlvf_room", ["--pretrained", "main={ckpt}", "--workdir", "{out}/work"]),
     "bench_peers": ("benchmarks.bench_peers", ["--skip_servers"]),
     "bench_docker": ("benchmarks.bench_docker", ["--model_path", "{ckpt}"]),
+    "bench_chat": ("benchmarks.bench_chat", ["--pretrained", "{ckpt}", "--workdir", "{out}/work"]),
     "bench_server": ("benchmarks.bench_server", ["--model_path", "{ckpt}", "--skip_baseline", "--duration", "1"]),
     "bench_equivalence": ("benchmarks.bench_equivalence", ["--against", "HEAD", "--stages", "sft"]),
     "bench_tokenizer": ("benchmarks.bench_tokenizer", ["--input", "{text}"]),
@@ -370,7 +371,8 @@ BAD_FLAGS = [
     *[("build_sft_data", flags, ()) for flags in (
         ["--seed", "-1"], ["--seed", "x"], ["--arithmetic_train", "-1"], ["--arithmetic_test", "1.5"],
         ["--arithmetic_rl", "-5"], ["--pairwise_arithmetic", "x"], ["--speaker_train", "-1"], ["--speaker_test", "x"],
-        ["--mixed_excerpts_train", "-1"], ["--num_threads", "2"], ["--output_dir", "{afile}"],
+        ["--mixed_excerpts_train", "-1"], ["--chat_sums_train", "-1"], ["--chat_sums_test", "x"],
+        ["--num_threads", "2"], ["--output_dir", "{afile}"],
         ["--corpus", "{out}/missing.txt"], ["--output_dir"])],
     *[("build_classify_data", flags, ()) for flags in (
         ["--seed", "-1"], ["--seed", "1.5"], ["--max_train", "0"], ["--max_test", "x"], ["--bogus", "1"],
@@ -420,6 +422,9 @@ BAD_FLAGS = [
     *[("bench_peers", flags, ()) for flags in (
         ["--num_threads", "0"], ["--new_tokens", "x"], ["--repeats", "0"], ["--context", "64"], ["--users", "1,x"],
         ["--users", "0"], ["--duration", "0"], ["--max_tokens", "-1"], [OLD_THREADS, "2"])],
+    *[("bench_chat", flags, ()) for flags in (
+        ["--seeds", "x"], ["--seeds", "-1"], ["--num_threads", "0"], ["--pretrained", "{out}/missing.pth"],
+        ["--bogus"])],
     *[("bench_docker", flags, ()) for flags in (
         ["--requests", "0"], ["--requests", "x"], ["--model_path", "{out}/missing.pth"], ["--bogus"])],
     *[("bench_equivalence", flags, ()) for flags in (["--stages", "ppo"], ["--stages"], ["--against"], ["--bogus"])],
