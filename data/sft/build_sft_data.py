@@ -10,7 +10,7 @@ Four task families, each with one exact answer that a checker can verify:
   -> the speaker of those words.
 
 Dialogues (``{"messages": [...]}`` records) whose later answers depend on earlier ones: ``arithmetic_chat`` opens
-with a sum, then ``再加 {c} 呢？`` and ``再减 {d} 呢？`` on the running total (three assistant turns);
+with a sum, then ``再加 {c} 呢？`` and ``再减 {d} 呢？`` on the running total (1 <= c, d <= 20; three assistant turns);
 ``author_chat`` names a poem's author, then ``这位诗人姓什么？`` -> the surname. Train dialogues (from train sums and
 poems) are in ``sft_data.json`` beside the single-turn records; held-out ones (from test sums and poems) in
 ``chat_test.json``.
@@ -56,6 +56,7 @@ SPEAKER_PROMPT = '{a}: {a_words}\n{b}: {b_words}\nWho says "{quote}"?'
 ADD_PROMPT, SUB_PROMPT, SURNAME_PROMPT = "再加 {n} 呢？", "再减 {n} 呢？", "这位诗人姓什么？"  # the dialogues' follow-ups
 COMPOUND_SURNAMES = ("欧阳", "司马", "上官", "诸葛", "长孙", "皇甫", "令狐")
 ANONYMOUS = ("无名氏", "佚名")
+FOLLOW_UP_MAX = 20  # the numbers a follow-up adds or subtracts: 1 to 20 (the total never goes below 0)
 POEM = re.compile(r"^(《[^》]+》\S*) (\S+?)：(.+)$")  # 《title》[其二] author：lines
 SPEECH = re.compile(r"^([A-Z][A-Z'\- ]*[A-Z]): (.+)$")  # SPEAKER: speech
 CLAUSE_END = re.compile(r"[，。？！；：、]")
@@ -99,7 +100,7 @@ class Sizes:
     excerpts_per_poem: int = 1000  # every excerpt of every poem (the corpus has 347 poems)
     mixed_excerpts_train: int = 3000  # + excerpts whose lines come from different train poems (two prompts each)
     all_wrong_sums: bool = True  # plus every other wrong answer of every train example (a reward model needs them)
-    chat_sums_train: int = 3000  # train sums that also open a three-turn dialogue in sft_data.json
+    chat_sums_train: int = 5000  # train sums that also open a three-turn dialogue in sft_data.json
     chat_sums_test: int = 300  # held-out sums that open a dialogue in chat_test.json
 
 
@@ -329,8 +330,8 @@ def dialogues(examples: Sequence[Example], rng: random.Random, max_sums: int) ->
         if e.task == "arithmetic" and sums < max_sums:
             sums += 1
             total = int(e.response)
-            add = rng.randint(1, 20)
-            sub = rng.randint(1, total + add)
+            add = rng.randint(1, FOLLOW_UP_MAX)
+            sub = rng.randint(1, min(FOLLOW_UP_MAX, total + add))
             turns = [(e.instruction, e.response), (ADD_PROMPT.format(n=add), str(total + add)),
                      (SUB_PROMPT.format(n=sub), str(total + add - sub))]
             out.append({"messages": conversation(turns), "task": "arithmetic_chat"})
