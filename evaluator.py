@@ -112,6 +112,12 @@ class GPTEvaluator:
         self.show_progress = show_progress
         self.template = template  # the SFT template the model was trained with (stored in its checkpoint)
 
+    @property
+    def prompt_room(self) -> int:
+        """The longest prompt that leaves one token to answer; a longer conversation loses its oldest turns first
+        (prompts.render_prompt), as in the chat CLI and the server."""
+        return self.model.config.max_seq_len - 1
+
     def _progress(self, iterable: Iterable, desc: str, total: int | None = None) -> Iterable:
         return tqdm(iterable, desc=desc, total=total, disable=not self.show_progress, leave=False)
 
@@ -209,7 +215,7 @@ class GPTEvaluator:
         if not records:
             raise EvaluationError(f"no records in {test_data_path}: the test set is empty")
         total_nll, n_tokens = self.response_nll(records, batch_size)
-        prompts = [record_prompt_ids(self.tokenizer, record, self.template) for record in records]
+        prompts = [record_prompt_ids(self.tokenizer, r, self.template, limit=self.prompt_room) for r in records]
         references = [record_reference(record) for record in records]
         room = 1  # a prompt that fits the context is never cut; its answer gets the rest of the context
         if best_of > 1:
@@ -253,7 +259,7 @@ class GPTEvaluator:
             rows = [i for i, a in enumerate(answers) if len(a) > turn]
             prompts = [render_prompt(self.tokenizer, history_before(conversations[i], turn,
                                                                     predicted[i] if own_history else None),
-                                     self.template).ids for i in rows]
+                                     self.template, limit=self.prompt_room).ids for i in rows]
             for i, p in zip(rows, self.generate_predictions(prompts, max_gen_len=max_gen_len, do_sample=False,
                                                             batch_size=batch_size, min_new_tokens=1)):
                 predicted[i].append(p)
@@ -276,7 +282,7 @@ class GPTEvaluator:
                             max_samples: int | None = None) -> dict[str, float]:
         """Greedy exact match on held-out SFT records, overall and per "task" (without the BLEU/ROUGE pass)."""
         records = _take(load_sft_records(_check_data_format(test_data_path, "sft")), max_samples)
-        prompts = [record_prompt_ids(self.tokenizer, record, self.template) for record in records]
+        prompts = [record_prompt_ids(self.tokenizer, r, self.template, limit=self.prompt_room) for r in records]
         predictions = self.generate_predictions(prompts, max_gen_len=max_gen_len, do_sample=False,
                                                 batch_size=batch_size,
                                                 min_new_tokens=1)  # a prompt that fits is never cut
