@@ -40,6 +40,7 @@ from starlette.exceptions import HTTPException
 from checkpoints import checkpoint_metadata
 from cli import UsageError, run_cli
 from decoding import SamplingParams, candidate_seeds
+from inference.chat_page import chat_page, to_chat_page
 from inference.engine_worker import Job, QueueFull
 from inference.openai_format import (DONE, APIError, EventStream, OpenAIReply, chat_logprobs, completion_logprobs,
                                      error_body, error_event, finish_reason, sse, usage, validation_message)
@@ -52,7 +53,8 @@ from prompts import PromptTooLong, Rendered, encode_prompt, max_prompt_len, rend
 
 log = logging.getLogger("inference.api_service")  # not __name__: that is "__main__" under `python -m`
 ENDPOINTS = ("/health", "/generate", "/v1/completions", "/v1/chat/completions", "/v1/models", "/metrics",
-             "/tokenize", "/detokenize", "/docs", "/openapi.json")
+             "/tokenize", "/detokenize", "/chat", "/", "/docs", "/openapi.json")
+PUBLIC = ("/health", "/chat", "/")  # answered without the API key: the page asks for it, then sends it
 
 
 # ----------------------------------------------------------------------------- the app's state
@@ -488,7 +490,7 @@ class ServiceMiddleware:
 
         try:
             key = self.service.settings.api_key
-            if key and path != "/health" and not self._authorized(scope, key):
+            if key and path not in PUBLIC and not self._authorized(scope, key):
                 response = JSONResponse(error_body(401, "missing or wrong API key: send `Authorization: Bearer <key>`"),
                                         status_code=401, headers={"WWW-Authenticate": "Bearer"})
                 return await response(scope, receive, send_counted)
@@ -555,6 +557,8 @@ def add_routes(app: FastAPI, schemas: Schemas) -> None:
                       summary="OpenAI-compatible chat (messages in the checkpoint's SFT template)")
     app.add_api_route("/v1/models", models, methods=get, summary="The one served model, OpenAI format")
     app.add_api_route("/tokenize", tokenize, methods=post, summary="Token ids of a prompt or messages (vLLM's shape)")
+    app.add_api_route("/chat", chat_page, methods=get, summary="The web chat page (no API key needed to load it)")
+    app.add_api_route("/", to_chat_page, methods=get, include_in_schema=False)
     app.add_api_route("/detokenize", detokenize, methods=post, summary="Text of token ids (vLLM's shape)")
 
 

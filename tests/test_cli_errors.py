@@ -347,6 +347,7 @@ COMMANDS = {
     "bench_peers": ("benchmarks.bench_peers", ["--skip_servers"]),
     "bench_docker": ("benchmarks.bench_docker", ["--model_path", "{ckpt}"]),
     "bench_chat": ("benchmarks.bench_chat", ["--pretrained", "{ckpt}", "--workdir", "{out}/work"]),
+    "screenshot_chat": ("benchmarks.screenshot_chat", ["--model_path", "{ckpt}", "--output", "{out}/chat.png"]),
     "bench_server": ("benchmarks.bench_server", ["--model_path", "{ckpt}", "--skip_baseline", "--duration", "1"]),
     "bench_equivalence": ("benchmarks.bench_equivalence", ["--against", "HEAD", "--stages", "sft"]),
     "bench_tokenizer": ("benchmarks.bench_tokenizer", ["--input", "{text}"]),
@@ -425,6 +426,7 @@ BAD_FLAGS = [
     *[("bench_chat", flags, ()) for flags in (
         ["--seeds", "x"], ["--seeds", "-1"], ["--num_threads", "0"], ["--pretrained", "{out}/missing.pth"],
         ["--bogus"])],
+    *[("screenshot_chat", flags, ()) for flags in (["--model_path", "{out}/missing.pth"], ["--bogus"])],
     *[("bench_docker", flags, ()) for flags in (
         ["--requests", "0"], ["--requests", "x"], ["--model_path", "{out}/missing.pth"], ["--bogus"])],
     *[("bench_equivalence", flags, ()) for flags in (["--stages", "ppo"], ["--stages"], ["--against"], ["--bogus"])],
