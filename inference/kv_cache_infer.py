@@ -104,8 +104,10 @@ def chat(model, tokenizer, template: str = SFT_TEMPLATE, params: SamplingParams 
             messages.append({"role": "user", "content": message})
             turn = sum(m["role"] == "assistant" for m in messages)  # replies so far: each turn its own seed
             reply_params = params if params.seed is None else dataclasses.replace(params, seed=params.seed + turn)
-            pieces = []
-            for piece in engine.stream(render_prompt(tokenizer, messages, template, limit).ids, reply_params):
+            pieces, prompt = [], render_prompt(tokenizer, messages, template, limit)
+            if prompt.dropped_turns:
+                write(f"(the oldest {prompt.dropped_turns} turn(s) no longer fit the context: left out)\n")
+            for piece in engine.stream(prompt.ids, reply_params):
                 pieces.append(piece)
                 write(piece)
             write("\n")

@@ -97,3 +97,14 @@ def test_cli_errors_are_one_line(checkpoint, tmp_path, capsys):
         code = main(argv)
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("error: ") and fragment in err and err.count("\n") == 1, (argv, err)
+
+
+def test_chat_says_when_old_turns_no_longer_fit(model, tiny_tokenizer):
+    from prompts import CHAT_TEMPLATE
+
+    params = SamplingParams(max_new_tokens=8, do_sample=False, eos_token_id=tiny_tokenizer.eos_token_id)
+    lines = iter(["word " * 9] * 4 + ["/quit"])  # each turn ~20 tokens of a 64-token context with 8 to generate
+    written: list[str] = []
+    chat(model, tiny_tokenizer, CHAT_TEMPLATE, params, read=lambda _: next(lines), write=written.append)
+    notes = [w for w in written if w.startswith("(the oldest")]
+    assert notes and notes[0].startswith("(the oldest 1 turn(s)")
