@@ -34,21 +34,6 @@ class DecodingError(ValueError):
     """Bad generation input: sampling settings, prompts, or more sequences than free slots."""
 
 
-def token_logprobs(requests: Sequence[Request], logits: torch.Tensor,
-                   tokens: torch.Tensor) -> list[tuple[float | None, tuple[tuple[int, float], ...] | None]]:
-    """(log-prob of the chosen token, its top-k (id, log-prob)) per row under the raw model (temperature 1, no
-    filter, as OpenAI reports them); (None, None) for the rows that did not ask. Computed only when one did."""
-    wanted = [r.params.logprobs for r in requests]
-    if all(k is None for k in wanted):
-        return [(None, None)] * len(requests)
-    logp = logits.float().log_softmax(dim=-1)
-    chosen = logp.gather(1, tokens[:, None]).squeeze(1).tolist()
-    k = max(w for w in wanted if w is not None)
-    values, ids = logp.topk(k, dim=-1) if k else (logp[:, :0], tokens[:, None][:, :0])
-    values, ids = values.tolist(), ids.tolist()
-    return [(None, None) if w is None else (chosen[i], tuple(zip(ids[i][:w], values[i][:w])))
-            for i, w in enumerate(wanted)]
-
 
 # ----------------------------------------------------------------------------- batch helpers
 
