@@ -84,6 +84,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def repetition_penalty(text: str) -> float:
+    """argparse type: a CTRL repetition penalty in [0.01, 100] (1 = off; a smaller one overflows the logits)."""
+    value = _number(float, text)
+    if not 0.01 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be in [0.01, 100] (1.0 = off), got {value}")
+    return value
+
+
 def nonnegative_float(text: str) -> float:
     """argparse type: a finite float >= 0."""
     value = _number(float, text)

@@ -28,6 +28,8 @@ from transformer_components import KVCache, KVCacheView
 
 
 MAX_LOGPROBS = 20  # OpenAI's most top_logprobs
+MIN_TEMPERATURE = 1e-6  # a lower temperature samples as this one: logits / 1e-45 overflow float32 to inf and NaN
+MIN_REPETITION_PENALTY = 0.01  # below it the penalty multiplies logits past float32 (and means nothing)
 
 
 class DecodingError(ValueError):
@@ -78,8 +80,10 @@ def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
         return logits
     sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
     probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # the most likely token always survives
-    sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop = mass_before >= top_p
+    drop[..., 0] = False  # the most likely token always survives (a top_p below float32's range rounds to 0)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
 
 
@@ -126,8 +130,9 @@ class SamplingParams:
             raise DecodingError(f"top_k must be >= 0 (0 or None = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise DecodingError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not self.repetition_penalty > 0:
-            raise DecodingError(f"repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty}")
+        if not self.repetition_penalty >= MIN_REPETITION_PENALTY:
+            raise DecodingError(f"repetition_penalty must be >= {MIN_REPETITION_PENALTY} (1.0 = off), "
+                                f"got {self.repetition_penalty}")
         if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):
             raise DecodingError(f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 
@@ -293,8 +298,15 @@ class DecodeEngine:
         requests = [self._new_request(ids, p, slot, generator) for ids, p, slot in zip(prompts, params, free)]
         if not requests:
             return []
-        logits = self._prefill_distinct(requests)
-        self._pending.extend(self._emit(requests, logits))
+        try:
+            logits = self._prefill_distinct(requests)
+            self._pending.extend(self._emit(requests, logits))
+        except Exception:  # the engine stays as it was: no slot is left to a request nobody tracks
+            for request in requests:
+                if not request.finished:
+                    request.finish_reason = "aborted"
+                    self._free(request)
+            raise
         return requests
 
     def _prefill_distinct(self, requests: list[Request]) -> torch.Tensor:
@@ -421,7 +433,7 @@ class DecodeEngine:
                 groups.setdefault((p.temperature, p.top_k, p.top_p, id(r.generator)), []).append(row)
         for (temperature, top_k, top_p, _), rows in groups.items():
             index = torch.tensor(rows, device=self.device)
-            scaled = logits[index] / temperature
+            scaled = logits[index] / max(temperature, MIN_TEMPERATURE)
             generator = requests[rows[0]].generator
             if top_k and top_k < scaled.size(-1):
                 # Draw among the k candidates only: the same distribution as masking the vocabulary, but the

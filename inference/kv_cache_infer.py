@@ -135,7 +135,8 @@ def build_parser() -> cli.ArgumentParser:
     parser.add_argument("--temperature", type=cli.positive_float, default=0.8, help="sampling temperature")
     parser.add_argument("--top_k", type=cli.nonnegative_int, default=50, help="keep the k most likely tokens, 0 = all")
     parser.add_argument("--top_p", type=cli.probability, default=1.0, help="nucleus probability mass (1.0 = off)")
-    parser.add_argument("--repetition_penalty", type=cli.positive_float, default=1.0, help="CTRL penalty, 1.0 = off")
+    parser.add_argument("--repetition_penalty", type=cli.repetition_penalty, default=1.0,
+                        help="CTRL penalty in [0.01, 100], 1.0 = off")
     parser.add_argument("--greedy", action="store_true", help="greedy decoding (sampling flags ignored)")
     parser.add_argument("--seed", type=cli.nonnegative_int,
                         help="seed for reproducible sampling (prompt i uses seed + i)")

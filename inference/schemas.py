@@ -9,7 +9,7 @@ from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
-from decoding import MAX_LOGPROBS
+from decoding import MAX_LOGPROBS, MIN_REPETITION_PENALTY
 
 MAX_STOP, MAX_STOP_LEN = 4, 64
 BEST_OF_DOC = ("sample this many answers together and return the one scored highest (the reward model, else the mean "
@@ -39,7 +39,8 @@ class GenerateRequest(BaseModel):
     top_k: int = Field(50, ge=0, description=TOP_K_DOC)
     temperature: float = Field(0.8, ge=0.0, le=5.0, description=TEMPERATURE_DOC)
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus mass, in (0, 1]; 1 = off")
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="CTRL penalty in (0, 10]; 1 = off")
+    repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=10.0,
+                                      description="CTRL penalty in [0.01, 10]; 1 = off")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description=SEED_DOC)
     stop: str | list[str] | None = Field(None, description=STOP_DOC)
     stream: bool = Field(False, description="Server-Sent Events: one `data: {\"text\"}` event per piece, "
@@ -62,7 +63,8 @@ class OpenAIRequest(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=5.0, description=TEMPERATURE_DOC)
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus mass, in (0, 1]")
     top_k: int = Field(0, ge=0, description=TOP_K_DOC + " (extension)")
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="CTRL penalty in (0, 10] (extension)")
+    repetition_penalty: float = Field(1.0, ge=MIN_REPETITION_PENALTY, le=10.0,
+                                      description="CTRL penalty in [0.01, 10] (extension)")
     frequency_penalty: float = Field(0.0, description="only 0 (use repetition_penalty)")
     presence_penalty: float = Field(0.0, description="only 0 (use repetition_penalty)")
     logit_bias: dict[str, float] | None = Field(None, description="not supported (null or {} only)")

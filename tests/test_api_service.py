@@ -784,3 +784,13 @@ def test_tokenize_and_detokenize_use_the_servers_renderer(server, reference):
     assert text == "<s>ROMEO: 你好"
     assert httpx.post(server.url + "/tokenize", json={"prompt": "a", "messages": messages}).status_code == 422
     assert httpx.post(server.url + "/detokenize", json={"tokens": [10 ** 6]}).status_code == 422
+
+
+def test_degenerate_sampling_values_are_served_and_the_engine_keeps_serving(server):
+    for extreme in ({"temperature": 1e-45}, {"top_p": 1e-300}, {"temperature": 1e-45, "top_k": 3}):
+        response = httpx.post(server.url + "/generate", json={"prefix": "ROMEO:", "max_gen_len": 4, **extreme})
+        assert response.status_code == 200, response.text
+    bad = httpx.post(server.url + "/generate", json={"prefix": "ROMEO:", "repetition_penalty": 1e-45})
+    assert bad.status_code == 422 and "repetition_penalty" in bad.text
+    assert httpx.get(server.url + "/health").json()["active_sequences"] == 0
+    assert httpx.post(server.url + "/generate", json={"prefix": "A", "max_gen_len": 3}).status_code == 200

@@ -281,3 +281,22 @@ def test_logprobs_are_the_raw_models_log_softmax_at_each_step(model):
         assert [v for _, v in out.top_logprobs] == pytest.approx(values.tolist(), abs=1e-4)
     with pytest.raises(DecodingError, match="logprobs"):
         SamplingParams(logprobs=21)
+
+
+@pytest.mark.parametrize("extreme", [dict(temperature=1e-45), dict(top_p=1e-300), dict(temperature=1e-45, top_k=5),
+                                     dict(top_p=1e-300, top_k=0, temperature=1e-30)])
+def test_degenerate_sampling_values_sample_like_greedy_instead_of_failing(model, extreme):
+    params = SamplingParams(max_new_tokens=6, seed=0, **extreme)
+    assert alone(model, PROMPTS[0], params) == alone(model, PROMPTS[0], GREEDY)[:6]  # the limit of the distribution
+    with pytest.raises(DecodingError, match="repetition_penalty must be >= 0.01"):
+        SamplingParams(repetition_penalty=1e-45)
+
+
+def test_a_prefill_that_fails_leaves_no_slot_taken(model, monkeypatch):
+    engine = DecodeEngine(model, n_slots=2)
+    monkeypatch.setattr(engine, "_sample", lambda requests, logits: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        engine.add_many([PROMPTS[0], PROMPTS[1]], GREEDY)
+    assert engine.slots == [None, None] and not engine.has_work
+    monkeypatch.undo()
+    assert engine.run([PROMPTS[0]], GREEDY)[0].output_ids == alone(model, PROMPTS[0], GREEDY)
