@@ -75,6 +75,8 @@ class Service:
         """The served model, else a 503 (still loading, or why loading failed)."""
         if self.served is None:
             raise APIError(503, self.load_error or "the model is loading; retry shortly", headers={"Retry-After": "5"})
+        if not self.served.worker.alive:
+            raise APIError(503, self.served.worker.failure or "the decode engine is not running; restart the server")
         return self.served
 
     def load(self) -> None:
@@ -106,6 +108,8 @@ async def health(request: Request):
         status = "error" if service.load_error else "loading"
         return JSONResponse({"status": status, **({"error": service.load_error} if service.load_error else {})}, 503)
     s, settings = service.served, service.settings
+    if not s.worker.alive:  # supervised: a dead engine thread is not "ok"
+        return JSONResponse({"status": "error", "error": s.worker.failure or "the decode engine is not running"}, 503)
     return {"status": "ok", "model": s.name, "model_path": str(s.path), "parameters": s.parameters,
             "device": str(s.device), "dtype": str(s.dtype).removeprefix("torch."), "quantization": s.quantization,
             "context_length": s.context, "vocab_size": s.vocab_size,

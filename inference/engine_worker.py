@@ -74,10 +74,16 @@ class EngineWorker:
         self._to_cancel: list[Job] = []
         self._jobs: dict[EngineRequest, Job] = {}
         self._running = True
+        self.failure: str | None = None  # why the engine thread stopped on an error it could not handle
         self._thread = threading.Thread(target=self._run, name="decode-engine", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread runs and can serve (/health is 503 otherwise)."""
+        return self._thread.is_alive() and self.failure is None
 
     @property
     def queue_depth(self) -> int:
@@ -94,7 +100,7 @@ class EngineWorker:
         """Queue jobs side by side (a request's best_of candidates, so they batch together): all of them or none."""
         with self._cond:
             if not self._running:
-                raise QueueFull("the server is shutting down")
+                raise QueueFull(self.failure or "the server is shutting down")
             free = max(0, self.engine.n_slots - len(self._jobs))  # a job waits here briefly even with a free slot
             if len(self._waiting) + len(jobs) > self.max_queue + free:
                 needs = f" and this request needs {len(jobs)} places (best_of)" if len(jobs) > 1 else ""
@@ -136,16 +142,27 @@ class EngineWorker:
 
     def _run(self) -> None:
         torch.set_num_threads(self.num_threads or engine_threads())
-        with autocast_context(self.device, self.dtype):  # autocast state is per thread: enter it here
-            while self._iterate():
-                pass
+        try:
+            with autocast_context(self.device, self.dtype):  # autocast state is per thread: enter it here
+                while self._iterate():
+                    pass
+        except Exception as err:  # a bug or an error no request owns: say so, fail what is left, never hang
+            log.exception("the decode engine stopped")
+            with self._cond:
+                self.failure = f"the decode engine stopped: {type(err).__name__}: {err}"
+                self._running = False
         with self._cond:
             leftovers = list(self._waiting) + list(self._jobs.values())
             self._waiting.clear()
         for job in leftovers:
             if job.sequence is not None:
                 self.engine.abort(job.sequence)
-            self._finish(job, "aborted")
+            if self.failure:
+                self.metrics.finished.labels("error").inc()
+                job.finish_reason = "error"
+                job.post(("error", 503, self.failure))
+            else:
+                self._finish(job, "aborted")
         self._jobs.clear()
         self.metrics.active.set(0)
         self.metrics.queue_depth.set(0)
@@ -178,17 +195,17 @@ class EngineWorker:
             return
         try:
             sequences = self.engine.add_many([j.prompt_ids for j in jobs], [j.params for j in jobs])
-        except (DecodingError, RuntimeError):
+        except Exception:  # noqa: BLE001  (any error of the batch: retry one by one, so a bad request fails alone)
             sequences = []
             for job in jobs:
                 try:
                     sequences.append(self.engine.add(job.prompt_ids, job.params))
-                except (DecodingError, RuntimeError) as err:
+                except Exception as err:  # noqa: BLE001  (this request's error is its answer)
                     log.warning("request failed at prefill: %s", err)
                     sequences.append(None)
                     self.metrics.finished.labels("error").inc()
                     job.finish_reason = "error"
-                    job.post(("error", 500 if isinstance(err, RuntimeError) else 422, str(err)))
+                    job.post(("error", 422 if isinstance(err, DecodingError) else 500, str(err)))
         for job, sequence in zip(jobs, sequences):
             if sequence is not None:
                 job.sequence = sequence
@@ -199,7 +216,7 @@ class EngineWorker:
         batch = len(self.engine.active)
         try:
             outputs = self.engine.step()
-        except RuntimeError as err:  # a device error (e.g. out of memory) takes down the batch, not the server
+        except Exception as err:  # noqa: BLE001  (device error, out of memory, a bug: the batch fails)
             log.error("decode step failed, failing %d sequences: %s", len(self._jobs), err)
             for sequence, job in list(self._jobs.items()):
                 self.engine.abort(sequence)

@@ -794,3 +794,46 @@ def test_degenerate_sampling_values_are_served_and_the_engine_keeps_serving(serv
     assert bad.status_code == 422 and "repetition_penalty" in bad.text
     assert httpx.get(server.url + "/health").json()["active_sequences"] == 0
     assert httpx.post(server.url + "/generate", json={"prefix": "A", "max_gen_len": 3}).status_code == 200
+
+
+POISON = "POISON"
+
+
+def poisoned_sampler(engine, tokenizer, at: str):
+    """The engine's sampler, raising ValueError (not a RuntimeError) for a batch holding the poisoned prompt: at its
+    prefill, or from its second token on."""
+    real, poison = engine._sample, tokenizer.encode_ordinary(POISON)
+
+    def sample(requests, logits):
+        for r in requests:
+            if r.prompt_ids[1:] == poison and (at == "prefill" or r.output_ids):
+                raise ValueError(f"injected at {at}")
+        return real(requests, logits)
+    return sample
+
+
+@pytest.mark.parametrize("at", ["prefill", "step"])
+def test_a_failing_sample_fails_its_request_alone_and_the_engine_serves_on(checkpoint, reference, at):
+    with LiveServer(settings_for(checkpoint)) as live:
+        engine = live.app.state.service.served.worker.engine
+        engine._sample = poisoned_sampler(engine, reference[1], at)
+        failed = httpx.post(live.url + "/generate", json={"prefix": POISON, "max_gen_len": 4})
+        assert failed.status_code in (500, 503) and "injected" in failed.text, failed.text
+        assert all(slot is None for slot in engine.slots)  # nothing left behind in the engine
+        for _ in range(2):
+            assert httpx.post(live.url + "/generate", json={"prefix": "A", "max_gen_len": 3}).status_code == 200
+        assert httpx.get(live.url + "/health").status_code == 200
+
+
+def test_a_dead_engine_thread_makes_health_503(checkpoint):
+    with LiveServer(settings_for(checkpoint)) as live:
+        worker = live.app.state.service.served.worker
+        worker._iterate = lambda: (_ for _ in ()).throw(KeyError("a bug"))
+        httpx.post(live.url + "/generate", json={"prefix": "A", "max_gen_len": 2})  # wakes the loop
+        deadline = time.time() + 10
+        while worker.alive and time.time() < deadline:
+            time.sleep(0.02)
+        health = httpx.get(live.url + "/health")
+        assert health.status_code == 503 and "decode engine stopped" in health.json()["error"]
+        response = httpx.post(live.url + "/generate", json={"prefix": "A", "max_gen_len": 2})
+        assert response.status_code == 503 and "KeyError" in response.text
