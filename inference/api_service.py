@@ -35,6 +35,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from checkpoints import checkpoint_metadata
@@ -126,7 +127,7 @@ async def metrics(request: Request):
 async def generate(body: GenerateRequest, request: Request):
     service = service_of(request)
     s = service.ready()
-    ids = prompt_ids(s, body.prefix)
+    ids = await run_in_threadpool(prompt_ids, s, body.prefix)
     params = sampling(service.settings, s, body, ids, body.max_gen_len)
     n = candidates(body, params)
     if not body.stream:
@@ -141,7 +142,7 @@ async def generate(body: GenerateRequest, request: Request):
 async def completions(body: CompletionRequest, request: Request):
     service = service_of(request)
     s = service.ready()
-    ids = prompt_ids(s, body.prompt)
+    ids = await run_in_threadpool(prompt_ids, s, body.prompt)
     return await openai_response(service, s, body, request, ids, body.max_tokens, chat=False)
 
 
@@ -151,7 +152,8 @@ async def chat_completions(body: ChatRequest, request: Request):
     settings = service.settings
     wanted = body.max_tokens or body.max_completion_tokens
     room = s.context - wanted if wanted else max_prompt_len(s.context, settings.max_new_tokens)
-    prompt = chat_prompt(s, body.messages, max(1, min(room, settings.max_prompt_tokens or s.context - 1)))
+    room = max(1, min(room, settings.max_prompt_tokens or s.context - 1))
+    prompt = await run_in_threadpool(chat_prompt, s, body.messages, room)  # encoding off the event loop
     limit = wanted or max(1, min(settings.max_new_tokens, s.context - len(prompt.ids)))
     answer = await openai_response(service, s, body, request, prompt.ids, limit, True, prompt.dropped_turns)
     headers = {"X-Dropped-Turns": str(prompt.dropped_turns)}  # the oldest turns left out to fit the context
@@ -167,14 +169,15 @@ async def tokenize(body: TokenizeRequest, request: Request):
     if body.messages is not None and body.add_generation_prompt:
         if body.messages[-1].role != "user":
             raise APIError(422, "add_generation_prompt needs the last message to be the user's")
-        ids = chat_prompt(s, body.messages, 1 << 30).ids
+        ids = (await run_in_threadpool(chat_prompt, s, body.messages, 1 << 30)).ids
     elif body.messages is not None:  # a whole conversation, as a training sample holds it
         sample = render_sample(s.tokenizer, body.messages, s.template, max_seq_len=1 << 30)
         if sample is None:
             raise APIError(422, "without add_generation_prompt the messages must hold an assistant answer")
         ids = sample.input_ids
     else:
-        ids = prompt_ids(s, body.prompt) if body.add_special_tokens else s.tokenizer.encode_ordinary(body.prompt)
+        encode = prompt_ids if body.add_special_tokens else lambda s, text: s.tokenizer.encode_ordinary(text)
+        ids = await run_in_threadpool(encode, s, body.prompt)
     return {"count": len(ids), "max_model_len": s.context, "tokens": ids}
 
 

@@ -837,3 +837,17 @@ def test_a_dead_engine_thread_makes_health_503(checkpoint):
         assert health.status_code == 503 and "decode engine stopped" in health.json()["error"]
         response = httpx.post(live.url + "/generate", json={"prefix": "A", "max_gen_len": 2})
         assert response.status_code == 503 and "KeyError" in response.text
+
+
+def test_a_huge_single_word_prompt_answers_in_seconds_while_health_stays_responsive(server):
+    import concurrent.futures
+
+    body = {"prefix": "the" * 300_000, "max_gen_len": 2}  # one 900 KB pre-token: quadratic BPE took tens of minutes
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        started = time.perf_counter()
+        big = pool.submit(httpx.post, server.url + "/generate", json=body, timeout=60)
+        time.sleep(0.3)
+        health = [httpx.get(server.url + "/health", timeout=5) for _ in range(3)]  # answered meanwhile
+        response = big.result()
+    assert response.status_code == 422 and "at most" in response.json()["error"]["message"]
+    assert time.perf_counter() - started < 30 and all(h.status_code == 200 for h in health)

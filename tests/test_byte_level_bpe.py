@@ -385,3 +385,21 @@ def test_load_errors(tiny_tokenizer_dir, tmp_path):
     (corrupt / "vocab.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(TokenizerError, match="not valid UTF-8 JSON"):
         ByteLevelBPETokenizer.from_pretrained(corrupt)
+
+
+def test_long_pre_tokens_merge_exactly_as_short_ones_in_n_log_n(tiny_tokenizer, monkeypatch):
+    """_bpe_heap (pre-tokens over LONG_PIECE bytes) gives _bpe's merges; 'the' * 13000 took 20 s before it."""
+    import random
+    import time
+
+    rng = random.Random(0)
+    parts = ["the", "thee", "aaa", "ab", "ROMEO", "明月", "光", "e"]
+    pieces = ["".join(rng.choice(parts) for _ in range(rng.randint(1, 120))) for _ in range(200)]
+    monkeypatch.setattr(byte_level_bpe, "LONG_PIECE", 10 ** 9)  # the list algorithm only
+    reference = [tiny_tokenizer._bpe(p) for p in pieces]
+    heap = [tiny_tokenizer._bpe_heap([tiny_tokenizer._byte_ids[b] for b in p.encode("utf-8")]) for p in pieces]
+    assert heap == reference
+    monkeypatch.undo()
+    started = time.perf_counter()
+    ids = tiny_tokenizer._bpe("the" * 13000)
+    assert tiny_tokenizer.decode(ids) == "the" * 13000 and time.perf_counter() - started < 10  # a bound, not a benchmark
