@@ -73,6 +73,14 @@ def int_at_least(low: int) -> Callable[[str], int]:
 
 
 positive_int = int_at_least(1)
+
+
+def port(text: str) -> int:
+    """argparse type: a TCP port, 1 to 65535."""
+    value = _number(int, text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port from 1 to 65535, got {value}")
+    return value
 nonnegative_int = int_at_least(0)
 
 

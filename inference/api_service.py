@@ -23,6 +23,7 @@ import inspect
 import json
 import logging
 import signal
+import socket
 import sys
 import time
 from contextlib import asynccontextmanager
@@ -595,6 +596,22 @@ def __getattr__(name: str) -> FastAPI:
 # ----------------------------------------------------------------------------- CLI
 
 
+def check_address(host: str, port: int) -> None:
+    """A host that resolves and a port free to bind, before the model loads: else one line (not uvicorn's exit 3)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as err:
+        raise UsageError(f"--host {host!r} cannot be resolved ({err}): pass an address such as 127.0.0.1") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise UsageError(f"cannot listen on {host}:{port} ({err.strerror}): pick a free --port, or stop what "
+                             "uses it") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
@@ -604,6 +621,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UsageError(f"--model_path {path} is not a file; pass a checkpoint (.pth)")
     if settings.reward_model:  # a missing reward model, or one of another tokenizer, is also caught before starting
         check_reward_checkpoint(Path(settings.reward_model), checkpoint_metadata(path).get("tokenizer_fingerprint"))
+    check_address(settings.host, settings.port)
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
     app = create_app(settings)
     # One worker process: it holds the model once; scale with replicas (one per GPU) behind a load balancer.

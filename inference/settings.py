@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 from cli import ArgumentParser, UsageError, nonnegative_float, nonnegative_int, positive_float, positive_int
+from cli import port as cli_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = ("models/sft/sft_best_int8.pth", "models/sft/sft_best.pth")
@@ -34,7 +35,7 @@ class Settings:
                               "models/pretrain/pretrain_best.pth (warning)")
     tokenizer_dir: str = setting("", "GPT_TOKENIZER_DIR", "tokenizer folder (default: <checkpoint folder>/tokenizer)")
     host: str = setting("127.0.0.1", "GPT_HOST", "address to bind (0.0.0.0 to accept other machines, as in Docker)")
-    port: int = setting(8000, "GPT_PORT", "TCP port", positive_int)
+    port: int = setting(8000, "GPT_PORT", "TCP port (1 to 65535)", cli_port)
     device: str = setting("auto", "GPT_DEVICE", "auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps")
     dtype: str = setting("auto", "GPT_DTYPE", "compute precision: auto (bf16/fp16 on CUDA, fp32 elsewhere), float32, "
                          "bfloat16, float16 (autocast; weights stay as loaded)")

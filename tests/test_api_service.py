@@ -851,3 +851,37 @@ def test_a_huge_single_word_prompt_answers_in_seconds_while_health_stays_respons
         response = big.result()
     assert response.status_code == 422 and "at most" in response.json()["error"]["message"]
     assert time.perf_counter() - started < 30 and all(h.status_code == 200 for h in health)
+
+
+def test_every_start_up_failure_is_one_line_within_seconds(checkpoint, tiny_tokenizer, tmp_path):
+    import socket
+    import subprocess
+
+    from checkpoints import save_checkpoint
+    from gpt_model import GPTConfig
+    from model_heads import GPTClassifier, GPTRewardModel
+
+    config = GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=CONTEXT, dropout=0.0)
+    reward, classifier, garbage = tmp_path / "reward.pth", tmp_path / "classifier.pth", tmp_path / "garbage.pth"
+    for path, model, extra in ((reward, GPTRewardModel(config), {"model_class": "reward"}),
+                               (classifier, GPTClassifier(config, 2, ["a", "b"]), {"model_class": "classifier"})):
+        save_checkpoint(path, model, tokenizer_fingerprint=tiny_tokenizer.fingerprint, **extra)
+    tiny_tokenizer.save(tmp_path / "tokenizer")
+    garbage.write_bytes(b"not a checkpoint")
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    cases = [(["--model_path", str(reward)], "reward model"), (["--model_path", str(classifier)], "classifier"),
+             (["--model_path", str(garbage)], "corrupt"), (["--port", "99999"], "TCP port"),
+             (["--host", "no.such.host.invalid"], "cannot be resolved"),
+             (["--port", str(busy.getsockname()[1])], "cannot listen")]
+    try:
+        for flags, message in cases:
+            argv = ["--model_path", str(checkpoint), "--num_threads", "1", *flags]
+            run = subprocess.run([sys.executable, "-m", "inference.api_service", *argv], capture_output=True,
+                                 text=True, timeout=60, cwd=ROOT)
+            last = run.stderr.strip().splitlines()[-1]
+            assert run.returncode == 2 and last.startswith("error: ") and message in last, run.stderr
+            assert "Traceback" not in run.stderr
+    finally:
+        busy.close()
