@@ -429,8 +429,10 @@ class ByteLevelBPETokenizer:
             raise TokenizerError(f"cannot decode id {bad!r}: ids must be ints in [0, {len(table)})") from None
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        """Text of `ids`; invalid UTF-8 (possible for arbitrary ids) becomes U+FFFD."""
-        return self.decode_bytes(ids, skip_special_tokens).decode("utf-8", errors="replace")
+        """Text of `ids` in whole characters: a character cut off at the end (generation stopped inside it) is
+        left out; other invalid UTF-8 (possible for arbitrary ids) becomes U+FFFD."""
+        raw = self.decode_bytes(ids, skip_special_tokens)
+        return raw[:len(raw) - incomplete_tail(raw)].decode("utf-8", errors="replace")
 
     # ----- files -------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> None:
@@ -501,6 +503,19 @@ class ByteLevelBPETokenizer:
         tokenizer.target_vocab_size = len(vocab)
         tokenizer._set_state(id_to_bytes, special_ids, role_ids, merges)
         return tokenizer
+
+
+def incomplete_tail(raw: bytes) -> int:
+    """How many bytes at the end of ``raw`` start a UTF-8 character that they do not finish (0, 1, 2 or 3)."""
+    for back in range(1, min(4, len(raw) + 1)):
+        byte = raw[-back]
+        if byte & 0xC0 == 0x80:  # a continuation byte: look further back for the character's lead byte
+            continue
+        if byte < 0xC0:
+            return 0
+        needed = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+        return back if back < needed else 0
+    return 0
 
 
 def _configured_specials(config, vocab: dict[str, int], config_path: Path) -> tuple[dict[str, int], dict[str, int]]:

@@ -21,6 +21,7 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 
+from byte_level_bpe import incomplete_tail
 from data_loader import collate_batch
 from metrics import IGNORE_INDEX, sequence_logprobs
 from prompts import prompt_response_ids
@@ -152,8 +153,10 @@ class IncrementalDetokenizer:
         return self._decoder.decode(self._tokenizer.decode_bytes([token_id], self._skip))
 
     def flush(self) -> str:
-        """Whatever is still held (invalid UTF-8 at the very end becomes U+FFFD, as in tokenizer.decode)."""
-        return self._decoder.decode(b"", final=True)
+        """The end of the text: a character still incomplete there is left out (as in tokenizer.decode)."""
+        held, _ = self._decoder.getstate()
+        self._decoder.reset()
+        return "" if held and incomplete_tail(held) == len(held) else self._decoder.decode(held, final=True)
 
 
 class StopStringMatcher:

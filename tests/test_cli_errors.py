@@ -387,7 +387,8 @@ BAD_FLAGS = [
     *[("kv_cache_infer", flags, ()) for flags in (
         ["--max_new_tokens", "0"], ["--max_new_tokens", "x"], [OLD_MAX_GEN_LEN, "5"], ["--temperature", "0"],
         ["--top_k", "-1"], ["--top_p", "0"], ["--top_p", "1.5"], ["--repetition_penalty", "0"],
-        ["--repetition_penalty", "1e-45"], ["--seed", "-1"], ["--num_threads", "0"], [OLD_THREADS, "1"], ["--interactive"])],
+        ["--repetition_penalty", "1e-45"], ["--seed", "-1"], ["--num_threads", "0"], [OLD_THREADS, "1"],
+        ["--interactive"])],
     ("kv_cache_infer", [], ("--model_path",)),
     *[("byte_level_bpe", flags, ()) for flags in (
         ["--vocab_size", "abc"], ["--vocab_size", "100"], ["--min_frequency", "0"], ["--num_workers", "0"],

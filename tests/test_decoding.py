@@ -300,3 +300,14 @@ def test_a_prefill_that_fails_leaves_no_slot_taken(model, monkeypatch):
     assert engine.slots == [None, None] and not engine.has_work
     monkeypatch.undo()
     assert engine.run([PROMPTS[0]], GREEDY)[0].output_ids == alone(model, PROMPTS[0], GREEDY)
+
+
+def test_a_character_cut_off_at_the_end_is_left_out_not_shown_as_u_fffd(tiny_tokenizer):
+    tok = tiny_tokenizer
+    raw = "静夜思".encode("utf-8")
+    ids = [tok._byte_ids[b] for b in raw[:-1]]  # the last character's final byte never came
+    assert tok.decode(ids) == "静夜" and tok.decode(ids[:-1]) == "静夜"
+    assert tok.decode([tok._byte_ids[0xFF], *ids[:3]]) == "\ufffd静"  # invalid bytes elsewhere stay visible
+    detok = IncrementalDetokenizer(tok)
+    streamed = "".join(detok.push(i) for i in ids) + detok.flush()
+    assert streamed == "静夜" == tok.decode(ids)
