@@ -142,7 +142,7 @@ class GPTEvaluator:
         """Continuations of each prompt (a text, read as `<s> text`, or rendered ids such as
         ``prompts.record_prompt_ids``'), stopped at `</s>`, ``batch_size`` at a time through the decode engine.
         A prompt is cut (keeping its end) only to leave room for ``min_new_tokens`` new tokens (default
-        min(max_gen_len, context // 2)); past that, each prompt generates up to max_gen_len or its context's end."""
+        min(max_gen_len, context // 4)); past that, each prompt generates up to max_gen_len or its context's end."""
         if batch_size < 1:
             raise EvaluationError(f"batch_size must be at least 1, got {batch_size}")
         limit = max_prompt_len(self.model.config.max_seq_len, min_new_tokens or max_gen_len)

@@ -1,10 +1,12 @@
 """The web chat page's screenshot in the docs: a server on a trained SFT model, headless Chromium at phone width,
-a two-turn arithmetic dialogue (the second question depends on the first answer), then docs/chat_page.png.
+the user turns of the first held-out dialogue of data/sft/chat_test.json (each later question depends on the
+earlier answers), then docs/chat_page.png.
 
     python -m benchmarks.screenshot_chat --model_path models/sft/sft_best.pth
 
-Needs chromium, chromium-driver and selenium (as tests/test_chat_page.py). Prints one JSON line: the turns sent,
-the replies shown and the file written.
+Greedy, max tokens 8 (so the whole history fits the 64-token model). Needs chromium, chromium-driver, a CJK font
+(Debian: fonts-noto-cjk) and selenium (as tests/test_chat_page.py). Prints one JSON line: the turns sent,
+the replies shown, the reference answers and the file written.
 """
 from __future__ import annotations
 
@@ -22,7 +24,9 @@ import cli
 from benchmarks.cli_options import benchmark_parser
 
 ROOT = Path(__file__).resolve().parent.parent
-TURNS = ("计算 15 + 27 = ?", "再加 8 呢？")
+DIALOGUE = json.loads((ROOT / "data" / "sft" / "chat_test.json").read_text(encoding="utf-8"))[0]["messages"]
+TURNS = [m["content"] for m in DIALOGUE if m["role"] == "user"]
+REFERENCES = [m["content"] for m in DIALOGUE if m["role"] == "assistant"]
 
 
 def free_port() -> int:
@@ -59,7 +63,8 @@ def converse(browser, url: str) -> list[str]:
     from selenium.webdriver.common.by import By
 
     browser.get(url + "/chat")
-    browser.execute_script("document.getElementById('temperature').value = 0")
+    browser.execute_script("document.getElementById('temperature').value = 0;"  # greedy, short answers: the
+                           "document.getElementById('max_tokens').value = 8")  # history keeps the context
     for n, text in enumerate(TURNS, start=1):
         browser.find_element(By.ID, "input").send_keys(text)
         browser.find_element(By.ID, "send").click()
@@ -100,7 +105,8 @@ def _main(argv: list[str] | None) -> int:
             browser.quit()
         server.terminate()
         server.wait(timeout=30)
-    print(json.dumps({"turns": list(TURNS), "replies": replies, "output": str(args.output)}, ensure_ascii=False))
+    print(json.dumps({"turns": TURNS, "replies": replies, "references": REFERENCES, "output": str(args.output)},
+                     ensure_ascii=False))
     return 0
 
 

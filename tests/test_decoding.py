@@ -223,7 +223,7 @@ def test_prompt_helpers(tiny_tokenizer):
     with pytest.warns(UserWarning, match="was cut"):
         cut = encode_prompt(tiny_tokenizer, "To be, or not to be", 4)
     assert cut == [tiny_tokenizer.bos_token_id] + ids[-3:]
-    assert max_prompt_len(64, 100) == 32 and max_prompt_len(64, 5) == 59 and max_prompt_len(64, 0) == 63
+    assert max_prompt_len(64, 100) == 48 and max_prompt_len(64, 5) == 59 and max_prompt_len(64, 0) == 63
     input_ids, mask = left_pad([[5, 6, 7], [8]], pad_id=1)
     assert input_ids.tolist() == [[5, 6, 7], [1, 1, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert cut_at_eos([4, 5, 2, 6, 2], 2) == [4, 5] and cut_at_eos([4, 5], 2) == [4, 5] and cut_at_eos([4], None) == [4]

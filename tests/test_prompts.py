@@ -44,7 +44,7 @@ def test_fit_keeps_bos_and_the_tail_or_raises():
 def test_encode_prompt_and_its_room(tiny_tokenizer):
     tok = tiny_tokenizer
     assert encode_prompt(tok, "ROMEO:") == [tok.bos_token_id, *tok.encode_ordinary("ROMEO:")]
-    assert max_prompt_len(64, 16) == 48 and max_prompt_len(64, 500) == 32 and max_prompt_len(2, 1) == 1
+    assert max_prompt_len(64, 16) == 48 and max_prompt_len(64, 500) == 48 and max_prompt_len(2, 1) == 1
     long = " ".join(["word"] * 80)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
