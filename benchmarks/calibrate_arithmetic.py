@@ -11,6 +11,11 @@ cores); compare settings by steps and tokens, since the CPU is shared and wall t
 """
 from __future__ import annotations
 
+if __name__ == "__main__" and not __package__:  # run by its path, not with -m: import from the project root
+    import pathlib
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # same setting as the trainer
