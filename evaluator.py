@@ -41,7 +41,7 @@ from quantization import weight_count
 from readers import (jsonl_holds_records, load_classification_records, load_preference_records, load_sft_records,
                      read_documents)
 from text_metrics import ROUGE_METRICS, compute_bleu, mean_sentence_bleu, rouge_scores
-from verifiers import verifiable_reward
+from verifiers import check_verifiers, verifiable_reward
 
 
 class EvaluationError(ValueError):
@@ -214,6 +214,8 @@ class GPTEvaluator:
         records = _take(load_sft_records(_check_data_format(test_data_path, "sft")), max_samples)
         if not records:
             raise EvaluationError(f"no records in {test_data_path}: the test set is empty")
+        if best_of > 1 and best_of_scorer == "verifier":
+            check_verifiers(records, str(test_data_path))  # before the first (slow) generation, not after
         total_nll, n_tokens = self.response_nll(records, batch_size)
         prompts = [record_prompt_ids(self.tokenizer, r, self.template, limit=self.prompt_room) for r in records]
         references = [record_reference(record) for record in records]

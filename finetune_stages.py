@@ -37,7 +37,7 @@ from prompts import CHAT_TEMPLATE, CHAT_TOKENS, has_chat_tokens, is_chat_templat
 from readers import load_preference_records, load_sft_records
 from rl_step import GRPOStep, PPOStep
 from training import TrainError
-from verifiers import VERIFIERS
+from verifiers import VERIFIERS, check_verifiers
 
 PROCESS_START = time.time()
 
@@ -580,9 +580,11 @@ def run_rlvf(config: GRPOConfig, resume: str | None, show_progress: bool = True,
     policy = load_base(config.sft_model, config.tokenizer_dir, "--sft_model")
     tokenizer, template = policy.tokenizer, policy.template
     records = load_sft_records(config.data_path)
+    check_verifiers(records, f"--data_path {config.data_path}")
     items = rl_prompts([(record_prompt_ids(tokenizer, r, template), r) for r in records],
                        policy.model.config.max_seq_len, "--data_path")
     eval_records = load_sft_records(config.test_data_path)[:config.eval_samples]
+    check_verifiers(eval_records, f"--test_data_path {config.test_data_path}")
     checkpoint, resumed_from = training.find_resume_checkpoint(resume, config.output_dir, "rlvf", tokenizer)
     print(f"rlvf: {len(records)} training prompts x {config.group_size} samples per group, {len(eval_records)} "
           f"held-out prompts; verifiers {sorted(VERIFIERS)}")
