@@ -12,6 +12,11 @@ GPTConfig) + metadata (``model_class``, ``stage``, ``step``, ``sft_template``, `
 ``train_args``, ...) and, in the trainers' step checkpoints, the training state. An INT8 file adds
 ``quantization: "int8"``; a LoRA adapter file holds ``lora_state_dict`` + ``base_model`` (the file it adapts).
 
+Every file says what it is, and ``save_checkpoint`` takes that from the model itself, so that no caller can write a
+file that loads as something else: ``model_class`` (the head: lm, reward, classify), ``quantization``, ``lora``
+(adapters trained in place) and, from the trainers, ``stage``. Each entry point checks it once, up front, here:
+``load(expect=..., trainable=..., same_tokenizer_as=...)`` for a model, ``load_resumable(path, stage)`` for --resume.
+
 Its own module, above the model, the heads, LoRA and the INT8 layers, so that none of them imports another to load.
 """
 from __future__ import annotations
@@ -37,6 +42,12 @@ from prompts import SFT_TEMPLATE
 from quantization import is_packed, is_quantized, prepare_for_inference, swap_in_int8
 
 MODEL_CLASSES = {"lm": GPTModel, "reward": GPTRewardModel, "classify": GPTClassifier}
+# stage (a step checkpoint's "stage", the trainer's prefix) -> the command that writes and resumes it
+STAGE_COMMANDS = {"pretrain": "pretrain_trainer.py", "sft": "finetune.py --mode sft",
+                  "reward": "finetune.py --mode reward", "dpo": "finetune.py --mode dpo",
+                  "ppo": "finetune.py --mode rlhf", "rlvf": "finetune.py --mode rlvf",
+                  "classify": "finetune.py --mode classify"}
+TRAINING_STATE = ("step", "optimizer", "scaler", "scheduler", "rank_states", "best_val_loss")
 KIND_NAMES = {"lm": "a language model", "lm-int8": "an INT8 language model", "lora": "LoRA adapters",
               "reward": "a reward model", "classify": "a classifier"}
 KIND_SOURCES = {"lm": "pretrain_trainer.py or finetune.py --mode sft/rlhf/dpo/rlvf", "lm-int8": "inference.quantizer",
@@ -79,6 +90,14 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def _what_it_is(model: nn.Module) -> dict[str, Any]:
+    """The entries that say what a model's file is, from the model (never from the caller, who may be wrong): its
+    class, and its LoRA adapters when it has some (a file without them would not load its own weights)."""
+    kinds = [kind for kind, cls in MODEL_CLASSES.items() if type(model) is cls]
+    layers = lora.lora_layers(model)
+    return {**({"model_class": kinds[0]} if kinds else {}), "lora": lora.lora_config(model) if layers else None}
+
+
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> None:
     """Atomically write {"model_state_dict", "config", **extra} (synced temp file, then rename); an INT8 model also
     records its quantization, so it loads back as INT8."""
@@ -91,6 +110,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra: Any) -> 
                               "trainable=True to save it")
     if is_quantized(model):
         extra = {"quantization": "int8", "quantization_config": dict(model.quantization_config), **extra}
+    extra.update(_what_it_is(model))
     for key, value in extra.items():
         _check_extra(value, repr(key))
     path = Path(path)
@@ -168,6 +188,8 @@ def describe(path: str | os.PathLike) -> str:
                      f"vocab {c.get('vocab_size')}")
     if kind == "classify":
         parts.append(f"classes {meta.get('labels')}")
+    if meta.get("lora"):
+        parts.append(f"with LoRA adapters (r {meta['lora'].get('r')})")
     if "stage" in meta:
         parts.append(f"stage {meta['stage']}, step {meta.get('step')}")
     resumable = all(k in ckpt for k in ("optimizer", "rank_states"))
@@ -285,15 +307,29 @@ def load_tokenizer(checkpoint_path: str | os.PathLike, metadata: Mapping[str, An
 
 
 def _check_kind(kind: str, expect: str | Sequence[str] | None, path: Path, flag: str, trainable: bool) -> None:
+    """The one check of what a file is against what the caller needs: given, expected, and what to pass instead."""
     wanted = (expect,) if isinstance(expect, str) else tuple(expect or ())
     family = {"lm-int8": "lm", "lora": "lm"}.get(kind, kind)
     if wanted and family not in wanted:
         names = " or ".join(KIND_NAMES[w] for w in wanted)
+        sources = " / ".join(KIND_SOURCES[w] for w in wanted)
         raise CheckpointError(f"{flag} {path} is {KIND_NAMES.get(kind, kind)} (written by {KIND_SOURCES.get(kind)}), "
-                              f"not {names}")
+                              f"not {names}: pass {names} (written by {sources})")
     if trainable and kind == "lm-int8":
-        raise CheckpointError(f"{flag} {path} is an INT8 checkpoint, for inference only: pass the float checkpoint it "
-                              "was quantized from")
+        raise CheckpointError(f"{flag} {path} is an INT8 checkpoint, for inference only: it cannot be trained; pass "
+                              "the float checkpoint it was quantized from")
+
+
+def _check_same_tokenizer(tokenizer: ByteLevelBPETokenizer, metadata: Mapping[str, Any], vocab_size: int,
+                          same_as: tuple[ByteLevelBPETokenizer, str], kind: str, path: Path, flag: str) -> None:
+    """A model that reads another model's tokens (a reward model scoring a policy's answers) must have been trained
+    on the same tokenizer: otherwise every id means another piece of text and its outputs are meaningless."""
+    other, what = same_as
+    fingerprint = metadata.get("tokenizer_fingerprint") or tokenizer.fingerprint
+    if fingerprint != other.fingerprint or len(other) > vocab_size:
+        raise CheckpointError(f"{flag} {path} was trained with another tokenizer ({len(tokenizer)} tokens) than "
+                              f"{what} ({len(other)} tokens), so it would read that model's tokens as other text: "
+                              f"pass {KIND_NAMES.get(kind, kind)} trained from {what}")
 
 
 def _ready(model: nn.Module, device: torch.device, trainable: bool, quantize: str, dtype: torch.dtype) -> nn.Module:
@@ -310,13 +346,16 @@ def _ready(model: nn.Module, device: torch.device, trainable: bool, quantize: st
 def load(path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,
          device: str | torch.device | None = None, *, trainable: bool = False, quantize: str = "none",
          dtype: str | torch.dtype = "float32", expect: str | Sequence[str] | None = None,
-         flag: str = "--model_path") -> Loaded:
+         flag: str = "--model_path", same_tokenizer_as: tuple[ByteLevelBPETokenizer, str] | None = None,
+         keep_adapters: bool = False) -> Loaded:
     """Load any checkpoint with its tokenizer, reading the file once.
 
     trainable=False (inference): eval mode, LoRA adapters merged, weights prepared by
     ``quantization.prepare_for_inference`` for ``dtype`` (INT8 when stored or ``quantize="int8"``, else prepacked fp32
     on CPU): the same fast path for every caller. trainable=True: plain float weights in train mode (an INT8 file is an
-    error). ``expect`` ("lm", "reward", "classify") turns the wrong kind of file into a one-line error naming ``flag``.
+    error; LoRA adapters are merged into a plain model, whose checkpoints every tool loads, unless ``keep_adapters``).
+    ``expect`` ("lm", "reward", "classify") turns the wrong kind of file into a one-line error naming ``flag``;
+    ``same_tokenizer_as=(tokenizer, "what it belongs to")`` requires the file to have been trained on that tokenizer.
     """
     path = Path(path)
     ckpt = load_checkpoint(path)
@@ -325,9 +364,36 @@ def load(path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None
     model = build_model(ckpt, path)
     metadata = metadata_of(ckpt)
     tokenizer = load_tokenizer(path, metadata, model.config.vocab_size, tokenizer_dir)
+    if same_tokenizer_as is not None:
+        _check_same_tokenizer(tokenizer, metadata, model.config.vocab_size, same_tokenizer_as, kind, path, flag)
+    if trainable and not keep_adapters and lora.lora_layers(model):
+        lora.merge_lora(model)  # trained on, LoRA-laden weights would be saved as what no loader builds
+        kind, metadata = ("lm" if kind == "lora" else kind), {**metadata, "lora": None}
     device = resolve_device(device)
     model = _ready(model, device, trainable, quantize, resolve_dtype(dtype, device))
     return Loaded(model, tokenizer, "lm-int8" if is_quantized(model) else kind, template_of(metadata), path, metadata)
+
+
+def load_resumable(path: str | os.PathLike, stage: str, flag: str = "--resume") -> dict[str, Any]:
+    """A step checkpoint of ``stage`` with its training state (the whole dict), or a one-line error saying what the
+    file is and what to pass instead: another stage's step file, a best model, an INT8 or a LoRA adapter file."""
+    path = Path(path)
+    ckpt = load_checkpoint(path)
+    kind, wanted = checkpoint_kind(ckpt), f"a {stage}_step_N.pth (--resume auto finds the latest in --output_dir)"
+    if kind in ("lm-int8", "lora"):
+        raise CheckpointError(f"{flag} {path} is {KIND_NAMES[kind]}, for inference only, not a step checkpoint of "
+                              f"{stage}: pass {wanted}")
+    written_by = ckpt.get("stage")
+    if written_by is not None and written_by != stage:
+        command = STAGE_COMMANDS.get(written_by, written_by)
+        raise CheckpointError(f"{flag} {path} is a step checkpoint of {written_by} ({command}), not of {stage} "
+                              f"({STAGE_COMMANDS.get(stage, stage)}): "
+                              f"continue it with `{command} --resume {path}`, or pass {wanted}")
+    missing = [k for k in TRAINING_STATE if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{flag} {path} holds weights but no training state (no {', '.join(missing)}): resume "
+                              f"from {wanted}")
+    return ckpt
 
 
 def load_model_and_tokenizer(path: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None,

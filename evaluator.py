@@ -41,7 +41,7 @@ from quantization import weight_count
 from readers import (jsonl_holds_records, load_classification_records, load_preference_records, load_sft_records,
                      read_documents)
 from text_metrics import ROUGE_METRICS, compute_bleu, mean_sentence_bleu, rouge_scores
-from verifiers import verifiable_reward
+from verifiers import check_verifiers, verifiable_reward
 
 
 class EvaluationError(ValueError):
@@ -214,6 +214,8 @@ class GPTEvaluator:
         records = _take(load_sft_records(_check_data_format(test_data_path, "sft")), max_samples)
         if not records:
             raise EvaluationError(f"no records in {test_data_path}: the test set is empty")
+        if best_of > 1 and best_of_scorer == "verifier":
+            check_verifiers(records, str(test_data_path))  # before the first (slow) generation, not after
         total_nll, n_tokens = self.response_nll(records, batch_size)
         prompts = [record_prompt_ids(self.tokenizer, r, self.template, limit=self.prompt_room) for r in records]
         references = [record_reference(record) for record in records]
@@ -546,11 +548,12 @@ def _check_model_kind(checkpoint_path: str, loaded_kind: str, model_type: str) -
                               f"{MODEL_KINDS.get(kind, 'pretrain or sft')}")
 
 
-def _evaluate_sft(evaluator: GPTEvaluator, args: argparse.Namespace) -> dict:
+def _evaluate_sft(evaluator: GPTEvaluator, args: argparse.Namespace, checkpoint_path: str) -> dict:
     reward_model = None
-    if args.reward_model:
+    if args.reward_model:  # it scores this model's tokens: it must read them as this model's tokenizer does
         reward_model = checkpoints.load(args.reward_model, args.tokenizer_dir, args.device, expect="reward",
-                                        flag="--reward_model").model
+                                        flag="--reward_model",
+                                        same_tokenizer_as=(evaluator.tokenizer, str(checkpoint_path))).model
     return evaluator.evaluate_sft(args.test_data_path, batch_size=args.batch_size, max_samples=args.max_samples,
                                   max_gen_len=args.max_new_tokens, do_sample=args.do_sample,
                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -566,7 +569,7 @@ def evaluate_checkpoint(checkpoint_path: str, args: argparse.Namespace) -> dict:
     evaluator = GPTEvaluator(loaded.model, loaded.tokenizer, dtype=args.dtype, show_progress=not args.no_progress,
                              template=loaded.template)
     if args.model_type == "sft":
-        metrics = _evaluate_sft(evaluator, args)
+        metrics = _evaluate_sft(evaluator, args, checkpoint_path)
     else:
         evaluate = {"pretrain": evaluator.evaluate_pretrained, "reward": evaluator.evaluate_reward,
                     "classify": evaluator.evaluate_classification}[args.model_type]

@@ -37,7 +37,7 @@ from prompts import CHAT_TEMPLATE, CHAT_TOKENS, has_chat_tokens, is_chat_templat
 from readers import load_preference_records, load_sft_records
 from rl_step import GRPOStep, PPOStep
 from training import TrainError
-from verifiers import VERIFIERS
+from verifiers import VERIFIERS, check_verifiers
 
 PROCESS_START = time.time()
 
@@ -233,6 +233,15 @@ def resume_or(config: FinetuneConfig, resume: str | None, prefix: str, tokenizer
     return checkpoints.build_model(checkpoint, resumed_from).train(), checkpoint, resumed_from
 
 
+def check_same_adapters(checkpoint: dict | None, resumed_from: str | None, lora_r: int) -> None:
+    """A resumed SFT run trains what its checkpoint trained: LoRA adapters of the same rank, or the whole model."""
+    stored = (checkpoint or {}).get("lora") or {}
+    if checkpoint is not None and stored.get("r", 0) != lora_r:
+        what = f"LoRA adapters of rank {stored['r']}" if stored else "the whole model (no LoRA)"
+        raise TrainError(f"--resume {resumed_from} trains {what}, but this run has --lora_r {lora_r}: resume with "
+                         f"--lora_r {stored.get('r', 0)}, or start a fresh run without --resume")
+
+
 def shuffled(dataset, config: FinetuneConfig, collate) -> data_loader.ShuffledBatches:
     """This rank's endless, reshuffled, resumable batches of a dataset."""
     info = training.DistInfo.from_env()
@@ -283,6 +292,7 @@ def run_sft(config: SFTConfig, resume: str | None, show_progress: bool = True,
     check_records_fit(train_set, config.data_path, max_len)
     model, checkpoint, resumed_from = resume_or(config, resume, "sft", tokenizer,
                                                 functools.partial(sft_model, base.model, config))
+    check_same_adapters(checkpoint, resumed_from, config.lora_r)
     if lora.lora_layers(model):
         lora.mark_only_lora_trainable(model)
     trainable, total = lora.count_parameters(model)
@@ -324,7 +334,7 @@ def sft_model(base: nn.Module, config: SFTConfig) -> nn.Module:
 
 def finish_lora(best: Path, config: SFTConfig) -> None:
     """Write the adapters alone (small, loadable on the base model); with --merge_lora make sft_best.pth plain."""
-    loaded = checkpoints.load(best, device="cpu", trainable=True)
+    loaded = checkpoints.load(best, device="cpu", trainable=True, keep_adapters=True)
     model, metadata = loaded.model, loaded.metadata
     adapter = best.with_name("sft_lora_adapter.pth")
     base_vocab = checkpoints.load_checkpoint(config.pretrained_model)["config"]["vocab_size"]
@@ -546,7 +556,8 @@ def run_rlhf(config: PPOConfig, resume: str | None, show_progress: bool = True,
     policy = load_base(config.sft_model, config.tokenizer_dir, "--sft_model")
     tokenizer, template = policy.tokenizer, policy.template
     reward_model = checkpoints.load(config.reward_model, config.tokenizer_dir, device="cpu", expect="reward",
-                                    flag="--reward_model").model
+                                    flag="--reward_model",
+                                    same_tokenizer_as=(tokenizer, f"--sft_model {config.sft_model}")).model
     records = load_preference_records(config.pairwise_data)
     prompts = [list(p) for p in {tuple(record_prompt_ids(tokenizer, r, template)): None for r in records}]
     prompts = rl_prompts(prompts, policy.model.config.max_seq_len, "--pairwise_data")
@@ -569,9 +580,11 @@ def run_rlvf(config: GRPOConfig, resume: str | None, show_progress: bool = True,
     policy = load_base(config.sft_model, config.tokenizer_dir, "--sft_model")
     tokenizer, template = policy.tokenizer, policy.template
     records = load_sft_records(config.data_path)
+    check_verifiers(records, f"--data_path {config.data_path}")
     items = rl_prompts([(record_prompt_ids(tokenizer, r, template), r) for r in records],
                        policy.model.config.max_seq_len, "--data_path")
     eval_records = load_sft_records(config.test_data_path)[:config.eval_samples]
+    check_verifiers(eval_records, f"--test_data_path {config.test_data_path}")
     checkpoint, resumed_from = training.find_resume_checkpoint(resume, config.output_dir, "rlvf", tokenizer)
     print(f"rlvf: {len(records)} training prompts x {config.group_size} samples per group, {len(eval_records)} "
           f"held-out prompts; verifiers {sorted(VERIFIERS)}")

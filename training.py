@@ -268,15 +268,10 @@ def find_resume_checkpoint(resume: str | None, output_dir: str | os.PathLike, pr
             print(f"--resume auto: no {prefix}_step_N.pth in {output_dir}, starting a fresh run")
             return None, None
         resume = str(found[-1])
-    checkpoint = checkpoints.load_checkpoint(resume)
+    checkpoint = checkpoints.load_resumable(resume, prefix)
     if checkpoint.get("tokenizer_fingerprint") != tokenizer.fingerprint:
         raise TrainError(f"{resume} was trained with a different tokenizer: pass the --tokenizer_dir it was trained "
                          f"with ({Path(resume).parent / 'tokenizer'})")
-    missing = [k for k in ("step", "optimizer", "scaler", "scheduler", "rank_states", "best_val_loss")
-               if k not in checkpoint]
-    if missing:
-        raise TrainError(f"{resume} holds weights but no training state (no {', '.join(missing)}): resume from a "
-                         f"{prefix}_step_N.pth checkpoint")
     return checkpoint, resume
 
 

@@ -58,9 +58,29 @@ def format_verifier(response: str, record: dict) -> float:
     return float(bool(text) and "\n" not in text and "###" not in text)
 
 
-def verifiable_reward(response: str, record: dict, format_weight: float = 0.1) -> float:
-    """The task's verifier (record["verifier"], else by record["task"], else exact) plus a small format bonus."""
+def verifier_name(record: dict) -> str:
+    """The registered verifier a record picks (record["verifier"], else by record["task"], else exact)."""
+    for key in ("verifier", "task"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            raise DataError(f"field {key!r} is a {type(record[key]).__name__}: it must be a string (one verifier's "
+                            f"name; registered: {sorted(VERIFIERS)})")
     name = record.get("verifier") or TASK_VERIFIERS.get(record.get("task"), "exact")
     if name not in VERIFIERS:
         raise DataError(f"unknown verifier {name!r}; registered: {sorted(VERIFIERS)} (add one with register_verifier)")
+    return name
+
+
+def check_verifiers(records: list[dict], source: str) -> None:
+    """Every record's verifier, looked up before anything runs (a run must not fail on its data after it started
+    writing): the first bad one is a one-line error naming the file and the record."""
+    for i, record in enumerate(records):
+        try:
+            verifier_name(record)
+        except DataError as err:
+            raise DataError(f"{source}: record {i + 1}: {err}") from None
+
+
+def verifiable_reward(response: str, record: dict, format_weight: float = 0.1) -> float:
+    """The task's verifier (see ``verifier_name``) plus a small format bonus."""
+    name = verifier_name(record)
     return VERIFIERS[name](response, record) + format_weight * VERIFIERS["format"](response, record)

@@ -144,12 +144,13 @@ def test_int8_files_load_as_int8_and_are_refused_for_training(run, tiny_tokenize
     save_checkpoint(folder / "int8.pth", quantize_model_int8(model), tokenizer_fingerprint=tiny_tokenizer.fingerprint)
     loaded = load(folder / "int8.pth")
     assert loaded.kind == "lm-int8" and isinstance(loaded.model.lm_head, Int8Linear)
-    with pytest.raises(CheckpointError, match="--pretrained_model .*int8.pth is an INT8 checkpoint, for inference"):
+    with pytest.raises(CheckpointError, match="--pretrained_model .*int8.pth is an INT8 checkpoint, for inference only"):
         load(folder / "int8.pth", trainable=True, flag="--pretrained_model")
     assert load(folder / "lm.pth", quantize="int8").kind == "lm-int8"  # quantized at load time on request
 
 
-def test_lora_checkpoints_are_merged_for_inference_and_kept_for_training(run, tiny_tokenizer):
+def test_lora_checkpoints_are_merged_for_inference_and_training_unless_kept(run, tiny_tokenizer):
+    """A LoRA-laden model trained on by another stage (dpo/rlvf --sft_model) is a plain one: what it saves loads."""
     folder, model = run
     adapted = lora.apply_lora(GPTModel(model.config), ["c_attn"], r=2, alpha=4.0)
     adapted.load_state_dict(model.state_dict(), strict=False)
@@ -160,9 +161,13 @@ def test_lora_checkpoints_are_merged_for_inference_and_kept_for_training(run, ti
                     lora=lora.lora_config(adapted))
     ids = torch.randint(0, model.config.vocab_size, (1, 12))
     served, trainable = load(folder / "lora.pth"), load(folder / "lora.pth", trainable=True)
-    assert not lora.lora_layers(served.model) and lora.lora_layers(trainable.model)
+    kept = load(folder / "lora.pth", trainable=True, keep_adapters=True)
+    assert not lora.lora_layers(served.model) and not lora.lora_layers(trainable.model)
+    assert lora.lora_layers(kept.model) and trainable.kind == "lm" and not trainable.metadata["lora"]
     with torch.no_grad():
-        torch.testing.assert_close(served.model(ids)["logits"], adapted.eval()(ids)["logits"], atol=1e-4, rtol=1e-4)
+        for other in (served, trainable):
+            torch.testing.assert_close(other.model.eval()(ids)["logits"], adapted.eval()(ids)["logits"], atol=1e-4,
+                                       rtol=1e-4)
 
 
 def test_the_wrong_kind_of_file_is_one_line_naming_the_flag_and_its_writer(run, tiny_tokenizer):
