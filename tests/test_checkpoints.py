@@ -144,7 +144,8 @@ def test_int8_files_load_as_int8_and_are_refused_for_training(run, tiny_tokenize
     save_checkpoint(folder / "int8.pth", quantize_model_int8(model), tokenizer_fingerprint=tiny_tokenizer.fingerprint)
     loaded = load(folder / "int8.pth")
     assert loaded.kind == "lm-int8" and isinstance(loaded.model.lm_head, Int8Linear)
-    with pytest.raises(CheckpointError, match="--pretrained_model .*int8.pth is an INT8 checkpoint, for inference only"):
+    with pytest.raises(CheckpointError, match="--pretrained_model .*int8.pth is an INT8 checkpoint, for inference "
+                                              "only"):
         load(folder / "int8.pth", trainable=True, flag="--pretrained_model")
     assert load(folder / "lm.pth", quantize="int8").kind == "lm-int8"  # quantized at load time on request
 

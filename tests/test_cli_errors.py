@@ -702,7 +702,8 @@ def kinds(tiny_tokenizer, tiny_tokenizer_dir, tmp_path_factory) -> dict[str, Pat
     adapted = lora.apply_lora(gpt_model.GPTModel(config), ["c_attn"], r=2, alpha=4.0)
     lora.save_lora(folder / "adapter.pth", adapted, base_model=str(folder / "lm.pth"), config=config.to_dict(), **fp)
     save(folder / "reward.pth", model_heads.GPTRewardModel.from_language_model(lm), **fp)
-    save(folder / "classify.pth", model_heads.GPTClassifier.from_language_model(lm, ["a", "b"]), labels=["a", "b"], **fp)
+    classifier = model_heads.GPTClassifier.from_language_model(lm, ["a", "b"])
+    save(folder / "classify.pth", classifier, labels=["a", "b"], **fp)
     heads = {"pretrain": lm, "sft": lm, "dpo": lm, "ppo": lm, "rlvf": lm,
              "reward": model_heads.GPTRewardModel.from_language_model(lm),
              "classify": model_heads.GPTClassifier.from_language_model(lm, ["a", "b"])}
@@ -787,7 +788,8 @@ WRONG_KIND = [  # (what, (module, argv), the message's telling part)
                                                      "--no_eval"]), message) for name, message in (
         ("reward", "is a reward model"), ("classify", "is a classifier"), ("int8", "for inference only"))],
     *[(f"kv_cache_infer {name}", ("inference.kv_cache_infer", ["--model_path", f"{{{name}}}", "--prompt", "hi",
-                                                                "--device", "cpu"]), f"is a {kind} (written by finetune.py --mode {name}), not a language model")
+                                                                "--device", "cpu"]),
+       f"is a {kind} (written by finetune.py --mode {name}), not a language model")
       for name, kind in (("classify", "classifier"), ("reward", "reward model"))],
 ]
 
