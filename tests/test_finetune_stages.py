@@ -414,3 +414,18 @@ def test_rotation_keeps_the_checkpoint_just_written_when_the_folder_holds_later_
     stages.run_rlvf(config, str(out / "rlvf_step_2.pth"), show_progress=False, stop_after=3)
     trainer_steps = sorted(p.name for p in out.glob("rlvf_step_*.pth"))
     assert trainer_steps == ["rlvf_step_3.pth"]
+
+
+def test_rlhf_checks_its_data_and_resume_file_before_training_the_reward_model_first(files, tmp_path):
+    """Without --reward_model, rlhf trains one first into <output_dir>/reward/: minutes of work (and a folder) that a
+    bad --test_data_path or --resume used to throw away after it."""
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"instruction": "x"}]), encoding="utf-8")
+    not_ppo = tmp_path / "lm.pth"
+    not_ppo.write_bytes(files["pretrained"].read_bytes())
+    for overrides, resume, message in ((dict(test_data_path=str(bad)), None, "missing or non-string field"),
+                                       ({}, str(not_ppo), "no training state")):
+        config = stage_config(files, tmp_path, "rlhf", sft_model=str(files["pretrained"]), **overrides)
+        with pytest.raises(ValueError, match=message):
+            stages.run_rlhf(config, resume, show_progress=False)
+        assert not Path(config.output_dir).exists()
