@@ -551,18 +551,18 @@ def reward_first(config: PPOConfig, show_progress: bool) -> str:
 def run_rlhf(config: PPOConfig, resume: str | None, show_progress: bool = True,
              stop_after: int | None = None) -> dict[str, Any]:
     """PPO against a reward model (trained first into <output_dir>/reward/ when --reward_model is not given)."""
-    if not config.reward_model:
-        config = dataclasses.replace(config, reward_model=reward_first(config, show_progress))
     policy = load_base(config.sft_model, config.tokenizer_dir, "--sft_model")
     tokenizer, template = policy.tokenizer, policy.template
-    reward_model = checkpoints.load(config.reward_model, config.tokenizer_dir, device="cpu", expect="reward",
-                                    flag="--reward_model",
-                                    same_tokenizer_as=(tokenizer, f"--sft_model {config.sft_model}")).model
-    records = load_preference_records(config.pairwise_data)
+    records = load_preference_records(config.pairwise_data)  # all of PPO's data is checked before the reward stage
     prompts = [list(p) for p in {tuple(record_prompt_ids(tokenizer, r, template)): None for r in records}]
     prompts = rl_prompts(prompts, policy.model.config.max_seq_len, "--pairwise_data")
     eval_records = load_sft_records(config.test_data_path)[:config.eval_samples]
     checkpoint, resumed_from = training.find_resume_checkpoint(resume, config.output_dir, "ppo", tokenizer)
+    if not config.reward_model:
+        config = dataclasses.replace(config, reward_model=reward_first(config, show_progress))
+    reward_model = checkpoints.load(config.reward_model, config.tokenizer_dir, device="cpu", expect="reward",
+                                    flag="--reward_model",
+                                    same_tokenizer_as=(tokenizer, f"--sft_model {config.sft_model}")).model
     print(f"ppo: {len(prompts)} training prompts, {len(eval_records)} held-out prompts; policy {config.sft_model}, "
           f"reward model {config.reward_model}")
     step = PPOStep(config, tokenizer, reward_model, eval_records, template)

@@ -508,9 +508,15 @@ class Trainer:
         self.run.plot()
         if stopping:
             name = signal.Signals(stop.signum).name if stop.signum else "a signal"
-            raise Interrupted(stop.signum or signal.SIGINT, f"stopped by {name} at step {self.step}: saved "
-                              f"{self.last_saved}; continue with --resume auto")
+            raise Interrupted(stop.signum or signal.SIGINT, f"stopped by {name} at step {self.step}: "
+                              f"{self._saved_note()}")
         return last_eval
+
+    def _saved_note(self) -> str:
+        """Where to continue from, naming only a file that exists (a message must not point at a deleted one)."""
+        if self.last_saved and Path(self.last_saved).is_file():
+            return f"saved {self.last_saved}; continue with --resume auto"
+        return "no checkpoint saved yet (it stopped before the first step); run the command again to start over"
 
     def _synced_flags(self, stop: StopSignals) -> tuple[bool, bool]:
         """(finished, stop requested), agreed by all ranks (time budgets and signals reach ranks at other steps)."""
@@ -599,8 +605,9 @@ class Trainer:
             checkpoints.save_checkpoint(path, self.model, **extra)
             if training_state:
                 self.last_saved = str(path)
-                if self.config.keep_last > 0:
-                    for old in step_checkpoints(self.output_dir, self.prefix)[:-self.config.keep_last]:
+                if self.config.keep_last > 0:  # the file just written is kept, whatever else the folder holds
+                    others = [p for p in step_checkpoints(self.output_dir, self.prefix) if p != path]
+                    for old in others[:max(0, len(others) - (self.config.keep_last - 1))]:
                         old.unlink(missing_ok=True)
         if training_state:  # a collective save (all ranks are here); the best-model save is rank 0's alone
             barrier(self.dist)

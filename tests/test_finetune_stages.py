@@ -325,3 +325,107 @@ def test_sft_from_a_tokenizer_without_chat_tokens_adds_them_and_grows_the_embedd
                                    tokenizer_dir=Path(cfg.output_dir) / "tokenizer")
         assert torch.allclose(adapter.model(torch.tensor([ids]))["logits"],
                               loaded.model(torch.tensor([ids]))["logits"], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- issue 24: kinds, data up front, messages
+
+def lora_sft_model(files, tmp_path) -> str:
+    sft = stage_config(files, tmp_path, "sft", max_steps=1, eval_interval=1, lora_r=2)
+    stages.run_sft(sft, None, show_progress=False)
+    return str(Path(sft.output_dir) / "sft_best.pth")  # adapters in place (no --merge_lora)
+
+
+@pytest.mark.parametrize("mode", ["dpo", "rlvf"])
+def test_a_stage_from_a_lora_sft_model_writes_a_best_checkpoint_that_loads(mode, files, tmp_path):
+    """At a9fd542 dpo/rlvf --sft_model <LoRA sft_best.pth> trained, then wrote a *_best.pth no loader could build."""
+    sft = lora_sft_model(files, tmp_path)
+    overrides = dict(rollout_batch_size=2, group_size=2, ppo_minibatch_size=4, ppo_epochs=1) if mode == "rlvf" else {}
+    config = stage_config(files, tmp_path / "next", mode, sft_model=sft, max_steps=1, eval_interval=1, **overrides)
+    summary = (stages.run_dpo if mode == "dpo" else stages.run_rlvf)(config, None, show_progress=False)
+    loaded = checkpoints.load(summary["checkpoint"])
+    assert loaded.kind == "lm" and not checkpoints.checkpoint_metadata(summary["checkpoint"])["lora"]
+
+
+@pytest.mark.parametrize("verifier", ["nope", ["math"]], ids=["unknown", "a list"])
+@pytest.mark.parametrize("where", ["data_path", "test_data_path"])
+def test_rlvf_checks_every_records_verifier_before_it_evaluates_or_touches_the_folder(verifier, where, files,
+                                                                                       tmp_path):
+    records = json.loads(Path(files["sft_data"]).read_text(encoding="utf-8"))[:6]
+    records[4]["verifier"] = verifier
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    out = tmp_path / "rlvf"
+    out.mkdir()
+    (out / "rlvf_best.pth").write_bytes(b"an earlier run's best")
+    config = stage_config(files, tmp_path, "rlvf", sft_model=str(files["pretrained"]), **{where: str(bad)},
+                          rollout_batch_size=2, group_size=2)
+    with pytest.raises(verifiers.DataError, match=rf"--{where} .*bad.json: record 5: .*(unknown verifier 'nope'|"
+                                                  r"field 'verifier' is a list)"):
+        stages.run_rlvf(config, None, show_progress=False)
+    assert [p.name for p in out.iterdir()] == ["rlvf_best.pth"]
+    assert (out / "rlvf_best.pth").read_bytes() == b"an earlier run's best"
+
+
+@pytest.mark.parametrize("keep_last", [0, 1])
+@pytest.mark.parametrize("at_step", [0, 2], ids=["before the first step", "at step 2"])
+def test_the_sigterm_message_names_only_a_file_that_exists(keep_last, at_step, files, tmp_path, monkeypatch):
+    """At 45b0f70 PPO's message with --keep_last 0 named a step checkpoint it had just deleted."""
+    import os
+    import signal
+
+    import cli
+    import rl_step
+
+    real_call, real_held_out = rl_step.GRPOStep.__call__, rl_step.GRPOStep.held_out
+
+    def call(self, trainer):
+        if trainer.step + 1 == at_step:
+            os.kill(os.getpid(), signal.SIGTERM)  # StopSignals turns it into a save at the end of this step
+        return real_call(self, trainer)
+
+    def held_out(self, policy):
+        if at_step == 0:
+            os.kill(os.getpid(), signal.SIGTERM)  # during the step-0 evaluation: nothing saved yet
+        return real_held_out(self, policy)
+
+    monkeypatch.setattr(rl_step.GRPOStep, "__call__", call)
+    monkeypatch.setattr(rl_step.GRPOStep, "held_out", held_out)
+    config = stage_config(files, tmp_path, "rlvf", sft_model=str(files["pretrained"]), max_steps=4, save_interval=1,
+                          keep_last=keep_last, rollout_batch_size=2, group_size=2, ppo_minibatch_size=4,
+                          ppo_epochs=1)
+    with pytest.raises(cli.Interrupted) as stopped:
+        stages.run_rlvf(config, None, show_progress=False)
+    message = str(stopped.value)
+    if at_step == 0:
+        assert "no checkpoint saved yet" in message and ".pth" not in message
+    else:
+        named = Path(message.split("saved ")[1].split(";")[0])
+        assert named.name == "rlvf_step_2.pth" and named.is_file(), message
+
+
+def test_rotation_keeps_the_checkpoint_just_written_when_the_folder_holds_later_steps(files, tmp_path):
+    """Resumed from an earlier step of the same folder, --keep_last 1 used to delete the file it had just saved (the
+    later steps sort after it), and the SIGTERM message then named it."""
+    base = dict(sft_model=str(files["pretrained"]), save_interval=1, rollout_batch_size=2, group_size=2,
+                ppo_minibatch_size=4, ppo_epochs=1, eval_interval=100)
+    stages.run_rlvf(stage_config(files, tmp_path, "rlvf", max_steps=4, keep_last=0, **base), None, show_progress=False)
+    out = tmp_path / "rlvf"
+    config = stage_config(files, tmp_path, "rlvf", max_steps=4, keep_last=1, **base)
+    stages.run_rlvf(config, str(out / "rlvf_step_2.pth"), show_progress=False, stop_after=3)
+    trainer_steps = sorted(p.name for p in out.glob("rlvf_step_*.pth"))
+    assert trainer_steps == ["rlvf_step_3.pth"]
+
+
+def test_rlhf_checks_its_data_and_resume_file_before_training_the_reward_model_first(files, tmp_path):
+    """Without --reward_model, rlhf trains one first into <output_dir>/reward/: minutes of work (and a folder) that a
+    bad --test_data_path or --resume used to throw away after it."""
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"instruction": "x"}]), encoding="utf-8")
+    not_ppo = tmp_path / "lm.pth"
+    not_ppo.write_bytes(files["pretrained"].read_bytes())
+    for overrides, resume, message in ((dict(test_data_path=str(bad)), None, "missing or non-string field"),
+                                       ({}, str(not_ppo), "no training state")):
+        config = stage_config(files, tmp_path, "rlhf", sft_model=str(files["pretrained"]), **overrides)
+        with pytest.raises(ValueError, match=message):
+            stages.run_rlhf(config, resume, show_progress=False)
+        assert not Path(config.output_dir).exists()
