@@ -20,6 +20,7 @@ from typing import Sequence
 
 import cli
 from atomic_file import atomic_path
+from readers import read_lines
 
 VAL_EVERY = 20  # one document in VAL_EVERY is held out
 SPEAKER_LINE = re.compile(r"^([A-Z][A-Za-z'\- ]{0,40}?)\.$")
@@ -131,10 +132,8 @@ def build(corpus: Path, output: Path) -> tuple[int, int]:
 
 
 def read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise CorpusError(f"{path} is not UTF-8 ({err.reason} at byte {err.start}): convert it to UTF-8") from None
+    """A corpus file's text; a bad byte is one line naming the file and line (``readers.read_lines``)."""
+    return "\n".join(read_lines(path)) + "\n"
 
 
 def build_parser() -> cli.ArgumentParser:

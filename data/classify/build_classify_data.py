@@ -33,6 +33,7 @@ from pathlib import Path
 
 import cli
 from atomic_file import atomic_path
+from readers import read_lines
 
 DEFAULT_OUTPUT = Path("data/classify")
 DEFAULT_CORPUS = Path("data/pretrain/train.txt")
@@ -79,7 +80,7 @@ def documents_by_class(corpus: Path) -> dict[str, list[str]]:
     if not corpus.is_file():
         raise BuildError(f"corpus {corpus} not found; pass --corpus data/pretrain/train.txt")
     docs: dict[str, list[str]] = {label: [] for label in LABELS}
-    for doc in corpus.read_text(encoding="utf-8").splitlines():
+    for doc in read_lines(corpus):  # a bad byte names the file and line
         if not doc.strip():
             continue
         if CJK.search(doc):
