@@ -7,6 +7,7 @@ builders and the inference tools all share it, and none of them should import an
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import signal
@@ -170,7 +171,9 @@ def describe_os_error(err: OSError) -> str:
     what = err.strerror or str(err)
     where = f": {err.filename}" if err.filename else ""
     hint = ""
-    if isinstance(err, PermissionError):
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):  # atomic_file's NoSpaceError says it all already
+        hint = "" if "run again" in what else " (free some space, or write elsewhere, and run again)"
+    elif isinstance(err, PermissionError):
         hint = " (no permission: pick a folder you can write to)"
     elif isinstance(err, (IsADirectoryError, NotADirectoryError, FileExistsError)):
         hint = " (a file and a folder have the same name: pass another path)"
