@@ -226,6 +226,8 @@ class ByteLevelBPETokenizer:
         word_counts = self._count_pretokens(texts)
         if not word_counts:
             raise TokenizerError("no training text: the input is empty; pass a non-empty iterable of strings")
+        if all(piece.isspace() for piece in word_counts):
+            raise TokenizerError("nothing to learn: the training text is only whitespace; pass real text")
         specials = {s: i for i, s in enumerate(self.special_tokens)}
         id_to_bytes = [s.encode("utf-8") for s in specials] + [bytes([b]) for b in range(256)]
         byte_ids = list(range(len(specials), len(specials) + 256))  # ids: specials, then the 256 bytes
@@ -809,6 +811,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     cli.check_output_folder(args.output, "--output")  # before minutes of training, not after
+    # the folder's other files are kept (save()), so an earlier tokenizer there is this command's own to replace
+    cli.check_outputs({"--output": args.output}, [("--input", args.input)], own=Path.is_dir)
     data_files(args.input)
     start = time.perf_counter()
     tokenizer = train_from_path(args.input, args.vocab_size, args.min_frequency)
