@@ -35,15 +35,27 @@ def no_space_error(err: BaseException, path: Path) -> NoSpaceError | None:
         reason = "the file-size limit of this process (ulimit -f) was reached"
     elif code == errno.EDQUOT:
         reason = f"disk quota exceeded on the device of {path.parent}"
-    elif code == errno.ENOSPC or (isinstance(err, RuntimeError)
-                                  and any(s in str(err) for s in _SERIALIZER_WRITE_FAILURES)):
+    elif code == errno.ENOSPC:
         reason = f"no space left on the device of {path.parent}"
+    elif isinstance(err, RuntimeError) and any(s in str(err) for s in _SERIALIZER_WRITE_FAILURES):
+        limited = _file_size_limited()
+        reason = f"no space left on the device of {path.parent}" + (" (or the file-size limit, ulimit -f, was "
+                                                                    "reached)" if limited else "")
     else:
         return None
     kept = (f"the previous {path.name} is intact" if path.exists()
             else f"nothing was replaced (the files already in {path.parent} are intact)")
     return NoSpaceError(errno.ENOSPC, f"{reason} while writing {path}; {kept} (free some space, or write elsewhere, "
                                       "and run again)")
+
+
+def _file_size_limited() -> bool:
+    """Whether this process has a file-size limit (RLIMIT_FSIZE), which torch's writer cannot tell from a full disk."""
+    try:
+        import resource
+    except ImportError:  # not on Unix
+        return False
+    return resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY
 
 
 @contextlib.contextmanager
