@@ -153,6 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     cli.check_output_folder(args.output, "--output")
+    # the files this builder writes (earlier builds of them are replaced); never a corpus file it reads
+    outputs = {f"--output's {name}": Path(args.output) / name for name in ("train.txt", "val.txt")}
+    cli.check_outputs(outputs, [("--corpus", path) for path in Path(args.corpus).rglob("*.txt")], own=lambda path: True)
     n_train, n_val = build(args.corpus, args.output)
     print(f"wrote {n_train} train and {n_val} val documents to {args.output}")
     return 0

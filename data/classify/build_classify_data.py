@@ -168,6 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     cli.check_output_folder(args.output_dir, "--output_dir")
+    # the files this builder writes (earlier builds of them are replaced); never the corpus it reads
+    outputs = {f"--output_dir's {name}": args.output_dir / name for name in ("train.jsonl", "test.jsonl")}
+    cli.check_outputs(outputs, [("--corpus", args.corpus)], own=lambda path: True)
     counts = build(args.corpus, args.output_dir, args.seed, args.max_train, args.max_test)
     for name, per_label in counts.items():
         labels = ", ".join(f"{label} {per_label[label]}" for label in LABELS)

@@ -478,6 +478,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     cli.check_output_folder(args.output_dir, "--output_dir")
+    # the files this builder writes (earlier builds of them are replaced); never the corpus it reads
+    outputs = {f"--output_dir's {name}": args.output_dir / name for name in (*OUTPUT_FILES, RL_FILE)}
+    cli.check_outputs(outputs, [("--corpus", args.corpus)], own=lambda path: True)
     counts = build(args.corpus, args.output_dir, args.seed, sizes_of(args))
     for name, per_task in counts.items():
         families = ", ".join(f"{task} {n}" for task, n in sorted(per_task.items()))
