@@ -44,9 +44,9 @@ def no_space_error(err: BaseException, path: Path) -> NoSpaceError | None:
     else:
         return None
     kept = (f"the previous {path.name} is intact" if path.exists()
-            else f"nothing was replaced (the files already in {path.parent} are intact)")
-    return NoSpaceError(errno.ENOSPC, f"{reason} while writing {path}; {kept} (free some space, or write elsewhere, "
-                                      "and run again)")
+            else f"nothing was replaced, the files already in {path.parent} are intact")
+    return NoSpaceError(errno.ENOSPC, f"{reason} while writing {path}; {kept}: free some space (or write elsewhere) "
+                                      "and run again")
 
 
 def _file_size_limited() -> bool:
