@@ -416,8 +416,8 @@ def test_training_counts_a_long_pre_token_in_pieces_of_the_bound():
     line = "".join(chr(0x4E00 + (i * 7919) % 2000) for i in range(300_000))
     tok = ByteLevelBPETokenizer(vocab_size=300)
     counts = tok._count_pretokens([line, "short words stay whole"])
-    assert max(map(len, counts)) == bound and sum(len(p) * n for p, n in counts.items()) == len(line) + 22
-    assert "".join(p for p in counts if len(p) == bound or p == line[-(len(line) % bound):])[:bound] == line[:bound]
+    assert max(map(len, counts)) == bound and line[:bound] in counts  # cut from the start, every character kept
+    assert sum(len(piece) * n for piece, n in counts.items()) == len(line) + len("short words stay whole")
     assert tok._count_pretokens(corpus_lines(limit=200)) == ByteLevelBPETokenizer(vocab_size=300)._count_pretokens(
         corpus_lines(limit=200))  # ordinary text has no pre-token near the bound: counted as before
     tok.train([line], min_frequency=2, show_progress=False)
