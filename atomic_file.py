@@ -6,6 +6,7 @@ that must never be left half-written, and none of them should import the others 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -14,6 +15,47 @@ from typing import Iterator
 
 # temporary names: ".<name>.<pid>.tmp" (files) and ".<name>.<pid>.tmpdir" / ".<name>.<pid>.old" (folders)
 _TEMP_NAME = re.compile(r"^\..+\.(\d+)\.(tmp|tmpdir|old)$")
+# errnos of a write that ran out of room: disk full, quota, a file-size limit (ulimit -f, RLIMIT_FSIZE)
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+# torch.save's C++ writer reports a failed write (disk full, file-size limit) only as a RuntimeError with these
+_SERIALIZER_WRITE_FAILURES = ("unexpected pos", "failed writing file", "file write failed")
+
+
+class NoSpaceError(OSError):
+    """A write that ran out of room; its message names the file and says that the previous one is intact."""
+
+
+def no_space_error(err: BaseException, path: Path) -> NoSpaceError | None:
+    """``err`` as a ``NoSpaceError`` about writing ``path`` if it is a write that ran out of room, else None: an
+    OSError with ENOSPC / EDQUOT / EFBIG, or torch's serializer failing to write (it hides the errno)."""
+    if isinstance(err, NoSpaceError):
+        return err
+    code = err.errno if isinstance(err, OSError) else None
+    if code == errno.EFBIG:
+        reason = "the file-size limit of this process (ulimit -f) was reached"
+    elif code == errno.EDQUOT:
+        reason = f"disk quota exceeded on the device of {path.parent}"
+    elif code == errno.ENOSPC:
+        reason = f"no space left on the device of {path.parent}"
+    elif isinstance(err, RuntimeError) and any(s in str(err) for s in _SERIALIZER_WRITE_FAILURES):
+        limited = _file_size_limited()
+        reason = f"no space left on the device of {path.parent}" + (" (or the file-size limit, ulimit -f, was "
+                                                                    "reached)" if limited else "")
+    else:
+        return None
+    kept = (f"the previous {path.name} is intact" if path.exists()
+            else f"nothing was replaced, the files already in {path.parent} are intact")
+    return NoSpaceError(errno.ENOSPC, f"{reason} while writing {path}; {kept}: free some space (or write elsewhere) "
+                                      "and run again")
+
+
+def _file_size_limited() -> bool:
+    """Whether this process has a file-size limit (RLIMIT_FSIZE), which torch's writer cannot tell from a full disk."""
+    try:
+        import resource
+    except ImportError:  # not on Unix
+        return False
+    return resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY
 
 
 @contextlib.contextmanager
@@ -30,6 +72,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())  # data on disk before the rename makes it visible
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        tmp.unlink(missing_ok=True)  # first: the message may say the previous file is intact
+        full = no_space_error(err, path)
+        if full is None:
+            raise
+        raise full from err
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_directory(path.parent)
@@ -57,6 +105,14 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not path.exists():  # failed between the two renames: the old set goes back
+            os.replace(old, path)
+        full = no_space_error(err, path)
+        if full is None:
+            raise
+        raise full from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)

@@ -41,6 +41,11 @@ MAX_CACHE_ENTRIES = 500_000
 CHUNK_CHARS = 1 << 16  # text per worker task in encode_many
 NO_MERGE = 1 << 62  # rank of a pair that has no merge
 LONG_PIECE = 256  # bytes of a pre-token past which _bpe_heap (n log n) beats _bpe's list scans
+# training counts a longer pre-token (a line of CJK or of one repeated letter has no split points) as pieces of this
+# many characters: every merge rescans each word that holds its pair, so one 300,000-character word made each of
+# thousands of merges scan all of it (72 s at --vocab_size 8000 for one such line; a few seconds once cut). Tokens
+# longer than this are never learned, which costs nothing: real tokens are a few characters long.
+MAX_TRAIN_PIECE_CHARS = 256
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
 
 
@@ -221,12 +226,17 @@ class ByteLevelBPETokenizer:
         word_counts = self._count_pretokens(texts)
         if not word_counts:
             raise TokenizerError("no training text: the input is empty; pass a non-empty iterable of strings")
+        if all(piece.isspace() for piece in word_counts):
+            raise TokenizerError("nothing to learn: the training text is only whitespace; pass real text")
         specials = {s: i for i, s in enumerate(self.special_tokens)}
         id_to_bytes = [s.encode("utf-8") for s in specials] + [bytes([b]) for b in range(256)]
-        self._set_state(id_to_bytes, specials, {r: specials[s] for r, s in zip(ROLES, self.special_tokens)}, [])
-        merges = _learn_merges(word_counts, id_to_bytes, self._byte_ids, self.target_vocab_size, min_frequency,
+        byte_ids = list(range(len(specials), len(specials) + 256))  # ids: specials, then the 256 bytes
+        merges = _learn_merges(word_counts, id_to_bytes, byte_ids, self.target_vocab_size, min_frequency,
                                set(specials), show_progress)
-        self._set_state(id_to_bytes, self._special_ids, self._role_ids, merges)
+        if not merges and self.target_vocab_size > len(id_to_bytes):  # e.g. only blank or one-character lines
+            raise TokenizerError(f"nothing to learn: no pair of bytes occurs {min_frequency} time(s) in the training "
+                                 "text (it is only whitespace or single characters); pass real text")
+        self._set_state(id_to_bytes, specials, {r: specials[s] for r, s in zip(ROLES, self.special_tokens)}, merges)
 
     def _count_pretokens(self, texts: Iterable[str]) -> Counter:
         """pre-token -> count, splitting each text on its own (exactly as encode() will)."""
@@ -236,7 +246,7 @@ class ByteLevelBPETokenizer:
         for text in texts:
             if not isinstance(text, str):
                 raise TokenizerError(f"train() needs strings, got {type(text).__name__}; decode bytes to str first")
-            pieces += findall(text)
+            pieces += _cut_long_pieces(findall(text))
             if len(pieces) > 1 << 20:  # batched: one Counter.update per ~1M pieces, bounded memory
                 counts.update(pieces)
                 pieces = []
@@ -682,6 +692,13 @@ def _apply_merge(pair, new_id, words, freqs, pair_counts, where) -> list[tuple[i
 
 
 # ----- helpers -----------------------------------------------------------------------------------
+def _cut_long_pieces(pieces: list[str], size: int = MAX_TRAIN_PIECE_CHARS) -> list[str]:
+    """Pre-tokens longer than ``size`` characters cut into pieces of ``size`` (for training's counts only)."""
+    if all(len(piece) <= size for piece in pieces):
+        return pieces
+    return [piece[i:i + size] for piece in pieces for i in range(0, len(piece), size)]
+
+
 def _chunk_texts(texts: Iterable[str], chunk_chars: int) -> Iterator[list[str]]:
     chunk, size = [], 0
     for text in texts:
@@ -794,6 +811,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     cli.check_output_folder(args.output, "--output")  # before minutes of training, not after
+    # the folder's other files are kept (save()), so an earlier tokenizer there is this command's own to replace
+    cli.check_outputs({"--output": args.output}, [("--input", args.input)], own=Path.is_dir)
     data_files(args.input)
     start = time.perf_counter()
     tokenizer = train_from_path(args.input, args.vocab_size, args.min_frequency)

@@ -7,6 +7,7 @@ builders and the inference tools all share it, and none of them should import an
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import signal
@@ -47,6 +48,43 @@ def check_output_folder(path: str | os.PathLike, flag: str) -> Path:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {path}: cannot write in {existing} (permission denied): pass a writable folder")
     return path
+
+
+PathArg = str | os.PathLike | None
+
+
+def _same_or_inside(output: Path, source: Path) -> bool:
+    """Whether writing ``output`` would replace ``source``: the same file (also through a link) or a folder
+    holding it."""
+    out, src = output.resolve(), source.resolve()
+    if out == src or out in src.parents:
+        return True
+    try:
+        return output.exists() and source.exists() and os.path.samefile(output, source)
+    except OSError:
+        return False
+
+
+def check_outputs(outputs: dict[str, PathArg], inputs: Sequence[tuple[str, PathArg]] = (), overwrite: bool = False,
+                  own: Callable[[Path], bool] | None = None) -> None:
+    """The one rule for a command's outputs (flag -> path), checked before any work: an output is never one of the
+    command's inputs ((flag, path) pairs; the same file, or a folder holding one), no two outputs are the same path,
+    and an existing output is replaced only if ``own(path)`` recognises it as this command's earlier output, or with
+    ``--overwrite``. None paths are skipped."""
+    sources = [(flag, Path(p)) for flag, p in inputs if p is not None]
+    targets = {flag: Path(p) for flag, p in outputs.items() if p is not None}
+    for flag, target in targets.items():
+        for source_flag, source in sources:
+            if _same_or_inside(target, source):
+                raise UsageError(f"{flag} {target} would replace {source_flag} {source}: an output is never one of "
+                                 "the command's inputs; pass another path")
+        for other_flag, other in targets.items():
+            if other_flag < flag and other.resolve() == target.resolve():
+                raise UsageError(f"{flag} and {other_flag} are the same path {target}: pass a different path to each")
+        holds_files = target.is_file() or (target.is_dir() and any(target.iterdir()))
+        if holds_files and not overwrite and not (own and own(target)):
+            raise UsageError(f"{flag} {target} already exists and was not written by this command: pass a new path, "
+                             "or --overwrite to replace it")
 
 
 # ----------------------------------------------------------------------------- argument types
@@ -170,7 +208,9 @@ def describe_os_error(err: OSError) -> str:
     what = err.strerror or str(err)
     where = f": {err.filename}" if err.filename else ""
     hint = ""
-    if isinstance(err, PermissionError):
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):  # atomic_file's NoSpaceError says it all already
+        hint = "" if "run again" in what else " (free some space, or write elsewhere, and run again)"
+    elif isinstance(err, PermissionError):
         hint = " (no permission: pick a folder you can write to)"
     elif isinstance(err, (IsADirectoryError, NotADirectoryError, FileExistsError)):
         hint = " (a file and a folder have the same name: pass another path)"

@@ -43,6 +43,9 @@ from readers import (jsonl_holds_records, load_classification_records, load_pref
 from text_metrics import ROUGE_METRICS, compute_bleu, mean_sentence_bleu, rouge_scores
 from verifiers import check_verifiers, verifiable_reward
 
+PLOT_SOFTWARE = "python evaluator.py --plot"  # the PNG tag that marks a chart as the evaluator's own
+REPORT_KEYS = {"model_type", "test_data_path", "settings", "results"}  # what marks an earlier report
+
 
 class EvaluationError(ValueError):
     """Bad evaluation input (wrong data format for the model type, empty test set, ...)."""
@@ -517,8 +520,23 @@ def plot_comparison(reports: list[dict], model_type: str, path: str) -> None:
         ax.set_title(metric)
         ax.tick_params(axis="x", labelrotation=30)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:  # a full disk leaves the earlier chart, not half of one
+        fig.savefig(tmp, dpi=120, format="png", metadata={"Software": PLOT_SOFTWARE})
     plt.close(fig)
+
+
+def _is_own_output(path: Path) -> bool:
+    """Whether an existing file is an earlier run's report or chart (replaced without --overwrite): a report is a
+    JSON object with the report's keys, a chart a PNG carrying ``PLOT_SOFTWARE``."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head.startswith(b"\x89PNG"):
+        return b"tEXtSoftware\x00" + PLOT_SOFTWARE.encode() in head
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested beyond any report
+        return False
+    return isinstance(report, dict) and REPORT_KEYS <= report.keys()
 
 
 def print_reports(reports: list[dict], model_type: str) -> None:
@@ -634,6 +652,9 @@ def _add_run_flags(parser: cli.ArgumentParser) -> None:
     parser.add_argument("--num_threads", type=cli.positive_int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--output", default="eval_report.json", help="where to write the JSON report")
     parser.add_argument("--plot", help="write a bar chart of the metrics of every checkpoint to this .png")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --output / --plot that is not an earlier report or chart of this "
+                             "command (those are replaced anyway)")
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bars")
 
 
@@ -681,6 +702,10 @@ def _main(argv: Sequence[str] | None) -> int:
     _check_output_file(args.output, "--output")
     if args.plot:
         _check_output_file(args.plot, "--plot")
+    inputs = [("--model_path", args.model_path), *(("--compare", path) for path in args.compare or ()),
+              ("--test_data_path", args.test_data_path), ("--reward_model", args.reward_model),
+              ("--tokenizer_dir", args.tokenizer_dir)]
+    cli.check_outputs({"--output": args.output, "--plot": args.plot}, inputs, args.overwrite, own=_is_own_output)
     set_threads(args.num_threads)
     paths = ([args.model_path] if args.model_path else []) + list(args.compare or [])
     reports = [evaluate_checkpoint(path, args) for path in paths]

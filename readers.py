@@ -17,6 +17,9 @@ from prompts import PromptError, check_conversation
 
 DOCUMENT_SUFFIXES = (".txt", ".jsonl")
 RECORD_SUFFIXES = (".json", ".jsonl")
+# JSON nesting a file may hold: a record is an object of strings, a conversation 3 levels, a .json list one more. A
+# deeper file (`[[[[...]]]]`) is not data, and past ~1,000 levels Python's parser itself dies in RecursionError.
+MAX_JSON_DEPTH = 32
 
 
 class DataError(ValueError):
@@ -59,9 +62,44 @@ def utf8_lines(file: Path) -> Iterator[tuple[int, str]]:
                                 "convert the file to UTF-8") from None
 
 
+def read_lines(file: str | os.PathLike) -> list[str]:
+    """The lines of a UTF-8 text file, without their line ends; a bad byte is a DataError naming file and line."""
+    return [line.rstrip("\r\n") for _, line in utf8_lines(Path(file))]
+
+
+def json_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
+    """How deeply lists and objects nest in ``value`` (a string or number: 0), counted without recursion and only up
+    to ``limit + 1``."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if depth > limit:
+            break
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
+def parse_json(text: str, where: str) -> Any:
+    """``json.loads`` with the one nesting bound (``MAX_JSON_DEPTH``): too deep is a DataError naming ``where``.
+    An invalid JSON text raises ``json.JSONDecodeError`` for the caller to locate."""
+    too_deep = DataError(f"{where}: JSON nested more than {MAX_JSON_DEPTH} levels deep: a record is an object of "
+                         "strings (a conversation a list of them); fix the file")
+    try:
+        value = json.loads(text)
+    except RecursionError:  # far deeper than the bound: the parser ran out of stack
+        raise too_deep from None
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise too_deep
+    return value
+
+
 def json_line(file: Path, line_no: int, line: str) -> Any:
     try:
-        return json.loads(line)
+        return parse_json(line, f"{file}:{line_no}")
     except json.JSONDecodeError as err:
         raise DataError(f"{file}:{line_no}: invalid JSON ({err.msg}): fix or remove that line") from None
 
@@ -77,12 +115,15 @@ def _file_documents(file: Path) -> Iterator[str]:
                 raise DataError(f"{file}:{line_no}: expected an object with a string \"text\" field, "
                                 f"e.g. {{\"text\": \"...\"}}")
             text = record["text"]
+            if not text.strip():  # blank, as a blank line of a .txt: nothing to learn from
+                continue
         else:
             text = line.rstrip("\r\n")
         count += 1
         yield text
     if count == 0:
-        raise DataError(f"{file} holds no documents (empty or only blank lines): add text or remove the file")
+        raise DataError(f"{file} holds no documents (empty, or only blank lines or blank \"text\"): add text or "
+                        "remove the file")
 
 
 def read_documents(path: str | os.PathLike) -> Iterator[str]:
@@ -99,7 +140,7 @@ def _located_records(path: Path) -> list[tuple[str, Any]]:
     if path.suffix == ".json":
         text = "".join(line for _, line in utf8_lines(path))
         try:
-            records = json.loads(text)
+            records = parse_json(text, str(path))
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg}): fix the file") from None
         if not isinstance(records, list):
@@ -176,8 +217,8 @@ def jsonl_holds_records(path: str | os.PathLike) -> bool:
     for line_no, line in utf8_lines(Path(path)):
         if line.strip():
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
+                record = parse_json(line, f"{path}:{line_no}")
+            except (json.JSONDecodeError, DataError):
                 return False  # the reader reports the bad line with its number
             return isinstance(record, dict) and "text" not in record and ("instruction" in record
                                                                            or "messages" in record)

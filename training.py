@@ -476,10 +476,16 @@ class Trainer:
             return self._loop(stop, stop_after)
 
     def _loop(self, stop: StopSignals, stop_after: int | None) -> dict[str, float]:
-        c = self.config
-        save_interval = c.save_interval or c.eval_interval
         bar = tqdm(total=self.max_steps, initial=self.step, desc=self.prefix,
                    disable=not (self.show_progress and self.dist.is_main))
+        try:  # a failure (a full disk) prints its one line after the bar, not glued to its end
+            return self._steps(stop, stop_after, bar)
+        finally:
+            bar.close()
+
+    def _steps(self, stop: StopSignals, stop_after: int | None, bar: tqdm) -> dict[str, float]:
+        c = self.config
+        save_interval = c.save_interval or c.eval_interval
         last_eval = self.evaluate() if self.evaluate_first and self.step == 0 and self.evaluate_fn else {}
         prior_seconds, loop_start = self.train_seconds, time.time()
         window_start, window_tokens = time.time(), 0
@@ -504,7 +510,7 @@ class Trainer:
             if evaluating or self.step % save_interval == 0:  # keep evaluation and saving out of tokens/s
                 window_start, window_tokens = time.time(), 0
             self.train_seconds = prior_seconds + time.time() - loop_start
-        bar.close()
+        bar.close()  # before the end-of-run lines
         self.run.plot()
         if stopping:
             name = signal.Signals(stop.signum).name if stop.signum else "a signal"

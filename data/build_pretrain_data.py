@@ -20,6 +20,7 @@ from typing import Sequence
 
 import cli
 from atomic_file import atomic_path
+from readers import read_lines
 
 VAL_EVERY = 20  # one document in VAL_EVERY is held out
 SPEAKER_LINE = re.compile(r"^([A-Z][A-Za-z'\- ]{0,40}?)\.$")
@@ -131,10 +132,8 @@ def build(corpus: Path, output: Path) -> tuple[int, int]:
 
 
 def read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise CorpusError(f"{path} is not UTF-8 ({err.reason} at byte {err.start}): convert it to UTF-8") from None
+    """A corpus file's text; a bad byte is one line naming the file and line (``readers.read_lines``)."""
+    return "\n".join(read_lines(path)) + "\n"
 
 
 def build_parser() -> cli.ArgumentParser:
@@ -154,6 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     cli.check_output_folder(args.output, "--output")
+    # the files this builder writes (earlier builds of them are replaced); never a corpus file it reads
+    outputs = {f"--output's {name}": Path(args.output) / name for name in ("train.txt", "val.txt")}
+    cli.check_outputs(outputs, [("--corpus", path) for path in Path(args.corpus).rglob("*.txt")], own=lambda path: True)
     n_train, n_val = build(args.corpus, args.output)
     print(f"wrote {n_train} train and {n_val} val documents to {args.output}")
     return 0

@@ -82,10 +82,16 @@ def stream_with_kv_cache(model, tokenizer, prompt: str, max_gen_len: int = 100, 
 # ----------------------------------------------------------------------------- chat
 
 
+# a chat message longer than this is not sent: every turn re-renders the whole conversation, and no model here has a
+# context that holds a tenth of it (a pasted 200,000-character line stalled the chat before the n log n encoder)
+MAX_MESSAGE_CHARS = 65_536
+
+
 def chat(model, tokenizer, template: str = SFT_TEMPLATE, params: SamplingParams | None = None,
          read: Callable[[str], str] | None = None, write: Callable[[str], None] | None = None,
-         system: str | None = None) -> None:
-    """Terminal chat: replies stream as they are generated; /reset forgets the conversation, /quit or Ctrl-C/D end."""
+         system: str | None = None, max_message_chars: int = MAX_MESSAGE_CHARS) -> None:
+    """Terminal chat: replies stream as they are generated; /reset forgets the conversation, /quit or Ctrl-C/D end.
+    A message over ``max_message_chars`` is refused with a note (the chat goes on)."""
     read = read or input
     write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
     params = params or SamplingParams(max_new_tokens=200, temperature=0.8, top_k=50,
@@ -105,6 +111,10 @@ def chat(model, tokenizer, template: str = SFT_TEMPLATE, params: SamplingParams 
                 write("(conversation reset)\n")
                 continue
             if not message:
+                continue
+            if len(message) > max_message_chars:
+                write(f"(a message of {len(message):,} characters is over --max_message_chars {max_message_chars}: "
+                      "not sent; shorten it, or raise the flag)\n")
                 continue
             messages.append({"role": "user", "content": message})
             turn = sum(m["role"] == "assistant" for m in messages)  # replies so far: each turn its own seed
@@ -135,6 +145,8 @@ def build_parser() -> cli.ArgumentParser:
     parser.add_argument("--interactive", action="store_true",
                         help="chat in the terminal with the checkpoint's SFT template, streaming; /reset, /quit")
     parser.add_argument("--system", help="with --interactive: a system message that opens the conversation")
+    parser.add_argument("--max_message_chars", type=cli.positive_int, default=MAX_MESSAGE_CHARS,
+                        help="with --interactive: a longer message is not sent (the chat goes on)")
     parser.add_argument("--stream", action="store_true", help="print text as it is generated (one --prompt)")
     parser.add_argument("--max_new_tokens", type=cli.positive_int, default=100, help="most new tokens per reply")
     parser.add_argument("--temperature", type=cli.positive_float, default=0.8, help="sampling temperature")
@@ -180,7 +192,7 @@ def _run(argv: Sequence[str] | None) -> int:
                     seed=args.seed, stop=args.stop)
     params = sampling_params(tokenizer, **sampling)
     if args.interactive:
-        chat(model, tokenizer, loaded.template, params, system=args.system)
+        chat(model, tokenizer, loaded.template, params, system=args.system, max_message_chars=args.max_message_chars)
     elif args.stream:
         print(args.prompt[0], end="", flush=True)
         for piece in stream_with_kv_cache(model, tokenizer, args.prompt[0], **sampling):

@@ -23,6 +23,7 @@ import torch
 
 import checkpoints
 import cli
+from atomic_file import atomic_directory
 from devices import set_threads
 from evaluator import GPTEvaluator
 from quantization import QuantizationError, quantize_model_int8
@@ -65,7 +66,41 @@ def build_parser() -> cli.ArgumentParser:
     parser.add_argument("--batch_size", type=cli.positive_int, default=8, help="evaluation batch size")
     parser.add_argument("--max_samples", type=cli.positive_int, help="evaluate only the first N documents / records")
     parser.add_argument("--num_threads", type=cli.positive_int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --output that is not this command's INT8 file of --model_path")
     return parser
+
+
+def quantized_from(model_path: str) -> str:
+    """What an INT8 checkpoint records as its source: the float checkpoint's absolute path."""
+    return str(Path(model_path).resolve())
+
+
+def check_paths(args) -> None:
+    """Before any work: --output is none of the inputs, and an existing one is replaced only if it is this command's
+    INT8 file of the same --model_path (a rerun), or with --overwrite."""
+    def own(path: Path) -> bool:
+        try:
+            meta = checkpoints.checkpoint_metadata(path)
+        except checkpoints.CheckpointError:
+            return False
+        return meta.get("quantization") == "int8" and meta.get("quantized_from") == quantized_from(args.model_path)
+
+    inputs = [("--model_path", args.model_path), ("--tokenizer_dir", args.tokenizer_dir),
+              ("--test_data_path", None if args.no_eval else args.test_data_path)]
+    cli.check_outputs({"--output": args.output}, inputs, args.overwrite, own)
+    if Path(args.output).is_dir():
+        raise QuantizationError(f"--output {args.output} is a folder: pass a file such as "
+                                f"{Path(args.output) / 'model_int8.pth'}")
+    cli.check_output_folder(Path(args.output).parent, "--output's folder")
+
+
+def copy_tokenizer(source: Path, target: Path) -> None:
+    """The tokenizer folder copied whole or not at all (a full disk leaves no half of one)."""
+    with atomic_directory(target) as tmp:
+        for file in source.iterdir():
+            if file.is_file():
+                shutil.copy2(file, tmp / file.name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -76,13 +111,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     set_threads(args.num_threads)
-    if Path(args.output).resolve() == Path(args.model_path).resolve():
-        raise QuantizationError("--output must differ from --model_path (the float checkpoint is kept)")
+    check_paths(args)
     if not args.no_eval and not Path(args.test_data_path).exists():
         raise QuantizationError(f"--test_data_path {args.test_data_path} not found (or pass --no_eval)")
     loaded = checkpoints.load(args.model_path, args.tokenizer_dir, device="cpu", trainable=True, expect="lm")
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
     extra = {k: loaded.metadata[k] for k in ("tokenizer_fingerprint", "sft_template") if k in loaded.metadata}
+    extra["quantized_from"] = quantized_from(args.model_path)  # a rerun may replace this file without --overwrite
     fp32_bytes = weights_bytes(model)  # weights only: the trainer's file also holds optimizer state
     quality = (lambda: None) if args.no_eval else \
         (lambda: held_out_quality(model, tokenizer, args.test_data_path, args.batch_size, args.max_samples))
@@ -92,7 +127,7 @@ def _run(argv: Sequence[str] | None) -> int:
     tokenizer_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else Path(args.model_path).parent / "tokenizer"
     target = Path(args.output).parent / "tokenizer"
     if not target.exists():
-        shutil.copytree(tokenizer_dir, target)
+        copy_tokenizer(tokenizer_dir, target)
     after = quality()
     size_in, size_out = Path(args.model_path).stat().st_size, Path(args.output).stat().st_size
     print(f"{args.model_path}: {size_in / 1e6:.2f} MB; its fp32 weights alone {fp32_bytes / 1e6:.2f} MB -> "

@@ -406,3 +406,43 @@ def test_long_pre_tokens_merge_exactly_as_short_ones_in_n_log_n(tiny_tokenizer, 
     ids = tiny_tokenizer._bpe("the" * 13000)
     elapsed = time.perf_counter() - started
     assert tiny_tokenizer.decode(ids) == "the" * 13000 and elapsed < 10  # a bound against a hang, not a benchmark
+
+
+# ----- hostile input (issue 24, class 2) -----------------------------------------------------------
+def test_training_counts_a_long_pre_token_in_pieces_of_the_bound():
+    """One 300,000-character line without split points (CJK, one repeated letter) is one pre-token; training counts
+    it in MAX_TRAIN_PIECE_CHARS pieces (each merge rescans every word holding its pair), encoding keeps it whole."""
+    bound = byte_level_bpe.MAX_TRAIN_PIECE_CHARS
+    line = "".join(chr(0x4E00 + (i * 7919) % 2000) for i in range(300_000))
+    tok = ByteLevelBPETokenizer(vocab_size=300)
+    counts = tok._count_pretokens([line, "short words stay whole"])
+    assert max(map(len, counts)) == bound and line[:bound] in counts  # cut from the start, every character kept
+    assert sum(len(piece) * n for piece, n in counts.items()) == len(line) + len("short words stay whole")
+    assert tok._count_pretokens(corpus_lines(limit=200)) == ByteLevelBPETokenizer(vocab_size=300)._count_pretokens(
+        corpus_lines(limit=200))  # ordinary text has no pre-token near the bound: counted as before
+    tok.train([line], min_frequency=2, show_progress=False)
+    assert len(tok) == 300 and tok.decode(tok.encode_ordinary(line[:5000])) == line[:5000]
+
+
+@pytest.mark.parametrize("texts", [["\n", "   ", "\t\t"], ["a", "b", "c"], ["x"] * 5],
+                         ids=["whitespace", "single characters", "one character"])
+def test_text_with_nothing_to_learn_is_refused_and_the_tokenizer_kept(texts, tiny_tokenizer):
+    tok = ByteLevelBPETokenizer(vocab_size=400)
+    tok.train(corpus_lines(limit=100), show_progress=False)
+    before = tok.fingerprint
+    with pytest.raises(TokenizerError, match="nothing to learn"):
+        tok.train(texts, show_progress=False)
+    assert tok.fingerprint == before and len(tok.merges) > 0
+
+
+def test_cli_refuses_a_blank_corpus_and_keeps_the_saved_tokenizer(tiny_tokenizer_dir, tmp_path, capsys):
+    out = tmp_path / "tok"
+    ByteLevelBPETokenizer.from_pretrained(tiny_tokenizer_dir).save(out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / "blank.jsonl").write_text('{"text": "   "}\n{"text": ""}\n', encoding="utf-8")
+    (tmp_path / "chars.txt").write_text("a\n \nb\n", encoding="utf-8")
+    for corpus, message in (("blank.jsonl", "holds no documents"), ("chars.txt", "nothing to learn")):
+        assert byte_level_bpe.main(["--input", str(tmp_path / corpus), "--output", str(out)]) == 2
+        err = capsys.readouterr().err  # the merges' progress bar, then the one line
+        assert err.strip().splitlines()[-1].startswith("error: ") and message in err and "Traceback" not in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -442,6 +442,23 @@ BAD_FLAGS = [
 ]
 
 
+# ----- issue 24, hostile files / full disk / colliding paths (branch issue24-files) --------------------------------
+# An output is never one of the command's inputs, two outputs are never the same path, and an existing file the
+# command did not write needs --overwrite (cli.check_outputs); the new flags' bad values.
+BAD_FLAGS += [
+    *[("evaluator", flags, ()) for flags in (
+        ["--output", "{sft}"], ["--output", "{ckpt}"], ["--output", "{folder}/tokenizer/vocab.json"],
+        ["--plot", "{out}/report.json"], ["--output", "{afile}"], ["--plot", "{afile}"], ["--overwrite", "x"],
+        ["--output", "{sft}", "--overwrite"], ["--compare", "{ckpt}", "--output", "{ckpt}", "--overwrite"])],
+    *[("quantizer", flags, ()) for flags in (
+        ["--output", "{afile}"], ["--output", "{text}"], ["--output", "{folder}/tokenizer/merges.txt"],
+        ["--output", "{ckpt}", "--overwrite"], ["--output", "{folder}"], ["--overwrite", "x"])],
+    ("quantizer", ["--test_data_path", "{afile}", "--output", "{afile}", "--overwrite"], ("--no_eval",)),
+    *[("byte_level_bpe", flags, ()) for flags in (["--output", "{folder}"],)],
+    *[("kv_cache_infer", flags, ()) for flags in (["--max_message_chars", "0"], ["--max_message_chars", "x"])],
+]
+
+
 def case_id(case: tuple) -> str:
     command, flags, dropped = case
     return f"{command}: " + " ".join([*flags, *(f"without {flag}" for flag in dropped)] or ["no arguments"])
@@ -836,3 +853,189 @@ def test_every_kind_of_model_saves_a_file_that_says_what_it_is_and_loads_back(ki
     assert meta["model_class"] == "lm" and meta["lora"]["r"] == 2
     assert lora.lora_layers(checkpoints.build_model(checkpoints.load_checkpoint(tmp_path / "in_place.pth"), "x"))
     assert "with LoRA adapters (r 2)" in checkpoints.describe(tmp_path / "in_place.pth")
+
+
+# ----------------------------------------------------------------------------- issue 24 (branch issue24-files)
+# hostile files, a full disk, colliding paths, the data builders under the one error policy
+
+DEEP_JSON = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.fixture()
+def hostile(tmp_path) -> dict[str, Path]:
+    """Files no reader should choke on: JSON nested 100,000 deep (.json and .jsonl), a Latin-1 corpus."""
+    folder = tmp_path / "hostile"
+    folder.mkdir()
+    (folder / "deep.json").write_text(DEEP_JSON)
+    (folder / "deep.jsonl").write_text('{"text": "fine", "instruction": "a", "response": "b"}\n' + DEEP_JSON + "\n")
+    (folder / "latin1.txt").write_bytes("《静夜思》 李白：床前明月光。\n".encode() + b"ROMEO: caf\xe9\n")
+    return {name: folder / name for name in ("deep.json", "deep.jsonl", "latin1.txt")}
+
+
+def test_hostile_files_are_one_line_in_every_command_that_reads_them(hostile, files, shared, corpus,
+                                                                     tiny_tokenizer_dir, earlier_run, capsys):
+    """Every reader (SFT, preference, classification, pretraining, evaluator, quantizer's eval data) on JSON nested
+    100,000 deep, and the data builders on a non-UTF-8 corpus: exit 2, one line naming the file, nothing changed."""
+    import data.classify.build_classify_data as build_classify
+    import data.sft.build_sft_data as build_sft
+    import finetune
+    from inference import quantizer
+
+    before, out = snapshot(earlier_run), str(earlier_run)
+    deep, deep_list, latin1 = (str(hostile[name]) for name in ("deep.jsonl", "deep.json", "latin1.txt"))
+    finetune_base = ["--device", "cpu", "--max_steps", "1", "--output_dir", out]
+    cases = [
+        (finetune.main, ["--mode", "sft", "--pretrained_model", str(files["pretrained"]), "--data_path", deep,
+                         *finetune_base], f"{deep}:2: JSON nested"),
+        (finetune.main, ["--mode", "dpo", "--sft_model", str(files["pretrained"]), "--pairwise_data", deep_list,
+                         *finetune_base], f"{deep_list}: JSON nested"),
+        (finetune.main, ["--mode", "classify", "--pretrained_model", str(files["pretrained"]), "--classify_train",
+                         deep, *finetune_base], f"{deep}:2: JSON nested"),
+        (pt.main, pretrain_args(corpus, tiny_tokenizer_dir, earlier_run, "--train_data_dir", deep), "JSON nested"),
+        (evaluator.main, ["--model_path", str(shared["ckpt"]), "--model_type", "sft", "--test_data_path", deep_list,
+                          "--output", str(earlier_run / "report.json"), "--no_progress"], "JSON nested"),
+        (evaluator.main, ["--model_path", str(shared["ckpt"]), "--test_data_path", deep, "--no_progress",
+                          "--output", str(earlier_run / "report.json")], f"{deep}:2: JSON nested"),
+        (quantizer.main, ["--model_path", str(shared["ckpt"]), "--output", str(earlier_run / "int8.pth"),
+                          "--test_data_path", deep], f"{deep}:2: JSON nested"),
+        (build_sft.main, ["--corpus", latin1, "--output_dir", out], f"{latin1}:2: not UTF-8"),
+        (build_classify.main, ["--corpus", latin1, "--output_dir", out], f"{latin1}:2: not UTF-8"),
+    ]
+    for main, argv, expected in cases:
+        code, err = run_main(main, argv, capsys)
+        assert_one_line_error(code, err)
+        assert expected in err, (argv, err)
+        assert snapshot(earlier_run) == before, argv
+
+
+def test_an_output_that_exists_is_replaced_only_when_it_is_the_commands_own_or_with_overwrite(shared, tmp_path,
+                                                                                              capsys):
+    """The evaluator replaces its own earlier report and chart, the quantizer its own INT8 file of the same model;
+    anything else needs --overwrite, and an input is never an output even then."""
+    from inference import quantizer
+
+    report, chart, notes = tmp_path / "report.json", tmp_path / "chart.png", tmp_path / "notes.txt"
+    notes.write_text("mine")
+    evaluate = ["--model_path", str(shared["ckpt"]), "--model_type", "sft", "--test_data_path", str(shared["sft"]),
+                "--max_new_tokens", "2", "--no_progress"]
+    for _ in range(2):  # the second run replaces the first one's report and chart
+        assert evaluator.main(evaluate + ["--output", str(report), "--plot", str(chart)]) == 0
+    assert json.loads(report.read_text())["model_type"] == "sft" and chart.read_bytes().startswith(b"\x89PNG")
+    code, err = run_main(evaluator.main, evaluate + ["--output", str(notes)], capsys)
+    assert_one_line_error(code, err)
+    assert "already exists and was not written by this command" in err and notes.read_text() == "mine"
+    assert evaluator.main(evaluate + ["--output", str(notes), "--overwrite"]) == 0
+    assert json.loads(notes.read_text())["results"]
+
+    other = tmp_path / "other.pth"  # another existing checkpoint: kept without --overwrite
+    other.write_bytes(shared["ckpt"].read_bytes())
+    quantize = ["--model_path", str(shared["ckpt"]), "--no_eval", "--output"]
+    code, err = run_main(quantizer.main, quantize + [str(other)], capsys)
+    assert_one_line_error(code, err)
+    assert other.read_bytes() == shared["ckpt"].read_bytes()
+    for _ in range(2):  # the rerun replaces its own INT8 file of the same --model_path
+        assert quantizer.main(quantize + [str(tmp_path / "int8.pth")]) == 0
+    assert checkpoints.checkpoint_metadata(tmp_path / "int8.pth")["quantization"] == "int8"
+    assert quantizer.main(quantize + [str(other), "--overwrite"]) == 0
+    assert checkpoints.checkpoint_metadata(other)["quantization"] == "int8"
+    capsys.readouterr()
+
+
+FULL_DISK = """
+import importlib, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing the process
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+sys.exit(importlib.import_module(sys.argv[2]).main(sys.argv[3:]))
+"""
+
+
+def run_on_a_full_disk(limit: int, module: str, args: list[str]) -> subprocess.CompletedProcess:
+    """``module``'s CLI in a process that cannot write a file past ``limit`` bytes (RLIMIT_FSIZE, as a disk with
+    that much room left; portable where a tmpfs cannot be mounted)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run([sys.executable, "-c", FULL_DISK, str(limit), module, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=240)
+
+
+def assert_no_space_line(result: subprocess.CompletedProcess, written: Path) -> None:
+    assert_one_line_error(result.returncode, result.stderr)
+    last = result.stderr.strip().splitlines()[-1]
+    assert f"while writing {written};" in last and ("intact" in last or "nothing was replaced" in last), last
+    assert not [p for p in written.parent.rglob(".*") if p.name.endswith((".tmp", ".tmpdir"))]
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_the_previous_files_stay(corpus, tiny_tokenizer_dir, shared, files, tmp_path):
+    """Every command that saves (pretraining, SFT, GRPO, the quantizer, the evaluator's report and chart, the
+    tokenizer CLI), with no room for its output: exit 2, one line naming the file, the temp file gone, the files
+    that were there byte-identical."""
+    run = tmp_path / "run"  # a pretraining run with its step 2; a resumed run cannot write step 4
+    assert pt.main(pretrain_args(corpus, tiny_tokenizer_dir, run, "--max_steps", "2", "--eval_interval", "2")) == 0
+    before = snapshot(run)
+    result = run_on_a_full_disk(150_000, "pretrain_trainer", pretrain_args(
+        corpus, tiny_tokenizer_dir, run, "--max_steps", "4", "--eval_interval", "2", "--resume", "auto"))
+    assert_no_space_line(result, run / "pretrain_step_4.pth")
+    assert {k: v for k, v in snapshot(run).items() if k.endswith("step_2.pth")} == \
+        {k: v for k, v in before.items() if k.endswith("step_2.pth")}
+    stage = ["--device", "cpu", "--max_steps", "2", "--eval_interval", "2", "--batch_size", "2",
+             "--max_new_tokens", "2", "--test_data_path", str(files["sft_test"]), "--data_path", str(files["sft_data"])]
+    for mode, extra in (("sft", ["--pretrained_model"]), ("rlvf", ["--eval_samples", "2", "--sft_model"])):
+        out = tmp_path / mode
+        result = run_on_a_full_disk(20_000, "finetune", ["--mode", mode, *stage, "--output_dir", str(out), *extra,
+                                                         str(files["pretrained"])])
+        assert_one_line_error(result.returncode, result.stderr)
+        assert "while writing" in result.stderr and not list(out.rglob("*.pth")), result.stderr[-2000:]
+    int8 = tmp_path / "int8.pth"
+    result = run_on_a_full_disk(20_000, "inference.quantizer", ["--model_path", str(shared["ckpt"]), "--no_eval",
+                                                                "--output", str(int8)])
+    assert_no_space_line(result, int8)
+    assert not int8.exists()
+
+
+@pytest.mark.slow
+def test_a_full_disk_keeps_the_evaluators_report_and_the_tokenizer(shared, tiny_tokenizer_dir, tmp_path):
+    report, chart, tokenizer = tmp_path / "report.json", tmp_path / "chart.png", tmp_path / "tokenizer"
+    evaluate = ["--model_path", str(shared["ckpt"]), "--model_type", "sft", "--test_data_path", str(shared["sft"]),
+                "--max_new_tokens", "2", "--no_progress", "--output", str(report), "--plot", str(chart)]
+    assert evaluator.main(evaluate) == 0
+    ByteLevelBPETokenizer.from_pretrained(tiny_tokenizer_dir).save(tokenizer)
+    before = snapshot(tmp_path)
+    assert_no_space_line(run_on_a_full_disk(1_000, "evaluator", evaluate), report)  # the report is over 1 KB
+    size = report.stat().st_size + 100  # room for the report, not for the chart
+    assert_no_space_line(run_on_a_full_disk(size, "evaluator", evaluate), chart)
+    result = run_on_a_full_disk(4_000, "byte_level_bpe", ["--input", str(shared["text"]), "--vocab_size", "400",
+                                                          "--output", str(tokenizer)])
+    assert_no_space_line(result, tokenizer)
+    assert snapshot(tmp_path) == before
+
+
+def _signal_inside(signum: int) -> str:
+    return f"""
+import os, signal, sys, importlib
+module = importlib.import_module(sys.argv[1])
+def build(*args, **kwargs):
+    os.kill(os.getpid(), {int(signum)})  # Ctrl-C / SIGTERM while the builder works
+    signal.pause() if {int(signum)} == signal.SIGTERM else None
+module.build = build
+sys.exit(module.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("builder, output_flag", [("data.build_pretrain_data", "--output"),
+                                                  ("data.sft.build_sft_data", "--output_dir"),
+                                                  ("data.classify.build_classify_data", "--output_dir")])
+def test_a_data_builder_stopped_by_a_signal_exits_130_or_143_without_a_traceback(builder, output_flag, signum,
+                                                                                 tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train.txt").write_text("earlier\n")
+    before = snapshot(out)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", _signal_inside(signum), builder, output_flag, str(out)], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == (130 if signum == signal.SIGINT else 143), result.stderr
+    assert "Traceback" not in result.stderr and "interrupted" in result.stderr
+    assert snapshot(out) == before

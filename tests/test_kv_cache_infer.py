@@ -108,3 +108,15 @@ def test_chat_says_when_old_turns_no_longer_fit(model, tiny_tokenizer):
     chat(model, tiny_tokenizer, CHAT_TEMPLATE, params, read=lambda _: next(lines), write=written.append)
     notes = [w for w in written if w.startswith("(the oldest")]
     assert notes and notes[0].startswith("(the oldest 1 turn(s)")
+
+
+def test_a_chat_message_over_the_bound_is_not_sent_and_the_chat_goes_on(model, tiny_tokenizer):
+    """A pasted 200,000-character line (issue 24) gets a note instead of being rendered into every later turn."""
+    params = SamplingParams(max_new_tokens=2, do_sample=False, eos_token_id=tiny_tokenizer.eos_token_id)
+    lines = iter(["床" * 200_000, "hi", "/quit"])
+    written: list[str] = []
+    chat(model, tiny_tokenizer, SFT_TEMPLATE, params, read=lambda _: next(lines), write=written.append,
+         max_message_chars=1000)
+    notes = [w for w in written if w.startswith("(a message of 200,000 characters is over --max_message_chars 1000")]
+    assert len(notes) == 1
+    assert written[written.index(notes[0]) + 1:]  # "hi" was answered after the note

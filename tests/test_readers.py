@@ -145,3 +145,50 @@ def test_jsonl_holds_records_tells_records_from_documents(tmp_path):
     assert readers.jsonl_holds_records(write(tmp_path / "r.jsonl", '\n{"instruction": "a", "response": "b"}\n'))
     assert not readers.jsonl_holds_records(write(tmp_path / "d.jsonl", '{"text": "a"}\n'))
     assert not readers.jsonl_holds_records(write(tmp_path / "bad.jsonl", '{oops\n'))
+
+
+# ----------------------------------------------------------------------------- hostile files (issue 24, class 2)
+
+DEEP = "[" * 100_000 + "]" * 100_000  # past Python's own parser: RecursionError before the bound
+
+
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize("read", [
+    readers.load_sft_records, readers.load_preference_records, readers.load_classification_records,
+    lambda path: list(readers.read_documents(path)),
+], ids=["sft", "preference", "classification", "documents"])
+@pytest.mark.parametrize("content", [DEEP, nested(readers.MAX_JSON_DEPTH + 1),
+                                     '{"text": "x", "instruction": "a", "response": "b", "label": "c", "meta": %s}'
+                                     % nested(readers.MAX_JSON_DEPTH)], ids=["100000", "33", "in a field"])
+def test_json_nested_past_the_bound_is_one_data_error_in_every_reader(read, content, tmp_path):
+    path = write(tmp_path / "deep.jsonl", '{"text": "x", "instruction": "a", "response": "b", "label": "c"}\n'
+                 + content + "\n")
+    with pytest.raises(DataError, match=rf"deep\.jsonl:2: JSON nested more than {readers.MAX_JSON_DEPTH} levels"):
+        read(path)
+    assert not readers.jsonl_holds_records(write(tmp_path / "first.jsonl", content + "\n"))
+
+
+def test_a_deep_json_list_file_is_one_data_error_and_real_nesting_passes(tmp_path):
+    with pytest.raises(DataError, match=r"deep\.json: JSON nested more than"):
+        readers.load_sft_records(write(tmp_path / "deep.json", DEEP))
+    chat = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+            "meta": json.loads(nested(readers.MAX_JSON_DEPTH - 2))}  # list > record > meta: exactly at the bound
+    assert readers.load_sft_records(write(tmp_path / "ok.json", json.dumps([chat]))) == [chat]
+    assert readers.json_depth(chat) == readers.MAX_JSON_DEPTH - 1 and readers.json_depth("text") == 0
+
+
+def test_blank_jsonl_text_is_skipped_as_a_blank_line_is(tmp_path):
+    path = write(tmp_path / "a.jsonl", '{"text": "  "}\n{"text": "kept"}\n{"text": ""}\n')
+    assert list(readers.read_documents(path)) == ["kept"]
+    with pytest.raises(DataError, match="holds no documents"):
+        list(readers.read_documents(write(tmp_path / "b.jsonl", '{"text": " \\n "}\n{"text": ""}\n')))
+
+
+def test_read_lines_names_file_and_line_of_a_bad_byte(tmp_path):
+    assert readers.read_lines(write(tmp_path / "a.txt", "one\r\ntwo\n\nthree")) == ["one", "two", "", "three"]
+    (tmp_path / "b.txt").write_bytes(b"fine\n\xff\n")
+    with pytest.raises(DataError, match=r"b\.txt:2: not UTF-8"):
+        readers.read_lines(tmp_path / "b.txt")

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import cli
 from atomic_file import atomic_path
+from readers import read_lines
 
 DEFAULT_OUTPUT = Path("data/classify")
 DEFAULT_CORPUS = Path("data/pretrain/train.txt")
@@ -79,7 +80,7 @@ def documents_by_class(corpus: Path) -> dict[str, list[str]]:
     if not corpus.is_file():
         raise BuildError(f"corpus {corpus} not found; pass --corpus data/pretrain/train.txt")
     docs: dict[str, list[str]] = {label: [] for label in LABELS}
-    for doc in corpus.read_text(encoding="utf-8").splitlines():
+    for doc in read_lines(corpus):  # a bad byte names the file and line
         if not doc.strip():
             continue
         if CJK.search(doc):
@@ -167,6 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     cli.check_output_folder(args.output_dir, "--output_dir")
+    # the files this builder writes (earlier builds of them are replaced); never the corpus it reads
+    outputs = {f"--output_dir's {name}": args.output_dir / name for name in ("train.jsonl", "test.jsonl")}
+    cli.check_outputs(outputs, [("--corpus", args.corpus)], own=lambda path: True)
     counts = build(args.corpus, args.output_dir, args.seed, args.max_train, args.max_test)
     for name, per_label in counts.items():
         labels = ", ".join(f"{label} {per_label[label]}" for label in LABELS)

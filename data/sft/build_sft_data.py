@@ -50,7 +50,7 @@ import cli
 from atomic_file import atomic_path
 from byte_level_bpe import ByteLevelBPETokenizer
 from prompts import SFT_TEMPLATE
-from readers import read_documents
+from readers import read_documents, read_lines
 
 DEFAULT_OUTPUT = Path("data/sft")
 DEFAULT_CORPUS = Path("data/pretrain/train.txt")
@@ -118,7 +118,7 @@ def read_corpus(path: Path) -> tuple[list[tuple[str, str, str]], list[tuple[str,
         raise BuildError(f"corpus file {path} not found: pass --corpus data/pretrain/train.txt "
                          "(rebuild it with python -m data.build_pretrain_data)")
     poems, speeches = [], []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in read_lines(path):  # a bad byte names the file and line
         if match := POEM.match(line):
             poems.append((match.group(1), match.group(2), match.group(3)))
         elif match := SPEECH.match(line):
@@ -478,6 +478,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     cli.check_output_folder(args.output_dir, "--output_dir")
+    # the files this builder writes (earlier builds of them are replaced); never the corpus it reads
+    outputs = {f"--output_dir's {name}": args.output_dir / name for name in (*OUTPUT_FILES, RL_FILE)}
+    cli.check_outputs(outputs, [("--corpus", args.corpus)], own=lambda path: True)
     counts = build(args.corpus, args.output_dir, args.seed, sizes_of(args))
     for name, per_task in counts.items():
         families = ", ".join(f"{task} {n}" for task, n in sorted(per_task.items()))
