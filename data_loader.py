@@ -1,141 +1,28 @@
-"""Data pipeline: tokenize documents once into a packed memmap stream, and build batches.
+"""Data pipeline: batches from the packed token stream, and the finetuning datasets.
 
-Pretraining uses a flat token stream ``<s> doc1 </s> <s> doc2 </s> ...`` cached as a numpy memmap
-beside the data, sampled as random windows (training) or walked sequentially (validation, with the
-exact text bytes covered so bits per byte is exact). Finetuning uses per-sample datasets
+Pretraining uses the flat token stream ``<s> doc1 </s> <s> doc2 </s> ...`` that ``token_cache`` builds, sampled
+as random windows (training) or walked sequentially (validation, with the exact text bytes covered so bits per
+byte is exact). Finetuning uses per-sample datasets
 (``GPTSFTDataset``, ``PreferencePairDataset``, ``ClassificationDataset``) padded per batch by ``collate_batch``.
 Files are read by ``readers`` and samples formatted by ``prompts``.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
-from atomic_file import atomic_path, remove_stale_temps
 from prompts import IGNORE_INDEX, SFT_TEMPLATE, prompt_response_ids, record_messages, record_prompt_ids, render_sample
-from readers import (DataError, data_files, load_classification_records, load_preference_records, load_sft_records,
-                     read_documents)
-
-CACHE_VERSION = 1
-WRITE_CHUNK_TOKENS = 1 << 20  # tokens buffered in memory before each write to the cache file
+from readers import DataError, load_classification_records, load_preference_records, load_sft_records
+from token_cache import TokenStream
 
 
 # ----------------------------------------------------------------------------- packed token stream
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
-
-
-def _source_signature(files: Sequence[Path]) -> list[list]:
-    """What identifies the source data: each file's name, size and modification time."""
-    return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-
-
-def cache_paths(source: str | os.PathLike, fingerprint: str,
-                cache_dir: str | os.PathLike | None = None) -> tuple[Path, Path]:
-    """``<data dir>/.cache/<stem>.<fingerprint[:16]>.bin`` and its ``.json`` meta."""
-    source = Path(source)
-    folder = Path(cache_dir) if cache_dir else (source if source.is_dir() else source.parent) / ".cache"
-    stem = f"{source.stem if source.is_file() else source.name}.{fingerprint[:16]}"
-    return folder / f"{stem}.bin", folder / f"{stem}.json"
-
-
-@dataclass
-class TokenStream:
-    """A cached flat token stream ``<s> doc </s> <s> doc </s> ...`` on disk."""
-
-    tokens: np.ndarray  # read-only memmap
-    n_documents: int
-    n_bytes: int  # text bytes per the convention: UTF-8 length + 1 (newline) per document
-    path: Path
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-
-def _write_atomic_json(path: Path, obj: dict) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
-
-
-def _load_cached(bin_path: Path, meta_path: Path, expected: dict) -> TokenStream | None:
-    if not (bin_path.exists() and meta_path.exists()):
-        return None
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    if any(meta.get(k) != v for k, v in expected.items()):
-        return None
-    dtype = np.dtype(meta["dtype"])
-    if bin_path.stat().st_size != meta["n_tokens"] * dtype.itemsize or meta["n_tokens"] == 0:
-        return None
-    tokens = np.memmap(bin_path, dtype=dtype, mode="r", shape=(meta["n_tokens"],))
-    return TokenStream(tokens, meta["n_documents"], meta["n_bytes"], bin_path)
-
-
-def build_token_stream(source: str | os.PathLike, tokenizer, num_workers: int | None = None,
-                       cache_dir: str | os.PathLike | None = None, show_progress: bool = True) -> TokenStream:
-    """Tokenize ``source`` once into a cached memmap (reused while tokenizer and files are unchanged)."""
-    files = data_files(source)
-    bin_path, meta_path = cache_paths(source, tokenizer.fingerprint, cache_dir)
-    dtype = token_dtype(len(tokenizer))
-    expected = {"version": CACHE_VERSION, "fingerprint": tokenizer.fingerprint, "dtype": dtype.name,
-                "source": _source_signature(files)}
-    cached = _load_cached(bin_path, meta_path, expected)
-    if cached is not None:
-        return cached
-
-    try:
-        bin_path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(bin_path.parent)
-        if not os.access(bin_path.parent, os.W_OK):
-            raise PermissionError(13, "permission denied", str(bin_path.parent))
-    except OSError as err:
-        raise DataError(f"cannot write the token cache to {bin_path.parent} ({err.strerror}): pass a writable "
-                        "--cache_dir (or copy the data to a writable folder)") from None
-    total_bytes = sum(f.stat().st_size for f in files)
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenizing {Path(source).name}",
-               disable=not show_progress)
-    stats = {"n_documents": 0, "n_bytes": 0}
-
-    def counted_documents() -> Iterator[str]:
-        for doc in read_documents(source):
-            n = len(doc.encode("utf-8")) + 1
-            stats["n_documents"] += 1
-            stats["n_bytes"] += n
-            bar.update(n)
-            yield doc
-
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    n_tokens, buffer = 0, []
-    try:
-        with atomic_path(bin_path) as tmp_path, open(tmp_path, "wb") as out:
-            for ids in tokenizer.encode_many(counted_documents(), num_workers=num_workers):
-                buffer.append(bos)
-                buffer.extend(ids)
-                buffer.append(eos)
-                if len(buffer) >= WRITE_CHUNK_TOKENS:
-                    np.asarray(buffer, dtype=dtype).tofile(out)
-                    n_tokens, buffer = n_tokens + len(buffer), []
-            np.asarray(buffer, dtype=dtype).tofile(out)
-            n_tokens += len(buffer)
-    finally:
-        bar.close()
-    _write_atomic_json(meta_path, {**expected, "n_tokens": n_tokens, **stats})
-    return TokenStream(np.memmap(bin_path, dtype=dtype, mode="r", shape=(n_tokens,)), stats["n_documents"],
-                       stats["n_bytes"], bin_path)
-
 
 def token_byte_lengths(tokenizer) -> np.ndarray:
     """UTF-8 bytes each token id stands for: its raw bytes; ``</s>`` = 1 (the newline), other specials 0."""

@@ -24,6 +24,7 @@ import torch
 import cli
 import data_loader
 import metrics
+import token_cache
 import training
 from byte_level_bpe import ByteLevelBPETokenizer
 from checkpoints import load_model_and_tokenizer
@@ -116,14 +117,14 @@ class GPTTrainer(Trainer):
                 raise TrainError(f"--{flag} {value} differs from the checkpoint's {actual} ({source}): a resumed run "
                                  f"keeps the checkpoint's shape; drop --{flag}, or start a fresh run without --resume")
 
-    def _token_streams(self) -> tuple[data_loader.TokenStream, data_loader.TokenStream | None]:
+    def _token_streams(self) -> tuple[token_cache.TokenStream, token_cache.TokenStream | None]:
         """Tokenize (rank 0 first, so the cache is written once) and memmap the train/val streams."""
         streams = None
         c = self.config
         for turn in ("main", "others"):
             if (turn == "main") == self.dist.is_main:
                 progress = self.show_progress and self.dist.is_main
-                build = lambda src: data_loader.build_token_stream(src, self.tokenizer, c.num_workers,
+                build = lambda src: token_cache.build_token_stream(src, self.tokenizer, c.num_workers,
                                                                    cache_dir=c.cache_dir, show_progress=progress)
                 streams = (build(c.train_data), build(c.val_data) if c.val_data else None)
             barrier(self.dist)
@@ -138,7 +139,7 @@ class GPTTrainer(Trainer):
                                self.dtype, self.config.eval_batches)
 
 
-def evaluate_stream(model: GPTModel, stream: data_loader.TokenStream, byte_lengths: np.ndarray, batch_size: int,
+def evaluate_stream(model: GPTModel, stream: token_cache.TokenStream, byte_lengths: np.ndarray, batch_size: int,
                     device: torch.device, dtype: torch.dtype, max_batches: int | None = None) -> dict[str, float]:
     """val_loss (nats/token), val_ppl and val_bpb of ``model`` over a token stream's sequential windows."""
     covered = {"bytes": 0}

@@ -1,17 +1,16 @@
-"""data_loader: the cached packed stream, window sampling, SFT / preference datasets, collation."""
+"""data_loader: window sampling, SFT / preference datasets, collation."""
 from __future__ import annotations
 
 import json
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
 
 import data_loader as dl
-from conftest import corpus_lines
-from prompts import SFT_TEMPLATE, build_sft_prompt, record_instruction
+import token_cache
+from prompts import build_sft_prompt, record_instruction
 from readers import DataError
 
 DOCS = ["HAMLET: To be, or not to be.", "《静夜思》 李白：床前明月光，疑是地上霜。", "ROMEO: But, soft! what light?"]
@@ -25,72 +24,13 @@ def write(path, text: str):
 # ----------------------------------------------------------------------------- packed stream
 
 
-def test_token_stream_follows_the_document_convention(tiny_tokenizer, tmp_path, monkeypatch):
-    monkeypatch.setattr(dl, "WRITE_CHUNK_TOKENS", 7)  # exercise the chunked writer
-    source = write(tmp_path / "docs.txt", "\n".join(DOCS) + "\n")
-    stream = dl.build_token_stream(source, tiny_tokenizer, num_workers=2, show_progress=False)
-    expected = [i for doc in DOCS for i in tiny_tokenizer.encode(doc)["input_ids"]]
-    assert stream.tokens.dtype == np.uint16
-    assert stream.tokens.tolist() == expected
-    assert stream.n_documents == 3
-    assert stream.n_bytes == sum(len(d.encode("utf-8")) + 1 for d in DOCS)
-    assert stream.path.parent == tmp_path / ".cache"
-    assert stream.path.name == f"docs.{tiny_tokenizer.fingerprint[:16]}.bin"
-    meta = json.loads(stream.path.with_suffix(".json").read_text())
-    assert meta["n_tokens"] == len(expected) and meta["dtype"] == "uint16"
-
-
 def test_token_byte_lengths_account_for_every_text_byte(tiny_tokenizer, tmp_path):
     source = write(tmp_path / "docs.txt", "\n".join(DOCS) + "\n")
-    stream = dl.build_token_stream(source, tiny_tokenizer, num_workers=1, show_progress=False)
+    stream = token_cache.build_token_stream(source, tiny_tokenizer, num_workers=1, show_progress=False)
     lengths = dl.token_byte_lengths(tiny_tokenizer)
     assert lengths[tiny_tokenizer.eos_token_id] == 1 and lengths[tiny_tokenizer.bos_token_id] == 0
     assert lengths[300] == len(tiny_tokenizer.decode_bytes([300]))
     assert int(lengths[np.asarray(stream.tokens)].sum()) == stream.n_bytes
-
-
-def test_token_dtype_widens_for_big_vocabularies():
-    assert dl.token_dtype(65535) == np.uint16
-    assert dl.token_dtype(65536) == np.uint32
-
-
-class CountingTokenizer:
-    """Delegates to a real tokenizer, counting how often encode_many runs."""
-
-    def __init__(self, tokenizer, fingerprint=None):
-        self.tokenizer, self.calls = tokenizer, 0
-        self.fingerprint = fingerprint or tokenizer.fingerprint
-
-    def __getattr__(self, name):
-        return getattr(self.tokenizer, name)
-
-    def __len__(self):
-        return len(self.tokenizer)
-
-    def encode_many(self, texts, num_workers=None, show_progress=False):
-        self.calls += 1
-        return self.tokenizer.encode_many(texts, num_workers=1)
-
-
-def test_cache_reused_then_invalidated_by_tokenizer_or_source_change(tiny_tokenizer, tmp_path):
-    source = write(tmp_path / "docs.txt", "\n".join(DOCS) + "\n")
-    tok = CountingTokenizer(tiny_tokenizer)
-    first = dl.build_token_stream(source, tok, show_progress=False)
-    second = dl.build_token_stream(source, tok, show_progress=False)
-    assert tok.calls == 1 and second.path == first.path and second.tokens.tolist() == first.tokens.tolist()
-
-    other = CountingTokenizer(tiny_tokenizer, fingerprint="f" * 64)  # a changed tokenizer has another fingerprint
-    third = dl.build_token_stream(source, other, show_progress=False)
-    assert other.calls == 1 and third.path != first.path
-
-    write(source, DOCS[0] + "\n")
-    os.utime(source, ns=(1, 1))  # a different mtime even on coarse clocks
-    fourth = dl.build_token_stream(source, tok, show_progress=False)
-    assert tok.calls == 2 and fourth.n_documents == 1
-
-    first.path.write_bytes(b"\x00")  # a damaged cache file is rebuilt, not trusted
-    fifth = dl.build_token_stream(source, tok, show_progress=False)
-    assert tok.calls == 3 and fifth.tokens.tolist() == tiny_tokenizer.encode(DOCS[0])["input_ids"]
 
 
 # ----------------------------------------------------------------------------- window sampling
