@@ -237,8 +237,9 @@ def test_building_the_cache_takes_the_same_memory_for_an_8x_larger_corpus(tiny_t
     lines = write(tmp_path / "lines.txt", "\n".join(line for line in corpus_lines(limit=20000) if line.strip()))
     peaks = []
     for n_docs in (20_000, 160_000):
-        run = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(tiny_tokenizer_dir), str(tmp_path / f"{n_docs}.txt"),
-                              str(lines), str(n_docs)], capture_output=True, text=True, cwd=ROOT, timeout=240)
+        argv = [str(tiny_tokenizer_dir), str(tmp_path / f"{n_docs}.txt"), str(lines), str(n_docs)]
+        run = subprocess.run([sys.executable, "-c", RSS_SCRIPT, *argv], capture_output=True, text=True, cwd=ROOT,
+                             timeout=240)
         assert run.returncode == 0, run.stderr
         before, peak, n_tokens, n_bytes = map(int, run.stdout.split())
         peaks.append((peak, n_tokens, n_bytes))
