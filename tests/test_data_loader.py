@@ -71,7 +71,7 @@ def test_random_windows_are_contiguous_resumable_and_per_rank():
 
 def test_unigram_bits_per_byte_hand_computed():
     train = np.array([0, 5, 5, 6, 2], dtype=np.uint16)
-    val = dl.TokenStream(np.array([0, 5, 6, 2], dtype=np.uint16), n_documents=1, n_bytes=3, path=None)
+    val = token_cache.TokenStream(np.array([0, 5, 6, 2], dtype=np.uint16), n_documents=1, n_bytes=3, path=None)
     counts = np.bincount(train, minlength=8) + 1.0  # add-one smoothing over vocab 8
     p = counts / counts.sum()
     expected = -(math.log(p[5]) + math.log(p[6]) + math.log(p[2])) / (math.log(2) * 3)

@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 
 import checkpoints
 import data_loader as dl
+import token_cache
 import gpt_model
 import pretrain_trainer as pt
 from byte_level_bpe import ByteLevelBPETokenizer
@@ -92,7 +93,7 @@ def test_evaluation_bits_per_byte_of_a_uniform_model(tiny_tokenizer, tmp_path):
     """Zeroed final LayerNorm → all logits 0 → every prediction costs exactly ln(V) nats."""
     source = tmp_path / "val.txt"
     source.write_text("\n".join(corpus_lines(VAL_TXT, limit=12)) + "\n", encoding="utf-8")
-    stream = dl.build_token_stream(source, tiny_tokenizer, num_workers=1, show_progress=False)
+    stream = token_cache.build_token_stream(source, tiny_tokenizer, num_workers=1, show_progress=False)
     model = gpt_model.GPTModel(gpt_model.GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=16,
                                                                n_layers=1))
     with torch.no_grad():
@@ -161,7 +162,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, tokenizer_dir: str, confi
 
 def test_ddp_two_cpu_processes_average_gradients(corpus, tiny_tokenizer_dir, tiny_tokenizer, tmp_path):
     config = asdict(small_config(corpus, tmp_path / "run", max_steps=4, eval_interval=4))
-    dl.build_token_stream(config["train_data"], tiny_tokenizer, num_workers=1, show_progress=False)  # warm cache
+    token_cache.build_token_stream(config["train_data"], tiny_tokenizer, num_workers=1, show_progress=False)  # warm
     context = mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tiny_tokenizer_dir), config, str(tmp_path)),
                                  nprocs=2, join=False, start_method="spawn")
     deadline = time.time() + 180
