@@ -9,6 +9,7 @@ checked against its size and CRC; a damaged or truncated one is rebuilt from the
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from atomic_file import atomic_path, no_space_error, remove_stale_temps
+from atomic_file import NoSpaceError, atomic_path, no_space_error, remove_stale_temps
 from readers import DataError, data_files, read_documents
 
 CACHE_VERSION = 2
@@ -205,8 +206,14 @@ def _build(source, tokenizer, paths: tuple[Path, Path], expected: dict, shards: 
                 meta["shards"].append(shard)
                 _write_meta(meta_path, meta)
     except OSError as err:
-        full = no_space_error(err, bin_path)
-        raise (full or err) from err
+        if no_space_error(err, bin_path) is None:
+            raise
+        kept = len(meta["shards"])
+        done = (f"its {kept} finished shard(s) are kept and a rerun continues from them" if kept else
+                "no shard was finished yet")
+        raise NoSpaceError(errno.ENOSPC, "no space left (or the file-size limit reached) while writing the token "
+                                         f"cache {bin_path}; {done}: free some space (or pass --cache_dir "
+                                         "elsewhere) and run again") from err
     finally:
         bar.close()
     meta.update(complete=True, n_documents=sum(s["n_documents"] for s in meta["shards"]),

@@ -1039,3 +1039,23 @@ def test_a_data_builder_stopped_by_a_signal_exits_130_or_143_without_a_traceback
     assert result.returncode == (130 if signum == signal.SIGINT else 143), result.stderr
     assert "Traceback" not in result.stderr and "interrupted" in result.stderr
     assert snapshot(out) == before
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_tokenizing_keeps_the_finished_shards_and_a_rerun_continues(tiny_tokenizer_dir, tmp_path):
+    import token_cache
+
+    train = tmp_path / "train.txt"
+    train.write_text("\n".join(corpus_lines(limit=4000)) + "\n", encoding="utf-8")
+    args = ["--train_data_dir", str(train), "--tokenizer_dir", str(tiny_tokenizer_dir), "--output_dir",
+            str(tmp_path / "run"), "--device", "cpu", "--num_workers", "1", "--n_layers", "1", "--d_model", "32",
+            "--n_heads", "2", "--max_seq_len", "32", "--batch_size", "2", "--samples", "0", "--max_steps", "1",
+            "--cache_dir", str(tmp_path / "cache")]
+    result = run_on_a_full_disk(60_000, "pretrain_trainer", args)  # the cache is ~250 KB
+    assert_one_line_error(result.returncode, result.stderr)
+    last = result.stderr.strip().splitlines()[-1]
+    assert "while writing the token cache" in last and "no shard was finished yet" in last, last
+    assert not (tmp_path / "run").exists() or not list((tmp_path / "run").rglob("*.pth"))
+    assert pt.main(args) == 0  # the rerun continues from the kept shards and trains
+    meta = json.loads(next((tmp_path / "cache").glob("*.json")).read_text())
+    assert meta["complete"] and meta["version"] == token_cache.CACHE_VERSION
