@@ -37,7 +37,8 @@ GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p
 DEFAULT_SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", *CHAT_TOKENS]
 ROLES = ("bos", "pad", "eos", "unk")  # roles of the first four special tokens, in this order
 GPT2_ENDOFTEXT = "<|endoftext|>"
-MAX_CACHE_ENTRIES = 500_000
+MAX_CACHE_ENTRIES = 65_536  # pre-tokens cached per process, cleared when full: memory stays flat (on 8 MB
+# of generated text it encodes as fast as a 500,000-entry cache: benchmarks/bench_scale.py)
 CHUNK_CHARS = 1 << 16  # text per worker task in encode_many
 NO_MERGE = 1 << 62  # rank of a pair that has no merge
 LONG_PIECE = 256  # bytes of a pre-token past which _bpe_heap (n log n) beats _bpe's list scans
