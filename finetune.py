@@ -21,6 +21,7 @@ import argparse
 import json
 import sys
 from dataclasses import MISSING, fields
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -28,8 +29,8 @@ import torch
 import cli
 import training
 from devices import set_threads
-from finetune_stages import (CONFIGS, MODES, exact_match_report, field_names, run_classify, run_dpo, run_reward,
-                             run_rlhf, run_rlvf, run_sft)
+from finetune_stages import (CONFIGS, MODES, FinetuneConfig, exact_match_report, field_names, run_classify, run_dpo,
+                             run_reward, run_rlhf, run_rlvf, run_sft)
 
 RUNS = {"sft": run_sft, "reward": run_reward, "rlhf": run_rlhf, "dpo": run_dpo, "rlvf": run_rlvf,
         "classify": run_classify}
@@ -170,10 +171,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     return cli.run_cli(_main, argv)
 
 
+MODEL_INPUTS = ("pretrained_model", "sft_model", "reward_model", "tokenizer_dir")  # the config fields a run starts from
+
+
+def check_inputs_outside_output(config: FinetuneConfig) -> None:
+    """A run takes its --output_dir over (an earlier run's files and a different tokenizer move to previous/), so the
+    models it starts from must not live in it: SFT into models/pretrain moved the pretrained model's tokenizer away."""
+    out = Path(config.output_dir).resolve()
+    for name in MODEL_INPUTS:
+        value = getattr(config, name, None)
+        source = Path(value).resolve() if value is not None else None
+        if name == "reward_model" and source is not None and out / "reward" in source.parents:
+            continue  # where rlhf trains its reward model first, and a rerun passes it back: never moved aside
+        if source is not None and (source == out or out in source.parents):
+            raise cli.UsageError(f"--output_dir {config.output_dir} holds --{name} {value}: a run takes its output "
+                                 "folder over, so it must not hold what the run starts from; pass another "
+                                 f"--output_dir (e.g. models/{config.mode})")
+
+
 def _main(argv: Sequence[str] | None) -> int:
     args, config = parse(argv)
     set_threads(args.num_threads)
     cli.check_output_folder(config.output_dir, "--output_dir")
+    check_inputs_outside_output(config)
     try:
         summary = RUNS[config.mode](config, args.resume)
         if config.mode in REPORTED and training.DistInfo.from_env().is_main:

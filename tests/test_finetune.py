@@ -67,13 +67,21 @@ BAD_FLAGS = [
     (["--mode", "dpo", "--dropout", "0.1"], "--dropout applies to --mode sft / classify only"),
     (["--mode", "classify", "--group_size", "4"], "--group_size applies to --mode rlvf only"),
     (["--mode", "rlvf", "--reward_model", "r.pth"], "--reward_model applies to --mode rlhf only"),
+    # the output folder never holds what the run starts from (SFT into models/pretrain moved its tokenizer aside)
+    (["--pretrained_model", "{out}/pretrain_best.pth"], "--output_dir {out} holds --pretrained_model"),
+    (["--mode", "dpo", "--sft_model", "{out}/sub/sft_best.pth"], "holds --sft_model"),
+    (["--mode", "rlhf", "--reward_model", "{out}/reward_best.pth"], "holds --reward_model"),
+    (["--tokenizer_dir", "{out}/tokenizer"], "holds --tokenizer_dir"),
+    # rlhf's own reward model (trained first into <output_dir>/reward/) may be passed back: the next check speaks
+    (["--mode", "rlhf", "--reward_model", "{out}/reward/reward_best.pth"], "{out}/reward/reward_best.pth not found"),
 ]
 
 
 @pytest.mark.parametrize("flags, message", BAD_FLAGS, ids=lambda f: " ".join(f) if isinstance(f, list) else "")
 def test_bad_flags_are_one_line(flags, message, tmp_path, capsys):
-    argv = [*flags, "--output_dir", str(tmp_path / "out"), "--device", "cpu"]
-    assert message in one_line_error(argv, capsys)
+    out = str(tmp_path / "out")
+    argv = [*(f.replace("{out}", out) for f in flags), "--output_dir", out, "--device", "cpu"]
+    assert message.replace("{out}", out) in one_line_error(argv, capsys)
     assert not (tmp_path / "out").exists()
 
 
