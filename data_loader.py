@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 
 from atomic_file import atomic_path, remove_stale_temps
 from prompts import IGNORE_INDEX, SFT_TEMPLATE, prompt_response_ids, record_messages, record_prompt_ids, render_sample
-from readers import (DataError, data_files, load_classification_records, load_preference_records, load_sft_records,
-                     read_documents)
+from readers import (DEFAULT_TEXT_FIELD, DataError, data_files, load_classification_records, load_preference_records,
+                     load_sft_records, read_documents)
 
 CACHE_VERSION = 1
 WRITE_CHUNK_TOKENS = 1 << 20  # tokens buffered in memory before each write to the cache file
@@ -85,13 +85,15 @@ def _load_cached(bin_path: Path, meta_path: Path, expected: dict) -> TokenStream
 
 
 def build_token_stream(source: str | os.PathLike, tokenizer, num_workers: int | None = None,
-                       cache_dir: str | os.PathLike | None = None, show_progress: bool = True) -> TokenStream:
-    """Tokenize ``source`` once into a cached memmap (reused while tokenizer and files are unchanged)."""
+                       cache_dir: str | os.PathLike | None = None, show_progress: bool = True,
+                       text_field: str = DEFAULT_TEXT_FIELD) -> TokenStream:
+    """Tokenize ``source`` once into a cached memmap (reused while tokenizer, files and ``text_field`` are
+    unchanged)."""
     files = data_files(source)
     bin_path, meta_path = cache_paths(source, tokenizer.fingerprint, cache_dir)
     dtype = token_dtype(len(tokenizer))
     expected = {"version": CACHE_VERSION, "fingerprint": tokenizer.fingerprint, "dtype": dtype.name,
-                "source": _source_signature(files)}
+                "source": _source_signature(files), "text_field": text_field}  # another field: other documents
     cached = _load_cached(bin_path, meta_path, expected)
     if cached is not None:
         return cached
@@ -110,7 +112,7 @@ def build_token_stream(source: str | os.PathLike, tokenizer, num_workers: int | 
     stats = {"n_documents": 0, "n_bytes": 0}
 
     def counted_documents() -> Iterator[str]:
-        for doc in read_documents(source):
+        for doc in read_documents(source, text_field):
             n = len(doc.encode("utf-8")) + 1
             stats["n_documents"] += 1
             stats["n_bytes"] += n

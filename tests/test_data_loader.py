@@ -93,6 +93,17 @@ def test_cache_reused_then_invalidated_by_tokenizer_or_source_change(tiny_tokeni
     assert tok.calls == 3 and fifth.tokens.tolist() == tiny_tokenizer.encode(DOCS[0])["input_ids"]
 
 
+def test_a_cache_built_from_another_text_field_is_not_reused(tiny_tokenizer, tmp_path):
+    source = write(tmp_path / "docs.jsonl", "".join(json.dumps({"text": d, "title": d[:3]}) + "\n" for d in DOCS))
+    tok = CountingTokenizer(tiny_tokenizer)
+    text = dl.build_token_stream(source, tok, show_progress=False)
+    title = dl.build_token_stream(source, tok, show_progress=False, text_field="title")
+    assert tok.calls == 2 and title.n_documents == len(DOCS) and len(title) < len(text)
+    assert json.loads(title.path.with_suffix(".json").read_text())["text_field"] == "title"
+    again = dl.build_token_stream(source, tok, show_progress=False, text_field="title")
+    assert tok.calls == 2 and again.tokens.tolist() == title.tokens.tolist()
+
+
 # ----------------------------------------------------------------------------- window sampling
 
 
