@@ -490,6 +490,7 @@ BAD_FLAGS += [
         ["--text_field", ""], ["--text_field", " text"], ["--text_field"], ["--max_train_bytes", "0"],
         ["--max_train_bytes", "-5"], ["--max_train_bytes", "1e9"], ["--max_train_bytes", "x"])],
     *[("evaluator", flags, ()) for flags in (["--text_field", ""], ["--text_field"])],
+    ("quantizer", ["--text_field", ""], ()),
 ]
 
 
