@@ -8,6 +8,10 @@ last id (``with_special_tokens``). Files are saved
 in the GPT-2 / Hugging Face format (``vocab.json`` + ``merges.txt``) plus ``tokenizer_config.json``.
 
 CLI: ``python byte_level_bpe.py --input data/pretrain/train.txt --vocab_size 8000 --output models/bpe_tokenizer``
+
+Training memory is bounded by the corpus's distinct pre-tokens, not its size: documents are streamed from the reader
+and only a Counter of pre-tokens is kept (``_count_pretokens``); ``--max_train_bytes`` learns from a prefix of the
+corpus when even reading all of it would take too long.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from tqdm import tqdm
 import cli
 from atomic_file import atomic_directory, remove_stale_temps
 from prompts import CHAT_TOKENS
-from readers import data_files, read_documents
+from readers import DEFAULT_TEXT_FIELD, data_files, read_documents
 
 GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 DEFAULT_SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", *CHAT_TOKENS]
@@ -48,6 +52,8 @@ LONG_PIECE = 256  # bytes of a pre-token past which _bpe_heap (n log n) beats _b
 # longer than this are never learned, which costs nothing: real tokens are a few characters long.
 MAX_TRAIN_PIECE_CHARS = 256
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
+# pre-tokens counted per Counter.update: ~4 MB of pending strings at most, and few enough calls to cost nothing
+PRETOKEN_BATCH = 1 << 16
 
 
 class TokenizerError(ValueError):
@@ -240,7 +246,8 @@ class ByteLevelBPETokenizer:
         self._set_state(id_to_bytes, specials, {r: specials[s] for r, s in zip(ROLES, self.special_tokens)}, merges)
 
     def _count_pretokens(self, texts: Iterable[str]) -> Counter:
-        """pre-token -> count, splitting each text on its own (exactly as encode() will)."""
+        """pre-token -> count, splitting each text on its own (exactly as encode() will). ``texts`` is consumed as a
+        stream: memory holds the Counter and at most ~1M pending pieces, never the texts themselves."""
         counts: Counter = Counter()
         findall = self._pattern.findall
         pieces: list[str] = []
@@ -248,7 +255,7 @@ class ByteLevelBPETokenizer:
             if not isinstance(text, str):
                 raise TokenizerError(f"train() needs strings, got {type(text).__name__}; decode bytes to str first")
             pieces += _cut_long_pieces(findall(text))
-            if len(pieces) > 1 << 20:  # batched: one Counter.update per ~1M pieces, bounded memory
+            if len(pieces) > PRETOKEN_BATCH:  # batched: Counter.update runs in C, and memory stays bounded
                 counts.update(pieces)
                 pieces = []
         counts.update(pieces)
@@ -415,10 +422,11 @@ class ByteLevelBPETokenizer:
         bar.update(len(ids_list))
         yield from ids_list
 
-    def encode_file(self, path: str | os.PathLike, num_workers: int | None = None,
-                    show_progress: bool = True) -> Iterator[list[int]]:
-        """One id list per document of a .txt / .jsonl file or folder (``readers.read_documents``), in order."""
-        yield from self.encode_many(read_documents(path), num_workers=num_workers, show_progress=show_progress)
+    def encode_file(self, path: str | os.PathLike, num_workers: int | None = None, show_progress: bool = True,
+                    text_field: str = DEFAULT_TEXT_FIELD) -> Iterator[list[int]]:
+        """One id list per document of a data file or folder (``readers.read_documents``), in order."""
+        yield from self.encode_many(read_documents(path, text_field), num_workers=num_workers,
+                                    show_progress=show_progress)
 
     # ----- decoding ----------------------------------------------------------------------------
     def decode_bytes(self, ids: Sequence[int], skip_special_tokens: bool = True) -> bytes:
@@ -762,22 +770,26 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
     return merges
 
 
-def train_from_path(path: str | os.PathLike, vocab_size: int, min_frequency: int = 2,
-                    show_progress: bool = True) -> ByteLevelBPETokenizer:
-    """Train on the documents of a .txt / .jsonl file or a folder of them (``readers.read_documents``), streamed."""
+def train_from_path(path: str | os.PathLike, vocab_size: int, min_frequency: int = 2, show_progress: bool = True,
+                    text_field: str = DEFAULT_TEXT_FIELD, max_train_bytes: int | None = None) -> ByteLevelBPETokenizer:
+    """Train on the documents of a data file or a folder of them (``readers.read_documents``), streamed.
+    ``max_train_bytes``: learn from only the first that many bytes of text, in the reader's order (a prefix, not a
+    random sample)."""
     tokenizer = ByteLevelBPETokenizer(vocab_size=vocab_size)
-    tokenizer.train(read_documents(path), min_frequency=min_frequency, show_progress=show_progress)
+    tokenizer.train(read_documents(path, text_field, max_train_bytes), min_frequency=min_frequency,
+                    show_progress=show_progress)
     return tokenizer
 
 
-def bytes_per_token_counts(tokenizer: ByteLevelBPETokenizer, path: str | os.PathLike,
-                           num_workers: int | None = None) -> tuple[int, int]:
-    """(UTF-8 bytes, tokens) of the documents of `path` encoded without specials, streamed."""
+def bytes_per_token_counts(tokenizer: ByteLevelBPETokenizer, path: str | os.PathLike, num_workers: int | None = None,
+                           text_field: str = DEFAULT_TEXT_FIELD, max_bytes: int | None = None) -> tuple[int, int]:
+    """(UTF-8 bytes, tokens) of the documents of `path` (the first ``max_bytes`` of them) encoded without specials,
+    streamed."""
     n_bytes = 0
 
     def counted_documents() -> Iterator[str]:
         nonlocal n_bytes
-        for document in read_documents(path):
+        for document in read_documents(path, text_field, max_bytes):
             n_bytes += len(document.encode("utf-8"))
             yield document
 
@@ -791,8 +803,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Train a byte-level BPE tokenizer and save it in GPT-2 / Hugging Face "
                                             "format.")
     parser.add_argument("--input", default="data/pretrain/train.txt",
-                        help="training text: a .txt (one document per line), .jsonl ({\"text\": ...}) file, or a "
-                             "folder of them (UTF-8)")
+                        help="training text (UTF-8): a .txt (one document per line), .jsonl / .jsonl.gz / .jsonl.zst "
+                             "({\"text\": ...} per line) or .parquet file, or a folder of any mix")
+    parser.add_argument("--text_field", type=cli.field_name, default=DEFAULT_TEXT_FIELD,
+                        help="the field (.jsonl*) or column (.parquet) that holds each document's text")
+    parser.add_argument("--max_train_bytes", type=cli.positive_int, default=None,
+                        help="learn the merges from only the first N bytes of text, in reading order (files sorted by "
+                             "path): a prefix, not a random sample, so mix the files first if their order is "
+                             "skewed (default: all of it)")
     parser.add_argument("--vocab_size", type=cli.int_at_least(256 + len(DEFAULT_SPECIAL_TOKENS)), default=8000,
                         help="target vocabulary size incl. 4 special + 256 byte tokens")
     parser.add_argument("--output", default="models/bpe_tokenizer",
@@ -816,12 +834,16 @@ def _main(argv: Sequence[str] | None) -> int:
     cli.check_outputs({"--output": args.output}, [("--input", args.input)], own=Path.is_dir)
     data_files(args.input)
     start = time.perf_counter()
-    tokenizer = train_from_path(args.input, args.vocab_size, args.min_frequency)
+    tokenizer = train_from_path(args.input, args.vocab_size, args.min_frequency, text_field=args.text_field,
+                                max_train_bytes=args.max_train_bytes)
     train_s = time.perf_counter() - start
     tokenizer.save(args.output)
-    n_bytes, n_tokens = bytes_per_token_counts(tokenizer, args.input, args.num_workers)
+    # measured on the text trained on: a capped run over a huge corpus must not then encode all of it
+    n_bytes, n_tokens = bytes_per_token_counts(tokenizer, args.input, args.num_workers, args.text_field,
+                                               args.max_train_bytes)
+    where = f"the first {n_bytes:,} bytes of {args.input}" if args.max_train_bytes else args.input
     print(f"trained in {train_s:.1f}s: vocab {len(tokenizer)} ({len(tokenizer.merges)} merges), "
-          f"{n_bytes / max(n_tokens, 1):.2f} bytes/token on {args.input}, saved to {args.output}")
+          f"{n_bytes / max(n_tokens, 1):.2f} bytes/token on {where}, saved to {args.output}")
     return 0
 
 

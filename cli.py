@@ -170,6 +170,13 @@ def fraction(text: str) -> float:
     return value
 
 
+def field_name(text: str) -> str:
+    """argparse type: the name of a record field or column (--text_field): not empty, not padded with spaces."""
+    if not text or text != text.strip():
+        raise argparse.ArgumentTypeError(f"expected a field name (e.g. text), got {text!r}")
+    return text
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends "(default: X)" to a flag's help unless the help already says its default or there is none."""
 

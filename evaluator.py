@@ -38,8 +38,8 @@ from model_heads import GPTClassifier
 from prompts import (SFT_TEMPLATE, encode_prompt, fit, max_prompt_len, record_messages, record_prompt_ids,
                      record_reference, render_prompt)
 from quantization import weight_count
-from readers import (jsonl_holds_records, load_classification_records, load_preference_records, load_sft_records,
-                     read_documents)
+from readers import (DEFAULT_TEXT_FIELD, FORMATS_TEXT, jsonl_holds_records, load_classification_records,
+                     load_preference_records, load_sft_records, read_documents)
 from text_metrics import ROUGE_METRICS, compute_bleu, mean_sentence_bleu, rouge_scores
 from verifiers import check_verifiers, verifiable_reward
 
@@ -70,7 +70,7 @@ def _length_sorted_batches(items: list[dict[str, torch.Tensor]], batch_size: int
         yield collate_batch(ordered[start:start + batch_size], pad_id)
 
 
-def _check_data_format(path: str | os.PathLike, model_type: str) -> Path:
+def _check_data_format(path: str | os.PathLike, model_type: str, text_field: str = DEFAULT_TEXT_FIELD) -> Path:
     """Fail early, with a hint, when the test file does not fit the model type."""
     path = Path(path)
     if not path.exists():
@@ -86,9 +86,9 @@ def _check_data_format(path: str | os.PathLike, model_type: str) -> Path:
         raise EvaluationError(f"reward evaluation needs a .json or .jsonl file of {{\"instruction\", \"chosen\", "
                               f"\"rejected\"}} records, got {path}")
     if model_type == "pretrain" and suffix == ".json":
-        raise EvaluationError("pretrain evaluation reads .txt (one document per line) or .jsonl "
-                              f"({{\"text\": ...}}) files, got {path} (SFT records? use --model_type sft)")
-    if model_type == "pretrain" and suffix == ".jsonl" and jsonl_holds_records(path):
+        raise EvaluationError(f"pretrain evaluation reads {FORMATS_TEXT} documents, got {path} (SFT records? use "
+                              "--model_type sft)")
+    if model_type == "pretrain" and suffix == ".jsonl" and jsonl_holds_records(path, text_field):
         raise EvaluationError(f"{path} holds instruction/response records, not {{\"text\": ...}} documents: "
                               "use --model_type sft")
     return path
@@ -184,10 +184,11 @@ class GPTEvaluator:
     # -- whole test sets
 
     def evaluate_pretrained(self, test_data_path: str | os.PathLike, batch_size: int = 8,
-                            max_samples: int | None = None) -> dict:
-        """Perplexity, loss and bits per byte of `<s> doc </s>` documents; long ones are scored in context-sized
-        windows."""
-        documents = _take(read_documents(_check_data_format(test_data_path, "pretrain")), max_samples)
+                            max_samples: int | None = None, text_field: str = DEFAULT_TEXT_FIELD) -> dict:
+        """Perplexity, loss and bits per byte of `<s> doc </s>` documents (their text in ``text_field`` of a
+        .jsonl* or .parquet); long ones are scored in context-sized windows."""
+        path = _check_data_format(test_data_path, "pretrain", text_field)
+        documents = _take(read_documents(path, text_field), max_samples)
         if not documents:
             raise EvaluationError(f"no documents in {test_data_path}: the test set is empty")
         tok = self.tokenizer
@@ -581,16 +582,18 @@ def _evaluate_sft(evaluator: GPTEvaluator, args: argparse.Namespace, checkpoint_
 
 def evaluate_checkpoint(checkpoint_path: str, args: argparse.Namespace) -> dict:
     """Load one checkpoint with its tokenizer and evaluate it as args say."""
-    _check_data_format(args.test_data_path, args.model_type)  # before the (possibly slow) model load
+    _check_data_format(args.test_data_path, args.model_type, args.text_field)  # before the (slow) model load
     loaded = checkpoints.load(checkpoint_path, args.tokenizer_dir, args.device, dtype=args.dtype)
     _check_model_kind(checkpoint_path, loaded.kind, args.model_type)
     evaluator = GPTEvaluator(loaded.model, loaded.tokenizer, dtype=args.dtype, show_progress=not args.no_progress,
                              template=loaded.template)
     if args.model_type == "sft":
         metrics = _evaluate_sft(evaluator, args, checkpoint_path)
+    elif args.model_type == "pretrain":
+        metrics = evaluator.evaluate_pretrained(args.test_data_path, batch_size=args.batch_size,
+                                                max_samples=args.max_samples, text_field=args.text_field)
     else:
-        evaluate = {"pretrain": evaluator.evaluate_pretrained, "reward": evaluator.evaluate_reward,
-                    "classify": evaluator.evaluate_classification}[args.model_type]
+        evaluate = {"reward": evaluator.evaluate_reward, "classify": evaluator.evaluate_classification}[args.model_type]
         metrics = evaluate(args.test_data_path, batch_size=args.batch_size, max_samples=args.max_samples)
     return {"model_path": str(checkpoint_path), "n_parameters": weight_count(loaded.model), **metrics}
 
@@ -613,8 +616,11 @@ def _add_model_flags(parser: cli.ArgumentParser) -> None:
     parser.add_argument("--compare", nargs="+", metavar="CKPT",
                         help="several checkpoints evaluated on the same data and shown side by side")
     parser.add_argument("--test_data_path", required=True,
-                        help="pretrain: .txt (one document per line), .jsonl ({\"text\": ...}) or a folder of them; "
-                             "sft: .json/.jsonl of {\"instruction\", \"response\"} records")
+                        help="pretrain: .txt (one document per line), .jsonl / .jsonl.gz / .jsonl.zst "
+                             "({\"text\": ...}), .parquet or a folder of any mix; sft: .json/.jsonl of "
+                             "{\"instruction\", \"response\"} records")
+    parser.add_argument("--text_field", type=cli.field_name, default=DEFAULT_TEXT_FIELD,
+                        help="pretrain: the field (.jsonl*) or column (.parquet) that holds each document's text")
     parser.add_argument("--model_type", choices=("pretrain", "sft", "reward", "classify"), default="pretrain",
                         help="what to measure: pretrain (perplexity, bits/byte), sft (response perplexity, BLEU, "
                              "ROUGE, exact match), reward (pairwise accuracy, margin) or classify (accuracy, per-class "

@@ -32,7 +32,7 @@ from devices import autocast_context, set_threads
 from gpt_model import PRESETS, GPTConfig, GPTModel
 from losses import causal_lm_loss
 from prompts import encode_prompt
-from readers import read_documents
+from readers import DEFAULT_TEXT_FIELD, read_documents
 from training import (DistInfo, Trainer, TrainError, barrier, find_resume_checkpoint, init_distributed, lr_at,
                       rng_state, set_rng_state)
 
@@ -53,6 +53,7 @@ class TrainConfig(training.TrainConfig):
     train_data: str = "data/pretrain/train.txt"
     val_data: str | None = "data/pretrain/val.txt"
     cache_dir: str | None = None
+    text_field: str = DEFAULT_TEXT_FIELD
     preset: str = "tiny"
     n_layers: int | None = None
     d_model: int | None = None
@@ -125,7 +126,8 @@ class GPTTrainer(Trainer):
             if (turn == "main") == self.dist.is_main:
                 progress = self.show_progress and self.dist.is_main
                 build = lambda src: token_cache.build_token_stream(src, self.tokenizer, c.num_workers,
-                                                                   cache_dir=c.cache_dir, show_progress=progress)
+                                                                   cache_dir=c.cache_dir, show_progress=progress,
+                                                                   text_field=c.text_field)
                 streams = (build(c.train_data), build(c.val_data) if c.val_data else None)
             barrier(self.dist)
         return streams
@@ -166,10 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 "--resume auto).",
                                 formatter_class=cli.HelpFormatter)
     p.add_argument("--train_data_dir", default=d.train_data,
-                   help="training text: a .txt (one document per line), .jsonl ({\"text\": ...}) file, or a "
-                        "folder of them")
+                   help="training text: a .txt (one document per line), .jsonl / .jsonl.gz / .jsonl.zst "
+                        "({\"text\": ...} per line) or .parquet file, or a folder of any mix")
     p.add_argument("--val_data_dir", default=d.val_data,
                    help="validation text (same formats); 'none' to skip evaluation")
+    p.add_argument("--text_field", type=cli.field_name, default=d.text_field,
+                   help="the field (.jsonl*) or column (.parquet) that holds each document's text, in both the "
+                        "training and the validation data")
     p.add_argument("--cache_dir", default=None,
                    help="where tokenized data is cached (default: <data folder>/.cache; set it when that is read-only)")
     p.add_argument("--tokenizer_dir", default=DEFAULT_TOKENIZER_DIR,
@@ -217,7 +222,7 @@ def load_or_train_tokenizer(args: argparse.Namespace, info: DistInfo) -> ByteLev
         start = time.time()
         print(f"training a {args.vocab_size}-token BPE tokenizer on {args.train_data_dir} ...")
         tokenizer = ByteLevelBPETokenizer(vocab_size=args.vocab_size)
-        tokenizer.train(read_documents(args.train_data_dir), show_progress=True)
+        tokenizer.train(read_documents(args.train_data_dir, args.text_field), show_progress=True)
         tokenizer.save(directory)
         print(f"tokenizer saved to {directory} ({time.time() - start:.1f}s)")
     barrier(info)

@@ -1,32 +1,62 @@
-"""The one reader of every data file format: documents (``.txt`` one per line, ``.jsonl`` ``{"text": ...}``, or a folder
-of them) and records (a ``.json`` list or ``.jsonl`` of objects: SFT, preference and classification records).
+"""The one reader of every data file format: documents (``.txt`` one per line; ``.jsonl``, ``.jsonl.gz`` and
+``.jsonl.zst`` one ``{"text": ...}`` object per line; ``.parquet`` a string column; or a folder of any mix) and records
+(a ``.json`` list or ``.jsonl`` of objects: SFT, preference and classification records).
 
 Its own module, with no torch, because the tokenizer CLI, the data pipeline, the trainers, the evaluator and the
 verifiers all read these files and must agree on what they hold: the same files, the same order, and the same one-line
-``DataError`` (naming file and line) for a bad byte or a bad record.
+``DataError`` (naming file and line, or row group) for a bad byte, a bad record or a truncated file. Documents are
+streamed: a line, or one Parquet batch, at a time, so no reader holds the corpus in memory. ``zstandard`` and
+``pyarrow`` are imported only when a .zst or .parquet file is read (a .txt user never pays for them).
 """
 from __future__ import annotations
 
+import gzip
+import importlib
+import io
 import json
 import os
-from collections.abc import Iterator, Sequence
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from prompts import PromptError, check_conversation
 
-DOCUMENT_SUFFIXES = (".txt", ".jsonl")
+# Document formats, matched on the end of the file name (".jsonl.gz" is one format, not a ".gz" file).
+DOCUMENT_FORMATS = (".txt", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet")
+FORMATS_TEXT = ".txt, .jsonl, .jsonl.gz, .jsonl.zst or .parquet"
 RECORD_SUFFIXES = (".json", ".jsonl")
+DEFAULT_TEXT_FIELD = "text"
 # JSON nesting a file may hold: a record is an object of strings, a conversation 3 levels, a .json list one more. A
 # deeper file (`[[[[...]]]]`) is not data, and past ~1,000 levels Python's parser itself dies in RecursionError.
 MAX_JSON_DEPTH = 32
+# Rows per Parquet batch: memory is one batch of one column (a few MB of text), never a row group or a file.
+PARQUET_BATCH_ROWS = 1024
+# Compressed bytes read per step: small, because 64 KiB of zstd can expand to megabytes of repetitive text.
+COMPRESSED_CHUNK = 1 << 16
+REQUIREMENTS = {"zstandard": "zstandard==0.25.0", "pyarrow": "pyarrow==26.0.1"}
 
 
 class DataError(ValueError):
     """Bad or missing data; the message says what is wrong and how to fix it."""
 
 
-# ----------------------------------------------------------------------------- documents
+def _optional_module(name: str, what: str) -> Any:
+    """A format's library, imported on first use; missing, it is one DataError saying what to install."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        pin = REQUIREMENTS[name.split(".")[0]]
+        raise DataError(f"reading {what} needs {pin.split('==')[0]}: pip install {pin} "
+                        "(it is in requirements.txt)") from None
+
+
+# ----------------------------------------------------------------------------- finding the files
+
+def document_format(path: Path) -> str | None:
+    """Which of ``DOCUMENT_FORMATS`` a file name ends with (None: not a document file)."""
+    return next((fmt for fmt in DOCUMENT_FORMATS if path.name.endswith(fmt) and path.name != fmt), None)
+
 
 def _visible(path: Path, root: Path) -> bool:
     """Not hidden and not under a hidden folder (the token cache lives in ``.cache/``)."""
@@ -34,32 +64,97 @@ def _visible(path: Path, root: Path) -> bool:
 
 
 def data_files(path: str | os.PathLike) -> list[Path]:
-    """The .txt / .jsonl files behind ``path``: the file itself, or a folder's files (subfolders included, hidden
-    ones skipped), sorted by path."""
+    """The document files behind ``path``: the file itself, or a folder's files of any of ``DOCUMENT_FORMATS``
+    (subfolders included, hidden ones skipped), sorted by path."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"data path {path} does not exist: pass a .txt/.jsonl file or a folder of them")
+        raise DataError(f"data path {path} does not exist: pass a {FORMATS_TEXT} file or a folder of them")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*")
-                       if p.is_file() and p.suffix in DOCUMENT_SUFFIXES and _visible(p, path))
+        files = sorted(p for p in path.rglob("*") if p.is_file() and document_format(p) and _visible(p, path))
         if not files:
-            raise DataError(f"folder {path} holds no .txt or .jsonl files: add data files or point at another folder")
+            raise DataError(f"folder {path} holds no data files ({FORMATS_TEXT}): add data files or point at "
+                            "another folder")
         return files
-    if path.suffix not in DOCUMENT_SUFFIXES:
-        raise DataError(f"{path} is not a .txt or .jsonl file: "
-                        f"use one document per line (.txt) or {{\"text\": ...}} per line (.jsonl)")
+    if document_format(path) is None:
+        raise DataError(f"{path} is not a {FORMATS_TEXT} file: use one document per line (.txt), "
+                        f"{{\"text\": ...}} per line (.jsonl, optionally .gz or .zst) or a string column (.parquet)")
     return [path]
 
 
-def utf8_lines(file: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) of a UTF-8 file; a bad byte is a DataError naming the file and line."""
-    with open(file, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
+# ----------------------------------------------------------------------------- lines of plain and compressed files
+
+class _ChunkReader(io.RawIOBase):
+    """A readable stream over an iterator of byte chunks, so ``io.BufferedReader`` can split it into lines in C."""
+
+    def __init__(self, chunks: Iterator[bytes]):
+        self._chunks, self._left = chunks, memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._left:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._left = memoryview(chunk)
+        n = min(len(buffer), len(self._left))
+        buffer[:n], self._left = self._left[:n], self._left[n:]
+        return n
+
+
+def _zstd_chunks(raw: io.BufferedIOBase) -> Iterator[bytes]:
+    """Decompressed bytes of a zstd stream, frame after frame. Written by hand because zstandard's stream reader
+    ends silently at a truncated frame; here a frame cut short is an EOFError."""
+    zstd = _optional_module("zstandard", ".jsonl.zst files")
+    decompressor = zstd.ZstdDecompressor()
+    frame, fed = decompressor.decompressobj(), False
+    while chunk := raw.read(COMPRESSED_CHUNK):
+        while chunk:
             try:
-                yield line_no, raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise DataError(f"{file}:{line_no}: not UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1}): "
-                                "convert the file to UTF-8") from None
+                yield frame.decompress(chunk)
+            except zstd.ZstdError as err:
+                raise OSError(f"not valid zstd data: {err}") from None
+            fed, chunk = True, b""
+            if frame.eof:  # a file may hold several frames: the bytes after this one start the next
+                chunk, frame, fed = frame.unused_data, decompressor.decompressobj(), False
+    if fed:
+        raise EOFError("the compressed data ends in the middle of a zstd frame")
+
+
+def _raw_lines(file: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of a plain, .gz or .zst file; a truncated or corrupt compressed file is a DataError
+    naming the file and the line where its data stops."""
+    with open(file, "rb") as raw:
+        if file.name.endswith(".gz"):
+            stream: Iterable[bytes] = gzip.GzipFile(fileobj=raw)
+        elif file.name.endswith(".zst"):
+            stream = io.BufferedReader(_ChunkReader(_zstd_chunks(raw)))
+        else:
+            yield from enumerate(raw, 1)
+            return
+        lines, line_no = iter(stream), 0
+        while True:
+            try:
+                line = next(lines, None)
+            except (OSError, EOFError, zlib.error) as err:
+                raise DataError(f"{file}:{line_no + 1}: cannot decompress ({err}): the file is truncated or corrupt; "
+                                "download or compress it again") from None
+            if line is None:
+                return
+            line_no += 1
+            yield line_no, line
+
+
+def utf8_lines(file: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file (plain, .gz or .zst); a bad byte is a DataError naming the file and
+    line."""
+    for line_no, raw in _raw_lines(file):
+        try:
+            yield line_no, raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{file}:{line_no}: not UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1}): "
+                            "convert the file to UTF-8") from None
 
 
 def read_lines(file: str | os.PathLike) -> list[str]:
@@ -104,33 +199,117 @@ def json_line(file: Path, line_no: int, line: str) -> Any:
         raise DataError(f"{file}:{line_no}: invalid JSON ({err.msg}): fix or remove that line") from None
 
 
-def _file_documents(file: Path) -> Iterator[str]:
-    count = 0
+# ----------------------------------------------------------------------------- documents: one reader per format
+
+def _txt_documents(file: Path) -> Iterator[str]:
+    """A .txt: one document per line (line end dropped, blank lines skipped)."""
+    for _, line in utf8_lines(file):
+        if line.strip():
+            yield line.rstrip("\r\n")
+
+
+def _jsonl_documents(file: Path, text_field: str) -> Iterator[str]:
+    """A .jsonl / .jsonl.gz / .jsonl.zst: one JSON object per line, its ``text_field`` string the document."""
+    field = json.dumps(text_field, ensure_ascii=False)
     for line_no, line in utf8_lines(file):
         if not line.strip():
             continue
-        if file.suffix == ".jsonl":
-            record = json_line(file, line_no, line)
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise DataError(f"{file}:{line_no}: expected an object with a string \"text\" field, "
-                                f"e.g. {{\"text\": \"...\"}}")
-            text = record["text"]
-            if not text.strip():  # blank, as a blank line of a .txt: nothing to learn from
-                continue
-        else:
-            text = line.rstrip("\r\n")
-        count += 1
+        record = json_line(file, line_no, line)
+        text = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            found = (f"its fields are {', '.join(map(repr, list(record)[:8]))}; pass --text_field"
+                     if isinstance(record, dict) and text_field not in record else
+                     f"got {type(record.get(text_field) if isinstance(record, dict) else record).__name__}")
+            raise DataError(f"{file}:{line_no}: expected an object with a string {field} field, e.g. "
+                            f"{{{field}: \"...\"}} ({found})")
+        if text.strip():  # blank, as a blank line of a .txt: nothing to learn from
+            yield text
+
+
+def _parquet_file(file: Path, text_field: str) -> tuple[Any, Any]:
+    """(pyarrow.parquet.ParquetFile, pyarrow) of a file whose ``text_field`` column holds strings."""
+    pa = _optional_module("pyarrow", ".parquet files")
+    pq = _optional_module("pyarrow.parquet", ".parquet files")
+    try:
+        parquet = pq.ParquetFile(file)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{file}: not a readable Parquet file ({str(err).splitlines()[0]}): "
+                        "the file is truncated or corrupt; download or write it again") from None
+    schema = parquet.schema_arrow
+    if text_field not in schema.names:
+        raise DataError(f"{file}: no column {text_field!r} (its columns: {', '.join(map(repr, schema.names[:8]))}): "
+                        "pass --text_field with the column that holds the text")
+    kind = schema.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+        raise DataError(f"{file}: column {text_field!r} holds {kind}, not strings: pass --text_field with the "
+                        "column that holds the text")
+    return parquet, pa
+
+
+def _parquet_documents(file: Path, text_field: str) -> Iterator[str]:
+    """A .parquet: the ``text_field`` column, read one batch of one row group at a time (never the whole file)."""
+    parquet, pa = _parquet_file(file, text_field)
+    row = 0
+    for group in range(parquet.num_row_groups):
+        batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[group], columns=[text_field])
+        while True:
+            try:
+                batch = next(batches, None)
+            except (pa.ArrowException, OSError) as err:
+                raise DataError(f"{file}: row group {group}: cannot read ({str(err).splitlines()[0]}): the file is "
+                                "truncated or corrupt; download or write it again") from None
+            if batch is None:
+                break
+            for text in batch.column(0).to_pylist():
+                if text is None:
+                    raise DataError(f"{file}: row group {group}, row {row}: {text_field!r} is null, not a string: "
+                                    "drop or fill the empty rows")
+                row += 1
+                if text.strip():
+                    yield text
+
+
+def _file_documents(file: Path, text_field: str = DEFAULT_TEXT_FIELD) -> Iterator[str]:
+    """The documents of one file, by its format; a file with none is a DataError (a wrong file, not an empty
+    corner of the corpus)."""
+    fmt = document_format(file)
+    if fmt == ".txt":
+        documents = _txt_documents(file)
+    elif fmt == ".parquet":
+        documents = _parquet_documents(file, text_field)
+    else:
+        documents = _jsonl_documents(file, text_field)
+    count = 0
+    for count, text in enumerate(documents, 1):
         yield text
     if count == 0:
-        raise DataError(f"{file} holds no documents (empty, or only blank lines or blank \"text\"): add text or "
-                        "remove the file")
+        raise DataError(f"{file} holds no documents (empty, or only blank lines or blank {text_field!r}): add text "
+                        "or remove the file")
 
 
-def read_documents(path: str | os.PathLike) -> Iterator[str]:
-    """Documents from a .txt (one per line, blank lines skipped), a .jsonl ({"text": ...}) or a folder of them,
-    streamed (nothing holds the corpus in memory)."""
-    for file in data_files(path):
-        yield from _file_documents(file)
+def _take_bytes(documents: Iterator[str], max_bytes: int) -> Iterator[str]:
+    """The documents up to ``max_bytes`` of UTF-8 text in all; the one that crosses the limit is cut there (at a
+    character boundary)."""
+    left = max_bytes
+    for text in documents:
+        size = len(text.encode("utf-8"))
+        if size >= left:
+            head = text.encode("utf-8")[:left].decode("utf-8", "ignore")  # "ignore": a split character's first bytes
+            if head:
+                yield head
+            return
+        left -= size
+        yield text
+
+
+def read_documents(path: str | os.PathLike, text_field: str = DEFAULT_TEXT_FIELD,
+                   max_bytes: int | None = None) -> Iterator[str]:
+    """Documents from a .txt (one per line, blank lines skipped), a .jsonl / .jsonl.gz / .jsonl.zst (the string
+    ``text_field`` of each object), a .parquet (its ``text_field`` column), or a folder of any mix in path order,
+    streamed (nothing holds the corpus in memory). ``max_bytes``: stop after that many bytes of UTF-8 text (a prefix
+    of the corpus in this order; later files are not opened)."""
+    documents = (text for file in data_files(path) for text in _file_documents(file, text_field))
+    yield from documents if max_bytes is None else _take_bytes(documents, max_bytes)
 
 
 # ----------------------------------------------------------------------------- records
@@ -212,14 +391,15 @@ def load_classification_records(path: str | os.PathLike) -> list[dict]:
     return load_records(path, required=("text", "label"))
 
 
-def jsonl_holds_records(path: str | os.PathLike) -> bool:
-    """Whether a .jsonl file's first record is an instruction record rather than a {"text": ...} document."""
+def jsonl_holds_records(path: str | os.PathLike, text_field: str = DEFAULT_TEXT_FIELD) -> bool:
+    """Whether a .jsonl file's first record is an instruction record rather than a {"text": ...} document (its
+    text in ``text_field``)."""
     for line_no, line in utf8_lines(Path(path)):
         if line.strip():
             try:
                 record = parse_json(line, f"{path}:{line_no}")
             except (json.JSONDecodeError, DataError):
                 return False  # the reader reports the bad line with its number
-            return isinstance(record, dict) and "text" not in record and ("instruction" in record
+            return isinstance(record, dict) and text_field not in record and ("instruction" in record
                                                                            or "messages" in record)
     return False

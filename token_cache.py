@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from atomic_file import NoSpaceError, atomic_path, no_space_error, remove_stale_temps
-from readers import DataError, data_files, read_documents
+from readers import DEFAULT_TEXT_FIELD, DataError, data_files, read_documents
 
 CACHE_VERSION = 2
 SHARD_TEXT_BYTES = 32 << 20  # text per shard: the most a killed build re-encodes, and the unit of its progress
@@ -54,12 +54,14 @@ def _source_signature(files: Sequence[Path]) -> list[list]:
     return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
-def cache_paths(source: str | os.PathLike, fingerprint: str,
-                cache_dir: str | os.PathLike | None = None) -> tuple[Path, Path]:
-    """``<data dir>/.cache/<stem>.<fingerprint[:16]>.bin`` and its ``.json`` meta."""
+def cache_paths(source: str | os.PathLike, fingerprint: str, cache_dir: str | os.PathLike | None = None,
+                text_field: str = DEFAULT_TEXT_FIELD) -> tuple[Path, Path]:
+    """``<data dir>/.cache/<stem>.<fingerprint[:16]>.bin`` and its ``.json`` meta (``<stem>.<field>.<fingerprint>``
+    for another ``--text_field``: each field's documents keep their own cache)."""
     source = Path(source)
     folder = Path(cache_dir) if cache_dir else (source if source.is_dir() else source.parent) / ".cache"
-    stem = f"{source.stem if source.is_file() else source.name}.{fingerprint[:16]}"
+    field = "" if text_field == DEFAULT_TEXT_FIELD else f".{text_field}"
+    stem = f"{source.stem if source.is_file() else source.name}{field}.{fingerprint[:16]}"
     return folder / f"{stem}.bin", folder / f"{stem}.json"
 
 
@@ -113,10 +115,10 @@ def _stream(bin_path: Path, meta: dict, dtype: np.dtype, source) -> TokenStream:
 
 # ----------------------------------------------------------------------------- building
 
-def _encoded_documents(source: str | os.PathLike, tokenizer, num_workers: int | None,
-                       skip: int) -> Iterator[tuple[list[int], int]]:
+def _encoded_documents(source: str | os.PathLike, tokenizer, num_workers: int | None, skip: int,
+                       text_field: str) -> Iterator[tuple[list[int], int]]:
     """(token ids, text bytes) of every document after the first ``skip``, encoded in order on ``num_workers``."""
-    documents = read_documents(source)
+    documents = read_documents(source, text_field)
     for _ in islice(documents, skip):  # read, not encoded: a resumed build only re-reads what it finished
         pass
     sizes: deque[int] = deque()  # the documents read ahead of their encodings, in order
@@ -195,7 +197,7 @@ def _build(source, tokenizer, paths: tuple[Path, Path], expected: dict, shards: 
     if shards:
         bar.write(f"resuming the token cache {bin_path.name}: {len(shards)} finished shard(s), "
                   f"{done_docs:,} documents", file=sys.stderr)
-    encoded = _encoded_documents(source, tokenizer, num_workers, skip=done_docs)
+    encoded = _encoded_documents(source, tokenizer, num_workers, done_docs, expected["text_field"])
     ids = (tokenizer.bos_token_id, tokenizer.eos_token_id)
     mode = "r+b" if bin_path.exists() else "wb"
     try:
@@ -224,14 +226,15 @@ def _build(source, tokenizer, paths: tuple[Path, Path], expected: dict, shards: 
 
 def build_token_stream(source: str | os.PathLike, tokenizer, num_workers: int | None = None,
                        cache_dir: str | os.PathLike | None = None, show_progress: bool = True,
-                       shard_bytes: int = SHARD_TEXT_BYTES) -> TokenStream:
-    """Tokenize ``source`` once into a cached memmap: reused while the tokenizer and files are unchanged, continued
-    from its finished shards after an interrupted build, rebuilt from the first damaged shard."""
+                       shard_bytes: int = SHARD_TEXT_BYTES, text_field: str = DEFAULT_TEXT_FIELD) -> TokenStream:
+    """Tokenize ``source`` (its ``text_field`` in .jsonl / .parquet) once into a cached memmap: reused while the
+    tokenizer and files are unchanged, continued from its finished shards after an interrupted build, rebuilt from
+    the first damaged shard."""
     files = data_files(source)
-    bin_path, meta_path = cache_paths(source, tokenizer.fingerprint, cache_dir)
+    bin_path, meta_path = cache_paths(source, tokenizer.fingerprint, cache_dir, text_field)
     dtype = token_dtype(len(tokenizer))
     expected = {"version": CACHE_VERSION, "fingerprint": tokenizer.fingerprint, "dtype": dtype.name,
-                "source": _source_signature(files), "shard_bytes": shard_bytes}
+                "source": _source_signature(files), "shard_bytes": shard_bytes, "text_field": text_field}
     meta = _read_meta(meta_path, expected) if bin_path.exists() else None
     shards = valid_shards(bin_path, meta["shards"], dtype.itemsize) if meta else []
     if meta and meta.get("complete"):

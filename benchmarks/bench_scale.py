@@ -215,7 +215,8 @@ def bench_encoding(corpus: Path, tokenizer_dir: Path, encode_mb: int, cores: int
             **{f"{name}_mb_s": round(mb / s, 2) for name, s in timings.items()},
             "ours_vs_hf_batch": round(timings["hf_batch"] / timings["ours"], 2),
             "ours_vs_tiktoken": round(timings["tiktoken"] / timings["ours"], 2),
-            "identical_lines_vs_hf": round(same["hf_batch"], 4), "identical_lines_vs_tiktoken": round(same["tiktoken"], 4)}
+            "identical_lines_vs_hf": round(same["hf_batch"], 4),
+            "identical_lines_vs_tiktoken": round(same["tiktoken"], 4)}
 
 
 def bench_cache(corpus: Path, tokenizer_dir: Path, cache_dir: Path) -> dict:

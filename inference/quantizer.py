@@ -27,18 +27,19 @@ from atomic_file import atomic_directory
 from devices import set_threads
 from evaluator import GPTEvaluator
 from quantization import QuantizationError, quantize_model_int8
-from readers import jsonl_holds_records
+from readers import DEFAULT_TEXT_FIELD, jsonl_holds_records
 
 
-def held_out_quality(model: torch.nn.Module, tokenizer, data: str, batch_size: int,
-                     max_samples: int | None) -> tuple[str, float]:
-    """Held-out bits per byte (.txt / {"text"} .jsonl) or response perplexity (SFT .json / .jsonl)."""
+def held_out_quality(model: torch.nn.Module, tokenizer, data: str, batch_size: int, max_samples: int | None,
+                     text_field: str = DEFAULT_TEXT_FIELD) -> tuple[str, float]:
+    """Held-out bits per byte (documents of any format, their text in ``text_field``) or response perplexity (SFT
+    .json / .jsonl)."""
     ev = GPTEvaluator(model, tokenizer, show_progress=True)
     path = Path(data)
     suffix = path.suffix.lower()
-    if suffix == ".json" or (suffix == ".jsonl" and jsonl_holds_records(path)):
+    if suffix == ".json" or (suffix == ".jsonl" and jsonl_holds_records(path, text_field)):
         return "response_perplexity", ev.response_perplexity(path, batch_size, max_samples)
-    report = ev.evaluate_pretrained(path, batch_size=batch_size, max_samples=max_samples)
+    report = ev.evaluate_pretrained(path, batch_size=batch_size, max_samples=max_samples, text_field=text_field)
     return "bits_per_byte", report["bits_per_byte"]
 
 
@@ -58,8 +59,10 @@ def build_parser() -> cli.ArgumentParser:
     parser.add_argument("--tokenizer_dir", help="tokenizer folder (default: <checkpoint folder>/tokenizer); "
                                                 "copied next to --output when that folder has none")
     parser.add_argument("--test_data_path", default="data/pretrain/val.txt",
-                        help="held-out data: .txt/.jsonl text gives bits per byte, SFT .json/.jsonl gives response "
-                             "perplexity")
+                        help="held-out data: documents (.txt, .jsonl*, .parquet or a folder) give bits per byte, SFT "
+                             ".json/.jsonl gives response perplexity")
+    parser.add_argument("--text_field", type=cli.field_name, default=DEFAULT_TEXT_FIELD,
+                        help="the field (.jsonl*) or column (.parquet) that holds each held-out document's text")
     parser.add_argument("--no_eval", action="store_true", help="skip the quality comparison")
     parser.add_argument("--keep_lm_head", action="store_true",
                         help="leave the LM head and the tied embedding in float (larger file, slower at batch 1)")
@@ -120,7 +123,8 @@ def _run(argv: Sequence[str] | None) -> int:
     extra["quantized_from"] = quantized_from(args.model_path)  # a rerun may replace this file without --overwrite
     fp32_bytes = weights_bytes(model)  # weights only: the trainer's file also holds optimizer state
     quality = (lambda: None) if args.no_eval else \
-        (lambda: held_out_quality(model, tokenizer, args.test_data_path, args.batch_size, args.max_samples))
+        (lambda: held_out_quality(model, tokenizer, args.test_data_path, args.batch_size, args.max_samples,
+                                  args.text_field))
     before = quality()
     quantize_model_int8(model, lm_head=not args.keep_lm_head)
     checkpoints.save_checkpoint(args.output, model, **extra)

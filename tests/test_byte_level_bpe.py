@@ -446,3 +446,49 @@ def test_cli_refuses_a_blank_corpus_and_keeps_the_saved_tokenizer(tiny_tokenizer
         err = capsys.readouterr().err  # the merges' progress bar, then the one line
         assert err.strip().splitlines()[-1].startswith("error: ") and message in err and "Traceback" not in err, err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+# ----- big corpora (issue 25): every format, a streamed count, a byte cap -----------------------------------------
+def test_counting_pre_tokens_streams_the_texts_instead_of_holding_them(monkeypatch):
+    import tracemalloc
+
+    monkeypatch.setattr(byte_level_bpe, "PRETOKEN_BATCH", 1000)
+    words = ["alpha", "beta", "gamma", "delta", "床前明月光"]
+    texts = (" ".join(words[(i + k) % 5] for k in range(20)) for i in range(20_000))  # 2.2 MB, never all at once
+    tracemalloc.start()
+    counts = ByteLevelBPETokenizer(vocab_size=300)._count_pretokens(texts)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert counts["alpha"] == 4_000 and counts[" alpha"] == 20_000 * 4 - 4_000  # first word of every 5th text
+    assert peak < 1_000_000  # holding the texts would be 2.2 MB, their 400,000 pieces 25 MB
+
+
+def test_max_train_bytes_learns_from_exactly_the_prefix(tmp_path):
+    from readers import read_documents
+
+    (tmp_path / "a.txt").write_text("\n".join(corpus_lines(limit=200)) + "\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_text(SAMPLE_ZH.read_text(encoding="utf-8"), encoding="utf-8")
+    capped = byte_level_bpe.train_from_path(tmp_path, 400, show_progress=False, max_train_bytes=2000)
+    prefix = ByteLevelBPETokenizer(vocab_size=400)
+    prefix.train([d for d in read_documents(tmp_path, max_bytes=2000)], show_progress=False)
+    full = byte_level_bpe.train_from_path(tmp_path, 400, show_progress=False)
+    assert capped.fingerprint == prefix.fingerprint != full.fingerprint
+    assert sum(len(d.encode()) for d in read_documents(tmp_path, max_bytes=2000)) == 2000
+
+
+def test_cli_trains_on_a_parquet_and_zstd_folder_with_text_field_and_a_byte_cap(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    lines = corpus_lines(limit=400)
+    (tmp_path / "docs").mkdir()
+    pq.write_table(pa.table({"body": lines[:200]}), tmp_path / "docs" / "a.parquet", row_group_size=50)
+    records = "".join(json.dumps({"body": line}) + "\n" for line in lines[200:])
+    (tmp_path / "docs" / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(records.encode()))
+    argv = ["--input", str(tmp_path / "docs"), "--vocab_size", "300", "--output", str(tmp_path / "tok"),
+            "--num_workers", "1", "--text_field", "body"]
+    assert byte_level_bpe.main(argv + ["--max_train_bytes", "5000"]) == 0
+    assert "bytes/token on the first 5,000 bytes of" in capsys.readouterr().out
+    assert byte_level_bpe.main(argv[:-2] + ["--output", str(tmp_path / "other")]) == 2  # no "text" column
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'docs' / 'a.parquet'}: no column 'text'")

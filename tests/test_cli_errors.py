@@ -33,6 +33,7 @@ import training
 from byte_level_bpe import ByteLevelBPETokenizer, TokenizerError
 from conftest import ROOT, TRAIN_TXT, VAL_TXT, corpus_lines, write_corpus
 from run_folder import read_metrics
+from test_readers import MANY, corrupt_row_group, truncated, write_docs
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ BAD_PRETRAIN_FLAGS = [
     ["--lr", "0"], ["--lr", "nan"], ["--lr", "abc"], ["--max_minutes", "0"], ["--dropout", "1.5"],
     ["--preset", "huge"], ["--dtype", "int3"], ["--keep_last", "-1"], ["--warmup_steps", "-5"],
     ["--num_workers", "0"], ["--save_interval", "0"], ["--vocab_size", "10"], ["--min_lr_ratio", "2"],
-    ["--n_heads", "3"], ["--max_minutes", "0.001"],
+    ["--n_heads", "3"], ["--max_minutes", "0.001"], ["--text_field", ""], ["--text_field", "text "],
 ]
 
 
@@ -301,6 +302,30 @@ def test_evaluator_bad_files(checkpoint, tmp_path, capsys):
         assert expected in err, (expected, err)
 
 
+BAD_CORPORA = {  # file name -> (how to spoil documents written in that format, where the error must point)
+    "t.jsonl.gz": (lambda path: truncated(path), r"t.jsonl.gz:"),
+    "t.jsonl.zst": (lambda path: truncated(path), r"t.jsonl.zst:"),
+    "c.parquet": (lambda path: truncated(path), "c.parquet: not a readable Parquet file"),
+    "r.parquet": (lambda path: corrupt_row_group(path, 1), "r.parquet: row group 1: cannot read"),
+    "f.jsonl": (lambda path: path.write_text('{"text": "ok"}\n{"text": 7}\n'), "f.jsonl:2: expected"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_CORPORA)
+def test_a_bad_corpus_file_is_one_error_line_naming_it_in_the_tokenizer_and_the_evaluator(name, checkpoint, tmp_path,
+                                                                                          capsys):
+    path = write_docs(tmp_path / "corpus" / name, MANY, row_group_size=1000)
+    spoil, where = BAD_CORPORA[name]
+    spoil(path)
+    code, err = run_main(byte_level_bpe.main, ["--input", str(path.parent), "--output", str(tmp_path / "tok")], capsys)
+    assert_one_line_error(code, err)
+    assert f"{path.parent}/{where}" in err and not (tmp_path / "tok").exists()
+    code, err = run_main(evaluator.main, ["--model_path", str(checkpoint), "--test_data_path", str(path),
+                                          "--output", str(tmp_path / "report.json"), "--no_progress"], capsys)
+    assert_one_line_error(code, err)
+    assert f"{path.parent}/{where}" in err and not (tmp_path / "report.json").exists()
+
+
 # ----------------------------------------------------------------------------- data/build_pretrain_data.py
 
 def test_build_pretrain_data_refuses_a_missing_or_empty_corpus(tmp_path):
@@ -351,6 +376,7 @@ COMMANDS = {
     "bench_server": ("benchmarks.bench_server", ["--model_path", "{ckpt}", "--skip_baseline", "--duration", "1"]),
     "bench_equivalence": ("benchmarks.bench_equivalence", ["--against", "HEAD", "--stages", "sft"]),
     "bench_tokenizer": ("benchmarks.bench_tokenizer", ["--input", "{text}"]),
+    "bench_scale": ("benchmarks.bench_scale", ["--sizes_mb", "1", "--work_dir", "{out}/work"]),
     "bench_train": ("benchmarks.bench_train", ["--steps", "1"]),
     "calibrate_arithmetic": ("benchmarks.calibrate_arithmetic", ["--pretrained", "{ckpt}", "--max_steps", "1"]),
 }
@@ -433,6 +459,8 @@ BAD_FLAGS = [
     *[("bench_equivalence", flags, ()) for flags in (["--stages", "ppo"], ["--stages"], ["--against"], ["--bogus"])],
     *[("bench_tokenizer", flags, ()) for flags in (
         ["--slice_mb", "0"], ["--slice_mb", "x"], ["--input", "{out}/missing.txt"], ["--bogus"])],
+    *[("bench_scale", flags, ()) for flags in (
+        ["--sizes_mb", "0"], ["--sizes_mb", "x"], ["--vocab_size", "10"], ["--encode_mb", "0"], ["--bogus"])],
     *[("bench_train", flags, ()) for flags in (
         ["--steps", "0"], ["--steps", "x"], ["--num_threads", "0"], ["--vocab_size", "x"], [OLD_THREADS, "2"])],
     *[("calibrate_arithmetic", flags, ()) for flags in (
@@ -456,6 +484,16 @@ BAD_FLAGS += [
     ("quantizer", ["--test_data_path", "{afile}", "--output", "{afile}", "--overwrite"], ("--no_eval",)),
     *[("byte_level_bpe", flags, ()) for flags in (["--output", "{folder}"],)],
     *[("kv_cache_infer", flags, ()) for flags in (["--max_message_chars", "0"], ["--max_message_chars", "x"])],
+]
+
+
+# ----- issue 25, every corpus format (branch scale-readers): the field / column and the tokenizer's byte cap --------
+BAD_FLAGS += [
+    *[("byte_level_bpe", flags, ()) for flags in (
+        ["--text_field", ""], ["--text_field", " text"], ["--text_field"], ["--max_train_bytes", "0"],
+        ["--max_train_bytes", "-5"], ["--max_train_bytes", "1e9"], ["--max_train_bytes", "x"])],
+    *[("evaluator", flags, ()) for flags in (["--text_field", ""], ["--text_field"])],
+    ("quantizer", ["--text_field", ""], ()),
 ]
 
 

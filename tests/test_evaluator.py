@@ -111,6 +111,24 @@ def test_evaluate_pretrained_matches_token_by_token_reference(tiny_tokenizer, tm
     assert result["bits_per_byte"] == pytest.approx(expected_nll / (math.log(2) * n_bytes), rel=1e-5)
 
 
+@pytest.mark.parametrize("name", ["test.jsonl.gz", "test.parquet"])
+def test_evaluate_pretrained_reads_every_format_and_its_text_field(name, tiny_tokenizer, tmp_path):
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = torch.randn(len(tiny_tokenizer), len(tiny_tokenizer), generator=torch.Generator().manual_seed(0))
+    evaluate = GPTEvaluator(BigramModel(table, max_seq_len=8), tiny_tokenizer, show_progress=False).evaluate_pretrained
+    expected = evaluate(write_lines(tmp_path / "test.txt", DOCS))
+    path = tmp_path / name
+    if name.endswith(".gz"):
+        path.write_bytes(gzip.compress("".join(json.dumps({"body": d}) + "\n" for d in DOCS).encode()))
+    else:
+        pq.write_table(pa.table({"body": DOCS}), path, row_group_size=3)
+    assert evaluate(path, text_field="body") == pytest.approx(expected)
+
+
 def test_evaluate_pretrained_with_gpt_model_equals_unbatched_losses(tiny_tokenizer, tiny_config, tmp_path):
     from gpt_model import GPTModel
 

@@ -199,6 +199,27 @@ def test_cli_trains_tokenizer_when_missing_and_reports(corpus, tmp_path, capsys)
     assert ByteLevelBPETokenizer.from_pretrained(tmp_path / "out" / "tokenizer").fingerprint == tokenizer.fingerprint
 
 
+def test_cli_trains_on_parquet_and_zstd_data_with_a_text_field(corpus, tiny_tokenizer_dir, tiny_tokenizer, tmp_path,
+                                                                capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    train, val = corpus
+    pq.write_table(pa.table({"body": train.read_text(encoding="utf-8").splitlines()}), tmp_path / "train.parquet",
+                   row_group_size=100)
+    records = "".join(json.dumps({"body": line}) + "\n" for line in val.read_text(encoding="utf-8").splitlines())
+    (tmp_path / "val.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(records.encode()))
+    code = pt.main(["--train_data_dir", str(tmp_path / "train.parquet"), "--val_data_dir",
+                    str(tmp_path / "val.jsonl.zst"), "--text_field", "body", "--tokenizer_dir",
+                    str(tiny_tokenizer_dir), "--output_dir", str(tmp_path / "out"), "--n_layers", "1", "--d_model",
+                    "32", "--n_heads", "2", "--max_seq_len", "32", "--batch_size", "2", "--max_steps", "2",
+                    "--eval_interval", "2", "--num_workers", "1", "--device", "cpu", "--samples", "0"])
+    assert code == 0
+    n_train = len(token_cache.build_token_stream(train, tiny_tokenizer, num_workers=1, show_progress=False))
+    assert f"{n_train:,} train tokens" in capsys.readouterr().out  # the same documents as the .txt
+
+
 def test_cli_errors_are_one_line(corpus, tiny_tokenizer_dir, tmp_path, capsys):
     base = ["--tokenizer_dir", str(tiny_tokenizer_dir), "--val_data_dir", str(corpus[1]), "--output_dir",
             str(tmp_path / "out"), "--device", "cpu", "--num_workers", "1"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -37,7 +38,7 @@ def test_read_documents_jsonl_and_directory_in_sorted_order(tmp_path):
     ("blank.txt", "\n \n", "holds no documents"),
     ("bad.jsonl", '{"text": "ok"}\n{"text": oops}\n', "bad.jsonl:2: invalid JSON"),
     ("nofield.jsonl", '{"body": "x"}\n', "nofield.jsonl:1: expected an object with a string \"text\""),
-    ("data.csv", "a,b\n", "not a .txt or .jsonl"),
+    ("data.csv", "a,b\n", "not a .txt, .jsonl, .jsonl.gz, .jsonl.zst or .parquet"),
 ])
 def test_read_documents_errors(tmp_path, name, content, message):
     path = tmp_path / name
@@ -49,7 +50,7 @@ def test_read_documents_errors(tmp_path, name, content, message):
 
 def test_read_documents_directory_without_data_files(tmp_path):
     write(tmp_path / "readme.md", "x")
-    with pytest.raises(DataError, match="holds no .txt or .jsonl files"):
+    with pytest.raises(DataError, match="holds no data files"):
         list(readers.read_documents(tmp_path))
 
 
@@ -192,3 +193,148 @@ def test_read_lines_names_file_and_line_of_a_bad_byte(tmp_path):
     (tmp_path / "b.txt").write_bytes(b"fine\n\xff\n")
     with pytest.raises(DataError, match=r"b\.txt:2: not UTF-8"):
         readers.read_lines(tmp_path / "b.txt")
+
+
+# ----------------------------------------------------------------------------- every corpus format (issue 25)
+
+DOCS = ["first document", "二 第二篇", "  leading spaces kept", "emoji 🙂 and tabs\tkept", "x" * 3000, "last one"]
+
+
+def write_docs(path, docs, field: str = "text", row_group_size: int = 2):
+    """``docs`` written in the format ``path``'s name says (Parquet: small row groups, so several are read)."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps({"id": i, field: d}, ensure_ascii=False) + "\n"
+                    for i, d in enumerate(docs)).encode()
+    if path.name.endswith(".txt"):
+        path.write_text("".join(d + "\n" for d in docs), encoding="utf-8")
+    elif path.name.endswith(".jsonl"):
+        path.write_bytes(lines)
+    elif path.name.endswith(".gz"):
+        path.write_bytes(gzip.compress(lines))
+    elif path.name.endswith(".zst"):
+        path.write_bytes(zstandard.ZstdCompressor().compress(lines))
+    else:
+        pq.write_table(pa.table({"id": list(range(len(docs))), field: docs}), path, row_group_size=row_group_size)
+    return path
+
+
+FORMATS = ["a.txt", "a.jsonl", "a.jsonl.gz", "a.jsonl.zst", "a.parquet"]
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_every_format_reads_the_same_documents_in_the_same_order(name, tmp_path, monkeypatch):
+    monkeypatch.setattr(readers, "PARQUET_BATCH_ROWS", 1)  # several batches per row group, several row groups
+    assert list(readers.read_documents(write_docs(tmp_path / name, DOCS))) == DOCS
+    assert readers.data_files(tmp_path / name) == [tmp_path / name]
+
+
+def test_a_folder_of_every_format_reads_them_in_path_order(tmp_path):
+    for i, name in enumerate(FORMATS):  # file i holds the documents i and i + 5 of 10
+        write_docs(tmp_path / f"{i}" / name, [f"doc {i}", f"doc {i + 5}"])
+    (tmp_path / "9" / "a.gz").parent.mkdir()
+    (tmp_path / "9" / "a.gz").write_bytes(b"a bare .gz is not a document format")
+    assert list(readers.read_documents(tmp_path)) == [f"doc {i + k}" for i in range(5) for k in (0, 5)]
+
+
+def test_a_multi_frame_zstd_file_reads_every_frame(tmp_path):
+    import zstandard
+
+    compressor = zstandard.ZstdCompressor()
+    path = tmp_path / "m.jsonl.zst"
+    path.write_bytes(compressor.compress(b'{"text": "one"}\n') + compressor.compress(b'{"text": "two"}\n'))
+    assert list(readers.read_documents(path)) == ["one", "two"]
+
+
+@pytest.mark.parametrize("name", ["a.jsonl", "a.jsonl.gz", "a.jsonl.zst", "a.parquet"])
+def test_text_field_picks_the_field_and_another_field_is_an_error_naming_the_columns(name, tmp_path):
+    path = write_docs(tmp_path / name, DOCS, field="content")
+    assert list(readers.read_documents(path, text_field="content")) == DOCS
+    with pytest.raises(DataError, match=rf"{name}(:1)?: .*'id', 'content'.*--text_field"):
+        list(readers.read_documents(path))
+
+
+def test_max_bytes_reads_a_prefix_cut_at_a_character_and_opens_no_later_file(tmp_path):
+    write(tmp_path / "a.txt", "abc\n二三\n")
+    write(tmp_path / "b.txt", "")  # never opened: its "holds no documents" error would show
+    assert list(readers.read_documents(tmp_path, max_bytes=3)) == ["abc"]
+    assert list(readers.read_documents(tmp_path, max_bytes=7)) == ["abc", "二"]  # 3 + 4 bytes: half of 三 dropped
+    assert list(readers.read_documents(tmp_path, max_bytes=9)) == ["abc", "二三"]
+
+
+def truncated(path, keep: float = 0.5):
+    raw = path.read_bytes()
+    path.write_bytes(raw[:int(len(raw) * keep)])
+    return path
+
+
+def corrupt_row_group(path, group: int):
+    """Row group ``group``'s text column overwritten: the footer still reads, that row group does not."""
+    import pyarrow.parquet as pq
+
+    column = pq.ParquetFile(path).metadata.row_group(group).column(1)
+    start, size = column.dictionary_page_offset or column.data_page_offset, column.total_compressed_size
+    raw = bytearray(path.read_bytes())
+    raw[start:start + size] = b"\xff" * size
+    path.write_bytes(bytes(raw))
+    return path
+
+
+MANY = [f"document number {i} " * 5 for i in range(3000)]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: truncated(write_docs(d / "t.jsonl.gz", MANY)), r"t\.jsonl\.gz:\d+: cannot decompress .*truncated"),
+    (lambda d: truncated(write_docs(d / "t.jsonl.zst", MANY)), r"t\.jsonl\.zst:\d+: cannot decompress .*truncated"),
+    (lambda d: write(d / "g.jsonl.zst", "not zstd at all"), r"g\.jsonl\.zst:1: cannot decompress .*zstd"),
+    (lambda d: write(d / "g.jsonl.gz", "not gzip at all"), r"g\.jsonl\.gz:1: cannot decompress"),
+    (lambda d: write_docs(d / "f.parquet", DOCS, field="body"),
+     r"f\.parquet: no column 'text' \(its columns: 'id', 'body'"),
+    (lambda d: truncated(write_docs(d / "c.parquet", MANY)), r"c\.parquet: not a readable Parquet file"),
+    (lambda d: corrupt_row_group(write_docs(d / "p.parquet", MANY, row_group_size=1000), 1),
+     r"p\.parquet: row group 1: cannot read"),
+    (lambda d: write(d / "n.jsonl", '{"text": "ok"}\n{"text": 3}\n'),
+     r"n\.jsonl:2: expected .*string \"text\".*int"),
+    (lambda d: write(d / "z.jsonl", '{"text": null}\n'), r"z\.jsonl:1: expected .*string \"text\".*NoneType"),
+])
+def test_bad_corpus_files_are_one_data_error_naming_the_file_and_place(make, message, tmp_path):
+    with pytest.raises(DataError, match=message):
+        list(readers.read_documents(make(tmp_path)))
+
+
+def test_parquet_non_string_column_and_null_rows_are_data_errors(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "i.parquet")
+    with pytest.raises(DataError, match=r"i\.parquet: column 'text' holds int64, not strings"):
+        list(readers.read_documents(tmp_path / "i.parquet"))
+    pq.write_table(pa.table({"text": ["a", "b", None]}), tmp_path / "n.parquet", row_group_size=2)
+    with pytest.raises(DataError, match=r"n\.parquet: row group 1, row 2: 'text' is null"):
+        list(readers.read_documents(tmp_path / "n.parquet"))
+    pq.write_table(pa.table({"text": pa.array(["big"], pa.large_string())}), tmp_path / "l.parquet")
+    assert list(readers.read_documents(tmp_path / "l.parquet")) == ["big"]
+
+
+@pytest.mark.parametrize("name, module", [("a.jsonl.zst", "zstandard"), ("a.parquet", "pyarrow")])
+def test_a_missing_format_library_is_one_data_error_saying_what_to_install(name, module, tmp_path, monkeypatch):
+    path = write_docs(tmp_path / name, DOCS)
+    monkeypatch.setitem(__import__("sys").modules, module, None)  # None in sys.modules: import raises ImportError
+    monkeypatch.setitem(__import__("sys").modules, "pyarrow.parquet", None)
+    with pytest.raises(DataError, match=rf"needs {module}: pip install {module}=="):
+        list(readers.read_documents(path))
+
+
+def test_reading_only_txt_imports_neither_format_library(tmp_path):
+    import subprocess
+    import sys
+
+    write(tmp_path / "a.txt", "one\n")
+    code = ("import sys, readers; list(readers.read_documents(sys.argv[1])); "
+            "assert not {'pyarrow', 'zstandard'} & set(sys.modules), sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.txt")], check=True, cwd=Path(readers.__file__).parent)

@@ -246,3 +246,17 @@ def test_building_the_cache_takes_the_same_memory_for_an_8x_larger_corpus(tiny_t
     (small, small_tokens, _), (large, large_tokens, large_bytes) = peaks
     assert large_tokens > 7 * small_tokens and large_bytes > 40e6
     assert large - small < 4096, peaks
+
+
+def test_a_cache_built_from_another_text_field_is_its_own(tiny_tokenizer, tmp_path):
+    source = write(tmp_path / "docs.jsonl", "".join(json.dumps({"text": d, "title": d[:3]}) + "\n" for d in DOCS))
+    tok = CountingTokenizer(tiny_tokenizer)
+    text = tc.build_token_stream(source, tok, show_progress=False)
+    title = tc.build_token_stream(source, tok, show_progress=False, text_field="title")
+    assert tok.calls == 2 and title.n_documents == len(DOCS) and len(title) < len(text)
+    assert json.loads(title.path.with_suffix(".json").read_text())["text_field"] == "title"
+    assert title.path != text.path  # both kept: switching back and forth re-encodes nothing
+    again = tc.build_token_stream(source, tok, show_progress=False, text_field="title")
+    back = tc.build_token_stream(source, tok, show_progress=False)
+    assert tok.calls == 2 and again.tokens.tolist() == title.tokens.tolist()
+    assert back.tokens.tolist() == reference_tokens(tiny_tokenizer, DOCS)
