@@ -161,6 +161,9 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Any]:
         modes = " / ".join(modes_of(foreign[0]))
         raise cli.UsageError(f"--{foreign[0]} applies to --mode {modes} only, not --mode {args.mode}")
     values = {name: getattr(args, name) for name in typed}
+    if values.get("optimizer") == "muon" and values.get("lora_r"):
+        raise cli.UsageError("--optimizer muon trains the blocks' weight matrices, --lora_r only adapters: use "
+                             "--optimizer adamw with LoRA")
     if ("max_minutes" in values or "epochs" in values) and "max_steps" not in values:
         values["max_steps"] = None  # an explicit time or epoch budget replaces the default step count
     return args, CONFIGS[args.mode](**values)

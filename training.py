@@ -14,6 +14,7 @@ import argparse
 import math
 import os
 import random
+import re
 import signal
 import threading
 import time
@@ -57,6 +58,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
+    optimizer: str = "adamw"
     grad_clip: float = 1.0
     max_steps: int | None = None
     epochs: float | None = None
@@ -87,7 +89,10 @@ def add_loop_arguments(p: argparse.ArgumentParser, d: TrainConfig) -> None:
                    help="the cosine decays the lr to lr * min_lr_ratio (1: a constant lr after the warmup)")
     p.add_argument("--warmup_steps", type=nonneg_int, default=d.warmup_steps, help="linear warmup steps")
     p.add_argument("--weight_decay", type=nonneg_float, default=d.weight_decay,
-                   help="AdamW weight decay (2-D weights only)")
+                   help="weight decay (2-D weights only)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
+                   help="adamw, or muon: Muon for the blocks' weight matrices and AdamW for embeddings, biases, norms "
+                        "and heads (docs/pretraining.md)")
     p.add_argument("--grad_clip", type=nonneg_float, default=d.grad_clip,
                    help="clip the global gradient norm to this (0 = off)")
     p.add_argument("--max_steps", type=pos_int, default=None, help="stop after this many optimizer steps")
@@ -118,17 +123,83 @@ def add_loop_arguments(p: argparse.ArgumentParser, d: TrainConfig) -> None:
 
 # ----------------------------------------------------------------------------- state helpers
 
+OPTIMIZERS = ("adamw", "muon")
+HIDDEN_MATRIX = re.compile(r"(^|\.)h\.\d+\.")  # a transformer block's parameter: transformer.h.3.mlp.c_fc.weight
+
+
+class MuonWithAdamW:
+    """Muon for the hidden weight matrices and AdamW for the rest, stepped as one optimizer: the lr schedule, the
+    loss scaler, gradient clipping and checkpoints see one object whose ``param_groups`` are both optimizers'."""
+
+    kind = "muon"
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.AdamW):
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def step(self, closure=None) -> None:
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none=set_to_none)
+        self.adamw.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
+
+
+def optimizer_kind(optimizer_or_state) -> str:
+    """"muon" or "adamw", of an optimizer or of the state dict a checkpoint holds."""
+    if isinstance(optimizer_or_state, dict):
+        return optimizer_or_state.get("kind", "adamw")
+    return getattr(optimizer_or_state, "kind", "adamw")
+
+
+def split_hidden_matrices(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(the blocks' trainable 2-D weight matrices, every other trainable parameter): what Muon and AdamW get.
+
+    Embeddings and the tied LM head, biases, norm gains, reward/classifier heads and LoRA adapters stay with AdamW:
+    Muon orthogonalises a matrix's update, which suits the hidden layers, not lookups, vectors or low-rank adapters
+    (as nanochat and modded-nanogpt split them)."""
+    hidden, rest = [], []
+    for name, param in module.named_parameters():
+        if param.requires_grad:
+            is_hidden = param.dim() == 2 and HIDDEN_MATRIX.search(name) and "lora_" not in name
+            (hidden if is_hidden else rest).append(param)
+    return hidden, rest
+
+
 def configure_optimizer(module: nn.Module, weight_decay: float, lr: float, betas: tuple[float, float] = (0.9, 0.95),
-                        device_type: str = "cpu") -> torch.optim.AdamW:
-    """AdamW over the trainable parameters: decay on 2-D weights (matmuls, embeddings), none on biases and norms.
+                        device_type: str = "cpu", kind: str = "adamw") -> torch.optim.AdamW | MuonWithAdamW:
+    """AdamW over the trainable parameters: decay on 2-D weights (matmuls, embeddings), none on biases and norms; or
+    with ``kind="muon"`` Muon for the blocks' matrices (``split_hidden_matrices``) and that AdamW for the rest.
 
     The fused kernel on CPU and CUDA: one pass over each tensor instead of a handful of ops per parameter (on CPU it
-    takes 1% off a 6 x 384 training step, what nanoGPT's per-parameter loop costs more)."""
-    params = [p for p in module.parameters() if p.requires_grad]
+    takes 1% off a 6 x 384 training step, what nanoGPT's per-parameter loop costs more). Muon scales its update to
+    AdamW's RMS (``adjust_lr_fn="match_rms_adamw"``), so one ``--lr`` and one schedule serve both."""
+    if kind not in OPTIMIZERS:
+        raise TrainError(f"unknown optimizer {kind!r}: pass one of {', '.join(OPTIMIZERS)}")
+    hidden, rest = split_hidden_matrices(module) if kind == "muon" else ([], None)
+    if kind == "muon" and not hidden:
+        raise TrainError("--optimizer muon trains the blocks' weight matrices, and none is trained here (LoRA trains "
+                         "only its adapters): use --optimizer adamw")
+    params = rest if rest is not None else [p for p in module.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ("cpu", "cuda"))
+    adamw = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ("cpu", "cuda"))
+    if kind == "adamw":
+        return adamw
+    muon = torch.optim.Muon(hidden, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+    return MuonWithAdamW(muon, adamw)
 
 
 def rng_state() -> dict[str, Any]:
@@ -354,7 +425,7 @@ class Trainer:
             torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+
         self.model = model.to(self.device)
         self.optimizer = configure_optimizer(self.model, config.weight_decay, config.lr,
-                                             (config.beta1, config.beta2), self.device.type)
+                                             (config.beta1, config.beta2), self.device.type, config.optimizer)
         self.scaler = self.new_scaler()
         self.scheduled: list[tuple[torch.optim.Optimizer, float]] = []  # other optimizers the schedule scales
         torch.manual_seed(config.seed + self.dist.rank)  # per-rank dropout streams
@@ -416,6 +487,10 @@ class Trainer:
     # -- setup
     def _restore(self, checkpoint: dict, source: str) -> None:
         checkpoints.load_state_dict_checked(self.model, checkpoint["model_state_dict"], source)
+        saved, current = optimizer_kind(checkpoint.get("optimizer", {})), optimizer_kind(self.optimizer)
+        if saved != current:
+            raise TrainError(f"{source} was trained with --optimizer {saved}, this run has --optimizer {current}: "
+                             f"resume with --optimizer {saved}, or start a fresh run")
         try:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
             self.scaler.load_state_dict(checkpoint["scaler"])

@@ -85,6 +85,7 @@ def pretrain_args(corpus, tokenizer_dir, output_dir, *extra: str) -> list[str]:
 
 
 BAD_PRETRAIN_FLAGS = [
+    ["--optimizer", "sgd"], ["--optimizer"],
     ["--batch_size", "0"], ["--grad_accum", "0"], ["--max_seq_len", "1"], ["--eval_interval", "0"],
     ["--log_interval", "0"], ["--max_steps", "-1"], ["--max_steps", "0"], ["--epochs", "-1"], ["--epochs", "0"],
     ["--lr", "0"], ["--lr", "nan"], ["--lr", "abc"], ["--max_minutes", "0"], ["--dropout", "1.5"],

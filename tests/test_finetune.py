@@ -67,6 +67,7 @@ BAD_FLAGS = [
     (["--mode", "dpo", "--dropout", "0.1"], "--dropout applies to --mode sft / classify only"),
     (["--mode", "classify", "--group_size", "4"], "--group_size applies to --mode rlvf only"),
     (["--mode", "rlvf", "--reward_model", "r.pth"], "--reward_model applies to --mode rlhf only"),
+    (["--optimizer", "lion"], "invalid choice"), (["--lora_r", "4", "--optimizer", "muon"], "use --optimizer adamw"),
     # the output folder never holds what the run starts from (SFT into models/pretrain moved its tokenizer aside)
     (["--pretrained_model", "{out}/pretrain_best.pth"], "--output_dir {out} holds --pretrained_model"),
     (["--mode", "dpo", "--sft_model", "{out}/sub/sft_best.pth"], "holds --sft_model"),

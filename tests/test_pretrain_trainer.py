@@ -67,8 +67,9 @@ def test_loss_decreases_and_run_outputs(corpus, tiny_tokenizer, tmp_path):
         assert value == pytest.approx([r for r in rows if "val_loss" in r][-1][key], rel=1e-6)
 
 
-def test_resume_is_bitwise_identical_to_an_uninterrupted_run(corpus, tiny_tokenizer, tmp_path):
-    config = dict(max_steps=8, save_interval=3, eval_interval=4, dropout=0.1)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(corpus, tiny_tokenizer, tmp_path, optimizer):
+    config = dict(max_steps=8, save_interval=3, eval_interval=4, dropout=0.1, optimizer=optimizer)
     straight = pt.GPTTrainer(small_config(corpus, tmp_path / "straight", **config), tiny_tokenizer, show_progress=False)
     straight.train()
 
@@ -87,6 +88,15 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(corpus, tiny_tokeni
         assert torch.equal(a, b), name
     assert (sorted(p.name for p in (tmp_path / "resumed").glob("pretrain_step_*.pth"))
             == ["pretrain_step_6.pth", "pretrain_step_8.pth"])
+
+
+def test_resuming_with_another_optimizer_is_one_line(corpus, tiny_tokenizer, tmp_path):
+    run = tmp_path / "run"
+    pt.GPTTrainer(small_config(corpus, run, max_steps=2, save_interval=2, optimizer="muon"), tiny_tokenizer,
+                  show_progress=False).train()
+    with pytest.raises(pt.TrainError, match="was trained with --optimizer muon, this run has --optimizer adamw: "
+                                            "resume with --optimizer muon"):
+        pt.GPTTrainer(small_config(corpus, run, max_steps=4), tiny_tokenizer, resume="auto", show_progress=False)
 
 
 def test_evaluation_bits_per_byte_of_a_uniform_model(tiny_tokenizer, tmp_path):
