@@ -235,23 +235,23 @@ def _sha256(path: Path) -> str:
 
 
 def bench_kill_and_resume(corpus: Path, tokenizer_dir: Path, cache_dir: Path, whole_bin: Path) -> dict:
-    """SIGKILL a build once half its shards are recorded, build again: shards re-used, bytes equal to ``whole_bin``."""
+    """SIGKILL a build once it has written half the tokens of ``whole_bin``, build again: the finished shards it
+    re-used, and whether its bytes equal the uninterrupted build's."""
     import token_cache
 
     expected = -(-corpus.stat().st_size // token_cache.SHARD_TEXT_BYTES)
-    meta_path = cache_dir / whole_bin.with_suffix(".json").name
+    meta_path, partial = cache_dir / whole_bin.with_suffix(".json").name, cache_dir / whole_bin.name
+    half = whole_bin.stat().st_size // 2
 
     def half_done() -> bool:
-        try:
-            return len(json.loads(meta_path.read_text())["shards"]) >= expected // 2
-        except (OSError, ValueError, KeyError):
-            return False
+        return partial.exists() and partial.stat().st_size >= half
 
     first = measure("cache", str(corpus), str(tokenizer_dir), str(cache_dir), kill_when=half_done)
-    kept = len(json.loads(meta_path.read_text())["shards"])
+    kept = len(json.loads(meta_path.read_text())["shards"]) if meta_path.exists() else 0
     second = measure("cache", str(corpus), str(tokenizer_dir), str(cache_dir))
     resumed_bin = cache_dir / whole_bin.name
-    return {"shards": expected, "killed_at_shards": kept, "killed": first["killed"],
+    return {"shards": expected, "killed_at_bytes": f"{half:,} of {whole_bin.stat().st_size:,}",
+            "finished_shards_kept": kept, "killed": first["killed"],
             "killed_after_s": first["seconds"], "resumed_s": second["seconds"],
             "same_bytes_as_uninterrupted": _sha256(resumed_bin) == _sha256(whole_bin)}
 

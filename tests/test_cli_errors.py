@@ -378,6 +378,7 @@ COMMANDS = {
     "bench_equivalence": ("benchmarks.bench_equivalence", ["--against", "HEAD", "--stages", "sft"]),
     "bench_tokenizer": ("benchmarks.bench_tokenizer", ["--input", "{text}"]),
     "bench_scale": ("benchmarks.bench_scale", ["--sizes_mb", "1", "--work_dir", "{out}/work"]),
+    "bench_optimizer": ("benchmarks.bench_optimizer", ["--seeds", "1", "--skip_default_runs"]),
     "bench_train": ("benchmarks.bench_train", ["--steps", "1"]),
     "calibrate_arithmetic": ("benchmarks.calibrate_arithmetic", ["--pretrained", "{ckpt}", "--max_steps", "1"]),
 }
@@ -460,6 +461,9 @@ BAD_FLAGS = [
     *[("bench_equivalence", flags, ()) for flags in (["--stages", "ppo"], ["--stages"], ["--against"], ["--bogus"])],
     *[("bench_tokenizer", flags, ()) for flags in (
         ["--slice_mb", "0"], ["--slice_mb", "x"], ["--input", "{out}/missing.txt"], ["--bogus"])],
+    *[("bench_optimizer", flags, ()) for flags in (
+        ["--seeds", "0"], ["--seeds", "x"], ["--short_minutes", "0"], ["--adamw_lrs", "0"], ["--muon_lrs", "x"],
+        ["--bogus"])],
     *[("bench_scale", flags, ()) for flags in (
         ["--sizes_mb", "0"], ["--sizes_mb", "x"], ["--vocab_size", "10"], ["--encode_mb", "0"], ["--bogus"])],
     *[("bench_train", flags, ()) for flags in (

@@ -1,0 +1,112 @@
+"""Muon against AdamW at the same wall clock, lr tuned for each by a small sweep; prints ONE JSON line.
+
+Run from the repository root: ``python -m benchmarks.bench_optimizer [--seeds 0,1,2]`` (about 45 minutes on 2 cores;
+results in benchmarks/results/bench_optimizer.json).
+
+Every run is ``python pretrain_trainer.py`` as a user runs it, with ``--optimizer``, ``--lr`` and ``--seed`` set, on
+the embedded corpus (the Shakespeare plays and the poems of data/pretrain/train.txt), scored by its final held-out
+bits per byte (data/pretrain/val.txt, every token once). Two budgets, both counted from process start as
+``--max_minutes`` does:
+- the short recipe: 105 s (``--max_minutes 1.75``), first a sweep of ``--sweep_lrs`` for each optimizer with seed
+  0, then every seed at each optimizer's best lr;
+- the default run (4.75 minutes, the command's default budget) for every seed, each optimizer at its swept lr.
+Runs alternate between the optimizers so that a machine that slows down mid-benchmark slows both alike.
+"""
+from __future__ import annotations
+
+if __name__ == "__main__" and not __package__:  # run by its path, not with -m: import from the project root
+    import pathlib
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cli
+from benchmarks.cli_options import benchmark_parser, positive_ints
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "bench_optimizer.json"
+SWEEP = {"adamw": "1.5e-3,3e-3,6e-3", "muon": "3e-3,6e-3,1.2e-2"}
+
+
+def pretrain(optimizer: str, lr: float, seed: int, minutes: float | None, work: Path) -> dict:
+    """One pretraining run; its summary (steps, final val_bpb, ...)."""
+    out = work / f"{optimizer}_lr{lr:g}_seed{seed}_{minutes or 'default'}"
+    argv = [sys.executable, "pretrain_trainer.py", "--optimizer", optimizer, "--lr", str(lr), "--seed", str(seed),
+            "--output_dir", str(out), "--samples", "0", "--cache_dir", str(work / "cache")]
+    if minutes is not None:
+        argv += ["--max_minutes", str(minutes)]
+    start = time.perf_counter()
+    run = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[1:])} failed: {run.stderr[-1500:]}")
+    summary = next(json.loads(line) for line in run.stdout.splitlines() if line.startswith("{"))
+    row = {"optimizer": optimizer, "lr": lr, "seed": seed, "minutes": minutes or 4.75, "steps": summary["steps"],
+           "val_bpb": summary["val_bpb"], "wall_s": round(time.perf_counter() - start, 1)}
+    print(json.dumps(row), file=sys.stderr)
+    return row
+
+
+def spread(rows: list[dict]) -> dict:
+    values = [r["val_bpb"] for r in rows]
+    return {"mean": round(statistics.mean(values), 4), "min": min(values), "max": max(values), "runs": values,
+            "steps": [r["steps"] for r in rows]}
+
+
+def float_list(text: str) -> list[float]:
+    return [cli.positive_float(part) for part in text.split(",")]
+
+
+def build_parser() -> cli.ArgumentParser:
+    parser = benchmark_parser("benchmarks.bench_optimizer", __doc__)
+    parser.add_argument("--seeds", type=positive_ints(), default=[1, 2, 3], help="seeds of the compared runs")
+    parser.add_argument("--short_minutes", type=cli.positive_float, default=1.75, help="the short recipe's budget")
+    for name, lrs in SWEEP.items():
+        parser.add_argument(f"--{name}_lrs", type=float_list, default=float_list(lrs),
+                            help=f"the lrs swept for {name} (comma-separated)")
+    parser.add_argument("--skip_default_runs", action="store_true", help="only the short recipe")
+    parser.add_argument("--output", default=str(RESULTS), help="where the JSON result is written")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The benchmark; a bad flag gives one `error:` line and exit 2 (cli.run_cli)."""
+    return cli.run_cli(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="bench_optimizer_"))
+    sweeps = {"adamw": args.adamw_lrs, "muon": args.muon_lrs}
+    sweep_rows = []
+    for i in range(max(map(len, sweeps.values()))):  # alternating: adamw lr i, muon lr i, ...
+        for name, lrs in sweeps.items():
+            if i < len(lrs):
+                sweep_rows.append(pretrain(name, lrs[i], args.seeds[0], args.short_minutes, work))
+    best = {name: min((r for r in sweep_rows if r["optimizer"] == name), key=lambda r: r["val_bpb"])["lr"]
+            for name in sweeps}
+    short = {name: [r for r in sweep_rows if r["optimizer"] == name and r["lr"] == best[name]] for name in sweeps}
+    default: dict[str, list[dict]] = {name: [] for name in sweeps}
+    for seed in args.seeds:
+        for name in sweeps:
+            if seed != args.seeds[0]:
+                short[name].append(pretrain(name, best[name], seed, args.short_minutes, work))
+            if not args.skip_default_runs:
+                default[name].append(pretrain(name, best[name], seed, None, work))
+    result = {"best_lr": best, "sweep": sweep_rows,
+              "short_recipe": {name: spread(rows) for name, rows in short.items()},
+              "default_run": {name: spread(rows) for name, rows in default.items() if rows}}
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
