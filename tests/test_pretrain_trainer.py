@@ -170,8 +170,9 @@ def _ddp_worker(rank: int, world_size: int, port: int, tokenizer_dir: str, confi
     torch.distributed.destroy_process_group()
 
 
-def test_ddp_two_cpu_processes_average_gradients(corpus, tiny_tokenizer_dir, tiny_tokenizer, tmp_path):
-    config = asdict(small_config(corpus, tmp_path / "run", max_steps=4, eval_interval=4))
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_ddp_two_cpu_processes_average_gradients(corpus, tiny_tokenizer_dir, tiny_tokenizer, tmp_path, optimizer):
+    config = asdict(small_config(corpus, tmp_path / "run", max_steps=4, eval_interval=4, optimizer=optimizer))
     token_cache.build_token_stream(config["train_data"], tiny_tokenizer, num_workers=1, show_progress=False)  # warm
     context = mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tiny_tokenizer_dir), config, str(tmp_path)),
                                  nprocs=2, join=False, start_method="spawn")
