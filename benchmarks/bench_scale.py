@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,7 +43,7 @@ import regex
 
 import cli
 from benchmarks.cli_options import benchmark_parser, positive_ints
-from byte_level_bpe import DEFAULT_SPECIAL_TOKENS, GPT2_SPLIT_PATTERN
+from byte_level_bpe import GPT2_SPLIT_PATTERN
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "data" / "pretrain" / "train.txt"
@@ -264,6 +265,9 @@ def build_parser() -> cli.ArgumentParser:
                         help="MB of the middle corpus encoded by each encoder")
     parser.add_argument("--work_dir", default=None, help="folder for the corpora and caches (default: a temp folder)")
     parser.add_argument("--output", default=str(RESULTS), help="where the JSON result is written")
+    parser.add_argument("--reuse_training", action="store_true",
+                        help="keep the tokenizers an earlier run left in --work_dir and its training and hit-rate "
+                             "figures in --output; measure the rest again")
     return parser
 
 
@@ -277,14 +281,21 @@ def _main(argv: list[str] | None) -> int:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_scale_"))
     work.mkdir(parents=True, exist_ok=True)
     cores = os.cpu_count() or 1
+    earlier = json.loads(Path(args.output).read_text(encoding="utf-8")) if args.reuse_training else None
     result: dict = {"cpu_cores": cores, "vocab_size": args.vocab_size, "source_hit_rate": hit_rate(SOURCE),
                     "sizes": {}}
     middle = sorted(args.sizes_mb)[len(args.sizes_mb) // 2]
     for size in sorted(args.sizes_mb):
         corpus = make_corpus(work / f"corpus_{size}mb.txt", size)
         tok_dir = work / f"tokenizer_{size}mb"
-        row = {"megabytes": round(corpus.stat().st_size / 1e6, 1), **hit_rate(corpus),
-               "tokenizer_training": bench_training(corpus, args.vocab_size, tok_dir)}
+        for stale in work.glob(f"cache_{size}mb*"):
+            shutil.rmtree(stale)  # every build is measured from nothing
+        if earlier is not None:
+            keep = ("megabytes", "hit_rate", "pre_tokens", "distinct_pre_tokens", "tokenizer_training")
+            row = {k: earlier["sizes"][f"{size}mb"][k] for k in keep}
+        else:
+            row = {"megabytes": round(corpus.stat().st_size / 1e6, 1), **hit_rate(corpus),
+                   "tokenizer_training": bench_training(corpus, args.vocab_size, tok_dir)}
         row["token_cache"] = bench_cache(corpus, tok_dir, work / f"cache_{size}mb")
         if size == middle:
             row["encoding"] = bench_encoding(corpus, tok_dir, args.encode_mb, cores)
