@@ -5,8 +5,10 @@ results in benchmarks/results/bench_optimizer.json).
 
 Every run is ``python pretrain_trainer.py`` as a user runs it, with ``--optimizer``, ``--lr`` and ``--seed`` set, on
 the embedded corpus (the Shakespeare plays and the poems of data/pretrain/train.txt), scored by its final held-out
-bits per byte (data/pretrain/val.txt, every token once). Two budgets, both counted from process start as
-``--max_minutes`` does:
+bits per byte (data/pretrain/val.txt, every token once). ``--recipe`` picks the model: the command's default, or
+nanoGPT's shakespeare_char shape (``--recipe nanogpt``: 6 x 384, context 256, batch 8; run it with
+``--skip_default_runs`` for the 105 s comparison). Two budgets, both counted from process start as ``--max_minutes``
+does:
 - the short recipe: 105 s (``--max_minutes 1.75``), first a sweep of ``--sweep_lrs`` for each optimizer with seed
   0, then every seed at each optimizer's best lr;
 - the default run (4.75 minutes, the command's default budget) for every seed, each optimizer at its swept lr.
@@ -33,13 +35,16 @@ from benchmarks.cli_options import benchmark_parser, positive_ints
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "bench_optimizer.json"
 SWEEP = {"adamw": "1.5e-3,3e-3,6e-3", "muon": "3e-3,6e-3,1.2e-2"}
+# the model each recipe trains: the command's default (2 x 128, context 64, batch 16), or nanoGPT's shakespeare_char
+RECIPES = {"default": [], "nanogpt": ["--n_layers", "6", "--d_model", "384", "--n_heads", "6", "--max_seq_len", "256",
+                                      "--batch_size", "8"]}
 
 
-def pretrain(optimizer: str, lr: float, seed: int, minutes: float | None, work: Path) -> dict:
+def pretrain(optimizer: str, lr: float, seed: int, minutes: float | None, work: Path, shape: list[str]) -> dict:
     """One pretraining run; its summary (steps, final val_bpb, ...)."""
     out = work / f"{optimizer}_lr{lr:g}_seed{seed}_{minutes or 'default'}"
     argv = [sys.executable, "pretrain_trainer.py", "--optimizer", optimizer, "--lr", str(lr), "--seed", str(seed),
-            "--output_dir", str(out), "--samples", "0", "--cache_dir", str(work / "cache")]
+            "--output_dir", str(out), "--samples", "0", "--cache_dir", str(work / "cache"), *shape]
     if minutes is not None:
         argv += ["--max_minutes", str(minutes)]
     start = time.perf_counter()
@@ -70,7 +75,10 @@ def build_parser() -> cli.ArgumentParser:
     for name, lrs in SWEEP.items():
         parser.add_argument(f"--{name}_lrs", type=float_list, default=float_list(lrs),
                             help=f"the lrs swept for {name} (comma-separated)")
-    parser.add_argument("--skip_default_runs", action="store_true", help="only the short recipe")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="default",
+                        help="the model trained: the command's default, or nanoGPT's shakespeare_char shape (6 x 384, "
+                             "context 256, batch 8)")
+    parser.add_argument("--skip_default_runs", action="store_true", help="only the short budget")
     parser.add_argument("--output", default=str(RESULTS), help="where the JSON result is written")
     return parser
 
@@ -83,12 +91,12 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench_optimizer_"))
-    sweeps = {"adamw": args.adamw_lrs, "muon": args.muon_lrs}
+    sweeps, shape = {"adamw": args.adamw_lrs, "muon": args.muon_lrs}, RECIPES[args.recipe]
     sweep_rows = []
     for i in range(max(map(len, sweeps.values()))):  # alternating: adamw lr i, muon lr i, ...
         for name, lrs in sweeps.items():
             if i < len(lrs):
-                sweep_rows.append(pretrain(name, lrs[i], args.seeds[0], args.short_minutes, work))
+                sweep_rows.append(pretrain(name, lrs[i], args.seeds[0], args.short_minutes, work, shape))
     best = {name: min((r for r in sweep_rows if r["optimizer"] == name), key=lambda r: r["val_bpb"])["lr"]
             for name in sweeps}
     short = {name: [r for r in sweep_rows if r["optimizer"] == name and r["lr"] == best[name]] for name in sweeps}
@@ -96,10 +104,10 @@ def _main(argv: list[str] | None) -> int:
     for seed in args.seeds:
         for name in sweeps:
             if seed != args.seeds[0]:
-                short[name].append(pretrain(name, best[name], seed, args.short_minutes, work))
+                short[name].append(pretrain(name, best[name], seed, args.short_minutes, work, shape))
             if not args.skip_default_runs:
-                default[name].append(pretrain(name, best[name], seed, None, work))
-    result = {"best_lr": best, "sweep": sweep_rows,
+                default[name].append(pretrain(name, best[name], seed, None, work, shape))
+    result = {"recipe": args.recipe, "model_flags": shape, "best_lr": best, "sweep": sweep_rows,
               "short_recipe": {name: spread(rows) for name, rows in short.items()},
               "default_run": {name: spread(rows) for name, rows in default.items() if rows}}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

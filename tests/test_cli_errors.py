@@ -463,9 +463,10 @@ BAD_FLAGS = [
         ["--slice_mb", "0"], ["--slice_mb", "x"], ["--input", "{out}/missing.txt"], ["--bogus"])],
     *[("bench_optimizer", flags, ()) for flags in (
         ["--seeds", "0"], ["--seeds", "x"], ["--short_minutes", "0"], ["--adamw_lrs", "0"], ["--muon_lrs", "x"],
-        ["--bogus"])],
+        ["--recipe", "gpt3"], ["--bogus"])],
     *[("bench_scale", flags, ()) for flags in (
-        ["--sizes_mb", "0"], ["--sizes_mb", "x"], ["--vocab_size", "10"], ["--encode_mb", "0"], ["--bogus"])],
+        ["--sizes_mb", "0"], ["--sizes_mb", "x"], ["--vocab_size", "10"], ["--encode_mb", "0"], ["--bogus"],
+        ["--reuse_training", "--output", "{out}/missing.json"])],
     *[("bench_train", flags, ()) for flags in (
         ["--steps", "0"], ["--steps", "x"], ["--num_threads", "0"], ["--vocab_size", "x"], [OLD_THREADS, "2"])],
     *[("calibrate_arithmetic", flags, ()) for flags in (
