@@ -278,10 +278,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    earlier = json.loads(Path(args.output).read_text(encoding="utf-8")) if args.reuse_training else None
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_scale_"))
     work.mkdir(parents=True, exist_ok=True)
     cores = os.cpu_count() or 1
-    earlier = json.loads(Path(args.output).read_text(encoding="utf-8")) if args.reuse_training else None
     result: dict = {"cpu_cores": cores, "vocab_size": args.vocab_size, "source_hit_rate": hit_rate(SOURCE),
                     "sizes": {}}
     middle = sorted(args.sizes_mb)[len(args.sizes_mb) // 2]
