@@ -267,7 +267,7 @@ def build_parser() -> cli.ArgumentParser:
     parser.add_argument("--output", default=str(RESULTS), help="where the JSON result is written")
     parser.add_argument("--reuse_training", action="store_true",
                         help="keep the tokenizers an earlier run left in --work_dir and its training and hit-rate "
-                             "figures in --output; measure the rest again")
+                             "figures in --output; measure the rest of --sizes_mb again (other sizes' rows stay)")
     return parser
 
 
@@ -283,7 +283,7 @@ def _main(argv: list[str] | None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     cores = os.cpu_count() or 1
     result: dict = {"cpu_cores": cores, "vocab_size": args.vocab_size, "source_hit_rate": hit_rate(SOURCE),
-                    "sizes": {}}
+                    "sizes": dict(earlier["sizes"]) if earlier else {}}  # sizes not measured again are kept
     middle = sorted(args.sizes_mb)[len(args.sizes_mb) // 2]
     for size in sorted(args.sizes_mb):
         corpus = make_corpus(work / f"corpus_{size}mb.txt", size)
