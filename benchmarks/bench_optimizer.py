@@ -71,6 +71,8 @@ def float_list(text: str) -> list[float]:
 def build_parser() -> cli.ArgumentParser:
     parser = benchmark_parser("benchmarks.bench_optimizer", __doc__)
     parser.add_argument("--seeds", type=positive_ints(), default=[1, 2, 3], help="seeds of the compared runs")
+    parser.add_argument("--default_seeds", type=positive_ints(), default=None,
+                        help="seeds of the default-budget runs (default: --seeds)")
     parser.add_argument("--short_minutes", type=cli.positive_float, default=1.75, help="the short recipe's budget")
     for name, lrs in SWEEP.items():
         parser.add_argument(f"--{name}_lrs", type=float_list, default=float_list(lrs),
@@ -101,11 +103,12 @@ def _main(argv: list[str] | None) -> int:
             for name in sweeps}
     short = {name: [r for r in sweep_rows if r["optimizer"] == name and r["lr"] == best[name]] for name in sweeps}
     default: dict[str, list[dict]] = {name: [] for name in sweeps}
-    for seed in args.seeds:
+    default_seeds = args.seeds if args.default_seeds is None else args.default_seeds
+    for seed in sorted(set(args.seeds) | set(default_seeds)):
         for name in sweeps:
-            if seed != args.seeds[0]:
+            if seed != args.seeds[0] and seed in args.seeds:
                 short[name].append(pretrain(name, best[name], seed, args.short_minutes, work, shape))
-            if not args.skip_default_runs:
+            if not args.skip_default_runs and seed in default_seeds:
                 default[name].append(pretrain(name, best[name], seed, None, work, shape))
     result = {"recipe": args.recipe, "model_flags": shape, "best_lr": best, "sweep": sweep_rows,
               "short_recipe": {name: spread(rows) for name, rows in short.items()},
