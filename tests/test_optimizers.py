@@ -1,4 +1,4 @@
-"""training: the optimizer and the one training loop every stage runs on."""
+"""optimizers: AdamW's groups and fused kernel; Muon for the blocks' matrices with AdamW for the rest, as one."""
 from __future__ import annotations
 
 import copy
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gpt_model import GPTModel
-from training import configure_optimizer
+from optimizers import configure_optimizer
 
 SMALL = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, d_ff=128, max_seq_len=48)
 
@@ -49,7 +49,7 @@ def test_fused_optimizer_steps_like_the_reference_adamw(model):
 def test_muon_gets_exactly_the_blocks_weight_matrices(model):
     import lora
     import model_heads
-    from training import MuonWithAdamW
+    from optimizers import MuonWithAdamW
 
     opt = configure_optimizer(model, weight_decay=0.1, lr=1e-3, kind="muon")
     assert isinstance(opt, MuonWithAdamW) and isinstance(opt.muon, torch.optim.Muon)
