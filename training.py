@@ -4,9 +4,10 @@ its updates per step).
 
 Its own module because every stage shares it and none should import another stage for it. What it guarantees
 for all of them: AdamW or Muon + AdamW (``optimizers.py``) with warmup + cosine (every optimizer of the stage), one
-stopping rule (steps, epochs, a time budget), mixed precision, torch.compile, gradient accumulation and clipping, DDP where the stage allows it,
-exact resume, atomic checkpoints with rotation, metrics.jsonl + loss_curve.png, Ctrl-C/SIGTERM saving, a non-finite
-loss stopping the run, and a run never making an output folder worse than it found it (``run_folder.RunFolder``).
+stopping rule (steps, epochs, a time budget), mixed precision, torch.compile, gradient accumulation and clipping,
+DDP where the stage allows it, exact resume, atomic checkpoints with rotation, metrics.jsonl + loss_curve.png,
+Ctrl-C/SIGTERM saving, a non-finite loss stopping the run, and a run never making an output folder worse than it
+found it (``run_folder.RunFolder``).
 """
 from __future__ import annotations
 
