@@ -118,3 +118,26 @@ def test_muon_state_round_trips_and_lowers_the_loss(model):
     assert state["kind"] == "muon"
     for a, b in zip(again.muon.state.values(), opt.muon.state.values()):
         torch.testing.assert_close(a["momentum_buffer"], b["momentum_buffer"])
+
+
+def test_a_loss_scaler_unscales_and_skips_both_optimizers(model):
+    """fp16's GradScaler needs only ``param_groups`` and ``step``: it unscales Muon's and AdamW's gradients alike,
+    and an overflowing step moves neither."""
+    opt = configure_optimizer(model.train(), 0.1, 3e-3, kind="muon")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    ids = torch.randint(0, model.config.vocab_size, (4, 32))
+    losses = []
+    for _ in range(5):
+        loss = model(ids, labels=ids)["loss"]
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] and scaler.get_scale() == 2.0 ** 10
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(torch.zeros(1, 4, dtype=torch.long))["logits"].sum().mul(float("inf")).backward()
+    scaler.unscale_(opt)
+    scaler.step(opt)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
