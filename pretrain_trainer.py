@@ -41,6 +41,9 @@ __all__ = ["GPTTrainer", "TrainConfig", "TrainError", "evaluate_stream", "lr_at"
 PROCESS_START = time.time()
 DEFAULT_TOKENIZER_DIR = "models/bpe_tokenizer"
 DEFAULT_MINUTES = 4.75  # leaves ~15 s of a 5-minute run for the final evaluation and the samples
+# the default optimizer and each one's lr: the best of an lr sweep each, Muon ahead on the default run
+# (benchmarks/bench_optimizer.py, docs/results.md); finetuning keeps AdamW
+DEFAULT_OPTIMIZER, DEFAULT_LR = "muon", {"adamw": 3e-3, "muon": 6e-3}
 DEFAULT_TINY_LAYERS = 2  # in 2-5 minutes on 2 cores, 2 blocks of 128 beat 1, 3 or 4 (val bpb, measured)
 SAMPLE_PROMPTS = ("LEAR:", "ROMEO:", "《静夜思》 李白：")
 SHAPE_FIELDS = ("preset", "n_layers", "d_model", "n_heads", "d_ff", "max_seq_len")
@@ -62,6 +65,8 @@ class TrainConfig(training.TrainConfig):
     dropout: float = 0.0
     max_seq_len: int = 64
     num_workers: int | None = None
+    optimizer: str = DEFAULT_OPTIMIZER
+    lr: float = DEFAULT_LR[DEFAULT_OPTIMIZER]
 
 
 class GPTTrainer(Trainer):
@@ -199,7 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=cli.nonnegative_int, default=100,
                    help="new tokens per sample generation printed at the end (0 = none)")
     training.add_loop_arguments(p, d)
-    p.set_defaults(output_dir="models/pretrain")
+    p.set_defaults(output_dir="models/pretrain", lr=None)
+    lr = next(a for a in p._actions if a.dest == "lr")
+    lr.help = ("peak learning rate (after warmup) (default: " +
+               ", ".join(f"{v:g} with --optimizer {k}" for k, v in DEFAULT_LR.items()) + ")")
     return p
 
 
@@ -208,6 +216,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = {k: v for k, v in vars(args).items() if k in names}
     val = None if str(args.val_data_dir).lower() == "none" else args.val_data_dir
     values.update(train_data=args.train_data_dir, val_data=val)
+    if args.lr is None:
+        values["lr"] = DEFAULT_LR[args.optimizer]
     if args.max_steps is None and args.epochs is None and args.max_minutes is None:
         values["max_minutes"] = DEFAULT_MINUTES
     if args.preset == "tiny" and args.n_layers is None:

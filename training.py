@@ -3,10 +3,11 @@ with a ``SupervisedStep`` (a loss on batches), PPO and GRPO with their step stra
 its updates per step).
 
 Its own module because every stage shares it and none should import another stage for it. What it guarantees
-for all of them: AdamW with warmup + cosine (every optimizer of the stage), one stopping rule (steps, epochs, a
-time budget), mixed precision, torch.compile, gradient accumulation and clipping, DDP where the stage allows it,
-exact resume, atomic checkpoints with rotation, metrics.jsonl + loss_curve.png, Ctrl-C/SIGTERM saving, a non-finite
-loss stopping the run, and a run never making an output folder worse than it found it (``run_folder.RunFolder``).
+for all of them: AdamW or Muon + AdamW (``optimizers.py``) with warmup + cosine (every optimizer of the stage), one
+stopping rule (steps, epochs, a time budget), mixed precision, torch.compile, gradient accumulation and clipping,
+DDP where the stage allows it, exact resume, atomic checkpoints with rotation, metrics.jsonl + loss_curve.png,
+Ctrl-C/SIGTERM saving, a non-finite loss stopping the run, and a run never making an output folder worse than it
+found it (``run_folder.RunFolder``).
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import argparse
 import math
 import os
 import random
-import re
 import signal
 import threading
 import time
@@ -34,6 +34,7 @@ import checkpoints
 import cli
 from cli import Interrupted
 from devices import autocast_context, resolve_device, resolve_dtype
+from optimizers import OPTIMIZERS, Optimizer, configure_optimizer, optimizer_kind
 from run_folder import RunFolder, step_checkpoints
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12,
@@ -122,85 +123,6 @@ def add_loop_arguments(p: argparse.ArgumentParser, d: TrainConfig) -> None:
 
 
 # ----------------------------------------------------------------------------- state helpers
-
-OPTIMIZERS = ("adamw", "muon")
-HIDDEN_MATRIX = re.compile(r"(^|\.)h\.\d+\.")  # a transformer block's parameter: transformer.h.3.mlp.c_fc.weight
-
-
-class MuonWithAdamW:
-    """Muon for the hidden weight matrices and AdamW for the rest, stepped as one optimizer: the lr schedule, the
-    loss scaler, gradient clipping and checkpoints see one object whose ``param_groups`` are both optimizers'."""
-
-    kind = "muon"
-
-    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.AdamW):
-        self.muon, self.adamw = muon, adamw
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return self.muon.param_groups + self.adamw.param_groups
-
-    def step(self, closure=None) -> None:
-        self.muon.step()
-        self.adamw.step()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.muon.zero_grad(set_to_none=set_to_none)
-        self.adamw.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.muon.load_state_dict(state["muon"])
-        self.adamw.load_state_dict(state["adamw"])
-
-
-def optimizer_kind(optimizer_or_state) -> str:
-    """"muon" or "adamw", of an optimizer or of the state dict a checkpoint holds."""
-    if isinstance(optimizer_or_state, dict):
-        return optimizer_or_state.get("kind", "adamw")
-    return getattr(optimizer_or_state, "kind", "adamw")
-
-
-def split_hidden_matrices(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(the blocks' trainable 2-D weight matrices, every other trainable parameter): what Muon and AdamW get.
-
-    Embeddings and the tied LM head, biases, norm gains, reward/classifier heads and LoRA adapters stay with AdamW:
-    Muon orthogonalises a matrix's update, which suits the hidden layers, not lookups, vectors or low-rank adapters
-    (as nanochat and modded-nanogpt split them)."""
-    hidden, rest = [], []
-    for name, param in module.named_parameters():
-        if param.requires_grad:
-            is_hidden = param.dim() == 2 and HIDDEN_MATRIX.search(name) and "lora_" not in name
-            (hidden if is_hidden else rest).append(param)
-    return hidden, rest
-
-
-def configure_optimizer(module: nn.Module, weight_decay: float, lr: float, betas: tuple[float, float] = (0.9, 0.95),
-                        device_type: str = "cpu", kind: str = "adamw") -> torch.optim.AdamW | MuonWithAdamW:
-    """AdamW over the trainable parameters: decay on 2-D weights (matmuls, embeddings), none on biases and norms; or
-    with ``kind="muon"`` Muon for the blocks' matrices (``split_hidden_matrices``) and that AdamW for the rest.
-
-    The fused kernel on CPU and CUDA: one pass over each tensor instead of a handful of ops per parameter (on CPU it
-    takes 1% off a 6 x 384 training step, what nanoGPT's per-parameter loop costs more). Muon scales its update to
-    AdamW's RMS (``adjust_lr_fn="match_rms_adamw"``), so one ``--lr`` and one schedule serve both."""
-    if kind not in OPTIMIZERS:
-        raise TrainError(f"unknown optimizer {kind!r}: pass one of {', '.join(OPTIMIZERS)}")
-    hidden, rest = split_hidden_matrices(module) if kind == "muon" else ([], None)
-    if kind == "muon" and not hidden:
-        raise TrainError("--optimizer muon trains the blocks' weight matrices, and none is trained here (LoRA trains "
-                         "only its adapters): use --optimizer adamw")
-    params = rest if rest is not None else [p for p in module.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    adamw = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ("cpu", "cuda"))
-    if kind == "adamw":
-        return adamw
-    muon = torch.optim.Muon(hidden, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
-    return MuonWithAdamW(muon, adamw)
-
 
 def rng_state() -> dict[str, Any]:
     """All RNG states as weights_only-loadable types (tensors, lists, ints, floats)."""
@@ -427,7 +349,7 @@ class Trainer:
         self.optimizer = configure_optimizer(self.model, config.weight_decay, config.lr,
                                              (config.beta1, config.beta2), self.device.type, config.optimizer)
         self.scaler = self.new_scaler()
-        self.scheduled: list[tuple[torch.optim.Optimizer, float]] = []  # other optimizers the schedule scales
+        self.scheduled: list[tuple[Optimizer, float]] = []  # other optimizers the schedule scales
         torch.manual_seed(config.seed + self.dist.rank)  # per-rank dropout streams
         self.step, self.train_seconds, self.best_val_loss = 0, 0.0, math.inf
         self.lr, self.last_saved = 0.0, resumed_from
@@ -458,7 +380,7 @@ class Trainer:
         """The run's precision (bf16/fp16 autocast, or nothing for fp32), for passes outside ``update`` (rollouts)."""
         return autocast_context(self.device, self.dtype)
 
-    def update(self, micro_losses: list[Callable[[], Any]], optimizer: torch.optim.Optimizer | None = None,
+    def update(self, micro_losses: list[Callable[[], Any]], optimizer: Optimizer | None = None,
                scaler: torch.amp.GradScaler | None = None,
                module: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One optimizer step over micro-batches: each callable returns a loss (or a dict with "loss" and scalars),

@@ -20,10 +20,9 @@ import losses
 import metrics
 import model_heads
 import readers
-import training
 from conftest import ROOT, TRAIN_TXT
 from data.classify import build_classify_data as build_classify
-from training import configure_optimizer
+from optimizers import configure_optimizer
 
 CLASSIFY_DATA = ROOT / "data" / "classify"
 
@@ -62,7 +61,7 @@ def test_frozen_blocks_get_no_gradient_and_do_not_move(tiny_tokenizer):
     model = model_heads.GPTClassifier(small_config(tiny_tokenizer), 2)
     model_heads.freeze_all_but_last(model, 1)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    optimizer = training.configure_optimizer(model, weight_decay=0.1, lr=1e-2)
+    optimizer = configure_optimizer(model, weight_decay=0.1, lr=1e-2)
     ids = torch.randint(4, len(tiny_tokenizer), (4, 10))
     out = losses.classify_loss(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids),
                                    "label": torch.tensor([0, 1, 1, 0])})

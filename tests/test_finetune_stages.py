@@ -40,13 +40,16 @@ def test_dpo_nll_weight_adds_the_chosen_answers_per_token_nll(files, tmp_path):
     assert rows[0.0]["train_loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference: DPO loss is log 2
 
 
-def test_sft_run_writes_best_with_template_and_resumes_exactly(files, tmp_path):
-    straight = stage_config(files, tmp_path / "a", "sft", max_steps=6, save_interval=3, eval_interval=3)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_sft_run_writes_best_with_template_and_resumes_exactly(optimizer, files, tmp_path):
+    straight = stage_config(files, tmp_path / "a", "sft", max_steps=6, save_interval=3, eval_interval=3,
+                            optimizer=optimizer)
     stages.run_sft(straight, None, show_progress=False)
     best = checkpoints.load_checkpoint(Path(straight.output_dir) / "sft_best.pth")
     assert best["sft_template"] == CHAT_TEMPLATE and best["stage"] == "sft"
 
-    killed = stage_config(files, tmp_path / "b", "sft", max_steps=6, save_interval=3, eval_interval=3)
+    killed = stage_config(files, tmp_path / "b", "sft", max_steps=6, save_interval=3, eval_interval=3,
+                          optimizer=optimizer)
     stages.run_sft(killed, None, show_progress=False, stop_after=3)  # as if killed after step 3's checkpoint
     stages.run_sft(killed, "auto", show_progress=False)
     losses = lambda cfg: [r["train_loss"] for r in read_metrics(Path(cfg.output_dir) / "metrics.jsonl")
@@ -225,13 +228,14 @@ def test_rl_epochs_stop_the_run(files, tmp_path):
     assert summary["steps"] == 6  # 2 epochs x 3 batches of 2 prompts
 
 
-@pytest.mark.parametrize("stage", ["rlvf", "rlhf"])
-def test_rl_resumes_exactly(files, tmp_path, stage):
+@pytest.mark.parametrize("stage, optimizer", [("rlvf", "adamw"), ("rlhf", "adamw"), ("rlhf", "muon")])
+def test_rl_resumes_exactly(files, tmp_path, stage, optimizer):
     """A run killed after step 2 and resumed with --resume auto ends where the uninterrupted run does: the same rows
     and the same policy (and critic), through the loop's one save / restore."""
     sft = sft_model(files, tmp_path)
     if stage == "rlvf":
-        make = lambda name: rlvf_config(files, tmp_path, name, sft, save_interval=2)  # noqa: E731
+        make = lambda name: rlvf_config(files, tmp_path, name, sft, save_interval=2,  # noqa: E731
+                                        optimizer=optimizer)
         run = stages.run_rlvf
     else:
         reward = model_heads.GPTRewardModel.from_language_model(checkpoints.load(sft, trainable=True).model)
@@ -240,7 +244,8 @@ def test_rl_resumes_exactly(files, tmp_path, stage):
         shutil_copy_tokenizer(sft, tmp_path)
         make = lambda name: stage_config(files, tmp_path / name, "rlhf", sft_model=sft,  # noqa: E731
                                          reward_model=str(tmp_path / "reward.pth"), max_steps=4, eval_interval=2,
-                                         rollout_batch_size=4, ppo_minibatch_size=2, ppo_epochs=1, save_interval=2)
+                                         rollout_batch_size=4, ppo_minibatch_size=2, ppo_epochs=1, save_interval=2,
+                                         optimizer=optimizer)
         run = stages.run_rlhf
     straight, killed = make("straight"), make("killed")
     run(straight, None, show_progress=False)

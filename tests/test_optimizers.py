@@ -1,4 +1,4 @@
-"""training: the optimizer and the one training loop every stage runs on."""
+"""optimizers: AdamW's groups and fused kernel; Muon for the blocks' matrices with AdamW for the rest, as one."""
 from __future__ import annotations
 
 import copy
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gpt_model import GPTModel
-from training import configure_optimizer
+from optimizers import configure_optimizer
 
 SMALL = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, d_ff=128, max_seq_len=48)
 
@@ -49,7 +49,7 @@ def test_fused_optimizer_steps_like_the_reference_adamw(model):
 def test_muon_gets_exactly_the_blocks_weight_matrices(model):
     import lora
     import model_heads
-    from training import MuonWithAdamW
+    from optimizers import MuonWithAdamW
 
     opt = configure_optimizer(model, weight_decay=0.1, lr=1e-3, kind="muon")
     assert isinstance(opt, MuonWithAdamW) and isinstance(opt.muon, torch.optim.Muon)
@@ -118,3 +118,26 @@ def test_muon_state_round_trips_and_lowers_the_loss(model):
     assert state["kind"] == "muon"
     for a, b in zip(again.muon.state.values(), opt.muon.state.values()):
         torch.testing.assert_close(a["momentum_buffer"], b["momentum_buffer"])
+
+
+def test_a_loss_scaler_unscales_and_skips_both_optimizers(model):
+    """fp16's GradScaler needs only ``param_groups`` and ``step``: it unscales Muon's and AdamW's gradients alike,
+    and an overflowing step moves neither."""
+    opt = configure_optimizer(model.train(), 0.1, 3e-3, kind="muon")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    ids = torch.randint(0, model.config.vocab_size, (4, 32))
+    losses = []
+    for _ in range(5):
+        loss = model(ids, labels=ids)["loss"]
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] and scaler.get_scale() == 2.0 ** 10
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(torch.zeros(1, 4, dtype=torch.long))["logits"].sum().mul(float("inf")).backward()
+    scaler.unscale_(opt)
+    scaler.step(opt)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
