@@ -155,7 +155,7 @@ def test_resume_checkpoint_that_does_not_fit(corpus, tiny_tokenizer_dir, tmp_pat
     torch.save(bad_tensors, broken / "pretrain_step_2.pth")
     no_state = {k: v for k, v in checkpoint.items() if k != "rank_states"}
     torch.save(no_state, broken / "no_state.pth")
-    bad_optimizer = dict(checkpoint, optimizer={"state": {}, "param_groups": []})
+    bad_optimizer = dict(checkpoint, optimizer={**checkpoint["optimizer"], "muon": {"state": {}, "param_groups": []}})
     torch.save(bad_optimizer, broken / "bad_optimizer.pth")
     (broken / "corrupt.pth").write_bytes(b"not a checkpoint")
     for name, expected in (("pretrain_step_2.pth", "has shape"), ("no_state.pth", "no training state"),

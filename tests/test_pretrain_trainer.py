@@ -96,7 +96,8 @@ def test_resuming_with_another_optimizer_is_one_line(corpus, tiny_tokenizer, tmp
                   show_progress=False).train()
     with pytest.raises(pt.TrainError, match="was trained with --optimizer muon, this run has --optimizer adamw: "
                                             "resume with --optimizer muon"):
-        pt.GPTTrainer(small_config(corpus, run, max_steps=4), tiny_tokenizer, resume="auto", show_progress=False)
+        pt.GPTTrainer(small_config(corpus, run, max_steps=4, optimizer="adamw"), tiny_tokenizer, resume="auto",
+                      show_progress=False)
 
 
 def test_evaluation_bits_per_byte_of_a_uniform_model(tiny_tokenizer, tmp_path):
