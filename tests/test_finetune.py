@@ -74,7 +74,8 @@ BAD_FLAGS = [
     (["--mode", "rlhf", "--reward_model", "{out}/reward_best.pth"], "holds --reward_model"),
     (["--tokenizer_dir", "{out}/tokenizer"], "holds --tokenizer_dir"),
     # rlhf's own reward model (trained first into <output_dir>/reward/) may be passed back: the next check speaks
-    (["--mode", "rlhf", "--reward_model", "{out}/reward/reward_best.pth"], "{out}/reward/reward_best.pth not found"),
+    (["--mode", "rlhf", "--sft_model", "{out}/../sft.pth", "--reward_model", "{out}/reward/reward_best.pth"],
+     "{out}/../sft.pth does not exist"),
 ]
 
 
