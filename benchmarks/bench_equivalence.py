@@ -10,11 +10,6 @@ The earlier commit is checked out with `git worktree` into a temporary folder (r
 """
 from __future__ import annotations
 
-if __name__ == "__main__" and not __package__:  # run by its path, not with -m: import from the project root
-    import pathlib
-    import sys
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
 import hashlib
 import json
 import os

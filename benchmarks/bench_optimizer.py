@@ -16,11 +16,6 @@ Runs alternate between the optimizers so that a machine that slows down mid-benc
 """
 from __future__ import annotations
 
-if __name__ == "__main__" and not __package__:  # run by its path, not with -m: import from the project root
-    import pathlib
-    import sys
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
 import json
 import statistics
 import subprocess

@@ -22,11 +22,6 @@ Measured, each as its own process with the process tree's RSS sampled every 20 m
 """
 from __future__ import annotations
 
-if __name__ == "__main__" and not __package__:  # run by its path, not with -m: import from the project root
-    import pathlib
-    import sys
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
 import hashlib
 import json
 import os
@@ -149,7 +144,7 @@ def tree_rss(proc) -> int:
 def measure(job: str, *args: str, kill_when=None) -> dict:
     """Run ``JOBS[job]`` in its own process: wall seconds, peak RSS of its tree (MB), its stdout; ``kill_when()``
     true: SIGKILL it there."""
-    code = "import sys\nsys.path.insert(0, %r)\n" % str(ROOT) + JOBS[job]
+    code = "import sys\n" + JOBS[job]  # `python -c` imports from its cwd, the project root
     proc = subprocess.Popen([sys.executable, "-c", code, job, *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     start, peak, killed = time.perf_counter(), 0, False

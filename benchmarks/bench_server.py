@@ -14,11 +14,6 @@ arrives with the full text, so its time to first token is its latency).
 """
 from __future__ import annotations
 
-if __name__ == "__main__" and not __package__:  # run by its path, not with -m: import from the project root
-    import pathlib
-    import sys
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
 import argparse
 import asyncio
 import json

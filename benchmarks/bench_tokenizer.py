@@ -7,11 +7,6 @@ the same for `tokenizers` (train_from_iterator; encode_batch over lines and one 
 """
 from __future__ import annotations
 
-if __name__ == "__main__" and not __package__:  # run by its path, not with -m: import from the project root
-    import pathlib
-    import sys
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
 import json
 import os
 import sys

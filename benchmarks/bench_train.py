@@ -11,11 +11,6 @@ the same batches, alternating with ours so that a busy machine slows both alike.
 """
 from __future__ import annotations
 
-if __name__ == "__main__" and not __package__:  # run by its path, not with -m: import from the project root
-    import pathlib
-    import sys
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # same setting as the trainer

@@ -17,11 +17,6 @@ on the wire) and server_metrics.py (Prometheus).
 """
 from __future__ import annotations
 
-if __name__ == "__main__" and not __package__:  # run by its path, not with -m: import from the project root
-    import pathlib
-    import sys
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
 import asyncio
 import hmac
 import inspect

@@ -8,23 +8,19 @@ waiting 0.1-1 s between requests. Extra options, spelled with dashes like Locust
 largest max_gen_len a request asks for, >= 8; keep prompt + it within the model's context: 48 suits the default
 64-token pretrain model), --api-key (or GPT_API_KEY); a bad value stops Locust before any request. A request fails
 on any non-2xx status, a stream without its final event, or a response without text fields. The stream task reports
-time to first token as its own row ("generate stream: first token").
+time to first token as its own row ("generate stream: first token"). Run it from the project root, as every command
+here: Locust imports from the folder it runs in, and this file imports the project's ``cli``.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
-import sys
 import time
-from pathlib import Path
 
 from locust import HttpUser, between, events, task
 
-ROOT = str(Path(__file__).resolve().parent.parent)
-if ROOT not in sys.path:  # Locust imports this file by its path, from any folder
-    sys.path.insert(0, ROOT)
-import cli  # noqa: E402  (the project's argument types)
+import cli  # the project's argument types: Locust imports from the folder it runs in, the project root
 
 MIN_NEW_TOKENS = 8
 

@@ -380,7 +380,6 @@ COMMANDS = {
     "bench_scale": ("benchmarks.bench_scale", ["--sizes_mb", "1", "--work_dir", "{out}/work"]),
     "bench_optimizer": ("benchmarks.bench_optimizer", ["--seeds", "1", "--skip_default_runs"]),
     "bench_train": ("benchmarks.bench_train", ["--steps", "1"]),
-    "calibrate_arithmetic": ("benchmarks.calibrate_arithmetic", ["--pretrained", "{ckpt}", "--max_steps", "1"]),
 }
 
 # The retired spellings, assembled so that a grep for them finds only code that still uses them.
@@ -469,10 +468,6 @@ BAD_FLAGS = [
         ["--reuse_training", "--output", "{out}/missing.json"])],
     *[("bench_train", flags, ()) for flags in (
         ["--steps", "0"], ["--steps", "x"], ["--num_threads", "0"], ["--vocab_size", "x"], [OLD_THREADS, "2"])],
-    *[("calibrate_arithmetic", flags, ()) for flags in (
-        ["--arith_fraction", "0"], ["--arith_fraction", "1.5"], ["--lr", "0"], ["--min_lr_ratio", "2"],
-        ["--batch_size", "0"], ["--max_steps", "0"], ["--num_threads", "0"], [OLD_THREADS, "2"], ["--template", "x"],
-        ["--seed", "-1"], ["--max_minutes", "0"], ["--eval_every", "0"], ["--n_heads", "0"], ["--max_seq_len", "1"])],
 ]
 
 
@@ -557,7 +552,7 @@ def test_bad_flags_of_every_converted_cli(case, shared, tmp_path, capsys, monkey
 
 
 def test_the_table_covers_every_command_and_every_benchmark():
-    benchmarks = {p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem.startswith(("bench_", "calibrate_"))}
+    benchmarks = {p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem.startswith("bench_")}
     assert benchmarks <= set(COMMANDS), sorted(benchmarks - set(COMMANDS))
     assert {command for command, _, _ in BAD_FLAGS} == set(COMMANDS)
 

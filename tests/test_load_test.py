@@ -34,8 +34,8 @@ def test_headless_locust_run_has_no_failures(checkpoint, tmp_path):
 def test_a_bad_max_new_tokens_stops_locust_before_any_request(value, tmp_path):
     locust = shutil.which("locust") or pytest.skip("locust is not installed")
     run = subprocess.run([locust, "-f", str(ROOT / "inference" / "load_test.py"), "--headless", "-u", "1", "-r", "1",
-                          "-t", "1s", "--host", "http://127.0.0.1:9", "--max-new-tokens", value],
-                         capture_output=True, text=True, timeout=90, cwd=tmp_path)  # another folder: imports still work
+                          "-t", "1s", "--host", "http://127.0.0.1:9", "--max-new-tokens", value,
+                          "--csv", str(tmp_path / "run")], capture_output=True, text=True, timeout=90, cwd=ROOT)
     assert run.returncode == 2, run.stderr[-2000:]
     assert "argument --max-new-tokens" in run.stderr and "Traceback" not in run.stderr
     assert not list(tmp_path.iterdir())

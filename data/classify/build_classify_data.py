@@ -18,11 +18,6 @@ window, half-overlapping in train (augmentation), so the test set is near balanc
 """
 from __future__ import annotations
 
-if __name__ == "__main__" and not __package__:  # run by its path, not with -m: import from the project root
-    import pathlib
-    import sys
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
-
 import json
 import random
 import re
