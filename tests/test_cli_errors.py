@@ -727,19 +727,6 @@ def test_forked_workers_shut_down_by_their_pool_exit_quietly(capfd):
     assert "Traceback" not in capfd.readouterr().err
 
 
-SCRIPTS = sorted(str(p.relative_to(ROOT)) for folder in ("data", "inference", "benchmarks")
-                 for p in (ROOT / folder).rglob("*.py") if 'if __name__ == "__main__"' in p.read_text(encoding="utf-8"))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_every_script_runs_by_its_path_too(script, tmp_path):
-    """`python data/build_pretrain_data.py` works as `python -m data.build_pretrain_data` does, from any folder."""
-    run = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True,
-                         cwd=tmp_path, timeout=120)
-    assert run.returncode == 0 and run.stdout.startswith("usage: ") and "Traceback" not in run.stderr, run.stderr
-
-
 # ----------------------------------------------------------------------------- issue 24, class 1: the wrong kind of
 # checkpoint. Every file says what it is; every entry point checks it once, up front, through checkpoints.load /
 # checkpoints.load_resumable: exit 2, one line saying what was given and what to pass instead, nothing written.
