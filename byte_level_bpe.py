@@ -422,12 +422,6 @@ class ByteLevelBPETokenizer:
         bar.update(len(ids_list))
         yield from ids_list
 
-    def encode_file(self, path: str | os.PathLike, num_workers: int | None = None, show_progress: bool = True,
-                    text_field: str = DEFAULT_TEXT_FIELD) -> Iterator[list[int]]:
-        """One id list per document of a data file or folder (``readers.read_documents``), in order."""
-        yield from self.encode_many(read_documents(path, text_field), num_workers=num_workers,
-                                    show_progress=show_progress)
-
     # ----- decoding ----------------------------------------------------------------------------
     def decode_bytes(self, ids: Sequence[int], skip_special_tokens: bool = True) -> bytes:
         """Raw bytes of `ids` (exact byte accounting; may be invalid UTF-8 for arbitrary ids)."""

@@ -107,8 +107,3 @@ def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[
     _check_pairs(predictions, references)
     pairs = [_rouge_pair(score_tokens(p), score_tokens(r)) for p, r in zip(predictions, references)]
     return {m: {s: sum(pair[m][s] for pair in pairs) / len(pairs) for s in ("p", "r", "f")} for m in ROUGE_METRICS}
-
-
-def compute_rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Mean ROUGE-1/2/L F1 over prediction/reference pairs; empty predictions score 0."""
-    return {metric: scores["f"] for metric, scores in rouge_scores(predictions, references).items()}

@@ -246,15 +246,12 @@ def test_padding_and_truncation(tiny_tokenizer):
 
 
 # ----- parallel encoding ----------------------------------------------------------------------------
-def test_encode_many_and_encode_file(tiny_tokenizer, tmp_path, monkeypatch):
+def test_encode_many_keeps_the_order_across_workers(tiny_tokenizer, monkeypatch):
     monkeypatch.setattr(byte_level_bpe, "CHUNK_CHARS", 2000)  # many small tasks, to exercise ordering
     lines = corpus_lines(limit=1500)
     expected = [tiny_tokenizer.encode_ordinary(line) for line in lines]
     assert list(tiny_tokenizer.encode_many(lines, num_workers=2)) == expected
     assert list(tiny_tokenizer.encode_many(iter(lines), num_workers=1)) == expected
-    path = tmp_path / "lines.txt"
-    path.write_text("\n".join(lines[:200]) + "\n", encoding="utf-8")
-    assert list(tiny_tokenizer.encode_file(path, num_workers=2, show_progress=False)) == expected[:200]
 
 
 # ----- files ------------------------------------------------------------------------------------

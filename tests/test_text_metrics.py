@@ -9,7 +9,7 @@ import pytest
 from rouge import Rouge
 
 from conftest import ROOT
-from text_metrics import (MetricInputError, compute_bleu, compute_rouge, lcs_length, mean_sentence_bleu, rouge_scores,
+from text_metrics import (MetricInputError, compute_bleu, lcs_length, mean_sentence_bleu, rouge_scores,
                           score_tokens)
 
 
@@ -51,15 +51,16 @@ def test_rouge_counts_repeated_ngrams_with_clipping():
 
 
 def test_rouge_identity_periods_and_empty_predictions():
-    identical = compute_rouge(["Hello. World. 床前明月光。"], ["hello. world. 床前明月光。"])
-    assert identical == pytest.approx({"rouge-1": 1.0, "rouge-2": 1.0, "rouge-l": 1.0}, abs=1e-6)
+    identical = rouge_scores(["Hello. World. 床前明月光。"], ["hello. world. 床前明月光。"])
+    assert [identical[m]["f"] for m in ("rouge-1", "rouge-2", "rouge-l")] == pytest.approx([1.0] * 3, abs=1e-6)
     # "a.b" is [a, ., b] against [a, b]: the "." counts as a token (P 2/3, R 1, F 0.8), it does not split sentences.
-    assert compute_rouge(["a.b"], ["a b"])["rouge-1"] == pytest.approx(0.8, abs=1e-6)
-    assert compute_rouge([""], ["some reference"]) == {"rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0}
+    assert rouge_scores(["a.b"], ["a b"])["rouge-1"] == pytest.approx({"p": 2 / 3, "r": 1.0, "f": 0.8}, abs=1e-6)
+    empty = {"p": 0.0, "r": 0.0, "f": 0.0}
+    assert rouge_scores([""], ["some reference"]) == {"rouge-1": empty, "rouge-2": empty, "rouge-l": empty}
     # mean of 0 and 1
-    assert compute_rouge(["", "same text"], ["x", "same text"])["rouge-1"] == pytest.approx(0.5, abs=1e-6)
+    assert rouge_scores(["", "same text"], ["x", "same text"])["rouge-1"]["f"] == pytest.approx(0.5, abs=1e-6)
     long_text = " ".join(f"w{i % 50}" for i in range(1200))  # the package's recursive ROUGE-L would overflow here
-    assert compute_rouge([long_text], [long_text])["rouge-l"] == pytest.approx(1.0)
+    assert rouge_scores([long_text], [long_text])["rouge-l"]["f"] == pytest.approx(1.0)
 
 
 def test_rouge_matches_the_rouge_package_on_texts_without_periods():
@@ -81,12 +82,12 @@ def test_lcs_length_is_the_longest_common_subsequence():
 
 def test_mismatched_or_empty_inputs_are_clear_errors():
     with pytest.raises(MetricInputError, match="2 predictions but 1 references"):
-        compute_rouge(["a", "b"], ["a"])
+        rouge_scores(["a", "b"], ["a"])
     with pytest.raises(MetricInputError, match="no predictions"):
         compute_bleu([], [])
     assert issubclass(MetricInputError, ValueError)  # cli.run_cli reports it as one `error:` line
 
 
 def test_the_module_does_not_import_torch():
-    code = "import sys, text_metrics; text_metrics.compute_rouge(['a b'], ['a c']); sys.exit('torch' in sys.modules)"
+    code = "import sys, text_metrics; text_metrics.rouge_scores(['a b'], ['a c']); sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=120).returncode == 0
