@@ -603,8 +603,8 @@ def evaluate_checkpoint(checkpoint_path: str, args: argparse.Namespace,
         evaluate = {"reward": evaluator.evaluate_reward, "classify": evaluator.evaluate_classification}[args.model_type]
         metrics = evaluate(args.test_data_path, batch_size=args.batch_size, max_samples=args.max_samples)
     if tasks:
-        params = task_benchmarks.BenchmarkParams(args.batch_size, args.max_new_tokens, evaluator.dtype,
-                                                 not args.no_progress)
+        params = task_benchmarks.BenchmarkParams(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                                 dtype=evaluator.dtype, show_progress=not args.no_progress)
         metrics["benchmarks"] = task_benchmarks.run_benchmarks(loaded.model, loaded.tokenizer, tasks, params)
     return {"model_path": str(checkpoint_path), "n_parameters": weight_count(loaded.model), **metrics}
 
