@@ -178,7 +178,7 @@ def test_few_shot_takes_the_first_k_examples_and_limit_the_next_n(bench_files):
 ])
 def test_a_bad_row_is_a_data_error_naming_file_and_line(task, rows, message, tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
-    with pytest.raises(DataError, match=None) as info:
+    with pytest.raises(DataError) as info:
         tb.load_task(task, path)
     assert f"{path}{message}" in str(info.value)
 
@@ -190,9 +190,12 @@ def test_bad_files_and_task_lists_are_one_clear_error(tmp_path, bench_files):
     bad_csv.write_text('q,a,b,c,d,A\n"unterminated,a,b,c,d,B\n')
     short_csv = tmp_path / "short.csv"
     short_csv.write_text("q,a,b,c,d,A\n\nq,a,b\n")
+    cut_parquet = tmp_path / "cut.parquet"
+    cut_parquet.write_bytes(bench_files["arc_hf"].read_bytes()[:-40])
     cases = [(lambda: tb.load_task("hellaswag", bad_json), f"{bad_json}:2: invalid JSON"),
              (lambda: tb.load_task("mmlu", bad_csv), f"{bad_csv}:2: not a valid CSV row"),
              (lambda: tb.load_task("mmlu", short_csv), f"{short_csv}:3: an MMLU row is question,A,B,C,D,answer"),
+             (lambda: tb.load_task("arc_easy", cut_parquet), f"{cut_parquet}: not a readable Parquet file"),
              (lambda: tb.load_task("mmlu", tmp_path / "none.csv"), "none.csv does not exist"),
              (lambda: tb.load_task("mmlu", VAL_TXT), "a benchmark file is .jsonl, .csv, .parquet, not .txt"),
              (lambda: tb.load_task("winogrande", bench_files["mmlu"]), "unknown task 'winogrande'"),
