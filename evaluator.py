@@ -8,9 +8,11 @@ models), and accuracy, per-class precision / recall and the confusion matrix (cl
         --plot compare.png
     python evaluator.py --model_type classify --model_path models/classify/classify_best.pth \
         --test_data_path data/classify/test.jsonl
+    python evaluator.py --model_path models/pretrain/pretrain_best.pth --tasks hellaswag=hellaswag_val.jsonl,mmlu=test
 
 Perplexity is token-weighted (exp of total NLL / predicted tokens, never a mean of batch means). The text metrics
-themselves (how BLEU and ROUGE tokenize and count) live in text_metrics.py.
+themselves (how BLEU and ROUGE tokenize and count) live in text_metrics.py; standard benchmarks (--tasks: HellaSwag,
+ARC, MMLU, GSM8K and their CORE figure) in task_benchmarks.py.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from tqdm import tqdm
 
 import checkpoints
 import cli
+import task_benchmarks
 from atomic_file import atomic_path
 from data_loader import (ClassificationDataset, GPTSFTDataset, PreferencePairDataset, collate_batch, collate_pairs,
                          encode_for_classification)
@@ -580,14 +583,18 @@ def _evaluate_sft(evaluator: GPTEvaluator, args: argparse.Namespace, checkpoint_
                                   best_of_scorer=args.best_of_scorer)
 
 
-def evaluate_checkpoint(checkpoint_path: str, args: argparse.Namespace) -> dict:
-    """Load one checkpoint with its tokenizer and evaluate it as args say."""
-    _check_data_format(args.test_data_path, args.model_type, args.text_field)  # before the (slow) model load
+def evaluate_checkpoint(checkpoint_path: str, args: argparse.Namespace,
+                        tasks: Sequence[task_benchmarks.LoadedTask] = ()) -> dict:
+    """Load one checkpoint with its tokenizer and evaluate it as args say (and on the benchmark ``tasks``)."""
+    if args.test_data_path:
+        _check_data_format(args.test_data_path, args.model_type, args.text_field)  # before the (slow) model load
     loaded = checkpoints.load(checkpoint_path, args.tokenizer_dir, args.device, dtype=args.dtype)
     _check_model_kind(checkpoint_path, loaded.kind, args.model_type)
     evaluator = GPTEvaluator(loaded.model, loaded.tokenizer, dtype=args.dtype, show_progress=not args.no_progress,
                              template=loaded.template)
-    if args.model_type == "sft":
+    if not args.test_data_path:  # benchmarks only
+        metrics = {}
+    elif args.model_type == "sft":
         metrics = _evaluate_sft(evaluator, args, checkpoint_path)
     elif args.model_type == "pretrain":
         metrics = evaluator.evaluate_pretrained(args.test_data_path, batch_size=args.batch_size,
@@ -595,6 +602,10 @@ def evaluate_checkpoint(checkpoint_path: str, args: argparse.Namespace) -> dict:
     else:
         evaluate = {"reward": evaluator.evaluate_reward, "classify": evaluator.evaluate_classification}[args.model_type]
         metrics = evaluate(args.test_data_path, batch_size=args.batch_size, max_samples=args.max_samples)
+    if tasks:
+        params = task_benchmarks.BenchmarkParams(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                                 dtype=evaluator.dtype, show_progress=not args.no_progress)
+        metrics["benchmarks"] = task_benchmarks.run_benchmarks(loaded.model, loaded.tokenizer, tasks, params)
     return {"model_path": str(checkpoint_path), "n_parameters": weight_count(loaded.model), **metrics}
 
 
@@ -607,17 +618,28 @@ def build_parser() -> cli.ArgumentParser:
                                             "pairwise accuracy (reward), accuracy and confusion matrix (classify).")
     _add_model_flags(parser)
     _add_generation_flags(parser)
+    _add_benchmark_flags(parser)
     _add_run_flags(parser)
     return parser
+
+
+def _add_benchmark_flags(parser: cli.ArgumentParser) -> None:
+    parser.add_argument("--tasks", metavar="NAME=PATH[,NAME=PATH...]",
+                        help="standard benchmarks to run (language models), each on its file: "
+                             f"{', '.join(task_benchmarks.TASKS)}; e.g. hellaswag=hellaswag_val.jsonl,mmlu=data/test "
+                             "(docs/evaluation.md: formats, acc / acc_norm / centred / CORE)")
+    parser.add_argument("--limit", type=cli.positive_int, help="--tasks: score at most N examples of each task")
+    parser.add_argument("--num_fewshot", type=cli.nonnegative_int, default=0,
+                        help="--tasks: the first K examples of each file, with their answers, prefix every question")
 
 
 def _add_model_flags(parser: cli.ArgumentParser) -> None:
     parser.add_argument("--model_path", help="checkpoint (.pth) to evaluate; its config sets the model size")
     parser.add_argument("--compare", nargs="+", metavar="CKPT",
                         help="several checkpoints evaluated on the same data and shown side by side")
-    parser.add_argument("--test_data_path", required=True,
-                        help="pretrain: .txt (one document per line), .jsonl / .jsonl.gz / .jsonl.zst "
-                             "({\"text\": ...}), .parquet or a folder of any mix; sft: .json/.jsonl of "
+    parser.add_argument("--test_data_path",
+                        help="(required unless --tasks) pretrain: .txt (one document per line), .jsonl / .jsonl.gz / "
+                             ".jsonl.zst ({\"text\": ...}), .parquet or a folder of any mix; sft: .json/.jsonl of "
                              "{\"instruction\", \"response\"} records")
     parser.add_argument("--text_field", type=cli.field_name, default=DEFAULT_TEXT_FIELD,
                         help="pretrain: the field (.jsonl*) or column (.parquet) that holds each document's text")
@@ -669,6 +691,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.model_path and not args.compare:
         parser.error("give --model_path CKPT or --compare CKPT [CKPT ...]")
+    if not args.test_data_path and not args.tasks:
+        parser.error("give --test_data_path (or --tasks)")
+    if args.tasks and args.model_type not in ("pretrain", "sft"):
+        parser.error(f"--tasks scores language models, not --model_type {args.model_type}")
+    if args.plot and not args.test_data_path:
+        parser.error("--plot charts the --test_data_path metrics: give --test_data_path")
     return args
 
 
@@ -711,12 +739,19 @@ def _main(argv: Sequence[str] | None) -> int:
     inputs = [("--model_path", args.model_path), *(("--compare", path) for path in args.compare or ()),
               ("--test_data_path", args.test_data_path), ("--reward_model", args.reward_model),
               ("--tokenizer_dir", args.tokenizer_dir)]
+    task_paths = task_benchmarks.parse_task_list(args.tasks) if args.tasks else []
+    inputs += [("--tasks", path) for _, path in task_paths]
     cli.check_outputs({"--output": args.output, "--plot": args.plot}, inputs, args.overwrite, own=_is_own_output)
+    tasks = task_benchmarks.load_tasks(task_paths, args.limit, args.num_fewshot)  # bad data fails before any model
     set_threads(args.num_threads)
     paths = ([args.model_path] if args.model_path else []) + list(args.compare or [])
-    reports = [evaluate_checkpoint(path, args) for path in paths]
+    reports = [evaluate_checkpoint(path, args, tasks) for path in paths]
     write_report(reports, args)
-    print_reports(reports, args.model_type)
+    if args.test_data_path:
+        print_reports(reports, args.model_type)
+    if tasks:
+        for name, report in zip(_model_names(reports), reports):
+            print(f"\n[{name}] benchmarks\n" + task_benchmarks.format_results(report["benchmarks"]))
     print(f"\nreport: {args.output}" + (f"  plot: {args.plot}" if args.plot else ""))
     return 0
 

@@ -1,6 +1,7 @@
 """The one reader of every data file format: documents (``.txt`` one per line; ``.jsonl``, ``.jsonl.gz`` and
 ``.jsonl.zst`` one ``{"text": ...}`` object per line; ``.parquet`` a string column; or a folder of any mix) and records
-(a ``.json`` list or ``.jsonl`` of objects: SFT, preference and classification records).
+(a ``.json`` list or ``.jsonl`` of objects: SFT, preference and classification records), and the rows of benchmark
+files (``.jsonl``, ``.csv``, ``.parquet``; ``task_benchmarks`` reads what they mean).
 
 Its own module, with no torch, because the tokenizer CLI, the data pipeline, the trainers, the evaluator and the
 verifiers all read these files and must agree on what they hold: the same files, the same order, and the same one-line
@@ -10,6 +11,7 @@ streamed: a line, or one Parquet batch, at a time, so no reader holds the corpus
 """
 from __future__ import annotations
 
+import csv
 import gzip
 import importlib
 import io
@@ -403,3 +405,58 @@ def jsonl_holds_records(path: str | os.PathLike, text_field: str = DEFAULT_TEXT_
             return isinstance(record, dict) and text_field not in record and ("instruction" in record
                                                                            or "messages" in record)
     return False
+
+
+# ----------------------------------------------------------------------------- rows of benchmark files
+
+ROW_SUFFIXES = (".jsonl", ".csv", ".parquet")  # the files benchmark suites ship in
+
+
+def _csv_rows(file: Path) -> Iterator[tuple[str, list[str]]]:
+    """(file:line, fields) of a headerless .csv; a quoted field may span lines (the row's first line is named)."""
+    lines = (line for _, line in utf8_lines(file))
+    reader = csv.reader(lines, strict=True)
+    start = 1
+    while True:
+        try:
+            row = next(reader, None)
+        except csv.Error as err:
+            raise DataError(f"{file}:{start}: not a valid CSV row ({err}): fix or remove it") from None
+        if row is None:
+            return
+        if row:  # a blank line is no row
+            yield f"{file}:{start}", row
+        start = reader.line_num + 1
+
+
+def _parquet_rows(file: Path) -> Iterator[tuple[str, dict]]:
+    """(file: row N, {column: value}) of a .parquet, one batch at a time."""
+    pa = _optional_module("pyarrow", ".parquet files")
+    pq = _optional_module("pyarrow.parquet", ".parquet files")
+    try:
+        batches = pq.ParquetFile(file).iter_batches(batch_size=PARQUET_BATCH_ROWS)
+        row = 0
+        for batch in batches:
+            for record in batch.to_pylist():
+                yield f"{file}: row {row}", record
+                row += 1
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{file}: not a readable Parquet file ({str(err).splitlines()[0]}): the file is truncated or "
+                        "corrupt; download or write it again") from None
+
+
+def read_rows(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
+    """(where, row) of every row of a benchmark file, ``where`` naming file and line (or row) for error messages:
+    a .jsonl (each line's JSON value, blank lines skipped), a headerless .csv (a list of strings per row) or a
+    .parquet (a {column: value} dict per row)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"benchmark file {path} does not exist (check the path)")
+    if path.suffix == ".csv":
+        yield from _csv_rows(path)
+    elif path.suffix == ".parquet":
+        yield from _parquet_rows(path)
+    elif path.suffix == ".jsonl":
+        yield from ((f"{path}:{n}", json_line(path, n, line)) for n, line in utf8_lines(path) if line.strip())
+    else:
+        raise DataError(f"{path}: a benchmark file is {', '.join(ROW_SUFFIXES)}, not {path.suffix or 'no suffix'}")

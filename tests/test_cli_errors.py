@@ -498,6 +498,17 @@ BAD_FLAGS += [
 ]
 
 
+# ----- standard benchmarks (evaluator --tasks): an unknown task, a missing or unreadable file, bad --limit / few-shot
+BAD_FLAGS += [
+    *[("evaluator", flags, ()) for flags in (
+        ["--tasks", "winogrande={sft}"], ["--tasks", "hellaswag={out}/missing.jsonl"], ["--tasks", "hellaswag"],
+        ["--tasks", "hellaswag={sft}"], ["--tasks", "mmlu={text}"], ["--tasks", "mmlu={folder}"],
+        ["--tasks", "mmlu={afile},mmlu={afile}"], ["--tasks", "gsm8k={out}/g.jsonl", "--model_type", "reward"],
+        ["--tasks"], ["--limit", "0"], ["--limit", "x"], ["--num_fewshot", "-1"], ["--num_fewshot", "two"])],
+    ("evaluator", ["--tasks", "mmlu={out}/missing.csv"], ("--test_data_path",)),
+    ("evaluator", ["--tasks", "mmlu={folder}", "--plot", "{out}/c.png"], ("--test_data_path",)),
+]
+
 def case_id(case: tuple) -> str:
     command, flags, dropped = case
     return f"{command}: " + " ".join([*flags, *(f"without {flag}" for flag in dropped)] or ["no arguments"])
