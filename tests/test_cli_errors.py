@@ -381,6 +381,8 @@ COMMANDS = {
     "bench_optimizer": ("benchmarks.bench_optimizer", ["--seeds", "1", "--skip_default_runs"]),
     "bench_train": ("benchmarks.bench_train", ["--steps", "1"]),
     "calibrate_arithmetic": ("benchmarks.calibrate_arithmetic", ["--pretrained", "{ckpt}", "--max_steps", "1"]),
+    "download": ("data.download", ["--endpoint", "http://127.0.0.1:9", "--output", "{out}/hf", "--list"]),
+    "convert_chat": ("data.convert_chat", ["{sft}", "{out}/chat.jsonl", "--no_progress"]),
 }
 
 # The retired spellings, assembled so that a grep for them finds only code that still uses them.
@@ -500,6 +502,20 @@ BAD_FLAGS += [
         ["--max_train_bytes", "-5"], ["--max_train_bytes", "1e9"], ["--max_train_bytes", "x"])],
     *[("evaluator", flags, ()) for flags in (["--text_field", ""], ["--text_field"])],
     ("quantizer", ["--text_field", ""], ()),
+]
+
+
+# ----- real corpora and chat data: the downloader and the chat converter (each fails before any request or write) --
+BAD_FLAGS += [
+    *[("download", flags, ()) for flags in (
+        ["--shards", "0"], ["--shards", "x"], ["--max_gb", "0"], ["--max_gb", "-1"], ["--max_gb", "nan"],
+        ["--workers", "0"], ["--retries", "-1"], ["--timeout", "0"], ["--endpoint", "ftp://mirror"],
+        ["--endpoint", "huggingface.co"], ["--endpoint"], ["--dataset", "fineweb"], ["--dataset", "a/b/c"],
+        ["--files"], ["--files", "*.parquet", "--config", "default"], ["--split", "train"], ["--output", "{afile}"],
+        ["--list", "x"], ["--bogus"])],
+    *[("convert_chat", flags, ()) for flags in (
+        ["--format", "xml"], ["--format"], ["{out}/chat.txt"], ["{out}/missing.json", "{out}/other.jsonl"],
+        ["--skip_bad", "{afile}"], ["--bogus"])],
 ]
 
 

@@ -143,7 +143,8 @@ def test_format_detection_and_forcing(tmp_path, capsys):
     assert f"{unknown}:1: cannot tell the chat format" in one_error_line(capsys)
     alpaca = write_jsonl(tmp_path / "alpaca.jsonl", ALPACA)
     assert convert(str(alpaca), str(tmp_path / "b.jsonl"), "--format", "sharegpt") == 2
-    assert "alpaca.jsonl:1: 'conversations' must be a non-empty list of messages (sharegpt format)" in one_error_line(capsys)
+    err = one_error_line(capsys)
+    assert "alpaca.jsonl:1: 'conversations' must be a non-empty list of messages (sharegpt format)" in err
     assert convert(str(alpaca), str(tmp_path / "c.jsonl"), "--format", "alpaca") == 0
     assert read_jsonl(tmp_path / "c.jsonl") == ALPACA_RECORDS
     parquet = tmp_path / "rows.parquet"
