@@ -225,7 +225,8 @@ def _attempt(transfer: Transfer, params: TransferParams, progress: Callable[[int
              stop: threading.Event) -> _Digests:
     """One try: resume (or start) the ``.part``, verify it, rename it into place. A corrupt result is deleted."""
     part = transfer.part
-    have = part.stat().st_size if part.exists() else 0
+    part.touch()  # an empty file has nothing to fetch but still becomes a file
+    have = part.stat().st_size
     if have > transfer.size:  # not a prefix of this file (the remote file changed): start over
         part.unlink()
         progress(-have)
@@ -237,7 +238,7 @@ def _attempt(transfer: Transfer, params: TransferParams, progress: Callable[[int
             if start < have:  # the server sent the whole file: the .part is rewritten from byte 0
                 progress(-have)
                 digests, have = _Digests(transfer), 0
-            with open(part, "r+b" if part.exists() else "wb") as out:
+            with open(part, "r+b") as out:
                 out.truncate(have)
                 out.seek(have)
                 have += _read_into(response, out, digests, progress, stop, transfer.size - have)

@@ -47,6 +47,7 @@ class Served:
     corrupt: bool = False  # send other bytes of the same size
     missing: bool = False  # listed, but 404
     delay: float = 0.0  # seconds per 16 KiB sent
+    redirect: bool = False  # answer with a 302 to another URL (as the Hub sends LFS files to its CDN)
 
 
 class FakeHub:
@@ -56,6 +57,7 @@ class FakeHub:
         self.repos: dict[str, dict[str, Served]] = {}
         self.cards: dict[str, dict] = {}
         self.requests: list[tuple[str, str | None]] = []  # (file path, Range header) of every file request
+        self.tokens: list[tuple[str, str | None]] = []  # (URL path, Authorization header) of every file request
         self.lock = threading.Lock()
         self.active = self.peak = 0
         self.url = ""
@@ -102,6 +104,11 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
         api = re.match(r"^/api/datasets/([^/]+/[^/]+)/(tree|revision)/([^/]+)", path)
+        with self.hub.lock:
+            self.hub.tokens.append((path, self.headers.get("Authorization")))
+        cdn = re.match(r"^/cdn/([^/]+/[^/]+)/(.+)$", path)
+        if cdn:
+            return self.send_file(self.hub.repos[cdn.group(1)].get(cdn.group(2)), cdn.group(2))
         resolve = re.match(r"^/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", path)
         repo = (api or resolve).group(1) if (api or resolve) else None
         if repo not in self.hub.repos:
@@ -113,7 +120,10 @@ class Handler(BaseHTTPRequestHandler):
             return self.answer(200, json.dumps(tree_entries(self.hub.repos[repo])).encode())
         if api:
             return self.answer(200, json.dumps({"id": repo, "cardData": self.hub.cards.get(repo, {})}).encode())
-        self.send_file(self.hub.repos[repo].get(resolve.group(3)), resolve.group(3))
+        served = self.hub.repos[repo].get(resolve.group(3))
+        if served is not None and served.redirect:
+            return self.answer(302, headers={"Location": f"/cdn/{repo}/{resolve.group(3)}"})
+        self.send_file(served, resolve.group(3))
 
     def send_file(self, served: Served | None, path: str) -> None:
         with self.hub.lock:
@@ -375,6 +385,32 @@ def test_a_wrong_file_at_the_target_is_replaced_and_a_right_one_kept(hub, tmp_pa
     assert run(hub, out, "--dataset", "o/c") == 0
     assert hub.file_requests(right) == [] and hub.file_requests(wrong) == [None]
     assert (out / wrong).read_bytes() == wrong_served.data
+
+
+def test_the_token_goes_to_the_hub_only_and_a_redirected_resume_keeps_its_range(hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    files = shards(1)
+    (path, served), = files.items()
+    served.redirect, served.drop_after, served.drops = True, 5000, 1
+    hub.repos["o/c"] = files
+    assert run(hub, tmp_path / "out", "--dataset", "o/c") == 0
+    assert (tmp_path / "out" / path).read_bytes() == served.data
+    resolve, cdn = f"/datasets/o/c/resolve/main/{path}", f"/cdn/o/c/{path}"
+    assert [t for t in hub.tokens if t[0] in (resolve, cdn)] == [
+        (resolve, "Bearer hf_secret"), (cdn, None), (resolve, "Bearer hf_secret"), (cdn, None)]
+    assert hub.file_requests(path) == [None, "bytes=5000-"]  # the Range survived the redirect
+
+
+def test_an_empty_file_is_fetched_too(hub, tmp_path):
+    hub.repos["o/c"] = {"empty.jsonl": Served(b"", lfs=False)}
+    assert run(hub, tmp_path / "out", "--dataset", "o/c") == 0
+    assert (tmp_path / "out" / "empty.jsonl").read_bytes() == b""
+
+
+def test_the_hub_library_is_imported_by_the_download_command_only():
+    code = ("import sys, data.download, data.transfer, data.convert_chat, readers, finetune; "
+            "sys.exit('huggingface_hub' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=120).returncode == 0
 
 
 # ----------------------------------------------------------------------------- killed and interrupted runs
