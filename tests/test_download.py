@@ -433,7 +433,7 @@ def wait_for_part(out: Path, process: subprocess.Popen, at_least: int) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT], ids=["kill -9", "Ctrl-C"])
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=["kill -9", "Ctrl-C", "SIGTERM"])
 def test_a_download_stopped_midway_resumes_to_identical_bytes(signum, hub, tmp_path):
     files = shards(2, n=40, size=10000)  # about 200 KB each, sent at about 0.3 MB/s
     for served in files.values():
@@ -444,8 +444,8 @@ def test_a_download_stopped_midway_resumes_to_identical_bytes(signum, hub, tmp_p
     wait_for_part(out, process, 2 * SEND_CHUNK)
     process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=60)
-    if signum == signal.SIGINT:
-        assert process.returncode == 130, stderr
+    if signum != signal.SIGKILL:
+        assert process.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[signum], stderr
         assert "Traceback" not in stderr and "run the same command again to resume" in stderr.splitlines()[-1]
     assert not [p for p in files if (out / p).exists()], "a file appeared before it was complete"
     assert_nothing_readable(out)
