@@ -433,7 +433,8 @@ def wait_for_part(out: Path, process: subprocess.Popen, at_least: int) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=["kill -9", "Ctrl-C", "SIGTERM"])
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM],
+                         ids=["kill -9", "Ctrl-C", "SIGTERM"])
 def test_a_download_stopped_midway_resumes_to_identical_bytes(signum, hub, tmp_path):
     files = shards(2, n=40, size=10000)  # about 200 KB each, sent at about 0.3 MB/s
     for served in files.values():
