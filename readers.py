@@ -1,7 +1,8 @@
 """The one reader of every data file format: documents (``.txt`` one per line; ``.jsonl``, ``.jsonl.gz`` and
 ``.jsonl.zst`` one ``{"text": ...}`` object per line; ``.parquet`` a string column; or a folder of any mix) and records
-(a ``.json`` list or ``.jsonl`` of objects: SFT, preference and classification records), and the rows of benchmark
-files (``.jsonl``, ``.csv``, ``.parquet``; ``task_benchmarks`` reads what they mean).
+(a ``.json`` list or ``.jsonl`` of objects: SFT, preference and classification records; ``read_records`` also reads
+a ``.parquet``'s rows, for converters), and the rows of benchmark files (``.jsonl``, ``.csv``, ``.parquet``;
+``task_benchmarks`` reads what they mean).
 
 Its own module, with no torch, because the tokenizer CLI, the data pipeline, the trainers, the evaluator and the
 verifiers all read these files and must agree on what they hold: the same files, the same order, and the same one-line
@@ -228,15 +229,20 @@ def _jsonl_documents(file: Path, text_field: str) -> Iterator[str]:
             yield text
 
 
-def _parquet_file(file: Path, text_field: str) -> tuple[Any, Any]:
-    """(pyarrow.parquet.ParquetFile, pyarrow) of a file whose ``text_field`` column holds strings."""
+def _open_parquet(file: Path) -> tuple[Any, Any]:
+    """(pyarrow.parquet.ParquetFile, pyarrow) of a file that opens as Parquet."""
     pa = _optional_module("pyarrow", ".parquet files")
     pq = _optional_module("pyarrow.parquet", ".parquet files")
     try:
-        parquet = pq.ParquetFile(file)
+        return pq.ParquetFile(file), pa
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"{file}: not a readable Parquet file ({str(err).splitlines()[0]}): "
                         "the file is truncated or corrupt; download or write it again") from None
+
+
+def _parquet_file(file: Path, text_field: str) -> tuple[Any, Any]:
+    """(pyarrow.parquet.ParquetFile, pyarrow) of a file whose ``text_field`` column holds strings."""
+    parquet, pa = _open_parquet(file)
     schema = parquet.schema_arrow
     if text_field not in schema.names:
         raise DataError(f"{file}: no column {text_field!r} (its columns: {', '.join(map(repr, schema.names[:8]))}): "
@@ -248,12 +254,11 @@ def _parquet_file(file: Path, text_field: str) -> tuple[Any, Any]:
     return parquet, pa
 
 
-def _parquet_documents(file: Path, text_field: str) -> Iterator[str]:
-    """A .parquet: the ``text_field`` column, read one batch of one row group at a time (never the whole file)."""
-    parquet, pa = _parquet_file(file, text_field)
-    row = 0
+def _parquet_batches(file: Path, parquet: Any, pa: Any, columns: list[str] | None) -> Iterator[tuple[int, Any]]:
+    """(row group, batch) of ``columns`` (None: all), one batch of one row group at a time; a part that does not
+    decode is a DataError naming the row group."""
     for group in range(parquet.num_row_groups):
-        batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[group], columns=[text_field])
+        batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[group], columns=columns)
         while True:
             try:
                 batch = next(batches, None)
@@ -262,13 +267,21 @@ def _parquet_documents(file: Path, text_field: str) -> Iterator[str]:
                                 "truncated or corrupt; download or write it again") from None
             if batch is None:
                 break
-            for text in batch.column(0).to_pylist():
-                if text is None:
-                    raise DataError(f"{file}: row group {group}, row {row}: {text_field!r} is null, not a string: "
-                                    "drop or fill the empty rows")
-                row += 1
-                if text.strip():
-                    yield text
+            yield group, batch
+
+
+def _parquet_documents(file: Path, text_field: str) -> Iterator[str]:
+    """A .parquet: the ``text_field`` column, read one batch of one row group at a time (never the whole file)."""
+    parquet, pa = _parquet_file(file, text_field)
+    row = 0
+    for group, batch in _parquet_batches(file, parquet, pa, [text_field]):
+        for text in batch.column(0).to_pylist():
+            if text is None:
+                raise DataError(f"{file}: row group {group}, row {row}: {text_field!r} is null, not a string: "
+                                "drop or fill the empty rows")
+            row += 1
+            if text.strip():
+                yield text
 
 
 def _file_documents(file: Path, text_field: str = DEFAULT_TEXT_FIELD) -> Iterator[str]:
@@ -316,6 +329,12 @@ def read_documents(path: str | os.PathLike, text_field: str = DEFAULT_TEXT_FIELD
 
 # ----------------------------------------------------------------------------- records
 
+def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
+    for line_no, line in utf8_lines(path):
+        if line.strip():
+            yield f"{path}:{line_no}", json_line(path, line_no, line)
+
+
 def _located_records(path: Path) -> list[tuple[str, Any]]:
     """(where, record) of every record of a .json list or a .jsonl file."""
     if path.suffix == ".json":
@@ -328,11 +347,51 @@ def _located_records(path: Path) -> list[tuple[str, Any]]:
             raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
         return [(f"{path}[{i}]", r) for i, r in enumerate(records)]
     if path.suffix == ".jsonl":
-        return [(f"{path}:{n}", json_line(path, n, line)) for n, line in utf8_lines(path) if line.strip()]
+        return list(_jsonl_records(path))
     raise DataError(f"{path} is not a .json or .jsonl file: records must be JSON objects")
 
 
-def _check_messages(where: str, record: dict, answered: bool) -> None:
+def _parquet_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """(where, row as a dict) of a .parquet, one batch at a time; a row nested deeper than JSON may be is a
+    DataError, as in a .jsonl."""
+    parquet, pa = _open_parquet(path)
+    row = 0
+    for _, batch in _parquet_batches(path, parquet, pa, None):
+        for record in batch.to_pylist():
+            where = f"{path}: row {row}"
+            if json_depth(record) > MAX_JSON_DEPTH:
+                raise DataError(f"{where}: nested more than {MAX_JSON_DEPTH} levels deep: fix the file")
+            row += 1
+            yield where, record
+
+
+def read_records(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
+    """(where, record) of every record of a .json list, a .jsonl file (a line at a time) or a .parquet file (a row
+    as a dict of its columns, a batch at a time); ``where`` is ``file:line``, ``file[index]`` or ``file: row N``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist: pass a .json, .jsonl or .parquet file of records")
+    if path.suffix == ".parquet":
+        yield from _parquet_records(path)
+    elif path.suffix == ".jsonl":
+        yield from _jsonl_records(path)
+    else:
+        yield from _located_records(path)
+
+
+def record_count(path: str | os.PathLike) -> int | None:
+    """How many records ``read_records`` will give, where that is cheap to know (a .parquet's metadata, a .jsonl's
+    non-blank lines); None for a .json list (known only once parsed)."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        return _open_parquet(path)[0].metadata.num_rows
+    if path.suffix == ".jsonl":
+        with open(path, "rb") as f:
+            return sum(1 for line in f if line.strip())
+    return None
+
+
+def check_messages(where: str, record: dict, answered: bool) -> None:
     """A record's "messages": a valid conversation ending with an assistant message (``answered``: it holds the
     reference answer) or with a user message (a prompt)."""
     try:
@@ -362,7 +421,7 @@ def load_records(path: str | os.PathLike, required: Sequence[str], optional: Seq
                             f"got {type(record).__name__}")
         needed = required
         if messages_for and "messages" in record:
-            _check_messages(where, record, answered="response" in messages_for)
+            check_messages(where, record, answered="response" in messages_for)
             needed = [key for key in required if key not in messages_for]
         for key in needed:
             if not isinstance(record.get(key), str):
@@ -429,22 +488,6 @@ def _csv_rows(file: Path) -> Iterator[tuple[str, list[str]]]:
         start = reader.line_num + 1
 
 
-def _parquet_rows(file: Path) -> Iterator[tuple[str, dict]]:
-    """(file: row N, {column: value}) of a .parquet, one batch at a time."""
-    pa = _optional_module("pyarrow", ".parquet files")
-    pq = _optional_module("pyarrow.parquet", ".parquet files")
-    try:
-        batches = pq.ParquetFile(file).iter_batches(batch_size=PARQUET_BATCH_ROWS)
-        row = 0
-        for batch in batches:
-            for record in batch.to_pylist():
-                yield f"{file}: row {row}", record
-                row += 1
-    except (pa.ArrowException, OSError) as err:
-        raise DataError(f"{file}: not a readable Parquet file ({str(err).splitlines()[0]}): the file is truncated or "
-                        "corrupt; download or write it again") from None
-
-
 def read_rows(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
     """(where, row) of every row of a benchmark file, ``where`` naming file and line (or row) for error messages:
     a .jsonl (each line's JSON value, blank lines skipped), a headerless .csv (a list of strings per row) or a
@@ -455,8 +498,8 @@ def read_rows(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
     if path.suffix == ".csv":
         yield from _csv_rows(path)
     elif path.suffix == ".parquet":
-        yield from _parquet_rows(path)
+        yield from _parquet_records(path)
     elif path.suffix == ".jsonl":
-        yield from ((f"{path}:{n}", json_line(path, n, line)) for n, line in utf8_lines(path) if line.strip())
+        yield from _jsonl_records(path)
     else:
         raise DataError(f"{path}: a benchmark file is {', '.join(ROW_SUFFIXES)}, not {path.suffix or 'no suffix'}")

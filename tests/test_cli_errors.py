@@ -380,6 +380,8 @@ COMMANDS = {
     "bench_scale": ("benchmarks.bench_scale", ["--sizes_mb", "1", "--work_dir", "{out}/work"]),
     "bench_optimizer": ("benchmarks.bench_optimizer", ["--seeds", "1", "--skip_default_runs"]),
     "bench_train": ("benchmarks.bench_train", ["--steps", "1"]),
+    "download": ("data.download", ["--endpoint", "http://127.0.0.1:9", "--output", "{out}/hf", "--list"]),
+    "convert_chat": ("data.convert_chat", ["{sft}", "{out}/chat.jsonl", "--no_progress"]),
 }
 
 # The retired spellings, assembled so that a grep for them finds only code that still uses them.
@@ -508,6 +510,20 @@ BAD_FLAGS += [
     ("evaluator", ["--tasks", "mmlu={out}/missing.csv"], ("--test_data_path",)),
     ("evaluator", ["--tasks", "mmlu={folder}", "--plot", "{out}/c.png"], ("--test_data_path",)),
 ]
+
+# ----- real corpora and chat data: the downloader and the chat converter (each fails before any request or write) --
+BAD_FLAGS += [
+    *[("download", flags, ()) for flags in (
+        ["--shards", "0"], ["--shards", "x"], ["--max_gb", "0"], ["--max_gb", "-1"], ["--max_gb", "nan"],
+        ["--workers", "0"], ["--retries", "-1"], ["--timeout", "0"], ["--endpoint", "ftp://mirror"],
+        ["--endpoint", "huggingface.co"], ["--endpoint"], ["--dataset", "fineweb"], ["--dataset", "a/b/c"],
+        ["--files"], ["--files", "*.parquet", "--config", "default"], ["--split", "train"], ["--output", "{afile}"],
+        ["--list", "x"], ["--bogus"])],
+    *[("convert_chat", flags, ()) for flags in (
+        ["--format", "xml"], ["--format"], ["{out}/chat.txt"], ["{out}/missing.json", "{out}/other.jsonl"],
+        ["--skip_bad", "{afile}"], ["--bogus"])],
+]
+
 
 def case_id(case: tuple) -> str:
     command, flags, dropped = case
