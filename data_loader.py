@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from prompts import IGNORE_INDEX, SFT_TEMPLATE, prompt_response_ids, record_messages, record_prompt_ids, render_sample
+from loss_labels import IGNORE_INDEX
+from prompts import SFT_TEMPLATE, prompt_response_ids, record_messages, record_prompt_ids, render_sample
 from readers import DataError, load_classification_records, load_preference_records, load_sft_records
 from token_cache import TokenStream
 

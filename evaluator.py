@@ -30,7 +30,7 @@ import cli
 from atomic_file import atomic_path
 from data_loader import (ClassificationDataset, GPTSFTDataset, PreferencePairDataset, collate_batch, collate_pairs,
                          encode_for_classification)
-from decoding import SamplingParams, cut_at_eos, generate_responses, reward_scores
+from decoding import SamplingParams, cut_at_eos, generate_responses
 from devices import DTYPE_CHOICES, autocast_context, resolve_device, resolve_dtype, set_threads
 from metrics import (bits_per_byte, confusion_matrix, exact_match, pairwise_accuracy, perplexity, precision_recall,
                      sum_nll)
@@ -38,6 +38,7 @@ from model_heads import GPTClassifier
 from prompts import (SFT_TEMPLATE, encode_prompt, fit, max_prompt_len, record_messages, record_prompt_ids,
                      record_reference, render_prompt)
 from quantization import weight_count
+from reward_scoring import reward_scores
 from readers import (DEFAULT_TEXT_FIELD, FORMATS_TEXT, jsonl_holds_records, load_classification_records,
                      load_preference_records, load_sft_records, read_documents)
 from text_metrics import ROUGE_METRICS, compute_bleu, mean_sentence_bleu, rouge_scores

@@ -28,8 +28,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from loss_labels import IGNORE_INDEX
+
 SFT_TEMPLATE = "### 指令:{instruction}\n### 响应:{response}"  # the format of models trained before role tokens
-IGNORE_INDEX = -100  # labels that are not scored (prompt tokens, padding), as in Hugging Face
 CHAT_ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's newer name for system
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 END_TOKEN = "<|end|>"  # closes a system or user message (an assistant message ends with </s>)

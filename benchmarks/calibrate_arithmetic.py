@@ -37,7 +37,8 @@ from checkpoints import load_model_and_tokenizer
 from data_loader import collate_batch
 from evaluator import GPTEvaluator
 from gpt_model import GPTConfig, GPTModel
-from prompts import IGNORE_INDEX, SFT_TEMPLATE, prompt_response_ids, record_prompt_ids
+from loss_labels import IGNORE_INDEX
+from prompts import SFT_TEMPLATE, prompt_response_ids, record_prompt_ids
 from readers import load_sft_records
 from training import TrainConfig, lr_at
 

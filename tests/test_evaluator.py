@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import evaluator
+from decoding import SamplingParams, generate
 from evaluator import EvaluationError, GPTEvaluator, split_into_windows, sum_nll
 from prompts import record_prompt_ids
 
@@ -187,8 +188,8 @@ def test_batched_generation_equals_one_prompt_at_a_time(tiny_tokenizer, tiny_con
     got = ev.generate_predictions(prompts, max_gen_len=10, do_sample=False, batch_size=3)
     for prompt, prediction in zip(prompts, got):
         ids = torch.tensor([[tok.bos_token_id] + tok.encode_ordinary(prompt)])  # unpadded, alone
-        new = model.generate(ids, max_gen_len=10, do_sample=False,
-                             eos_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
+        params = SamplingParams(max_new_tokens=10, do_sample=False, eos_token_id=tok.eos_token_id)
+        new = generate(model, ids, params)[0, ids.shape[1]:].tolist()
         new = new[:new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
         assert prediction == tok.decode(new)
 
@@ -381,7 +382,7 @@ def test_reward_model_type_and_reward_scores_of_responses(checkpoint_dir, tiny_c
     import evaluator
     from checkpoints import save_checkpoint
     from data_loader import PreferencePairDataset, collate_pairs
-    from decoding import reward_scores
+    from reward_scoring import reward_scores
     from gpt_model import GPTModel
     from model_heads import GPTRewardModel
 

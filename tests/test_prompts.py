@@ -8,7 +8,8 @@ import pytest
 
 from byte_level_bpe import ByteLevelBPETokenizer
 from conftest import corpus_lines
-from prompts import (CHAT_TEMPLATE, CHAT_TOKENS, IGNORE_INDEX, SFT_TEMPLATE, PromptError, PromptTooLong,
+from loss_labels import IGNORE_INDEX
+from prompts import (CHAT_TEMPLATE, CHAT_TOKENS, SFT_TEMPLATE, PromptError, PromptTooLong,
                      build_sft_prompt, check_conversation, check_template, encode_prompt, fit,
                      max_prompt_len, prompt_response_ids, record_instruction, record_messages, record_prompt_ids,
                      render_prompt, render_sample, split_reference)
