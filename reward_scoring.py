@@ -17,9 +17,10 @@ def reward_scores(reward_model: torch.nn.Module, tokenizer, prompts: Sequence[Se
     reward_model.eval()
     items = []
     for prompt, response in zip(prompts, responses):
-        ids, labels, _ = prompt_response_ids(tokenizer, prompt, response, reward_model.config.max_seq_len)
-        items.append({"input_ids": torch.tensor(ids), "attention_mask": torch.ones(len(ids), dtype=torch.long),
-                      "labels": torch.tensor(labels)})
+        sample = prompt_response_ids(tokenizer, prompt, response, reward_model.config.max_seq_len)
+        items.append({"input_ids": torch.tensor(sample.input_ids),
+                      "attention_mask": torch.ones(len(sample.input_ids), dtype=torch.long),
+                      "labels": torch.tensor(sample.labels)})
     scores = []
     for start in range(0, len(items), batch_size):
         batch = collate_batch(items[start:start + batch_size], tokenizer.pad_token_id)

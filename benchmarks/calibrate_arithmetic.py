@@ -76,9 +76,9 @@ def encode(records: list[dict], tokenizer, template: str, model: GPTModel) -> li
     """``<s> prompt answer </s>`` samples with the prompt masked (-100), as data_loader.GPTSFTDataset builds them."""
     samples = []
     for r in records:
-        ids, labels, _ = prompt_response_ids(tokenizer, record_prompt_ids(tokenizer, r, template), r["response"],
-                                             model.config.max_seq_len)
-        samples.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)})
+        sample = prompt_response_ids(tokenizer, record_prompt_ids(tokenizer, r, template), r["response"],
+                                     model.config.max_seq_len)
+        samples.append({"input_ids": torch.tensor(sample.input_ids), "labels": torch.tensor(sample.labels)})
     return samples
 
 

@@ -16,7 +16,7 @@ import torch
 import evaluator
 from decoding import SamplingParams, generate
 from evaluator import EvaluationError, GPTEvaluator, split_into_windows, sum_nll
-from prompts import record_prompt_ids
+from prompts import SFT_TEMPLATE, record_prompt_ids
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -266,7 +266,7 @@ def test_exact_match_never_cuts_a_prompt_that_fits_the_context(tiny_tokenizer, t
     script = scripted(monkeypatch, tok.encode_ordinary("42") + [tok.eos_token_id])
 
     def length(words: int) -> int:
-        return len(record_prompt_ids(tok, {"instruction": " ".join(map(str, range(words)))}))
+        return len(record_prompt_ids(tok, {"instruction": " ".join(map(str, range(words)))}, SFT_TEMPLATE))
 
     words = max(n for n in range(1, 100) if length(n) <= 60)
     instruction, prompt_len = " ".join(map(str, range(words))), length(words)
@@ -399,7 +399,7 @@ def test_reward_model_type_and_reward_scores_of_responses(checkpoint_dir, tiny_c
                           tiny_tokenizer.pad_token_id)
     with torch.no_grad():
         chosen, rejected = reward.score(batch["input_ids"], batch["attention_mask"], batch["labels"]).chunk(2)
-    prompts = [record_prompt_ids(tiny_tokenizer, p) for p in pairs]
+    prompts = [record_prompt_ids(tiny_tokenizer, p, SFT_TEMPLATE) for p in pairs]
     picked = reward_scores(reward, tiny_tokenizer, prompts, [p["chosen"] for p in pairs], torch.device("cpu"))
     assert picked == pytest.approx(chosen.tolist(), abs=1e-5)
     report = tmp_path / "reward.json"
