@@ -2,9 +2,9 @@
 holding the same random GPT-2 124M weights; plus the pieces behind the numbers.
 
 Ours is measured the way a user runs it: the weights saved as checkpoints (float, and INT8 by inference.quantizer's
-quantize_model_int8), loaded with checkpoints.load_model_and_tokenizer, then model.generate: "api_fp32" and
+quantize_model_int8), loaded with checkpoints.load_model_and_tokenizer, then decoding.generate: "api_fp32" and
 "api_int8", the same prepared weights (quantization.prepare_for_inference) the evaluator, the chat CLI and the server
-run on. "ours_fp32" is GPTModel.generate on the plain nn.Linear training weights, for comparison.
+run on. "ours_fp32" is decoding.generate on the plain nn.Linear training weights, for comparison.
 
 Prints ONE JSON line (CPU). tok_s = batch * new_tokens / seconds, new tokens only, best of --repeats; in each
 repeat every system runs once, back to back (a second apart, so no system's idle threads still spin), so they see

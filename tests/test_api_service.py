@@ -2,7 +2,7 @@
 serving a tiny model made here.
 
 References: the engine's text for the same prompt and seed, computed directly (kv_cache_infer), the greedy
-tokens of GPTModel.generate, the official `openai` client, and the server's own /metrics and /health.
+tokens of decoding.generate, the official `openai` client, and the server's own /metrics and /health.
 """
 from __future__ import annotations
 
