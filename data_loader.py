@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from prompts import IGNORE_INDEX, SFT_TEMPLATE, prompt_response_ids, record_messages, record_prompt_ids, render_sample
+from loss_labels import IGNORE_INDEX
+from prompts import SFT_TEMPLATE, document_ids, prompt_response_ids, record_messages, record_prompt_ids, render_sample
 from readers import DataError, load_classification_records, load_preference_records, load_sft_records
 from token_cache import TokenStream
 
@@ -155,7 +156,7 @@ def encode_for_classification(tokenizer, text: str, max_seq_len: int) -> tuple[l
     it was cut."""
     ids = tokenizer.encode_ordinary(text)
     room = max_seq_len - 2
-    return [tokenizer.bos_token_id, *ids[:room], tokenizer.eos_token_id], len(ids) > room
+    return document_ids(tokenizer, ids[:room]), len(ids) > room
 
 
 class ClassificationDataset(Dataset):
@@ -203,9 +204,9 @@ class PreferencePairDataset(Dataset):
             prompt = record_prompt_ids(tokenizer, record, template)
             item = {"prompt_input_ids": torch.tensor(prompt, dtype=torch.long)}
             for side in ("chosen", "rejected"):
-                input_ids, labels, truncated = prompt_response_ids(tokenizer, prompt, record[side], max_seq_len)
-                self.num_truncated += truncated
-                item.update({f"{side}_{k}": v for k, v in _sample(input_ids, labels).items()})
+                sample = prompt_response_ids(tokenizer, prompt, record[side], max_seq_len)
+                self.num_truncated += sample.truncated
+                item.update({f"{side}_{k}": v for k, v in _sample(sample.input_ids, sample.labels).items()})
             self.items.append(item)
         if not self.items:
             raise DataError("the preference source holds no records")

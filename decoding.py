@@ -1,5 +1,6 @@
 """The project's one decode loop: a KV-cache engine that sequences join and leave, per-sequence sampling (and the one
-check of sampling settings), stop strings and UTF-8-safe streaming, plus best-of-N scoring.
+check of sampling settings), stop strings and UTF-8-safe streaming, and its two batch entry points: ``generate``
+(left-padded tensors in and out) and ``generate_responses`` (lists of prompt ids in, each one's new ids out).
 
     engine = DecodeEngine(model, tokenizer, n_slots=8)
     engine.add(prompts.encode_prompt(tokenizer, "ROMEO:", 200), SamplingParams(max_new_tokens=50, seed=0))
@@ -9,12 +10,16 @@ check of sampling settings), stop strings and UTF-8-safe streaming, plus best-of
 
 Iteration-level scheduling as in Orca / vLLM / TGI: the cache has fixed slots, each with its own length and
 positions; `add` prefills new prompts into free slots (one forward pass for several), `step` decodes one token
-for every active slot, and a finished sequence frees its slot at once. `GPTModel.generate`, the evaluator,
-the trainer's samples and `inference/` all run through `DecodeEngine`.
+for every active slot, and a finished sequence frees its slot at once. `generate`, the evaluator, the trainer's
+samples and `inference/` all run through `DecodeEngine`. It sits above the model (as nanochat's engine.py): the model
+knows nothing of decoding.
+
+    out = generate(model, input_ids, SamplingParams(max_new_tokens=20, do_sample=False), attention_mask=mask)
 """
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, NamedTuple, Sequence
@@ -22,9 +27,6 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 import torch
 
 from byte_level_bpe import incomplete_tail
-from data_loader import collate_batch
-from metrics import IGNORE_INDEX, sequence_logprobs
-from prompts import prompt_response_ids
 from transformer_components import KVCache, KVCacheView
 
 
@@ -42,7 +44,7 @@ class DecodingError(ValueError):
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) of prompts padded on the left to the longest, as GPTModel.generate takes them."""
+    """(input_ids, attention_mask) of prompts padded on the left to the longest, as ``generate`` takes them."""
     width = max(len(ids) for ids in prompts)
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -67,12 +69,10 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalized, logits)
 
 
-def apply_top_k(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
-    """Keep the top_k largest logits per row (ties at the k-th value kept); None/0 keeps all."""
-    if not top_k or top_k >= logits.size(-1):
-        return logits
-    kth_largest = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-    return logits.masked_fill(logits < kth_largest, float("-inf"))
+def top_k_candidates(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, token ids) of the top_k largest logits per row: sampling among these k is top-k sampling, the same
+    distribution as masking every other logit to -inf, with the softmax and the draw over k values instead of V."""
+    return torch.topk(logits, top_k, dim=-1)
 
 
 def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -438,10 +438,8 @@ class DecodeEngine:
             index = torch.tensor(rows, device=self.device)
             scaled = logits[index] / max(temperature, MIN_TEMPERATURE)
             generator = requests[rows[0]].generator
-            if top_k and top_k < scaled.size(-1):
-                # Draw among the k candidates only: the same distribution as masking the vocabulary, but the
-                # softmax and multinomial run over k values instead of V (most of a small model's step time).
-                values, candidates = torch.topk(scaled, top_k, dim=-1)
+            if top_k and top_k < scaled.size(-1):  # the softmax over V is most of a small model's step time
+                values, candidates = top_k_candidates(scaled, top_k)
                 choice = torch.multinomial(apply_top_p(values, top_p).softmax(dim=-1), 1, generator=generator)
                 tokens[index] = candidates.gather(1, choice).squeeze(1)
             else:
@@ -455,7 +453,7 @@ class DecodeEngine:
         self._last_tokens[slots] = tokens
         if self._seen is not None:
             self._seen[slots, tokens] = True
-        scored = token_logprobs(requests, logits, tokens)
+        scored = requested_logprobs(requests, logits, tokens)
         # The one host sync per step: EOS, stop strings and streaming need the ids on the host.
         return [self._record(r, token, *lp) for r, token, lp in zip(requests, tokens.tolist(), scored)]
 
@@ -515,8 +513,8 @@ class DecodeEngine:
                     yield out.text
 
 
-def token_logprobs(requests: Sequence[Request], logits: torch.Tensor,
-                   tokens: torch.Tensor) -> list[tuple[float | None, tuple[tuple[int, float], ...] | None]]:
+def requested_logprobs(requests: Sequence[Request], logits: torch.Tensor,
+                       tokens: torch.Tensor) -> list[tuple[float | None, tuple[tuple[int, float], ...] | None]]:
     """(log-prob of the chosen token, its top-k (id, log-prob)) per row under the raw model (temperature 1, no
     filter, as OpenAI reports them); (None, None) for the rows that did not ask. Computed only when one did."""
     wanted = [r.params.logprobs for r in requests]
@@ -552,73 +550,36 @@ def generate_responses(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
         model.train(was_training)
 
 
-def generate_padded(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, n_new: int,
-                    temperature: float = 1.0, top_k: int | None = 50, top_p: float = 1.0,
-                    repetition_penalty: float = 1.0, do_sample: bool = True, eos_token_id: int | None = None,
-                    use_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
-    """GPTModel.generate's batch form over the engine: left-padded prompts in, (B, width + steps) ids out.
+def generate(model: torch.nn.Module, input_ids: torch.Tensor, params: SamplingParams = SamplingParams(),
+             attention_mask: torch.Tensor | None = None, use_cache: bool = True,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Continue left-padded prompts; returns (B, prompt_len + new) with the prompt included.
 
-    Rows that ended early are filled with pad_token_id after their EOS; the width grows by the steps run.
+    At most max_seq_len - prompt_len new tokens are produced (the context window is never exceeded). Rows that
+    emitted ``params.eos_token_id`` are filled with the model's pad_token_id; generation stops once all rows did.
+    use_cache=False recomputes the whole sequence each step (slow; for verification and benchmarks). The model's
+    training mode is restored; the result is a plain tensor (PPO feeds it back with gradients).
     """
+    model.check_inputs(input_ids, attention_mask, 0)
     batch, width = input_ids.shape
-    if n_new == 0:
-        return input_ids.clone()
+    context = model.config.max_seq_len
+    if width == 0:
+        raise DecodingError("generate needs a non-empty prompt; start it with the <s> token (tokenizer.bos_token_id)")
+    if width >= context:
+        raise DecodingError(f"prompt length {width} leaves no room to generate within max_seq_len {context}; "
+                            "shorten the prompt")
+    n_new = min(params.max_new_tokens, context - width)
     rows = input_ids.tolist()
     masks = attention_mask.tolist() if attention_mask is not None else [[1] * width] * batch
     prompts = [[t for t, m in zip(row, mask) if m] for row, mask in zip(rows, masks)]
     empty = [i for i, p in enumerate(prompts) if not p]
     if empty:
         raise DecodingError(f"row {empty[0]} of attention_mask has no real token; every prompt needs at least <s>")
-    params = SamplingParams(max_new_tokens=n_new, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                            top_p=top_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id)
-    outputs = generate_responses(model, prompts, params, batch, generator, max_len=max(map(len, prompts)) + n_new,
-                                 use_cache=use_cache)
+    outputs = generate_responses(model, prompts, dataclasses.replace(params, max_new_tokens=n_new), batch, generator,
+                                 max_len=max(map(len, prompts)) + n_new, use_cache=use_cache)
     steps = max(map(len, outputs))
     out = torch.full((batch, width + steps), model.config.pad_token_id, dtype=torch.long)
     out[:, :width] = input_ids.cpu()
     for row, ids in enumerate(outputs):
         out[row, width:width + len(ids)] = torch.tensor(ids, dtype=torch.long)
     return out.to(input_ids.device)
-
-
-# ----------------------------------------------------------------------------- best of N
-
-
-def candidate_seeds(seed: int | None, n: int) -> list[int | None]:
-    """Sampling seeds of a request's n best-of candidates: seed, seed + 1, ... (mod 2^63), so a fixed seed gives the
-    same candidates again and candidate 0 is what the request samples alone; without a seed, n unseeded draws."""
-    return [None] * n if seed is None else [(seed + i) % 2**63 for i in range(n)]
-
-
-@torch.inference_mode()
-def mean_token_logprobs(model: torch.nn.Module, prompt_ids: Sequence[int],
-                        responses: Sequence[Sequence[int]]) -> list[float]:
-    """Mean log-prob per token of each response after ``prompt_ids`` under the model's own distribution (temperature
-    1, no top-k / top-p): OpenAI's best_of rule. One right-padded forward pass; the LM head runs on the responses."""
-    rows = [list(prompt_ids) + list(r) for r in responses]
-    ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
-    labels = torch.full_like(ids, IGNORE_INDEX)
-    for i, (row, response) in enumerate(zip(rows, responses)):
-        ids[i, :len(row)] = torch.tensor(row)
-        labels[i, len(prompt_ids):len(row)] = torch.tensor(list(response))
-    device = next(model.parameters()).device
-    start = len(prompt_ids) - 1  # the position that predicts the first response token
-    hidden = model.hidden_states(ids.to(device))[:, start:]  # right padding: causal attention is exact
-    return sequence_logprobs(model.lm_head(hidden), labels[:, start:].to(device), average=True).tolist()
-
-
-@torch.no_grad()
-def reward_scores(reward_model: torch.nn.Module, tokenizer, prompts: Sequence[Sequence[int]],
-                  responses: Sequence[str], device: torch.device, batch_size: int = 32) -> list[float]:
-    """The reward model's score of each rendered prompt + ``response </s>`` (as reward models are trained)."""
-    reward_model.eval()
-    items = []
-    for prompt, response in zip(prompts, responses):
-        ids, labels, _ = prompt_response_ids(tokenizer, prompt, response, reward_model.config.max_seq_len)
-        items.append({"input_ids": torch.tensor(ids), "attention_mask": torch.ones(len(ids), dtype=torch.long),
-                      "labels": torch.tensor(labels)})
-    scores = []
-    for start in range(0, len(items), batch_size):
-        batch = collate_batch(items[start:start + batch_size], tokenizer.pad_token_id)
-        scores += reward_model.score(*(batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))).tolist()
-    return scores

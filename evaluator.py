@@ -33,16 +33,17 @@ import task_benchmarks
 from atomic_file import atomic_path
 from data_loader import (ClassificationDataset, GPTSFTDataset, PreferencePairDataset, collate_batch, collate_pairs,
                          encode_for_classification)
-from decoding import SamplingParams, cut_at_eos, generate_responses, reward_scores
+from decoding import SamplingParams, cut_at_eos, generate_responses
 from devices import DTYPE_CHOICES, autocast_context, resolve_device, resolve_dtype, set_threads
 from metrics import (bits_per_byte, confusion_matrix, exact_match, pairwise_accuracy, perplexity, precision_recall,
                      sum_nll)
 from model_heads import GPTClassifier
-from prompts import (SFT_TEMPLATE, encode_prompt, fit, max_prompt_len, record_messages, record_prompt_ids,
+from prompts import (SFT_TEMPLATE, document_ids, encode_prompt, fit, max_prompt_len, record_messages, record_prompt_ids,
                      record_reference, render_prompt)
 from quantization import weight_count
-from readers import (DEFAULT_TEXT_FIELD, FORMATS_TEXT, jsonl_holds_records, load_classification_records,
+from readers import (DEFAULT_TEXT_FIELD, FORMATS_TEXT, holds_records, load_classification_records,
                      load_preference_records, load_sft_records, read_documents)
+from reward_scoring import reward_scores
 from text_metrics import ROUGE_METRICS, compute_bleu, mean_sentence_bleu, rouge_scores
 from verifiers import check_verifiers, verifiable_reward
 
@@ -88,11 +89,8 @@ def _check_data_format(path: str | os.PathLike, model_type: str, text_field: str
     if model_type == "reward" and (path.is_dir() or suffix not in (".json", ".jsonl")):
         raise EvaluationError(f"reward evaluation needs a .json or .jsonl file of {{\"instruction\", \"chosen\", "
                               f"\"rejected\"}} records, got {path}")
-    if model_type == "pretrain" and suffix == ".json":
-        raise EvaluationError(f"pretrain evaluation reads {FORMATS_TEXT} documents, got {path} (SFT records? use "
-                              "--model_type sft)")
-    if model_type == "pretrain" and suffix == ".jsonl" and jsonl_holds_records(path, text_field):
-        raise EvaluationError(f"{path} holds instruction/response records, not {{\"text\": ...}} documents: "
+    if model_type == "pretrain" and holds_records(path, text_field):
+        raise EvaluationError(f"{path} holds instruction/response records, not {FORMATS_TEXT} documents: "
                               "use --model_type sft")
     return path
 
@@ -196,8 +194,7 @@ class GPTEvaluator:
             raise EvaluationError(f"no documents in {test_data_path}: the test set is empty")
         tok = self.tokenizer
         num_workers = None if sum(map(len, documents)) > 1_000_000 else 1  # processes only pay off on large sets
-        token_lists = [[tok.bos_token_id, *ids, tok.eos_token_id]
-                       for ids in tok.encode_many(documents, num_workers=num_workers)]
+        token_lists = [document_ids(tok, ids) for ids in tok.encode_many(documents, num_workers=num_workers)]
         windows = [torch.tensor(w) for ids in token_lists
                    for w in split_into_windows(ids, self.model.config.max_seq_len)]
         items = [{"input_ids": w, "attention_mask": torch.ones_like(w), "labels": w} for w in windows]

@@ -1,6 +1,8 @@
-"""Decoder-only GPT (GPT-2 architecture): ``GPTConfig`` (+ presets) and ``GPTModel`` (forward, loss, ``generate``,
-FLOP accounting). Nothing else: checkpoints live in ``checkpoints.py``, the reward/classifier heads in
-``model_heads.py``, Hugging Face GPT-2 conversion in ``hf_gpt2.py``, devices and precision in ``devices.py``.
+"""Decoder-only GPT (GPT-2 architecture): ``GPTConfig`` (+ presets) and ``GPTModel`` (forward, loss, FLOP
+accounting). Nothing else, and it imports only torch, ``transformer_components`` and ``loss_labels``: generation is
+the decode engine's (``decoding.generate``, above the model, as nanochat's engine.py), checkpoints live in
+``checkpoints.py``, the reward/classifier heads in ``model_heads.py``, Hugging Face GPT-2 conversion in
+``hf_gpt2.py``, devices and precision in ``devices.py``.
 
 Weights use Hugging Face GPT-2 names (``transformer.h.0.attn.c_attn.weight`` ...) with nn.Linear layouts, so real
 GPT-2 weights load with only the Conv1D matrices transposed.
@@ -14,16 +16,16 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-import decoding
-from metrics import IGNORE_INDEX, hidden_logprobs, shifted_cross_entropy, shifted_targets
-from transformer_components import ACTIVATIONS, KVCacheView, TransformerDecoderLayer
+from loss_labels import IGNORE_INDEX
+from transformer_components import (ACTIVATIONS, KVCacheView, TransformerDecoderLayer, hidden_logprobs,
+                                    shifted_cross_entropy, shifted_targets)
 
 # ----------------------------------------------------------------------------- config
 
 
 @dataclass
 class GPTConfig:
-    """Model shape; the defaults are GPT-2 small (124M). pad_token_id fills finished rows in generate."""
+    """Model shape; the defaults are GPT-2 small (124M). pad_token_id fills finished rows in decoding.generate."""
 
     vocab_size: int = 50257
     d_model: int = 768
@@ -143,7 +145,9 @@ class GPTModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def _check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, key_len: int) -> None:
+    def check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, key_len: int) -> None:
+        """ValueError unless input_ids is a 2-D integer tensor of in-vocabulary ids that fits the context after
+        ``key_len`` cached positions, with an attention_mask of the same shape (the engine checks prompts here too)."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point \
                 or input_ids.dtype == torch.bool or input_ids.is_complex():
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
@@ -171,7 +175,7 @@ class GPTModel(nn.Module):
         With a kv_cache (a KVCacheView, see decoding.py) each row's keys go to its own cache slot and the
         view's positions are the position ids; rows are never padded on the left there, so no attention_mask.
         """
-        self._check_inputs(input_ids, attention_mask, kv_cache.key_len if kv_cache is not None else 0)
+        self.check_inputs(input_ids, attention_mask, kv_cache.key_len if kv_cache is not None else 0)
         B, T = input_ids.shape
         device = input_ids.device
         if kv_cache is not None:
@@ -239,38 +243,6 @@ class GPTModel(nn.Module):
         if output_hidden_states:
             out["hidden_states"] = hidden
         return out
-
-    # ------------------------------------------------------------------ generation
-
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_gen_len: int = 100,
-                 temperature: float = 1.0, top_k: int | None = 50, top_p: float = 1.0,
-                 repetition_penalty: float = 1.0, do_sample: bool = True, eos_token_id: int | None = None,
-                 use_cache: bool = True, generator: torch.Generator | None = None) -> torch.LongTensor:
-        """Continue left-padded prompts; returns (B, prompt_len + new) with the prompt included.
-
-        At most max_seq_len - prompt_len new tokens are produced (the context window is never exceeded).
-        Rows that emitted eos_token_id are filled with pad_token_id; generation stops once all rows did.
-        do_sample=False is greedy (temperature/top_k/top_p ignored). use_cache=False recomputes the
-        whole sequence each step (slow; for verification and benchmarks). A thin wrapper over
-        decoding.DecodeEngine, the project's one decode loop; the sampling settings are checked by
-        decoding.SamplingParams.
-        """
-        self._check_inputs(input_ids, attention_mask, 0)
-        if input_ids.size(1) == 0:
-            raise ValueError("generate needs a non-empty prompt; start it with the <s> token (tokenizer.bos_token_id)")
-        if input_ids.size(1) >= self.config.max_seq_len:
-            raise ValueError(f"prompt length {input_ids.size(1)} leaves no room to generate within max_seq_len "
-                             f"{self.config.max_seq_len}; shorten the prompt")
-        decoding.check_max_new_tokens(max_gen_len, "max_gen_len", minimum=0)
-        n_new = min(max_gen_len, self.config.max_seq_len - input_ids.size(1))
-        was_training = self.training
-        try:
-            return decoding.generate_padded(self, input_ids, attention_mask, n_new, temperature=temperature,
-                                            top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                                            do_sample=do_sample, eos_token_id=eos_token_id, use_cache=use_cache,
-                                            generator=generator)
-        finally:
-            self.train(was_training)
 
     # ------------------------------------------------------------------ accounting
 

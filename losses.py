@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import metrics
-from metrics import IGNORE_INDEX
+from loss_labels import IGNORE_INDEX
 
 # ----------------------------------------------------------------------------- language modelling
 
@@ -31,7 +31,7 @@ def causal_lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch
 
 def chosen_answer_nll(sequence_logprobs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean per-token NLL of the chosen answers: the first half of a pair batch (RPO's and GRM's SFT term)."""
-    tokens = (labels[:, 1:] != metrics.IGNORE_INDEX).sum(-1).clamp(min=1)
+    tokens = (labels[:, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1)
     return -(sequence_logprobs / tokens).chunk(2)[0].mean()
 
 

@@ -1,9 +1,10 @@
-"""Log-probabilities and scores shared by the model, the trainers, the evaluator, PPO and DPO: the one place where
-shifted next-token cross-entropy, per-token log-probs, NLL / perplexity / bits per byte, exact match, pairwise
-accuracy and the classification scores (confusion matrix, precision, recall) are computed.
+"""Log-probabilities and scores shared by the trainers, the evaluator, PPO and DPO: the one place where per-token and
+per-sequence log-probs from logits, NLL / perplexity / bits per byte, exact match, pairwise accuracy and the
+classification scores (confusion matrix, precision, recall) are computed.
 
-Its own module (torch, and the label convention from ``prompts``) because the model's loss, every training stage and
-the evaluator use the same functions, and none of them should import another for it.
+Its own module because every training stage and the evaluator use the same functions, and none of them should import
+another for it. The arithmetic the model's own loss needs (shifted cross-entropy, log-probs from hidden states) sits
+below the model, in ``transformer_components``; the label convention in ``loss_labels``.
 """
 from __future__ import annotations
 
@@ -11,24 +12,9 @@ import math
 from typing import Iterable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from prompts import IGNORE_INDEX
-
-
-def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
-    """The label each position predicts: ``labels[:, t + 1]``, and -100 at the last position."""
-    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-
-
-def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of ``logits[:, t]`` against ``labels[:, t + 1]`` (labels aligned with the inputs), -100 ignored.
-
-    The labels are shifted, not the logits: slicing (B, T, V) logits would copy them (and their gradient) once more
-    per step; the last position gets label -100 instead.
-    """
-    return F.cross_entropy(logits.flatten(0, 1).float(), shifted_targets(labels).flatten(), ignore_index=IGNORE_INDEX,
-                           reduction=reduction)
+from loss_labels import IGNORE_INDEX
+from transformer_components import shifted_cross_entropy
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,15 +47,6 @@ def scored_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     (``loss_only=True``), so a DDP-wrapped model synchronises its gradients as usual."""
     total = model(input_ids, attention_mask=attention_mask, labels=labels, loss_only=True)["sequence_logprobs"]
     return total / (labels[:, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1) if average else total
-
-
-def hidden_logprobs(lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B,) summed log-probs of the labelled tokens from final hidden states (B, T, C), ``labels[:, t + 1]``
-    predicted at t, the LM head applied only at those positions (a row with none scored gets 0)."""
-    hidden, targets = hidden[:, :-1], labels[:, 1:]
-    scored = targets != IGNORE_INDEX
-    picked = -F.cross_entropy(lm_head(hidden[scored]).float(), targets[scored], reduction="none")
-    return torch.zeros(hidden.size(0), device=picked.device).index_add(0, scored.nonzero()[:, 0], picked)
 
 
 @torch.no_grad()

@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 
 from gpt_model import GPTConfig, GPTModel
-from metrics import IGNORE_INDEX, hidden_logprobs
+from loss_labels import IGNORE_INDEX
+from transformer_components import hidden_logprobs
 
 
 class GPTRewardModel(nn.Module):

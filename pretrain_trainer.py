@@ -28,6 +28,7 @@ import token_cache
 import training
 from byte_level_bpe import ByteLevelBPETokenizer
 from checkpoints import load_model_and_tokenizer
+from decoding import SamplingParams, generate
 from devices import autocast_context, set_threads
 from gpt_model import PRESETS, GPTConfig, GPTModel
 from losses import causal_lm_loss
@@ -248,8 +249,8 @@ def print_samples(model: GPTModel, tokenizer: ByteLevelBPETokenizer, device: tor
         ids = encode_prompt(tokenizer, prompt, max(1, model.config.max_seq_len - 1))  # leaves room for a token
         input_ids = torch.tensor([ids], device=device)
         room = min(max_new, model.config.max_seq_len - input_ids.shape[1])  # stay inside the context window
-        out = model.generate(input_ids, max_gen_len=room, temperature=0.8, top_k=50,
-                             eos_token_id=tokenizer.eos_token_id, generator=generator)
+        params = SamplingParams(max_new_tokens=room, temperature=0.8, top_k=50, eos_token_id=tokenizer.eos_token_id)
+        out = generate(model, input_ids, params, generator=generator)
         print(f"--- {tokenizer.decode(out[0].tolist())}")
 
 

@@ -28,8 +28,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from loss_labels import IGNORE_INDEX
+
 SFT_TEMPLATE = "### 指令:{instruction}\n### 响应:{response}"  # the format of models trained before role tokens
-IGNORE_INDEX = -100  # labels that are not scored (prompt tokens, padding), as in Hugging Face
 CHAT_ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's newer name for system
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 END_TOKEN = "<|end|>"  # closes a system or user message (an assistant message ends with </s>)
@@ -84,26 +85,30 @@ def fit(ids: list[int], limit: int | None, on_overflow: Overflow = "truncate", w
     return [ids[0]] + ids[len(ids) - limit + 1:]
 
 
+def document_ids(tokenizer, ids: Sequence[int]) -> list[int]:
+    """``<s> ids </s>``: a whole document, as pretraining packs it, its evaluation scores it and a classifier reads it
+    (the final ``</s>``)."""
+    return [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
+
+
 def encode_prompt(tokenizer, text: str, limit: int | None = None, on_overflow: Overflow = "truncate") -> list[int]:
     """``<s> text`` as ids, within ``limit`` tokens (see ``fit``)."""
     return fit([tokenizer.bos_token_id, *tokenizer.encode_ordinary(text)], limit, on_overflow)
 
 
-def record_prompt_ids(tokenizer, record: Mapping, template: str = SFT_TEMPLATE, limit: int | None = None,
+def record_prompt_ids(tokenizer, record: Mapping, template: str, limit: int | None = None,
                       on_overflow: Overflow = "truncate") -> list[int]:
-    """A record's prompt (its conversation up to the answer) as ids, exactly as the model saw prompts in training."""
+    """A record's prompt (its conversation up to the answer) as ids, exactly as the model saw prompts in training
+    (no default template: the caller passes its model's, as every function here does)."""
     prompt, _ = split_reference(record_messages(record))
     return render_prompt(tokenizer, prompt, template, limit, on_overflow).ids
 
 
-def prompt_response_ids(tokenizer, prompt_ids: Sequence[int], response: str,
-                        max_seq_len: int) -> tuple[list[int], list[int], bool]:
-    """``prompt_ids`` (a rendered prompt) + ``response </s>``, and labels (-100 on the prompt), cut to
-    ``max_seq_len``; also whether it was cut. In either format this is the training sample of that last turn."""
+def prompt_response_ids(tokenizer, prompt_ids: Sequence[int], response: str, max_seq_len: int) -> Sample:
+    """The training sample of ``prompt_ids`` (a rendered prompt) + ``response </s>``: labels -100 on the prompt, cut
+    to ``max_seq_len`` (``.truncated``). In either format this is ``render_sample``'s sample of that last turn."""
     response_ids = [*tokenizer.encode_ordinary(response), tokenizer.eos_token_id]
-    input_ids = (list(prompt_ids) + response_ids)[:max_seq_len]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_seq_len]
-    return input_ids, labels, len(prompt_ids) + len(response_ids) > max_seq_len
+    return _cut(list(prompt_ids) + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids, max_seq_len)
 
 
 # ----------------------------------------------------------------------------- chat
@@ -255,7 +260,7 @@ def _render(tokenizer, head, turns, template: str, generation_prompt: bool) -> t
     return ids + cue, labels + [IGNORE_INDEX] * len(cue)
 
 
-def render_prompt(tokenizer, messages: Sequence, template: str = CHAT_TEMPLATE, limit: int | None = None,
+def render_prompt(tokenizer, messages: Sequence, template: str, limit: int | None = None,
                   on_overflow: Overflow = "truncate") -> Rendered:
     """A conversation to answer next (ending with a user message) as the model was trained to read it.
 
@@ -292,11 +297,13 @@ def render_sample(tokenizer, messages: Sequence, template: str, max_seq_len: int
         turns, dropped = turns[1:], dropped + 1
     if not turns:
         return None
-    truncated = len(ids) > max_seq_len
-    ids, labels = ids[:max_seq_len], labels[:max_seq_len]
-    if all(label == IGNORE_INDEX for label in labels):
-        return None
-    return Sample(ids, labels, dropped, truncated)
+    sample = _cut(ids, labels, max_seq_len, dropped)
+    return None if all(label == IGNORE_INDEX for label in sample.labels) else sample
+
+
+def _cut(ids: list[int], labels: list[int], max_seq_len: int, dropped_turns: int = 0) -> Sample:
+    """The one place a Sample is made: ids and labels cut to ``max_seq_len`` (``truncated`` says whether)."""
+    return Sample(ids[:max_seq_len], labels[:max_seq_len], dropped_turns, len(ids) > max_seq_len)
 
 
 def _last_scored_run(labels: list[int]) -> int:

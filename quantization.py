@@ -1,6 +1,6 @@
 """The weights inference runs on: INT8 weight-only layers (int8 weights, one scale per output channel) and fp32
 layers prepacked for the CPU; ``prepare_for_inference`` turns a trained ``GPTModel`` into the fastest of them for its
-device, and every inference path (``checkpoints.load_model_and_tokenizer``, so ``model.generate``, the evaluator, the
+device, and every inference path (``checkpoints.load_model_and_tokenizer``, so ``decoding.generate``, the evaluator, the
 chat CLI, best-of-N and the server) runs on what it returns. Training keeps plain ``nn.Linear`` weights.
 
 Every nn.Linear of the decoder becomes an Int8Linear, and by default so does the LM head; since the head is tied to

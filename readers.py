@@ -452,10 +452,17 @@ def load_classification_records(path: str | os.PathLike) -> list[dict]:
     return load_records(path, required=("text", "label"))
 
 
-def jsonl_holds_records(path: str | os.PathLike, text_field: str = DEFAULT_TEXT_FIELD) -> bool:
-    """Whether a .jsonl file's first record is an instruction record rather than a {"text": ...} document (its
-    text in ``text_field``)."""
-    for line_no, line in utf8_lines(Path(path)):
+def holds_records(path: str | os.PathLike, text_field: str = DEFAULT_TEXT_FIELD) -> bool:
+    """Whether a data file holds records (instruction or chat, as SFT reads them) rather than documents: a .json
+    file always; a .jsonl file when its first record is an instruction record rather than a {"text": ...} document
+    (its text in ``text_field``); any other file never."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return True
+    if suffix != ".jsonl" or path.is_dir():
+        return False
+    for line_no, line in utf8_lines(path):
         if line.strip():
             try:
                 record = parse_json(line, f"{path}:{line_no}")

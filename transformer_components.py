@@ -1,4 +1,6 @@
-"""GPT-2 building blocks: causal self-attention, MLP, pre-LN decoder layer and a preallocated KV cache.
+"""GPT-2 building blocks: causal self-attention, MLP, pre-LN decoder layer, a preallocated KV cache, and the
+next-token log-prob arithmetic on the LM head that the model's loss needs (shifted cross-entropy, summed log-probs from
+hidden states; labels ``loss_labels.IGNORE_INDEX`` are not scored).
 
 Module and parameter names follow Hugging Face's GPT-2 (``c_attn``, ``c_proj``, ``c_fc``, ``ln_1``,
 ``ln_2``) so real GPT-2 weights map one to one. Every projection is a plain ``nn.Linear`` so INT8
@@ -11,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from loss_labels import IGNORE_INDEX
 
 
 class KVCache:
@@ -143,3 +147,30 @@ class TransformerDecoderLayer(nn.Module):
                 kv_cache: KVCacheView | None = None, layer_idx: int = 0) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), attn_mask, kv_cache, layer_idx)
         return x + self.mlp(self.ln_2(x))
+
+
+# ----------------------------------------------------------------------------- next-token log-probs
+
+
+def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
+    """The label each position predicts: ``labels[:, t + 1]``, and -100 at the last position."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of ``logits[:, t]`` against ``labels[:, t + 1]`` (labels aligned with the inputs), -100 ignored.
+
+    The labels are shifted, not the logits: slicing (B, T, V) logits would copy them (and their gradient) once more
+    per step; the last position gets label -100 instead.
+    """
+    return F.cross_entropy(logits.flatten(0, 1).float(), shifted_targets(labels).flatten(), ignore_index=IGNORE_INDEX,
+                           reduction=reduction)
+
+
+def hidden_logprobs(lm_head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) summed log-probs of the labelled tokens from final hidden states (B, T, C), ``labels[:, t + 1]``
+    predicted at t, the LM head applied only at those positions (a row with none scored gets 0)."""
+    hidden, targets = hidden[:, :-1], labels[:, 1:]
+    scored = targets != IGNORE_INDEX
+    picked = -F.cross_entropy(lm_head(hidden[scored]).float(), targets[scored], reduction="none")
+    return torch.zeros(hidden.size(0), device=picked.device).index_add(0, scored.nonzero()[:, 0], picked)

@@ -25,6 +25,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import cli
 from benchmarks.cli_options import benchmark_parser, positive_ints, presets
+from decoding import SamplingParams, generate
 from devices import set_threads
 from gpt_model import GPTConfig, GPTModel
 from hf_gpt2 import config_from_hf_gpt2, convert_hf_gpt2_state_dict
@@ -63,9 +64,10 @@ def estimate_uncached_seconds(model: GPTModel, prompt: torch.Tensor, new_tokens:
     step_seconds = []
     for length in lengths:
         ids = torch.randint(0, model.config.vocab_size, (prompt.size(0), int(length)), device=device)
-        model.generate(ids, max_gen_len=1, do_sample=False, use_cache=False)  # warm this shape
-        step_seconds.append(min(timed(lambda: model.generate(ids, max_gen_len=1, do_sample=False, use_cache=False),
-                                      device)[0] for _ in range(2)))
+        one_step = functools.partial(generate, model, ids, SamplingParams(max_new_tokens=1, do_sample=False),
+                                     use_cache=False)
+        one_step()  # warm this shape
+        step_seconds.append(min(timed(one_step, device)[0] for _ in range(2)))
     every_length = np.arange(prompt_len, prompt_len + new_tokens)
     return float(np.interp(every_length, lengths, step_seconds).sum())
 
@@ -79,10 +81,11 @@ def bench_shape(shape: str, device: torch.device, args: argparse.Namespace, resu
         gen = torch.Generator(device="cpu").manual_seed(batch)
         prompt = torch.randint(0, 50257, (batch, args.prompt_len), generator=gen).to(device)
         mask = torch.ones_like(prompt)
-        run_ours = functools.partial(ours.generate, prompt, max_gen_len=args.new_tokens, do_sample=False)
+        run_ours = functools.partial(generate, ours, prompt, SamplingParams(max_new_tokens=args.new_tokens,
+                                                                            do_sample=False))
         run_hf = functools.partial(hf.generate, prompt, attention_mask=mask, max_new_tokens=args.new_tokens,
                                    min_new_tokens=args.new_tokens, do_sample=False)
-        ours.generate(prompt, max_gen_len=4, do_sample=False)  # warm-up: allocator, kernels
+        generate(ours, prompt, SamplingParams(max_new_tokens=4, do_sample=False))  # warm-up: allocator, kernels
         hf.generate(prompt, attention_mask=mask, max_new_tokens=4, do_sample=False)
         ours_s, hf_s, same = [], [], True
         for _ in range(repeats):

@@ -2,9 +2,9 @@
 holding the same random GPT-2 124M weights; plus the pieces behind the numbers.
 
 Ours is measured the way a user runs it: the weights saved as checkpoints (float, and INT8 by inference.quantizer's
-quantize_model_int8), loaded with checkpoints.load_model_and_tokenizer, then model.generate: "api_fp32" and
+quantize_model_int8), loaded with checkpoints.load_model_and_tokenizer, then decoding.generate: "api_fp32" and
 "api_int8", the same prepared weights (quantization.prepare_for_inference) the evaluator, the chat CLI and the server
-run on. "ours_fp32" is GPTModel.generate on the plain nn.Linear training weights, for comparison.
+run on. "ours_fp32" is decoding.generate on the plain nn.Linear training weights, for comparison.
 
 Prints ONE JSON line (CPU). tok_s = batch * new_tokens / seconds, new tokens only, best of --repeats; in each
 repeat every system runs once, back to back (a second apart, so no system's idle threads still spin), so they see
@@ -40,7 +40,7 @@ from benchmarks.bench_generate import build_pair, estimate_uncached_seconds
 from benchmarks.cli_options import benchmark_parser, positive_ints, presets
 from byte_level_bpe import ByteLevelBPETokenizer
 from checkpoints import load_model_and_tokenizer, save_checkpoint
-from decoding import DecodeEngine, SamplingParams
+from decoding import DecodeEngine, SamplingParams, generate
 from gpt_model import PRESETS, GPTConfig, GPTModel
 from quantization import PackedLinear, fbgemm_available, quantize_model_int8, quantize_per_channel
 
@@ -240,8 +240,8 @@ def best_seconds(runs: dict, repeats: int) -> tuple[dict[str, float], dict[str, 
 def batch_runs(systems: dict, hf, ct2: CT2Process | None, prompt: torch.Tensor, new_tokens: int) -> dict:
     """Greedy generation of ``new_tokens`` for the prompt batch by every system (new tokens only)."""
     mask = torch.ones_like(prompt)
-    runs = {name: (lambda m=m, n=new_tokens: m.generate(prompt, max_gen_len=n, do_sample=False)[:, -n:])
-            for name, m in systems.items()}
+    greedy = SamplingParams(max_new_tokens=new_tokens, do_sample=False)
+    runs = {name: (lambda m=m, n=new_tokens: generate(m, prompt, greedy)[:, -n:]) for name, m in systems.items()}
     runs["hf_fp32"] = lambda n=new_tokens: hf.generate(prompt, attention_mask=mask, max_new_tokens=n,
                                                        min_new_tokens=n, do_sample=False)[:, -n:]
     for name in ("float32", "int8") if ct2 else ():

@@ -37,6 +37,7 @@ from benchmarks.bench_server import Served, free_port
 from benchmarks.cli_options import benchmark_parser, positive_ints
 from byte_level_bpe import ByteLevelBPETokenizer
 from checkpoints import load_model_and_tokenizer, save_checkpoint
+from decoding import SamplingParams, generate
 from gpt_model import GPTConfig, GPTModel
 from inference import export
 from quantization import quantize_model_int8
@@ -128,7 +129,8 @@ def greedy(name: str, ours: dict, peers: dict, prompt: list[int], n: int) -> lis
     """``n`` greedy tokens after ``prompt`` from one of SYSTEMS."""
     if name.startswith("ours_"):
         model = ours[name.removeprefix("ours_")]
-        return model.generate(torch.tensor([prompt]), max_gen_len=n, do_sample=False)[0, len(prompt):].tolist()
+        out = generate(model, torch.tensor([prompt]), SamplingParams(max_new_tokens=n, do_sample=False))
+        return out[0, len(prompt):].tolist()
     return peers[name.removeprefix("llama_cpp_")].ask({"generate": prompt, "n": n})
 
 
@@ -153,10 +155,10 @@ def decode_profile(model: GPTModel, prompt: list[int], n: int, wall_ms: float) -
     the rest of the unprofiled time per token ``wall_ms``, spent outside any op (Python, module calls, dispatch;
     the profiled run's own wall time also holds the profiler's cost per op)."""
     ids = torch.tensor([prompt])
-    model.generate(ids, max_gen_len=4, do_sample=False)
+    generate(model, ids, SamplingParams(max_new_tokens=4, do_sample=False))
     with torch.profiler.profile() as prof:
         start = time.perf_counter()
-        model.generate(ids, max_gen_len=n, do_sample=False)
+        generate(model, ids, SamplingParams(max_new_tokens=n, do_sample=False))
         profiled_ms = 1000 * (time.perf_counter() - start) / n
     per_token = dict.fromkeys([*OP_CLASSES, "other_ops"], 0.0)
     calls = 0

@@ -41,7 +41,7 @@ from starlette.exceptions import HTTPException
 
 from checkpoints import checkpoint_metadata
 from cli import UsageError, run_cli
-from decoding import SamplingParams, candidate_seeds
+from decoding import SamplingParams
 from inference.chat_page import chat_page, to_chat_page
 from inference.engine_worker import Job, QueueFull
 from inference.openai_format import (DONE, APIError, EventStream, OpenAIReply, chat_logprobs, completion_logprobs,
@@ -49,7 +49,8 @@ from inference.openai_format import (DONE, APIError, EventStream, OpenAIReply, c
 from inference.schemas import (ChatMessage, ChatRequest, CompletionRequest, DetokenizeRequest, GenerateRequest,
                                GenerateResponse, OpenAIRequest, Schemas, TokenizeRequest, build_schemas)
 from inference.server_metrics import Metrics
-from inference.serving import ServedModel, check_reward_checkpoint, load_served_model, score_candidates
+from inference.serving import (ServedModel, candidate_seeds, check_reward_checkpoint, load_served_model,
+                               score_candidates)
 from inference.settings import Settings
 from prompts import PromptTooLong, Rendered, encode_prompt, max_prompt_len, render_prompt, render_sample
 

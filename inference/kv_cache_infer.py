@@ -27,51 +27,42 @@ def _prepare(model: torch.nn.Module, device: str | torch.device | None) -> torch
     return model.to(resolve_device(device)) if device is not None else model
 
 
-def sampling_params(tokenizer, max_gen_len: int, top_k: int | None, temperature: float, top_p: float,
-                    repetition_penalty: float, do_sample: bool, seed: int | None,
-                    stop: Sequence[str]) -> SamplingParams:
-    return SamplingParams(max_new_tokens=max_gen_len, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                          top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
-                          eos_token_id=tokenizer.eos_token_id, stop=tuple(stop))
+def with_eos(params: SamplingParams, tokenizer) -> SamplingParams:
+    """``params`` stopping at the tokenizer's `</s>` (text generation always ends a sequence there)."""
+    if params.eos_token_id is not None:
+        return params
+    return dataclasses.replace(params, eos_token_id=tokenizer.eos_token_id)
 
 
-def generate_with_kv_cache(model, tokenizer, prompt: str, max_gen_len: int = 100, top_k: int | None = 50,
-                           temperature: float = 0.8, device: str | torch.device | None = None, top_p: float = 1.0,
-                           repetition_penalty: float = 1.0, do_sample: bool = True, seed: int | None = None,
-                           stop: Sequence[str] = ()) -> str:
+def generate_with_kv_cache(model, tokenizer, prompt: str, params: SamplingParams = SamplingParams(),
+                           device: str | torch.device | None = None) -> str:
     """The continuation of `<s> prompt` (prompt not included), decoded with the KV cache."""
-    return generate_batch_with_kv_cache(model, tokenizer, [prompt], max_gen_len, top_k, temperature, device, top_p,
-                                        repetition_penalty, do_sample, seed, stop)[0]
+    return generate_batch_with_kv_cache(model, tokenizer, [prompt], params, device)[0]
 
 
-def generate_batch_with_kv_cache(model, tokenizer, prompts: Sequence[str], max_gen_len: int = 100,
-                                 top_k: int | None = 50, temperature: float = 0.8,
-                                 device: str | torch.device | None = None, top_p: float = 1.0,
-                                 repetition_penalty: float = 1.0, do_sample: bool = True, seed: int | None = None,
-                                 stop: Sequence[str] = (), n_slots: int = 8) -> list[str]:
+def generate_batch_with_kv_cache(model, tokenizer, prompts: Sequence[str], params: SamplingParams = SamplingParams(),
+                                 device: str | torch.device | None = None, n_slots: int = 8) -> list[str]:
     """Continuations of several prompts, n_slots at a time (a finished one hands its slot to the next).
 
     With a seed, prompt i is sampled with seed + i: each result is reproducible on its own.
     """
     model = _prepare(model, device)
     engine = DecodeEngine(model, tokenizer, n_slots=min(n_slots, max(1, len(prompts))))
-    limit = max_prompt_len(engine.max_len, max_gen_len)
-    params = [sampling_params(tokenizer, max_gen_len, top_k, temperature, top_p, repetition_penalty, do_sample,
-                              None if seed is None else seed + i, stop) for i in range(len(prompts))]
-    requests = engine.run([encode_prompt(tokenizer, p, limit) for p in prompts], params)
+    limit = max_prompt_len(engine.max_len, params.max_new_tokens)
+    params = with_eos(params, tokenizer)
+    each = [params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+            for i in range(len(prompts))]
+    requests = engine.run([encode_prompt(tokenizer, p, limit) for p in prompts], each)
     return [r.text for r in requests]
 
 
-def stream_with_kv_cache(model, tokenizer, prompt: str, max_gen_len: int = 100, top_k: int | None = 50,
-                         temperature: float = 0.8, device: str | torch.device | None = None, top_p: float = 1.0,
-                         repetition_penalty: float = 1.0, do_sample: bool = True, seed: int | None = None,
-                         stop: Sequence[str] = ()) -> Iterator[str]:
+def stream_with_kv_cache(model, tokenizer, prompt: str, params: SamplingParams = SamplingParams(),
+                         device: str | torch.device | None = None) -> Iterator[str]:
     """Pieces of the continuation as tokens arrive: whole UTF-8 characters, joining to generate_with_kv_cache's text."""
     model = _prepare(model, device)
     engine = DecodeEngine(model, tokenizer, n_slots=1)
-    ids = encode_prompt(tokenizer, prompt, max_prompt_len(engine.max_len, max_gen_len))
-    yield from engine.stream(ids, sampling_params(tokenizer, max_gen_len, top_k, temperature, top_p,
-                                                  repetition_penalty, do_sample, seed, stop))
+    ids = encode_prompt(tokenizer, prompt, max_prompt_len(engine.max_len, params.max_new_tokens))
+    yield from engine.stream(ids, with_eos(params, tokenizer))
 
 
 # ----------------------------------------------------------------------------- chat
@@ -82,15 +73,14 @@ def stream_with_kv_cache(model, tokenizer, prompt: str, max_gen_len: int = 100, 
 MAX_MESSAGE_CHARS = 65_536
 
 
-def chat(model, tokenizer, template: str = SFT_TEMPLATE, params: SamplingParams | None = None,
+def chat(model, tokenizer, template: str = SFT_TEMPLATE, params: SamplingParams = SamplingParams(),
          read: Callable[[str], str] | None = None, write: Callable[[str], None] | None = None,
          system: str | None = None, max_message_chars: int = MAX_MESSAGE_CHARS) -> None:
     """Terminal chat: replies stream as they are generated; /reset forgets the conversation, /quit or Ctrl-C/D end.
     A message over ``max_message_chars`` is refused with a note (the chat goes on)."""
     read = read or input
     write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
-    params = params or SamplingParams(max_new_tokens=200, temperature=0.8, top_k=50,
-                                      eos_token_id=tokenizer.eos_token_id)
+    params = with_eos(params, tokenizer)
     engine = DecodeEngine(model, tokenizer, n_slots=1)
     limit = max_prompt_len(engine.max_len, params.max_new_tokens)
     opening = [{"role": "system", "content": system}] if system else []
@@ -182,19 +172,18 @@ def _run(argv: Sequence[str] | None) -> int:
     set_threads(args.num_threads)
     loaded = checkpoints.load(args.model_path, args.tokenizer_dir, device=args.device, expect="lm")
     model, tokenizer = loaded.model, loaded.tokenizer
-    sampling = dict(max_gen_len=args.max_new_tokens, top_k=args.top_k, temperature=args.temperature,
-                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, do_sample=not args.greedy,
-                    seed=args.seed, stop=args.stop)
-    params = sampling_params(tokenizer, **sampling)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                            seed=args.seed, eos_token_id=tokenizer.eos_token_id, stop=tuple(args.stop))
     if args.interactive:
         chat(model, tokenizer, loaded.template, params, system=args.system, max_message_chars=args.max_message_chars)
     elif args.stream:
         print(args.prompt[0], end="", flush=True)
-        for piece in stream_with_kv_cache(model, tokenizer, args.prompt[0], **sampling):
+        for piece in stream_with_kv_cache(model, tokenizer, args.prompt[0], params):
             print(piece, end="", flush=True)
         print()
     else:
-        texts = generate_batch_with_kv_cache(model, tokenizer, args.prompt, **sampling)
+        texts = generate_batch_with_kv_cache(model, tokenizer, args.prompt, params)
         for prompt, text in zip(args.prompt, texts):
             print(f"--- {prompt}{text}")
     return 0

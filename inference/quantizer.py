@@ -22,7 +22,7 @@ from atomic_file import atomic_directory
 from devices import set_threads
 from evaluator import GPTEvaluator
 from quantization import QuantizationError, quantize_model_int8
-from readers import DEFAULT_TEXT_FIELD, jsonl_holds_records
+from readers import DEFAULT_TEXT_FIELD, holds_records
 
 
 def held_out_quality(model: torch.nn.Module, tokenizer, data: str, batch_size: int, max_samples: int | None,
@@ -31,8 +31,7 @@ def held_out_quality(model: torch.nn.Module, tokenizer, data: str, batch_size: i
     .json / .jsonl)."""
     ev = GPTEvaluator(model, tokenizer, show_progress=True)
     path = Path(data)
-    suffix = path.suffix.lower()
-    if suffix == ".json" or (suffix == ".jsonl" and jsonl_holds_records(path, text_field)):
+    if holds_records(path, text_field):
         return "response_perplexity", ev.response_perplexity(path, batch_size, max_samples)
     report = ev.evaluate_pretrained(path, batch_size=batch_size, max_samples=max_samples, text_field=text_field)
     return "bits_per_byte", report["bits_per_byte"]

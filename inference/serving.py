@@ -1,6 +1,7 @@
 """The served model: `ServedModel` (the model, tokenizer, engine thread, best_of scorer and their description for
 /health), `load_served_model` (checkpoint, optional INT8, device and dtype, the engine and its thread), the
---reward_model checks and loading, and best_of scoring (`score_candidates`, in the scorer thread)."""
+--reward_model checks and loading, and best_of: each candidate's seed (`candidate_seeds`) and its score
+(`score_candidates`, in the scorer thread: the reward model's, or `mean_token_logprobs`, OpenAI's rule)."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -12,14 +13,17 @@ import torch
 
 import checkpoints
 from cli import UsageError
-from decoding import DecodeEngine, mean_token_logprobs, reward_scores
+from decoding import DecodeEngine
 from devices import autocast_context, resolve_device, resolve_dtype
 from gpt_model import GPTModel
 from inference.engine_worker import EngineWorker, Job
 from inference.server_metrics import Metrics
 from inference.settings import Settings
+from loss_labels import IGNORE_INDEX
+from metrics import sequence_logprobs
 from model_heads import GPTRewardModel
 from quantization import is_quantized
+from reward_scoring import reward_scores
 
 
 def scorer_thread() -> ThreadPoolExecutor:
@@ -100,3 +104,26 @@ def score_candidates(s: ServedModel, prompt_ids: list[int], jobs: Sequence[Job],
         if s.reward_model is not None:
             return reward_scores(s.reward_model, s.tokenizer, [prompt_ids] * len(texts), texts, s.device)
         return mean_token_logprobs(s.model, prompt_ids, [job.sequence.output_ids for job in jobs])
+
+
+def candidate_seeds(seed: int | None, n: int) -> list[int | None]:
+    """Sampling seeds of a request's n best-of candidates: seed, seed + 1, ... (mod 2^63), so a fixed seed gives the
+    same candidates again and candidate 0 is what the request samples alone; without a seed, n unseeded draws."""
+    return [None] * n if seed is None else [(seed + i) % 2**63 for i in range(n)]
+
+
+@torch.inference_mode()
+def mean_token_logprobs(model: torch.nn.Module, prompt_ids: Sequence[int],
+                        responses: Sequence[Sequence[int]]) -> list[float]:
+    """Mean log-prob per token of each response after ``prompt_ids`` under the model's own distribution (temperature
+    1, no top-k / top-p): OpenAI's best_of rule. One right-padded forward pass; the LM head runs on the responses."""
+    rows = [list(prompt_ids) + list(r) for r in responses]
+    ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for i, (row, response) in enumerate(zip(rows, responses)):
+        ids[i, :len(row)] = torch.tensor(row)
+        labels[i, len(prompt_ids):len(row)] = torch.tensor(list(response))
+    device = next(model.parameters()).device
+    start = len(prompt_ids) - 1  # the position that predicts the first response token
+    hidden = model.hidden_states(ids.to(device))[:, start:]  # right padding: causal attention is exact
+    return sequence_logprobs(model.lm_head(hidden), labels[:, start:].to(device), average=True).tolist()

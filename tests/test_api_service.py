@@ -2,7 +2,7 @@
 serving a tiny model made here.
 
 References: the engine's text for the same prompt and seed, computed directly (kv_cache_infer), the greedy
-tokens of GPTModel.generate, the official `openai` client, and the server's own /metrics and /health.
+tokens of decoding.generate, the official `openai` client, and the server's own /metrics and /health.
 """
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ def one_thread():
 def checkpoint(tiny_tokenizer, tmp_path_factory) -> Path:
     """A random tiny model (context 512) whose greedy continuation of "A" runs LONG tokens without </s>."""
     from checkpoints import save_checkpoint
+    from decoding import SamplingParams, generate
     from gpt_model import GPTConfig, GPTModel
 
     folder = tmp_path_factory.mktemp("served")
@@ -55,7 +56,8 @@ def checkpoint(tiny_tokenizer, tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = GPTModel(GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=CONTEXT, dropout=0.0))
     ids = torch.tensor([[tiny_tokenizer.bos_token_id] + tiny_tokenizer.encode_ordinary("A")])
-    out = model.eval().generate(ids, max_gen_len=LONG, do_sample=False, eos_token_id=tiny_tokenizer.eos_token_id)
+    out = generate(model.eval(), ids, SamplingParams(max_new_tokens=LONG, do_sample=False,
+                                                     eos_token_id=tiny_tokenizer.eos_token_id))
     assert tiny_tokenizer.eos_token_id not in out[0, ids.size(1):].tolist(), "precondition: a long greedy run"
     path = folder / "model.pth"
     save_checkpoint(path, model, tokenizer_fingerprint=tiny_tokenizer.fingerprint,
@@ -127,12 +129,14 @@ def reference(checkpoint):
 
 
 def direct_text(reference, prompt: str, max_gen_len: int, seed: int | None = None, greedy: bool = False, **kw) -> str:
+    from decoding import SamplingParams
     from inference.kv_cache_infer import generate_with_kv_cache
 
     model, tokenizer = reference
-    return generate_with_kv_cache(model, tokenizer, prompt, max_gen_len=max_gen_len, seed=seed, do_sample=not greedy,
-                                  temperature=kw.get("temperature", 0.8), top_k=kw.get("top_k", 50),
-                                  top_p=kw.get("top_p", 1.0), stop=kw.get("stop", ()))
+    params = SamplingParams(max_new_tokens=max_gen_len, seed=seed, do_sample=not greedy,
+                            temperature=kw.get("temperature", 0.8), top_k=kw.get("top_k", 50),
+                            top_p=kw.get("top_p", 1.0), stop=kw.get("stop", ()))
+    return generate_with_kv_cache(model, tokenizer, prompt, params)
 
 
 def sse_events(response: httpx.Response) -> list:
@@ -166,7 +170,9 @@ def test_health_is_503_while_loading(checkpoint):
     assert client.post("/generate", json={"prefix": "A"}).status_code == 503
 
 
-def test_generate_matches_the_engine_and_greedy_matches_model_generate(server, reference):
+def test_generate_matches_the_engine_and_greedy_matches_decoding_generate(server, reference):
+    from decoding import SamplingParams, generate
+
     body = {"prefix": "ROMEO:", "max_gen_len": 24, "top_k": 20, "temperature": 0.9, "seed": 3}
     response = httpx.post(server.url + "/generate", json=body, timeout=30).json()
     assert set(response) == {"prefix", "generated_text", "num_tokens", "finish_reason", "latency_ms"}
@@ -175,7 +181,8 @@ def test_generate_matches_the_engine_and_greedy_matches_model_generate(server, r
 
     model, tok = reference
     ids = torch.tensor([[tok.bos_token_id] + tok.encode_ordinary("ROMEO:")])
-    expected = model.generate(ids, max_gen_len=24, do_sample=False, eos_token_id=tok.eos_token_id)[0, ids.size(1):]
+    params = SamplingParams(max_new_tokens=24, do_sample=False, eos_token_id=tok.eos_token_id)
+    expected = generate(model, ids, params)[0, ids.size(1):]
     greedy = httpx.post(server.url + "/generate", json={"prefix": "ROMEO:", "max_gen_len": 24, "temperature": 0},
                         timeout=30).json()
     n = greedy["num_tokens"]
@@ -703,7 +710,7 @@ def test_a_long_chat_loses_its_oldest_turns_and_says_how_many(server, reference)
 
 
 def test_n_choices_are_the_seeded_samples_and_stream_by_index(server):
-    from decoding import candidate_seeds
+    from inference.serving import candidate_seeds
 
     body = {"prompt": "ROMEO:", "max_tokens": 12, "temperature": 1.0, "seed": 11}
     many = httpx.post(server.url + "/v1/completions", json={**body, "n": 3}).json()

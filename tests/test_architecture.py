@@ -4,6 +4,8 @@ module says what it owns in a docstring, and lines stay within 120 characters.""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,9 +78,33 @@ def test_the_model_layer_imports_nothing_above_it():
     """The layers below the checkpoint loader never reach up to it, to the trainers or to inference/."""
     below = {"cli", "atomic_file", "readers", "prompts", "metrics", "devices", "transformer_components", "lora",
              "byte_level_bpe", "token_cache", "data_loader", "decoding", "gpt_model", "model_heads", "quantization",
-             "verifiers"}
+             "verifiers", "loss_labels", "reward_scoring"}
     for name in below:
         assert GRAPH[name] <= below, f"{name} imports {sorted(GRAPH[name] - below)}"
+
+
+def test_the_model_module_loads_only_its_building_blocks():
+    """``import gpt_model`` in a fresh interpreter loads no project module but its building blocks and the label
+    convention: no decode engine, data pipeline or CLI policy underneath the model (nanoGPT's model.py layout)."""
+    top_level = sorted(name for name in FILES if "." not in name)
+    code = f"import sys, gpt_model; print(sorted(m for m in sys.modules if m in {top_level!r}))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(["gpt_model", "loss_labels", "transformer_components"])
+
+
+def test_each_public_function_name_has_one_definition():
+    """Two top-level functions of one name in the library modules (outside scripts' ``main`` and friends) are two
+    copies of one mechanism, or two mechanisms under one name: either way a reader calls the wrong one."""
+    script_names = {"main", "build_parser", "parse_args"}
+    owners: dict[str, list[str]] = {}
+    for name, path in FILES.items():
+        if name.startswith(("benchmarks", "data")):
+            continue
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_") and node.name not in script_names:
+                owners.setdefault(node.name, []).append(name)
+    twice = {fn: where for fn, where in owners.items() if len(where) > 1}
+    assert not twice, twice
 
 
 def test_no_module_uses_another_modules_private_names():

@@ -9,6 +9,7 @@ import checkpoints
 import lora
 from checkpoints import (CheckpointError, build_model, describe, load, load_checkpoint, load_model_and_tokenizer,
                          save_checkpoint)
+from decoding import SamplingParams, generate
 from gpt_model import GPTConfig, GPTModel
 from model_heads import GPTClassifier, GPTRewardModel
 from quantization import Int8Linear, PackedLinear, quantize_model_int8
@@ -96,7 +97,8 @@ def test_load_model_and_tokenizer(tiny_tokenizer, tiny_config, tmp_path):
     loaded, tokenizer = load_model_and_tokenizer(tmp_path / "run" / "best.pt")
     assert tokenizer.fingerprint == tiny_tokenizer.fingerprint and not loaded.training
     prompt = torch.tensor([[tokenizer.bos_token_id] + tokenizer.encode_ordinary("ROMEO:")])
-    out = loaded.generate(prompt, max_gen_len=5, do_sample=False, eos_token_id=tokenizer.eos_token_id)
+    params = SamplingParams(max_new_tokens=5, do_sample=False, eos_token_id=tokenizer.eos_token_id)
+    out = generate(loaded, prompt, params)
     assert isinstance(tokenizer.decode(out[0]), str)
 
     with pytest.raises(CheckpointError, match="tokenizer folder"):

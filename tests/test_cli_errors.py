@@ -26,6 +26,7 @@ import torch
 import byte_level_bpe
 import checkpoints
 import cli
+import decoding
 import evaluator
 import gpt_model
 import pretrain_trainer as pt
@@ -621,14 +622,14 @@ def test_tokenizer_api_rejects_bad_input_with_a_value_error(call, tiny_tokenizer
 
 
 @pytest.mark.parametrize("kwargs", [dict(top_k=-1), dict(top_p=0.0), dict(top_p=2.0), dict(temperature=0.0),
-                                    dict(max_gen_len=-1), dict(top_k="5"), dict(temperature=float("nan")),
+                                    dict(max_new_tokens=-1), dict(top_k="5"), dict(temperature=float("nan")),
                                     dict(repetition_penalty=0.0)], ids=str)
 def test_generate_rejects_bad_settings_with_a_value_error(kwargs):
     model = gpt_model.GPTModel(gpt_model.GPTConfig.from_preset("tiny", vocab_size=300, max_seq_len=16, n_layers=1))
     with pytest.raises(ValueError):
-        model.generate(torch.tensor([[0, 5]]), max_gen_len=kwargs.pop("max_gen_len", 3), **kwargs)
+        decoding.generate(model, torch.tensor([[0, 5]]), decoding.SamplingParams(**{"max_new_tokens": 3, **kwargs}))
     with pytest.raises(ValueError):
-        model.generate(None)
+        decoding.generate(model, None)
 
 
 # ----------------------------------------------------------------------------- interruption (real processes)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from decoding import (DecodeEngine, DecodingError, IncrementalDetokenizer, SamplingParams, StopStringMatcher,
-                      apply_repetition_penalty, apply_top_k, apply_top_p, cut_at_eos, left_pad)
+                      apply_repetition_penalty, apply_top_p, cut_at_eos, generate, left_pad, top_k_candidates)
+from devices import autocast_context
 from gpt_model import GPTModel
 from prompts import encode_prompt, max_prompt_len
 
@@ -61,7 +62,9 @@ def test_sampling_processors_match_transformers():
     torch.manual_seed(0)
     logits = torch.randn(4, 50) * 3
     history = torch.randint(0, 50, (4, 12))
-    assert torch.equal(apply_top_k(logits, 7), TopKLogitsWarper(7)(history, logits.clone()))
+    values, ids = top_k_candidates(logits, 7)  # the engine samples among these: as if the rest were masked to -inf
+    masked = torch.full_like(logits, float("-inf")).scatter(-1, ids, values)
+    assert torch.equal(masked, TopKLogitsWarper(7)(history, logits.clone()))
     assert torch.equal(apply_top_p(logits, 0.8), TopPLogitsWarper(0.8)(history, logits.clone()))
     seen = torch.zeros(4, 50, dtype=torch.bool).scatter_(1, history, True)
     expected = RepetitionPenaltyLogitsProcessor(1.3)(history, logits.clone())
@@ -237,8 +240,8 @@ def test_top_k_sampling_draws_from_the_top_k_softmax(model):
     top = torch.topk(logits, 3)
     expected = top.values.softmax(-1)
     generator = torch.Generator().manual_seed(0)
-    first = [int(model.generate(prompt, max_gen_len=1, top_k=3, temperature=1.0, generator=generator)[0, -1])
-             for _ in range(600)]
+    params = SamplingParams(max_new_tokens=1, top_k=3, temperature=1.0)
+    first = [int(generate(model, prompt, params, generator=generator)[0, -1]) for _ in range(600)]
     assert set(first) <= set(top.indices.tolist())
     counts = torch.tensor([first.count(int(i)) for i in top.indices], dtype=torch.float) / len(first)
     assert torch.allclose(counts, expected, atol=0.06), (counts, expected)
@@ -311,3 +314,85 @@ def test_a_character_cut_off_at_the_end_is_left_out_not_shown_as_u_fffd(tiny_tok
     detok = IncrementalDetokenizer(tok)
     streamed = "".join(detok.push(i) for i in ids) + detok.flush()
     assert streamed == "静夜" == tok.decode(ids)
+
+
+# ----------------------------------------------------------------------------- generate (left-padded tensors)
+
+
+def greedy(n: int, **kwargs) -> SamplingParams:
+    return SamplingParams(max_new_tokens=n, do_sample=False, **kwargs)
+
+
+def test_cached_and_uncached_greedy_generate_agree(model):
+    ids, mask = left_pad([[0, 3, 4, 5, 6], [0, 7]], pad_id=1)
+    cached = generate(model, ids, greedy(25), attention_mask=mask)
+    uncached = generate(model, ids, greedy(25), attention_mask=mask, use_cache=False)
+    assert torch.equal(cached, uncached) and cached.shape == (2, 30)
+
+
+def test_generate_left_padded_batch_equals_each_prompt_alone(model):
+    prompts = [[0, 3, 4, 5, 6, 7], [0, 8], [0, 9, 10, 11]]
+    ids, mask = left_pad(prompts, pad_id=model.config.pad_token_id)
+    batch = generate(model, ids, greedy(15, repetition_penalty=1.2), attention_mask=mask)
+    for row, prompt in enumerate(prompts):
+        one = generate(model, torch.tensor([prompt]), greedy(15, repetition_penalty=1.2))
+        assert batch[row, ids.size(1) - len(prompt):].tolist() == one[0].tolist()
+
+
+def test_generate_seeded_sampling_is_reproducible(model):
+    ids = torch.tensor([[0, 5, 6]])
+    params = SamplingParams(max_new_tokens=20, temperature=1.5, top_k=20, top_p=0.9)
+    a = generate(model, ids, params, generator=torch.Generator().manual_seed(7))
+    b = generate(model, ids, params, generator=torch.Generator().manual_seed(7))
+    c = generate(model, ids, params, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_generate_top_k_one_sampling_is_greedy(model):
+    ids = torch.tensor([[0, 5, 6]])
+    generator = torch.Generator().manual_seed(0)
+    sampled = generate(model, ids, SamplingParams(max_new_tokens=10, top_k=1), generator=generator)
+    assert torch.equal(sampled, generate(model, ids, greedy(10)))
+
+
+def test_generate_eos_stops_rows_and_pads_them(model):
+    ids = torch.tensor([[0, 5, 6], [0, 9, 10]])
+    free = generate(model, ids, greedy(12))
+    eos = int(free[0, 5])  # the third token row 0 generates becomes the stop token
+    out = generate(model, ids, greedy(12, eos_token_id=eos))
+    for row in range(2):
+        new = out[row, 3:].tolist()
+        if eos in new:
+            stop = new.index(eos)
+            assert new[:stop + 1] == free[row, 3:3 + stop + 1].tolist()
+            assert all(t == model.config.pad_token_id for t in new[stop + 1:])
+    if all(eos in r for r in out[:, 3:].tolist()):  # everyone finished: stopped early
+        assert out.size(1) < free.size(1)
+
+
+def test_generate_never_exceeds_context(model):
+    ids = torch.randint(0, 97, (1, 40))
+    out = generate(model, ids, greedy(100))
+    assert out.shape == (1, SMALL["max_seq_len"])
+    with pytest.raises(ValueError, match="no room to generate"):
+        generate(model, torch.zeros(1, 48, dtype=torch.long))
+    with pytest.raises(ValueError, match="input_ids must be a 2-D integer tensor"):
+        generate(model, torch.zeros(5, dtype=torch.long))
+
+
+def test_generate_restores_mode_and_returns_autograd_usable_tensor(model):
+    model.train()
+    out = generate(model, torch.tensor([[0, 5]]), greedy(4))
+    assert model.training and not out.is_inference()
+    model(out, labels=out)["loss"].backward()  # PPO feeds generated sequences back with gradients
+
+
+def test_generate_under_bf16_autocast(model):
+    with autocast_context("cpu", torch.bfloat16):
+        out = generate(model, torch.tensor([[0, 5, 6, 7]]), greedy(5))
+    assert out.shape == (1, 9)
+
+
+def test_generation_lives_above_the_model():
+    """The model has no generate of its own: decoding is the engine's, from above (nanochat's engine.py layout)."""
+    assert not hasattr(GPTModel, "generate")

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import evaluator
+from decoding import SamplingParams, generate
 from evaluator import EvaluationError, GPTEvaluator, split_into_windows, sum_nll
-from prompts import record_prompt_ids
+from prompts import SFT_TEMPLATE, record_prompt_ids
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -187,8 +188,8 @@ def test_batched_generation_equals_one_prompt_at_a_time(tiny_tokenizer, tiny_con
     got = ev.generate_predictions(prompts, max_gen_len=10, do_sample=False, batch_size=3)
     for prompt, prediction in zip(prompts, got):
         ids = torch.tensor([[tok.bos_token_id] + tok.encode_ordinary(prompt)])  # unpadded, alone
-        new = model.generate(ids, max_gen_len=10, do_sample=False,
-                             eos_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
+        params = SamplingParams(max_new_tokens=10, do_sample=False, eos_token_id=tok.eos_token_id)
+        new = generate(model, ids, params)[0, ids.shape[1]:].tolist()
         new = new[:new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
         assert prediction == tok.decode(new)
 
@@ -265,7 +266,7 @@ def test_exact_match_never_cuts_a_prompt_that_fits_the_context(tiny_tokenizer, t
     script = scripted(monkeypatch, tok.encode_ordinary("42") + [tok.eos_token_id])
 
     def length(words: int) -> int:
-        return len(record_prompt_ids(tok, {"instruction": " ".join(map(str, range(words)))}))
+        return len(record_prompt_ids(tok, {"instruction": " ".join(map(str, range(words)))}, SFT_TEMPLATE))
 
     words = max(n for n in range(1, 100) if length(n) <= 60)
     instruction, prompt_len = " ".join(map(str, range(words))), length(words)
@@ -381,7 +382,7 @@ def test_reward_model_type_and_reward_scores_of_responses(checkpoint_dir, tiny_c
     import evaluator
     from checkpoints import save_checkpoint
     from data_loader import PreferencePairDataset, collate_pairs
-    from decoding import reward_scores
+    from reward_scoring import reward_scores
     from gpt_model import GPTModel
     from model_heads import GPTRewardModel
 
@@ -398,7 +399,7 @@ def test_reward_model_type_and_reward_scores_of_responses(checkpoint_dir, tiny_c
                           tiny_tokenizer.pad_token_id)
     with torch.no_grad():
         chosen, rejected = reward.score(batch["input_ids"], batch["attention_mask"], batch["labels"]).chunk(2)
-    prompts = [record_prompt_ids(tiny_tokenizer, p) for p in pairs]
+    prompts = [record_prompt_ids(tiny_tokenizer, p, SFT_TEMPLATE) for p in pairs]
     picked = reward_scores(reward, tiny_tokenizer, prompts, [p["chosen"] for p in pairs], torch.device("cpu"))
     assert picked == pytest.approx(chosen.tolist(), abs=1e-5)
     report = tmp_path / "reward.json"

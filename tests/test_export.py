@@ -15,6 +15,7 @@ import transformers
 import lora
 from checkpoints import save_checkpoint
 from conftest import SAMPLE_ZH, corpus_lines
+from decoding import SamplingParams, generate
 from gpt_model import GPTConfig, GPTModel
 from hf_gpt2 import load_hf_gpt2
 from inference import export
@@ -80,7 +81,7 @@ def test_transformers_loads_the_hf_folder_with_our_logits_and_greedy_tokens(run,
     ids = prompt(tiny_tokenizer, "ROMEO: But, soft! what light through yonder window breaks?")
     with torch.no_grad():
         assert (hf(ids).logits - model(ids)["logits"]).abs().max() < 1e-4
-    ours = model.generate(ids, max_gen_len=24, do_sample=False)
+    ours = generate(model, ids, SamplingParams(max_new_tokens=24, do_sample=False))
     theirs = hf.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None,
                          pad_token_id=tiny_tokenizer.pad_token_id)
     assert torch.equal(ours, theirs)
@@ -273,5 +274,6 @@ def test_llama_cpp_runs_our_gguf_with_our_tokens(run, tiny_tokenizer, kind):
             theirs.append(token)
             if len(theirs) == 16:
                 break
-        ours = model.generate(torch.tensor([ids]), max_gen_len=16, do_sample=False)[0, len(ids):].tolist()
+        greedy = SamplingParams(max_new_tokens=16, do_sample=False)
+        ours = generate(model, torch.tensor([ids]), greedy)[0, len(ids):].tolist()
         assert theirs == ours, text

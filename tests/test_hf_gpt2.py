@@ -6,6 +6,7 @@ import torch
 import transformers
 
 from checkpoints import CheckpointError
+from decoding import SamplingParams, generate
 from gpt_model import GPTConfig, GPTModel
 from hf_gpt2 import load_hf_gpt2
 
@@ -78,7 +79,7 @@ def test_greedy_generation_matches_transformers(hf_pair):
     ids, mask = left_pad([[0, 5, 6, 7, 8], [0, 9, 10]], pad_id=1)
     expected = hf.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, eos_token_id=None,
                            pad_token_id=1)
-    got = ours.generate(ids, attention_mask=mask, max_gen_len=20, do_sample=False)
+    got = generate(ours, ids, SamplingParams(max_new_tokens=20, do_sample=False), attention_mask=mask)
     assert torch.equal(got, expected)
 
 

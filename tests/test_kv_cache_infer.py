@@ -1,13 +1,14 @@
 """Generation helpers, streaming, the chat loop and the CLI of inference.kv_cache_infer."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
 from checkpoints import save_checkpoint
-from decoding import SamplingParams, cut_at_eos
+from decoding import SamplingParams, cut_at_eos, generate
 from gpt_model import GPTModel
 from inference.kv_cache_infer import (chat, generate_batch_with_kv_cache, generate_with_kv_cache, main,
                                       stream_with_kv_cache)
@@ -32,18 +33,20 @@ def checkpoint(model, tiny_tokenizer, tmp_path) -> Path:
 def test_greedy_text_equals_generate(model, tiny_tokenizer):
     prompt = [tiny_tokenizer.bos_token_id] + tiny_tokenizer.encode_ordinary("ROMEO:")
     eos = tiny_tokenizer.eos_token_id
-    out = model.generate(torch.tensor([prompt]), max_gen_len=20, do_sample=False, eos_token_id=eos)
+    greedy = SamplingParams(max_new_tokens=20, do_sample=False)
+    out = generate(model, torch.tensor([prompt]), dataclasses.replace(greedy, eos_token_id=eos))
     expected = tiny_tokenizer.decode(cut_at_eos(out[0, len(prompt):].tolist(), eos))
-    assert generate_with_kv_cache(model, tiny_tokenizer, "ROMEO:", max_gen_len=20, do_sample=False) == expected
+    assert generate_with_kv_cache(model, tiny_tokenizer, "ROMEO:", greedy) == expected  # </s> ends it by default
 
 
 def test_batch_and_stream_agree_with_single_prompts(model, tiny_tokenizer):
     prompts = ["ROMEO:", "床前明月光", "LEAR: Attend the lords"]
-    batch = generate_batch_with_kv_cache(model, tiny_tokenizer, prompts, max_gen_len=15, seed=10, n_slots=2)
-    singles = [generate_with_kv_cache(model, tiny_tokenizer, p, max_gen_len=15, seed=10 + i)
+    params = SamplingParams(max_new_tokens=15, temperature=0.8, seed=10)
+    batch = generate_batch_with_kv_cache(model, tiny_tokenizer, prompts, params, n_slots=2)
+    singles = [generate_with_kv_cache(model, tiny_tokenizer, p, dataclasses.replace(params, seed=10 + i))
                for i, p in enumerate(prompts)]
     assert batch == singles
-    pieces = list(stream_with_kv_cache(model, tiny_tokenizer, prompts[1], max_gen_len=15, seed=11))
+    pieces = list(stream_with_kv_cache(model, tiny_tokenizer, prompts[1], dataclasses.replace(params, seed=11)))
     assert "".join(pieces) == singles[1]
 
 
@@ -68,7 +71,7 @@ def test_chat_loop_streams_resets_and_exits_cleanly(model, tiny_tokenizer):
             assert after.endswith("\n\n")  # Ctrl-C / Ctrl-D end the line they interrupted
             after = after[:-1]
         assert before.split("\n", 1)[1] == after  # after /reset the same message gets the same (greedy) reply
-    expected = generate_with_kv_cache(model, tiny_tokenizer, build_sft_prompt("hi"), max_gen_len=8, do_sample=False)
+    expected = generate_with_kv_cache(model, tiny_tokenizer, build_sft_prompt("hi"), params)
     assert after == expected + "\n"
 
 

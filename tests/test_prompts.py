@@ -2,13 +2,16 @@
 policy, checked token by token against hand-built expectations."""
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import pytest
 
 from byte_level_bpe import ByteLevelBPETokenizer
-from conftest import corpus_lines
-from prompts import (CHAT_TEMPLATE, CHAT_TOKENS, IGNORE_INDEX, SFT_TEMPLATE, PromptError, PromptTooLong,
+from conftest import ROOT, corpus_lines
+from loss_labels import IGNORE_INDEX
+import prompts
+from prompts import (CHAT_TEMPLATE, CHAT_TOKENS, SFT_TEMPLATE, PromptError, PromptTooLong, document_ids,
                      build_sft_prompt, check_conversation, check_template, encode_prompt, fit,
                      max_prompt_len, prompt_response_ids, record_instruction, record_messages, record_prompt_ids,
                      render_prompt, render_sample, split_reference)
@@ -55,11 +58,12 @@ def test_encode_prompt_and_its_room(tiny_tokenizer):
 def test_training_sample_masks_the_prompt_and_ends_with_eos(tiny_tokenizer):
     tok = tiny_tokenizer
     prompt = [tok.bos_token_id, *tok.encode_ordinary("Q: hi\nA: ")]
-    ids, labels, truncated = prompt_response_ids(tok, prompt, "hello", 64)
+    sample = prompt_response_ids(tok, prompt, "hello", 64)
     answer = [*tok.encode_ordinary("hello"), tok.eos_token_id]
-    assert ids == prompt + answer and labels == [IGNORE_INDEX] * len(prompt) + answer and not truncated
-    ids, labels, truncated = prompt_response_ids(tok, prompt, "hello", len(prompt) + 1)
-    assert truncated and ids == prompt + answer[:1] and labels[-1] == answer[0]
+    assert sample.input_ids == prompt + answer and sample.labels == [IGNORE_INDEX] * len(prompt) + answer
+    assert not sample.truncated
+    cut = prompt_response_ids(tok, prompt, "hello", len(prompt) + 1)
+    assert cut.truncated and cut.input_ids == prompt + answer[:1] and cut.labels[-1] == answer[0]
 
 
 def test_bad_conversations_are_named():
@@ -133,7 +137,8 @@ def test_overflow_drops_the_oldest_turns_keeps_the_system_message_and_never_an_e
     tail = render_sample(tok, CHAT, CHAT_TEMPLATE, max_seq_len=head + 1)  # room for one answer token
     assert tail.truncated and tail.labels[-1] != IGNORE_INDEX and len(tail.input_ids) == head + 1
     assert render_sample(tok, CHAT, CHAT_TEMPLATE, max_seq_len=head) is None  # no assistant token fits: no sample
-    prompt = render_prompt(tok, CHAT[:4], CHAT_TEMPLATE, limit=len(render_prompt(tok, CHAT[:4]).ids) - 1)
+    whole = render_prompt(tok, CHAT[:4], CHAT_TEMPLATE).ids
+    prompt = render_prompt(tok, CHAT[:4], CHAT_TEMPLATE, limit=len(whole) - 1)
     assert prompt.dropped_turns == 1 and prompt.ids[:5] == ids_of(tok, tok.bos_token_id,
                                                                    tok.special_token_id("<|system|>"), "Be brief.",
                                                                    tok.special_token_id("<|end|>"))[:5]
@@ -176,3 +181,28 @@ def test_the_older_template_writes_each_turn_as_an_sft_sample_with_the_system_te
     sample = render_sample(tok, [*messages, {"role": "assistant", "content": "fine"}], SFT_TEMPLATE, 256)
     scored = [i for i, label in zip(sample.input_ids, sample.labels) if label != IGNORE_INDEX]
     assert scored == [*tok.encode_ordinary("hello"), tok.eos_token_id, *tok.encode_ordinary("fine"), tok.eos_token_id]
+
+
+def test_no_prompt_builder_picks_a_template_for_its_caller():
+    """Every renderer takes the model's template from its caller: a default would render a chat model's prompts in the
+    older format (or the reverse) wherever a caller forgot to pass one."""
+    for fn in (prompts.record_prompt_ids, prompts.render_prompt, prompts.render_sample):
+        assert inspect.signature(fn).parameters["template"].default is inspect.Parameter.empty, fn.__name__
+
+
+def test_one_sample_builder_gives_the_last_turn_sample_of_a_conversation(tiny_tokenizer):
+    """prompt_response_ids on a rendered prompt is render_sample's sample of that conversation's last turn."""
+    tok = tiny_tokenizer
+    for template in (CHAT_TEMPLATE, SFT_TEMPLATE):
+        prompt = render_prompt(tok, CHAT[:4], template).ids
+        sample = prompt_response_ids(tok, prompt, CHAT[4]["content"], 256)
+        assert sample == render_sample(tok, CHAT, template, max_seq_len=256, last_turn_only=True), template
+
+
+def test_documents_are_framed_by_one_helper(tiny_tokenizer):
+    tok = tiny_tokenizer
+    ids = tok.encode_ordinary("ROMEO: hi")
+    assert document_ids(tok, ids) == [tok.bos_token_id, *ids, tok.eos_token_id]
+    for name in ("data_loader.py", "evaluator.py"):  # the classifier's samples and pretraining evaluation
+        source = (ROOT / name).read_text(encoding="utf-8")
+        assert "document_ids(" in source and "bos_token_id, *" not in source, name

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoints import load_checkpoint, load_model_and_tokenizer, save_checkpoint
+from decoding import SamplingParams, generate
 from gpt_model import GPTModel
 from inference.quantizer import main
 from quantization import (Int8Embedding, Int8Linear, PackedLinear, QuantizationError, fbgemm_available,
@@ -84,8 +85,8 @@ def test_save_load_round_trip_and_size(model, run_dir, tiny_tokenizer):
         assert torch.equal(via_loader(ids)["logits"], model(ids)["logits"])
     assert via_loader.lm_head.weight is via_loader.transformer.wte.weight
     prompt = torch.tensor([[tokenizer.bos_token_id] + tokenizer.encode_ordinary("ROMEO:")])
-    assert torch.equal(via_loader.generate(prompt, max_gen_len=8, do_sample=False),
-                       model.generate(prompt, max_gen_len=8, do_sample=False))
+    greedy = SamplingParams(max_new_tokens=8, do_sample=False)
+    assert torch.equal(generate(via_loader, prompt, greedy), generate(model, prompt, greedy))
 
 
 def test_evaluator_reads_an_int8_checkpoint(model, run_dir, tmp_path, capsys):
@@ -141,14 +142,15 @@ def test_packed_fp32_linears_give_the_same_logits_and_tokens(model, monkeypatch,
         monkeypatch.setattr("quantization.onednn_available", lambda: False)
     ids = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(3))
     prompt = ids[:1, :5]
+    params = SamplingParams(max_new_tokens=10, do_sample=False)
     with torch.no_grad():
-        expected, greedy = model(ids)["logits"], model.generate(prompt, max_gen_len=10, do_sample=False)
+        expected, greedy = model(ids)["logits"], generate(model, prompt, params)
         pack_linears_for_cpu(model)
         torch.testing.assert_close(model(ids)["logits"], expected, atol=1e-5, rtol=1e-5)
     linears = [m for m in model.modules() if isinstance(m, PackedLinear)]
     assert len(linears) == 4 * model.config.n_layers + 1 and not any(isinstance(m, nn.Linear) for m in model.modules())
     assert all(m.onednn == (onednn and torch.backends.mkldnn.is_available()) for m in linears)
-    assert torch.equal(model.generate(prompt, max_gen_len=10, do_sample=False), greedy)
+    assert torch.equal(generate(model, prompt, params), greedy)
     with pytest.raises(QuantizationError, match="already"):
         quantize_model_int8(model)
 

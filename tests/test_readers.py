@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import readers
+from conftest import ROOT
 from prompts import record_instruction
 from readers import DataError
 
@@ -93,7 +94,7 @@ def test_conversation_records_sit_beside_instruction_records(tmp_path):
                          {"role": "assistant", "content": "4"}], "task": "arithmetic_chat"}
     mixed = [chat, {"instruction": "写诗", "response": "床前明月光"}]
     write(tmp_path / "a.jsonl", "\n".join(json.dumps(r, ensure_ascii=False) for r in mixed) + "\n")
-    assert readers.load_sft_records(tmp_path / "a.jsonl") == mixed and readers.jsonl_holds_records(tmp_path / "a.jsonl")
+    assert readers.load_sft_records(tmp_path / "a.jsonl") == mixed and readers.holds_records(tmp_path / "a.jsonl")
     prompt = {"messages": chat["messages"][:4], "chosen": "4", "rejected": "5"}
     write(tmp_path / "p.json", json.dumps([prompt], ensure_ascii=False))
     assert readers.load_preference_records(tmp_path / "p.json") == [prompt]
@@ -142,10 +143,19 @@ def test_non_utf8_is_an_error_naming_file_line_and_byte(tmp_path):
         list(readers.read_documents(path))
 
 
-def test_jsonl_holds_records_tells_records_from_documents(tmp_path):
-    assert readers.jsonl_holds_records(write(tmp_path / "r.jsonl", '\n{"instruction": "a", "response": "b"}\n'))
-    assert not readers.jsonl_holds_records(write(tmp_path / "d.jsonl", '{"text": "a"}\n'))
-    assert not readers.jsonl_holds_records(write(tmp_path / "bad.jsonl", '{oops\n'))
+def test_holds_records_tells_records_from_documents(tmp_path):
+    assert readers.holds_records(write(tmp_path / "r.jsonl", '\n{"instruction": "a", "response": "b"}\n'))
+    assert not readers.holds_records(write(tmp_path / "d.jsonl", '{"text": "a"}\n'))
+    assert not readers.holds_records(write(tmp_path / "bad.jsonl", '{oops\n'))
+    assert readers.holds_records(write(tmp_path / "r.json", '[{"instruction": "a", "response": "b"}]'))  # by name
+    assert not readers.holds_records(write(tmp_path / "d.txt", '{"instruction": "a", "response": "b"}\n'))
+
+
+def test_the_evaluator_and_the_quantizer_sniff_formats_through_readers():
+    """Records-or-documents is decided in one place: the callers hold no suffix test of their own."""
+    for name in ("evaluator.py", "inference/quantizer.py"):
+        source = (ROOT / name).read_text(encoding="utf-8")
+        assert "holds_records(" in source and '== ".json"' not in source, name
 
 
 # ----------------------------------------------------------------------------- hostile files (issue 24, class 2)
@@ -169,7 +179,7 @@ def test_json_nested_past_the_bound_is_one_data_error_in_every_reader(read, cont
                  + content + "\n")
     with pytest.raises(DataError, match=rf"deep\.jsonl:2: JSON nested more than {readers.MAX_JSON_DEPTH} levels"):
         read(path)
-    assert not readers.jsonl_holds_records(write(tmp_path / "first.jsonl", content + "\n"))
+    assert not readers.holds_records(write(tmp_path / "first.jsonl", content + "\n"))
 
 
 def test_a_deep_json_list_file_is_one_data_error_and_real_nesting_passes(tmp_path):
