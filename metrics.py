@@ -1,6 +1,7 @@
 """Log-probabilities and scores shared by the model, the trainers, the evaluator, PPO and DPO: the one place where
 shifted next-token cross-entropy, per-token log-probs, NLL / perplexity / bits per byte, exact match, pairwise
-accuracy and the classification scores (confusion matrix, precision, recall) are computed.
+accuracy and the classification scores (cross-entropy and accuracy, confusion matrix, precision, recall) are computed.
+What is scored, in which batches, is ``scoring.py``'s.
 
 Its own module (torch, and the label convention from ``prompts``) because the model's loss, every training stage and
 the evaluator use the same functions, and none of them should import another for it.
@@ -127,6 +128,12 @@ def pairwise_accuracy(chosen_scores: Sequence[float], rejected_scores: Sequence[
     if len(chosen_scores) != len(rejected_scores) or not chosen_scores:
         raise ValueError("pairwise_accuracy needs equally many (>= 1) chosen and rejected scores")
     return sum(c > r for c, r in zip(chosen_scores, rejected_scores)) / len(chosen_scores)
+
+
+def class_scores(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
+    """Cross-entropy of (N, num_classes) class logits against (N,) class ids, and the accuracy of their argmax."""
+    return {"loss": F.cross_entropy(logits, targets, label_smoothing=label_smoothing),
+            "accuracy": (logits.argmax(-1) == targets).float().mean()}
 
 
 def confusion_matrix(targets: Sequence[int] | torch.Tensor, predictions: Sequence[int] | torch.Tensor,
