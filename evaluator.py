@@ -10,9 +10,11 @@ models), and accuracy, per-class precision / recall and the confusion matrix (cl
         --test_data_path data/classify/test.jsonl
     python evaluator.py --model_path models/pretrain/pretrain_best.pth --tasks hellaswag=hellaswag_val.jsonl,mmlu=test
 
-Perplexity is token-weighted (exp of total NLL / predicted tokens, never a mean of batch means). The text metrics
-themselves (how BLEU and ROUGE tokenize and count) live in text_metrics.py; standard benchmarks (--tasks: HellaSwag,
-ARC, MMLU, GSM8K and their CORE figure) in task_benchmarks.py.
+Every figure comes from the one scoring function of its metric (``scoring.py``), the one the trainers' held-out
+evaluations call: this module reads and checks the test files, runs generation for BLEU/ROUGE, and writes the
+report. Perplexity is token-weighted (exp of total NLL / predicted tokens, never a mean of batch means). The text
+metrics themselves (how BLEU and ROUGE tokenize and count) live in text_metrics.py; standard benchmarks
+(--tasks: HellaSwag, ARC, MMLU, GSM8K and their CORE figure) in task_benchmarks.py.
 """
 from __future__ import annotations
 
@@ -22,28 +24,25 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
 import torch
-from tqdm import tqdm
 
 import checkpoints
 import cli
+import scoring
 import task_benchmarks
 from atomic_file import atomic_path
-from data_loader import (ClassificationDataset, GPTSFTDataset, PreferencePairDataset, collate_batch, collate_pairs,
-                         encode_for_classification)
-from decoding import SamplingParams, cut_at_eos, generate_responses
-from devices import DTYPE_CHOICES, autocast_context, resolve_device, resolve_dtype, set_threads
-from metrics import (bits_per_byte, confusion_matrix, exact_match, pairwise_accuracy, perplexity, precision_recall,
-                     sum_nll)
-from model_heads import GPTClassifier
-from prompts import (SFT_TEMPLATE, document_ids, encode_prompt, fit, max_prompt_len, record_messages, record_prompt_ids,
-                     record_reference, render_prompt)
+from data_loader import ClassificationDataset, GPTSFTDataset, PreferencePairDataset
+from decoding import SamplingParams
+from devices import DTYPE_CHOICES, resolve_device, resolve_dtype, set_threads
+from metrics import exact_match
+from prompts import SFT_TEMPLATE, encode_prompt, record_messages, record_reference, render_prompt
 from quantization import weight_count
 from readers import (DEFAULT_TEXT_FIELD, FORMATS_TEXT, holds_records, load_classification_records,
                      load_preference_records, load_sft_records, read_documents)
 from reward_scoring import reward_scores
+from scoring import ScoreParams
 from text_metrics import ROUGE_METRICS, compute_bleu, mean_sentence_bleu, rouge_scores
 from verifiers import check_verifiers, verifiable_reward
 
@@ -55,24 +54,7 @@ class EvaluationError(ValueError):
     """Bad evaluation input (wrong data format for the model type, empty test set, ...)."""
 
 
-# ----------------------------------------------------------------------------- batching helpers
-
-def split_into_windows(ids: list[int], max_len: int) -> list[list[int]]:
-    """Windows of at most max_len tokens overlapping by one, so each token after the first is predicted once."""
-    if len(ids) <= max_len:
-        return [ids]
-    step = max_len - 1
-    return [ids[start:start + max_len] for start in range(0, len(ids) - 1, step)]
-
-
-def _length_sorted_batches(items: list[dict[str, torch.Tensor]], batch_size: int,
-                           pad_id: int) -> Iterable[dict[str, torch.Tensor]]:
-    """Right-padded batches of similar-length items (sorted, so little padding; results do not depend on order)."""
-    # longest first: out-of-memory shows at once
-    ordered = sorted(items, key=lambda item: len(item["input_ids"]), reverse=True)
-    for start in range(0, len(ordered), batch_size):
-        yield collate_batch(ordered[start:start + batch_size], pad_id)
-
+# ----------------------------------------------------------------------------- input checks
 
 def _check_data_format(path: str | os.PathLike, model_type: str, text_field: str = DEFAULT_TEXT_FIELD) -> Path:
     """Fail early, with a hint, when the test file does not fit the model type."""
@@ -98,7 +80,8 @@ def _check_data_format(path: str | os.PathLike, model_type: str, text_field: str
 # ----------------------------------------------------------------------------- evaluator
 
 class GPTEvaluator:
-    """Scores a GPTModel (perplexity, bits per byte, generated-text BLEU/ROUGE) with its tokenizer.
+    """A GPTModel (or reward model, or classifier) with its tokenizer, scored on held-out files through ``scoring``:
+    each ``evaluate_*`` reads and checks a test file, then calls the one scoring function of each figure.
 
     device=None keeps the model where it is; otherwise it is moved to `devices.resolve_device(device)`.
     dtype: "float32" (default, exact), or "auto"/"bf16"/"fp16" to run forward passes under autocast.
@@ -122,20 +105,11 @@ class GPTEvaluator:
         (prompts.render_prompt), as in the chat CLI and the server."""
         return self.model.config.max_seq_len - 1
 
-    def _progress(self, iterable: Iterable, desc: str, total: int | None = None) -> Iterable:
-        return tqdm(iterable, desc=desc, total=total, disable=not self.show_progress, leave=False)
-
-    def _nll(self, batches: Iterable[Mapping[str, torch.Tensor]], desc: str,
-             total: int | None = None) -> tuple[float, int]:
-        with autocast_context(self.device, self.dtype):
-            total_nll, n_tokens = sum_nll(self.model, self._progress(batches, desc, total), self.device)
-        if n_tokens == 0:
-            raise EvaluationError("no tokens to score: the test set is empty or every label is masked (-100)")
-        return total_nll, n_tokens
-
-    def compute_perplexity(self, dataloader: Iterable[Mapping[str, torch.Tensor]]) -> float:
-        """Token-weighted perplexity over batches of input_ids / attention_mask / labels."""
-        return perplexity(*self._nll(dataloader, "perplexity"))
+    def params(self, batch_size: int) -> ScoreParams:
+        """How this evaluator's scoring passes run: its dtype and progress bars, ``batch_size`` at a time."""
+        if batch_size < 1:
+            raise EvaluationError(f"batch_size must be at least 1, got {batch_size}")
+        return ScoreParams(batch_size=batch_size, dtype=self.dtype, progress=self.show_progress)
 
     # -- generation
 
@@ -144,21 +118,16 @@ class GPTEvaluator:
                              batch_size: int = 16, seed: int | None = None,
                              min_new_tokens: int | None = None) -> list[str]:
         """Continuations of each prompt (a text, read as `<s> text`, or rendered ids such as
-        ``prompts.record_prompt_ids``'), stopped at `</s>`, ``batch_size`` at a time through the decode engine.
-        A prompt is cut (keeping its end) only to leave room for ``min_new_tokens`` new tokens (default
-        min(max_gen_len, context // 4)); past that, each prompt generates up to max_gen_len or its context's end."""
-        if batch_size < 1:
-            raise EvaluationError(f"batch_size must be at least 1, got {batch_size}")
-        limit = max_prompt_len(self.model.config.max_seq_len, min_new_tokens or max_gen_len)
-        encoded = [encode_prompt(self.tokenizer, p, limit) if isinstance(p, str) else fit(list(p), limit)
-                   for p in prompts]
+        ``prompts.record_prompt_ids``'), stopped at `</s>`, ``batch_size`` at a time through the decode engine
+        (``scoring.generated_answers``). A prompt is cut (keeping its end) only to leave room for ``min_new_tokens``
+        new tokens (default min(max_gen_len, context // 4)); past that, each prompt generates up to max_gen_len or
+        its context's end."""
+        encoded = [encode_prompt(self.tokenizer, p) if isinstance(p, str) else list(p) for p in prompts]
         generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
-        eos_id = self.tokenizer.eos_token_id
-        params = SamplingParams(max_new_tokens=max_gen_len, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                                top_p=top_p, eos_token_id=eos_id)
-        with self._progress(None, "generate", len(encoded)) as bar, autocast_context(self.device, self.dtype):
-            outputs = generate_responses(self.model, encoded, params, batch_size, generator, lambda: bar.update(1))
-        return [self.tokenizer.decode(cut_at_eos(ids, eos_id), skip_special_tokens=True) for ids in outputs]
+        sampling = SamplingParams(max_new_tokens=max_gen_len, do_sample=do_sample, temperature=temperature,
+                                  top_k=top_k, top_p=top_p, eos_token_id=self.tokenizer.eos_token_id)
+        return scoring.generated_answers(self.model, self.tokenizer, encoded, sampling, self.params(batch_size),
+                                         generator, room=min_new_tokens or max_gen_len)
 
     def best_of_n_predictions(self, prompts: Sequence[Sequence[int]], n: int, reward_model: torch.nn.Module | None,
                               max_gen_len: int = 16, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -186,32 +155,21 @@ class GPTEvaluator:
 
     def evaluate_pretrained(self, test_data_path: str | os.PathLike, batch_size: int = 8,
                             max_samples: int | None = None, text_field: str = DEFAULT_TEXT_FIELD) -> dict:
-        """Perplexity, loss and bits per byte of `<s> doc </s>` documents (their text in ``text_field`` of a
-        .jsonl* or .parquet); long ones are scored in context-sized windows."""
+        """Perplexity, loss and bits per byte of documents (their text in ``text_field`` of a .jsonl* or .parquet),
+        by ``scoring.text_loss``: the rule a pretraining run's val_bpb follows."""
         path = _check_data_format(test_data_path, "pretrain", text_field)
         documents = _take(read_documents(path, text_field), max_samples)
         if not documents:
             raise EvaluationError(f"no documents in {test_data_path}: the test set is empty")
-        tok = self.tokenizer
-        num_workers = None if sum(map(len, documents)) > 1_000_000 else 1  # processes only pay off on large sets
-        token_lists = [document_ids(tok, ids) for ids in tok.encode_many(documents, num_workers=num_workers)]
-        windows = [torch.tensor(w) for ids in token_lists
-                   for w in split_into_windows(ids, self.model.config.max_seq_len)]
-        items = [{"input_ids": w, "attention_mask": torch.ones_like(w), "labels": w} for w in windows]
-        batches = _length_sorted_batches(items, batch_size, tok.pad_token_id)
-        total_nll, n_tokens = self._nll(batches, "pretrain eval", math.ceil(len(items) / batch_size))
-        n_bytes = sum(len(doc.encode("utf-8")) + 1 for doc in documents)  # +1: the newline that </s> stands for
-        return {"loss": total_nll / n_tokens, "perplexity": perplexity(total_nll, n_tokens),
-                "bits_per_byte": bits_per_byte(total_nll, n_bytes),
-                "n_tokens": n_tokens, "n_bytes": n_bytes, "n_documents": len(documents)}
+        return scoring.text_loss(self.model, self.tokenizer, documents, self.params(batch_size))
 
     def evaluate_sft(self, test_data_path: str | os.PathLike, batch_size: int = 8, max_samples: int | None = None,
                      max_gen_len: int = 100, do_sample: bool = False, temperature: float = 0.8, top_k: int = 50,
                      top_p: float = 1.0, seed: int | None = None, n_examples: int = 3,
                      reward_model: torch.nn.Module | None = None, best_of: int = 1,
                      best_of_scorer: str = "reward") -> dict:
-        """Perplexity on response tokens only, plus BLEU/ROUGE of responses generated from the instructions
-        (greedy by default)."""
+        """Perplexity on response tokens only, plus BLEU/ROUGE and exact match of responses generated from the
+        instructions (greedy by default)."""
         if best_of > 1 and best_of_scorer == "reward" and reward_model is None:
             raise EvaluationError("best-of-N needs a reward model to pick with: pass --reward_model "
                                   "(or --best_of_scorer verifier)")
@@ -220,8 +178,8 @@ class GPTEvaluator:
             raise EvaluationError(f"no records in {test_data_path}: the test set is empty")
         if best_of > 1 and best_of_scorer == "verifier":
             check_verifiers(records, str(test_data_path))  # before the first (slow) generation, not after
-        total_nll, n_tokens = self.response_nll(records, batch_size)
-        prompts = [record_prompt_ids(self.tokenizer, r, self.template, limit=self.prompt_room) for r in records]
+        losses = self.response_loss(records, batch_size)
+        prompts = scoring.answer_prompts(self.tokenizer, records, self.template, self.model.config.max_seq_len)
         references = [record_reference(record) for record in records]
         room = 1  # a prompt that fits the context is never cut; its answer gets the rest of the context
         if best_of > 1:
@@ -241,9 +199,7 @@ class GPTEvaluator:
             scores["dialogue"] = {
                 "own_history": self.dialogue_exact_match(dialogues, True, max_gen_len, batch_size),
                 "teacher_forced": self.dialogue_exact_match(dialogues, False, max_gen_len, batch_size)}
-        return {"loss": total_nll / n_tokens, "perplexity": perplexity(total_nll, n_tokens), "n_tokens": n_tokens,
-                "n_samples": len(records),
-                **exact_match_by_task(predictions, records), **scores,
+        return {**losses, "n_samples": len(records), **scoring.exact_match_by_task(predictions, records), **scores,
                 "bleu": compute_bleu(predictions, [[ref] for ref in references]),
                 "sentence_bleu": mean_sentence_bleu(predictions, [[ref] for ref in references]),
                 **{metric: rouge[metric]["f"] for metric in ROUGE_METRICS},
@@ -271,64 +227,37 @@ class GPTEvaluator:
                 predicted[i].append(p)
         return turn_exact_match(predicted, answers, [r.get("task") for r in records])
 
-    def response_nll(self, records: Sequence[dict], batch_size: int = 8) -> tuple[float, int]:
-        """Total NLL and number of the response tokens of SFT records (prompt tokens are not scored)."""
+    def response_loss(self, records: Sequence[dict], batch_size: int = 8) -> dict[str, float]:
+        """loss, perplexity and n_tokens of the response tokens of SFT records (prompt tokens are not scored)."""
         dataset = GPTSFTDataset(list(records), self.tokenizer, self.model.config.max_seq_len, self.template)
-        batches = _length_sorted_batches([dataset[i] for i in range(len(dataset))], batch_size,
-                                         self.tokenizer.pad_token_id)
-        return self._nll(batches, "response nll", math.ceil(len(dataset) / batch_size))
+        return scoring.response_loss(self.model, dataset, self.tokenizer.pad_token_id, self.params(batch_size))
 
     def response_perplexity(self, test_data_path: str | os.PathLike, batch_size: int = 8,
                             max_samples: int | None = None) -> float:
         """Perplexity of the responses of held-out SFT records (.json / .jsonl)."""
         records = _take(load_sft_records(_check_data_format(test_data_path, "sft")), max_samples)
-        return perplexity(*self.response_nll(records, batch_size))
-
-    def exact_match_by_task(self, test_data_path: str | os.PathLike, max_gen_len: int = 16, batch_size: int = 64,
-                            max_samples: int | None = None) -> dict[str, float]:
-        """Greedy exact match on held-out SFT records, overall and per "task" (without the BLEU/ROUGE pass)."""
-        records = _take(load_sft_records(_check_data_format(test_data_path, "sft")), max_samples)
-        prompts = [record_prompt_ids(self.tokenizer, r, self.template, limit=self.prompt_room) for r in records]
-        predictions = self.generate_predictions(prompts, max_gen_len=max_gen_len, do_sample=False,
-                                                batch_size=batch_size,
-                                                min_new_tokens=1)  # a prompt that fits is never cut
-        return exact_match_by_task(predictions, records)
+        return self.response_loss(records, batch_size)["perplexity"]
 
     def evaluate_reward(self, test_data_path: str | os.PathLike, batch_size: int = 32,
                         max_samples: int | None = None) -> dict:
-        """A reward model on held-out preference pairs: pairwise accuracy (chosen scored higher), overall and per
-        "task" when the records say, and the mean margin."""
+        """A reward model on held-out preference pairs (``scoring.reward_pairs``): pairwise accuracy (chosen scored
+        higher), overall and per "task" when the records say, the mean margin and the Bradley-Terry loss."""
         records = _take(load_preference_records(_check_data_format(test_data_path, "reward")), max_samples)
         if not records:
             raise EvaluationError(f"no records in {test_data_path}: the test set is empty")
         dataset = PreferencePairDataset(records, self.tokenizer, self.model.config.max_seq_len, self.template)
-        chosen, rejected = [], []
-        for start in self._progress(range(0, len(dataset), batch_size), "reward", math.ceil(len(dataset) / batch_size)):
-            batch = collate_pairs([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))],
-                                  self.tokenizer.pad_token_id)
-            with torch.no_grad(), autocast_context(self.device, self.dtype):
-                scores = self.model.score(*(batch[k].to(self.device) for k in ("input_ids", "attention_mask",
-                                                                                   "labels"))).float()
-            c, r = scores.chunk(2)
-            chosen += c.tolist()
-            rejected += r.tolist()
-        margins = [c - r for c, r in zip(chosen, rejected)]
-        per_task = {}
-        for task in sorted({r["task"] for r in records if isinstance(r.get("task"), str)}):
-            rows = [i for i, r in enumerate(records) if r.get("task") == task]
-            per_task[f"pairwise_accuracy/{task}"] = pairwise_accuracy([chosen[i] for i in rows],
-                                                                      [rejected[i] for i in rows])
-        return {"pairwise_accuracy": pairwise_accuracy(chosen, rejected), **per_task,
-                "mean_margin": sum(margins) / len(margins), "n_samples": len(records)}
-
+        return scoring.reward_pairs(self.model, dataset, self.tokenizer.pad_token_id, self.params(batch_size),
+                                    [r.get("task") for r in records])
 
     def evaluate_classification(self, test_data_path: str | os.PathLike, batch_size: int = 64,
                                 max_samples: int | None = None) -> dict:
-        """A classifier on held-out {"text", "label"} records: accuracy, per-class precision / recall, confusion."""
+        """A classifier on held-out {"text", "label"} records (``scoring.classification``): accuracy, per-class
+        precision / recall, confusion matrix."""
         records = _take(load_classification_records(_check_data_format(test_data_path, "classify")), max_samples)
+        if not records:
+            raise EvaluationError("no records to classify: the test set is empty")
         dataset = ClassificationDataset(records, self.tokenizer, self.model.config.max_seq_len, self.model.labels)
-        logits, targets = classify_logits(self.model, dataset, batch_size, self.device, self.dtype)
-        return classification_metrics(targets, logits.argmax(-1), self.model.labels)
+        return scoring.classification(self.model, dataset, self.params(batch_size))
 
 
 def turn_exact_match(predicted: Sequence[Sequence[str]], answers: Sequence[Sequence[str]],
@@ -357,17 +286,6 @@ def history_before(messages: Sequence[dict], turn: int, own: Sequence[str] | Non
     return out
 
 
-def exact_match_by_task(predictions: Sequence[str], records: Sequence[dict]) -> dict[str, float]:
-    """{"exact_match": overall, "exact_match/<task>": per task family} (records may carry a "task" field)."""
-    references = [record_reference(r) for r in records]
-    out = {"exact_match": exact_match(predictions, references)}
-    tasks = sorted({r["task"] for r in records if isinstance(r.get("task"), str)})
-    for task in tasks:
-        rows = [i for i, r in enumerate(records) if r.get("task") == task]
-        out[f"exact_match/{task}"] = exact_match([predictions[i] for i in rows], [references[i] for i in rows])
-    return out
-
-
 def mean_reward_score(reward_model: torch.nn.Module, tokenizer, prompts: Sequence[Sequence[int]],
                       responses: Sequence[str], device: torch.device, batch_size: int = 32) -> float:
     """Mean reward-model score of rendered prompts + ``response </s>`` (as the reward model was trained)."""
@@ -376,52 +294,6 @@ def mean_reward_score(reward_model: torch.nn.Module, tokenizer, prompts: Sequenc
 
 
 # ----------------------------------------------------------------------------- classification
-
-@torch.no_grad()
-def classify_logits(model: GPTClassifier, dataset: ClassificationDataset, batch_size: int, device: torch.device,
-                    dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, num_classes) logits and (N,) class ids of every item of ``dataset``, in order (right-padded batches)."""
-    was_training = model.training
-    model.eval()
-    logits, targets = [], []
-    for start in range(0, len(dataset), batch_size):
-        batch = collate_batch([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))], 0)
-        with autocast_context(device, dtype or torch.float32):
-            logits.append(model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).cpu())
-        targets.append(batch["label"])
-    model.train(was_training)
-    return torch.cat(logits).float(), torch.cat(targets)
-
-
-def classification_metrics(targets: torch.Tensor, predictions: torch.Tensor, labels: Sequence[str]) -> dict:
-    """accuracy, majority-class baseline, "precision/<label>", "recall/<label>", the confusion matrix (rows: true)."""
-    if len(targets) == 0:
-        raise EvaluationError("no records to classify: the test set is empty")
-    confusion = confusion_matrix(targets, predictions, len(labels))
-    precision, recall = precision_recall(confusion)
-    return {"accuracy": float(confusion.diagonal().sum() / confusion.sum()),
-            "majority_baseline": float(confusion.sum(1).max() / confusion.sum()), "n_samples": len(targets),
-            **{f"precision/{label}": p for label, p in zip(labels, precision)},
-            **{f"recall/{label}": r for label, r in zip(labels, recall)},
-            "labels": list(labels), "confusion_matrix": confusion.tolist()}
-
-
-@torch.no_grad()
-def classify_text(model: GPTClassifier, tokenizer, texts: Sequence[str], batch_size: int = 64) -> list[str]:
-    """The predicted label name of each text (``<s> text </s>``, cut to the context, as in training)."""
-    device = next(model.parameters()).device
-    items = [{"input_ids": torch.tensor(ids), "attention_mask": torch.ones(len(ids), dtype=torch.long)}
-             for ids, _ in (encode_for_classification(tokenizer, t, model.config.max_seq_len) for t in texts)]
-    was_training = model.training
-    model.eval()
-    predictions: list[str] = []
-    for start in range(0, len(items), batch_size):
-        batch = collate_batch(items[start:start + batch_size], tokenizer.pad_token_id)
-        ids = model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).argmax(-1)
-        predictions += [model.labels[i] for i in ids.tolist()]
-    model.train(was_training)
-    return predictions
-
 
 def format_confusion(confusion: Sequence[Sequence[int]], labels: Sequence[str]) -> str:
     """The confusion matrix as text: one row per true class, one column per predicted class."""

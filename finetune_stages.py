@@ -22,16 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import checkpoints
 import data_loader
 import evaluator
 import lora
-import metrics
+import scoring
 import training
-from losses import DPOLoss, bradley_terry_loss, causal_lm_loss, classify_loss, reward_loss
+from losses import DPOLoss, causal_lm_loss, classify_loss, reward_loss
 from model_heads import GPTClassifier, GPTRewardModel, freeze_all_but_last
 from prompts import CHAT_TEMPLATE, CHAT_TOKENS, has_chat_tokens, is_chat_template, record_prompt_ids
 from readers import load_preference_records, load_sft_records
@@ -260,14 +259,13 @@ def train(config: FinetuneConfig, model: nn.Module, tokenizer, batches, step, pr
 
 
 def language_model_eval(dataset, tokenizer, batch_size: int):
-    """evaluate_fn: held-out response NLL (prompt tokens are not scored), as val_loss and val_ppl."""
-    collate = functools.partial(data_loader.collate_batch, pad_token_id=tokenizer.pad_token_id)
-    order = sorted(range(len(dataset)), key=lambda i: len(dataset[i]["input_ids"]))
-    batches = [collate([dataset[i] for i in order[k:k + batch_size]]) for k in range(0, len(order), batch_size)]
+    """evaluate_fn: held-out response NLL (prompt tokens are not scored, ``scoring.response_loss``), as val_loss and
+    val_ppl."""
+    params = scoring.ScoreParams(batch_size=batch_size)
 
     def evaluate(model: nn.Module) -> dict[str, float]:
-        total, n_tokens = metrics.sum_nll(model, batches)
-        return {"val_loss": total / n_tokens, "val_ppl": metrics.perplexity(total, n_tokens)}
+        figures = scoring.response_loss(model, dataset, tokenizer.pad_token_id, params)
+        return {"val_loss": figures["loss"], "val_ppl": figures["perplexity"]}
 
     return evaluate
 
@@ -353,31 +351,15 @@ def finish_lora(best: Path, config: SFTConfig) -> None:
 
 # ----------------------------------------------------------------------------- reward model and DPO
 
-@torch.no_grad()
-def score_pairs(model: nn.Module, dataset, pad_id: int, batch_size: int,
-                device: torch.device) -> tuple[list[float], list[float]]:
-    """(chosen scores, rejected scores) of every pair in a preference dataset."""
-    was_training = model.training
-    model.eval()
-    chosen, rejected = [], []
-    for start in range(0, len(dataset), batch_size):
-        batch = data_loader.collate_pairs([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))],
-                                          pad_id)
-        scores = model.score(*(batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")))
-        c, r = scores.chunk(2)
-        chosen += c.tolist()
-        rejected += r.tolist()
-    model.train(was_training)
-    return chosen, rejected
-
-
 def reward_eval(dataset, pad_id: int, batch_size: int):
+    """evaluate_fn: held-out Bradley-Terry loss (picks reward_best.pth), pairwise accuracy and mean margin
+    (``scoring.reward_pairs``)."""
+    params = scoring.ScoreParams(batch_size=batch_size)
+
     def evaluate(model: nn.Module) -> dict[str, float]:
-        device = next(model.parameters()).device
-        chosen, rejected = score_pairs(model, dataset, pad_id, batch_size, device)
-        c, r = torch.tensor(chosen), torch.tensor(rejected)
-        return {"val_loss": float(bradley_terry_loss(c, r)),
-                "val_accuracy": metrics.pairwise_accuracy(chosen, rejected), "val_margin": float((c - r).mean())}
+        figures = scoring.reward_pairs(model, dataset, pad_id, params)
+        return {"val_loss": figures["loss"], "val_accuracy": figures["pairwise_accuracy"],
+                "val_margin": figures["mean_margin"]}
 
     return evaluate
 
@@ -453,12 +435,13 @@ def run_dpo(config: DPOConfig, resume: str | None, show_progress: bool = True) -
 # ----------------------------------------------------------------------------- classification
 
 def classify_eval(dataset, batch_size: int):
-    """evaluate_fn: held-out cross-entropy (val_loss, picks classify_best.pth) and accuracy."""
+    """evaluate_fn: held-out cross-entropy (val_loss, picks classify_best.pth) and accuracy
+    (``scoring.classification``)."""
+    params = scoring.ScoreParams(batch_size=batch_size)
+
     def evaluate(model: nn.Module) -> dict[str, float]:
-        device = next(model.parameters()).device
-        logits, targets = evaluator.classify_logits(model, dataset, batch_size, device)
-        return {"val_loss": float(F.cross_entropy(logits, targets)),
-                "val_accuracy": float((logits.argmax(-1) == targets).float().mean())}
+        figures = scoring.classification(model, dataset, params)
+        return {"val_loss": figures["loss"], "val_accuracy": figures["accuracy"]}
 
     return evaluate
 
@@ -510,8 +493,7 @@ def classify_report(checkpoint: Path, test_set, device: torch.device, plot_path:
     """Accuracy, per-class precision / recall and the confusion matrix of a classifier checkpoint, printed and
     plotted."""
     model, _ = checkpoints.load_model_and_tokenizer(checkpoint, device=device)
-    logits, targets = evaluator.classify_logits(model, test_set, 64, device)
-    report = evaluator.classification_metrics(targets, logits.argmax(-1), model.labels)
+    report = scoring.classification(model, test_set, scoring.ScoreParams(batch_size=64))
     print(f"held-out accuracy {report['accuracy']:.4f} (majority class {report['majority_baseline']:.4f}, "
           f"{report['n_samples']} texts)")
     for label in model.labels:
@@ -521,7 +503,7 @@ def classify_report(checkpoint: Path, test_set, device: torch.device, plot_path:
     evaluator.plot_confusion_matrix(report["confusion_matrix"], model.labels, plot_path,
                                     title=f"{checkpoint.name}: accuracy {report['accuracy']:.3f}")
     print(f"confusion matrix plot: {plot_path}")
-    return {k: v for k, v in report.items() if k != "labels"}
+    return {k: v for k, v in report.items() if k not in ("labels", "loss")}
 
 
 # ----------------------------------------------------------------------------- PPO and GRPO
@@ -608,7 +590,9 @@ def rl_summary(trainer: training.Trainer, last: dict[str, float]) -> dict[str, A
 
 def exact_match_report(checkpoint_path: str | Path, test_data_path: str, max_new_tokens: int = 16,
                        device: str = "cpu", limit: int | None = None) -> dict[str, float]:
-    """Greedy exact match of a language-model checkpoint on held-out SFT records, overall and per "task"."""
+    """Greedy exact match of a language-model checkpoint on held-out SFT records, overall and per "task"
+    (``scoring.answer_exact_match``)."""
     loaded = checkpoints.load(checkpoint_path, device=device)
-    ev = evaluator.GPTEvaluator(loaded.model, loaded.tokenizer, show_progress=False, template=loaded.template)
-    return ev.exact_match_by_task(test_data_path, max_gen_len=max_new_tokens, max_samples=limit)
+    records = load_sft_records(test_data_path)[:limit]
+    return scoring.answer_exact_match(loaded.model, loaded.tokenizer, records, loaded.template, max_new_tokens,
+                                      scoring.ScoreParams(batch_size=64))

@@ -117,8 +117,7 @@ def classify_loss(model: nn.Module, batch: dict[str, torch.Tensor],
                   label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
     """Cross-entropy of the class logits at each sequence's last real token; also the batch accuracy."""
     logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
-    return {"loss": F.cross_entropy(logits, batch["label"], label_smoothing=label_smoothing),
-            "accuracy": (logits.argmax(-1) == batch["label"]).float().mean()}
+    return metrics.class_scores(logits, batch["label"], label_smoothing)
 
 
 # ----------------------------------------------------------------------------- PPO and GRPO

@@ -1,6 +1,7 @@
-"""Log-probabilities and scores shared by the trainers, the evaluator, PPO and DPO: the one place where per-token and
-per-sequence log-probs from logits, NLL / perplexity / bits per byte, exact match, pairwise accuracy and the
-classification scores (confusion matrix, precision, recall) are computed.
+"""Log-probabilities and scores shared by the model, the trainers, the evaluator, PPO and DPO: the one place where
+shifted next-token cross-entropy, per-token log-probs, NLL / perplexity / bits per byte, exact match, pairwise
+accuracy and the classification scores (cross-entropy and accuracy, confusion matrix, precision, recall) are computed.
+What is scored, in which batches, is ``scoring.py``'s.
 
 Its own module because every training stage and the evaluator use the same functions, and none of them should import
 another for it. The arithmetic the model's own loss needs (shifted cross-entropy, log-probs from hidden states) sits
@@ -12,6 +13,7 @@ import math
 from typing import Iterable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from loss_labels import IGNORE_INDEX
 from transformer_components import shifted_cross_entropy
@@ -104,6 +106,12 @@ def pairwise_accuracy(chosen_scores: Sequence[float], rejected_scores: Sequence[
     if len(chosen_scores) != len(rejected_scores) or not chosen_scores:
         raise ValueError("pairwise_accuracy needs equally many (>= 1) chosen and rejected scores")
     return sum(c > r for c, r in zip(chosen_scores, rejected_scores)) / len(chosen_scores)
+
+
+def class_scores(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
+    """Cross-entropy of (N, num_classes) class logits against (N,) class ids, and the accuracy of their argmax."""
+    return {"loss": F.cross_entropy(logits, targets, label_smoothing=label_smoothing),
+            "accuracy": (logits.argmax(-1) == targets).float().mean()}
 
 
 def confusion_matrix(targets: Sequence[int] | torch.Tensor, predictions: Sequence[int] | torch.Tensor,

@@ -23,13 +23,13 @@ import torch
 
 import cli
 import data_loader
-import metrics
+import scoring
 import token_cache
 import training
 from byte_level_bpe import ByteLevelBPETokenizer
 from checkpoints import load_model_and_tokenizer
 from decoding import SamplingParams, generate
-from devices import autocast_context, set_threads
+from devices import set_threads
 from gpt_model import PRESETS, GPTConfig, GPTModel
 from losses import causal_lm_loss
 from prompts import encode_prompt
@@ -37,7 +37,7 @@ from readers import DEFAULT_TEXT_FIELD, read_documents
 from training import (DistInfo, Trainer, TrainError, barrier, find_resume_checkpoint, init_distributed, lr_at,
                       rng_state, set_rng_state)
 
-__all__ = ["GPTTrainer", "TrainConfig", "TrainError", "evaluate_stream", "lr_at", "rng_state", "set_rng_state", "main"]
+__all__ = ["GPTTrainer", "TrainConfig", "TrainError", "lr_at", "rng_state", "set_rng_state", "main"]
 
 PROCESS_START = time.time()
 DEFAULT_TOKENIZER_DIR = "models/bpe_tokenizer"
@@ -143,25 +143,12 @@ class GPTTrainer(Trainer):
         return self.config.batch_size * self.model.config.max_seq_len * self.config.grad_accum * self.dist.world_size
 
     def _evaluate(self, model: GPTModel) -> dict[str, float]:
-        return evaluate_stream(model, self.val_stream, self.byte_lengths, self.config.batch_size, self.device,
-                               self.dtype, self.config.eval_batches)
-
-
-def evaluate_stream(model: GPTModel, stream: token_cache.TokenStream, byte_lengths: np.ndarray, batch_size: int,
-                    device: torch.device, dtype: torch.dtype, max_batches: int | None = None) -> dict[str, float]:
-    """val_loss (nats/token), val_ppl and val_bpb of ``model`` over a token stream's sequential windows."""
-    covered = {"bytes": 0}
-
-    def batches():
-        for batch in data_loader.sequential_batches(stream.tokens, model.config.max_seq_len, batch_size,
-                                                    byte_lengths, max_batches):
-            covered["bytes"] += batch["n_bytes"]
-            yield batch
-
-    with autocast_context(device, dtype):
-        total_nll, n_tokens = metrics.sum_nll(model, batches(), device)
-    return {"val_loss": total_nll / n_tokens, "val_ppl": metrics.perplexity(total_nll, n_tokens),
-            "val_bpb": metrics.bits_per_byte(total_nll, covered["bytes"])}
+        """val_loss (nats/token), val_ppl and val_bpb over the validation stream's sequential windows: the one rule
+        of ``scoring.stream_loss``, so ``python evaluator.py`` gives the same bits per byte for the checkpoint."""
+        params = scoring.ScoreParams(batch_size=self.config.batch_size, dtype=self.dtype)
+        figures = scoring.stream_loss(model, self.val_stream.tokens, self.byte_lengths, params,
+                                      self.config.eval_batches)
+        return {"val_loss": figures["loss"], "val_ppl": figures["perplexity"], "val_bpb": figures["bits_per_byte"]}
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -8,24 +8,24 @@ log-probs and exact KL of responses, and the held-out figures of a policy.
     Trainer(config, policy, tokenizer, prompt_batches, step, prefix="rlvf", evaluate_fn=step.held_out,
             evaluate_first=True, ...).train()
 
-Its own module, above the loop and the evaluator, below the stages that build it (``finetune_stages.py``).
+Its own module, above the loop and the scoring functions, below the stages that build it (``finetune_stages.py``).
 """
 from __future__ import annotations
 
 import copy
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 import metrics
+import scoring
 from decoding import SamplingParams, cut_at_eos, generate_responses, left_pad
-from evaluator import GPTEvaluator, exact_match_by_task
+from loss_labels import IGNORE_INDEX
 from losses import gae, grpo_advantages, kl_penalized_rewards, masked_mean, ppo_policy_loss, ppo_value_loss, whiten
 from model_heads import GPTRewardModel
-from prompts import max_prompt_len, record_prompt_ids, record_reference
 from training import StepStrategy, Trainer
 from verifiers import verifiable_reward
 
@@ -66,7 +66,7 @@ def response_logprobs(model: nn.Module, sequences: torch.Tensor, attention_mask:
                       response_start: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(log π(token | prefix), entropy of π there) over the response window, both (B, N), via metrics.token_logprobs."""
     logits = model(sequences, attention_mask=attention_mask)["logits"]
-    labels = sequences.masked_fill(attention_mask == 0, metrics.IGNORE_INDEX)
+    labels = sequences.masked_fill(attention_mask == 0, IGNORE_INDEX)
     logprobs, _ = metrics.token_logprobs(logits, labels)
     window = logits[:, response_start - 1:-1].float()
     entropy = -(window.softmax(-1) * window.log_softmax(-1)).sum(-1)
@@ -83,33 +83,29 @@ def response_kl(policy: nn.Module, reference: nn.Module, samples: Samples) -> to
 
 def response_labels(samples: Samples) -> torch.Tensor:
     """(B, T) labels of the response tokens, -100 elsewhere: what a reward model scores."""
-    labels = torch.full_like(samples.sequences, metrics.IGNORE_INDEX)
+    labels = torch.full_like(samples.sequences, IGNORE_INDEX)
     window = samples.sequences[:, samples.response_start:]
-    labels[:, samples.response_start:] = window.masked_fill(~samples.response_mask.bool(), metrics.IGNORE_INDEX)
+    labels[:, samples.response_start:] = window.masked_fill(~samples.response_mask.bool(), IGNORE_INDEX)
     return labels
-
-
-def held_out_prompts(tokenizer, records: Sequence[dict], template: str, context: int) -> list[list[int]]:
-    """Held-out prompts as in training, cut (keeping ``<s>`` and the end) only where nothing else would fit."""
-    return [record_prompt_ids(tokenizer, r, template, limit=max_prompt_len(context, 1)) for r in records]
 
 
 @torch.no_grad()
 def evaluate_policy(policy: nn.Module, reference: nn.Module, reward_model: GPTRewardModel, tokenizer,
                     records: list[dict], template: str, max_new_tokens: int, batch_size: int = 64) -> dict[str, float]:
-    """Greedy held-out responses scored by the reward model, their KL to the reference, and exact match."""
+    """Greedy held-out responses (``scoring.answer_prompts``) scored by the reward model, their KL to the reference,
+    and exact match (``scoring.exact_match_by_task``)."""
     was_training = policy.training
     policy.eval()
     scores, kls, predictions = [], [], []
     for i in range(0, len(records), batch_size):
-        prompts = held_out_prompts(tokenizer, records[i:i + batch_size], template, policy.config.max_seq_len)
+        prompts = scoring.answer_prompts(tokenizer, records[i:i + batch_size], template, policy.config.max_seq_len)
         samples = sample_responses(policy, prompts, max_new_tokens, tokenizer, do_sample=False, batch_size=batch_size)
         kls += response_kl(policy, reference, samples).tolist()
         scores += reward_model.score(samples.sequences, samples.attention_mask, response_labels(samples)).tolist()
         predictions += [tokenizer.decode(cut_at_eos(ids, tokenizer.eos_token_id)) for ids in samples.responses]
     policy.train(was_training)
     return {"val_reward": sum(scores) / len(scores), "val_kl": sum(kls) / len(kls),
-            "val_exact_match": metrics.exact_match(predictions, [record_reference(r) for r in records])}
+            "val_exact_match": scoring.exact_match_by_task(predictions, records)["exact_match"]}
 
 
 class AdaptiveKLController:
@@ -347,12 +343,11 @@ class GRPOStep(RLStep):
 
     @torch.no_grad()
     def held_out(self, policy: nn.Module) -> dict[str, float]:
-        """Greedy held-out answers: mean verifier reward (val_loss = −reward), exact match overall and per task."""
-        ev = GPTEvaluator(policy, self.tokenizer, show_progress=False, template=self.template)
-        prompts = [record_prompt_ids(self.tokenizer, r, self.template) for r in self.eval_records]
-        predictions = ev.generate_predictions(prompts, max_gen_len=self.config.max_new_tokens, do_sample=False,
-                                              batch_size=64, min_new_tokens=1)  # a prompt that fits is never cut
+        """Greedy held-out answers (``scoring.greedy_answers``): mean verifier reward (val_loss = −reward), exact
+        match overall and per task."""
+        predictions = scoring.greedy_answers(policy, self.tokenizer, self.eval_records, self.template,
+                                             self.config.max_new_tokens, scoring.ScoreParams(batch_size=64))
         reward = sum(verifiable_reward(p, r, self.config.format_weight)
                      for p, r in zip(predictions, self.eval_records)) / len(predictions)
-        matches = exact_match_by_task(predictions, self.eval_records)
+        matches = scoring.exact_match_by_task(predictions, self.eval_records)
         return {"val_loss": -reward, "val_reward": reward, **{f"val_{k}": v for k, v in matches.items()}}

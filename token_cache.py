@@ -132,6 +132,11 @@ def _encoded_documents(source: str | os.PathLike, tokenizer, num_workers: int | 
         yield ids, sizes.popleft()
 
 
+def document_tokens(doc_ids: Sequence[int], bos: int, eos: int) -> list[int]:
+    """One document as the stream holds it: ``<s> doc </s>``."""
+    return [bos, *doc_ids, eos]
+
+
 def _append_shard(out, encoded: Iterator[tuple[list[int], int]], ids: tuple[int, int], dtype: np.dtype,
                   shard_bytes: int, bar: tqdm) -> dict | None:
     """Append the next shard's tokens to the open file ``out``; its record, or None when no document was left."""
@@ -146,9 +151,7 @@ def _append_shard(out, encoded: Iterator[tuple[list[int], int]], ids: tuple[int,
         buffer.clear()
 
     for doc_ids, size in encoded:
-        buffer.append(bos)
-        buffer.extend(doc_ids)
-        buffer.append(eos)
+        buffer.extend(document_tokens(doc_ids, bos, eos))
         shard["n_documents"] += 1
         shard["n_bytes"] += size
         bar.update(size)

@@ -35,6 +35,7 @@ import checkpoints
 import cli
 import finetune_stages
 import rl_step
+import scoring
 from benchmarks.cli_options import benchmark_parser
 from prompts import record_prompt_ids
 
@@ -231,7 +232,7 @@ def best_of_n(sft: Path, reward: Path | None, n: int, seed: int) -> dict[str, fl
     prompts = [record_prompt_ids(tokenizer, r, template) for r in records]
     picks = ev.best_of_n_predictions(prompts, n, reward_model, max_gen_len=16, temperature=0.8, top_k=50, seed=seed,
                                      min_new_tokens=1, records=records)
-    return {k: round(v, 4) for k, v in evaluator.exact_match_by_task(picks, records).items()}
+    return {k: round(v, 4) for k, v in scoring.exact_match_by_task(picks, records).items()}
 
 
 if __name__ == "__main__":

@@ -1,14 +1,35 @@
 """Shared fixtures: a small tokenizer trained on the embedded corpus, and a tiny model config for it."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_TXT = ROOT / "data" / "pretrain" / "train.txt"
 VAL_TXT = ROOT / "data" / "pretrain" / "val.txt"
 SAMPLE_ZH = ROOT / "data" / "pretrain" / "sample_zh.txt"
+
+
+class BigramModel(torch.nn.Module):
+    """logits[t] = table[input_ids[t]]: a model whose predictions a test can compute by hand (``bigram_nll``)."""
+
+    def __init__(self, table: torch.Tensor, max_seq_len: int = 64):
+        super().__init__()
+        self.table = torch.nn.Parameter(table)
+        self.config = SimpleNamespace(max_seq_len=max_seq_len)
+
+    def forward(self, input_ids, attention_mask=None, **_):
+        return {"logits": self.table[input_ids]}
+
+
+def bigram_nll(table, prev: int, nxt: int) -> float:
+    """-log softmax(table[prev])[nxt], written out with math (independent of F.cross_entropy)."""
+    row = table[prev].tolist()
+    return math.log(sum(math.exp(x) for x in row)) - row[nxt]
 
 
 def corpus_lines(path: Path = TRAIN_TXT, limit: int = 2000) -> list[str]:

@@ -20,6 +20,7 @@ import losses
 import metrics
 import model_heads
 import readers
+import scoring
 from conftest import ROOT, TRAIN_TXT
 from data.classify import build_classify_data as build_classify
 from optimizers import configure_optimizer
@@ -107,7 +108,7 @@ def test_confusion_matrix_precision_recall_on_a_hand_made_example():
     # class 2: predicted 2, right 2; present 4. class 3: never predicted nor present -> 0, 0.
     assert precision == pytest.approx([2 / 3, 2 / 4, 2 / 2, 0.0])
     assert recall == pytest.approx([2 / 3, 2 / 2, 2 / 4, 0.0])
-    report = evaluator.classification_metrics(torch.tensor(targets), torch.tensor(predictions), "abcd")
+    report = scoring.classification_figures(torch.tensor(targets), torch.tensor(predictions), "abcd")
     assert report["accuracy"] == pytest.approx(6 / 9) and report["majority_baseline"] == pytest.approx(4 / 9)
     assert report["precision/b"] == pytest.approx(0.5) and report["recall/c"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="class ids"):
@@ -230,7 +231,12 @@ def test_a_tiny_classify_run_beats_chance_and_the_evaluator_cli_agrees(pretraine
     assert best["model_class"] == "classify" and best["labels"] == ["speech", "zh_7char"]
 
     model, tokenizer = checkpoints.load_model_and_tokenizer(out / "classify_best.pth")
-    predicted = evaluator.classify_text(model, tokenizer, [r["text"] for r in test_records])
+    context = model.config.max_seq_len
+    with torch.no_grad():  # one text at a time, unpadded
+        logits = torch.stack([model(torch.tensor([data_loader.encode_for_classification(tokenizer, r["text"],
+                                                                                         context)[0]]))[0]
+                              for r in test_records])
+    predicted = [model.labels[i] for i in logits.argmax(-1).tolist()]
     accuracy = sum(p == r["label"] for p, r in zip(predicted, test_records)) / len(test_records)
     assert accuracy == pytest.approx(summary["accuracy"])
 
@@ -243,7 +249,7 @@ def test_a_tiny_classify_run_beats_chance_and_the_evaluator_cli_agrees(pretraine
     report = json.loads(report_path.read_text(encoding="utf-8"))["results"][0]
     assert report["accuracy"] == pytest.approx(accuracy)
     confusion = torch.tensor(report["confusion_matrix"])
-    for i, label in enumerate(report["labels"]):  # rows are the true classes, as classify_text sees them
+    for i, label in enumerate(report["labels"]):  # rows are the true classes
         rows = [j for j, r in enumerate(test_records) if r["label"] == label]
         assert confusion[i].tolist() == [sum(predicted[j] == other for j in rows) for other in report["labels"]]
 

@@ -1,5 +1,6 @@
-"""Tests for evaluator.py: NLL/perplexity/bits-per-byte against hand computations, generation batching, the reward
-and classifier paths, CLI. (BLEU/ROUGE themselves: test_text_metrics.py.)"""
+"""Tests for evaluator.py: test files read and checked per model type, bits per byte of documents against a hand
+computation, generation batching, the reward and classifier paths, CLI. (The scoring functions themselves:
+test_scoring.py; BLEU/ROUGE: test_text_metrics.py.)"""
 from __future__ import annotations
 
 import json
@@ -14,73 +15,13 @@ import pytest
 import torch
 
 import evaluator
+import scoring
+from conftest import BigramModel, bigram_nll
 from decoding import SamplingParams, generate
-from evaluator import EvaluationError, GPTEvaluator, split_into_windows, sum_nll
+from evaluator import EvaluationError, GPTEvaluator
 from prompts import SFT_TEMPLATE, record_prompt_ids
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class BigramModel(torch.nn.Module):
-    """logits[t] = table[input_ids[t]]: a model whose predictions we can compute by hand."""
-
-    def __init__(self, table: torch.Tensor, max_seq_len: int = 64):
-        super().__init__()
-        self.table = torch.nn.Parameter(table)
-        self.config = SimpleNamespace(max_seq_len=max_seq_len)
-
-    def forward(self, input_ids, attention_mask=None, **_):
-        return {"logits": self.table[input_ids]}
-
-
-def bigram_nll(table: torch.Tensor, prev: int, nxt: int) -> float:
-    """-log softmax(table[prev])[nxt], written out with math (independent of F.cross_entropy)."""
-    row = table[prev].tolist()
-    return math.log(sum(math.exp(x) for x in row)) - row[nxt]
-
-
-# ----------------------------------------------------------------------------- perplexity
-
-def test_perplexity_is_token_weighted_and_skips_padding_and_ignored_labels():
-    table = torch.tensor([[0.0, 1.0, 2.0], [1.5, -1.0, 0.5], [0.3, 0.2, -0.7]])
-    model = BigramModel(table)
-    # batch 1: row 0 = [0 1 2 1] all real; row 1 = [2 0] + 2 padding; label of position 2 in row 0 is -100.
-    batch1 = {"input_ids": torch.tensor([[0, 1, 2, 1], [2, 0, 0, 0]]),
-              "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]),
-              "labels": torch.tensor([[0, 1, -100, 1], [2, 0, 5, 5]])}  # 5s sit on padding: never read
-    # batch 2: one long row, no mask.
-    batch2 = {"input_ids": torch.tensor([[1, 1, 0, 2, 2, 0]]), "labels": torch.tensor([[1, 1, 0, 2, 2, 0]])}
-    # Predicted (prev -> next) pairs: row0: 0->1, (1->2 ignored), 2->1; row1: 2->0;
-    # batch2: 1->1, 1->0, 0->2, 2->2, 2->0.
-    pairs1 = [(0, 1), (2, 1), (2, 0)]
-    pairs2 = [(1, 1), (1, 0), (0, 2), (2, 2), (2, 0)]
-    nll1 = sum(bigram_nll(table, p, n) for p, n in pairs1)
-    nll2 = sum(bigram_nll(table, p, n) for p, n in pairs2)
-
-    total, n_tokens = sum_nll(model, [batch1, batch2])
-    assert n_tokens == 8
-    assert total == pytest.approx(nll1 + nll2, rel=1e-6)
-
-    ppl = GPTEvaluator(model, tokenizer=None, show_progress=False).compute_perplexity([batch1, batch2])
-    assert ppl == pytest.approx(math.exp((nll1 + nll2) / 8), rel=1e-6)
-    mean_of_batch_means = math.exp((nll1 / 3 + nll2 / 5) / 2)
-    assert abs(ppl - mean_of_batch_means) > 1e-3  # batches of 3 and 5 tokens: the two averages really differ
-
-
-def test_perplexity_of_fully_masked_set_is_a_clear_error():
-    model = BigramModel(torch.zeros(3, 3))
-    batch = {"input_ids": torch.tensor([[0, 1, 2]]), "labels": torch.full((1, 3), -100)}
-    with pytest.raises(EvaluationError, match="no tokens to score"):
-        GPTEvaluator(model, None, show_progress=False).compute_perplexity([batch])
-
-
-def test_windows_predict_every_token_once():
-    ids = list(range(23))
-    for max_len in (2, 5, 8, 23, 40):
-        windows = split_into_windows(ids, max_len)
-        assert all(len(w) <= max_len for w in windows)
-        predicted = [t for w in windows for t in w[1:]]  # the model predicts all but each window's first token
-        assert predicted == ids[1:]
 
 
 def write_lines(path: Path, lines: list[str]) -> Path:
@@ -93,19 +34,18 @@ DOCS = ["ROMEO: But soft, what light through yonder window breaks?", "床前明�
 
 
 def test_evaluate_pretrained_matches_token_by_token_reference(tiny_tokenizer, tmp_path):
-    """A bigram model only looks one token back, so scoring in 8-token windows must equal the full-document sum."""
+    """The documents are one stream `<s> doc </s> <s> doc </s> ...`; a bigram model only looks one token back, so
+    scoring it in 8-token windows must equal the sum over every adjacent pair of that stream."""
     tok = tiny_tokenizer
     table = torch.randn(len(tok), len(tok), generator=torch.Generator().manual_seed(0))
     path = write_lines(tmp_path / "test.txt", [DOCS[0], "", *DOCS[1:]])  # the blank line is no document
     result = GPTEvaluator(BigramModel(table, max_seq_len=8), tok,
                           show_progress=False).evaluate_pretrained(path, batch_size=3)
 
-    expected_nll, expected_tokens = 0.0, 0
-    for doc in DOCS:
-        ids = tok.encode(doc)["input_ids"]  # <s> doc </s>
-        expected_nll += sum(bigram_nll(table, p, n) for p, n in zip(ids, ids[1:]))
-        expected_tokens += len(ids) - 1
-    n_bytes = sum(len(doc.encode("utf-8")) + 1 for doc in DOCS)
+    stream = [i for doc in DOCS for i in tok.encode(doc)["input_ids"]]  # each doc is <s> doc </s>
+    expected_nll = sum(bigram_nll(table, p, n) for p, n in zip(stream, stream[1:]))
+    expected_tokens = len(stream) - 1  # every token but the first is predicted once
+    n_bytes = sum(len(doc.encode("utf-8")) + 1 for doc in DOCS)  # the predicted tokens' text, a newline per </s>
     assert result["n_documents"] == 4 and result["n_tokens"] == expected_tokens and result["n_bytes"] == n_bytes
     assert result["loss"] == pytest.approx(expected_nll / expected_tokens, rel=1e-5)
     assert result["perplexity"] == pytest.approx(math.exp(expected_nll / expected_tokens), rel=1e-5)
@@ -128,22 +68,6 @@ def test_evaluate_pretrained_reads_every_format_and_its_text_field(name, tiny_to
     else:
         pq.write_table(pa.table({"body": DOCS}), path, row_group_size=3)
     assert evaluate(path, text_field="body") == pytest.approx(expected)
-
-
-def test_evaluate_pretrained_with_gpt_model_equals_unbatched_losses(tiny_tokenizer, tiny_config, tmp_path):
-    from gpt_model import GPTModel
-
-    torch.manual_seed(0)
-    model = GPTModel(tiny_config).eval()
-    docs = DOCS[:3]
-    path = write_lines(tmp_path / "test.txt", docs)
-    result = GPTEvaluator(model, tiny_tokenizer, show_progress=False).evaluate_pretrained(path, batch_size=2)
-    total = 0.0
-    with torch.no_grad():
-        for doc in docs:  # one document per forward pass: no padding at all
-            ids = torch.tensor([tiny_tokenizer.encode(doc)["input_ids"]])
-            total += model(ids, labels=ids)["loss"].item() * (ids.shape[1] - 1)
-    assert result["loss"] * result["n_tokens"] == pytest.approx(total, rel=1e-5)
 
 
 def test_evaluate_sft_scores_response_tokens_only(tiny_tokenizer, tiny_config, tmp_path):
@@ -225,7 +149,7 @@ class ScriptedResponses:
 
 def scripted(monkeypatch, continuation: list[int]) -> ScriptedResponses:
     script = ScriptedResponses(continuation)
-    monkeypatch.setattr(evaluator, "generate_responses", script)
+    monkeypatch.setattr(scoring, "generate_responses", script)
     return script
 
 
@@ -259,23 +183,6 @@ def test_too_long_prompt_keeps_its_tail_and_room_to_generate(tiny_tokenizer, mon
     sent = script.calls[0].prompts[0]
     assert len(sent) == 64 - 10 and sent[0] == tok.bos_token_id  # `<s>` + the prompt's last tokens
     assert sent[1:] == tok.encode_ordinary(prompt)[-(len(sent) - 1):]
-
-
-def test_exact_match_never_cuts_a_prompt_that_fits_the_context(tiny_tokenizer, tmp_path, recwarn, monkeypatch):
-    tok = tiny_tokenizer
-    script = scripted(monkeypatch, tok.encode_ordinary("42") + [tok.eos_token_id])
-
-    def length(words: int) -> int:
-        return len(record_prompt_ids(tok, {"instruction": " ".join(map(str, range(words)))}, SFT_TEMPLATE))
-
-    words = max(n for n in range(1, 100) if length(n) <= 60)
-    instruction, prompt_len = " ".join(map(str, range(words))), length(words)
-    assert prompt_len > 64 - 16  # longer than a 16-token reserve would allow, short enough to answer
-    data = tmp_path / "test.json"
-    data.write_text(json.dumps([{"instruction": instruction, "response": "42"}]), encoding="utf-8")
-    result = GPTEvaluator(Context64(), tok, show_progress=False).exact_match_by_task(data, max_gen_len=16)
-    assert result["exact_match"] == 1.0 and not [w for w in recwarn if "was cut" in str(w.message)]
-    assert len(script.calls[0].prompts[0]) == prompt_len  # the whole prompt was sent
 
 
 # ----------------------------------------------------------------------------- bad input and CLI

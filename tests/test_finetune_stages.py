@@ -14,6 +14,7 @@ import finetune_stages as stages
 import gpt_model
 import metrics
 import model_heads
+import scoring
 import training
 import verifiers
 from conftest import stage_config
@@ -97,12 +98,19 @@ def test_reward_stage_trains_and_its_checkpoint_is_a_reward_model(files, tmp_pat
     if model.likelihood:  # the weight is learned, and the evaluator ranks by the same scores as training does
         assert model.likelihood_weight.item() != 1.0
         test_set = data_loader.PreferencePairDataset(str(files["rlhf_pairwise_test"]), tokenizer, 64)
-        chosen, rejected = stages.score_pairs(model, test_set, tokenizer.pad_token_id, 8, torch.device("cpu"))
+        chosen, rejected = scoring.pair_scores(model, test_set, tokenizer.pad_token_id, scoring.ScoreParams(8))
         report = GPTEvaluator(model, tokenizer, show_progress=False).evaluate_reward(files["rlhf_pairwise_test"])
         assert report["pairwise_accuracy"] == metrics.pairwise_accuracy(chosen, rejected)
         assert report["mean_margin"] == pytest.approx(sum(chosen) / 16 - sum(rejected) / 16, abs=1e-5)
     rows = read_metrics(Path(cfg.output_dir) / "metrics.jsonl")
     assert {"accuracy", "train_loss"} <= set(rows[0]) and any("val_accuracy" in r for r in rows)
+    best = min((r for r in rows if "val_loss" in r), key=lambda r: r["val_loss"])  # the evaluation that saved it
+    loaded = checkpoints.load(summary["checkpoint"])
+    report = GPTEvaluator(loaded.model, loaded.tokenizer, show_progress=False,
+                          template=loaded.template).evaluate_reward(files["rlhf_pairwise_test"], batch_size=64)
+    assert report["loss"] == pytest.approx(best["val_loss"], rel=1e-6)  # the CLI measures what training logged
+    assert report["pairwise_accuracy"] == best["val_accuracy"]
+    assert report["mean_margin"] == pytest.approx(best["val_margin"], rel=1e-5, abs=1e-7)
 
 
 def test_a_new_head_is_initialised_by_the_seed(files, tiny_tokenizer, tmp_path):

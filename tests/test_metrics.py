@@ -6,7 +6,7 @@ import torch
 
 import gpt_model
 import metrics
-from evaluator import exact_match_by_task
+from scoring import exact_match_by_task
 
 
 def test_token_logprobs_against_a_naive_loop():

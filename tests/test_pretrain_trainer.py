@@ -20,6 +20,7 @@ import data_loader as dl
 import token_cache
 import gpt_model
 import pretrain_trainer as pt
+import scoring
 from byte_level_bpe import ByteLevelBPETokenizer
 from conftest import VAL_TXT, corpus_lines, write_corpus
 
@@ -62,9 +63,10 @@ def test_loss_decreases_and_run_outputs(corpus, tiny_tokenizer, tmp_path):
     assert tokenizer.fingerprint == tiny_tokenizer.fingerprint
     best = checkpoints.load_checkpoint(out / "pretrain_best.pth")
     assert best["tokenizer_fingerprint"] == tiny_tokenizer.fingerprint and best["step"] == 100
-    for key, value in pt.evaluate_stream(model, trainer.val_stream, trainer.byte_lengths, 4, torch.device("cpu"),
-                                         torch.float32).items():
-        assert value == pytest.approx([r for r in rows if "val_loss" in r][-1][key], rel=1e-6)
+    figures = scoring.stream_loss(model, trainer.val_stream.tokens, trainer.byte_lengths, scoring.ScoreParams(4))
+    last = [r for r in rows if "val_loss" in r][-1]  # the best checkpoint's evaluation, with other batches
+    for key, name in (("val_loss", "loss"), ("val_ppl", "perplexity"), ("val_bpb", "bits_per_byte")):
+        assert figures[name] == pytest.approx(last[key], rel=1e-6)
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
@@ -110,13 +112,13 @@ def test_evaluation_bits_per_byte_of_a_uniform_model(tiny_tokenizer, tmp_path):
     with torch.no_grad():
         model.transformer.ln_f.weight.zero_()
         model.transformer.ln_f.bias.zero_()
-    result = pt.evaluate_stream(model, stream, dl.token_byte_lengths(tiny_tokenizer), 3, torch.device("cpu"),
-                                torch.float32)
+    result = scoring.stream_loss(model, stream.tokens, dl.token_byte_lengths(tiny_tokenizer), scoring.ScoreParams(3))
     n_predicted = len(stream) - 1
-    assert result["val_loss"] == pytest.approx(math.log(len(tiny_tokenizer)), rel=1e-6)
-    assert result["val_ppl"] == pytest.approx(len(tiny_tokenizer), rel=1e-5)
-    assert result["val_bpb"] == pytest.approx(n_predicted * math.log(len(tiny_tokenizer))
-                                              / (math.log(2) * stream.n_bytes), rel=1e-6)
+    assert result["n_tokens"] == n_predicted and result["n_bytes"] == stream.n_bytes  # the text's bytes, + 1 per doc
+    assert result["loss"] == pytest.approx(math.log(len(tiny_tokenizer)), rel=1e-6)
+    assert result["perplexity"] == pytest.approx(len(tiny_tokenizer), rel=1e-5)
+    assert result["bits_per_byte"] == pytest.approx(n_predicted * math.log(len(tiny_tokenizer))
+                                                    / (math.log(2) * stream.n_bytes), rel=1e-6)
 
 
 def test_lr_schedule_warms_up_then_follows_the_cosine():
