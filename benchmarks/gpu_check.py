@@ -327,19 +327,20 @@ def wait_gone(pids: list[int], timeout: float = 10.0) -> None:
 
 
 def stop_tree(proc: subprocess.Popen, grace: float = 0.0) -> None:
-    """End a process and every process below it: SIGTERM first when given a grace period (servers and trainers then
-    clean up), SIGKILL to whatever is left."""
-    tree = [proc.pid, *descendants(proc.pid)]  # gathered first: once proc exits, its children are reparented
+    """End a running process and every process below it: SIGTERM first when given a grace period (servers and trainers
+    then clean up), SIGKILL to whatever is left. A process already reaped is left alone: its id may be another's."""
+    if proc.poll() is not None:
+        return
+    tree = [proc.pid, *descendants(proc.pid)]  # unreaped, proc's id and children are its own
     if grace:
         send(tree, signal.SIGTERM)
         try:
             proc.wait(grace)
         except subprocess.TimeoutExpired:
-            pass
-        tree += descendants(proc.pid)
-    send(tree, signal.SIGKILL)
+            tree += descendants(proc.pid)  # what it started meanwhile
+    send(tree if proc.poll() is None else tree[1:], signal.SIGKILL)
     proc.wait()
-    wait_gone(tree)
+    wait_gone(tree[1:])
 
 
 def run_until_checkpoint(command: list[str], output_dir: Path, log: Path, timeout: float) -> int:
@@ -629,8 +630,8 @@ def run_step(name: str, argv: list[str], timeout: float, work: Path) -> dict:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
         timed_out = True
-    finally:  # on a timeout or Ctrl-C; after a normal exit, it ends whatever the step left running
-        stop_tree(proc, STOP_GRACE_SECONDS if proc.poll() is None else 0.0)
+    finally:  # a timeout or Ctrl-C: the step and what it started (its own finally blocks stop its servers and runs)
+        stop_tree(proc, STOP_GRACE_SECONDS)
     seconds = round(time.monotonic() - started, 1)
     if timed_out:
         return {"status": "timeout", "seconds": seconds,

@@ -381,6 +381,7 @@ COMMANDS = {
     "bench_optimizer": ("benchmarks.bench_optimizer", ["--seeds", "1", "--skip_default_runs"]),
     "bench_train": ("benchmarks.bench_train", ["--steps", "1"]),
     "calibrate_arithmetic": ("benchmarks.calibrate_arithmetic", ["--pretrained", "{ckpt}", "--max_steps", "1"]),
+    "gpu_check": ("benchmarks.gpu_check", ["--dry_run", "--work_dir", "{out}/work", "--output", "{out}/gpu.json"]),
 }
 
 # The retired spellings, assembled so that a grep for them finds only code that still uses them.
@@ -473,6 +474,9 @@ BAD_FLAGS = [
         ["--arith_fraction", "0"], ["--arith_fraction", "1.5"], ["--lr", "0"], ["--min_lr_ratio", "2"],
         ["--batch_size", "0"], ["--max_steps", "0"], ["--num_threads", "0"], [OLD_THREADS, "2"], ["--template", "x"],
         ["--seed", "-1"], ["--max_minutes", "0"], ["--eval_every", "0"], ["--n_heads", "0"], ["--max_seq_len", "1"])],
+    *[("gpu_check", flags, ()) for flags in (
+        ["--steps", "bogus"], ["--steps", "device,bogus"], ["--steps", ""], ["--steps", ","], ["--max_minutes", "0"],
+        ["--max_minutes", "x"], ["--num_threads", "0"], ["--output", "{folder}"], ["--step", "bogus"], ["--bogus"])],
 ]
 
 
