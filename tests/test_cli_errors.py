@@ -383,6 +383,7 @@ COMMANDS = {
     "bench_train": ("benchmarks.bench_train", ["--steps", "1"]),
     "download": ("data.download", ["--endpoint", "http://127.0.0.1:9", "--output", "{out}/hf", "--list"]),
     "convert_chat": ("data.convert_chat", ["{sft}", "{out}/chat.jsonl", "--no_progress"]),
+    "gpu_check": ("benchmarks.gpu_check", ["--dry_run", "--work_dir", "{out}/work", "--output", "{out}/gpu.json"]),
 }
 
 # The retired spellings, assembled so that a grep for them finds only code that still uses them.
@@ -471,6 +472,9 @@ BAD_FLAGS = [
         ["--reuse_training", "--output", "{out}/missing.json"])],
     *[("bench_train", flags, ()) for flags in (
         ["--steps", "0"], ["--steps", "x"], ["--num_threads", "0"], ["--vocab_size", "x"], [OLD_THREADS, "2"])],
+    *[("gpu_check", flags, ()) for flags in (
+        ["--steps", "bogus"], ["--steps", "device,bogus"], ["--steps", ""], ["--steps", ","], ["--max_minutes", "0"],
+        ["--max_minutes", "x"], ["--num_threads", "0"], ["--output", "{folder}"], ["--step", "bogus"], ["--bogus"])],
 ]
 
 
