@@ -135,6 +135,13 @@ def run_progress(step: int, max_steps: int | None, train_seconds: float, time_bu
     return max(done, default=0.0)
 
 
+def eval_line(prefix: str, result: Mapping[str, Any]) -> str:
+    """An evaluation as one console line: "sft step 500: val_loss 1.234, val_ppl 3.435"."""
+    figures = ", ".join(f"{k} {v:.4g}" if isinstance(v, (int, float)) else f"{k} {v}"
+                        for k, v in result.items() if k != "step")
+    return f"{prefix} step {result['step']}: {figures}"
+
+
 def peak_flops(device: torch.device) -> float | None:
     """Dense bf16 peak FLOP/s of known GPUs (for MFU), None elsewhere."""
     if device.type != "cuda":
@@ -471,6 +478,7 @@ class Trainer:
             if self.step % c.log_interval == 0 or finished:
                 self._log_step(loss, extras, window_tokens / (time.time() - window_start), bar)
                 window_start, window_tokens = time.time(), 0
+            bar.total = self._bar_total()  # a time budget's total is known only from the speed so far
             bar.update(1)
             evaluating = self.evaluate_fn is not None and (self.step % c.eval_interval == 0 or finished)
             if evaluating:
@@ -487,6 +495,15 @@ class Trainer:
             raise Interrupted(stop.signum or signal.SIGINT, f"stopped by {name} at step {self.step}: "
                               f"{self._saved_note()}")
         return last_eval
+
+    def _bar_total(self) -> int | None:
+        """The progress bar's total: the step limit or, under --max_minutes, the steps the budget allows at the
+        speed so far (so the bar shows an ETA; the run stops on the clock, not on this estimate)."""
+        progress = self._progress()
+        if not self.config.max_minutes or self.step == 0 or progress <= 0:
+            return self.max_steps
+        estimate = max(self.step, math.ceil(self.step / progress))
+        return min(estimate, self.max_steps) if self.max_steps else estimate
 
     def _saved_note(self) -> str:
         """Where to continue from, naming only a file that exists (a message must not point at a deleted one)."""
@@ -545,6 +562,8 @@ class Trainer:
                 result = {"step": self.step, **self.evaluate_fn(self.model)}
             self.model.train(was_training)
             self.run.log(result)
+            if self.show_progress:  # one console line per evaluation, above the bar
+                tqdm.write(eval_line(self.prefix, result))
             if result["val_loss"] < self.best_val_loss:
                 self.best_val_loss = result["val_loss"]
                 self.save(self.output_dir / f"{self.prefix}_best.pth", training_state=False)

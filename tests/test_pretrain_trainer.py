@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import re
 import socket
 import time
 from dataclasses import asdict
@@ -254,3 +255,23 @@ def test_cli_errors_are_one_line(corpus, tiny_tokenizer_dir, tmp_path, capsys):
 
     with pytest.raises(training.TrainError, match="no stopping rule"):
         pt.GPTTrainer(small_config(corpus, tmp_path / "b", max_steps=None), other, show_progress=False)
+
+
+def test_console_shows_a_time_budgets_bar_with_a_total_and_a_line_per_evaluation(corpus, tiny_tokenizer, tmp_path,
+                                                                                   capsys):
+    """--max_minutes alone: the bar's total is the steps the budget allows at the speed so far (so it has an ETA,
+    and ends at the steps run); every evaluation prints its figures on the console, as metrics.jsonl has them."""
+    config = small_config(corpus, tmp_path, max_steps=None, max_minutes=0.04, eval_interval=3, eval_batches=2,
+                          save_interval=10_000, log_interval=1)
+    trainer = pt.GPTTrainer(config, tiny_tokenizer, show_progress=True)
+    trainer.start_time = time.time()  # the budget counts from here, not from the tokenization above
+    trainer.train()
+    out, err = capsys.readouterr()
+    states = re.findall(r"pretrain:[^\r\n]*?(\d+)/(\d+) \[\d\d:\d\d<\d\d:\d\d", err)
+    assert states, err
+    assert int(states[-1][0]) == int(states[-1][1]) == trainer.step  # the final state: every step, the whole bar
+    evals = [r for r in trainer.metrics() if "val_loss" in r]
+    assert len(evals) >= 2 and trainer.step >= 3  # at least one mid-run evaluation and the final one
+    lines = [line for line in out.splitlines() if line.startswith("pretrain step ")]
+    assert lines == [f"pretrain step {r['step']}: val_loss {r['val_loss']:.4g}, val_ppl {r['val_ppl']:.4g}, "
+                     f"val_bpb {r['val_bpb']:.4g}" for r in evals]
