@@ -1,5 +1,6 @@
 """The one error policy of every command-line tool: argument types that reject bad values at parse time,
-and ``run_cli``, which turns a user's mistake into one ``error: ...`` line and exit status 2.
+settings written once as config fields (``setting``) and made into flags (``add_settings``), and ``run_cli``, which
+turns a user's mistake into one ``error: ...`` line and exit status 2.
 
 Its own module because the tokenizer CLI (which must not import torch), the trainers, the evaluator, the data
 builders and the inference tools all share it, and none of them should import another for it.
@@ -7,6 +8,7 @@ builders and the inference tools all share it, and none of them should import an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import math
 import os
@@ -14,7 +16,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 EXIT_USER_ERROR = 2
 EXIT_SIGINT = 130  # 128 + SIGINT, what shells report for Ctrl-C
@@ -170,6 +172,11 @@ def fraction(text: str) -> float:
     return value
 
 
+def path_or_none(text: str) -> str | None:
+    """argparse type: a path, or 'none' (any case) for no path (--val_data_dir none: no evaluation)."""
+    return None if text.lower() == "none" else text
+
+
 def field_name(text: str) -> str:
     """argparse type: the name of a record field or column (--text_field): not empty, not padded with spaces."""
     if not text or text != text.strip():
@@ -198,14 +205,72 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def explicit_flags(build_parser: Callable[[], argparse.ArgumentParser], argv: Sequence[str] | None) -> set[str]:
-    """The destinations the user actually typed (not defaults): a second parse with every default suppressed."""
-    parser = build_parser()
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-        action.required = False
-    known, _ = parser.parse_known_args(argv)
-    return set(vars(known))
+# ----------------------------------------------------------------------------- settings: each written once
+
+def setting(default: Any, help: str, type: Callable[[str], Any] | None = None, choices: Sequence[str] = (),
+            flag: str | None = None, action: str | type[argparse.Action] | None = None, **extra: Any) -> Any:
+    """A config field that is also a flag: its default, --help text, parse type and choices, written once, as the
+    field's metadata (``add_settings`` makes the flag). ``flag`` spells a flag named otherwise than the field; a bool
+    is a ``store_true`` flag unless ``action`` says otherwise; ``extra`` is the caller's own (an environment
+    variable)."""
+    return dataclasses.field(default=default, metadata={"help": help, "type": type, "choices": tuple(choices),
+                                                        "flag": flag, "action": action, **extra})
+
+
+def settings_of(config: type) -> list[dataclasses.Field]:
+    """The fields of a config class that are flags (made with ``setting``), in field order."""
+    return [f for f in dataclasses.fields(config) if "help" in f.metadata]
+
+
+def with_defaults(**defaults: Any) -> Callable[[type], type]:
+    """Class decorator, under ``@dataclass``: a subclass that changes only the defaults of fields it inherits; their
+    type, help and place stay where they were defined once. A name it does not inherit is a TypeError (a typo)."""
+    def apply(cls: type) -> type:
+        inherited = {f.name: f for base in reversed(cls.__mro__[1:]) if dataclasses.is_dataclass(base)
+                     for f in dataclasses.fields(base)}  # the nearest base's field wins
+        unknown = sorted(set(defaults) - set(inherited))
+        if unknown:
+            raise TypeError(f"{cls.__name__} sets the default of {', '.join(unknown)}, which it does not inherit")
+        own = dict(cls.__dict__.get("__annotations__", {}))  # never the base's dict, which cls.__annotations__ may be
+        for name, value in defaults.items():
+            own[name] = inherited[name].type
+            setattr(cls, name, dataclasses.field(default=value, metadata=inherited[name].metadata))
+        cls.__annotations__ = own
+        return cls
+    return apply
+
+
+def default_note(value: Any) -> str:
+    """"default: X" for --help, or nothing where the default says nothing (None, False)."""
+    return "" if value is None or value is False else f"default: {value}"
+
+
+def add_settings(parser: Any, config: type, names: Iterable[str] | None = None,
+                 notes: Mapping[str, str] | None = None) -> None:
+    """A flag on ``parser`` (a parser or an argument group) for each setting of ``config`` (every one, or ``names``):
+    --name (or the field's ``flag``), its type, choices and help. Its default is SUPPRESS, so that a parsed namespace
+    holds exactly what the user typed (``typed_settings``) and the config's own defaults fill the rest; --help shows
+    the config's default, or ``notes[name]`` in its place ("" for none)."""
+    by_name, notes = {f.name: f for f in settings_of(config)}, notes or {}
+    for name in by_name if names is None else names:
+        field = by_name[name]
+        meta = field.metadata
+        note = notes.get(name, "" if "default" in meta["help"] else default_note(field.default))
+        options: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS,
+                                   "help": meta["help"] + (f" ({note})" if note else "")}
+        if meta["action"] or isinstance(field.default, bool):
+            options["action"] = meta["action"] or "store_true"
+        else:
+            options.update({k: v for k, v in (("type", meta["type"]), ("choices", meta["choices"] or None)) if v})
+            if meta["flag"] and not meta["choices"]:
+                options["metavar"] = meta["flag"].upper()
+        parser.add_argument(f"--{meta['flag'] or name}", **options)
+
+
+def typed_settings(args: argparse.Namespace, config: type) -> dict[str, Any]:
+    """The settings of ``config`` that the user typed (an ``add_settings`` flag is in the namespace only if typed)."""
+    names = {f.name for f in dataclasses.fields(config)}
+    return {name: value for name, value in vars(args).items() if name in names}
 
 
 # ----------------------------------------------------------------------------- running a CLI

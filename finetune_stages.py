@@ -13,6 +13,7 @@ the defaults, so results do not depend on machine load (about 4-7 minutes per st
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import functools
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 import checkpoints
+import cli
 import data_loader
 import evaluator
 import lora
@@ -44,155 +46,159 @@ PROCESS_START = time.time()
 
 
 @dataclass
+@cli.with_defaults(batch_size=32)
 class FinetuneConfig(training.TrainConfig):
-    """What every mode has besides the loop's settings; stored in checkpoints as ``train_args``."""
+    """What every mode has besides the loop's settings; stored in checkpoints as ``train_args``. Each setting below
+    is written once, with its flag's help; a mode's class adds the groups it uses and changes only defaults."""
 
-    mode: str = ""
-    tokenizer_dir: str | None = None
+    mode: str = ""  # the config's identity, chosen with --mode
+    tokenizer_dir: str | None = cli.setting(None, "tokenizer folder (default: <model folder>/tokenizer)")
 
 
 @dataclass
 class FromPretrained:
-    pretrained_model: str = "models/pretrain/pretrain_best.pth"
+    pretrained_model: str = cli.setting("models/pretrain/pretrain_best.pth", "the pretrained model to start from")
 
 
 @dataclass
 class FromSFT:
-    sft_model: str = "models/sft/sft_best.pth"
+    sft_model: str = cli.setting("models/sft/sft_best.pth", "the SFT model: the policy and reference, and the reward "
+                                 "model's backbone")
+
+
+@dataclass
+class PromptRecords:
+    """SFT's training records, which GRPO samples its prompts from."""
+
+    data_path: str = cli.setting("data/sft/sft_data.json", "sft: training records .json/.jsonl [{\"instruction\", "
+                                 "\"response\"}] (optional \"input\", \"task\"); rlvf: the prompts, same format, the "
+                                 "response being what the verifiers check")
 
 
 @dataclass
 class HeldOutAnswers:
     """The held-out SFT records whose greedy answers are scored (exact match) after training and in RL evaluations."""
 
-    test_data_path: str = "data/sft/sft_test.json"
-    max_new_tokens: int = 16
+    test_data_path: str = cli.setting("data/sft/sft_test.json", "held-out SFT records: sft picks sft_best.pth on them; "
+                                      "the RL stages evaluate on them; every language-model stage reports their exact "
+                                      "match at the end")
+    max_new_tokens: int = cli.setting(16, "longest generated answer (rollouts, evaluations, report)", cli.positive_int)
 
 
 @dataclass
 class Preferences:
-    pairwise_data: str = "data/sft/rlhf_pairwise.json"
-    pairwise_test_data: str = "data/sft/rlhf_pairwise_test.json"
+    pairwise_data: str = cli.setting("data/sft/rlhf_pairwise.json", "preference pairs [{\"instruction\", \"chosen\", "
+                                     "\"rejected\"}]; rlhf takes its rollout prompts from their instructions")
+    pairwise_test_data: str = cli.setting("data/sft/rlhf_pairwise_test.json", "held-out preference pairs (pick "
+                                          "reward_best.pth / dpo_best.pth)")
+
+
+@dataclass
+class Dropout:
+    dropout: float = cli.setting(0.0, "dropout while finetuning", cli.fraction)
+
+
+@dataclass
+class LabelSmoothing:
+    label_smoothing: float = cli.setting(0.0, "reward and dpo: assumed fraction of flipped preference labels (bounds "
+                                         "the margins; the held-out loss stays the plain one); classify: label "
+                                         "smoothing of the training cross-entropy", cli.fraction)
 
 
 @dataclass
 class Rollouts:
     """What PPO and GRPO share: sampled rollouts, clipped updates in minibatches, a KL to the reference."""
 
-    eval_samples: int = 300
-    rollout_batch_size: int = 32
-    rollout_temperature: float = 1.0
-    ppo_epochs: int = 4
-    ppo_minibatch_size: int = 16
-    clip_range: float = 0.2
-    kl_coef: float = 0.05
+    eval_samples: int = cli.setting(300, "held-out prompts per evaluation", cli.positive_int)
+    rollout_batch_size: int = cli.setting(32, "prompts sampled per step", cli.positive_int)
+    rollout_temperature: float = cli.setting(1.0, "sampling temperature of rollouts", cli.positive_float)
+    ppo_epochs: int = cli.setting(4, "passes over each step's rollouts", cli.positive_int)
+    ppo_minibatch_size: int = cli.setting(16, "sequences per gradient update (split into --grad_accum micro-batches)",
+                                          cli.positive_int)
+    clip_range: float = cli.setting(0.2, "policy ratio clip ε", cli.positive_float)
+    kl_coef: float = cli.setting(0.05, "β of the KL penalty to the reference (SFT) model", cli.nonnegative_float)
 
 
 @dataclass
-class SFTConfig(HeldOutAnswers, FromPretrained, FinetuneConfig):
-    mode: str = "sft"
-    output_dir: str = "models/sft"
-    lr: float = 3e-3
-    batch_size: int = 32
-    warmup_steps: int = 50
-    max_steps: int | None = 5000  # held-out sums: EM 0.4-0.9 at 2,500 steps, 0.99 at 5,000
-    eval_interval: int = 500
-    data_path: str = "data/sft/sft_data.json"
-    dropout: float = 0.0
-    lora_r: int = 0
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = "c_attn,c_proj,c_fc"
-    merge_lora: bool = False
+@cli.with_defaults(mode="sft", output_dir="models/sft", lr=3e-3, warmup_steps=50, eval_interval=500,
+                   max_steps=5000)  # held-out sums: EM 0.4-0.9 at 2,500 steps, 0.99 at 5,000
+class SFTConfig(Dropout, PromptRecords, HeldOutAnswers, FromPretrained, FinetuneConfig):
+    lora_r: int = cli.setting(0, "LoRA rank (0 = full finetuning)", cli.nonnegative_int)
+    lora_alpha: float = cli.setting(16.0, "LoRA scaling alpha (scale = alpha / r)", cli.positive_float)
+    lora_dropout: float = cli.setting(0.0, "dropout on the LoRA input", cli.fraction)
+    lora_targets: str = cli.setting("c_attn,c_proj,c_fc", "comma-separated nn.Linear names to adapt (c_attn is the "
+                                    "fused q/k/v projection)")
+    merge_lora: bool = cli.setting(False, "write sft_best.pth with the adapters merged (a plain checkpoint every tool "
+                                   "loads); the adapters are saved on their own either way")
 
 
 @dataclass
-class RewardConfig(Preferences, FromSFT, FinetuneConfig):
-    mode: str = "reward"
-    output_dir: str = "models/reward"
-    lr: float = 1e-3
-    batch_size: int = 32
-    warmup_steps: int = 30
-    max_steps: int | None = 3000
-    eval_interval: int = 250
-    reward_nll_weight: float = 1.0  # GRM (Yang et al., 2024): + weight x NLL of the chosen answer
-    label_smoothing: float = 0.1
-    reward_likelihood_weight: float = 1.0  # > 0: the score adds (learned weight) x the answer's mean log-prob
+@cli.with_defaults(mode="reward", output_dir="models/reward", lr=1e-3, warmup_steps=30, max_steps=3000,
+                   eval_interval=250, label_smoothing=0.1)
+class RewardConfig(LabelSmoothing, Preferences, FromSFT, FinetuneConfig):
+    reward_nll_weight: float = cli.setting(  # GRM (Yang et al., 2024): + weight x NLL of the chosen answer
+        1.0, "add this times the chosen answers' per-token NLL under the backbone's LM head (GRM, Yang et al. 2024): "
+        "regularises the backbone so the scores generalise", cli.nonnegative_float)
+    reward_likelihood_weight: float = cli.setting(  # > 0: the score adds (learned weight) x the answer's mean log-prob
+        1.0, "> 0 adds a learned weight (starting here) times the answer's mean per-token log-prob under the "
+        "backbone's LM head to the score; 0: the head alone", cli.nonnegative_float)
 
 
 @dataclass
+@cli.with_defaults(mode="rlhf", output_dir="models/rlhf", lr=1e-5, warmup_steps=0, max_steps=150, eval_interval=25,
+                   weight_decay=0.0, min_lr_ratio=1.0, log_interval=1,
+                   kl_coef=0.2)  # TRL's init_kl_coef: at 0.05 the policy drifted from the SFT answers
 class PPOConfig(Rollouts, HeldOutAnswers, Preferences, FromSFT, FinetuneConfig):
-    mode: str = "rlhf"
-    output_dir: str = "models/rlhf"
-    lr: float = 1e-5
-    batch_size: int = 32
-    warmup_steps: int = 0
-    max_steps: int | None = 150
-    eval_interval: int = 25
-    weight_decay: float = 0.0
-    min_lr_ratio: float = 1.0
-    log_interval: int = 1
-    kl_coef: float = 0.2  # TRL's init_kl_coef: at 0.05 the policy drifted from the SFT answers
-    reward_model: str | None = None
-    target_kl: float | None = None
-    kl_horizon: int = 10000
-    gamma: float = 1.0
-    lam: float = 0.95
-    value_clip_range: float = 0.2
-    vf_coef: float = 0.5
-    critic_lr: float = 1e-4
+    reward_model: str | None = cli.setting(None, "a trained reward model (default: train one first into "
+                                           "<output_dir>/reward/)")
+    target_kl: float | None = cli.setting(None, "adapt β so the per-sequence KL tracks this (Ziegler et al.); "
+                                          "default: fixed β", cli.positive_float)
+    kl_horizon: int = cli.setting(10000, "with --target_kl: the horizon (in sequences) of β's control",
+                                  cli.positive_int)
+    gamma: float = cli.setting(1.0, "discount", cli.probability)
+    lam: float = cli.setting(0.95, "GAE λ", cli.probability)
+    value_clip_range: float = cli.setting(0.2, "value clip around the rollout's values", cli.positive_float)
+    vf_coef: float = cli.setting(0.5, "weight of the value loss", cli.positive_float)
+    critic_lr: float = cli.setting(1e-4, "critic learning rate (on the policy's schedule)", cli.positive_float)
 
 
 @dataclass
-class DPOConfig(HeldOutAnswers, Preferences, FromSFT, FinetuneConfig):
-    mode: str = "dpo"
-    output_dir: str = "models/dpo"
-    lr: float = 3e-4
-    batch_size: int = 32
-    warmup_steps: int = 20
-    max_steps: int | None = 600
-    eval_interval: int = 100
-    weight_decay: float = 0.0
-    dpo_beta: float = 0.1
-    dpo_loss: str = "sigmoid"
-    dpo_nll_weight: float = 1.0  # RPO (Pang et al., 2024); without it held-out exact match fell 0.671 -> 0.596
-    dpop_lambda: float = 0.0  # DPO-Positive (Pal et al., 2024): penalise the chosen answer falling below the reference
-    label_smoothing: float = 0.0  # conservative DPO
+@cli.with_defaults(mode="dpo", output_dir="models/dpo", lr=3e-4, warmup_steps=20, max_steps=600, eval_interval=100,
+                   weight_decay=0.0)  # label_smoothing > 0: conservative DPO
+class DPOConfig(LabelSmoothing, HeldOutAnswers, Preferences, FromSFT, FinetuneConfig):
+    dpo_beta: float = cli.setting(0.1, "β, how far the policy may move from the reference", cli.positive_float)
+    dpo_loss: str = cli.setting("sigmoid", "the DPO loss (sigmoid) or IPO's squared loss", choices=("sigmoid", "ipo"))
+    dpo_nll_weight: float = cli.setting(  # RPO (Pang et al., 2024); without it held-out exact match fell 0.671 -> 0.596
+        1.0, "add this times the chosen answers' per-token NLL (RPO, Pang et al. 2024): keeps the chosen answers "
+        "likely, which plain DPO lets fall with the rejected ones", cli.nonnegative_float)
+    dpop_lambda: float = cli.setting(  # DPO-Positive (Pal et al., 2024): penalise the chosen falling below the ref
+        0.0, "DPO-Positive's λ (Pal et al. 2024; they use 50): the margin loses λ times how far a chosen answer's "
+        "log-prob fell below the reference's; 0: off", cli.nonnegative_float)
 
 
 @dataclass
-class GRPOConfig(Rollouts, HeldOutAnswers, FromSFT, FinetuneConfig):
-    mode: str = "rlvf"
-    output_dir: str = "models/rlvf"
-    lr: float = 2e-5
-    batch_size: int = 32
-    warmup_steps: int = 0
-    max_steps: int | None = 100
-    eval_interval: int = 20
-    weight_decay: float = 0.0
-    min_lr_ratio: float = 1.0
-    log_interval: int = 1
-    rollout_batch_size: int = 8
-    data_path: str = "data/sft/sft_data.json"
-    group_size: int = 8
-    format_weight: float = 0.1
-    skip_uniform_groups: bool = True
+@cli.with_defaults(mode="rlvf", output_dir="models/rlvf", lr=2e-5, warmup_steps=0, max_steps=100, eval_interval=20,
+                   weight_decay=0.0, min_lr_ratio=1.0, log_interval=1, rollout_batch_size=8)
+class GRPOConfig(PromptRecords, Rollouts, HeldOutAnswers, FromSFT, FinetuneConfig):
+    group_size: int = cli.setting(8, "answers sampled per prompt (GRPO's group)", cli.int_at_least(2))
+    format_weight: float = cli.setting(0.1, "weight of the format verifier's bonus added to the task verifier's "
+                                       "reward", cli.nonnegative_float)
+    skip_uniform_groups: bool = cli.setting(True, "train only on groups whose answers scored differently (DAPO's "
+                                            "dynamic sampling; a group that is all right or all wrong has zero "
+                                            "advantage)", action=argparse.BooleanOptionalAction)
 
 
 @dataclass
-class ClassifyConfig(FromPretrained, FinetuneConfig):
-    mode: str = "classify"
-    output_dir: str = "models/classify"
-    lr: float = 5e-4
-    batch_size: int = 32
-    warmup_steps: int = 30
-    max_steps: int | None = 400
-    eval_interval: int = 50
-    classify_train: str = "data/classify/train.jsonl"
-    classify_test: str = "data/classify/test.jsonl"
-    dropout: float = 0.0
-    trainable_blocks: int | None = None
-    label_smoothing: float = 0.1
+@cli.with_defaults(mode="classify", output_dir="models/classify", lr=5e-4, warmup_steps=30, max_steps=400,
+                   eval_interval=50, label_smoothing=0.1)
+class ClassifyConfig(LabelSmoothing, Dropout, FromPretrained, FinetuneConfig):
+    classify_train: str = cli.setting("data/classify/train.jsonl", "training texts, .jsonl of {\"text\", \"label\"} "
+                                      "(labels are class names)")
+    classify_test: str = cli.setting("data/classify/test.jsonl", "held-out texts (pick classify_best.pth; accuracy, "
+                                     "precision/recall, confusion)")
+    trainable_blocks: int | None = cli.setting(None, "train only the last N transformer blocks + final norm + head "
+                                               "(0 = norm and head only); default: the whole model",
+                                               cli.nonnegative_int)
 
 
 CONFIGS: dict[str, type[FinetuneConfig]] = {"sft": SFTConfig, "reward": RewardConfig, "rlhf": PPOConfig,

@@ -14,7 +14,8 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass, fields
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,10 +35,7 @@ from gpt_model import PRESETS, GPTConfig, GPTModel
 from losses import causal_lm_loss
 from prompts import encode_prompt
 from readers import DEFAULT_TEXT_FIELD, read_documents
-from training import (DistInfo, Trainer, TrainError, barrier, find_resume_checkpoint, init_distributed, lr_at,
-                      rng_state, set_rng_state)
-
-__all__ = ["GPTTrainer", "TrainConfig", "TrainError", "lr_at", "rng_state", "set_rng_state", "main"]
+from training import DistInfo, Trainer, TrainError, barrier, find_resume_checkpoint, init_distributed
 
 PROCESS_START = time.time()
 DEFAULT_TOKENIZER_DIR = "models/bpe_tokenizer"
@@ -51,23 +49,43 @@ SHAPE_FIELDS = ("preset", "n_layers", "d_model", "n_heads", "d_ff", "max_seq_len
 
 
 @dataclass
+@cli.with_defaults(optimizer=DEFAULT_OPTIMIZER, lr=DEFAULT_LR[DEFAULT_OPTIMIZER])
 class TrainConfig(training.TrainConfig):
-    """Pretraining's data and model fields on top of the loop's settings."""
+    """Pretraining's data and model fields on top of the loop's settings, each with its flag's help."""
 
-    train_data: str = "data/pretrain/train.txt"
-    val_data: str | None = "data/pretrain/val.txt"
-    cache_dir: str | None = None
-    text_field: str = DEFAULT_TEXT_FIELD
-    preset: str = "tiny"
-    n_layers: int | None = None
-    d_model: int | None = None
-    n_heads: int | None = None
-    d_ff: int | None = None
-    dropout: float = 0.0
-    max_seq_len: int = 64
-    num_workers: int | None = None
-    optimizer: str = DEFAULT_OPTIMIZER
-    lr: float = DEFAULT_LR[DEFAULT_OPTIMIZER]
+    train_data: str = cli.setting("data/pretrain/train.txt", "training text: a .txt (one document per line), .jsonl / "
+                                  ".jsonl.gz / .jsonl.zst ({\"text\": ...} per line) or .parquet file, or a folder of "
+                                  "any mix", flag="train_data_dir")
+    val_data: str | None = cli.setting("data/pretrain/val.txt", "validation text (same formats); 'none' to skip "
+                                       "evaluation", cli.path_or_none, flag="val_data_dir")
+    cache_dir: str | None = cli.setting(None, "where tokenized data is cached (default: <data folder>/.cache; set it "
+                                        "when that is read-only)")
+    text_field: str = cli.setting(DEFAULT_TEXT_FIELD, "the field (.jsonl*) or column (.parquet) that holds each "
+                                  "document's text, in both the training and the validation data", cli.field_name)
+    preset: str = cli.setting("tiny", "GPTConfig preset the model starts from", choices=sorted(PRESETS))
+    n_layers: int | None = cli.setting(None, "override the preset's number of transformer blocks (default: "
+                                       f"{DEFAULT_TINY_LAYERS} with the tiny preset, best in the 5-minute CPU run; the "
+                                       "preset's own otherwise)", cli.positive_int)
+    d_model: int | None = cli.setting(None, "override the preset's hidden size (d_ff follows as 4x unless --d_ff)",
+                                      cli.positive_int)
+    n_heads: int | None = cli.setting(None, "override the preset's number of attention heads", cli.positive_int)
+    d_ff: int | None = cli.setting(None, "override the feed-forward hidden size", cli.positive_int)
+    dropout: float = cli.setting(0.0, "dropout probability during training", cli.fraction)
+    max_seq_len: int = cli.setting(64, "context length: tokens per training window", cli.int_at_least(2))
+    num_workers: int | None = cli.setting(None, "processes for tokenizing the data (default: all cores)",
+                                          cli.positive_int)
+
+
+@dataclass
+class PretrainOptions(training.RunOptions):
+    """The command's settings besides the config: the tokenizer it uses (or trains) and the samples it prints."""
+
+    tokenizer_dir: str = cli.setting(DEFAULT_TOKENIZER_DIR, "tokenizer folder (vocab.json, merges.txt); trained on the "
+                                     "training data when missing")
+    vocab_size: int = cli.setting(8192, "vocabulary size of the tokenizer trained when --tokenizer_dir is missing",
+                                  cli.int_at_least(260))
+    samples: int = cli.setting(100, "new tokens per sample generation printed at the end (0 = none)",
+                               cli.nonnegative_int)
 
 
 class GPTTrainer(Trainer):
@@ -153,74 +171,50 @@ class GPTTrainer(Trainer):
 
 # ----------------------------------------------------------------------------- CLI
 
-def build_parser() -> argparse.ArgumentParser:
-    d = TrainConfig()
-    p = argparse.ArgumentParser(description="Pretrain a GPT on text files. With no arguments: train a BPE tokenizer "
-                                "if models/bpe_tokenizer is missing, then a small model for ~5 minutes on "
-                                "data/pretrain. Ctrl-C or SIGTERM saves a resumable checkpoint (continue with "
-                                "--resume auto).",
-                                formatter_class=cli.HelpFormatter)
-    p.add_argument("--train_data_dir", default=d.train_data,
-                   help="training text: a .txt (one document per line), .jsonl / .jsonl.gz / .jsonl.zst "
-                        "({\"text\": ...} per line) or .parquet file, or a folder of any mix")
-    p.add_argument("--val_data_dir", default=d.val_data,
-                   help="validation text (same formats); 'none' to skip evaluation")
-    p.add_argument("--text_field", type=cli.field_name, default=d.text_field,
-                   help="the field (.jsonl*) or column (.parquet) that holds each document's text, in both the "
-                        "training and the validation data")
-    p.add_argument("--cache_dir", default=None,
-                   help="where tokenized data is cached (default: <data folder>/.cache; set it when that is read-only)")
-    p.add_argument("--tokenizer_dir", default=DEFAULT_TOKENIZER_DIR,
-                   help="tokenizer folder (vocab.json, merges.txt); trained on the training data when missing")
-    p.add_argument("--vocab_size", type=cli.int_at_least(260), default=8192,
-                   help="vocabulary size of the tokenizer trained when --tokenizer_dir is missing")
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
-                   help="GPTConfig preset the model starts from")
-    p.add_argument("--n_layers", type=cli.positive_int, default=None,
-                   help=f"override the preset's number of transformer blocks (default: {DEFAULT_TINY_LAYERS} with the "
-                        "tiny preset, best in the 5-minute CPU run; the preset's own otherwise)")
-    p.add_argument("--d_model", type=cli.positive_int, default=None,
-                   help="override the preset's hidden size (d_ff follows as 4x unless --d_ff)")
-    p.add_argument("--n_heads", type=cli.positive_int, default=None,
-                   help="override the preset's number of attention heads")
-    p.add_argument("--d_ff", type=cli.positive_int, default=None, help="override the feed-forward hidden size")
-    p.add_argument("--dropout", type=cli.fraction, default=d.dropout, help="dropout probability during training")
-    p.add_argument("--max_seq_len", type=cli.int_at_least(2), default=d.max_seq_len,
-                   help="context length: tokens per training window")
-    p.add_argument("--num_workers", type=cli.positive_int, default=None,
-                   help="processes for tokenizing the data (default: all cores)")
-    p.add_argument("--samples", type=cli.nonnegative_int, default=100,
-                   help="new tokens per sample generation printed at the end (0 = none)")
-    training.add_loop_arguments(p, d)
-    p.set_defaults(output_dir="models/pretrain", lr=None)
-    lr = next(a for a in p._actions if a.dest == "lr")
-    lr.help = ("peak learning rate (after warmup) (default: " +
-               ", ".join(f"{v:g} with --optimizer {k}" for k, v in DEFAULT_LR.items()) + ")")
+LOOP = [f.name for f in cli.settings_of(training.TrainConfig)]  # in their own group of --help
+DEFAULT_NOTES = {  # the defaults that depend on other settings (config_from_args)
+    "lr": "default: " + ", ".join(f"{v:g} with --optimizer {k}" for k, v in DEFAULT_LR.items()),
+    "max_minutes": f"default: {DEFAULT_MINUTES:g} when neither --max_steps nor --epochs is given"}
+
+
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog="python pretrain_trainer.py",
+                           description="Pretrain a GPT on text files. With no arguments: train a BPE tokenizer if "
+                                       "models/bpe_tokenizer is missing, then a small model for ~5 minutes on "
+                                       "data/pretrain. Ctrl-C or SIGTERM saves a resumable checkpoint (continue with "
+                                       "--resume auto).")
+    run = [f.name for f in cli.settings_of(training.RunOptions)]
+    cli.add_settings(p, TrainConfig, [f.name for f in cli.settings_of(TrainConfig) if f.name not in LOOP])
+    cli.add_settings(p, PretrainOptions, [f.name for f in cli.settings_of(PretrainOptions) if f.name not in run])
+    loop = p.add_argument_group("the training loop")
+    cli.add_settings(loop, TrainConfig, LOOP, notes=DEFAULT_NOTES)
+    cli.add_settings(loop, training.RunOptions)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    names = {f.name for f in fields(TrainConfig)}
-    values = {k: v for k, v in vars(args).items() if k in names}
-    val = None if str(args.val_data_dir).lower() == "none" else args.val_data_dir
-    values.update(train_data=args.train_data_dir, val_data=val)
-    if args.lr is None:
-        values["lr"] = DEFAULT_LR[args.optimizer]
-    if args.max_steps is None and args.epochs is None and args.max_minutes is None:
-        values["max_minutes"] = DEFAULT_MINUTES
-    if args.preset == "tiny" and args.n_layers is None:
-        values["n_layers"] = DEFAULT_TINY_LAYERS
-    return TrainConfig(**values)
+    """The run's config: the settings the user typed, the config's defaults, then the defaults that depend on other
+    settings (the optimizer's lr, the time budget when no other stopping rule is given, the tiny preset's depth)."""
+    typed = cli.typed_settings(args, TrainConfig)
+    config = TrainConfig(**typed)
+    derived: dict[str, Any] = {}
+    if "lr" not in typed:
+        derived["lr"] = DEFAULT_LR[config.optimizer]
+    if not {"max_steps", "epochs", "max_minutes"} & typed.keys():
+        derived["max_minutes"] = DEFAULT_MINUTES
+    if config.preset == "tiny" and config.n_layers is None:
+        derived["n_layers"] = DEFAULT_TINY_LAYERS
+    return dataclasses.replace(config, **derived)
 
 
-def load_or_train_tokenizer(args: argparse.Namespace, info: DistInfo) -> ByteLevelBPETokenizer:
+def load_or_train_tokenizer(options: PretrainOptions, config: TrainConfig, info: DistInfo) -> ByteLevelBPETokenizer:
     """The tokenizer in --tokenizer_dir; trained on the training data first (rank 0) when the folder is missing."""
-    directory = Path(args.tokenizer_dir)
+    directory = Path(options.tokenizer_dir)
     if not (directory / "vocab.json").exists() and info.is_main:
         start = time.time()
-        print(f"training a {args.vocab_size}-token BPE tokenizer on {args.train_data_dir} ...")
-        tokenizer = ByteLevelBPETokenizer(vocab_size=args.vocab_size)
-        tokenizer.train(read_documents(args.train_data_dir, args.text_field), show_progress=True)
+        print(f"training a {options.vocab_size}-token BPE tokenizer on {config.train_data} ...")
+        tokenizer = ByteLevelBPETokenizer(vocab_size=options.vocab_size)
+        tokenizer.train(read_documents(config.train_data, config.text_field), show_progress=True)
         tokenizer.save(directory)
         print(f"tokenizer saved to {directory} ({time.time() - start:.1f}s)")
     barrier(info)
@@ -248,15 +242,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    explicit = cli.explicit_flags(build_parser, argv)
+    options, config = PretrainOptions(**cli.typed_settings(args, PretrainOptions)), config_from_args(args)
     try:
-        set_threads(args.num_threads)
-        cli.check_output_folder(args.output_dir, "--output_dir")
-        config = config_from_args(args)
+        set_threads(options.num_threads)
+        cli.check_output_folder(config.output_dir, "--output_dir")
         info, _ = init_distributed(config.device)
-        tokenizer = load_or_train_tokenizer(args, info)
-        requested = {k: getattr(args, k) for k in SHAPE_FIELDS if k in explicit}
-        trainer = GPTTrainer(config, tokenizer, resume=args.resume, start_time=PROCESS_START, requested_shape=requested)
+        tokenizer = load_or_train_tokenizer(options, config, info)
+        requested = {k: v for k, v in cli.typed_settings(args, TrainConfig).items() if k in SHAPE_FIELDS}
+        trainer = GPTTrainer(config, tokenizer, resume=options.resume, start_time=PROCESS_START,
+                             requested_shape=requested)
         if info.is_main:
             c = trainer.model.config
             print(f"model: {trainer.model.num_parameters() / 1e6:.2f}M parameters, {c.n_layers} layers x {c.d_model}, "
@@ -264,14 +258,14 @@ def _main(argv: Sequence[str] | None) -> int:
                   f"device {trainer.device}, {trainer.dtype}, {info.world_size} process(es)")
         result = trainer.train()
         if info.is_main:
-            report(trainer, result, args)
+            report(trainer, result, options.samples)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0
 
 
-def report(trainer: GPTTrainer, result: dict[str, float], args: argparse.Namespace) -> None:
+def report(trainer: GPTTrainer, result: dict[str, float], samples: int) -> None:
     rows = trainer.metrics()
     speeds = [r["tokens_per_sec"] for r in rows if "tokens_per_sec" in r]
     summary = {"steps": trainer.step, "wall_seconds": round(time.time() - PROCESS_START, 1),
@@ -286,10 +280,10 @@ def report(trainer: GPTTrainer, result: dict[str, float], args: argparse.Namespa
         summary["mfu"] = round(float(np.median(mfus)), 4)
     print(json.dumps(summary))
     print(f"checkpoints in {trainer.output_dir} (best: pretrain_best.pth)")
-    if args.samples > 0:
+    if samples > 0:
         best = trainer.output_dir / "pretrain_best.pth"
         model = load_model_and_tokenizer(best, device=trainer.device)[0] if best.exists() else trainer.model.eval()
-        print_samples(model, trainer.tokenizer, trainer.device, args.samples, trainer.config.seed)
+        print_samples(model, trainer.tokenizer, trainer.device, samples, trainer.config.seed)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ found it (``run_folder.RunFolder``).
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import random
@@ -33,7 +32,7 @@ from tqdm.auto import tqdm
 import checkpoints
 import cli
 from cli import Interrupted
-from devices import autocast_context, resolve_device, resolve_dtype
+from devices import DTYPE_CHOICES, autocast_context, resolve_device, resolve_dtype
 from optimizers import OPTIMIZERS, Optimizer, configure_optimizer, optimizer_kind
 from run_folder import RunFolder, step_checkpoints
 
@@ -48,78 +47,52 @@ class TrainError(ValueError):
 
 @dataclass
 class TrainConfig:
-    """The loop's settings (each stage adds its data and model fields); stored in checkpoints as ``train_args``."""
+    """The loop's settings, each with its flag's help (each stage adds its data and model fields, and changes defaults
+    with ``cli.with_defaults``); stored in checkpoints as ``train_args``."""
 
-    output_dir: str = "models/pretrain"
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
+    output_dir: str = cli.setting("models/pretrain", "where checkpoints, metrics.jsonl, loss_curve.png and tokenizer/ "
+                                  "go (an earlier run there is moved to previous/ at this run's first checkpoint, "
+                                  "never deleted)")
+    batch_size: int = cli.setting(16, "sequences per micro-batch per process", cli.positive_int)
+    grad_accum: int = cli.setting(1, "micro-batches accumulated per optimizer step", cli.positive_int)
+    lr: float = cli.setting(3e-3, "peak learning rate (after warmup)", cli.positive_float)
+    min_lr_ratio: float = cli.setting(0.1, "the cosine decays the lr to lr * min_lr_ratio (1: a constant lr after the "
+                                      "warmup)", cli.unit_interval)
+    warmup_steps: int = cli.setting(50, "linear warmup steps", cli.nonnegative_int)
+    weight_decay: float = cli.setting(0.1, "weight decay (2-D weights only)", cli.nonnegative_float)
     beta1: float = 0.9
     beta2: float = 0.95
-    optimizer: str = "adamw"
-    grad_clip: float = 1.0
-    max_steps: int | None = None
-    epochs: float | None = None
-    max_minutes: float | None = None
-    eval_interval: int = 500
-    eval_batches: int | None = None
-    log_interval: int = 10
-    save_interval: int | None = None
-    keep_last: int = 2
-    dtype: str = "auto"
-    compile: bool = False
-    device: str | None = None
-    seed: int = 1337
+    optimizer: str = cli.setting("adamw", "adamw, or muon: Muon for the blocks' weight matrices and AdamW for "
+                                 "embeddings, biases, norms and heads (docs/pretraining.md)", choices=OPTIMIZERS)
+    grad_clip: float = cli.setting(1.0, "clip the global gradient norm to this (0 = off)", cli.nonnegative_float)
+    max_steps: int | None = cli.setting(None, "stop after this many optimizer steps", cli.positive_int)
+    epochs: float | None = cli.setting(None, "stop after this many passes over the training data", cli.positive_float)
+    max_minutes: float | None = cli.setting(None, "wall-clock budget from process start; the cosine schedule follows "
+                                            "it", cli.positive_float)
+    eval_interval: int = cli.setting(500, "evaluate on the held-out data every N steps (and at the end)",
+                                     cli.positive_int)
+    eval_batches: int | None = cli.setting(None, "batches per periodic evaluation (default: the whole held-out set)",
+                                           cli.positive_int)
+    log_interval: int = cli.setting(10, "log train loss / lr / tokens per second every N steps", cli.positive_int)
+    save_interval: int | None = cli.setting(None, "write <stage>_step_N.pth every N steps (default: --eval_interval)",
+                                            cli.positive_int)
+    keep_last: int = cli.setting(2, "keep only the last K <stage>_step_N.pth checkpoints (0 = keep all)",
+                                 cli.nonnegative_int)
+    dtype: str = cli.setting("auto", "auto (bf16 on capable GPUs, fp16 on other GPUs, fp32 on CPU) or an explicit "
+                             "precision", choices=DTYPE_CHOICES)
+    compile: bool = cli.setting(False, "torch.compile the model")
+    device: str | None = cli.setting(None, "cpu, cuda, cuda:1, mps or auto (default: auto)")
+    seed: int = cli.setting(1337, "seed of weights, data order and dropout", int)
 
 
-def add_loop_arguments(p: argparse.ArgumentParser, d: TrainConfig) -> None:
-    """The flags of the shared training loop (every stage has them), each validated at parse time."""
-    pos_int, nonneg_int, pos_float, nonneg_float = cli.positive_int, cli.nonnegative_int, cli.positive_float, \
-        cli.nonnegative_float
-    p.add_argument("--output_dir", default=d.output_dir,
-                   help="where checkpoints, metrics.jsonl, loss_curve.png and tokenizer/ go (an earlier run there is "
-                        "moved to previous/ at this run's first checkpoint, never deleted)")
-    p.add_argument("--batch_size", type=pos_int, default=d.batch_size, help="sequences per micro-batch per process")
-    p.add_argument("--grad_accum", type=pos_int, default=d.grad_accum,
-                   help="micro-batches accumulated per optimizer step")
-    p.add_argument("--lr", type=pos_float, default=d.lr, help="peak learning rate (after warmup)")
-    p.add_argument("--min_lr_ratio", type=cli.unit_interval, default=d.min_lr_ratio,
-                   help="the cosine decays the lr to lr * min_lr_ratio (1: a constant lr after the warmup)")
-    p.add_argument("--warmup_steps", type=nonneg_int, default=d.warmup_steps, help="linear warmup steps")
-    p.add_argument("--weight_decay", type=nonneg_float, default=d.weight_decay,
-                   help="weight decay (2-D weights only)")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
-                   help="adamw, or muon: Muon for the blocks' weight matrices and AdamW for embeddings, biases, norms "
-                        "and heads (docs/pretraining.md)")
-    p.add_argument("--grad_clip", type=nonneg_float, default=d.grad_clip,
-                   help="clip the global gradient norm to this (0 = off)")
-    p.add_argument("--max_steps", type=pos_int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--epochs", type=pos_float, default=None, help="stop after this many passes over the training data")
-    p.add_argument("--max_minutes", type=pos_float, default=None,
-                   help="wall-clock budget from process start; the cosine schedule follows it")
-    p.add_argument("--eval_interval", type=pos_int, default=d.eval_interval,
-                   help="evaluate on the held-out data every N steps (and at the end)")
-    p.add_argument("--eval_batches", type=pos_int, default=None,
-                   help="batches per periodic evaluation (default: the whole held-out set)")
-    p.add_argument("--log_interval", type=pos_int, default=d.log_interval,
-                   help="log train loss / lr / tokens per second every N steps")
-    p.add_argument("--save_interval", type=pos_int, default=None,
-                   help="write <stage>_step_N.pth every N steps (default: --eval_interval)")
-    p.add_argument("--keep_last", type=nonneg_int, default=d.keep_last,
-                   help="keep only the last K <stage>_step_N.pth checkpoints (0 = keep all)")
-    p.add_argument("--dtype", default=d.dtype,
-                   choices=("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
-                   help="auto (bf16 on capable GPUs, fp16 on other GPUs, fp32 on CPU) or an explicit precision")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps or auto (default: auto)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of weights, data order and dropout")
-    p.add_argument("--resume", default=None,
-                   help="checkpoint to resume from, or 'auto' for the latest <stage>_step_N.pth in --output_dir "
-                        "(a fresh run when there is none)")
-    p.add_argument("--num_threads", type=pos_int, default=None, help="torch CPU threads (default: torch's choice)")
+@dataclass
+class RunOptions:
+    """How a training command starts and runs, besides its config (not stored in checkpoints): every stage's
+    --resume and --num_threads."""
+
+    resume: str | None = cli.setting(None, "checkpoint to resume from, or 'auto' for the latest <stage>_step_N.pth in "
+                                     "--output_dir (a fresh run when there is none)")
+    num_threads: int | None = cli.setting(None, "torch CPU threads (default: torch's choice)", cli.positive_int)
 
 
 # ----------------------------------------------------------------------------- state helpers
@@ -160,6 +133,13 @@ def run_progress(step: int, max_steps: int | None, train_seconds: float, time_bu
     if time_budget:
         done.append(train_seconds / time_budget)
     return max(done, default=0.0)
+
+
+def eval_line(prefix: str, result: Mapping[str, Any]) -> str:
+    """An evaluation as one console line: "sft step 500: val_loss 1.234, val_ppl 3.435"."""
+    figures = ", ".join(f"{k} {v:.4g}" if isinstance(v, (int, float)) else f"{k} {v}"
+                        for k, v in result.items() if k != "step")
+    return f"{prefix} step {result['step']}: {figures}"
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -498,6 +478,7 @@ class Trainer:
             if self.step % c.log_interval == 0 or finished:
                 self._log_step(loss, extras, window_tokens / (time.time() - window_start), bar)
                 window_start, window_tokens = time.time(), 0
+            bar.total = self._bar_total()  # a time budget's total is known only from the speed so far
             bar.update(1)
             evaluating = self.evaluate_fn is not None and (self.step % c.eval_interval == 0 or finished)
             if evaluating:
@@ -514,6 +495,15 @@ class Trainer:
             raise Interrupted(stop.signum or signal.SIGINT, f"stopped by {name} at step {self.step}: "
                               f"{self._saved_note()}")
         return last_eval
+
+    def _bar_total(self) -> int | None:
+        """The progress bar's total: the step limit or, under --max_minutes, the steps the budget allows at the
+        speed so far (so the bar shows an ETA; the run stops on the clock, not on this estimate)."""
+        progress = self._progress()
+        if not self.config.max_minutes or self.step == 0 or progress <= 0:
+            return self.max_steps
+        estimate = max(self.step, math.ceil(self.step / progress))
+        return min(estimate, self.max_steps) if self.max_steps else estimate
 
     def _saved_note(self) -> str:
         """Where to continue from, naming only a file that exists (a message must not point at a deleted one)."""
@@ -572,6 +562,8 @@ class Trainer:
                 result = {"step": self.step, **self.evaluate_fn(self.model)}
             self.model.train(was_training)
             self.run.log(result)
+            if self.show_progress:  # one console line per evaluation, above the bar
+                tqdm.write(eval_line(self.prefix, result))
             if result["val_loss"] < self.best_val_loss:
                 self.best_val_loss = result["val_loss"]
                 self.save(self.output_dir / f"{self.prefix}_best.pth", training_state=False)

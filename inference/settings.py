@@ -1,17 +1,17 @@
 """The server's settings: `Settings`, the one place where each setting's default, type, GPT_* environment variable
-and help text live; the command-line parser built from it (every flag defaults to its variable, so
-`uvicorn inference.api_service:app`, environment only, and `python -m inference.api_service` read the same
-settings); and which checkpoint to serve when none is named.
+and help text live (``cli.setting`` fields, as every command's settings); the command-line parser built from it
+(every flag defaults to its variable, so `uvicorn inference.api_service:app`, environment only, and
+`python -m inference.api_service` read the same settings); and which checkpoint to serve when none is named.
 """
 from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
-from cli import ArgumentParser, UsageError, nonnegative_float, nonnegative_int, positive_float, positive_int
+from cli import ArgumentParser, UsageError, nonnegative_float, nonnegative_int, positive_float, positive_int, setting
 from cli import port as cli_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,49 +21,47 @@ PROG = "python -m inference.api_service"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
-def setting(default: Any, env: str, help: str, parse: Callable[[str], Any] = str, choices: Sequence[str] = ()) -> Any:
-    """A `Settings` field: its default, its environment variable, how its flag's text is parsed, its --help text."""
-    return field(default=default, metadata={"env": env, "help": help, "parse": parse, "choices": tuple(choices)})
-
-
 @dataclass(frozen=True)
 class Settings:
     """The server's settings, from flags or GPT_* environment variables (`Settings.from_args`) or given directly."""
 
-    model_path: str = setting("", "GPT_MODEL_PATH", "checkpoint (.pth, float or INT8); default: "
+    model_path: str = setting("", "checkpoint (.pth, float or INT8); default: "
                               "models/sft/sft_best_int8.pth, else models/sft/sft_best.pth, else "
-                              "models/pretrain/pretrain_best.pth (warning)")
-    tokenizer_dir: str = setting("", "GPT_TOKENIZER_DIR", "tokenizer folder (default: <checkpoint folder>/tokenizer)")
-    host: str = setting("127.0.0.1", "GPT_HOST", "address to bind (0.0.0.0 to accept other machines, as in Docker)")
-    port: int = setting(8000, "GPT_PORT", "TCP port (1 to 65535)", cli_port)
-    device: str = setting("auto", "GPT_DEVICE", "auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps")
-    dtype: str = setting("auto", "GPT_DTYPE", "compute precision: auto (bf16/fp16 on CUDA, fp32 elsewhere), float32, "
-                         "bfloat16, float16 (autocast; weights stay as loaded)")
-    quantize: str = setting("none", "GPT_QUANTIZE", "none, or int8: quantize a float checkpoint's weights at startup "
-                            "(INT8 checkpoints load as INT8 either way)", choices=("none", "int8"))
-    max_batch_size: int = setting(32, "GPT_MAX_BATCH_SIZE", "sequences decoded together (KV-cache slots)",
-                                  positive_int)
-    max_queue: int = setting(128, "GPT_MAX_QUEUE", "requests waiting for a slot; beyond it: 429", nonnegative_int)
-    max_prompt_tokens: int = setting(0, "GPT_MAX_PROMPT_TOKENS", "longest prompt accepted, in tokens "
-                                     "(0 = the model's context minus one)", nonnegative_int)
-    max_new_tokens: int = setting(512, "GPT_MAX_NEW_TOKENS", "largest max_gen_len / max_tokens a request may ask",
-                                  positive_int)
-    request_timeout: float = setting(120.0, "GPT_REQUEST_TIMEOUT", "seconds a request may take, queue included; "
-                                     "beyond it: 504 and its slot is freed", positive_float)
-    api_key: str = setting("", "GPT_API_KEY", "require `Authorization: Bearer KEY` on every route but /health "
-                           "(prefer the variable: a flag shows in the process list)")
-    max_body_bytes: int = setting(1 << 20, "GPT_MAX_BODY_BYTES", "largest request body; beyond it: 413", positive_int)
-    shutdown_timeout: float = setting(30.0, "GPT_SHUTDOWN_TIMEOUT", "on SIGTERM, seconds to let in-flight requests "
-                                      "finish before cancelling them", nonnegative_float)
-    num_threads: int = setting(0, "GPT_NUM_THREADS", "torch CPU threads (0 = torch's default less one, left to the "
-                               "HTTP side; at least 1)", nonnegative_int)
-    reward_model: str = setting("", "GPT_REWARD_MODEL", "reward-model checkpoint that picks the best of a request's "
+                              "models/pretrain/pretrain_best.pth (warning)", env="GPT_MODEL_PATH")
+    tokenizer_dir: str = setting("", "tokenizer folder (default: <checkpoint folder>/tokenizer)",
+                                 env="GPT_TOKENIZER_DIR")
+    host: str = setting("127.0.0.1", "address to bind (0.0.0.0 to accept other machines, as in Docker)",
+                        env="GPT_HOST")
+    port: int = setting(8000, "TCP port (1 to 65535)", cli_port, env="GPT_PORT")
+    device: str = setting("auto", "auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps", env="GPT_DEVICE")
+    dtype: str = setting("auto", "compute precision: auto (bf16/fp16 on CUDA, fp32 elsewhere), float32, "
+                         "bfloat16, float16 (autocast; weights stay as loaded)", env="GPT_DTYPE")
+    quantize: str = setting("none", "none, or int8: quantize a float checkpoint's weights at startup "
+                            "(INT8 checkpoints load as INT8 either way)", choices=("none", "int8"), env="GPT_QUANTIZE")
+    max_batch_size: int = setting(32, "sequences decoded together (KV-cache slots)",
+                                  positive_int, env="GPT_MAX_BATCH_SIZE")
+    max_queue: int = setting(128, "requests waiting for a slot; beyond it: 429", nonnegative_int, env="GPT_MAX_QUEUE")
+    max_prompt_tokens: int = setting(0, "longest prompt accepted, in tokens (0 = the model's context minus one)",
+                                     nonnegative_int, env="GPT_MAX_PROMPT_TOKENS")
+    max_new_tokens: int = setting(512, "largest max_gen_len / max_tokens a request may ask",
+                                  positive_int, env="GPT_MAX_NEW_TOKENS")
+    request_timeout: float = setting(120.0, "seconds a request may take, queue included; "
+                                     "beyond it: 504 and its slot is freed", positive_float, env="GPT_REQUEST_TIMEOUT")
+    api_key: str = setting("", "require `Authorization: Bearer KEY` on every route but /health "
+                           "(prefer the variable: a flag shows in the process list)", env="GPT_API_KEY")
+    max_body_bytes: int = setting(1 << 20, "largest request body; beyond it: 413", positive_int,
+                                  env="GPT_MAX_BODY_BYTES")
+    shutdown_timeout: float = setting(30.0, "on SIGTERM, seconds to let in-flight requests "
+                                      "finish before cancelling them", nonnegative_float, env="GPT_SHUTDOWN_TIMEOUT")
+    num_threads: int = setting(0, "torch CPU threads (0 = torch's default less one, left to the "
+                               "HTTP side; at least 1)", nonnegative_int, env="GPT_NUM_THREADS")
+    reward_model: str = setting("", "reward-model checkpoint that picks the best of a request's "
                                 "best_of samples (trained with the served model's tokenizer); unset: the highest "
-                                "mean token log-prob under the served model (OpenAI's rule)")
-    max_best_of: int = setting(8, "GPT_MAX_BEST_OF", "largest best_of a request may ask: samples generated (and "
-                               "tokens spent) for one answer", positive_int)
-    log_level: str = setting("info", "GPT_LOG_LEVEL", "server log level: " + ", ".join(LOG_LEVELS),
-                             choices=LOG_LEVELS)
+                                "mean token log-prob under the served model (OpenAI's rule)", env="GPT_REWARD_MODEL")
+    max_best_of: int = setting(8, "largest best_of a request may ask: samples generated (and "
+                               "tokens spent) for one answer", positive_int, env="GPT_MAX_BEST_OF")
+    log_level: str = setting("info", "server log level: " + ", ".join(LOG_LEVELS),
+                             choices=LOG_LEVELS, env="GPT_LOG_LEVEL")
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -111,7 +109,8 @@ def as_text(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-SETTINGS = tuple(Setting(f"--{f.name}", f.metadata["env"], as_text(f.default), f.metadata["parse"], f.metadata["help"])
+SETTINGS = tuple(Setting(f"--{f.name}", f.metadata["env"], as_text(f.default), f.metadata["type"] or str,
+                         f.metadata["help"])
                  for f in fields(Settings))
 
 

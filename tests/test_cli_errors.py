@@ -10,6 +10,8 @@ during training and during a save leaves no stale temp files and resumes exactly
 """
 from __future__ import annotations
 
+import ast
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -28,6 +30,8 @@ import checkpoints
 import cli
 import decoding
 import evaluator
+import finetune
+import finetune_stages as stages
 import gpt_model
 import pretrain_trainer as pt
 import training
@@ -102,7 +106,8 @@ def test_pretrain_bad_flags_are_one_line_and_leave_the_folder_as_it_was(flags, c
     before = snapshot(earlier_run)
     code, err = run_main(pt.main, pretrain_args(corpus, tiny_tokenizer_dir, earlier_run, "--max_steps", "3", *flags),
                          capsys)
-    assert_one_line_error(code, err)
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("tokenizing ")]  # no bars
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err  # never argparse's usage block
     assert snapshot(earlier_run) == before
 
 
@@ -589,7 +594,9 @@ def test_the_table_covers_every_command_and_every_benchmark():
     assert {command for command, _, _ in BAD_FLAGS} == set(COMMANDS)
 
 
-PARSER_MODULES = sorted(module for module, _ in COMMANDS.values() if module != "checkpoints")
+# the table's commands, plus pretraining, finetuning and the server (tested by their own files)
+PARSER_MODULES = sorted({module for module, _ in COMMANDS.values() if module != "checkpoints"}
+                        | {"pretrain_trainer", "finetune", "inference.settings"})
 
 
 @pytest.mark.parametrize("module", PARSER_MODULES)
@@ -608,6 +615,82 @@ def test_help_exits_0_with_the_usage(command, capsys):
         importlib.import_module(module).main(["--help"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith("usage: python ")
+
+
+# ----------------------------------------------------------------------------- settings: each written once
+
+def help_entries(main, argv: list[str], capsys, monkeypatch) -> dict[str, str]:
+    """--help as flag -> its entry (a wide terminal: no help text wrapped, no hyphen broken)."""
+    monkeypatch.setenv("COLUMNS", "2000")
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    entries: dict[str, str] = {}
+    flag = None
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("  -"):
+            flag = line.split()[0].rstrip(",")
+            entries[flag] = line
+        elif flag and line.startswith("    "):  # a long flag's help starts on the next line
+            entries[flag] += " " + line.strip()
+        else:
+            flag = None
+    return entries
+
+
+def test_pretrain_help_lists_every_setting_with_its_help_and_its_default(capsys, monkeypatch):
+    entries = help_entries(pt.main, [], capsys, monkeypatch)
+    defaults = pt.config_from_args(pt.build_parser().parse_args([]))  # what a run with no flags trains with
+    settings = [*cli.settings_of(pt.TrainConfig), *cli.settings_of(pt.PretrainOptions)]
+    flagless = {f.name for f in dataclasses.fields(pt.TrainConfig)} - {f.name for f in settings}
+    assert flagless == {"beta1", "beta2"}  # AdamW's betas are not flags
+    for field in settings:
+        entry = entries[f"--{field.metadata['flag'] or field.name}"]
+        assert field.metadata["help"] in entry
+        value = getattr(defaults, field.name, field.default)
+        if value not in (None, False):
+            assert f"{value:g}" in entry if isinstance(value, float) else f"{value}" in entry, (field.name, entry)
+    assert "0.003 with --optimizer adamw, 0.006 with --optimizer muon" in entries["--lr"]
+
+
+def test_finetune_help_lists_every_setting_with_each_modes_default(capsys, monkeypatch):
+    entries = help_entries(finetune.main, [], capsys, monkeypatch)
+    by_name = {f.name: f for config in stages.CONFIGS.values() for f in cli.settings_of(config)}
+    assert set(by_name) | {"mode", "beta1", "beta2"} == set().union(*map(stages.field_names, stages.MODES))
+    for name, field in by_name.items():
+        entry = entries[f"--{name}"]
+        assert field.metadata["help"] in entry
+        defaults = {mode: getattr(config(), name) for mode, config in stages.CONFIGS.items()
+                    if name in stages.field_names(mode)}
+        if len(defaults) < len(stages.MODES):
+            assert "--mode " + ", ".join(defaults) in entry, entry
+        if len(set(map(repr, defaults.values()))) > 1:
+            assert all(f"{mode} {value}" in entry for mode, value in defaults.items()), entry
+        elif next(iter(defaults.values())) not in (None, False):
+            assert f"default: {next(iter(defaults.values()))}" in entry, entry
+
+
+def own_fields(path: Path) -> list[str]:
+    """The fields each dataclass in a file annotates itself (a default changed with cli.with_defaults is not one)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return [node.target.id for cls in ast.walk(tree) if isinstance(cls, ast.ClassDef)
+            if any("dataclass" in ast.unparse(d) for d in cls.decorator_list)
+            for node in cls.body if isinstance(node, ast.AnnAssign)]
+
+
+@pytest.mark.parametrize("command", ["pretrain_trainer.py", "finetune_stages.py"])
+def test_each_setting_is_defined_once(command):
+    """A command's settings (the loop's in training.py, its own in its file) each have one definition: a mode or a
+    subclass changes only defaults."""
+    names = own_fields(ROOT / "training.py") + own_fields(ROOT / command)
+    assert len(names) == len(set(names)), sorted(n for n in set(names) if names.count(n) > 1)
+
+
+def test_with_defaults_changes_only_a_default_and_refuses_a_name_it_does_not_inherit():
+    field = next(f for f in dataclasses.fields(stages.PPOConfig) if f.name == "kl_coef")
+    shared = next(f for f in dataclasses.fields(stages.GRPOConfig) if f.name == "kl_coef")
+    assert (field.default, shared.default) == (0.2, 0.05) and field.metadata == shared.metadata
+    with pytest.raises(TypeError, match="klcoef"):
+        cli.with_defaults(klcoef=0.1)(type("Typo", (stages.PPOConfig,), {}))
 
 
 # ----------------------------------------------------------------------------- the Python API

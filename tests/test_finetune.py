@@ -92,7 +92,7 @@ def test_help_lists_every_modes_flags_with_their_defaults(capsys):
         ft.main(["--help"])
     out = capsys.readouterr().out
     assert exit_info.value.code == 0
-    for dest in ft.FLAGS:
+    for dest in ft.mode_settings():
         assert f"--{dest}" in out
     assert "--mode rlvf:" in out and "default: sft 0.003, reward 0.001, rlhf 1e-05" in " ".join(out.split())
 

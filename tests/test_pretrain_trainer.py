@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import re
 import socket
 import time
 from dataclasses import asdict
@@ -18,6 +19,7 @@ import torch.multiprocessing as mp
 import checkpoints
 import data_loader as dl
 import token_cache
+import training
 import gpt_model
 import pretrain_trainer as pt
 import scoring
@@ -96,7 +98,7 @@ def test_resuming_with_another_optimizer_is_one_line(corpus, tiny_tokenizer, tmp
     run = tmp_path / "run"
     pt.GPTTrainer(small_config(corpus, run, max_steps=2, save_interval=2, optimizer="muon"), tiny_tokenizer,
                   show_progress=False).train()
-    with pytest.raises(pt.TrainError, match="was trained with --optimizer muon, this run has --optimizer adamw: "
+    with pytest.raises(training.TrainError, match="was trained with --optimizer muon, this run has --optimizer adamw: "
                                             "resume with --optimizer muon"):
         pt.GPTTrainer(small_config(corpus, run, max_steps=4, optimizer="adamw"), tiny_tokenizer, resume="auto",
                       show_progress=False)
@@ -123,18 +125,18 @@ def test_evaluation_bits_per_byte_of_a_uniform_model(tiny_tokenizer, tmp_path):
 
 def test_lr_schedule_warms_up_then_follows_the_cosine():
     config = pt.TrainConfig(lr=1e-3, min_lr_ratio=0.1, warmup_steps=10)
-    assert pt.lr_at(0.0, 0, config) == pytest.approx(1e-4)
-    assert pt.lr_at(0.05, 9, config) == pytest.approx(1e-3)
-    assert pt.lr_at(0.0, 10, config) == pytest.approx(1e-3)
-    assert pt.lr_at(0.5, 50, config) == pytest.approx(1e-4 + 0.5 * 9e-4)
-    assert pt.lr_at(1.0, 100, config) == pytest.approx(1e-4)
+    assert training.lr_at(0.0, 0, config) == pytest.approx(1e-4)
+    assert training.lr_at(0.05, 9, config) == pytest.approx(1e-3)
+    assert training.lr_at(0.0, 10, config) == pytest.approx(1e-3)
+    assert training.lr_at(0.5, 50, config) == pytest.approx(1e-4 + 0.5 * 9e-4)
+    assert training.lr_at(1.0, 100, config) == pytest.approx(1e-4)
 
 
 def test_rng_state_survives_a_weights_only_round_trip(tmp_path):
-    state = pt.rng_state()
+    state = training.rng_state()
     expected = (random.random(), np.random.rand(), torch.rand(2))
     torch.save({"rng": state}, tmp_path / "rng.pt")
-    pt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
+    training.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
     again = (random.random(), np.random.rand(), torch.rand(2))
     assert expected[:2] == again[:2] and torch.equal(expected[2], again[2])
 
@@ -253,5 +255,25 @@ def test_cli_errors_are_one_line(corpus, tiny_tokenizer_dir, tmp_path, capsys):
                            str(tmp_path / "a" / "pretrain_step_1.pth")]) == 2
     assert "different tokenizer" in capsys.readouterr().err
 
-    with pytest.raises(pt.TrainError, match="no stopping rule"):
+    with pytest.raises(training.TrainError, match="no stopping rule"):
         pt.GPTTrainer(small_config(corpus, tmp_path / "b", max_steps=None), other, show_progress=False)
+
+
+def test_console_shows_a_time_budgets_bar_with_a_total_and_a_line_per_evaluation(corpus, tiny_tokenizer, tmp_path,
+                                                                                   capsys):
+    """--max_minutes alone: the bar's total is the steps the budget allows at the speed so far (so it has an ETA,
+    and ends at the steps run); every evaluation prints its figures on the console, as metrics.jsonl has them."""
+    config = small_config(corpus, tmp_path, max_steps=None, max_minutes=0.04, eval_interval=3, eval_batches=2,
+                          save_interval=10_000, log_interval=1)
+    trainer = pt.GPTTrainer(config, tiny_tokenizer, show_progress=True)
+    trainer.start_time = time.time()  # the budget counts from here, not from the tokenization above
+    trainer.train()
+    out, err = capsys.readouterr()
+    states = re.findall(r"pretrain:[^\r\n]*?(\d+)/(\d+) \[\d\d:\d\d<\d\d:\d\d", err)
+    assert states, err
+    assert int(states[-1][0]) == int(states[-1][1]) == trainer.step  # the final state: every step, the whole bar
+    evals = [r for r in trainer.metrics() if "val_loss" in r]
+    assert len(evals) >= 2 and trainer.step >= 3  # at least one mid-run evaluation and the final one
+    lines = [line for line in out.splitlines() if line.startswith("pretrain step ")]
+    assert lines == [f"pretrain step {r['step']}: val_loss {r['val_loss']:.4g}, val_ppl {r['val_ppl']:.4g}, "
+                     f"val_bpb {r['val_bpb']:.4g}" for r in evals]
