@@ -4,6 +4,7 @@ module says what it owns in a docstring, and lines stay within 120 characters.""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -146,3 +147,49 @@ def test_functions_stay_short():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
                 long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
     assert not long, long
+
+
+ARCHITECTURE_MD = ROOT / "docs" / "architecture.md"
+
+
+def module_table() -> list[tuple[int, str, set[str]]]:
+    """(level, module, listed imports) for each row of docs/architecture.md's "The modules, bottom to top" table."""
+    section = ARCHITECTURE_MD.read_text(encoding="utf-8").split("## The modules, bottom to top", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if not line.startswith("|") or not cells[0].isdigit():
+            continue  # prose, the header or the |---| line
+        level, module, imports = int(cells[0]), cells[1].strip("`").removesuffix(".py"), cells[-1]
+        rows.append((level, module, set() if imports == "-" else {name.strip() for name in imports.split(",")}))
+    return rows
+
+
+def test_the_architecture_tables_imports_match_the_code():
+    """Every root module has one row, its imports column lists exactly the project modules it imports, and its
+    level is above each of theirs (level 0: no project import), rows bottom to top: the table is the code's."""
+    rows = module_table()
+    root_modules = {name for name, path in FILES.items() if path.parent == ROOT}
+    listed = [module for _, module, _ in rows]
+    assert sorted(listed) == sorted(set(listed)), f"listed twice: {sorted(m for m in listed if listed.count(m) > 1)}"
+    assert set(listed) == root_modules, (f"missing rows: {sorted(root_modules - set(listed))}, "
+                                         f"rows for no module: {sorted(set(listed) - root_modules)}")
+    levels = {module: level for level, module, _ in rows}
+    for level, module, imports in rows:
+        actual = GRAPH[module] & root_modules
+        assert imports == actual, (f"{module}: the table lists {sorted(imports)}, the code imports {sorted(actual)} "
+                                   f"(missing {sorted(actual - imports)}, extra {sorted(imports - actual)})")
+        assert (level == 0) == (not actual), f"{module}: level {level} with imports {sorted(actual)}"
+        below = {name: levels[name] for name in actual if levels[name] >= level}
+        assert not below, f"{module} (level {level}) imports modules at its level or above: {below}"
+    assert [level for level, _, _ in rows] == sorted(level for level, _, _ in rows), "rows are not bottom to top"
+
+
+def test_the_architecture_page_names_only_files_that_exist():
+    """Every ``name.py`` docs/architecture.md mentions (the table and the paragraphs on inference/, data/,
+    benchmarks/) is a project file."""
+    mentioned = set(re.findall(r"`?([A-Za-z_][\w/]*\.py)\b", ARCHITECTURE_MD.read_text(encoding="utf-8")))
+    paths = [*FILES.values(), *(ROOT / "tests").glob("*.py")]
+    names = {path.name for path in paths} | {path.relative_to(ROOT).as_posix() for path in paths}
+    assert mentioned - names == set(), sorted(mentioned - names)

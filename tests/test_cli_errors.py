@@ -483,7 +483,7 @@ BAD_FLAGS = [
 ]
 
 
-# ----- issue 24, hostile files / full disk / colliding paths (branch issue24-files) --------------------------------
+# ----- hostile files / full disk / colliding paths --------------------------------
 # An output is never one of the command's inputs, two outputs are never the same path, and an existing file the
 # command did not write needs --overwrite (cli.check_outputs); the new flags' bad values.
 BAD_FLAGS += [
@@ -500,7 +500,7 @@ BAD_FLAGS += [
 ]
 
 
-# ----- issue 25, every corpus format (branch scale-readers): the field / column and the tokenizer's byte cap --------
+# ----- every corpus format: the field / column and the tokenizer's byte cap --------
 BAD_FLAGS += [
     *[("byte_level_bpe", flags, ()) for flags in (
         ["--text_field", ""], ["--text_field", " text"], ["--text_field"], ["--max_train_bytes", "0"],
@@ -842,7 +842,7 @@ def test_forked_workers_shut_down_by_their_pool_exit_quietly(capfd):
     assert "Traceback" not in capfd.readouterr().err
 
 
-# ----------------------------------------------------------------------------- issue 24, class 1: the wrong kind of
+# ----------------------------------------------------------------------------- the wrong kind of
 # checkpoint. Every file says what it is; every entry point checks it once, up front, through checkpoints.load /
 # checkpoints.load_resumable: exit 2, one line saying what was given and what to pass instead, nothing written.
 
@@ -996,7 +996,7 @@ def test_every_kind_of_model_saves_a_file_that_says_what_it_is_and_loads_back(ki
     assert "with LoRA adapters (r 2)" in checkpoints.describe(tmp_path / "in_place.pth")
 
 
-# ----------------------------------------------------------------------------- issue 24 (branch issue24-files)
+# ----------------------------------------------------------------------------- hostile input
 # hostile files, a full disk, colliding paths, the data builders under the one error policy
 
 DEEP_JSON = "[" * 100_000 + "]" * 100_000
