@@ -356,6 +356,7 @@ COMMANDS = {
                                 "--output", "{out}/report.json", "--do_sample", "--no_progress"]),
     "build_pretrain_data": ("data.build_pretrain_data", ["--corpus", "{out}/corpus", "--output", "{out}/pretrain"]),
     "build_sft_data": ("data.sft.build_sft_data", ["--corpus", str(TRAIN_TXT), "--output_dir", "{out}/sft"]),
+    "build_benchmark_tasks": ("data.build_benchmark_tasks", ["--output_dir", "{out}/benchmarks"]),
     "build_classify_data": ("data.classify.build_classify_data",
                             ["--corpus", str(TRAIN_TXT), "--output_dir", "{out}/classify"]),
     "checkpoints": ("checkpoints", []),
@@ -508,6 +509,16 @@ BAD_FLAGS += [
     ("evaluator", ["--tasks", "mmlu={out}/missing.csv"], ("--test_data_path",)),
     ("evaluator", ["--tasks", "mmlu={folder}", "--plot", "{out}/c.png"], ("--test_data_path",)),
 ]
+
+# ----- the project's own benchmark tasks (data/build_benchmark_tasks.py) and the speedrun (runs/speedrun.py)
+BAD_FLAGS += [
+    *[("build_benchmark_tasks", flags, ()) for flags in (
+        ["--seed", "-1"], ["--seed", "x"], ["--hellaswag", "0"], ["--gsm8k", "x"], ["--arc_easy", "-1"],
+        ["--output_dir", "{afile}"], ["--output_dir"], ["--pretrain_val", "{out}/missing.txt"],
+        ["--pretrain_val", "{sft}"], ["--sft_test", "{out}/missing.json"], ["--sft_test", "{text}"],
+        ["--sft_test", "{sft}"], ["--bogus"])],
+]
+
 
 def case_id(case: tuple) -> str:
     command, flags, dropped = case
