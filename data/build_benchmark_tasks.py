@@ -135,8 +135,8 @@ def arc_rows(records: Sequence[dict], seed: int, count: int) -> list[dict[str, A
 def build(pretrain_val: Path, sft_test: Path, output_dir: Path, seed: int, sizes: Sizes) -> dict[str, int]:
     """Write the three task files (each atomically) and return {file name: examples}; everything is read and
     checked before anything is written."""
-    records = load_sft_records(sft_test)
-    tasks = {"hellaswag": hellaswag_rows(list(read_documents(pretrain_val)), seed, sizes.hellaswag, pretrain_val.as_posix()),
+    records, documents = load_sft_records(sft_test), list(read_documents(pretrain_val))
+    tasks = {"hellaswag": hellaswag_rows(documents, seed, sizes.hellaswag, pretrain_val.as_posix()),
              "gsm8k": gsm8k_rows(records, sizes.gsm8k), "arc_easy": arc_rows(records, seed, sizes.arc_easy)}
     for name, rows in tasks.items():
         if not rows:
