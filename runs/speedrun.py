@@ -33,7 +33,7 @@ import torch
 import cli
 import task_benchmarks
 from atomic_file import atomic_path
-from readers import data_files
+from readers import DataError, data_files
 from runs.plan import SERVER_HOST, SIZES, RunSpec, Stage, benchmark_limit, layout, plan, with_resume
 from runs.report import ReportInfo, StageResult, build_report, command_text, describe_machine, stage_figures
 
@@ -106,7 +106,10 @@ def spec_from_args(args: Any, explicit: set[str]) -> RunSpec:
     gpus = torch.cuda.device_count()
     size = pick_size(args, gpus)
     for flag, path in (("--train_data", args.train_data), ("--val_data", args.val_data)):
-        data_files(path)  # missing, or no readable file: one error naming the flag's path
+        try:
+            data_files(path)  # missing, or holding no file of a corpus format
+        except DataError as err:
+            raise cli.UsageError(f"{flag}: {err}") from None
     tasks = task_list(args.tasks, benchmark_limit(size, args.limit))
     output = args.output_dir or (Path(tempfile.mkdtemp(prefix="speedrun_dry_")) if size == "dry" else DEFAULT_OUTPUT)
     cli.check_output_folder(output, "--output_dir")
