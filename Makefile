@@ -3,6 +3,8 @@
 #                        -> evaluated -> INT8 -> served on 127.0.0.1 and load-tested
 #   make sft             any stage alone (it reads what the stage before it wrote under models/)
 #   make -n pipeline     print the commands without running them
+#   make speedrun        raw text -> tokenizer -> pretrained -> SFT -> benchmarks -> report, in models/speedrun/
+#                        (SIZE=cpu|gpu|gpus|auto; docs/speedrun.md)
 # Each stage's outputs go to models/<stage>/; rerunning a stage moves its earlier run to models/<stage>/previous/.
 
 PYTHON ?= python
@@ -10,8 +12,10 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 USERS ?= 8
 LOAD_SECONDS ?= 30s
+SIZE ?= auto
 
-.PHONY: pipeline tokenizer pretrain sft reward rlhf dpo rlvf classify eval quantize serve loadtest test
+.PHONY: pipeline tokenizer pretrain sft reward rlhf dpo rlvf classify eval quantize serve loadtest test speedrun \
+	benchmark_tasks
 
 pipeline: tokenizer pretrain sft reward rlhf dpo rlvf classify eval quantize loadtest
 
@@ -62,3 +66,11 @@ loadtest:
 
 test:
 	$(PYTHON) -m pytest -q
+
+# One command from raw text to a served chat model: every stage's CLI in turn, a report, resumable (docs/speedrun.md).
+speedrun:
+	$(PYTHON) -m runs.speedrun --size $(SIZE)
+
+# The project's own benchmark tasks in the standard formats (committed in data/benchmarks/; this rebuilds them).
+benchmark_tasks:
+	$(PYTHON) -m data.build_benchmark_tasks --output_dir data/benchmarks

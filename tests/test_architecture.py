@@ -13,7 +13,7 @@ import pytest
 
 from conftest import ROOT
 
-SOURCE_FOLDERS = (".", "inference", "data", "data/sft", "data/classify", "benchmarks")
+SOURCE_FOLDERS = (".", "inference", "data", "data/sft", "data/classify", "benchmarks", "runs")
 
 
 def project_files() -> dict[str, Path]:

@@ -362,6 +362,8 @@ COMMANDS = {
                                 "--output", "{out}/report.json", "--do_sample", "--no_progress"]),
     "build_pretrain_data": ("data.build_pretrain_data", ["--corpus", "{out}/corpus", "--output", "{out}/pretrain"]),
     "build_sft_data": ("data.sft.build_sft_data", ["--corpus", str(TRAIN_TXT), "--output_dir", "{out}/sft"]),
+    "build_benchmark_tasks": ("data.build_benchmark_tasks", ["--output_dir", "{out}/benchmarks"]),
+    "speedrun": ("runs.speedrun", ["--dry_run", "--output_dir", "{out}/run"]),
     "build_classify_data": ("data.classify.build_classify_data",
                             ["--corpus", str(TRAIN_TXT), "--output_dir", "{out}/classify"]),
     "checkpoints": ("checkpoints", []),
@@ -532,6 +534,24 @@ BAD_FLAGS += [
     *[("convert_chat", flags, ()) for flags in (
         ["--format", "xml"], ["--format"], ["{out}/chat.txt"], ["{out}/missing.json", "{out}/other.jsonl"],
         ["--skip_bad", "{afile}"], ["--bogus"])],
+]
+
+# ----- the project's own benchmark tasks (data/build_benchmark_tasks.py) and the speedrun (runs/speedrun.py)
+BAD_FLAGS += [
+    *[("build_benchmark_tasks", flags, ()) for flags in (
+        ["--seed", "-1"], ["--seed", "x"], ["--hellaswag", "0"], ["--gsm8k", "x"], ["--arc_easy", "-1"],
+        ["--output_dir", "{afile}"], ["--output_dir"], ["--pretrain_val", "{out}/missing.txt"],
+        ["--pretrain_val", "{sft}"], ["--sft_test", "{out}/missing.json"], ["--sft_test", "{text}"],
+        ["--sft_test", "{sft}"], ["--bogus"])],
+    *[("speedrun", flags, ()) for flags in (
+        ["--size", "cpu"], ["--size", "tpu"], ["--size"], ["--depth", "0"], ["--depth", "x"], ["--depth", "4"],
+        ["--nproc", "0"], ["--nproc", "2"], ["--serve"], ["--port", "8001"], ["--port", "0"], ["--host", "0.0.0.0"],
+        ["--cost_per_hour", "-1"], ["--cost_per_hour", "x"], ["--cost_per_hour", "nan"], ["--limit", "0"],
+        ["--limit", "x"], ["--tasks", "winogrande={sft}"], ["--tasks", "hellaswag"],
+        ["--tasks", "hellaswag={out}/missing.jsonl"], ["--tasks", "hellaswag={sft}"],
+        ["--tasks", "mmlu={afile},mmlu={afile}"], ["--output_dir", "{afile}"],
+        ["--output_dir", str(ROOT / "models" / "dry")], ["--train_data", "{out}/missing.txt"],
+        ["--val_data", "{out}/missing.txt"], ["--train_data", "{sft}"], ["--force", "x"], ["--bogus"])],
 ]
 
 
