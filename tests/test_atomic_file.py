@@ -42,7 +42,7 @@ def test_creates_new_file(tmp_path):
     assert target.read_bytes() == b"{}"
 
 
-# ----------------------------------------------------------------------------- a full disk (issue 24, class 3)
+# ----------------------------------------------------------------------------- a full disk
 
 TORCH_WRITE_FAILURE = "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"  # torch's words
 

@@ -407,7 +407,7 @@ def test_long_pre_tokens_merge_exactly_as_short_ones_in_n_log_n(tiny_tokenizer, 
     assert tiny_tokenizer.decode(ids) == "the" * 13000 and elapsed < 10  # a bound against a hang, not a benchmark
 
 
-# ----- hostile input (issue 24, class 2) -----------------------------------------------------------
+# ----- hostile input -------------------------------------------------------------------------------------------
 def test_training_counts_a_long_pre_token_in_pieces_of_the_bound():
     """One 300,000-character line without split points (CJK, one repeated letter) is one pre-token; training counts
     it in MAX_TRAIN_PIECE_CHARS pieces (each merge rescans every word holding its pair), encoding keeps it whole."""
@@ -447,7 +447,7 @@ def test_cli_refuses_a_blank_corpus_and_keeps_the_saved_tokenizer(tiny_tokenizer
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-# ----- big corpora (issue 25): every format, a streamed count, a byte cap -----------------------------------------
+# ----- big corpora: every format, a streamed count, a byte cap -----------------------------------------
 def test_counting_pre_tokens_streams_the_texts_instead_of_holding_them(monkeypatch):
     import tracemalloc
 

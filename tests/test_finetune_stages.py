@@ -340,7 +340,7 @@ def test_sft_from_a_tokenizer_without_chat_tokens_adds_them_and_grows_the_embedd
                               loaded.model(torch.tensor([ids]))["logits"], atol=1e-6)
 
 
-# ----------------------------------------------------------------------------- issue 24: kinds, data up front, messages
+# ----------------------------------------------------------------------------- kinds, data up front, messages
 
 def lora_sft_model(files, tmp_path) -> str:
     sft = stage_config(files, tmp_path, "sft", max_steps=1, eval_interval=1, lora_r=2)

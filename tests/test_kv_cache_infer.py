@@ -114,7 +114,7 @@ def test_chat_says_when_old_turns_no_longer_fit(model, tiny_tokenizer):
 
 
 def test_a_chat_message_over_the_bound_is_not_sent_and_the_chat_goes_on(model, tiny_tokenizer):
-    """A pasted 200,000-character line (issue 24) gets a note instead of being rendered into every later turn."""
+    """A pasted 200,000-character line gets a note instead of being rendered into every later turn."""
     params = SamplingParams(max_new_tokens=2, do_sample=False, eos_token_id=tiny_tokenizer.eos_token_id)
     lines = iter(["床" * 200_000, "hi", "/quit"])
     written: list[str] = []

@@ -166,7 +166,7 @@ def test_the_evaluator_and_the_quantizer_sniff_formats_through_readers():
         assert "holds_records(" in source and '== ".json"' not in source, name
 
 
-# ----------------------------------------------------------------------------- hostile files (issue 24, class 2)
+# ----------------------------------------------------------------------------- hostile files
 
 DEEP = "[" * 100_000 + "]" * 100_000  # past Python's own parser: RecursionError before the bound
 
@@ -213,7 +213,7 @@ def test_read_lines_names_file_and_line_of_a_bad_byte(tmp_path):
         readers.read_lines(tmp_path / "b.txt")
 
 
-# ----------------------------------------------------------------------------- every corpus format (issue 25)
+# ----------------------------------------------------------------------------- every corpus format
 
 DOCS = ["first document", "二 第二篇", "  leading spaces kept", "emoji 🙂 and tabs\tkept", "x" * 3000, "last one"]
 
