@@ -23,7 +23,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -304,34 +304,48 @@ def serve(spec: RunSpec, host: str, port: int) -> int:
 
 # ----------------------------------------------------------------------------- CLI
 
+@dataclass
+class SpeedrunOptions:
+    """The speedrun's settings, each written once: name, type, default and help."""
+
+    size: str = cli.setting("auto", "cpu: the CLIs' laptop defaults; gpu: a larger model on one GPU; gpus: the same "
+                            "under torchrun on --nproc GPUs; auto: by the GPUs torch sees (docs/speedrun.md)",
+                            choices=("auto", "cpu", "gpu", "gpus"))
+    depth: int | None = cli.setting(None, "passed to pretrain_trainer.py --depth N, replacing the size's model shape",
+                                    type=cli.positive_int)
+    nproc: int | None = cli.setting(None, "--size gpus: processes, one per GPU (default: every GPU)",
+                                    type=cli.positive_int)
+    dry_run: bool = cli.setting(False, "every stage on tiny sizes on the CPU, the server only checked, in a few "
+                                "minutes, into a new temporary folder unless --output_dir (never under models/)")
+    output_dir: Path | None = cli.setting(None, f"where every stage writes, the logs, the state and report.md "
+                                          f"(default: {DEFAULT_OUTPUT}, or a new temporary folder with --dry_run)",
+                                          type=Path)
+    train_data: Path = cli.setting(Path("data/pretrain/train.txt"), "raw text for the tokenizer and pretraining "
+                                   "(.txt, .jsonl*, .parquet, or a folder)", type=Path)
+    val_data: Path = cli.setting(Path("data/pretrain/val.txt"), "held-out text, same formats", type=Path)
+    tasks: str | None = cli.setting(None, "more benchmark files for evaluator.py --tasks (HellaSwag, ARC, MMLU, "
+                                    "GSM8K) as NAME=PATH[,NAME=PATH...]; a name given here replaces the project's "
+                                    "own task of that name (data/benchmarks/)")
+    limit: int | None = cli.setting(None, "examples scored per task (default: all; 8 with --dry_run)",
+                                    type=cli.positive_int)
+    cost_per_hour: float = cli.setting(0.0, "the machine's price per hour, to report each stage's cost (0: no cost "
+                                       "column)", type=cli.nonnegative_float)
+    force: bool = cli.setting(False, "rerun every stage, even those an earlier run finished")
+    serve: bool = cli.setting(False, "then serve the SFT model with its chat page until Ctrl-C")
+    host: str = cli.setting(SERVER_HOST, "--serve: the address to bind (0.0.0.0: other machines)")
+    port: int = cli.setting(8000, "--serve: the TCP port", type=cli.port)
+
+
 def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(prog="python -m runs.speedrun", description=__doc__.splitlines()[0])
-    p.add_argument("--size", choices=("auto", "cpu", "gpu", "gpus"), default="auto",
-                   help="cpu: the CLIs' laptop defaults; gpu: a larger model on one GPU; gpus: the same under torchrun "
-                        "on --nproc GPUs; auto: by the GPUs torch sees (docs/speedrun.md)")
-    p.add_argument("--depth", type=cli.positive_int,
-                   help="passed to pretrain_trainer.py --depth N, replacing the size's model shape")
-    p.add_argument("--nproc", type=cli.positive_int, help="--size gpus: processes, one per GPU (default: every GPU)")
-    p.add_argument("--dry_run", action="store_true",
-                   help="every stage on tiny sizes on the CPU, the server only checked, in a few minutes, into a new "
-                        "temporary folder unless --output_dir (never under models/)")
-    p.add_argument("--output_dir", type=Path,
-                   help=f"where every stage writes, the logs, the state and report.md (default: {DEFAULT_OUTPUT}, "
-                        "or a new temporary folder with --dry_run)")
-    p.add_argument("--train_data", type=Path, default=Path("data/pretrain/train.txt"),
-                   help="raw text for the tokenizer and pretraining (.txt, .jsonl*, .parquet, or a folder)")
-    p.add_argument("--val_data", type=Path, default=Path("data/pretrain/val.txt"), help="held-out text, same formats")
-    p.add_argument("--tasks", metavar="NAME=PATH[,NAME=PATH...]",
-                   help="more benchmark files for evaluator.py --tasks (HellaSwag, ARC, MMLU, GSM8K); a name given "
-                        "here replaces the project's own task of that name (data/benchmarks/)")
-    p.add_argument("--limit", type=cli.positive_int, help="examples scored per task (default: all; 8 with --dry_run)")
-    p.add_argument("--cost_per_hour", type=cli.nonnegative_float, default=0.0,
-                   help="the machine's price per hour, to report each stage's cost (0: no cost column)")
-    p.add_argument("--force", action="store_true", help="rerun every stage, even those an earlier run finished")
-    p.add_argument("--serve", action="store_true", help="then serve the SFT model with its chat page until Ctrl-C")
-    p.add_argument("--host", default=SERVER_HOST, help="--serve: the address to bind (0.0.0.0: other machines)")
-    p.add_argument("--port", type=cli.port, default=8000, help="--serve: the TCP port")
+    cli.add_settings(p, SpeedrunOptions)
     return p
+
+
+def parse(argv: Sequence[str] | None) -> tuple[SpeedrunOptions, set[str]]:
+    """(the options, the names of the flags the user typed), from one parse."""
+    typed = cli.typed_settings(build_parser().parse_args(argv), SpeedrunOptions)
+    return SpeedrunOptions(**typed), set(typed)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -340,8 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args = build_parser().parse_args(argv)
-    explicit = cli.explicit_flags(build_parser, argv)
+    args, explicit = parse(argv)
     for flag in ("host", "port"):
         if flag in explicit and not args.serve:
             raise cli.UsageError(f"--{flag} applies to --serve")

@@ -1,4 +1,5 @@
-"""Shared fixtures: a small tokenizer trained on the embedded corpus, and a tiny model config for it."""
+"""Shared fixtures: a small tokenizer trained on the embedded corpus, a tiny model config for it, a tiny checkpoint,
+an earlier run's output folder and the files the CLI tests read."""
 from __future__ import annotations
 
 import math
@@ -113,3 +114,48 @@ def stage_config(files: dict[str, Path], tmp_path: Path, mode: str, **overrides)
                 dtype="float32", batch_size=8, max_steps=4, eval_interval=2, log_interval=1, warmup_steps=1,
                 lr=1e-3, seed=0, eval_samples=8, max_new_tokens=4)
     return CONFIGS[mode](**{**{k: v for k, v in base.items() if k in field_names(mode)}, **overrides})
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, Path]:
+    """A small train/val pair for pretraining runs (a test file may define its own)."""
+    return write_corpus(tmp_path_factory.mktemp("corpus"), 400, 30)
+
+
+def tiny_checkpoint(path: Path, tokenizer) -> Path:
+    """A one-layer model for ``tokenizer`` saved at ``path``, as the trainer saves its best model."""
+    from checkpoints import save_checkpoint
+    from gpt_model import GPTConfig, GPTModel
+
+    model = GPTModel(GPTConfig.from_preset("tiny", vocab_size=len(tokenizer), max_seq_len=32, n_layers=1, d_model=32,
+                                           n_heads=2))
+    save_checkpoint(path, model, tokenizer_fingerprint=tokenizer.fingerprint)
+    return path
+
+
+@pytest.fixture()
+def earlier_run(tiny_tokenizer, tmp_path) -> Path:
+    """An output folder holding a finished earlier run: best + step checkpoints, metrics, curve, tokenizer."""
+    folder = tmp_path / "earlier"
+    tiny_checkpoint(folder / "pretrain_best.pth", tiny_tokenizer)
+    (folder / "metrics.jsonl").write_text('{"step": 1, "train_loss": 5.0}\n{"step": 2, "val_loss": 4.0}\n')
+    (folder / "loss_curve.png").write_bytes(b"\x89PNG earlier")
+    tiny_tokenizer.save(folder / "tokenizer")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def shared(tiny_tokenizer, tiny_tokenizer_dir, tmp_path_factory) -> dict[str, Path]:
+    """What the commands read: a tiny checkpoint with its tokenizer, an SFT file, a small corpus, a plain file (in a
+    folder that tests check is left as it was)."""
+    import json
+    import shutil
+
+    folder = tmp_path_factory.mktemp("shared")
+    tiny_checkpoint(folder / "model.pth", tiny_tokenizer)
+    shutil.copytree(tiny_tokenizer_dir, folder / "tokenizer")
+    (folder / "sft.json").write_text(json.dumps([{"instruction": "a", "response": "b"}]), encoding="utf-8")
+    (folder / "text.txt").write_text("\n".join(corpus_lines(limit=50)) + "\n", encoding="utf-8")
+    (folder / "a_file").write_text("x")
+    return {"ckpt": folder / "model.pth", "sft": folder / "sft.json", "text": folder / "text.txt",
+            "afile": folder / "a_file", "folder": folder}

@@ -621,22 +621,6 @@ def _ready(url: str) -> bool:
 # ----------------------------------------------------------------------------- settings and CLI
 
 
-def test_flags_and_environment_give_the_same_settings(checkpoint):
-    from inference.settings import SETTINGS, Settings
-
-    env = {"GPT_MODEL_PATH": str(checkpoint), "GPT_MAX_BATCH_SIZE": "4", "GPT_REQUEST_TIMEOUT": "7.5",
-           "GPT_API_KEY": "k", "GPT_QUANTIZE": "int8"}
-    from_env = Settings.from_args([], environ=env)
-    from_flags = Settings.from_args(["--model_path", str(checkpoint), "--max_batch_size", "4", "--request_timeout",
-                                     "7.5", "--api_key", "k", "--quantize", "int8"], environ={})
-    assert from_env == from_flags and from_env.max_batch_size == 4 and from_env.request_timeout == 7.5
-    assert {env_name for _, env_name, *_ in SETTINGS} >= {"GPT_MODEL_PATH", "GPT_API_KEY", "GPT_MAX_BATCH_SIZE",
-                                                         "GPT_MAX_QUEUE", "GPT_QUANTIZE", "GPT_REQUEST_TIMEOUT",
-                                                         "GPT_REWARD_MODEL", "GPT_MAX_BEST_OF"}
-    assert Settings.from_args([], environ={"GPT_REWARD_MODEL": "r.pth", "GPT_MAX_BEST_OF": "3"}) == \
-        Settings.from_args(["--reward_model", "r.pth", "--max_best_of", "3"], environ={})
-
-
 @pytest.mark.parametrize("argv, message", [
     (["--max_batch_size", "0"], "--max_batch_size: must be >= 1"),
     (["--request_timeout", "-1"], "--request_timeout: must be > 0"),
@@ -657,24 +641,6 @@ def test_int8_quantization_at_startup(checkpoint):
         assert httpx.get(live.url + "/health").json()["quantization"] == "int8"
         response = httpx.post(live.url + "/generate", json={"prefix": "ROMEO:", "max_gen_len": 10, "seed": 0})
         assert response.status_code == 200 and response.json()["num_tokens"] >= 1
-
-
-def test_default_model_prefers_int8_sft_then_sft_then_pretrain(tmp_path, monkeypatch):
-    import inference.settings as service
-    from cli import UsageError
-
-    monkeypatch.setattr(service, "ROOT", tmp_path)
-    with pytest.raises(UsageError, match="no model to serve"):
-        service.Settings().resolved_model_path()
-    for name in ("models/pretrain/pretrain_best.pth", "models/sft/sft_best.pth", "models/sft/sft_best_int8.pth"):
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_bytes(b"")
-        if name.startswith("models/pretrain"):
-            with pytest.warns(UserWarning, match="pretrained model"):
-                assert service.Settings().resolved_model_path() == tmp_path / name
-        else:
-            assert service.Settings().resolved_model_path() == tmp_path / name
-    assert service.Settings(model_path="x.pth").resolved_model_path() == Path("x.pth")
 
 
 # ----------------------------------------------------------------------------- chat: overflow, n, logprobs, tokens

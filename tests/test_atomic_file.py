@@ -1,11 +1,16 @@
 """atomic_path: the target is replaced only by a complete write, and no temp file is left behind; a write that runs
-out of room (ENOSPC, a file-size limit, torch's serializer failing) is one NoSpaceError and the previous file stays."""
+out of room (ENOSPC, a file-size limit, torch's serializer failing) is one NoSpaceError and the previous file stays;
+every command that saves, run on a full disk, says so in one line and keeps the files that were there."""
 import errno
 
 import pytest
 import torch
 
+import evaluator
+import pretrain_trainer as pt
 from atomic_file import NoSpaceError, atomic_directory, atomic_path
+from byte_level_bpe import ByteLevelBPETokenizer
+from cli_cases import assert_no_space_line, assert_one_line_error, pretrain_args, run_on_a_full_disk, snapshot
 
 
 def test_success_replaces_target_and_leaves_no_temp(tmp_path):
@@ -93,3 +98,51 @@ def test_a_folder_write_that_runs_out_of_room_keeps_the_old_folder(tmp_path, mon
             raise OSError(errno.ENOSPC, "No space left on device")
     assert (folder / "vocab.json").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer"]
+
+
+# ----------------------------------------------------------------------------- every command on a full disk
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_the_previous_files_stay(corpus, tiny_tokenizer_dir, shared, files, tmp_path):
+    """Every command that saves (pretraining, SFT, GRPO, the quantizer, the evaluator's report and chart, the
+    tokenizer CLI), with no room for its output: exit 2, one line naming the file, the temp file gone, the files
+    that were there byte-identical."""
+    run = tmp_path / "run"  # a pretraining run with its step 2; a resumed run cannot write step 4
+    assert pt.main(pretrain_args(corpus, tiny_tokenizer_dir, run, "--max_steps", "2", "--eval_interval", "2")) == 0
+    before = snapshot(run)
+    result = run_on_a_full_disk(150_000, "pretrain_trainer", pretrain_args(
+        corpus, tiny_tokenizer_dir, run, "--max_steps", "4", "--eval_interval", "2", "--resume", "auto"))
+    assert_no_space_line(result, run / "pretrain_step_4.pth")
+    assert {k: v for k, v in snapshot(run).items() if k.endswith("step_2.pth")} == \
+        {k: v for k, v in before.items() if k.endswith("step_2.pth")}
+    stage = ["--device", "cpu", "--max_steps", "2", "--eval_interval", "2", "--batch_size", "2",
+             "--max_new_tokens", "2", "--test_data_path", str(files["sft_test"]), "--data_path", str(files["sft_data"])]
+    for mode, extra in (("sft", ["--pretrained_model"]), ("rlvf", ["--eval_samples", "2", "--sft_model"])):
+        out = tmp_path / mode
+        result = run_on_a_full_disk(20_000, "finetune", ["--mode", mode, *stage, "--output_dir", str(out), *extra,
+                                                         str(files["pretrained"])])
+        assert_one_line_error(result.returncode, result.stderr)
+        assert "while writing" in result.stderr and not list(out.rglob("*.pth")), result.stderr[-2000:]
+    int8 = tmp_path / "int8.pth"
+    result = run_on_a_full_disk(20_000, "inference.quantizer", ["--model_path", str(shared["ckpt"]), "--no_eval",
+                                                                "--output", str(int8)])
+    assert_no_space_line(result, int8)
+    assert not int8.exists()
+
+
+@pytest.mark.slow
+def test_a_full_disk_keeps_the_evaluators_report_and_the_tokenizer(shared, tiny_tokenizer_dir, tmp_path):
+    report, chart, tokenizer = tmp_path / "report.json", tmp_path / "chart.png", tmp_path / "tokenizer"
+    evaluate = ["--model_path", str(shared["ckpt"]), "--model_type", "sft", "--test_data_path", str(shared["sft"]),
+                "--max_new_tokens", "2", "--no_progress", "--output", str(report), "--plot", str(chart)]
+    assert evaluator.main(evaluate) == 0
+    ByteLevelBPETokenizer.from_pretrained(tiny_tokenizer_dir).save(tokenizer)
+    before = snapshot(tmp_path)
+    assert_no_space_line(run_on_a_full_disk(1_000, "evaluator", evaluate), report)  # the report is over 1 KB
+    size = report.stat().st_size + 100  # room for the report, not for the chart
+    assert_no_space_line(run_on_a_full_disk(size, "evaluator", evaluate), chart)
+    result = run_on_a_full_disk(4_000, "byte_level_bpe", ["--input", str(shared["text"]), "--vocab_size", "400",
+                                                          "--output", str(tokenizer)])
+    assert_no_space_line(result, tokenizer)
+    assert snapshot(tmp_path) == before
+

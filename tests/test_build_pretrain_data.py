@@ -1,6 +1,10 @@
 """The corpus builder turns the source layouts into one document per line; its CLI writes train.txt and val.txt."""
 
-from conftest import TRAIN_TXT, VAL_TXT
+import subprocess
+import sys
+
+from cli_cases import assert_one_line_error, snapshot
+from conftest import ROOT, TRAIN_TXT, VAL_TXT
 from data import build_pretrain_data as build
 
 PLAY = """THE TRAGEDY OF KING LEAR
@@ -76,3 +80,21 @@ def test_cli_writes_train_and_val_with_every_twentieth_document_held_out(tmp_pat
     assert len(train) + len(val) == 2 + 40 + 2 and len(val) == 2  # documents 10 and 30 of the play
     assert val == ["EARL OF KENT: Speech number 8 of the play.", "EARL OF KENT: Speech number 28 of the play."]
     assert f"wrote {len(train)} train and 2 val documents to {out}" in capsys.readouterr().out
+
+
+def test_build_pretrain_data_refuses_a_missing_or_empty_corpus(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train.txt").write_text("earlier train\n")
+    (out / "val.txt").write_text("earlier val\n")
+    before = snapshot(out)
+    empty_corpus = tmp_path / "corpus"
+    (empty_corpus / "shakespeare").mkdir(parents=True)
+    (empty_corpus / "shakespeare" / "empty.txt").write_text("")
+    for corpus in (tmp_path / "missing", empty_corpus):
+        result = subprocess.run([sys.executable, "-m", "data.build_pretrain_data", "--corpus", str(corpus),
+                                 "--output", str(out)],
+                                capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert_one_line_error(result.returncode, result.stderr)
+        assert snapshot(out) == before
+

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import unicodedata
+from pathlib import Path
 
 import pytest
 import regex
@@ -11,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 import byte_level_bpe
 from byte_level_bpe import ByteLevelBPETokenizer, TokenizerError
+from cli_cases import assert_one_line_error, run_main, snapshot
 from conftest import SAMPLE_ZH, TRAIN_TXT, corpus_lines
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -405,7 +407,7 @@ def test_long_pre_tokens_merge_exactly_as_short_ones_in_n_log_n(tiny_tokenizer, 
     assert tiny_tokenizer.decode(ids) == "the" * 13000 and elapsed < 10  # a bound against a hang, not a benchmark
 
 
-# ----- hostile input -----------------------------------------------------------
+# ----- hostile input -------------------------------------------------------------------------------------------
 def test_training_counts_a_long_pre_token_in_pieces_of_the_bound():
     """One 300,000-character line without split points (CJK, one repeated letter) is one pre-token; training counts
     it in MAX_TRAIN_PIECE_CHARS pieces (each merge rescans every word holding its pair), encoding keeps it whole."""
@@ -489,3 +491,65 @@ def test_cli_trains_on_a_parquet_and_zstd_folder_with_text_field_and_a_byte_cap(
     assert "bytes/token on the first 5,000 bytes of" in capsys.readouterr().out
     assert byte_level_bpe.main(argv[:-2] + ["--output", str(tmp_path / "other")]) == 2  # no "text" column
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'docs' / 'a.parquet'}: no column 'text'")
+
+
+def test_tokenizer_cli_errors_leave_the_existing_tokenizer_as_it_was(tiny_tokenizer_dir, tmp_path, capsys):
+    out = tmp_path / "tok"
+    ByteLevelBPETokenizer.from_pretrained(tiny_tokenizer_dir).save(out)
+    before = snapshot(out)
+    a_file = tmp_path / "a_file.txt"
+    a_file.write_text("x")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(corpus_lines(limit=50)), encoding="utf-8")
+    cases = [["--input", str(text), "--num_workers", "0"], ["--input", str(text), "--vocab_size", "abc"],
+             ["--input", str(text), "--vocab_size", "100"], ["--input", str(text), "--min_frequency", "0"],
+             ["--input", str(tmp_path / "missing.txt")], ["--input", str(empty)]]
+    for extra in cases:
+        code, err = run_main(byte_level_bpe.main, ["--output", str(out), *extra], capsys)
+        assert_one_line_error(code, err)
+    assert snapshot(out) == before
+    for target in (a_file, a_file / "sub"):
+        code, err = run_main(byte_level_bpe.main, ["--input", str(text), "--output", str(target)], capsys)
+        assert_one_line_error(code, err)
+    assert a_file.read_text() == "x"
+
+
+def test_tokenizer_save_is_all_or_nothing(tiny_tokenizer, tmp_path, monkeypatch):
+    out = tmp_path / "tok"
+    tiny_tokenizer.save(out)
+    (out / "README.md").write_text("mine")
+    before = snapshot(out)
+    other = ByteLevelBPETokenizer(vocab_size=300)
+    other.train(corpus_lines(limit=50), show_progress=False)
+    real_write = Path.write_text
+
+    def crash_on_merges(self, *args, **kwargs):
+        if self.name == "merges.txt":
+            raise OSError(28, "No space left on device", str(self))
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", crash_on_merges)
+    with pytest.raises(OSError):
+        other.save(out)
+    monkeypatch.undo()
+    assert snapshot(out) == before  # vocab.json was written, but only inside the temporary folder
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    other.save(out)
+    assert ByteLevelBPETokenizer.from_pretrained(out).fingerprint == other.fingerprint
+    assert (out / "README.md").read_text() == "mine"  # the user's other files are kept
+
+
+@pytest.mark.parametrize("call", [
+    lambda tok: tok.decode([-1]), lambda tok: tok.decode(None), lambda tok: tok.decode(["a"]),
+    lambda tok: tok.encode_ordinary(None), lambda tok: tok.encode(None), lambda tok: tok.train(None),
+    lambda tok: tok.train([b"bytes"]), lambda tok: ByteLevelBPETokenizer(vocab_size="abc"),
+    lambda tok: ByteLevelBPETokenizer(vocab_size=100), lambda tok: tok.encode("x", max_seq_len="9"),
+    lambda tok: list(tok.encode_many(["x"], num_workers=0)), lambda tok: tok.train(["x"], min_frequency=0),
+], ids=["decode-1", "decodeNone", "decodeStr", "encodeOrdNone", "encodeNone", "trainNone", "trainBytes",
+        "vocabStr", "vocabSmall", "maxLenStr", "workers0", "minFreq0"])
+def test_tokenizer_api_rejects_bad_input_with_a_value_error(call, tiny_tokenizer):
+    with pytest.raises(TokenizerError):
+        call(tiny_tokenizer)
+

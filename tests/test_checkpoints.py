@@ -2,13 +2,23 @@
 what a file is, and its one-line errors."""
 from __future__ import annotations
 
+import importlib
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
 import checkpoints
+import gpt_model
 import lora
+import model_heads
+from byte_level_bpe import ByteLevelBPETokenizer
 from checkpoints import (CheckpointError, build_model, describe, load, load_checkpoint, load_model_and_tokenizer,
                          save_checkpoint)
+from cli_cases import assert_one_line_error, run_main, snapshot
+from conftest import corpus_lines
 from decoding import SamplingParams, generate
 from gpt_model import GPTConfig, GPTModel
 from model_heads import GPTClassifier, GPTRewardModel
@@ -201,3 +211,150 @@ def test_describe_says_what_a_file_is(run, tiny_tokenizer, capsys):
     assert checkpoints.main([str(folder / "junk.pth")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "corrupt" in err and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------- the wrong kind of checkpoint
+# Every file says what it is; every entry point checks it once, up front, through checkpoints.load /
+# checkpoints.load_resumable: exit 2, one line saying what was given and what to pass instead, nothing written.
+
+FAKE_TRAINING_STATE = dict(step=2, optimizer={"state": {}, "param_groups": []}, scaler={}, best_val_loss=1.0,
+                           scheduler={"train_seconds": 1.0, "max_steps": 4}, rank_states=[{"rng": {}}])
+
+
+@pytest.fixture(scope="module")
+def kinds(tiny_tokenizer, tiny_tokenizer_dir, tmp_path_factory) -> dict[str, Path]:
+    """One file of every kind (weights-only models and each stage's step file, with a stand-in training state: the
+    checks come before it is read), a reward model on another tokenizer, and small data files for every mode."""
+    folder = tmp_path_factory.mktemp("kinds")
+    shutil.copytree(tiny_tokenizer_dir, folder / "tokenizer")
+    config = gpt_model.GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=64, n_layers=1,
+                                             d_model=32, n_heads=2)
+    torch.manual_seed(0)
+    fp = {"tokenizer_fingerprint": tiny_tokenizer.fingerprint}
+    lm = gpt_model.GPTModel(config)
+    save = checkpoints.save_checkpoint
+    save(folder / "lm.pth", lm, **fp)
+    save(folder / "int8.pth", quantize_model_int8(gpt_model.GPTModel(config).eval()), **fp)
+    adapted = lora.apply_lora(gpt_model.GPTModel(config), ["c_attn"], r=2, alpha=4.0)
+    lora.save_lora(folder / "adapter.pth", adapted, base_model=str(folder / "lm.pth"), config=config.to_dict(), **fp)
+    save(folder / "reward.pth", model_heads.GPTRewardModel.from_language_model(lm), **fp)
+    classifier = model_heads.GPTClassifier.from_language_model(lm, ["a", "b"])
+    save(folder / "classify.pth", classifier, labels=["a", "b"], **fp)
+    heads = {"pretrain": lm, "sft": lm, "dpo": lm, "ppo": lm, "rlvf": lm,
+             "reward": model_heads.GPTRewardModel.from_language_model(lm),
+             "classify": model_heads.GPTClassifier.from_language_model(lm, ["a", "b"])}
+    for stage, model in heads.items():
+        save(folder / f"{stage}_step_2.pth", model, stage=stage, labels=["a", "b"], **fp, **FAKE_TRAINING_STATE)
+    other = ByteLevelBPETokenizer(vocab_size=300)
+    other.train(corpus_lines(limit=100), show_progress=False)
+    (folder / "other").mkdir()
+    other.save(folder / "other" / "tokenizer")
+    other_lm = gpt_model.GPTModel(gpt_model.GPTConfig.from_preset("tiny", vocab_size=len(other), max_seq_len=64,
+                                                                  n_layers=1, d_model=32, n_heads=2))
+    save(folder / "other" / "reward.pth", model_heads.GPTRewardModel.from_language_model(other_lm),
+         tokenizer_fingerprint=other.fingerprint)
+    sft = [{"instruction": f"计算 {i} + 1 = ?", "response": str(i + 1), "task": "arithmetic"} for i in range(4)]
+    (folder / "sft.json").write_text(json.dumps(sft, ensure_ascii=False), encoding="utf-8")
+    pairs = [{"instruction": f"q{i}", "chosen": "yes", "rejected": "no"} for i in range(4)]
+    (folder / "pairs.json").write_text(json.dumps(pairs), encoding="utf-8")
+    (folder / "cls.jsonl").write_text("".join(json.dumps({"text": f"t{i}", "label": "ab"[i % 2]}) + "\n"
+                                              for i in range(4)), encoding="utf-8")
+    (folder / "text.txt").write_text("\n".join(corpus_lines(limit=50)) + "\n", encoding="utf-8")
+    return {p.stem if p.parent == folder else f"other_{p.stem}": p for p in folder.rglob("*.pth")} | {
+        "folder": folder, "sft_data": folder / "sft.json", "pairs": folder / "pairs.json", "cls": folder / "cls.jsonl",
+        "text": folder / "text.txt"}
+
+
+MODE_DATA = {"sft": ["--data_path", "{sft_data}", "--test_data_path", "{sft_data}"],
+             "reward": ["--pairwise_data", "{pairs}", "--pairwise_test_data", "{pairs}"],
+             "dpo": ["--pairwise_data", "{pairs}", "--pairwise_test_data", "{pairs}", "--test_data_path", "{sft_data}"],
+             "rlhf": ["--pairwise_data", "{pairs}", "--test_data_path", "{sft_data}"],
+             "rlvf": ["--data_path", "{sft_data}", "--test_data_path", "{sft_data}"],
+             "classify": ["--classify_train", "{cls}", "--classify_test", "{cls}"]}
+FROM = {"sft": "--pretrained_model", "classify": "--pretrained_model"}  # the other modes start from --sft_model
+
+
+def ft(mode: str, *flags: str, start: str = "{lm}") -> tuple[str, list[str]]:
+    extra = ["--reward_model", "{reward}"] if mode == "rlhf" and "--reward_model" not in flags else []
+    return "finetune", ["--mode", mode, FROM.get(mode, "--sft_model"), start, *MODE_DATA[mode], *extra, *flags,
+                        "--max_steps", "1", "--device", "cpu", "--output_dir", "{out}/run"]
+
+
+def pt_resume(name: str) -> tuple[str, list[str]]:
+    return "pretrain_trainer", ["--train_data_dir", "{text}", "--tokenizer_dir", "{folder}/tokenizer", "--output_dir",
+                                "{out}/run", "--device", "cpu", "--n_layers", "1", "--d_model", "32", "--n_heads", "2",
+                                "--max_seq_len", "64", "--max_steps", "1", "--num_workers", "1", "--samples", "0",
+                                "--resume", name]
+
+
+TRAINS = "an INT8 checkpoint, for inference only: it cannot be trained; pass the float checkpoint"
+WRONG_KIND = [  # (what, (module, argv), the message's telling part)
+    *[(f"{mode} {FROM.get(mode, '--sft_model')} INT8", ft(mode, start="{int8}"), TRAINS) for mode in MODE_DATA],
+    *[(f"{mode} from a reward model", ft(mode, start="{reward}"), "is a reward model (written by finetune.py --mode "
+       "reward), not a language model: pass a language model") for mode in ("sft", "dpo", "rlvf", "classify")],
+    ("sft from a classifier", ft("sft", start="{classify}"), "is a classifier (written by finetune.py --mode "
+     "classify), not a language model"),
+    *[(f"{mode} --resume {stage} step", ft(mode, "--resume", f"{{{stage}_step_2}}"),
+       f"is a step checkpoint of {stage} ") for mode, stage in (
+        ("sft", "reward"), ("sft", "dpo"), ("sft", "pretrain"), ("dpo", "sft"), ("reward", "sft"), ("rlvf", "ppo"),
+        ("rlhf", "rlvf"), ("classify", "sft"), ("classify", "reward"))],
+    ("dpo --resume sft step names the command", ft("dpo", "--resume", "{sft_step_2}"),
+     "continue it with `finetune.py --mode sft --resume"),
+    ("sft --resume INT8", ft("sft", "--resume", "{int8}"), "is an INT8 language model, for inference only, not a "
+     "step checkpoint of sft: pass a sft_step_N.pth"),
+    ("sft --resume LoRA adapters", ft("sft", "--resume", "{adapter}"), "is LoRA adapters, for inference only"),
+    ("sft --lora_r 2 --resume a full-model step", ft("sft", "--lora_r", "2", "--resume", "{sft_step_2}"),
+     "trains the whole model (no LoRA), but this run has --lora_r 2"),
+    ("rlhf --reward_model on another tokenizer", ft("rlhf", "--reward_model", "{other_reward}"),
+     "was trained with another tokenizer"),
+    ("rlhf --reward_model a language model", ft("rlhf", "--reward_model", "{lm}"), "not a reward model"),
+    ("rlhf --reward_model a classifier", ft("rlhf", "--reward_model", "{classify}"), "is a classifier"),
+    *[(f"pretrain --resume {name}", pt_resume(f"{{{name}}}"), message) for name, message in (
+        ("sft_step_2", "is a step checkpoint of sft (finetune.py --mode sft), not of pretrain"),
+        ("classify_step_2", "is a step checkpoint of classify"), ("reward_step_2", "is a step checkpoint of reward"),
+        ("int8", "is an INT8 language model"), ("lm", "no training state"))],
+    ("evaluator --reward_model on another tokenizer",
+     ("evaluator", ["--model_path", "{lm}", "--model_type", "sft", "--test_data_path", "{sft_data}", "--reward_model",
+                    "{other_reward}", "--output", "{out}/report.json", "--no_progress", "--max_new_tokens", "2"]),
+     "--reward_model {other_reward} was trained with another tokenizer (300 tokens) than {lm}"),
+    ("evaluator --reward_model a language model",
+     ("evaluator", ["--model_path", "{lm}", "--model_type", "sft", "--test_data_path", "{sft_data}", "--reward_model",
+                    "{lm}", "--output", "{out}/report.json", "--no_progress"]), "not a reward model"),
+    *[(f"quantizer {name}", ("inference.quantizer", ["--model_path", f"{{{name}}}", "--output", "{out}/q.pth",
+                                                     "--no_eval"]), message) for name, message in (
+        ("reward", "is a reward model"), ("classify", "is a classifier"), ("int8", "for inference only"))],
+    *[(f"kv_cache_infer {name}", ("inference.kv_cache_infer", ["--model_path", f"{{{name}}}", "--prompt", "hi",
+                                                                "--device", "cpu"]),
+       f"is a {kind} (written by finetune.py --mode {name}), not a language model")
+      for name, kind in (("classify", "classifier"), ("reward", "reward model"))],
+]
+
+
+@pytest.mark.parametrize("what, command, message", WRONG_KIND, ids=[case[0] for case in WRONG_KIND])
+def test_the_wrong_kind_of_checkpoint_is_one_line_up_front(what, command, message, kinds, tmp_path, capsys):
+    module, argv = command
+    places = {k: str(v) for k, v in kinds.items()} | {"out": str(tmp_path)}
+    before = snapshot(kinds["folder"])
+    code, err = run_main(importlib.import_module(module).main, [a.format(**places) for a in argv], capsys)
+    assert_one_line_error(code, err)
+    assert message.format(**places) in err, err
+    assert not list(tmp_path.iterdir()), "a refused command wrote something"
+    assert snapshot(kinds["folder"]) == before
+
+
+def test_every_kind_of_model_saves_a_file_that_says_what_it_is_and_loads_back(kinds, tmp_path):
+    """save_checkpoint takes the head and the LoRA adapters from the model, so that no caller writes a file that
+    loads as something else (dpo/rlvf from a LoRA SFT model used to write a *_best.pth nothing could load)."""
+    for name, kind in (("lm", "lm"), ("int8", "lm-int8"), ("reward", "reward"), ("classify", "classify"),
+                       ("adapter", "lora"), ("ppo_step_2", "lm")):
+        loaded = checkpoints.load(kinds[name])
+        assert loaded.kind == kind, name
+    trained = checkpoints.load(kinds["adapter"], trainable=True)  # what another stage trains on: plain weights
+    assert trained.kind == "lm" and not lora.lora_layers(trained.model)
+    adapted = lora.apply_lora(checkpoints.load(kinds["lm"], trainable=True).model, ["c_attn"], r=2, alpha=4.0)
+    checkpoints.save_checkpoint(tmp_path / "in_place.pth", adapted, lora=None, model_class="reward")  # wrong claims
+    meta = checkpoints.checkpoint_metadata(tmp_path / "in_place.pth")
+    assert meta["model_class"] == "lm" and meta["lora"]["r"] == 2
+    assert lora.lora_layers(checkpoints.build_model(checkpoints.load_checkpoint(tmp_path / "in_place.pth"), "x"))
+    assert "with LoRA adapters (r 2)" in checkpoints.describe(tmp_path / "in_place.pth")
+

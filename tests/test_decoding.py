@@ -7,7 +7,7 @@ import torch
 from decoding import (DecodeEngine, DecodingError, IncrementalDetokenizer, SamplingParams, StopStringMatcher,
                       apply_repetition_penalty, apply_top_p, cut_at_eos, generate, left_pad, top_k_candidates)
 from devices import autocast_context
-from gpt_model import GPTModel
+from gpt_model import GPTConfig, GPTModel
 from prompts import encode_prompt, max_prompt_len
 
 SMALL = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, d_ff=128, max_seq_len=48)
@@ -396,3 +396,15 @@ def test_generate_under_bf16_autocast(model):
 def test_generation_lives_above_the_model():
     """The model has no generate of its own: decoding is the engine's, from above (nanochat's engine.py layout)."""
     assert not hasattr(GPTModel, "generate")
+
+
+@pytest.mark.parametrize("kwargs", [dict(top_k=-1), dict(top_p=0.0), dict(top_p=2.0), dict(temperature=0.0),
+                                    dict(max_new_tokens=-1), dict(top_k="5"), dict(temperature=float("nan")),
+                                    dict(repetition_penalty=0.0)], ids=str)
+def test_generate_rejects_bad_settings_with_a_value_error(kwargs):
+    model = GPTModel(GPTConfig.from_preset("tiny", vocab_size=300, max_seq_len=16, n_layers=1))
+    with pytest.raises(ValueError):
+        generate(model, torch.tensor([[0, 5]]), SamplingParams(**{"max_new_tokens": 3, **kwargs}))
+    with pytest.raises(ValueError):
+        generate(model, None)
+

@@ -16,7 +16,8 @@ import torch
 
 import evaluator
 import scoring
-from conftest import BigramModel, bigram_nll
+from cli_cases import assert_one_line_error, run_main
+from conftest import VAL_TXT, BigramModel, bigram_nll, corpus_lines
 from decoding import SamplingParams, generate
 from evaluator import EvaluationError, GPTEvaluator
 from prompts import SFT_TEMPLATE, record_prompt_ids
@@ -385,3 +386,19 @@ def test_dialogues_are_scored_per_turn_with_own_or_reference_history(tiny_tokeni
     seen.clear()
     ev.dialogue_exact_match(records, own_history=False)
     assert "<|user|>3+4?<|end|><|assistant|>7</s><|user|>+35?<|end|><|assistant|>" in "\n".join(seen)
+
+
+def test_evaluator_bad_files(shared, tmp_path, capsys):
+    checkpoint = shared["ckpt"]
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(b"fine\n\xff\xfe\n")
+    good = tmp_path / "val.txt"
+    good.write_text("\n".join(corpus_lines(VAL_TXT, limit=3)), encoding="utf-8")
+    cases = {f"{latin1}:2": ["--model_path", str(checkpoint), "--test_data_path", str(latin1)],
+             "is a folder": ["--model_path", str(checkpoint), "--test_data_path", str(good), "--output", str(tmp_path)],
+             "not found": ["--model_path", str(tmp_path / "missing.pth"), "--test_data_path", str(good)]}
+    for expected, args in cases.items():
+        code, err = run_main(evaluator.main, args + ["--no_progress"], capsys)
+        assert_one_line_error(code, err)
+        assert expected in err, (expected, err)
+

@@ -24,6 +24,7 @@ import gpt_model
 import pretrain_trainer as pt
 import scoring
 from byte_level_bpe import ByteLevelBPETokenizer
+from cli_cases import assert_one_line_error, pretrain_args, run_main, snapshot
 from conftest import VAL_TXT, corpus_lines, write_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -121,15 +122,6 @@ def test_evaluation_bits_per_byte_of_a_uniform_model(tiny_tokenizer, tmp_path):
     assert result["perplexity"] == pytest.approx(len(tiny_tokenizer), rel=1e-5)
     assert result["bits_per_byte"] == pytest.approx(n_predicted * math.log(len(tiny_tokenizer))
                                                     / (math.log(2) * stream.n_bytes), rel=1e-6)
-
-
-def test_lr_schedule_warms_up_then_follows_the_cosine():
-    config = pt.TrainConfig(lr=1e-3, min_lr_ratio=0.1, warmup_steps=10)
-    assert training.lr_at(0.0, 0, config) == pytest.approx(1e-4)
-    assert training.lr_at(0.05, 9, config) == pytest.approx(1e-3)
-    assert training.lr_at(0.0, 10, config) == pytest.approx(1e-3)
-    assert training.lr_at(0.5, 50, config) == pytest.approx(1e-4 + 0.5 * 9e-4)
-    assert training.lr_at(1.0, 100, config) == pytest.approx(1e-4)
 
 
 def test_rng_state_survives_a_weights_only_round_trip(tmp_path):
@@ -277,3 +269,88 @@ def test_console_shows_a_time_budgets_bar_with_a_total_and_a_line_per_evaluation
     lines = [line for line in out.splitlines() if line.startswith("pretrain step ")]
     assert lines == [f"pretrain step {r['step']}: val_loss {r['val_loss']:.4g}, val_ppl {r['val_ppl']:.4g}, "
                      f"val_bpb {r['val_bpb']:.4g}" for r in evals]
+
+
+# ----------------------------------------------------------------------------- the CLI's bad input
+
+BAD_PRETRAIN_FLAGS = [
+    ["--optimizer", "sgd"], ["--optimizer"],
+    ["--batch_size", "0"], ["--grad_accum", "0"], ["--max_seq_len", "1"], ["--eval_interval", "0"],
+    ["--log_interval", "0"], ["--max_steps", "-1"], ["--max_steps", "0"], ["--epochs", "-1"], ["--epochs", "0"],
+    ["--lr", "0"], ["--lr", "nan"], ["--lr", "abc"], ["--max_minutes", "0"], ["--dropout", "1.5"],
+    ["--preset", "huge"], ["--dtype", "int3"], ["--keep_last", "-1"], ["--warmup_steps", "-5"],
+    ["--num_workers", "0"], ["--save_interval", "0"], ["--vocab_size", "10"], ["--min_lr_ratio", "2"],
+    ["--n_heads", "3"], ["--max_minutes", "0.001"], ["--text_field", ""], ["--text_field", "text "],
+]
+
+
+@pytest.mark.parametrize("flags", BAD_PRETRAIN_FLAGS, ids=lambda f: " ".join(f))
+def test_pretrain_bad_flags_are_one_line_and_leave_the_folder_as_it_was(flags, corpus, tiny_tokenizer_dir,
+                                                                        earlier_run, capsys):
+    before = snapshot(earlier_run)
+    code, err = run_main(pt.main, pretrain_args(corpus, tiny_tokenizer_dir, earlier_run, "--max_steps", "3", *flags),
+                         capsys)
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("tokenizing ")]  # no bars
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err  # never argparse's usage block
+    assert snapshot(earlier_run) == before
+
+
+def test_pretrain_bad_data_and_paths(corpus, tiny_tokenizer_dir, earlier_run, tmp_path, capsys):
+    before = snapshot(earlier_run)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(b"good line\ncaf\xe9 au lait\n")
+    cases = {
+        "data path": ["--train_data_dir", str(tmp_path / "missing.txt")],
+        f"{latin1}:2: not UTF-8": ["--train_data_dir", str(latin1)],
+        "is an existing file": ["--output_dir", str(earlier_run / "metrics.jsonl")],
+        "not found": ["--resume", str(tmp_path / "missing.pth")],
+        "no training state": ["--resume", str(earlier_run / "pretrain_best.pth")],
+    }
+    for expected, extra in cases.items():
+        args = pretrain_args(corpus, tiny_tokenizer_dir, earlier_run, "--max_steps", "3")
+        code, err = run_main(pt.main, args + extra, capsys)
+        assert_one_line_error(code, err)
+        assert expected in err, (expected, err)
+    assert snapshot(earlier_run) == before
+
+
+def test_read_only_token_cache_names_the_flag(corpus, tiny_tokenizer_dir, tmp_path, capsys, monkeypatch):
+    real_access = os.access
+    monkeypatch.setattr(os, "access",
+                        lambda path, mode: False if str(path).endswith(".cache") else real_access(path, mode))
+    fresh = tmp_path / "fresh_corpus"
+    fresh.mkdir()
+    (fresh / "train.txt").write_text(corpus[0].read_text(encoding="utf-8"), encoding="utf-8")
+    args = pretrain_args(corpus, tiny_tokenizer_dir, tmp_path / "out", "--max_steps", "2")
+    code, err = run_main(pt.main, args + ["--train_data_dir", str(fresh / "train.txt")], capsys)
+    assert_one_line_error(code, err)
+    assert "token cache" in err and "--cache_dir" in err
+
+
+def test_resume_checkpoint_that_does_not_fit(corpus, tiny_tokenizer_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert pt.main(pretrain_args(corpus, tiny_tokenizer_dir, out, "--max_steps", "2", "--eval_interval", "2")) == 0
+    capsys.readouterr()
+    step = out / "pretrain_step_2.pth"
+    code, err = run_main(pt.main, pretrain_args(corpus, tiny_tokenizer_dir, out, "--max_steps", "4", "--d_model", "64",
+                                                "--resume", str(step)), capsys)
+    assert_one_line_error(code, err)
+    assert "--d_model 64 differs from the checkpoint's 32" in err
+
+    checkpoint = torch.load(step, weights_only=True)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    bad_tensors = dict(checkpoint, model_state_dict={k: v[:1] if v.dim() else v
+                                                     for k, v in checkpoint["model_state_dict"].items()})
+    torch.save(bad_tensors, broken / "pretrain_step_2.pth")
+    no_state = {k: v for k, v in checkpoint.items() if k != "rank_states"}
+    torch.save(no_state, broken / "no_state.pth")
+    bad_optimizer = dict(checkpoint, optimizer={**checkpoint["optimizer"], "muon": {"state": {}, "param_groups": []}})
+    torch.save(bad_optimizer, broken / "bad_optimizer.pth")
+    (broken / "corrupt.pth").write_bytes(b"not a checkpoint")
+    for name, expected in (("pretrain_step_2.pth", "has shape"), ("no_state.pth", "no training state"),
+                           ("bad_optimizer.pth", "training state does not fit"), ("corrupt.pth", "corrupt")):
+        args = pretrain_args(corpus, tiny_tokenizer_dir, out, "--max_steps", "4", "--resume", str(broken / name))
+        code, err = run_main(pt.main, args, capsys)
+        assert_one_line_error(code, err)
+        assert expected in err, (name, err)

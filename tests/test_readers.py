@@ -6,8 +6,16 @@ from pathlib import Path
 
 import pytest
 
+import byte_level_bpe
+import data.classify.build_classify_data as build_classify
+import data.sft.build_sft_data as build_sft
+import evaluator
+import finetune
+import pretrain_trainer as pt
 import readers
+from cli_cases import assert_one_line_error, pretrain_args, run_main, snapshot
 from conftest import ROOT
+from inference import quantizer
 from prompts import record_instruction
 from readers import DataError
 
@@ -348,3 +356,78 @@ def test_reading_only_txt_imports_neither_format_library(tmp_path):
     code = ("import sys, readers; list(readers.read_documents(sys.argv[1])); "
             "assert not {'pyarrow', 'zstandard'} & set(sys.modules), sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.txt")], check=True, cwd=Path(readers.__file__).parent)
+
+
+# ----------------------------------------------------------------------------- every command on a bad file
+
+BAD_CORPORA = {  # file name -> (how to spoil documents written in that format, where the error must point)
+    "t.jsonl.gz": (lambda path: truncated(path), r"t.jsonl.gz:"),
+    "t.jsonl.zst": (lambda path: truncated(path), r"t.jsonl.zst:"),
+    "c.parquet": (lambda path: truncated(path), "c.parquet: not a readable Parquet file"),
+    "r.parquet": (lambda path: corrupt_row_group(path, 1), "r.parquet: row group 1: cannot read"),
+    "f.jsonl": (lambda path: path.write_text('{"text": "ok"}\n{"text": 7}\n'), "f.jsonl:2: expected"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_CORPORA)
+def test_a_bad_corpus_file_is_one_error_line_naming_it_in_the_tokenizer_and_the_evaluator(name, shared, tmp_path,
+                                                                                          capsys):
+    path = write_docs(tmp_path / "corpus" / name, MANY, row_group_size=1000)
+    spoil, where = BAD_CORPORA[name]
+    spoil(path)
+    code, err = run_main(byte_level_bpe.main, ["--input", str(path.parent), "--output", str(tmp_path / "tok")], capsys)
+    assert_one_line_error(code, err)
+    assert f"{path.parent}/{where}" in err and not (tmp_path / "tok").exists()
+    code, err = run_main(evaluator.main, ["--model_path", str(shared["ckpt"]), "--test_data_path", str(path),
+                                          "--output", str(tmp_path / "report.json"), "--no_progress"], capsys)
+    assert_one_line_error(code, err)
+    assert f"{path.parent}/{where}" in err and not (tmp_path / "report.json").exists()
+
+
+
+# ----------------------------------------------------------------------------- every command on hostile files
+
+DEEP_JSON = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.fixture()
+def hostile(tmp_path) -> dict[str, Path]:
+    """Files no reader should choke on: JSON nested 100,000 deep (.json and .jsonl), a Latin-1 corpus."""
+    folder = tmp_path / "hostile"
+    folder.mkdir()
+    (folder / "deep.json").write_text(DEEP_JSON)
+    (folder / "deep.jsonl").write_text('{"text": "fine", "instruction": "a", "response": "b"}\n' + DEEP_JSON + "\n")
+    (folder / "latin1.txt").write_bytes("《静夜思》 李白：床前明月光。\n".encode() + b"ROMEO: caf\xe9\n")
+    return {name: folder / name for name in ("deep.json", "deep.jsonl", "latin1.txt")}
+
+
+def test_hostile_files_are_one_line_in_every_command_that_reads_them(hostile, files, shared, corpus,
+                                                                     tiny_tokenizer_dir, earlier_run, capsys):
+    """Every reader (SFT, preference, classification, pretraining, evaluator, quantizer's eval data) on JSON nested
+    100,000 deep, and the data builders on a non-UTF-8 corpus: exit 2, one line naming the file, nothing changed."""
+    before, out = snapshot(earlier_run), str(earlier_run)
+    deep, deep_list, latin1 = (str(hostile[name]) for name in ("deep.jsonl", "deep.json", "latin1.txt"))
+    finetune_base = ["--device", "cpu", "--max_steps", "1", "--output_dir", out]
+    cases = [
+        (finetune.main, ["--mode", "sft", "--pretrained_model", str(files["pretrained"]), "--data_path", deep,
+                         *finetune_base], f"{deep}:2: JSON nested"),
+        (finetune.main, ["--mode", "dpo", "--sft_model", str(files["pretrained"]), "--pairwise_data", deep_list,
+                         *finetune_base], f"{deep_list}: JSON nested"),
+        (finetune.main, ["--mode", "classify", "--pretrained_model", str(files["pretrained"]), "--classify_train",
+                         deep, *finetune_base], f"{deep}:2: JSON nested"),
+        (pt.main, pretrain_args(corpus, tiny_tokenizer_dir, earlier_run, "--train_data_dir", deep), "JSON nested"),
+        (evaluator.main, ["--model_path", str(shared["ckpt"]), "--model_type", "sft", "--test_data_path", deep_list,
+                          "--output", str(earlier_run / "report.json"), "--no_progress"], "JSON nested"),
+        (evaluator.main, ["--model_path", str(shared["ckpt"]), "--test_data_path", deep, "--no_progress",
+                          "--output", str(earlier_run / "report.json")], f"{deep}:2: JSON nested"),
+        (quantizer.main, ["--model_path", str(shared["ckpt"]), "--output", str(earlier_run / "int8.pth"),
+                          "--test_data_path", deep], f"{deep}:2: JSON nested"),
+        (build_sft.main, ["--corpus", latin1, "--output_dir", out], f"{latin1}:2: not UTF-8"),
+        (build_classify.main, ["--corpus", latin1, "--output_dir", out], f"{latin1}:2: not UTF-8"),
+    ]
+    for main, argv, expected in cases:
+        code, err = run_main(main, argv, capsys)
+        assert_one_line_error(code, err)
+        assert expected in err, (argv, err)
+        assert snapshot(earlier_run) == before, argv
+

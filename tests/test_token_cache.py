@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import pretrain_trainer as pt
 import token_cache as tc
+from cli_cases import assert_one_line_error, run_on_a_full_disk
 from conftest import corpus_lines
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -260,3 +262,21 @@ def test_a_cache_built_from_another_text_field_is_its_own(tiny_tokenizer, tmp_pa
     back = tc.build_token_stream(source, tok, show_progress=False)
     assert tok.calls == 2 and again.tokens.tolist() == title.tokens.tolist()
     assert back.tokens.tolist() == reference_tokens(tiny_tokenizer, DOCS)
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_tokenizing_keeps_the_finished_shards_and_a_rerun_continues(tiny_tokenizer_dir, tmp_path):
+    train = tmp_path / "train.txt"
+    train.write_text("\n".join(corpus_lines(limit=4000)) + "\n", encoding="utf-8")
+    args = ["--train_data_dir", str(train), "--tokenizer_dir", str(tiny_tokenizer_dir), "--output_dir",
+            str(tmp_path / "run"), "--device", "cpu", "--num_workers", "1", "--n_layers", "1", "--d_model", "32",
+            "--n_heads", "2", "--max_seq_len", "32", "--batch_size", "2", "--samples", "0", "--max_steps", "1",
+            "--cache_dir", str(tmp_path / "cache")]
+    result = run_on_a_full_disk(60_000, "pretrain_trainer", args)  # the cache is ~250 KB
+    assert_one_line_error(result.returncode, result.stderr)
+    last = result.stderr.strip().splitlines()[-1]
+    assert "while writing the token cache" in last and "no shard was finished yet" in last, last
+    assert not (tmp_path / "run").exists() or not list((tmp_path / "run").rglob("*.pth"))
+    assert pt.main(args) == 0  # the rerun continues from the kept shards and trains
+    meta = json.loads(next((tmp_path / "cache").glob("*.json")).read_text())
+    assert meta["complete"] and meta["version"] == tc.CACHE_VERSION
