@@ -97,6 +97,9 @@ BAD_PRETRAIN_FLAGS = [
     ["--preset", "huge"], ["--dtype", "int3"], ["--keep_last", "-1"], ["--warmup_steps", "-5"],
     ["--num_workers", "0"], ["--save_interval", "0"], ["--vocab_size", "10"], ["--min_lr_ratio", "2"],
     ["--n_heads", "3"], ["--max_minutes", "0.001"], ["--text_field", ""], ["--text_field", "text "],
+    ["--depth", "0"], ["--depth", "x"], ["--depth", "2"],  # the base flags set --n_layers: --depth cannot join them
+    ["--tokens_per_param", "0"], ["--tokens_per_param", "-1"], ["--max_epochs", "0"], ["--max_epochs", "inf"],
+    ["--print_plan", "--resume", "auto"],
 ]
 
 
