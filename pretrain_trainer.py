@@ -316,8 +316,8 @@ def plan_lines(config: TrainConfig, model_config: GPTConfig, corpus: Corpus, pla
     else:
         lines += [f"tokens: as many as {config.max_minutes:g} minutes allow (compute-optimal: "
                   f"{count(config.tokens_per_param * parameters)})", f"steps: as many as fit, of {step}",
-                  f"epochs over the corpus: {corpus.tokens / corpus.tokens_per_step:,.0f} steps each, of "
-                  f"{count(corpus.tokens)} tokens"]
+                  f"epochs over the corpus: as many as fit, {corpus.tokens / corpus.tokens_per_step:,.0f} steps "
+                  f"each ({count(corpus.tokens)} tokens)"]
     lines.append(f"learning rate: {config.lr:.3g}")
     clock = f"at most {config.max_minutes:g} minutes (the time budget, from the start)" if config.max_minutes else ""
     lines.append(f"expected time: {clock or 'not estimated (no throughput measured)'}")
