@@ -172,6 +172,14 @@ def fraction(text: str) -> float:
     return value
 
 
+def proper_fraction(text: str) -> float:
+    """argparse type: a float in (0, 1) (a share of records held out: neither none nor all)."""
+    value = _number(float, text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
+    return value
+
+
 def path_or_none(text: str) -> str | None:
     """argparse type: a path, or 'none' (any case) for no path (--val_data_dir none: no evaluation)."""
     return None if text.lower() == "none" else text

@@ -27,8 +27,8 @@ import torch
 import cli
 import training
 from devices import set_threads
-from finetune_stages import (CONFIGS, MODES, FinetuneConfig, exact_match_report, field_names, run_classify, run_dpo,
-                             run_reward, run_rlhf, run_rlvf, run_sft)
+from finetune_stages import (CONFIGS, MODES, FinetuneConfig, exact_match_report, field_names, held_out_split,
+                             run_classify, run_dpo, run_reward, run_rlhf, run_rlvf, run_sft)
 
 RUNS = {"sft": run_sft, "reward": run_reward, "rlhf": run_rlhf, "dpo": run_dpo, "rlvf": run_rlvf,
         "classify": run_classify}
@@ -90,6 +90,11 @@ def parse(argv: Sequence[str] | None) -> tuple[training.RunOptions, FinetuneConf
     if values.get("optimizer") == "muon" and values.get("lora_r"):
         raise cli.UsageError("--optimizer muon trains the blocks' weight matrices, --lora_r only adapters: use "
                              "--optimizer adamw with LoRA")
+    if "val_fraction" in values and ("test_data_path" in values or "data_path" not in values):
+        raise cli.UsageError("--val_fraction holds out part of your --data_path: pass --data_path, and no "
+                             "--test_data_path")
+    if "data_path" in values and "test_data_path" not in values:
+        values["test_data_path"] = None  # the user's own data is judged on a held-out split of it, not the demo's
     if ("max_minutes" in values or "epochs" in values) and "max_steps" not in values:
         values["max_steps"] = None  # an explicit time or epoch budget replaces the default step count
     return options, CONFIGS[args.mode](**values)
@@ -126,7 +131,8 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         summary = RUNS[config.mode](config, options.resume)
         if config.mode in REPORTED and training.DistInfo.from_env().is_main:
-            summary["exact_match"] = exact_match_report(summary["checkpoint"], config.test_data_path,
+            test = config.test_data_path if config.test_data_path is not None else held_out_split(config)[1]
+            summary["exact_match"] = exact_match_report(summary["checkpoint"], test,
                                                         config.max_new_tokens)
         print(json.dumps(summary, ensure_ascii=False))
     finally:

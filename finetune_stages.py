@@ -17,6 +17,7 @@ import argparse
 import copy
 import dataclasses
 import functools
+import random
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -41,6 +42,7 @@ from training import TrainError
 from verifiers import VERIFIERS, check_verifiers
 
 PROCESS_START = time.time()
+HELD_OUT_CAP = 500  # records held out of a user's --data_path at most: evaluations stay a few seconds
 
 # ----------------------------------------------------------------------------- one config per mode
 
@@ -73,15 +75,19 @@ class PromptRecords:
     data_path: str = cli.setting("data/sft/sft_data.json", "sft: training records .json/.jsonl [{\"instruction\", "
                                  "\"response\"}] (optional \"input\", \"task\"); rlvf: the prompts, same format, the "
                                  "response being what the verifiers check")
+    val_fraction: float = cli.setting(0.05, "with --data_path and no --test_data_path: the share of --data_path's "
+                                      f"records held out for evaluation (at least 1, at most {HELD_OUT_CAP}; chosen "
+                                      "by --seed)", cli.proper_fraction)
 
 
 @dataclass
 class HeldOutAnswers:
     """The held-out SFT records whose greedy answers are scored (exact match) after training and in RL evaluations."""
 
-    test_data_path: str = cli.setting("data/sft/sft_test.json", "held-out SFT records: sft picks sft_best.pth on them; "
-                                      "the RL stages evaluate on them; every language-model stage reports their exact "
-                                      "match at the end")
+    test_data_path: str | None = cli.setting("data/sft/sft_test.json", "held-out SFT records: sft picks sft_best.pth "
+                                             "on them; the RL stages evaluate on them; every language-model stage "
+                                             "reports their exact match at the end. With --data_path and without "
+                                             "it: a held-out split of --data_path (--val_fraction)")
     max_new_tokens: int = cli.setting(16, "longest generated answer (rollouts, evaluations, report)", cli.positive_int)
 
 
@@ -283,6 +289,22 @@ def summary(trainer: training.Trainer, stage: str, **figures: Any) -> dict[str, 
 
 # ----------------------------------------------------------------------------- SFT
 
+def held_out_split(config: SFTConfig | GRPOConfig) -> tuple[list[dict], list[dict], str | None]:
+    """(training records, held-out records, what was held out): --data_path and --test_data_path; or, with no
+    --test_data_path (None: the user's own --data_path), --val_fraction of --data_path's records, chosen by --seed,
+    kept out of training."""
+    records = load_sft_records(config.data_path)
+    if config.test_data_path is not None:
+        return records, load_sft_records(config.test_data_path), None
+    if len(records) < 2:
+        raise TrainError(f"--data_path {config.data_path} holds {len(records)} record: holding one out for evaluation "
+                         "needs at least 2; pass --test_data_path")
+    count = min(HELD_OUT_CAP, len(records) - 1, max(1, round(config.val_fraction * len(records))))
+    held = set(random.Random(config.seed).sample(range(len(records)), count))
+    note = f"held out {count} of {len(records)} records of {config.data_path} for evaluation"
+    return ([r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)], note)
+
+
 def run_sft(config: SFTConfig, resume: str | None, show_progress: bool = True,
             stop_after: int | None = None) -> dict[str, Any]:
     """Supervised finetuning (prompt tokens masked); best held-out response loss -> <output_dir>/sft_best.pth.
@@ -291,8 +313,9 @@ def run_sft(config: SFTConfig, resume: str | None, show_progress: bool = True,
     base = load_base(config.pretrained_model, config.tokenizer_dir, "--pretrained_model")
     tokenizer, template = chat_base(base)
     max_len = base.model.config.max_seq_len
-    train_set = data_loader.GPTSFTDataset(config.data_path, tokenizer, max_len, template)
-    test_set = data_loader.GPTSFTDataset(config.test_data_path, tokenizer, max_len, template)
+    train_records, test_records, held_out = held_out_split(config)
+    train_set = data_loader.GPTSFTDataset(train_records, tokenizer, max_len, template)
+    test_set = data_loader.GPTSFTDataset(test_records, tokenizer, max_len, template)
     check_records_fit(train_set, config.data_path, max_len)
     model, checkpoint, resumed_from = resume_or(config, resume, "sft", tokenizer,
                                                 functools.partial(sft_model, base.model, config))
@@ -301,7 +324,8 @@ def run_sft(config: SFTConfig, resume: str | None, show_progress: bool = True,
         lora.mark_only_lora_trainable(model)
     trainable, total = lora.count_parameters(model)
     print(f"sft: {len(train_set)} train / {len(test_set)} held-out examples, context {max_len}; "
-          f"trainable parameters {trainable:,} of {total:,}" + (" (LoRA)" if lora.lora_layers(model) else ""))
+          f"trainable parameters {trainable:,} of {total:,}" + (" (LoRA)" if lora.lora_layers(model) else "")
+          + (f"; {held_out}" if held_out else ""))
     extra = {"sft_template": template, "base_model": str(config.pretrained_model),
              "lora": lora.lora_config(model) if lora.lora_layers(model) else None}
     collate = functools.partial(data_loader.collate_batch, pad_token_id=tokenizer.pad_token_id)
@@ -310,7 +334,7 @@ def run_sft(config: SFTConfig, resume: str | None, show_progress: bool = True,
                        evaluate_fn=language_model_eval(test_set, tokenizer, config.batch_size))
     if trainer.dist.is_main and extra["lora"]:
         finish_lora(trainer.output_dir / "sft_best.pth", config)
-    return summary(trainer, "sft")
+    return summary(trainer, "sft", **({"held_out": held_out} if held_out else {}))
 
 
 def chat_base(base: checkpoints.Loaded) -> tuple[Any, str]:
@@ -567,22 +591,23 @@ def run_rlvf(config: GRPOConfig, resume: str | None, show_progress: bool = True,
     """GRPO from the SFT model with verifier rewards on the SFT training prompts -> <output_dir>/rlvf_best.pth."""
     policy = load_base(config.sft_model, config.tokenizer_dir, "--sft_model")
     tokenizer, template = policy.tokenizer, policy.template
-    records = load_sft_records(config.data_path)
+    records, held, held_out = held_out_split(config)
     check_verifiers(records, f"--data_path {config.data_path}")
     items = rl_prompts([(record_prompt_ids(tokenizer, r, template), r) for r in records],
                        policy.model.config.max_seq_len, "--data_path")
-    eval_records = load_sft_records(config.test_data_path)[:config.eval_samples]
-    check_verifiers(eval_records, f"--test_data_path {config.test_data_path}")
+    eval_records = held[:config.eval_samples]
+    check_verifiers(eval_records, f"--test_data_path {config.test_data_path}" if held_out is None
+                    else f"--data_path {config.data_path}")
     checkpoint, resumed_from = training.find_resume_checkpoint(resume, config.output_dir, "rlvf", tokenizer)
     print(f"rlvf: {len(records)} training prompts x {config.group_size} samples per group, {len(eval_records)} "
-          f"held-out prompts; verifiers {sorted(VERIFIERS)}")
+          f"held-out prompts; verifiers {sorted(VERIFIERS)}" + (f"; {held_out}" if held_out else ""))
     step = GRPOStep(config, tokenizer, eval_records, template)
     batches = data_loader.ShuffledBatches(items, config.rollout_batch_size, list, config.seed)
     trainer, last = train(config, policy.model, tokenizer, batches, step, "rlvf", checkpoint, resumed_from,
                           show_progress, stop_after, evaluate_fn=step.held_out, evaluate_first=True,
                           steps_per_epoch=batches.batches_per_epoch,
                           checkpoint_extra={"sft_template": template, "base_model": str(config.sft_model)})
-    return rl_summary(trainer, last)
+    return {**rl_summary(trainer, last), **({"held_out": held_out} if held_out else {})}
 
 
 def rl_summary(trainer: training.Trainer, last: dict[str, float]) -> dict[str, Any]:
@@ -594,11 +619,11 @@ def rl_summary(trainer: training.Trainer, last: dict[str, float]) -> dict[str, A
 
 # ----------------------------------------------------------------------------- exact match report
 
-def exact_match_report(checkpoint_path: str | Path, test_data_path: str, max_new_tokens: int = 16,
+def exact_match_report(checkpoint_path: str | Path, test_data: str | Path | list[dict], max_new_tokens: int = 16,
                        device: str = "cpu", limit: int | None = None) -> dict[str, float]:
-    """Greedy exact match of a language-model checkpoint on held-out SFT records, overall and per "task"
-    (``scoring.answer_exact_match``)."""
+    """Greedy exact match of a language-model checkpoint on held-out SFT records (a file, or the records), overall
+    and per "task" (``scoring.answer_exact_match``)."""
     loaded = checkpoints.load(checkpoint_path, device=device)
-    records = load_sft_records(test_data_path)[:limit]
+    records = (test_data if isinstance(test_data, list) else load_sft_records(test_data))[:limit]
     return scoring.answer_exact_match(loaded.model, loaded.tokenizer, records, loaded.template, max_new_tokens,
                                       scoring.ScoreParams(batch_size=64))

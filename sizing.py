@@ -96,10 +96,15 @@ def shape_from_depth(depth: int) -> dict[str, int]:
 @functools.lru_cache(maxsize=512)
 def model_counts(depth: int, vocab_size: int, max_seq_len: int) -> tuple[int, int]:
     """(parameters, training FLOPs per token) of the real GPTModel of this depth, built on the meta device."""
-    config = GPTConfig(vocab_size=vocab_size, max_seq_len=max_seq_len, pad_token_id=0, **shape_from_depth(depth))
+    return config_counts(GPTConfig(vocab_size=vocab_size, max_seq_len=max_seq_len, pad_token_id=0,
+                                   **shape_from_depth(depth)))
+
+
+def config_counts(config: GPTConfig) -> tuple[int, int]:
+    """(parameters, training FLOPs per token) of the GPTModel of any config, built on the meta device."""
     with torch.device("meta"):  # shapes only: no memory is allocated, nothing is initialised for real
         model = GPTModel(config)
-    return model.num_parameters(), model.estimate_flops_per_token(max_seq_len)
+    return model.num_parameters(), model.estimate_flops_per_token(config.max_seq_len)
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -161,8 +166,8 @@ def plan_for_budget(minutes: float, tokens_per_sec: Callable[[int], float], voca
     if fitting and fitting[0].depth == 1:  # the corpus caps even the smallest model: train it on what there is
         return fitting[0]
     smallest = plans[0]
-    raise SizingError(f"even depth 1 ({_count(smallest.parameters)} parameters, {_count(smallest.tokens)} tokens) "
-                      f"needs {smallest.expected_minutes:.1f} minutes at {_count(smallest.tokens_per_sec)} tokens/s, "
+    raise SizingError(f"even depth 1 ({count(smallest.parameters)} parameters, {count(smallest.tokens)} tokens) "
+                      f"needs {smallest.expected_minutes:.1f} minutes at {count(smallest.tokens_per_sec)} tokens/s, "
                       f"more than {minutes:g}: raise the minutes or choose a depth yourself")
 
 
@@ -176,7 +181,7 @@ def flops_throughput(tokens_per_sec: float, measured_depth: int, vocab_size: int
     return lambda depth: flops_per_sec / model_counts(depth, vocab_size, max_seq_len)[1]
 
 
-def _count(n: float) -> str:
+def count(n: float) -> str:
     """1234 -> 1.23K, 124439808 -> 124.44M, 2.49e9 -> 2.49B."""
     for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= size:
@@ -186,19 +191,19 @@ def _count(n: float) -> str:
 
 def format_plan(plan: Plan) -> str:
     """The lines printed before training: model and parameters, tokens and steps, epochs, lr, expected minutes."""
-    budget = (f"capped at {plan.max_epochs:g} epochs of the corpus (compute-optimal: {_count(plan.optimal_tokens)} = "
+    budget = (f"capped at {plan.max_epochs:g} epochs of the corpus (compute-optimal: {count(plan.optimal_tokens)} = "
               f"{plan.tokens_per_param:g} per parameter)" if plan.capped_by_epochs else
               f"{plan.tokens / plan.parameters:.1f} per parameter (compute-optimal: {plan.tokens_per_param:g})")
-    timing = (f"{plan.expected_minutes:.1f} minutes at {_count(plan.tokens_per_sec)} tokens/s"
+    timing = (f"{plan.expected_minutes:.1f} minutes at {count(plan.tokens_per_sec)} tokens/s"
               if plan.expected_minutes is not None else "not estimated (no throughput measured)")
     return "\n".join([
         f"model: depth {plan.depth} = {plan.n_layers} layers x {plan.d_model} ({plan.n_heads} heads of "
-        f"{plan.d_model // plan.n_heads}, d_ff {plan.d_ff}), {_count(plan.parameters)} parameters "
+        f"{plan.d_model // plan.n_heads}, d_ff {plan.d_ff}), {count(plan.parameters)} parameters "
         f"({plan.parameters:,}; vocab {plan.vocab_size:,}, context {plan.max_seq_len:,})",
-        f"tokens: {_count(plan.tokens)}, {budget}",
+        f"tokens: {count(plan.tokens)}, {budget}",
         f"steps: {plan.steps:,} of {plan.tokens_per_step:,} tokens ({plan.batch_size:,} sequences x "
         f"{plan.max_seq_len:,})",
-        f"epochs over the corpus: {plan.epochs:.2f} of {_count(plan.corpus_tokens)} tokens "
+        f"epochs over the corpus: {plan.epochs:.2f} of {count(plan.corpus_tokens)} tokens "
         f"(limit {plan.max_epochs:g})",
         f"learning rate: {plan.lr:.3g} ({plan.base_lr:g} at width {plan.base_d_model}, x sqrt({plan.base_d_model} / "
         f"{plan.d_model}))",

@@ -127,6 +127,18 @@ def lr_at(progress: float, step: int, config: TrainConfig) -> float:
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))) * (config.lr - min_lr)
 
 
+def step_limit(config: TrainConfig, steps_per_epoch: float | None) -> int | None:
+    """The run's last step from --max_steps and --epochs (the smaller), None when only the clock stops it."""
+    if not (config.max_steps or config.epochs or config.max_minutes):
+        raise TrainError("no stopping rule: set --max_steps, --epochs or --max_minutes")
+    limits = [config.max_steps] if config.max_steps else []
+    if config.epochs:
+        if not steps_per_epoch:
+            raise TrainError("--epochs needs a data set of known size; use --max_steps instead")
+        limits.append(max(1, math.ceil(config.epochs * steps_per_epoch)))
+    return min(limits) if limits else None
+
+
 def run_progress(step: int, max_steps: int | None, train_seconds: float, time_budget: float | None) -> float:
     """Fraction of a run done: by steps, by the time budget (seconds), whichever is further."""
     done = [step / max_steps] if max_steps else []
@@ -415,15 +427,7 @@ class Trainer:
         set_rng_state(own["rng"])
 
     def _max_steps(self, steps_per_epoch: float | None) -> int | None:
-        c = self.config
-        if not (c.max_steps or c.epochs or c.max_minutes):
-            raise TrainError("no stopping rule: set --max_steps, --epochs or --max_minutes")
-        limits = [c.max_steps] if c.max_steps else []
-        if c.epochs:
-            if not steps_per_epoch:
-                raise TrainError("--epochs needs a data set of known size; use --max_steps instead")
-            limits.append(max(1, math.ceil(c.epochs * steps_per_epoch)))
-        return min(limits) if limits else None
+        return step_limit(self.config, steps_per_epoch)
 
     # -- training
     def _progress(self) -> float:

@@ -342,7 +342,7 @@ def build_parser() -> cli.ArgumentParser:
     return p
 
 
-def parse(argv: Sequence[str] | None) -> tuple[SpeedrunOptions, set[str]]:
+def speedrun_options(argv: Sequence[str] | None) -> tuple[SpeedrunOptions, set[str]]:
     """(the options, the names of the flags the user typed), from one parse."""
     typed = cli.typed_settings(build_parser().parse_args(argv), SpeedrunOptions)
     return SpeedrunOptions(**typed), set(typed)
@@ -354,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args, explicit = parse(argv)
+    args, explicit = speedrun_options(argv)
     for flag in ("host", "port"):
         if flag in explicit and not args.serve:
             raise cli.UsageError(f"--{flag} applies to --serve")

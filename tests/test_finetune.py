@@ -1,6 +1,7 @@
 """finetune.py, the CLI: one parser for every mode, a mode's own defaults, foreign flags and bad input as one line."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -68,6 +69,11 @@ BAD_FLAGS = [
     (["--mode", "classify", "--group_size", "4"], "--group_size applies to --mode rlvf only"),
     (["--mode", "rlvf", "--reward_model", "r.pth"], "--reward_model applies to --mode rlhf only"),
     (["--optimizer", "lion"], "invalid choice"), (["--lora_r", "4", "--optimizer", "muon"], "use --optimizer adamw"),
+    # the held-out share of the user's own --data_path
+    (["--val_fraction", "0"], "must be in (0, 1)"), (["--val_fraction", "1"], "must be in (0, 1)"),
+    (["--val_fraction", "x"], "expected a number"), (["--val_fraction", "0.1"], "pass --data_path"),
+    (["--data_path", "a.json", "--test_data_path", "b.json", "--val_fraction", "0.1"], "and no --test_data_path"),
+    (["--mode", "dpo", "--val_fraction", "0.1"], "--val_fraction applies to --mode sft / rlvf only"),
     # the output folder never holds what the run starts from (SFT into models/pretrain moved its tokenizer aside)
     (["--pretrained_model", "{out}/pretrain_best.pth"], "--output_dir {out} holds --pretrained_model"),
     (["--mode", "dpo", "--sft_model", "{out}/sub/sft_best.pth"], "holds --sft_model"),
@@ -130,3 +136,72 @@ def test_the_docs_list_each_modes_defaults():
         assert output_dir.strip("`") == defaults.output_dir and float(lr) == defaults.lr, mode
         assert (int(warmup), int(max_steps.replace(",", "")), int(interval)) == (
             defaults.warmup_steps, defaults.max_steps, defaults.eval_interval), mode
+
+
+# ----------------------------------------------------------------------------- the user's own data, held out
+
+def write_mine(path, n: int = 40) -> list[dict]:
+    """A user's chat file: two task families of their own, none of the demo's."""
+    records = [{"instruction": f"colour of item {i}?", "response": f"c{i % 7}", "task": "colours"} if i % 2 else
+               {"instruction": f"price of item {i}?", "response": f"{i}", "task": "prices"} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return records
+
+
+def summary_of(out: str) -> dict:
+    return json.loads(next(line for line in out.splitlines() if line.startswith("{")))
+
+
+def test_sft_on_your_own_file_is_judged_on_a_held_out_split_of_it(files, tmp_path, capsys):
+    mine = tmp_path / "mine.jsonl"
+    records = write_mine(mine)
+    argv = ["--pretrained_model", str(files["pretrained"]), "--data_path", str(mine), "--output_dir",
+            str(tmp_path / "out"), "--max_steps", "2", "--eval_interval", "2", "--batch_size", "4", "--device", "cpu",
+            "--val_fraction", "0.25"]
+    assert ft.main(argv) == 0
+    out = capsys.readouterr().out
+    summary = summary_of(out)
+    assert summary["held_out"] == f"held out 10 of 40 records of {mine} for evaluation"
+    assert "sft: 30 train / 10 held-out examples" in out
+    tasks = {key.split("/")[1] for key in summary["exact_match"] if "/" in key}
+    assert tasks and tasks <= {"colours", "prices"}  # the families come from the user's data, not the demo's
+
+    _, config = ft.parse(argv)
+    assert config.test_data_path is None  # nothing typed: the user's data is split, the demo test set is not used
+    train, held, note = stages.held_out_split(config)
+    assert note == summary["held_out"]
+    instructions = lambda rows: {r["instruction"] for r in rows}  # noqa: E731
+    assert not instructions(train) & instructions(held) and len(train) + len(held) == len(records)
+    assert instructions(train) | instructions(held) == instructions(records)
+    assert stages.held_out_split(config) == (train, held, note)  # deterministic
+    other = stages.held_out_split(dataclasses.replace(config, seed=config.seed + 1))
+    assert instructions(other[1]) != instructions(held)  # chosen by --seed
+    default = stages.held_out_split(ft.parse(["--data_path", str(mine)])[1])  # --val_fraction 0.05 of 40
+    assert len(default[1]) == 2 and default[2].startswith("held out 2 of 40 records")
+
+
+def test_sft_with_a_test_file_evaluates_on_it_as_before(files, tmp_path, capsys):
+    assert ft.main(sft_args(files, tmp_path)) == 0
+    out = capsys.readouterr().out
+    summary = summary_of(out)
+    assert "held_out" not in summary and "held out" not in out  # the test file, as given
+    assert {key.split("/")[1] for key in summary["exact_match"] if "/" in key} <= {
+        r["task"] for r in json.loads(files["sft_test"].read_text(encoding="utf-8"))}
+    _, config = ft.parse(sft_args(files, tmp_path))
+    train, held, note = stages.held_out_split(config)
+    assert note is None and len(train) == 48 and held == json.loads(files["sft_test"].read_text(encoding="utf-8"))
+
+
+def test_the_held_out_split_has_a_floor_a_cap_and_the_demo_keeps_its_test_set(tmp_path, capsys):
+    assert ft.parse([])[1].test_data_path == "data/sft/sft_test.json"  # the demo: exactly as before
+    assert ft.parse(["--mode", "rlvf"])[1].test_data_path == "data/sft/sft_test.json"
+    mine = tmp_path / "mine.jsonl"
+    write_mine(mine, 3)
+    rlvf = ft.parse(["--mode", "rlvf", "--data_path", str(mine), "--val_fraction", "0.01"])[1]
+    assert rlvf.test_data_path is None and len(stages.held_out_split(rlvf)[1]) == 1  # at least one record
+    write_mine(mine, 2 * stages.HELD_OUT_CAP)
+    assert len(stages.held_out_split(ft.parse(["--data_path", str(mine), "--val_fraction", "0.9"])[1])[1]) == (
+        stages.HELD_OUT_CAP)
+    write_mine(mine, 1)
+    with pytest.raises(stages.TrainError, match="needs at least 2; pass --test_data_path"):
+        stages.held_out_split(ft.parse(["--data_path", str(mine)])[1])

@@ -23,6 +23,7 @@ import training
 import gpt_model
 import pretrain_trainer as pt
 import scoring
+import sizing
 from byte_level_bpe import ByteLevelBPETokenizer
 from cli_cases import assert_one_line_error, pretrain_args, run_main, snapshot
 from conftest import VAL_TXT, corpus_lines, write_corpus
@@ -281,6 +282,9 @@ BAD_PRETRAIN_FLAGS = [
     ["--preset", "huge"], ["--dtype", "int3"], ["--keep_last", "-1"], ["--warmup_steps", "-5"],
     ["--num_workers", "0"], ["--save_interval", "0"], ["--vocab_size", "10"], ["--min_lr_ratio", "2"],
     ["--n_heads", "3"], ["--max_minutes", "0.001"], ["--text_field", ""], ["--text_field", "text "],
+    ["--depth", "0"], ["--depth", "x"], ["--depth", "2"],  # the base flags set --n_layers: --depth cannot join them
+    ["--tokens_per_param", "0"], ["--tokens_per_param", "-1"], ["--max_epochs", "0"], ["--max_epochs", "inf"],
+    ["--print_plan", "--resume", "auto"],
 ]
 
 
@@ -354,3 +358,127 @@ def test_resume_checkpoint_that_does_not_fit(corpus, tiny_tokenizer_dir, tmp_pat
         code, err = run_main(pt.main, args, capsys)
         assert_one_line_error(code, err)
         assert expected in err, (name, err)
+
+# ----------------------------------------------------------------------------- sizing the run
+
+# the configuration `python pretrain_trainer.py` trained with before the run could size itself, field by field
+DEFAULT_RUN = {'output_dir': 'models/pretrain', 'batch_size': 16, 'grad_accum': 1, 'lr': 0.006, 'min_lr_ratio': 0.1,
+               'warmup_steps': 50, 'weight_decay': 0.1, 'beta1': 0.9, 'beta2': 0.95, 'optimizer': 'muon',
+               'grad_clip': 1.0, 'max_steps': None, 'epochs': None, 'max_minutes': 4.75, 'eval_interval': 500,
+               'eval_batches': None, 'log_interval': 10, 'save_interval': None, 'keep_last': 2, 'dtype': 'auto',
+               'compile': False, 'device': None, 'seed': 1337, 'train_data': 'data/pretrain/train.txt',
+               'val_data': 'data/pretrain/val.txt', 'cache_dir': None, 'text_field': 'text', 'preset': 'tiny',
+               'n_layers': 2, 'd_model': None, 'n_heads': None, 'd_ff': None, 'dropout': 0.0, 'max_seq_len': 64,
+               'num_workers': None}
+SIZING_FIELDS = {"depth": None, "tokens_per_param": 20.0, "max_epochs": 4.0}
+
+
+def plan_args(corpus, tokenizer_dir, output_dir, *extra: str) -> list[str]:
+    train, val = corpus
+    return ["--train_data_dir", str(train), "--val_data_dir", str(val), "--tokenizer_dir", str(tokenizer_dir),
+            "--output_dir", str(output_dir), "--num_workers", "1", "--device", "cpu", "--samples", "0", *extra]
+
+
+def corpus_figures(corpus, tokenizer, batch_size: int = 16, max_seq_len: int = 64) -> pt.Corpus:
+    """The figures a plan is made from, computed here as the trainer must: the tokens of the training stream."""
+    n_tokens = len(token_cache.build_token_stream(corpus[0], tokenizer, num_workers=1, show_progress=False))
+    return pt.Corpus(n_tokens, len(tokenizer), batch_size * max_seq_len)
+
+
+def test_the_default_run_on_cpu_is_unchanged(corpus, tiny_tokenizer):
+    """No flags: the same model, budget and schedule as before sizing existed, and no plan or measurement on a CPU."""
+    config = pt.config_from_args(pt.build_parser().parse_args([]))
+    assert asdict(config) == {**DEFAULT_RUN, **SIZING_FIELDS}
+    typed: set[str] = set()
+    assert not pt.auto_sizing_applies(typed, torch.device("cpu"), training.DistInfo(), False)
+    assert pt.size_run(config, typed, corpus_figures(corpus, tiny_tokenizer)) == (config, None)
+
+
+def test_print_plan_shows_the_depths_plan_and_writes_no_checkpoint(corpus, tiny_tokenizer_dir, tiny_tokenizer,
+                                                                  tmp_path, capsys):
+    assert pt.main(plan_args(corpus, tiny_tokenizer_dir, tmp_path / "out", "--depth", "12", "--print_plan")) == 0
+    out = capsys.readouterr().out
+    figures = corpus_figures(corpus, tiny_tokenizer)
+    expected = sizing.plan_from_depth(12, len(tiny_tokenizer), 64, figures.tokens, 16 * 64,
+                                      sizing.SizingRules(base_lr=pt.DEFAULT_LR["muon"]))
+    assert sizing.format_plan(expected) in out
+    assert f"{expected.parameters:,}" in out and f"steps: {expected.steps:,} of 1,024 tokens" in out
+    assert expected.capped_by_epochs and expected.epochs <= 4  # 85M parameters on a few thousand lines
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
+def test_a_depth_run_trains_the_planned_shape_with_the_scaled_lr(corpus, tiny_tokenizer_dir, tiny_tokenizer,
+                                                                 tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    assert pt.main(plan_args(corpus, tiny_tokenizer_dir, out_dir, "--depth", "1", "--max_steps", "3",
+                             "--batch_size", "2", "--max_seq_len", "32", "--eval_interval", "3")) == 0
+    out = capsys.readouterr().out
+    checkpoint = checkpoints.load_checkpoint(out_dir / "pretrain_step_3.pth")
+    shape = {k: checkpoint["config"][k] for k in ("n_layers", "d_model", "n_heads", "d_ff")}
+    assert shape == {"n_layers": 1, "d_model": 64, "n_heads": 1, "d_ff": 256}  # depth 1: one head of 64
+    plan = sizing.plan_from_depth(1, len(tiny_tokenizer), 32, corpus_figures(corpus, tiny_tokenizer, 2, 32).tokens,
+                                  64, sizing.SizingRules(base_lr=6e-3))
+    assert checkpoint["train_args"]["lr"] == pytest.approx(6e-3 * math.sqrt(128 / 64)) == pytest.approx(plan.lr)
+    assert checkpoint["train_args"]["max_steps"] == 3 and checkpoint["step"] == 3  # the typed budget wins
+    model, _ = checkpoints.load_model_and_tokenizer(out_dir / "pretrain_step_3.pth")
+    assert model.num_parameters() == plan.parameters
+    assert f"({plan.parameters:,}; vocab" in out and "steps: 3 of 64 tokens (2 sequences x 32)" in out
+
+
+def test_a_depth_run_without_a_budget_trains_the_plans_steps(corpus, tiny_tokenizer, tmp_path):
+    parsed = pt.build_parser().parse_args(["--depth", "3", "--tokens_per_param", "0.5", "--max_epochs", "2"])
+    config = pt.config_from_args(parsed)
+    assert config.max_minutes is None and config.max_steps is None and config.n_layers is None
+    figures = corpus_figures(corpus, tiny_tokenizer)
+    sized, plan = pt.size_run(config, set(vars(parsed)), figures)
+    rules = sizing.SizingRules(base_lr=6e-3, tokens_per_param=0.5, max_epochs=2)
+    assert plan == sizing.plan_from_depth(3, len(tiny_tokenizer), 64, figures.tokens, 1024, rules)
+    assert (sized.n_layers, sized.d_model, sized.n_heads, sized.d_ff) == (3, 192, 3, 768)
+    assert sized.max_steps == plan.steps and sized.lr == pytest.approx(6e-3 * math.sqrt(128 / 192))
+    assert pt.plan_lines(sized, pt.model_config_of(sized, tiny_tokenizer), figures, plan) == sizing.format_plan(plan)
+
+
+def test_on_cuda_with_no_flags_the_measured_speed_picks_the_depth(corpus, tiny_tokenizer):
+    """The automatic sizing as a pure function of what was measured: a faster device trains a deeper model, the
+    choice is plan_for_budget's at the FLOP/s measured at the probed depth, and the clock stays as a guard."""
+    config = pt.config_from_args(pt.build_parser().parse_args([]))
+    assert pt.auto_sizing_applies(set(), torch.device("cuda"), training.DistInfo(), False)
+    for typed in ({"depth"}, {"max_steps"}, {"n_layers"}, {"preset"}):
+        assert not pt.auto_sizing_applies(typed, torch.device("cuda"), training.DistInfo(), False)
+    assert not pt.auto_sizing_applies(set(), torch.device("cuda"), training.DistInfo(0, 0, 2), False)
+    assert not pt.auto_sizing_applies(set(), torch.device("cuda"), training.DistInfo(), True)
+    figures = pt.Corpus(tokens=500_000_000, vocab=len(tiny_tokenizer), tokens_per_step=1024)  # a large corpus
+    rules = sizing.SizingRules(base_lr=6e-3)
+    assert pt.probe_depth(config, figures) == max(
+        d for d in range(1, 33) if not sizing.plan_from_depth(d, figures.vocab, 64, figures.tokens, 1024,
+                                                              rules).capped_by_epochs)
+    chosen = []
+    for speed in (2e5, 2e6, 2e7):
+        sized, plan = pt.size_run(config, set(), figures, measured=(4, speed), minutes_left=4.0)
+        expected = sizing.plan_for_budget(4.0, sizing.flops_throughput(speed, 4, figures.vocab, 64),
+                                          figures.vocab, 64, figures.tokens, 1024, rules)
+        assert plan == expected and plan.expected_minutes <= 4.0
+        assert (sized.depth, sized.n_layers, sized.max_steps, sized.max_minutes) == (
+            plan.depth, plan.depth, plan.steps, pt.DEFAULT_MINUTES)
+        chosen.append(plan.depth)
+    assert chosen == sorted(chosen) and chosen[0] < chosen[-1]
+    slow, plan = pt.size_run(config, set(), figures, measured=(4, 1.0), minutes_left=4.0)  # not even depth 1 fits
+    assert plan is None and slow == config
+
+
+def test_measured_throughput_runs_the_runs_step_in_a_scratch_folder(corpus, tiny_tokenizer, tmp_path):
+    config = small_config(corpus, tmp_path / "out", batch_size=2)
+    stream = token_cache.build_token_stream(corpus[0], tiny_tokenizer, num_workers=1, show_progress=False)
+    assert pt.measure_throughput(config, tiny_tokenizer, stream, depth=1) > 0
+    assert not (tmp_path / "out").exists()
+
+
+def test_resuming_with_another_depth_is_one_line(corpus, tiny_tokenizer_dir, tmp_path, capsys):
+    out_dir = tmp_path / "out"
+    base = plan_args(corpus, tiny_tokenizer_dir, out_dir, "--max_seq_len", "32", "--batch_size", "2")
+    assert pt.main(base + ["--depth", "1", "--max_steps", "2", "--eval_interval", "2"]) == 0
+    capsys.readouterr()
+    assert pt.main(base + ["--depth", "2", "--max_steps", "4", "--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --depth 2 (n_layers 2) differs from the checkpoint's 1") and err.count("\n") == 1
+    assert pt.main(base + ["--depth", "1", "--max_steps", "3", "--resume", "auto"]) == 0  # the same depth resumes
