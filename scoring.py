@@ -32,8 +32,7 @@ from data_loader import collate_batch, collate_pairs, sequential_batches, sequen
 from decoding import SamplingParams, cut_at_eos, generate_responses
 from devices import autocast_context
 from losses import bradley_terry_loss
-from prompts import fit, max_prompt_len, record_prompt_ids, record_reference
-from token_cache import document_tokens
+from prompts import document_ids, fit, max_prompt_len, record_prompt_ids, record_reference
 
 
 class ScoringError(ValueError):
@@ -110,8 +109,7 @@ def text_stream(tokenizer, documents: Sequence[str]) -> np.ndarray:
     """Documents as the token cache lays them out, ``<s> doc </s> <s> doc </s> ...`` (in memory, not cached)."""
     num_workers = None if sum(map(len, documents)) > 1_000_000 else 1  # processes only pay off on large sets
     encoded = tokenizer.encode_many(documents, num_workers=num_workers)
-    ids = (tokenizer.bos_token_id, tokenizer.eos_token_id)
-    return np.fromiter(itertools.chain.from_iterable(document_tokens(doc, *ids) for doc in encoded), dtype=np.int64)
+    return np.fromiter(itertools.chain.from_iterable(document_ids(tokenizer, doc) for doc in encoded), dtype=np.int64)
 
 
 def text_loss(model: torch.nn.Module, tokenizer, documents: Sequence[str],

@@ -24,6 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from atomic_file import NoSpaceError, atomic_path, no_space_error, remove_stale_temps
+from prompts import document_ids
 from readers import DEFAULT_TEXT_FIELD, DataError, data_files, read_documents
 
 CACHE_VERSION = 2
@@ -132,15 +133,9 @@ def _encoded_documents(source: str | os.PathLike, tokenizer, num_workers: int | 
         yield ids, sizes.popleft()
 
 
-def document_tokens(doc_ids: Sequence[int], bos: int, eos: int) -> list[int]:
-    """One document as the stream holds it: ``<s> doc </s>``."""
-    return [bos, *doc_ids, eos]
-
-
-def _append_shard(out, encoded: Iterator[tuple[list[int], int]], ids: tuple[int, int], dtype: np.dtype,
+def _append_shard(out, encoded: Iterator[tuple[list[int], int]], tokenizer, dtype: np.dtype,
                   shard_bytes: int, bar: tqdm) -> dict | None:
     """Append the next shard's tokens to the open file ``out``; its record, or None when no document was left."""
-    bos, eos = ids
     shard = {"n_documents": 0, "n_bytes": 0, "n_tokens": 0, "crc32": 0}
     buffer: list[int] = []
 
@@ -151,7 +146,7 @@ def _append_shard(out, encoded: Iterator[tuple[list[int], int]], ids: tuple[int,
         buffer.clear()
 
     for doc_ids, size in encoded:
-        buffer.extend(document_tokens(doc_ids, bos, eos))
+        buffer.extend(document_ids(tokenizer, doc_ids))  # <s> doc </s>, as the evaluator frames it
         shard["n_documents"] += 1
         shard["n_bytes"] += size
         bar.update(size)
@@ -201,13 +196,12 @@ def _build(source, tokenizer, paths: tuple[Path, Path], expected: dict, shards: 
         bar.write(f"resuming the token cache {bin_path.name}: {len(shards)} finished shard(s), "
                   f"{done_docs:,} documents", file=sys.stderr)
     encoded = _encoded_documents(source, tokenizer, num_workers, done_docs, expected["text_field"])
-    ids = (tokenizer.bos_token_id, tokenizer.eos_token_id)
     mode = "r+b" if bin_path.exists() else "wb"
     try:
         with open(bin_path, mode) as out:
             out.truncate(sum(s["n_tokens"] for s in shards) * dtype.itemsize)  # drop a half-written shard
             out.seek(0, os.SEEK_END)
-            while (shard := _append_shard(out, encoded, ids, dtype, shard_bytes, bar)) is not None:
+            while (shard := _append_shard(out, encoded, tokenizer, dtype, shard_bytes, bar)) is not None:
                 meta["shards"].append(shard)
                 _write_meta(meta_path, meta)
     except OSError as err:

@@ -203,6 +203,6 @@ def test_documents_are_framed_by_one_helper(tiny_tokenizer):
     tok = tiny_tokenizer
     ids = tok.encode_ordinary("ROMEO: hi")
     assert document_ids(tok, ids) == [tok.bos_token_id, *ids, tok.eos_token_id]
-    for name in ("data_loader.py", "evaluator.py"):  # the classifier's samples and pretraining evaluation
+    for name in ("data_loader.py", "token_cache.py", "scoring.py"):  # classifier samples, the stream, its evaluation
         source = (ROOT / name).read_text(encoding="utf-8")
         assert "document_ids(" in source and "bos_token_id, *" not in source, name
