@@ -173,8 +173,8 @@ async def tokenize(body: TokenizeRequest, request: Request):
     """vLLM's /tokenize: the ids generation would see (a chat's with no turn dropped)."""
     s = service_of(request).ready()
     if body.messages is not None and body.add_generation_prompt:
-        if body.messages[-1].role != "user":
-            raise APIError(422, "add_generation_prompt needs the last message to be the user's")
+        if body.messages[-1].role not in ("user", "tool"):
+            raise APIError(422, "add_generation_prompt needs the last message to be the user's (or a tool's result)")
         ids = (await run_in_threadpool(chat_prompt, s, body.messages, 1 << 30)).ids
     elif body.messages is not None:  # a whole conversation, as a training sample holds it
         sample = render_sample(s.tokenizer, render_tools_prompt(body.messages, None), s.template, max_seq_len=1 << 30)

@@ -124,7 +124,8 @@ def render_tools_prompt(messages: Sequence, tools: Sequence | None) -> list[dict
             turns.append({"role": m.role, "content": m.content})
     if tools:
         listing = "\n".join(json.dumps({"name": t.function.name, "description": t.function.description or "",
-                                        "parameters": t.function.parameters}, ensure_ascii=False) for t in tools)
+                                        "parameters": t.function.parameters}, ensure_ascii=False,
+                                       separators=(",", ":")) for t in tools)
         text = f"{TOOLS_INTRO}\n{listing}"
         if turns and turns[0]["role"] in ("system", "developer"):
             turns[0] = {**turns[0], "content": f"{turns[0]['content']}\n\n{text}"}

@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 import torch
 
-from tests.test_api_service import LiveServer, checkpoint, settings_for  # noqa: F401  (checkpoint: a fixture)
+from tests.test_api_service import LiveServer, settings_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -218,3 +218,202 @@ def test_a_streamed_call_adds_up_to_the_whole_answer():
     auto = ToolUse(("add",), forced=False)
     assert auto.answer('{"name":"other","arguments":{}}') == ('{"name":"other","arguments":{}}', None)
     assert auto.answer("plain text") == ("plain text", None)
+
+
+# ----------------------------------------------------------------------------- the server
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_tokenizer, tmp_path_factory):
+    """A random tiny model in the role-token chat format, with room (1024 tokens) for tool definitions as text."""
+    from checkpoints import save_checkpoint
+    from gpt_model import GPTConfig, GPTModel
+    from prompts import CHAT_TEMPLATE
+
+    folder = tmp_path_factory.mktemp("structured")
+    tiny_tokenizer.save(folder / "tokenizer")
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=1024, dropout=0.0))
+    save_checkpoint(folder / "model.pth", model, tokenizer_fingerprint=tiny_tokenizer.fingerprint,
+                    sft_template=CHAT_TEMPLATE)
+    return folder / "model.pth"
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    with LiveServer(settings_for(checkpoint, max_batch_size=32, max_new_tokens=200)) as live:
+        yield live
+
+
+def response_format(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+
+
+def chat_body(schema: dict | None, seed: int, **extra) -> dict:
+    body = {"messages": [{"role": "user", "content": "ROMEO:"}], "max_tokens": 150, "seed": seed, **extra}
+    return {**body, "response_format": response_format(schema)} if schema is not None else body
+
+
+def test_response_format_on_chat_and_completions_streamed_or_not(server):
+    for i, schema in enumerate(SCHEMAS):
+        chat = httpx.post(server.url + "/v1/chat/completions", json=chat_body(schema, i), timeout=60).json()
+        choice = chat["choices"][0]
+        assert choice["finish_reason"] == "stop", choice
+        jsonschema.validate(json.loads(choice["message"]["content"]), schema)
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json={**chat_body(schema, i), "stream": True},
+                          timeout=60) as response:
+            pieces = [line for line in response.iter_lines() if line.startswith("data: {")]
+        deltas = [json.loads(p[6:])["choices"][0]["delta"].get("content") or "" for p in pieces]
+        assert "".join(deltas) == choice["message"]["content"]  # the same seed: the same JSON, streamed
+        text = httpx.post(server.url + "/v1/completions", json={
+            "prompt": "ROMEO:", "max_tokens": 150, "seed": i, "response_format": response_format(schema)},
+            timeout=60).json()["choices"][0]
+        assert text["finish_reason"] == "stop"
+        jsonschema.validate(json.loads(text["text"]), schema)
+    any_object = httpx.post(server.url + "/v1/chat/completions",
+                            json={**chat_body(None, 0), "response_format": {"type": "json_object"}}, timeout=60).json()
+    if any_object["choices"][0]["finish_reason"] == "stop":
+        assert isinstance(json.loads(any_object["choices"][0]["message"]["content"]), dict)
+
+
+def test_an_answer_cut_by_max_tokens_says_length(server):
+    body = chat_body(SCHEMAS[3], 0, max_tokens=3)
+    choice = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]
+    assert choice["finish_reason"] == "length"
+    with pytest.raises(ValueError):
+        json.loads(choice["message"]["content"])
+
+
+async def _post_all(url: str, bodies: list[dict]) -> list[dict]:
+    async with httpx.AsyncClient(timeout=120) as client:
+        responses = await asyncio.gather(*(client.post(url, json=b) for b in bodies))
+    return [r.json() for r in responses]
+
+
+def test_32_concurrent_requests_with_different_schemas_all_match_theirs(server):
+    schemas = [SCHEMAS[i % len(SCHEMAS)] for i in range(31)] + [None]  # and one free-text neighbour
+    steps = server.metric("gpt_batch_size_count")
+    total = server.metric("gpt_batch_size_sum")
+    answers = asyncio.run(_post_all(server.url + "/v1/chat/completions",
+                                    [chat_body(s, 100 + i) for i, s in enumerate(schemas)]))
+    stopped = 0
+    for answer, schema in zip(answers[:-1], schemas):
+        choice = answer["choices"][0]
+        if choice["finish_reason"] == "stop":
+            jsonschema.validate(json.loads(choice["message"]["content"]), schema)
+            stopped += 1
+    assert stopped >= 28, f"only {stopped} of 31 answers ended before max_tokens"
+    mean_batch = (server.metric("gpt_batch_size_sum") - total) / (server.metric("gpt_batch_size_count") - steps)
+    assert mean_batch > 4, f"mean sequences per decode step {mean_batch:.2f}"
+
+
+def test_a_schema_the_library_cannot_serve_is_a_quick_422_and_the_server_serves_on(server):
+    for problem, schema in HOSTILE.items():
+        start = time.perf_counter()
+        response = httpx.post(server.url + "/v1/chat/completions", json=chat_body(schema, 0), timeout=30)
+        assert response.status_code == 422, (problem, response.text)
+        assert "response_format" in response.json()["error"]["message"]
+        assert time.perf_counter() - start < 5
+    assert httpx.post(server.url + "/v1/chat/completions", json=chat_body(SCHEMAS[0], 0)).status_code == 200
+    assert httpx.get(server.url + "/health").json()["active_sequences"] == 0
+
+
+# ----------------------------------------------------------------------------- the official client
+
+
+def arguments_of(call, tools=TOOLS) -> dict:
+    parameters = next(t["function"]["parameters"] for t in tools if t["function"]["name"] == call.function.name)
+    arguments = json.loads(call.function.arguments)
+    jsonschema.validate(arguments, parameters)
+    return arguments
+
+
+def test_openai_client_function_calling_round_trip(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "weather in Oslo?"}]
+    for choice, names in (("required", {"get_weather", "add"}), ({"type": "function", "function": {"name": "add"}},
+                                                                  {"add"})):
+        for seed in range(3):
+            answer = client.chat.completions.create(model="m", messages=messages, tools=TOOLS, tool_choice=choice,
+                                                    max_tokens=80, seed=seed)
+            first = answer.choices[0]
+            assert first.finish_reason == "tool_calls" and first.message.content is None
+            call = first.message.tool_calls[0]
+            assert call.type == "function" and call.id.startswith("call_") and call.function.name in names
+            arguments_of(call)
+    # the client sends the call back with the tool's result; the model answers (free text here: tool_choice none)
+    follow = messages + [answer.choices[0].message, {"role": "tool", "tool_call_id": call.id, "content": "7 C"}]
+    reply = client.chat.completions.create(model="m", messages=follow, tools=TOOLS, tool_choice="none",
+                                           max_tokens=5, seed=0)
+    assert reply.choices[0].message.tool_calls is None and reply.choices[0].finish_reason in ("stop", "length")
+    rendered = httpx.post(server.url + "/tokenize", json={"messages": [
+        m if isinstance(m, dict) else m.model_dump(exclude_none=True) for m in follow]}).json()["tokens"]
+    text = httpx.post(server.url + "/detokenize", json={"tokens": rendered}).json()["prompt"]
+    assert f"Result of add (call {call.id}):\n7 C" in text and call.function.arguments in text
+
+
+def test_openai_client_streams_a_tool_call_in_openais_chunk_shape(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    body = dict(model="m", messages=[{"role": "user", "content": "add 2 and 3"}], tools=TOOLS, max_tokens=80, seed=4,
+                tool_choice={"type": "function", "function": {"name": "add"}})
+    whole = client.chat.completions.create(**body).choices[0].message.tool_calls[0]
+    chunks = list(client.chat.completions.create(**body, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    calls = [d.tool_calls[0] for d in deltas if d.tool_calls]
+    assert calls[0].index == 0 and calls[0].id.startswith("call_") and calls[0].function.name == "add"
+    assert all(c.id is None and c.function.name is None for c in calls[1:])
+    assert "".join(c.function.arguments or "" for c in calls) == whole.function.arguments
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    assert not any(d.content for d in deltas)
+
+
+def test_auto_returns_a_call_of_a_listed_tool_or_text(server):
+    answer_format = {"type": "object", "properties": {"answer": {"type": "boolean"}}, "required": ["answer"],
+                     "additionalProperties": False}
+    kinds = set()
+    for seed in range(6):  # auto with a response_format: the grammar admits a call or the format
+        body = {**chat_body(answer_format, seed, max_tokens=100), "tools": TOOLS, "tool_choice": "auto"}
+        choice = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()["choices"][0]
+        message = choice["message"]
+        if message.get("tool_calls"):
+            assert choice["finish_reason"] == "tool_calls" and message["content"] is None
+            call = message["tool_calls"][0]["function"]
+            jsonschema.validate(json.loads(call["arguments"]), next(
+                t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == call["name"]))
+            kinds.add("call")
+        elif choice["finish_reason"] == "stop":
+            jsonschema.validate(json.loads(message["content"]), answer_format)
+            kinds.add("text")
+    assert kinds  # (which one a random model picks is its own business)
+    free = httpx.post(server.url + "/v1/chat/completions", json={**chat_body(None, 0, max_tokens=10), "tools": TOOLS})
+    assert free.json()["choices"][0]["message"].get("tool_calls") is None  # garbage text is no call
+
+
+def test_openai_client_parse_helper_with_a_pydantic_model(server):
+    openai = pytest.importorskip("openai")
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Item(BaseModel):
+        name: str = Field(max_length=5)
+        count: int = Field(ge=0, le=9)
+
+    class Answer(BaseModel):
+        ok: bool
+        color: Literal["red", "green"]
+        items: list[Item] = Field(max_length=2)
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    parsed = 0
+    for seed in range(3):
+        try:
+            answer = client.chat.completions.parse(model="m", messages=[{"role": "user", "content": "x"}],
+                                                   response_format=Answer, max_tokens=150, seed=seed)
+        except openai.LengthFinishReasonError:
+            continue
+        assert isinstance(answer.choices[0].message.parsed, Answer)
+        parsed += 1
+    assert parsed >= 2
