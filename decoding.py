@@ -101,13 +101,16 @@ class TokenConstraint(Protocol):
 def apply_constraints(logits: torch.Tensor, constraints: Sequence[TokenConstraint | None]) -> torch.Tensor:
     """Logits with every token a row's constraint refuses at -inf (a new tensor; rows without one unchanged)."""
     rows = [row for row, c in enumerate(constraints) if c is not None]
-    allowed = torch.zeros(len(rows), logits.size(-1), dtype=torch.bool)
-    for n, row in enumerate(rows):
-        mask = constraints[row].allowed()
-        allowed[n, :mask.numel()] = mask
-    index = torch.tensor(rows, device=logits.device)
+    masks = [constraints[row].allowed() for row in rows]
+    width = logits.size(-1)
+    allowed = torch.stack([m if m.numel() == width else torch.nn.functional.pad(m, (0, width - m.numel()))
+                           for m in masks])  # ids past a constraint's vocabulary are refused
     refused = ~allowed.to(logits.device, non_blocking=True)
-    return logits.index_put((index,), logits[index].masked_fill(refused, float("-inf")))
+    if len(rows) < len(constraints):  # a mixed batch: unconstrained rows refuse nothing
+        every = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+        every[torch.tensor(rows, device=logits.device)] = refused
+        refused = every
+    return logits.masked_fill(refused, float("-inf"))
 
 
 def check_max_new_tokens(value, name: str = "max_new_tokens", minimum: int = 1) -> None:

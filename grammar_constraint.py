@@ -84,12 +84,13 @@ class GrammarState:
 
     def allowed(self) -> torch.Tensor:
         bits = np.unpackbits(np.frombuffer(self._matcher.compute_bitmask(), np.uint8), bitorder="little")
-        mask = torch.from_numpy(bits[:self._vocab.size].astype(bool))
-        if self._matcher.is_error() or not mask.any():
+        bits = bits[:self._vocab.size]
+        if self._matcher.is_error() or not bits.any():
             log.warning("grammar matcher failed: %s", one_line(self._matcher.get_error()))
             mask = torch.zeros(self._vocab.size, dtype=torch.bool)
             mask[self._vocab.eos_token_id] = True  # end the sequence rather than sample from nothing
-        return mask
+            return mask
+        return torch.from_numpy(bits).view(torch.bool)  # unpackbits gives 0/1 bytes: the same memory as bools
 
     def accept(self, token_id: int) -> None:
         self._matcher.consume_token(token_id)  # never raises: a refused token puts the matcher in its error state

@@ -378,6 +378,7 @@ COMMANDS = {
     "bench_server": ("benchmarks.bench_server", ["--model_path", "{ckpt}", "--skip_baseline", "--duration", "1"]),
     "bench_equivalence": ("benchmarks.bench_equivalence", ["--against", "HEAD", "--stages", "sft"]),
     "bench_tokenizer": ("benchmarks.bench_tokenizer", ["--input", "{text}"]),
+    "bench_structured": ("benchmarks.bench_structured", ["--corpus", "{text}", "--steps", "1", "--repeats", "1"]),
     "bench_scale": ("benchmarks.bench_scale", ["--sizes_mb", "1", "--work_dir", "{out}/work"]),
     "bench_optimizer": ("benchmarks.bench_optimizer", ["--seeds", "1", "--skip_default_runs"]),
     "bench_train": ("benchmarks.bench_train", ["--steps", "1"]),
@@ -464,6 +465,10 @@ BAD_FLAGS = [
     *[("bench_equivalence", flags, ()) for flags in (["--stages", "ppo"], ["--stages"], ["--against"], ["--bogus"])],
     *[("bench_tokenizer", flags, ()) for flags in (
         ["--slice_mb", "0"], ["--slice_mb", "x"], ["--input", "{out}/missing.txt"], ["--bogus"])],
+    *[("bench_structured", flags, ()) for flags in (
+        ["--vocab_size", "100"], ["--vocab_size", "x"], ["--shape", "huge"], ["--batch_sizes", "1,0"],
+        ["--batch_sizes", ""], ["--steps", "0"], ["--repeats", "x"], ["--num_threads", "0"],
+        ["--corpus", "{out}/missing.txt"], ["--corpus", "{folder}"], ["--bogus"])],
     *[("bench_optimizer", flags, ()) for flags in (
         ["--seeds", "0"], ["--seeds", "x"], ["--short_minutes", "0"], ["--adamw_lrs", "0"], ["--muon_lrs", "x"],
         ["--recipe", "gpt3"], ["--bogus"])],
