@@ -1,6 +1,7 @@
 """The project's one decode loop: a KV-cache engine that sequences join and leave, per-sequence sampling (and the one
-check of sampling settings), stop strings and UTF-8-safe streaming, and its two batch entry points: ``generate``
-(left-padded tensors in and out) and ``generate_responses`` (lists of prompt ids in, each one's new ids out).
+check of sampling settings; each sequence may carry a token constraint, e.g. a JSON grammar), stop strings and
+UTF-8-safe streaming, and its two batch entry points: ``generate`` (left-padded tensors in and out) and
+``generate_responses`` (lists of prompt ids in, each one's new ids out).
 
     engine = DecodeEngine(model, tokenizer, n_slots=8)
     engine.add(prompts.encode_prompt(tokenizer, "ROMEO:", 200), SamplingParams(max_new_tokens=50, seed=0))

@@ -139,6 +139,39 @@ def test_a_constrained_row_leaves_its_batch_neighbours_unchanged(engine_parts):
     json.loads(mixed[1].text)
 
 
+class EvenIds:
+    """A hand-made constraint: only even ids below `limit` (less than the model's vocabulary); records its tokens."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.seen = limit, []
+
+    def allowed(self) -> torch.Tensor:
+        return torch.arange(self.limit) % 2 == 0
+
+    def accept(self, token_id: int) -> None:
+        self.seen.append(token_id)
+
+
+@pytest.mark.parametrize("sampling", [dict(do_sample=False), dict(top_k=0), dict(top_k=5, top_p=0.5),
+                                      dict(temperature=0.3, repetition_penalty=1.3)], ids=str)
+def test_every_sampling_path_draws_only_what_the_constraint_allows(engine_parts, sampling):
+    from decoding import DecodeEngine, SamplingParams
+
+    model, tok, _ = engine_parts
+    states = []
+
+    def constraint() -> EvenIds:
+        states.append(EvenIds(100))
+        return states[-1]
+
+    params = [SamplingParams(max_new_tokens=12, seed=i, constraint=constraint if i % 2 else None, **sampling)
+              for i in range(6)]
+    requests = DecodeEngine(model, tok, n_slots=6).run([[tok.bos_token_id]] * 6, params)
+    for request, state in zip(requests[1::2], states):
+        assert request.output_ids == state.seen and all(t % 2 == 0 and t < 100 for t in request.output_ids)
+    assert any(t % 2 or t >= 100 for r in requests[::2] for t in r.output_ids)  # the free rows are free
+
+
 def test_eos_is_allowed_exactly_when_the_grammar_can_end(engine_parts):
     model, tok, vocab = engine_parts
     state = grammar({"type": "array", "items": {"type": "boolean"}, "maxItems": 2}, vocab).start()
