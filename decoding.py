@@ -1,6 +1,7 @@
 """The project's one decode loop: a KV-cache engine that sequences join and leave, per-sequence sampling (and the one
-check of sampling settings), stop strings and UTF-8-safe streaming, and its two batch entry points: ``generate``
-(left-padded tensors in and out) and ``generate_responses`` (lists of prompt ids in, each one's new ids out).
+check of sampling settings; each sequence may carry a token constraint, e.g. a JSON grammar), stop strings and
+UTF-8-safe streaming, and its two batch entry points: ``generate`` (left-padded tensors in and out) and
+``generate_responses`` (lists of prompt ids in, each one's new ids out).
 
     engine = DecodeEngine(model, tokenizer, n_slots=8)
     engine.add(prompts.encode_prompt(tokenizer, "ROMEO:", 200), SamplingParams(max_new_tokens=50, seed=0))
@@ -22,7 +23,7 @@ import codecs
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterator, NamedTuple, Protocol, Sequence
 
 import torch
 
@@ -88,6 +89,31 @@ def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
 
 
+class TokenConstraint(Protocol):
+    """One sequence's constraint on its next token (e.g. its place in a grammar: grammar_constraint.GrammarState)."""
+
+    def allowed(self) -> torch.Tensor:
+        """Bool (n,) over token ids 0..n-1, n <= the model's vocabulary (ids past n are refused); at least one True."""
+
+    def accept(self, token_id: int) -> None:
+        """The token sampled (always one allowed() admitted)."""
+
+
+def apply_constraints(logits: torch.Tensor, constraints: Sequence[TokenConstraint | None]) -> torch.Tensor:
+    """Logits with every token a row's constraint refuses at -inf (a new tensor; rows without one unchanged)."""
+    rows = [row for row, c in enumerate(constraints) if c is not None]
+    masks = [constraints[row].allowed() for row in rows]
+    width = logits.size(-1)
+    allowed = torch.stack([m if m.numel() == width else torch.nn.functional.pad(m, (0, width - m.numel()))
+                           for m in masks])  # ids past a constraint's vocabulary are refused
+    refused = ~allowed.to(logits.device, non_blocking=True)
+    if len(rows) < len(constraints):  # a mixed batch: unconstrained rows refuse nothing
+        every = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+        every[torch.tensor(rows, device=logits.device)] = refused
+        refused = every
+    return logits.masked_fill(refused, float("-inf"))
+
+
 def check_max_new_tokens(value, name: str = "max_new_tokens", minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise DecodingError(f"{name} must be an int, got {value!r}")
@@ -115,6 +141,7 @@ class SamplingParams:
     eos_token_id: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: none; k >= 0: each token's log-prob and the k most likely (raw model)
+    constraint: Callable[[], TokenConstraint] | None = None  # a fresh constraint per sequence (e.g. Grammar.start)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -198,6 +225,7 @@ class Request:
     finish_reason: str | None = None  # "eos", "stop", "length" or "aborted"
     detokenizer: IncrementalDetokenizer | None = None
     stop_matcher: StopStringMatcher | None = None
+    constraint: TokenConstraint | None = None  # what it may sample next (a grammar state), from params.constraint
 
     @property
     def finished(self) -> bool:
@@ -349,6 +377,8 @@ class DecodeEngine:
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         request = Request(list(ids), params, slot, generator)
+        if params.constraint is not None:
+            request.constraint = params.constraint()
         if self.tokenizer is not None:
             request.detokenizer = IncrementalDetokenizer(self.tokenizer)
             request.stop_matcher = StopStringMatcher(params.stop)
@@ -428,6 +458,8 @@ class DecodeEngine:
         if any(p != 1.0 for p in penalties):
             seen = self._seen[torch.tensor([r.slot for r in requests], device=self.device)]
             logits = apply_repetition_penalty(logits, seen, torch.tensor(penalties, device=self.device)[:, None])
+        if any(r.constraint is not None for r in requests):  # grammars: only their tokens (none: no cost)
+            logits = apply_constraints(logits, [r.constraint for r in requests])
         tokens = logits.argmax(dim=-1)
         groups: dict[tuple, list[int]] = {}
         for row, r in enumerate(requests):
@@ -461,6 +493,8 @@ class DecodeEngine:
                 top: tuple[tuple[int, float], ...] | None = None) -> StepOutput:
         params = request.params
         request.output_ids.append(token)
+        if request.constraint is not None:
+            request.constraint.accept(token)
         text, reason = "", None
         if request.detokenizer is not None:
             text, stopped = request.stop_matcher.push(request.detokenizer.push(token))

@@ -44,17 +44,21 @@ from cli import UsageError, run_cli
 from decoding import SamplingParams
 from inference.chat_page import chat_page, to_chat_page
 from inference.engine_worker import Job, QueueFull
+from grammar_constraint import GrammarError, compile_json_schema
 from inference.openai_format import (DONE, APIError, EventStream, OpenAIReply, chat_logprobs, completion_logprobs,
-                                     error_body, error_event, finish_reason, sse, usage, validation_message)
+                                     error_body, error_event, finish_reason, render_tools_prompt, sse, usage,
+                                     validation_message)
 from inference.schemas import (ChatMessage, ChatRequest, CompletionRequest, DetokenizeRequest, GenerateRequest,
                                GenerateResponse, OpenAIRequest, Schemas, TokenizeRequest, build_schemas)
 from inference.server_metrics import Metrics
 from inference.serving import (ServedModel, candidate_seeds, check_reward_checkpoint, load_served_model,
                                score_candidates)
 from inference.settings import Settings
+from inference.tool_calls import ToolUse, answer_schema
 from prompts import PromptTooLong, Rendered, encode_prompt, max_prompt_len, render_prompt, render_sample
 
 log = logging.getLogger("inference.api_service")  # not __name__: that is "__main__" under `python -m`
+COMPILE_TIMEOUT_S = 10.0  # a schema's grammar compiles in milliseconds; one that does not is refused (422)
 ENDPOINTS = ("/health", "/generate", "/v1/completions", "/v1/chat/completions", "/v1/models", "/metrics",
              "/tokenize", "/detokenize", "/chat", "/", "/docs", "/openapi.json")
 PUBLIC = ("/health", "/chat", "/")  # answered without the API key: the page asks for it, then sends it
@@ -155,7 +159,7 @@ async def chat_completions(body: ChatRequest, request: Request):
     wanted = body.max_tokens or body.max_completion_tokens
     room = s.context - wanted if wanted else max_prompt_len(s.context, settings.max_new_tokens)
     room = max(1, min(room, settings.max_prompt_tokens or s.context - 1))
-    prompt = await run_in_threadpool(chat_prompt, s, body.messages, room)  # encoding off the event loop
+    prompt = await run_in_threadpool(chat_prompt, s, body.messages, room, body.tools)  # encoding off the event loop
     limit = wanted or max(1, min(settings.max_new_tokens, s.context - len(prompt.ids)))
     answer = await openai_response(service, s, body, request, prompt.ids, limit, True, prompt.dropped_turns)
     headers = {"X-Dropped-Turns": str(prompt.dropped_turns)}  # the oldest turns left out to fit the context
@@ -169,11 +173,11 @@ async def tokenize(body: TokenizeRequest, request: Request):
     """vLLM's /tokenize: the ids generation would see (a chat's with no turn dropped)."""
     s = service_of(request).ready()
     if body.messages is not None and body.add_generation_prompt:
-        if body.messages[-1].role != "user":
-            raise APIError(422, "add_generation_prompt needs the last message to be the user's")
+        if body.messages[-1].role not in ("user", "tool"):
+            raise APIError(422, "add_generation_prompt needs the last message to be the user's (or a tool's result)")
         ids = (await run_in_threadpool(chat_prompt, s, body.messages, 1 << 30)).ids
     elif body.messages is not None:  # a whole conversation, as a training sample holds it
-        sample = render_sample(s.tokenizer, body.messages, s.template, max_seq_len=1 << 30)
+        sample = render_sample(s.tokenizer, render_tools_prompt(body.messages, None), s.template, max_seq_len=1 << 30)
         if sample is None:
             raise APIError(422, "without add_generation_prompt the messages must hold an assistant answer")
         ids = sample.input_ids
@@ -208,11 +212,12 @@ def prompt_ids(s: ServedModel, text: str) -> list[int]:
         raise APIError(422, f"the prompt cannot be encoded: {err}") from None
 
 
-def chat_prompt(s: ServedModel, messages: Sequence[ChatMessage], limit: int) -> Rendered:
-    """The conversation as the model was trained to read it (prompts.render_prompt), its oldest turns dropped until
-    it fits ``limit`` tokens; a last turn that alone does not fit is a 422."""
+def chat_prompt(s: ServedModel, messages: Sequence[ChatMessage], limit: int, tools: Sequence | None = None) -> Rendered:
+    """The conversation as the model was trained to read it (prompts.render_prompt; tools and tool messages as
+    openai_format.render_tools_prompt writes them), its oldest turns dropped until it fits ``limit`` tokens; a last
+    turn that alone does not fit is a 422."""
     try:
-        return render_prompt(s.tokenizer, messages, s.template, limit, on_overflow="error")
+        return render_prompt(s.tokenizer, render_tools_prompt(messages, tools), s.template, limit, on_overflow="error")
     except PromptTooLong as err:
         raise APIError(422, f"{err}, even with only the system message and the last turn: shorten the last "
                             "message or ask for fewer max_tokens") from None
@@ -397,6 +402,36 @@ def logprobs_of(s: ServedModel, job: Job, chat: bool, start: int = 0, end: int |
     return chat_logprobs(s.tokenizer, entries) if chat else completion_logprobs(s.tokenizer, entries, offset)
 
 
+def tool_use(body: OpenAIRequest) -> ToolUse | None:
+    """How a chat answer is read for tool calls (None: as text; also with tool_choice none)."""
+    mode = getattr(body, "tool_mode", None)
+    if mode in (None, "none"):
+        return None
+    return ToolUse(tuple(t.function.name for t in body.tools), forced=mode != "auto")
+
+
+async def answer_constraint(s: ServedModel, body: OpenAIRequest) -> Callable | None:
+    """The grammar a request's answer is held to (response_format, a forced tool call, or auto's call-or-format), as
+    the per-sequence constraint factory of SamplingParams; compiled off the event loop, within COMPILE_TIMEOUT_S.
+    A schema that cannot be served is a 422 naming the field."""
+    tools = [(t.function.name, t.function.parameters) for t in getattr(body, "tools", None) or []]
+    mode = getattr(body, "tool_mode", None)
+    schema = answer_schema(tools, mode, body.response_format.wanted_schema if body.response_format else None)
+    if schema is None:
+        return None
+    field = "tools" if mode not in (None, "none") else "response_format"
+    try:
+        text = json.dumps(schema, ensure_ascii=False)
+        grammar = await asyncio.wait_for(run_in_threadpool(compile_json_schema, text, s.grammar_vocab),
+                                         COMPILE_TIMEOUT_S)
+    except GrammarError as err:
+        raise APIError(422, f"{field}: {err}") from None
+    except asyncio.TimeoutError:
+        raise APIError(422, f"{field}: the schema did not compile within {COMPILE_TIMEOUT_S:g} s; "
+                            "simplify it") from None
+    return grammar.start
+
+
 async def openai_response(service: Service, s: ServedModel, body: OpenAIRequest, request: Request, ids: list[int],
                           max_new: int, chat: bool, dropped: int | None = None) -> dict | EventStream:
     """A completion or chat completion, OpenAI format: one body, or chunks ending with `data: [DONE]`."""
@@ -404,14 +439,15 @@ async def openai_response(service: Service, s: ServedModel, body: OpenAIRequest,
     best = candidates(body, params)
     if body.n > 1 and best > 1:
         raise APIError(422, "n and best_of cannot both be above 1: ask for n choices, or for the best of best_of")
-    reply = OpenAIReply.new(s.name, chat)
+    params = replace(params, constraint=await answer_constraint(s, body))
+    reply = OpenAIReply.new(s.name, chat, tool_use(body))
     if not body.stream:
         if body.n == 1:
             job, text = await best_of(service, s, ids, params, best, request)
             jobs, texts = [job], [text]
         else:
             jobs, texts = await sample_n(service, s, ids, params, body.n, request)
-        choices = [reply.choice(i, text, finish_reason(job.finish_reason), logprobs_of(s, job, chat))
+        choices = [reply.choice(i, text, job.finish_reason, logprobs_of(s, job, chat))
                    for i, (job, text) in enumerate(zip(jobs, texts))]
         return reply.body(choices, usage(len(ids), sum(j.num_tokens for j in jobs), dropped))
     jobs = [Job(ids, replace(params, seed=seed), asyncio.get_running_loop())
@@ -457,19 +493,26 @@ async def openai_events(service: Service, s: ServedModel, jobs: list[Job], reply
         for index in range(len(jobs)):
             yield reply.chunk(None, None, role=True, index=index)
     sent, offsets = [0] * len(jobs), [0] * len(jobs)
+    streams = [reply.tools.stream() for _ in jobs] if reply.tools is not None else None  # text -> tool-call deltas
     async for index, kind, value in merged_events(service, s, jobs):
         job = jobs[index]
         if kind == "error":
             yield error_event(*value)
             return
         upto = job.logprob_marks.popleft() if kind == "text" and job.logprob_marks else None
+        deltas = (streams[index].push(value) if streams else [value]) if kind == "text" else \
+            (streams[index].finish() if streams else [])
+        if kind == "text" and not deltas:
+            continue  # held back (a possible tool call): its logprobs go out with the next chunk
         logprobs = logprobs_of(s, job, reply.chat, sent[index], upto, offsets[index])
         sent[index] = len(job.logprobs) if upto is None else upto
-        if kind == "text":
-            offsets[index] += len(value)
-            yield reply.chunk(value, None, index=index, logprobs=logprobs)
-        else:
-            yield reply.chunk(None, finish_reason(job.finish_reason), index=index, logprobs=logprobs)
+        offsets[index] += len(value) if kind == "text" else 0
+        last = len(deltas) - 1 if kind == "text" else None
+        for n, delta in enumerate(deltas):
+            yield reply.chunk(delta, None, index=index, logprobs=logprobs if n == last else None)
+        if kind != "text":
+            called = bool(streams and streams[index].called)
+            yield reply.chunk(None, finish_reason(job.finish_reason, called), index=index, logprobs=logprobs)
     if include_usage:
         yield reply.usage_chunk(usage(n_prompt, sum(job.num_tokens for job in jobs), dropped))
     yield DONE

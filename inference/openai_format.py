@@ -1,6 +1,7 @@
 """What the server writes on the wire: error bodies (OpenAI style, for every route) and `APIError`, readable
 validation messages, Server-Sent Events (`sse`, `EventStream`), and the OpenAI-format bodies and streaming chunks
-of `/v1/completions` and `/v1/chat/completions` (`OpenAIReply`)."""
+of `/v1/completions` and `/v1/chat/completions` (`OpenAIReply`, tool calls included); and the one place tools and
+tool messages enter a chat prompt (`render_tools_prompt`)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,11 @@ from typing import Any, AsyncIterator, Callable, Sequence
 from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException
 
+from inference.tool_calls import ToolUse, call_text
+
 DONE = b"data: [DONE]\n\n"
+TOOLS_INTRO = ("You can call the functions below. To call one, answer with only a JSON object "
+               '{"name": <its name>, "arguments": <an object matching its parameters>}.')
 
 
 class APIError(HTTPException):
@@ -94,9 +99,39 @@ def completion_logprobs(tokenizer, entries: Sequence[tuple[int, float, tuple]], 
             "top_logprobs": [{token_text(tokenizer, i)[0]: v for i, v in top} for _, _, top in entries]}
 
 
-def finish_reason(reason: str | None) -> str:
-    """OpenAI's finish reason: length, else stop (a stop string or </s>)."""
-    return "length" if reason == "length" else "stop"
+def finish_reason(reason: str | None, called: bool = False) -> str:
+    """OpenAI's finish reason: length, else tool_calls (an answer that is a tool call), else stop (a stop string or
+    </s>)."""
+    return "length" if reason == "length" else "tool_calls" if called else "stop"
+
+
+def render_tools_prompt(messages: Sequence, tools: Sequence | None) -> list[dict]:
+    """A chat request's messages (schemas.ChatMessage) as the {"role", "content"} turns prompts.render_prompt reads:
+    the tool definitions as text at the end of the system message (one is added when there is none), an assistant's
+    tool calls as the JSON text a call is written as (tool_calls.call_text), and a tool's result as a user turn
+    naming its call. The one place tools reach the prompt: a model trained with tool tokens is served by
+    rendering them here instead."""
+    called = {c.id: c.function.name for m in messages for c in m.tool_calls or []}
+    turns = []
+    for m in messages:
+        if m.role == "tool":
+            name = called.get(m.tool_call_id, "a tool")
+            turns.append({"role": "user", "content": f"Result of {name} (call {m.tool_call_id}):\n{m.content}"})
+        elif m.tool_calls:
+            calls = [call_text(c.function.name, json.loads(c.function.arguments)) for c in m.tool_calls]
+            turns.append({"role": "assistant", "content": "\n".join([m.content, *calls] if m.content else calls)})
+        else:
+            turns.append({"role": m.role, "content": m.content})
+    if tools:
+        listing = "\n".join(json.dumps({"name": t.function.name, "description": t.function.description or "",
+                                        "parameters": t.function.parameters}, ensure_ascii=False,
+                                       separators=(",", ":")) for t in tools)
+        text = f"{TOOLS_INTRO}\n{listing}"
+        if turns and turns[0]["role"] in ("system", "developer"):
+            turns[0] = {**turns[0], "content": f"{turns[0]['content']}\n\n{text}"}
+        else:
+            turns.insert(0, {"role": "system", "content": text})
+    return turns
 
 
 @dataclass(frozen=True)
@@ -107,19 +142,22 @@ class OpenAIReply:
     chat: bool
     id: str
     created: int
+    tools: ToolUse | None = None  # a chat answer may be a tool call (read by tools.answer / tools.stream)
 
     @classmethod
-    def new(cls, model: str, chat: bool) -> OpenAIReply:
-        return cls(model, chat, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time()))
+    def new(cls, model: str, chat: bool, tools: ToolUse | None = None) -> OpenAIReply:
+        return cls(model, chat, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time()), tools)
 
     @property
     def object(self) -> str:
         return "chat.completion" if self.chat else "text_completion"
 
-    def choice(self, index: int, text: str, finish: str, logprobs: dict | None = None) -> dict:
-        """One choice of a whole answer."""
-        choice = {"index": index, "finish_reason": finish, "logprobs": logprobs}
-        choice.update({"message": {"role": "assistant", "content": text}} if self.chat else {"text": text})
+    def choice(self, index: int, text: str, reason: str | None, logprobs: dict | None = None) -> dict:
+        """One choice of a whole answer (``reason``: the engine's finish reason); under tools, a call or text."""
+        content, calls = self.tools.answer(text) if self.tools is not None else (text, None)
+        choice = {"index": index, "finish_reason": finish_reason(reason, calls is not None), "logprobs": logprobs}
+        message = {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
+        choice.update({"message": message} if self.chat else {"text": text})
         return choice
 
     def body(self, choices: list[dict], usage: dict) -> dict:
@@ -127,11 +165,13 @@ class OpenAIReply:
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
                 "choices": choices, "usage": usage}
 
-    def chunk(self, delta: str | None, finish: str | None, role: bool = False, index: int = 0,
+    def chunk(self, delta: str | dict | None, finish: str | None, role: bool = False, index: int = 0,
               logprobs: dict | None = None) -> bytes:
-        """One streamed piece of choice ``index`` (or its finish, or, for chat, the opening role chunk)."""
+        """One streamed piece of choice ``index``: text, a chat delta (a tool_calls one), its finish, or, for chat,
+        the opening role chunk."""
         if self.chat:
-            payload = {"role": "assistant", "content": ""} if role else ({"content": delta} if delta else {})
+            payload = {"role": "assistant", "content": ""} if role else (
+                delta if isinstance(delta, dict) else {"content": delta} if delta else {})
             choice = {"index": index, "delta": payload, "finish_reason": finish, "logprobs": logprobs}
         else:
             choice = {"index": index, "text": delta or "", "finish_reason": finish, "logprobs": logprobs}

@@ -1,15 +1,17 @@
 """The HTTP request and response bodies (pydantic): `/generate`'s GenerateRequest and GenerateResponse, the OpenAI
-routes' CompletionRequest and ChatRequest (with ChatMessage), the stop-string check, and `build_schemas`, which
-makes one app's request classes with its bounds (--max_new_tokens, --max_best_of) in them, so /docs shows the
-server's real limits.
+routes' CompletionRequest and ChatRequest (with ChatMessage, tool calls, tools and tool_choice, and response_format),
+the stop-string check, and `build_schemas`, which makes one app's request classes with its bounds (--max_new_tokens,
+--max_best_of) in them, so /docs shows the server's real limits.
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from decoding import MAX_LOGPROBS, MIN_REPETITION_PENALTY
+from grammar_constraint import check_schema_limits
 
 MAX_STOP, MAX_STOP_LEN = 4, 64
 BEST_OF_DOC = ("sample this many answers together and return the one scored highest (the reward model, else the mean "
@@ -17,6 +19,8 @@ BEST_OF_DOC = ("sample this many answers together and return the one scored high
 TEMPERATURE_DOC = "0 = greedy; 0 to 5"
 STOP_DOC = f"up to {MAX_STOP} strings of 1-{MAX_STOP_LEN} characters; generation ends before the first one"
 SEED_DOC = "makes sampling reproducible, alone or in a batch; 0 to 2^63-1"
+NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for function and response-format names
+MAX_TOOLS = 128  # OpenAI's limit
 TOP_K_DOC = "keep the k most likely tokens; 0 = all; at most the vocabulary size (/health)"
 
 
@@ -53,9 +57,47 @@ class GenerateRequest(BaseModel):
         return stop_list(value)
 
 
+class JSONSchemaFormat(BaseModel):
+    """`response_format.json_schema`: the schema the answer is held to (always enforced; `strict` is accepted)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(pattern=NAME_PATTERN, description="the format's name: letters, digits, _ and -, up to 64")
+    description: str | None = Field(None, description="accepted, not shown to the model")
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema",
+                                    description="a JSON schema (object); {} admits any JSON value")
+    strict: bool | None = Field(None, description="accepted: the schema is always enforced")
+
+    @field_validator("schema_")
+    @classmethod
+    def bounded(cls, value: dict[str, Any]) -> dict[str, Any]:
+        check_schema_limits(value)
+        return value
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: text, any JSON object, or JSON matching a schema."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"] = Field(description="text, json_object or json_schema")
+    json_schema: JSONSchemaFormat | None = Field(None, description="with type json_schema: name and schema")
+
+    @model_validator(mode="after")
+    def schema_with_its_type(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type json_schema, and only then")
+        return self
+
+    @property
+    def wanted_schema(self) -> dict[str, Any] | None:
+        """The JSON schema the answer must match (None: free text)."""
+        if self.type == "json_object":
+            return {"type": "object"}
+        return self.json_schema.schema_ if self.json_schema is not None else None
+
+
 class OpenAIRequest(BaseModel):
     """Fields shared by the OpenAI routes. A parameter this server cannot serve is a 422 that names it: an unknown
-    one (tools, response_format, ...) or a known one set to what it does not do (frequency_penalty 0.5, ...)."""
+    one (functions, audio, ...) or a known one set to what it does not do (frequency_penalty 0.5, ...)."""
 
     model_config = ConfigDict(extra="forbid")
     model: str | None = Field(None, description="ignored: this server serves one model (/v1/models)")
@@ -73,6 +115,8 @@ class OpenAIRequest(BaseModel):
     stop: str | list[str] | None = Field(None, description=STOP_DOC)
     stream: bool = Field(False, description="OpenAI chunks as Server-Sent Events, ending with `data: [DONE]`")
     stream_options: dict[str, Any] | None = Field(None, description="{\"include_usage\": true} adds a usage chunk")
+    response_format: ResponseFormat | None = Field(None, description="json_object or json_schema: the answer is "
+                                                   "JSON held to it token by token (text: free text)")
 
     @field_validator("stop")
     @classmethod
@@ -135,38 +179,141 @@ class CompletionRequest(OpenAIRequest):
         return self.logprobs
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="the function called")
+    arguments: str = Field(description="its arguments: a JSON object, as text")
+
+    @field_validator("arguments")
+    @classmethod
+    def json_object(cls, value: str) -> str:
+        try:
+            parsed = json.loads(value)
+        except ValueError as err:
+            raise ValueError(f"arguments must be a JSON object as text; this is not JSON ({err})") from None
+        if not isinstance(parsed, dict):
+            raise ValueError(f"arguments must be a JSON object, got {type(parsed).__name__}")
+        return value
+
+
+class ToolCall(BaseModel):
+    """One call in an assistant message's `tool_calls` (as this server returned it)."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1, max_length=256, description="the call's id, which the tool message answers")
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     name: str | None = Field(None, description="a participant's name: accepted, not used")
-    content: str | list[dict[str, Any]] = Field(description="text, or OpenAI content parts of type text")
+    content: str | list[dict[str, Any]] | None = Field(
+        None, description="text, or OpenAI content parts of type text (null only for an assistant's tool calls)")
+    tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOLS, description="an assistant's tool calls")
+    tool_call_id: str | None = Field(None, description="a tool message: the call it answers")
+    refusal: str | None = Field(None, description="accepted (as the SDK sends back an answer), not used")
 
     @field_validator("content")
     @classmethod
-    def text_only(cls, value: str | list[dict[str, Any]]) -> str:
-        if isinstance(value, str):
+    def text_only(cls, value: str | list[dict[str, Any]] | None) -> str | None:
+        if value is None or isinstance(value, str):
             return value
         if any(part.get("type") != "text" or not isinstance(part.get("text"), str) for part in value):
             raise ValueError("only text content parts ({\"type\": \"text\", \"text\": ...}) are supported")
         return "".join(part["text"] for part in value)
+
+    @model_validator(mode="after")
+    def fields_of_its_role(self) -> "ChatMessage":
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only an assistant message has tool_calls")
+        if (self.tool_call_id is not None) != (self.role == "tool"):
+            raise ValueError("a tool message needs tool_call_id (the id of the call it answers), and only it")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content (null only for an assistant's tool calls)")
+        return self
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=NAME_PATTERN, description="letters, digits, _ and -, up to 64")
+    description: str | None = Field(None, max_length=4096, description="what it does (shown to the model)")
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}},
+                                       description="a JSON schema of its arguments (an object)")
+    strict: bool | None = Field(None, description="accepted: a forced call always matches the parameters")
+
+    @field_validator("parameters")
+    @classmethod
+    def bounded(cls, value: dict[str, Any]) -> dict[str, Any]:
+        check_schema_limits(value)
+        return value
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"] = Field(description="function (the only kind)")
+    function: FunctionSpec
+
+
+class ToolName(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="a tool in tools")
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"] = Field(description="function")
+    function: ToolName
 
 
 class ChatRequest(OpenAIRequest):
     """OpenAI `POST /v1/chat/completions`: messages rendered with the checkpoint's SFT template."""
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=256,
-                                        description="system/user/assistant turns, ending with a user turn")
+                                        description="system/user/assistant/tool turns, ending with a user or tool turn")
     max_tokens: int | None = Field(None, ge=1, description="most new tokens (default: what fits)")
     max_completion_tokens: int | None = Field(None, ge=1, description="alias of max_tokens")
     logprobs: bool = Field(False, description="each answer token's log-prob (choices[].logprobs.content)")
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
                                      description=f"with logprobs: the 0 to {MAX_LOGPROBS} most likely tokens too")
+    tools: list[Tool] | None = Field(None, min_length=1, max_length=MAX_TOOLS,
+                                     description=f"functions the model may call, 1 to {MAX_TOOLS}")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="none, auto (the default with tools), required, or {type: function, function: {name}}")
+    parallel_tool_calls: bool | None = Field(None, description="accepted: an answer holds at most one call")
 
     @model_validator(mode="after")
     def top_needs_logprobs(self) -> "ChatRequest":
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self
+
+    @model_validator(mode="after")
+    def tools_agree(self) -> "ChatRequest":
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise ValueError("tools: each function name may appear once")
+        choice = self.tool_choice
+        if choice not in (None, "none") and not names:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice names {choice.function.name!r}, which is not in tools ({', '.join(names)})")
+        calls = set()
+        for message in self.messages:
+            calls |= {c.id for c in message.tool_calls or []}
+            if message.role == "tool" and message.tool_call_id not in calls:
+                raise ValueError(f"a tool message answers tool_call_id {message.tool_call_id!r}, which no earlier "
+                                 "assistant message made")
+        return self
+
+    @property
+    def tool_mode(self) -> str | None:
+        """None (no tools), "none", "auto", "required", or the name of the one function to call."""
+        if not self.tools:
+            return None
+        choice = self.tool_choice or "auto"
+        return choice.function.name if isinstance(choice, NamedToolChoice) else choice
 
     @property
     def wanted_logprobs(self) -> int | None:
@@ -175,8 +322,8 @@ class ChatRequest(OpenAIRequest):
     @field_validator("messages")
     @classmethod
     def ends_with_user(cls, value: list[ChatMessage]) -> list[ChatMessage]:
-        if value[-1].role != "user":
-            raise ValueError("the last message must be the user's")
+        if value[-1].role not in ("user", "tool"):
+            raise ValueError("the last message must be the user's (or a tool's result)")
         return value
 
 

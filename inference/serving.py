@@ -1,7 +1,8 @@
-"""The served model: `ServedModel` (the model, tokenizer, engine thread, best_of scorer and their description for
-/health), `load_served_model` (checkpoint, optional INT8, device and dtype, the engine and its thread), the
---reward_model checks and loading, and best_of: each candidate's seed (`candidate_seeds`) and its score
-(`score_candidates`, in the scorer thread: the reward model's, or `mean_token_logprobs`, OpenAI's rule)."""
+"""The served model: `ServedModel` (the model, tokenizer, engine thread, best_of scorer, the tokenizer as the grammar
+library sees it, and their description for /health), `load_served_model` (checkpoint, optional INT8, device and
+dtype, the engine and its thread), the --reward_model checks and loading, and best_of: each candidate's seed
+(`candidate_seeds`) and its score (`score_candidates`, in the scorer thread: the reward model's, or
+`mean_token_logprobs`, OpenAI's rule)."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +16,7 @@ import checkpoints
 from cli import UsageError
 from decoding import DecodeEngine
 from devices import autocast_context, resolve_device, resolve_dtype
+from grammar_constraint import GrammarVocabulary
 from gpt_model import GPTModel
 from inference.engine_worker import EngineWorker, Job
 from inference.server_metrics import Metrics
@@ -44,6 +46,7 @@ class ServedModel:
     parameters: int
     device: torch.device
     dtype: torch.dtype
+    grammar_vocab: GrammarVocabulary  # built once: response_format and tool-call grammars compile against it
     reward_path: Path | None = None
     reward_model: GPTRewardModel | None = None
     scorer: ThreadPoolExecutor = field(default_factory=scorer_thread)
@@ -77,7 +80,7 @@ def load_served_model(settings: Settings, metrics: Metrics) -> ServedModel:
     worker = EngineWorker(engine, metrics, settings.max_queue, device, dtype, settings.num_threads)
     worker.start()
     return ServedModel(path, model, tokenizer, worker, template, "int8" if is_quantized(model) else "none",
-                       parameters, device, dtype, reward_path, reward)
+                       parameters, device, dtype, GrammarVocabulary(tokenizer), reward_path, reward)
 
 
 def check_reward_checkpoint(path: Path, fingerprint: str | None) -> None:

@@ -729,15 +729,62 @@ def test_logprobs_are_the_engines_own(server, reference):
     assert flat == pytest.approx(logprobs["token_logprobs"], abs=1e-4)
 
 
-@pytest.mark.parametrize("extra, name", [({"tools": []}, "tools"), ({"response_format": {"type": "json"}},
-                                                                        "response_format"),
-                                          ({"frequency_penalty": 0.5}, "frequency_penalty"),
-                                          ({"logit_bias": {"5": 1.0}}, "logit_bias"),
-                                          ({"top_logprobs": 2}, "top_logprobs")])
+TOOL = {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {
+    "a": {"type": "integer"}}}}}
+CALL = {"role": "assistant", "content": None, "tool_calls": [
+    {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}}]}
+
+
+def deep_schema(depth: int) -> dict:
+    schema: dict = {"type": "integer"}
+    for _ in range(depth):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
+@pytest.mark.parametrize("extra, name", [
+    ({"tools": []}, "tools"),
+    ({"response_format": {"type": "json"}}, "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"response_format": {"type": "json_object", "json_schema": {"name": "a", "schema": {}}}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}}, "name"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": []}}}, "schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": deep_schema(40)}}},
+     "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {
+        "enum": ["x" * 60] * 2000}}}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "banana"}}}},
+     "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {
+        "$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}}}}, "response_format"),
+    ({"tools": [{"type": "retrieval"}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "no spaces"}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": deep_schema(40)}}]}, "parameters"),
+    ({"tools": [TOOL, TOOL]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "banana"}}}],
+      "tool_choice": "required"}, "tools"),
+    ({"tools": [TOOL] * 129}, "tools"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [TOOL], "tool_choice": "always"}, "tool_choice"),
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "sub"}}}, "tool_choice"),
+    ({"messages": [{"role": "user", "content": "hi"}, {**CALL, "tool_calls": [{**CALL["tool_calls"][0], "function": {
+        "name": "add", "arguments": "{not json"}}]}, {"role": "user", "content": "?"}]}, "arguments"),
+    ({"messages": [{"role": "user", "content": "hi"}, {**CALL, "tool_calls": [{**CALL["tool_calls"][0], "function": {
+        "name": "add", "arguments": "[1]"}}]}, {"role": "user", "content": "?"}]}, "arguments"),
+    ({"messages": [{"role": "user", "content": "hi"}, CALL, {"role": "tool", "content": "2"}]}, "tool_call_id"),
+    ({"messages": [{"role": "user", "content": "hi"}, CALL, {"role": "tool", "tool_call_id": "call_9",
+                                                            "content": "2"}]}, "tool_call_id"),
+    ({"messages": [{"role": "user", "content": "hi", "tool_calls": CALL["tool_calls"]}]}, "tool_calls"),
+    ({"messages": [{"role": "user", "content": None}]}, "content"),
+    ({"parallel_tool_calls": "maybe"}, "parallel_tool_calls"),
+    ({"frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+])
 def test_a_parameter_the_server_cannot_serve_is_a_422_naming_it(server, extra, name):
     response = httpx.post(server.url + "/v1/chat/completions",
                           json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **extra})
-    assert response.status_code == 422 and name in response.text
+    assert response.status_code == 422 and name in response.json()["error"]["message"], response.text
     ok = httpx.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                                "max_tokens": 2, "user": "u1", "presence_penalty": 0})
     assert ok.status_code == 200

@@ -133,6 +133,7 @@ COMMANDS = {
     "bench_scale": ("benchmarks.bench_scale", ["--sizes_mb", "1", "--work_dir", "{out}/work"]),
     "bench_optimizer": ("benchmarks.bench_optimizer", ["--seeds", "1", "--skip_default_runs"]),
     "bench_train": ("benchmarks.bench_train", ["--steps", "1"]),
+    "bench_structured": ("benchmarks.bench_structured", ["--corpus", "{text}", "--steps", "1", "--repeats", "1"]),
     "download": ("data.download", ["--endpoint", "http://127.0.0.1:9", "--output", "{out}/hf", "--list"]),
     "convert_chat": ("data.convert_chat", ["{sft}", "{out}/chat.jsonl", "--no_progress"]),
     "gpu_check": ("benchmarks.gpu_check", ["--dry_run", "--work_dir", "{out}/work", "--output", "{out}/gpu.json"]),
@@ -320,6 +321,13 @@ BAD_FLAGS += rows("bench_scale", [
 # bench_train
 BAD_FLAGS += rows("bench_train", [
     ["--steps", "0"], ["--steps", "x"], ["--num_threads", "0"], ["--vocab_size", "x"], [OLD_THREADS, "2"],
+])
+
+# bench_structured
+BAD_FLAGS += rows("bench_structured", [
+    ["--vocab_size", "100"], ["--vocab_size", "x"], ["--shape", "huge"], ["--batch_sizes", "1,0"],
+    ["--batch_sizes", ""], ["--steps", "0"], ["--repeats", "x"], ["--num_threads", "0"],
+    ["--corpus", "{out}/missing.txt"], ["--corpus", "{folder}"], ["--bogus"],
 ])
 
 # gpu_check
