@@ -404,6 +404,7 @@ BAD_FLAGS = [
         ["--seed", "-1"], ["--seed", "x"], ["--arithmetic_train", "-1"], ["--arithmetic_test", "1.5"],
         ["--arithmetic_rl", "-5"], ["--pairwise_arithmetic", "x"], ["--speaker_train", "-1"], ["--speaker_test", "x"],
         ["--mixed_excerpts_train", "-1"], ["--chat_sums_train", "-1"], ["--chat_sums_test", "x"],
+        ["--arithmetic_chat_form", "json"], ["--arithmetic_chat_form"],
         ["--num_threads", "2"], ["--output_dir", "{afile}"],
         ["--corpus", "{out}/missing.txt"], ["--output_dir"])],
     *[("build_classify_data", flags, ()) for flags in (
