@@ -73,6 +73,9 @@ class OpenAIRequest(BaseModel):
     stop: str | list[str] | None = Field(None, description=STOP_DOC)
     stream: bool = Field(False, description="OpenAI chunks as Server-Sent Events, ending with `data: [DONE]`")
     stream_options: dict[str, Any] | None = Field(None, description="{\"include_usage\": true} adds a usage chunk")
+    calculator: bool = Field(True, description="(extension) run the built-in calculator when a model trained with "
+                                               "tool calls calls it (--calculator on); its call and result are "
+                                               "part of the text")
 
     @field_validator("stop")
     @classmethod

@@ -62,6 +62,9 @@ class Settings:
                                 "mean token log-prob under the served model (OpenAI's rule)")
     max_best_of: int = setting(8, "GPT_MAX_BEST_OF", "largest best_of a request may ask: samples generated (and "
                                "tokens spent) for one answer", positive_int)
+    calculator: str = setting("on", "GPT_CALCULATOR", "on: run the built-in calculator when a model trained with "
+                              "tool calls calls it (its call and result are part of the answer's text; a request "
+                              "turns it off with \"calculator\": false); off: never", choices=("on", "off"))
     log_level: str = setting("info", "GPT_LOG_LEVEL", "server log level: " + ", ".join(LOG_LEVELS),
                              choices=LOG_LEVELS)
 

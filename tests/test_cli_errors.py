@@ -492,7 +492,8 @@ BAD_FLAGS += [
         ["--output", "{ckpt}", "--overwrite"], ["--output", "{folder}"], ["--overwrite", "x"])],
     ("quantizer", ["--test_data_path", "{afile}", "--output", "{afile}", "--overwrite"], ("--no_eval",)),
     *[("byte_level_bpe", flags, ()) for flags in (["--output", "{folder}"],)],
-    *[("kv_cache_infer", flags, ()) for flags in (["--max_message_chars", "0"], ["--max_message_chars", "x"])],
+    *[("kv_cache_infer", flags, ()) for flags in (["--max_message_chars", "0"], ["--max_message_chars", "x"],
+                                                  ["--no_calculator"], ["--no_calculator", "x"])],
 ]
 
 
