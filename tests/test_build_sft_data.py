@@ -212,7 +212,8 @@ def test_dialogues_follow_up_on_their_own_earlier_answers(built):
                 users, answers, turns = [f"计算 {total} + 0 = ?", *users], [str(total), *answers], [None, *turns]
             if r["task"] == "arithmetic_chat":
                 for follow_up, answer, turn in zip(users[1:], answers[1:], turns[1:]):
-                    sign, n = (1, "+") if follow_up.startswith("再加") else (-1, "-"), int(re.search(r"\d+", follow_up)[0])
+                    sign = (1, "+") if follow_up.startswith("再加") else (-1, "-")
+                    n = int(re.search(r"\d+", follow_up)[0])
                     expression = f"{total}{sign[1]}{n}"  # the call reads the running total off the last answer
                     total += sign[0] * n
                     assert answer == str(total) and total >= 0
