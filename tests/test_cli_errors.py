@@ -374,6 +374,7 @@ COMMANDS = {
     "bench_peers": ("benchmarks.bench_peers", ["--skip_servers"]),
     "bench_docker": ("benchmarks.bench_docker", ["--model_path", "{ckpt}"]),
     "bench_chat": ("benchmarks.bench_chat", ["--pretrained", "{ckpt}", "--workdir", "{out}/work"]),
+    "bench_tools": ("benchmarks.bench_tools", ["--sft_model", "{ckpt}", "--limit", "1"]),
     "screenshot_chat": ("benchmarks.screenshot_chat", ["--model_path", "{ckpt}", "--output", "{out}/chat.png"]),
     "bench_server": ("benchmarks.bench_server", ["--model_path", "{ckpt}", "--skip_baseline", "--duration", "1"]),
     "bench_equivalence": ("benchmarks.bench_equivalence", ["--against", "HEAD", "--stages", "sft"]),
@@ -459,6 +460,10 @@ BAD_FLAGS = [
     *[("bench_chat", flags, ()) for flags in (
         ["--seeds", "x"], ["--seeds", "-1"], ["--num_threads", "0"], ["--pretrained", "{out}/missing.pth"],
         ["--bogus"])],
+    *[("bench_tools", flags, ()) for flags in (
+        ["--seeds", "x"], ["--num_threads", "0"], ["--limit", "0"], ["--max_new_tokens", "x"], ["--batch_size", "0"],
+        ["--sft_max_steps", "0"], ["--sft_model", "{out}/missing.pth"], ["--chat_test", "{out}/missing.json"],
+        ["--pretrained", "{ckpt}"], ["--bogus"])],
     *[("screenshot_chat", flags, ()) for flags in (["--model_path", "{out}/missing.pth"], ["--bogus"])],
     *[("bench_docker", flags, ()) for flags in (
         ["--requests", "0"], ["--requests", "x"], ["--model_path", "{out}/missing.pth"], ["--bogus"])],
