@@ -27,7 +27,9 @@ from typing import Callable, Iterator, NamedTuple, Protocol, Sequence
 
 import torch
 
+import calculator
 from byte_level_bpe import incomplete_tail
+from prompts import CALCULATOR, TOOL_CALL, TOOL_CALL_END, TOOL_RESULT, TOOL_RESULT_END, TOOL_TOKENS, parse_call
 from transformer_components import KVCache, KVCacheView
 
 
@@ -142,6 +144,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: none; k >= 0: each token's log-prob and the k most likely (raw model)
     constraint: Callable[[], TokenConstraint] | None = None  # a fresh constraint per sequence (e.g. Grammar.start)
+    calculator: bool = True  # run the built-in calculator on the model's calls (needs the engine's tokenizer)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -172,12 +175,13 @@ class IncrementalDetokenizer:
     """Token ids in, text out in whole UTF-8 characters: the bytes of a character split across tokens are held
     back until it is complete, so pieces never contain a U+FFFD the full decode lacks and join to the full decode."""
 
-    def __init__(self, tokenizer, skip_special_tokens: bool = True):
-        self._tokenizer, self._skip = tokenizer, skip_special_tokens
+    def __init__(self, tokenizer, skip_special_tokens: bool = True, keep: frozenset[int] = frozenset()):
+        self._tokenizer, self._skip, self._keep = tokenizer, skip_special_tokens, keep  # keep: specials written out
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_id: int) -> str:
-        return self._decoder.decode(self._tokenizer.decode_bytes([token_id], self._skip))
+        skip = self._skip and token_id not in self._keep
+        return self._decoder.decode(self._tokenizer.decode_bytes([token_id], skip))
 
     def flush(self) -> str:
         """The end of the text: a character still incomplete there is left out (as in tokenizer.decode)."""
@@ -274,6 +278,7 @@ class DecodeEngine:
         self._seen: torch.Tensor | None = None  # (n_slots, vocab) bool, for repetition penalties
         self._pending: list[StepOutput] = []  # first tokens sampled at prefill, returned by the next step()
         self._decode = torch.compile(self._decode_logits, dynamic=False) if compile else self._decode_logits
+        self._tools = tool_token_ids(tokenizer)  # None: the tokenizer has no tool tokens (no model of it calls tools)
 
     # -- state
 
@@ -380,7 +385,8 @@ class DecodeEngine:
         if params.constraint is not None:
             request.constraint = params.constraint()
         if self.tokenizer is not None:
-            request.detokenizer = IncrementalDetokenizer(self.tokenizer)
+            keep = frozenset(self._tools.values()) if self._tools else frozenset()  # a tool call's trace is text
+            request.detokenizer = IncrementalDetokenizer(self.tokenizer, keep=keep)
             request.stop_matcher = StopStringMatcher(params.stop)
         self.slots[slot] = request
         if params.repetition_penalty != 1.0 and self._seen is None:
@@ -487,7 +493,60 @@ class DecodeEngine:
             self._seen[slots, tokens] = True
         scored = requested_logprobs(requests, logits, tokens)
         # The one host sync per step: EOS, stop strings and streaming need the ids on the host.
-        return [self._record(r, token, *lp) for r, token, lp in zip(requests, tokens.tolist(), scored)]
+        outputs = [self._record(r, token, *lp) for r, token, lp in zip(requests, tokens.tolist(), scored)]
+        return self._run_tools(outputs) if self._tools else outputs
+
+    # -- tools
+
+    def _run_tools(self, outputs: list[StepOutput]) -> list[StepOutput]:
+        """The outputs, each calculator call that one of them ended followed by its result (forced into the
+        sequence) and the token sampled after it: the slot goes on decoding, in the same batch from the next step."""
+        out = []
+        for output in outputs:
+            out.append(output)
+            forced = None if output.finished else self._tool_result(output.request)
+            if forced:
+                out += self._force(output.request, forced)
+        return out
+
+    def _tool_result(self, request: Request) -> list[int] | None:
+        """``<|tool_result|> result <|/tool_result|>`` ids when the request's last token closed a call it opened
+        (and its calculator is on); None otherwise. The result of a broken call is an error the model reads."""
+        ids = request.output_ids
+        if not request.params.calculator or ids[-1] != self._tools[TOOL_CALL_END] \
+                or self._tools[TOOL_CALL] not in ids:
+            return None
+        start = len(ids) - 1 - ids[::-1].index(self._tools[TOOL_CALL])
+        if self._tools[TOOL_CALL_END] in ids[start + 1:-1]:  # a stray end after an answered call: no new call
+            return None
+        name, arguments = parse_call(self.tokenizer.decode(ids[start + 1:-1], skip_special_tokens=True))
+        expression = arguments.get("expression") if isinstance(arguments, dict) else None
+        result = calculator.evaluate(expression) if name == CALCULATOR else f"error: no tool named {name!r}"
+        return [self._tools[TOOL_RESULT], *self.tokenizer.encode_ordinary(result), self._tools[TOOL_RESULT_END]]
+
+    def _force(self, request: Request, forced: list[int]) -> list[StepOutput]:
+        """Record ``forced`` as the request's next tokens (text, stop strings and limits as any token), write them
+        into its cache after the call's last token in one forward pass (a prompt continuation), and sample on."""
+        outputs = []
+        for token in forced:
+            outputs.append(self._record(request, token))
+            if request.finished:  # out of room, or a stop string: the result is cut there
+                return outputs
+        chunk = request.output_ids[-len(forced) - 1:]  # the call's end (not yet in the cache) and the result
+        if self._seen is not None:
+            self._seen[request.slot, torch.tensor(forced, device=self.device)] = True
+        return outputs + self._emit([request], self._continue_logits(request, chunk))
+
+    def _continue_logits(self, request: Request, chunk: list[int]) -> torch.Tensor:
+        """Logits (1, V) after ``chunk`` appended to the request's cached sequence (recomputed without a cache)."""
+        if self.cache is None:
+            return self._recomputed_logits([request])
+        slot, start = request.slot, self.lengths[request.slot]
+        positions = torch.arange(start, start + len(chunk), device=self.device)[None]
+        view = KVCacheView(self.cache, self._slot_ids[slot:slot + 1], positions, key_len=start + len(chunk))
+        hidden = self.model.hidden_states(torch.tensor([chunk], device=self.device), kv_cache=view)
+        self.lengths[slot] = start + len(chunk)
+        return self.model.lm_head(hidden[:, -1]).float()
 
     def _record(self, request: Request, token: int, logprob: float | None = None,
                 top: tuple[tuple[int, float], ...] | None = None) -> StepOutput:
@@ -545,6 +604,13 @@ class DecodeEngine:
             for out in self.step():
                 if out.request is request and out.text:
                     yield out.text
+
+
+def tool_token_ids(tokenizer) -> dict[str, int] | None:
+    """The ids of the tool-call tokens (``prompts.TOOL_TOKENS``) in ``tokenizer``; None when it lacks any."""
+    lookup = getattr(tokenizer, "special_token_id", None)
+    ids = {token: lookup(token) for token in TOOL_TOKENS} if lookup is not None else {}
+    return ids if ids and None not in ids.values() else None
 
 
 def requested_logprobs(requests: Sequence[Request], logits: torch.Tensor,

@@ -23,6 +23,8 @@ No torch: the tokenizer is any object with ``bos_token_id``, ``eos_token_id`` an
 """
 from __future__ import annotations
 
+import json
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,16 +33,37 @@ from typing import Literal
 from loss_labels import IGNORE_INDEX
 
 SFT_TEMPLATE = "### 指令:{instruction}\n### 响应:{response}"  # the format of models trained before role tokens
-CHAT_ROLES = ("system", "developer", "user", "assistant")  # developer: OpenAI's newer name for system
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # developer: OpenAI's newer name for system
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 END_TOKEN = "<|end|>"  # closes a system or user message (an assistant message ends with </s>)
-CHAT_TOKENS = (*ROLE_TOKENS.values(), END_TOKEN)  # the tokenizer reserves these as special tokens
-CHAT_TEMPLATE = (
+TOOL_CALL, TOOL_CALL_END = "<|tool_call|>", "<|/tool_call|>"  # the model writes a call between these
+TOOL_RESULT, TOOL_RESULT_END = "<|tool_result|>", "<|/tool_result|>"  # the result, forced in: never scored
+TOOL_TOKENS = (TOOL_CALL, TOOL_CALL_END, TOOL_RESULT, TOOL_RESULT_END)
+CHAT_TOKENS = (*ROLE_TOKENS.values(), END_TOKEN, *TOOL_TOKENS)  # the tokenizer reserves these as special tokens
+CALCULATOR = "calculator"  # the built-in tool: {"expression": "42+8"}, written in a call as the expression alone
+CALL_WITH_NAME = re.compile(r"([A-Za-z_][\w.-]*) (\{.*\})", re.DOTALL)  # another tool's call: name {json arguments}
+CHAT_TEMPLATE_NO_TOOLS = (  # the chat format of models trained before tool calls (their checkpoints store it)
     "{{ bos_token }}{% for message in messages %}"
     "{% set role = 'system' if message['role'] == 'developer' else message['role'] %}"
     "{% if role == 'assistant' %}{{ '<|assistant|>' + message['content'] + eos_token }}"
     "{% else %}{{ '<|' + role + '|>' + message['content'] + '<|end|>' }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+_JINJA_CALL = (  # one tool call's text: a calculator call is its expression, another tool's is `name {arguments}`
+    "{% set f = call['function'] %}{% set a = f['arguments'] %}{{ '<|tool_call|>' }}"
+    "{% if f['name'] == 'calculator' %}{{ a.split('\"expression\"', 1)[1].split(':', 1)[1].strip()[1:].split('\"')[0] "
+    "if a is string else a['expression'] }}"
+    "{% else %}{{ f['name'] + ' ' + (a if a is string else a | tojson) }}{% endif %}{{ '<|/tool_call|>' }}")
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% set ns = namespace(previous='') %}{% for message in messages %}"
+    "{% set role = 'system' if message['role'] == 'developer' else message['role'] %}"
+    "{% if role == 'assistant' %}{% if ns.previous != 'tool' %}{{ '<|assistant|>' }}{% endif %}"
+    "{{ message['content'] or '' }}"
+    "{% if message['tool_calls'] %}{% for call in message['tool_calls'] %}" + _JINJA_CALL + "{% endfor %}"
+    "{% else %}{{ eos_token }}{% endif %}"
+    "{% elif role == 'tool' %}{{ '<|tool_result|>' + message['content'] + '<|/tool_result|>' }}"
+    "{% else %}{{ '<|' + role + '|>' + message['content'] + '<|end|>' }}{% endif %}"
+    "{% set ns.previous = role %}{% endfor %}"
+    "{% if add_generation_prompt and ns.previous != 'tool' %}{{ '<|assistant|>' }}{% endif %}")
 Overflow = Literal["truncate", "error"]
 
 
@@ -130,56 +153,142 @@ class Sample:
 
 
 def is_chat_template(template: str) -> bool:
-    """Whether ``template`` is the role-token chat format (else the older instruction/response template)."""
+    """Whether ``template`` is the role-token chat format, with or without tool calls (else the older
+    instruction/response template)."""
+    return template in (CHAT_TEMPLATE, CHAT_TEMPLATE_NO_TOOLS)
+
+
+def knows_tools(template: str) -> bool:
+    """Whether a model trained with ``template`` reads and writes tool calls (the built-in calculator is then on)."""
     return template == CHAT_TEMPLATE
 
 
-def has_chat_tokens(tokenizer) -> bool:
-    """Whether the tokenizer holds every chat special token (a tokenizer trained before them does not)."""
+def has_chat_tokens(tokenizer, template: str = CHAT_TEMPLATE) -> bool:
+    """Whether the tokenizer holds every special token of ``template``'s chat format (a tokenizer trained before
+    them does not: SFT appends them, ``ByteLevelBPETokenizer.with_special_tokens``)."""
+    needed = CHAT_TOKENS if knows_tools(template) else CHAT_TOKENS[:len(ROLE_TOKENS) + 1]
     specials = set(getattr(tokenizer, "special_tokens", ()))
-    return all(token in specials for token in CHAT_TOKENS)
+    return all(token in specials for token in needed)
 
 
 def check_template(template: str, tokenizer=None) -> None:
-    """A template this module can render: CHAT_TEMPLATE (with a tokenizer that has its tokens) or a template with
+    """A template this module can render: a chat template (with a tokenizer that has its tokens) or a template with
     {instruction} and {response}."""
     if is_chat_template(template):
-        if tokenizer is not None and not has_chat_tokens(tokenizer):
+        if tokenizer is not None and not has_chat_tokens(tokenizer, template):
             raise PromptError(f"the chat format needs the special tokens {', '.join(CHAT_TOKENS)}, which this "
                               "tokenizer lacks: add them (ByteLevelBPETokenizer.with_special_tokens) or retrain it")
     elif "{response}" not in template or "{instruction}" not in template:
         raise PromptError("a template is prompts.CHAT_TEMPLATE or holds {instruction} and {response} placeholders")
 
 
-def _message(message) -> tuple[str, str]:
-    """(role, content) of a ``{"role", "content"}`` mapping or an object with those attributes."""
-    role = message.get("role") if isinstance(message, Mapping) else getattr(message, "role", None)
-    content = message.get("content") if isinstance(message, Mapping) else getattr(message, "content", None)
+def _field(message, name: str):
+    return message.get(name) if isinstance(message, Mapping) else getattr(message, name, None)
+
+
+def _message(message) -> dict:
+    """A message as a dict: role, content (a string; "" for an assistant message of tool calls alone), and its
+    ``tool_calls`` (OpenAI's), ``tool_call_id`` and ``weight`` (0: not trained on) when it has them."""
+    role, content, calls = _field(message, "role"), _field(message, "content"), _field(message, "tool_calls")
     if role not in CHAT_ROLES:
         raise PromptError(f"unknown chat role {role!r}: use one of {', '.join(CHAT_ROLES)}")
+    if content is None and role == "assistant" and calls:
+        content = ""
     if not isinstance(content, str):
         raise PromptError(f"a {role} message's content must be a string, got {type(content).__name__}")
-    return role, content
+    out = {"role": role, "content": content}
+    if calls:
+        if role != "assistant" or not isinstance(calls, list):
+            raise PromptError("tool_calls must be a list, on an assistant message")
+        out["tool_calls"] = [_plain_call(call) for call in calls]
+    for name in ("tool_call_id", "weight"):
+        if _field(message, name) is not None:
+            out[name] = _field(message, name)
+    if out.get("weight", 1) not in (0, 1):
+        raise PromptError(f"a message's weight is 0 (not trained on) or 1, got {out['weight']!r}")
+    return out
+
+
+def _plain_call(call) -> dict:
+    """One OpenAI tool call as plain dicts: {"id", "type": "function", "function": {"name", "arguments"}}."""
+    function = _field(call, "function")
+    name, arguments = _field(function, "name"), _field(function, "arguments")
+    if not isinstance(name, str) or not isinstance(arguments, (str, Mapping)):
+        raise PromptError('a tool call is {"type": "function", "function": {"name": str, "arguments": str}}')
+    plain = {"type": "function", "function": {"name": name, "arguments": arguments}}
+    return {"id": _field(call, "id"), **plain} if _field(call, "id") is not None else plain
+
+
+def call_text(call: Mapping) -> str:
+    """What the model writes between <|tool_call|> and <|/tool_call|> for an OpenAI tool call: a calculator call's
+    expression ("42+8"), or ``name {arguments}`` for another tool."""
+    name, arguments = call["function"]["name"], call["function"]["arguments"]
+    if name != CALCULATOR:
+        return f"{name} {arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)}"
+    if isinstance(arguments, str):  # the exported Jinja template reads the string as it is: keep to what it can
+        if "\\" in arguments:
+            raise PromptError("a calculator call's arguments hold no escapes: {\"expression\": \"42+8\"}")
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            raise PromptError(f"a tool call's arguments must be JSON, got {arguments!r}") from None
+    if not isinstance(arguments, Mapping) or set(arguments) != {"expression"} \
+            or not isinstance(arguments["expression"], str) or '"' in arguments["expression"]:
+        raise PromptError('a calculator call\'s arguments are {"expression": "<arithmetic>"}')
+    return arguments["expression"]
+
+
+def parse_call(text: str) -> tuple[str, dict]:
+    """(tool name, arguments) of the text of a call as the model wrote it (``call_text``'s inverse)."""
+    match = CALL_WITH_NAME.fullmatch(text.strip())
+    if match:
+        try:
+            return match.group(1), json.loads(match.group(2))
+        except json.JSONDecodeError:
+            pass
+    return CALCULATOR, {"expression": text}
+
+
+def final_answer(text: str) -> str:
+    """The answer in an assistant reply written with its tool calls (``<|tool_call|>42+8<|/tool_call|><|tool_result|>
+    50<|/tool_result|>50``): the text after the last result ("50"); the whole text when no tool was called."""
+    return text.rsplit(TOOL_RESULT_END, 1)[-1]
 
 
 def check_conversation(messages, need_assistant: bool = True) -> None:
     """A conversation a training or test file may hold: a non-empty list of messages with known roles and string
-    content, at most one system message (first), and (``need_assistant``) at least one assistant message."""
+    content, at most one system message (first), tool results right after the calls they answer, and
+    (``need_assistant``) at least one assistant message."""
     if not isinstance(messages, list) or not messages:
         raise PromptError("\"messages\" must be a non-empty list of {\"role\", \"content\"} objects")
-    roles = [_message(m)[0] for m in messages]
+    plain = [_message(m) for m in messages]
+    roles = [m["role"] for m in plain]
     systems = [i for i, role in enumerate(roles) if role in ("system", "developer")]
     if len(systems) > 1 or systems not in ([], [0]):
         raise PromptError("a conversation has at most one system message, and it comes first")
+    _check_tool_order(plain)
     if need_assistant and "assistant" not in roles:
         raise PromptError("a conversation needs at least one assistant message to learn from")
+
+
+def _check_tool_order(messages: Sequence[dict]) -> None:
+    """Each tool call is answered by a tool message right after it, and a tool message answers a call."""
+    waiting = 0  # calls not yet answered
+    for message in messages:
+        if message["role"] == "tool":
+            if not waiting:
+                raise PromptError("a tool message must follow the assistant message whose tool call it answers")
+            waiting -= 1
+        elif waiting:
+            raise PromptError("an assistant message's tool calls must each be answered by a tool message next")
+        waiting += len(message.get("tool_calls", ()))
 
 
 def record_messages(record: Mapping) -> list[dict]:
     """A record as a conversation: its "messages", or its instruction (+ input) as a user turn and its response (when
     it has one) as the assistant's."""
     if "messages" in record:
-        return [dict(zip(("role", "content"), _message(m))) for m in record["messages"]]
+        return [_message(m) for m in record["messages"]]
     messages = [{"role": "user", "content": record_instruction(record)}]
     if "response" in record:
         messages.append({"role": "assistant", "content": record["response"]})
@@ -194,53 +303,89 @@ def record_reference(record: Mapping) -> str | None:
 def split_reference(messages: Sequence) -> tuple[list[dict], str | None]:
     """(the conversation up to its last assistant message, that message's text): a prompt and its reference answer.
     A conversation that does not end with an assistant message is all prompt (reference None)."""
-    messages = [dict(zip(("role", "content"), _message(m))) for m in messages]
+    messages = [_message(m) for m in messages]
     if messages and messages[-1]["role"] == "assistant":
         return messages[:-1], messages[-1]["content"]
     return messages, None
 
 
-def _turns(messages: Sequence) -> tuple[list[tuple[str, str]], list[list[tuple[str, str]]]]:
+def _turns(messages: Sequence) -> tuple[list[dict], list[list[dict]]]:
     """(leading system messages, turns): a turn is a user message and everything up to the next user message."""
-    pairs = [_message(m) for m in messages]
+    plain = [_message(m) for m in messages]
+    _check_tool_order(plain)
     head = []
-    while pairs and pairs[0][0] in ("system", "developer"):
-        head.append(pairs.pop(0))
-    turns: list[list[tuple[str, str]]] = []
-    for role, content in pairs:
-        if role == "user" or not turns:
+    while plain and plain[0]["role"] in ("system", "developer"):
+        head.append(plain.pop(0))
+    turns: list[list[dict]] = []
+    for message in plain:
+        if message["role"] == "user" or not turns:
             turns.append([])
-        turns[-1].append((role, content))
+        turns[-1].append(message)
     return head, turns
 
 
-def _role_blocks(tokenizer, head, turns) -> list[tuple[list[int], list[int]]]:
-    """The chat format: per message, (ids, labels); an assistant message is scored on its text and </s>."""
+def _role_blocks(tokenizer, messages: Sequence[dict], tools: bool) -> list[tuple[list[int], list[int]]]:
+    """The chat format: per message, (ids, labels). An assistant message is scored on its text, its tool calls and
+    its </s> (none after calls: the results follow); a tool result is never scored."""
     ids_of = tokenizer.special_token_id
-    blocks = []
-    for role, content in [*head, *(m for turn in turns for m in turn)]:
-        role = "system" if role == "developer" else role
-        text = tokenizer.encode_ordinary(content)
+    blocks, previous = [], ""
+    for message in messages:
+        role = "system" if message["role"] == "developer" else message["role"]
+        if not tools and (role == "tool" or "tool_calls" in message):
+            raise PromptError("this model's chat format has no tool calls (it was trained before them)")
         if role == "assistant":
-            blocks.append(([ids_of(ROLE_TOKENS[role]), *text, tokenizer.eos_token_id],
-                           [IGNORE_INDEX, *text, tokenizer.eos_token_id]))
-        else:
-            ids = [ids_of(ROLE_TOKENS[role]), *text, ids_of(END_TOKEN)]
+            ids = [ids_of(ROLE_TOKENS[role])] if previous != "tool" else []
+            ids += _reply_ids(tokenizer, message["content"], tools)
+            for call in message.get("tool_calls", ()):
+                ids += [ids_of(TOOL_CALL), *tokenizer.encode_ordinary(call_text(call)), ids_of(TOOL_CALL_END)]
+            ids += [] if message.get("tool_calls") else [tokenizer.eos_token_id]
+            blocks.append((ids, _reply_labels(tokenizer, ids, previous != "tool", message.get("weight", 1))))
+        elif role == "tool":
+            ids = [ids_of(TOOL_RESULT), *tokenizer.encode_ordinary(message["content"]), ids_of(TOOL_RESULT_END)]
             blocks.append((ids, [IGNORE_INDEX] * len(ids)))
+        else:
+            ids = [ids_of(ROLE_TOKENS[role]), *tokenizer.encode_ordinary(message["content"]), ids_of(END_TOKEN)]
+            blocks.append((ids, [IGNORE_INDEX] * len(ids)))
+        previous = role
     return blocks
+
+
+def _reply_ids(tokenizer, text: str, tools: bool) -> list[int]:
+    """An assistant message's text; with tools, a trace written out in it (as the engine streams one,
+    ``<|tool_call|>42+8<|/tool_call|><|tool_result|>50<|/tool_result|>50``) is read as its tool tokens, as
+    transformers' tokenizer reads it from the exported template."""
+    if not tools:
+        return tokenizer.encode_ordinary(text)
+    ids = []
+    for part in re.split("(" + "|".join(map(re.escape, TOOL_TOKENS)) + ")", text):
+        ids += [tokenizer.special_token_id(part)] if part in TOOL_TOKENS else tokenizer.encode_ordinary(part)
+    return ids
+
+
+def _reply_labels(tokenizer, ids: list[int], opened: bool, weight: int) -> list[int]:
+    """An assistant message's labels: its ids but the <|assistant|> opening it and every tool result span."""
+    labels, in_result = [], False
+    result, result_end = tokenizer.special_token_id(TOOL_RESULT), tokenizer.special_token_id(TOOL_RESULT_END)
+    for n, token in enumerate(ids):
+        in_result = in_result or token == result
+        labels.append(IGNORE_INDEX if in_result or (opened and n == 0) or not weight else token)
+        in_result = in_result and token != result_end
+    return labels
 
 
 def _template_blocks(tokenizer, head, turns, template: str) -> list[tuple[list[int], list[int]]]:
     """The older format: per turn ``<s> prompt(user) reply </s>`` (scored on reply and </s>); the system text opens
     the first user message; messages of one role in a row are joined by a newline."""
-    system = "\n".join(content for _, content in head)
+    if any(m["role"] == "tool" or "tool_calls" in m for turn in turns for m in turn):
+        raise PromptError("tool calls need the chat format (prompts.CHAT_TEMPLATE); this model has an older template")
+    system = "\n".join(m["content"] for m in head)
     blocks = []
     for n, turn in enumerate(turns):
-        users = "\n".join(c for r, c in turn if r in ("user", "system", "developer"))
+        users = "\n".join(m["content"] for m in turn if m["role"] in ("user", "system", "developer"))
         user = f"{system}\n{users}" if system and n == 0 else users
         prompt = [tokenizer.bos_token_id, *tokenizer.encode_ordinary(build_sft_prompt(user, template))]
         blocks.append((prompt, [IGNORE_INDEX] * len(prompt)))
-        replies = [c for r, c in turn if r == "assistant"]
+        replies = [m["content"] for m in turn if m["role"] == "assistant"]
         if replies:
             reply = [*tokenizer.encode_ordinary("\n".join(replies)), tokenizer.eos_token_id]
             blocks.append((reply, reply))
@@ -249,9 +394,10 @@ def _template_blocks(tokenizer, head, turns, template: str) -> list[tuple[list[i
 
 def _render(tokenizer, head, turns, template: str, generation_prompt: bool) -> tuple[list[int], list[int]]:
     if is_chat_template(template):
-        blocks = _role_blocks(tokenizer, head, turns)
+        blocks = _role_blocks(tokenizer, [*head, *(m for turn in turns for m in turn)], knows_tools(template))
         ids, labels = [tokenizer.bos_token_id], [IGNORE_INDEX]
-        cue = [tokenizer.special_token_id(ROLE_TOKENS["assistant"])] if generation_prompt else []
+        continues = turns and turns[-1][-1]["role"] == "tool"  # the model goes on after a tool's result
+        cue = [tokenizer.special_token_id(ROLE_TOKENS["assistant"])] if generation_prompt and not continues else []
     else:
         blocks, ids, labels, cue = _template_blocks(tokenizer, head, turns, template), [], [], []
     for block_ids, block_labels in blocks:
@@ -268,8 +414,8 @@ def render_prompt(tokenizer, messages: Sequence, template: str, limit: int | Non
     too long, "truncate" keeps the tail of what is left and "error" raises ``PromptTooLong``."""
     check_template(template, tokenizer)
     head, turns = _turns(messages)
-    if not turns or turns[-1][-1][0] == "assistant":
-        raise PromptError("a conversation to answer must end with a user message")
+    if not turns or turns[-1][-1]["role"] == "assistant":
+        raise PromptError("a conversation to answer must end with a user message (or a tool's result)")
     dropped = 0
     while True:
         ids, _ = _render(tokenizer, head, turns, template, generation_prompt=True)

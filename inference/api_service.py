@@ -55,7 +55,8 @@ from inference.serving import (ServedModel, candidate_seeds, check_reward_checkp
                                score_candidates)
 from inference.settings import Settings
 from inference.tool_calls import ToolUse, answer_schema
-from prompts import PromptTooLong, Rendered, encode_prompt, max_prompt_len, render_prompt, render_sample
+from prompts import (PromptTooLong, Rendered, encode_prompt, knows_tools, max_prompt_len, render_prompt,
+                     render_sample)
 
 log = logging.getLogger("inference.api_service")  # not __name__: that is "__main__" under `python -m`
 COMPILE_TIMEOUT_S = 10.0  # a schema's grammar compiles in milliseconds; one that does not is refused (422)
@@ -240,7 +241,9 @@ def sampling(settings: Settings, s: ServedModel, body: GenerateRequest | OpenAIR
     return SamplingParams(max_new_tokens=max_new, do_sample=body.temperature > 0, temperature=body.temperature or 1.0,
                           top_k=body.top_k, top_p=body.top_p, repetition_penalty=body.repetition_penalty,
                           seed=body.seed, eos_token_id=s.tokenizer.eos_token_id, stop=tuple(body.stop or ()),
-                          logprobs=getattr(body, "wanted_logprobs", None))
+                          logprobs=getattr(body, "wanted_logprobs", None),
+                          calculator=settings.calculator == "on" and getattr(body, "calculator", False)
+                          and knows_tools(s.template))
 
 
 def candidates(body: GenerateRequest | OpenAIRequest, params: SamplingParams) -> int:

@@ -31,7 +31,7 @@ from gpt_model import GPTConfig, GPTModel
 from hf_gpt2 import CONV1D_SUFFIXES
 from model_heads import GPTClassifier
 from quantization import Int8Embedding, Int8Linear, is_quantized
-from prompts import CHAT_TEMPLATE, is_chat_template
+from prompts import is_chat_template
 
 FORMATS = ("hf", "gguf")
 GGUF_TYPES = ("f32", "f16", "q8_0")
@@ -136,10 +136,11 @@ def jinja_string(text: str) -> str:
 
 def chat_template(template: str) -> str:
     """The model's prompt format as the Jinja ``chat_template`` that transformers' ``apply_chat_template`` renders:
-    prompts.CHAT_TEMPLATE itself, or an older instruction/response template written per turn as its SFT samples
+    a chat template itself (prompts.CHAT_TEMPLATE, or the one before tool calls), or an older instruction/response
+    template written per turn as its SFT samples
     were (``<s> prompt reply </s>``, the system text opening the first user message)."""
-    if is_chat_template(template):
-        return CHAT_TEMPLATE
+    if is_chat_template(template):  # the tool-call format, or the chat format of before it for the models that had it
+        return template
     head, rest = template.split("{instruction}", 1)
     middle = rest.split("{response}", 1)[0]
     return ("{% set ns = namespace(system='') %}{% for message in messages %}"

@@ -20,7 +20,7 @@ import checkpoints
 import cli
 from decoding import DecodeEngine, SamplingParams
 from devices import resolve_device, set_threads
-from prompts import SFT_TEMPLATE, encode_prompt, max_prompt_len, render_prompt
+from prompts import SFT_TEMPLATE, encode_prompt, knows_tools, max_prompt_len, render_prompt
 
 
 def _prepare(model: torch.nn.Module, device: str | torch.device | None) -> torch.nn.Module:
@@ -132,6 +132,9 @@ def build_parser() -> cli.ArgumentParser:
     parser.add_argument("--system", help="with --interactive: a system message that opens the conversation")
     parser.add_argument("--max_message_chars", type=cli.positive_int, default=MAX_MESSAGE_CHARS,
                         help="with --interactive: a longer message is not sent (the chat goes on)")
+    parser.add_argument("--no_calculator", action="store_true",
+                        help="with --interactive: do not run the built-in calculator when the model calls it (on for a "
+                             "model trained with tool calls; a call and its result show in the reply)")
     parser.add_argument("--stream", action="store_true", help="print text as it is generated (one --prompt)")
     parser.add_argument("--max_new_tokens", type=cli.positive_int, default=100, help="most new tokens per reply")
     parser.add_argument("--temperature", type=cli.positive_float, default=0.8, help="sampling temperature")
@@ -159,6 +162,8 @@ def parse_args(argv: Sequence[str] | None = None):
         parser.error("--stream takes a single --prompt")
     if args.system and not args.interactive:
         parser.error("--system applies to --interactive")
+    if args.no_calculator and not args.interactive:
+        parser.error("--no_calculator applies to --interactive")
     return args
 
 
@@ -174,7 +179,8 @@ def _run(argv: Sequence[str] | None) -> int:
     model, tokenizer = loaded.model, loaded.tokenizer
     params = SamplingParams(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                            seed=args.seed, eos_token_id=tokenizer.eos_token_id, stop=tuple(args.stop))
+                            seed=args.seed, eos_token_id=tokenizer.eos_token_id, stop=tuple(args.stop),
+                            calculator=knows_tools(loaded.template) and not args.no_calculator)
     if args.interactive:
         chat(model, tokenizer, loaded.template, params, system=args.system, max_message_chars=args.max_message_chars)
     elif args.stream:

@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator, Callable, Sequence
 from fastapi.responses import StreamingResponse
 from starlette.exceptions import HTTPException
 
-from inference.tool_calls import ToolUse, call_text
+from inference.tool_calls import ToolUse, json_call_text
 
 DONE = b"data: [DONE]\n\n"
 TOOLS_INTRO = ("You can call the functions below. To call one, answer with only a JSON object "
@@ -108,7 +108,7 @@ def finish_reason(reason: str | None, called: bool = False) -> str:
 def render_tools_prompt(messages: Sequence, tools: Sequence | None) -> list[dict]:
     """A chat request's messages (schemas.ChatMessage) as the {"role", "content"} turns prompts.render_prompt reads:
     the tool definitions as text at the end of the system message (one is added when there is none), an assistant's
-    tool calls as the JSON text a call is written as (tool_calls.call_text), and a tool's result as a user turn
+    tool calls as the JSON text a call is written as (tool_calls.json_call_text), and a tool's result as a user turn
     naming its call. The one place tools reach the prompt: a model trained with tool tokens is served by
     rendering them here instead."""
     called = {c.id: c.function.name for m in messages for c in m.tool_calls or []}
@@ -118,7 +118,7 @@ def render_tools_prompt(messages: Sequence, tools: Sequence | None) -> list[dict
             name = called.get(m.tool_call_id, "a tool")
             turns.append({"role": "user", "content": f"Result of {name} (call {m.tool_call_id}):\n{m.content}"})
         elif m.tool_calls:
-            calls = [call_text(c.function.name, json.loads(c.function.arguments)) for c in m.tool_calls]
+            calls = [json_call_text(c.function.name, json.loads(c.function.arguments)) for c in m.tool_calls]
             turns.append({"role": "assistant", "content": "\n".join([m.content, *calls] if m.content else calls)})
         else:
             turns.append({"role": m.role, "content": m.content})

@@ -117,6 +117,9 @@ class OpenAIRequest(BaseModel):
     stream_options: dict[str, Any] | None = Field(None, description="{\"include_usage\": true} adds a usage chunk")
     response_format: ResponseFormat | None = Field(None, description="json_object or json_schema: the answer is "
                                                    "JSON held to it token by token (text: free text)")
+    calculator: bool = Field(True, description="(extension) run the built-in calculator when a model trained with "
+                                               "tool calls calls it (--calculator on); its call and result are "
+                                               "part of the text")
 
     @field_validator("stop")
     @classmethod

@@ -62,6 +62,9 @@ class Settings:
                                "tokens spent) for one answer", positive_int, env="GPT_MAX_BEST_OF")
     log_level: str = setting("info", "server log level: " + ", ".join(LOG_LEVELS),
                              choices=LOG_LEVELS, env="GPT_LOG_LEVEL")
+    calculator: str = setting("on", "on: run the built-in calculator when a model trained with tool calls calls it "
+                              "(its call and result are part of the answer's text; a request turns it off with "
+                              "\"calculator\": false); off: never", choices=("on", "off"), env="GPT_CALCULATOR")
 
     def __post_init__(self) -> None:
         for f in fields(self):

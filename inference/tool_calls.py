@@ -1,5 +1,5 @@
 """OpenAI function calling for a model without tool tokens: a call is written as the JSON text
-``{"name": ..., "arguments": {...}}`` (``call_text``); ``answer_schema`` is the JSON schema the answer is held to
+``{"name": ..., "arguments": {...}}`` (``json_call_text``); ``answer_schema`` is the JSON schema the answer is held to
 (the listed tools' calls for tool_choice required or a named function, a call or the response_format for auto);
 ``ToolUse`` reads calls back out of generated text, whole (``answer``) or as it streams (``ToolStream``: OpenAI's
 tool_call deltas, the first with the call's id and name, then the arguments' text as it comes).
@@ -19,7 +19,7 @@ CALL_HEAD = re.compile(r'\s*\{"name":("(?:[^"\\]|\\.)*"),"arguments":')  # the g
 DEFS = ("$defs", "definitions")
 
 
-def call_text(name: str, arguments: Any) -> str:
+def json_call_text(name: str, arguments: Any) -> str:
     """A call as the model writes it (and as the grammar of a forced call admits it)."""
     return json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False, separators=(",", ":"))
 

@@ -625,6 +625,7 @@ def _ready(url: str) -> bool:
     (["--max_batch_size", "0"], "--max_batch_size: must be >= 1"),
     (["--request_timeout", "-1"], "--request_timeout: must be > 0"),
     (["--quantize", "int4"], "--quantize must be none or int8"),
+    (["--calculator", "maybe"], "--calculator must be on or off"),
     (["--model_path", "/no/such/model.pth"], "is not a file"),
 ])
 def test_cli_errors_are_one_line(argv, message, capsys):
@@ -905,3 +906,25 @@ def test_every_start_up_failure_is_one_line_within_seconds(checkpoint, tiny_toke
             assert "Traceback" not in run.stderr
     finally:
         busy.close()
+
+
+@pytest.mark.parametrize("setting, field, template, expected", [
+    ("on", True, "chat", True), ("on", False, "chat", False), ("off", True, "chat", False),
+    ("on", True, "before_tools", False), ("on", True, "instruction", False)])
+def test_the_calculator_runs_for_a_model_trained_with_it_unless_the_server_or_the_request_turns_it_off(
+        setting, field, template, expected, tiny_tokenizer):
+    from types import SimpleNamespace
+
+    from inference.api_service import sampling
+    from inference.schemas import ChatRequest
+    from inference.settings import Settings
+    from prompts import CHAT_TEMPLATE, CHAT_TEMPLATE_NO_TOOLS, SFT_TEMPLATE
+
+    templates = {"chat": CHAT_TEMPLATE, "before_tools": CHAT_TEMPLATE_NO_TOOLS, "instruction": SFT_TEMPLATE}
+    served = SimpleNamespace(template=templates[template], context=64, vocab_size=len(tiny_tokenizer),
+                             tokenizer=tiny_tokenizer)
+    body = ChatRequest(messages=[{"role": "user", "content": "1+1?"}], calculator=field)
+    params = sampling(Settings(calculator=setting), served, body, [0, 1], 8)
+    assert params.calculator is expected
+    with pytest.raises(ValueError, match="calculator"):
+        ChatRequest(messages=[{"role": "user", "content": "x"}], calculator="sometimes")

@@ -5,6 +5,7 @@ import re
 import pytest
 
 from conftest import ROOT, TRAIN_TXT
+from calculator import evaluate
 from data.sft import build_sft_data as build_sft
 
 FILES = ("sft_data.json", "sft_test.json", "chat_test.json", "rlhf_pairwise.json", "rlhf_pairwise_test.json")
@@ -25,6 +26,15 @@ def load(folder, name):
 def built(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sft")
     assert build_sft.main(["--seed", "0", "--output_dir", str(folder), "--corpus", str(TRAIN_TXT)]) == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def built_tool(tmp_path_factory):
+    """The same build with the follow-ups answered through the calculator (``--arithmetic_chat_form tool``)."""
+    folder = tmp_path_factory.mktemp("sft_tool")
+    assert build_sft.main(["--seed", "0", "--output_dir", str(folder), "--corpus", str(TRAIN_TXT),
+                           "--arithmetic_chat_form", "tool"]) == 0
     return folder
 
 
@@ -175,28 +185,63 @@ def test_near_miss_sums_are_plus_minus_one_or_ten_or_truncated(built):
             assert abs(chosen - rejected) in (1, 10) or r["chosen"][:-1] == r["rejected"]
 
 
-def test_dialogues_follow_up_on_their_own_earlier_answers(built):
+def dialogue_turns(messages: list[dict]) -> list[tuple[str, str | None, str, int]]:
+    """(user text, calculator expression or None, answer, weight) per turn, checking the message shapes."""
+    turns = []
+    for m in messages:
+        if m["role"] == "user":
+            turns.append([m["content"], None, None, 1])
+        elif m["role"] == "assistant" and m.get("tool_calls"):
+            (call,) = m["tool_calls"]
+            assert call["function"]["name"] == "calculator" and m["content"] is None
+            turns[-1][1] = json.loads(call["function"]["arguments"])["expression"]
+        elif m["role"] == "tool":
+            assert turns[-1][1] is not None and m["tool_call_id"] == "call_0"
+            assert m["content"] == evaluate(turns[-1][1])  # the tool's result is the calculator's
+        else:
+            turns[-1][2], turns[-1][3] = m["content"], m.get("weight", 1)
+    return [tuple(t) for t in turns]
+
+
+def test_dialogues_follow_up_on_their_own_earlier_answers(built_tool):
+    built = built_tool
     train_sums = {r["instruction"] for r in single(load(built, "sft_data.json")) if r["task"] == "arithmetic"}
     test_sums = {r["instruction"] for r in load(built, "sft_test.json") if r["task"] == "arithmetic"}
     for name, sums in (("sft_data.json", train_sums), ("chat_test.json", test_sums)):
         dialogues = [r for r in load(built, name) if "messages" in r]
         assert {r["task"] for r in dialogues} == {"arithmetic_chat", "author_chat"}
         for r in dialogues:
-            users = [m["content"] for m in r["messages"][0::2]]
-            answers = [m["content"] for m in r["messages"][1::2]]
-            assert [m["role"] for m in r["messages"]] == ["user", "assistant"] * len(answers)
-            if r["task"] == "arithmetic_chat":
-                assert users[0] in sums and arithmetic_answer(users[0]) == {answers[0]}
+            turns = dialogue_turns(r["messages"])
+            users, answers = [t[0] for t in turns], [t[2] for t in turns]
+            if r["task"] == "arithmetic_chat" and users[0] in sums:  # a whole dialogue, or its first window
+                assert arithmetic_answer(users[0]) == {answers[0]} and turns[0][1] is None
                 total = int(answers[0])
-                for follow_up, answer in zip(users[1:], answers[1:]):
-                    sign, n = (1, follow_up) if follow_up.startswith("再加") else (-1, follow_up)
-                    total += sign * int(re.search(r"\d+", n)[0])
+            elif r["task"] == "arithmetic_chat":  # a train window: the turn before is context only
+                assert name == "sft_data.json" and users[0].startswith("再加") and turns[0][3] == 0
+                total = int(answers[0]) - int(re.search(r"\d+", users[0])[0])
+                users, answers, turns = [f"计算 {total} + 0 = ?", *users], [str(total), *answers], [None, *turns]
+            if r["task"] == "arithmetic_chat":
+                for follow_up, answer, turn in zip(users[1:], answers[1:], turns[1:]):
+                    sign = (1, "+") if follow_up.startswith("再加") else (-1, "-")
+                    n = int(re.search(r"\d+", follow_up)[0])
+                    expression = f"{total}{sign[1]}{n}"  # the call reads the running total off the last answer
+                    total += sign[0] * n
                     assert answer == str(total) and total >= 0
-                assert len(answers) == 3
+                    assert turn[1] == (expression if name == "sft_data.json" else None)
+                assert len(answers) == (3 if name == "chat_test.json" else len(answers))
             else:
                 assert author_answer(users[0]) == {answers[0]} and users[1] == "这位诗人姓什么？"
                 assert answers[0].startswith(answers[1]) and len(answers[1]) in (1, 2)
+    windows = [r for r in load(built, "sft_data.json") if r["task"] == "arithmetic_chat"]
+    assert len(windows) == 2 * build_sft.Sizes.chat_sums_train  # every dialogue's two windows fit the context
     assert len(load(built, "chat_test.json")) > 300
+
+
+def test_the_plain_form_builds_the_dialogues_without_calls(tmp_path):
+    build_sft.main(["--arithmetic_chat_form", "plain", "--chat_sums_train", "50", "--output_dir", str(tmp_path),
+                    "--corpus", str(TRAIN_TXT)])
+    chats = [r for r in load(tmp_path, "sft_data.json") if r["task"] == "arithmetic_chat"]
+    assert len(chats) == 50 and all([m["role"] for m in r["messages"]] == ["user", "assistant"] * 3 for r in chats)
 
 
 def test_counts_per_family(built):

@@ -78,11 +78,12 @@ def test_known_answer_merges_and_ids():
     assert tok.encode_ordinary("ba") == [4 + 98, 4 + 97]
 
 
-def test_the_default_reserves_the_chat_tokens_after_the_four_roles():
+def test_the_default_reserves_the_chat_and_tool_tokens_after_the_four_roles():
     tok = ByteLevelBPETokenizer(vocab_size=300)
-    assert tok.special_tokens == [*CLASSIC_SPECIALS, "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    assert tok.special_tokens == [*CLASSIC_SPECIALS, "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
+                                  "<|tool_call|>", "<|/tool_call|>", "<|tool_result|>", "<|/tool_result|>"]
     tok.train(["aaab aaab ab"], min_frequency=1, show_progress=False)
-    assert tok.merges == KNOWN_MERGES and tok.vocab["a"] == 8 + 97  # the same merges, bytes from id 8
+    assert tok.merges == KNOWN_MERGES and tok.vocab["a"] == 12 + 97  # the same merges, bytes from id 12
     assert tok.encode("<|user|>hi", allowed_special={"<|user|>"})["input_ids"][1] == tok.special_token_id("<|user|>")
     assert tok.special_token_id("<|nope|>") is None
 
@@ -268,7 +269,8 @@ def test_save_load_identity(tiny_tokenizer, tiny_tokenizer_dir):
     assert merges_txt[0] == "#version: 0.2" and len(merges_txt) == 1 + len(tiny_tokenizer.merges)
     config = json.loads((tiny_tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
     assert config["special_tokens"] == {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "<|system|>": 4, "<|user|>": 5,
-                                        "<|assistant|>": 6, "<|end|>": 7}
+                                        "<|assistant|>": 6, "<|end|>": 7, "<|tool_call|>": 8, "<|/tool_call|>": 9,
+                                        "<|tool_result|>": 10, "<|/tool_result|>": 11}
     assert config["pre_tokenizer"] == "gpt2" and config["vocab_size"] == len(tiny_tokenizer)
 
 
@@ -308,7 +310,7 @@ def test_cli_errors_exit_2(tmp_path, capsys):
     # rejected at parse time, before any training
     assert byte_level_bpe.main(["--input", str(TRAIN_TXT), "--vocab_size", "100", "--output", str(tmp_path / "t")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "--vocab_size: must be >= 264" in err and err.count("\n") == 1
+    assert err.startswith("error: ") and "--vocab_size: must be >= 268" in err and err.count("\n") == 1
 
 
 def test_tokenizer_training_reads_what_the_trainer_reads(tmp_path, capsys):
@@ -362,7 +364,7 @@ def test_load_errors(tiny_tokenizer_dir, tmp_path):
 
     no_bytes = _copy_dir(tiny_tokenizer_dir, tmp_path / "no_bytes")
     vocab = json.loads((no_bytes / "vocab.json").read_text(encoding="utf-8"))
-    vocab = {t: i for t, i in vocab.items() if i < 8} | {byte_level_bpe.BYTE_ENCODER[b]: 8 + b for b in range(200)}
+    vocab = {t: i for t, i in vocab.items() if i < 12} | {byte_level_bpe.BYTE_ENCODER[b]: 12 + b for b in range(200)}
     (no_bytes / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     (no_bytes / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
     with pytest.raises(TokenizerError, match="lacks 56 of the 256 byte tokens"):
@@ -376,8 +378,8 @@ def test_load_errors(tiny_tokenizer_dir, tmp_path):
         ByteLevelBPETokenizer.from_pretrained(bad_config)
 
     makes_special = _copy_dir(tiny_tokenizer_dir, tmp_path / "makes_special")  # a merge that would build "<s>"
-    vocab = {t: i for t, i in json.loads((makes_special / "vocab.json").read_text(encoding="utf-8")).items() if i < 264}
-    (makes_special / "vocab.json").write_text(json.dumps(vocab | {"<s": 264}), encoding="utf-8")
+    vocab = {t: i for t, i in json.loads((makes_special / "vocab.json").read_text(encoding="utf-8")).items() if i < 268}
+    (makes_special / "vocab.json").write_text(json.dumps(vocab | {"<s": 268}), encoding="utf-8")
     (makes_special / "merges.txt").write_text("#version: 0.2\n< s\n<s >\n", encoding="utf-8")
     with pytest.raises(TokenizerError, match=r"merges.txt:3: merge '<s >' uses or makes"):
         ByteLevelBPETokenizer.from_pretrained(makes_special)

@@ -133,6 +133,7 @@ COMMANDS = {
     "bench_scale": ("benchmarks.bench_scale", ["--sizes_mb", "1", "--work_dir", "{out}/work"]),
     "bench_optimizer": ("benchmarks.bench_optimizer", ["--seeds", "1", "--skip_default_runs"]),
     "bench_train": ("benchmarks.bench_train", ["--steps", "1"]),
+    "bench_tools": ("benchmarks.bench_tools", ["--sft_model", "{ckpt}", "--limit", "1"]),
     "bench_structured": ("benchmarks.bench_structured", ["--corpus", "{text}", "--steps", "1", "--repeats", "1"]),
     "download": ("data.download", ["--endpoint", "http://127.0.0.1:9", "--output", "{out}/hf", "--list"]),
     "convert_chat": ("data.convert_chat", ["{sft}", "{out}/chat.jsonl", "--no_progress"]),
@@ -185,6 +186,7 @@ BAD_FLAGS += rows("build_pretrain_data", [
 
 # build_sft_data
 BAD_FLAGS += rows("build_sft_data", [
+    ["--arithmetic_chat_form", "json"], ["--arithmetic_chat_form"],
     ["--seed", "-1"], ["--seed", "x"], ["--arithmetic_train", "-1"], ["--arithmetic_test", "1.5"],
     ["--arithmetic_rl", "-5"], ["--pairwise_arithmetic", "x"], ["--speaker_train", "-1"], ["--speaker_test", "x"],
     ["--mixed_excerpts_train", "-1"], ["--chat_sums_train", "-1"], ["--chat_sums_test", "x"],
@@ -217,7 +219,8 @@ BAD_FLAGS += rows("kv_cache_infer", [
     ["--max_new_tokens", "0"], ["--max_new_tokens", "x"], [OLD_MAX_GEN_LEN, "5"], ["--temperature", "0"],
     ["--top_k", "-1"], ["--top_p", "0"], ["--top_p", "1.5"], ["--repetition_penalty", "0"],
     ["--repetition_penalty", "1e-45"], ["--seed", "-1"], ["--num_threads", "0"], [OLD_THREADS, "1"],
-    ["--interactive"], ["--max_message_chars", "0"], ["--max_message_chars", "x"],
+    ["--interactive"], ["--max_message_chars", "0"], ["--max_message_chars", "x"], ["--no_calculator"],
+    ["--no_calculator", "x"],
 ])
 BAD_FLAGS += [missing("kv_cache_infer", "--model_path")]
 
@@ -321,6 +324,13 @@ BAD_FLAGS += rows("bench_scale", [
 # bench_train
 BAD_FLAGS += rows("bench_train", [
     ["--steps", "0"], ["--steps", "x"], ["--num_threads", "0"], ["--vocab_size", "x"], [OLD_THREADS, "2"],
+])
+
+# bench_tools
+BAD_FLAGS += rows("bench_tools", [
+    ["--seeds", "x"], ["--num_threads", "0"], ["--limit", "0"], ["--max_new_tokens", "x"], ["--batch_size", "0"],
+    ["--sft_model", "{out}/missing.pth"], ["--chat_test", "{out}/missing.json"], ["--sft_max_steps", "0"],
+    ["--pretrained", "{ckpt}"], ["--bogus"],
 ])
 
 # bench_structured

@@ -408,3 +408,101 @@ def test_generate_rejects_bad_settings_with_a_value_error(kwargs):
     with pytest.raises(ValueError):
         generate(model, None)
 
+
+# ----------------------------------------------------------------------------- the built-in calculator
+
+
+class Scripted(torch.nn.Module):
+    """A model whose next token is a function of the current one (``table``), run on a real GPTModel's layers so the
+    KV cache is written as for any model: scripts a calculator call without training one."""
+
+    def __init__(self, inner: GPTModel, table: dict[int, int]):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+        vocab = inner.config.vocab_size
+        self.lm_head = torch.nn.Linear(vocab, vocab, bias=False)
+        with torch.no_grad():
+            self.lm_head.weight.zero_()
+            for current, following in table.items():
+                self.lm_head.weight[following, current] = 100.0
+
+    def hidden_states(self, input_ids, attention_mask=None, kv_cache=None):
+        self.inner.hidden_states(input_ids, kv_cache=kv_cache)  # fills the cache as a real model does
+        return torch.nn.functional.one_hot(input_ids, self.config.vocab_size).float()
+
+
+def chain(*ids: int) -> dict[int, int]:
+    return dict(zip(ids, ids[1:]))
+
+
+@pytest.fixture()
+def calling(text_model, tiny_tokenizer):
+    """(scripted model, ids): slot A calls the calculator on "4+2" and writes "x" after the result; slot B never
+    calls; after <|/tool_call|> the model itself would write "q" (what a run without the calculator shows)."""
+    tok = tiny_tokenizer
+    ids = {name: tok.special_token_id(token) for name, token in
+           [("call", "<|tool_call|>"), ("call_end", "<|/tool_call|>"), ("result", "<|tool_result|>"),
+            ("result_end", "<|/tool_result|>"), ("user", "<|user|>"), ("system", "<|system|>")]}
+    (four,), (plus,), (two,) = tok.encode_ordinary("4"), tok.encode_ordinary("+"), tok.encode_ordinary("2")
+    (x,), (q,), (a,), (b,) = (tok.encode_ordinary(c) for c in "xqab")
+    eos = tok.eos_token_id
+    table = {**chain(ids["user"], ids["call"], four, plus, two, ids["call_end"], q, eos),
+             **chain(ids["result_end"], x, eos), **chain(ids["system"], a, b, eos)}
+    return Scripted(text_model, table).eval(), ids, eos
+
+
+def test_a_call_gets_its_result_forced_in_and_decoding_goes_on_beside_a_slot_that_does_not_call(
+        calling, tiny_tokenizer):
+    model, ids, eos = calling
+    tok = tiny_tokenizer
+    params = SamplingParams(max_new_tokens=20, do_sample=False, eos_token_id=eos)
+    prompts = [[tok.bos_token_id, ids["user"]], [tok.bos_token_id, ids["system"]]]
+    for use_cache in (True, False):
+        engine = DecodeEngine(model, tok, n_slots=2, use_cache=use_cache)
+        pieces: dict[int, list[str]] = {0: [], 1: []}
+        calls, other = engine.run(prompts, params, on_output=lambda out: pieces[out.request.slot].append(out.text))
+        assert calls.output_ids == [ids["call"], *tok.encode_ordinary("4+2"), ids["call_end"], ids["result"],
+                                    *tok.encode_ordinary("6"), ids["result_end"], *tok.encode_ordinary("x"), eos]
+        assert other.output_ids == [*tok.encode_ordinary("ab"), eos] and other.finish_reason == "eos"
+        trace = "<|tool_call|>4+2<|/tool_call|><|tool_result|>6<|/tool_result|>x"
+        assert calls.text == trace and "".join(pieces[0]) == trace  # streamed with the call and its result
+    # the result was written into the slot's cache exactly as a prefill of the whole sequence writes it
+    engine = DecodeEngine(model, tok, n_slots=2)
+    calls = engine.run(prompts, params)[0]
+    sequence = calls.prompt_ids + calls.output_ids[:-1]  # the last token is never fed back
+    fresh = DecodeEngine(model, tok, n_slots=1)
+    fresh.prefill([0], [sequence])
+    for cached, expected in zip(engine.cache.keys, fresh.cache.keys):
+        torch.testing.assert_close(cached[calls.slot, :, :len(sequence)], expected[0, :, :len(sequence)])
+
+
+def test_with_the_calculator_off_nothing_is_evaluated(calling, tiny_tokenizer, monkeypatch):
+    model, ids, eos = calling
+    tok = tiny_tokenizer
+    monkeypatch.setattr("calculator.evaluate", lambda expression: pytest.fail("the calculator ran"))
+    params = SamplingParams(max_new_tokens=20, do_sample=False, eos_token_id=eos, calculator=False)
+    request = DecodeEngine(model, tok, n_slots=1).run([[tok.bos_token_id, ids["user"]]], params)[0]
+    assert request.output_ids == [ids["call"], *tok.encode_ordinary("4+2"), ids["call_end"],
+                                  *tok.encode_ordinary("q"), eos]  # the model's own continuation
+
+
+def test_a_result_cut_by_max_new_tokens_ends_the_sequence(calling, tiny_tokenizer):
+    model, ids, eos = calling
+    tok = tiny_tokenizer
+    params = SamplingParams(max_new_tokens=7, do_sample=False, eos_token_id=eos)  # call (5) + 2 of the result
+    request = DecodeEngine(model, tok, n_slots=1).run([[tok.bos_token_id, ids["user"]]], params)[0]
+    assert request.output_ids == [ids["call"], *tok.encode_ordinary("4+2"), ids["call_end"], ids["result"],
+                                  *tok.encode_ordinary("6")] and request.finish_reason == "length"
+
+
+def test_a_broken_call_gets_an_error_result(text_model, tiny_tokenizer):
+    tok = tiny_tokenizer
+    call, call_end = tok.special_token_id("<|tool_call|>"), tok.special_token_id("<|/tool_call|>")
+    (one,), (slash,), (zero,) = (tok.encode_ordinary(c) for c in "1/0")
+    user, eos = tok.special_token_id("<|user|>"), tok.eos_token_id
+    model = Scripted(text_model, {**chain(user, call, one, slash, zero, call_end),
+                                  tok.special_token_id("<|/tool_result|>"): eos}).eval()
+    request = DecodeEngine(model, tok, n_slots=1).run([[tok.bos_token_id, user]],
+                                                      SamplingParams(max_new_tokens=40, do_sample=False,
+                                                                     eos_token_id=eos))[0]
+    assert request.text == "<|tool_call|>1/0<|/tool_call|><|tool_result|>error: division by zero<|/tool_result|>"

@@ -20,7 +20,7 @@ from gpt_model import GPTConfig, GPTModel
 from hf_gpt2 import load_hf_gpt2
 from inference import export
 from model_heads import GPTClassifier, GPTRewardModel
-from prompts import CHAT_TEMPLATE, SFT_TEMPLATE, render_prompt, render_sample
+from prompts import CHAT_TEMPLATE, CHAT_TEMPLATE_NO_TOOLS, SFT_TEMPLATE, render_prompt, render_sample
 from quantization import quantize_model_int8
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -111,7 +111,8 @@ CONVERSATIONS = [
 ]
 
 
-@pytest.mark.parametrize("template", [CHAT_TEMPLATE, SFT_TEMPLATE], ids=["chat", "instruction"])
+@pytest.mark.parametrize("template", [CHAT_TEMPLATE, CHAT_TEMPLATE_NO_TOOLS, SFT_TEMPLATE],
+                         ids=["chat", "chat_before_tools", "instruction"])
 def test_apply_chat_template_on_the_exported_files_gives_our_ids(run, tiny_tokenizer, template):
     model = GPTModel(GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=64))
     folder = exported(save(run, model, tiny_tokenizer, sft_template=template), "hf", run / "hf")
@@ -128,6 +129,50 @@ def test_apply_chat_template_on_the_exported_files_gives_our_ids(run, tiny_token
     assert gguf.GGUFReader(gguf_file).fields["tokenizer.chat_template"].contents() == tokenizer.chat_template
     pretrained = exported(save(run, model, tiny_tokenizer, name="pretrained.pth"), "hf", run / "hf_pretrained")
     assert transformers.AutoTokenizer.from_pretrained(pretrained).chat_template is None  # no format learned yet
+
+
+CALCULATOR_TOOL = {"type": "function", "function": {
+    "name": "calculator", "description": "evaluate arithmetic",
+    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
+
+
+def call(name: str, arguments, call_id: str = "call_0") -> dict:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+TOOL_CONVERSATIONS = [  # OpenAI's shapes: arguments as a JSON string (any spacing) or as a dict (transformers' docs)
+    [{"role": "user", "content": "计算 15 + 27 = ?"}, {"role": "assistant", "content": "42"},
+     {"role": "user", "content": "再加 8 呢？"},
+     {"role": "assistant", "content": None, "tool_calls": [call("calculator", '{"expression": "42+8"}')]},
+     {"role": "tool", "tool_call_id": "call_0", "content": "50"}, {"role": "assistant", "content": "50"}],
+    [{"role": "system", "content": "Use the tool."}, {"role": "user", "content": "(3 - 5) * 7 / 2?"},
+     {"role": "assistant", "content": "Let me see.", "tool_calls": [
+         call("calculator", '{ "expression" :"(3 - 5) * 7 / 2"}'), call("calculator", {"expression": "1/0"}, "b"),
+         call("get_weather", '{"city": "Paris"}', "c")]},
+     {"role": "tool", "tool_call_id": "call_0", "content": "-7"},
+     {"role": "tool", "tool_call_id": "b", "content": "error: division by zero"},
+     {"role": "tool", "tool_call_id": "c", "content": "sunny"}, {"role": "assistant", "content": "-7, sunny"}],
+    [{"role": "user", "content": "再减 5 呢？"}, {"role": "assistant", "content": "<|tool_call|>50-5<|/tool_call|>"
+                                                                             "<|tool_result|>45<|/tool_result|>45"}],
+]
+
+
+def test_apply_chat_template_with_tool_calls_and_tools_gives_our_ids(run, tiny_tokenizer):
+    model = GPTModel(GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=64))
+    folder = exported(save(run, model, tiny_tokenizer, sft_template=CHAT_TEMPLATE), "hf", run / "hf")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    for conversation in TOOL_CONVERSATIONS:
+        for end in [n for n, m in enumerate(conversation) if m["role"] in ("user", "tool")]:
+            prompt = conversation[:end + 1]  # after a tool's result the model continues its turn (no cue)
+            theirs = tokenizer.apply_chat_template(prompt, tools=[CALCULATOR_TOOL], add_generation_prompt=True,
+                                                   tokenize=True, return_dict=False)
+            assert theirs == render_prompt(tiny_tokenizer, prompt, CHAT_TEMPLATE).ids
+        whole = tokenizer.apply_chat_template(conversation, tools=[CALCULATOR_TOOL], tokenize=True, return_dict=False)
+        assert whole == render_sample(tiny_tokenizer, conversation, CHAT_TEMPLATE, max_seq_len=10_000).input_ids
+    # a model trained before tool calls keeps its own template in the export
+    old = exported(save(run, model, tiny_tokenizer, sft_template=CHAT_TEMPLATE_NO_TOOLS, name="old.pth"), "hf",
+                   run / "hf_old")
+    assert transformers.AutoTokenizer.from_pretrained(old).chat_template == CHAT_TEMPLATE_NO_TOOLS
 
 
 def digest(state: dict[str, torch.Tensor]) -> dict[str, str]:

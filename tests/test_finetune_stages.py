@@ -17,7 +17,7 @@ import model_heads
 import scoring
 import training
 import verifiers
-from conftest import stage_config
+from conftest import ROOT, stage_config
 from evaluator import GPTEvaluator
 from prompts import CHAT_TEMPLATE, SFT_TEMPLATE
 from rl_step import PPOStep
@@ -57,6 +57,42 @@ def test_sft_run_writes_best_with_template_and_resumes_exactly(optimizer, files,
                           if "train_loss" in r]
     assert len(losses(straight)) == 6
     assert losses(killed)[3:] == losses(straight)[3:]  # the resumed steps see exactly the same batches
+
+
+def test_sft_learns_calculator_calls_and_answers_never_the_results(files, tmp_path):
+    """A tiny SFT run on the demo's calculator dialogues: the checkpoint knows the tool, and its samples score each
+    call and the answer after the result, never the result (the engine writes that) nor a context-only turn."""
+    from prompts import TOOL_CALL, TOOL_RESULT, TOOL_RESULT_END, knows_tools
+
+    import random
+
+    from data.sft import build_sft_data as build_sft
+    sums = [build_sft.arithmetic_example(a, b) for a, b in ((40, 2), (13, 29), (7, 8), (50, 25))] * 6
+    whole = build_sft.dialogues(sums, random.Random(0), len(sums), tool=True)  # the --arithmetic_chat_form tool form
+    records = [w for r in whole for w in build_sft.windows(r, lambda record: len(record["messages"]) < 10)]  # 2-turn windows
+    assert len(records) == 48 and all(any(m.get("tool_calls") for m in r["messages"]) for r in records)
+    data = tmp_path / "tools.json"
+    data.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    cfg = stage_config({**files, "sft_data": data}, tmp_path, "sft", max_steps=2, eval_interval=2)
+    stages.run_sft(cfg, None, show_progress=False)
+    loaded = checkpoints.load(Path(cfg.output_dir) / "sft_best.pth")
+    assert knows_tools(loaded.template)
+    tok = loaded.tokenizer
+    call, result, result_end = (tok.special_token_id(t) for t in (TOOL_CALL, TOOL_RESULT, TOOL_RESULT_END))
+    dataset = data_loader.GPTSFTDataset(records, tok, 64, loaded.template)
+    assert len(dataset) == len(records) and not dataset.num_truncated
+    for record, (ids, labels) in zip(records, dataset.samples):
+        inside = False
+        for token, label in zip(ids, labels):
+            inside = inside or token == result
+            assert not (inside and label != -100)  # a result span: input only
+            inside = inside and token != result_end
+        learned_calls = sum(1 for m in record["messages"] if m.get("tool_calls") and m.get("weight", 1))
+        assert sum(1 for t, label in zip(ids, labels) if t == call and label == t) == learned_calls >= 1
+        answers = [m["content"] for m in record["messages"] if m["role"] == "assistant" and m["content"]
+                   and m.get("weight", 1)]
+        scored_text = tok.decode([label for label in labels if label != -100], skip_special_tokens=True)
+        assert all(answer in scored_text for answer in answers)
 
 
 def test_lora_sft_saves_small_adapters_that_load_through_the_one_entry_point(files, tmp_path):
@@ -325,14 +361,15 @@ def test_sft_from_a_tokenizer_without_chat_tokens_adds_them_and_grows_the_embedd
     cfg = stage_config({**files, "pretrained": pretrained}, tmp_path, "sft", lora_r=lora_r, lora_alpha=8.0)
     stages.run_sft(cfg, None, show_progress=False)
     loaded = checkpoints.load(Path(cfg.output_dir) / "sft_best.pth")
-    assert loaded.template == CHAT_TEMPLATE and len(loaded.tokenizer) == len(old) + 4
-    assert [loaded.tokenizer.special_token_id(t) for t in CHAT_TOKENS] == list(range(len(old), len(old) + 4))
-    assert loaded.model.config.vocab_size == len(old) + 4
+    added = len(CHAT_TOKENS)
+    assert loaded.template == CHAT_TEMPLATE and len(loaded.tokenizer) == len(old) + added
+    assert [loaded.tokenizer.special_token_id(t) for t in CHAT_TOKENS] == list(range(len(old), len(old) + added))
+    assert loaded.model.config.vocab_size == len(old) + added
     embedding = loaded.model.transformer.wte.weight if not lora_r else None
     if embedding is not None:  # old rows as they were trained from, new rows distinct from each other
         assert not torch.allclose(embedding[-4:-3], embedding[-3:-2])
     ids = render_prompt(loaded.tokenizer, [{"role": "user", "content": "计算 1 + 2 = ?"}], loaded.template).ids
-    assert loaded.model(torch.tensor([ids]))["logits"].shape[-1] == len(old) + 4
+    assert loaded.model(torch.tensor([ids]))["logits"].shape[-1] == len(old) + added
     if lora_r:
         adapter = checkpoints.load(Path(cfg.output_dir) / "sft_lora_adapter.pth",
                                    tokenizer_dir=Path(cfg.output_dir) / "tokenizer")

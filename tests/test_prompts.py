@@ -3,6 +3,7 @@ policy, checked token by token against hand-built expectations."""
 from __future__ import annotations
 
 import inspect
+import json
 import warnings
 
 import pytest
@@ -67,7 +68,7 @@ def test_training_sample_masks_the_prompt_and_ends_with_eos(tiny_tokenizer):
 
 
 def test_bad_conversations_are_named():
-    for bad, message in [([{"role": "tool", "content": "x"}], "unknown chat role 'tool'"),
+    for bad, message in [([{"role": "robot", "content": "x"}], "unknown chat role 'robot'"),
                          ([{"role": "user", "content": 3}], "content must be a string"),
                          ([], "non-empty list"), ("hi", "non-empty list"),
                          ([{"role": "user", "content": "q"}], "at least one assistant"),
@@ -103,9 +104,9 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 
 def test_the_chat_format_token_by_token(tiny_tokenizer):
     tok = tiny_tokenizer
-    s, u, a, end = (tok.special_token_id(t) for t in CHAT_TOKENS)
+    s, u, a, end = (tok.special_token_id(t) for t in CHAT_TOKENS[:4])
     bos, eos = tok.bos_token_id, tok.eos_token_id
-    assert [s, u, a, end] == [4, 5, 6, 7] and len(set(CHAT_TOKENS)) == 4
+    assert [tok.special_token_id(t) for t in CHAT_TOKENS] == list(range(4, 12)) and len(set(CHAT_TOKENS)) == 8
     prompt = render_prompt(tok, CHAT[:4], CHAT_TEMPLATE)
     assert prompt.ids == ids_of(tok, bos, s, "Be brief.", end, u, "计算 15 + 27 = ?", end, a, "42", eos,
                                 u, "再加 8 呢？", end, a) and prompt.dropped_turns == 0
@@ -152,7 +153,7 @@ def test_the_chat_format_needs_its_tokens(tiny_tokenizer):
     with pytest.raises(PromptError, match="lacks"):
         render_prompt(old, CHAT[:2], CHAT_TEMPLATE)
     upgraded = old.with_special_tokens(CHAT_TOKENS)
-    assert [upgraded.special_token_id(t) for t in CHAT_TOKENS] == list(range(len(old), len(old) + 4))
+    assert [upgraded.special_token_id(t) for t in CHAT_TOKENS] == list(range(len(old), len(old) + len(CHAT_TOKENS)))
     assert upgraded.encode_ordinary("ROMEO: 你好") == old.encode_ordinary("ROMEO: 你好") and len(upgraded.merges) == \
         len(old.merges)
     assert render_prompt(upgraded, CHAT[:2], CHAT_TEMPLATE).ids[1] == len(old)
@@ -206,3 +207,95 @@ def test_documents_are_framed_by_one_helper(tiny_tokenizer):
     for name in ("data_loader.py", "token_cache.py", "scoring.py"):  # classifier samples, the stream, its evaluation
         source = (ROOT / name).read_text(encoding="utf-8")
         assert "document_ids(" in source and "bos_token_id, *" not in source, name
+
+
+# ----------------------------------------------------------------------------- tool calls
+
+def calculator_call(expression: str, call_id: str = "call_0") -> dict:
+    return {"id": call_id, "type": "function",
+            "function": {"name": "calculator", "arguments": json.dumps({"expression": expression})}}
+
+
+TOOL_CHAT = [{"role": "user", "content": "计算 15 + 27 = ?"}, {"role": "assistant", "content": "42"},
+             {"role": "user", "content": "再加 8 呢？"},
+             {"role": "assistant", "content": None, "tool_calls": [calculator_call("42+8")]},
+             {"role": "tool", "tool_call_id": "call_0", "content": "50"},
+             {"role": "assistant", "content": "50"}]
+
+
+def test_a_tool_call_and_its_result_inside_the_assistant_turn_token_by_token(tiny_tokenizer):
+    tok = tiny_tokenizer
+    u, a, end, call, call_end, result, result_end = (tok.special_token_id(t) for t in CHAT_TOKENS[1:])
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    sample = render_sample(tok, TOOL_CHAT, CHAT_TEMPLATE, max_seq_len=256)
+    assert sample.input_ids == ids_of(tok, bos, u, "计算 15 + 27 = ?", end, a, "42", eos, u, "再加 8 呢？", end,
+                                      a, call, "42+8", call_end, result, "50", result_end, "50", eos)
+    scored = [i for i, label in zip(sample.input_ids, sample.labels) if label != IGNORE_INDEX]
+    # the model learns to write the call and the answer after the result, never the result itself
+    assert scored == ids_of(tok, "42", eos, call, "42+8", call_end, "50", eos)
+    # the trace written out in the content (as the engine streams it) is the same tokens
+    written = [*TOOL_CHAT[:3], {"role": "assistant", "content": "<|tool_call|>42+8<|/tool_call|><|tool_result|>50"
+                                                                "<|/tool_result|>50"}]
+    again = render_sample(tok, written, CHAT_TEMPLATE, max_seq_len=256)
+    assert again.input_ids == sample.input_ids and again.labels == sample.labels
+    # a conversation ending with a tool's result continues the assistant's turn: no <|assistant|> cue
+    assert render_prompt(tok, TOOL_CHAT[:5], CHAT_TEMPLATE).ids == sample.input_ids[:-3]
+    assert render_prompt(tok, TOOL_CHAT[:3], CHAT_TEMPLATE).ids[-1] == a
+
+
+def test_weight_zero_messages_are_context_only(tiny_tokenizer):
+    tok = tiny_tokenizer
+    quiet = [m if m["role"] != "assistant" else {**m, "weight": 0} for m in TOOL_CHAT[:6]]
+    quiet = [*quiet, {"role": "user", "content": "再减 5 呢？"},
+             {"role": "assistant", "content": None, "tool_calls": [calculator_call("50-5")]},
+             {"role": "tool", "tool_call_id": "call_0", "content": "45"}, {"role": "assistant", "content": "45"}]
+    sample = render_sample(tok, quiet, CHAT_TEMPLATE, max_seq_len=256)
+    call, call_end = tok.special_token_id("<|tool_call|>"), tok.special_token_id("<|/tool_call|>")
+    scored = [i for i, label in zip(sample.input_ids, sample.labels) if label != IGNORE_INDEX]
+    assert scored == ids_of(tok, call, "50-5", call_end, "45", tok.eos_token_id)
+
+
+def test_tool_calls_are_parsed_back_and_other_tools_keep_their_name(tiny_tokenizer):
+    assert prompts.call_text(calculator_call("42+8")) == "42+8"
+    assert prompts.parse_call("42+8") == ("calculator", {"expression": "42+8"})
+    weather = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    assert prompts.call_text(weather) == 'get_weather {"city": "Paris"}'
+    assert prompts.parse_call(prompts.call_text(weather)) == ("get_weather", {"city": "Paris"})
+    assert prompts.final_answer("<|tool_call|>1+1<|/tool_call|><|tool_result|>2<|/tool_result|>2") == "2"
+    assert prompts.final_answer("42") == "42"
+
+
+def test_bad_tool_conversations_are_named(tiny_tokenizer):
+    call = {"role": "assistant", "content": None, "tool_calls": [calculator_call("1+1")]}
+    for bad, message in [([{"role": "user", "content": "q"}, {"role": "tool", "content": "2"}], "follow the assistant"),
+                         ([{"role": "user", "content": "q"}, call, {"role": "user", "content": "?"}],
+                          "answered by a tool message"),
+                         ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 2}],
+                          "weight is 0"),
+                         ([{"role": "user", "content": "q"}, {"role": "assistant", "content": None}],
+                          "content must be a string")]:
+        with pytest.raises(PromptError, match=message):
+            check_conversation(bad)
+    odd = [{"role": "user", "content": "q"}, {**call, "tool_calls": [calculator_call('1"+1')]},
+           {"role": "tool", "content": "2"}, {"role": "assistant", "content": "2"}]
+    with pytest.raises(PromptError, match="expression"):
+        render_sample(tiny_tokenizer, odd, CHAT_TEMPLATE, 256)
+    for template in (prompts.CHAT_TEMPLATE_NO_TOOLS, SFT_TEMPLATE):  # models trained before tool calls
+        with pytest.raises(PromptError, match="tool calls"):
+            render_sample(tiny_tokenizer, TOOL_CHAT, template, 256)
+
+
+def test_models_trained_before_tool_calls_keep_their_format(tiny_tokenizer):
+    """A checkpoint storing the chat template of before tool calls, with a tokenizer of the role tokens alone,
+    renders exactly as before; a new chat model knows the tools."""
+    old = ByteLevelBPETokenizer(300, special_tokens=["<s>", "<pad>", "</s>", "<unk>", *CHAT_TOKENS[:4]])
+    old.train(corpus_lines(limit=50), show_progress=False)
+    assert prompts.is_chat_template(prompts.CHAT_TEMPLATE_NO_TOOLS) and prompts.has_chat_tokens(
+        old, prompts.CHAT_TEMPLATE_NO_TOOLS) and not prompts.has_chat_tokens(old)
+    s, u, a, end = 4, 5, 6, 7
+    ids = render_prompt(old, CHAT[:4], prompts.CHAT_TEMPLATE_NO_TOOLS).ids
+    assert ids == ids_of(old, old.bos_token_id, s, "Be brief.", end, u, "计算 15 + 27 = ?", end, a, "42",
+                         old.eos_token_id, u, "再加 8 呢？", end, a)
+    with pytest.raises(PromptError, match="lacks"):  # the tool format needs the tool tokens
+        render_prompt(old, CHAT[:4], CHAT_TEMPLATE)
+    assert prompts.knows_tools(CHAT_TEMPLATE) and not prompts.knows_tools(prompts.CHAT_TEMPLATE_NO_TOOLS)

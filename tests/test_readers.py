@@ -112,7 +112,7 @@ USER, ANSWER = '{"role": "user", "content": "q"}', '{"role": "assistant", "conte
 
 
 @pytest.mark.parametrize("line, message", [
-    ('{"messages": [{"role": "tool", "content": "x"}, %s]}' % ANSWER, "unknown chat role 'tool'"),
+    ('{"messages": [{"role": "robot", "content": "x"}, %s]}' % ANSWER, "unknown chat role 'robot'"),
     ('{"messages": [%s]}' % USER, "at least one assistant message"),
     ('{"messages": [{"role": "user", "content": 3}, %s]}' % ANSWER, "content must be a string"),
     ('{"messages": [{"role": "system", "content": "a"}, {"role": "system", "content": "b"}, %s, %s]}'

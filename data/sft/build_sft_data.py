@@ -13,7 +13,14 @@ Dialogues (``{"messages": [...]}`` records) whose later answers depend on earlie
 with a sum, then ``再加 {c} 呢？`` and ``再减 {d} 呢？`` on the running total (1 <= c, d <= 20; three assistant turns);
 ``author_chat`` names a poem's author, then ``这位诗人姓什么？`` -> the surname. Train dialogues (from train sums and
 poems) are in ``sft_data.json`` beside the single-turn records; held-out ones (from test sums and poems) in
-``chat_test.json``.
+``chat_test.json`` (their references: the answers alone).
+
+In the train dialogues the assistant answers each follow-up with its answer alone (the default,
+``--arithmetic_chat_form plain``), or with ``--arithmetic_chat_form tool`` with the built-in calculator
+(``calculator.py``): an OpenAI tool call on the running total read off its previous answer
+(``{"expression": "42+8"}``), the tool's result, then the answer. A whole three-turn dialogue with its calls does
+not fit the default 64-token context, so it is written as the windows a chat shows the model (the oldest turn
+dropped): turns 1-2, and turns 2-3 with turn 2 as context only (``"weight": 0``, OpenAI's flag).
 
 Only arithmetic must be computed; the other families are reading tasks: the answer is in the prompt, so a small
 model can learn them (recalling facts of a corpus it read for five minutes, the families' earlier form, it could
@@ -44,7 +51,7 @@ from pathlib import Path
 import cli
 from atomic_file import atomic_path
 from byte_level_bpe import ByteLevelBPETokenizer
-from prompts import SFT_TEMPLATE
+from prompts import CALCULATOR, CHAT_TEMPLATE, SFT_TEMPLATE, render_sample
 from readers import read_documents, read_lines
 
 DEFAULT_OUTPUT = Path("data/sft")
@@ -56,6 +63,7 @@ SPEAKER_PROMPT = '{a}: {a_words}\n{b}: {b_words}\nWho says "{quote}"?'
 ADD_PROMPT, SUB_PROMPT, SURNAME_PROMPT = "再加 {n} 呢？", "再减 {n} 呢？", "这位诗人姓什么？"  # the dialogues' follow-ups
 COMPOUND_SURNAMES = ("欧阳", "司马", "上官", "诸葛", "长孙", "皇甫", "令狐")
 ANONYMOUS = ("无名氏", "佚名")
+CHAT_FORMS = ("tool", "plain")  # arithmetic dialogues: follow-ups through the calculator, or answers alone
 FOLLOW_UP_MAX = 20  # the numbers a follow-up adds or subtracts: 1 to 20 (the total never goes below 0)
 POEM = re.compile(r"^(《[^》]+》\S*) (\S+?)：(.+)$")  # 《title》[其二] author：lines
 SPEECH = re.compile(r"^([A-Z][A-Z'\- ]*[A-Z]): (.+)$")  # SPEAKER: speech
@@ -102,6 +110,7 @@ class Sizes:
     all_wrong_sums: bool = True  # plus every other wrong answer of every train example (a reward model needs them)
     chat_sums_train: int = 5000  # train sums that also open a three-turn dialogue in sft_data.json
     chat_sums_test: int = 300  # held-out sums that open a dialogue in chat_test.json
+    arithmetic_chat_form: str = "plain"  # train dialogues: "plain" (answers alone) or "tool" (calculator calls)
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -322,9 +331,10 @@ def surname(poet: str) -> str:
     return poet[:2] if poet[:2] in COMPOUND_SURNAMES else poet[0]
 
 
-def dialogues(examples: Sequence[Example], rng: random.Random, max_sums: int) -> list[dict]:
+def dialogues(examples: Sequence[Example], rng: random.Random, max_sums: int, tool: bool = False) -> list[dict]:
     """Conversations whose later answers depend on the earlier ones: a sum (of the first ``max_sums`` sums) then
-    ``再加 c 呢？`` and ``再减 d 呢？`` on the running total; a poem's author then ``这位诗人姓什么？``."""
+    ``再加 c 呢？`` and ``再减 d 呢？`` on the running total (``tool``: each follow-up answered through a calculator
+    call); a poem's author then ``这位诗人姓什么？``."""
     out, sums = [], 0
     for e in examples:
         if e.task == "arithmetic" and sums < max_sums:
@@ -332,8 +342,9 @@ def dialogues(examples: Sequence[Example], rng: random.Random, max_sums: int) ->
             total = int(e.response)
             add = rng.randint(1, FOLLOW_UP_MAX)
             sub = rng.randint(1, min(FOLLOW_UP_MAX, total + add))
-            turns = [(e.instruction, e.response), (ADD_PROMPT.format(n=add), str(total + add)),
-                     (SUB_PROMPT.format(n=sub), str(total + add - sub))]
+            turns = [(e.instruction, e.response), (ADD_PROMPT.format(n=add), f"{total}+{add}", str(total + add)),
+                     (SUB_PROMPT.format(n=sub), f"{total + add}-{sub}", str(total + add - sub))]
+            turns = [turn if tool or len(turn) == 2 else (turn[0], turn[2]) for turn in turns]
             out.append({"messages": conversation(turns), "task": "arithmetic_chat"})
         elif e.task == "poem_author" and e.response not in ANONYMOUS:
             turns = [(e.instruction, e.response), (SURNAME_PROMPT, surname(e.response))]
@@ -341,16 +352,44 @@ def dialogues(examples: Sequence[Example], rng: random.Random, max_sums: int) ->
     return out
 
 
-def conversation(turns: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
-    return [m for user, answer in turns for m in ({"role": "user", "content": user},
-                                                   {"role": "assistant", "content": answer})]
+def conversation(turns: Sequence[tuple[str, ...]]) -> list[dict]:
+    """Messages of (user, answer) turns; a (user, expression, answer) turn calls the calculator first."""
+    return [m for turn in turns for m in ({"role": "user", "content": turn[0]}, *reply(*turn[1:]))]
+
+
+def reply(*steps: str) -> list[dict]:
+    """An answer, or (expression, answer): a calculator call in OpenAI's shape, its result, then the answer."""
+    if len(steps) == 1:
+        return [{"role": "assistant", "content": steps[0]}]
+    expression, answer = steps
+    call = {"id": "call_0", "type": "function",
+            "function": {"name": CALCULATOR, "arguments": json.dumps({"expression": expression})}}
+    return [{"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_0", "content": answer}, {"role": "assistant", "content": answer}]
 
 
 def dialogue_fit(tokenizer: ByteLevelBPETokenizer) -> Callable[[dict], bool]:
-    """Whether a conversation fits the default model's context in the chat format (<s>, and per message a role
-    token, its text and <|end|> or </s>)."""
-    return lambda record: 1 + sum(2 + len(tokenizer.encode_ordinary(m["content"]))
-                                  for m in record["messages"]) <= CONTEXT
+    """Whether a conversation fits the default model's context in the chat format (prompts.render_sample)."""
+    return lambda record: len(render_sample(tokenizer, record["messages"], CHAT_TEMPLATE, 1 << 30).input_ids) <= CONTEXT
+
+
+def windows(record: dict, fits: Callable[[dict], bool]) -> list[dict]:
+    """The record when it fits; else, per turn, that turn after the one before it (context only, ``weight`` 0,
+    but for the first turn, learned with the second): what a chat shows the model once its oldest turns are
+    dropped. Windows that do not fit either are left out."""
+    if fits(record):
+        return [record]
+    turns: list[list[dict]] = []
+    for message in record["messages"]:
+        if message["role"] == "user":
+            turns.append([])
+        turns[-1].append(message)
+    out = []
+    for k in range(1, len(turns)):
+        before = turns[k - 1] if k == 1 else [{**m, "weight": 0} if m["role"] == "assistant" else m
+                                              for m in turns[k - 1]]
+        out.append({**record, "messages": [*before, *turns[k]]})
+    return [w for w in out if fits(w)]
 
 
 def sft_records(examples: Sequence[Example]) -> list[dict[str, str]]:
@@ -404,8 +443,9 @@ def build(corpus: Path, output_dir: Path, seed: int, sizes: Sizes = Sizes()) -> 
     mixing.shuffle(train)
     chats = random.Random(seed + 4)  # its own generator: the files above stay as they were
     fits = dialogue_fit(tokenizer)
-    train_chats = [r for r in dialogues(train, chats, sizes.chat_sums_train) if fits(r)]
-    test_chats = [r for r in dialogues(test, chats, sizes.chat_sums_test) if fits(r)]
+    tool = sizes.arithmetic_chat_form == "tool"
+    train_chats = [w for r in dialogues(train, chats, sizes.chat_sums_train, tool) for w in windows(r, fits)]
+    test_chats = [r for r in dialogues(test, chats, sizes.chat_sums_test) if fits(r)]  # references: answers alone
     sft_train = sft_records(train) + train_chats
     chats.shuffle(sft_train)
     files = {"sft_data.json": sft_train, "sft_test.json": sft_records(test), "chat_test.json": test_chats,
@@ -450,6 +490,9 @@ def build_parser() -> cli.ArgumentParser:
                    help="train sums that also open a three-turn arithmetic dialogue in sft_data.json")
     p.add_argument("--chat_sums_test", type=count, default=Sizes.chat_sums_test,
                    help="held-out sums that open a dialogue in chat_test.json (at most --arithmetic_test)")
+    p.add_argument("--arithmetic_chat_form", choices=CHAT_FORMS, default=Sizes.arithmetic_chat_form,
+                   help="train arithmetic dialogues: tool = each follow-up answered through a calculator call "
+                        "(the engine runs it), plain = the answers alone")
     p.add_argument("--mixed_excerpts_train", type=count, default=Sizes.mixed_excerpts_train,
                    help="next-line excerpts of lines from different train poems (two prompts each) added to the "
                         "train split: the real excerpts are too few to learn the copy from")
@@ -462,7 +505,8 @@ def sizes_of(args: argparse.Namespace) -> Sizes:
                  arithmetic_rl=args.arithmetic_rl, pairwise_arithmetic=args.pairwise_arithmetic,
                  speaker_train=args.speaker_train, speaker_test=args.speaker_test,
                  mixed_excerpts_train=args.mixed_excerpts_train, all_wrong_sums=not args.one_wrong_answer_per_sum,
-                 chat_sums_train=args.chat_sums_train, chat_sums_test=args.chat_sums_test)
+                 chat_sums_train=args.chat_sums_train, chat_sums_test=args.chat_sums_test,
+                 arithmetic_chat_form=args.arithmetic_chat_form)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
