@@ -17,7 +17,7 @@ import model_heads
 import scoring
 import training
 import verifiers
-from conftest import ROOT, stage_config
+from conftest import stage_config
 from evaluator import GPTEvaluator
 from prompts import CHAT_TEMPLATE, SFT_TEMPLATE
 from rl_step import PPOStep
