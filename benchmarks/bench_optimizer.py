@@ -35,11 +35,12 @@ RECIPES = {"default": [], "nanogpt": ["--n_layers", "6", "--d_model", "384", "--
                                       "--batch_size", "8"]}
 
 
-def pretrain(optimizer: str, lr: float, seed: int, minutes: float | None, work: Path, shape: list[str]) -> dict:
-    """One pretraining run; its summary (steps, final val_bpb, ...)."""
-    out = work / f"{optimizer}_lr{lr:g}_seed{seed}_{minutes or 'default'}"
-    argv = [sys.executable, "pretrain_trainer.py", "--optimizer", optimizer, "--lr", str(lr), "--seed", str(seed),
-            "--output_dir", str(out), "--samples", "0", "--cache_dir", str(work / "cache"), *shape]
+def pretrain_run(label: dict, flags: list[str], seed: int, minutes: float | None, work: Path) -> dict:
+    """One ``python pretrain_trainer.py`` run as a user runs it, with ``flags`` and ``--seed``; ``label`` (what the
+    run compares: an optimizer and lr, an architecture) plus its summary's steps and final val_bpb."""
+    out = work / ("_".join(f"{k}{v}" for k, v in label.items()) + f"_seed{seed}_{minutes or 'default'}")
+    argv = [sys.executable, "pretrain_trainer.py", *flags, "--seed", str(seed), "--output_dir", str(out),
+            "--samples", "0", "--cache_dir", str(work / "cache")]
     if minutes is not None:
         argv += ["--max_minutes", str(minutes)]
     start = time.perf_counter()
@@ -47,10 +48,16 @@ def pretrain(optimizer: str, lr: float, seed: int, minutes: float | None, work: 
     if run.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[1:])} failed: {run.stderr[-1500:]}")
     summary = next(json.loads(line) for line in run.stdout.splitlines() if line.startswith("{"))
-    row = {"optimizer": optimizer, "lr": lr, "seed": seed, "minutes": minutes or 4.75, "steps": summary["steps"],
+    row = {**label, "seed": seed, "minutes": minutes or 4.75, "steps": summary["steps"],
            "val_bpb": summary["val_bpb"], "wall_s": round(time.perf_counter() - start, 1)}
     print(json.dumps(row), file=sys.stderr)
     return row
+
+
+def pretrain(optimizer: str, lr: float, seed: int, minutes: float | None, work: Path, shape: list[str]) -> dict:
+    """One pretraining run with ``--optimizer`` and ``--lr``; its summary (steps, final val_bpb, ...)."""
+    return pretrain_run({"optimizer": optimizer, "lr": lr}, ["--optimizer", optimizer, "--lr", str(lr), *shape],
+                        seed, minutes, work)
 
 
 def spread(rows: list[dict]) -> dict:
