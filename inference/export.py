@@ -56,7 +56,8 @@ def dequantized(model: GPTModel) -> GPTModel:
     for name, tensor in model.state_dict().items():
         if not name.endswith(".scale") and name not in state:
             state[name] = tensor
-    state["lm_head.weight"] = state["transformer.wte.weight"]
+    if model.config.tie_embeddings:
+        state["lm_head.weight"] = state["transformer.wte.weight"]
     plain.load_state_dict(state)
     return plain
 
