@@ -89,10 +89,18 @@ MLPS = ("gelu", "swiglu")
 POSITION_EMBEDDINGS = ("learned", "rope")
 
 
+class RMSNorm(nn.RMSNorm):
+    """torch's RMSNorm computed in float32 whatever the input's dtype (as Llama's and Qwen3's): under bf16 autocast
+    the input is bf16 and the gain float32, a mix torch's fused kernel refuses; the result is cast back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), self.normalized_shape, self.weight.float(), self.eps).to(x.dtype)
+
+
 def make_norm(kind: str, dim: int, eps: float, bias: bool = True) -> nn.Module:
     """LayerNorm (GPT-2's, with a bias unless ``bias=False``) or RMSNorm (Llama's: a gain, no mean, no bias)."""
     if kind == "rmsnorm":
-        return nn.RMSNorm(dim, eps=eps)
+        return RMSNorm(dim, eps=eps)
     return nn.LayerNorm(dim, eps=eps, bias=bias)
 
 
@@ -144,8 +152,8 @@ class MultiHeadAttention(nn.Module):
         self.c_attn = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=bias)
         self.c_proj = nn.Linear(d_model, d_model, bias=bias)
         if qk_norm:
-            self.q_norm = nn.RMSNorm(self.head_dim, eps=norm_eps)
-            self.k_norm = nn.RMSNorm(self.head_dim, eps=norm_eps)
+            self.q_norm = RMSNorm(self.head_dim, eps=norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=norm_eps)
         self.qk_norm = qk_norm
         self.resid_dropout = nn.Dropout(dropout)
 
