@@ -5,7 +5,8 @@ chat CLI, best-of-N and the server) runs on what it returns. Training keeps plai
 
 Every nn.Linear of the decoder becomes an Int8Linear, and by default so does the LM head; when the head is tied to
 the token embedding, the embedding then reads the same int8 table (its rows are the head's output channels, so the same
-per-row scales serve both); an untied embedding gets its own int8 table. Kernels, chosen per device (measured with benchmarks/bench_inference.py):
+per-row scales serve both); an untied embedding gets its own int8 table. Kernels, chosen per device (measured with
+benchmarks/bench_inference.py):
   - "fbgemm" (x86 CPU): torch.ops.quantized.linear_dynamic, the kernel behind quantize_dynamic. It ALSO quantizes
     activations: per tensor (each call), to 7-bit unsigned (reduce_range, which keeps AVX2's 16-bit accumulation from
     saturating), then dequantizes the int32 result. Held to the same quality target.
