@@ -380,3 +380,21 @@ def test_llama_cpp_runs_the_modern_gguf_with_our_greedy_tokens(run, tiny_tokeniz
             break
     ours = generate(model, torch.tensor([ids]), SamplingParams(max_new_tokens=16, do_sample=False))
     assert theirs == ours[0, len(ids):].tolist()
+
+
+def test_an_extended_context_exports_as_linear_rope_scaling(run, tiny_tokenizer):
+    """A rotary model stretched to a longer context (linear position interpolation) exports HF's linear
+    rope_scaling and GGUF's scaling keys; transformers computes our logits beyond the original context."""
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig.from_preset("modern-tiny", vocab_size=len(tiny_tokenizer), max_seq_len=32)).eval()
+    model.extend_context(64)
+    folder = exported(save(run, model, tiny_tokenizer), "hf", run / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert hf.config.rope_parameters["rope_type"] == "linear" and hf.config.rope_parameters["factor"] == 2.0
+    ids = torch.randint(0, len(tiny_tokenizer), (1, 60))
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)["logits"]).abs().max() < 1e-4
+    assert load_model(folder).config == model.config
+    reader = gguf.GGUFReader(exported(run / "model.pth", "gguf", run / "m.gguf"))
+    assert reader.fields["qwen3.rope.scaling.type"].contents() == "linear"
+    assert reader.fields["qwen3.rope.scaling.factor"].contents() == 2.0

@@ -311,3 +311,23 @@ def test_gqa_flops_count_the_query_heads_and_fewer_key_value_weights():
     assert full.num_parameters() - grouped.num_parameters() == saved
     attention_term = 12 * SMALL["n_layers"] * SMALL["d_model"] * 48
     assert grouped.estimate_flops_per_token() == 6 * grouped.num_parameters(exclude_embeddings=True) + attention_term
+
+
+def test_extend_context_interpolates_rotary_positions_and_trains_on_the_longer_context():
+    """Linear position interpolation: the extended model reads position 2p as the original read p (a rotary model's
+    scores depend on positions only through the angles), its config says so, and a training step runs at 2x."""
+    torch.manual_seed(0)
+    model = GPTModel(**SMALL, **MODERN)
+    original = copy.deepcopy(model).eval()
+    model.extend_context(96)
+    assert (model.config.max_seq_len, model.config.rope_scaling) == (96, 2.0)
+    torch.testing.assert_close(model.rotary.cos[::2], original.rotary.cos)  # position 2p -> the angles of p
+    assert GPTModel(model.config).rotary.cos.shape == (96, 8)  # the config alone rebuilds it (checkpoints)
+    ids = torch.randint(0, 97, (2, 96))
+    loss = model(ids, labels=ids)["loss"]
+    loss.backward()
+    assert torch.isfinite(loss) and model.transformer.h[0].attn.c_attn.weight.grad is not None
+    model.extend_context(64)  # shorter than now: nothing to do
+    assert model.config.max_seq_len == 96
+    with pytest.raises(ValueError, match="learned positions"):
+        GPTModel(**SMALL).extend_context(96)
