@@ -532,8 +532,12 @@ def incomplete_tail(raw: bytes) -> int:
 
 
 def _configured_specials(config, vocab: dict[str, int], config_path: Path) -> tuple[dict[str, int], dict[str, int]]:
-    """(special token -> id, role -> id) of a tokenizer_config.json, checked against vocab.json."""
+    """(special token -> id, role -> id) of a tokenizer_config.json (ours, or a Hugging Face one with its special
+    tokens in ``added_tokens_decoder``, as an exported model folder has), checked against vocab.json."""
     special_ids = config.get("special_tokens") if isinstance(config, dict) else None
+    if special_ids is None and isinstance(config, dict) and isinstance(config.get("added_tokens_decoder"), dict):
+        special_ids = {entry.get("content"): int(i) for i, entry in config["added_tokens_decoder"].items()
+                       if isinstance(entry, dict) and entry.get("special") and str(i).isdigit()}
     if not isinstance(special_ids, dict):
         raise TokenizerError(f"{config_path}: missing 'special_tokens' mapping; re-save the tokenizer")
     for token, i in special_ids.items():

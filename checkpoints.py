@@ -6,11 +6,14 @@ the caller does with it; and what a file is, in words.
     loaded = load("models/pretrain/pretrain_best.pth", trainable=True, expect="lm", flag="--pretrained_model")
     loaded.model, loaded.tokenizer, loaded.template, loaded.kind, loaded.metadata
     python checkpoints.py models/sft/sft_best.pth                            # what is this file?
+    model = load_model("exports/sft")                                        # a Hugging Face folder, no tokenizer
 
 A checkpoint is one ``torch.save`` dict, read with ``weights_only=True``: ``model_state_dict`` + ``config`` (the
 GPTConfig) + metadata (``model_class``, ``stage``, ``step``, ``sft_template``, ``tokenizer_fingerprint``,
 ``train_args``, ...) and, in the trainers' step checkpoints, the training state. An INT8 file adds
 ``quantization: "int8"``; a LoRA adapter file holds ``lora_state_dict`` + ``base_model`` (the file it adapts).
+A Hugging Face folder (GPT-2, Llama or Qwen3: config.json + weights, read through ``hf_models``) loads wherever a
+checkpoint does, as a language model whose tokenizer is the folder's own files.
 
 Every file says what it is, and ``save_checkpoint`` takes that from the model itself, so that no caller can write a
 file that loads as something else: ``model_class`` (the head: lm, reward, classify), ``quantization``, ``lora``
@@ -21,6 +24,7 @@ Its own module, above the model, the heads, LoRA and the INT8 layers, so that no
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -37,8 +41,9 @@ from atomic_file import atomic_path
 from byte_level_bpe import ByteLevelBPETokenizer
 from devices import resolve_device, resolve_dtype
 from gpt_model import GPTConfig, GPTModel
+from hf_models import HFModelError, read_hf_folder
 from model_heads import GPTClassifier, GPTRewardModel
-from prompts import SFT_TEMPLATE
+from prompts import CHAT_TEMPLATE, SFT_TEMPLATE
 from quantization import is_packed, is_quantized, prepare_for_inference, swap_in_int8
 
 MODEL_CLASSES = {"lm": GPTModel, "reward": GPTRewardModel, "classify": GPTClassifier}
@@ -126,7 +131,8 @@ def _torch_load(path: Path, **kwargs) -> Any:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} not found; pass the .pth file written by a trainer")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} is not a file; pass the .pth file, not its folder")
+        raise CheckpointError(f"checkpoint {path} is a folder without config.json; pass the .pth file written by a "
+                              "trainer, or a Hugging Face model folder")
     try:
         return torch.load(path, weights_only=True, **kwargs)
     except Exception as exc:  # torch raises many types for truncated / foreign files
@@ -143,10 +149,39 @@ def _check_format(ckpt: Any, path: Path) -> dict[str, Any]:
     return ckpt
 
 
+def is_hf_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a Hugging Face model folder (a folder with config.json) rather than a .pth file."""
+    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+
+
+def _hf_checkpoint(folder: Path) -> dict[str, Any]:
+    """A Hugging Face folder as the checkpoint dict of the language model it holds (with our chat format when its
+    tokenizer_config.json carries it, as our exports do)."""
+    try:
+        config, state, hf = read_hf_folder(folder)
+    except HFModelError as err:
+        raise CheckpointError(f"{folder}: {err}") from None
+    tokenizer_config = folder / "tokenizer_config.json"
+    template = json.loads(tokenizer_config.read_text(encoding="utf-8")).get("chat_template") \
+        if tokenizer_config.is_file() else None
+    return {"model_state_dict": state, "config": config.to_dict(), "model_class": "lm",
+            "hf_architectures": list(hf.get("architectures") or []),
+            **({"sft_template": CHAT_TEMPLATE} if template == CHAT_TEMPLATE else {})}
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The whole checkpoint dict (weights and training state included), checked to be one of ours."""
+    """The whole checkpoint dict (weights and training state included), checked to be one of ours; a Hugging Face
+    folder gives the dict of its weights and config."""
     path = Path(path)
+    if is_hf_folder(path):
+        return _hf_checkpoint(path)
     return _check_format(_torch_load(path, map_location=map_location), path)
+
+
+def load_model(path: str | os.PathLike) -> nn.Module:
+    """The model a checkpoint file or Hugging Face folder holds, with its weights as stored, on CPU, without its
+    tokenizer (a folder straight from transformers' ``save_pretrained`` has none)."""
+    return build_model(load_checkpoint(path), path)
 
 
 def metadata_of(ckpt: Mapping[str, Any]) -> dict[str, Any]:
@@ -157,6 +192,8 @@ def metadata_of(ckpt: Mapping[str, Any]) -> dict[str, Any]:
 def checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """``metadata_of`` a checkpoint file without reading its weights (memory-mapped)."""
     path = Path(path)
+    if is_hf_folder(path):
+        return metadata_of(_hf_checkpoint(path))
     return metadata_of(_check_format(_torch_load(path, map_location="cpu", mmap=True), path))
 
 
@@ -177,7 +214,8 @@ def template_of(ckpt: Mapping[str, Any]) -> str:
 def describe(path: str | os.PathLike) -> str:
     """What a checkpoint file is, in one line: its kind, shape, stage and step, and whether a run can resume from it."""
     path = Path(path)
-    ckpt = _check_format(_torch_load(path, map_location="cpu", mmap=True), path)
+    ckpt = _hf_checkpoint(path) if is_hf_folder(path) else \
+        _check_format(_torch_load(path, map_location="cpu", mmap=True), path)
     meta, kind = metadata_of(ckpt), checkpoint_kind(ckpt)
     parts = [f"{path}: {KIND_NAMES.get(kind, f'an unknown model_class {kind!r}')}"]
     if kind == "lora":
@@ -186,6 +224,12 @@ def describe(path: str | os.PathLike) -> str:
         c = meta["config"]
         parts.append(f"{c.get('n_layers')} layers x {c.get('d_model')}, context {c.get('max_seq_len')}, "
                      f"vocab {c.get('vocab_size')}")
+        try:
+            parts.append(GPTConfig.from_dict(c).architecture())
+        except (ValueError, TypeError):
+            parts.append("an invalid config")
+    if meta.get("hf_architectures"):
+        parts.append(f"a Hugging Face {'/'.join(meta['hf_architectures'])} folder")
     if kind == "classify":
         parts.append(f"classes {meta.get('labels')}")
     if meta.get("lora"):
@@ -290,8 +334,11 @@ class Loaded:
 
 def load_tokenizer(checkpoint_path: str | os.PathLike, metadata: Mapping[str, Any], vocab_size: int,
                    tokenizer_dir: str | os.PathLike | None = None) -> ByteLevelBPETokenizer:
-    """The tokenizer a checkpoint was trained with (default: <checkpoint folder>/tokenizer), checked against it."""
-    tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else Path(checkpoint_path).parent / "tokenizer"
+    """The tokenizer a checkpoint was trained with (default: <checkpoint folder>/tokenizer, or a Hugging Face folder
+    itself), checked against it."""
+    if tokenizer_dir is None:
+        tokenizer_dir = checkpoint_path if is_hf_folder(checkpoint_path) else Path(checkpoint_path).parent / "tokenizer"
+    tokenizer_dir = Path(tokenizer_dir)
     if not tokenizer_dir.is_dir():
         raise CheckpointError(f"tokenizer folder {tokenizer_dir} not found; pass --tokenizer_dir (tokenizer_dir=) "
                               "pointing to the tokenizer the checkpoint was trained with")
@@ -415,7 +462,7 @@ def _main(argv: Sequence[str] | None) -> int:
                                 description="Say what each checkpoint file is: its kind (language model, INT8, LoRA "
                                             "adapters, reward model, classifier), shape, stage, step, and whether a "
                                             "run can resume from it.")
-    parser.add_argument("paths", nargs="+", metavar="FILE", help="checkpoint files (.pth)")
+    parser.add_argument("paths", nargs="+", metavar="FILE", help="checkpoint files (.pth) or Hugging Face folders")
     for path in parser.parse_args(argv).paths:
         print(describe(path))
     return 0

@@ -1,8 +1,10 @@
-"""Decoder-only GPT (GPT-2 architecture): ``GPTConfig`` (+ presets) and ``GPTModel`` (forward, loss, FLOP
-accounting). Nothing else, and it imports only torch, ``transformer_components`` and ``loss_labels``: generation is
-the decode engine's (``decoding.generate``, above the model, as nanochat's engine.py), checkpoints live in
-``checkpoints.py``, the reward/classifier heads in ``model_heads.py``, Hugging Face GPT-2 conversion in
-``hf_gpt2.py``, devices and precision in ``devices.py``.
+"""Decoder-only GPT: ``GPTConfig`` (+ presets) and ``GPTModel`` (forward, loss, FLOP accounting). GPT-2's shape by
+default (learned positions, LayerNorm, GELU, multi-head attention, biases, tied head); the config's options give the
+modern decoder shape of Llama / Qwen3 / nanochat (rotary positions, RMSNorm, q/k norms, SwiGLU, grouped-query
+attention, no biases, an untied head) in the same class. Nothing else, and it imports only torch,
+``transformer_components`` and ``loss_labels``: generation is the decode engine's (``decoding.generate``, above the
+model, as nanochat's engine.py), checkpoints live in ``checkpoints.py``, the reward/classifier heads in
+``model_heads.py``, Hugging Face conversion in ``hf_models.py``, devices and precision in ``devices.py``.
 
 Weights use Hugging Face GPT-2 names (``transformer.h.0.attn.c_attn.weight`` ...) with nn.Linear layouts, so real
 GPT-2 weights load with only the Conv1D matrices transposed.
@@ -17,15 +19,24 @@ import torch
 import torch.nn as nn
 
 from loss_labels import IGNORE_INDEX
-from transformer_components import (ACTIVATIONS, KVCacheView, TransformerDecoderLayer, hidden_logprobs,
-                                    shifted_cross_entropy, shifted_targets)
+from transformer_components import (ACTIVATIONS, MLPS, NORMS, POSITION_EMBEDDINGS, KVCacheView, RotaryEmbedding,
+                                    TransformerDecoderLayer, hidden_logprobs, make_norm, shifted_cross_entropy,
+                                    shifted_targets)
 
 # ----------------------------------------------------------------------------- config
 
 
 @dataclass
 class GPTConfig:
-    """Model shape; the defaults are GPT-2 small (124M). pad_token_id fills finished rows in decoding.generate."""
+    """Model shape; the defaults are GPT-2 small (124M). pad_token_id fills finished rows in decoding.generate.
+
+    The architecture options (defaults: GPT-2's): pos_embedding "learned" (a position table) or "rope" (rotary, base
+    rope_theta; rope_scaling > 1 stretches a trained context by linear position interpolation); norm "layernorm" or
+    "rmsnorm" (layer_norm_eps is either's epsilon); qk_norm (RMSNorm on each query and key head, Qwen3's); mlp
+    "gelu" (``activation`` picks the GELU) or "swiglu" (d_ff is then the gated hidden width); n_kv_heads < n_heads
+    for grouped-query attention (None: n_heads); bias on every projection and LayerNorm; tie_embeddings (the LM head
+    is the token embedding).
+    """
 
     vocab_size: int = 50257
     d_model: int = 768
@@ -38,6 +49,14 @@ class GPTConfig:
     pad_token_id: int = 1
     layer_norm_eps: float = 1e-5
     activation: str = "gelu_tanh"  # GPT-2's; "gelu" is the exact GELU (nanoGPT's, a little cheaper on CPU)
+    pos_embedding: str = "learned"
+    rope_theta: float = 10000.0
+    rope_scaling: float = 1.0
+    norm: str = "layernorm"
+    qk_norm: bool = False
+    mlp: str = "gelu"
+    n_kv_heads: int | None = None
+    tie_embeddings: bool = True
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
@@ -55,10 +74,47 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"GPTConfig.activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        self._check_architecture()
+
+    def _check_architecture(self) -> None:
+        for name, choices in (("pos_embedding", POSITION_EMBEDDINGS), ("norm", NORMS), ("mlp", MLPS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"GPTConfig.{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads  # full multi-head attention, stored explicitly
+        if isinstance(self.n_kv_heads, bool) or not isinstance(self.n_kv_heads, int) or self.n_kv_heads <= 0 \
+                or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"GPTConfig.n_kv_heads must be a positive divisor of n_heads ({self.n_heads}), "
+                             f"got {self.n_kv_heads!r}")
+        for name in ("rope_theta", "rope_scaling"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)) \
+                    or not getattr(self, name) > 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive number, got {getattr(self, name)!r}")
+        if self.pos_embedding == "rope" and self.head_dim % 2:
+            raise ValueError(f"rotary positions rotate pairs: d_model / n_heads ({self.head_dim}) must be even")
+        for name in ("qk_norm", "tie_embeddings", "bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GPTConfig.{name} must be true or false, got {getattr(self, name)!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def architecture(self) -> str:
+        """The shape in words: "GPT-2", or the options that differ from it (what ``checkpoints.describe`` says)."""
+        parts = [part for part, on in (
+            ("rope", self.pos_embedding == "rope"), ("rmsnorm", self.norm == "rmsnorm"), ("qk_norm", self.qk_norm),
+            ("swiglu", self.mlp == "swiglu"), (f"gqa {self.n_heads}q/{self.n_kv_heads}kv heads",
+                                               self.n_kv_heads != self.n_heads),
+            ("no bias", not self.bias), ("untied head", not self.tie_embeddings)) if on]
+        if self.rope_scaling != 1.0:
+            parts.append(f"rope x{self.rope_scaling:g} positions")
+        return " + ".join(parts) if parts else "GPT-2"
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "GPTConfig":
-        """A named size (tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl) with any field overridden."""
+        """A named shape (``PRESETS``: tiny, gpt2..gpt2-xl, modern-tiny, modern..modern-large) with any field
+        overridden."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
@@ -76,19 +132,44 @@ class GPTConfig:
         return cls(**d)
 
 
-PRESETS: dict[str, dict[str, int]] = {
+def swiglu_hidden(d_model: int) -> int:
+    """SwiGLU's hidden width for a GPT-2-sized MLP budget: three d x f matrices ~ two d x 4d ones, f ~ 8/3 d, rounded
+    up to a multiple of 32 (Llama's rule, at a finer multiple)."""
+    return -(-8 * d_model // 3 // 32) * 32
+
+
+# Llama / Qwen3's decoder shape: rotary positions, RMSNorm, q/k norms, SwiGLU, half as many key/value heads, no biases.
+MODERN = dict(pos_embedding="rope", norm="rmsnorm", qk_norm=True, mlp="swiglu", bias=False)
+
+PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(d_model=128, n_layers=4, n_heads=4, d_ff=512, max_seq_len=256),
     "gpt2": dict(d_model=768, n_layers=12, n_heads=12, d_ff=3072, max_seq_len=1024),
     "gpt2-medium": dict(d_model=1024, n_layers=24, n_heads=16, d_ff=4096, max_seq_len=1024),
     "gpt2-large": dict(d_model=1280, n_layers=36, n_heads=20, d_ff=5120, max_seq_len=1024),
     "gpt2-xl": dict(d_model=1600, n_layers=48, n_heads=25, d_ff=6400, max_seq_len=1024),
+    "modern-tiny": dict(MODERN, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=swiglu_hidden(128),
+                        max_seq_len=256),
+    "modern": dict(MODERN, d_model=768, n_layers=12, n_heads=12, n_kv_heads=6, d_ff=swiglu_hidden(768),
+                   max_seq_len=1024),
+    "modern-medium": dict(MODERN, d_model=1024, n_layers=24, n_heads=16, n_kv_heads=8, d_ff=swiglu_hidden(1024),
+                          max_seq_len=1024),
+    "modern-large": dict(MODERN, d_model=1280, n_layers=36, n_heads=20, n_kv_heads=10, d_ff=swiglu_hidden(1280),
+                         max_seq_len=1024),
 }
 
 # ----------------------------------------------------------------------------- model
 
 
+def grown_rows(weight: torch.Tensor, rows: int, generator: torch.Generator) -> nn.Parameter:
+    """``weight`` (n, d) with rows appended up to ``rows``, drawn around the existing rows' mean and per-dim std."""
+    noise = torch.randn(rows - weight.size(0), weight.size(1), generator=generator).to(weight)
+    grown = torch.cat([weight, weight.mean(0) + noise * weight.std(0)])
+    return nn.Parameter(grown, requires_grad=weight.requires_grad)
+
+
 class GPTModel(nn.Module):
-    """Token + position embeddings, N pre-LN decoder layers, final LayerNorm, lm_head tied to the token embedding."""
+    """Token embedding (+ learned positions, or rotary positions inside attention), N pre-norm decoder layers, a final
+    norm, and the LM head (tied to the token embedding unless ``tie_embeddings=False``)."""
 
     def __init__(self, config: GPTConfig | None = None, **kwargs: Any):
         super().__init__()
@@ -97,19 +178,25 @@ class GPTModel(nn.Module):
         elif kwargs:
             config = GPTConfig.from_dict({**config.to_dict(), **kwargs})
         self.config = config
+        learned = config.pos_embedding == "learned"
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.d_model),
-            wpe=nn.Embedding(config.max_seq_len, config.d_model),
+            **({"wpe": nn.Embedding(config.max_seq_len, config.d_model)} if learned else {}),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList(
                 TransformerDecoderLayer(config.d_model, config.n_heads, config.d_ff, config.dropout,
-                                        config.bias, config.layer_norm_eps, config.activation)
+                                        config.bias, config.layer_norm_eps, config.activation,
+                                        n_kv_heads=config.n_kv_heads, norm=config.norm, qk_norm=config.qk_norm,
+                                        mlp=config.mlp)
                 for _ in range(config.n_layers)
             ),
-            ln_f=nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias),
+            ln_f=make_norm(config.norm, config.d_model, config.layer_norm_eps, config.bias),
         ))
+        self.rotary = None if learned else \
+            RotaryEmbedding(config.head_dim, config.max_seq_len, config.rope_theta, config.rope_scaling)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
         residual_std = 0.02 / math.sqrt(2 * config.n_layers)  # GPT-2: keep the residual stream's variance flat
         for name, param in self.named_parameters():
@@ -127,21 +214,36 @@ class GPTModel(nn.Module):
 
     @torch.no_grad()
     def grow_vocab(self, vocab_size: int, seed: int = 0) -> None:
-        """Add token rows (new special tokens) to the tied embedding and LM head. Each new row is drawn from a normal
-        with the existing rows' mean and per-dimension std: distinct, and as likely as a typical token at first."""
+        """Add token rows (new special tokens) to the token embedding and LM head (one table when tied). Each new row
+        is drawn from a normal with the existing rows' mean and per-dimension std: distinct, and as likely as a
+        typical token at first."""
         old = self.transformer.wte.weight
         if vocab_size < old.size(0):
             raise ValueError(f"grow_vocab cannot shrink the vocabulary from {old.size(0)} to {vocab_size}")
         generator = torch.Generator().manual_seed(seed)
-        noise = torch.randn(vocab_size - old.size(0), old.size(1), generator=generator).to(old)
-        rows = old.mean(0) + noise * old.std(0)
         wte = nn.Embedding(vocab_size, old.size(1)).to(old)
-        wte.weight.copy_(torch.cat([old, rows]))
-        wte.weight.requires_grad_(old.requires_grad)
+        wte.weight = grown_rows(old, vocab_size, generator)
         self.transformer.wte = wte
+        head = self.lm_head.weight
         self.lm_head = nn.Linear(old.size(1), vocab_size, bias=False).to(old)
-        self.lm_head.weight = wte.weight
+        self.lm_head.weight = wte.weight if self.config.tie_embeddings else grown_rows(head, vocab_size, generator)
         self.config = replace(self.config, vocab_size=vocab_size)
+
+    @torch.no_grad()
+    def extend_context(self, max_seq_len: int) -> None:
+        """Read ``max_seq_len`` positions with a rotary model trained on fewer: linear position interpolation
+        (Chen et al. 2023), positions scaled by old / new, the factor kept in ``rope_scaling``; the weights are
+        unchanged. A learned position table has no rows to interpolate: that is an error."""
+        old = self.config.max_seq_len
+        if max_seq_len <= old:
+            return
+        if self.rotary is None:
+            raise ValueError(f"a model with learned positions reads at most its {old} positions (its position table); "
+                             f"only a rotary model (pos_embedding='rope') extends to {max_seq_len}")
+        scaling = self.config.rope_scaling * max_seq_len / old
+        self.config = replace(self.config, max_seq_len=max_seq_len, rope_scaling=scaling)
+        device = self.rotary.cos.device
+        self.rotary = RotaryEmbedding(self.config.head_dim, max_seq_len, self.config.rope_theta, scaling).to(device)
 
     # ------------------------------------------------------------------ forward
 
@@ -190,9 +292,15 @@ class GPTModel(nn.Module):
                 else:  # left padding: each row counts its own real tokens
                     position_ids = (key_valid.long().cumsum(dim=1) - 1).clamp(min=0)
             attn_mask = self._attention_mask(key_valid, T, device)
-        x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(position_ids))
+        x = self.transformer.wte(input_ids)
+        rope = None
+        if self.rotary is None:
+            x = x + self.transformer.wpe(position_ids)
+        else:  # rotated inside attention; cached keys were rotated at their own positions
+            rope = self.rotary(position_ids)
+        x = self.transformer.drop(x)
         for layer_idx, layer in enumerate(self.transformer.h):
-            x = layer(x, attn_mask, kv_cache, layer_idx)
+            x = layer(x, attn_mask, kv_cache, layer_idx, rope)
         return self.transformer.ln_f(x)
 
     @staticmethod
@@ -247,23 +355,31 @@ class GPTModel(nn.Module):
     # ------------------------------------------------------------------ accounting
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        """The model's weights (the tied lm_head counted once), from its shape, so a model whose layers were prepacked
+        """The model's weights (a tied lm_head counted once), from its shape, so a model whose layers were prepacked
         or quantized for inference reports the same number; adapters (LoRA) are not counted.
 
-        exclude_embeddings drops the position table (a lookup, no FLOPs); the token table stays
-        because it doubles as lm_head, a real matmul (nanoGPT's convention).
+        exclude_embeddings drops the lookups (no FLOPs): the position table, and the token table when the head is
+        untied; a tied token table stays because it doubles as lm_head, a real matmul (nanoGPT's convention).
         """
         c, bias = self.config, int(self.config.bias)
         d, f = c.d_model, c.d_ff
-        norms = 2 * d * (1 + bias)
-        attention = (3 * d * d + 3 * d * bias) + (d * d + d * bias)
-        mlp = (f * d + f * bias) + (d * f + d * bias)
-        block = norms + attention + mlp
-        n = c.vocab_size * d + c.n_layers * block + d * (1 + bias)
-        return n if exclude_embeddings else n + c.max_seq_len * d
+        norm = d * (1 + bias) if c.norm == "layernorm" else d  # RMSNorm: a gain only
+        qkv = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
+        attention = (qkv * d + qkv * bias) + (d * d + d * bias) + (2 * c.head_dim if c.qk_norm else 0)
+        up = 2 * f if c.mlp == "swiglu" else f  # SwiGLU's gate and up projections
+        mlp = (up * d + up * bias) + (d * f + d * bias)
+        token_table = c.vocab_size * d
+        n = token_table + c.n_layers * (2 * norm + attention + mlp) + norm
+        if not c.tie_embeddings:
+            n += c.vocab_size * d  # the head's own matrix
+        if exclude_embeddings:
+            return n if c.tie_embeddings else n - token_table
+        return n + (c.max_seq_len * d if c.pos_embedding == "learned" else 0)
 
     def estimate_flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token (forward + backward): 6N + 12 * n_layers * d_model * seq_len (PaLM appendix B)."""
+        """Training FLOPs per token (forward + backward): 6N + 12 * n_layers * d_model * seq_len (PaLM appendix B).
+        The attention term counts the query heads (n_heads x head_dim = d_model): grouped-query attention shares
+        key/value heads, not the score and weighted-sum products."""
         seq_len = seq_len or self.config.max_seq_len
         n = self.num_parameters(exclude_embeddings=True)
         return 6 * n + 12 * self.config.n_layers * self.config.d_model * seq_len

@@ -3,9 +3,10 @@ layers prepacked for the CPU; ``prepare_for_inference`` turns a trained ``GPTMod
 device, and every inference path (``checkpoints.load_model_and_tokenizer``, so ``decoding.generate``, the evaluator, the
 chat CLI, best-of-N and the server) runs on what it returns. Training keeps plain ``nn.Linear`` weights.
 
-Every nn.Linear of the decoder becomes an Int8Linear, and by default so does the LM head; since the head is tied to
+Every nn.Linear of the decoder becomes an Int8Linear, and by default so does the LM head; when the head is tied to
 the token embedding, the embedding then reads the same int8 table (its rows are the head's output channels, so the same
-per-row scales serve both). Kernels, chosen per device (measured with benchmarks/bench_inference.py):
+per-row scales serve both); an untied embedding gets its own int8 table. Kernels, chosen per device (measured with
+benchmarks/bench_inference.py):
   - "fbgemm" (x86 CPU): torch.ops.quantized.linear_dynamic, the kernel behind quantize_dynamic. It ALSO quantizes
     activations: per tensor (each call), to 7-bit unsigned (reduce_range, which keeps AVX2's 16-bit accumulation from
     saturating), then dequantizes the int32 result. Held to the same quality target.
@@ -212,14 +213,15 @@ def swap_in_int8(model: GPTModel, lm_head: bool = True, kernel: str = "auto", qu
             Int8Linear(linear.in_features, linear.out_features, linear.bias is not None, kernel)
         setattr(parent, name, int8.to(linear.weight.device))
     if lm_head:
-        if model.lm_head.weight is not model.transformer.wte.weight:
-            raise QuantizationError("lm_head is not tied to the token embedding; quantize it with lm_head=False")
         config = model.config
         head = Int8Linear.from_linear(model.lm_head, kernel) if quantize else \
             Int8Linear(config.d_model, config.vocab_size, bias=False, kernel=kernel).to(model.lm_head.weight.device)
         embedding = Int8Embedding(config.vocab_size, config.d_model)
-        embedding.weight, embedding.scale = head.weight, head.scale  # one int8 table serves both (still tied)
-        model.lm_head, model.transformer.wte = head, embedding
+        if config.tie_embeddings:
+            embedding.weight, embedding.scale = head.weight, head.scale  # one int8 table serves both (still tied)
+        elif quantize:  # an untied head: the embedding gets its own int8 table, its rows scaled on their own
+            embedding.weight, embedding.scale = quantize_per_channel(model.transformer.wte.weight)
+        model.lm_head, model.transformer.wte = head, embedding.to(model.lm_head.weight.device)
     model.quantization_config = {"lm_head": lm_head}
     return model
 
@@ -244,10 +246,11 @@ def is_packed(model: nn.Module) -> bool:
 def weight_count(model: nn.Module) -> int:
     """The weights a model holds, float, packed or INT8, so each reports the size of the model it was made from: an
     INT8 model counts its int8 matrices and float biases (its per-channel scales are not weights), a packed one its
-    packed matrices (the LM head once: it is the token embedding)."""
+    packed matrices (a tied LM head once: it is the token embedding)."""
     if is_quantized(model):
         tensors = {t.data_ptr(): t.numel() for name, t in model.state_dict().items() if not name.endswith(".scale")}
         return sum(tensors.values())
     packed = sum(m.in_features * m.out_features + (0 if m.bias is None else m.bias.numel())
-                 for name, m in model.named_modules() if isinstance(m, PackedLinear) and name != "lm_head")
+                 for name, m in model.named_modules()
+                 if isinstance(m, PackedLinear) and (name != "lm_head" or not model.config.tie_embeddings))
     return packed + sum(p.numel() for p in model.parameters())

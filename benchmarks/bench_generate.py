@@ -28,7 +28,7 @@ from benchmarks.cli_options import benchmark_parser, positive_ints, presets
 from decoding import SamplingParams, generate
 from devices import set_threads
 from gpt_model import GPTConfig, GPTModel
-from hf_gpt2 import config_from_hf_gpt2, convert_hf_gpt2_state_dict
+from hf_models import from_hf_config, from_hf_state_dict
 
 
 def build_pair(shape: str, device: torch.device) -> tuple[GPTModel, GPT2LMHeadModel]:
@@ -41,8 +41,9 @@ def build_pair(shape: str, device: torch.device) -> tuple[GPTModel, GPT2LMHeadMo
     hf = GPT2LMHeadModel(hf_config).eval().to(device)
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
-    ours = GPTModel(config_from_hf_gpt2(hf_config.to_dict()))
-    ours.load_state_dict(convert_hf_gpt2_state_dict({k: v.cpu() for k, v in hf.state_dict().items()}))
+    config = from_hf_config({**hf_config.to_dict(), "architectures": ["GPT2LMHeadModel"]})
+    ours = GPTModel(config)
+    ours.load_state_dict(from_hf_state_dict({k: v.cpu() for k, v in hf.state_dict().items()}, config))
     return ours.eval().to(device), hf
 
 

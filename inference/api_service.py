@@ -39,7 +39,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from checkpoints import checkpoint_metadata
+from checkpoints import checkpoint_metadata, is_hf_folder
 from cli import UsageError, run_cli
 from decoding import SamplingParams
 from inference.chat_page import chat_page, to_chat_page
@@ -664,8 +664,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     settings = Settings.from_args(argv)
     path = settings.resolved_model_path()  # a missing model is a one-line error before the server starts
-    if not path.is_file():
-        raise UsageError(f"--model_path {path} is not a file; pass a checkpoint (.pth)")
+    if not path.is_file() and not is_hf_folder(path):
+        raise UsageError(f"--model_path {path} is not a file or a Hugging Face model folder; pass a checkpoint (.pth) "
+                         "or a folder with config.json")
     if settings.reward_model:  # a missing reward model, or one of another tokenizer, is also caught before starting
         check_reward_checkpoint(Path(settings.reward_model), checkpoint_metadata(path).get("tokenizer_fingerprint"))
     check_address(settings.host, settings.port)

@@ -1,13 +1,15 @@
 """Export a checkpoint to where other engines read models: a Hugging Face folder (transformers, vLLM, TGI) or one
-GGUF file (llama.cpp, Ollama, LM Studio). Our model is exact GPT-2 with Hugging Face's parameter names and our
-tokenizer is GPT-2 byte-level BPE, so both exports are exact.
+GGUF file (llama.cpp, Ollama, LM Studio). The GPT-2 shape exports as GPT-2, the modern shape as Llama (rotary
+positions, RMSNorm, SwiGLU, grouped-query attention) or Qwen3 (the same with q/k norms), the architectures every runtime
+knows (names and layouts: ``hf_models``); our tokenizer is GPT-2 byte-level BPE, so both exports are exact.
 
     python -m inference.export --model_path models/sft/sft_best.pth --format hf --output exports/sft
     python -m inference.export --model_path models/sft/sft_best.pth --format gguf --output exports/sft.gguf --type q8_0
 
 Every kind of checkpoint is read through ``checkpoints`` as stored: LoRA adapters are merged into their base first,
 INT8 weights are dequantized (a lossy copy of the float model: export the float checkpoint when you have it), a
-classifier becomes ``GPT2ForSequenceClassification`` with its labels in ``id2label``; a reward model is refused (its
+classifier becomes ``GPT2ForSequenceClassification`` (or Llama's / Qwen3's) with its labels in ``id2label``; a
+reward model is refused (its
 score adds the answer's likelihood, which no transformers head computes). Nothing is overwritten unless
 ``--overwrite``; a folder is written whole or not at all.
 """
@@ -28,14 +30,13 @@ import lora
 from atomic_file import atomic_directory, atomic_path
 from byte_level_bpe import ByteLevelBPETokenizer
 from gpt_model import GPTConfig, GPTModel
-from hf_gpt2 import CONV1D_SUFFIXES
+from hf_models import HFModelError, model_type, to_hf_config, to_hf_state_dict
 from model_heads import GPTClassifier
 from quantization import Int8Embedding, Int8Linear, is_quantized
 from prompts import is_chat_template
 
 FORMATS = ("hf", "gguf")
 GGUF_TYPES = ("f32", "f16", "q8_0")
-HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
 
 
 class ExportError(ValueError):
@@ -56,7 +57,8 @@ def dequantized(model: GPTModel) -> GPTModel:
     for name, tensor in model.state_dict().items():
         if not name.endswith(".scale") and name not in state:
             state[name] = tensor
-    state["lm_head.weight"] = state["transformer.wte.weight"]
+    if model.config.tie_embeddings:
+        state["lm_head.weight"] = state["transformer.wte.weight"]
     plain.load_state_dict(state)
     return plain
 
@@ -87,33 +89,31 @@ def plain_model(path: str, tokenizer_dir: str | None) -> tuple[nn.Module, ByteLe
 # ----------------------------------------------------------------------------- Hugging Face
 
 def hf_config(model: nn.Module, tokenizer: ByteLevelBPETokenizer) -> dict[str, Any]:
-    """transformers' GPT2Config of the model (config.json)."""
+    """transformers' config of the model (config.json): GPT2Config, LlamaConfig or Qwen3Config."""
     c: GPTConfig = model.config
-    config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
-              "n_positions": c.max_seq_len, "n_embd": c.d_model, "n_layer": c.n_layers, "n_head": c.n_heads,
-              "n_inner": c.d_ff, "activation_function": HF_ACTIVATION[c.activation],
-              "layer_norm_epsilon": c.layer_norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-              "tie_word_embeddings": True, "bos_token_id": tokenizer.bos_token_id,
-              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
-              "torch_dtype": "float32"}
-    if not c.bias:
-        raise ExportError("a model without biases (GPTConfig.bias=False) has no GPT-2 equivalent in transformers")
+    try:
+        config = to_hf_config(c)
+    except HFModelError as err:
+        raise ExportError(str(err)) from None
+    config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
     if isinstance(model, GPTClassifier):
-        config.update(architectures=["GPT2ForSequenceClassification"], num_labels=len(model.labels),
+        name = {"gpt2": "GPT2", "llama": "Llama", "qwen3": "Qwen3"}[model_type(c)]
+        config.update(architectures=[f"{name}ForSequenceClassification"], num_labels=len(model.labels),
                       id2label={str(i): label for i, label in enumerate(model.labels)},
                       label2id={label: i for i, label in enumerate(model.labels)})
     return config
 
 
 def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """transformers' GPT-2 tensors: our names with GPT-2's Conv1D matrices transposed to (in, out); the LM head is
-    the token embedding (tied on load), a classifier's head is ``score``."""
+    """transformers' tensors (``hf_models.to_hf_state_dict``); a tied LM head is the token embedding (tied on load),
+    a classifier's head is ``score`` (and it has no LM head)."""
     backbone = model.backbone if isinstance(model, GPTClassifier) else model
-    state = {name: tensor.t().contiguous() if name.endswith(CONV1D_SUFFIXES) else tensor.contiguous()
-             for name, tensor in backbone.state_dict().items() if name != "lm_head.weight"}
+    state = to_hf_state_dict(backbone.state_dict(), backbone.config)
     if isinstance(model, GPTClassifier):
-        state["score.weight"] = model.head.weight.detach().contiguous()
-    return {name: tensor.detach().float().clone() for name, tensor in state.items()}
+        state.pop("lm_head.weight", None)
+        state["score.weight"] = model.head.weight
+    return {name: tensor.detach().float().contiguous().clone() for name, tensor in state.items()}
 
 
 def tokenizer_json(tokenizer: ByteLevelBPETokenizer) -> dict[str, Any]:
@@ -197,8 +197,21 @@ def write_json(path: Path, obj: Any) -> None:
 
 # ----------------------------------------------------------------------------- GGUF
 
+GGUF_LLAMA_BLOCK = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+                    "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm",
+                    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
 def gguf_tensors(model: GPTModel) -> dict[str, torch.Tensor]:
-    """llama.cpp's GPT-2 tensor names; ours are nn.Linear (out, in), which is ggml's layout already."""
+    """llama.cpp's tensor names for the model's architecture; ours are nn.Linear (out, in), ggml's layout already."""
+    if model_type(model.config) == "gpt2":
+        return gguf_gpt2_tensors(model)
+    return gguf_llama_tensors(model)
+
+
+def gguf_gpt2_tensors(model: GPTModel) -> dict[str, torch.Tensor]:
+    """llama.cpp's GPT-2 tensor names (the fused q/k/v as attn_qkv)."""
     names = {"transformer.wte.weight": "token_embd.weight", "transformer.wpe.weight": "position_embd.weight",
              "transformer.ln_f.weight": "output_norm.weight", "transformer.ln_f.bias": "output_norm.bias",
              "lm_head.weight": "output.weight"}
@@ -212,6 +225,33 @@ def gguf_tensors(model: GPTModel) -> dict[str, torch.Tensor]:
         _, _, index, rest = name.split(".", 3)  # transformer.h.<i>.<module>.<weight|bias>
         module, kind = rest.rsplit(".", 1)
         out[f"blk.{index}.{block[module]}.{kind}"] = tensor
+    return out
+
+
+def rope_interleaved(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """q or k rows (or biases) from the half-split rotary layout (ours, Hugging Face Llama's) to the interleaved pairs
+    llama.cpp's llama rope rotates: llama.cpp's convert_hf_to_gguf.py ``LlamaModel.permute``."""
+    return weight.reshape(n_heads, 2, weight.shape[0] // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2) \
+        .reshape(weight.shape)
+
+
+def gguf_llama_tensors(model: GPTModel) -> dict[str, torch.Tensor]:
+    """llama.cpp's llama / qwen3 tensor names, from the Hugging Face ones. Llama's q and k rows are permuted to
+    interleaved pairs (llama.cpp's llama rope); Qwen3 runs the half-split (NeoX) rope, as ours, unpermuted. A tied
+    head has no ``output.weight``: llama.cpp then reads the token embedding."""
+    c = model.config
+    permute = {"self_attn.q_proj": c.n_heads, "self_attn.k_proj": c.n_kv_heads} if model_type(c) == "llama" else {}
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    out = {}
+    for name, tensor in to_hf_state_dict(model.state_dict(), c).items():
+        if name in names:
+            out[names[name]] = tensor
+            continue
+        _, _, index, rest = name.split(".", 3)  # model.layers.<i>.<module>.<weight|bias>
+        module, kind = rest.rsplit(".", 1)
+        out[f"blk.{index}.{GGUF_LLAMA_BLOCK[module]}.{kind}"] = \
+            rope_interleaved(tensor, permute[module]) if module in permute else tensor
     return out
 
 
@@ -229,20 +269,19 @@ def gguf_vocabulary(tokenizer: ByteLevelBPETokenizer, vocab_size: int) -> tuple[
 
 def write_gguf(model: nn.Module, tokenizer: ByteLevelBPETokenizer, path: Path, kind: str, name: str,
                template: str | None = None) -> None:
-    """One GGUF file llama.cpp loads as a GPT-2 model: hyperparameters, the tokenizer, the tensors."""
+    """One GGUF file llama.cpp loads as a GPT-2, Llama or Qwen3 model: hyperparameters, the tokenizer, the tensors."""
     import gguf
 
     if isinstance(model, GPTClassifier):
-        raise ExportError("a classifier has no GGUF equivalent llama.cpp runs as GPT-2: export it with --format hf")
+        raise ExportError("a classifier has no GGUF equivalent llama.cpp runs: export it with --format hf")
     c = model.config
-    writer = gguf.GGUFWriter(path, "gpt2")
+    try:
+        arch = model_type(c)
+    except HFModelError as err:
+        raise ExportError(str(err)) from None
+    writer = gguf.GGUFWriter(path, arch)
     writer.add_name(name)
-    writer.add_block_count(c.n_layers)
-    writer.add_context_length(c.max_seq_len)
-    writer.add_embedding_length(c.d_model)
-    writer.add_feed_forward_length(c.d_ff)
-    writer.add_head_count(c.n_heads)
-    writer.add_layer_norm_eps(c.layer_norm_eps)
+    add_gguf_hyperparameters(writer, c, arch)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                           "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[kind])
     tokens, types = gguf_vocabulary(tokenizer, c.vocab_size)
@@ -263,6 +302,30 @@ def write_gguf(model: nn.Module, tokenizer: ByteLevelBPETokenizer, path: Path, k
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def add_gguf_hyperparameters(writer, c: GPTConfig, arch: str) -> None:
+    """The model's shape under llama.cpp's keys for ``arch`` (gpt2, llama, qwen3)."""
+    import gguf
+
+    writer.add_block_count(c.n_layers)
+    writer.add_context_length(c.max_seq_len)
+    writer.add_embedding_length(c.d_model)
+    writer.add_feed_forward_length(c.d_ff)
+    writer.add_head_count(c.n_heads)
+    if arch == "gpt2":
+        writer.add_layer_norm_eps(c.layer_norm_eps)
+        return
+    writer.add_head_count_kv(c.n_kv_heads)
+    writer.add_layer_norm_rms_eps(c.layer_norm_eps)
+    writer.add_rope_freq_base(c.rope_theta)
+    writer.add_rope_dimension_count(c.head_dim)
+    writer.add_key_length(c.head_dim)
+    writer.add_value_length(c.head_dim)
+    writer.add_vocab_size(c.vocab_size)
+    if c.rope_scaling != 1.0:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(c.rope_scaling)
 
 
 def add_gguf_tensor(writer, name: str, array, kind: str) -> None:

@@ -69,7 +69,7 @@ def test_saving_a_wrapped_model_writes_plain_names(model, tmp_path):
 def test_checkpoint_error_paths(model, tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "missing.pt")
-    with pytest.raises(CheckpointError, match="not a file"):
+    with pytest.raises(CheckpointError, match="a folder without config.json; pass the .pth file"):
         load_checkpoint(tmp_path)
     (tmp_path / "garbage.pt").write_bytes(b"definitely not a checkpoint")
     with pytest.raises(CheckpointError, match="corrupt"):
@@ -358,3 +358,41 @@ def test_every_kind_of_model_saves_a_file_that_says_what_it_is_and_loads_back(ki
     assert lora.lora_layers(checkpoints.build_model(checkpoints.load_checkpoint(tmp_path / "in_place.pth"), "x"))
     assert "with LoRA adapters (r 2)" in checkpoints.describe(tmp_path / "in_place.pth")
 
+
+
+MODERN = dict(pos_embedding="rope", norm="rmsnorm", qk_norm=True, mlp="swiglu", n_kv_heads=2, bias=False,
+              tie_embeddings=False)
+
+
+def test_a_checkpoint_written_before_the_architecture_options_loads_the_same_gpt2(model, tmp_path):
+    """An old file's config has none of the new fields: it builds GPT-2, its weights load, its logits are the same."""
+    save_checkpoint(tmp_path / "new.pth", model)
+    ckpt = load_checkpoint(tmp_path / "new.pth")
+    old_config = {k: v for k, v in ckpt["config"].items() if k in
+                  ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "dropout", "bias",
+                   "pad_token_id", "layer_norm_eps", "activation")}
+    torch.save({**ckpt, "config": old_config}, tmp_path / "old.pth")
+    old = build_model(load_checkpoint(tmp_path / "old.pth"), "old.pth").eval()
+    assert old.config == model.config and old.config.architecture() == "GPT-2"
+    ids = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(old(ids)["logits"], model(ids)["logits"])
+    assert "GPT-2" in describe(tmp_path / "old.pth")
+
+
+def test_the_modern_shape_saves_loads_and_says_what_it_is(tiny_tokenizer, tiny_config, tmp_path):
+    torch.manual_seed(0)
+    tiny_tokenizer.save(tmp_path / "tokenizer")
+    model = GPTModel(GPTConfig.from_dict({**tiny_config.to_dict(), **MODERN})).eval()
+    save_checkpoint(tmp_path / "modern.pth", model, tokenizer_fingerprint=tiny_tokenizer.fingerprint)
+    ids = torch.randint(0, model.config.vocab_size, (2, 20))
+    for quantize in ("none", "int8"):
+        loaded = load(tmp_path / "modern.pth", quantize=quantize)
+        with torch.no_grad():
+            got, want = loaded.model(ids)["logits"], model(ids)["logits"]
+        assert (got - want).abs().max() < (1e-4 if quantize == "none" else 0.1 * want.abs().max())
+    save_checkpoint(tmp_path / "int8.pth", quantize_model_int8(GPTModel(model.config).eval()))
+    assert load(tmp_path / "int8.pth", tmp_path / "tokenizer").model.lm_head.weight is not \
+        load(tmp_path / "int8.pth", tmp_path / "tokenizer").model.transformer.wte.weight  # untied: two int8 tables
+    line = describe(tmp_path / "modern.pth")
+    assert "rope + rmsnorm + qk_norm + swiglu + gqa 4q/2kv heads + no bias + untied head" in line

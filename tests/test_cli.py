@@ -133,6 +133,8 @@ COMMANDS = {
     "bench_scale": ("benchmarks.bench_scale", ["--sizes_mb", "1", "--work_dir", "{out}/work"]),
     "bench_optimizer": ("benchmarks.bench_optimizer", ["--seeds", "1", "--skip_default_runs"]),
     "bench_train": ("benchmarks.bench_train", ["--steps", "1"]),
+    "bench_architecture": ("benchmarks.bench_architecture", ["--seeds", "1", "--default_seeds", "",
+                                                             "--short_minutes", "0.05"]),
     "bench_tools": ("benchmarks.bench_tools", ["--sft_model", "{ckpt}", "--limit", "1"]),
     "bench_structured": ("benchmarks.bench_structured", ["--corpus", "{text}", "--steps", "1", "--repeats", "1"]),
     "download": ("data.download", ["--endpoint", "http://127.0.0.1:9", "--output", "{out}/hf", "--list"]),
@@ -331,6 +333,12 @@ BAD_FLAGS += rows("bench_tools", [
     ["--seeds", "x"], ["--num_threads", "0"], ["--limit", "0"], ["--max_new_tokens", "x"], ["--batch_size", "0"],
     ["--sft_model", "{out}/missing.pth"], ["--chat_test", "{out}/missing.json"], ["--sft_max_steps", "0"],
     ["--pretrained", "{ckpt}"], ["--bogus"],
+])
+
+# bench_architecture
+BAD_FLAGS += rows("bench_architecture", [
+    ["--seeds", "0"], ["--seeds", ""], ["--seeds", "x"], ["--default_seeds", "1,x"], ["--short_minutes", "0"],
+    ["--short_minutes", "x"], ["--bogus"],
 ])
 
 # bench_structured

@@ -15,10 +15,16 @@ GREEDY = SamplingParams(max_new_tokens=12, do_sample=False)
 PROMPTS = [[0, 3, 4, 5, 6, 7], [0, 8], [0, 9, 10, 11], [0, 12, 13, 14, 15, 16, 17, 18]]
 
 
-@pytest.fixture()
-def model() -> GPTModel:
+# GPT-2's shape, and the modern one: rotary positions (cached keys rotated at their own slot positions, left-padded
+# rows at their real-token positions), RMSNorm, q/k norms, SwiGLU, grouped-query attention (a 2-head KV cache).
+SHAPES = {"gpt2": {}, "modern": dict(pos_embedding="rope", norm="rmsnorm", qk_norm=True, mlp="swiglu", n_kv_heads=2,
+                                     bias=False, tie_embeddings=False)}
+
+
+@pytest.fixture(params=SHAPES)
+def model(request) -> GPTModel:
     torch.manual_seed(0)
-    return GPTModel(**SMALL).eval()
+    return GPTModel(**SMALL, **SHAPES[request.param]).eval()
 
 
 @pytest.fixture()

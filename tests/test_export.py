@@ -1,6 +1,7 @@
-"""inference.export, proved by the peers themselves: the Hugging Face folder loads in transformers with our logits,
-greedy tokens and token ids; the GGUF file reads back with the gguf package (and runs in llama.cpp when
-llama-cpp-python is installed); round trips are bit-identical; bad input is one line and overwrites nothing."""
+"""inference.export, proved by the peers themselves: the Hugging Face folder (GPT-2, Llama or Qwen3) loads in
+transformers with our logits, greedy tokens and token ids; the GGUF file reads back with the gguf package (and runs in
+llama.cpp when llama-cpp-python is installed); round trips are bit-identical, and an exported folder loads back
+wherever a checkpoint does; bad input is one line and overwrites nothing."""
 from __future__ import annotations
 
 import hashlib
@@ -13,11 +14,11 @@ import torch
 import transformers
 
 import lora
-from checkpoints import save_checkpoint
+import checkpoints
+from checkpoints import load_model, save_checkpoint
 from conftest import SAMPLE_ZH, corpus_lines
 from decoding import SamplingParams, generate
 from gpt_model import GPTConfig, GPTModel
-from hf_gpt2 import load_hf_gpt2
 from inference import export
 from model_heads import GPTClassifier, GPTRewardModel
 from prompts import CHAT_TEMPLATE, CHAT_TEMPLATE_NO_TOOLS, SFT_TEMPLATE, render_prompt, render_sample
@@ -49,10 +50,10 @@ def prompt(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor([[tokenizer.bos_token_id, *tokenizer.encode_ordinary(text)]])
 
 
-def trained_on_the_embedded_corpus(tokenizer, steps: int = 60) -> GPTModel:
+def trained_on_the_embedded_corpus(tokenizer, steps: int = 60, preset: str = "tiny", **overrides) -> GPTModel:
     """A tiny model that has learned something of the embedded corpus (its logits are far from uniform)."""
     torch.manual_seed(0)
-    model = GPTModel(GPTConfig.from_preset("tiny", vocab_size=len(tokenizer), max_seq_len=64))
+    model = GPTModel(GPTConfig.from_preset(preset, vocab_size=len(tokenizer), max_seq_len=64, **overrides))
     stream = torch.tensor([t for line in corpus_lines(limit=600) for t in tokenizer.encode_ordinary(line + "\n")])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(steps):
@@ -182,12 +183,12 @@ def digest(state: dict[str, torch.Tensor]) -> dict[str, str]:
 def test_round_trips_are_bit_identical(run, tiny_tokenizer, tmp_path):
     torch.manual_seed(0)
     model = GPTModel(GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=64))
-    back = load_hf_gpt2(exported(save(run, model, tiny_tokenizer), "hf", run / "hf"))
+    back = load_model(exported(save(run, model, tiny_tokenizer), "hf", run / "hf"))
     assert digest(back.state_dict()) == digest(model.state_dict())  # ours -> HF -> ours
     config = transformers.GPT2Config(vocab_size=len(tiny_tokenizer), n_positions=64, n_embd=64, n_layer=2, n_head=2)
     hf = transformers.GPT2LMHeadModel(config).eval()
     hf.save_pretrained(tmp_path / "original")
-    imported = load_hf_gpt2(tmp_path / "original")
+    imported = load_model(tmp_path / "original")
     again = transformers.GPT2LMHeadModel.from_pretrained(exported(save(run, imported, tiny_tokenizer, "imported.pth"),
                                                                   "hf", run / "again"))
     original = {k: v for k, v in hf.state_dict().items() if not k.endswith(".attn.bias")}
@@ -219,7 +220,7 @@ def test_int8_exports_dequantized_and_lora_merged(run, tiny_tokenizer):
     torch.manual_seed(0)
     config = GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=64)
     int8 = quantize_model_int8(GPTModel(config).eval())
-    back = load_hf_gpt2(exported(save(run, int8, tiny_tokenizer, "int8.pth"), "hf", run / "int8"))
+    back = load_model(exported(save(run, int8, tiny_tokenizer, "int8.pth"), "hf", run / "int8"))
     head = int8.lm_head
     assert torch.equal(back.lm_head.weight, head.weight.float() * head.scale[:, None])
     ids = prompt(tiny_tokenizer, "LEAR: Attend the lords")
@@ -230,7 +231,7 @@ def test_int8_exports_dequantized_and_lora_merged(run, tiny_tokenizer):
         for layer in lora.lora_layers(adapted).values():
             layer.lora_B.normal_()
     checkpoint = save(run, adapted, tiny_tokenizer, "lora.pth", lora=lora.lora_config(adapted))
-    merged = load_hf_gpt2(exported(checkpoint, "hf", run / "lora"))
+    merged = load_model(exported(checkpoint, "hf", run / "lora"))
     with torch.no_grad():
         assert (merged(ids)["logits"] - adapted.eval()(ids)["logits"]).abs().max() < 1e-4
 
@@ -267,6 +268,8 @@ def test_bad_input_is_one_line_and_overwrites_nothing(run, tiny_tokenizer, capsy
     reward = save(run, GPTRewardModel(config, likelihood=True), tiny_tokenizer, "reward.pth", model_class="reward")
     classifier = save(run, GPTClassifier(config, 2, ["a", "b"]), tiny_tokenizer, "classify.pth",
                       model_class="classify", labels=["a", "b"])
+    mixed = save(run, GPTModel(GPTConfig.from_dict({**config.to_dict(), "pos_embedding": "rope"})), tiny_tokenizer,
+                 "mixed.pth")  # rotary positions with LayerNorm and GELU: no runtime's architecture
     (run / "kept").mkdir()
     (run / "kept" / "notes.txt").write_text("mine")
     checkpoint_bytes = model.read_bytes()
@@ -279,6 +282,8 @@ def test_bad_input_is_one_line_and_overwrites_nothing(run, tiny_tokenizer, capsy
               "--type applies to --format gguf"),
              (["--model_path", str(model), "--format", "gguf", "--output", str(run / "kept")], "already exists"),
              (["--model_path", str(model), "--format", "onnx", "--output", str(run / "x")], "invalid choice"),
+             (["--model_path", str(mixed), "--format", "hf", "--output", str(run / "x")], "neither GPT-2 nor Llama"),
+             (["--model_path", str(mixed), "--format", "gguf", "--output", str(run / "c.gguf")], "norm='rmsnorm'"),
              (["--model_path", str(model), "--format", "hf"], "required"),
              (["--model_path", str(model), "--format", "gguf", "--output", str(model), "--overwrite"],
               "own input"),
@@ -322,3 +327,119 @@ def test_llama_cpp_runs_our_gguf_with_our_tokens(run, tiny_tokenizer, kind):
         greedy = SamplingParams(max_new_tokens=16, do_sample=False)
         ours = generate(model, torch.tensor([ids]), greedy)[0, len(ids):].tolist()
         assert theirs == ours, text
+
+
+# ----------------------------------------------------------------------------- the modern shape: Llama and Qwen3
+
+MODERN = {"qwen3": {},  # modern-tiny: rope + rmsnorm + qk_norm + swiglu + GQA, no biases: Qwen3
+          "llama": dict(qk_norm=False, tie_embeddings=False, bias=True)}
+
+
+@pytest.mark.parametrize("arch", MODERN)
+def test_the_modern_shape_exports_as_llama_or_qwen3_with_our_logits_and_greedy_tokens(run, tiny_tokenizer, arch):
+    model = trained_on_the_embedded_corpus(tiny_tokenizer, steps=40, preset="modern-tiny", **MODERN[arch])
+    folder = exported(save(run, model, tiny_tokenizer), "hf", run / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert type(hf).__name__ == {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}[arch]
+    assert hf.config.num_key_value_heads == 2 and hf.config.tie_word_embeddings == model.config.tie_embeddings
+    ids = prompt(tiny_tokenizer, "ROMEO: But, soft! what light through yonder window breaks?")
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)["logits"]).abs().max() < 1e-4
+    ours = generate(model, ids, SamplingParams(max_new_tokens=24, do_sample=False))
+    theirs = hf.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None,
+                         pad_token_id=tiny_tokenizer.pad_token_id)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("arch", MODERN)
+def test_an_exported_folder_loads_back_wherever_a_checkpoint_does(run, tiny_tokenizer, arch):
+    torch.manual_seed(0)
+    config = GPTConfig.from_preset("modern-tiny", vocab_size=len(tiny_tokenizer), max_seq_len=64, **MODERN[arch])
+    model = GPTModel(config).eval()
+    folder = exported(save(run, model, tiny_tokenizer, sft_template=CHAT_TEMPLATE), "hf", run / "hf")
+    back = load_model(folder)
+    assert back.config == config
+    assert digest(back.state_dict()) == digest(model.state_dict())  # ours -> HF -> ours
+    loaded = checkpoints.load(folder, trainable=True, expect="lm", flag="--pretrained_model")
+    assert loaded.tokenizer.fingerprint == tiny_tokenizer.fingerprint and loaded.template == CHAT_TEMPLATE
+    ids = prompt(tiny_tokenizer, "LEAR: Attend the lords")
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids)["logits"], model(ids)["logits"])
+    assert "Qwen3ForCausalLM" in checkpoints.describe(folder) or arch == "llama"
+
+
+def test_a_modern_classifier_exports_as_qwen3_sequence_classification(run, tiny_tokenizer):
+    torch.manual_seed(0)
+    config = GPTConfig.from_preset("modern-tiny", vocab_size=len(tiny_tokenizer), max_seq_len=64)
+    classifier = GPTClassifier(config, 2, ["prose", "verse"]).eval()
+    with torch.no_grad():
+        classifier.head.weight.normal_(std=1.0)
+    checkpoint = save(run, classifier, tiny_tokenizer, model_class="classify", labels=classifier.labels)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(exported(checkpoint, "hf", run / "hf")).eval()
+    assert type(hf).__name__ == "Qwen3ForSequenceClassification"
+    ids = prompt(tiny_tokenizer, "KING: Now is the winter of our discontent")
+    with torch.no_grad():
+        assert (classifier(ids) - hf(ids).logits).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("arch, kind", [("llama", "f32"), ("qwen3", "q8_0")])
+def test_the_gguf_file_of_the_modern_shape_holds_llama_or_qwen3_tensors(run, tiny_tokenizer, arch, kind):
+    torch.manual_seed(0)
+    config = GPTConfig.from_preset("modern-tiny", vocab_size=len(tiny_tokenizer), max_seq_len=64, **MODERN[arch])
+    model = GPTModel(config).eval()
+    reader = gguf.GGUFReader(exported(save(run, model, tiny_tokenizer), "gguf", run / "m.gguf", "--type", kind))
+    field = lambda name: reader.fields[name].contents()  # noqa: E731
+    c = model.config
+    assert field("general.architecture") == arch and field(f"{arch}.block_count") == c.n_layers
+    assert (field(f"{arch}.attention.head_count"), field(f"{arch}.attention.head_count_kv")) == (4, 2)
+    assert field(f"{arch}.rope.freq_base") == c.rope_theta and field(f"{arch}.rope.dimension_count") == 32
+    assert field(f"{arch}.feed_forward_length") == c.d_ff
+    tensors = {t.name: t for t in reader.tensors}
+    assert ("output.weight" in tensors) == (not c.tie_embeddings)  # a tied head is read from token_embd
+    assert ("blk.0.attn_q_norm.weight" in tensors) == (arch == "qwen3")
+    assert [list(tensors[f"blk.0.attn_{p}.weight"].shape) for p in "qkv"] == [[128, 128], [128, 64], [128, 64]]
+    assert list(tensors["blk.0.ffn_gate.weight"].shape) == [128, c.d_ff]
+    k = tensors["blk.0.attn_k.weight"]
+    values = torch.from_numpy(gguf.quants.dequantize(k.data, k.tensor_type).reshape(64, 128).copy())
+    ours = model.transformer.h[0].attn.c_attn.weight.detach()[128:192]
+    if arch == "llama":  # llama.cpp's llama rope rotates interleaved pairs: rows (j, j + 16) of a head -> (2j, 2j + 1)
+        heads = ours.view(2, 2, 16, 128)
+        ours = torch.stack([heads[:, 0], heads[:, 1]], dim=2).reshape(64, 128)
+    assert (values - ours).abs().max() <= {"f32": 0, "q8_0": 2e-3}[kind]
+
+
+@pytest.mark.skipif(not LLAMA_CPP, reason="llama-cpp-python is not installed (it builds llama.cpp from source, "
+                                          "~6-10 minutes on 2 cores): pip install 'llama-cpp-python[server]'")
+@pytest.mark.parametrize("arch", MODERN)
+def test_llama_cpp_runs_the_modern_gguf_with_our_greedy_tokens(run, tiny_tokenizer, arch):
+    from llama_cpp import Llama
+
+    model = trained_on_the_embedded_corpus(tiny_tokenizer, steps=40, preset="modern-tiny", **MODERN[arch])
+    path = exported(save(run, model, tiny_tokenizer), "gguf", run / "model.gguf")
+    llm = Llama(model_path=str(path), n_ctx=64, n_threads=1, verbose=False)
+    ids = [tiny_tokenizer.bos_token_id, *tiny_tokenizer.encode_ordinary("ROMEO: But, soft!")]
+    theirs = []
+    for token in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0, reset=True):
+        theirs.append(token)
+        if len(theirs) == 16:
+            break
+    ours = generate(model, torch.tensor([ids]), SamplingParams(max_new_tokens=16, do_sample=False))
+    assert theirs == ours[0, len(ids):].tolist()
+
+
+def test_an_extended_context_exports_as_linear_rope_scaling(run, tiny_tokenizer):
+    """A rotary model stretched to a longer context (linear position interpolation) exports HF's linear
+    rope_scaling and GGUF's scaling keys; transformers computes our logits beyond the original context."""
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig.from_preset("modern-tiny", vocab_size=len(tiny_tokenizer), max_seq_len=32)).eval()
+    model.extend_context(64)
+    folder = exported(save(run, model, tiny_tokenizer), "hf", run / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert hf.config.rope_parameters["rope_type"] == "linear" and hf.config.rope_parameters["factor"] == 2.0
+    ids = torch.randint(0, len(tiny_tokenizer), (1, 60))
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)["logits"]).abs().max() < 1e-4
+    assert load_model(folder).config == model.config
+    reader = gguf.GGUFReader(exported(run / "model.pth", "gguf", run / "m.gguf"))
+    assert reader.fields["qwen3.rope.scaling.type"].contents() == "linear"
+    assert reader.fields["qwen3.rope.scaling.factor"].contents() == 2.0

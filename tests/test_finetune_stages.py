@@ -68,8 +68,8 @@ def test_sft_learns_calculator_calls_and_answers_never_the_results(files, tmp_pa
 
     from data.sft import build_sft_data as build_sft
     sums = [build_sft.arithmetic_example(a, b) for a, b in ((40, 2), (13, 29), (7, 8), (50, 25))] * 6
-    whole = build_sft.dialogues(sums, random.Random(0), len(sums), tool=True)  # the --arithmetic_chat_form tool form
-    records = [w for r in whole for w in build_sft.windows(r, lambda record: len(record["messages"]) < 10)]  # 2-turn windows
+    whole = build_sft.dialogues(sums, random.Random(0), len(sums), tool=True)  # --arithmetic_chat_form tool
+    records = [w for r in whole for w in build_sft.windows(r, lambda record: len(record["messages"]) < 10)]
     assert len(records) == 48 and all(any(m.get("tool_calls") for m in r["messages"]) for r in records)
     data = tmp_path / "tools.json"
     data.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")

@@ -14,10 +14,15 @@ from gpt_model import GPTConfig, GPTModel
 SMALL = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, d_ff=128, max_seq_len=48)
 
 
-@pytest.fixture()
-def model() -> GPTModel:
+MODERN = dict(pos_embedding="rope", norm="rmsnorm", qk_norm=True, mlp="swiglu", n_kv_heads=2, bias=False,
+              tie_embeddings=False)
+SHAPES = {"gpt2": {}, "modern": MODERN}
+
+
+@pytest.fixture(params=SHAPES)
+def model(request) -> GPTModel:
     torch.manual_seed(0)
-    return GPTModel(**SMALL).eval()
+    return GPTModel(**SMALL, **SHAPES[request.param]).eval()
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +90,7 @@ def test_cache_slots_prefill_then_steps_match_full_forward(model):
         for row, seq in enumerate(seqs):
             full = model(torch.tensor([seq]))["logits"][0, prompt_lens[row] - 1:prompt_lens[row] + 4]
             torch.testing.assert_close(torch.stack(got[row]), full, atol=1e-5, rtol=1e-5)
-    assert cache.keys[0].shape == (3, SMALL["n_heads"], 12, SMALL["d_model"] // SMALL["n_heads"])
+    assert cache.keys[0].shape == (3, model.config.n_kv_heads, 12, SMALL["d_model"] // SMALL["n_heads"])
     assert cache.keys[0][1].abs().sum() == 0  # the unused slot was never written
 
 
@@ -165,12 +170,16 @@ def test_gpt2_preset_has_the_published_parameter_count():
     assert gpt2.estimate_mfu(tokens_per_sec=1000.0, peak_flops=flops * 4000.0) == pytest.approx(0.25)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"bias": False}, {"d_ff": 200, "n_layers": 3}])
+@pytest.mark.parametrize("overrides", [{}, {"bias": False}, {"d_ff": 200, "n_layers": 3}, MODERN,
+                                       {**MODERN, "bias": True, "tie_embeddings": True, "norm": "layernorm"},
+                                       {"pos_embedding": "rope", "mlp": "swiglu", "n_kv_heads": 1}])
 def test_parameter_count_from_the_shape_equals_the_parameters(overrides):
     model = GPTModel(**{**SMALL, **overrides})
     assert model.num_parameters() == sum(p.numel() for p in model.parameters())
-    without_positions = model.num_parameters() - model.transformer.wpe.weight.numel()
-    assert model.num_parameters(exclude_embeddings=True) == without_positions
+    lookups = [model.transformer.wte] if not model.config.tie_embeddings else []
+    lookups += [model.transformer.wpe] if "wpe" in model.transformer else []
+    without_lookups = model.num_parameters() - sum(m.weight.numel() for m in lookups)
+    assert model.num_parameters(exclude_embeddings=True) == without_lookups
 
 
 def test_seed_style_kwargs_constructor_and_weight_tying():
@@ -232,3 +241,93 @@ def test_grow_vocab_keeps_every_old_logit_and_adds_distinct_tied_rows():
     assert model(torch.tensor([[0, 303]]))["logits"].isfinite().all()
     with pytest.raises(ValueError, match="cannot shrink"):
         model.grow_vocab(10)
+
+
+# ----------------------------------------------------------------------------- architecture options
+
+def test_an_old_config_dict_builds_the_same_gpt2():
+    """A checkpoint's config written before the architecture options builds GPT-2 exactly: no new module, buffer or
+    parameter, the same weights from the same seed."""
+    old = {k: v for k, v in GPTConfig(**SMALL).to_dict().items()
+           if k not in ("pos_embedding", "rope_theta", "rope_scaling", "norm", "qk_norm", "mlp", "n_kv_heads",
+                        "tie_embeddings")}
+    config = GPTConfig.from_dict(old)
+    assert config == GPTConfig(**SMALL) and config.architecture() == "GPT-2" and config.n_kv_heads == 4
+    torch.manual_seed(0)
+    model = GPTModel(config)
+    assert model.rotary is None and not list(model.buffers())
+    assert all(type(m).__name__ != "RMSNorm" for m in model.modules())
+    assert model.transformer.h[0].attn.c_attn.weight.shape == (3 * 32, 32)
+    assert {n for n, _ in model.named_parameters()} >= {"transformer.wpe.weight", "transformer.h.0.ln_1.bias"}
+
+
+def test_the_modern_presets_are_rope_rmsnorm_qk_norm_swiglu_gqa_without_bias_at_a_gpt2_budget():
+    for modern, gpt2 in (("modern-tiny", "tiny"), ("modern", "gpt2"), ("modern-medium", "gpt2-medium")):
+        config = GPTConfig.from_preset(modern)
+        assert config.architecture() == \
+            f"rope + rmsnorm + qk_norm + swiglu + gqa {config.n_heads}q/{config.n_heads // 2}kv heads + no bias"
+        with torch.device("meta"):
+            ratio = GPTModel(config).num_parameters() / GPTModel(GPTConfig.from_preset(gpt2)).num_parameters()
+        assert 0.9 < ratio < 1.0  # the MLP's budget kept, fewer key/value heads and no position table
+    assert GPTConfig.from_preset("modern").d_ff == 2048  # 8/3 x 768
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("n_kv_heads", 3, "divisor of n_heads"), ("n_kv_heads", 0, "divisor"), ("pos_embedding", "alibi", "learned, rope"),
+    ("norm", "batchnorm", "layernorm, rmsnorm"), ("mlp", "relu", "gelu, swiglu"), ("rope_theta", 0, "positive"),
+    ("rope_scaling", -1.0, "positive"), ("qk_norm", "yes", "true or false"), ("tie_embeddings", 1, "true or false")])
+def test_bad_architecture_options_are_clear_errors(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        GPTConfig(**{**SMALL, field: value})
+    with pytest.raises(ValueError, match="must be even"):
+        GPTConfig(**{**SMALL, "d_model": 36, "n_heads": 4, "pos_embedding": "rope"})  # head_dim 9
+
+
+def test_rotary_left_padding_follows_the_attention_mask_as_learned_positions_do():
+    """A left-padded row numbers its real tokens from 0, so it equals the row alone to float precision (rotary
+    attention is relative, but the q/k norms and rounding would still see shifted absolute angles)."""
+    torch.manual_seed(0)
+    model = GPTModel(**SMALL, **MODERN).eval()
+    ids, mask = left_pad([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]], pad_id=1)
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask)["logits"]
+        alone = model(torch.tensor([[12, 13, 14]]))["logits"]
+    torch.testing.assert_close(batch[1, 4:], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_grow_vocab_of_an_untied_head_grows_both_tables():
+    torch.manual_seed(0)
+    model = GPTModel(**SMALL, **MODERN).eval()
+    ids = torch.tensor([[0, 5, 17, 96]])
+    before = model(ids)["logits"]
+    model.grow_vocab(101)
+    assert model.lm_head.weight is not model.transformer.wte.weight and model.lm_head.weight.shape == (101, 32)
+    torch.testing.assert_close(model(ids)["logits"][..., :97], before)
+
+
+def test_gqa_flops_count_the_query_heads_and_fewer_key_value_weights():
+    full, grouped = GPTModel(**SMALL, pos_embedding="rope"), GPTModel(**SMALL, pos_embedding="rope", n_kv_heads=1)
+    saved = SMALL["n_layers"] * 2 * (4 - 1) * 8 * 32 + SMALL["n_layers"] * 2 * (4 - 1) * 8  # k, v weights + biases
+    assert full.num_parameters() - grouped.num_parameters() == saved
+    attention_term = 12 * SMALL["n_layers"] * SMALL["d_model"] * 48
+    assert grouped.estimate_flops_per_token() == 6 * grouped.num_parameters(exclude_embeddings=True) + attention_term
+
+
+def test_extend_context_interpolates_rotary_positions_and_trains_on_the_longer_context():
+    """Linear position interpolation: the extended model reads position 2p as the original read p (a rotary model's
+    scores depend on positions only through the angles), its config says so, and a training step runs at 2x."""
+    torch.manual_seed(0)
+    model = GPTModel(**SMALL, **MODERN)
+    original = copy.deepcopy(model).eval()
+    model.extend_context(96)
+    assert (model.config.max_seq_len, model.config.rope_scaling) == (96, 2.0)
+    torch.testing.assert_close(model.rotary.cos[::2], original.rotary.cos)  # position 2p -> the angles of p
+    assert GPTModel(model.config).rotary.cos.shape == (96, 8)  # the config alone rebuilds it (checkpoints)
+    ids = torch.randint(0, 97, (2, 96))
+    loss = model(ids, labels=ids)["loss"]
+    loss.backward()
+    assert torch.isfinite(loss) and model.transformer.h[0].attn.c_attn.weight.grad is not None
+    model.extend_context(64)  # shorter than now: nothing to do
+    assert model.config.max_seq_len == 96
+    with pytest.raises(ValueError, match="learned positions"):
+        GPTModel(**SMALL).extend_context(96)

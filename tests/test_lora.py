@@ -199,3 +199,26 @@ def test_bad_hyperparameters_are_errors():
     for kwargs in ({"r": 0}, {"alpha": 0}, {"dropout": 1.0}):
         with pytest.raises(LoRAError):
             apply_lora(make_model(), **{"r": 4, "alpha": 8, "dropout": 0.0, **kwargs})
+
+
+def test_the_modern_shape_takes_the_default_targets_trains_adapters_only_and_merges_exactly():
+    """Grouped-query c_attn ((n_heads + 2 n_kv_heads) x head_dim rows) and SwiGLU's fused c_fc are plain targets."""
+    torch.manual_seed(0)
+    config = GPTConfig.from_dict({**CONFIG.to_dict(), "pos_embedding": "rope", "norm": "rmsnorm", "qk_norm": True,
+                                  "mlp": "swiglu", "n_kv_heads": 2, "bias": False, "tie_embeddings": False})
+    model = apply_lora(GPTModel(config), r=2, alpha=4.0)
+    mark_only_lora_trainable(model)
+    layer = model.transformer.h[0]
+    assert layer.attn.c_attn.lora_B.shape == ((4 + 2 * 2) * 8, 2) and layer.mlp.c_fc.lora_B.shape == (2 * 64, 2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):  # B is zero at first: the second step moves A too
+        optimizer.zero_grad()
+        model(tokens(), labels=tokens())["loss"].backward()
+        optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    model.eval()
+    with torch.no_grad():
+        expected = model(tokens())["logits"]
+        torch.testing.assert_close(merge_lora(model)(tokens())["logits"], expected, atol=1e-5, rtol=1e-5)

@@ -47,3 +47,28 @@ def test_reward_likelihood_adds_the_learned_weight_times_the_mean_answer_logprob
     checkpoints.save_checkpoint(path, reward, model_class="reward", reward_likelihood=True)
     loaded = checkpoints.build_model(checkpoints.load_checkpoint(path), path)
     assert loaded.likelihood and torch.equal(loaded.score(input_ids, attention_mask, labels), scores)
+
+
+def test_reward_model_and_classifier_train_on_the_modern_shape_with_left_padding():
+    torch.manual_seed(0)
+    config = gpt_model.GPTConfig(vocab_size=11, max_seq_len=8, n_layers=1, d_model=16, n_heads=2, d_ff=32,
+                                 pos_embedding="rope", norm="rmsnorm", qk_norm=True, mlp="swiglu", n_kv_heads=1,
+                                 bias=False, tie_embeddings=False)
+    lm = gpt_model.GPTModel(config)
+    input_ids = torch.randint(1, 11, (2, 8))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :3] = 0  # left padding: the last real token is still the last one
+    for model, target in ((model_heads.GPTRewardModel.from_language_model(lm), torch.tensor([1.0, -1.0])),
+                          (model_heads.GPTClassifier.from_language_model(lm, ["a", "b"]), torch.tensor([0, 1]))):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        losses = []
+        for _ in range(4):
+            out = model(input_ids, attention_mask=attention_mask)
+            loss = (out - target).pow(2).mean() if out.dim() == 1 else torch.nn.functional.cross_entropy(out, target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0], type(model).__name__
+        alone = model.eval()(input_ids[1:, 3:])
+        torch.testing.assert_close(model(input_ids, attention_mask=attention_mask)[1:], alone, atol=1e-5, rtol=1e-5)

@@ -141,3 +141,27 @@ def test_a_loss_scaler_unscales_and_skips_both_optimizers(model):
     scaler.unscale_(opt)
     scaler.step(opt)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_muon_on_the_modern_shape_gets_the_blocks_matrices_and_adamw_the_gains_and_both_tables():
+    torch.manual_seed(0)
+    model = GPTModel(**SMALL, pos_embedding="rope", norm="rmsnorm", qk_norm=True, mlp="swiglu", n_kv_heads=2,
+                     bias=False, tie_embeddings=False)
+    opt = configure_optimizer(model, weight_decay=0.1, lr=1e-2, kind="muon")
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = {names[id(p)] for g in opt.muon.param_groups for p in g["params"]}
+    adamw = {names[id(p)] for g in opt.adamw.param_groups for p in g["params"]}
+    assert muon == {f"transformer.h.{i}.{m}.weight" for i in range(2)
+                    for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert {"transformer.wte.weight", "lm_head.weight", "transformer.h.0.attn.q_norm.weight",
+            "transformer.h.1.attn.k_norm.weight", "transformer.ln_f.weight"} <= adamw
+    assert muon | adamw == set(names.values()) and not muon & adamw
+    ids = torch.randint(0, 97, (4, 24), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = model(ids, labels=ids)["loss"]
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]

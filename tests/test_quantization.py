@@ -10,8 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from decoding import SamplingParams, generate
-from gpt_model import GPTModel
-from quantization import (Int8Embedding, Int8Linear, PackedLinear, QuantizationError, fbgemm_available,
+from gpt_model import GPTConfig, GPTModel
+from quantization import (weight_count, Int8Embedding, Int8Linear, PackedLinear, QuantizationError, fbgemm_available,
                           pack_linears_for_cpu, prepare_for_inference, quantize_model_int8, quantize_per_channel)
 
 KERNELS = ["dequant", pytest.param("fbgemm", marks=pytest.mark.skipif(not fbgemm_available(), reason="no FBGEMM")),
@@ -136,3 +136,21 @@ def test_fbgemm_prepacked_weights_follow_every_change_of_the_weights():
     layer.load_state_dict(other.state_dict())  # copied into the existing buffers
     torch.testing.assert_close(layer(x), other(x), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(layer(x), reference(), atol=0.05, rtol=0.05)
+
+
+def test_the_modern_shape_quantizes_every_projection_and_an_untied_head_keeps_two_tables(tiny_config):
+    torch.manual_seed(0)
+    modern = dict(pos_embedding="rope", norm="rmsnorm", qk_norm=True, mlp="swiglu", n_kv_heads=2, bias=False,
+                  tie_embeddings=False)
+    model = GPTModel(GPTConfig.from_dict({**tiny_config.to_dict(), **modern})).eval()
+    ids = torch.randint(0, model.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        fp32 = model(ids)["logits"]
+        packed = prepare_for_inference(copy.deepcopy(model))(ids)["logits"]
+        int8 = quantize_model_int8(model)(ids)["logits"]
+    torch.testing.assert_close(packed, fp32, atol=1e-4, rtol=1e-4)
+    assert F.cosine_similarity(fp32.flatten(1), int8.flatten(1)).min() > 0.999
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    assert model.transformer.h[0].attn.c_attn.out_features == (4 + 2 * 2) * 32  # the GQA-width fused projection
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    assert weight_count(model) == GPTModel(model.config).num_parameters()
