@@ -34,7 +34,7 @@ from byte_level_bpe import ByteLevelBPETokenizer
 from checkpoints import load_model_and_tokenizer
 from decoding import SamplingParams, generate
 from devices import set_threads
-from gpt_model import PRESETS, GPTConfig, GPTModel
+from gpt_model import PRESETS, GPTConfig, GPTModel, swiglu_hidden
 from losses import causal_lm_loss
 from prompts import encode_prompt
 from readers import DEFAULT_TEXT_FIELD, read_documents
@@ -73,7 +73,7 @@ class TrainConfig(training.TrainConfig):
     n_layers: int | None = cli.setting(None, "override the preset's number of transformer blocks (default: "
                                        f"{DEFAULT_TINY_LAYERS} with the tiny preset, best in the 5-minute CPU run; the "
                                        "preset's own otherwise)", cli.positive_int)
-    d_model: int | None = cli.setting(None, "override the preset's hidden size (d_ff follows as 4x unless --d_ff)",
+    d_model: int | None = cli.setting(None, "override the preset's hidden size (d_ff follows: 4x, ~8/3x with SwiGLU, unless --d_ff)",
                                       cli.positive_int)
     n_heads: int | None = cli.setting(None, "override the preset's number of attention heads", cli.positive_int)
     d_ff: int | None = cli.setting(None, "override the feed-forward hidden size", cli.positive_int)
@@ -179,8 +179,8 @@ def model_config_of(config: TrainConfig, tokenizer: ByteLevelBPETokenizer) -> GP
     c = config
     overrides = {k: v for k, v in {"n_layers": c.n_layers, "d_model": c.d_model, "n_heads": c.n_heads,
                                    "d_ff": c.d_ff}.items() if v}
-    if c.d_model and not c.d_ff:
-        overrides["d_ff"] = 4 * c.d_model
+    if c.d_model and not c.d_ff:  # the preset's MLP budget at the new width: 4x, or SwiGLU's ~8/3x
+        overrides["d_ff"] = swiglu_hidden(c.d_model) if PRESETS[c.preset].get("mlp") == "swiglu" else 4 * c.d_model
     return GPTConfig.from_preset(c.preset, vocab_size=len(tokenizer), max_seq_len=c.max_seq_len,
                                  dropout=c.dropout, pad_token_id=tokenizer.pad_token_id, **overrides)
 
