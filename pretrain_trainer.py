@@ -73,7 +73,8 @@ class TrainConfig(training.TrainConfig):
     n_layers: int | None = cli.setting(None, "override the preset's number of transformer blocks (default: "
                                        f"{DEFAULT_TINY_LAYERS} with the tiny preset, best in the 5-minute CPU run; the "
                                        "preset's own otherwise)", cli.positive_int)
-    d_model: int | None = cli.setting(None, "override the preset's hidden size (d_ff follows: 4x, ~8/3x with SwiGLU, unless --d_ff)",
+    d_model: int | None = cli.setting(None, "override the preset's hidden size (d_ff follows: 4x, ~8/3x with "
+                                            "SwiGLU, unless --d_ff)",
                                       cli.positive_int)
     n_heads: int | None = cli.setting(None, "override the preset's number of attention heads", cli.positive_int)
     d_ff: int | None = cli.setting(None, "override the feed-forward hidden size", cli.positive_int)
