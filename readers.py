@@ -497,16 +497,10 @@ def _csv_rows(file: Path) -> Iterator[tuple[str, list[str]]]:
 
 def read_rows(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
     """(where, row) of every row of a benchmark file, ``where`` naming file and line (or row) for error messages:
-    a .jsonl (each line's JSON value, blank lines skipped), a headerless .csv (a list of strings per row) or a
-    .parquet (a {column: value} dict per row)."""
+    a headerless .csv (a list of strings per row), or a .jsonl / .parquet as ``read_records`` reads them."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"benchmark file {path} does not exist (check the path)")
-    if path.suffix == ".csv":
-        yield from _csv_rows(path)
-    elif path.suffix == ".parquet":
-        yield from _parquet_records(path)
-    elif path.suffix == ".jsonl":
-        yield from _jsonl_records(path)
-    else:
+    if path.suffix not in ROW_SUFFIXES:
         raise DataError(f"{path}: a benchmark file is {', '.join(ROW_SUFFIXES)}, not {path.suffix or 'no suffix'}")
+    yield from _csv_rows(path) if path.suffix == ".csv" else read_records(path)
