@@ -136,6 +136,9 @@ class SFTConfig(Dropout, PromptRecords, HeldOutAnswers, FromPretrained, Finetune
                                     "fused q/k/v projection)")
     merge_lora: bool = cli.setting(False, "write sft_best.pth with the adapters merged (a plain checkpoint every tool "
                                    "loads); the adapters are saved on their own either way")
+    max_seq_len: int | None = cli.setting(None, "context to finetune and serve at (default: the base model's); "
+                                          "longer than the base's only for a rotary model (linear position "
+                                          "interpolation, kept in the checkpoint and exported)", cli.int_at_least(2))
 
 
 @dataclass
@@ -312,6 +315,7 @@ def run_sft(config: SFTConfig, resume: str | None, show_progress: bool = True,
     ``stop_after`` ends the run after that step's checkpoint, as if it were killed there (for tests)."""
     base = load_base(config.pretrained_model, config.tokenizer_dir, "--pretrained_model")
     tokenizer, template = chat_base(base)
+    extend_context(base.model, config.max_seq_len)
     max_len = base.model.config.max_seq_len
     train_records, test_records, held_out = held_out_split(config)
     train_set = data_loader.GPTSFTDataset(train_records, tokenizer, max_len, template)
@@ -335,6 +339,20 @@ def run_sft(config: SFTConfig, resume: str | None, show_progress: bool = True,
     if trainer.dist.is_main and extra["lora"]:
         finish_lora(trainer.output_dir / "sft_best.pth", config)
     return summary(trainer, "sft", **({"held_out": held_out} if held_out else {}))
+
+
+def extend_context(model: nn.Module, max_seq_len: int | None) -> None:
+    """The base model read at ``max_seq_len`` positions (``GPTModel.extend_context``); a shorter or equal one is the
+    base's own context, and a learned position table cannot grow: one line saying so."""
+    if max_seq_len is None or max_seq_len == model.config.max_seq_len:
+        return
+    if max_seq_len < model.config.max_seq_len:
+        raise TrainError(f"--max_seq_len {max_seq_len} is shorter than the base model's context "
+                         f"({model.config.max_seq_len}): finetune at its context or longer")
+    try:
+        model.extend_context(max_seq_len)
+    except ValueError as err:
+        raise TrainError(f"--max_seq_len {max_seq_len}: {err}") from None
 
 
 def chat_base(base: checkpoints.Loaded) -> tuple[Any, str]:

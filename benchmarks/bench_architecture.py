@@ -57,6 +57,8 @@ def compare(seeds: list[int], shape: list[str], minutes: float | None, work: Pat
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench_architecture_"))
+    # one step first, untimed: the tokenizer (when missing) and the token cache are built once, outside every budget
+    pretrain_run({"warmup": 1}, ["--max_steps", "1", *ARCHITECTURES["gpt2"]], 1, None, work)
     result = {"architectures": ARCHITECTURES,
               "nanogpt_shape": {"flags": RECIPES["nanogpt"], "minutes": args.short_minutes,
                                 **compare(args.seeds, RECIPES["nanogpt"], args.short_minutes, work)}}

@@ -60,6 +60,7 @@ BAD_FLAGS = [
     (["--mode", "grpo"], "invalid choice"), (["--mode", "dpo", "--dpo_loss", "hinge"], "invalid choice"),
     (["--mode", "rlvf", "--group_size", "1"], "must be >= 2"), (["--lora_r", "-1"], "must be >= 0"),
     (["--mode", "rlhf", "--kl_coef", "-1"], "must be >= 0"), (["--mode", "rlhf", "--lam", "0"], "(0, 1]"),
+    (["--max_seq_len", "1"], "must be >= 2"), (["--mode", "dpo", "--max_seq_len", "128"], "--mode sft only"),
     (["--batch_size", "0"], "must be >= 1"), (["--lr", "nan"], "finite"), (["--max_steps", "x"], "an integer"),
     (["--no_such_flag"], "unrecognized"), (["--min_lr_ratio", "1.5"], "[0, 1]"), (["--keep_last", "-1"], ">= 0"),
     # a flag of another mode is an error, not silently ignored

@@ -95,6 +95,25 @@ def test_sft_learns_calculator_calls_and_answers_never_the_results(files, tmp_pa
         assert all(answer in scored_text for answer in answers)
 
 
+def test_sft_at_a_longer_context_interpolates_a_rotary_models_positions(files, tiny_tokenizer, tmp_path):
+    """--max_seq_len past the base's: a rotary model reads twice as many positions (linear interpolation, kept in
+    the checkpoint); a learned position table cannot grow, which is one line up front."""
+    torch.manual_seed(0)
+    config = gpt_model.GPTConfig.from_preset("modern-tiny", vocab_size=len(tiny_tokenizer), max_seq_len=32,
+                                             n_layers=1, d_model=32, n_heads=2, n_kv_heads=1)
+    base = tmp_path / "rope" / "pretrain_best.pth"
+    checkpoints.save_checkpoint(base, gpt_model.GPTModel(config), tokenizer_fingerprint=tiny_tokenizer.fingerprint)
+    tiny_tokenizer.save(base.parent / "tokenizer")
+    cfg = stage_config(files, tmp_path, "sft", pretrained_model=str(base), max_seq_len=64, max_steps=2)
+    stages.run_sft(cfg, None, show_progress=False)
+    loaded = checkpoints.load(Path(cfg.output_dir) / "sft_best.pth").model.config
+    assert (loaded.max_seq_len, loaded.rope_scaling) == (64, 2.0)
+    with pytest.raises(training.TrainError, match="learned positions"):
+        stages.run_sft(stage_config(files, tmp_path / "gpt2", "sft", max_seq_len=128), None, show_progress=False)
+    with pytest.raises(training.TrainError, match="shorter than the base"):
+        stages.run_sft(stage_config(files, tmp_path / "short", "sft", max_seq_len=16), None, show_progress=False)
+
+
 def test_lora_sft_saves_small_adapters_that_load_through_the_one_entry_point(files, tmp_path):
     cfg = stage_config(files, tmp_path, "sft", lora_r=4, lora_alpha=8.0, lr=1e-2)
     stages.run_sft(cfg, None, show_progress=False)
