@@ -19,6 +19,7 @@ metrics themselves (how BLEU and ROUGE tokenize and count) live in text_metrics.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -113,36 +114,35 @@ class GPTEvaluator:
 
     # -- generation
 
-    def generate_predictions(self, prompts: Sequence[str | Sequence[int]], max_gen_len: int = 100, top_k: int = 50,
-                             temperature: float = 0.8, top_p: float = 1.0, do_sample: bool = True,
+    def generate_predictions(self, prompts: Sequence[str | Sequence[int]], sampling: SamplingParams,
                              batch_size: int = 16, seed: int | None = None,
                              min_new_tokens: int | None = None) -> list[str]:
         """Continuations of each prompt (a text, read as `<s> text`, or rendered ids such as
-        ``prompts.record_prompt_ids``'), stopped at `</s>`, ``batch_size`` at a time through the decode engine
-        (``scoring.generated_answers``). A prompt is cut (keeping its end) only to leave room for ``min_new_tokens``
-        new tokens (default min(max_gen_len, context // 4)); past that, each prompt generates up to max_gen_len or
-        its context's end."""
+        ``prompts.record_prompt_ids``'), decoded as ``sampling`` says and stopped at the tokenizer's `</s>`,
+        ``batch_size`` at a time through the decode engine (``scoring.generated_answers``); ``seed`` seeds one
+        generator the whole run draws from. A prompt is cut (keeping its end) only to leave room for
+        ``min_new_tokens`` new tokens (default ``sampling.max_new_tokens``); past that, each prompt generates up to
+        ``sampling.max_new_tokens`` or its context's end."""
         encoded = [encode_prompt(self.tokenizer, p) if isinstance(p, str) else list(p) for p in prompts]
         generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
-        sampling = SamplingParams(max_new_tokens=max_gen_len, do_sample=do_sample, temperature=temperature,
-                                  top_k=top_k, top_p=top_p, eos_token_id=self.tokenizer.eos_token_id)
+        sampling = dataclasses.replace(sampling, eos_token_id=self.tokenizer.eos_token_id)  # answers end at </s>
         return scoring.generated_answers(self.model, self.tokenizer, encoded, sampling, self.params(batch_size),
-                                         generator, room=min_new_tokens or max_gen_len)
+                                         generator, room=min_new_tokens or sampling.max_new_tokens)
 
     def best_of_n_predictions(self, prompts: Sequence[Sequence[int]], n: int, reward_model: torch.nn.Module | None,
-                              max_gen_len: int = 16, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                              batch_size: int = 64, seed: int | None = None, min_new_tokens: int | None = None,
-                              records: Sequence[dict] | None = None) -> list[str]:
-        """For each prompt, n sampled responses; the one the reward model scores highest is kept. Without a reward
-        model, each prompt's record is given and its verifier picks (``verifiers.verifiable_reward``): an oracle that
-        knows the reference answer, so this is pass@n, the ceiling a perfect reward model would reach."""
+                              sampling: SamplingParams, batch_size: int = 64, seed: int | None = None,
+                              min_new_tokens: int | None = None, records: Sequence[dict] | None = None) -> list[str]:
+        """For each prompt, n responses sampled as ``sampling`` says; the one the reward model scores highest is kept.
+        Without a reward model, each prompt's record is given and its verifier picks (``verifiers.verifiable_reward``):
+        an oracle that knows the reference answer, so this is pass@n, the ceiling a perfect reward model would reach."""
         if n < 1:
             raise EvaluationError(f"best_of must be at least 1, got {n}")
         if reward_model is None and records is None:
             raise EvaluationError("best-of-N needs a reward model or the records' verifiers to pick with")
+        if n > 1 and not sampling.do_sample:
+            raise EvaluationError("best-of-N picks among sampled responses: greedy decoding gives one answer n times")
         repeated = [prompt for prompt in prompts for _ in range(n)]
-        samples = self.generate_predictions(repeated, max_gen_len=max_gen_len, top_k=top_k, temperature=temperature,
-                                            top_p=top_p, do_sample=True, batch_size=batch_size, seed=seed,
+        samples = self.generate_predictions(repeated, sampling, batch_size=batch_size, seed=seed,
                                             min_new_tokens=min_new_tokens)
         if reward_model is not None:
             scores = reward_scores(reward_model, self.tokenizer, repeated, samples, self.device)
@@ -163,13 +163,13 @@ class GPTEvaluator:
             raise EvaluationError(f"no documents in {test_data_path}: the test set is empty")
         return scoring.text_loss(self.model, self.tokenizer, documents, self.params(batch_size))
 
-    def evaluate_sft(self, test_data_path: str | os.PathLike, batch_size: int = 8, max_samples: int | None = None,
-                     max_gen_len: int = 100, do_sample: bool = False, temperature: float = 0.8, top_k: int = 50,
-                     top_p: float = 1.0, seed: int | None = None, n_examples: int = 3,
+    def evaluate_sft(self, test_data_path: str | os.PathLike, sampling: SamplingParams, batch_size: int = 8,
+                     max_samples: int | None = None, seed: int | None = None, n_examples: int = 3,
                      reward_model: torch.nn.Module | None = None, best_of: int = 1,
                      best_of_scorer: str = "reward") -> dict:
         """Perplexity on response tokens only, plus BLEU/ROUGE and exact match of responses generated from the
-        instructions (greedy by default)."""
+        instructions as ``sampling`` says (the best of ``best_of`` samples when > 1), and greedy exact match of every
+        turn of multi-turn records."""
         if best_of > 1 and best_of_scorer == "reward" and reward_model is None:
             raise EvaluationError("best-of-N needs a reward model to pick with: pass --reward_model "
                                   "(or --best_of_scorer verifier)")
@@ -184,21 +184,20 @@ class GPTEvaluator:
         room = 1  # a prompt that fits the context is never cut; its answer gets the rest of the context
         if best_of > 1:
             picker = reward_model if best_of_scorer == "reward" else None
-            predictions = self.best_of_n_predictions(prompts, best_of, picker, max_gen_len, temperature, top_k,
-                                                     top_p, batch_size, seed, min_new_tokens=room, records=records)
+            predictions = self.best_of_n_predictions(prompts, best_of, picker, sampling, batch_size, seed,
+                                                     min_new_tokens=room, records=records)
         else:
-            predictions = self.generate_predictions(prompts, max_gen_len=max_gen_len, top_k=top_k,
-                                                    temperature=temperature, top_p=top_p, do_sample=do_sample,
-                                                    batch_size=batch_size, seed=seed, min_new_tokens=room)
+            predictions = self.generate_predictions(prompts, sampling, batch_size=batch_size, seed=seed,
+                                                    min_new_tokens=room)
         rouge = rouge_scores(predictions, references)
         scores = {}
         if reward_model is not None:
             scores["reward_score"] = mean_reward_score(reward_model, self.tokenizer, prompts, predictions, self.device)
         dialogues = [r for r in records if sum(m.get("role") == "assistant" for m in r.get("messages", ())) > 1]
         if dialogues:  # every turn of multi-turn records, with the model's own earlier answers and with the references
-            scores["dialogue"] = {
-                "own_history": self.dialogue_exact_match(dialogues, True, max_gen_len, batch_size),
-                "teacher_forced": self.dialogue_exact_match(dialogues, False, max_gen_len, batch_size)}
+            greedy = dataclasses.replace(sampling, do_sample=False)  # exact match scores the most likely answers
+            scores["dialogue"] = {"own_history": self.dialogue_exact_match(dialogues, greedy, True, batch_size),
+                                  "teacher_forced": self.dialogue_exact_match(dialogues, greedy, False, batch_size)}
         return {**losses, "n_samples": len(records), **scoring.exact_match_by_task(predictions, records), **scores,
                 "bleu": compute_bleu(predictions, [[ref] for ref in references]),
                 "sentence_bleu": mean_sentence_bleu(predictions, [[ref] for ref in references]),
@@ -208,9 +207,10 @@ class GPTEvaluator:
                               "prediction": g}
                              for p, r, g in list(zip(prompts, references, predictions))[:n_examples]]}
 
-    def dialogue_exact_match(self, records: Sequence[dict], own_history: bool = True, max_gen_len: int = 16,
+    def dialogue_exact_match(self, records: Sequence[dict], sampling: SamplingParams, own_history: bool = True,
                              batch_size: int = 64) -> dict[str, float]:
-        """Greedy exact match of every assistant turn of conversations, per turn ("turn2") and per task and turn.
+        """Exact match of every assistant turn of conversations, each generated as ``sampling`` says (greedy, as
+        ``evaluate_sft`` asks, for a figure of the most likely answers), per turn ("turn2") and per task and turn.
 
         ``own_history``: earlier turns hold the model's own answers, as in a chat; else the references
         (teacher-forced history)."""
@@ -222,8 +222,8 @@ class GPTEvaluator:
             prompts = [render_prompt(self.tokenizer, history_before(conversations[i], turn,
                                                                     predicted[i] if own_history else None),
                                      self.template, limit=self.prompt_room).ids for i in rows]
-            for i, p in zip(rows, self.generate_predictions(prompts, max_gen_len=max_gen_len, do_sample=False,
-                                                            batch_size=batch_size, min_new_tokens=1)):
+            for i, p in zip(rows, self.generate_predictions(prompts, sampling, batch_size=batch_size,
+                                                            min_new_tokens=1)):
                 predicted[i].append(p)
         return turn_exact_match(predicted, answers, [r.get("task") for r in records])
 
@@ -445,11 +445,15 @@ def _evaluate_sft(evaluator: GPTEvaluator, args: argparse.Namespace, checkpoint_
         reward_model = checkpoints.load(args.reward_model, args.tokenizer_dir, args.device, expect="reward",
                                         flag="--reward_model",
                                         same_tokenizer_as=(evaluator.tokenizer, str(checkpoint_path))).model
-    return evaluator.evaluate_sft(args.test_data_path, batch_size=args.batch_size, max_samples=args.max_samples,
-                                  max_gen_len=args.max_new_tokens, do_sample=args.do_sample,
-                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                                  reward_model=reward_model, best_of=args.best_of,
-                                  best_of_scorer=args.best_of_scorer)
+    return evaluator.evaluate_sft(args.test_data_path, sampling_params(args), batch_size=args.batch_size,
+                                  max_samples=args.max_samples, seed=args.seed, reward_model=reward_model,
+                                  best_of=args.best_of, best_of_scorer=args.best_of_scorer)
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    """How --model_type sft generates, from the generation flags: greedy unless --do_sample; --best_of samples."""
+    return SamplingParams(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample or args.best_of > 1,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
 
 
 def evaluate_checkpoint(checkpoint_path: str, args: argparse.Namespace,

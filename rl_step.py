@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -45,12 +45,11 @@ class Samples:
     responses: list[list[int]]
 
 
-def sample_responses(policy: nn.Module, prompts: list[list[int]], max_new_tokens: int, tokenizer,
-                     do_sample: bool = True, temperature: float = 1.0, generator: torch.Generator | None = None,
-                     batch_size: int = 64) -> Samples:
-    """Responses through the decode engine (no top-k), each prompt with its own room in the context."""
-    params = SamplingParams(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=0,
-                            eos_token_id=tokenizer.eos_token_id)
+def sample_responses(policy: nn.Module, prompts: list[list[int]], sampling: SamplingParams, tokenizer,
+                     generator: torch.Generator | None = None, batch_size: int = 64) -> Samples:
+    """Responses through the decode engine as ``sampling`` says, each ended by the tokenizer's EOS (kept in the
+    response) and each prompt with its own room in the context."""
+    params = replace(sampling, eos_token_id=tokenizer.eos_token_id)
     responses = generate_responses(policy, prompts, params, batch_size, generator)
     rows = [p + r for p, r in zip(prompts, responses)]
     width, n = max(map(len, rows)), max(map(len, responses))
@@ -94,12 +93,13 @@ def evaluate_policy(policy: nn.Module, reference: nn.Module, reward_model: GPTRe
                     records: list[dict], template: str, max_new_tokens: int, batch_size: int = 64) -> dict[str, float]:
     """Greedy held-out responses (``scoring.answer_prompts``) scored by the reward model, their KL to the reference,
     and exact match (``scoring.exact_match_by_task``)."""
+    greedy = SamplingParams(max_new_tokens=max_new_tokens, do_sample=False)
     was_training = policy.training
     policy.eval()
     scores, kls, predictions = [], [], []
     for i in range(0, len(records), batch_size):
         prompts = scoring.answer_prompts(tokenizer, records[i:i + batch_size], template, policy.config.max_seq_len)
-        samples = sample_responses(policy, prompts, max_new_tokens, tokenizer, do_sample=False, batch_size=batch_size)
+        samples = sample_responses(policy, prompts, greedy, tokenizer, batch_size=batch_size)
         kls += response_kl(policy, reference, samples).tolist()
         scores += reward_model.score(samples.sequences, samples.attention_mask, response_labels(samples)).tolist()
         predictions += [tokenizer.decode(cut_at_eos(ids, tokenizer.eos_token_id)) for ids in samples.responses]
@@ -127,6 +127,12 @@ def chunks(idx: torch.Tensor, n: int) -> list[torch.Tensor]:
     return [part for part in idx.chunk(min(n, len(idx))) if len(part)]
 
 
+def rollout_sampling(config: Any) -> SamplingParams:
+    """How rollouts sample, from the stage's settings: the rollout temperature over the policy's whole
+    distribution (no top-k), the one whose log-probs the PPO ratios and KL are computed from."""
+    return SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.rollout_temperature, top_k=0)
+
+
 class RLStep(StepStrategy):
     """What PPO and GRPO share: the frozen reference (the starting policy), the rollout generator, sampling, and the
     held-out prompts. The trainer's ``batches`` yield the prompts of one step. One process (no DDP)."""
@@ -135,6 +141,7 @@ class RLStep(StepStrategy):
 
     def __init__(self, config, tokenizer, eval_records: list[dict], template: str):
         self.config, self.tokenizer, self.eval_records, self.template = config, tokenizer, eval_records, template
+        self.sampling = rollout_sampling(config)
 
     def setup(self, trainer: Trainer) -> None:
         self.trainer = trainer
@@ -142,10 +149,9 @@ class RLStep(StepStrategy):
         self.generator = torch.Generator(device=trainer.device).manual_seed(self.config.seed)
 
     def sample(self, prompts: list[list[int]]) -> Samples:
-        """The rollout: one sampled response per prompt at the rollout temperature, under the run's precision."""
+        """The rollout: one sampled response per prompt (``rollout_sampling``), under the run's precision."""
         with self.trainer.autocast():
-            return sample_responses(self.trainer.model, prompts, self.config.max_new_tokens, self.tokenizer,
-                                    temperature=self.config.rollout_temperature, generator=self.generator,
+            return sample_responses(self.trainer.model, prompts, self.sampling, self.tokenizer, self.generator,
                                     batch_size=len(prompts))
 
     def state_dict(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import checkpoints
 import cli
 import finetune_stages
 from benchmarks.cli_options import benchmark_parser
+from decoding import SamplingParams
 from evaluator import GPTEvaluator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,8 +47,9 @@ def scores(checkpoint: Path) -> dict[str, dict[str, float]]:
     ev = GPTEvaluator(loaded.model, loaded.tokenizer, show_progress=False, template=loaded.template)
     records = json.loads(CHAT_TEST.read_text(encoding="utf-8"))
     rounded = lambda d: {k: round(v, 4) for k, v in d.items()}  # noqa: E731
-    return {"own_history": rounded(ev.dialogue_exact_match(records, own_history=True)),
-            "teacher_forced": rounded(ev.dialogue_exact_match(records, own_history=False)),
+    greedy = SamplingParams(max_new_tokens=16, do_sample=False)
+    return {"own_history": rounded(ev.dialogue_exact_match(records, greedy, own_history=True)),
+            "teacher_forced": rounded(ev.dialogue_exact_match(records, greedy, own_history=False)),
             "single_turn": rounded(finetune_stages.exact_match_report(checkpoint, str(SINGLE_TEST)))}
 
 

@@ -37,6 +37,7 @@ import finetune_stages
 import rl_step
 import scoring
 from benchmarks.cli_options import benchmark_parser
+from decoding import SamplingParams
 from prompts import record_prompt_ids
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -230,8 +231,8 @@ def best_of_n(sft: Path, reward: Path | None, n: int, seed: int) -> dict[str, fl
     ev = evaluator.GPTEvaluator(model, tokenizer, show_progress=False, template=template)
     records = json.loads(TEST.read_text(encoding="utf-8"))
     prompts = [record_prompt_ids(tokenizer, r, template) for r in records]
-    picks = ev.best_of_n_predictions(prompts, n, reward_model, max_gen_len=16, temperature=0.8, top_k=50, seed=seed,
-                                     min_new_tokens=1, records=records)
+    sampling = SamplingParams(max_new_tokens=16, temperature=0.8, top_k=50)
+    picks = ev.best_of_n_predictions(prompts, n, reward_model, sampling, seed=seed, min_new_tokens=1, records=records)
     return {k: round(v, 4) for k, v in scoring.exact_match_by_task(picks, records).items()}
 
 

@@ -1,4 +1,5 @@
-"""Training throughput: tokens/s of full optimizer steps (forward, backward, clip, AdamW).
+"""Training throughput: tokens/s of full optimizer steps (forward, backward, clip, AdamW as the training loop builds
+it: ``optimizers.configure_optimizer``, the fused kernel, weight decay on 2-D weights only).
 
 Prints ONE JSON line. CPU always; CUDA too when present (bf16 autocast where supported, plus MFU).
 ``cpu_nanogpt_config`` is nanoGPT's shakespeare_char shape (6 layers x 384, block 256, vocab 65) at batch 8, fp32,
@@ -30,6 +31,7 @@ import cli
 import gpt_model
 from benchmarks.cli_options import benchmark_parser
 from devices import autocast_context, resolve_dtype, set_threads
+from optimizers import configure_optimizer
 from training import peak_flops
 
 SHAPES = {"tiny": dict(d_model=128, n_layers=4, n_heads=4, d_ff=512),
@@ -41,7 +43,7 @@ def tokens_per_second(shape: str, device: torch.device, vocab_size: int, seq_len
     torch.manual_seed(0)
     config = gpt_model.GPTConfig(vocab_size=vocab_size, max_seq_len=seq_len, **SHAPES[shape])
     model = gpt_model.GPTModel(config).to(device)
-    optimizer = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), device.type)
+    optimizer = configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95), device.type)  # the training loop's AdamW
     dtype = resolve_dtype("auto", device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     x = torch.randint(0, vocab_size, (batch_size, seq_len), device=device)
@@ -105,7 +107,7 @@ def nanogpt_config_comparison(steps: int, nanogpt_dir: str | None) -> dict:
         model = gpt_model.GPTModel(gpt_model.GPTConfig(
             vocab_size=shape["vocab_size"], max_seq_len=shape["seq_len"], n_layers=shape["n_layers"],
             d_model=shape["d_model"], n_heads=shape["n_heads"], d_ff=shape["d_ff"], activation=activation))
-        return model, lambda m, _: m(inputs, labels=inputs)["loss"], model.configure_optimizer(0.1, 6e-4)
+        return model, lambda m, _: m(inputs, labels=inputs)["loss"], configure_optimizer(model, 0.1, 6e-4)
 
     # ours as GPT-2 (tanh GELU), and with nanoGPT's exact GELU: the one difference left between the two steps
     systems = {"ours": ours("gelu_tanh"), "ours_exact_gelu": ours("gelu")}

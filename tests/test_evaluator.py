@@ -23,6 +23,7 @@ from evaluator import EvaluationError, GPTEvaluator
 from prompts import SFT_TEMPLATE, record_prompt_ids
 
 ROOT = Path(__file__).resolve().parent.parent
+GREEDY_12 = SamplingParams(max_new_tokens=12, do_sample=False)
 
 
 def write_lines(path: Path, lines: list[str]) -> Path:
@@ -81,7 +82,7 @@ def test_evaluate_sft_scores_response_tokens_only(tiny_tokenizer, tiny_config, t
                {"instruction": "Who speaks?", "input": "ROMEO", "response": "ROMEO: soft!"}]
     path = tmp_path / "sft.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    result = GPTEvaluator(model, tok, show_progress=False).evaluate_sft(path, batch_size=2, max_gen_len=12)
+    result = GPTEvaluator(model, tok, show_progress=False).evaluate_sft(path, GREEDY_12, batch_size=2)
 
     total, n_tokens = 0.0, 0
     with torch.no_grad():
@@ -110,7 +111,7 @@ def test_batched_generation_equals_one_prompt_at_a_time(tiny_tokenizer, tiny_con
     tok = tiny_tokenizer
     prompts = ["HAMLET:", "《静夜思》 李白：", "ROMEO: But soft, what light", "A"]
     ev = GPTEvaluator(model, tok, show_progress=False)
-    got = ev.generate_predictions(prompts, max_gen_len=10, do_sample=False, batch_size=3)
+    got = ev.generate_predictions(prompts, SamplingParams(max_new_tokens=10, do_sample=False), batch_size=3)
     for prompt, prediction in zip(prompts, got):
         ids = torch.tensor([[tok.bos_token_id] + tok.encode_ordinary(prompt)])  # unpadded, alone
         params = SamplingParams(max_new_tokens=10, do_sample=False, eos_token_id=tok.eos_token_id)
@@ -118,8 +119,9 @@ def test_batched_generation_equals_one_prompt_at_a_time(tiny_tokenizer, tiny_con
         new = new[:new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
         assert prediction == tok.decode(new)
 
-    first = ev.generate_predictions(prompts, max_gen_len=8, seed=123, batch_size=2)
-    assert ev.generate_predictions(prompts, max_gen_len=8, seed=123, batch_size=2) == first
+    sampled = SamplingParams(max_new_tokens=8, temperature=0.8)
+    first = ev.generate_predictions(prompts, sampled, seed=123, batch_size=2)
+    assert ev.generate_predictions(prompts, sampled, seed=123, batch_size=2) == first
 
 
 def test_a_short_prompt_keeps_its_room_when_batched_with_a_long_one(tiny_tokenizer, tiny_config):
@@ -132,8 +134,9 @@ def test_a_short_prompt_keeps_its_room_when_batched_with_a_long_one(tiny_tokeniz
     prompts = ["A", " ".join(map(str, range(12)))]
     assert 64 - 40 < len(tok.encode_ordinary(prompts[1])) < 62  # it fits, leaving fewer than 40 new tokens
     ev = GPTEvaluator(model, tok, show_progress=False)
-    batched = ev.generate_predictions(prompts, max_gen_len=40, do_sample=False, batch_size=2, min_new_tokens=1)
-    alone = [ev.generate_predictions([p], max_gen_len=40, do_sample=False, min_new_tokens=1)[0] for p in prompts]
+    greedy = SamplingParams(max_new_tokens=40, do_sample=False)
+    batched = ev.generate_predictions(prompts, greedy, batch_size=2, min_new_tokens=1)
+    alone = [ev.generate_predictions([p], greedy, min_new_tokens=1)[0] for p in prompts]
     assert batched == alone
 
 
@@ -167,7 +170,8 @@ def test_predictions_stop_at_eos_and_keep_order(tiny_tokenizer, monkeypatch):
     tok = tiny_tokenizer
     script = scripted(monkeypatch, tok.encode_ordinary("明月 light") + [tok.eos_token_id] + tok.encode_ordinary("x"))
     prompts = ["a much longer prompt than the others", "x", "床前"]
-    predictions = GPTEvaluator(Context64(), tok, show_progress=False).generate_predictions(prompts, batch_size=2)
+    ev = GPTEvaluator(Context64(), tok, show_progress=False)
+    predictions = ev.generate_predictions(prompts, SamplingParams(), batch_size=2)  # eos: the tokenizer's
     assert predictions == ["明月 light"] * 3
     (call,) = script.calls  # one engine run, batch_size slots at a time
     assert call.batch_size == 2 and call.params.eos_token_id == tok.eos_token_id
@@ -179,14 +183,27 @@ def test_too_long_prompt_keeps_its_tail_and_room_to_generate(tiny_tokenizer, mon
     script = scripted(monkeypatch, [tok.eos_token_id])
     prompt = " ".join(str(i) for i in range(200))
     with pytest.warns(UserWarning, match="was cut"):
-        assert GPTEvaluator(Context64(), tok, show_progress=False).generate_predictions([prompt],
-                                                                                        max_gen_len=10) == [""]
+        ev = GPTEvaluator(Context64(), tok, show_progress=False)
+        assert ev.generate_predictions([prompt], SamplingParams(max_new_tokens=10)) == [""]
     sent = script.calls[0].prompts[0]
     assert len(sent) == 64 - 10 and sent[0] == tok.bos_token_id  # `<s>` + the prompt's last tokens
     assert sent[1:] == tok.encode_ordinary(prompt)[-(len(sent) - 1):]
 
 
 # ----------------------------------------------------------------------------- bad input and CLI
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], SamplingParams(max_new_tokens=100, do_sample=False, temperature=0.8, top_k=50, top_p=1.0)),
+    (["--do_sample", "--temperature", "1.3", "--top_k", "0", "--top_p", "0.9", "--max_new_tokens", "7"],
+     SamplingParams(max_new_tokens=7, do_sample=True, temperature=1.3, top_k=0, top_p=0.9)),
+    (["--best_of", "3"], SamplingParams(max_new_tokens=100, do_sample=True, temperature=0.8, top_k=50)),
+])
+def test_generation_flags_build_the_one_sampling_params(flags, expected):
+    """The CLI's flags become one SamplingParams (greedy unless --do_sample; best-of-N always samples)."""
+    args = evaluator.parse_args(["--model_type", "sft", "--model_path", "m.pth", "--test_data_path", "t.jsonl",
+                                 *flags])
+    assert evaluator.sampling_params(args) == expected
+
 
 def test_data_that_does_not_fit_the_model_type_is_rejected(tiny_tokenizer, tmp_path):
     ev = GPTEvaluator(BigramModel(torch.zeros(len(tiny_tokenizer), len(tiny_tokenizer))), tiny_tokenizer,
@@ -196,7 +213,7 @@ def test_data_that_does_not_fit_the_model_type_is_rejected(tiny_tokenizer, tmp_p
     sft_json.write_text(json.dumps([{"instruction": "i", "response": "r"}]), encoding="utf-8")
     sft_jsonl = write_lines(tmp_path / "sft.jsonl", [json.dumps({"instruction": "i", "response": "r"})])
     with pytest.raises(EvaluationError, match="--model_type pretrain"):
-        ev.evaluate_sft(txt)
+        ev.evaluate_sft(txt, GREEDY_12)
     with pytest.raises(EvaluationError, match="--model_type sft"):
         ev.evaluate_pretrained(sft_json)
     with pytest.raises(EvaluationError, match="--model_type sft"):
@@ -341,14 +358,17 @@ def test_best_of_n_keeps_the_sample_the_reward_model_scores_highest(tiny_config,
 
     ev = evaluator.GPTEvaluator(GPTModel(tiny_config), tiny_tokenizer, show_progress=False)
     samples = ["a", "bbb", "cc", "dddd", "e", "ff"]  # 2 prompts x 3 samples, in generation order
-    monkeypatch.setattr(ev, "generate_predictions", lambda prompts, **kw: samples[:len(prompts)])
+    monkeypatch.setattr(ev, "generate_predictions", lambda prompts, sampling, **kw: samples[:len(prompts)])
     monkeypatch.setattr(evaluator, "reward_scores",
                         lambda rm, tok, prompts, responses, device: [len(r) for r in responses])
-    assert ev.best_of_n_predictions(["p", "q"], 3, reward_model=object()) == ["bbb", "dddd"]
+    sampled = SamplingParams(max_new_tokens=4)
+    assert ev.best_of_n_predictions(["p", "q"], 3, object(), sampled) == ["bbb", "dddd"]
     with pytest.raises(evaluator.EvaluationError):
-        ev.best_of_n_predictions(["p"], 0, reward_model=object())
+        ev.best_of_n_predictions(["p"], 0, object(), sampled)
     with pytest.raises(evaluator.EvaluationError, match="reward model or the records' verifiers"):
-        ev.best_of_n_predictions(["p"], 2, reward_model=None)
+        ev.best_of_n_predictions(["p"], 2, None, sampled)
+    with pytest.raises(evaluator.EvaluationError, match="greedy decoding gives one answer n times"):
+        ev.best_of_n_predictions(["p"], 2, object(), SamplingParams(do_sample=False))
 
 
 def test_best_of_n_with_verifiers_keeps_a_sample_that_verifies(tiny_config, tiny_tokenizer, monkeypatch):
@@ -357,9 +377,9 @@ def test_best_of_n_with_verifiers_keeps_a_sample_that_verifies(tiny_config, tiny
 
     ev = evaluator.GPTEvaluator(GPTModel(tiny_config), tiny_tokenizer, show_progress=False)
     samples = ["41", "答案是 42。", "42", "ROMEO", "JULIET", "juliet"]  # 2 prompts x 3 samples
-    monkeypatch.setattr(ev, "generate_predictions", lambda prompts, **kw: samples[:len(prompts)])
+    monkeypatch.setattr(ev, "generate_predictions", lambda prompts, sampling, **kw: samples[:len(prompts)])
     records = [{"response": "42", "task": "arithmetic"}, {"response": "JULIET", "task": "speaker"}]
-    picks = ev.best_of_n_predictions(["p", "q"], 3, reward_model=None, records=records)
+    picks = ev.best_of_n_predictions(["p", "q"], 3, None, SamplingParams(), records=records)
     assert picks == ["答案是 42。", "JULIET"]  # the first that verifies (math reads the number; exact matches)
 
 
@@ -370,7 +390,8 @@ def test_dialogues_are_scored_per_turn_with_own_or_reference_history(tiny_tokeni
     ev = GPTEvaluator(BigramModel(torch.zeros(len(tok), len(tok))), tok, show_progress=False, template=CHAT_TEMPLATE)
     seen: list[str] = []
 
-    def always_42(prompts, **_):  # a "model" that answers 42 to everything, recording what it was shown
+    def always_42(prompts, sampling, **_):  # a "model" that answers 42 to everything, recording what it was shown
+        assert sampling == GREEDY_12
         seen.extend(tok.decode(p, skip_special_tokens=False) for p in prompts)
         return ["42"] * len(prompts)
 
@@ -379,12 +400,12 @@ def test_dialogues_are_scored_per_turn_with_own_or_reference_history(tiny_tokeni
                                                           {"role": "assistant", "content": a})]
     records = [{"messages": chat(("1+41?", "42"), ("+8?", "50")), "task": "a"},
                {"messages": chat(("3+4?", "7"), ("+35?", "42"), ("+0?", "42")), "task": "b"}]
-    own = ev.dialogue_exact_match(records, own_history=True)
+    own = ev.dialogue_exact_match(records, GREEDY_12, own_history=True)
     assert own == {"turn1": 0.5, "a/turn1": 1.0, "b/turn1": 0.0, "turn2": 0.5, "a/turn2": 0.0, "b/turn2": 1.0,
                    "turn3": 1.0, "b/turn3": 1.0}
     assert "<|user|>3+4?<|end|><|assistant|>42</s><|user|>+35?<|end|><|assistant|>" in "\n".join(seen)
     seen.clear()
-    ev.dialogue_exact_match(records, own_history=False)
+    ev.dialogue_exact_match(records, GREEDY_12, own_history=False)
     assert "<|user|>3+4?<|end|><|assistant|>7</s><|user|>+35?<|end|><|assistant|>" in "\n".join(seen)
 
 

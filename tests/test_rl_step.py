@@ -10,6 +10,7 @@ import model_heads
 import readers
 import rl_step
 from conftest import stage_config
+from decoding import SamplingParams
 from prompts import SFT_TEMPLATE, record_prompt_ids
 from training import Trainer
 
@@ -40,6 +41,12 @@ def test_a_ppo_iteration_moves_the_policy_and_critic_but_not_the_reference_or_re
     assert changed == {"policy": True, "reference": False, "reward": False, "critic": True}
 
 
+def test_rollouts_sample_at_the_stage_temperature_from_the_whole_distribution(files, tmp_path):
+    """The rollout sampling comes from the stage's settings once; no top-k: PPO's ratios are over the full policy."""
+    cfg = stage_config(files, tmp_path, "rlvf", rollout_temperature=0.7, max_new_tokens=9)
+    assert rl_step.rollout_sampling(cfg) == SamplingParams(max_new_tokens=9, do_sample=True, temperature=0.7, top_k=0)
+
+
 def test_evaluate_policy_gives_every_answer_its_room_whatever_the_batch(files):
     """A short prompt batched with a long one must not have its answer cut by the long one's place in the context:
     batched figures equal those of one prompt at a time."""
@@ -61,8 +68,9 @@ def test_samples_end_every_response_in_the_last_column_and_give_each_prompt_its_
     template = SFT_TEMPLATE
     prompts = [record_prompt_ids(tokenizer, {"instruction": text}, template)
                for text in ("计算 1 + 2 = ?", "床前明月光，疑是地上霜。")]
-    samples = rl_step.sample_responses(policy, prompts, 40, tokenizer, do_sample=False)
-    alone = [rl_step.sample_responses(policy, [p], 40, tokenizer, do_sample=False).responses[0] for p in prompts]
+    greedy = SamplingParams(max_new_tokens=40, do_sample=False)
+    samples = rl_step.sample_responses(policy, prompts, greedy, tokenizer)
+    alone = [rl_step.sample_responses(policy, [p], greedy, tokenizer).responses[0] for p in prompts]
     assert samples.responses == alone  # batched with a longer prompt, the short one keeps its room
     assert max(map(len, alone)) > 64 - max(map(len, prompts))  # a left-padded batch would have cut it
     n = samples.response_mask.size(1)
