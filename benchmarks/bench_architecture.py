@@ -4,8 +4,9 @@ no biases) at the same wall clock; prints ONE JSON line.
     python -m benchmarks.bench_architecture                       # 3 seeds x 2 shapes x 105 s + 1 seed x 2 x 4.75 min
     python -m benchmarks.bench_architecture --default_seeds 1,2,3  # every seed on the default run too (~45 minutes)
 
-Every run is ``python pretrain_trainer.py`` as a user runs it (Muon, the default lr), on the embedded corpus, scored
-by its final held-out bits per byte. Two recipes, both counted from process start as ``--max_minutes`` does:
+Every run is ``python pretrain_trainer.py`` as a user runs it (``--optimizer``, AdamW by default: torch's Muon runs
+its Newton-Schulz iterations in bf16, which CPUs without bf16 matrix units do 4-12x slower than AdamW's whole step),
+on the embedded corpus, scored by its final held-out bits per byte. Two recipes, both counted from process start as ``--max_minutes`` does:
 - nanoGPT's shakespeare_char shape (6 x 384, context 256, batch 8) for ``--short_minutes`` (105 s);
 - the command's default run (2 x 128, context 64, batch 16, 4.75 minutes).
 The two architectures share every other setting (width, depth, heads, context, batch, optimizer) and alternate run by
@@ -36,6 +37,8 @@ def build_parser() -> cli.ArgumentParser:
     parser.add_argument("--default_seeds", type=positive_ints(allow_empty=True), default=[1],
                         help="seeds of the default-run comparison (empty: skip it)")
     parser.add_argument("--short_minutes", type=cli.positive_float, default=1.75, help="the short recipe's budget")
+    parser.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw",
+                        help="the optimizer of every run (each at pretraining's default lr for it)")
     parser.add_argument("--output", default=str(RESULTS), help="where the JSON result is written")
     return parser
 
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     return cli.run_cli(_main, argv)
 
 
-def compare(seeds: list[int], shape: list[str], minutes: float | None, work: Path) -> dict:
+def compare(seeds: list[int], shape: list[str], minutes: float | None, work: Path) -> dict[str, dict]:
     """Each architecture's runs on one recipe, alternating architecture by architecture for each seed."""
     rows: dict[str, list[dict]] = {name: [] for name in ARCHITECTURES}
     for seed in seeds:
@@ -59,12 +62,13 @@ def _main(argv: list[str] | None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench_architecture_"))
     # one step first, untimed: the tokenizer (when missing) and the token cache are built once, outside every budget
     pretrain_run({"warmup": 1}, ["--max_steps", "1", *ARCHITECTURES["gpt2"]], 1, None, work)
-    result = {"architectures": ARCHITECTURES,
+    optimizer = ["--optimizer", args.optimizer]
+    result = {"architectures": ARCHITECTURES, "optimizer": args.optimizer,
               "nanogpt_shape": {"flags": RECIPES["nanogpt"], "minutes": args.short_minutes,
-                                **compare(args.seeds, RECIPES["nanogpt"], args.short_minutes, work)}}
+                                **compare(args.seeds, [*RECIPES["nanogpt"], *optimizer], args.short_minutes, work)}}
     if args.default_seeds:
         result["default_run"] = {"flags": DEFAULT_LAYERS, "minutes": 4.75,
-                                 **compare(args.default_seeds, DEFAULT_LAYERS, None, work)}
+                                 **compare(args.default_seeds, [*DEFAULT_LAYERS, *optimizer], None, work)}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     print(json.dumps(result))
