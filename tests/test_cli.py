@@ -338,7 +338,7 @@ BAD_FLAGS += rows("bench_tools", [
 # bench_architecture
 BAD_FLAGS += rows("bench_architecture", [
     ["--seeds", "0"], ["--seeds", ""], ["--seeds", "x"], ["--default_seeds", "1,x"], ["--short_minutes", "0"],
-    ["--short_minutes", "x"], ["--bogus"],
+    ["--short_minutes", "x"], ["--optimizer", "sgd"], ["--bogus"],
 ])
 
 # bench_structured
