@@ -6,7 +6,8 @@ no biases) at the same wall clock; prints ONE JSON line.
 
 Every run is ``python pretrain_trainer.py`` as a user runs it (``--optimizer``, AdamW by default: torch's Muon
 runs its Newton-Schulz iterations in bf16, which CPUs without bf16 matrix units do 4-12x slower than AdamW's whole
-step), on the embedded corpus, scored by its final held-out bits per byte. Two recipes, both counted from process start as ``--max_minutes`` does:
+step), on the embedded corpus, scored by its final held-out bits per byte. Two recipes, both counted from process
+start as ``--max_minutes`` does:
 - nanoGPT's shakespeare_char shape (6 x 384, context 256, batch 8) for ``--short_minutes`` (105 s);
 - the command's default run (2 x 128, context 64, batch 16, 4.75 minutes).
 The two architectures share every other setting (width, depth, heads, context, batch, optimizer) and alternate run by
