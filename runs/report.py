@@ -77,7 +77,7 @@ def _pretrain_figures(log_text: str, output_dir: Path) -> dict[str, Any]:
     summary, folder = json_summary(log_text), output_dir / "pretrain"
     rows = read_metrics(folder / "metrics.jsonl") if (folder / "metrics.jsonl").is_file() else []
     bpbs = [r["val_bpb"] for r in rows if "val_bpb" in r]  # the metrics log, should the summary line be missing
-    size = re.search(r"model: ([\d.]+[KMB]) parameters", log_text)
+    size = re.search(r"^model: .*?([\d.]+[KMBT]) parameters", log_text, flags=re.M)
     figures = {key: summary[key] for key in ("steps", "tokens_per_sec", "val_bpb", "unigram_val_bpb", "mfu")
                if summary.get(key) is not None}
     if "val_bpb" not in figures and bpbs:

@@ -144,7 +144,8 @@ def test_report_without_a_price_has_no_costs_and_duration_formats():
 
 
 def test_figures_come_from_the_summary_line_else_the_metrics_log(tmp_path):
-    log = "model: 1.45M parameters\npretrain: 50%|##  | 1/2\r{\"not\": json\r\n" \
+    log = "plan lines\nmodel: 2 layers x 128 (4 heads of 32, d_ff 512), 1.45M parameters (1,453,568)\n" \
+          "pretrain: 50%|##  | 1/2\r{\"not\": json\r\n" \
           '{"steps": 2, "tokens_per_sec": 10.0, "val_bpb": 3.25}\ncheckpoints in x\n'
     assert rp.json_summary(log) == {"steps": 2, "tokens_per_sec": 10.0, "val_bpb": 3.25}
     assert rp.json_summary("no summary\n") == {}
