@@ -120,7 +120,11 @@ class GPTConfig:
         return cls.from_dict({**PRESETS[name], **overrides})
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields, less the architecture options left at GPT-2's values: a GPT-2 file reads as it always did,
+        also by code older than the options (``from_dict`` fills them back in)."""
+        gpt2 = {**{k: GPTConfig.__dataclass_fields__[k].default for k in ARCHITECTURE_OPTIONS},
+                "n_kv_heads": self.n_heads}  # full attention: as many kv heads as query heads
+        return {k: v for k, v in asdict(self).items() if not (k in ARCHITECTURE_OPTIONS and v == gpt2[k])}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
@@ -139,6 +143,9 @@ def swiglu_hidden(d_model: int) -> int:
 
 
 # Llama / Qwen3's decoder shape: rotary positions, RMSNorm, q/k norms, SwiGLU, half as many key/value heads, no biases.
+# the options added to GPT-2's shape (each GPT-2's by default)
+ARCHITECTURE_OPTIONS = ("pos_embedding", "rope_theta", "rope_scaling", "norm", "qk_norm", "mlp", "n_kv_heads",
+                        "tie_embeddings")
 MODERN = dict(pos_embedding="rope", norm="rmsnorm", qk_norm=True, mlp="swiglu", bias=False)
 
 PRESETS: dict[str, dict[str, Any]] = {

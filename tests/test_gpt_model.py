@@ -331,3 +331,13 @@ def test_extend_context_interpolates_rotary_positions_and_trains_on_the_longer_c
     assert model.config.max_seq_len == 96
     with pytest.raises(ValueError, match="learned positions"):
         GPTModel(**SMALL).extend_context(96)
+
+
+def test_a_gpt2_config_is_written_as_before_the_architecture_options():
+    """A GPT-2 file names only the fields older code knows, so that code reads it; a modern one names its options."""
+    old_fields = {"vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "dropout", "bias",
+                  "pad_token_id", "layer_norm_eps", "activation"}
+    gpt2, modern = GPTConfig.from_preset("tiny"), GPTConfig.from_preset("modern-tiny")
+    assert set(gpt2.to_dict()) == old_fields and GPTConfig.from_dict(gpt2.to_dict()) == gpt2
+    assert {"pos_embedding", "norm", "qk_norm", "mlp", "n_kv_heads"} <= set(modern.to_dict())
+    assert GPTConfig.from_dict(modern.to_dict()) == modern
