@@ -2,7 +2,7 @@
 default (learned positions, LayerNorm, GELU, multi-head attention, biases, tied head); the config's options give the
 modern decoder shape of Llama / Qwen3 / nanochat (rotary positions, RMSNorm, q/k norms, SwiGLU, grouped-query
 attention, no biases, an untied head) in the same class. Nothing else, and it imports only torch,
-``transformer_components`` and ``loss_labels``: generation is the decode engine's (``decoding.generate``, above the
+``transformer_components``: generation is the decode engine's (``decoding.generate``, above the
 model, as nanochat's engine.py), checkpoints live in ``checkpoints.py``, the reward/classifier heads in
 ``model_heads.py``, Hugging Face conversion in ``hf_models.py``, devices and precision in ``devices.py``.
 
@@ -18,10 +18,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from loss_labels import IGNORE_INDEX
-from transformer_components import (ACTIVATIONS, MLPS, NORMS, POSITION_EMBEDDINGS, KVCacheView, RotaryEmbedding,
-                                    TransformerDecoderLayer, hidden_logprobs, make_norm, shifted_cross_entropy,
-                                    shifted_targets)
+from transformer_components import (ACTIVATIONS, IGNORE_INDEX, MLPS, NORMS, POSITION_EMBEDDINGS, KVCacheView,
+                                    RotaryEmbedding, TransformerDecoderLayer, hidden_logprobs, make_norm,
+                                    shifted_cross_entropy, shifted_targets)
 
 # ----------------------------------------------------------------------------- config
 

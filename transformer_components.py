@@ -1,7 +1,7 @@
 """Decoder building blocks: causal self-attention (multi-head or grouped-query, optional rotary positions and q/k
 RMSNorm), the MLPs (GELU, SwiGLU), the pre-norm decoder layer (LayerNorm or RMSNorm), rotary embeddings with cached
 cos/sin, a preallocated KV cache, and the next-token log-prob arithmetic on the LM head that the model's loss needs
-(shifted cross-entropy, summed log-probs from hidden states; labels ``loss_labels.IGNORE_INDEX`` are not scored).
+(shifted cross-entropy, summed log-probs from hidden states; labels ``IGNORE_INDEX`` are not scored).
 
 Module and parameter names follow Hugging Face's GPT-2 (``c_attn``, ``c_proj``, ``c_fc``, ``ln_1``, ``ln_2``) so real
 GPT-2 weights map one to one; the modern options keep those names (``c_attn`` stays one fused q/k/v projection, of
@@ -16,7 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from loss_labels import IGNORE_INDEX
+# torch's own label convention (cross_entropy's default ignore_index): a label the loss skips; loss_labels holds
+# the same value for the torch-free prompt renderer (a test keeps them equal)
+IGNORE_INDEX = nn.CrossEntropyLoss().ignore_index
 
 
 class KVCache:

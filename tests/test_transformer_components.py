@@ -251,3 +251,11 @@ def test_the_kv_cache_holds_only_the_key_value_heads(n_kv_heads):
     attn(torch.randn(2, 4, D_MODEL), kv_cache=view)
     per_token_per_slot = (cache.keys[0].nbytes + cache.values[0].nbytes) / (3 * 10)
     assert per_token_per_slot == 2 * n_kv_heads * (D_MODEL // N_HEADS) * 4
+
+
+def test_the_ignored_label_is_torchs_and_the_prompt_renderers():
+    """The model's loss skips torch's ignore_index; the torch-free renderer labels prompt tokens with the same value."""
+    import loss_labels
+    import transformer_components
+
+    assert transformer_components.IGNORE_INDEX == loss_labels.IGNORE_INDEX == -100
