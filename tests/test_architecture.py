@@ -85,7 +85,8 @@ def test_the_model_layer_imports_nothing_above_it():
 
 
 def test_the_model_module_loads_only_its_building_blocks():
-    """``import gpt_model`` in a fresh interpreter loads no project module but its building blocks: no decode engine, data pipeline or CLI policy underneath the model (nanoGPT's model.py layout)."""
+    """``import gpt_model`` in a fresh interpreter loads no project module but its building blocks: no decode engine,
+    data pipeline or CLI policy underneath the model (nanoGPT's model.py layout)."""
     top_level = sorted(name for name in FILES if "." not in name)
     code = f"import sys, gpt_model; print(sorted(m for m in sys.modules if m in {top_level!r}))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
