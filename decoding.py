@@ -613,6 +613,34 @@ def tool_token_ids(tokenizer) -> dict[str, int] | None:
     return ids if ids and None not in ids.values() else None
 
 
+def visible_text(tokenizer, ids: Sequence[int]) -> str:
+    """The text of generated ids as the engine streams it: tool-call tokens written out (a call and its result stay
+    readable, and render back into the same tokens), every other special token dropped."""
+    tools = {i: token for token, i in (tool_token_ids(tokenizer) or {}).items()}
+    pieces, run = [], []
+    for token in ids:
+        if token in tools:
+            pieces += [tokenizer.decode(run), tools[token]]
+            run = []
+        else:
+            run.append(token)
+    return "".join([*pieces, tokenizer.decode(run)])
+
+
+def sampled_mask(tokenizer, ids: Sequence[int]) -> list[bool]:
+    """Per generated token, whether the model sampled it: False inside a tool result the engine forced in
+    (``<|tool_result|>`` … ``<|/tool_result|>``), which a policy-gradient loss must not score."""
+    tools = tool_token_ids(tokenizer)
+    if tools is None:
+        return [True] * len(ids)
+    mask, forced = [], False
+    for token in ids:
+        forced = forced or token == tools[TOOL_RESULT]
+        mask.append(not forced)
+        forced = forced and token != tools[TOOL_RESULT_END]
+    return mask
+
+
 def requested_logprobs(requests: Sequence[Request], logits: torch.Tensor,
                        tokens: torch.Tensor) -> list[tuple[float | None, tuple[tuple[int, float], ...] | None]]:
     """(log-prob of the chosen token, its top-k (id, log-prob)) per row under the raw model (temperature 1, no
@@ -635,15 +663,17 @@ def requested_logprobs(requests: Sequence[Request], logits: torch.Tensor,
 def generate_responses(model: torch.nn.Module, prompts: Sequence[Sequence[int]], params: SamplingParams,
                        batch_size: int = 64, generator: torch.Generator | None = None,
                        on_finish: Callable[[], None] | None = None, max_len: int | None = None,
-                       use_cache: bool = True) -> list[list[int]]:
+                       use_cache: bool = True, tokenizer=None) -> list[list[int]]:
     """Each prompt's new ids (its EOS included when one was emitted), in input order, with continuous batching over
     ``batch_size`` slots. Every prompt has its own room, min(max_new_tokens, max_len (default: the context) − its
-    length): in one left-padded tensor the longest prompt would cap every row's answer."""
+    length): in one left-padded tensor the longest prompt would cap every row's answer. With the ``tokenizer`` of a
+    model trained with tool calls, its calculator calls run (``params.calculator``) and their results are in the ids."""
     if not prompts:
         return []
     was_training = model.training
     try:
-        engine = DecodeEngine(model, n_slots=min(batch_size, len(prompts)), max_len=max_len, use_cache=use_cache)
+        engine = DecodeEngine(model, tokenizer, n_slots=min(batch_size, len(prompts)), max_len=max_len,
+                              use_cache=use_cache)
         report = None if on_finish is None else (lambda out: on_finish() if out.finished else None)
         return [request.output_ids for request in engine.run(prompts, params, generator, report)]
     finally:

@@ -38,7 +38,7 @@ from data_loader import ClassificationDataset, GPTSFTDataset, PreferencePairData
 from decoding import SamplingParams
 from devices import DTYPE_CHOICES, resolve_device, resolve_dtype, set_threads
 from metrics import exact_match
-from prompts import SFT_TEMPLATE, encode_prompt, record_messages, record_reference, render_prompt
+from prompts import SFT_TEMPLATE, encode_prompt, final_answer, record_messages, record_reference, render_prompt
 from quantization import weight_count
 from readers import (DEFAULT_TEXT_FIELD, FORMATS_TEXT, holds_records, load_classification_records,
                      load_preference_records, load_sft_records, read_documents)
@@ -262,7 +262,9 @@ class GPTEvaluator:
 
 def turn_exact_match(predicted: Sequence[Sequence[str]], answers: Sequence[Sequence[str]],
                      tasks: Sequence[str | None]) -> dict[str, float]:
-    """{"turn1": ..., "<task>/turn1": ...}: exact match of each assistant turn, overall and per task."""
+    """{"turn1": ..., "<task>/turn1": ...}: exact match of each assistant turn, overall and per task; a turn written
+    with tool calls is scored on its text after the last result (``prompts.final_answer``)."""
+    predicted = [[final_answer(p) for p in turns] for turns in predicted]
     out = {}
     for turn in range(max(map(len, answers), default=0)):
         for task in [None, *sorted({t for t in tasks if isinstance(t, str)})]:

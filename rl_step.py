@@ -22,10 +22,11 @@ from torch import nn
 
 import metrics
 import scoring
-from decoding import SamplingParams, cut_at_eos, generate_responses, left_pad
+from decoding import SamplingParams, cut_at_eos, generate_responses, left_pad, sampled_mask, visible_text
 from loss_labels import IGNORE_INDEX
 from losses import gae, grpo_advantages, kl_penalized_rewards, masked_mean, ppo_policy_loss, ppo_value_loss, whiten
 from model_heads import GPTRewardModel
+from prompts import final_answer
 from training import StepStrategy, Trainer
 from verifiers import verifiable_reward
 
@@ -48,15 +49,16 @@ class Samples:
 def sample_responses(policy: nn.Module, prompts: list[list[int]], sampling: SamplingParams, tokenizer,
                      generator: torch.Generator | None = None, batch_size: int = 64) -> Samples:
     """Responses through the decode engine as ``sampling`` says, each ended by the tokenizer's EOS (kept in the
-    response) and each prompt with its own room in the context."""
+    response) and each prompt with its own room in the context. A model trained with tool calls runs its calculator
+    calls; the results the engine forced in are left out of ``response_mask`` (the policy did not sample them)."""
     params = replace(sampling, eos_token_id=tokenizer.eos_token_id)
-    responses = generate_responses(policy, prompts, params, batch_size, generator)
+    responses = generate_responses(policy, prompts, params, batch_size, generator, tokenizer=tokenizer)
     rows = [p + r for p, r in zip(prompts, responses)]
     width, n = max(map(len, rows)), max(map(len, responses))
     sequences, attention_mask = left_pad(rows, tokenizer.pad_token_id)
     response_mask = torch.zeros(len(rows), n)
     for i, response in enumerate(responses):
-        response_mask[i, n - len(response):] = 1
+        response_mask[i, n - len(response):] = torch.tensor(sampled_mask(tokenizer, response), dtype=torch.float)
     device = next(policy.parameters()).device
     return Samples(sequences.to(device), attention_mask.to(device), width - n, response_mask.to(device), responses)
 
@@ -102,7 +104,7 @@ def evaluate_policy(policy: nn.Module, reference: nn.Module, reward_model: GPTRe
         samples = sample_responses(policy, prompts, greedy, tokenizer, batch_size=batch_size)
         kls += response_kl(policy, reference, samples).tolist()
         scores += reward_model.score(samples.sequences, samples.attention_mask, response_labels(samples)).tolist()
-        predictions += [tokenizer.decode(cut_at_eos(ids, tokenizer.eos_token_id)) for ids in samples.responses]
+        predictions += [visible_text(tokenizer, cut_at_eos(ids, tokenizer.eos_token_id)) for ids in samples.responses]
     policy.train(was_training)
     return {"val_reward": sum(scores) / len(scores), "val_kl": sum(kls) / len(kls),
             "val_exact_match": scoring.exact_match_by_task(predictions, records)["exact_match"]}
@@ -288,7 +290,7 @@ class GRPOStep(RLStep):
         """(the group_size samples of every prompt, their verifier rewards as (n_prompts, group_size))."""
         c, tok = self.config, self.tokenizer
         samples = self.sample([ids for ids, _ in items for _ in range(c.group_size)])
-        texts = [tok.decode(cut_at_eos(ids, tok.eos_token_id)) for ids in samples.responses]
+        texts = [final_answer(visible_text(tok, cut_at_eos(ids, tok.eos_token_id))) for ids in samples.responses]
         records = [record for _, record in items for _ in range(c.group_size)]
         rewards = torch.tensor([verifiable_reward(t, r, c.format_weight) for t, r in zip(texts, records)],
                                device=self.trainer.device)

@@ -29,10 +29,10 @@ from tqdm import tqdm
 
 import metrics
 from data_loader import collate_batch, collate_pairs, sequential_batches, sequential_windows, token_byte_lengths
-from decoding import SamplingParams, cut_at_eos, generate_responses
+from decoding import SamplingParams, cut_at_eos, generate_responses, visible_text
 from devices import autocast_context
 from losses import bradley_terry_loss
-from prompts import document_ids, fit, max_prompt_len, record_prompt_ids, record_reference
+from prompts import document_ids, final_answer, fit, max_prompt_len, record_prompt_ids, record_reference
 
 
 class ScoringError(ValueError):
@@ -148,13 +148,15 @@ def generated_answers(model: torch.nn.Module, tokenizer, prompts: Sequence[Seque
                       params: ScoreParams = ScoreParams(), generator: torch.Generator | None = None,
                       room: int = 1) -> list[str]:
     """The text each prompt's continuation through the decode engine (``params.batch_size`` slots), cut at ``</s>``,
-    special tokens dropped. A prompt is cut (keeping ``<s>`` and its end) only to leave ``room`` new tokens; past
-    that, each answer runs to ``sampling.max_new_tokens`` or its context's end."""
+    as the engine streams it (``decoding.visible_text``: a tool call and its result written out, the calculator run
+    for a model trained with it). A prompt is cut (keeping ``<s>`` and its end) only to leave ``room`` new tokens;
+    past that, each answer runs to ``sampling.max_new_tokens`` or its context's end."""
     limit = max_prompt_len(model.config.max_seq_len, room)
     encoded = [fit(list(p), limit) for p in prompts]
     with _bar(None, "generate", len(encoded), params) as bar, autocast_context(_device(model), params.dtype):
-        outputs = generate_responses(model, encoded, sampling, params.batch_size, generator, lambda: bar.update(1))
-    return [tokenizer.decode(cut_at_eos(ids, tokenizer.eos_token_id), skip_special_tokens=True) for ids in outputs]
+        outputs = generate_responses(model, encoded, sampling, params.batch_size, generator, lambda: bar.update(1),
+                                     tokenizer=tokenizer)
+    return [visible_text(tokenizer, cut_at_eos(ids, tokenizer.eos_token_id)) for ids in outputs]
 
 
 def greedy_answers(model: torch.nn.Module, tokenizer, records: Sequence[Mapping], template: str, max_new_tokens: int,
@@ -166,7 +168,9 @@ def greedy_answers(model: torch.nn.Module, tokenizer, records: Sequence[Mapping]
 
 
 def exact_match_by_task(predictions: Sequence[str], records: Sequence[Mapping]) -> dict[str, float]:
-    """{"exact_match": overall, "exact_match/<task>": per task family} (records may carry a "task" field)."""
+    """{"exact_match": overall, "exact_match/<task>": per task family} (records may carry a "task" field); an
+    answer written with tool calls is scored on its text after the last result (``prompts.final_answer``)."""
+    predictions = [final_answer(p) for p in predictions]
     references = [record_reference(r) for r in records]
     out = {"exact_match": metrics.exact_match(predictions, references)}
     for task in sorted({r["task"] for r in records if isinstance(r.get("task"), str)}):

@@ -4,11 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decoding import (DecodeEngine, DecodingError, IncrementalDetokenizer, SamplingParams, StopStringMatcher,
+from decoding import (DecodeEngine, sampled_mask, visible_text, DecodingError, IncrementalDetokenizer, SamplingParams, StopStringMatcher,
                       apply_repetition_penalty, apply_top_p, cut_at_eos, generate, left_pad, top_k_candidates)
 from devices import autocast_context
 from gpt_model import GPTConfig, GPTModel
-from prompts import encode_prompt, max_prompt_len
+from prompts import (CHAT_TOKENS, TOOL_CALL, TOOL_CALL_END, TOOL_RESULT, TOOL_RESULT_END, encode_prompt,
+                     max_prompt_len)
 
 SMALL = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, d_ff=128, max_seq_len=48)
 GREEDY = SamplingParams(max_new_tokens=12, do_sample=False)
@@ -512,3 +513,20 @@ def test_a_broken_call_gets_an_error_result(text_model, tiny_tokenizer):
                                                       SamplingParams(max_new_tokens=40, do_sample=False,
                                                                      eos_token_id=eos))[0]
     assert request.text == "<|tool_call|>1/0<|/tool_call|><|tool_result|>error: division by zero<|/tool_result|>"
+
+
+def tool_trace(tok) -> list[int]:
+    """A reply with a calculator call, its (forced) result and the answer: what the engine writes for a tool model."""
+    ids_of = tok.special_token_id
+    return [ids_of(TOOL_CALL), *tok.encode_ordinary("12+30"), ids_of(TOOL_CALL_END), ids_of(TOOL_RESULT),
+            *tok.encode_ordinary("42"), ids_of(TOOL_RESULT_END), *tok.encode_ordinary("42"), tok.eos_token_id]
+
+
+def test_visible_text_writes_tool_tokens_out_and_sampled_mask_leaves_out_the_forced_result(tiny_tokenizer):
+    tok = tiny_tokenizer.with_special_tokens(CHAT_TOKENS)
+    trace = tool_trace(tok)
+    assert visible_text(tok, trace) == "<|tool_call|>12+30<|/tool_call|><|tool_result|>42<|/tool_result|>42"
+    call, result = len(tok.encode_ordinary("12+30")), len(tok.encode_ordinary("42"))
+    assert sampled_mask(tok, trace) == [True] * (call + 2) + [False] * (result + 2) + [True] * (result + 1)
+    plain = tiny_tokenizer.encode_ordinary("no tools") + [tiny_tokenizer.eos_token_id]
+    assert visible_text(tiny_tokenizer, plain) == "no tools" and sampled_mask(tiny_tokenizer, plain) == [True] * len(plain)

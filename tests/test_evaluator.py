@@ -146,7 +146,7 @@ class ScriptedResponses:
     def __init__(self, continuation: list[int]):
         self.continuation, self.calls = continuation, []
 
-    def __call__(self, model, prompts, params, batch_size=64, generator=None, on_finish=None):
+    def __call__(self, model, prompts, params, batch_size=64, generator=None, on_finish=None, tokenizer=None):
         self.calls.append(SimpleNamespace(prompts=[list(p) for p in prompts], params=params, batch_size=batch_size))
         return [list(self.continuation) for _ in prompts]
 
@@ -423,3 +423,10 @@ def test_evaluator_bad_files(shared, tmp_path, capsys):
         assert_one_line_error(code, err)
         assert expected in err, (expected, err)
 
+
+
+def test_a_turn_written_with_a_tool_call_is_scored_on_its_answer():
+    trace = "<|tool_call|>50+8<|/tool_call|><|tool_result|>58<|/tool_result|>58"
+    predicted = [["50", trace], ["50", trace.replace("|>58", "|>59")]]
+    assert evaluator.turn_exact_match(predicted, [["50", "58"], ["50", "58"]], [None, None]) == {
+        "turn1": 1.0, "turn2": 0.5}

@@ -10,8 +10,10 @@ import model_heads
 import readers
 import rl_step
 from conftest import stage_config
-from decoding import SamplingParams
-from prompts import SFT_TEMPLATE, record_prompt_ids
+from decoding import SamplingParams, sampled_mask
+from gpt_model import GPTConfig, GPTModel
+from test_decoding import tool_trace
+from prompts import CHAT_TOKENS, SFT_TEMPLATE, record_prompt_ids
 from training import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -87,3 +89,19 @@ def test_adaptive_kl_controller_moves_beta_towards_the_target():
     controller = rl_step.AdaptiveKLController(0.1, target=6.0, horizon=100)
     controller.update(current_kl=12.0, n_steps=10)  # error clipped to +0.2
     assert controller.value == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))
+
+
+def test_rollouts_run_the_calculator_and_leave_its_forced_result_out_of_the_loss(tiny_tokenizer, monkeypatch):
+    tok = tiny_tokenizer.with_special_tokens(CHAT_TOKENS)
+    trace, seen = tool_trace(tok), {}
+
+    def engine(policy, prompts, params, batch_size=64, generator=None, tokenizer=None):
+        seen["tokenizer"] = tokenizer  # the engine runs the calculator only with the model's tokenizer
+        return [list(trace) for _ in prompts]
+
+    monkeypatch.setattr(rl_step, "generate_responses", engine)
+    model = GPTModel(GPTConfig.from_preset("tiny", vocab_size=len(tok), n_layers=1, max_seq_len=64))
+    samples = rl_step.sample_responses(model, [[tok.bos_token_id, 5], [tok.bos_token_id]], SamplingParams(), tok)
+    assert seen["tokenizer"] is tok
+    for row in samples.response_mask.tolist():
+        assert row == [float(m) for m in sampled_mask(tok, trace)]

@@ -139,7 +139,7 @@ class ScriptedResponses:
     def __init__(self, continuations: list[list[int]]):
         self.continuations, self.calls = continuations, []
 
-    def __call__(self, model, prompts, params, batch_size=64, generator=None, on_finish=None):
+    def __call__(self, model, prompts, params, batch_size=64, generator=None, on_finish=None, tokenizer=None):
         self.calls.append(SimpleNamespace(prompts=[list(p) for p in prompts], params=params, batch_size=batch_size))
         return [list(c) for c in self.continuations[:len(prompts)]]
 
