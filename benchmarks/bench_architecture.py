@@ -34,7 +34,8 @@ DEFAULT_LAYERS = ["--n_layers", "2"]  # the default run's depth (pretrain_traine
 
 def build_parser() -> cli.ArgumentParser:
     parser = benchmark_parser("benchmarks.bench_architecture", __doc__)
-    parser.add_argument("--seeds", type=positive_ints(), default=[1, 2, 3], help="seeds of the short recipe's runs")
+    parser.add_argument("--seeds", type=positive_ints(allow_empty=True), default=[1, 2, 3],
+                        help="seeds of the short recipe's runs (empty: skip it)")
     parser.add_argument("--default_seeds", type=positive_ints(allow_empty=True), default=[1],
                         help="seeds of the default-run comparison (empty: skip it)")
     parser.add_argument("--short_minutes", type=cli.positive_float, default=1.75, help="the short recipe's budget")
@@ -60,13 +61,16 @@ def compare(seeds: list[int], shape: list[str], minutes: float | None, work: Pat
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.seeds and not args.default_seeds:
+        raise cli.UsageError("--seeds and --default_seeds are both empty: nothing to run")
     work = Path(tempfile.mkdtemp(prefix="bench_architecture_"))
     # one step first, untimed: the tokenizer (when missing) and the token cache are built once, outside every budget
     pretrain_run({"warmup": 1}, ["--max_steps", "1", *ARCHITECTURES["gpt2"]], 1, None, work)
     optimizer = ["--optimizer", args.optimizer]
-    result = {"architectures": ARCHITECTURES, "optimizer": args.optimizer,
-              "nanogpt_shape": {"flags": RECIPES["nanogpt"], "minutes": args.short_minutes,
-                                **compare(args.seeds, [*RECIPES["nanogpt"], *optimizer], args.short_minutes, work)}}
+    result: dict = {"architectures": ARCHITECTURES, "optimizer": args.optimizer}
+    if args.seeds:
+        result["nanogpt_shape"] = {"flags": RECIPES["nanogpt"], "minutes": args.short_minutes,
+                                   **compare(args.seeds, [*RECIPES["nanogpt"], *optimizer], args.short_minutes, work)}
     if args.default_seeds:
         result["default_run"] = {"flags": DEFAULT_LAYERS, "minutes": 4.75,
                                  **compare(args.default_seeds, [*DEFAULT_LAYERS, *optimizer], None, work)}

@@ -15,6 +15,7 @@ Prints one JSON line.
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -73,10 +74,11 @@ def scores(checkpoint: Path, records: Sequence[dict], max_new_tokens: int, batch
     return out
 
 
-def sft(pretrained: Path, output: Path, seed: int, threads: int, max_steps: int | None) -> float:
-    """`python finetune.py --mode sft` with its defaults, this seed (and --max_steps when given); wall seconds."""
+def sft(pretrained: Path, output: Path, seed: int, threads: int, max_steps: int | None, flags: Sequence[str]) -> float:
+    """`python finetune.py --mode sft` with its defaults, this seed, --max_steps when given and the extra flags;
+    wall seconds."""
     command = [sys.executable, "finetune.py", "--mode", "sft", "--pretrained_model", str(pretrained),
-               "--output_dir", str(output), "--seed", str(seed), "--num_threads", str(threads)]
+               "--output_dir", str(output), "--seed", str(seed), "--num_threads", str(threads), *flags]
     command += ["--max_steps", str(max_steps)] if max_steps else []
     print("$ " + " ".join(command[1:]), file=sys.stderr, flush=True)
     started = time.time()
@@ -106,6 +108,8 @@ def build_parser() -> cli.ArgumentParser:
     parser.add_argument("--workdir", type=Path, default=ROOT / "models" / "bench_tools",
                         help="with --pretrained: where each seed's SFT run is written (sft_seed<N>/)")
     parser.add_argument("--sft_max_steps", type=cli.positive_int, help="with --pretrained: shorter SFT runs")
+    parser.add_argument("--sft_flags", type=shlex.split, default=[],
+                        help='with --pretrained: more finetune.py flags, one string ("--max_seq_len 256")')
     parser.add_argument("--reuse", action="store_true", help="score a seed's existing sft_best.pth instead of training")
     parser.add_argument("--chat_test", type=Path, default=CHAT_TEST, help="held-out dialogues (.json)")
     parser.add_argument("--limit", type=cli.positive_int, help="score the first N arithmetic dialogues only")
@@ -137,11 +141,13 @@ def _main(argv: Sequence[str] | None) -> int:
         out |= {"sft_model": str(args.sft_model), **scores(args.sft_model, records, args.max_new_tokens,
                                                            args.batch_size)}
     else:
-        out |= {"pretrained": str(args.pretrained), "sft_max_steps": args.sft_max_steps, "runs": {}}
+        out |= {"pretrained": str(args.pretrained), "sft_max_steps": args.sft_max_steps,
+                "sft_flags": args.sft_flags, "runs": {}}
         for seed in args.seeds:
             best = args.workdir / f"sft_seed{seed}" / "sft_best.pth"
             seconds = None if args.reuse and best.is_file() else sft(args.pretrained, best.parent, seed,
-                                                                       args.num_threads, args.sft_max_steps)
+                                                                       args.num_threads, args.sft_max_steps,
+                                                                       args.sft_flags)
             out["runs"][seed] = {"sft_seconds": seconds, **scores(best, records, args.max_new_tokens,
                                                                    args.batch_size)}
         out["summary"] = summary(out["runs"])

@@ -136,6 +136,7 @@ COMMANDS = {
     "bench_architecture": ("benchmarks.bench_architecture", ["--seeds", "1", "--default_seeds", "",
                                                              "--short_minutes", "0.05"]),
     "bench_tools": ("benchmarks.bench_tools", ["--sft_model", "{ckpt}", "--limit", "1"]),
+    "bench_kv_cache": ("benchmarks.bench_kv_cache", ["--pairs", "tiny:modern-tiny", "--rounds", "1"]),
     "bench_structured": ("benchmarks.bench_structured", ["--corpus", "{text}", "--steps", "1", "--repeats", "1"]),
     "download": ("data.download", ["--endpoint", "http://127.0.0.1:9", "--output", "{out}/hf", "--list"]),
     "convert_chat": ("data.convert_chat", ["{sft}", "{out}/chat.jsonl", "--no_progress"]),
@@ -332,12 +333,20 @@ BAD_FLAGS += rows("bench_train", [
 BAD_FLAGS += rows("bench_tools", [
     ["--seeds", "x"], ["--num_threads", "0"], ["--limit", "0"], ["--max_new_tokens", "x"], ["--batch_size", "0"],
     ["--sft_model", "{out}/missing.pth"], ["--chat_test", "{out}/missing.json"], ["--sft_max_steps", "0"],
-    ["--pretrained", "{ckpt}"], ["--bogus"],
+    ["--pretrained", "{ckpt}"], ["--sft_flags", '"unclosed'], ["--bogus"],
+])
+
+# bench_kv_cache
+BAD_FLAGS += rows("bench_kv_cache", [
+    ["--pairs", "gpt2"], ["--pairs", "gpt2:nope"], ["--pairs", ":modern"], ["--batch_sizes", "0"],
+    ["--batch_sizes", ""], ["--vocab_size", "x"], ["--prompt_len", "0"], ["--new_tokens", "-1"], ["--rounds", "0"],
+    ["--num_threads", "0"], ["--bogus"],
 ])
 
 # bench_architecture
 BAD_FLAGS += rows("bench_architecture", [
-    ["--seeds", "0"], ["--seeds", ""], ["--seeds", "x"], ["--default_seeds", "1,x"], ["--short_minutes", "0"],
+    ["--seeds", "0"], ["--seeds", "", "--default_seeds", ""], ["--seeds", "x"], ["--default_seeds", "1,x"],
+    ["--short_minutes", "0"],
     ["--short_minutes", "x"], ["--optimizer", "sgd"], ["--bogus"],
 ])
 
