@@ -4,16 +4,19 @@ calculator on and off, for an SFT checkpoint or for SFT runs (one per seed) from
     python -m benchmarks.bench_tools --sft_model models/sft/sft_best.pth
     python -m benchmarks.bench_tools --pretrained models/pretrain/pretrain_best.pth --seeds 0,1,2
 
-The dialogues of data/sft/chat_test.json (a held-out sum, then "再加 c 呢？" and "再减 d 呢？" on the running total) are
-replayed turn by turn, greedily, each turn's prompt holding the model's own earlier replies (its calls and their
-results included), rendered as the chat does (the oldest turns dropped to leave --max_new_tokens of room). A turn is
-right when the text after its last tool result is the reference answer. "calculator_on": the engine runs the
-calculator on each call; "calculator_off": the model writes whatever follows its call itself. With --pretrained,
-`python finetune.py --mode sft` runs once per seed (its defaults; --sft_max_steps shortens it) into --workdir first.
-Prints one JSON line.
+The dialogues of data/sft/chat_test.json (a held-out sum, then "再加 c 呢？", "再减 d 呢？", "再加 e 呢？" on the
+running total) are replayed turn by turn, greedily, each turn's prompt holding the model's own earlier replies (its
+calls and their results included). --through server (the default) sends every turn to the OpenAI chat endpoint of
+`python -m inference.api_service` (--concurrency requests at a time), which renders the history and drops the oldest
+turns only when they do not fit (counted: "dropped_turns" per turn); --through engine renders the prompts here and
+decodes them in one DecodeEngine. A turn is right when the text after its last tool result is the reference answer.
+"calculator_on": the engine runs the calculator on each call; "calculator_off" (the request's "calculator": false):
+the model writes whatever follows its call itself. With --pretrained, `python finetune.py --mode sft` runs once per
+seed (its defaults; --sft_max_steps shortens it) into --workdir first. Prints one JSON line.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import shlex
 import subprocess
@@ -22,11 +25,13 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import httpx
 import torch
 from tqdm import tqdm
 
 import checkpoints
 import cli
+from benchmarks.bench_server import Served, free_port
 from benchmarks.cli_options import benchmark_parser
 from decoding import DecodeEngine, SamplingParams
 from evaluator import turn_exact_match
@@ -61,15 +66,63 @@ def replay(loaded: checkpoints.Loaded, records: Sequence[dict], params: Sampling
     return answers
 
 
-def scores(checkpoint: Path, records: Sequence[dict], max_new_tokens: int, batch_size: int) -> dict[str, dict]:
-    """Exact match per turn with the calculator on and off."""
+async def replay_server(url: str, records: Sequence[dict], max_new_tokens: int, calculator: bool,
+                        concurrency: int) -> tuple[list[list[str]], list[int]]:
+    """Each dialogue's replies (their calls written out), turn by turn through the server's chat endpoint, and the
+    turns the server dropped to fit, summed per turn."""
+    users = [[m for m in r["messages"] if m["role"] == "user"] for r in records]
+    histories: list[list[dict]] = [[] for _ in records]
+    replies: list[list[str]] = [[] for _ in records]
+    dropped = [0] * max(map(len, users))
+    gate = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+        async def turn_of(i: int, turn: int) -> None:
+            messages = [*histories[i], users[i][turn]]
+            body = {"messages": messages, "max_tokens": max_new_tokens, "temperature": 0, "calculator": calculator}
+            async with gate:
+                response = await client.post("/v1/chat/completions", json=body)
+            response.raise_for_status()
+            answer = response.json()
+            histories[i] = [*messages, {"role": "assistant", "content": answer["choices"][0]["message"]["content"]}]
+            replies[i].append(histories[i][-1]["content"])
+            dropped[turn] += answer["usage"].get("dropped_turns", 0)
+
+        for turn in range(len(dropped)):
+            await asyncio.gather(*(turn_of(i, turn) for i, u in enumerate(users) if len(u) > turn))
+    return replies, dropped
+
+
+def server_scores(checkpoint: Path, records: Sequence[dict], args) -> dict[str, dict]:
+    """Exact match per turn with the calculator on and off through one server, its dropped turns, and the first
+    dialogue's transcript."""
+    port = free_port()
+    command = [sys.executable, "-m", "inference.api_service", "--model_path", str(checkpoint), "--host", "127.0.0.1",
+               "--num_threads", str(args.num_threads), "--max_batch_size", str(args.batch_size)]
+    references = [[m["content"] for m in r["messages"] if m["role"] == "assistant"] for r in records]
+    out = {}
+    with Served([*command, "--port", str(port)], port, None) as server:
+        for mode, on in tqdm(MODES.items(), desc="modes", total=len(MODES)):
+            replies, dropped = asyncio.run(replay_server(server.url, records, args.max_new_tokens, on,
+                                                         args.concurrency))
+            figures = turn_exact_match(replies, references, [None] * len(records))
+            out[mode] = {**{k: round(v, 4) for k, v in figures.items()},
+                         **{f"dropped_turns/turn{n + 1}": d for n, d in enumerate(dropped)},
+                         "transcript": [x for u, r in zip(records[0]["messages"][::2], replies[0])
+                                        for x in (u["content"], r)]}
+    return out
+
+
+def scores(checkpoint: Path, records: Sequence[dict], args) -> dict[str, dict]:
+    """Exact match per turn with the calculator on and off, through the server or one engine here."""
+    if args.through == "server":
+        return server_scores(checkpoint, records, args)
     loaded = checkpoints.load(checkpoint, device="cpu")
     references = [[m["content"] for m in r["messages"] if m["role"] == "assistant"] for r in records]
     out = {}
     for mode, on in tqdm(MODES.items(), desc="modes", total=len(MODES)):
-        params = SamplingParams(max_new_tokens=max_new_tokens, do_sample=False,
+        params = SamplingParams(max_new_tokens=args.max_new_tokens, do_sample=False,
                                 eos_token_id=loaded.tokenizer.eos_token_id, calculator=on)
-        predicted = replay(loaded, records, params, batch_size)
+        predicted = replay(loaded, records, params, args.batch_size)
         out[mode] = {k: round(v, 4) for k, v in turn_exact_match(predicted, references, [None] * len(records)).items()}
     return out
 
@@ -90,7 +143,7 @@ def summary(runs: dict[int, dict]) -> dict[str, dict[str, list[float]]]:
     """Per mode and turn: [mean, min, max] over the seeds."""
     first = next(iter(runs.values()))
     return {mode: {key: [round(sum(v) / len(v), 4), min(v), max(v)]
-                   for key in first[mode] for v in [[run[mode][key] for run in runs.values()]]}
+                   for key in first[mode] if key != "transcript" for v in [[run[mode][key] for run in runs.values()]]}
             for mode in MODES}
 
 
@@ -115,7 +168,12 @@ def build_parser() -> cli.ArgumentParser:
     parser.add_argument("--limit", type=cli.positive_int, help="score the first N arithmetic dialogues only")
     parser.add_argument("--max_new_tokens", type=cli.positive_int, default=24,
                         help="most new tokens per reply (a call, its result and the answer)")
-    parser.add_argument("--batch_size", type=cli.positive_int, default=64, help="dialogues decoded together")
+    parser.add_argument("--batch_size", type=cli.positive_int, default=64,
+                        help="dialogues decoded together (the server's --max_batch_size)")
+    parser.add_argument("--through", choices=("server", "engine"), default="server",
+                        help="replay through the server's chat endpoint, or one decode engine here")
+    parser.add_argument("--concurrency", type=cli.positive_int, default=64, help="with --through server: requests "
+                        "in flight")
     parser.add_argument("--num_threads", type=cli.positive_int, default=2, help="torch CPU threads")
     return parser
 
@@ -138,8 +196,7 @@ def _main(argv: Sequence[str] | None) -> int:
     torch.set_num_threads(args.num_threads)
     out: dict = {"dialogues": len(records), "torch": torch.__version__}
     if args.sft_model:
-        out |= {"sft_model": str(args.sft_model), **scores(args.sft_model, records, args.max_new_tokens,
-                                                           args.batch_size)}
+        out |= {"sft_model": str(args.sft_model), "through": args.through, **scores(args.sft_model, records, args)}
     else:
         out |= {"pretrained": str(args.pretrained), "sft_max_steps": args.sft_max_steps,
                 "sft_flags": args.sft_flags, "runs": {}}
@@ -148,8 +205,7 @@ def _main(argv: Sequence[str] | None) -> int:
             seconds = None if args.reuse and best.is_file() else sft(args.pretrained, best.parent, seed,
                                                                        args.num_threads, args.sft_max_steps,
                                                                        args.sft_flags)
-            out["runs"][seed] = {"sft_seconds": seconds, **scores(best, records, args.max_new_tokens,
-                                                                   args.batch_size)}
+            out["runs"][seed] = {"sft_seconds": seconds, **scores(best, records, args)}
         out["summary"] = summary(out["runs"])
     print(json.dumps(out, ensure_ascii=False))
     return 0
