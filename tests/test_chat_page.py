@@ -131,3 +131,20 @@ def test_user_text_is_shown_literally_and_never_run(page):
     shown = page.execute_script("return [...document.querySelectorAll('.user')].map(n => n.textContent)")
     assert hostile in shown and page.execute_script("return window.__pwned") is None
     assert page.execute_script("return document.querySelectorAll('#log img, #log script').length") == 0
+
+
+def test_a_tool_call_and_its_result_show_as_a_chip_and_the_history_keeps_the_trace(page):
+    trace = "<|tool_call|>42+8<|/tool_call|><|tool_result|>50<|/tool_result|>50"
+    shown = page.execute_script(
+        "const node = document.createElement('div'); showReply(node, arguments[0]);"
+        "return [node.textContent, [...node.querySelectorAll('.tool')].map(n => n.textContent), node.children.length]",
+        trace)
+    assert shown == ["\U0001F9EE 42+8 → 5050", ["\U0001F9EE 42+8 → 50"], 1]  # the chip, then the answer as text
+    streaming = page.execute_script("const node = document.createElement('div'); showReply(node, arguments[0]);"
+                                    "return node.textContent", "<|tool_call|>42+")
+    assert streaming == "\U0001F9EE 42+ …"
+    hostile = "<|tool_call|><img src=x onerror=window.__pwned=1><|/tool_call|>"
+    page.execute_script("const node = document.createElement('div'); showReply(node, arguments[0]);"
+                        "document.body.appendChild(node)", hostile)
+    assert page.execute_script("return window.__pwned") is None and "<img" in page.execute_script(
+        "return document.body.lastChild.textContent")
