@@ -43,6 +43,7 @@ from verifiers import VERIFIERS, check_verifiers
 
 PROCESS_START = time.time()
 HELD_OUT_CAP = 500  # records held out of a user's --data_path at most: evaluations stay a few seconds
+CHAT_CONTEXT = 256  # SFT's default context for a rotary model (chat_context)
 
 # ----------------------------------------------------------------------------- one config per mode
 
@@ -136,9 +137,11 @@ class SFTConfig(Dropout, PromptRecords, HeldOutAnswers, FromPretrained, Finetune
                                     "fused q/k/v projection)")
     merge_lora: bool = cli.setting(False, "write sft_best.pth with the adapters merged (a plain checkpoint every tool "
                                    "loads); the adapters are saved on their own either way")
-    max_seq_len: int | None = cli.setting(None, "context to finetune and serve at (default: the base model's); "
-                                          "longer than the base's only for a rotary model (linear position "
-                                          "interpolation, kept in the checkpoint and exported)", cli.int_at_least(2))
+    max_seq_len: int | None = cli.setting(None, "context to finetune and serve at (default: "
+                                          f"{CHAT_CONTEXT} for a rotary model, whose context grows: a multi-turn chat "
+                                          "fits; the base model's for learned positions); longer than the base's only "
+                                          "for a rotary model (linear position interpolation, kept in the checkpoint "
+                                          "and exported)", cli.int_at_least(2))
 
 
 @dataclass
@@ -315,7 +318,7 @@ def run_sft(config: SFTConfig, resume: str | None, show_progress: bool = True,
     ``stop_after`` ends the run after that step's checkpoint, as if it were killed there (for tests)."""
     base = load_base(config.pretrained_model, config.tokenizer_dir, "--pretrained_model")
     tokenizer, template = chat_base(base)
-    extend_context(base.model, config.max_seq_len)
+    extend_context(base.model, config.max_seq_len or chat_context(base.model))
     max_len = base.model.config.max_seq_len
     train_records, test_records, held_out = held_out_split(config)
     train_set = data_loader.GPTSFTDataset(train_records, tokenizer, max_len, template)
@@ -339,6 +342,12 @@ def run_sft(config: SFTConfig, resume: str | None, show_progress: bool = True,
     if trainer.dist.is_main and extra["lora"]:
         finish_lora(trainer.output_dir / "sft_best.pth", config)
     return summary(trainer, "sft", **({"held_out": held_out} if held_out else {}))
+
+
+def chat_context(model: nn.Module) -> int:
+    """SFT's default context: a rotary model grows to CHAT_CONTEXT (four turns of the demo dialogues with their
+    calculator calls fit), a model with learned positions keeps its own."""
+    return max(CHAT_CONTEXT, model.config.max_seq_len) if model.rotary is not None else model.config.max_seq_len
 
 
 def extend_context(model: nn.Module, max_seq_len: int | None) -> None:

@@ -47,6 +47,10 @@ DEFAULT_MINUTES = 4.75  # leaves ~15 s of a 5-minute run for the final evaluatio
 # (benchmarks/bench_optimizer.py, docs/results.md); finetuning keeps AdamW
 DEFAULT_OPTIMIZER, DEFAULT_LR = "muon", {"adamw": 3e-3, "muon": 6e-3}
 DEFAULT_TINY_LAYERS = 2  # in 2-5 minutes on 2 cores, 2 blocks of 128 beat 1, 3 or 4 (val bpb, measured)
+# rotary positions, RMSNorm, QK-norm, SwiGLU, grouped kv heads: lower val bpb than GPT-2's blocks at equal time
+# (benchmarks/bench_architecture.py, docs/results.md), and a context that grows at SFT
+DEFAULT_PRESET, TINY_PRESETS = "modern-tiny", ("modern-tiny", "tiny")
+SIZED_PRESET = "tiny"  # a sized run (--depth, CUDA auto-sizing) trains GPT-2's blocks: sizing's shapes and counts
 SAMPLE_PROMPTS = ("LEAR:", "ROMEO:", "《静夜思》 李白：")
 SHAPE_FIELDS = ("preset", "n_layers", "d_model", "n_heads", "d_ff", "max_seq_len")
 DEPTH_EXCLUDES = ("preset", "n_layers", "d_model", "n_heads", "d_ff")  # what --depth sets itself
@@ -69,10 +73,11 @@ class TrainConfig(training.TrainConfig):
                                         "when that is read-only)")
     text_field: str = cli.setting(DEFAULT_TEXT_FIELD, "the field (.jsonl*) or column (.parquet) that holds each "
                                   "document's text, in both the training and the validation data", cli.field_name)
-    preset: str = cli.setting("tiny", "GPTConfig preset the model starts from", choices=sorted(PRESETS))
+    preset: str = cli.setting(DEFAULT_PRESET, "GPTConfig preset the model starts from (tiny: GPT-2's blocks at the "
+                              "same size)", choices=sorted(PRESETS))
     n_layers: int | None = cli.setting(None, "override the preset's number of transformer blocks (default: "
-                                       f"{DEFAULT_TINY_LAYERS} with the tiny preset, best in the 5-minute CPU run; the "
-                                       "preset's own otherwise)", cli.positive_int)
+                                       f"{DEFAULT_TINY_LAYERS} with the {' and '.join(TINY_PRESETS)} presets, best "
+                                       "in the 5-minute CPU run; the preset's own otherwise)", cli.positive_int)
     d_model: int | None = cli.setting(None, "override the preset's hidden size (d_ff follows: 4x, ~8/3x with "
                                             "SwiGLU, unless --d_ff)",
                                       cli.positive_int)
@@ -220,7 +225,7 @@ class Corpus:
 
 def apply_plan(config: TrainConfig, plan: sizing.Plan, typed: set[str]) -> TrainConfig:
     """The config of a planned run: its shape, its lr (unless --lr was typed) and its steps (unless a budget was)."""
-    values: dict[str, Any] = {**plan.shape(), "depth": plan.depth}
+    values: dict[str, Any] = {**plan.shape(), "depth": plan.depth, "preset": SIZED_PRESET}
     if "lr" not in typed:
         values["lr"] = plan.lr
     if not typed & set(BUDGET_FIELDS):
@@ -278,7 +283,8 @@ def measure_throughput(config: TrainConfig, tokenizer: ByteLevelBPETokenizer, tr
     """Training tokens/s of the depth's model: PROBE_STEPS of the run's own optimizer step (after PROBE_WARMUP),
     in a scratch folder that is removed afterwards."""
     with tempfile.TemporaryDirectory() as scratch:
-        probe = dataclasses.replace(config, **sizing.shape_from_depth(depth), output_dir=scratch, val_data=None,
+        probe = dataclasses.replace(config, **sizing.shape_from_depth(depth), preset=SIZED_PRESET,
+                                    output_dir=scratch, val_data=None,
                                     max_steps=PROBE_WARMUP + PROBE_STEPS, max_minutes=None, epochs=None)
         trainer = GPTTrainer(probe, tokenizer, show_progress=False, streams=(train_stream, None))
         sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda *_: None)
@@ -362,7 +368,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         derived["lr"] = DEFAULT_LR[config.optimizer]
     if not set(BUDGET_FIELDS) & typed.keys() and config.depth is None:
         derived["max_minutes"] = DEFAULT_MINUTES
-    if config.preset == "tiny" and config.n_layers is None and config.depth is None:
+    if config.preset in TINY_PRESETS and config.n_layers is None and config.depth is None:
         derived["n_layers"] = DEFAULT_TINY_LAYERS
     return dataclasses.replace(config, **derived)
 

@@ -30,11 +30,11 @@ def built(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def built_tool(tmp_path_factory):
-    """The same build with the follow-ups answered through the calculator (``--arithmetic_chat_form tool``)."""
-    folder = tmp_path_factory.mktemp("sft_tool")
+def built_windows(tmp_path_factory):
+    """The same build for a 64-token model (``--context 64``): dialogues too long for it are split into windows."""
+    folder = tmp_path_factory.mktemp("sft_windows")
     assert build_sft.main(["--seed", "0", "--output_dir", str(folder), "--corpus", str(TRAIN_TXT),
-                           "--arithmetic_chat_form", "tool"]) == 0
+                           "--context", "64"]) == 0
     return folder
 
 
@@ -203,8 +203,10 @@ def dialogue_turns(messages: list[dict]) -> list[tuple[str, str | None, str, int
     return [tuple(t) for t in turns]
 
 
-def test_dialogues_follow_up_on_their_own_earlier_answers(built_tool):
-    built = built_tool
+@pytest.mark.parametrize("build", ["built", "built_windows"])
+def test_dialogues_follow_up_on_their_own_earlier_answers(build, request):
+    built = request.getfixturevalue(build)
+    whole = build == "built"
     train_sums = {r["instruction"] for r in single(load(built, "sft_data.json")) if r["task"] == "arithmetic"}
     test_sums = {r["instruction"] for r in load(built, "sft_test.json") if r["task"] == "arithmetic"}
     for name, sums in (("sft_data.json", train_sums), ("chat_test.json", test_sums)):
@@ -217,8 +219,9 @@ def test_dialogues_follow_up_on_their_own_earlier_answers(built_tool):
                 assert arithmetic_answer(users[0]) == {answers[0]} and turns[0][1] is None
                 total = int(answers[0])
             elif r["task"] == "arithmetic_chat":  # a train window: the turn before is context only
-                assert name == "sft_data.json" and users[0].startswith("再加") and turns[0][3] == 0
-                total = int(answers[0]) - int(re.search(r"\d+", users[0])[0])
+                assert name == "sft_data.json" and users[0].startswith(("再加", "再减")) and turns[0][3] == 0
+                sign = 1 if users[0].startswith("再加") else -1
+                total = int(answers[0]) - sign * int(re.search(r"\d+", users[0])[0])
                 users, answers, turns = [f"计算 {total} + 0 = ?", *users], [str(total), *answers], [None, *turns]
             if r["task"] == "arithmetic_chat":
                 for follow_up, answer, turn in zip(users[1:], answers[1:], turns[1:]):
@@ -228,20 +231,25 @@ def test_dialogues_follow_up_on_their_own_earlier_answers(built_tool):
                     total += sign[0] * n
                     assert answer == str(total) and total >= 0
                     assert turn[1] == (expression if name == "sft_data.json" else None)
-                assert len(answers) == (3 if name == "chat_test.json" else len(answers))
+                assert len(answers) == (4 if name == "chat_test.json" or whole else 2)  # a window: two turns
             else:
                 assert author_answer(users[0]) == {answers[0]} and users[1] == "这位诗人姓什么？"
                 assert answers[0].startswith(answers[1]) and len(answers[1]) in (1, 2)
-    windows = [r for r in load(built, "sft_data.json") if r["task"] == "arithmetic_chat"]
-    assert len(windows) == 2 * build_sft.Sizes.chat_sums_train  # every dialogue's two windows fit the context
-    assert len(load(built, "chat_test.json")) > 300
+    chats = [r for r in load(built, "sft_data.json") if r["task"] == "arithmetic_chat"]
+    fits = build_sft.dialogue_fit(build_sft.context_tokenizer(TRAIN_TXT), 256 if whole else 64)
+    assert all(fits(r) for r in chats) and all(fits(r) for r in load(built, "chat_test.json"))
+    # the default context holds every whole dialogue; at 64 tokens each is its windows (those that fit)
+    expected = (build_sft.Sizes.chat_sums_train,) if whole else range(2 * build_sft.Sizes.chat_sums_train,
+                                                                       3 * build_sft.Sizes.chat_sums_train + 1)
+    assert len(chats) in expected
+    assert len(load(built, "chat_test.json")) > (300 if whole else 100)
 
 
 def test_the_plain_form_builds_the_dialogues_without_calls(tmp_path):
     build_sft.main(["--arithmetic_chat_form", "plain", "--chat_sums_train", "50", "--output_dir", str(tmp_path),
                     "--corpus", str(TRAIN_TXT)])
     chats = [r for r in load(tmp_path, "sft_data.json") if r["task"] == "arithmetic_chat"]
-    assert len(chats) == 50 and all([m["role"] for m in r["messages"]] == ["user", "assistant"] * 3 for r in chats)
+    assert len(chats) == 50 and all([m["role"] for m in r["messages"]] == ["user", "assistant"] * 4 for r in chats)
 
 
 def test_counts_per_family(built):

@@ -367,7 +367,7 @@ DEFAULT_RUN = {'output_dir': 'models/pretrain', 'batch_size': 16, 'grad_accum': 
                'grad_clip': 1.0, 'max_steps': None, 'epochs': None, 'max_minutes': 4.75, 'eval_interval': 500,
                'eval_batches': None, 'log_interval': 10, 'save_interval': None, 'keep_last': 2, 'dtype': 'auto',
                'compile': False, 'device': None, 'seed': 1337, 'train_data': 'data/pretrain/train.txt',
-               'val_data': 'data/pretrain/val.txt', 'cache_dir': None, 'text_field': 'text', 'preset': 'tiny',
+               'val_data': 'data/pretrain/val.txt', 'cache_dir': None, 'text_field': 'text', 'preset': 'modern-tiny',
                'n_layers': 2, 'd_model': None, 'n_heads': None, 'd_ff': None, 'dropout': 0.0, 'max_seq_len': 64,
                'num_workers': None}
 SIZING_FIELDS = {"depth": None, "tokens_per_param": 20.0, "max_epochs": 4.0}

@@ -10,17 +10,17 @@ Four task families, each with one exact answer that a checker can verify:
   -> the speaker of those words.
 
 Dialogues (``{"messages": [...]}`` records) whose later answers depend on earlier ones: ``arithmetic_chat`` opens
-with a sum, then ``再加 {c} 呢？`` and ``再减 {d} 呢？`` on the running total (1 <= c, d <= 20; three assistant turns);
-``author_chat`` names a poem's author, then ``这位诗人姓什么？`` -> the surname. Train dialogues (from train sums and
-poems) are in ``sft_data.json`` beside the single-turn records; held-out ones (from test sums and poems) in
-``chat_test.json`` (their references: the answers alone).
+with a sum, then ``再加 {c} 呢？``, ``再减 {d} 呢？``, ``再加 {e} 呢？`` on the running total (1 <= c, d, e <= 20;
+four assistant turns, ``--chat_follow_ups``); ``author_chat`` names a poem's author, then ``这位诗人姓什么？`` -> the
+surname. Train dialogues (from train sums and poems) are in ``sft_data.json`` beside the single-turn records;
+held-out ones (from test sums and poems) in ``chat_test.json`` (their references: the answers alone).
 
-In the train dialogues the assistant answers each follow-up with its answer alone (the default,
-``--arithmetic_chat_form plain``), or with ``--arithmetic_chat_form tool`` with the built-in calculator
-(``calculator.py``): an OpenAI tool call on the running total read off its previous answer
-(``{"expression": "42+8"}``), the tool's result, then the answer. A whole three-turn dialogue with its calls does
-not fit the default 64-token context, so it is written as the windows a chat shows the model (the oldest turn
-dropped): turns 1-2, and turns 2-3 with turn 2 as context only (``"weight": 0``, OpenAI's flag).
+In the train dialogues the assistant answers each follow-up with the built-in calculator (the default,
+``--arithmetic_chat_form tool``, ``calculator.py``): an OpenAI tool call on the running total read off its previous
+answer (``{"expression": "42+8"}``), the tool's result, then the answer; or with its answer alone
+(``--arithmetic_chat_form plain``). A whole dialogue fits SFT's default 256-token context of a rotary model
+(``--context``); a dialogue longer than ``--context`` is written as the windows a chat shows the model (the oldest
+turn dropped): turns 1-2, then each turn with the one before it as context only (``"weight": 0``, OpenAI's flag).
 
 Only arithmetic must be computed; the other families are reading tasks: the answer is in the prompt, so a small
 model can learn them (recalling facts of a corpus it read for five minutes, the families' earlier form, it could
@@ -76,6 +76,7 @@ QUOTE_WORDS = 3  # of which the question quotes the first three
 OUTPUT_FILES = ("sft_data.json", "sft_test.json", "chat_test.json", "rlhf_pairwise.json", "rlhf_pairwise_test.json")
 RL_FILE = "rlvf_prompts.json"  # written only with --arithmetic_rl > 0
 CONTEXT = 64  # the default pretrained model's context: every prompt + answer (+ <s>, </s>) fits it
+CHAT_CONTEXT = 256  # SFT's default context for a rotary model (finetune --max_seq_len): whole dialogues fit it
 VOCAB_SIZE = 8192  # the tokenizer `python pretrain_trainer.py` trains on the same corpus
 Fits = Callable[["Example"], bool]
 
@@ -110,7 +111,9 @@ class Sizes:
     all_wrong_sums: bool = True  # plus every other wrong answer of every train example (a reward model needs them)
     chat_sums_train: int = 5000  # train sums that also open a three-turn dialogue in sft_data.json
     chat_sums_test: int = 300  # held-out sums that open a dialogue in chat_test.json
-    arithmetic_chat_form: str = "plain"  # train dialogues: "plain" (answers alone) or "tool" (calculator calls)
+    arithmetic_chat_form: str = "tool"  # train dialogues: "tool" (follow-ups through calculator calls) or "plain"
+    chat_follow_ups: int = 3  # follow-ups after a dialogue's sum: 再加, 再减, 再加, ... (3: a four-turn dialogue)
+    context: int = CHAT_CONTEXT  # tokens a dialogue must fit (else split into windows; a test dialogue left out)
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -331,19 +334,31 @@ def surname(poet: str) -> str:
     return poet[:2] if poet[:2] in COMPOUND_SURNAMES else poet[0]
 
 
-def dialogues(examples: Sequence[Example], rng: random.Random, max_sums: int, tool: bool = False) -> list[dict]:
+def follow_up_turns(total: int, rng: random.Random, n: int) -> list[tuple[str, str, str]]:
+    """``n`` follow-ups on a running total, ``再加 c 呢？`` and ``再减 d 呢？`` in turn: (user, expression, answer)."""
+    turns = []
+    for k in range(n):
+        if k % 2 == 0:
+            step = rng.randint(1, FOLLOW_UP_MAX)
+            turns.append((ADD_PROMPT.format(n=step), f"{total}+{step}", str(total + step)))
+            total += step
+        else:
+            step = rng.randint(1, min(FOLLOW_UP_MAX, total))  # the total never goes below 0
+            turns.append((SUB_PROMPT.format(n=step), f"{total}-{step}", str(total - step)))
+            total -= step
+    return turns
+
+
+def dialogues(examples: Sequence[Example], rng: random.Random, max_sums: int, tool: bool = False,
+              follow_ups: int = 2) -> list[dict]:
     """Conversations whose later answers depend on the earlier ones: a sum (of the first ``max_sums`` sums) then
-    ``再加 c 呢？`` and ``再减 d 呢？`` on the running total (``tool``: each follow-up answered through a calculator
-    call); a poem's author then ``这位诗人姓什么？``."""
+    ``follow_ups`` of ``再加 c 呢？`` and ``再减 d 呢？`` on the running total (``tool``: each follow-up answered
+    through a calculator call); a poem's author then ``这位诗人姓什么？``."""
     out, sums = [], 0
     for e in examples:
         if e.task == "arithmetic" and sums < max_sums:
             sums += 1
-            total = int(e.response)
-            add = rng.randint(1, FOLLOW_UP_MAX)
-            sub = rng.randint(1, min(FOLLOW_UP_MAX, total + add))
-            turns = [(e.instruction, e.response), (ADD_PROMPT.format(n=add), f"{total}+{add}", str(total + add)),
-                     (SUB_PROMPT.format(n=sub), f"{total + add}-{sub}", str(total + add - sub))]
+            turns = [(e.instruction, e.response), *follow_up_turns(int(e.response), rng, follow_ups)]
             turns = [turn if tool or len(turn) == 2 else (turn[0], turn[2]) for turn in turns]
             out.append({"messages": conversation(turns), "task": "arithmetic_chat"})
         elif e.task == "poem_author" and e.response not in ANONYMOUS:
@@ -368,9 +383,9 @@ def reply(*steps: str) -> list[dict]:
             {"role": "tool", "tool_call_id": "call_0", "content": answer}, {"role": "assistant", "content": answer}]
 
 
-def dialogue_fit(tokenizer: ByteLevelBPETokenizer) -> Callable[[dict], bool]:
-    """Whether a conversation fits the default model's context in the chat format (prompts.render_sample)."""
-    return lambda record: len(render_sample(tokenizer, record["messages"], CHAT_TEMPLATE, 1 << 30).input_ids) <= CONTEXT
+def dialogue_fit(tokenizer: ByteLevelBPETokenizer, context: int = CONTEXT) -> Callable[[dict], bool]:
+    """Whether a conversation fits ``context`` tokens in the chat format (prompts.render_sample)."""
+    return lambda record: len(render_sample(tokenizer, record["messages"], CHAT_TEMPLATE, 1 << 30).input_ids) <= context
 
 
 def windows(record: dict, fits: Callable[[dict], bool]) -> list[dict]:
@@ -442,10 +457,12 @@ def build(corpus: Path, output_dir: Path, seed: int, sizes: Sizes = Sizes()) -> 
     train = [*train, *mixed]
     mixing.shuffle(train)
     chats = random.Random(seed + 4)  # its own generator: the files above stay as they were
-    fits = dialogue_fit(tokenizer)
+    fits = dialogue_fit(tokenizer, sizes.context)
     tool = sizes.arithmetic_chat_form == "tool"
-    train_chats = [w for r in dialogues(train, chats, sizes.chat_sums_train, tool) for w in windows(r, fits)]
-    test_chats = [r for r in dialogues(test, chats, sizes.chat_sums_test) if fits(r)]  # references: answers alone
+    train_chats = [w for r in dialogues(train, chats, sizes.chat_sums_train, tool, sizes.chat_follow_ups)
+                   for w in windows(r, fits)]
+    test_chats = [r for r in dialogues(test, chats, sizes.chat_sums_test, follow_ups=sizes.chat_follow_ups)
+                  if fits(r)]  # references: answers alone
     sft_train = sft_records(train) + train_chats
     chats.shuffle(sft_train)
     files = {"sft_data.json": sft_train, "sft_test.json": sft_records(test), "chat_test.json": test_chats,
@@ -493,6 +510,11 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--arithmetic_chat_form", choices=CHAT_FORMS, default=Sizes.arithmetic_chat_form,
                    help="train arithmetic dialogues: tool = each follow-up answered through a calculator call "
                         "(the engine runs it), plain = the answers alone")
+    p.add_argument("--chat_follow_ups", type=count, default=Sizes.chat_follow_ups,
+                   help="follow-up turns after each dialogue's sum (再加 c 呢？, 再减 d 呢？, in turn)")
+    p.add_argument("--context", type=cli.positive_int, default=Sizes.context,
+                   help="tokens a dialogue must fit: a longer train dialogue is split into two-turn windows, a "
+                        "longer test dialogue left out (the model's context at SFT)")
     p.add_argument("--mixed_excerpts_train", type=count, default=Sizes.mixed_excerpts_train,
                    help="next-line excerpts of lines from different train poems (two prompts each) added to the "
                         "train split: the real excerpts are too few to learn the copy from")
@@ -506,7 +528,8 @@ def sizes_of(args: argparse.Namespace) -> Sizes:
                  speaker_train=args.speaker_train, speaker_test=args.speaker_test,
                  mixed_excerpts_train=args.mixed_excerpts_train, all_wrong_sums=not args.one_wrong_answer_per_sum,
                  chat_sums_train=args.chat_sums_train, chat_sums_test=args.chat_sums_test,
-                 arithmetic_chat_form=args.arithmetic_chat_form)
+                 arithmetic_chat_form=args.arithmetic_chat_form, chat_follow_ups=args.chat_follow_ups,
+                 context=args.context)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
