@@ -38,8 +38,8 @@ class DraftParams:
 
 
 def propose(history: Sequence[int], params: DraftParams, limit: int | None = None) -> list[int]:
-    """Up to min(k, limit) tokens that followed the latest earlier occurrence of history's last n tokens (the
-    longest n that occurs); [] when none does."""
+    """min(k, limit) tokens that followed the latest earlier occurrence of history's last n tokens (the longest n
+    that occurs), the copy running on into the draft itself where the history ends; [] when none occurs."""
     k = params.k if limit is None else min(params.k, limit)
     if k < 1:
         return []
@@ -47,7 +47,10 @@ def propose(history: Sequence[int], params: DraftParams, limit: int | None = Non
         tail = list(history[len(history) - n:])
         for start in range(len(history) - n - 1, -1, -1):  # latest first: the most local context
             if history[start:start + n] == tail:
-                return list(history[start + n:start + n + k])
+                sequence = list(history)
+                for position in range(start + n, start + n + k):  # past the end it copies its own draft: a loop
+                    sequence.append(sequence[position])           # of period p drafts k tokens, not p
+                return sequence[len(history):]
     return []
 
 

@@ -15,11 +15,11 @@ SHAPES = {"gpt2": {}, "rope": dict(pos_embedding="rope", norm="rmsnorm", mlp="sw
 def test_propose_takes_what_followed_the_latest_longest_match():
     history = [5, 1, 2, 3, 9, 1, 2, 4, 7, 1, 2]
     assert propose(history, DraftParams(k=2, max_ngram=3)) == [4, 7]  # [1, 2] last seen before 4 7
-    assert propose(history, DraftParams(k=9, max_ngram=3)) == [4, 7, 1, 2]  # up to the end of the history
+    assert propose(history, DraftParams(k=9, max_ngram=3)) == [4, 7, 1, 2, 4, 7, 1, 2, 4]  # the copy runs on
     assert propose(history, DraftParams(k=9), limit=1) == [4]
     assert propose([5, 8, 6, 3, 8, 6], DraftParams(k=3, max_ngram=2)) == [3, 8, 6]
     assert propose([1, 2, 3], DraftParams()) == [] and propose([1], DraftParams()) == []
-    assert propose([4, 4, 4], DraftParams(k=3, max_ngram=2, min_ngram=2)) == [4]
+    assert propose([4, 4, 4], DraftParams(k=3, max_ngram=2, min_ngram=2)) == [4, 4, 4]
     assert propose(history, DraftParams(k=4), limit=0) == []
 
 
