@@ -42,7 +42,8 @@ DEFAULT_SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", *CHAT_TOKENS]
 ROLES = ("bos", "pad", "eos", "unk")  # roles of the first four special tokens, in this order
 GPT2_ENDOFTEXT = "<|endoftext|>"
 MAX_CACHE_ENTRIES = 65_536  # pre-tokens cached per process, cleared when full: memory stays flat (on 8 MB
-# of generated text it encodes as fast as a 500,000-entry cache: benchmarks/bench_scale.py)
+# of generated text it encodes as fast as a 500,000-entry cache: benchmarks/bench_scale.py). The pre-tokens that are
+# one whole token (at most one entry per vocabulary token) are kept on top of these and survive a clear.
 CHUNK_CHARS = 1 << 16  # text per worker task in encode_many
 NO_MERGE = 1 << 62  # rank of a pair that has no merge
 LONG_PIECE = 256  # bytes of a pre-token past which _bpe_heap (n log n) beats _bpe's list scans
@@ -137,13 +138,14 @@ class ByteLevelBPETokenizer:
         self._decode_table = [b"" if i in self._special_id_set else t for i, t in enumerate(id_to_bytes)]
         self._pattern = regex.compile(GPT2_SPLIT_PATTERN)
         self._special_pattern_cache: dict[frozenset[str], regex.Pattern] = {}
-        self._cache: dict[str, list[int]] = {}
+        self._whole_tokens = self._single_token_pieces()
+        self._cache: dict[str, list[int]] = dict(self._whole_tokens)
         self.__dict__.pop("_fingerprint", None)
         self.__dict__.pop("_vocab", None)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_cache"] = {}
+        state["_cache"] = dict(self._whole_tokens)
         state["_special_pattern_cache"] = {}
         return state
 
@@ -288,6 +290,22 @@ class ByteLevelBPETokenizer:
             if i < len(ids) - 1:
                 ranks[i] = rank_of((ids[i], ids[i + 1]), no_merge)
 
+    def _single_token_pieces(self) -> dict[str, list[int]]:
+        """{text: [id]} for every token whose text BPE encodes as that one token: found at load, so a cold encode
+        (and one after the cache was cleared) merges only the pre-tokens that are not a word of the vocabulary
+        (half the distinct pre-tokens of Shakespeare, their shorter half)."""
+        whole = {}
+        for token_id, raw in enumerate(self._id_to_bytes):
+            if token_id in self._special_id_set or len(raw) < 2:
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:  # part of a character: never a whole pre-token
+                continue
+            if self._bpe(text) == [token_id]:  # not every merge result re-forms from its own bytes
+                whole[text] = [token_id]
+        return whole
+
     def _bpe_heap(self, ids: list[int]) -> list[int]:
         """The same merges as ``_bpe`` in O(n log n) for a long pre-token (``_bpe`` is quadratic in its length): a
         heap of (rank, position) over a linked list; the lowest rank, then the leftmost, merges first, as there."""
@@ -316,8 +334,9 @@ class ByteLevelBPETokenizer:
         if not isinstance(text, str):
             raise TokenizerError(f"encode_ordinary() needs a str, got {type(text).__name__}")
         cache = self._cache
-        if len(cache) > MAX_CACHE_ENTRIES:
+        if len(cache) > MAX_CACHE_ENTRIES + len(self._whole_tokens):
             cache.clear()
+            cache.update(self._whole_tokens)
         out: list[int] = []
         extend, cached = out.extend, cache.get
         for piece in self._pattern.findall(text):

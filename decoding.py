@@ -29,7 +29,9 @@ import torch
 
 import calculator
 from byte_level_bpe import incomplete_tail
+from prefix_cache import PrefixIndex
 from prompts import CALCULATOR, TOOL_CALL, TOOL_CALL_END, TOOL_RESULT, TOOL_RESULT_END, TOOL_TOKENS, parse_call
+from speculative import DraftParams, accept, accept_greedy, propose
 from transformer_components import KVCache, KVCacheView
 
 
@@ -76,6 +78,16 @@ def top_k_candidates(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, to
     """(values, token ids) of the top_k largest logits per row: sampling among these k is top-k sampling, the same
     distribution as masking every other logit to -inf, with the softmax and the draw over k values instead of V."""
     return torch.topk(logits, top_k, dim=-1)
+
+
+def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution each row is sampled from (temperature, top-k, top-p; no penalty or constraint) over the whole
+    vocabulary: what speculative sampling checks a draft against."""
+    scaled = logits / max(params.temperature, MIN_TEMPERATURE)
+    if params.top_k and params.top_k < scaled.size(-1):
+        kth = top_k_candidates(scaled, params.top_k)[0][..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    return apply_top_p(scaled, params.top_p).softmax(dim=-1)
 
 
 def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -248,6 +260,20 @@ class StepOutput(NamedTuple):
     top_logprobs: tuple[tuple[int, float], ...] | None = None
 
 
+@dataclass
+class SpeculationStats:
+    """Speculative decoding so far: verifying forward passes, draft tokens proposed and draft tokens accepted
+    (each pass also yields one token of the model's own)."""
+
+    steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def tokens_per_step(self) -> float:
+        return (self.accepted + self.steps) / self.steps if self.steps else 0.0
+
+
 class DecodeEngine:
     """Fixed-slot KV-cache decoding with iteration-level scheduling; puts the model in eval mode.
 
@@ -255,10 +281,14 @@ class DecodeEngine:
     use_cache=False recomputes every sequence in full each step (slow; for verification and benchmarks).
     compile=True compiles the decode step with torch.compile over static shapes (every slot, the whole
     cache length), as gpt-fast does. A tokenizer is needed for text, streaming and stop strings.
+    prefix_cache=True (with the cache) reuses the keys/values of a prompt's leading blocks that a slot holds or
+    held (an earlier turn of a chat, a shared system message): a finished sequence's slot keeps them until it is
+    needed. speculative=DraftParams(...) decodes a lone sequence by prompt-lookup drafts verified in one pass.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, n_slots: int = 8, max_len: int | None = None,
-                 use_cache: bool = True, compile: bool = False):
+                 use_cache: bool = True, compile: bool = False, prefix_cache: bool = True,
+                 speculative: DraftParams | None = None):
         if n_slots < 1:
             raise DecodingError(f"n_slots must be at least 1, got {n_slots}")
         config = model.config
@@ -270,7 +300,12 @@ class DecodeEngine:
         self.cache = KVCache(config.n_layers, n_slots, self.max_len) if use_cache else None
         if compile and not use_cache:
             raise DecodingError("compile=True needs the KV cache (use_cache=True)")
+        if speculative is not None and not use_cache:
+            raise DecodingError("speculative decoding verifies drafts in the KV cache: it needs use_cache=True")
         self.compiled = compile
+        self.prefix = PrefixIndex(n_slots) if use_cache and prefix_cache else None
+        self.speculative = speculative
+        self.speculation = SpeculationStats()
         self.slots: list[Request | None] = [None] * n_slots
         self.lengths = [0] * n_slots  # tokens of each slot already in the cache
         self._slot_ids = torch.arange(n_slots, device=self.device)
@@ -302,6 +337,8 @@ class DecodeEngine:
             self._free(request)
 
     def _free(self, request: Request) -> None:
+        if self.prefix is not None:  # the slot keeps the keys/values of its sequence for a later prompt to reuse
+            self.prefix.hold(request.slot, (request.prompt_ids + request.output_ids)[:self.lengths[request.slot]])
         self.slots[request.slot] = None
         self.lengths[request.slot] = 0
 
@@ -331,11 +368,12 @@ class DecodeEngine:
             self._check_prompt(ids)
         if any(p.stop for p in params) and self.tokenizer is None:
             raise DecodingError("stop strings need the engine's tokenizer: DecodeEngine(model, tokenizer)")
-        requests = [self._new_request(ids, p, slot, generator) for ids, p, slot in zip(prompts, params, free)]
+        slots, reuse = self._place(prompts)
+        requests = [self._new_request(ids, p, slot, generator) for ids, p, slot in zip(prompts, params, slots)]
         if not requests:
             return []
         try:
-            logits = self._prefill_distinct(requests)
+            logits = self._prefill_distinct(requests, reuse)
             self._pending.extend(self._emit(requests, logits))
         except Exception:  # the engine stays as it was: no slot is left to a request nobody tracks
             for request in requests:
@@ -345,18 +383,79 @@ class DecodeEngine:
             raise
         return requests
 
-    def _prefill_distinct(self, requests: list[Request]) -> torch.Tensor:
+    def _place(self, prompts: Sequence[Sequence[int]]) -> tuple[list[int], list[tuple[int, int] | None]]:
+        """A free slot per prompt, and per prompt the (slot, n tokens) whose cached keys/values it reuses (None: it
+        is prefilled whole). Without the prefix cache: the lowest free slots. With it: the free slot that holds the
+        longest match itself if one does (reused in place), else an empty slot, else the least recently used."""
+        free = self.free_slots
+        if self.prefix is None:
+            return free[:len(prompts)], [None] * len(prompts)
+        claimed: set[int] = set()  # slots given to this batch: overwritten, so no one's source
+        seen: set[tuple[int, ...]] = set()
+        slots, reuse = [], []
+        for ids in prompts:
+            key = tuple(ids)
+            match = None if key in seen else self.prefix.longest(ids, exclude=claimed)  # a repeat copies the first
+            seen.add(key)
+            in_place = sorted(s for s in match.slots if self.slots[s] is None) if match else []
+            slot = in_place[0] if in_place else self.prefix.victim([s for s in free if s not in claimed])
+            claimed.add(slot)
+            slots.append(slot)
+            reuse.append(None if match is None else (slot if in_place else min(match.slots), match.n_tokens))
+        return slots, reuse
+
+    def _prefill_distinct(self, requests: list[Request], reuse: list[tuple[int, int] | None]) -> torch.Tensor:
         """``prefill`` computing each distinct prompt once: a request whose prompt equals an earlier one's (the n
-        samples of one prompt) gets a copy of that slot's keys and values; logits (B, V) in request order."""
+        samples of one prompt) gets a copy of that slot's keys and values, one with a cached prefix (``reuse``)
+        computes only the rest; logits (B, V) in request order."""
         first: dict[tuple[int, ...], int] = {}
         source = [first.setdefault(tuple(r.prompt_ids), i) for i, r in enumerate(requests)]
         unique = sorted(set(source))
-        logits = self.prefill([requests[i].slot for i in unique], [requests[i].prompt_ids for i in unique])
+        whole = [i for i in unique if reuse[i] is None]
+        rest = [i for i in unique if reuse[i] is not None]
+        parts = []
+        if whole:
+            parts.append(self.prefill([requests[i].slot for i in whole], [requests[i].prompt_ids for i in whole]))
+        if rest:
+            parts.append(self._prefill_after_prefix([requests[i] for i in rest], [reuse[i] for i in rest]))
+        logits = torch.cat(parts)
         for i, src in enumerate(source):
             if src != i:
                 self._copy_slot(requests[src].slot, requests[i].slot)
-        row = {i: n for n, i in enumerate(unique)}
+        if self.prefix is not None:
+            for request in requests:
+                self.prefix.hold(request.slot, request.prompt_ids)
+        row = {i: n for n, i in enumerate(whole + rest)}
         return logits[torch.tensor([row[src] for src in source], device=logits.device)]
+
+    def _prefill_after_prefix(self, requests: list[Request], reuse: list[tuple[int, int]]) -> torch.Tensor:
+        """Logits (B, V) of each prompt's last token, its first n tokens' keys/values taken from the source slot
+        (copied unless it is the request's own) and only the rest computed."""
+        for request, (source, n) in zip(requests, reuse):
+            if source != request.slot:
+                for keys, values in zip(self.cache.keys, self.cache.values):
+                    if keys is not None:
+                        keys[request.slot, :, :n] = keys[source, :, :n]
+                        values[request.slot, :, :n] = values[source, :, :n]
+            self.prefix.touch(source)
+        chunks = [r.prompt_ids[n:] for r, (_, n) in zip(requests, reuse)]
+        hidden = self._extend([r.slot for r in requests], [n for _, n in reuse], chunks)
+        for request in requests:
+            self.lengths[request.slot] = len(request.prompt_ids)
+        last = torch.tensor([len(c) - 1 for c in chunks], device=self.device)
+        return self.model.lm_head(hidden[torch.arange(len(chunks), device=self.device), last]).float()
+
+    def _extend(self, slots: Sequence[int], starts: Sequence[int], chunks: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Hidden states (B, T, C) of token chunks appended to the slots' cached sequences (chunk i at positions
+        starts[i]...), right-padded; the padding is written at the scratch position no sequence holds."""
+        width = max(map(len, chunks))
+        scratch = self.max_len - 1  # never a cached token: a sequence ends when it reaches max_len tokens
+        ids = torch.tensor([list(c) + [0] * (width - len(c)) for c in chunks], dtype=torch.long, device=self.device)
+        positions = torch.tensor([[start + j if j < len(c) else scratch for j in range(width)]
+                                  for start, c in zip(starts, chunks)], device=self.device)
+        key_len = max(start + len(c) for start, c in zip(starts, chunks))
+        view = KVCacheView(self.cache, torch.tensor(list(slots), device=self.device), positions, key_len)
+        return self.model.hidden_states(ids, kv_cache=view)
 
     def _copy_slot(self, src: int, dst: int) -> None:
         if self.cache is not None:
@@ -426,13 +525,58 @@ class DecodeEngine:
         # Rows are the slot range 0..hi-1, so the cache is read through views; free slots inside the range
         # compute a throw-away row at position 0 (cheaper than gathering the cache of the active ones).
         hi = self.n_slots if self.compiled else active[-1] + 1
-        positions = [self.lengths[s] if self.slots[s] is not None else 0 for s in range(hi)]
-        key_len = self.max_len if self.compiled else max(positions) + 1
+        # a free row writes at the scratch position no sequence holds: free slots keep their keys for the prefix cache
+        positions = [self.lengths[s] if self.slots[s] is not None else self.max_len - 1 for s in range(hi)]
+        key_len = self.max_len if self.compiled else max(self.lengths[s] for s in active) + 1
         causal_only = not self.compiled and len(active) == hi and min(positions) == key_len - 1
         view = KVCacheView(self.cache, self._slot_ids[:hi], torch.tensor(positions, device=self.device)[:, None],
                            key_len, slot_range=(0, hi), causal_only=causal_only)
         logits = self._decode(self._last_tokens[:hi, None], view)
         return logits if len(active) == hi else logits[torch.tensor(active, device=self.device)]
+
+    # -- speculative decoding
+
+    def _speculative_step(self, request: Request) -> list[StepOutput] | None:
+        """One to k + 1 tokens of a lone sequence from one forward pass: a prompt-lookup draft of up to k tokens,
+        fed after the last token and checked against the model (greedy: its argmax; sampling: the acceptance rule);
+        the positions refused are left past the slot's length, to be overwritten. None when there is no draft (or
+        a penalty or constraint applies, which a draft cannot see): the plain step runs."""
+        params, slot = request.params, request.slot
+        if params.repetition_penalty != 1.0 or request.constraint is not None:
+            return None
+        sequence = request.prompt_ids + request.output_ids
+        room = min(params.max_new_tokens - len(request.output_ids), self.max_len - len(sequence))
+        draft = propose(sequence, self.speculative, limit=room - 1)  # every token fed is one plain decoding feeds
+        if not draft:
+            return None
+        chunk = [request.output_ids[-1]] + draft
+        logits = self.model.lm_head(self._extend([slot], [self.lengths[slot]], [chunk])[0]).float()
+        if params.do_sample:
+            tokens = accept(draft, sampling_probs(logits, params), generator=request.generator)
+        else:
+            tokens = accept_greedy(draft, logits)
+        self.speculation.steps += 1
+        self.speculation.drafted += len(draft)
+        self.speculation.accepted += len(tokens) - 1
+        return self._record_accepted(request, tokens, logits)
+
+    def _record_accepted(self, request: Request, tokens: list[int], logits: torch.Tensor) -> list[StepOutput]:
+        """Record verified tokens one by one (as plain steps would: each one's predecessor enters the cache), up to
+        the one that ends the sequence or closes a calculator call (its result is then forced in)."""
+        outputs, slot = [], request.slot
+        for row, token in enumerate(tokens):
+            self.lengths[slot] += 1
+            scored = requested_logprobs([request], logits[row:row + 1], torch.tensor([token], device=self.device))
+            outputs.append(self._record(request, token, *scored[0]))
+            if self._seen is not None:
+                self._seen[slot, token] = True
+            if request.finished:
+                return outputs
+            self._last_tokens[slot] = token
+            forced = self._tool_result(request) if self._tools else None
+            if forced:
+                return outputs + self._force(request, forced)
+        return outputs
 
     def _recomputed_logits(self, requests: list[Request]) -> torch.Tensor:
         sequences = [r.prompt_ids + r.output_ids for r in requests]
@@ -450,6 +594,10 @@ class DecodeEngine:
         if not active:
             return outputs
         requests = [self.slots[s] for s in active]
+        if self.speculative is not None and len(requests) == 1:
+            drafted = self._speculative_step(requests[0])
+            if drafted is not None:
+                return outputs + drafted
         if self.cache is None:
             logits = self._recomputed_logits(requests)
         else:
@@ -542,9 +690,7 @@ class DecodeEngine:
         if self.cache is None:
             return self._recomputed_logits([request])
         slot, start = request.slot, self.lengths[request.slot]
-        positions = torch.arange(start, start + len(chunk), device=self.device)[None]
-        view = KVCacheView(self.cache, self._slot_ids[slot:slot + 1], positions, key_len=start + len(chunk))
-        hidden = self.model.hidden_states(torch.tensor([chunk], device=self.device), kv_cache=view)
+        hidden = self._extend([slot], [start], [chunk])
         self.lengths[slot] = start + len(chunk)
         return self.model.lm_head(hidden[:, -1]).float()
 

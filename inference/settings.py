@@ -65,6 +65,10 @@ class Settings:
     calculator: str = setting("on", "on: run the built-in calculator when a model trained with tool calls calls it "
                               "(its call and result are part of the answer's text; a request turns it off with "
                               "\"calculator\": false); off: never", choices=("on", "off"), env="GPT_CALCULATOR")
+    prefix_cache: str = setting("on", "on: a prompt that starts with tokens a slot holds or held (the earlier turns "
+                                "of a chat, a shared system message) reuses their keys/values instead of computing "
+                                "them again; off: every prompt is prefilled whole", choices=("on", "off"),
+                                env="GPT_PREFIX_CACHE")
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -79,7 +79,7 @@ def test_the_model_layer_imports_nothing_above_it():
     """The layers below the checkpoint loader never reach up to it, to the trainers or to inference/."""
     below = {"cli", "atomic_file", "readers", "prompts", "metrics", "devices", "transformer_components", "lora",
              "byte_level_bpe", "token_cache", "data_loader", "decoding", "gpt_model", "model_heads", "quantization",
-             "verifiers", "loss_labels", "reward_scoring", "calculator"}
+             "verifiers", "loss_labels", "reward_scoring", "calculator", "prefix_cache", "speculative"}
     for name in below:
         assert GRAPH[name] <= below, f"{name} imports {sorted(GRAPH[name] - below)}"
 

@@ -555,3 +555,24 @@ def test_tokenizer_api_rejects_bad_input_with_a_value_error(call, tiny_tokenizer
     with pytest.raises(TokenizerError):
         call(tiny_tokenizer)
 
+
+
+def test_whole_token_pre_tokens_merge_as_bpe_and_survive_the_bounded_cache(tiny_tokenizer, tiny_tokenizer_dir,
+                                                                            monkeypatch):
+    """The load-time table of pre-tokens that are one token holds exactly the vocabulary texts BPE encodes as
+    themselves; the bounded cache, cleared when full, keeps them and stays within its bound."""
+    tokenizer = ByteLevelBPETokenizer.from_pretrained(tiny_tokenizer_dir)
+    whole = tokenizer._whole_tokens
+    assert whole and all(tokenizer._bpe(text) == ids for text, ids in whole.items())
+    for token_id in range(len(tokenizer)):  # every multi-byte token whose text re-forms is in the table
+        raw = tokenizer.decode_bytes([token_id], skip_special_tokens=True)
+        text = raw.decode("utf-8", errors="ignore")
+        if len(raw) > 1 and text.encode() == raw and tokenizer._bpe(text) == [token_id]:
+            assert whole[text] == [token_id]
+    monkeypatch.setattr(byte_level_bpe, "MAX_CACHE_ENTRIES", 8)
+    words = ["".join("etaoinsh"[int(d)] for d in f"{i:03o}") for i in range(40)]  # 40 distinct pre-tokens
+    expected = [tiny_tokenizer._bpe(w) for w in words]
+    assert [tokenizer.encode_ordinary(w) for w in words] == expected
+    assert len(tokenizer._cache) <= 8 + 1 + len(whole)  # checked before each call: one more pre-token at most
+    assert all(tokenizer._cache.get(text) == ids for text, ids in whole.items())
+

@@ -126,6 +126,7 @@ COMMANDS = {
     "bench_peers": ("benchmarks.bench_peers", ["--skip_servers"]),
     "bench_docker": ("benchmarks.bench_docker", ["--model_path", "{ckpt}"]),
     "bench_chat": ("benchmarks.bench_chat", ["--pretrained", "{ckpt}", "--workdir", "{out}/work"]),
+    "bench_decode": ("benchmarks.bench_decode", ["--model_path", "{ckpt}"]),
     "screenshot_chat": ("benchmarks.screenshot_chat", ["--model_path", "{ckpt}", "--output", "{out}/chat.png"]),
     "bench_server": ("benchmarks.bench_server", ["--model_path", "{ckpt}", "--skip_baseline", "--duration", "1"]),
     "bench_equivalence": ("benchmarks.bench_equivalence", ["--against", "HEAD", "--stages", "sft"]),
@@ -294,6 +295,12 @@ BAD_FLAGS += rows("bench_peers", [
 # bench_chat
 BAD_FLAGS += rows("bench_chat", [
     ["--seeds", "x"], ["--seeds", "-1"], ["--num_threads", "0"], ["--pretrained", "{out}/missing.pth"], ["--bogus"],
+])
+
+# bench_decode
+BAD_FLAGS += rows("bench_decode", [
+    ["--num_threads", "0"], ["--repeats", "x"], ["--k", "0"], ["--quantize", "int4"], ["--new_tokens", "-1"],
+    ["--model_path", "{out}/missing.pth"], ["--bogus"],
 ])
 
 # screenshot_chat
