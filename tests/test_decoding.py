@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from decoding import (DecodeEngine, sampled_mask, visible_text, DecodingError, IncrementalDetokenizer, SamplingParams, StopStringMatcher,
-                      apply_repetition_penalty, apply_top_p, cut_at_eos, generate, left_pad, top_k_candidates)
+from decoding import (DecodeEngine, DecodingError, IncrementalDetokenizer, SamplingParams, StopStringMatcher,
+                      apply_repetition_penalty, apply_top_p, cut_at_eos, generate, left_pad, sampled_mask,
+                      top_k_candidates, visible_text)
 from devices import autocast_context
 from gpt_model import GPTConfig, GPTModel
 from prompts import (CHAT_TOKENS, TOOL_CALL, TOOL_CALL_END, TOOL_RESULT, TOOL_RESULT_END, encode_prompt,
@@ -529,4 +530,5 @@ def test_visible_text_writes_tool_tokens_out_and_sampled_mask_leaves_out_the_for
     call, result = len(tok.encode_ordinary("12+30")), len(tok.encode_ordinary("42"))
     assert sampled_mask(tok, trace) == [True] * (call + 2) + [False] * (result + 2) + [True] * (result + 1)
     plain = tiny_tokenizer.encode_ordinary("no tools") + [tiny_tokenizer.eos_token_id]
-    assert visible_text(tiny_tokenizer, plain) == "no tools" and sampled_mask(tiny_tokenizer, plain) == [True] * len(plain)
+    assert visible_text(tiny_tokenizer, plain) == "no tools"
+    assert sampled_mask(tiny_tokenizer, plain) == [True] * len(plain)
