@@ -77,12 +77,13 @@ def leave(when: str, engine: HookedEngine, worker: EngineWorker, metrics: Metric
     if when == "queued":
         go(leaving)
     elif when == "taken from the queue":  # out of the queue, its prefill not begun
-        metrics.queue_depth = GaugeSpy(metrics.queue_depth, lambda: go(j for j in leaving if worker.queue_depth
-                                                                       <= JOBS - LEAVING))
+        popped = lambda: worker.queue_depth <= JOBS - LEAVING  # noqa: E731  (the leaving ones are out)
+        metrics.queue_depth = GaugeSpy(metrics.queue_depth, lambda: go(leaving if popped() else []))
     elif when == "in its prefill":
         engine.on_prefill = lambda n: go(leaving)
     elif when == "as it finishes":  # the engine has freed its slot, its "done" not yet routed
-        engine.on_step = lambda outputs: go(j for j in leaving for o in outputs if o.finished and j.sequence is o.request)
+        engine.on_step = lambda outputs: go(j for j in leaving for o in outputs
+                                            if o.finished and j.sequence is o.request)
 
 
 def read_events(jobs: list[Job], received: list[list[tuple]]) -> None:
