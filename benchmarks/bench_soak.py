@@ -38,7 +38,7 @@ from atomic_file import atomic_path
 from benchmarks.bench_server import free_port
 from benchmarks.cli_options import benchmark_parser
 from byte_level_bpe import ByteLevelBPETokenizer
-from checkpoints import save_checkpoint
+from checkpoints import checkpoint_metadata, save_checkpoint
 from gpt_model import GPTConfig, GPTModel
 from readers import read_documents
 
@@ -128,7 +128,7 @@ class Outcome:
     """One request as its client saw it."""
 
     kind: str
-    status: int | None = None  # None: the client left before the answer was complete
+    status: int | None = None  # None: the client left first; -1: the connection was cut; -2: an unreadable event
     streamed: bool = False
     final: bool = False  # the stream ended with its final event (and [DONE] on the OpenAI routes)
     error_event: str | None = None  # the message of a stream's error event
@@ -183,19 +183,23 @@ async def send(client: httpx.AsyncClient, url: str, kind: str, route: str, body:
         outcome.status = None
     except httpx.HTTPError as err:  # the server cut the connection: no answer, no final event
         outcome.status, outcome.error_event = -1, f"{type(err).__name__}: {err}"
+    except json.JSONDecodeError as err:  # an event split across lines: the stream cannot be read
+        outcome.status, outcome.error_event = -2, f"malformed event: {err}"
     outcome.events = outcome.events[-3:]  # keep memory flat over minutes of traffic
     return outcome
 
 
-async def load(url: str, users: int, seconds: float, leave: float, rng: random.Random) -> list[Outcome]:
-    """``users`` clients sending the mix back to back for ``seconds``; each leaves early with probability ``leave``."""
+async def load(url: str, users: int, seconds: float, leave: float, rng: random.Random,
+               max_tokens: int = 64) -> list[Outcome]:
+    """``users`` clients sending the mix back to back for ``seconds`` (4 to ``max_tokens`` new tokens each); each
+    leaves early with probability ``leave``."""
     outcomes: list[Outcome] = []
     deadline = time.perf_counter() + seconds
 
     async def user(client: httpx.AsyncClient) -> None:
         while time.perf_counter() < deadline:
             kind, route, extra, streamed = rng.choice(MIX)
-            body = request_body(rng, route, extra, rng.randint(4, 64))
+            body = request_body(rng, route, extra, rng.randint(4, max_tokens))
             leave_after = rng.uniform(0.001, 0.2) if rng.random() < leave else None
             query = f"?api_key={SECRET}" if rng.random() < 0.05 else ""
             outcomes.append(await send(client, url, kind, route, body, streamed, leave_after, query))
@@ -238,9 +242,10 @@ def count(outcomes: list[Outcome]) -> dict:
     read = [o for o in done if o.streamed and o.status == 200]
     return {"requests": len(outcomes), "completed": len(done), "clients_left": len(outcomes) - len(done),
             "by_kind": kinds, "by_status": dict(sorted(statuses.items())),
-            "5xx": sum(o.status >= 500 for o in done), "spurious_4xx": sum(400 <= o.status < 500 and o.status != 429
-                                                                            for o in done),
+            "5xx": sum(o.status >= 500 for o in done),
+            "spurious_4xx": sum(400 <= o.status < 500 and o.status != 429 for o in done),
             "429": statuses.get("429", 0), "connections_cut": statuses.get("-1", 0),
+            "malformed_events": statuses.get("-2", 0),
             "streams_read_to_the_end": len(read), "streams_without_final_event": sum(not o.final for o in read),
             "stream_error_events": sum(o.error_event is not None for o in read),
             "first_problems": sorted({f"{o.kind}: {o.status} {o.error_event or ''}".strip() for o in done
@@ -287,13 +292,14 @@ def soak(args, model_path: Path, log_path: Path) -> dict:
     try:
         server.wait_ready()
         rng = random.Random(args.seed)
-        asyncio.run(load(server.url, args.users, args.warmup_seconds, args.leave, rng))
+        asyncio.run(load(server.url, args.users, args.warmup_seconds, args.leave, rng, args.max_tokens))
         before = server.idle()
         rss_before = server.rss_mb()
         started, outcomes, rss_during = time.perf_counter(), [], []
         for part in range(RSS_SAMPLES):  # in parts, the server's RSS taken between them
             print(f"soak: {args.users} users, part {part + 1}/{RSS_SAMPLES} of {args.seconds:g} s", file=sys.stderr)
-            outcomes += asyncio.run(load(server.url, args.users, args.seconds / RSS_SAMPLES, args.leave, rng))
+            outcomes += asyncio.run(load(server.url, args.users, args.seconds / RSS_SAMPLES, args.leave, rng,
+                                         args.max_tokens))
             rss_during.append(server.rss_mb())
         elapsed = time.perf_counter() - started
         after = server.idle()
@@ -352,6 +358,11 @@ def _main(argv: list[str] | None) -> int:
         raise cli.UsageError(f"--output {output} is a folder: pass a file path")
     if args.model_path and not Path(args.model_path).is_file():
         raise cli.UsageError(f"--model_path {args.model_path} is not a file; pass a checkpoint (.pth)")
+    context = checkpoint_metadata(args.model_path)["config"]["max_seq_len"] if args.model_path else 1024
+    args.max_tokens = max(4, min(64, context // 2))  # a short prompt (chat template included) + this fits
+    if args.long_tokens > context - 32:
+        raise cli.UsageError(f"--long_tokens {args.long_tokens} does not fit the model's context of {context} tokens "
+                             f"with a prompt: pass at most {context - 32}")
     with tempfile.TemporaryDirectory(prefix="bench_soak_") as tmp:
         model_path = Path(args.model_path) if args.model_path else build_checkpoint(Path(tmp))
         results = {"model": args.model_path or "random tiny (context 1024, vocabulary 512)", "users": args.users,
