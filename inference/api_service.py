@@ -10,10 +10,13 @@ tokenizes and forwards text pieces, so `/health` and `/metrics` answer promptly 
 samples its candidates in the same batch and scores them in a scorer thread (the reward model, else the mean token
 log-prob under the served model), off the event loop too.
 
-This module owns the FastAPI app (lifespan, middleware, exception handlers), its routes, `main()` and the lazy
-module-level `app`. Below it: settings.py (the settings and their parser), schemas.py (request bodies),
-serving.py (the served model, best_of scoring), engine_worker.py (the engine thread), openai_format.py (what goes
-on the wire) and server_metrics.py (Prometheus).
+A client that leaves cancels its sequence; at SIGTERM what still runs after --shutdown_timeout ends with its final
+event (`DrainingServer`); the access log never holds a query value (`RedactedQuery`).
+
+This module owns the FastAPI app (lifespan, middleware, exception handlers), its routes, `main()` with its draining
+uvicorn server, the access-log filter and the lazy module-level `app`. Below it: settings.py (the settings and their
+parser), schemas.py (request bodies), serving.py (the served model, best_of scoring), engine_worker.py (the engine
+thread), openai_format.py (what goes on the wire) and server_metrics.py (Prometheus).
 """
 from __future__ import annotations
 
