@@ -10,10 +10,13 @@ tokenizes and forwards text pieces, so `/health` and `/metrics` answer promptly 
 samples its candidates in the same batch and scores them in a scorer thread (the reward model, else the mean token
 log-prob under the served model), off the event loop too.
 
-This module owns the FastAPI app (lifespan, middleware, exception handlers), its routes, `main()` and the lazy
-module-level `app`. Below it: settings.py (the settings and their parser), schemas.py (request bodies),
-serving.py (the served model, best_of scoring), engine_worker.py (the engine thread), openai_format.py (what goes
-on the wire) and server_metrics.py (Prometheus).
+A client that leaves cancels its sequence; at SIGTERM what still runs after --shutdown_timeout ends with its final
+event (`DrainingServer`); the access log never holds a query value (`RedactedQuery`).
+
+This module owns the FastAPI app (lifespan, middleware, exception handlers), its routes, `main()` with its draining
+uvicorn server, the access-log filter and the lazy module-level `app`. Below it: settings.py (the settings and their
+parser), schemas.py (request bodies), serving.py (the served model, best_of scoring), engine_worker.py (the engine
+thread), openai_format.py (what goes on the wire) and server_metrics.py (Prometheus).
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Sequence
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -63,6 +67,8 @@ COMPILE_TIMEOUT_S = 10.0  # a schema's grammar compiles in milliseconds; one tha
 ENDPOINTS = ("/health", "/generate", "/v1/completions", "/v1/chat/completions", "/v1/models", "/metrics",
              "/tokenize", "/detokenize", "/chat", "/", "/docs", "/openapi.json")
 PUBLIC = ("/health", "/chat", "/")  # answered without the API key: the page asks for it, then sends it
+FLUSH_S = 1.0  # at shutdown, time the answers ended at --shutdown_timeout get to go out before uvicorn cuts them
+REDACTED = "[redacted]"
 
 
 # ----------------------------------------------------------------------------- the app's state
@@ -207,10 +213,7 @@ async def models(request: Request):
 
 
 def prompt_ids(s: ServedModel, text: str) -> list[int]:
-    try:
-        return encode_prompt(s.tokenizer, text)
-    except ValueError as err:  # e.g. a lone surrogate escaped in the JSON cannot be UTF-8 encoded
-        raise APIError(422, f"the prompt cannot be encoded: {err}") from None
+    return encode_prompt(s.tokenizer, text)  # text that UTF-8 cannot encode never gets here (schemas.Body: a 422)
 
 
 def chat_prompt(s: ServedModel, messages: Sequence[ChatMessage], limit: int, tools: Sequence | None = None) -> Rendered:
@@ -222,7 +225,7 @@ def chat_prompt(s: ServedModel, messages: Sequence[ChatMessage], limit: int, too
     except PromptTooLong as err:
         raise APIError(422, f"{err}, even with only the system message and the last turn: shorten the last "
                             "message or ask for fewer max_tokens") from None
-    except ValueError as err:  # PromptError, or text that cannot be UTF-8 encoded
+    except ValueError as err:  # PromptError: messages the template cannot render
         raise APIError(422, f"the messages cannot be encoded: {err}") from None
 
 
@@ -319,22 +322,31 @@ async def disconnected(request: Request) -> None:
 
 
 async def collect(service: Service, s: ServedModel, jobs: list[Job], request: Request) -> list[str]:
-    """The whole texts of a non-streamed request's jobs; a client that disconnects, or one failing job (its
-    error is raised), cancels them all."""
+    """The whole texts of a non-streamed request's jobs; a client that disconnects (499), or one failing job (its
+    error is raised), cancels them all. Every task's outcome is read, so a client leaving logs no traceback."""
     tasks = [asyncio.ensure_future(job_text(service, s, job)) for job in jobs]
-    work, watch = asyncio.ensure_future(asyncio.gather(*tasks)), asyncio.ensure_future(disconnected(request))
+    watch = asyncio.ensure_future(disconnected(request))
     try:
-        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        waiting = {watch, *tasks}
+        while not all(task.done() for task in tasks):
+            done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if watch in done:
+                raise APIError(499, "client disconnected")
+            for task in done:
+                task.result()  # a failed job's error is the request's answer (the others stop below)
+        return [task.result() for task in tasks]
     finally:
-        watch.cancel()
-        if not work.done():  # the client left: stop generating for it
-            work.cancel()
-        for task, job in zip(tasks, jobs):  # no-ops for finished ones; the others of a failed one stop
-            task.cancel()
+        for job in jobs:  # no-ops for finished ones; the others of a failed one, or of a client gone, stop
             s.worker.cancel(job)
-    if not work.done() or work.cancelled():
-        raise APIError(499, "client disconnected")
-    return work.result()
+        settle([watch, *tasks])
+
+
+def settle(tasks: Sequence[asyncio.Future]) -> None:
+    """Cancel what still runs and read what ended: an outcome nobody reads is logged as a traceback later."""
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            task.exception()
+        task.cancel()
 
 
 async def best_of(service: Service, s: ServedModel, ids: list[int], params: SamplingParams, n: int,
@@ -485,8 +497,7 @@ async def merged_events(service: Service, s: ServedModel, jobs: list[Job]) -> As
             if kind == "error":
                 return
     finally:
-        for task in tasks:
-            task.cancel()
+        settle(tasks)
 
 
 async def openai_events(service: Service, s: ServedModel, jobs: list[Job], reply: OpenAIReply, n_prompt: int,
@@ -499,8 +510,9 @@ async def openai_events(service: Service, s: ServedModel, jobs: list[Job], reply
     streams = [reply.tools.stream() for _ in jobs] if reply.tools is not None else None  # text -> tool-call deltas
     async for index, kind, value in merged_events(service, s, jobs):
         job = jobs[index]
-        if kind == "error":
+        if kind == "error":  # the stream's final event; [DONE] still closes it, as OpenAI clients expect
             yield error_event(*value)
+            yield DONE
             return
         upto = job.logprob_marks.popleft() if kind == "text" and job.logprob_marks else None
         deltas = (streams[index].push(value) if streams else [value]) if kind == "text" else \
@@ -558,6 +570,29 @@ class ServiceMiddleware:
         header = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, token = header.partition(b" ")
         return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key.encode())
+
+
+class RedactedQuery(logging.Filter):
+    """uvicorn's access log with every query value written as [redacted]: a key sent in a URL by mistake
+    (`?api_key=...`) never reaches the log. The routes read no query parameters, so nothing of use is lost."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):  # (client, method, path with query, HTTP version, status)
+            record.args = tuple(redact_query(arg) if isinstance(arg, str) else arg for arg in record.args)
+        return True
+
+
+ACCESS_LOG_FILTER = RedactedQuery()
+
+
+def redact_query(path: str) -> str:
+    """`/generate?api_key=sk-1&x` -> `/generate?api_key=[redacted]&[redacted]`: names kept, values and bare items
+    (which may be a key themselves) replaced; a path without a query is returned as it is."""
+    base, mark, query = path.partition("?")
+    if not mark:
+        return path
+    items = (item.partition("=") for item in query.split("&"))
+    return base + "?" + "&".join(f"{name}={REDACTED}" if eq else REDACTED for name, eq, _ in items)
 
 
 async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -625,6 +660,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               "Errors: 401 (API key), 413 (body too large), 422 (invalid fields or prompt too long), "
                               "429 (queue full, Retry-After), 503 (loading), 504 (request timeout).")
     app.state.service = Service(settings)
+    logging.getLogger("uvicorn.access").addFilter(ACCESS_LOG_FILTER)  # once per process (the same filter object)
     app.add_middleware(ServiceMiddleware, service=app.state.service)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
@@ -659,9 +695,29 @@ def check_address(host: str, port: int) -> None:
                              "uses it") from None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    import uvicorn
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server whose graceful shutdown ends the generations still running when --shutdown_timeout is up,
+    each with its final event (a stream's error event, then [DONE]; a 503 for a plain request), and leaves those
+    answers FLUSH_S to go out before uvicorn cuts what is left: no stream ends without its final event."""
 
+    def __init__(self, config: uvicorn.Config, service: Service) -> None:
+        super().__init__(config)
+        self.service = service
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        ending = asyncio.ensure_future(self.end_generations())
+        try:
+            await super().shutdown(sockets)
+        finally:
+            ending.cancel()
+
+    async def end_generations(self) -> None:
+        await asyncio.sleep(self.service.settings.shutdown_timeout)
+        if self.service.served is not None:
+            self.service.served.worker.shut_down()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings.from_args(argv)
     path = settings.resolved_model_path()  # a missing model is a one-line error before the server starts
     if not path.is_file() and not is_hf_folder(path):
@@ -674,8 +730,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     app = create_app(settings)
     # One worker process: it holds the model once; scale with replicas (one per GPU) behind a load balancer.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, workers=1, log_level=settings.log_level,
-                            timeout_graceful_shutdown=int(settings.shutdown_timeout) or None)
-    server = uvicorn.Server(config)
+                            timeout_graceful_shutdown=settings.shutdown_timeout + FLUSH_S)
+    server = DrainingServer(config, app.state.service)
     failure: list[str] = []
 
     def stop(message: str) -> None:

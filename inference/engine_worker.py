@@ -1,7 +1,9 @@
 """The decode-engine thread: `EngineWorker` runs `DecodeEngine`'s loop in a thread of its own, admitting queued
 `Job`s into free slots (continuous batching), stepping the batch and routing each text piece back to the event loop
 of the request it belongs to (one wake-up per loop per step); a full queue raises `QueueFull` (429). A finished,
-cancelled or timed-out sequence leaves its slot at once.
+cancelled or timed-out sequence leaves its slot at once, and frees it once: admission counts only the engine's own
+free slots, after the cancelled sequences have left them. Every job gets exactly one final event ("done" or
+"error"), also when the server shuts down (`shut_down`: an error event at once, even mid-step).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from devices import autocast_context
 from inference.server_metrics import Metrics
 
 log = logging.getLogger(__name__)
+SHUTTING_DOWN = "the server is shutting down: this answer was cut short; send the request again"
 
 
 class QueueFull(Exception):
@@ -38,7 +41,7 @@ class Job:
     sequence: EngineRequest | None = None
     first_token_at: float | None = None
     finish_reason: str | None = None
-    cancelled: bool = False
+    closed: bool = False  # its one final event ("done" or "error") has gone out; set under the worker's lock
     observed: bool = True  # its TTFT and latency go to the histograms (not for best_of candidates, timed as one)
     logprobs: list[tuple[int, float, tuple]] = field(default_factory=list)  # (id, log-prob, top) per token, if asked
     logprob_marks: deque = field(default_factory=deque)  # per text event: how many logprobs its text covers
@@ -69,10 +72,11 @@ class EngineWorker:
                  dtype: torch.dtype, num_threads: int = 0) -> None:
         self.engine, self.metrics, self.max_queue = engine, metrics, max_queue
         self.device, self.dtype, self.num_threads = device, dtype, num_threads
-        self._cond = threading.Condition()
+        self._cond = threading.Condition()  # reentrant: _close takes it inside cancel and shut_down
         self._waiting: deque[Job] = deque()
-        self._to_cancel: list[Job] = []
-        self._jobs: dict[EngineRequest, Job] = {}
+        self._to_cancel: list[Job] = []  # closed jobs whose slot (if they hold one) the engine thread frees
+        self._jobs: dict[EngineRequest, Job] = {}  # the jobs holding a slot
+        self._live: set[Job] = set()  # every job without its final event yet (what shut_down ends)
         self._running = True
         self.failure: str | None = None  # why the engine thread stopped on an error it could not handle
         self._thread = threading.Thread(target=self._run, name="decode-engine", daemon=True)
@@ -107,38 +111,51 @@ class EngineWorker:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting{needs} "
                                 f"(--max_queue {self.max_queue})")
             self._waiting.extend(jobs)
+            self._live.update(jobs)
             self.metrics.queue_depth.set(len(self._waiting))
             self._cond.notify()
 
     def cancel(self, job: Job, reason: str = "aborted") -> None:
-        """Take a job out (client gone, timeout): from the queue at once, from its slot at the next step."""
+        """Take a job out (client gone, timeout): its final event now, its slot freed by the engine thread at its
+        next iteration (a no-op for a job that already has its final event, so a slot is never freed twice)."""
         with self._cond:
-            if job.finish_reason is not None or job.cancelled:
+            if not self._close(job, reason, ("done", reason)):
                 return
-            job.cancelled = True
-            if job in self._waiting:
+            if job in self._waiting:  # it never had a slot
                 self._waiting.remove(job)
                 self.metrics.queue_depth.set(len(self._waiting))
-                self._finish(job, reason)
-            else:
+            else:  # in a slot, or on its way into one (admission skips closed jobs)
                 self._to_cancel.append(job)
-                job.finish_reason = reason  # set now; the engine thread frees the slot
                 self._cond.notify()
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Cancel everything left and end the thread."""
+    def shut_down(self, message: str = SHUTTING_DOWN) -> None:
+        """Refuse new jobs and end every job left with an error event (503) now, even while a step runs; the engine
+        thread then frees their slots and ends. Called when the graceful shutdown's time is up, and by stop()."""
         with self._cond:
             self._running = False
+            for job in list(self._live):
+                self._close(job, "error", ("error", 503, message))
             self._cond.notify()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """End every job left (shut_down) and the thread."""
+        self.shut_down()
         self._thread.join(timeout)
 
-    def _finish(self, job: Job, reason: str, outbox: list | None = None) -> None:
-        job.finish_reason = reason
+    def _close(self, job: Job, reason: str, event: tuple, outbox: list | None = None) -> bool:
+        """Give a job its one final event (`("done", reason)` or `("error", status, message)`) and count it; False,
+        doing nothing, when it already has one (it finished, failed, was cancelled or shut down before)."""
+        with self._cond:
+            if job.closed:
+                return False
+            job.closed, job.finish_reason = True, reason
+            self._live.discard(job)
         self.metrics.finished.labels(reason).inc()
         if outbox is None:
-            job.post(("done", reason))
+            job.post(event)
         else:
-            outbox.append((job, ("done", reason)))
+            outbox.append((job, event))
+        return True
 
     def _run(self) -> None:
         torch.set_num_threads(self.num_threads or engine_threads())
@@ -152,18 +169,13 @@ class EngineWorker:
                 self.failure = f"the decode engine stopped: {type(err).__name__}: {err}"
                 self._running = False
         with self._cond:
-            leftovers = list(self._waiting) + list(self._jobs.values())
+            held, left = list(self._jobs), list(self._live)
             self._waiting.clear()
-        for job in leftovers:
-            if job.sequence is not None:
-                self.engine.abort(job.sequence)
-            if self.failure:
-                self.metrics.finished.labels("error").inc()
-                job.finish_reason = "error"
-                job.post(("error", 503, self.failure))
-            else:
-                self._finish(job, "aborted")
-        self._jobs.clear()
+            self._jobs.clear()
+        for sequence in held:
+            self.engine.abort(sequence)
+        for job in left:  # none after shut_down; the jobs a failure left
+            self._close(job, "error", ("error", 503, self.failure or SHUTTING_DOWN))
         self.metrics.active.set(0)
         self.metrics.queue_depth.set(0)
 
@@ -174,16 +186,14 @@ class EngineWorker:
             if not self._running:
                 return False
             cancels, self._to_cancel = self._to_cancel, []
-            n_admit = min(len(self._waiting), len(self.engine.free_slots) + len(cancels))
+        for job in cancels:  # first: admission below counts the slots they free, once, from the engine itself
+            if job.sequence is not None and self._jobs.pop(job.sequence, None) is job:
+                self.engine.abort(job.sequence)
+        with self._cond:
+            n_admit = min(len(self._waiting), len(self.engine.free_slots))
             admitted = [self._waiting.popleft() for _ in range(n_admit)]
             self.metrics.queue_depth.set(len(self._waiting))
-        for job in cancels:
-            if job.sequence is not None:
-                self.engine.abort(job.sequence)
-                self._jobs.pop(job.sequence, None)
-            self.metrics.finished.labels(job.finish_reason).inc()
-            job.post(("done", job.finish_reason))
-        self._admit([job for job in admitted if not job.cancelled])
+        self._admit([job for job in admitted if not job.closed])  # a job cancelled meanwhile never takes a slot
         if self.engine.has_work:
             self._step()
         self.metrics.active.set(len(self._jobs))
@@ -203,13 +213,11 @@ class EngineWorker:
                 except Exception as err:  # noqa: BLE001  (this request's error is its answer)
                     log.warning("request failed at prefill: %s", err)
                     sequences.append(None)
-                    self.metrics.finished.labels("error").inc()
-                    job.finish_reason = "error"
-                    job.post(("error", 422 if isinstance(err, DecodingError) else 500, str(err)))
+                    self._close(job, "error", ("error", 422 if isinstance(err, DecodingError) else 500, str(err)))
         for job, sequence in zip(jobs, sequences):
             if sequence is not None:
                 job.sequence = sequence
-                self._jobs[sequence] = job
+                self._jobs[sequence] = job  # closed meanwhile: cancel() queued it, the next iteration frees it
                 self.metrics.prompt_tokens.inc(len(job.prompt_ids))
 
     def _step(self) -> None:
@@ -220,9 +228,7 @@ class EngineWorker:
             log.error("decode step failed, failing %d sequences: %s", len(self._jobs), err)
             for sequence, job in list(self._jobs.items()):
                 self.engine.abort(sequence)
-                self.metrics.finished.labels("error").inc()
-                job.finish_reason = "error"
-                job.post(("error", 503, f"the decode step failed: {err}"))
+                self._close(job, "error", ("error", 503, f"the decode step failed: {err}"))
             self._jobs.clear()
             return
         if batch:
@@ -238,7 +244,7 @@ class EngineWorker:
 
     def _route(self, out: StepOutput, outbox: list) -> None:
         job = self._jobs.get(out.request)
-        if job is None or job.cancelled:  # cancelled meanwhile: the engine thread aborts it next
+        if job is None or job.closed:  # cancelled or shut down meanwhile: its final event has gone out
             return
         if job.first_token_at is None:
             job.first_token_at = time.perf_counter()
@@ -253,7 +259,7 @@ class EngineWorker:
         if out.finished:
             del self._jobs[out.request]
             self.metrics.generated_tokens.inc(len(out.request.output_ids))
-            self._finish(job, out.request.finish_reason, outbox)
+            self._close(job, out.request.finish_reason, ("done", out.request.finish_reason), outbox)
 
 
 def _deliver(items: list[tuple[Job, tuple]]) -> None:

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException
 from inference.tool_calls import ToolUse, json_call_text
 
 DONE = b"data: [DONE]\n\n"
+LINE_BREAKS = {ord(c): f"\\u{ord(c):04x}" for c in "\x85\u2028\u2029"}  # Unicode line ends JSON does not escape
 TOOLS_INTRO = ("You can call the functions below. To call one, answer with only a JSON object "
                '{"name": <its name>, "arguments": <an object matching its parameters>}.')
 
@@ -45,8 +46,10 @@ def validation_message(errors: Sequence[dict]) -> str:
 
 
 def sse(obj: Any) -> bytes:
-    """One Server-Sent Event carrying `obj` as JSON."""
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+    """One Server-Sent Event carrying `obj` as JSON, on one line for every client: U+0085, U+2028 and U+2029, which
+    readers splitting like str.splitlines() (httpx's aiter_lines) take for line ends, go out as JSON escapes
+    (json.dumps leaves them raw with ensure_ascii=False; they occur only inside strings)."""
+    return f"data: {json.dumps(obj, ensure_ascii=False).translate(LINE_BREAKS)}\n\n".encode()
 
 
 def error_event(status: int, message: str) -> bytes:

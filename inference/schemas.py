@@ -1,7 +1,9 @@
-"""The HTTP request and response bodies (pydantic): `/generate`'s GenerateRequest and GenerateResponse, the OpenAI
-routes' CompletionRequest and ChatRequest (with ChatMessage, tool calls, tools and tool_choice, and response_format),
-the stop-string check, and `build_schemas`, which makes one app's request classes with its bounds (--max_new_tokens,
---max_best_of) in them, so /docs shows the server's real limits.
+"""The HTTP request and response bodies (pydantic), where text enters the server: every request body is a `Body`,
+which refuses unknown fields and text that is not Unicode (a JSON-escaped lone surrogate such as "\\ud800", which
+UTF-8 cannot encode) with a 422 naming the field, alike on every endpoint. `/generate`'s GenerateRequest and
+GenerateResponse, the OpenAI routes' CompletionRequest and ChatRequest (with ChatMessage, tool calls, tools and
+tool_choice, and response_format), the stop-string check, and `build_schemas`, which makes one app's request classes
+with its bounds (--max_new_tokens, --max_best_of) in them, so /docs shows the server's real limits.
 """
 from __future__ import annotations
 
@@ -24,6 +26,38 @@ MAX_TOOLS = 128  # OpenAI's limit
 TOP_K_DOC = "keep the k most likely tokens; 0 = all; at most the vocabulary size (/health)"
 
 
+def check_text(value: Any) -> Any:
+    """``value`` unchanged; ValueError when a string anywhere in it (in lists and dicts, keys too) holds a lone
+    surrogate: JSON can escape one, but it is no Unicode text and no tokenizer, log or answer can carry it."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:  # iterative: a deeply nested schema cannot exhaust the recursion limit
+        where, item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend((f"{where}.{key}", v) for key, v in reversed(item.items()))
+            stack.extend((f"{where}.<key>", key) for key in item)  # popped first: a path never holds a bad key
+        elif isinstance(item, (list, tuple)):
+            stack.extend((f"{where}.{i}", v) for i, v in reversed(list(enumerate(item))))
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as err:  # the message names the code point, never holds it
+                at = f" at {where.lstrip('.')}" if where else ""
+                raise ValueError(f"not Unicode text{at}: a lone surrogate U+{ord(item[err.start]):04X} at character "
+                                 f"{err.start}; send valid UTF-8") from None
+    return value
+
+
+class Body(BaseModel):
+    """A request body, or a part of one: unknown fields and text that is not Unicode (check_text) are a 422."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def unicode_text(cls, value: Any) -> Any:
+        return check_text(value)
+
+
 def stop_list(value: str | list[str] | None) -> list[str]:
     """The stop strings of a request, as a list; ValueError (a 422 naming `stop`) beyond the limits."""
     stops = [value] if isinstance(value, str) else list(value or [])
@@ -34,10 +68,9 @@ def stop_list(value: str | list[str] | None) -> list[str]:
     return stops
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(Body):
     """Continue `prefix` (the model sees `<s> prefix`)."""
 
-    model_config = ConfigDict(extra="forbid")
     prefix: str = Field(min_length=1, description="the text to continue (non-empty)")
     max_gen_len: int = Field(100, ge=1, description="most new tokens; prompt + this must fit the context")
     top_k: int = Field(50, ge=0, description=TOP_K_DOC)
@@ -57,10 +90,10 @@ class GenerateRequest(BaseModel):
         return stop_list(value)
 
 
-class JSONSchemaFormat(BaseModel):
+class JSONSchemaFormat(Body):
     """`response_format.json_schema`: the schema the answer is held to (always enforced; `strict` is accepted)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True)
     name: str = Field(pattern=NAME_PATTERN, description="the format's name: letters, digits, _ and -, up to 64")
     description: str | None = Field(None, description="accepted, not shown to the model")
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema",
@@ -74,10 +107,9 @@ class JSONSchemaFormat(BaseModel):
         return value
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(Body):
     """OpenAI's `response_format`: text, any JSON object, or JSON matching a schema."""
 
-    model_config = ConfigDict(extra="forbid")
     type: Literal["text", "json_object", "json_schema"] = Field(description="text, json_object or json_schema")
     json_schema: JSONSchemaFormat | None = Field(None, description="with type json_schema: name and schema")
 
@@ -95,11 +127,10 @@ class ResponseFormat(BaseModel):
         return self.json_schema.schema_ if self.json_schema is not None else None
 
 
-class OpenAIRequest(BaseModel):
+class OpenAIRequest(Body):
     """Fields shared by the OpenAI routes. A parameter this server cannot serve is a 422 that names it: an unknown
     one (functions, audio, ...) or a known one set to what it does not do (frequency_penalty 0.5, ...)."""
 
-    model_config = ConfigDict(extra="forbid")
     model: str | None = Field(None, description="ignored: this server serves one model (/v1/models)")
     user: str | None = Field(None, description="the end user's id: accepted, not used")
     temperature: float = Field(1.0, ge=0.0, le=5.0, description=TEMPERATURE_DOC)
@@ -182,8 +213,7 @@ class CompletionRequest(OpenAIRequest):
         return self.logprobs
 
 
-class FunctionCall(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class FunctionCall(Body):
     name: str = Field(description="the function called")
     arguments: str = Field(description="its arguments: a JSON object, as text")
 
@@ -199,17 +229,15 @@ class FunctionCall(BaseModel):
         return value
 
 
-class ToolCall(BaseModel):
+class ToolCall(Body):
     """One call in an assistant message's `tool_calls` (as this server returned it)."""
 
-    model_config = ConfigDict(extra="forbid")
     id: str = Field(min_length=1, max_length=256, description="the call's id, which the tool message answers")
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ChatMessage(Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     name: str | None = Field(None, description="a participant's name: accepted, not used")
     content: str | list[dict[str, Any]] | None = Field(
@@ -238,8 +266,7 @@ class ChatMessage(BaseModel):
         return self
 
 
-class FunctionSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class FunctionSpec(Body):
     name: str = Field(pattern=NAME_PATTERN, description="letters, digits, _ and -, up to 64")
     description: str | None = Field(None, max_length=4096, description="what it does (shown to the model)")
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}},
@@ -253,19 +280,16 @@ class FunctionSpec(BaseModel):
         return value
 
 
-class Tool(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Tool(Body):
     type: Literal["function"] = Field(description="function (the only kind)")
     function: FunctionSpec
 
 
-class ToolName(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ToolName(Body):
     name: str = Field(description="a tool in tools")
 
 
-class NamedToolChoice(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class NamedToolChoice(Body):
     type: Literal["function"] = Field(description="function")
     function: ToolName
 
@@ -330,10 +354,9 @@ class ChatRequest(OpenAIRequest):
         return value
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(Body):
     """vLLM's `POST /tokenize`: a prompt (with <s> when add_special_tokens) or messages (as chat renders them)."""
 
-    model_config = ConfigDict(extra="forbid")
     model: str | None = Field(None, description="ignored: this server serves one model")
     prompt: str | None = Field(None, description="text to tokenize (or messages)")
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=256, description="a conversation")
@@ -347,10 +370,9 @@ class TokenizeRequest(BaseModel):
         return self
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(Body):
     """vLLM's `POST /detokenize`: token ids back to text (special tokens shown)."""
 
-    model_config = ConfigDict(extra="forbid")
     model: str | None = Field(None, description="ignored: this server serves one model")
     tokens: list[int] = Field(max_length=1_000_000, description="token ids")
 

@@ -51,8 +51,9 @@ class Settings:
                            "(prefer the variable: a flag shows in the process list)", env="GPT_API_KEY")
     max_body_bytes: int = setting(1 << 20, "largest request body; beyond it: 413", positive_int,
                                   env="GPT_MAX_BODY_BYTES")
-    shutdown_timeout: float = setting(30.0, "on SIGTERM, seconds to let in-flight requests "
-                                      "finish before cancelling them", nonnegative_float, env="GPT_SHUTDOWN_TIMEOUT")
+    shutdown_timeout: float = setting(30.0, "on SIGTERM, seconds to let in-flight requests finish before "
+                                      "ending them, each with its final event (an error event, a 503)",
+                                      nonnegative_float, env="GPT_SHUTDOWN_TIMEOUT")
     num_threads: int = setting(0, "torch CPU threads (0 = torch's default less one, left to the "
                                "HTTP side; at least 1)", nonnegative_int, env="GPT_NUM_THREADS")
     reward_model: str = setting("", "reward-model checkpoint that picks the best of a request's "

@@ -7,8 +7,11 @@ tokens of decoding.generate, the official `openai` client, and the server's own 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -292,6 +295,65 @@ def test_malformed_json_nan_and_unencodable_text_get_422(server):
         assert response.json()["error"]["message"]
 
 
+TOOL_DESCRIBED = '{"type": "function", "function": {"name": "f", "description": "%s"}}'
+
+
+@pytest.mark.parametrize("path, body, field", [  # \\ud800 here is JSON's escape of a lone surrogate
+    ("/tokenize", '{"prompt": "A\\ud800", "add_special_tokens": false}', "prompt"),
+    ("/tokenize", '{"prompt": "A\\ud800"}', "prompt"),
+    ("/tokenize", '{"messages": [{"role": "user", "content": "\\ud800"}, {"role": "assistant", "content": "B"}], '
+                  '"add_generation_prompt": false}', "messages"),
+    ("/tokenize", '{"messages": [{"role": "user", "content": "\\udfff"}]}', "messages"),
+    ("/generate", '{"prefix": "\\ud800"}', "prefix"),
+    ("/generate", '{"prefix": "A", "stop": ["\\udbff"]}', "stop"),
+    ("/v1/completions", '{"prompt": ["A\\ud800"]}', "prompt"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}',
+     "messages"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "A"}], "tools": [%s]}'
+     % (TOOL_DESCRIBED % "\\ud800"), "tools"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "A"}], "stream_options": {"\\ud800": 1}}',
+     "stream_options"),
+])
+def test_text_that_is_not_unicode_is_one_422_naming_its_field_on_every_endpoint(server, path, body, field):
+    response = httpx.post(server.url + path, content=body.encode(), headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    message = response.json()["error"]["message"]
+    assert message.startswith(f"{field}: ") and "lone surrogate U+D" in message, message
+
+
+class Captured(logging.Handler):
+    """The formatted messages of the records a logger passes on (from any thread)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.mark.parametrize("query, logged", [
+    ("api_key=sk-SECRET", "/tokenize?api_key=[redacted] "),
+    ("key=SECRET&x=1", "/tokenize?key=[redacted]&x=[redacted] "),
+    ("token=a%20SECRET&access_token=SECRET", "/tokenize?token=[redacted]&access_token=[redacted] "),
+    ("sk-SECRET", "/tokenize?[redacted] "),
+    ("x=1&SECRET&y=", "/tokenize?x=[redacted]&[redacted]&y=[redacted] "),  # a bare item may be the key itself
+])
+def test_the_access_log_never_holds_a_query_value(server, query, logged):
+    access, capture = logging.getLogger("uvicorn.access"), Captured()
+    level = access.level
+    access.addHandler(capture)
+    access.setLevel(logging.INFO)
+    try:
+        assert httpx.post(f"{server.url}/tokenize?{query}", json={"prompt": "A"}).status_code == 200
+        _wait_for(lambda: any("/tokenize?" in line for line in capture.lines))
+    finally:
+        access.removeHandler(capture)
+        access.setLevel(level)
+    line = next(line for line in capture.lines if "/tokenize?" in line)
+    assert logged in line and "SECRET" not in line, line
+
+
 def test_limits_beyond_the_context_and_vocabulary_get_422(server, reference):
     _, tok = reference
     response = httpx.post(server.url + "/generate", json={"prefix": "A" * 600, "max_gen_len": 5})
@@ -564,6 +626,59 @@ def test_a_disconnected_plain_request_is_cancelled(server):
     assert server.metric("gpt_sequences_finished_total", 'reason="aborted"') == aborted_before + 1
 
 
+CHURN = [  # (route, body): short requests of every kind, each client leaving after 1-80 ms or staying
+    ("/generate", {"prefix": "A", "max_gen_len": 4}),
+    ("/generate", {"prefix": "A", "max_gen_len": 4, "stream": True}),
+    ("/v1/completions", {"prompt": "A", "max_tokens": 4, "n": 2}),
+    ("/v1/completions", {"prompt": "A", "max_tokens": 4, "logprobs": 2, "stream": True}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "A"}], "max_tokens": 4}),
+    ("/v1/completions", {"prompt": "A", "max_tokens": 4, "best_of": 2}),
+]
+
+
+async def churn(url: str, requests: int, seed: int) -> list[int]:
+    """The status of every request whose client stayed; the others leave after 1-80 ms (16 at a time)."""
+    rng, statuses, room = random.Random(seed), [], asyncio.Semaphore(16)
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=32)) as client:
+        async def one(path: str, body: dict, stay: float | None) -> None:
+            async def whole() -> None:
+                async with client.stream("POST", url + path, json=body) as response:
+                    await response.aread()
+                    statuses.append(response.status_code)
+            async with room:
+                try:
+                    await asyncio.wait_for(whole(), stay)
+                except asyncio.TimeoutError:
+                    pass  # the client left
+        await asyncio.gather(*(one(*rng.choice(CHURN), None if rng.random() < 0.3 else rng.uniform(0.001, 0.08))
+                               for _ in range(requests)))
+    return statuses
+
+
+@pytest.mark.slow
+def test_clients_leaving_at_any_moment_free_their_slots_and_log_nothing(checkpoint):
+    """Two slots, requests of every kind whose clients mostly leave within 80 ms: every request that stays is
+    answered (no "0 free slots" 422), the slots come back, and a leaving client logs no traceback."""
+    capture = Captured()
+    capture.setLevel(logging.WARNING)
+    watched = [logging.getLogger(name) for name in ("", "uvicorn", "asyncio")]  # uvicorn's does not propagate
+    for logger in watched:
+        logger.addHandler(capture)
+    try:
+        with LiveServer(settings_for(checkpoint, max_batch_size=2, max_queue=256, max_best_of=2)) as live:
+            statuses = asyncio.run(churn(live.url, 160, seed=0))
+            _wait_for(lambda: httpx.get(live.url + "/health").json()["active_sequences"] == 0)
+            health = httpx.get(live.url + "/health").json()
+            engine = live.app.state.service.served.worker.engine
+            gc.collect()  # a future whose error nobody read is logged when it is collected
+    finally:
+        for logger in watched:
+            logger.removeHandler(capture)
+    assert statuses and set(statuses) == {200}, sorted(set(statuses))
+    assert health["queue_depth"] == 0 and engine.free_slots == [0, 1]
+    assert capture.lines == [], capture.lines[:3]
+
+
 def test_health_and_metrics_answer_promptly_during_a_long_generation(server):
     async def scenario():
         async with httpx.AsyncClient(timeout=60) as client:
@@ -609,6 +724,81 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(checkpoint, tmp_path):
             httpx.get(url + "/health", timeout=1)
     finally:
         proc.kill() if proc.poll() is None else None
+
+
+LONG_STREAMS = [  # (route, body): streams that run far past --shutdown_timeout unless it ends them
+    ("/generate", {"prefix": "A", "max_gen_len": 2000, "temperature": 0, "stream": True}),
+    ("/v1/completions", {"prompt": "A", "max_tokens": 2000, "temperature": 0, "stream": True}),
+    ("/v1/completions", {"prompt": "B", "max_tokens": 2000, "n": 2, "logprobs": 1, "stream": True}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "A"}], "max_tokens": 2000, "stream": True}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "B"}], "max_tokens": 2000, "n": 2,
+                              "stream": True, "stream_options": {"include_usage": True}}),
+    ("/generate", {"prefix": "B", "max_gen_len": 2000, "stream": True}),
+]
+
+
+async def stream_events(url: str, streams: list[tuple[str, dict]], on_started) -> list[list]:
+    """Each stream's events (JSON, or "[DONE]"); `on_started()` once every stream has its first event."""
+    started = [asyncio.Event() for _ in streams]
+
+    async def read(client: httpx.AsyncClient, path: str, body: dict, first: asyncio.Event) -> list:
+        events = []
+        async with client.stream("POST", url + path, json=body) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    events.append("[DONE]" if line == "data: [DONE]" else json.loads(line[len("data: "):]))
+                    first.set()
+        return events
+
+    async with httpx.AsyncClient(timeout=60) as client:
+        readers = [asyncio.ensure_future(read(client, p, b, e)) for (p, b), e in zip(streams, started)]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)
+        on_started()
+        return await asyncio.gather(*readers)
+
+
+def final_event(path: str, events: list) -> dict:
+    """A stream's final event: /generate's last; an OpenAI stream's last before [DONE] (usage chunk aside)."""
+    if path == "/generate":
+        return events[-1]
+    assert events[-1] == "[DONE]", events[-3:]
+    last = [e for e in events[:-1] if not (e.get("usage") and not e.get("choices"))][-1]
+    return last if "error" in last else {"finish_reason": last["choices"][0]["finish_reason"]}
+
+
+@pytest.mark.slow
+def test_sigterm_ends_every_stream_with_its_final_event_within_the_shutdown_timeout(tiny_tokenizer, tmp_path):
+    """Six long streams of every route in flight at SIGTERM with --shutdown_timeout 1: each ends with its final
+    event (an error event saying the server is shutting down, then [DONE] on the OpenAI routes), none is cut, and
+    the server exits 0 within the timeout and its flush second."""
+    from checkpoints import save_checkpoint
+    from gpt_model import GPTConfig, GPTModel
+
+    tiny_tokenizer.save(tmp_path / "tokenizer")
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=2048, dropout=0.0))
+    save_checkpoint(tmp_path / "long.pth", model, tokenizer_fingerprint=tiny_tokenizer.fingerprint,
+                    sft_template="### Q:{instruction}\n### A:{response}")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "inference.api_service", "--model_path", str(tmp_path / "long.pth"),
+                             "--port", str(port), "--num_threads", "1", "--shutdown_timeout", "1",
+                             "--max_new_tokens", "2000", "--max_best_of", "2"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_for(lambda: _ready(url), timeout=60)
+        sent: list[float] = []
+        streams = asyncio.run(stream_events(url, LONG_STREAMS, lambda: (proc.send_signal(signal.SIGTERM),
+                                                                        sent.append(time.time()))))
+        assert proc.wait(timeout=30) == 0 and time.time() - sent[0] < 10
+        log = proc.stdout.read()
+    finally:
+        proc.kill() if proc.poll() is None else None
+    finals = [final_event(path, events) for (path, _), events in zip(LONG_STREAMS, streams)]
+    assert all("finish_reason" in f or "error" in f for f in finals), finals
+    cut = [f for f in finals if "error" in f]
+    assert cut and all(f["error"]["code"] == 503 and "shutting down" in f["error"]["message"] for f in cut), finals
+    assert "Traceback" not in log, log[-2000:]
 
 
 def _ready(url: str) -> bool:

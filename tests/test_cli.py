@@ -129,6 +129,8 @@ COMMANDS = {
     "bench_decode": ("benchmarks.bench_decode", ["--model_path", "{ckpt}"]),
     "screenshot_chat": ("benchmarks.screenshot_chat", ["--model_path", "{ckpt}", "--output", "{out}/chat.png"]),
     "bench_server": ("benchmarks.bench_server", ["--model_path", "{ckpt}", "--skip_baseline", "--duration", "1"]),
+    "bench_soak": ("benchmarks.bench_soak", ["--model_path", "{ckpt}", "--seconds", "1", "--long_tokens", "16",
+                                             "--output", "{out}/soak.json"]),
     "bench_equivalence": ("benchmarks.bench_equivalence", ["--against", "HEAD", "--stages", "sft"]),
     "bench_tokenizer": ("benchmarks.bench_tokenizer", ["--input", "{text}"]),
     "bench_scale": ("benchmarks.bench_scale", ["--sizes_mb", "1", "--work_dir", "{out}/work"]),
@@ -284,6 +286,14 @@ BAD_FLAGS += rows("bench_server", [
     ["--duration", "0"], ["--users", "1,0"], ["--users", "x"], ["--min_new_tokens", "0"],
     ["--max_new_tokens", "x"], [OLD_MAX_GEN_LEN, "48"], ["--num_threads", "0"], [OLD_THREADS, "2"],
     ["--port", "0"],
+])
+
+# bench_soak
+BAD_FLAGS += rows("bench_soak", [
+    ["--seconds", "0"], ["--warmup_seconds", "x"], ["--users", "0"], ["--leave", "1.5"], ["--leave", "x"],
+    ["--max_batch_size", "0"], ["--max_queue", "x"], ["--shutdown_timeout", "-1"], ["--shutdown_streams", "0"],
+    ["--long_tokens", "0"], ["--long_tokens", "100000"], ["--num_threads", "0"], ["--seed", "x"],
+    ["--model_path", "{out}/missing.pth"], ["--output", "{folder}"], ["--bogus"],
 ])
 
 # bench_peers

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from inference.openai_format import (completion_logprobs, error_body, error_event, finish_reason, sse, token_text,
                                      usage, validation_message)
 
@@ -26,6 +28,15 @@ def test_sse_frames_are_data_lines_of_json_and_an_error_event_carries_the_error(
     frame = sse({"text": "静"})
     assert frame.endswith(b"\n\n") and json.loads(frame.decode()[len("data: "):]) == {"text": "静"}
     assert json.loads(error_event(504, "timeout").decode()[6:]) == {"error": error_body(504, "timeout")["error"]}
+
+
+@pytest.mark.parametrize("text", ["next\x85line", "a\u2028b", "a\u2029b", "静\u2028", "\x1c\x1d\x1e\x0b\x0c", "\r\n\r"])
+def test_an_event_is_one_line_for_every_line_reader_whatever_its_text(text):
+    """httpx's aiter_lines, and any reader using str.splitlines(), split at more line ends than the CR / LF of the
+    SSE format: an event must not hold any of them raw."""
+    frames = (sse({"text": text}) + sse({"finish_reason": "stop"})).decode()
+    events = [json.loads(line[len("data: "):]) for line in frames.splitlines() if line]
+    assert events == [{"text": text}, {"finish_reason": "stop"}]
 
 
 def test_usage_and_finish_reason():
