@@ -626,6 +626,7 @@ def _ready(url: str) -> bool:
     (["--request_timeout", "-1"], "--request_timeout: must be > 0"),
     (["--quantize", "int4"], "--quantize must be none or int8"),
     (["--calculator", "maybe"], "--calculator must be on or off"),
+    (["--compile", "fast"], "--compile must be auto, on, static or off"),
     (["--model_path", "/no/such/model.pth"], "is not a file"),
 ])
 def test_cli_errors_are_one_line(argv, message, capsys):
