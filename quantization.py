@@ -217,6 +217,21 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def onednn_linear_eager(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + b with W in oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+# The same as an op of its own: inductor lowers mkldnn's linear only for a weight it froze as a constant; as an
+# opaque op with a fake kernel the packed weight stays a graph input and the compiled step calls oneDNN directly.
+onednn_linear = torch.library.custom_op(f"{OPS_NAMESPACE}::onednn_linear", mutates_args=())(onednn_linear_eager)
+
+
+@onednn_linear.register_fake
+def _onednn_linear_shape(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(x.shape[:-1] + (packed.shape[0],))
+
+
 class PackedLinear(nn.Module):
     """Float y = x W^T + b with W prepacked once into oneDNN's blocked layout (what inductor's freezing does on
     CPU): the GEMV/GEMM of decoding then skips nn.Linear's per-call layout work (benchmarks/bench_inference.py).
@@ -234,7 +249,7 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.onednn and x.dtype == torch.float32:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            return (onednn_linear if torch.compiler.is_compiling() else onednn_linear_eager)(x, self.packed, self.bias)
         x2d = x.reshape(-1, self.in_features)
         weight_t = self.packed.to_dense().t() if self.onednn else self.packed
         y = x2d @ weight_t if self.bias is None else torch.addmm(self.bias, x2d, weight_t)

@@ -265,6 +265,7 @@ BAD_FLAGS += rows("bench_generate", [
 BAD_FLAGS += rows("bench_inference", [
     ["--shape", "huge"], ["--repeats", "0"], ["--num_threads", "0"], ["--kernel_threads", "0"], ["--stagger", "0"],
     ["--joining", "1,x"], ["--compile_shapes", "huge"], ["--new_tokens", "x"], [OLD_THREADS, "2"],
+    ["--compile_rounds", "0"], ["--compile_batch", "x"], ["--compiled_only", "x"],
 ])
 
 # bench_rlvf_lr
