@@ -385,6 +385,7 @@ def test_compile_modes_are_checked_and_auto_compiles_only_int8_on_fbgemms_direct
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a cold compile: about a minute on an idle 2-core machine, five on a busy one
 def test_the_compiled_step_gives_the_static_steps_tokens_and_one_graph_whatever_the_active_count():
     """INT8 (FBGEMM's direct kernel in the graph where present), slots joining and leaving within one key bucket:
     the compiled step's greedy tokens are the eager static step's, from a single compiled graph."""
