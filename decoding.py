@@ -32,7 +32,7 @@ import torch
 import calculator
 from byte_level_bpe import incomplete_tail
 from prompts import CALCULATOR, TOOL_CALL, TOOL_CALL_END, TOOL_RESULT, TOOL_RESULT_END, TOOL_TOKENS, parse_call
-from quantization import is_quantized, pick_kernel
+from quantization import is_quantized
 from transformer_components import KVCache, KVCacheView
 
 
@@ -48,7 +48,7 @@ class DecodingError(ValueError):
 # ----------------------------------------------------------------------------- the compiled decode step
 
 # off: eager, shaped by the active slots; static: eager over static shapes (what "on" compiles); on: compiled;
-# auto: on where it measured faster (benchmarks/bench_inference.py: a CPU running FBGEMM's direct INT8 kernel)
+# auto: on where it measured faster (benchmarks/bench_inference.py --compiled_only), so far nowhere: off
 COMPILE_MODES = ("off", "static", "on", "auto")
 MIN_KEY_BUCKET = 64  # the shortest key length a static step attends over; then powers of two up to max_len
 RECOMPILE_LIMIT = 64  # compiled steps kept per engine code: (slot count, key bucket) pairs, a handful each
@@ -61,15 +61,19 @@ def key_bucket(key_len: int, max_len: int) -> int:
     return min(max_len, max(MIN_KEY_BUCKET, 1 << (key_len - 1).bit_length()))
 
 
+# Where "auto" compiles: (device type, INT8 model) pairs whose compiled step measured faster than the eager one.
+# Empty: on the shared 2-core CPU the 124M INT8 step measured 0.78x eager at batch 1 (results.md), so none yet.
+COMPILE_PAYS: frozenset[tuple[str, bool]] = frozenset()
+
+
 def resolve_compile(mode: str | bool, model: torch.nn.Module, device: torch.device) -> str:
-    """The mode an engine runs: a bool reads as on/off; auto is on only where compiling measured faster (an INT8
-    model on FBGEMM's direct kernel, CPU), else off."""
+    """The mode an engine runs: a bool reads as on/off; auto is on only where compiling measured faster
+    (COMPILE_PAYS), else off."""
     mode = {True: "on", False: "off"}.get(mode, mode) if isinstance(mode, bool) else mode
     if mode not in COMPILE_MODES:
         raise DecodingError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
     if mode == "auto":
-        direct = device.type == "cpu" and is_quantized(model) and pick_kernel(device) == "fbgemm_direct"
-        return "on" if direct else "off"
+        return "on" if (device.type, is_quantized(model)) in COMPILE_PAYS else "off"
     return mode
 
 

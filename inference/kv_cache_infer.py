@@ -152,7 +152,7 @@ def build_parser() -> cli.ArgumentParser:
     parser.add_argument("--compile", choices=COMPILE_MODES, default="off",
                         help="the decode step: off (eager), on (torch.compile: each key-length bucket compiles at its "
                              "first use, seconds to a minute, kept on disk; pays off over long chats), static (the "
-                             "compiled shapes, eager), auto (on for an INT8 model on a CPU with FBGEMM)")
+                             "compiled shapes, eager), auto (on only where it measured faster; so far nowhere)")
     parser.add_argument("--num_threads", type=cli.positive_int, help="torch CPU threads (default: torch's choice)")
     return parser
 
