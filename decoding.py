@@ -22,7 +22,9 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Protocol, Sequence
 
 import torch
@@ -31,6 +33,7 @@ import calculator
 from byte_level_bpe import incomplete_tail
 from prefix_cache import PrefixIndex
 from prompts import CALCULATOR, TOOL_CALL, TOOL_CALL_END, TOOL_RESULT, TOOL_RESULT_END, TOOL_TOKENS, parse_call
+from quantization import is_quantized
 from speculative import DraftParams, accept, accept_greedy, propose
 from transformer_components import KVCache, KVCacheView
 
@@ -42,6 +45,49 @@ MIN_REPETITION_PENALTY = 0.01  # below it the penalty multiplies logits past flo
 
 class DecodingError(ValueError):
     """Bad generation input: sampling settings, prompts, or more sequences than free slots."""
+
+
+# ----------------------------------------------------------------------------- the compiled decode step
+
+# off: eager, shaped by the active slots; static: eager over static shapes (what "on" compiles); on: compiled;
+# auto: on where it measured faster (benchmarks/bench_inference.py --compiled_only), so far nowhere: off
+COMPILE_MODES = ("off", "static", "on", "auto")
+MIN_KEY_BUCKET = 64  # the shortest key length a static step attends over; then powers of two up to max_len
+RECOMPILE_LIMIT = 64  # compiled steps kept per engine code: (slot count, key bucket) pairs, a handful each
+INDUCTOR_CACHE_DIR = Path.home() / ".cache" / "gpt_framework" / "inductor"  # unless TORCHINDUCTOR_CACHE_DIR is set
+
+
+def key_bucket(key_len: int, max_len: int) -> int:
+    """The static key length a step reading ``key_len`` cached positions attends over (masked past each slot's own):
+    the next power of two, at least MIN_KEY_BUCKET, at most max_len. Few buckets: few compiled graphs."""
+    return min(max_len, max(MIN_KEY_BUCKET, 1 << (key_len - 1).bit_length()))
+
+
+# Where "auto" compiles: (device type, INT8 model) pairs whose compiled step measured faster than the eager one.
+# Empty: on the shared 2-core CPU the 124M INT8 step measured 0.78x eager at batch 1 (results.md), so none yet.
+COMPILE_PAYS: frozenset[tuple[str, bool]] = frozenset()
+
+
+def resolve_compile(mode: str | bool, model: torch.nn.Module, device: torch.device) -> str:
+    """The mode an engine runs: a bool reads as on/off; auto is on only where compiling measured faster
+    (COMPILE_PAYS), else off."""
+    mode = {True: "on", False: "off"}.get(mode, mode) if isinstance(mode, bool) else mode
+    if mode not in COMPILE_MODES:
+        raise DecodingError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    if mode == "auto":
+        return "on" if (device.type, is_quantized(model)) in COMPILE_PAYS else "off"
+    return mode
+
+
+def compile_step(step: Callable, device: torch.device) -> Callable:
+    """``step`` under torch.compile as one graph per static shape: C++ wrapper code on CPU (no Python between the
+    kernels), CUDA graphs on CUDA; compiled at its first call per shape, the code kept on disk for the next process
+    (TORCHINDUCTOR_CACHE_DIR, default INDUCTOR_CACHE_DIR)."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(INDUCTOR_CACHE_DIR))
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    if device.type == "cuda":
+        return torch.compile(step, fullgraph=True, dynamic=False, mode="reduce-overhead")
+    return torch.compile(step, fullgraph=True, dynamic=False, options={"cpp_wrapper": device.type == "cpu"})
 
 
 
@@ -279,15 +325,17 @@ class DecodeEngine:
 
     n_slots sequences at most run together; max_len (default: the model's context) bounds prompt + output.
     use_cache=False recomputes every sequence in full each step (slow; for verification and benchmarks).
-    compile=True compiles the decode step with torch.compile over static shapes (every slot, the whole
-    cache length), as gpt-fast does. A tokenizer is needed for text, streaming and stop strings.
-    prefix_cache=True (with the cache) reuses the keys/values of a prompt's leading blocks that a slot holds or
-    held (an earlier turn of a chat, a shared system message): a finished sequence's slot keeps them until it is
+    compile (COMPILE_MODES) "on" runs the decode step over static shapes, every slot and a power-of-two bucket of
+    key positions, under torch.compile (``compile_step``: one graph per shape, compiled at its first use); "static"
+    runs the same shapes eagerly; "auto" is "on" where that measured faster; "off" (the default) is the eager step
+    shaped by the active slots. Prefill is eager in every mode. A tokenizer is needed for text, streaming and stop
+    strings. prefix_cache=True (with the cache) reuses the keys/values of a prompt's leading blocks that a slot holds
+    or held (an earlier turn of a chat, a shared system message): a finished sequence's slot keeps them until it is
     needed. speculative=DraftParams(...) decodes a lone sequence by prompt-lookup drafts verified in one pass.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, n_slots: int = 8, max_len: int | None = None,
-                 use_cache: bool = True, compile: bool = False, prefix_cache: bool = True,
+                 use_cache: bool = True, compile: str | bool = "off", prefix_cache: bool = True,
                  speculative: DraftParams | None = None):
         if n_slots < 1:
             raise DecodingError(f"n_slots must be at least 1, got {n_slots}")
@@ -298,11 +346,12 @@ class DecodeEngine:
         self.n_slots, self.max_len = n_slots, min(max_len or config.max_seq_len, config.max_seq_len)
         self.device = next(model.parameters()).device
         self.cache = KVCache(config.n_layers, n_slots, self.max_len) if use_cache else None
-        if compile and not use_cache:
-            raise DecodingError("compile=True needs the KV cache (use_cache=True)")
+        self.compile = resolve_compile(compile, model, self.device)
+        if self.compile != "off" and not use_cache:
+            raise DecodingError(f"compile={self.compile!r} needs the KV cache (use_cache=True)")
         if speculative is not None and not use_cache:
             raise DecodingError("speculative decoding verifies drafts in the KV cache: it needs use_cache=True")
-        self.compiled = compile
+        self.static_shapes = self.compile in ("static", "on")
         self.prefix = PrefixIndex(n_slots) if use_cache and prefix_cache else None
         self.speculative = speculative
         self.speculation = SpeculationStats()
@@ -312,7 +361,7 @@ class DecodeEngine:
         self._last_tokens = torch.zeros(n_slots, dtype=torch.long, device=self.device)  # what each slot feeds next
         self._seen: torch.Tensor | None = None  # (n_slots, vocab) bool, for repetition penalties
         self._pending: list[StepOutput] = []  # first tokens sampled at prefill, returned by the next step()
-        self._decode = torch.compile(self._decode_logits, dynamic=False) if compile else self._decode_logits
+        self._decode = compile_step(self._decode_logits, self.device) if self.compile == "on" else self._decode_logits
         self._tools = tool_token_ids(tokenizer)  # None: the tokenizer has no tool tokens (no model of it calls tools)
 
     # -- state
@@ -523,14 +572,19 @@ class DecodeEngine:
 
     def _cached_step_logits(self, active: list[int]) -> torch.Tensor:
         # Rows are the slot range 0..hi-1, so the cache is read through views; free slots inside the range
-        # compute a throw-away row at position 0 (cheaper than gathering the cache of the active ones).
-        hi = self.n_slots if self.compiled else active[-1] + 1
-        # a free row writes at the scratch position no sequence holds: free slots keep their keys for the prefix cache
+        # compute a throw-away row (cheaper than gathering the cache of the active ones).
+        # With static shapes every slot is a row and keys span a bucket: the shapes depend on (n_slots, bucket)
+        # only, so a compiled step never recompiles for the number of active requests; free rows write nothing.
+        # Otherwise a free row writes at the scratch position no sequence holds: free slots keep their keys for the
+        # prefix cache.
+        hi = self.n_slots if self.static_shapes else active[-1] + 1
         positions = [self.lengths[s] if self.slots[s] is not None else self.max_len - 1 for s in range(hi)]
-        key_len = self.max_len if self.compiled else max(self.lengths[s] for s in active) + 1
-        causal_only = not self.compiled and len(active) == hi and min(positions) == key_len - 1
+        longest = max(self.lengths[s] for s in active) + 1
+        key_len = key_bucket(longest, self.max_len) if self.static_shapes else longest
+        causal_only = not self.static_shapes and len(active) == hi and min(positions) == key_len - 1
+        writes = torch.tensor([r is not None for r in self.slots], device=self.device) if self.static_shapes else None
         view = KVCacheView(self.cache, self._slot_ids[:hi], torch.tensor(positions, device=self.device)[:, None],
-                           key_len, slot_range=(0, hi), causal_only=causal_only)
+                           key_len, slot_range=(0, hi), causal_only=causal_only, writes=writes)
         logits = self._decode(self._last_tokens[:hi, None], view)
         return logits if len(active) == hi else logits[torch.tensor(active, device=self.device)]
 

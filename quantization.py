@@ -10,6 +10,12 @@ benchmarks/bench_inference.py):
   - "fbgemm" (x86 CPU): torch.ops.quantized.linear_dynamic, the kernel behind quantize_dynamic. It ALSO quantizes
     activations: per tensor (each call), to 7-bit unsigned (reduce_range, which keeps AVX2's 16-bit accumulation from
     saturating), then dequantizes the int32 result. Held to the same quality target.
+  - "fbgemm_direct" (x86 CPU, the default there): FBGEMM's int8 GEMM called directly
+    (torch.fbgemm_linear_int8_weight_fp32_activation) behind a torch.library op with a fake kernel, so a compiled
+    decode step holds it in one graph; the per-channel scales and the bias are applied outside (inductor fuses them).
+    Activations are quantized per tensor to 8-bit unsigned (no reduce_range). AVX2 and AVX-512 without VNNI sum
+    pairs of u8 x s8 products in int16, which 8-bit weights can overflow: there the weights are packed at 7 bits
+    (+-63, scales doubled), which cannot (255 * 63 * 2 < 2^15); with AVX-512 VNNI (int32 sums) at their 8 bits.
   - "int8pack" (CUDA): torch._weight_int8pack_mm, activations stay in the compute dtype (as gpt-fast).
   - "dequant": int8 -> compute dtype, then a plain matmul times the scales; correct everywhere (the fallback).
 
@@ -28,7 +34,8 @@ import torch.nn.functional as F
 
 from gpt_model import GPTModel
 
-KERNELS = ("auto", "fbgemm", "int8pack", "dequant")
+KERNELS = ("auto", "fbgemm_direct", "fbgemm", "int8pack", "dequant")
+OPS_NAMESPACE = "gpt_framework"
 
 
 class QuantizationError(ValueError):
@@ -48,8 +55,42 @@ def fbgemm_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic")
 
 
+@functools.cache
+def fbgemm_direct_available() -> bool:
+    """Whether this torch build also has FBGEMM's int8 GEMM as plain ops (the torch.fbgemm_* family)."""
+    return fbgemm_available() and hasattr(torch, "fbgemm_linear_int8_weight_fp32_activation") \
+        and hasattr(torch, "fbgemm_pack_quantized_matrix")
+
+
+@functools.cache
+def int32_accumulation() -> bool:
+    """Whether FBGEMM sums u8 x s8 products in int32 on this CPU (AVX-512 VNNI); else in saturating int16 pairs."""
+    return bool(torch.cpu.get_capabilities().get("avx512_vnni", False))
+
+
+def fbgemm_int8_units(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor, col_offsets: torch.Tensor,
+                      zeros: torch.Tensor) -> torch.Tensor:
+    """(N, in) float32 times the int8 (out, in) ``weight`` packed by torch.fbgemm_pack_quantized_matrix, in int8
+    units: no scale, no bias (the caller applies both)."""
+    return torch.fbgemm_linear_int8_weight_fp32_activation(x, weight, packed, col_offsets, 1.0, 0, zeros)
+
+
+# The same as an op of its own with a fake kernel, so torch.compile keeps it in one graph (eager calls skip its
+# dispatch); the packed weight is an opaque handle, a graph input, never a constant to fold.
+fbgemm_int8_matmul = torch.library.custom_op(f"{OPS_NAMESPACE}::fbgemm_int8_matmul",
+                                             mutates_args=())(fbgemm_int8_units)
+
+
+@fbgemm_int8_matmul.register_fake
+def _fbgemm_int8_matmul_shape(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor, col_offsets: torch.Tensor,
+                              zeros: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
 def pick_kernel(device: torch.device) -> str:
     """The kernel that measured fastest on this kind of device (benchmarks/bench_inference.py), else the fallback."""
+    if device.type == "cpu" and fbgemm_direct_available():
+        return "fbgemm_direct"
     if device.type == "cpu" and fbgemm_available():
         return "fbgemm"
     if device.type == "cuda" and hasattr(torch, "_weight_int8pack_mm"):
@@ -69,6 +110,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self._packed: tuple[tuple, list[int], Any] | None = None  # (packed from, their versions, FBGEMM packed)
+        self._direct: tuple[tuple, list[int], tuple] | None = None  # the same for fbgemm_direct
         self._kernels: dict[tuple[str, torch.dtype], str] = {}  # (device type, dtype) -> the kernel chosen
 
     @classmethod
@@ -91,7 +133,9 @@ class Int8Linear(nn.Module):
 
     def _choose_kernel(self, device: torch.device, dtype: torch.dtype) -> str:
         kernel = pick_kernel(device) if self.kernel == "auto" else self.kernel
-        if kernel == "fbgemm" and (device.type != "cpu" or dtype != torch.float32 or not fbgemm_available()):
+        if kernel == "fbgemm_direct" and not fbgemm_direct_available():
+            kernel = "fbgemm"
+        if kernel.startswith("fbgemm") and (device.type != "cpu" or dtype != torch.float32 or not fbgemm_available()):
             return "dequant"  # FBGEMM takes float32 on CPU only
         if kernel == "int8pack" and not hasattr(torch, "_weight_int8pack_mm"):
             return "dequant"
@@ -111,10 +155,38 @@ class Int8Linear(nn.Module):
             self._packed = packed
         return packed[2]
 
+    def _direct_weights(self) -> tuple[torch.Tensor, ...]:
+        """(int8 weight, FBGEMM's packed copy, its row sums, zeros, scale) for ``fbgemm_int8_matmul``, rebuilt as
+        ``_fbgemm_weights``. Where FBGEMM sums in int16 pairs the weights are packed at 7 bits (scales doubled)."""
+        if torch.compiler.is_compiling():  # packed by the eager calls before (a compiled step follows a prefill)
+            if self._direct is None:
+                raise QuantizationError("run an Int8Linear once before compiling it: its weights are packed eagerly")
+            return self._direct[2]
+        sources = (self.weight, self.scale)
+        versions = [t._version for t in sources]
+        direct = self._direct
+        if direct is None or direct[1] != versions or any(a is not b for a, b in zip(direct[0], sources)):
+            weight, scale = self.weight, self.scale
+            if not int32_accumulation():  # 255 * 63 * 2 < 2^15: no pair of products saturates int16
+                weight, scale = torch.round(weight / 2).clamp(-63, 63).to(torch.int8), scale * 2
+            with warnings.catch_warnings():  # the torch.fbgemm_* family warns once that it is deprecated
+                warnings.simplefilter("ignore")
+                packed = torch.fbgemm_pack_quantized_matrix(weight)
+                zeros = torch.zeros(self.out_features)
+                col_offsets = weight.sum(dim=1, dtype=torch.int32)
+                fbgemm_int8_matmul(torch.zeros(1, self.in_features), weight, packed, col_offsets, zeros)
+            direct = self._direct = (sources, versions, (weight, packed, col_offsets, zeros, scale))
+        return direct[2]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.active_kernel(x)
         shape = x.shape[:-1] + (self.out_features,)
         x2d = x.reshape(-1, self.in_features)
+        if kernel == "fbgemm_direct":
+            weight, packed, col_offsets, zeros, scale = self._direct_weights()
+            matmul = fbgemm_int8_matmul if torch.compiler.is_compiling() else fbgemm_int8_units
+            y = matmul(x2d.contiguous(), weight, packed, col_offsets, zeros) * scale
+            return (y if self.bias is None else y + self.bias).view(shape)
         if kernel == "fbgemm":
             return torch.ops.quantized.linear_dynamic(x2d.contiguous(), self._fbgemm_weights(), True).view(shape)
         if kernel == "int8pack":
@@ -145,6 +217,21 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def onednn_linear_eager(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + b with W in oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+# The same as an op of its own: inductor lowers mkldnn's linear only for a weight it froze as a constant; as an
+# opaque op with a fake kernel the packed weight stays a graph input and the compiled step calls oneDNN directly.
+onednn_linear = torch.library.custom_op(f"{OPS_NAMESPACE}::onednn_linear", mutates_args=())(onednn_linear_eager)
+
+
+@onednn_linear.register_fake
+def _onednn_linear_shape(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(x.shape[:-1] + (packed.shape[0],))
+
+
 class PackedLinear(nn.Module):
     """Float y = x W^T + b with W prepacked once into oneDNN's blocked layout (what inductor's freezing does on
     CPU): the GEMV/GEMM of decoding then skips nn.Linear's per-call layout work (benchmarks/bench_inference.py).
@@ -162,7 +249,7 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.onednn and x.dtype == torch.float32:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            return (onednn_linear if torch.compiler.is_compiling() else onednn_linear_eager)(x, self.packed, self.bias)
         x2d = x.reshape(-1, self.in_features)
         weight_t = self.packed.to_dense().t() if self.onednn else self.packed
         y = x2d @ weight_t if self.bias is None else torch.addmm(self.bias, x2d, weight_t)

@@ -56,6 +56,8 @@ class KVCacheView:
     slot_range=(lo, hi) says the rows are slots lo..hi-1 in order, so the cache is read through a view instead of a
     gather.
     causal_only: all rows are at the same length with one new token, so no mask is needed.
+    writes: (B,) bool, the rows whose keys/values are written; the others (rows computed only to keep shapes static,
+    for free slots) leave their slot as it was. None: every row writes.
     """
 
     cache: KVCache
@@ -64,13 +66,19 @@ class KVCacheView:
     key_len: int
     slot_range: tuple[int, int] | None = None
     causal_only: bool = False
+    writes: torch.Tensor | None = None
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write (B, n_kv_heads, T, head_dim) keys/values at each row's positions; return the keys/values to read."""
         cache_k, cache_v = self.cache.buffers(layer_idx, k)
         rows = self.slots[:, None]
-        cache_k[rows, :, self.positions] = k.transpose(1, 2).to(cache_k.dtype)
-        cache_v[rows, :, self.positions] = v.transpose(1, 2).to(cache_v.dtype)
+        new_k, new_v = k.transpose(1, 2).to(cache_k.dtype), v.transpose(1, 2).to(cache_v.dtype)
+        if self.writes is not None:  # a row that must not write puts back what its slot holds (no data-dependent shape)
+            keep = ~self.writes[:, None, None, None]
+            new_k = torch.where(keep, cache_k[rows, :, self.positions], new_k)
+            new_v = torch.where(keep, cache_v[rows, :, self.positions], new_v)
+        cache_k[rows, :, self.positions] = new_k
+        cache_v[rows, :, self.positions] = new_v
         if self.key_len == 0:
             return k, v
         if self.slot_range is not None:

@@ -17,16 +17,22 @@ is. Also reported:
   - read bandwidth and the bandwidth floor (weight bytes read per token / bandwidth) at batch 1;
   - KV cache vs recompute at batch 1 (recompute estimated from timed single steps, as bench_generate does);
   - the engine with 1, 8 and 32 sequences joining at staggered times (one every --stagger steps);
-  - torch.compile of the decode step (DecodeEngine(compile=True)) against eager, with its compile time.
+  - the compiled decode step (DecodeEngine(compile="on"): static shapes, one graph) against the eager one, fp32 and
+    INT8, at batch 1 and --compile_batch, with transformers and CTranslate2 in the same alternating rounds (medians),
+    and its compile time with a cold and a warm inductor cache (a fresh cache folder, then a second process on it).
 
     python -m benchmarks.bench_inference --num_threads 2            # ~5-8 minutes on 2 cores
     python -m benchmarks.bench_inference --num_threads 2 --batch_sizes 1 --repeats 1 --compile_shapes ''   # quicker
+    nice -n 5 python -m benchmarks.bench_inference --compiled_only  # the compiled step alone: ~5-8 minutes
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -177,13 +183,109 @@ def compile_figures(model, prompt: list[int], new_tokens: int) -> dict:
     params = SamplingParams(max_new_tokens=new_tokens, do_sample=False)
     out = {}
     for name, compile in (("eager", False), ("compiled", True)):
-        engine = DecodeEngine(model, n_slots=1, max_len=len(prompt) + new_tokens, compile=compile)
+        mode = "on" if compile else "off"
+        engine = DecodeEngine(model, n_slots=1, max_len=len(prompt) + new_tokens, compile=mode)
         first, _ = timed(lambda: engine.run([prompt], params))
         best = min(timed(lambda: engine.run([prompt], params))[0] for _ in range(2))
         out[f"compile_{name}_tok_s"] = round(new_tokens / best, 1)
         if compile:
             out["compile_seconds"] = round(first - best, 1)
     return out
+
+
+# ----------------------------------------------------------------------------- the compiled decode step
+
+COMPILED_PROMPT, COMPILED_NEW = 16, 48  # 64 positions: one key bucket, one graph per slot count
+
+
+def compiled_engines(models: dict[str, torch.nn.Module], batch: int) -> dict:
+    """Our engines: each model eager ("off") and compiled ("on"), ``batch`` slots."""
+    return {f"{name}_{mode}": DecodeEngine(model, n_slots=batch, max_len=COMPILED_PROMPT + COMPILED_NEW, compile=mode)
+            for name, model in models.items() for mode in ("off", "on")}
+
+
+def first_runs(engines: dict, prompts: list[list[int]]) -> dict[str, float]:
+    """Seconds of each engine's first run: the compile (or the eager warm-up) and one generation."""
+    params = SamplingParams(max_new_tokens=COMPILED_NEW, do_sample=False)
+    return {name: round(timed(lambda e=engine: e.run(prompts, params))[0], 1) for name, engine in engines.items()}
+
+
+def compile_worker(folder: str, threads: int) -> None:
+    """A second process on the first one's inductor cache: the compiled engines' first runs with a warm cache."""
+    torch.set_num_threads(threads)
+    models = {name: load_model_and_tokenizer(Path(folder) / f"{name}.pth", device="cpu")[0]
+              for name in ("fp32", "int8")}
+    engines = {k: v for k, v in compiled_engines(models, 1).items() if k.endswith("_on")}
+    print(json.dumps(first_runs(engines, [list(range(1, COMPILED_PROMPT + 1))])), flush=True)
+
+
+def alternating_medians(runs: dict, rounds: int) -> dict[str, float]:
+    """Median seconds of each run over ``rounds`` rounds, every run once per round, a pause between runs."""
+    seconds = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            time.sleep(SETTLE_SECONDS)
+            seconds[name].append(timed(run)[0])
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def compiled_figures(args, ours: GPTModel, hf, folder: Path) -> dict:
+    """Eager vs compiled step, fp32 and INT8 (and the INT8 eager step on quantized.linear_dynamic), at batch 1 with
+    transformers and CTranslate2 in the same rounds, and INT8 at --compile_batch; compile times, cold and warm cache."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder / "inductor")  # a fresh cache: the cold compile
+    models = api_models(ours, folder)
+    models = {"fp32": models["api_fp32"], "int8": models["api_int8"]}
+    dynamic = quantize_model_int8(copy.deepcopy(ours), kernel="fbgemm")
+    prompt = torch.randint(0, 50257, (1, COMPILED_PROMPT), generator=torch.Generator().manual_seed(1))
+    engines = {**compiled_engines(models, 1), "int8_dynamic_off": DecodeEngine(dynamic, n_slots=1)}
+    out = {f"compile_cold_first_run_s_{k}": v for k, v in first_runs(engines, prompt.tolist()).items()}
+    argv = [sys.executable, "-m", "benchmarks.bench_inference", "--compile_worker", str(folder), "--num_threads",
+            str(args.num_threads)]
+    warm = subprocess.run(argv, cwd=Path(__file__).parent.parent, capture_output=True, text=True, check=True)
+    out.update({f"compile_warm_first_run_s_{k}": v for k, v in json.loads(warm.stdout.splitlines()[-1]).items()})
+    params = SamplingParams(max_new_tokens=COMPILED_NEW, do_sample=False)
+    runs = {f"b1_{name}": (lambda e=e: e.run(prompt.tolist(), params)) for name, e in engines.items()}
+    runs["b1_hf_fp32"] = lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                             max_new_tokens=COMPILED_NEW, min_new_tokens=COMPILED_NEW)
+    ct2 = None if args.no_ct2 else CT2Process(save_hf(hf, folder), args.num_threads)
+    for name in ("float32", "int8") if ct2 else ():
+        runs[f"b1_ct2_{name}"] = lambda name=name: ct2.generate(name, prompt, COMPILED_NEW)
+    print(json.dumps(out), file=sys.stderr, flush=True)  # the figures so far, should a later stage fail
+    medians = alternating_medians(runs, args.compile_rounds)
+    if ct2:
+        out["ctranslate2"] = ct2.version
+        ct2.close()
+    out.update({f"{name}_tok_s": round(COMPILED_NEW / sec, 1) for name, sec in medians.items()})
+    print(json.dumps(out), file=sys.stderr, flush=True)
+    batch = torch.randint(0, 50257, (args.compile_batch, COMPILED_PROMPT), generator=torch.Generator().manual_seed(2))
+    wide = compiled_engines({"int8": models["int8"]}, args.compile_batch)  # what the server compiles by default
+    out.update({f"compile_cold_first_run_s_b{args.compile_batch}_{k}": v
+                for k, v in first_runs(wide, batch.tolist()).items()})
+    wide_medians = alternating_medians({k: (lambda e=e: e.run(batch.tolist(), params)) for k, e in wide.items()},
+                                       max(1, args.compile_rounds // 2))
+    out.update({f"b{args.compile_batch}_{k}_tok_s": round(args.compile_batch * COMPILED_NEW / sec, 1)
+                for k, sec in wide_medians.items()})
+    for kind in ("fp32", "int8"):  # a compile's seconds: its first run less a steady one
+        out[f"compile_cold_seconds_b1_{kind}"] = round(out[f"compile_cold_first_run_s_{kind}_on"]
+                                                       - medians[f"b1_{kind}_on"], 1)
+        out[f"compile_warm_seconds_b1_{kind}"] = round(out[f"compile_warm_first_run_s_{kind}_on"]
+                                                       - medians[f"b1_{kind}_on"], 1)
+    out[f"compile_cold_seconds_b{args.compile_batch}_int8"] = round(
+        out[f"compile_cold_first_run_s_b{args.compile_batch}_int8_on"] - wide_medians["int8_on"], 1)
+    return out | compiled_ratios(out, args.compile_batch)
+
+
+def compiled_ratios(out: dict, batch: int) -> dict:
+    """The targets: compiled over eager, INT8 over CTranslate2 int8, fp32 over transformers."""
+    ratio = {f"b1_{kind}_compiled_over_eager": out[f"b1_{kind}_on_tok_s"] / out[f"b1_{kind}_off_tok_s"]
+             for kind in ("fp32", "int8")}
+    ratio["b1_int8_eager_direct_over_dynamic"] = out["b1_int8_off_tok_s"] / out["b1_int8_dynamic_off_tok_s"]
+    ratio[f"b{batch}_int8_compiled_over_eager"] = out[f"b{batch}_int8_on_tok_s"] / out[f"b{batch}_int8_off_tok_s"]
+    ratio["b1_fp32_compiled_over_hf"] = out["b1_fp32_on_tok_s"] / out["b1_hf_fp32_tok_s"]
+    if "b1_ct2_int8_tok_s" in out:
+        ratio["b1_int8_compiled_over_ct2_int8"] = out["b1_int8_on_tok_s"] / out["b1_ct2_int8_tok_s"]
+        ratio["b1_fp32_compiled_over_ct2_float32"] = out["b1_fp32_on_tok_s"] / out["b1_ct2_float32_tok_s"]
+    return {k: round(v, 2) for k, v in ratio.items()}
 
 
 def build_parser() -> cli.ArgumentParser:
@@ -204,6 +306,13 @@ def build_parser() -> cli.ArgumentParser:
     parser.add_argument("--ct2_worker", metavar="HF_FOLDER", help=argparse.SUPPRESS)  # the CTranslate2 process
     parser.add_argument("--compile_shapes", type=presets(allow_empty=True), default="tiny,gpt2",
                         help="presets for the torch.compile figure, '' = skip")
+    parser.add_argument("--compiled_only", action="store_true",
+                        help="measure only the compiled decode step against eager and the peers (the --shape model)")
+    parser.add_argument("--compile_rounds", type=cli.positive_int, default=5,
+                        help="alternating rounds of the compiled-step figures (medians)")
+    parser.add_argument("--compile_batch", type=cli.positive_int, default=32,
+                        help="the wide batch of the compiled-step figures")
+    parser.add_argument("--compile_worker", metavar="FOLDER", help=argparse.SUPPRESS)  # the warm-cache process
     return parser
 
 
@@ -310,10 +419,21 @@ def _main(argv: list[str] | None) -> int:
     if args.ct2_worker:
         ct2_worker(args.ct2_worker, args.num_threads)
         return 0
+    if args.compile_worker:
+        compile_worker(args.compile_worker, args.num_threads)
+        return 0
     started = time.perf_counter()
     ours, hf = build_pair(args.shape, torch.device("cpu"))
     results: dict = {"shape": args.shape, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "greedy": True,
                      "cpu_threads": torch.get_num_threads(), "torch": torch.__version__}
+    if args.compiled_only:
+        results.update({"prompt_len": COMPILED_PROMPT, "new_tokens": COMPILED_NEW, "rounds": args.compile_rounds,
+                        "cpu": torch.backends.cpu.get_cpu_capability()})
+        with tempfile.TemporaryDirectory() as folder:
+            results.update(compiled_figures(args, ours, hf, Path(folder)))
+        results["bench_seconds"] = round(time.perf_counter() - started, 1)
+        print(json.dumps(results))
+        return 0
     torch.set_num_threads(args.kernel_threads)  # 1: a multi-threaded call on a busy box can stall for milliseconds
     results.update({f"{k}_t{args.kernel_threads}": v for k, v in kernel_ms(ours).items()})
     torch.set_num_threads(args.num_threads)

@@ -18,7 +18,7 @@ import torch
 
 import checkpoints
 import cli
-from decoding import DecodeEngine, SamplingParams
+from decoding import COMPILE_MODES, DecodeEngine, SamplingParams
 from devices import resolve_device, set_threads
 from prompts import SFT_TEMPLATE, encode_prompt, knows_tools, max_prompt_len, render_prompt
 
@@ -35,19 +35,21 @@ def with_eos(params: SamplingParams, tokenizer) -> SamplingParams:
 
 
 def generate_with_kv_cache(model, tokenizer, prompt: str, params: SamplingParams = SamplingParams(),
-                           device: str | torch.device | None = None) -> str:
+                           device: str | torch.device | None = None, compile: str = "off") -> str:
     """The continuation of `<s> prompt` (prompt not included), decoded with the KV cache."""
-    return generate_batch_with_kv_cache(model, tokenizer, [prompt], params, device)[0]
+    return generate_batch_with_kv_cache(model, tokenizer, [prompt], params, device, compile=compile)[0]
 
 
 def generate_batch_with_kv_cache(model, tokenizer, prompts: Sequence[str], params: SamplingParams = SamplingParams(),
-                                 device: str | torch.device | None = None, n_slots: int = 8) -> list[str]:
+                                 device: str | torch.device | None = None, n_slots: int = 8,
+                                 compile: str = "off") -> list[str]:
     """Continuations of several prompts, n_slots at a time (a finished one hands its slot to the next).
 
-    With a seed, prompt i is sampled with seed + i: each result is reproducible on its own.
+    With a seed, prompt i is sampled with seed + i: each result is reproducible on its own. compile: the decode
+    step's mode (decoding.COMPILE_MODES).
     """
     model = _prepare(model, device)
-    engine = DecodeEngine(model, tokenizer, n_slots=min(n_slots, max(1, len(prompts))))
+    engine = DecodeEngine(model, tokenizer, n_slots=min(n_slots, max(1, len(prompts))), compile=compile)
     limit = max_prompt_len(engine.max_len, params.max_new_tokens)
     params = with_eos(params, tokenizer)
     each = [params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
@@ -57,10 +59,10 @@ def generate_batch_with_kv_cache(model, tokenizer, prompts: Sequence[str], param
 
 
 def stream_with_kv_cache(model, tokenizer, prompt: str, params: SamplingParams = SamplingParams(),
-                         device: str | torch.device | None = None) -> Iterator[str]:
+                         device: str | torch.device | None = None, compile: str = "off") -> Iterator[str]:
     """Pieces of the continuation as tokens arrive: whole UTF-8 characters, joining to generate_with_kv_cache's text."""
     model = _prepare(model, device)
-    engine = DecodeEngine(model, tokenizer, n_slots=1)
+    engine = DecodeEngine(model, tokenizer, n_slots=1, compile=compile)
     ids = encode_prompt(tokenizer, prompt, max_prompt_len(engine.max_len, params.max_new_tokens))
     yield from engine.stream(ids, with_eos(params, tokenizer))
 
@@ -75,13 +77,13 @@ MAX_MESSAGE_CHARS = 65_536
 
 def chat(model, tokenizer, template: str = SFT_TEMPLATE, params: SamplingParams = SamplingParams(),
          read: Callable[[str], str] | None = None, write: Callable[[str], None] | None = None,
-         system: str | None = None, max_message_chars: int = MAX_MESSAGE_CHARS) -> None:
+         system: str | None = None, max_message_chars: int = MAX_MESSAGE_CHARS, compile: str = "off") -> None:
     """Terminal chat: replies stream as they are generated; /reset forgets the conversation, /quit or Ctrl-C/D end.
     A message over ``max_message_chars`` is refused with a note (the chat goes on)."""
     read = read or input
     write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
     params = with_eos(params, tokenizer)
-    engine = DecodeEngine(model, tokenizer, n_slots=1)
+    engine = DecodeEngine(model, tokenizer, n_slots=1, compile=compile)
     limit = max_prompt_len(engine.max_len, params.max_new_tokens)
     opening = [{"role": "system", "content": system}] if system else []
     messages = list(opening)
@@ -147,6 +149,10 @@ def build_parser() -> cli.ArgumentParser:
                         help="seed for reproducible sampling (prompt i uses seed + i)")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not part of the output")
     parser.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps")
+    parser.add_argument("--compile", choices=COMPILE_MODES, default="off",
+                        help="the decode step: off (eager), on (torch.compile: each key-length bucket compiles at its "
+                             "first use, seconds to a minute, kept on disk; pays off over long chats), static (the "
+                             "compiled shapes, eager), auto (on only where it measured faster; so far nowhere)")
     parser.add_argument("--num_threads", type=cli.positive_int, help="torch CPU threads (default: torch's choice)")
     return parser
 
@@ -182,14 +188,15 @@ def _run(argv: Sequence[str] | None) -> int:
                             seed=args.seed, eos_token_id=tokenizer.eos_token_id, stop=tuple(args.stop),
                             calculator=knows_tools(loaded.template) and not args.no_calculator)
     if args.interactive:
-        chat(model, tokenizer, loaded.template, params, system=args.system, max_message_chars=args.max_message_chars)
+        chat(model, tokenizer, loaded.template, params, system=args.system, max_message_chars=args.max_message_chars,
+             compile=args.compile)
     elif args.stream:
         print(args.prompt[0], end="", flush=True)
-        for piece in stream_with_kv_cache(model, tokenizer, args.prompt[0], params):
+        for piece in stream_with_kv_cache(model, tokenizer, args.prompt[0], params, compile=args.compile):
             print(piece, end="", flush=True)
         print()
     else:
-        texts = generate_batch_with_kv_cache(model, tokenizer, args.prompt, params)
+        texts = generate_batch_with_kv_cache(model, tokenizer, args.prompt, params, compile=args.compile)
         for prompt, text in zip(args.prompt, texts):
             print(f"--- {prompt}{text}")
     return 0

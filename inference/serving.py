@@ -76,7 +76,8 @@ def load_served_model(settings: Settings, metrics: Metrics) -> ServedModel:
     reward = load_reward_model(reward_path, tokenizer, tokenizer_dir, device) if reward_path else None
     with torch.device("meta"):
         parameters = GPTModel(model.config).num_parameters()
-    engine = DecodeEngine(model, tokenizer, n_slots=settings.max_batch_size, prefix_cache=settings.prefix_cache == "on")
+    engine = DecodeEngine(model, tokenizer, n_slots=settings.max_batch_size, compile=settings.compile,
+                          prefix_cache=settings.prefix_cache == "on")
     worker = EngineWorker(engine, metrics, settings.max_queue, device, dtype, settings.num_threads)
     worker.start()
     return ServedModel(path, model, tokenizer, worker, template, "int8" if is_quantized(model) else "none",

@@ -817,6 +817,7 @@ def _ready(url: str) -> bool:
     (["--quantize", "int4"], "--quantize must be none or int8"),
     (["--calculator", "maybe"], "--calculator must be on or off"),
     (["--prefix_cache", "maybe"], "--prefix_cache must be on or off"),
+    (["--compile", "fast"], "--compile must be auto, on, static or off"),
     (["--model_path", "/no/such/model.pth"], "is not a file"),
 ])
 def test_cli_errors_are_one_line(argv, message, capsys):

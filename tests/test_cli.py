@@ -226,7 +226,7 @@ BAD_FLAGS += rows("kv_cache_infer", [
     ["--top_k", "-1"], ["--top_p", "0"], ["--top_p", "1.5"], ["--repetition_penalty", "0"],
     ["--repetition_penalty", "1e-45"], ["--seed", "-1"], ["--num_threads", "0"], [OLD_THREADS, "1"],
     ["--interactive"], ["--max_message_chars", "0"], ["--max_message_chars", "x"], ["--no_calculator"],
-    ["--no_calculator", "x"],
+    ["--no_calculator", "x"], ["--compile", "fast"], ["--compile"],
 ])
 BAD_FLAGS += [missing("kv_cache_infer", "--model_path")]
 
@@ -269,6 +269,7 @@ BAD_FLAGS += rows("bench_generate", [
 BAD_FLAGS += rows("bench_inference", [
     ["--shape", "huge"], ["--repeats", "0"], ["--num_threads", "0"], ["--kernel_threads", "0"], ["--stagger", "0"],
     ["--joining", "1,x"], ["--compile_shapes", "huge"], ["--new_tokens", "x"], [OLD_THREADS, "2"],
+    ["--compile_rounds", "0"], ["--compile_batch", "x"], ["--compiled_only", "x"],
 ])
 
 # bench_rlvf_lr

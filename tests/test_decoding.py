@@ -1,16 +1,19 @@
 """The decode engine (slots joining and leaving, per-sequence sampling, stop strings, streaming) and prompt helpers."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
-from decoding import (DecodeEngine, DecodingError, IncrementalDetokenizer, SamplingParams, StopStringMatcher,
-                      apply_repetition_penalty, apply_top_p, cut_at_eos, generate, left_pad, sampled_mask,
-                      top_k_candidates, visible_text)
+from decoding import (COMPILE_MODES, DecodeEngine, DecodingError, IncrementalDetokenizer, SamplingParams,
+                      StopStringMatcher, apply_repetition_penalty, apply_top_p, cut_at_eos, generate, key_bucket,
+                      left_pad, sampled_mask, top_k_candidates, visible_text)
 from devices import autocast_context
 from gpt_model import GPTConfig, GPTModel
 from prompts import (CHAT_TOKENS, TOOL_CALL, TOOL_CALL_END, TOOL_RESULT, TOOL_RESULT_END, encode_prompt,
                      max_prompt_len)
+from quantization import quantize_model_int8
 
 SMALL = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, d_ff=128, max_seq_len=48)
 GREEDY = SamplingParams(max_new_tokens=12, do_sample=False)
@@ -322,6 +325,92 @@ def test_a_character_cut_off_at_the_end_is_left_out_not_shown_as_u_fffd(tiny_tok
     detok = IncrementalDetokenizer(tok)
     streamed = "".join(detok.push(i) for i in ids) + detok.flush()
     assert streamed == "静夜" == tok.decode(ids)
+
+
+# ----------------------------------------------------------------------------- the static-shape and compiled step
+
+
+def staggered(engine: DecodeEngine, prompts: list[list[int]], params: SamplingParams, every: int = 3) -> list:
+    """Each prompt's output ids, the prompts joining one every ``every`` steps (so the active count changes)."""
+    waiting, requests, step = list(prompts), [], 0
+    while waiting or engine.has_work:
+        if waiting and step % every == 0:
+            requests.append(engine.add(waiting.pop(0), params))
+        engine.step()
+        step += 1
+    return [r.output_ids for r in requests]
+
+
+def test_key_buckets_are_powers_of_two_from_64_within_the_cache():
+    assert [key_bucket(n, 1024) for n in (1, 63, 64, 65, 128, 129, 600, 1024)] == [64, 64, 64, 128, 128, 256, 1024,
+                                                                                   1024]
+    assert key_bucket(10, 48) == 48 and key_bucket(100, 100) == 100  # a cache shorter than a bucket is one
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_static_shape_steps_give_full_recomputations_greedy_tokens_across_key_buckets(shape):
+    """Every slot a row (free ones masked), keys over a 64- then 128-position bucket: sequences joining mid-way get
+    the tokens full recomputation gives (a difference allowed only at a near-tie, as for the eager step)."""
+    torch.manual_seed(0)
+    model = GPTModel(**{**SMALL, "max_seq_len": 160}, **SHAPES[shape]).eval()
+    prompts = [list(range(1, 50)), [0, 5, 6], list(range(20, 80))]
+    params = SamplingParams(max_new_tokens=30, do_sample=False)
+    engine = DecodeEngine(model, n_slots=4, compile="static")
+    for got, prompt in zip(staggered(engine, prompts, params), prompts):
+        assert_same_greedy(got, *reference_greedy(model, prompt, 30))
+
+
+def test_free_slots_keep_their_keys_and_values_under_static_shapes(model):
+    """A free slot's row is computed to keep the shapes static, but writes nothing: what the slot held stays."""
+    engine = DecodeEngine(model, n_slots=3, compile="static")
+    first, middle = engine.add(PROMPTS[0], GREEDY), engine.add(PROMPTS[1], GREEDY)
+    engine.step()
+    engine.abort(middle)
+    held = [(k[middle.slot].clone(), v[middle.slot].clone()) for k, v in zip(engine.cache.keys, engine.cache.values)]
+    while not first.finished:
+        engine.step()
+    for (k, v), layer_k, layer_v in zip(held, engine.cache.keys, engine.cache.values):
+        assert torch.equal(layer_k[middle.slot], k) and torch.equal(layer_v[middle.slot], v)
+
+
+def test_compile_modes_are_checked_and_auto_compiles_only_where_it_measured_faster(model, monkeypatch):
+    with pytest.raises(DecodingError, match="compile must be one of off, static, on, auto"):
+        DecodeEngine(model, compile="fast")
+    with pytest.raises(DecodingError, match="needs the KV cache"):
+        DecodeEngine(model, compile="static", use_cache=False)
+    assert set(COMPILE_MODES) == {"off", "static", "on", "auto"}
+    assert (DecodeEngine(model, compile=True).compile, DecodeEngine(model, compile=False).compile) == ("on", "off")
+    int8 = quantize_model_int8(GPTModel(**SMALL).eval())
+    monkeypatch.setattr("decoding.COMPILE_PAYS", frozenset({("cpu", True)}))
+    assert (DecodeEngine(int8, compile="auto").compile, DecodeEngine(model, compile="auto").compile) == ("on", "off")
+    monkeypatch.setattr("decoding.COMPILE_PAYS", frozenset())
+    assert DecodeEngine(int8, compile="auto").compile == "off"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # a cold compile: about a minute on an idle 2-core machine, five on a busy one
+def test_the_compiled_step_gives_the_static_steps_tokens_and_one_graph_whatever_the_active_count():
+    """INT8 (FBGEMM's direct kernel in the graph where present), slots joining and leaving within one key bucket:
+    the compiled step's greedy tokens are the eager static step's, from a single compiled graph."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = quantize_model_int8(GPTModel(**{**SMALL, "n_layers": 1}).eval())
+    prompts, params = [PROMPTS[0], PROMPTS[1], PROMPTS[3]], SamplingParams(max_new_tokens=14, do_sample=False)
+    expected = staggered(DecodeEngine(model, n_slots=3, compile="static"), prompts, params)
+    graphs = counters["stats"]["unique_graphs"]
+    assert staggered(DecodeEngine(model, n_slots=3, compile="on"), prompts, params) == expected
+    assert counters["stats"]["unique_graphs"] - graphs == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: the compiled step's CUDA path "
+                    "(the same static shapes under CUDA graphs, mode='reduce-overhead') is not exercised")
+def test_the_compiled_step_on_cuda_gives_full_recomputations_greedy_tokens():
+    torch.manual_seed(0)
+    model = GPTModel(**SMALL).eval()
+    engine = DecodeEngine(copy.deepcopy(model).cuda(), n_slots=2, compile="on")
+    for got, prompt in zip(staggered(engine, PROMPTS[:2], GREEDY), PROMPTS[:2]):
+        assert_same_greedy(got, *reference_greedy(model, prompt, GREEDY.max_new_tokens))
 
 
 # ----------------------------------------------------------------------------- generate (left-padded tensors)

@@ -12,9 +12,12 @@ import torch.nn.functional as F
 from decoding import SamplingParams, generate
 from gpt_model import GPTConfig, GPTModel
 from quantization import (weight_count, Int8Embedding, Int8Linear, PackedLinear, QuantizationError, fbgemm_available,
-                          pack_linears_for_cpu, prepare_for_inference, quantize_model_int8, quantize_per_channel)
+                          fbgemm_direct_available, fbgemm_int8_matmul, pack_linears_for_cpu, prepare_for_inference,
+                          quantize_model_int8, quantize_per_channel)
 
+NO_DIRECT = pytest.mark.skipif(not fbgemm_direct_available(), reason="this torch build lacks torch.fbgemm_* ops")
 KERNELS = ["dequant", pytest.param("fbgemm", marks=pytest.mark.skipif(not fbgemm_available(), reason="no FBGEMM")),
+           pytest.param("fbgemm_direct", marks=NO_DIRECT),
            pytest.param("int8pack", marks=pytest.mark.skipif(not hasattr(torch, "_weight_int8pack_mm"), reason="no"))]
 
 
@@ -73,8 +76,8 @@ def test_every_kernel_matches_the_dequantized_matmul(kernel):
     reference = Int8Linear.from_linear(linear, kernel="dequant")(x)
     got = Int8Linear.from_linear(linear, kernel=kernel)
     assert got.active_kernel(x) == kernel
-    # FBGEMM also quantizes activations (per tensor, 7 bits): close, not exact
-    torch.testing.assert_close(got(x), reference, atol=0.05 if kernel == "fbgemm" else 1e-5, rtol=0.02)
+    # FBGEMM also quantizes activations (per tensor, 7 or 8 bits): close, not exact
+    torch.testing.assert_close(got(x), reference, atol=0.05 if kernel.startswith("fbgemm") else 1e-5, rtol=0.02)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -154,3 +157,55 @@ def test_the_modern_shape_quantizes_every_projection_and_an_untied_head_keeps_tw
     assert model.transformer.h[0].attn.c_attn.out_features == (4 + 2 * 2) * 32  # the GQA-width fused projection
     assert model.lm_head.weight is not model.transformer.wte.weight
     assert weight_count(model) == GPTModel(model.config).num_parameters()
+
+
+@NO_DIRECT
+def test_fbgemm_direct_never_saturates_on_the_worst_case_row():
+    """Every activation at the top of its range against weights all +127: each pair of u8 x s8 products is 64,770,
+    past int16, where FBGEMM sums pairs in int16 (AVX2, AVX-512 without VNNI). The layer must still give the
+    product the dequantized weights give (7-bit weights there: 255 * 63 * 2 < 2^15)."""
+    linear = nn.Linear(256, 8, bias=False)
+    with torch.no_grad():
+        linear.weight.fill_(0.5)
+    x = torch.full((2, 256), 3.0)
+    got = Int8Linear.from_linear(linear, kernel="fbgemm_direct")(x)
+    torch.testing.assert_close(got, torch.full((2, 8), 256 * 3.0 * 0.5), rtol=0.01, atol=0.0)
+
+
+@NO_DIRECT
+def test_fbgemm_direct_is_as_close_to_fp32_as_the_dynamic_kernel(model):
+    """Its error on a model's logits against fp32, next to quantized.linear_dynamic's (7-bit activations), over
+    layer-normed activations: within 1.5x of it (8-bit activations, 7- or 8-bit weights)."""
+    ids = torch.randint(0, model.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        fp32 = model(ids)["logits"]
+        errors = {kernel: (quantize_model_int8(copy.deepcopy(model), kernel=kernel)(ids)["logits"] - fp32).abs().mean()
+                  for kernel in ("fbgemm", "fbgemm_direct")}
+    assert errors["fbgemm_direct"] <= 1.5 * errors["fbgemm"], errors
+
+
+@NO_DIRECT
+def test_fbgemm_direct_compiles_into_one_graph_with_its_fake_kernel():
+    """The op's fake kernel gives torch.compile the output shape, so a layer holding it traces without a break
+    (fullgraph) and computes what it computes eagerly; the packed weight stays an input, not a folded constant."""
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(nn.Linear(64, 48), kernel="fbgemm_direct")
+    x = torch.randn(3, 64)
+    eager = layer(x)  # packs the weights (a compiled step always follows an eager prefill)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), eager, atol=1e-6, rtol=1e-6)
+    weight, packed, col_offsets, zeros, _ = layer._direct_weights()
+    assert fbgemm_int8_matmul(x, weight, packed, col_offsets, zeros).shape == (3, 48)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch build")
+def test_packed_fp32_linear_compiles_into_one_graph():
+    """Inductor lowers oneDNN's linear only for a weight it froze itself; the packed one goes through an op of our
+    own (a fake kernel for its shape), so a compiled step holding it traces whole and computes the same."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    layer = PackedLinear(linear.weight, linear.bias)
+    x = torch.randn(3, 1, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(torch.compile(layer, fullgraph=True, backend="aot_eager")(x), linear(x),
+                                   atol=1e-5, rtol=1e-5)

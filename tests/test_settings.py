@@ -37,6 +37,13 @@ def test_flags_and_environment_give_the_same_settings(shared):
         Settings.from_args(["--reward_model", "r.pth", "--max_best_of", "3"], environ={})
 
 
+def test_the_compile_setting_offers_the_engines_modes():
+    from decoding import COMPILE_MODES
+
+    assert Settings().compile == "auto" and Settings.from_args([], environ={"GPT_COMPILE": "off"}).compile == "off"
+    assert set(Settings.__dataclass_fields__["compile"].metadata["choices"]) == set(COMPILE_MODES)
+
+
 def test_default_model_prefers_int8_sft_then_sft_then_pretrain(tmp_path, monkeypatch):
     monkeypatch.setattr(service, "ROOT", tmp_path)
     with pytest.raises(UsageError, match="no model to serve"):
