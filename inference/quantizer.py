@@ -74,8 +74,9 @@ def quantized_from(model_path: str) -> str:
 
 
 def check_paths(args) -> None:
-    """Before any work: --output is none of the inputs, and an existing one is replaced only if it is this command's
-    INT8 file of the same --model_path (a rerun), or with --overwrite."""
+    """Before any work: --output is none of the inputs (nor what the checkpoint refers to: a LoRA adapter's base), and
+    an existing one is replaced only if it is this command's INT8 file of the same --model_path (a rerun), or with
+    --overwrite."""
     def own(path: Path) -> bool:
         try:
             meta = checkpoints.checkpoint_metadata(path)
@@ -83,7 +84,7 @@ def check_paths(args) -> None:
             return False
         return meta.get("quantization") == "int8" and meta.get("quantized_from") == quantized_from(args.model_path)
 
-    inputs = [("--model_path", args.model_path), ("--tokenizer_dir", args.tokenizer_dir),
+    inputs = [*checkpoints.checkpoint_inputs("--model_path", args.model_path, args.tokenizer_dir),
               ("--test_data_path", None if args.no_eval else args.test_data_path)]
     cli.check_outputs({"--output": args.output}, inputs, args.overwrite, own)
     if Path(args.output).is_dir():

@@ -100,8 +100,9 @@ def test_describe_os_error_names_the_path_and_a_hint_without_errno_noise(err, ex
 # ----------------------------------------------------------------------------- every command: one table
 
 # command -> (module whose main() runs it, the valid flags each case starts from). In the flags and the cases,
-# {ckpt} is a tiny checkpoint (tokenizer beside it), {sft} an SFT .json, {text} a small corpus, {afile} a plain file
-# (all in a shared folder that must stay as it was), {out} the test's own empty folder, which must stay empty.
+# {ckpt} is a tiny checkpoint (tokenizer beside it), {adapter} a LoRA adapter file on the checkpoint {base} (each with
+# its tokenizer beside it), {sft} an SFT .json, {text} a small corpus, {afile} a plain file (all in a shared folder
+# that must stay as it was), {out} the test's own empty folder, which must stay empty.
 COMMANDS = {
     "evaluator": ("evaluator", ["--model_path", "{ckpt}", "--model_type", "sft", "--test_data_path", "{sft}",
                                 "--output", "{out}/report.json", "--do_sample", "--no_progress"]),
@@ -157,8 +158,9 @@ def missing(command: str, *flags: str, adding: tuple[str, ...] = ()) -> tuple[st
 
 
 # (command, flags added to its valid ones, flags dropped from them). Each must fail before any work starts. Outputs:
-# an output is never one of the command's inputs, two outputs are never the same path, and an existing file the
-# command did not write needs --overwrite (cli.check_outputs).
+# an output is never one of the command's inputs nor what they refer to (a LoRA adapter's base model, its folder and
+# tokenizer), two outputs are never the same path, and an existing file the command did not write needs --overwrite
+# (cli.check_outputs, checkpoints.checkpoint_inputs).
 BAD_FLAGS: list[tuple[str, list[str], tuple[str, ...]]] = []
 
 # evaluator: sampling and run settings, outputs, --text_field, standard benchmarks (--tasks, --limit, few-shot)
@@ -176,6 +178,8 @@ BAD_FLAGS += rows("evaluator", [
     ["--tasks", "hellaswag={sft}"], ["--tasks", "mmlu={text}"], ["--tasks", "mmlu={folder}"],
     ["--tasks", "mmlu={afile},mmlu={afile}"], ["--tasks", "gsm8k={out}/g.jsonl", "--model_type", "reward"],
     ["--tasks"], ["--limit", "0"], ["--limit", "x"], ["--num_fewshot", "-1"], ["--num_fewshot", "two"],
+    ["--model_path", "{adapter}", "--output", "{base}", "--overwrite"],
+    ["--compare", "{adapter}", "--plot", "{base}", "--overwrite"],
 ])
 BAD_FLAGS += [missing("evaluator", "--test_data_path"), missing("evaluator", "--model_path"),
               missing("evaluator", "--test_data_path", adding=("--tasks", "mmlu={out}/missing.csv")),
@@ -210,7 +214,7 @@ BAD_FLAGS += rows("quantizer", [
     [OLD_THREADS, "2"], ["--output", "{ckpt}"],
     ["--output", "{afile}"], ["--output", "{text}"], ["--output", "{folder}/tokenizer/merges.txt"],
     ["--output", "{ckpt}", "--overwrite"], ["--output", "{folder}"], ["--overwrite", "x"],
-    ["--text_field", ""],
+    ["--text_field", ""], ["--model_path", "{adapter}", "--output", "{base}", "--overwrite"],
 ])
 BAD_FLAGS += [missing("quantizer", "--model_path"), missing("quantizer", "--output"),
               missing("quantizer", "--no_eval",
@@ -240,7 +244,9 @@ BAD_FLAGS += rows("export", [
     ["--output", "{ckpt}", "--overwrite"], ["--output", "{folder}", "--overwrite"],
     ["--output", "{folder}/tokenizer", "--overwrite"], ["--output", "{afile}", "--format", "gguf"],
     ["--model_path", "{text}"], ["--model_path", "{out}/missing.pth"], ["--tokenizer_dir", "{out}/missing"],
-    ["--bogus"],
+    ["--bogus"], ["--model_path", "{adapter}", "--output", "{folder}/base", "--overwrite"],
+    ["--model_path", "{adapter}", "--output", "{folder}/base/tokenizer", "--overwrite"],
+    ["--model_path", "{adapter}", "--format", "gguf", "--output", "{base}", "--overwrite"],
 ])
 BAD_FLAGS += [missing("export", "--format"), missing("export", "--output"), missing("export", "--model_path")]
 

@@ -286,10 +286,10 @@ def test_bad_input_is_one_line_and_overwrites_nothing(run, tiny_tokenizer, capsy
              (["--model_path", str(mixed), "--format", "gguf", "--output", str(run / "c.gguf")], "norm='rmsnorm'"),
              (["--model_path", str(model), "--format", "hf"], "required"),
              (["--model_path", str(model), "--format", "gguf", "--output", str(model), "--overwrite"],
-              "own input"),
-             (["--model_path", str(model), "--format", "hf", "--output", str(run), "--overwrite"], "own input"),
+              "would replace"),
+             (["--model_path", str(model), "--format", "hf", "--output", str(run), "--overwrite"], "would replace"),
              (["--model_path", str(model), "--format", "hf", "--output", str(run / "tokenizer"), "--overwrite"],
-              "own input")]
+              "would replace")]
     for argv, message in cases:
         assert export.main(argv) == 2, argv
         err = capsys.readouterr().err
