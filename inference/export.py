@@ -11,7 +11,8 @@ INT8 weights are dequantized (a lossy copy of the float model: export the float 
 classifier becomes ``GPT2ForSequenceClassification`` (or Llama's / Qwen3's) with its labels in ``id2label``; a
 reward model is refused (its
 score adds the answer's likelihood, which no transformers head computes). Nothing is overwritten unless
-``--overwrite``; a folder is written whole or not at all.
+``--overwrite``; a folder is written whole or not at all, and the temporary files of an export killed mid-write are
+removed by the next one.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from torch import nn
 import checkpoints
 import cli
 import lora
-from atomic_file import atomic_directory, atomic_path
+from atomic_file import atomic_directory, atomic_path, remove_stale_temps
 from byte_level_bpe import ByteLevelBPETokenizer
 from gpt_model import GPTConfig, GPTModel
 from hf_models import HFModelError, model_type, to_hf_config, to_hf_state_dict
@@ -382,12 +383,14 @@ def export_checkpoint(model_path: str, fmt: str, output: Path, kind: str = "f32"
                       tokenizer_dir: str | None = None, overwrite: bool = False) -> nn.Module:
     """Write ``model_path`` as ``fmt`` to ``output``, whole or not at all; returns the exported float model."""
     check_output(output, fmt, overwrite, model_path, tokenizer_dir)
+    remove_stale_temps(output.parent)  # what an export killed mid-write left (kill -9), as the trainers do
     model, tokenizer, metadata = plain_model(model_path, tokenizer_dir)
     template = metadata.get("sft_template")  # a pretrained model has none: no chat template
     if fmt == "hf":
         with atomic_directory(output) as folder:
             write_hf(model, tokenizer, folder, template)
     else:
+        output.parent.mkdir(parents=True, exist_ok=True)  # as a folder export's parents are made
         with atomic_path(output) as tmp:
             write_gguf(model, tokenizer, tmp, kind, Path(model_path).stem, template)
     return model

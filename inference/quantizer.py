@@ -18,7 +18,7 @@ import torch
 
 import checkpoints
 import cli
-from atomic_file import atomic_directory
+from atomic_file import atomic_directory, remove_stale_temps
 from devices import set_threads
 from evaluator import GPTEvaluator
 from quantization import QuantizationError, quantize_model_int8
@@ -112,6 +112,7 @@ def _run(argv: Sequence[str] | None) -> int:
     check_paths(args)
     if not args.no_eval and not Path(args.test_data_path).exists():
         raise QuantizationError(f"--test_data_path {args.test_data_path} not found (or pass --no_eval)")
+    remove_stale_temps(Path(args.output).parent)  # what a run killed mid-write left (kill -9), as the trainers do
     loaded = checkpoints.load(args.model_path, args.tokenizer_dir, device="cpu", trainable=True, expect="lm")
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
     extra = {k: loaded.metadata[k] for k in ("tokenizer_fingerprint", "sft_template") if k in loaded.metadata}
