@@ -21,7 +21,7 @@ def assert_one_line_error(code: int, err: str) -> None:
     assert code == 2, err
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("error: ") or ": error: " in last, err  # ours, or argparse's "prog: error: ..."
+    assert last.startswith("error: ") and "usage:" not in err, err  # ours, never argparse's usage block
 
 
 def run_main(main, argv: list[str], capsys) -> tuple[int, str]:
