@@ -66,7 +66,10 @@ def test_typed_settings_hold_only_what_the_user_typed_and_the_config_fills_the_r
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "0"], "--steps"), (["--steps", "x"], "--steps"), (["--rate", "1.5"], "--rate"),
     (["--mode", "medium"], "--mode"), (["--hidden", "1"], "unrecognized"), (["--out_dir", "x"], "unrecognized"),
-], ids=["steps 0", "steps x", "rate 1.5", "mode medium", "not a flag", "the field name of a renamed flag"])
+    (["--dir", "runs/caf\udce9"], r"'runs/caf\\udce9' is not UTF-8 text \(byte 0xe9 is not UTF-8\)"),
+    (["--dir", "\udbff"], r"lone surrogate \\udbff is no character"),
+], ids=["steps 0", "steps x", "rate 1.5", "mode medium", "not a flag", "the field name of a renamed flag",
+        "a byte that is not UTF-8", "a lone surrogate"])
 def test_a_bad_setting_is_a_usage_error_naming_the_flag(argv, message):
     with pytest.raises(cli.UsageError, match=message):
         toy_parser().parse_args(argv)
@@ -226,7 +229,7 @@ BAD_FLAGS += rows("kv_cache_infer", [
     ["--top_k", "-1"], ["--top_p", "0"], ["--top_p", "1.5"], ["--repetition_penalty", "0"],
     ["--repetition_penalty", "1e-45"], ["--seed", "-1"], ["--num_threads", "0"], [OLD_THREADS, "1"],
     ["--interactive"], ["--max_message_chars", "0"], ["--max_message_chars", "x"], ["--no_calculator"],
-    ["--no_calculator", "x"],
+    ["--no_calculator", "x"], ["--prompt", "ROMEO \udcff"], ["--prompt", "\ud800"],  # not UTF-8: the Unicode policy
 ])
 BAD_FLAGS += [missing("kv_cache_infer", "--model_path")]
 
@@ -247,6 +250,7 @@ BAD_FLAGS += rows("export", [
     ["--bogus"], ["--model_path", "{adapter}", "--output", "{folder}/base", "--overwrite"],
     ["--model_path", "{adapter}", "--output", "{folder}/base/tokenizer", "--overwrite"],
     ["--model_path", "{adapter}", "--format", "gguf", "--output", "{base}", "--overwrite"],
+    ["--output", "{out}/hf\udce9"],  # a file name whose byte is not UTF-8
 ])
 BAD_FLAGS += [missing("export", "--format"), missing("export", "--output"), missing("export", "--model_path")]
 
