@@ -110,7 +110,7 @@ def test_the_output_folder_never_holds_the_base_model_of_an_adapter_it_starts_fr
 
     base, adapter = lora_adapter(tmp_path / "sft" / "adapters.pth", tmp_path / "pre" / "base.pth", tiny_tokenizer)
     before = snapshot(tmp_path)
-    argv = [f.format(adapter=adapter, base_folder=base.parent) for f in flags] + ["--device", "cpu"]
+    argv = [f.format(adapter=adapter, base_folder=base.parent) for f in flags] + ["--device", "cpu", "--max_steps", "1"]
     assert "the base model of --" in one_line_error(argv, capsys)
     assert snapshot(tmp_path) == before
 
