@@ -19,25 +19,48 @@ _TEMP_NAME = re.compile(r"^\..+\.(\d+)\.(tmp|tmpdir|old)$")
 NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 # torch.save's C++ writer reports a failed write (disk full, file-size limit) only as a RuntimeError with these
 _SERIALIZER_WRITE_FAILURES = ("unexpected pos", "failed writing file", "file write failed")
+# safetensors (Rust) raises its own SafetensorError, whose text ends in the errno: "... (os error 28)"
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+# numpy's tofile (the gguf writer) reports a short write as an OSError without an errno: "9600 requested and 3400
+# written"
+_SHORT_WRITE = re.compile(r"^(\d+) requested and (\d+) written")
 
 
 class NoSpaceError(OSError):
     """A write that ran out of room; its message names the file and says that the previous one is intact."""
 
 
+def _write_errno(err: BaseException) -> int | None:
+    """The errno of a failed write: an OSError's own, or the one a library's error type spells in its text."""
+    if isinstance(err, OSError) and err.errno is not None:
+        return err.errno
+    match = _RUST_OS_ERROR.search(str(err))
+    return int(match.group(1)) if match else None
+
+
+def _hidden_write_failure(err: BaseException) -> bool:
+    """A write that failed without saying why: torch's serializer, or a short write (numpy); both a full disk or a
+    file-size limit in practice."""
+    if isinstance(err, RuntimeError):
+        return any(s in str(err) for s in _SERIALIZER_WRITE_FAILURES)
+    short = _SHORT_WRITE.match(str(err)) if isinstance(err, OSError) and err.errno is None else None
+    return short is not None and int(short.group(2)) < int(short.group(1))
+
+
 def no_space_error(err: BaseException, path: Path) -> NoSpaceError | None:
     """``err`` as a ``NoSpaceError`` about writing ``path`` if it is a write that ran out of room, else None: an
-    OSError with ENOSPC / EDQUOT / EFBIG, or torch's serializer failing to write (it hides the errno)."""
+    OSError with ENOSPC / EDQUOT / EFBIG, a library's own error type carrying one (safetensors), or a writer that
+    hides the errno (torch's serializer, numpy's short write under the gguf writer)."""
     if isinstance(err, NoSpaceError):
         return err
-    code = err.errno if isinstance(err, OSError) else None
+    code = _write_errno(err)
     if code == errno.EFBIG:
         reason = "the file-size limit of this process (ulimit -f) was reached"
     elif code == errno.EDQUOT:
         reason = f"disk quota exceeded on the device of {path.parent}"
     elif code == errno.ENOSPC:
         reason = f"no space left on the device of {path.parent}"
-    elif isinstance(err, RuntimeError) and any(s in str(err) for s in _SERIALIZER_WRITE_FAILURES):
+    elif _hidden_write_failure(err):
         limited = _file_size_limited()
         reason = f"no space left on the device of {path.parent}" + (" (or the file-size limit, ulimit -f, was "
                                                                     "reached)" if limited else "")
@@ -72,7 +95,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())  # data on disk before the rename makes it visible
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:
+    except Exception as err:  # a writer's own error type too (safetensors')
         tmp.unlink(missing_ok=True)  # first: the message may say the previous file is intact
         full = no_space_error(err, path)
         if full is None:
@@ -105,7 +128,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as err:
+    except Exception as err:  # a writer's own error type too (safetensors')
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not path.exists():  # failed between the two renames: the old set goes back
             os.replace(old, path)

@@ -241,6 +241,41 @@ def describe(path: str | os.PathLike) -> str:
     return "; ".join(parts)
 
 
+def _adapted_base(path: Path) -> Path | None:
+    """The base checkpoint a LoRA adapter file names; None for any other file, or one that does not read (its loader
+    says what is wrong with it)."""
+    if not path.is_file():
+        return None
+    try:
+        ckpt = _torch_load(path, map_location="cpu", mmap=True)  # memory-mapped: the weights are not read
+    except CheckpointError:
+        return None
+    base = ckpt.get("base_model") if isinstance(ckpt, dict) and "lora_state_dict" in ckpt else None
+    return Path(base) if isinstance(base, str) else None
+
+
+def checkpoint_inputs(flag: str, path: str | os.PathLike | None,
+                      tokenizer_dir: str | os.PathLike | None = None) -> list[tuple[str, Path]]:
+    """Everything a command reads through the checkpoint ``path`` (given as ``flag``), as ``cli.check_outputs``
+    takes its inputs: the checkpoint, its tokenizer folder (``tokenizer_dir`` or the default one) and what it refers
+    to: a LoRA adapter file's base checkpoint, with that base's tokenizer folder and, in turn, what the base refers
+    to. An output that replaced any of them would leave the checkpoint pointing at nothing."""
+    if path is None:
+        return []
+    found: list[tuple[str, Path]] = []
+    current: Path | None = Path(path)
+    what, seen = flag, set()
+    tokenizer = (("--tokenizer_dir", Path(tokenizer_dir)) if tokenizer_dir is not None else
+                 (f"the tokenizer of {flag}", default_tokenizer_dir(current)))
+    while current is not None and current.resolve() not in seen:  # a chain of bases, never a loop
+        seen.add(current.resolve())
+        found += [(what, current), tokenizer]
+        what = f"the base model of {flag}"
+        current = _adapted_base(current)
+        tokenizer = (f"the tokenizer of {what}", default_tokenizer_dir(current)) if current else tokenizer
+    return found
+
+
 # ----------------------------------------------------------------------------- building models
 
 def _strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -332,13 +367,17 @@ class Loaded:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+def default_tokenizer_dir(checkpoint_path: str | os.PathLike) -> Path:
+    """Where a checkpoint's tokenizer is when none is passed: <checkpoint folder>/tokenizer, or a Hugging Face folder
+    itself."""
+    path = Path(checkpoint_path)
+    return path if is_hf_folder(path) else path.parent / "tokenizer"
+
+
 def load_tokenizer(checkpoint_path: str | os.PathLike, metadata: Mapping[str, Any], vocab_size: int,
                    tokenizer_dir: str | os.PathLike | None = None) -> ByteLevelBPETokenizer:
-    """The tokenizer a checkpoint was trained with (default: <checkpoint folder>/tokenizer, or a Hugging Face folder
-    itself), checked against it."""
-    if tokenizer_dir is None:
-        tokenizer_dir = checkpoint_path if is_hf_folder(checkpoint_path) else Path(checkpoint_path).parent / "tokenizer"
-    tokenizer_dir = Path(tokenizer_dir)
+    """The tokenizer a checkpoint was trained with (default: ``default_tokenizer_dir``), checked against it."""
+    tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else default_tokenizer_dir(checkpoint_path)
     if not tokenizer_dir.is_dir():
         raise CheckpointError(f"tokenizer folder {tokenizer_dir} not found; pass --tokenizer_dir (tokenizer_dir=) "
                               "pointing to the tokenizer the checkpoint was trained with")

@@ -212,6 +212,22 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None):
+        for text in sys.argv[1:] if args is None else args:
+            check_argument_text(text)
+        return super().parse_known_args(args, namespace)
+
+
+def check_argument_text(text: str) -> None:
+    """The Unicode policy for the command line: an argument is text. Python hands a byte that is not UTF-8 over as
+    a lone surrogate (U+DC80-U+DCFF), which no tokenizer, file or JSON answer can carry: refused here, naming it."""
+    bad = next((ch for ch in text if "\ud800" <= ch <= "\udfff"), None) if isinstance(text, str) else None
+    if bad is None:
+        return
+    what = (f"byte {ord(bad) - 0xDC00:#04x} is not UTF-8" if 0xDC80 <= ord(bad) <= 0xDCFF else
+            f"lone surrogate \\u{ord(bad):04x} is no character")
+    raise UsageError(f"argument {text!r} is not UTF-8 text ({what}): pass UTF-8 text, file names included")
+
 
 # ----------------------------------------------------------------------------- settings: each written once
 

@@ -611,9 +611,10 @@ def _main(argv: Sequence[str] | None) -> int:
     _check_output_file(args.output, "--output")
     if args.plot:
         _check_output_file(args.plot, "--plot")
-    inputs = [("--model_path", args.model_path), *(("--compare", path) for path in args.compare or ()),
-              ("--test_data_path", args.test_data_path), ("--reward_model", args.reward_model),
-              ("--tokenizer_dir", args.tokenizer_dir)]
+    models = [("--model_path", args.model_path), *(("--compare", path) for path in args.compare or ()),
+              ("--reward_model", args.reward_model)]
+    inputs = [pair for flag, path in models for pair in checkpoints.checkpoint_inputs(flag, path, args.tokenizer_dir)]
+    inputs.append(("--test_data_path", args.test_data_path))
     task_paths = task_benchmarks.parse_task_list(args.tasks) if args.tasks else []
     inputs += [("--tasks", path) for _, path in task_paths]
     cli.check_outputs({"--output": args.output, "--plot": args.plot}, inputs, args.overwrite, own=_is_own_output)

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
+import checkpoints
 import cli
 import training
 from devices import set_threads
@@ -105,22 +106,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     return cli.run_cli(_main, argv)
 
 
-MODEL_INPUTS = ("pretrained_model", "sft_model", "reward_model", "tokenizer_dir")  # the config fields a run starts from
+MODEL_INPUTS = ("pretrained_model", "sft_model", "reward_model")  # the config fields of the models a run starts from
 
 
 def check_inputs_outside_output(config: FinetuneConfig) -> None:
-    """A run takes its --output_dir over (an earlier run's files and a different tokenizer move to previous/), so the
-    models it starts from must not live in it: SFT into models/pretrain moved the pretrained model's tokenizer away."""
+    """A run takes its --output_dir over (an earlier run's files and a different tokenizer move to previous/), so
+    nothing it starts from may live in it: the models, their tokenizer, what they refer to (a LoRA adapter's base
+    model). SFT into models/pretrain moved the pretrained model's tokenizer away."""
     out = Path(config.output_dir).resolve()
+    inputs = []
     for name in MODEL_INPUTS:
         value = getattr(config, name, None)
-        source = Path(value).resolve() if value is not None else None
-        if name == "reward_model" and source is not None and out / "reward" in source.parents:
+        if name == "reward_model" and value is not None and out / "reward" in Path(value).resolve().parents:
             continue  # where rlhf trains its reward model first, and a rerun passes it back: never moved aside
-        if source is not None and (source == out or out in source.parents):
-            raise cli.UsageError(f"--output_dir {config.output_dir} holds --{name} {value}: a run takes its output "
-                                 "folder over, so it must not hold what the run starts from; pass another "
-                                 f"--output_dir (e.g. models/{config.mode})")
+        inputs += checkpoints.checkpoint_inputs(f"--{name}", value, config.tokenizer_dir)
+    cli.check_outputs({"--output_dir": config.output_dir}, inputs, own=lambda path: True)  # earlier runs: previous/
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -38,6 +38,7 @@ from model_heads import GPTClassifier, GPTRewardModel, freeze_all_but_last
 from prompts import CHAT_TEMPLATE, CHAT_TOKENS, has_chat_tokens, is_chat_template, record_prompt_ids
 from readers import load_preference_records, load_sft_records
 from rl_step import GRPOStep, PPOStep
+from run_folder import CONFUSION_CHART, step_checkpoints
 from training import TrainError
 from verifiers import VERIFIERS, check_verifiers
 
@@ -224,9 +225,22 @@ def field_names(mode: str) -> set[str]:
 
 # ----------------------------------------------------------------------------- shared setup
 
+def last_step_beside(best: Path) -> Path | None:
+    """The last ``<stage>_step_N.pth`` beside a missing ``<stage>_best.pth`` (None when there is none)."""
+    if not best.name.endswith("_best.pth"):
+        return None
+    steps = step_checkpoints(best.parent, best.name.removesuffix("_best.pth"))
+    return steps[-1] if steps else None
+
+
 def load_base(path: str, tokenizer_dir: str | None, flag: str) -> checkpoints.Loaded:
     """A language-model checkpoint to train from (plain weights, on CPU, train mode)."""
     if not Path(path).exists():
+        last = last_step_beside(Path(path))
+        if last is not None:  # a run without validation data writes step checkpoints only
+            raise TrainError(f"{flag} {path} does not exist: {Path(path).parent} holds {last.name}, the last "
+                             f"checkpoint of a run without validation data (which writes no best one): pass "
+                             f"{flag} {last}")
         hint = {"--pretrained_model": "run `python pretrain_trainer.py` first",
                 "--sft_model": "run `python finetune.py --mode sft` first"}.get(flag, "pass an existing checkpoint")
         raise TrainError(f"{flag} {path} does not exist: {hint}, or pass {flag} PATH")
@@ -545,7 +559,7 @@ def run_classify(config: ClassifyConfig, resume: str | None, show_progress: bool
     result = summary(trainer, "classify")
     if trainer.dist.is_main:
         best = trainer.output_dir / "classify_best.pth"
-        result.update(classify_report(best, test_set, trainer.device, trainer.output_dir / "confusion_matrix.png"))
+        result.update(classify_report(best, test_set, trainer.device, trainer.output_dir / CONFUSION_CHART))
     return result
 
 

@@ -461,9 +461,13 @@ def report(trainer: GPTTrainer, result: dict[str, float], samples: int) -> None:
     if mfus:
         summary["mfu"] = round(float(np.median(mfus)), 4)
     print(json.dumps(summary))
-    print(f"checkpoints in {trainer.output_dir} (best: pretrain_best.pth)")
+    best = trainer.output_dir / "pretrain_best.pth"
+    if best.is_file():
+        print(f"checkpoints in {trainer.output_dir} (best: {best.name})")
+    else:  # no validation data: nothing chose a best model, so name the file the next stage can start from
+        print(f"checkpoints in {trainer.output_dir} (no validation data, so no {best.name}: the last is "
+              f"{trainer.last_saved}; finetune from it with --pretrained_model {trainer.last_saved})")
     if samples > 0:
-        best = trainer.output_dir / "pretrain_best.pth"
         model = load_model_and_tokenizer(best, device=trainer.device)[0] if best.exists() else trainer.model.eval()
         print_samples(model, trainer.tokenizer, trainer.device, samples, trainer.config.seed)
 

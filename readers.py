@@ -18,6 +18,7 @@ import importlib
 import io
 import json
 import os
+import re
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -37,6 +38,8 @@ MAX_JSON_DEPTH = 32
 PARQUET_BATCH_ROWS = 1024
 # Compressed bytes read per step: small, because 64 KiB of zstd can expand to megabytes of repetitive text.
 COMPRESSED_CHUNK = 1 << 16
+# a JSON escape of a UTF-16 surrogate (\ud800-\udfff): half of a pair, or a lone one that is no character
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 REQUIREMENTS = {"zstandard": "zstandard==0.25.0", "pyarrow": "pyarrow==26.0.1"}
 
 
@@ -181,9 +184,22 @@ def json_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
     return deepest
 
 
-def parse_json(text: str, where: str) -> Any:
-    """``json.loads`` with the one nesting bound (``MAX_JSON_DEPTH``): too deep is a DataError naming ``where``.
-    An invalid JSON text raises ``json.JSONDecodeError`` for the caller to locate."""
+def check_text(value: Any, where: str) -> None:
+    """Every string in ``value`` (a parsed JSON value, keys included) is text: a lone surrogate (``"\\ud800"``, valid
+    JSON escaping half of a UTF-16 pair, but no character) is a DataError naming ``where``, the one Unicode policy
+    wherever text enters (docs/errors.md)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        code = ord(err.object[err.start])
+        raise DataError(f"{where}: a lone surrogate \\u{code:04x} (half of a UTF-16 pair, no character): fix or "
+                        "remove that text") from None
+
+
+def parse_json(text: str, where: str, check_strings: bool = True) -> Any:
+    """``json.loads`` with the one nesting bound (``MAX_JSON_DEPTH``) and the one Unicode policy (``check_text``;
+    ``check_strings=False``: the caller checks each record itself, to name it): too deep, or a lone surrogate, is a
+    DataError naming ``where``. An invalid JSON text raises ``json.JSONDecodeError`` for the caller to locate."""
     too_deep = DataError(f"{where}: JSON nested more than {MAX_JSON_DEPTH} levels deep: a record is an object of "
                          "strings (a conversation a list of them); fix the file")
     try:
@@ -192,6 +208,8 @@ def parse_json(text: str, where: str) -> Any:
         raise too_deep from None
     if json_depth(value) > MAX_JSON_DEPTH:
         raise too_deep
+    if check_strings and _SURROGATE_ESCAPE.search(text):  # only an escape makes one: decoded UTF-8 holds none
+        check_text(value, where)
     return value
 
 
@@ -270,12 +288,31 @@ def _parquet_batches(file: Path, parquet: Any, pa: Any, columns: list[str] | Non
             yield group, batch
 
 
+def _parquet_values(file: Path, group: int, first_row: int, values: Any) -> list:
+    """``values.to_pylist()`` of a Parquet batch or column; a string that is not UTF-8 (pyarrow hands a column's
+    bytes over unchecked) is a DataError naming the row, as a bad byte in a .jsonl names the line."""
+    try:
+        return values.to_pylist()
+    except UnicodeDecodeError as err:
+        bad = next(i for i in range(len(values)) if not _decodes(values.slice(i, 1)))
+        raise DataError(f"{file}: row group {group}, row {first_row + bad}: not UTF-8 text ({err.reason}): write "
+                        "the file with UTF-8 strings") from None
+
+
+def _decodes(values: Any) -> bool:
+    try:
+        values.to_pylist()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _parquet_documents(file: Path, text_field: str) -> Iterator[str]:
     """A .parquet: the ``text_field`` column, read one batch of one row group at a time (never the whole file)."""
     parquet, pa = _parquet_file(file, text_field)
     row = 0
     for group, batch in _parquet_batches(file, parquet, pa, [text_field]):
-        for text in batch.column(0).to_pylist():
+        for text in _parquet_values(file, group, row, batch.column(0)):
             if text is None:
                 raise DataError(f"{file}: row group {group}, row {row}: {text_field!r} is null, not a string: "
                                 "drop or fill the empty rows")
@@ -340,12 +377,16 @@ def _located_records(path: Path) -> list[tuple[str, Any]]:
     if path.suffix == ".json":
         text = "".join(line for _, line in utf8_lines(path))
         try:
-            records = parse_json(text, str(path))
+            records = parse_json(text, str(path), check_strings=False)
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg}): fix the file") from None
         if not isinstance(records, list):
             raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
-        return [(f"{path}[{i}]", r) for i, r in enumerate(records)]
+        located = [(f"{path}[{i}]", r) for i, r in enumerate(records)]
+        if _SURROGATE_ESCAPE.search(text):
+            for where, record in located:
+                check_text(record, where)
+        return located
     if path.suffix == ".jsonl":
         return list(_jsonl_records(path))
     raise DataError(f"{path} is not a .json or .jsonl file: records must be JSON objects")
@@ -356,8 +397,8 @@ def _parquet_records(path: Path) -> Iterator[tuple[str, Any]]:
     DataError, as in a .jsonl."""
     parquet, pa = _open_parquet(path)
     row = 0
-    for _, batch in _parquet_batches(path, parquet, pa, None):
-        for record in batch.to_pylist():
+    for group, batch in _parquet_batches(path, parquet, pa, None):
+        for record in _parquet_values(path, group, row, batch):
             where = f"{path}: row {row}"
             if json_depth(record) > MAX_JSON_DEPTH:
                 raise DataError(f"{where}: nested more than {MAX_JSON_DEPTH} levels deep: fix the file")

@@ -1,6 +1,7 @@
 """A run's output folder: checkpoints named ``<prefix>_step_N.pth`` / ``<prefix>_best.pth``, ``metrics.jsonl``,
-``loss_curve.png`` and ``tokenizer/``, and the guarantee that a run never leaves it worse than it found it (an earlier
-run's files move to ``previous/`` instead of being deleted, and only when this run has a checkpoint to write).
+``loss_curve.png`` (and a classifier's ``confusion_matrix.png``) and ``tokenizer/``, and the guarantee that a run
+never leaves it worse than it found it (an earlier run's files move to ``previous/`` instead of being deleted, and
+only when this run has a checkpoint to write).
 
 Its own module because the training loop uses it and the benchmarks and tests read the metrics it writes.
 """
@@ -15,6 +16,9 @@ from typing import Any
 
 from atomic_file import atomic_path, remove_stale_temps
 from byte_level_bpe import ByteLevelBPETokenizer, TokenizerError
+
+CONFUSION_CHART = "confusion_matrix.png"  # a classifier run's chart of its best checkpoint on the test set
+RUN_FILES = ("metrics.jsonl", "loss_curve.png", CONFUSION_CHART)  # what a run writes besides checkpoints, tokenizer/
 
 
 def step_checkpoints(output_dir: Path, prefix: str) -> list[Path]:
@@ -46,7 +50,7 @@ class RunFolder:
     """An output folder that a run may never leave worse than it found it.
 
     Nothing in it changes until the run has its first checkpoint to write. Then the files of an earlier, different
-    run with the same prefix (checkpoints, metrics.jsonl, loss_curve.png, a tokenizer/ that differs) move to
+    run with the same prefix (checkpoints, metrics.jsonl, the charts, a tokenizer/ that differs) move to
     ``previous/<time>/`` instead of being deleted, and metrics.jsonl starts again: empty for a fresh run, the rows up
     to the checkpoint's step when resuming (from this folder, or copied from the folder resumed from).
     """
@@ -72,7 +76,7 @@ class RunFolder:
 
     def earlier_files(self) -> list[Path]:
         names = [*step_checkpoints(self.path, self.prefix), self.path / f"{self.prefix}_best.pth",
-                 self.metrics_path, self.path / "loss_curve.png"]
+                 *(self.path / name for name in RUN_FILES)]
         return [p for p in names if p.exists()]
 
     def _tokenizer_differs(self) -> bool:

@@ -27,7 +27,7 @@ from atomic_file import NoSpaceError, atomic_path, no_space_error, remove_stale_
 from prompts import document_ids
 from readers import DEFAULT_TEXT_FIELD, DataError, data_files, read_documents
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: the source is known by its content (CRC-32), no longer its mtime
 SHARD_TEXT_BYTES = 32 << 20  # text per shard: the most a killed build re-encodes, and the unit of its progress
 WRITE_CHUNK_TOKENS = 1 << 20  # tokens buffered in memory before each write
 CRC_CHUNK_BYTES = 16 << 20
@@ -51,8 +51,10 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def _source_signature(files: Sequence[Path]) -> list[list]:
-    """What identifies the source data: each file's name, size and modification time."""
-    return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    """What identifies the source data: each file's name, size and CRC-32 of its bytes. The content, not the
+    modification time: ``cp -p`` or ``rsync -t`` can change a file keeping its size and mtime (and ``touch`` changes
+    nothing). CRC-32 runs at about 2.4 GB/s: 1.7 ms on the 3.9 MB default corpus, where a cache hit took 2.4 ms."""
+    return [[str(f.resolve()), f.stat().st_size, file_crc32(f)] for f in files]
 
 
 def cache_paths(source: str | os.PathLike, fingerprint: str, cache_dir: str | os.PathLike | None = None,

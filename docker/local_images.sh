@@ -15,9 +15,12 @@ BASE=gpt-local-base:bookworm
 WHEELS=gpt-local-wheels:$REQS_TAG
 NGINX=gpt-local-nginx:sid
 REBUILD=0
-LOG=$(mktemp /tmp/gpt-local-images.XXXXXX.log)
-WORK=$(mktemp -d /tmp/gpt-local-images.XXXXXX)
-trap 'rm -rf "$WORK"' EXIT INT TERM
+LOG=$(mktemp "${TMPDIR:-/tmp}/gpt-local-images.XXXXXX.log")
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpt-local-images.XXXXXX")
+# the log and the work folder go on every exit, a failure's too (a failed step shows its output first)
+trap 'rm -rf "$WORK" "$LOG"' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 fail() { echo "error: $*" >&2; exit 2; }
 
@@ -33,12 +36,15 @@ command -v docker >/dev/null || fail "docker is not installed (Debian: apt-get i
 docker info >/dev/null 2>&1 || fail "no Docker engine answers (start one: dockerd --ip=127.0.0.1 &; docs/docker.md)"
 command -v mmdebstrap >/dev/null || fail "mmdebstrap is not installed (apt-get install mmdebstrap)"
 
-# step NAME COMMAND...: run it with its output in $LOG; on failure one line that names the step and the log.
+# step NAME COMMAND...: run it with its output in $LOG; on failure the end of that output, then one line that
+# names the step and its last line of output (the log itself is removed on exit).
 step() {
     name=$1; shift
     echo "$name ..." >&2
+    : >"$LOG"
     if ! "$@" >>"$LOG" 2>&1; then
-        fail "$name failed: $(tail -n 1 "$LOG") (full output: $LOG)"
+        tail -n 20 "$LOG" | sed 's/^/    /' >&2
+        fail "$name failed: $(tail -n 1 "$LOG")"
     fi
 }
 
@@ -76,7 +82,6 @@ image() {
 image "$BASE" "base image $BASE (Debian 12 + Python 3.11)" build_base
 image "$WHEELS" "wheels image $WHEELS (pip wheel -r requirements.txt)" build_wheels
 image "$NGINX" "nginx image $NGINX (Debian unstable's nginx)" build_nginx
-rm -f "$LOG"
 
 cat <<EOF
 export GPT_BASE_IMAGE=$BASE GPT_WHEELS_IMAGE=$WHEELS GPT_NGINX_IMAGE=$NGINX DOCKER_BUILDKIT=1

@@ -11,7 +11,8 @@ INT8 weights are dequantized (a lossy copy of the float model: export the float 
 classifier becomes ``GPT2ForSequenceClassification`` (or Llama's / Qwen3's) with its labels in ``id2label``; a
 reward model is refused (its
 score adds the answer's likelihood, which no transformers head computes). Nothing is overwritten unless
-``--overwrite``; a folder is written whole or not at all.
+``--overwrite``; a folder is written whole or not at all, and the temporary files of an export killed mid-write are
+removed by the next one.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from torch import nn
 import checkpoints
 import cli
 import lora
-from atomic_file import atomic_directory, atomic_path
+from atomic_file import atomic_directory, atomic_path, remove_stale_temps
 from byte_level_bpe import ByteLevelBPETokenizer
 from gpt_model import GPTConfig, GPTModel
 from hf_models import HFModelError, model_type, to_hf_config, to_hf_state_dict
@@ -345,17 +346,12 @@ def add_gguf_tensor(writer, name: str, array, kind: str) -> None:
 
 # ----------------------------------------------------------------------------- CLI
 
-def check_output(output: Path, fmt: str, overwrite: bool, inputs: Sequence[Path]) -> None:
-    """Fail before any work if the output would overwrite something or one of the inputs, or cannot be written."""
-    target = output.resolve()
-    for source in inputs:
-        source = source.resolve()
-        if target == source or target in source.parents:
-            raise ExportError(f"--output {output} would replace the export's own input {source}: pass another path")
-    if output.exists() and not overwrite:
-        if output.is_file() or any(output.iterdir()):
-            raise ExportError(f"--output {output} already exists and holds files: pass a new path (or --overwrite "
-                              "to replace an earlier export)")
+def check_output(output: Path, fmt: str, overwrite: bool, model_path: str, tokenizer_dir: str | None) -> None:
+    """Fail before any work if the output would replace something the export reads (the checkpoint, its tokenizer,
+    a LoRA adapter's base model and its folder: ``checkpoints.checkpoint_inputs``), or an existing path without
+    --overwrite, or cannot be written."""
+    inputs = checkpoints.checkpoint_inputs("--model_path", model_path, tokenizer_dir)
+    cli.check_outputs({"--output": output}, inputs, overwrite)
     if fmt == "hf" and output.is_file():
         raise ExportError(f"--output {output} is a file: --format hf writes a folder")
     if fmt == "gguf" and output.is_dir():
@@ -386,14 +382,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 def export_checkpoint(model_path: str, fmt: str, output: Path, kind: str = "f32",
                       tokenizer_dir: str | None = None, overwrite: bool = False) -> nn.Module:
     """Write ``model_path`` as ``fmt`` to ``output``, whole or not at all; returns the exported float model."""
-    source_tokenizer = Path(tokenizer_dir) if tokenizer_dir else Path(model_path).parent / "tokenizer"
-    check_output(output, fmt, overwrite, [Path(model_path), source_tokenizer])
+    check_output(output, fmt, overwrite, model_path, tokenizer_dir)
+    remove_stale_temps(output.parent)  # what an export killed mid-write left (kill -9), as the trainers do
     model, tokenizer, metadata = plain_model(model_path, tokenizer_dir)
     template = metadata.get("sft_template")  # a pretrained model has none: no chat template
     if fmt == "hf":
         with atomic_directory(output) as folder:
             write_hf(model, tokenizer, folder, template)
     else:
+        output.parent.mkdir(parents=True, exist_ok=True)  # as a folder export's parents are made
         with atomic_path(output) as tmp:
             write_gguf(model, tokenizer, tmp, kind, Path(model_path).stem, template)
     return model

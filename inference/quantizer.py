@@ -18,7 +18,7 @@ import torch
 
 import checkpoints
 import cli
-from atomic_file import atomic_directory
+from atomic_file import atomic_directory, remove_stale_temps
 from devices import set_threads
 from evaluator import GPTEvaluator
 from quantization import QuantizationError, quantize_model_int8
@@ -74,8 +74,9 @@ def quantized_from(model_path: str) -> str:
 
 
 def check_paths(args) -> None:
-    """Before any work: --output is none of the inputs, and an existing one is replaced only if it is this command's
-    INT8 file of the same --model_path (a rerun), or with --overwrite."""
+    """Before any work: --output is none of the inputs (nor what the checkpoint refers to: a LoRA adapter's base), and
+    an existing one is replaced only if it is this command's INT8 file of the same --model_path (a rerun), or with
+    --overwrite."""
     def own(path: Path) -> bool:
         try:
             meta = checkpoints.checkpoint_metadata(path)
@@ -83,7 +84,7 @@ def check_paths(args) -> None:
             return False
         return meta.get("quantization") == "int8" and meta.get("quantized_from") == quantized_from(args.model_path)
 
-    inputs = [("--model_path", args.model_path), ("--tokenizer_dir", args.tokenizer_dir),
+    inputs = [*checkpoints.checkpoint_inputs("--model_path", args.model_path, args.tokenizer_dir),
               ("--test_data_path", None if args.no_eval else args.test_data_path)]
     cli.check_outputs({"--output": args.output}, inputs, args.overwrite, own)
     if Path(args.output).is_dir():
@@ -111,6 +112,7 @@ def _run(argv: Sequence[str] | None) -> int:
     check_paths(args)
     if not args.no_eval and not Path(args.test_data_path).exists():
         raise QuantizationError(f"--test_data_path {args.test_data_path} not found (or pass --no_eval)")
+    remove_stale_temps(Path(args.output).parent)  # what a run killed mid-write left (kill -9), as the trainers do
     loaded = checkpoints.load(args.model_path, args.tokenizer_dir, device="cpu", trainable=True, expect="lm")
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
     extra = {k: loaded.metadata[k] for k in ("tokenizer_fingerprint", "sft_template") if k in loaded.metadata}

@@ -21,7 +21,7 @@ def assert_one_line_error(code: int, err: str) -> None:
     assert code == 2, err
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("error: ") or ": error: " in last, err  # ours, or argparse's "prog: error: ..."
+    assert last.startswith("error: ") and "usage:" not in err, err  # ours, never argparse's usage block
 
 
 def run_main(main, argv: list[str], capsys) -> tuple[int, str]:
@@ -61,3 +61,34 @@ def assert_no_space_line(result: subprocess.CompletedProcess, written: Path) -> 
     last = result.stderr.strip().splitlines()[-1]
     assert f"while writing {written};" in last and ("intact" in last or "nothing was replaced" in last), last
     assert not [p for p in written.parent.rglob(".*") if p.name.endswith((".tmp", ".tmpdir"))]
+
+
+KILLED_IN = """
+import importlib, os, signal, sys
+owner, name = sys.argv[1].rsplit(".", 1)
+holder = importlib.import_module(owner) if not owner[0].isupper() else None
+if holder is None:  # a method: module.Class.method
+    module, cls = owner.rsplit(".", 1)
+    holder = getattr(importlib.import_module(module), cls)
+real = getattr(holder, name)
+
+def write_then_die(*args, **kwargs):
+    real(*args, **kwargs)  # the write itself, then kill -9 before the rename makes it visible
+    os.kill(os.getpid(), signal.SIGKILL)
+
+setattr(holder, name, write_then_die)
+sys.exit(importlib.import_module(sys.argv[2]).main(sys.argv[3:]))
+"""
+
+
+def run_killed_in(writer: str, module: str, args: list[str]) -> subprocess.CompletedProcess:
+    """``module``'s CLI in a process killed with SIGKILL (kill -9) right after ``writer`` (``"pkg.mod.func"`` or
+    ``"pkg.mod.Class.method"``) has written its temporary file: what a kill mid-save leaves on disk."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run([sys.executable, "-c", KILLED_IN, writer, module, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=240)
+
+
+def temp_files(folder: Path) -> list[str]:
+    """The names of crash-safe writes' temporary files and folders under ``folder`` (``atomic_file``'s names)."""
+    return sorted(p.name for p in folder.rglob(".*") if p.name.endswith((".tmp", ".tmpdir", ".old")))

@@ -160,5 +160,19 @@ def shared(tiny_tokenizer, tiny_tokenizer_dir, tmp_path_factory) -> dict[str, Pa
     (folder / "sft.json").write_text(json.dumps([{"instruction": "a", "response": "b"}]), encoding="utf-8")
     (folder / "text.txt").write_text("\n".join(corpus_lines(limit=50)) + "\n", encoding="utf-8")
     (folder / "a_file").write_text("x")
+    base, adapter = lora_adapter(folder / "lora" / "adapters.pth", folder / "base" / "base.pth", tiny_tokenizer)
     return {"ckpt": folder / "model.pth", "sft": folder / "sft.json", "text": folder / "text.txt",
-            "afile": folder / "a_file", "folder": folder}
+            "afile": folder / "a_file", "folder": folder, "base": base, "adapter": adapter}
+
+
+def lora_adapter(path: Path, base_path: Path, tokenizer) -> tuple[Path, Path]:
+    """(a base checkpoint, a LoRA adapter file on it), each with its tokenizer folder, as SFT with --lora_r writes
+    them: the adapter names its base by path."""
+    import lora
+    from checkpoints import load_model
+
+    tokenizer.save(base_path.parent / "tokenizer")
+    tokenizer.save(path.parent / "tokenizer")
+    adapted = lora.apply_lora(load_model(tiny_checkpoint(base_path, tokenizer)), ["c_attn"], r=2, alpha=4.0)
+    lora.save_lora(path, adapted, base_model=str(base_path.resolve()), tokenizer_fingerprint=tokenizer.fingerprint)
+    return base_path, path

@@ -2,15 +2,18 @@
 out of room (ENOSPC, a file-size limit, torch's serializer failing) is one NoSpaceError and the previous file stays;
 every command that saves, run on a full disk, says so in one line and keeps the files that were there."""
 import errno
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 import evaluator
 import pretrain_trainer as pt
 from atomic_file import NoSpaceError, atomic_directory, atomic_path
 from byte_level_bpe import ByteLevelBPETokenizer
-from cli_cases import assert_no_space_line, assert_one_line_error, pretrain_args, run_on_a_full_disk, snapshot
+from cli_cases import (assert_no_space_line, assert_one_line_error, pretrain_args, run_main, run_on_a_full_disk,
+                       snapshot)
 
 
 def test_success_replaces_target_and_leaves_no_temp(tmp_path):
@@ -47,9 +50,14 @@ def test_creates_new_file(tmp_path):
 TORCH_WRITE_FAILURE = "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"  # torch's words
 
 
+SAFETENSORS_WRITE_FAILURE = "Error while serializing: I/O error: No space left on device (os error 28)"  # its words
+NUMPY_SHORT_WRITE = "19200 requested and 8684 written"  # numpy's tofile under the gguf writer, with no errno
+
+
 @pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"),
-                                     OSError(errno.EFBIG, "File too large"), RuntimeError(TORCH_WRITE_FAILURE)],
-                         ids=["ENOSPC", "EFBIG", "torch writer"])
+                                     OSError(errno.EFBIG, "File too large"), RuntimeError(TORCH_WRITE_FAILURE),
+                                     SafetensorError(SAFETENSORS_WRITE_FAILURE), OSError(NUMPY_SHORT_WRITE)],
+                         ids=["ENOSPC", "EFBIG", "torch writer", "safetensors writer", "numpy short write"])
 def test_a_write_that_runs_out_of_room_is_one_no_space_error_and_the_previous_file_stays(failure, tmp_path):
     target = tmp_path / "sft_step_8.pth"
     target.write_bytes(b"the previous checkpoint")
@@ -79,7 +87,9 @@ def test_torch_save_past_the_room_left_is_a_no_space_error(tmp_path, monkeypatch
 
 
 def test_other_errors_pass_through_unchanged(tmp_path):
-    for error in (RuntimeError("a bug"), PermissionError(errno.EACCES, "Permission denied")):
+    for error in (RuntimeError("a bug"), PermissionError(errno.EACCES, "Permission denied"),
+                  SafetensorError("Error while serializing: I/O error: Permission denied (os error 13)"),
+                  OSError("3 requested and 3 written, says no one"), ValueError("a bad value")):
         with pytest.raises(type(error)) as caught:
             with atomic_path(tmp_path / "x") as tmp:
                 tmp.write_text("x")
@@ -146,3 +156,67 @@ def test_a_full_disk_keeps_the_evaluators_report_and_the_tokenizer(shared, tiny_
     assert_no_space_line(result, tokenizer)
     assert snapshot(tmp_path) == before
 
+
+
+def _safetensors_fills_the_disk(tensors, path, *args, **kwargs):
+    Path(path).write_bytes(b"half of the weights")
+    raise SafetensorError(SAFETENSORS_WRITE_FAILURE)
+
+
+def _gguf_fills_the_disk(writer, *args, **kwargs):
+    raise OSError(NUMPY_SHORT_WRITE)
+
+
+def _json_fills_the_disk(path, obj):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+EXPORT_ON_A_FULL_DISK = [  # (format, output name, the writer that runs out of room, and how, an earlier export there)
+    ("hf", "hf", "safetensors.torch.save_file", _safetensors_fills_the_disk, True),
+    ("hf", "hf", "safetensors.torch.save_file", _safetensors_fills_the_disk, False),
+    ("hf", "hf", "inference.export.write_json", _json_fills_the_disk, True),
+    ("gguf", "m.gguf", "gguf.GGUFWriter.write_tensors_to_file", _gguf_fills_the_disk, True),
+    ("gguf", "m.gguf", "gguf.GGUFWriter.write_tensors_to_file", _gguf_fills_the_disk, False),
+]
+
+
+@pytest.mark.parametrize("fmt, name, writer, failure, earlier", EXPORT_ON_A_FULL_DISK,
+                         ids=[f"{c[0]}-{c[2].rsplit('.', 1)[1]}-{'over an export' if c[4] else 'new'}"
+                              for c in EXPORT_ON_A_FULL_DISK])
+def test_an_export_on_a_full_disk_is_the_no_space_line_and_the_earlier_files_stay(fmt, name, writer, failure, earlier,
+                                                                                   shared, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """safetensors' own error type and numpy's errno-less short write (under the gguf writer) are a full disk too:
+    one `no space left ... intact` line, exit 2, the earlier export byte-identical, no temporary file left."""
+    import importlib
+
+    from inference import export
+
+    output = tmp_path / name
+    argv = ["--model_path", str(shared["ckpt"]), "--format", fmt, "--output", str(output), "--overwrite"]
+    if earlier:
+        assert export.main(argv) == 0
+    before = snapshot(tmp_path)
+    owner, attribute = writer.rsplit(".", 1)
+    module, _, cls = owner.rpartition(".") if writer.startswith("gguf.") else (owner, "", "")
+    target = getattr(importlib.import_module(module), cls) if cls else importlib.import_module(module)
+    monkeypatch.setattr(target, attribute, failure)
+    code, err = run_main(export.main, argv, capsys)
+    assert_one_line_error(code, err)
+    kept = f"the previous {name} is intact" if earlier else f"nothing was replaced, the files already in {tmp_path}"
+    assert err.startswith("error: no space left on the device of") and f"writing {output}; {kept}" in err, err
+    assert snapshot(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ([name] if earlier else [])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt, name", [("hf", "hf"), ("gguf", "m.gguf")])
+def test_an_export_past_the_room_left_keeps_the_earlier_export(fmt, name, shared, tmp_path):
+    """The same on a real short disk (a file-size limit): the earlier export stays byte-identical."""
+    from inference import export
+
+    output = tmp_path / name
+    argv = ["--model_path", str(shared["ckpt"]), "--format", fmt, "--output", str(output), "--overwrite"]
+    assert export.main(argv) == 0
+    before = snapshot(tmp_path)
+    assert_no_space_line(run_on_a_full_disk(20_000, "inference.export", argv), output)
+    assert snapshot(tmp_path) == before

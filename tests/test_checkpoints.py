@@ -396,3 +396,38 @@ def test_the_modern_shape_saves_loads_and_says_what_it_is(tiny_tokenizer, tiny_c
         load(tmp_path / "int8.pth", tmp_path / "tokenizer").model.transformer.wte.weight  # untied: two int8 tables
     line = describe(tmp_path / "modern.pth")
     assert "rope + rmsnorm + qk_norm + swiglu + gqa 4q/2kv heads + no bias + untied head" in line
+
+
+# ----------------------------------------------------------------------------- what a checkpoint refers to
+
+def test_checkpoint_inputs_name_every_file_a_checkpoint_reads_through(tiny_tokenizer, tmp_path):
+    """A plain checkpoint reads itself and its tokenizer folder; a LoRA adapter also its base model and the base's
+    tokenizer, and an adapter on an adapter the whole chain (a loop is followed once)."""
+    from conftest import lora_adapter, tiny_checkpoint
+
+    plain = tiny_checkpoint(tmp_path / "plain" / "m.pth", tiny_tokenizer)
+    base, adapter = lora_adapter(tmp_path / "sft" / "adapters.pth", tmp_path / "pre" / "pretrain_best.pth",
+                                 tiny_tokenizer)
+    on_adapter = tmp_path / "again" / "a.pth"
+    on_adapter.parent.mkdir()
+    torch.save({**torch.load(adapter, weights_only=True), "base_model": str(adapter)}, on_adapter)
+    looped = tmp_path / "loop.pth"
+    torch.save({**torch.load(adapter, weights_only=True), "base_model": str(looped)}, looped)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    cases = [  # (path, --tokenizer_dir, expected paths)
+        (plain, None, [plain, plain.parent / "tokenizer"]),
+        (plain, tmp_path / "tok", [plain, tmp_path / "tok"]),
+        (adapter, None, [adapter, adapter.parent / "tokenizer", base, base.parent / "tokenizer"]),
+        (on_adapter, None, [on_adapter, on_adapter.parent / "tokenizer", adapter, adapter.parent / "tokenizer",
+                            base, base.parent / "tokenizer"]),
+        (looped, None, [looped, tmp_path / "tokenizer"]),
+        (tmp_path / "junk.pth", None, [tmp_path / "junk.pth", tmp_path / "tokenizer"]),  # its loader says what's wrong
+        (tmp_path / "missing.pth", None, [tmp_path / "missing.pth", tmp_path / "tokenizer"]),
+    ]
+    for path, tokenizer_dir, expected in cases:
+        found = checkpoints.checkpoint_inputs("--model_path", path, tokenizer_dir)
+        assert [p for _, p in found] == expected, path
+    flags = [flag for flag, _ in checkpoints.checkpoint_inputs("--model_path", adapter)]
+    assert flags == ["--model_path", "the tokenizer of --model_path", "the base model of --model_path",
+                     "the tokenizer of the base model of --model_path"]
+    assert checkpoints.checkpoint_inputs("--model_path", None) == []

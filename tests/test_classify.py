@@ -274,3 +274,20 @@ def test_classify_cli_errors_are_one_line(pretrained, tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and expected in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_second_classify_run_into_the_same_folder_moves_the_first_ones_confusion_chart_aside(pretrained, tmp_path,
+                                                                                              capsys):
+    train = write_jsonl(tmp_path / "train.jsonl", two_class_slice("train", 8))
+    test = write_jsonl(tmp_path / "test.jsonl", two_class_slice("test", 4))
+    out = tmp_path / "cls"
+    argv = ["--mode", "classify", "--pretrained_model", str(pretrained), "--classify_train", str(train),
+            "--classify_test", str(test), "--output_dir", str(out), "--max_steps", "2", "--eval_interval", "2",
+            "--batch_size", "4", "--device", "cpu"]
+    assert ft.main(argv) == 0
+    first = (out / "confusion_matrix.png").read_bytes()
+    assert ft.main(argv + ["--seed", "1"]) == 0
+    capsys.readouterr()
+    (archive,) = (out / "previous").iterdir()
+    assert (archive / "confusion_matrix.png").read_bytes() == first  # the first run's chart, whole
+    assert (out / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

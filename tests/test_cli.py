@@ -66,7 +66,10 @@ def test_typed_settings_hold_only_what_the_user_typed_and_the_config_fills_the_r
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "0"], "--steps"), (["--steps", "x"], "--steps"), (["--rate", "1.5"], "--rate"),
     (["--mode", "medium"], "--mode"), (["--hidden", "1"], "unrecognized"), (["--out_dir", "x"], "unrecognized"),
-], ids=["steps 0", "steps x", "rate 1.5", "mode medium", "not a flag", "the field name of a renamed flag"])
+    (["--dir", "runs/caf\udce9"], r"'runs/caf\\udce9' is not UTF-8 text \(byte 0xe9 is not UTF-8\)"),
+    (["--dir", "\udbff"], r"lone surrogate \\udbff is no character"),
+], ids=["steps 0", "steps x", "rate 1.5", "mode medium", "not a flag", "the field name of a renamed flag",
+        "a byte that is not UTF-8", "a lone surrogate"])
 def test_a_bad_setting_is_a_usage_error_naming_the_flag(argv, message):
     with pytest.raises(cli.UsageError, match=message):
         toy_parser().parse_args(argv)
@@ -100,8 +103,9 @@ def test_describe_os_error_names_the_path_and_a_hint_without_errno_noise(err, ex
 # ----------------------------------------------------------------------------- every command: one table
 
 # command -> (module whose main() runs it, the valid flags each case starts from). In the flags and the cases,
-# {ckpt} is a tiny checkpoint (tokenizer beside it), {sft} an SFT .json, {text} a small corpus, {afile} a plain file
-# (all in a shared folder that must stay as it was), {out} the test's own empty folder, which must stay empty.
+# {ckpt} is a tiny checkpoint (tokenizer beside it), {adapter} a LoRA adapter file on the checkpoint {base} (each with
+# its tokenizer beside it), {sft} an SFT .json, {text} a small corpus, {afile} a plain file (all in a shared folder
+# that must stay as it was), {out} the test's own empty folder, which must stay empty.
 COMMANDS = {
     "evaluator": ("evaluator", ["--model_path", "{ckpt}", "--model_type", "sft", "--test_data_path", "{sft}",
                                 "--output", "{out}/report.json", "--do_sample", "--no_progress"]),
@@ -161,8 +165,9 @@ def missing(command: str, *flags: str, adding: tuple[str, ...] = ()) -> tuple[st
 
 
 # (command, flags added to its valid ones, flags dropped from them). Each must fail before any work starts. Outputs:
-# an output is never one of the command's inputs, two outputs are never the same path, and an existing file the
-# command did not write needs --overwrite (cli.check_outputs).
+# an output is never one of the command's inputs nor what they refer to (a LoRA adapter's base model, its folder and
+# tokenizer), two outputs are never the same path, and an existing file the command did not write needs --overwrite
+# (cli.check_outputs, checkpoints.checkpoint_inputs).
 BAD_FLAGS: list[tuple[str, list[str], tuple[str, ...]]] = []
 
 # evaluator: sampling and run settings, outputs, --text_field, standard benchmarks (--tasks, --limit, few-shot)
@@ -180,6 +185,8 @@ BAD_FLAGS += rows("evaluator", [
     ["--tasks", "hellaswag={sft}"], ["--tasks", "mmlu={text}"], ["--tasks", "mmlu={folder}"],
     ["--tasks", "mmlu={afile},mmlu={afile}"], ["--tasks", "gsm8k={out}/g.jsonl", "--model_type", "reward"],
     ["--tasks"], ["--limit", "0"], ["--limit", "x"], ["--num_fewshot", "-1"], ["--num_fewshot", "two"],
+    ["--model_path", "{adapter}", "--output", "{base}", "--overwrite"],
+    ["--compare", "{adapter}", "--plot", "{base}", "--overwrite"],
 ])
 BAD_FLAGS += [missing("evaluator", "--test_data_path"), missing("evaluator", "--model_path"),
               missing("evaluator", "--test_data_path", adding=("--tasks", "mmlu={out}/missing.csv")),
@@ -214,7 +221,7 @@ BAD_FLAGS += rows("quantizer", [
     [OLD_THREADS, "2"], ["--output", "{ckpt}"],
     ["--output", "{afile}"], ["--output", "{text}"], ["--output", "{folder}/tokenizer/merges.txt"],
     ["--output", "{ckpt}", "--overwrite"], ["--output", "{folder}"], ["--overwrite", "x"],
-    ["--text_field", ""],
+    ["--text_field", ""], ["--model_path", "{adapter}", "--output", "{base}", "--overwrite"],
 ])
 BAD_FLAGS += [missing("quantizer", "--model_path"), missing("quantizer", "--output"),
               missing("quantizer", "--no_eval",
@@ -227,6 +234,7 @@ BAD_FLAGS += rows("kv_cache_infer", [
     ["--repetition_penalty", "1e-45"], ["--seed", "-1"], ["--num_threads", "0"], [OLD_THREADS, "1"],
     ["--interactive"], ["--max_message_chars", "0"], ["--max_message_chars", "x"], ["--no_calculator"],
     ["--no_calculator", "x"], ["--compile", "fast"], ["--compile"],
+    ["--prompt", "ROMEO \udcff"], ["--prompt", "\ud800"],  # not UTF-8: the Unicode policy
 ])
 BAD_FLAGS += [missing("kv_cache_infer", "--model_path")]
 
@@ -244,7 +252,10 @@ BAD_FLAGS += rows("export", [
     ["--output", "{ckpt}", "--overwrite"], ["--output", "{folder}", "--overwrite"],
     ["--output", "{folder}/tokenizer", "--overwrite"], ["--output", "{afile}", "--format", "gguf"],
     ["--model_path", "{text}"], ["--model_path", "{out}/missing.pth"], ["--tokenizer_dir", "{out}/missing"],
-    ["--bogus"],
+    ["--bogus"], ["--model_path", "{adapter}", "--output", "{folder}/base", "--overwrite"],
+    ["--model_path", "{adapter}", "--output", "{folder}/base/tokenizer", "--overwrite"],
+    ["--model_path", "{adapter}", "--format", "gguf", "--output", "{base}", "--overwrite"],
+    ["--output", "{out}/hf\udce9"],  # a file name whose byte is not UTF-8
 ])
 BAD_FLAGS += [missing("export", "--format"), missing("export", "--output"), missing("export", "--model_path")]
 

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -268,6 +269,30 @@ def fake_tools(folder, docker_script: str, mmdebstrap_script: str = "exit 0") ->
 def local_images(env: dict, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["sh", str(DOCKER / "local_images.sh"), *args], capture_output=True, text=True, env=env,
                           timeout=60)
+
+
+LOCAL_IMAGES_RUNS = [  # (docker stub, mmdebstrap stub, arguments, exit status): every way the script ends
+    ("exit 0", "exit 0", [], 0),  # the images exist
+    ('case "$1" in image) exit 1;; esac', 'echo "E: Release file is expired" >&2; exit 1', [], 2),  # a failed step
+    ('case "$1" in info) exit 1;; esac', "exit 0", [], 2),  # no engine
+    ("exit 0", "exit 0", ["--fast"], 2),  # a bad argument
+    ("exit 0", "exit 0", ["--help"], 0),
+]
+
+
+@pytest.mark.parametrize("docker, mmdebstrap, args, status", LOCAL_IMAGES_RUNS,
+                         ids=["images exist", "failed step", "no engine", "bad argument", "help"])
+def test_local_images_leaves_nothing_in_the_temp_folder(docker, mmdebstrap, args, status, tmp_path):
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**fake_tools(tmp_path / "bin", docker, mmdebstrap), "TMPDIR": str(temp)}
+    elsewhere = set(Path("/tmp").glob("gpt-local-images.*"))
+    run = local_images(env, *args)
+    assert run.returncode == status, run.stderr
+    assert not list(temp.iterdir())  # its log and work folder are gone, on failure too
+    assert set(Path("/tmp").glob("gpt-local-images.*")) <= elsewhere  # and none went to /tmp instead
+    if status == 2:
+        assert run.stderr.strip().splitlines()[-1].startswith("error: ") and "gpt-local-images" not in run.stderr
 
 
 def test_local_images_script_parses_and_passes_shellcheck():

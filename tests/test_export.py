@@ -286,10 +286,10 @@ def test_bad_input_is_one_line_and_overwrites_nothing(run, tiny_tokenizer, capsy
              (["--model_path", str(mixed), "--format", "gguf", "--output", str(run / "c.gguf")], "norm='rmsnorm'"),
              (["--model_path", str(model), "--format", "hf"], "required"),
              (["--model_path", str(model), "--format", "gguf", "--output", str(model), "--overwrite"],
-              "own input"),
-             (["--model_path", str(model), "--format", "hf", "--output", str(run), "--overwrite"], "own input"),
+              "would replace"),
+             (["--model_path", str(model), "--format", "hf", "--output", str(run), "--overwrite"], "would replace"),
              (["--model_path", str(model), "--format", "hf", "--output", str(run / "tokenizer"), "--overwrite"],
-              "own input")]
+              "would replace")]
     for argv, message in cases:
         assert export.main(argv) == 2, argv
         err = capsys.readouterr().err
@@ -300,6 +300,29 @@ def test_bad_input_is_one_line_and_overwrites_nothing(run, tiny_tokenizer, capsy
         "mine"
     exported(model, "hf", run / "kept", "--overwrite")  # asked for: replaced as a whole
     assert not (run / "kept" / "notes.txt").exists() and (run / "kept" / "config.json").exists()
+
+
+@pytest.mark.parametrize("fmt, name, left", [
+    ("hf", "hf", r"\.hf\.\d+\.tmpdir"),  # killed with the folder's files written, before its rename
+    ("gguf", "m.gguf", r"\.m\.gguf\.\d+\.tmp"),
+])
+def test_the_temporary_files_of_an_export_killed_mid_write_are_removed_by_the_next_one(fmt, name, left, run,
+                                                                                      tiny_tokenizer):
+    """kill -9 mid-export leaves the write's temporary file or folder; the next successful export removes it, as the
+    trainers' next start does (atomic_file.remove_stale_temps)."""
+    import re
+
+    from cli_cases import run_killed_in, temp_files
+
+    model = save(run, GPTModel(GPTConfig.from_preset("tiny", vocab_size=len(tiny_tokenizer), max_seq_len=64)),
+                 tiny_tokenizer)
+    output = run / "exports" / name
+    argv = ["--model_path", str(model), "--format", fmt, "--output", str(output)]
+    killed = run_killed_in("os.fsync", "inference.export", argv)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert [n for n in temp_files(output.parent) if re.fullmatch(left, n)], temp_files(output.parent)
+    exported(model, fmt, output)
+    assert temp_files(output.parent) == [] and [p.name for p in output.parent.iterdir()] == [name]
 
 
 LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None

@@ -76,10 +76,10 @@ BAD_FLAGS = [
     (["--data_path", "a.json", "--test_data_path", "b.json", "--val_fraction", "0.1"], "and no --test_data_path"),
     (["--mode", "dpo", "--val_fraction", "0.1"], "--val_fraction applies to --mode sft / rlvf only"),
     # the output folder never holds what the run starts from (SFT into models/pretrain moved its tokenizer aside)
-    (["--pretrained_model", "{out}/pretrain_best.pth"], "--output_dir {out} holds --pretrained_model"),
-    (["--mode", "dpo", "--sft_model", "{out}/sub/sft_best.pth"], "holds --sft_model"),
-    (["--mode", "rlhf", "--reward_model", "{out}/reward_best.pth"], "holds --reward_model"),
-    (["--tokenizer_dir", "{out}/tokenizer"], "holds --tokenizer_dir"),
+    (["--pretrained_model", "{out}/pretrain_best.pth"], "--output_dir {out} would replace --pretrained_model"),
+    (["--mode", "dpo", "--sft_model", "{out}/sub/sft_best.pth"], "would replace --sft_model"),
+    (["--mode", "rlhf", "--reward_model", "{out}/reward_best.pth"], "would replace --reward_model"),
+    (["--tokenizer_dir", "{out}/tokenizer"], "would replace --tokenizer_dir"),
     # rlhf's own reward model (trained first into <output_dir>/reward/) may be passed back: the next check speaks
     (["--mode", "rlhf", "--sft_model", "{out}/../sft.pth", "--reward_model", "{out}/reward/reward_best.pth"],
      "{out}/../sft.pth does not exist"),
@@ -92,6 +92,27 @@ def test_bad_flags_are_one_line(flags, message, tmp_path, capsys):
     argv = [*(f.replace("{out}", out) for f in flags), "--output_dir", out, "--device", "cpu"]
     assert message.replace("{out}", out) in one_line_error(argv, capsys)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags", [
+    ["--pretrained_model", "{adapter}", "--output_dir", "{base_folder}"],
+    ["--pretrained_model", "{adapter}", "--output_dir", "{base_folder}/tokenizer"],
+    ["--mode", "classify", "--pretrained_model", "{adapter}", "--output_dir", "{base_folder}"],
+    ["--mode", "reward", "--sft_model", "{adapter}", "--output_dir", "{base_folder}"],
+    ["--mode", "dpo", "--sft_model", "{adapter}", "--output_dir", "{base_folder}"],
+], ids=lambda flags: " ".join(flags))
+def test_the_output_folder_never_holds_the_base_model_of_an_adapter_it_starts_from(flags, tiny_tokenizer, tmp_path,
+                                                                                    capsys):
+    """A run takes its output folder over (a different tokenizer moves to previous/): into the folder of a LoRA
+    adapter's base model it would leave the adapter pointing at a model without its tokenizer."""
+    from cli_cases import snapshot
+    from conftest import lora_adapter
+
+    base, adapter = lora_adapter(tmp_path / "sft" / "adapters.pth", tmp_path / "pre" / "base.pth", tiny_tokenizer)
+    before = snapshot(tmp_path)
+    argv = [f.format(adapter=adapter, base_folder=base.parent) for f in flags] + ["--device", "cpu", "--max_steps", "1"]
+    assert "the base model of --" in one_line_error(argv, capsys)
+    assert snapshot(tmp_path) == before
 
 
 def test_help_lists_every_modes_flags_with_their_defaults(capsys):

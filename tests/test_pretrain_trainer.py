@@ -229,6 +229,26 @@ def test_cli_trains_on_parquet_and_zstd_data_with_a_text_field(corpus, tiny_toke
     assert f"{n_train:,} train tokens" in capsys.readouterr().out  # the same documents as the .txt
 
 
+def test_a_run_without_validation_data_names_the_checkpoint_it_wrote_and_the_next_stage_finds_it(
+        corpus, tiny_tokenizer_dir, tmp_path, capsys):
+    """--val_data_dir none writes step checkpoints only: the run's last line names the last one (never a best model
+    it did not write), and finetuning's default --pretrained_model (<folder>/pretrain_best.pth) points at it."""
+    import finetune
+
+    out = tmp_path / "run"
+    argv = pretrain_args(corpus, tiny_tokenizer_dir, out, "--val_data_dir", "none", "--max_steps", "2")
+    assert pt.main(argv) == 0
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert not (out / "pretrain_best.pth").exists() and (out / "pretrain_step_2.pth").is_file()
+    assert "(best: pretrain_best.pth)" not in last_line
+    assert f"the last is {out / 'pretrain_step_2.pth'}; finetune from it with --pretrained_model" in last_line
+    code, err = run_main(finetune.main, ["--pretrained_model", str(out / "pretrain_best.pth"), "--output_dir",
+                                         str(tmp_path / "sft"), "--max_steps", "1", "--device", "cpu"], capsys)
+    assert_one_line_error(code, err)
+    assert "holds pretrain_step_2.pth, the last checkpoint of a run without validation data" in err
+    assert f"pass --pretrained_model {out / 'pretrain_step_2.pth'}" in err and not (tmp_path / "sft").exists()
+
+
 def test_cli_errors_are_one_line(corpus, tiny_tokenizer_dir, tmp_path, capsys):
     base = ["--tokenizer_dir", str(tiny_tokenizer_dir), "--val_data_dir", str(corpus[1]), "--output_dir",
             str(tmp_path / "out"), "--device", "cpu", "--num_workers", "1"]
@@ -284,7 +304,7 @@ BAD_PRETRAIN_FLAGS = [
     ["--n_heads", "3"], ["--max_minutes", "0.001"], ["--text_field", ""], ["--text_field", "text "],
     ["--depth", "0"], ["--depth", "x"], ["--depth", "2"],  # the base flags set --n_layers: --depth cannot join them
     ["--tokens_per_param", "0"], ["--tokens_per_param", "-1"], ["--max_epochs", "0"], ["--max_epochs", "inf"],
-    ["--print_plan", "--resume", "auto"],
+    ["--print_plan", "--resume", "auto"], ["--bogus"], ["--val_data_dir"],
 ]
 
 

@@ -88,3 +88,24 @@ def test_cli_errors_are_one_line(model, run_dir, tmp_path, capsys):
     assert main(["--model_path", "m.pth", "--output", "o.pth", "--batch_size", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--batch_size" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("writer, left", [
+    ("os.fsync", r"\.model_int8\.pth\.\d+\.tmp"),  # killed with the INT8 file written, before its rename
+    ("shutil.copy2", r"\.tokenizer\.\d+\.tmpdir"),  # killed while the tokenizer is copied beside it
+])
+def test_the_temporary_files_of_a_run_killed_mid_write_are_removed_by_the_next_one(writer, left, run_dir, tmp_path):
+    """kill -9 mid-save leaves the write's temporary file; the next successful run removes it, as the trainers'
+    next start does (atomic_file.remove_stale_temps), and its own output loads."""
+    import re
+
+    from cli_cases import run_killed_in, temp_files
+
+    out = tmp_path / "int8" / "model_int8.pth"
+    argv = ["--model_path", str(run_dir / "fp32.pth"), "--output", str(out), "--no_eval"]
+    killed = run_killed_in(writer, "inference.quantizer", argv)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert [name for name in temp_files(out.parent) if re.fullmatch(left, name)], temp_files(out.parent)
+    assert main(argv) == 0
+    assert temp_files(out.parent) == []
+    assert load_checkpoint(out)["quantization"] == "int8" and (out.parent / "tokenizer" / "vocab.json").exists()

@@ -431,3 +431,87 @@ def test_hostile_files_are_one_line_in_every_command_that_reads_them(hostile, fi
         assert expected in err, (argv, err)
         assert snapshot(earlier_run) == before, argv
 
+
+
+# ----------------------------------------------------------------------------- the Unicode policy
+
+def bad_utf8_parquet(path: Path) -> Path:
+    """A .parquet whose string column holds bytes that are not UTF-8 in its second row (pyarrow writes them
+    unchecked through a binary view)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    column = pa.array([b"fine", b"bad \xed\xa0\x80 surrogate bytes", b"x"], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"text": column, "label": ["a", "b", "c"]}), path)
+    return path
+
+
+SURROGATE_PAIR = r'"\ud83d\ude00"'  # JSON's escape of one emoji: a whole UTF-16 pair, valid text
+UNICODE_CASES = [  # (file, content, reader, the DataError's start, or None: it reads)
+    ("d.jsonl", '{"text": "fine"}\n{"text": "lone \\udc80"}\n', "documents", r"d\.jsonl:2: a lone surrogate \\udc80"),
+    ("d.jsonl", '{"text": "high \\uD800 upper case"}\n', "documents", r"d\.jsonl:1: a lone surrogate \\ud800"),
+    ("r.jsonl", '{"instruction": "a", "response": "b"}\n{"instruction": "\\ud800", "response": "b"}\n', "sft",
+     r"r\.jsonl:2: a lone surrogate"),
+    ("r.json", '[{"instruction": "a", "response": "b"},\n {"instruction": "a", "response": "\\ud800x"}]', "sft",
+     r"r\.json\[1\]: a lone surrogate \\ud800"),
+    ("k.jsonl", '{"text": "x", "label": "a", "\\udfff": 1}\n', "classification", r"k\.jsonl:1: a lone surrogate"),
+    ("p.json", '[{"instruction": "a", "chosen": "b", "rejected": "\\ude00\\ud83d"}]', "preference",
+     r"p\.json\[0\]: a lone surrogate \\ude00"),  # a pair in the wrong order is two lone halves
+    ("b.parquet", bad_utf8_parquet, "documents", r"b\.parquet: row group 0, row 1: not UTF-8 text"),
+    ("b.parquet", bad_utf8_parquet, "records", r"b\.parquet: row group 0, row 1: not UTF-8 text"),
+    ("ok.jsonl", '{"text": %s}\n' % SURROGATE_PAIR, "documents", None),
+    ("ok.json", '[{"instruction": %s, "response": "\\\\ud800 is how JSON escapes it"}]' % SURROGATE_PAIR, "sft", None),
+]
+READERS = {"documents": lambda path: list(readers.read_documents(path)), "sft": readers.load_sft_records,
+           "preference": readers.load_preference_records, "classification": readers.load_classification_records,
+           "records": lambda path: list(readers.read_records(path))}
+
+
+@pytest.mark.parametrize("name, content, reader, message", UNICODE_CASES,
+                         ids=[f"{case[0]}-{case[2]}-{i}" for i, case in enumerate(UNICODE_CASES)])
+def test_text_that_is_no_unicode_is_one_data_error_naming_the_file_and_record(name, content, reader, message,
+                                                                                tmp_path):
+    path = content(tmp_path / name) if callable(content) else write(tmp_path / name, content)
+    if message is None:
+        records = READERS[reader](path)
+        assert "😀" in json.dumps(records, ensure_ascii=False)  # the pair decoded to its one character
+        assert all(readers.check_text(r, "x") is None for r in records)
+        return
+    with pytest.raises(DataError, match=message):
+        READERS[reader](path)
+
+
+def test_a_lone_surrogate_in_a_data_file_is_one_line_in_every_command_that_reads_it(files, shared, corpus,
+                                                                                     tiny_tokenizer_dir, earlier_run,
+                                                                                     tmp_path, capsys):
+    """finetune's and the evaluator's records, the pretraining corpus, the quantizer's held-out data: a JSON-escaped
+    lone surrogate is exit 2 and one line naming file and record, never Python's codec message; nothing changed."""
+    records = json.loads(files["sft_data"].read_text(encoding="utf-8"))[:6]
+    bad_list = write(tmp_path / "sft.json", json.dumps(records + [{"instruction": "\ud800", "response": "b"}]))
+    bad_lines = write(tmp_path / "sft.jsonl", "".join(json.dumps(r) + "\n" for r in [*records, {
+        "instruction": "a", "response": "b \udc00"}]))
+    docs = write(tmp_path / "docs.jsonl", '{"text": "fine"}\n{"text": "\\ud800"}\n')
+    before, out = snapshot(earlier_run), str(earlier_run)
+    finetune_base = ["--device", "cpu", "--max_steps", "1", "--output_dir", out]
+    cases = [
+        (finetune.main, ["--pretrained_model", str(files["pretrained"]), "--data_path", str(bad_list),
+                         *finetune_base], f"{bad_list}[6]: a lone surrogate \\ud800"),
+        (finetune.main, ["--pretrained_model", str(files["pretrained"]), "--data_path", str(bad_lines),
+                         *finetune_base], f"{bad_lines}:7: a lone surrogate \\udc00"),
+        (finetune.main, ["--mode", "classify", "--pretrained_model", str(files["pretrained"]), "--classify_train",
+                         str(docs), *finetune_base], f"{docs}:2: a lone surrogate"),
+        (pt.main, pretrain_args(corpus, tiny_tokenizer_dir, earlier_run, "--train_data_dir", str(docs)),
+         f"{docs}:2: a lone surrogate"),
+        (evaluator.main, ["--model_path", str(shared["ckpt"]), "--model_type", "sft", "--test_data_path",
+                          str(bad_list), "--output", str(earlier_run / "report.json"), "--no_progress"],
+         f"{bad_list}[6]: a lone surrogate"),
+        (evaluator.main, ["--model_path", str(shared["ckpt"]), "--test_data_path", str(docs), "--no_progress",
+                          "--output", str(earlier_run / "report.json")], f"{docs}:2: a lone surrogate"),
+        (quantizer.main, ["--model_path", str(shared["ckpt"]), "--output", str(earlier_run / "int8.pth"),
+                          "--test_data_path", str(docs)], f"{docs}:2: a lone surrogate"),
+    ]
+    for main, argv, expected in cases:
+        code, err = run_main(main, argv, capsys)
+        assert_one_line_error(code, err)
+        assert expected in err and "codec" not in err, (argv, err)
+        assert snapshot(earlier_run) == before, argv

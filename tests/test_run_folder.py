@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import pretrain_trainer as pt
 from byte_level_bpe import ByteLevelBPETokenizer
 from cli_cases import snapshot
@@ -92,3 +94,32 @@ def test_resume_from_another_folder_moves_its_run_aside_and_continues_the_source
     assert snapshot(archive)["pretrain_best.pth"] == before["pretrain_best.pth"]
     steps = [r["step"] for r in resumed.metrics() if "train_loss" in r]
     assert steps == [1, 2, 3, 4]  # the source's rows up to its checkpoint, then this run's
+
+
+EARLIER_FILES = [  # (prefix of the new run, files an earlier run left, those that move to previous/)
+    ("classify", ["classify_best.pth", "classify_step_4.pth", "metrics.jsonl", "loss_curve.png",
+                  "confusion_matrix.png"],
+     ["classify_best.pth", "classify_step_4.pth", "confusion_matrix.png", "loss_curve.png", "metrics.jsonl"]),
+    ("sft", ["classify_best.pth", "confusion_matrix.png", "metrics.jsonl"],  # another stage's charts go too
+     ["confusion_matrix.png", "metrics.jsonl"]),
+    ("classify", ["confusion_matrix.png", "notes.txt", "eval_report.json"], ["confusion_matrix.png"]),
+]
+
+
+@pytest.mark.parametrize("prefix, earlier, moved", EARLIER_FILES, ids=[" ".join(c[1]) for c in EARLIER_FILES])
+def test_every_file_an_earlier_run_wrote_moves_to_previous_at_the_first_checkpoint(prefix, earlier, moved,
+                                                                                   tiny_tokenizer, tmp_path):
+    """The charts a run writes (the loss curve, a classifier's confusion matrix) move aside with its checkpoints and
+    metrics, byte for byte: a second classify run into the same folder never overwrites the first one's chart."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for name in earlier:
+        (folder / name).write_bytes(f"the earlier {name}".encode())
+    before = snapshot(folder)
+    RunFolder(folder, prefix, tiny_tokenizer, resumed_from=None, step=0).commit()
+    (archive,) = (folder / "previous").iterdir()
+    assert sorted(p.name for p in archive.iterdir()) == moved
+    assert snapshot(archive) == {name: before[name] for name in moved}
+    after = snapshot(folder)
+    assert all(after[name] == before[name] for name in set(earlier) - set(moved))  # not a run's: left as it was
+    assert not (folder / "confusion_matrix.png").exists()

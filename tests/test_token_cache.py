@@ -280,3 +280,34 @@ def test_a_full_disk_while_tokenizing_keeps_the_finished_shards_and_a_rerun_cont
     assert pt.main(args) == 0  # the rerun continues from the kept shards and trains
     meta = json.loads(next((tmp_path / "cache").glob("*.json")).read_text())
     assert meta["complete"] and meta["version"] == tc.CACHE_VERSION
+
+
+def _same_size_and_times(source: Path, text: str) -> None:
+    """Replace the content keeping the size and both times, as ``cp -p`` / ``rsync -t`` of another file can."""
+    stat = source.stat()
+    assert len(text.encode()) == stat.st_size
+    source.write_text(text, encoding="utf-8")
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+SOURCE_CHANGES = [  # (how the corpus changes after it was cached, whether the cache must be rebuilt)
+    ("content, same size and mtime (cp -p)", lambda path, docs: _same_size_and_times(path, "\n".join(
+        [docs[1], docs[0], *docs[2:]]) + "\n"), True),
+    ("one letter, same size and mtime", lambda path, docs: _same_size_and_times(path, "\n".join(
+        [docs[0].replace("e", "a", 1), *docs[1:]]) + "\n"), True),
+    ("mtime only (touch)", lambda path, docs: os.utime(path, ns=(1, 1)), False),
+    ("nothing", lambda path, docs: None, False),
+]
+
+
+@pytest.mark.parametrize("change, rebuilt", [c[1:] for c in SOURCE_CHANGES], ids=[c[0] for c in SOURCE_CHANGES])
+def test_the_cache_follows_the_corpus_content_not_its_size_and_time(change, rebuilt, tiny_tokenizer, tmp_path):
+    docs = list(DOCS)
+    source = write(tmp_path / "docs.txt", "\n".join(docs) + "\n")
+    tok = CountingTokenizer(tiny_tokenizer)
+    tc.build_token_stream(source, tok, show_progress=False)
+    change(source, docs)
+    stream = tc.build_token_stream(source, tok, show_progress=False)
+    assert tok.calls == (2 if rebuilt else 1)
+    now = source.read_text(encoding="utf-8").splitlines()
+    assert stream.tokens.tolist() == reference_tokens(tiny_tokenizer, now)  # the tokens of the text on disk now
