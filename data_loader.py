@@ -218,43 +218,24 @@ class PreferencePairDataset(Dataset):
         return self.items[index]
 
 
-GROUP_BATCHES = 64  # with lengths: examples are sorted by length within each run of this many shuffled batches
-
-
 class ShuffledBatches:
     """Endless batches from a map-style dataset, reshuffled every epoch; resumable exactly (``state_dict``).
 
     Each epoch's order is a permutation drawn from (seed, epoch), so the state is just (epoch, position). Under
-    DDP each rank takes every ``world_size``-th batch of the same order. Given each example's ``lengths``, the
-    examples of every GROUP_BATCHES shuffled batches are sorted by length and cut into batches whose order is
-    shuffled again (Hugging Face's group_by_length): a batch pads to similar lengths, not to the longest example of
-    a random draw, which halves the tokens of the demo SFT data, dialogues and short answers mixed.
+    DDP each rank takes every ``world_size``-th batch of the same order.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, collate, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 lengths: Sequence[int] | None = None):
+    def __init__(self, dataset: Dataset, batch_size: int, collate, seed: int = 0, rank: int = 0, world_size: int = 1):
         if len(dataset) == 0:
             raise DataError("cannot draw batches from an empty dataset")
-        if lengths is not None and len(lengths) != len(dataset):
-            raise DataError(f"{len(lengths)} lengths for {len(dataset)} examples")
         self.dataset, self.batch_size, self.collate = dataset, batch_size, collate
-        self.seed, self.rank, self.world_size, self.lengths = seed, rank, world_size, lengths
+        self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch, self.position = 0, 0
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.dataset), generator=generator).tolist()
-        if self.lengths is None:
-            return order
-        size = self.batch_size * GROUP_BATCHES
-        batches = []
-        for start in range(0, len(order), size):
-            group = sorted(order[start:start + size], key=lambda i: self.lengths[i])  # stable: ties stay shuffled
-            batches += [group[k:k + self.batch_size] for k in range(0, len(group), self.batch_size)]
-        full = [b for b in batches if len(b) == self.batch_size]  # a short last batch stays last: offsets hold
-        shuffle = torch.randperm(len(full), generator=generator).tolist()
-        return [i for b in shuffle for i in full[b]] + [i for b in batches if len(b) < self.batch_size for i in b]
+        return torch.randperm(len(self.dataset), generator=generator).tolist()
 
     @property
     def batches_per_epoch(self) -> int:

@@ -273,12 +273,10 @@ def check_same_adapters(checkpoint: dict | None, resumed_from: str | None, lora_
                          f"--lora_r {stored.get('r', 0)}, or start a fresh run without --resume")
 
 
-def shuffled(dataset, config: FinetuneConfig, collate, by_length: bool = False) -> data_loader.ShuffledBatches:
-    """This rank's endless, reshuffled, resumable batches of a dataset (``by_length``: of similar lengths)."""
+def shuffled(dataset, config: FinetuneConfig, collate) -> data_loader.ShuffledBatches:
+    """This rank's endless, reshuffled, resumable batches of a dataset."""
     info = training.DistInfo.from_env()
-    lengths = [len(dataset[i]["input_ids"]) for i in range(len(dataset))] if by_length else None
-    return data_loader.ShuffledBatches(dataset, config.batch_size, collate, config.seed, info.rank, info.world_size,
-                                       lengths)
+    return data_loader.ShuffledBatches(dataset, config.batch_size, collate, config.seed, info.rank, info.world_size)
 
 
 def train(config: FinetuneConfig, model: nn.Module, tokenizer, batches, step, prefix: str, checkpoint: dict | None,
@@ -352,8 +350,7 @@ def run_sft(config: SFTConfig, resume: str | None, show_progress: bool = True,
     extra = {"sft_template": template, "base_model": str(config.pretrained_model),
              "lora": lora.lora_config(model) if lora.lora_layers(model) else None}
     collate = functools.partial(data_loader.collate_batch, pad_token_id=tokenizer.pad_token_id)
-    batches = shuffled(train_set, config, collate, by_length=True)  # dialogues and short answers pad apart
-    trainer, _ = train(config, model, tokenizer, batches, causal_lm_loss, "sft",
+    trainer, _ = train(config, model, tokenizer, shuffled(train_set, config, collate), causal_lm_loss, "sft",
                        checkpoint, resumed_from, show_progress, stop_after, checkpoint_extra=extra,
                        evaluate_fn=language_model_eval(test_set, tokenizer, config.batch_size))
     if trainer.dist.is_main and extra["lora"]:

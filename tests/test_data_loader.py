@@ -146,35 +146,3 @@ def test_collate_pads_to_longest_item_not_context():
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     with pytest.raises(DataError, match="empty batch"):
         dl.collate_batch([], pad_token_id=1)
-
-
-class Indexed(torch.utils.data.Dataset):
-    """Example i is just its index (the batches below are lists of indices)."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        return i
-
-
-def test_batches_by_length_cover_every_example_once_per_epoch_pad_less_and_resume_exactly():
-    lengths = [int(x) for x in torch.randint(1, 120, (1000,), generator=torch.Generator().manual_seed(0))]
-    batches = dl.ShuffledBatches(Indexed(1000), 8, list, seed=3, lengths=lengths)
-    epoch = [next(batches) for _ in range(batches.batches_per_epoch)]
-    assert sorted(i for b in epoch for i in b) == list(range(1000))  # a permutation, in whole batches
-    padded = sum(max(lengths[i] for i in b) * len(b) for b in epoch)
-    plain = dl.ShuffledBatches(Indexed(1000), 8, list, seed=3)
-    random_padded = sum(max(lengths[i] for i in b) * len(b) for b in (next(plain) for _ in range(125)))
-    assert padded < 0.7 * random_padded and padded >= sum(lengths)
-    first_lengths = [lengths[i] for i in epoch[0]]
-    assert max(first_lengths) - min(first_lengths) <= 10  # 512 sorted examples per group: near neighbours
-    later = [next(batches) for _ in range(5)]  # the next epoch's order differs from this one's
-    again = dl.ShuffledBatches(Indexed(1000), 8, list, seed=3, lengths=lengths)
-    again.load_state_dict({"epoch": 1, "position": 0})
-    assert [next(again) for _ in range(5)] == later and later != epoch[:5]
-    with pytest.raises(dl.DataError, match="999 lengths for 1000 examples"):
-        dl.ShuffledBatches(Indexed(1000), 8, list, lengths=lengths[:-1])
