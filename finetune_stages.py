@@ -384,7 +384,7 @@ def chat_base(base: checkpoints.Loaded) -> tuple[Any, str]:
     embedding grows by as many rows (GPTModel.grow_vocab)."""
     template = base.metadata.get("sft_template") or CHAT_TEMPLATE
     tokenizer = base.tokenizer
-    if is_chat_template(template) and not has_chat_tokens(tokenizer):
+    if is_chat_template(template) and not has_chat_tokens(tokenizer, template):
         tokenizer = tokenizer.with_special_tokens(CHAT_TOKENS)
         base.model.grow_vocab(len(tokenizer), seed=0)
         print(f"sft: the tokenizer had no chat tokens: {', '.join(CHAT_TOKENS)} added as ids "
