@@ -184,16 +184,33 @@ def json_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
     return deepest
 
 
+def lone_surrogate(value: Any) -> tuple[str, int, int] | None:
+    """The first lone surrogate in any string of ``value`` (lists and dicts walked, keys too), as (its path such as
+    "messages.1.content", its code point, its index in the string); None when every string is Unicode text. JSON can
+    escape one (``"\\ud800"``), but it is no character: no tokenizer, log or answer can carry it."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:  # iterative: a deeply nested value cannot exhaust the recursion limit
+        where, item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend((f"{where}.{key}", v) for key, v in reversed(item.items()))
+            stack.extend((f"{where}.<key>", key) for key in item)  # popped first: a path never holds a bad key
+        elif isinstance(item, (list, tuple)):
+            stack.extend((f"{where}.{i}", v) for i, v in reversed(list(enumerate(item))))
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as err:
+                return where.lstrip("."), ord(item[err.start]), err.start
+    return None
+
+
 def check_text(value: Any, where: str) -> None:
-    """Every string in ``value`` (a parsed JSON value, keys included) is text: a lone surrogate (``"\\ud800"``, valid
-    JSON escaping half of a UTF-16 pair, but no character) is a DataError naming ``where``, the one Unicode policy
-    wherever text enters (docs/errors.md)."""
-    try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as err:
-        code = ord(err.object[err.start])
-        raise DataError(f"{where}: a lone surrogate \\u{code:04x} (half of a UTF-16 pair, no character): fix or "
-                        "remove that text") from None
+    """Every string in ``value`` (a parsed JSON value, keys included) is text (``lone_surrogate``): else a DataError
+    naming ``where``, the one Unicode policy wherever text enters (docs/errors.md)."""
+    found = lone_surrogate(value)
+    if found is not None:
+        raise DataError(f"{where}: a lone surrogate \\u{found[1]:04x} (half of a UTF-16 pair, no character): fix or "
+                        "remove that text")
 
 
 def parse_json(text: str, where: str, check_strings: bool = True) -> Any:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from decoding import MAX_LOGPROBS, MIN_REPETITION_PENALTY
 from grammar_constraint import check_schema_limits
+from readers import lone_surrogate
 
 MAX_STOP, MAX_STOP_LEN = 4, 64
 BEST_OF_DOC = ("sample this many answers together and return the one scored highest (the reward model, else the mean "
@@ -26,36 +27,27 @@ MAX_TOOLS = 128  # OpenAI's limit
 TOP_K_DOC = "keep the k most likely tokens; 0 = all; at most the vocabulary size (/health)"
 
 
-def check_text(value: Any) -> Any:
-    """``value`` unchanged; ValueError when a string anywhere in it (in lists and dicts, keys too) holds a lone
-    surrogate: JSON can escape one, but it is no Unicode text and no tokenizer, log or answer can carry it."""
-    stack: list[tuple[str, Any]] = [("", value)]
-    while stack:  # iterative: a deeply nested schema cannot exhaust the recursion limit
-        where, item = stack.pop()
-        if isinstance(item, dict):
-            stack.extend((f"{where}.{key}", v) for key, v in reversed(item.items()))
-            stack.extend((f"{where}.<key>", key) for key in item)  # popped first: a path never holds a bad key
-        elif isinstance(item, (list, tuple)):
-            stack.extend((f"{where}.{i}", v) for i, v in reversed(list(enumerate(item))))
-        elif isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError as err:  # the message names the code point, never holds it
-                at = f" at {where.lstrip('.')}" if where else ""
-                raise ValueError(f"not Unicode text{at}: a lone surrogate U+{ord(item[err.start]):04X} at character "
-                                 f"{err.start}; send valid UTF-8") from None
+def unicode_only(value: Any) -> Any:
+    """``value`` unchanged; ValueError (a 422) when a string anywhere in it holds a lone surrogate
+    (``readers.lone_surrogate``: the one finder, for data files too); the message names the code point, never holds
+    it."""
+    found = lone_surrogate(value)
+    if found is not None:
+        where, code, index = found
+        at = f" at {where}" if where else ""
+        raise ValueError(f"not Unicode text{at}: a lone surrogate U+{code:04X} at character {index}; send valid UTF-8")
     return value
 
 
 class Body(BaseModel):
-    """A request body, or a part of one: unknown fields and text that is not Unicode (check_text) are a 422."""
+    """A request body, or a part of one: unknown fields and text that is not Unicode (unicode_only) are a 422."""
 
     model_config = ConfigDict(extra="forbid")
 
     @field_validator("*", mode="before")
     @classmethod
     def unicode_text(cls, value: Any) -> Any:
-        return check_text(value)
+        return unicode_only(value)
 
 
 def stop_list(value: str | list[str] | None) -> list[str]:
