@@ -209,7 +209,8 @@ def test_dialogues_follow_up_on_their_own_earlier_answers(build, request):
     whole = build == "built"
     train_sums = {r["instruction"] for r in single(load(built, "sft_data.json")) if r["task"] == "arithmetic"}
     test_sums = {r["instruction"] for r in load(built, "sft_test.json") if r["task"] == "arithmetic"}
-    for name, sums in (("sft_data.json", train_sums), ("chat_test.json", test_sums)):
+    files = (("sft_data.json", train_sums), ("chat_test.json", test_sums))
+    for name, sums in files if whole else files[:1]:  # a 64-token model has no four-turn test dialogue
         dialogues = [r for r in load(built, name) if "messages" in r]
         assert {r["task"] for r in dialogues} == {"arithmetic_chat", "author_chat"}
         for r in dialogues:
@@ -231,7 +232,8 @@ def test_dialogues_follow_up_on_their_own_earlier_answers(build, request):
                     total += sign[0] * n
                     assert answer == str(total) and total >= 0
                     assert turn[1] == (expression if name == "sft_data.json" else None)
-                assert len(answers) == (4 if name == "chat_test.json" or whole else 2)  # a window: two turns
+                # a whole dialogue: four turns; a window: two (the first) or one after its context turn (+ its start)
+                assert len(answers) in ((4,) if name == "chat_test.json" or whole else (2, 3))
             else:
                 assert author_answer(users[0]) == {answers[0]} and users[1] == "这位诗人姓什么？"
                 assert answers[0].startswith(answers[1]) and len(answers[1]) in (1, 2)
@@ -242,7 +244,7 @@ def test_dialogues_follow_up_on_their_own_earlier_answers(build, request):
     expected = (build_sft.Sizes.chat_sums_train,) if whole else range(2 * build_sft.Sizes.chat_sums_train,
                                                                        3 * build_sft.Sizes.chat_sums_train + 1)
     assert len(chats) in expected
-    assert len(load(built, "chat_test.json")) > (300 if whole else 100)
+    assert len(load(built, "chat_test.json")) > (300 if whole else 40)
 
 
 def test_the_plain_form_builds_the_dialogues_without_calls(tmp_path):
