@@ -50,6 +50,17 @@ def prompt(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor([[tokenizer.bos_token_id, *tokenizer.encode_ordinary(text)]])
 
 
+def assert_same_as_transformers(hf, model, tiny_tokenizer) -> None:
+    """transformers' logits within 1e-4 of ours and the same 24 greedy tokens."""
+    ids = prompt(tiny_tokenizer, "ROMEO: But, soft! what light through yonder window breaks?")
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)["logits"]).abs().max() < 1e-4
+    ours = generate(model, ids, SamplingParams(max_new_tokens=24, do_sample=False))
+    theirs = hf.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None,
+                         pad_token_id=tiny_tokenizer.pad_token_id)
+    assert torch.equal(ours, theirs)
+
+
 def trained_on_the_embedded_corpus(tokenizer, steps: int = 60, preset: str = "tiny", **overrides) -> GPTModel:
     """A tiny model that has learned something of the embedded corpus (its logits are far from uniform)."""
     torch.manual_seed(0)
@@ -79,13 +90,7 @@ def test_transformers_loads_the_hf_folder_with_our_logits_and_greedy_tokens(run,
     assert (folder / "model.safetensors").stat().st_mode & 0o044 == 0o044  # others can read it (a container's user)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     assert type(hf).__name__ == "GPT2LMHeadModel"
-    ids = prompt(tiny_tokenizer, "ROMEO: But, soft! what light through yonder window breaks?")
-    with torch.no_grad():
-        assert (hf(ids).logits - model(ids)["logits"]).abs().max() < 1e-4
-    ours = generate(model, ids, SamplingParams(max_new_tokens=24, do_sample=False))
-    theirs = hf.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None,
-                         pad_token_id=tiny_tokenizer.pad_token_id)
-    assert torch.equal(ours, theirs)
+    assert_same_as_transformers(hf, model, tiny_tokenizer)
 
 
 def test_autotokenizer_gives_our_ids(run, tiny_tokenizer):
@@ -365,13 +370,7 @@ def test_the_modern_shape_exports_as_llama_or_qwen3_with_our_logits_and_greedy_t
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     assert type(hf).__name__ == {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}[arch]
     assert hf.config.num_key_value_heads == 2 and hf.config.tie_word_embeddings == model.config.tie_embeddings
-    ids = prompt(tiny_tokenizer, "ROMEO: But, soft! what light through yonder window breaks?")
-    with torch.no_grad():
-        assert (hf(ids).logits - model(ids)["logits"]).abs().max() < 1e-4
-    ours = generate(model, ids, SamplingParams(max_new_tokens=24, do_sample=False))
-    theirs = hf.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None,
-                         pad_token_id=tiny_tokenizer.pad_token_id)
-    assert torch.equal(ours, theirs)
+    assert_same_as_transformers(hf, model, tiny_tokenizer)
 
 
 @pytest.mark.parametrize("arch", MODERN)
