@@ -19,6 +19,7 @@ import torch
 import checkpoints
 import cli
 from decoding import COMPILE_MODES, DecodeEngine, SamplingParams
+from speculative import DraftParams
 from devices import resolve_device, set_threads
 from prompts import SFT_TEMPLATE, encode_prompt, knows_tools, max_prompt_len, render_prompt
 
@@ -35,21 +36,24 @@ def with_eos(params: SamplingParams, tokenizer) -> SamplingParams:
 
 
 def generate_with_kv_cache(model, tokenizer, prompt: str, params: SamplingParams = SamplingParams(),
-                           device: str | torch.device | None = None, compile: str = "off") -> str:
+                           device: str | torch.device | None = None, compile: str = "off",
+                           speculative: DraftParams | None = None) -> str:
     """The continuation of `<s> prompt` (prompt not included), decoded with the KV cache."""
-    return generate_batch_with_kv_cache(model, tokenizer, [prompt], params, device, compile=compile)[0]
+    return generate_batch_with_kv_cache(model, tokenizer, [prompt], params, device, compile=compile,
+                                        speculative=speculative)[0]
 
 
 def generate_batch_with_kv_cache(model, tokenizer, prompts: Sequence[str], params: SamplingParams = SamplingParams(),
                                  device: str | torch.device | None = None, n_slots: int = 8,
-                                 compile: str = "off") -> list[str]:
+                                 compile: str = "off", speculative: DraftParams | None = None) -> list[str]:
     """Continuations of several prompts, n_slots at a time (a finished one hands its slot to the next).
 
     With a seed, prompt i is sampled with seed + i: each result is reproducible on its own. compile: the decode
-    step's mode (decoding.COMPILE_MODES).
+    step's mode (decoding.COMPILE_MODES); speculative: prompt-lookup drafts while one sequence runs alone.
     """
     model = _prepare(model, device)
-    engine = DecodeEngine(model, tokenizer, n_slots=min(n_slots, max(1, len(prompts))), compile=compile)
+    engine = DecodeEngine(model, tokenizer, n_slots=min(n_slots, max(1, len(prompts))), compile=compile,
+                          speculative=speculative)
     limit = max_prompt_len(engine.max_len, params.max_new_tokens)
     params = with_eos(params, tokenizer)
     each = [params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
@@ -59,10 +63,11 @@ def generate_batch_with_kv_cache(model, tokenizer, prompts: Sequence[str], param
 
 
 def stream_with_kv_cache(model, tokenizer, prompt: str, params: SamplingParams = SamplingParams(),
-                         device: str | torch.device | None = None, compile: str = "off") -> Iterator[str]:
+                         device: str | torch.device | None = None, compile: str = "off",
+                         speculative: DraftParams | None = None) -> Iterator[str]:
     """Pieces of the continuation as tokens arrive: whole UTF-8 characters, joining to generate_with_kv_cache's text."""
     model = _prepare(model, device)
-    engine = DecodeEngine(model, tokenizer, n_slots=1, compile=compile)
+    engine = DecodeEngine(model, tokenizer, n_slots=1, compile=compile, speculative=speculative)
     ids = encode_prompt(tokenizer, prompt, max_prompt_len(engine.max_len, params.max_new_tokens))
     yield from engine.stream(ids, with_eos(params, tokenizer))
 
@@ -77,13 +82,14 @@ MAX_MESSAGE_CHARS = 65_536
 
 def chat(model, tokenizer, template: str = SFT_TEMPLATE, params: SamplingParams = SamplingParams(),
          read: Callable[[str], str] | None = None, write: Callable[[str], None] | None = None,
-         system: str | None = None, max_message_chars: int = MAX_MESSAGE_CHARS, compile: str = "off") -> None:
+         system: str | None = None, max_message_chars: int = MAX_MESSAGE_CHARS, compile: str = "off",
+         speculative: DraftParams | None = None) -> None:
     """Terminal chat: replies stream as they are generated; /reset forgets the conversation, /quit or Ctrl-C/D end.
     A message over ``max_message_chars`` is refused with a note (the chat goes on)."""
     read = read or input
     write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
     params = with_eos(params, tokenizer)
-    engine = DecodeEngine(model, tokenizer, n_slots=1, compile=compile)
+    engine = DecodeEngine(model, tokenizer, n_slots=1, compile=compile, speculative=speculative)
     limit = max_prompt_len(engine.max_len, params.max_new_tokens)
     opening = [{"role": "system", "content": system}] if system else []
     messages = list(opening)
@@ -153,6 +159,9 @@ def build_parser() -> cli.ArgumentParser:
                         help="the decode step: off (eager), on (torch.compile: each key-length bucket compiles at its "
                              "first use, seconds to a minute, kept on disk; pays off over long chats), static (the "
                              "compiled shapes, eager), auto (on only where it measured faster; so far nowhere)")
+    parser.add_argument("--speculative", type=cli.nonnegative_int, default=0, metavar="K",
+                        help="speculative decoding: up to K prompt-lookup draft tokens checked per forward pass while "
+                             "one sequence runs (the same greedy tokens, the same sampling distribution); 0 = off")
     parser.add_argument("--num_threads", type=cli.positive_int, help="torch CPU threads (default: torch's choice)")
     return parser
 
@@ -187,16 +196,17 @@ def _run(argv: Sequence[str] | None) -> int:
                             top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                             seed=args.seed, eos_token_id=tokenizer.eos_token_id, stop=tuple(args.stop),
                             calculator=knows_tools(loaded.template) and not args.no_calculator)
+    engine = {"compile": args.compile, "speculative": DraftParams(k=args.speculative) if args.speculative else None}
     if args.interactive:
         chat(model, tokenizer, loaded.template, params, system=args.system, max_message_chars=args.max_message_chars,
-             compile=args.compile)
+             **engine)
     elif args.stream:
         print(args.prompt[0], end="", flush=True)
-        for piece in stream_with_kv_cache(model, tokenizer, args.prompt[0], params, compile=args.compile):
+        for piece in stream_with_kv_cache(model, tokenizer, args.prompt[0], params, **engine):
             print(piece, end="", flush=True)
         print()
     else:
-        texts = generate_batch_with_kv_cache(model, tokenizer, args.prompt, params, compile=args.compile)
+        texts = generate_batch_with_kv_cache(model, tokenizer, args.prompt, params, **engine)
         for prompt, text in zip(args.prompt, texts):
             print(f"--- {prompt}{text}")
     return 0

@@ -26,6 +26,7 @@ from metrics import sequence_logprobs
 from model_heads import GPTRewardModel
 from quantization import is_quantized
 from reward_scoring import reward_scores
+from speculative import DraftParams
 
 
 def scorer_thread() -> ThreadPoolExecutor:
@@ -77,7 +78,8 @@ def load_served_model(settings: Settings, metrics: Metrics) -> ServedModel:
     with torch.device("meta"):
         parameters = GPTModel(model.config).num_parameters()
     engine = DecodeEngine(model, tokenizer, n_slots=settings.max_batch_size, compile=settings.compile,
-                          prefix_cache=settings.prefix_cache == "on")
+                          prefix_cache=settings.prefix_cache == "on",
+                          speculative=DraftParams(k=settings.speculative) if settings.speculative else None)
     worker = EngineWorker(engine, metrics, settings.max_queue, device, dtype, settings.num_threads)
     worker.start()
     return ServedModel(path, model, tokenizer, worker, template, "int8" if is_quantized(model) else "none",

@@ -74,6 +74,9 @@ class Settings:
                                 "of a chat, a shared system message) reuses their keys/values instead of computing "
                                 "them again; off: every prompt is prefilled whole", choices=("on", "off"),
                                 env="GPT_PREFIX_CACHE")
+    speculative: int = setting(0, "speculative decoding: while one request runs alone, up to K prompt-lookup draft "
+                               "tokens checked per forward pass (the same greedy tokens, the same sampling "
+                               "distribution); 0 = off", nonnegative_int, env="GPT_SPECULATIVE")
 
     def __post_init__(self) -> None:
         for f in fields(self):

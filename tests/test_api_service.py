@@ -378,6 +378,16 @@ def test_a_body_over_the_limit_gets_413(checkpoint):
         assert httpx.post(live.url + "/generate", json={"prefix": "A", "max_gen_len": 2}).status_code == 200
 
 
+def test_speculative_decoding_gives_a_lone_request_the_plain_greedy_text(checkpoint, reference):
+    prompt = "ROMEO: ROMEO: ROMEO:"  # repeated: the lookup drafts have something to propose
+    with LiveServer(settings_for(checkpoint, speculative=3)) as live:
+        assert live.app.state.service.served.worker.engine.speculative.k == 3
+        response = httpx.post(live.url + "/generate", json={"prefix": prompt, "max_gen_len": 24, "temperature": 0},
+                              timeout=30).json()
+        assert live.app.state.service.served.worker.engine.speculation.steps > 0
+    assert response["generated_text"] == direct_text(reference, prompt, 24, greedy=True)
+
+
 def test_api_key_guards_every_route_but_health(checkpoint):
     with LiveServer(settings_for(checkpoint, api_key="s3cret")) as live:
         assert httpx.get(live.url + "/health").status_code == 200
@@ -818,6 +828,8 @@ def _ready(url: str) -> bool:
     (["--calculator", "maybe"], "--calculator must be on or off"),
     (["--prefix_cache", "maybe"], "--prefix_cache must be on or off"),
     (["--compile", "fast"], "--compile must be auto, on, static or off"),
+    (["--speculative", "-1"], "--speculative"),
+    (["--speculative", "two"], "--speculative"),
     (["--model_path", "/no/such/model.pth"], "is not a file"),
 ])
 def test_cli_errors_are_one_line(argv, message, capsys):

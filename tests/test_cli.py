@@ -233,7 +233,8 @@ BAD_FLAGS += rows("kv_cache_infer", [
     ["--top_k", "-1"], ["--top_p", "0"], ["--top_p", "1.5"], ["--repetition_penalty", "0"],
     ["--repetition_penalty", "1e-45"], ["--seed", "-1"], ["--num_threads", "0"], [OLD_THREADS, "1"],
     ["--interactive"], ["--max_message_chars", "0"], ["--max_message_chars", "x"], ["--no_calculator"],
-    ["--no_calculator", "x"], ["--compile", "fast"], ["--compile"],
+    ["--no_calculator", "x"], ["--compile", "fast"], ["--compile"], ["--speculative", "-1"], ["--speculative", "x"],
+    ["--speculative"],
     ["--prompt", "ROMEO \udcff"], ["--prompt", "\ud800"],  # not UTF-8: the Unicode policy
 ])
 BAD_FLAGS += [missing("kv_cache_infer", "--model_path")]

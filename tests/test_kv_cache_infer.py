@@ -87,6 +87,14 @@ def test_cli_generates_and_chats(checkpoint, capsys, monkeypatch):
     assert main(["--model_path", str(checkpoint), "--interactive"]) == 0
 
 
+def test_cli_speculative_decoding_prints_the_plain_greedy_text(checkpoint, capsys):
+    argv = ["--model_path", str(checkpoint), "--prompt", "ROMEO: ROMEO: ROMEO:", "--greedy", "--max_new_tokens", "24"]
+    assert main(argv) == 0
+    plain = capsys.readouterr().out
+    assert main([*argv, "--speculative", "3"]) == 0  # a repeated prompt: lookup drafts to check
+    assert capsys.readouterr().out == plain
+
+
 def test_cli_errors_are_one_line(checkpoint, tmp_path, capsys):
     good = ["--model_path", str(checkpoint)]
     cases = [(["--model_path", str(tmp_path / "missing.pth"), "--prompt", "x"], "missing.pth"),

@@ -44,6 +44,12 @@ def test_the_compile_setting_offers_the_engines_modes():
     assert set(Settings.__dataclass_fields__["compile"].metadata["choices"]) == set(COMPILE_MODES)
 
 
+def test_speculative_decoding_is_off_unless_asked():
+    assert Settings().speculative == 0
+    assert Settings.from_args([], environ={"GPT_SPECULATIVE": "4"}) == Settings.from_args(["--speculative", "4"],
+                                                                                          environ={})
+
+
 def test_default_model_prefers_int8_sft_then_sft_then_pretrain(tmp_path, monkeypatch):
     monkeypatch.setattr(service, "ROOT", tmp_path)
     with pytest.raises(UsageError, match="no model to serve"):
