@@ -49,8 +49,8 @@ class DecodingError(ValueError):
 
 # ----------------------------------------------------------------------------- the compiled decode step
 
-# off: eager, shaped by the active slots; static: eager over static shapes (what "on" compiles); on: compiled;
-# auto: on where it measured faster (benchmarks/bench_inference.py --compiled_only), so far nowhere: off
+# off: eager, shaped by the active slots; static: eager over key buckets (what "on" compiles); on: compiled;
+# auto: on where it measured faster (benchmarks/bench_inference.py --compiled_only, bench_peers), else off
 COMPILE_MODES = ("off", "static", "on", "auto")
 MIN_KEY_BUCKET = 64  # the shortest key length a static step attends over; then powers of two up to max_len
 RECOMPILE_LIMIT = 64  # compiled steps kept per engine code: (slot count, key bucket) pairs, a handful each
@@ -63,31 +63,38 @@ def key_bucket(key_len: int, max_len: int) -> int:
     return min(max_len, max(MIN_KEY_BUCKET, 1 << (key_len - 1).bit_length()))
 
 
-# Where "auto" compiles: (device type, INT8 model) pairs whose compiled step measured faster than the eager one.
-# Empty: on the shared 2-core CPU the 124M INT8 step measured 0.78x eager at batch 1 (results.md), so none yet.
-COMPILE_PAYS: frozenset[tuple[str, bool]] = frozenset()
+# Where "auto" compiles: (device type, INT8 model) pairs whose compiled step measured faster than the eager one, for
+# models of at least COMPILE_MIN_WEIGHTS weights. On the 2-core AVX2 CPU the 124M INT8 step ran 1.16-1.77x eager at
+# batch 1 and 1.06x at 32, fp32 0.91-1.0x (results.md); a model of a few million weights already decodes at 1,000+
+# tokens/s eagerly, and its compile (tens of seconds per graph, minutes on a cold cache) would not be earned back.
+COMPILE_PAYS: frozenset[tuple[str, bool]] = frozenset({("cpu", True)})
+COMPILE_MIN_WEIGHTS = 50_000_000
 
 
 def resolve_compile(mode: str | bool, model: torch.nn.Module, device: torch.device) -> str:
     """The mode an engine runs: a bool reads as on/off; auto is on only where compiling measured faster
-    (COMPILE_PAYS), else off."""
+    (COMPILE_PAYS, COMPILE_MIN_WEIGHTS), else off."""
     mode = {True: "on", False: "off"}.get(mode, mode) if isinstance(mode, bool) else mode
     if mode not in COMPILE_MODES:
         raise DecodingError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
     if mode == "auto":
-        return "on" if (device.type, is_quantized(model)) in COMPILE_PAYS else "off"
+        weights = sum(t.numel() for t in model.state_dict().values())  # an INT8 model's weights are buffers
+        pays = (device.type, is_quantized(model)) in COMPILE_PAYS and weights >= COMPILE_MIN_WEIGHTS
+        return "on" if pays else "off"
     return mode
 
 
 def compile_step(step: Callable, device: torch.device) -> Callable:
-    """``step`` under torch.compile as one graph per static shape: C++ wrapper code on CPU (no Python between the
-    kernels), CUDA graphs on CUDA; compiled at its first call per shape, the code kept on disk for the next process
-    (TORCHINDUCTOR_CACHE_DIR, default INDUCTOR_CACHE_DIR)."""
+    """``step`` under torch.compile: C++ wrapper code on CPU (no Python between the kernels), CUDA graphs on CUDA;
+    the code kept on disk for the next process (TORCHINDUCTOR_CACHE_DIR, default INDUCTOR_CACHE_DIR). Shapes are
+    torch's automatic dynamic ones: the first call compiles its exact shapes, and a call with another row count or
+    key bucket compiles one graph where that size is symbolic (one row is always a graph of its own), so a handful
+    of graphs serve every (rows, bucket): DecodeEngine.warm_up compiles them all before the first request."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(INDUCTOR_CACHE_DIR))
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     if device.type == "cuda":
         return torch.compile(step, fullgraph=True, dynamic=False, mode="reduce-overhead")
-    return torch.compile(step, fullgraph=True, dynamic=False, options={"cpp_wrapper": device.type == "cpu"})
+    return torch.compile(step, fullgraph=True, dynamic=None, options={"cpp_wrapper": device.type == "cpu"})
 
 
 
@@ -325,10 +332,10 @@ class DecodeEngine:
 
     n_slots sequences at most run together; max_len (default: the model's context) bounds prompt + output.
     use_cache=False recomputes every sequence in full each step (slow; for verification and benchmarks).
-    compile (COMPILE_MODES) "on" runs the decode step over static shapes, every slot and a power-of-two bucket of
-    key positions, under torch.compile (``compile_step``: one graph per shape, compiled at its first use); "static"
-    runs the same shapes eagerly; "auto" is "on" where that measured faster; "off" (the default) is the eager step
-    shaped by the active slots. Prefill is eager in every mode. A tokenizer is needed for text, streaming and stop
+    compile (COMPILE_MODES) "on" runs the decode step with keys over a power-of-two bucket of positions under
+    torch.compile (``compile_step``; ``warm_up()`` compiles every graph, else each compiles at its first use);
+    "static" runs the same shapes eagerly; "auto" is "on" where that measured faster; "off" (the default) is the
+    eager step shaped by the active slots and their exact key length. Prefill is eager in every mode. A tokenizer is needed for text, streaming and stop
     strings. prefix_cache=True (with the cache) reuses the keys/values of a prompt's leading blocks that a slot holds
     or held (an earlier turn of a chat, a shared system message): a finished sequence's slot keeps them until it is
     needed. speculative=DraftParams(...) decodes a lone sequence by prompt-lookup drafts verified in one pass.
@@ -566,6 +573,30 @@ class DecodeEngine:
 
     # -- decoding
 
+    @torch.inference_mode()
+    def warm_up(self) -> list[int]:
+        """Compile the decode step's graphs now (loaded from the disk cache when an earlier process compiled them),
+        so no request waits for a compile; a no-op unless compile is "on". One row, then every slot, at the first
+        key bucket and the second (after them the row count and the bucket are symbolic: the buckets between reuse
+        a graph) and the last (keys over the whole cache, a graph of their own). Every row runs as a free slot:
+        nothing is written. Returns the (rows, bucket) pairs run."""
+        if self.compile != "on" or self.cache is None:
+            return []
+        buckets = sorted({key_bucket(n, self.max_len) for n in range(1, self.max_len + 1)})
+        buckets = buckets[:2] + buckets[-1:] if len(buckets) > 2 else buckets
+        shapes = [(rows, bucket) for bucket in buckets for rows in sorted({1, self.n_slots})]
+        self._decode_logits(*self._idle_step_inputs(1, buckets[0]))  # eager first: allocates the cache, packs weights
+        for rows, bucket in shapes:
+            self._decode(*self._idle_step_inputs(rows, bucket))
+        return shapes
+
+    def _idle_step_inputs(self, rows: int, bucket: int) -> tuple[torch.Tensor, KVCacheView]:
+        """A decode step's inputs as _cached_step_logits builds them, for ``rows`` free slots (no row writes)."""
+        positions = torch.full((rows, 1), self.max_len - 1, dtype=torch.long, device=self.device)
+        writes = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        view = KVCacheView(self.cache, self._slot_ids[:rows], positions, bucket, slot_range=(0, rows), writes=writes)
+        return self._last_tokens[:rows, None], view
+
     def _decode_logits(self, tokens: torch.Tensor, view: KVCacheView) -> torch.Tensor:
         """One cached forward step: (B, 1) tokens -> float logits (B, V). No host sync: compilable."""
         return self.model.lm_head(self.model.hidden_states(tokens, kv_cache=view)[:, -1]).float()
@@ -573,16 +604,16 @@ class DecodeEngine:
     def _cached_step_logits(self, active: list[int]) -> torch.Tensor:
         # Rows are the slot range 0..hi-1, so the cache is read through views; free slots inside the range
         # compute a throw-away row (cheaper than gathering the cache of the active ones).
-        # With static shapes every slot is a row and keys span a bucket: the shapes depend on (n_slots, bucket)
-        # only, so a compiled step never recompiles for the number of active requests; free rows write nothing.
-        # Otherwise a free row writes at the scratch position no sequence holds: free slots keep their keys for the
-        # prefix cache.
-        hi = self.n_slots if self.static_shapes else active[-1] + 1
+        # With static shapes keys span a bucket and free rows write nothing (a compiled step's row count is
+        # symbolic: warm_up's graphs serve every count). Otherwise a free row writes at the scratch position no
+        # sequence holds: free slots keep their keys for the prefix cache.
+        hi = active[-1] + 1
         positions = [self.lengths[s] if self.slots[s] is not None else self.max_len - 1 for s in range(hi)]
         longest = max(self.lengths[s] for s in active) + 1
         key_len = key_bucket(longest, self.max_len) if self.static_shapes else longest
         causal_only = not self.static_shapes and len(active) == hi and min(positions) == key_len - 1
-        writes = torch.tensor([r is not None for r in self.slots], device=self.device) if self.static_shapes else None
+        writes = torch.tensor([r is not None for r in self.slots[:hi]], device=self.device) if self.static_shapes \
+            else None
         view = KVCacheView(self.cache, self._slot_ids[:hi], torch.tensor(positions, device=self.device)[:, None],
                            key_len, slot_range=(0, hi), causal_only=causal_only, writes=writes)
         logits = self._decode(self._last_tokens[:hi, None], view)

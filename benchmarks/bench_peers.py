@@ -4,10 +4,12 @@ A GPT-2 124M-shape model (random weights, seed 0) with the project's tokenizer i
 INT8) and exported with inference.export to GGUF (F32 and Q8_0). Then, in one run, 2 threads each:
   - llama.cpp (llama-cpp-python) tokenizes our prompts as we do and generates our greedy tokens: F32 against our
     fp32 (the identical prefix is reported), Q8_0 against our fp32 and our INT8 (the share of equal tokens);
-  - decode at batch 1: tokens/s of ours (checkpoint -> load_model_and_tokenizer -> generate) fp32 / INT8 against
-    llama.cpp F32 / Q8_0, each peer in a process of its own, every system once per repeat, a second apart;
+  - decode at batch 1: tokens/s of ours (checkpoint -> load_model_and_tokenizer -> generate) fp32 / INT8, and the
+    same weights in a one-slot DecodeEngine(compile="on") (the compiled decode step), against llama.cpp F32 / Q8_0,
+    each peer in a process of its own, every system once per repeat, a second apart;
   - the servers: ours (python -m inference.api_service) against llama-cpp-python's OpenAI-compatible server
-    (python -m llama_cpp.server), each alone, at 1 / 8 / 32 concurrent users streaming /v1/completions
+    (python -m llama_cpp.server), each alone, ours eager (--compile off) and INT8 compiled (--compile on, its
+    graphs compiled by the warm-up), at 1 / 8 / 32 concurrent users streaming /v1/completions
     (temperature 0, max_tokens 32): generated tokens/s, p50 / p95 latency and time to first token, errors.
 
     pip install llama-cpp-python[server]        # builds llama.cpp from source: ~6-10 minutes on 2 cores
@@ -37,7 +39,7 @@ from benchmarks.bench_server import Served, free_port
 from benchmarks.cli_options import benchmark_parser, positive_ints
 from byte_level_bpe import ByteLevelBPETokenizer
 from checkpoints import load_model_and_tokenizer, save_checkpoint
-from decoding import SamplingParams, generate
+from decoding import DecodeEngine, SamplingParams, generate
 from gpt_model import GPTConfig, GPTModel
 from inference import export
 from quantization import quantize_model_int8
@@ -123,13 +125,16 @@ def agreement(ours: list[list[int]], theirs: list[list[int]]) -> dict[str, float
 
 
 SYSTEMS = ("ours_fp32", "ours_int8", "llama_cpp_f32", "llama_cpp_q8_0")
+COMPILED = ("ours_fp32_compiled", "ours_int8_compiled")  # a one-slot DecodeEngine(compile="on") on the same weights
 
 
 def greedy(name: str, ours: dict, peers: dict, prompt: list[int], n: int) -> list[int]:
-    """``n`` greedy tokens after ``prompt`` from one of SYSTEMS."""
+    """``n`` greedy tokens after ``prompt`` from one of SYSTEMS or COMPILED (ours: a model, or a compiled engine)."""
+    params = SamplingParams(max_new_tokens=n, do_sample=False)
+    if isinstance(ours.get(name), DecodeEngine):
+        return ours[name].run([prompt], params)[0].output_ids
     if name.startswith("ours_"):
-        model = ours[name.removeprefix("ours_")]
-        out = generate(model, torch.tensor([prompt]), SamplingParams(max_new_tokens=n, do_sample=False))
+        out = generate(ours[name.removeprefix("ours_")], torch.tensor([prompt]), params)
         return out[0, len(prompt):].tolist()
     return peers[name.removeprefix("llama_cpp_")].ask({"generate": prompt, "n": n})
 
@@ -177,15 +182,20 @@ def decode_figures(args, folder: Path, tokenizer) -> dict:
     """Tokenization and greedy tokens compared, and batch-1 tokens/s of each system."""
     prompts = [[tokenizer.bos_token_id, *tokenizer.encode_ordinary(p)] for p in PROMPTS]
     ours = {name: load_model_and_tokenizer(folder / f"{name}.pth", device="cpu")[0] for name in ("fp32", "int8")}
+    systems = SYSTEMS if args.no_compile else SYSTEMS + COMPILED
+    for name in set(systems) & set(COMPILED):  # compiled by the agreement runs below, before any timing
+        ours[name] = DecodeEngine(ours[name.split("_")[1]], n_slots=1, compile="on")
     peers = {kind: LlamaProcess(folder / f"{kind}.gguf", args.num_threads, args.context) for kind in ("f32", "q8_0")}
     try:
         out = {"tokenize_equal": all(peers["f32"].ask({"tokenize": p}) == tokenizer.encode_ordinary(p)
                                      for p in PROMPTS)}
-        tokens = {name: [greedy(name, ours, peers, p, args.new_tokens) for p in prompts] for name in SYSTEMS}
+        tokens = {name: [greedy(name, ours, peers, p, args.new_tokens) for p in prompts] for name in systems}
         out["f32_vs_ours_fp32"] = agreement(tokens["ours_fp32"], tokens["llama_cpp_f32"])
         out["q8_0_vs_ours_fp32"] = agreement(tokens["ours_fp32"], tokens["llama_cpp_q8_0"])
         out["q8_0_vs_ours_int8"] = agreement(tokens["ours_int8"], tokens["llama_cpp_q8_0"])
-        best = best_seconds(lambda name: greedy(name, ours, peers, prompts[0], args.new_tokens), SYSTEMS,
+        for name in set(systems) & set(COMPILED):  # the compiled step's greedy tokens against the eager one's
+            out[f"{name}_vs_eager"] = agreement(tokens[name.removesuffix("_compiled")], tokens[name])
+        best = best_seconds(lambda name: greedy(name, ours, peers, prompts[0], args.new_tokens), systems,
                             args.repeats)
     finally:
         for worker in peers.values():
@@ -198,6 +208,10 @@ def decode_figures(args, folder: Path, tokenizer) -> dict:
                                                         out[f"b1_ms_per_token_ours_{name}"])
     out["b1_ours_fp32_over_llama_cpp_f32"] = round(best["llama_cpp_f32"] / best["ours_fp32"], 2)
     out["b1_ours_int8_over_llama_cpp_q8_0"] = round(best["llama_cpp_q8_0"] / best["ours_int8"], 2)
+    if not args.no_compile:
+        out["b1_ours_fp32_compiled_over_llama_cpp_f32"] = round(best["llama_cpp_f32"] / best["ours_fp32_compiled"], 2)
+        out["b1_ours_int8_compiled_over_llama_cpp_q8_0"] = round(best["llama_cpp_q8_0"] / best["ours_int8_compiled"],
+                                                                 2)
     return out
 
 
@@ -259,9 +273,9 @@ async def load(url: str, users: int, duration: float, max_tokens: int, tokenizer
             "latency_p95_ms": percentile_ms([r["latency"] for r in ok], 95)}
 
 
-def our_server(args, checkpoint: Path, threads: int) -> list[str]:
+def our_server(args, checkpoint: Path, threads: int, compile: str = "off") -> list[str]:
     return [sys.executable, "-m", "inference.api_service", "--model_path", str(checkpoint), "--num_threads",
-            str(threads), "--max_batch_size", str(max(args.users)), "--log_level", "warning"]
+            str(threads), "--max_batch_size", str(max(args.users)), "--compile", compile, "--log_level", "warning"]
 
 
 def llama_cpp_server(args, gguf: Path, threads: int) -> list[str]:
@@ -277,6 +291,8 @@ def server_commands(args, folder: Path) -> dict[str, list[str]]:
     servers = {}
     for ours, theirs in (("fp32", "f32"), ("int8", "q8_0")):
         servers[f"ours_{ours}_t{few}"] = our_server(args, folder / f"{ours}.pth", few)
+        if ours == "int8" and not args.no_compile:
+            servers[f"ours_{ours}_t{few}_compiled"] = our_server(args, folder / f"{ours}.pth", few, compile="on")
         for threads in sorted({few, every}):
             servers[f"llama_cpp_{theirs}_t{threads}"] = llama_cpp_server(args, folder / f"{theirs}.gguf", threads)
     return servers
@@ -291,7 +307,7 @@ def server_figures(args, folder: Path, tokenizer: ByteLevelBPETokenizer) -> dict
         port = free_port()
         health = "/health" if name.startswith("ours") else "/v1/models"
         with Served(command + ["--port", str(port)], port, env, health=health) as server:
-            asyncio.run(load(server.url, 1, 1.0, 4, tokenizer))  # warm up
+            asyncio.run(load(server.url, 1, 1.0, args.max_tokens, tokenizer))  # warm up (a compiled step compiles)
             out[name] = {}
             for users in args.users:
                 print(f"{name}: {users} users for {args.duration:g} s", file=sys.stderr)
@@ -299,9 +315,11 @@ def server_figures(args, folder: Path, tokenizer: ByteLevelBPETokenizer) -> dict
                                                           tokenizer))
     for level in (f"u{users}" for users in args.users):
         for ours, theirs in (("fp32", "f32"), ("int8", "q8_0")):
-            mine = next(v[level]["gen_tok_s"] for k, v in out.items() if k.startswith(f"ours_{ours}_"))
             best = max(v[level]["gen_tok_s"] for k, v in out.items() if k.startswith(f"llama_cpp_{theirs}_"))
-            out[f"ours_{ours}_over_llama_cpp_{theirs}_{level}"] = round(mine / max(best, 1e-9), 2)
+            for name in [k for k in list(out) if k.startswith(f"ours_{ours}_t")]:
+                compiled = "_compiled" if name.endswith("_compiled") else ""
+                out[f"ours_{ours}{compiled}_over_llama_cpp_{theirs}_{level}"] = round(
+                    out[name][level]["gen_tok_s"] / max(best, 1e-9), 2)
     return out
 
 
@@ -317,6 +335,7 @@ def build_parser() -> cli.ArgumentParser:
     parser.add_argument("--duration", type=cli.positive_float, default=10.0, help="seconds per server load level")
     parser.add_argument("--max_tokens", type=cli.positive_int, default=32, help="max_tokens of each server request")
     parser.add_argument("--skip_servers", action="store_true", help="measure decoding only")
+    parser.add_argument("--no_compile", action="store_true", help="leave out our compiled decode step")
     parser.add_argument("--llama_worker", metavar="GGUF", help=argparse.SUPPRESS)  # the llama.cpp process
     return parser
 

@@ -39,8 +39,8 @@ class Settings:
     quantize: str = setting("none", "none, or int8: quantize a float checkpoint's weights at startup "
                             "(INT8 checkpoints load as INT8 either way)", choices=("none", "int8"), env="GPT_QUANTIZE")
     compile: str = setting("auto", "the decode step: auto (compiled only where that measured faster; so far "
-                           "nowhere: eager), on (torch.compile; the first request of each key-length bucket waits "
-                           "for its compile, kept on disk for the next start), static (the same shapes, eager), off",
+                           "nowhere: eager), on (torch.compile: every key-length bucket compiles at start-up, before "
+                           "/health says ok; kept on disk for the next start), static (the same shapes, eager), off",
                            choices=("auto", "on", "static", "off"), env="GPT_COMPILE")
     max_batch_size: int = setting(32, "sequences decoded together (KV-cache slots)",
                                   positive_int, env="GPT_MAX_BATCH_SIZE")

@@ -312,7 +312,7 @@ BAD_FLAGS += rows("bench_soak", [
 # bench_peers
 BAD_FLAGS += rows("bench_peers", [
     ["--num_threads", "0"], ["--new_tokens", "x"], ["--repeats", "0"], ["--context", "64"], ["--users", "1,x"],
-    ["--users", "0"], ["--duration", "0"], ["--max_tokens", "-1"], [OLD_THREADS, "2"],
+    ["--users", "0"], ["--duration", "0"], ["--max_tokens", "-1"], [OLD_THREADS, "2"], ["--no_compile", "x"],
 ])
 
 # bench_chat

@@ -6,6 +6,8 @@ import copy
 import pytest
 import torch
 
+import decoding
+
 from decoding import (COMPILE_MODES, DecodeEngine, DecodingError, IncrementalDetokenizer, SamplingParams,
                       StopStringMatcher, apply_repetition_penalty, apply_top_p, cut_at_eos, generate, key_bucket,
                       left_pad, sampled_mask, top_k_candidates, visible_text)
@@ -361,13 +363,13 @@ def test_static_shape_steps_give_full_recomputations_greedy_tokens_across_key_bu
 
 
 def test_free_slots_keep_their_keys_and_values_under_static_shapes(model):
-    """A free slot's row is computed to keep the shapes static, but writes nothing: what the slot held stays."""
+    """A free slot between active ones is a row of the step, but writes nothing: what the slot held stays."""
     engine = DecodeEngine(model, n_slots=3, compile="static")
-    first, middle = engine.add(PROMPTS[0], GREEDY), engine.add(PROMPTS[1], GREEDY)
+    first, middle, last = (engine.add(p, GREEDY) for p in PROMPTS[:3])
     engine.step()
     engine.abort(middle)
     held = [(k[middle.slot].clone(), v[middle.slot].clone()) for k, v in zip(engine.cache.keys, engine.cache.values)]
-    while not first.finished:
+    while not (first.finished and last.finished):
         engine.step()
     for (k, v), layer_k, layer_v in zip(held, engine.cache.keys, engine.cache.values):
         assert torch.equal(layer_k[middle.slot], k) and torch.equal(layer_v[middle.slot], v)
@@ -381,6 +383,11 @@ def test_compile_modes_are_checked_and_auto_compiles_only_where_it_measured_fast
     assert set(COMPILE_MODES) == {"off", "static", "on", "auto"}
     assert (DecodeEngine(model, compile=True).compile, DecodeEngine(model, compile=False).compile) == ("on", "off")
     int8 = quantize_model_int8(GPTModel(**SMALL).eval())
+    assert DecodeEngine(int8, compile="auto").compile == "off"  # a small model: its compile would not pay
+    with torch.device("meta"):  # the 124M shape, INT8: where the compiled step measured faster
+        big = quantize_model_int8(GPTModel(GPTConfig.from_preset("gpt2", vocab_size=8192)).eval())
+    assert decoding.resolve_compile("auto", big, torch.device("cpu")) == "on"
+    monkeypatch.setattr("decoding.COMPILE_MIN_WEIGHTS", 0)
     monkeypatch.setattr("decoding.COMPILE_PAYS", frozenset({("cpu", True)}))
     assert (DecodeEngine(int8, compile="auto").compile, DecodeEngine(model, compile="auto").compile) == ("on", "off")
     monkeypatch.setattr("decoding.COMPILE_PAYS", frozenset())
@@ -389,18 +396,24 @@ def test_compile_modes_are_checked_and_auto_compiles_only_where_it_measured_fast
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # a cold compile: about a minute on an idle 2-core machine, five on a busy one
-def test_the_compiled_step_gives_the_static_steps_tokens_and_one_graph_whatever_the_active_count():
-    """INT8 (FBGEMM's direct kernel in the graph where present), slots joining and leaving within one key bucket:
-    the compiled step's greedy tokens are the eager static step's, from a single compiled graph."""
+def test_the_compiled_step_gives_the_static_steps_tokens_and_compiles_nothing_after_its_warm_up():
+    """INT8 (FBGEMM's direct kernel in the graph where present), slots joining and leaving across three key buckets:
+    the compiled step's greedy tokens are the eager static step's, from the graphs warm_up() compiled before the
+    first request (the requests then compile nothing, whatever their number and length)."""
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
-    model = quantize_model_int8(GPTModel(**{**SMALL, "n_layers": 1}).eval())
-    prompts, params = [PROMPTS[0], PROMPTS[1], PROMPTS[3]], SamplingParams(max_new_tokens=14, do_sample=False)
+    model = quantize_model_int8(GPTModel(**{**SMALL, "n_layers": 1, "max_seq_len": 160}).eval())
+    prompts = [list(range(1, 70)), PROMPTS[1], list(range(20, 50))]
+    params = SamplingParams(max_new_tokens=70, do_sample=False)  # up to 139 positions: buckets 64, 128, 160
     expected = staggered(DecodeEngine(model, n_slots=3, compile="static"), prompts, params)
+    assert DecodeEngine(model, n_slots=3, compile="static").warm_up() == []  # nothing to compile
     graphs = counters["stats"]["unique_graphs"]
-    assert staggered(DecodeEngine(model, n_slots=3, compile="on"), prompts, params) == expected
-    assert counters["stats"]["unique_graphs"] - graphs == 1
+    engine = DecodeEngine(model, n_slots=3, compile="on")
+    assert engine.warm_up() == [(1, 64), (3, 64), (1, 128), (3, 128), (1, 160), (3, 160)]
+    assert counters["stats"]["unique_graphs"] - graphs == 6
+    with torch.compiler.set_stance("fail_on_recompile"):
+        assert staggered(engine, prompts, params) == expected
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: the compiled step's CUDA path "
