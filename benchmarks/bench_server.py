@@ -160,23 +160,26 @@ def batch_stats(url: str) -> tuple[float, float]:
 class Served:
     """A server subprocess on a free port, stopped with SIGTERM."""
 
-    def __init__(self, command: list[str], port: int, env: dict, health: str = "/health"):
-        self.url, self.health = f"http://127.0.0.1:{port}", health
+    def __init__(self, command: list[str], port: int, env: dict, health: str = "/health",
+                 ready_timeout: float = 180.0):
+        self.url, self.health, self.ready_timeout = f"http://127.0.0.1:{port}", health, ready_timeout
+        self.ready_seconds: float | None = None  # from the start to the first healthy answer
         self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      text=True)
 
     def __enter__(self) -> "Served":
-        deadline = time.time() + 180
-        while time.time() < deadline:
+        start = time.time()
+        while time.time() < start + self.ready_timeout:
             if self.proc.poll() is not None:
                 raise SystemExit(f"error: the server exited: {self.proc.stderr.read()[-1000:]}")
             try:
                 if httpx.get(self.url + self.health, timeout=2).status_code == 200:
+                    self.ready_seconds = round(time.time() - start, 1)
                     return self
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        raise SystemExit("error: the server did not become ready in 180 s")
+        raise SystemExit(f"error: the server did not become ready in {self.ready_timeout:g} s")
 
     def __exit__(self, *exc) -> None:
         self.proc.send_signal(signal.SIGTERM)
