@@ -262,7 +262,7 @@ def compiled_figures(args, ours: GPTModel, hf, folder: Path) -> dict:
     out.update({f"compile_cold_first_run_s_b{args.compile_batch}_{k}": v
                 for k, v in first_runs(wide, batch.tolist()).items()})
     wide_medians = alternating_medians({k: (lambda e=e: e.run(batch.tolist(), params)) for k, e in wide.items()},
-                                       max(1, args.compile_rounds // 2))
+                                       args.compile_rounds)
     out.update({f"b{args.compile_batch}_{k}_tok_s": round(args.compile_batch * COMPILED_NEW / sec, 1)
                 for k, sec in wide_medians.items()})
     for kind in ("fp32", "int8"):  # a compile's seconds: its first run less a steady one

@@ -80,9 +80,12 @@ class EngineWorker:
         self._running = True
         self.failure: str | None = None  # why the engine thread stopped on an error it could not handle
         self._thread = threading.Thread(target=self._run, name="decode-engine", daemon=True)
+        self._warmed = threading.Event()  # the engine thread finished (or failed) its warm-up
 
     def start(self) -> None:
+        """Start the engine thread; returns once its compiled graphs (compile "on") are ready."""
         self._thread.start()
+        self._warmed.wait()
 
     @property
     def alive(self) -> bool:
@@ -161,6 +164,10 @@ class EngineWorker:
         torch.set_num_threads(self.num_threads or engine_threads())
         try:
             with autocast_context(self.device, self.dtype):  # autocast state is per thread: enter it here
+                try:  # here, not in the loading thread: a graph is compiled for a thread count and autocast state
+                    self.engine.warm_up()
+                finally:
+                    self._warmed.set()
                 while self._iterate():
                     pass
         except Exception as err:  # a bug or an error no request owns: say so, fail what is left, never hang

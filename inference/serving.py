@@ -80,10 +80,8 @@ def load_served_model(settings: Settings, metrics: Metrics) -> ServedModel:
     engine = DecodeEngine(model, tokenizer, n_slots=settings.max_batch_size, compile=settings.compile,
                           prefix_cache=settings.prefix_cache == "on",
                           speculative=DraftParams(k=settings.speculative) if settings.speculative else None)
-    with autocast_context(device, dtype):  # --compile on: every key bucket compiles now, before /health says ok
-        engine.warm_up()
     worker = EngineWorker(engine, metrics, settings.max_queue, device, dtype, settings.num_threads)
-    worker.start()
+    worker.start()  # with --compile on its graphs compile first, before /health says ok
     return ServedModel(path, model, tokenizer, worker, template, "int8" if is_quantized(model) else "none",
                        parameters, device, dtype, GrammarVocabulary(tokenizer), reward_path, reward)
 

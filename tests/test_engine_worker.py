@@ -170,3 +170,39 @@ def test_shut_down_ends_every_job_at_once_with_an_error_even_mid_step(model, tin
     assert [e for e in late if e[0] != "text"] == []  # and nothing final after it
     assert finished(metrics) == {"error": JOBS}
     assert engine.free_slots == list(range(SLOTS)) and not worker.alive
+
+
+def test_the_engine_warms_up_on_its_own_thread_before_start_returns(model, tiny_tokenizer):
+    """A compiled graph is compiled for a thread count (and autocast state): warmed up elsewhere, every graph would
+    compile again at the first request. The warm-up runs on the engine thread, with its threads, and start() waits."""
+    seen = []
+
+    class Warming(DecodeEngine):
+        def warm_up(self):
+            time.sleep(0.2)  # start() must not return before this ends
+            seen.append((threading.current_thread().name, torch.get_num_threads()))
+            return []
+
+    threads = torch.get_num_threads()
+    worker = EngineWorker(Warming(model, tiny_tokenizer, n_slots=1), Metrics(), max_queue=1,
+                          device=torch.device("cpu"), dtype=torch.float32, num_threads=1)
+    try:
+        worker.start()
+        assert seen == [("decode-engine", 1)] and worker.alive
+    finally:
+        worker.stop()
+        torch.set_num_threads(threads)  # torch's thread count is the process's: the engine thread set it
+
+
+def test_a_failed_warm_up_stops_the_engine_with_its_reason(model, tiny_tokenizer):
+    class Failing(DecodeEngine):
+        def warm_up(self):
+            raise RuntimeError("no compiler")
+
+    threads = torch.get_num_threads()
+    worker = EngineWorker(Failing(model, tiny_tokenizer, n_slots=1), Metrics(), max_queue=1,
+                          device=torch.device("cpu"), dtype=torch.float32, num_threads=1)
+    worker.start()  # returns: the failure is reported, never a hang
+    worker._thread.join(timeout=10)
+    torch.set_num_threads(threads)
+    assert not worker.alive and "no compiler" in worker.failure
