@@ -63,11 +63,12 @@ def key_bucket(key_len: int, max_len: int) -> int:
     return min(max_len, max(MIN_KEY_BUCKET, 1 << (key_len - 1).bit_length()))
 
 
-# Where "auto" compiles: (device type, INT8 model) pairs whose compiled step measured faster than the eager one, for
-# models of at least COMPILE_MIN_WEIGHTS weights. On the 2-core AVX2 CPU the 124M INT8 step ran 1.16-1.77x eager at
-# batch 1 and 1.06x at 32, fp32 0.91-1.0x (results.md); a model of a few million weights already decodes at 1,000+
-# tokens/s eagerly, and its compile (tens of seconds per graph, minutes on a cold cache) would not be earned back.
-COMPILE_PAYS: frozenset[tuple[str, bool]] = frozenset({("cpu", True)})
+# Where "auto" compiles: (device type, INT8 model) pairs whose compiled step measured faster than the eager one where
+# auto is used (the server), for models of at least COMPILE_MIN_WEIGHTS weights (a model of a few million weights
+# decodes 1,000+ tokens/s eagerly: its compile, minutes on a cold cache, would not be earned back). Empty: on the
+# 2-core AVX2 CPU the 124M INT8 step ran 1.2x eager at batch 1 through the Python API (2 threads), but the server
+# (1 engine thread, 32 slots) streamed 0.86-0.93x eager at 1-32 users (results.md), so the server stays eager.
+COMPILE_PAYS: frozenset[tuple[str, bool]] = frozenset()
 COMPILE_MIN_WEIGHTS = 50_000_000
 
 
@@ -335,10 +336,11 @@ class DecodeEngine:
     compile (COMPILE_MODES) "on" runs the decode step with keys over a power-of-two bucket of positions under
     torch.compile (``compile_step``; ``warm_up()`` compiles every graph, else each compiles at its first use);
     "static" runs the same shapes eagerly; "auto" is "on" where that measured faster; "off" (the default) is the
-    eager step shaped by the active slots and their exact key length. Prefill is eager in every mode. A tokenizer is needed for text, streaming and stop
-    strings. prefix_cache=True (with the cache) reuses the keys/values of a prompt's leading blocks that a slot holds
-    or held (an earlier turn of a chat, a shared system message): a finished sequence's slot keeps them until it is
-    needed. speculative=DraftParams(...) decodes a lone sequence by prompt-lookup drafts verified in one pass.
+    eager step shaped by the active slots and their exact key length. Prefill is eager in every mode. A tokenizer
+    is needed for text, streaming and stop strings. prefix_cache=True (with the cache) reuses the keys/values of a
+    prompt's leading blocks that a slot holds or held (an earlier turn of a chat, a shared system message): a
+    finished sequence's slot keeps them until it is needed. speculative=DraftParams(...) decodes a lone sequence by
+    prompt-lookup drafts verified in one pass.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, n_slots: int = 8, max_len: int | None = None,

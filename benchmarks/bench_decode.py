@@ -68,9 +68,9 @@ def chat_ttft(engine_args: dict, tokenizer, template: str, users: list[str], par
 
 
 def prefix_figures(model, tokenizer, template: str, args) -> dict:
-    chats = [r for _, r in read_records(ROOT / "data" / "sft" / "chat_test.json") if len(r["messages"]) == 6]
-    single = [r for _, r in read_records(ROOT / "data" / "sft" / "sft_test.json")]
-    users = [m["content"] for m in chats[0]["messages"] if m["role"] == "user"] + [single[0]["instruction"]]
+    chats = [[m["content"] for m in r["messages"] if m["role"] == "user"]
+             for _, r in read_records(ROOT / "data" / "sft" / "chat_test.json")]
+    users = next(users for users in chats if len(users) >= 4)[:4]  # a four-turn demo dialogue
     params = SamplingParams(max_new_tokens=args.reply_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id)
     runs = {"on": [], "off": []}
     for _ in range(args.repeats):  # alternating rounds: a load change hits both alike

@@ -151,8 +151,9 @@ def best_seconds(run, systems: tuple[str, ...], repeats: int) -> dict[str, float
     return best
 
 
-OP_CLASSES = {"int8_matmul": ("quantized::linear_dynamic",), "float_matmul": ("mkldnn::_linear", "aten::addmm",
-               "aten::mm"), "attention": ("scaled_dot_product",), "kv_cache_write": ("index_put",)}
+OP_CLASSES = {"int8_matmul": ("quantized::linear_dynamic", "fbgemm_linear_int8"),
+              "float_matmul": ("mkldnn::_linear", "aten::addmm", "aten::mm"), "attention": ("scaled_dot_product",),
+              "kv_cache_write": ("index_put",)}
 
 
 def decode_profile(model: GPTModel, prompt: list[int], n: int, wall_ms: float) -> dict[str, float]:

@@ -3,7 +3,8 @@
 of the request it belongs to (one wake-up per loop per step); a full queue raises `QueueFull` (429). A finished,
 cancelled or timed-out sequence leaves its slot at once, and frees it once: admission counts only the engine's own
 free slots, after the cancelled sequences have left them. Every job gets exactly one final event ("done" or
-"error"), also when the server shuts down (`shut_down`: an error event at once, even mid-step).
+"error"), also when the server shuts down (`shut_down`: an error event at once, even mid-step). The thread warms the
+engine up first (a compiled step's graphs, compiled for this thread's thread count), and `start()` waits for it.
 """
 from __future__ import annotations
 

@@ -158,8 +158,8 @@ def build_parser() -> cli.ArgumentParser:
     parser.add_argument("--compile", choices=COMPILE_MODES, default="off",
                         help="the decode step: off (eager), on (torch.compile: its graphs compile at their first use, "
                              "seconds to a minute each, kept on disk; pays off over long chats), static (the "
-                             "compiled shapes, eager), auto (on where it measured faster: INT8 models of 50M+ weights "
-                             "on CPU)")
+                             "compiled shapes, eager), auto (on where it measured faster in the server; so far "
+                             "nowhere)")
     parser.add_argument("--speculative", type=cli.nonnegative_int, default=0, metavar="K",
                         help="speculative decoding: up to K prompt-lookup draft tokens checked per forward pass while "
                              "one sequence runs (the same greedy tokens, the same sampling distribution); 0 = off")

@@ -38,8 +38,8 @@ class Settings:
                          "bfloat16, float16 (autocast; weights stay as loaded)", env="GPT_DTYPE")
     quantize: str = setting("none", "none, or int8: quantize a float checkpoint's weights at startup "
                             "(INT8 checkpoints load as INT8 either way)", choices=("none", "int8"), env="GPT_QUANTIZE")
-    compile: str = setting("auto", "the decode step: auto (on where that measured faster: INT8 models of 50M+ "
-                           "weights on CPU; else off), on (torch.compile: its graphs compile at start-up, before "
+    compile: str = setting("auto", "the decode step: auto (on where that measured faster in the server; so far "
+                           "nowhere: off), on (torch.compile: its graphs compile at start-up, before "
                            "/health says ok, and are kept on disk for the next start), static (the same shapes, "
                            "eager), off",
                            choices=("auto", "on", "static", "off"), env="GPT_COMPILE")

@@ -383,12 +383,12 @@ def test_compile_modes_are_checked_and_auto_compiles_only_where_it_measured_fast
     assert set(COMPILE_MODES) == {"off", "static", "on", "auto"}
     assert (DecodeEngine(model, compile=True).compile, DecodeEngine(model, compile=False).compile) == ("on", "off")
     int8 = quantize_model_int8(GPTModel(**SMALL).eval())
+    monkeypatch.setattr("decoding.COMPILE_PAYS", frozenset({("cpu", True)}))
     assert DecodeEngine(int8, compile="auto").compile == "off"  # a small model: its compile would not pay
-    with torch.device("meta"):  # the 124M shape, INT8: where the compiled step measured faster
+    with torch.device("meta"):  # the 124M shape, INT8: large enough
         big = quantize_model_int8(GPTModel(GPTConfig.from_preset("gpt2", vocab_size=8192)).eval())
     assert decoding.resolve_compile("auto", big, torch.device("cpu")) == "on"
     monkeypatch.setattr("decoding.COMPILE_MIN_WEIGHTS", 0)
-    monkeypatch.setattr("decoding.COMPILE_PAYS", frozenset({("cpu", True)}))
     assert (DecodeEngine(int8, compile="auto").compile, DecodeEngine(model, compile="auto").compile) == ("on", "off")
     monkeypatch.setattr("decoding.COMPILE_PAYS", frozenset())
     assert DecodeEngine(int8, compile="auto").compile == "off"
