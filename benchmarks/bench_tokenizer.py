@@ -1,6 +1,7 @@
 """Benchmark our ByteLevelBPETokenizer against Hugging Face `tokenizers`; prints ONE JSON line.
 
-Run from the repository root: ``python -m benchmarks.bench_tokenizer [--input data/pretrain/train.txt]``.
+Run from the repository root: ``python -m benchmarks.bench_tokenizer [--input data/pretrain/train.txt]``
+(``--tokenizer_dir models/bpe_tokenizer``: also the saved tokenizer's encode speed on --input).
 For a 1 MB slice and the whole file: training time at vocab 1024 and 8192, encode throughput
 (one process with a cold cache and again warm, and all cores via encode_many), bytes per token;
 the same for `tokenizers` (train_from_iterator; encode_batch over lines and one encode call), and ours/theirs ratios.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -67,10 +69,27 @@ def bench_slice(lines: list[str], vocab_sizes: tuple[int, ...]) -> dict:
     return out
 
 
+def bench_saved(folder: str, lines: list[str], rounds: int = 5) -> dict:
+    """A saved tokenizer (the one the pipeline trains and serves), freshly loaded each round, encoding ``lines`` in
+    one process: the server's and the data pipeline's path. Median MB/s of the rounds, cold (empty pre-token cache)
+    and warm (the same lines again)."""
+    n_mb = sum(len(line.encode("utf-8")) + 1 for line in lines) / 1e6
+    cold, warm = [], []
+    for _ in range(rounds):
+        tokenizer = ByteLevelBPETokenizer.from_pretrained(folder)
+        cold.append(timed(lambda: [tokenizer.encode_ordinary(line) for line in lines])[1])
+        warm.append(timed(lambda: [tokenizer.encode_ordinary(line) for line in lines])[1])
+    return {"tokenizer_dir": folder, "vocab": len(tokenizer), "megabytes": round(n_mb, 3), "rounds": rounds,
+            "encode_mb_s_1proc_cold_median": round(n_mb / statistics.median(cold), 2),
+            "encode_mb_s_1proc_warm_median": round(n_mb / statistics.median(warm), 2)}
+
+
 def build_parser() -> cli.ArgumentParser:
     parser = benchmark_parser("benchmarks.bench_tokenizer", __doc__)
     parser.add_argument("--input", default="data/pretrain/train.txt", help="UTF-8 corpus, one document per line")
     parser.add_argument("--slice_mb", type=cli.positive_float, default=1.0, help="size of the small slice in MB")
+    parser.add_argument("--tokenizer_dir", help="also a saved tokenizer (e.g. models/bpe_tokenizer) encoding --input, "
+                        "freshly loaded each of 5 rounds")
     return parser
 
 
@@ -81,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    if args.tokenizer_dir and not os.path.isfile(os.path.join(args.tokenizer_dir, "vocab.json")):
+        raise cli.UsageError(f"--tokenizer_dir {args.tokenizer_dir} holds no saved tokenizer (vocab.json)")
     with open(args.input, encoding="utf-8") as f:
         all_lines = f.read().splitlines()
     small, size = [], 0
@@ -95,6 +116,8 @@ def _main(argv: list[str] | None) -> int:
         "slice_1mb": bench_slice(small, (1024, 8192)),
         "whole_file": bench_slice(all_lines, (1024, 8192)),
     }
+    if args.tokenizer_dir:
+        result["saved_tokenizer"] = bench_saved(args.tokenizer_dir, all_lines)
     print(json.dumps(result))
     return 0
 

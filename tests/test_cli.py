@@ -340,6 +340,7 @@ BAD_FLAGS += rows("bench_equivalence", [["--stages", "ppo"], ["--stages"], ["--a
 # bench_tokenizer
 BAD_FLAGS += rows("bench_tokenizer", [
     ["--slice_mb", "0"], ["--slice_mb", "x"], ["--input", "{out}/missing.txt"], ["--bogus"],
+    ["--tokenizer_dir", "{out}/missing"], ["--tokenizer_dir"],
 ])
 
 # bench_optimizer
