@@ -3,8 +3,8 @@
     python -m benchmarks.bench_decode --num_threads 2                       # 124M shape, random weights, INT8
     python -m benchmarks.bench_decode --model_path models/sft/sft_best.pth  # a trained model: real acceptance
 
-  - time to first token of each turn of a four-turn chat (a system message, users' messages from the demo SFT
-    chats, greedy replies), the engine with and without its prefix cache, medians of alternating rounds; the tokens
+  - time to first token of each turn of a four-turn chat (a system message and the users' messages of a held-out demo
+    dialogue, greedy replies), the engine with and without its prefix cache, medians of alternating rounds; the tokens
     reused at the fourth turn;
   - speculative decoding (prompt-lookup drafts, k tokens) against plain greedy decoding, same run: tokens/s, drafts
     accepted, tokens per forward pass, and whether the tokens are identical, on demo SFT prompts (data/sft) and on
