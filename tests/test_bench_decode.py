@@ -3,20 +3,16 @@ dialogues, the prefix cache reuses the earlier turns there, and speculative deco
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
 from benchmarks.bench_decode import prefix_figures, spec_prompts, speculative_figures
-from byte_level_bpe import ByteLevelBPETokenizer
 from gpt_model import GPTModel
 from prompts import CHAT_TEMPLATE
 
-ROOT = Path(__file__).resolve().parent.parent
 
-
-def test_the_chat_replay_reuses_earlier_turns_and_drafts_keep_the_plain_tokens():
-    tokenizer = ByteLevelBPETokenizer.from_pretrained(ROOT / "models" / "bpe_tokenizer")
+def test_the_chat_replay_reuses_earlier_turns_and_drafts_keep_the_plain_tokens(tiny_tokenizer):
+    tokenizer = tiny_tokenizer  # trained on the embedded corpus: models/ is empty on a clean clone
     torch.manual_seed(0)
     model = GPTModel(vocab_size=len(tokenizer), d_model=32, n_layers=1, n_heads=4, d_ff=64, max_seq_len=512).eval()
     args = argparse.Namespace(repeats=1, reply_tokens=4, new_tokens=8, k=3)
