@@ -99,7 +99,7 @@ FULL = Sizes(device="cuda", preset="gpt2", n_layers=None, max_seq_len=1024, batc
 DRY = Sizes(device="cpu", preset="tiny", n_layers=2, max_seq_len=64, batch_size=8, vocab_size=512, min_frequency=2,
             corpus_lines=3000, train_dtype="fp32", fp16_dtype="fp16", compile=False, train_steps=12, log_interval=4,
             resume_steps=60, save_interval=5, prompt_len=8, new_tokens=16, decode_batches=(1, 32),
-            server_users=(1, 8, 32), server_seconds=2.0)
+            server_users=(1, 8, 32), server_seconds=1.0)
 
 
 @dataclass(frozen=True)

@@ -1100,16 +1100,21 @@ def test_every_start_up_failure_is_one_line_within_seconds(checkpoint, tiny_toke
              (["--model_path", str(garbage)], "corrupt"), (["--port", "99999"], "TCP port"),
              (["--host", "no.such.host.invalid"], "cannot be resolved"),
              (["--port", str(busy.getsockname()[1])], "cannot listen")]
-    try:
-        for flags, message in cases:
-            argv = ["--model_path", str(checkpoint), "--num_threads", "1", *flags]
-            run = subprocess.run([sys.executable, "-m", "inference.api_service", *argv], capture_output=True,
-                                 text=True, timeout=60, cwd=ROOT)
-            last = run.stderr.strip().splitlines()[-1]
-            assert run.returncode == 2 and last.startswith("error: ") and message in last, run.stderr
-            assert "Traceback" not in run.stderr
+    runs: list[subprocess.Popen] = []
+    try:  # all at once: each start-up is mostly torch's import, which the two cores share
+        for flags, _ in cases:  # each its own port: the cases that get past the port must not collide there
+            argv = ["--model_path", str(checkpoint), "--num_threads", "1", "--port", str(free_port()), *flags]
+            runs.append(subprocess.Popen([sys.executable, "-m", "inference.api_service", *argv], text=True,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT))
+        for run, (_, message) in zip(runs, cases):
+            _, stderr = run.communicate(timeout=60)
+            last = stderr.strip().splitlines()[-1]
+            assert run.returncode == 2 and last.startswith("error: ") and message in last, stderr
+            assert "Traceback" not in stderr
     finally:
         busy.close()
+        for run in runs:
+            run.kill()  # a no-op for those that exited
 
 
 @pytest.mark.parametrize("setting, field, template, expected", [

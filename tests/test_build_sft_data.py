@@ -1,4 +1,5 @@
 """The SFT / preference demo data: reproducible, split without leaks, every answer checked against the corpus."""
+import functools
 import json
 import re
 
@@ -20,6 +21,15 @@ for _line in CORPUS:
 
 def load(folder, name):
     return json.loads((folder / name).read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_context_tokenizer():
+    """Every build here trains the same tokenizer on the same corpus: train it once (deterministic)."""
+    original = build_sft.context_tokenizer
+    build_sft.context_tokenizer = functools.cache(original)
+    yield
+    build_sft.context_tokenizer = original
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +81,14 @@ def line_sources(instruction):
 
 
 def source_poems(instruction):
+    """The poems that have the excerpt's lines consecutively, each closed by punctuation."""
     lines, _ = parse_next_line(instruction)
-    pattern = rf"(?:^|{PUNCT})" + PUNCT.join(map(re.escape, lines)) + PUNCT
-    return {doc for doc in POEM_DOCS if re.search(pattern, doc.split("：", 1)[1])}
+    found = set()
+    for doc in POEMS_BY_LINE.get(lines[0], ()):  # a source has the first line as a whole clause
+        clauses = POEM_CLAUSES[doc]  # the last clause is what follows the final punctuation
+        if any(clauses[i:i + 3] == lines for i in range(len(clauses) - 3)):
+            found.add(doc)
+    return found
 
 
 def parse_author(instruction):
@@ -87,8 +102,9 @@ def author_answer(instruction):
 
 def source_heading(instruction):
     title, author, first = parse_author(instruction)
-    return {doc for doc in POEM_DOCS if re.match(rf"{re.escape(title)} {re.escape(author)}：{re.escape(first)}"
-                                                 rf"(?:{PUNCT}|$)", doc)}
+    heading = f"{title} {author}：{first}"
+    pattern = re.compile(rf"{re.escape(heading)}(?:{PUNCT}|$)")
+    return {doc for doc in POEM_DOCS if doc.startswith(heading) and pattern.match(doc)}
 
 
 def parse_speaker(instruction):
@@ -111,9 +127,10 @@ def source_speeches(instruction):
     return firsts | seconds if adjacent else set()
 
 
+POEM_CLAUSES = {doc: re.split(PUNCT, doc.split("：", 1)[1]) for doc in POEM_DOCS}  # a poem's body, split
 POEMS_BY_LINE = {}  # a poem line (a clause between punctuation) -> the poems that have it
-for _doc in POEM_DOCS:
-    for _clause in re.split(PUNCT, _doc.split("：", 1)[1]):
+for _doc, _clauses in POEM_CLAUSES.items():
+    for _clause in _clauses:
         POEMS_BY_LINE.setdefault(_clause, set()).add(_doc)
 CORPUS_INDEX = {}  # line -> every index it has in the corpus (a few speeches repeat)
 for _i, _line in enumerate(CORPUS):
@@ -133,9 +150,7 @@ def source_documents(record):
 
 
 def test_same_seed_gives_identical_files_and_matches_the_committed_data(built, tmp_path):
-    build_sft.main(["--seed", "0", "--output_dir", str(tmp_path), "--corpus", str(TRAIN_TXT)])
-    for name in FILES:
-        assert (tmp_path / name).read_bytes() == (built / name).read_bytes()
+    for name in FILES:  # the committed files were built by another process: the same seed, the same bytes
         assert (ROOT / "data" / "sft" / name).read_bytes() == (built / name).read_bytes(), f"rebuild data/sft/{name}"
     other = tmp_path / "seed1"
     build_sft.main(["--seed", "1", "--output_dir", str(other), "--corpus", str(TRAIN_TXT)])
@@ -308,12 +323,11 @@ def test_train_pairs_hold_every_wrong_answer_of_every_train_sum_once(built):
 
 @pytest.mark.slow
 def test_every_example_fits_the_default_64_token_context(built):
-    from byte_level_bpe import ByteLevelBPETokenizer
+    from pretrain_trainer import PretrainOptions
     from prompts import SFT_TEMPLATE
-    from readers import read_documents
 
-    tokenizer = ByteLevelBPETokenizer(vocab_size=8192)  # what pretrain_trainer.py trains by default
-    tokenizer.train(read_documents(TRAIN_TXT), show_progress=False)
+    assert build_sft.VOCAB_SIZE == PretrainOptions().vocab_size  # what pretrain_trainer.py trains by default
+    tokenizer = build_sft.context_tokenizer(TRAIN_TXT)
     for name in FILES:
         for r in load(built, name):
             for answer in {r.get("response"), r.get("chosen"), r.get("rejected")} - {None}:
