@@ -604,22 +604,25 @@ class DecodeEngine:
         return self.model.lm_head(self.model.hidden_states(tokens, kv_cache=view)[:, -1]).float()
 
     def _cached_step_logits(self, active: list[int]) -> torch.Tensor:
-        # Rows are the slot range 0..hi-1, so the cache is read through views; free slots inside the range
-        # compute a throw-away row (cheaper than gathering the cache of the active ones).
-        # With static shapes keys span a bucket and free rows write nothing (a compiled step's row count is
-        # symbolic: warm_up's graphs serve every count). Otherwise a free row writes at the scratch position no
-        # sequence holds: free slots keep their keys for the prefix cache.
-        hi = active[-1] + 1
-        positions = [self.lengths[s] if self.slots[s] is not None else self.max_len - 1 for s in range(hi)]
+        # Rows are the slot range lo..hi-1, so the cache is read through views; free slots inside the range
+        # compute a throw-away row (cheaper than gathering the cache of the active ones). Eager, the range starts at
+        # the first active slot: the prefix cache places a new prompt in any free slot, and a lone sequence in slot
+        # 20 must not pay for 21 rows. With static shapes it starts at 0 (the row count is a graph's symbolic size,
+        # the start is not), keys span a bucket and free rows write nothing. Otherwise a free row writes at the
+        # scratch position no sequence holds: free slots keep their keys for the prefix cache.
+        lo, hi = (0 if self.static_shapes else active[0]), active[-1] + 1
+        positions = [self.lengths[s] if self.slots[s] is not None else self.max_len - 1 for s in range(lo, hi)]
         longest = max(self.lengths[s] for s in active) + 1
         key_len = key_bucket(longest, self.max_len) if self.static_shapes else longest
-        causal_only = not self.static_shapes and len(active) == hi and min(positions) == key_len - 1
+        causal_only = not self.static_shapes and len(active) == hi - lo and min(positions) == key_len - 1
         writes = torch.tensor([r is not None for r in self.slots[:hi]], device=self.device) if self.static_shapes \
             else None
-        view = KVCacheView(self.cache, self._slot_ids[:hi], torch.tensor(positions, device=self.device)[:, None],
-                           key_len, slot_range=(0, hi), causal_only=causal_only, writes=writes)
-        logits = self._decode(self._last_tokens[:hi, None], view)
-        return logits if len(active) == hi else logits[torch.tensor(active, device=self.device)]
+        view = KVCacheView(self.cache, self._slot_ids[lo:hi], torch.tensor(positions, device=self.device)[:, None],
+                           key_len, slot_range=(lo, hi), causal_only=causal_only, writes=writes)
+        logits = self._decode(self._last_tokens[lo:hi, None], view)
+        if len(active) == hi - lo:
+            return logits
+        return logits[torch.tensor(active, device=self.device) - lo]
 
     # -- speculative decoding
 

@@ -81,10 +81,11 @@ class CountingModel(torch.nn.Module):
 
     def __init__(self, inner: GPTModel):
         super().__init__()
-        self.inner, self.config, self.widths = inner, inner.config, []
+        self.inner, self.config, self.widths, self.rows = inner, inner.config, [], []
 
     def hidden_states(self, input_ids, **kwargs):
         self.widths.append(input_ids.shape[1])
+        self.rows.append(input_ids.shape[0])
         return self.inner.hidden_states(input_ids, **kwargs)
 
     def lm_head(self, hidden):
@@ -172,3 +173,28 @@ def test_continuous_batching_over_held_slots_matches_no_prefix_cache(model):
     got = DecodeEngine(model, n_slots=2).run(prompts, params)
     expected = DecodeEngine(model, n_slots=2, prefix_cache=False).run(prompts, params)
     assert [r.output_ids for r in got] == [r.output_ids for r in expected]
+
+
+def test_a_sequence_in_a_high_slot_steps_only_the_rows_from_the_first_active_slot(model):
+    """Distinct prompts fill slots 0, 1, 2 (each keeps its prefix); the fourth lands in slot 3 and its decode steps
+    compute one row, not four; two sequences in slots 1 and 3 step three rows. Tokens as without the cache."""
+    prompts = [ids(20, n) for n in range(4)]
+    counting = CountingModel(model)
+    engine = DecodeEngine(counting, n_slots=4)
+    for prompt in prompts[:3]:
+        engine.run([prompt], GREEDY_LP)
+    counting.rows.clear()
+    lone = engine.run([prompts[3]], GREEDY_LP)[0]
+    assert lone.slot == 3 and counting.rows == [1] * len(counting.rows) and len(counting.rows) > 1
+    expected = DecodeEngine(model, n_slots=4, prefix_cache=False).run(prompts[3:], GREEDY_LP)[0]
+    assert lone.output_ids == expected.output_ids
+
+    first = engine.add(prompts[1] + ids(3, 9), GREEDY_LP)  # reuses slot 1's prefix in place
+    counting.rows.clear()
+    second = engine.add(prompts[3] + ids(3, 8), GREEDY_LP)  # and slot 3's
+    while engine.has_work:
+        engine.step()
+    assert (first.slot, second.slot) == (1, 3) and max(counting.rows) == 3  # slots 1..3, slot 2 a throw-away row
+    expected = DecodeEngine(model, n_slots=4, prefix_cache=False).run(
+        [prompts[1] + ids(3, 9), prompts[3] + ids(3, 8)], GREEDY_LP)
+    assert [first.output_ids, second.output_ids] == [r.output_ids for r in expected]
