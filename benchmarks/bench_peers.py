@@ -10,10 +10,11 @@ INT8) and exported with inference.export to GGUF (F32 and Q8_0). Then, in one ru
   - the servers: ours (python -m inference.api_service) against llama-cpp-python's OpenAI-compatible server
     (python -m llama_cpp.server), each alone, ours eager (--compile off) and INT8 compiled (--compile on, its
     graphs compiled by the warm-up), at 1 / 8 / 32 concurrent users streaming /v1/completions
-    (temperature 0, max_tokens 32): generated tokens/s, p50 / p95 latency and time to first token, errors.
+    (temperature 0, max_tokens 32): generated tokens/s, p50 / p95 latency and time to first token, errors. Each
+    on every thread, and ours INT8 eager and llama.cpp also on one fewer (a core left to the HTTP side).
 
     pip install llama-cpp-python[server]        # builds llama.cpp from source: ~6-10 minutes on 2 cores
-    python -m benchmarks.bench_peers --num_threads 2          # ~6 minutes
+    python -m benchmarks.bench_peers --num_threads 2          # ~15 minutes (~6 with --no_compile)
 
 Prints ONE JSON line.
 """
@@ -287,13 +288,15 @@ def llama_cpp_server(args, gguf: Path, threads: int) -> list[str]:
 
 
 def server_commands(args, folder: Path) -> dict[str, list[str]]:
-    """Both servers on the server default's threads (one core left to the HTTP side), llama.cpp's also on all."""
+    """Both servers on every thread (the server's default), ours INT8 eager and llama.cpp also on one fewer (a core
+    left to the HTTP side: the thread policy, measured)."""
     few, every = max(1, args.num_threads - 1), args.num_threads
     servers = {}
     for ours, theirs in (("fp32", "f32"), ("int8", "q8_0")):
-        servers[f"ours_{ours}_t{few}"] = our_server(args, folder / f"{ours}.pth", few)
+        for threads in sorted({few, every} if ours == "int8" else {every}):
+            servers[f"ours_{ours}_t{threads}"] = our_server(args, folder / f"{ours}.pth", threads)
         if ours == "int8" and not args.no_compile:
-            servers[f"ours_{ours}_t{few}_compiled"] = our_server(args, folder / f"{ours}.pth", few, compile="on")
+            servers[f"ours_{ours}_t{every}_compiled"] = our_server(args, folder / f"{ours}.pth", every, compile="on")
         for threads in sorted({few, every}):
             servers[f"llama_cpp_{theirs}_t{threads}"] = llama_cpp_server(args, folder / f"{theirs}.gguf", threads)
     return servers
@@ -324,9 +327,8 @@ def server_figures(args, folder: Path, tokenizer: ByteLevelBPETokenizer) -> dict
         for ours, theirs in (("fp32", "f32"), ("int8", "q8_0")):
             best = max(v[level]["gen_tok_s"] for k, v in out.items() if k.startswith(f"llama_cpp_{theirs}_"))
             for name in [k for k in list(out) if k.startswith(f"ours_{ours}_t")]:
-                compiled = "_compiled" if name.endswith("_compiled") else ""
-                out[f"ours_{ours}{compiled}_over_llama_cpp_{theirs}_{level}"] = round(
-                    out[name][level]["gen_tok_s"] / max(best, 1e-9), 2)
+                out[f"{name}_over_llama_cpp_{theirs}_{level}"] = round(out[name][level]["gen_tok_s"] / max(best, 1e-9),
+                                                                       2)
     return out
 
 

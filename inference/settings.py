@@ -59,8 +59,8 @@ class Settings:
     shutdown_timeout: float = setting(30.0, "on SIGTERM, seconds to let in-flight requests finish before "
                                       "ending them, each with its final event (an error event, a 503)",
                                       nonnegative_float, env="GPT_SHUTDOWN_TIMEOUT")
-    num_threads: int = setting(0, "torch CPU threads (0 = torch's default less one, left to the "
-                               "HTTP side; at least 1)", nonnegative_int, env="GPT_NUM_THREADS")
+    num_threads: int = setting(0, "torch CPU threads of the decode engine (0 = torch's default: every core)",
+                               nonnegative_int, env="GPT_NUM_THREADS")
     reward_model: str = setting("", "reward-model checkpoint that picks the best of a request's "
                                 "best_of samples (trained with the served model's tokenizer); unset: the highest "
                                 "mean token log-prob under the served model (OpenAI's rule)", env="GPT_REWARD_MODEL")
