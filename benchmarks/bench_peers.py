@@ -323,13 +323,19 @@ def server_figures(args, folder: Path, tokenizer: ByteLevelBPETokenizer) -> dict
             port = free_port()
             with Served(command + ["--port", str(port)], port, env, ready_timeout=1800) as server:
                 out[name]["ready_s_warm_cache"] = server.ready_seconds
-    for level in (f"u{users}" for users in args.users):
+    return {**out, **server_ratios(out, [f"u{users}" for users in args.users])}
+
+
+def server_ratios(runs: dict[str, dict], levels: list[str]) -> dict[str, float]:
+    """Each of our servers' tokens/s over the better llama.cpp run of the same precision, per level."""
+    ratios = {}
+    for level in levels:
         for ours, theirs in (("fp32", "f32"), ("int8", "q8_0")):
-            best = max(v[level]["gen_tok_s"] for k, v in out.items() if k.startswith(f"llama_cpp_{theirs}_"))
-            for name in [k for k in list(out) if k.startswith(f"ours_{ours}_t")]:
-                out[f"{name}_over_llama_cpp_{theirs}_{level}"] = round(out[name][level]["gen_tok_s"] / max(best, 1e-9),
-                                                                       2)
-    return out
+            best = max(v[level]["gen_tok_s"] for k, v in runs.items() if k.startswith(f"llama_cpp_{theirs}_"))
+            for name in [k for k in runs if k.startswith(f"ours_{ours}_t")]:
+                ratios[f"{name}_over_llama_cpp_{theirs}_{level}"] = round(
+                    runs[name][level]["gen_tok_s"] / max(best, 1e-9), 2)
+    return ratios
 
 
 # ----------------------------------------------------------------------------- CLI
