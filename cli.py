@@ -207,6 +207,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)  # a typo or a prefix (--lr for --lr_warmup) is an error, never a guess
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):

@@ -9,7 +9,7 @@ bits per byte (data/pretrain/val.txt, every token once). ``--recipe`` picks the 
 nanoGPT's shakespeare_char shape (``--recipe nanogpt``: 6 x 384, context 256, batch 8; run it with
 ``--skip_default_runs`` for the 105 s comparison). Two budgets, both counted from process start as ``--max_minutes``
 does:
-- the short recipe: 105 s (``--max_minutes 1.75``), first a sweep of ``--sweep_lrs`` for each optimizer with seed
+- the short recipe: 105 s (``--max_minutes 1.75``), first a sweep of ``--adamw_lrs`` / ``--muon_lrs`` with seed
   0, then every seed at each optimizer's best lr;
 - the default run (4.75 minutes, the command's default budget) for every seed, each optimizer at its swept lr.
 Runs alternate between the optimizers so that a machine that slows down mid-benchmark slows both alike.

@@ -66,10 +66,11 @@ def test_typed_settings_hold_only_what_the_user_typed_and_the_config_fills_the_r
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "0"], "--steps"), (["--steps", "x"], "--steps"), (["--rate", "1.5"], "--rate"),
     (["--mode", "medium"], "--mode"), (["--hidden", "1"], "unrecognized"), (["--out_dir", "x"], "unrecognized"),
+    (["--ste", "4"], "unrecognized"),
     (["--dir", "runs/caf\udce9"], r"'runs/caf\\udce9' is not UTF-8 text \(byte 0xe9 is not UTF-8\)"),
     (["--dir", "\udbff"], r"lone surrogate \\udbff is no character"),
 ], ids=["steps 0", "steps x", "rate 1.5", "mode medium", "not a flag", "the field name of a renamed flag",
-        "a byte that is not UTF-8", "a lone surrogate"])
+        "a prefix of a flag", "a byte that is not UTF-8", "a lone surrogate"])
 def test_a_bad_setting_is_a_usage_error_naming_the_flag(argv, message):
     with pytest.raises(cli.UsageError, match=message):
         toy_parser().parse_args(argv)
