@@ -14,7 +14,7 @@ INT8) and exported with inference.export to GGUF (F32 and Q8_0). Then, in one ru
     on every thread, and ours INT8 eager and llama.cpp also on one fewer (a core left to the HTTP side).
 
     pip install llama-cpp-python[server]        # builds llama.cpp from source: ~6-10 minutes on 2 cores
-    python -m benchmarks.bench_peers --num_threads 2          # ~15 minutes (~6 with --no_compile)
+    python -m benchmarks.bench_peers --num_threads 2          # ~19 minutes (~6 with --no_compile)
 
 Prints ONE JSON line.
 """
